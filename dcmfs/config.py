@@ -1,0 +1,57 @@
+"""Configuration as one frozen object passed down from the CLI.
+
+Nothing in dcmfs reads module-global mutable settings (pydicom's global
+``config.settings`` is the counter-example we avoid); tests build their own
+:class:`Config` with cheap key-derivation parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class KdfParams:
+    """Argon2id parameters for passphrase-protected stores.
+
+    The defaults follow the OWASP recommendation for Argon2id (64 MiB, 3
+    passes); they are stored in the store header when a store is created, so
+    later changes here do not lock anyone out.
+    """
+
+    memory_kib: int = 64 * 1024
+    iterations: int = 3
+    lanes: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of one store opening (mount, status, …)."""
+
+    #: plaintext bytes per chunk; 1 MiB matches libfuse3's request size
+    chunk_size: int = 1 * MiB
+    #: codec name for new stores ("zstd", "lzma", "none")
+    codec: str = "zstd"
+    #: zstd level; 3 measured best speed/ratio trade-off on the CT series
+    zstd_level: int = 3
+    #: lzma preset (the published method used xz's default, 6)
+    lzma_preset: int = 6
+    #: Argon2id parameters used when a passphrase store is created
+    kdf: KdfParams = KdfParams()
+    #: plaintext bytes of unsealed (dirty) chunk buffers kept per open file
+    #: before the oldest are sealed early; bounds memory for huge files
+    dirty_limit: int = 16 * MiB
+    #: decoded chunks kept for reads (bytes, shared by all files)
+    read_cache_bytes: int = 64 * MiB
+    #: threads that compress, seal and write chunks (zstd and AES release the GIL)
+    workers: int = 2
+    #: sealed chunks waiting for a worker before writers are made to wait
+    max_inflight: int = 8
+    #: mounted read-only
+    read_only: bool = False
+    #: verify each object right after writing it (decrypt + compare)
+    verify_writes: bool = True
+    #: the LMDB map size; LMDB only uses what it needs
+    index_map_size: int = 64 * 1024 * MiB

@@ -1,0 +1,178 @@
+"""The one exception tree of dcmfs.
+
+Every error a user can meet is a :class:`DcmfsError` subclass with a distinct
+exit code and a message that says what happened and what to do next (the
+model is borg's ``helpers/errors.py``).  Code below the CLI raises these and
+never calls ``sys.exit`` or deals in errno values; the FUSE adapter maps them
+to errno through one table, the CLI maps them to exit codes.
+
+Messages never contain plaintext file names or DICOM attributes: they name
+stores, mountpoints, inode numbers and object ids only.
+"""
+
+from __future__ import annotations
+
+
+class DcmfsError(Exception):
+    """Base of all dcmfs errors. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __str__(self) -> str:  # a plain sentence, no traceback clutter
+        return " ".join(str(a) for a in self.args) or self.__class__.__doc__ or ""
+
+
+# --- store and key -----------------------------------------------------------
+class WrongKeyError(DcmfsError):
+    """The key or passphrase does not open this store."""
+
+    exit_code = 10
+
+
+class StoreMissingError(DcmfsError):
+    """The store directory does not exist."""
+
+    exit_code = 11
+
+
+class ForeignStoreError(DcmfsError):
+    """The directory is not a dcmfs store."""
+
+    exit_code = 12
+
+
+class UnsupportedFormatError(DcmfsError):
+    """The store uses a format version or feature this dcmfs does not know."""
+
+    exit_code = 13
+
+
+class StoreLockedError(DcmfsError):
+    """Another dcmfs process has this store open."""
+
+    exit_code = 14
+
+
+class StoreNotEmptyError(DcmfsError):
+    """``init`` refuses a directory that already holds files."""
+
+    exit_code = 15
+
+
+class SecretError(DcmfsError):
+    """No usable key or passphrase was given."""
+
+    exit_code = 16
+
+
+class IndexDamagedError(DcmfsError):
+    """The LMDB index cannot be read."""
+
+    exit_code = 17
+
+
+# --- mounting ----------------------------------------------------------------
+class MountpointMissingError(DcmfsError):
+    """The mountpoint does not exist or is not a directory."""
+
+    exit_code = 20
+
+
+class MountpointBusyError(DcmfsError):
+    """The mountpoint is already a mount or holds files."""
+
+    exit_code = 21
+
+
+class FuseUnavailableError(DcmfsError):
+    """libfuse3 or /dev/fuse is missing."""
+
+    exit_code = 22
+
+
+class NotMountedError(DcmfsError):
+    """The path is not a dcmfs mountpoint."""
+
+    exit_code = 23
+
+
+class MountFailedError(DcmfsError):
+    """The daemon did not bring the mount up."""
+
+    exit_code = 24
+
+
+# --- data path (mapped to errno by the FUSE adapter) ---------------------------
+class IntegrityError(DcmfsError):
+    """A stored object failed authentication or does not match the index."""
+
+    exit_code = 30
+
+
+class NoSpaceError(DcmfsError):
+    """The disk under the store is full."""
+
+    exit_code = 31
+
+
+class StoreIOError(DcmfsError):
+    """Reading or writing the backing store failed."""
+
+    exit_code = 32
+
+
+class ReadOnlyError(DcmfsError):
+    """The store is mounted read-only."""
+
+    exit_code = 33
+
+
+# --- POSIX namespace errors (the core raises them, the adapter maps them) ----
+class FsError(DcmfsError):
+    """A filesystem operation was refused the way a POSIX filesystem would."""
+
+    exit_code = 40
+
+
+class NotFound(FsError):
+    """No such file or directory."""
+
+
+class Exists(FsError):
+    """File exists."""
+
+
+class NotADirectory(FsError):
+    """Not a directory."""
+
+
+class IsADirectory(FsError):
+    """Is a directory."""
+
+
+class DirectoryNotEmpty(FsError):
+    """Directory not empty."""
+
+
+class InvalidArgument(FsError):
+    """Invalid argument."""
+
+
+class NoAttribute(FsError):
+    """No such extended attribute."""
+
+
+class NotSupported(FsError):
+    """Operation not supported."""
+
+
+class NameTooLong(FsError):
+    """File name too long."""
+
+
+class BadHandle(FsError):
+    """Bad file handle."""
+
+
+class TooBig(FsError):
+    """File too large."""

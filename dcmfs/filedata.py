@@ -1,0 +1,419 @@
+"""File contents: chunk buffers, the sealing pool and the commit protocol.
+
+A file is cut into ``chunk_size`` plaintext chunks.  While a file is open its
+state lives in an :class:`OpenFile`: chunks being written sit in *dirty*
+buffers; a chunk that fills up (or the oldest ones, when the dirty bytes of a
+file pass ``dirty_limit``) is handed to a small thread pool that compresses,
+seals, writes, fsyncs and re-reads it (zstd, AES-GCM and fsync release the
+GIL).  ``commit`` (called from flush/fsync/release) waits for those objects,
+fixes the last-chunk flags, computes the whole-file SHA-256, fsyncs the object
+directories and commits the new chunk table, size, hash and generation in one
+LMDB transaction.
+
+Crash policy: objects are durable before the transaction that names them;
+objects a commit supersedes are deleted only once that commit is durable (the
+next commit or an explicit index sync has flushed LMDB's meta page).  A crash
+in between leaves unreferenced objects, which the unclean-mount check removes.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from . import codec as codecs
+from .durable import fsync_dir
+from .errors import IntegrityError, StoreIOError
+from .format import CHUNK_FLAG_LAST, OBJ_HEADER_LEN, TAG_LEN
+from .index import Index, Inode
+from .objectstore import ChunkRef, ObjectStore
+
+log = logging.getLogger("dcmfs.data")
+
+
+def stored_bytes(ref: ChunkRef) -> int:
+    """Bytes one object occupies in the store."""
+    return OBJ_HEADER_LEN + ref.stored_len + TAG_LEN
+
+
+class ChunkCache:
+    """A small LRU of decoded chunks keyed by object id (ids are never reused,
+    so entries never go stale)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._bytes = 0
+        self._items: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, oid: bytes) -> bytes | None:
+        with self._lock:
+            data = self._items.get(oid)
+            if data is not None:
+                self._items.move_to_end(oid)
+            return data
+
+    def put(self, oid: bytes, data: bytes) -> None:
+        if len(data) > self._limit:
+            return
+        with self._lock:
+            if oid in self._items:
+                return
+            self._items[oid] = data
+            self._bytes += len(data)
+            while self._bytes > self._limit:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+
+class OpenFile:
+    """Live state of one open regular file (shared by all its handles)."""
+
+    def __init__(self, ino: int, inode: Inode, committed: dict[int, ChunkRef]) -> None:
+        self.ino = ino
+        self.inode = inode
+        self.handles = 0
+        self.size = inode.size
+        self.committed = committed
+        self.dirty: dict[int, bytearray] = {}
+        self.dirty_bytes = 0
+        #: sealed (or being sealed) since the last commit; result None = hole
+        self.pending: dict[int, Future] = {}
+        #: replaced before they were committed: delete once written
+        self.discarded: list[Future] = []
+        self.changed = False
+        self.unlinked = False
+        self.hasher = hashlib.sha256() if inode.size == 0 else None
+        self.hashed_upto = 0 if inode.size == 0 else -1
+        self.cipher = None  # set by FileData
+        self.write_error: BaseException | None = None
+
+    @property
+    def write_generation(self) -> int:
+        return self.inode.generation + 1
+
+
+class FileData:
+    """Reads, writes and commits file contents for the filesystem core."""
+
+    def __init__(self, index: Index, objects: ObjectStore, chunk_size: int, codec: int,
+                 workers: int, max_inflight: int, dirty_limit: int, cache_bytes: int) -> None:
+        self.index = index
+        self.objects = objects
+        self.chunk_size = chunk_size
+        self.codec = codec
+        self.dirty_limit = dirty_limit
+        self.cache = ChunkCache(cache_bytes)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcmfs-seal")
+        self._inflight: collections.deque[Future] = collections.deque()
+        self._max_inflight = max_inflight
+        #: (commit number, oids) to delete once that commit is durable
+        self._garbage: list[tuple[int, list[bytes]]] = []
+        self._commits = 0
+        self._durable_commits = 0
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # --- opening --------------------------------------------------------------
+    def open_file(self, ino: int, inode: Inode) -> OpenFile:
+        with self.index.begin() as txn:
+            committed = txn.chunks(ino)
+        of = OpenFile(ino, inode, committed)
+        of.cipher = self.objects.file_cipher(inode.file_id)
+        return of
+
+    # --- reading --------------------------------------------------------------
+    def _load(self, of: OpenFile, idx: int, ref: ChunkRef) -> bytes:
+        data = self.cache.get(ref.oid)
+        if data is None:
+            try:
+                data = self.objects.read(of.cipher, of.inode.file_id, of.ino, idx, ref)
+            except IntegrityError as exc:
+                log.error("integrity error in inode %d chunk %d: %s", of.ino, idx, exc)
+                raise
+            self.cache.put(ref.oid, data)
+        return data
+
+    def chunk_plain(self, of: OpenFile, idx: int) -> bytes | bytearray:
+        """The current plaintext of chunk ``idx`` (may be shorter than the
+        chunk: the rest reads as zeros)."""
+        buf = of.dirty.get(idx)
+        if buf is not None:
+            return buf
+        fut = of.pending.get(idx)
+        if fut is not None:
+            if fut.exception() is not None:  # not written (yet): still in memory
+                return fut.plaintext
+            ref = fut.result()
+            return b"" if ref is None else self._load(of, idx, ref)
+        ref = of.committed.get(idx)
+        return b"" if ref is None else self._load(of, idx, ref)
+
+    def read(self, of: OpenFile, offset: int, size: int) -> bytes:
+        end = min(offset + size, of.size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        parts = []
+        for idx in range(offset // cs, (end - 1) // cs + 1):
+            base = idx * cs
+            lo, hi = max(offset, base) - base, min(end, base + cs) - base
+            plain = self.chunk_plain(of, idx)
+            piece = plain[lo:hi]
+            if len(piece) < hi - lo:
+                piece = bytes(piece) + bytes(hi - lo - len(piece))
+            parts.append(piece)
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+    # --- writing --------------------------------------------------------------
+    def _dirty_buffer(self, of: OpenFile, idx: int) -> bytearray:
+        buf = of.dirty.get(idx)
+        if buf is not None:
+            return buf
+        content = self.chunk_plain(of, idx)
+        fut = of.pending.pop(idx, None)
+        if fut is not None:
+            of.discarded.append(fut)
+        limit = max(0, min(self.chunk_size, of.size - idx * self.chunk_size))
+        buf = bytearray(content[:limit])
+        of.dirty[idx] = buf
+        of.dirty_bytes += self.chunk_size
+        if of.dirty_bytes > self.dirty_limit:
+            for old in sorted(of.dirty):
+                if old != idx and of.dirty_bytes > self.dirty_limit:
+                    self._submit(of, old, last=False)
+        return buf
+
+    def write(self, of: OpenFile, offset: int, data: bytes) -> int:
+        if of.write_error is not None:
+            # a chunk sealed in the background failed (disk full): tell the
+            # writer now; the chunk's data is kept and retried at commit
+            exc, of.write_error = of.write_error, None
+            raise exc
+        cs = self.chunk_size
+        view = memoryview(data)
+        pos = 0
+        total = len(data)
+        while pos < total:
+            off = offset + pos
+            idx, within = divmod(off, cs)
+            n = min(cs - within, total - pos)
+            buf = self._dirty_buffer(of, idx)
+            if len(buf) < within:
+                buf.extend(bytes(within - len(buf)))
+            buf[within:within + n] = view[pos:pos + n]
+            pos += n
+            if off + n > of.size:
+                of.size = off + n
+            if within + n == cs:
+                self._submit(of, idx, last=False)
+        if of.hashed_upto == offset and of.hasher is not None:
+            of.hasher.update(data)
+            of.hashed_upto += total
+        else:
+            of.hashed_upto = -1
+        of.changed = True
+        return total
+
+    def truncate(self, of: OpenFile, length: int) -> None:
+        cs = self.chunk_size
+        if length < of.size:
+            first_gone = -(-length // cs)  # chunks at or past this index vanish
+            for idx in [i for i in of.dirty if i >= first_gone]:
+                del of.dirty[idx]
+                of.dirty_bytes -= cs
+            for idx in [i for i in of.pending if i >= first_gone]:
+                of.discarded.append(of.pending.pop(idx))
+            for idx in [i for i in of.committed if i >= first_gone]:
+                # removed from the table at commit; mark the chunk as a hole now
+                of.pending[idx] = _done(None)
+            if length % cs:
+                idx = length // cs
+                buf = self._dirty_buffer(of, idx)
+                del buf[length % cs:]
+        if length == 0:
+            of.hasher, of.hashed_upto = hashlib.sha256(), 0
+        elif length != of.hashed_upto:
+            of.hashed_upto = -1
+        of.size = length
+        of.changed = True
+
+    # --- sealing --------------------------------------------------------------
+    def _submit(self, of: OpenFile, idx: int, last: bool) -> None:
+        buf = of.dirty.pop(idx)
+        of.dirty_bytes -= self.chunk_size
+        plaintext = bytes(buf)
+        if not last and plaintext.count(0) == len(plaintext):
+            of.pending[idx] = _done(None)  # an all-zero chunk is stored as a hole
+            return
+        while len(self._inflight) >= self._max_inflight:
+            self._inflight.popleft().exception()  # wait; errors go to their commit
+        fut = self._pool.submit(self.objects.write, of.cipher, of.inode.file_id, of.ino, idx,
+                                of.write_generation, CHUNK_FLAG_LAST if last else 0,
+                                self.codec, plaintext)
+        # the plaintext is kept only until the object is safely written, so
+        # that a failed write (disk full) can be retried by the next commit
+        fut.plaintext = plaintext
+        fut.add_done_callback(lambda f, of=of: _written(f, of))
+        self._inflight.append(fut)
+        of.pending[idx] = fut
+
+    def _wait_pending(self, of: OpenFile) -> dict[int, ChunkRef | None]:
+        """Wait for every pending object.
+
+        A failed object's plaintext goes back to the dirty set and the first
+        error is raised; objects already written stay pending for the retry.
+        """
+        first_error = None
+        for idx, fut in list(of.pending.items()):
+            exc = fut.exception()
+            if exc is not None:
+                del of.pending[idx]
+                of.dirty[idx] = bytearray(fut.plaintext)
+                of.dirty_bytes += self.chunk_size
+                first_error = first_error or exc
+        for fut in of.discarded:
+            if fut.exception() is None and fut.result() is not None:
+                self.objects.delete(fut.result().oid)
+        of.discarded.clear()
+        of.write_error = None
+        if first_error is not None:
+            raise first_error
+        return {idx: fut.result() for idx, fut in of.pending.items()}
+
+    # --- committing -----------------------------------------------------------
+    def commit(self, of: OpenFile, now_ns: int) -> None:
+        """Make the file's current content the committed version.
+
+        Raises NoSpaceError/StoreIOError with the file's data kept (in memory
+        or in written objects), so a retry after space was freed succeeds.
+        """
+        if not of.changed:
+            return
+        cs = self.chunk_size
+        size = of.size
+        last_idx = (size - 1) // cs if size else -1
+        for idx in sorted(of.dirty):
+            self._submit(of, idx, last=(idx == last_idx))
+        written = self._wait_pending(of)
+        table = dict(of.committed)
+        for idx, ref in written.items():
+            if ref is None:
+                table.pop(idx, None)
+            else:
+                table[idx] = ref
+        for idx in [i for i in table if i > last_idx]:
+            del table[idx]
+        self._fix_last_flags(of, table, written, last_idx, size)
+        sha = self._digest(of, table, size)
+        for d in {self.objects.dir_of(r.oid) for r in written.values() if r is not None}:
+            try:
+                fsync_dir(d)
+            except OSError as exc:
+                raise StoreIOError(f"fsync of an object directory failed: {exc.strerror}") from exc
+
+        old = of.committed
+        superseded = [r.oid for i, r in old.items() if table.get(i) != r]
+        stored_delta = (sum(stored_bytes(r) for r in table.values())
+                        - sum(stored_bytes(r) for r in old.values()))
+        inode = of.inode
+        new_inode = Inode(**{**inode.__dict__, "size": size, "sha256": sha,
+                             "generation": of.write_generation})
+        with self.index.begin(write=True) as txn:
+            for idx, ref in table.items():
+                if old.get(idx) != ref:
+                    txn.put_chunk(of.ino, idx, ref)
+            for idx in old:
+                if idx not in table:
+                    txn.delete_chunk(of.ino, idx)
+            txn.put_inode(of.ino, new_inode)
+            txn.add_stats(logical=size - inode.size, stored=stored_delta)
+        inode.size, inode.sha256, inode.generation = size, sha, new_inode.generation
+        of.committed = table
+        of.pending.clear()
+        of.changed = False
+        self.after_commit(superseded)
+
+    def _fix_last_flags(self, of: OpenFile, table: dict[int, ChunkRef],
+                        written: dict[int, ChunkRef | None], last_idx: int, size: int) -> None:
+        """Reseal chunks so that the last one, and only it, has the LAST flag.
+
+        Needed when a file ends exactly on a chunk boundary (its last chunk was
+        sealed early as full) or grew past a former last chunk.
+        """
+        cs = self.chunk_size
+        wrong = [i for i, r in table.items() if r.flags & CHUNK_FLAG_LAST and i != last_idx]
+        if last_idx >= 0 and not (last_idx in table and table[last_idx].flags & CHUNK_FLAG_LAST):
+            wrong.append(last_idx)
+        for idx in wrong:
+            ref = table.get(idx)
+            plain = bytes(self._load(of, idx, ref)) if ref is not None else b""
+            flags = 0
+            if idx == last_idx:
+                flags = CHUNK_FLAG_LAST
+                plain = plain[:size - idx * cs].ljust(size - idx * cs, b"\0")
+            new = self.objects.write(of.cipher, of.inode.file_id, of.ino, idx,
+                                     of.write_generation, flags, self.codec, plain)
+            replaced = written.get(idx)
+            if replaced is not None:  # sealed this round, never referenced
+                self.objects.delete(replaced.oid)
+            table[idx] = written[idx] = new
+
+    def _digest(self, of: OpenFile, table: dict[int, ChunkRef], size: int) -> bytes:
+        if of.hasher is not None and of.hashed_upto == size:
+            return of.hasher.copy().digest()
+        # random writes: hash the file again from its chunks
+        h = hashlib.sha256()
+        cs = self.chunk_size
+        for idx in range(-(-size // cs)):
+            want = min(cs, size - idx * cs)
+            ref = table.get(idx)
+            plain = self._load(of, idx, ref)[:want] if ref is not None else b""
+            h.update(plain)
+            if len(plain) < want:
+                h.update(bytes(want - len(plain)))
+        of.hasher, of.hashed_upto = h, size
+        return h.copy().digest()
+
+    # --- garbage --------------------------------------------------------------
+    def after_commit(self, oids: list[bytes]) -> None:
+        """Called after every index commit with the objects it superseded."""
+        self._commits += 1
+        if oids:
+            self._garbage.append((self._commits, oids))
+        # an LMDB commit flushes the previous commit's meta page: everything
+        # superseded before this commit is now safe to delete
+        self._collect(self._commits - 1)
+
+    def index_synced(self) -> None:
+        """Called after an explicit index sync: every commit is durable."""
+        self._collect(self._commits)
+
+    def _collect(self, durable_upto: int) -> None:
+        keep = []
+        for seq, oids in self._garbage:
+            if seq <= durable_upto:
+                for oid in oids:
+                    self.objects.delete(oid)
+            else:
+                keep.append((seq, oids))
+        self._garbage = keep
+
+
+def _written(fut: Future, of: OpenFile) -> None:
+    """Done-callback of a sealing job (runs in the worker thread)."""
+    exc = fut.exception()
+    if exc is None:
+        fut.plaintext = None  # durable now: free the memory
+    else:
+        of.write_error = exc
+
+
+def _done(value) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut

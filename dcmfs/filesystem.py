@@ -1,0 +1,639 @@
+"""The filesystem core: POSIX semantics on top of the index and the objects.
+
+It knows nothing of FUSE: paths come in as ``str``, results go out as plain
+values and failures as :mod:`dcmfs.errors` exceptions, so every operation is
+testable without a kernel (S3QL drives its Operations class the same way).
+The FUSE adapter calls it from one thread; a lock still serialises callers
+so that background work (and tests) may call in too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import secrets
+import stat
+import threading
+import time
+from typing import Callable
+
+from . import codec as codecs, format as fmt
+from .config import Config
+from .errors import (BadHandle, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
+                     NameTooLong, NoAttribute, NotADirectory, NotFound, NotSupported,
+                     ReadOnlyError, TooBig)
+from .filedata import FileData, OpenFile, stored_bytes
+from .index import Index, Inode
+from .objectstore import ObjectStore
+from .recovery import RecoveryReport, recover
+from .store import Store, StoreLock
+
+log = logging.getLogger("dcmfs.fs")
+
+NAME_MAX = 255
+XATTR_CREATE, XATTR_REPLACE = 1, 2
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+def _locked(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _mutating(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.read_only:
+            raise ReadOnlyError("The store is mounted read-only.")
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _split(path: str) -> tuple[str, bytes]:
+    parent, _, name = path.rstrip("/").rpartition("/")
+    return parent or "/", os.fsencode(name)
+
+
+class Handle:
+    __slots__ = ("of", "flags")
+
+    def __init__(self, of: OpenFile, flags: int) -> None:
+        self.of = of
+        self.flags = flags
+
+
+class FileSystem:
+    """One opened store, ready to serve filesystem operations."""
+
+    def __init__(self, store: Store, config: Config, clock: Callable[[], int] = time.time_ns):
+        self.store = store
+        self.config = config
+        self.read_only = config.read_only
+        self._clock = clock
+        self._lock = threading.RLock()
+        #: held for the whole session: two daemons never open one store
+        self.store_lock = StoreLock(store.root)
+        try:
+            self._setup(store, config)
+        except BaseException:
+            self.store_lock.release()
+            raise
+
+    def _setup(self, store: Store, config: Config) -> None:
+        self.objects = ObjectStore(store.root, store.store_id, store.master_key,
+                                   codecs.Codecs(config.zstd_level, config.lzma_preset),
+                                   verify_writes=config.verify_writes)
+        self.index = Index(os.path.join(store.root, fmt.INDEX_DIR), store.master_key,
+                           store.store_id, config.index_map_size, read_only=config.read_only)
+        self.data = FileData(self.index, self.objects, store.chunk_size,
+                             codecs.NAMES[store.codec], config.workers, config.max_inflight,
+                             config.dirty_limit, config.read_cache_bytes)
+        self._open: dict[int, OpenFile] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._inodes: dict[int, Inode] = {}
+        self.recovered: RecoveryReport | None = None
+        if not config.read_only:
+            self._ensure_root()
+            self._mark_mounted()
+
+    def _mark_mounted(self) -> None:
+        """Record that the store is in use; check it first if the last session
+        did not end cleanly."""
+        with self.index.begin() as txn:
+            state = txn.meta_get("state")
+        if state == b"mounted":
+            self.recovered = recover(self.index, self.objects, self._delete_inode)
+        with self.index.begin(write=True) as txn:
+            txn.meta_put("state", b"mounted")
+        self.index.sync()
+
+    # --- lifecycle --------------------------------------------------------------
+    def _ensure_root(self) -> None:
+        with self.index.begin(write=True) as txn:
+            if txn.get_inode(fmt.ROOT_INO) is None:
+                now = self._clock()
+                txn.put_inode(fmt.ROOT_INO, Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(),
+                                                  2, 0, now, now, now, secrets.token_bytes(16)))
+                txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
+                txn.meta_put("store_id", self.store.store_id)
+
+    @_locked
+    def sync_all(self) -> None:
+        """Commit every open file and make the index durable (fsync, umount)."""
+        first_error = None
+        for of in list(self._open.values()):
+            try:
+                self.data.commit(of, self._clock())
+            except Exception as exc:  # noqa: BLE001 — commit the others, then report
+                first_error = first_error or exc
+        self.index.sync()
+        self.data.index_synced()
+        if first_error is not None:
+            raise first_error
+
+    def close(self) -> None:
+        """Flush everything and close the index (the store stays consistent
+        even if this is never called)."""
+        try:
+            if not self.read_only:
+                self.sync_all()
+                with self._lock:
+                    for of in list(self._open.values()):
+                        if of.unlinked:
+                            self._purge(of.ino)
+                    with self.index.begin(write=True) as txn:
+                        txn.meta_put("state", b"clean")
+                    self.index.sync()
+                    self.data.index_synced()
+        finally:
+            self.data.shutdown()
+            self.index.close()
+            self.store_lock.release()
+
+    # --- helpers ----------------------------------------------------------------
+    def _inode(self, txn, ino: int) -> Inode:
+        of = self._open.get(ino)
+        if of is not None:
+            return of.inode
+        inode = self._inodes.get(ino)
+        if inode is None:
+            inode = txn.get_inode(ino)
+            if inode is None:
+                raise NotFound(f"inode {ino} is missing")
+            if len(self._inodes) > 20000:
+                self._inodes.clear()
+            self._inodes[ino] = inode
+        return inode
+
+    def _put(self, txn, ino: int, inode: Inode) -> None:
+        txn.put_inode(ino, inode)
+        self._inodes[ino] = inode
+
+    def _resolve(self, txn, path: str) -> int:
+        ino = fmt.ROOT_INO
+        for part in path.split("/"):
+            if not part:
+                continue
+            if not stat.S_ISDIR(self._inode(txn, ino).mode):
+                raise NotADirectory(path)
+            child = txn.lookup(ino, os.fsencode(part))
+            if child is None:
+                raise NotFound(path)
+            ino = child
+        return ino
+
+    def _parent(self, txn, path: str) -> tuple[int, bytes]:
+        parent_path, name = _split(path)
+        if len(name) > NAME_MAX:
+            raise NameTooLong(path)
+        parent = self._resolve(txn, parent_path)
+        if not stat.S_ISDIR(self._inode(txn, parent).mode):
+            raise NotADirectory(parent_path)
+        return parent, name
+
+    def _stat(self, ino: int, inode: Inode) -> dict:
+        of = self._open.get(ino)
+        size = of.size if of is not None else inode.size
+        return {"st_ino": ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
+                "st_uid": inode.uid, "st_gid": inode.gid, "st_size": size,
+                "st_blocks": -(-size // 512), "st_blksize": self.store.chunk_size,
+                "st_atime": inode.atime_ns, "st_mtime": inode.mtime_ns,
+                "st_ctime": inode.ctime_ns}
+
+    def _new_inode(self, txn, mode: int, uid: int, gid: int, parent: Inode,
+                   nlink: int = 1, target: bytes = b"") -> tuple[int, Inode]:
+        now = self._clock()
+        if parent.mode & stat.S_ISGID:  # BSD group semantics of setgid directories
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        inode = Inode(mode, uid, gid, nlink, len(target), now, now, now,
+                      secrets.token_bytes(16), target=target)
+        ino = txn.alloc_ino()
+        self._put(txn, ino, inode)
+        return ino, inode
+
+    def _touch_dir(self, txn, ino: int, inode: Inode, nlink_delta: int = 0) -> None:
+        now = self._clock()
+        inode.mtime_ns = inode.ctime_ns = now
+        inode.nlink += nlink_delta
+        self._put(txn, ino, inode)
+
+    def _drop_link(self, txn, ino: int, inode: Inode) -> list[bytes]:
+        """One name of ``ino`` went away; returns objects to delete later."""
+        inode.nlink -= 1
+        inode.ctime_ns = self._clock()
+        if inode.nlink > 0:
+            self._put(txn, ino, inode)
+            return []
+        of = self._open.get(ino)
+        if of is not None:  # unlinked while open: keep until the last release
+            of.unlinked = True
+            self._put(txn, ino, inode)
+            txn.add_orphan(ino)
+            return []
+        return self._delete_inode(txn, ino, inode)
+
+    def _delete_inode(self, txn, ino: int, inode: Inode) -> list[bytes]:
+        refs = txn.delete_inode(ino)
+        self._inodes.pop(ino, None)
+        if stat.S_ISREG(inode.mode):
+            txn.add_stats(files=-1, logical=-inode.size,
+                          stored=-sum(stored_bytes(r) for r in refs))
+        return [r.oid for r in refs]
+
+    def _purge(self, ino: int) -> None:
+        with self.index.begin(write=True) as txn:
+            inode = txn.get_inode(ino)
+            garbage = self._delete_inode(txn, ino, inode) if inode is not None else []
+        self.data.after_commit(garbage)
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise BadHandle(f"file handle {fh} is not open")
+        return h
+
+    # --- attributes ---------------------------------------------------------------
+    @_locked
+    def getattr(self, path: str | None, fh: int | None = None) -> dict:
+        if fh is not None and fh in self._handles:
+            of = self._handles[fh].of
+            return self._stat(of.ino, of.inode)
+        with self.index.begin() as txn:
+            ino = self._resolve(txn, path)
+            return self._stat(ino, self._inode(txn, ino))
+
+    @_mutating
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> None:
+        self._setattr(path, fh, mode=mode)
+
+    @_mutating
+    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> None:
+        self._setattr(path, fh, uid=uid, gid=gid)
+
+    @_mutating
+    def utimens(self, path: str | None, atime_ns: int | None, mtime_ns: int | None,
+                fh: int | None = None) -> None:
+        """``None`` for both means now; UTIME_NOW/UTIME_OMIT are honoured."""
+        now = self._clock()
+        if atime_ns is None and mtime_ns is None:
+            atime_ns = mtime_ns = now
+        self._setattr(path, fh, atime=atime_ns, mtime=mtime_ns, now=now)
+
+    def _setattr(self, path, fh, mode=None, uid=None, gid=None, atime=None, mtime=None,
+                 now=None) -> None:
+        now = now or self._clock()
+        with self.index.begin(write=True) as txn:
+            ino = self._handle(fh).of.ino if fh is not None else self._resolve(txn, path)
+            inode = self._inode(txn, ino)
+            if mode is not None:
+                inode.mode = (inode.mode & ~0o7777) | (mode & 0o7777)
+            if uid is not None and uid != -1 and uid != 0xFFFFFFFF:
+                inode.uid = uid
+            if gid is not None and gid != -1 and gid != 0xFFFFFFFF:
+                inode.gid = gid
+            for attr, value in (("atime_ns", atime), ("mtime_ns", mtime)):
+                if value is None or value == UTIME_OMIT:
+                    continue
+                setattr(inode, attr, now if value == UTIME_NOW else value)
+            inode.ctime_ns = now
+            self._put(txn, ino, inode)
+        self.data.after_commit([])
+
+    # --- directories --------------------------------------------------------------
+    @_locked
+    def readdir(self, path: str) -> list[tuple[str, int]]:
+        with self.index.begin() as txn:
+            ino = self._resolve(txn, path)
+            if not stat.S_ISDIR(self._inode(txn, ino).mode):
+                raise NotADirectory(path)
+            return [(os.fsdecode(name), child) for name, child in txn.list_dir(ino)]
+
+    @_mutating
+    def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
+        with self.index.begin(write=True) as txn:
+            parent, name = self._parent(txn, path)
+            if txn.lookup(parent, name) is not None:
+                raise Exists(path)
+            pinode = self._inode(txn, parent)
+            ino, _ = self._new_inode(txn, stat.S_IFDIR | (mode & 0o7777), uid, gid, pinode,
+                                     nlink=2)
+            txn.add_dirent(parent, name, ino)
+            self._touch_dir(txn, parent, pinode, +1)
+        self.data.after_commit([])
+
+    @_mutating
+    def rmdir(self, path: str) -> None:
+        with self.index.begin(write=True) as txn:
+            parent, name = self._parent(txn, path)
+            ino = txn.lookup(parent, name)
+            if ino is None:
+                raise NotFound(path)
+            inode = self._inode(txn, ino)
+            if not stat.S_ISDIR(inode.mode):
+                raise NotADirectory(path)
+            if not txn.dir_is_empty(ino):
+                raise DirectoryNotEmpty(path)
+            txn.remove_dirent(parent, name)
+            self._delete_inode(txn, ino, inode)
+            self._touch_dir(txn, parent, self._inode(txn, parent), -1)
+        self.data.after_commit([])
+
+    # --- names ----------------------------------------------------------------------
+    @_mutating
+    def unlink(self, path: str) -> None:
+        with self.index.begin(write=True) as txn:
+            parent, name = self._parent(txn, path)
+            ino = txn.lookup(parent, name)
+            if ino is None:
+                raise NotFound(path)
+            inode = self._inode(txn, ino)
+            if stat.S_ISDIR(inode.mode):
+                raise IsADirectory(path)
+            txn.remove_dirent(parent, name)
+            garbage = self._drop_link(txn, ino, inode)
+            self._touch_dir(txn, parent, self._inode(txn, parent))
+        self.data.after_commit(garbage)
+
+    @_mutating
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise InvalidArgument("unsupported rename flags")
+        if new.rstrip("/").startswith(old.rstrip("/") + "/"):
+            raise InvalidArgument("cannot move a directory into itself")
+        garbage: list[bytes] = []
+        with self.index.begin(write=True) as txn:
+            op, oname = self._parent(txn, old)
+            np, nname = self._parent(txn, new)
+            src = txn.lookup(op, oname)
+            if src is None:
+                raise NotFound(old)
+            dst = txn.lookup(np, nname)
+            sinode = self._inode(txn, src)
+            src_dir = stat.S_ISDIR(sinode.mode)
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise NotFound(new)
+                dinode = self._inode(txn, dst)
+                txn.add_dirent(op, oname, dst)
+                txn.add_dirent(np, nname, src)
+                if op != np and src_dir != stat.S_ISDIR(dinode.mode):
+                    delta = 1 if src_dir else -1
+                    self._touch_dir(txn, op, self._inode(txn, op), -delta)
+                    self._touch_dir(txn, np, self._inode(txn, np), +delta)
+                for ino, inode in ((src, sinode), (dst, dinode)):
+                    inode.ctime_ns = self._clock()
+                    self._put(txn, ino, inode)
+            else:
+                if dst is not None:
+                    if flags & RENAME_NOREPLACE:
+                        raise Exists(new)
+                    if dst == src:
+                        return
+                    dinode = self._inode(txn, dst)
+                    if stat.S_ISDIR(dinode.mode):
+                        if not src_dir:
+                            raise IsADirectory(new)
+                        if not txn.dir_is_empty(dst):
+                            raise DirectoryNotEmpty(new)
+                        garbage = self._delete_inode(txn, dst, dinode)
+                        self._touch_dir(txn, np, self._inode(txn, np), -1)
+                    else:
+                        if src_dir:
+                            raise NotADirectory(new)
+                        garbage = self._drop_link(txn, dst, dinode)
+                txn.remove_dirent(op, oname)
+                txn.add_dirent(np, nname, src)
+                sinode.ctime_ns = self._clock()
+                self._put(txn, src, sinode)
+                delta = 1 if src_dir and op != np else 0
+                self._touch_dir(txn, op, self._inode(txn, op), -delta)
+                if np != op:
+                    self._touch_dir(txn, np, self._inode(txn, np), +delta)
+        self.data.after_commit(garbage)
+
+    @_mutating
+    def link(self, existing: str, new: str) -> None:
+        with self.index.begin(write=True) as txn:
+            ino = self._resolve(txn, existing)
+            inode = self._inode(txn, ino)
+            if stat.S_ISDIR(inode.mode):
+                raise IsADirectory(existing)
+            parent, name = self._parent(txn, new)
+            if txn.lookup(parent, name) is not None:
+                raise Exists(new)
+            txn.add_dirent(parent, name, ino)
+            inode.nlink += 1
+            inode.ctime_ns = self._clock()
+            self._put(txn, ino, inode)
+            self._touch_dir(txn, parent, self._inode(txn, parent))
+        self.data.after_commit([])
+
+    @_mutating
+    def symlink(self, path: str, target: str, uid: int, gid: int) -> None:
+        with self.index.begin(write=True) as txn:
+            parent, name = self._parent(txn, path)
+            if txn.lookup(parent, name) is not None:
+                raise Exists(path)
+            pinode = self._inode(txn, parent)
+            ino, _ = self._new_inode(txn, stat.S_IFLNK | 0o777, uid, gid, pinode,
+                                     target=os.fsencode(target))
+            txn.add_dirent(parent, name, ino)
+            self._touch_dir(txn, parent, pinode)
+        self.data.after_commit([])
+
+    @_locked
+    def readlink(self, path: str) -> str:
+        with self.index.begin() as txn:
+            inode = self._inode(txn, self._resolve(txn, path))
+        if not stat.S_ISLNK(inode.mode):
+            raise InvalidArgument(path)
+        return os.fsdecode(inode.target)
+
+    # --- files ------------------------------------------------------------------------
+    def _open_file(self, ino: int, inode: Inode, flags: int) -> int:
+        of = self._open.get(ino)
+        if of is None:
+            of = self.data.open_file(ino, inode)
+            self._open[ino] = of
+            self._inodes.pop(ino, None)  # the open file owns the live inode now
+        of.handles += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(of, flags)
+        return fh
+
+    @_mutating
+    def create(self, path: str, mode: int, flags: int, uid: int, gid: int) -> int:
+        with self.index.begin(write=True) as txn:
+            parent, name = self._parent(txn, path)
+            if txn.lookup(parent, name) is not None:
+                raise Exists(path)
+            pinode = self._inode(txn, parent)
+            ino, inode = self._new_inode(txn, stat.S_IFREG | (mode & 0o7777), uid, gid, pinode)
+            txn.add_dirent(parent, name, ino)
+            self._touch_dir(txn, parent, pinode)
+            txn.add_stats(files=1)
+        self.data.after_commit([])
+        return self._open_file(ino, inode, flags)
+
+    @_locked
+    def open(self, path: str, flags: int) -> int:
+        if self.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            raise ReadOnlyError("The store is mounted read-only.")
+        with self.index.begin() as txn:
+            ino = self._resolve(txn, path)
+            inode = self._inode(txn, ino)
+        if stat.S_ISDIR(inode.mode):
+            raise IsADirectory(path)
+        fh = self._open_file(ino, inode, flags)
+        if flags & os.O_TRUNC and self._handles[fh].of.size:
+            self.data.truncate(self._handles[fh].of, 0)
+        return fh
+
+    @_locked
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        return self.data.read(self._handle(fh).of, offset, size)
+
+    @_mutating
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        h = self._handle(fh)
+        of = h.of
+        if h.flags & os.O_APPEND:
+            offset = of.size
+        if offset + len(data) > fmt.MAX_FILE_SIZE:
+            raise TooBig("file too large")
+        n = self.data.write(of, offset, data)
+        of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+        return n
+
+    @_mutating
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+        if length < 0 or length > fmt.MAX_FILE_SIZE:
+            raise InvalidArgument("bad length")
+        if fh is not None:
+            of = self._handle(fh).of
+            self.data.truncate(of, length)
+            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+            return
+        with self.index.begin() as txn:
+            ino = self._resolve(txn, path)
+            inode = self._inode(txn, ino)
+        if stat.S_ISDIR(inode.mode):
+            raise IsADirectory(path)
+        fh = self._open_file(ino, inode, os.O_WRONLY)
+        try:
+            of = self._handle(fh).of
+            self.data.truncate(of, length)
+            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+            self.data.commit(of, self._clock())
+        finally:
+            self._release(fh)
+
+    @_locked
+    def flush(self, fh: int) -> None:
+        """close(2) on a descriptor: commit, so the data survives a daemon crash."""
+        of = self._handle(fh).of
+        if of.changed:
+            self.data.commit(of, self._clock())
+
+    @_locked
+    def fsync(self, fh: int, datasync: bool = False) -> None:
+        """fsync(2): commit and make the index durable (survives power loss)."""
+        of = self._handle(fh).of
+        self.data.commit(of, self._clock())
+        self.index.sync()
+        self.data.index_synced()
+
+    @_locked
+    def release(self, fh: int) -> None:
+        self._release(fh)
+
+    def _release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        of = h.of
+        of.handles -= 1
+        if of.handles > 0:
+            return
+        try:
+            if of.changed and not of.unlinked:
+                self.data.commit(of, self._clock())
+        finally:
+            if of.handles == 0:
+                del self._open[of.ino]
+                if of.unlinked:
+                    self._purge(of.ino)
+
+    # --- extended attributes -------------------------------------------------------------
+    @staticmethod
+    def _xname(name: str) -> bytes:
+        if name.startswith("system."):
+            raise NotSupported(name)
+        raw = os.fsencode(name)
+        if len(raw) > NAME_MAX:
+            raise NameTooLong(name)
+        return raw
+
+    @_mutating
+    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+        raw = self._xname(name)
+        if len(value) > 65536:
+            raise TooBig("xattr value too large")
+        with self.index.begin(write=True) as txn:
+            ino = self._resolve(txn, path)
+            exists = txn.get_xattr(ino, raw) is not None
+            if flags & XATTR_CREATE and exists:
+                raise Exists(name)
+            if flags & XATTR_REPLACE and not exists:
+                raise NoAttribute(name)
+            txn.set_xattr(ino, raw, bytes(value))
+            inode = self._inode(txn, ino)
+            inode.ctime_ns = self._clock()
+            self._put(txn, ino, inode)
+        self.data.after_commit([])
+
+    @_locked
+    def getxattr(self, path: str, name: str) -> bytes:
+        raw = self._xname(name)
+        with self.index.begin() as txn:
+            value = txn.get_xattr(self._resolve(txn, path), raw)
+        if value is None:
+            raise NoAttribute(name)
+        return value
+
+    @_locked
+    def listxattr(self, path: str) -> list[str]:
+        with self.index.begin() as txn:
+            return [os.fsdecode(n) for n in txn.list_xattrs(self._resolve(txn, path))]
+
+    @_mutating
+    def removexattr(self, path: str, name: str) -> None:
+        raw = self._xname(name)
+        with self.index.begin(write=True) as txn:
+            ino = self._resolve(txn, path)
+            if not txn.remove_xattr(ino, raw):
+                raise NoAttribute(name)
+        self.data.after_commit([])
+
+    # --- the filesystem as a whole -----------------------------------------------------------
+    def statfs(self) -> dict:
+        st = os.statvfs(self.store.root)
+        return {"f_bsize": st.f_bsize, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks,
+                "f_bfree": st.f_bfree, "f_bavail": st.f_bavail, "f_files": st.f_files,
+                "f_ffree": st.f_ffree, "f_favail": st.f_favail, "f_namemax": NAME_MAX}
+
+    @_locked
+    def stats(self) -> tuple[int, int, int]:
+        """(files, logical bytes, stored bytes)."""
+        with self.index.begin() as txn:
+            return txn.stats()

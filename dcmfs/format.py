@@ -1,0 +1,61 @@
+"""On-disk format constants and byte layouts (see ``docs/format.md``).
+
+Changelog of ``FORMAT_VERSION`` (ratarmount keeps its index version log at the
+constant, so do we):
+
+* 1 — first release: store header ``dcmfs.store`` (JSON), LMDB index with
+  AES-GCM-SIV sealed values, chunk objects with a sealed context block and an
+  AES-256-GCM payload under a per-file key.
+
+A store whose version is higher than ``FORMAT_VERSION``, or that lists a
+feature not in ``KNOWN_FEATURES``, is refused.
+"""
+
+from __future__ import annotations
+
+import struct
+
+FORMAT_VERSION = 1
+STORE_MAGIC = "dcmfs-store"
+HEADER_NAME = "dcmfs.store"
+INDEX_DIR = "index"
+OBJECTS_DIR = "objects"
+LOCK_NAME = "lock"
+LOG_NAME = "dcmfs.log"
+
+#: features this version understands; a store may use any subset
+KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma"})
+
+# --- chunk objects -------------------------------------------------------------
+# An object file ``objects/<oid[0:2]>/<oid hex>`` is:
+#
+#   offset  size  field
+#   0       4     magic  b"DCMO"
+#   4       1     format version (1)
+#   5       1     object kind (1 = file chunk)
+#   6       2     reserved, zero
+#   8       12    nonce of the context block
+#   20      68    context block: AES-GCM-SIV(header key, CTX_STRUCT) + 16-byte tag
+#   88      12    nonce of the payload
+#   100     n+16  payload: AES-256-GCM(file key, compressed chunk) + 16-byte tag
+#
+# The context block says which file, chunk and generation the object belongs
+# to, so the index can be rebuilt from the objects alone.  The payload's
+# associated data binds the object header, the store id, the object id and
+# the whole context block: a moved, swapped, replayed or downgraded object
+# fails authentication.
+OBJ_MAGIC = b"DCMO"
+OBJ_KIND_CHUNK = 1
+OBJ_PREFIX = struct.Struct(">4sBBH")  # magic, version, kind, reserved
+NONCE_LEN = 12
+TAG_LEN = 16
+#: file_id, ino, chunk index, generation, codec, flags, reserved, plain_len, stored_len
+CTX_STRUCT = struct.Struct(">16sQQQBBHII")
+CTX_SEALED_LEN = CTX_STRUCT.size + TAG_LEN
+OBJ_HEADER_LEN = OBJ_PREFIX.size + NONCE_LEN + CTX_SEALED_LEN + NONCE_LEN
+CHUNK_FLAG_LAST = 0x01
+
+# --- index ---------------------------------------------------------------------
+ROOT_INO = 1
+#: largest file size accepted (1 PiB); chunk indices stay far inside u64
+MAX_FILE_SIZE = 1 << 50

@@ -1,0 +1,333 @@
+"""The LMDB index: the one place its schema lives.
+
+Schema (format version 1).  All integers are big-endian so that LMDB's byte
+order is numeric order.  ``SIV(...)`` is AES-256-GCM-SIV under the index key
+(HKDF of the master key, label ``index``) with the database name and the LMDB
+key as associated data, so a value moved to another key fails to open.
+
+============  ==============================  ======================================
+database      key                             value
+============  ==============================  ======================================
+``meta``      ascii name                      plain bytes:
+                                              ``format`` -> b"1";
+                                              ``store_id`` -> 16 bytes;
+                                              ``next_ino`` -> u64;
+                                              ``state`` -> b"clean" or b"mounted";
+                                              ``stats`` -> files, logical bytes,
+                                              stored bytes (3 x u64; plain, so
+                                              ``dcmfs status`` needs no key)
+``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`)
+``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
+``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``)
+``xattrs``    ino u64 + name tag (16)         SIV(name length u16 + name + value)
+``orphans``   ino u64                         b"" — unlinked while open, purged
+                                              at release or at the next mount
+============  ==============================  ======================================
+
+The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
+bytes: a lookup needs no scan, and without the key the index reveals neither
+names nor which entries share a name.  The root directory is inode 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import hmac
+import struct
+from typing import Iterator
+
+import lmdb
+
+from . import crypto, format as fmt
+from .errors import IndexDamagedError, IntegrityError, NoSpaceError, StoreIOError
+from .objectstore import ChunkRef
+
+_U64 = struct.Struct(">Q")
+_U64x2 = struct.Struct(">QQ")
+#: mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, file_id,
+#: generation, has_sha256, sha256; followed by the symlink target
+_INODE = struct.Struct(">IIIIQqqq16sQB32s")
+#: oid, generation, codec, flags, plain_len, stored_len
+_CHUNK = struct.Struct(">16sQBBII")
+_U16 = struct.Struct(">H")
+_STATS = struct.Struct(">QQQ")
+
+DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans")
+
+
+@dataclasses.dataclass
+class Inode:
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    file_id: bytes
+    generation: int = 0
+    sha256: bytes | None = None
+    target: bytes = b""
+
+    def encode(self) -> bytes:
+        return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size,
+                           self.atime_ns, self.mtime_ns, self.ctime_ns, self.file_id,
+                           self.generation, self.sha256 is not None,
+                           self.sha256 or bytes(32)) + self.target
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Inode":
+        (mode, uid, gid, nlink, size, at, mt, ct, file_id, gen, has_sha,
+         sha) = _INODE.unpack_from(raw)
+        return cls(mode, uid, gid, nlink, size, at, mt, ct, file_id, gen,
+                   sha if has_sha else None, bytes(raw[_INODE.size:]))
+
+
+def ino_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def _lmdb_error(exc: lmdb.Error, doing: str) -> Exception:
+    if isinstance(exc, lmdb.MapFullError):
+        return NoSpaceError(f"The index is full while {doing}; raise index_map_size.")
+    err = getattr(exc, "args", (None,))
+    text = str(exc)
+    if "No space left" in text or (err and err[0] == errno.ENOSPC):
+        return NoSpaceError(f"The disk under the store is full while {doing}; "
+                            "free space there and retry.")
+    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
+                        lmdb.VersionMismatchError, lmdb.BadRslotError)):
+        return IndexDamagedError(f"The index is damaged ({doing}): {text}. "
+                                 "Run 'dcmfs fsck' on the store.")
+    return StoreIOError(f"Index error while {doing}: {text}.")
+
+
+class Index:
+    """The opened LMDB environment plus the keys that seal its values."""
+
+    def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
+                 read_only: bool = False) -> None:
+        try:
+            self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
+                                 readonly=read_only, create=not read_only, mode=0o600,
+                                 sync=True, metasync=False, readahead=False, lock=True)
+            self.dbs = {name: self.env.open_db(name.encode(), create=not read_only)
+                        for name in DATABASES}
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "opening the index") from exc
+        self._siv = crypto.Siv(crypto.derive(master_key, b"index", store_id))
+        self._name_key = crypto.derive(master_key, b"names", store_id)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def sync(self) -> None:
+        """Make every committed transaction durable (metadata page included)."""
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "syncing the index") from exc
+
+    def name_tag(self, parent: int, name: bytes) -> bytes:
+        return hmac.new(self._name_key, _U64.pack(parent) + name, hashlib.sha256).digest()[:16]
+
+    def begin(self, write: bool = False) -> "Txn":
+        try:
+            return Txn(self, self.env.begin(write=write))
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "starting a transaction") from exc
+
+    def seal(self, db: str, key: bytes, value: bytes) -> bytes:
+        return self._siv.seal(value, db.encode() + b"\x00" + key)
+
+    def open(self, db: str, key: bytes, sealed: bytes) -> bytes:
+        try:
+            return self._siv.open(sealed, db.encode() + b"\x00" + key)
+        except crypto.AuthenticationFailed as exc:
+            raise IntegrityError(f"index entry {db}/{key.hex()} failed authentication; "
+                                 "run 'dcmfs fsck' on the store") from exc
+
+
+class Txn:
+    """One LMDB transaction with typed accessors; a context manager.
+
+    Leaving the ``with`` block normally commits a write transaction; an
+    exception aborts it.
+    """
+
+    def __init__(self, index: Index, txn: lmdb.Transaction) -> None:
+        self.ix = index
+        self.txn = txn
+        self._db = index.dbs
+
+    def __enter__(self) -> "Txn":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.txn.commit()
+            except lmdb.Error as e:
+                raise _lmdb_error(e, "committing") from e
+        else:
+            self.txn.abort()
+
+    # --- helpers ---------------------------------------------------------------
+    def _get(self, db: str, key: bytes) -> bytes | None:
+        raw = self.txn.get(key, db=self._db[db])
+        return None if raw is None else self.ix.open(db, key, raw)
+
+    def _put(self, db: str, key: bytes, value: bytes) -> None:
+        try:
+            self.txn.put(key, self.ix.seal(db, key, value), db=self._db[db])
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, f"writing {db}") from exc
+
+    def _delete(self, db: str, key: bytes) -> None:
+        self.txn.delete(key, db=self._db[db])
+
+    def _scan(self, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        cur = self.txn.cursor(db=self._db[db])
+        if not cur.set_range(prefix):
+            return
+        for key, raw in cur:
+            if not key.startswith(prefix):
+                break
+            yield key, self.ix.open(db, key, raw)
+
+    # --- meta (plain) ---------------------------------------------------------
+    def meta_get(self, name: str) -> bytes | None:
+        return self.txn.get(name.encode(), db=self._db["meta"])
+
+    def meta_put(self, name: str, value: bytes) -> None:
+        try:
+            self.txn.put(name.encode(), value, db=self._db["meta"])
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "writing meta") from exc
+
+    def stats(self) -> tuple[int, int, int]:
+        """(regular files, logical bytes, stored bytes) of the whole store."""
+        raw = self.meta_get("stats")
+        return _STATS.unpack(raw) if raw else (0, 0, 0)
+
+    def add_stats(self, files: int = 0, logical: int = 0, stored: int = 0) -> None:
+        if files or logical or stored:
+            f, lg, st = self.stats()
+            self.meta_put("stats", _STATS.pack(f + files, lg + logical, st + stored))
+
+    def alloc_ino(self) -> int:
+        raw = self.meta_get("next_ino")
+        ino = _U64.unpack(raw)[0] if raw else fmt.ROOT_INO + 1
+        self.meta_put("next_ino", _U64.pack(ino + 1))
+        return ino
+
+    # --- inodes ---------------------------------------------------------------
+    def get_inode(self, ino: int) -> Inode | None:
+        raw = self._get("inodes", ino_key(ino))
+        return None if raw is None else Inode.decode(raw)
+
+    def put_inode(self, ino: int, inode: Inode) -> None:
+        self._put("inodes", ino_key(ino), inode.encode())
+
+    def delete_inode(self, ino: int) -> list[ChunkRef]:
+        """Remove an inode with its chunks and xattrs; returns the chunk refs."""
+        refs = list(self.chunks(ino).values())
+        for prefix_db in ("chunks", "xattrs"):
+            keys = [k for k, _ in self._scan_raw(prefix_db, ino_key(ino))]
+            for k in keys:
+                self._delete(prefix_db, k)
+        self._delete("inodes", ino_key(ino))
+        self._delete("orphans", ino_key(ino))
+        return refs
+
+    def iter_inodes(self) -> Iterator[tuple[int, Inode]]:
+        for key, raw in self._scan("inodes", b""):
+            yield _U64.unpack(key)[0], Inode.decode(raw)
+
+    def _scan_raw(self, db: str, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        cur = self.txn.cursor(db=self._db[db])
+        out = []
+        if cur.set_range(prefix):
+            for key, raw in cur:
+                if not key.startswith(prefix):
+                    break
+                out.append((key, raw))
+        return out
+
+    # --- directory entries ----------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        key = ino_key(parent) + self.ix.name_tag(parent, name)
+        raw = self._get("dirents", key)
+        return None if raw is None else _U64.unpack_from(raw)[0]
+
+    def add_dirent(self, parent: int, name: bytes, ino: int) -> None:
+        key = ino_key(parent) + self.ix.name_tag(parent, name)
+        self._put("dirents", key, _U64.pack(ino) + name)
+
+    def remove_dirent(self, parent: int, name: bytes) -> None:
+        self._delete("dirents", ino_key(parent) + self.ix.name_tag(parent, name))
+
+    def list_dir(self, parent: int) -> Iterator[tuple[bytes, int]]:
+        for _, raw in self._scan("dirents", ino_key(parent)):
+            yield raw[8:], _U64.unpack_from(raw)[0]
+
+    def dir_is_empty(self, parent: int) -> bool:
+        cur = self.txn.cursor(db=self._db["dirents"])
+        prefix = ino_key(parent)
+        return not (cur.set_range(prefix) and cur.key().startswith(prefix))
+
+    def iter_dirents(self) -> Iterator[tuple[int, bytes, int]]:
+        for key, raw in self._scan("dirents", b""):
+            yield _U64.unpack_from(key)[0], raw[8:], _U64.unpack_from(raw)[0]
+
+    # --- chunk table ----------------------------------------------------------
+    def chunks(self, ino: int) -> dict[int, ChunkRef]:
+        out = {}
+        for key, raw in self._scan("chunks", ino_key(ino)):
+            out[_U64x2.unpack(key)[1]] = ChunkRef(*_CHUNK.unpack(raw))
+        return out
+
+    def put_chunk(self, ino: int, index: int, ref: ChunkRef) -> None:
+        self._put("chunks", _U64x2.pack(ino, index), _CHUNK.pack(*ref))
+
+    def delete_chunk(self, ino: int, index: int) -> None:
+        self._delete("chunks", _U64x2.pack(ino, index))
+
+    def iter_all_chunks(self) -> Iterator[tuple[int, int, ChunkRef]]:
+        for key, raw in self._scan("chunks", b""):
+            ino, idx = _U64x2.unpack(key)
+            yield ino, idx, ChunkRef(*_CHUNK.unpack(raw))
+
+    # --- xattrs ---------------------------------------------------------------
+    def _xkey(self, ino: int, name: bytes) -> bytes:
+        return ino_key(ino) + self.ix.name_tag(ino, b"xattr\x00" + name)
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        raw = self._get("xattrs", self._xkey(ino, name))
+        if raw is None:
+            return None
+        n = _U16.unpack_from(raw)[0]
+        return raw[2 + n:]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._put("xattrs", self._xkey(ino, name), _U16.pack(len(name)) + name + value)
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        return self.txn.delete(self._xkey(ino, name), db=self._db["xattrs"])
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        out = []
+        for _, raw in self._scan("xattrs", ino_key(ino)):
+            n = _U16.unpack_from(raw)[0]
+            out.append(raw[2:2 + n])
+        return out
+
+    # --- orphans --------------------------------------------------------------
+    def add_orphan(self, ino: int) -> None:
+        self.txn.put(ino_key(ino), b"", db=self._db["orphans"])
+
+    def orphans(self) -> list[int]:
+        return [_U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"")]

@@ -1,0 +1,60 @@
+"""The unclean-store check run before a store that was not cleanly closed
+is used again (S3QL's crash policy, reduced to what a crash can leave).
+
+A crash can leave only these, by construction of the commit protocol:
+
+* temp files of the durable-write helper (a write cut short);
+* objects no index entry refers to (written before a commit that never
+  happened, or superseded by a commit whose deletions had not run yet);
+* inodes unlinked while they were open (kept as *orphans* until release).
+
+None of these is data a user could still reach, so removing them is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from .index import Index
+from .objectstore import ObjectStore
+
+log = logging.getLogger("dcmfs.recovery")
+
+
+@dataclasses.dataclass
+class RecoveryReport:
+    temp_files: int = 0
+    orphan_inodes: int = 0
+    unreferenced_objects: int = 0
+
+
+def recover(index: Index, objects: ObjectStore, delete_inode) -> RecoveryReport:
+    """Remove what an interrupted session left behind; returns the counts.
+
+    ``delete_inode(txn, ino, inode)`` is the core's inode removal (it keeps the
+    store statistics right) and returns the object ids it freed.
+    """
+    report = RecoveryReport()
+    for path in objects.iter_temps():
+        os.unlink(path)
+        report.temp_files += 1
+    with index.begin(write=True) as txn:
+        for ino in txn.orphans():
+            inode = txn.get_inode(ino)
+            if inode is not None:
+                delete_inode(txn, ino, inode)
+            txn.txn.delete(ino.to_bytes(8, "big"), db=index.dbs["orphans"])
+            report.orphan_inodes += 1
+    index.sync()
+    with index.begin() as txn:
+        referenced = {ref.oid for _, _, ref in txn.iter_all_chunks()}
+    for oid in list(objects.iter_oids()):
+        if oid not in referenced:
+            objects.delete(oid)
+            report.unreferenced_objects += 1
+    log.warning("store was not cleanly unmounted; recovered: %d temp files, %d orphan inodes, "
+                "%d unreferenced objects", report.temp_files, report.orphan_inodes,
+                report.unreferenced_objects)
+    return report

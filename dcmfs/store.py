@@ -1,0 +1,218 @@
+"""A store on disk: its header, its master key, its lock.
+
+``STORE/dcmfs.store`` is a small JSON document (no secrets in it):
+
+.. code-block:: json
+
+    {"magic": "dcmfs-store", "format_version": 1,
+     "features": ["chunked-v1", ...], "store_id": "<32 hex>",
+     "chunk_size": 1048576, "codec": "zstd",
+     "key": {"kind": "keyfile" | "passphrase", "salt": "<hex>",
+             "argon2id": {"memory_kib": ..., "iterations": ..., "lanes": ...},
+             "wrapped": "<hex nonce|ciphertext|tag>"}}
+
+The master key is wrapped with AES-256-GCM under the key-encryption key; the
+associated data is the canonical JSON of every other field, so a header whose
+parameters were altered does not open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import secrets
+
+from . import crypto, format as fmt
+from .codec import NAMES as CODEC_NAMES
+from .config import Config
+from .durable import write_file
+from .errors import (ForeignStoreError, SecretError, StoreLockedError, StoreMissingError,
+                     StoreNotEmptyError, UnsupportedFormatError, WrongKeyError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Secret:
+    """Key material read by the CLI: a key file's bytes or a passphrase."""
+
+    kind: str  # "keyfile" | "passphrase"
+    value: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    root: str
+    store_id: bytes
+    chunk_size: int
+    codec: str
+    features: frozenset
+    master_key: bytes = dataclasses.field(repr=False)
+
+
+def _aad(header: dict) -> bytes:
+    rest = {k: v for k, v in header.items() if k != "key"}
+    key = {k: v for k, v in header["key"].items() if k != "wrapped"}
+    return json.dumps({"header": rest, "key": key}, sort_keys=True).encode()
+
+
+def _kek(secret: Secret, key_info: dict) -> bytes:
+    salt = bytes.fromhex(key_info["salt"])
+    if secret.kind != key_info["kind"]:
+        want = "a key file (--key-file)" if key_info["kind"] == "keyfile" else "a passphrase"
+        raise WrongKeyError(f"This store is opened with {want}.")
+    if secret.kind == "keyfile":
+        if len(secret.value) < 32:
+            raise SecretError("The key file holds fewer than 32 bytes; it is not a dcmfs key.")
+        return crypto.kek_from_keyfile(secret.value, salt)
+    p = key_info["argon2id"]
+    return crypto.kek_from_passphrase(secret.value, salt, p["memory_kib"], p["iterations"],
+                                      p["lanes"])
+
+
+def init_store(root: str, secret: Secret, config: Config) -> Store:
+    """Create a new store in ``root`` (which must be missing or empty).
+
+    Raises
+    ------
+    StoreNotEmptyError
+        ``root`` holds files.
+    """
+    root = os.path.abspath(root)
+    if os.path.exists(root):
+        if not os.path.isdir(root):
+            raise StoreNotEmptyError(f"{root} exists and is not a directory.")
+        if os.listdir(root):
+            raise StoreNotEmptyError(f"{root} is not empty; choose a new or empty directory.")
+    if config.codec not in CODEC_NAMES:
+        raise ValueError(f"unknown codec {config.codec!r}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    os.chmod(root, 0o700)
+    os.makedirs(os.path.join(root, fmt.OBJECTS_DIR), mode=0o700)
+    master = crypto.random_key()
+    store_id = secrets.token_bytes(16)
+    key_info: dict = {"kind": secret.kind, "salt": secrets.token_hex(16)}
+    if secret.kind == "passphrase":
+        key_info["argon2id"] = dataclasses.asdict(config.kdf)
+    header = {
+        "magic": fmt.STORE_MAGIC,
+        "format_version": fmt.FORMAT_VERSION,
+        "features": sorted({"chunked-v1", "sealed-names-v1", f"codec-{config.codec}"}
+                           & fmt.KNOWN_FEATURES),
+        "store_id": store_id.hex(),
+        "chunk_size": config.chunk_size,
+        "codec": config.codec,
+        "key": key_info,
+    }
+    kek = _kek(secret, key_info)
+    key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
+    write_file(os.path.join(root, fmt.HEADER_NAME),
+               (json.dumps(header, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
+    return Store(root, store_id, config.chunk_size, config.codec,
+                 frozenset(header["features"]), master)
+
+
+def read_header(root: str) -> dict:
+    """Read and validate the store header (no key needed).
+
+    Raises
+    ------
+    StoreMissingError, ForeignStoreError, UnsupportedFormatError
+    """
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise StoreMissingError(f"No store at {root}: the directory does not exist. "
+                                "Create one with 'dcmfs init'.")
+    path = os.path.join(root, fmt.HEADER_NAME)
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read())
+    except FileNotFoundError as exc:
+        raise ForeignStoreError(f"{root} is not a dcmfs store (no {fmt.HEADER_NAME}).") from exc
+    except (ValueError, OSError) as exc:
+        raise ForeignStoreError(f"{root}: the store header cannot be read; "
+                                "it is damaged or not a dcmfs store.") from exc
+    if not isinstance(header, dict) or header.get("magic") != fmt.STORE_MAGIC:
+        raise ForeignStoreError(f"{root} is not a dcmfs store.")
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > fmt.FORMAT_VERSION or version < 1:
+        raise UnsupportedFormatError(
+            f"{root} has store format version {version}; this dcmfs reads up to "
+            f"{fmt.FORMAT_VERSION}. Upgrade dcmfs.")
+    unknown = set(header.get("features", [])) - fmt.KNOWN_FEATURES
+    if unknown:
+        raise UnsupportedFormatError(f"{root} uses features this dcmfs does not know "
+                                     f"({', '.join(sorted(unknown))}). Upgrade dcmfs.")
+    return header
+
+
+def open_store(root: str, secret: Secret) -> Store:
+    """Unwrap the master key of the store at ``root``.
+
+    Raises
+    ------
+    WrongKeyError
+        The key file or passphrase does not open the store.
+    """
+    root = os.path.abspath(root)
+    header = read_header(root)
+    key_info = header["key"]
+    kek = _kek(secret, key_info)
+    try:
+        master = crypto.Gcm(kek).open(bytes.fromhex(key_info["wrapped"]), _aad(header))
+    except crypto.AuthenticationFailed as exc:
+        raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
+                            "passphrase (or a damaged store header).") from exc
+    return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
+                 header["codec"], frozenset(header["features"]), master)
+
+
+class StoreLock:
+    """An exclusive ``flock`` on ``STORE/lock`` held while the store is open.
+
+    The lock file holds the pid of the holder, so ``dcmfs status`` and
+    ``dcmfs umount`` can find the daemon.  The kernel drops the lock when the
+    process dies, so a crashed daemon never blocks a remount.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.path = os.path.join(root, fmt.LOCK_NAME)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            pid = read_lock_pid(root)
+            os.close(self.fd)
+            raise StoreLockedError(
+                f"The store {root} is in use by another dcmfs process"
+                f"{f' (pid {pid})' if pid else ''}; unmount it first.") from exc
+        self.write_pid(os.getpid())
+
+    def write_pid(self, pid: int) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read_lock_pid(root: str) -> int | None:
+    """The pid written in the lock file if a process still holds the lock."""
+    path = os.path.join(root, fmt.LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
