@@ -96,6 +96,7 @@ class FileSystem:
                              config.dirty_limit, config.read_cache_bytes)
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, int] = {}
         self._next_fh = 1
         self._inodes: dict[int, Inode] = {}
         self.recovered: RecoveryReport | None = None
@@ -310,11 +311,30 @@ class FileSystem:
 
     # --- directories --------------------------------------------------------------
     @_locked
-    def readdir(self, path: str) -> list[tuple[str, int]]:
+    def opendir(self, path: str) -> int:
         with self.index.begin() as txn:
             ino = self._resolve(txn, path)
             if not stat.S_ISDIR(self._inode(txn, ino).mode):
                 raise NotADirectory(path)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = ino
+        return fh
+
+    @_locked
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_locked
+    def readdir(self, path: str | None, fh: int | None = None) -> list[tuple[str, int]]:
+        """Entries of a directory given by open handle or by path."""
+        with self.index.begin() as txn:
+            if fh is not None and fh in self._dirs:
+                ino = self._dirs[fh]
+            else:
+                ino = self._resolve(txn, path)
+            if not stat.S_ISDIR(self._inode(txn, ino).mode):
+                raise NotADirectory(path or "")
             return [(os.fsdecode(name), child) for name, child in txn.list_dir(ino)]
 
     @_mutating

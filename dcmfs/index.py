@@ -35,6 +35,7 @@ import dataclasses
 import errno
 import hashlib
 import hmac
+import os
 import struct
 from typing import Iterator
 
@@ -103,6 +104,28 @@ def _lmdb_error(exc: lmdb.Error, doing: str) -> Exception:
         return IndexDamagedError(f"The index is damaged ({doing}): {text}. "
                                  "Run 'dcmfs fsck' on the store.")
     return StoreIOError(f"Index error while {doing}: {text}.")
+
+
+def read_stats(path: str) -> tuple[int, int, int] | None:
+    """(files, logical bytes, stored bytes) without the key; None if no index.
+
+    Safe while a daemon has the index open (LMDB readers never block writers).
+    """
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return None
+    try:
+        env = lmdb.open(path, subdir=True, readonly=True, lock=True, max_dbs=len(DATABASES))
+    except lmdb.Error as exc:
+        raise _lmdb_error(exc, "reading statistics") from exc
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            raw = txn.get(b"stats", db=meta)
+        return _STATS.unpack(raw) if raw else (0, 0, 0)
+    except lmdb.Error as exc:
+        raise _lmdb_error(exc, "reading statistics") from exc
+    finally:
+        env.close()
 
 
 class Index:

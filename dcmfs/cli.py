@@ -1,0 +1,247 @@
+"""Command line: ``dcmfs`` and the mount(8) helper ``mount.dcmfs``.
+
+The contract (commands, options, exit codes, how secrets are passed) is
+written down in ``docs/cli.md``.  This is the only place that exits the
+process or prints for a user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import Config
+from .errors import DcmfsError, SecretError
+
+log = logging.getLogger("dcmfs")
+
+EXIT_USAGE = 2
+
+
+# --- default places (XDG base directories) ---------------------------------------
+def default_store() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "dcmfs", "store")
+
+
+def default_key_file() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return os.path.join(base, "dcmfs", "key")
+
+
+def default_mountpoint() -> str:
+    return os.path.expanduser("~/dcmfs")
+
+
+# --- secrets ------------------------------------------------------------------------
+def _add_secret_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("key (never given on the command line itself)")
+    g.add_argument("--key-file", metavar="PATH",
+                   help="file holding a 32-byte key (init creates it, mode 0600, if missing)")
+    g.add_argument("--passphrase-file", metavar="PATH", help="file holding the passphrase")
+    g.add_argument("--passphrase-fd", metavar="N", type=int,
+                   help="read the passphrase from file descriptor N")
+
+
+def _read_passphrase_fd(fd: int) -> bytes:
+    chunks = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    return b"".join(chunks).rstrip(b"\n")
+
+
+def _secret(args, creating: bool, store_kind: str | None = None):
+    from .store import Secret
+    if args.key_file:
+        path = args.key_file
+        if creating and not os.path.exists(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+        try:
+            with open(path, "rb") as f:
+                return Secret("keyfile", f.read(4096))
+        except OSError as exc:
+            raise SecretError(f"The key file {path} cannot be read ({exc.strerror}).") from exc
+    if args.passphrase_file:
+        try:
+            with open(args.passphrase_file, "rb") as f:
+                return Secret("passphrase", f.read().rstrip(b"\n"))
+        except OSError as exc:
+            raise SecretError(f"The passphrase file {args.passphrase_file} cannot be read "
+                              f"({exc.strerror}).") from exc
+    if args.passphrase_fd is not None:
+        try:
+            return Secret("passphrase", _read_passphrase_fd(args.passphrase_fd))
+        except OSError as exc:
+            raise SecretError(f"Cannot read a passphrase from fd {args.passphrase_fd} "
+                              f"({exc.strerror}).") from exc
+    if store_kind == "keyfile" and os.path.exists(default_key_file()):
+        with open(default_key_file(), "rb") as f:
+            return Secret("keyfile", f.read(4096))
+    if sys.stdin.isatty():
+        pw = getpass.getpass("dcmfs passphrase: ").encode()
+        if creating and getpass.getpass("again: ").encode() != pw:
+            raise SecretError("The passphrases differ; nothing was created.")
+        if not pw:
+            raise SecretError("An empty passphrase is not allowed.")
+        return Secret("passphrase", pw)
+    raise SecretError("No key given: pass --key-file, --passphrase-file or --passphrase-fd.")
+
+
+# --- options -------------------------------------------------------------------------
+#: mount(8)/fstab options that are not for FUSE
+_MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "defaults",
+               "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
+#: dcmfs options given with -o
+_DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file"}
+
+
+def parse_o(values: list[str]) -> tuple[dict, dict]:
+    """Split ``-o a,b=c`` lists into (dcmfs options, FUSE options)."""
+    ours, fuse = {}, {}
+    for value in values or []:
+        for item in value.split(","):
+            if not item:
+                continue
+            key, eq, val = item.partition("=")
+            if key in _DCMFS_OPTS:
+                ours[key] = val
+            elif key in _MOUNT_ONLY or key.startswith(("x-", "comment=")):
+                continue
+            else:
+                fuse[key] = val if eq else True
+    return ours, fuse
+
+
+def _config(fuse_opts: dict) -> Config:
+    return Config(read_only=bool(fuse_opts.get("ro")))
+
+
+# --- commands ---------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    from .store import init_store
+    config = Config(codec=args.codec)
+    secret = _secret(args, creating=True)
+    store = init_store(args.store, secret, config)
+    print(f"Created a dcmfs store at {store.root} (codec {store.codec}).")
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from .mount import mount
+    from .store import read_header
+    ours, fuse = parse_o(args.o)
+    for k in ("key_file", "passphrase_file"):
+        if ours.get(k) and not getattr(args, k):
+            setattr(args, k, ours[k])
+    store_root = os.path.abspath(args.store)
+    header = read_header(store_root)
+    secret = _secret(args, creating=False, store_kind=header["key"]["kind"])
+    mp = os.path.abspath(args.mountpoint)
+    mount(store_root, secret, mp, _config(fuse), fuse, foreground=args.foreground,
+          log_file=ours.get("log_file"))
+    if not args.foreground:
+        print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")
+    return 0
+
+
+def cmd_umount(args) -> int:
+    from .mount import umount
+    umount(args.mountpoint, timeout=args.timeout)
+    print(f"Unmounted {os.path.abspath(args.mountpoint)}.")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .status import collect, render
+    reports = collect(args.target)
+    if args.json:
+        print(json.dumps(reports if args.target is None else reports[0], indent=1))
+    else:
+        print(render(reports))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dcmfs", description="Transparent encrypted, compressing "
+                                "filesystem for medical images.")
+    p.add_argument("--version", action="version", version=f"dcmfs {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create a new store")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("--codec", choices=("zstd", "lzma", "none"), default="zstd")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("mount", help="mount a store")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("mountpoint", nargs="?", default=default_mountpoint())
+    s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    s.add_argument("-o", action="append", metavar="OPTS", help="mount options (allow_other, ro, "
+                   "nonempty, key_file=, passphrase_file=, log_file=, …)")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="flush, unmount and wait for the daemon")
+    s.add_argument("mountpoint", nargs="?", default=default_mountpoint())
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (300)")
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
+    s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except DcmfsError as exc:
+        print(f"dcmfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def mount_helper_main(argv: list[str] | None = None) -> int:
+    """``mount.dcmfs SOURCE MOUNTPOINT [-o OPTS] [-n] [-s] [-f] [-v]`` for mount(8)."""
+    p = argparse.ArgumentParser(prog="mount.dcmfs")
+    p.add_argument("store")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", action="append", metavar="OPTS")
+    for flag in ("-n", "-s", "-f", "-v"):
+        p.add_argument(flag, action="store_true")
+    args = p.parse_args(argv)
+    ours, _ = parse_o(args.o)
+    if "config" in ours:
+        print("mount.dcmfs: config= files arrive with the systemd integration; "
+              "use key_file= for now.", file=sys.stderr)
+        return EXIT_USAGE
+    if args.f:  # mount(8)'s "fake": do everything but the mount
+        return 0
+    argv2 = ["mount", args.store, args.mountpoint] + sum((["-o", o] for o in args.o or []), [])
+    return main(argv2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

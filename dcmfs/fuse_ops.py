@@ -1,0 +1,248 @@
+"""The FUSE adapter: the only module that imports mfusepy.
+
+It translates paths, handles and exceptions, nothing more (borg ``vfs.py``).
+Every dcmfs error becomes an errno through ``ERRNO``; unexpected exceptions
+are not swallowed here: mfusepy logs them with their traceback.
+
+mfusepy registers every attribute of the Operations object whose name matches
+a FUSE operation, so this class has no helper attributes with such names.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from typing import Callable
+
+try:
+    import mfusepy
+except (OSError, ImportError, EnvironmentError) as exc:  # libfuse3 missing
+    mfusepy = None
+    _IMPORT_ERROR: Exception | None = exc
+else:
+    _IMPORT_ERROR = None
+
+from . import errors as E
+from .filesystem import FileSystem
+
+log = logging.getLogger("dcmfs.fuse")
+
+#: the one exception -> errno table (most specific class first)
+ERRNO: list[tuple[type, int]] = [
+    (E.NotFound, errno.ENOENT),
+    (E.Exists, errno.EEXIST),
+    (E.NotADirectory, errno.ENOTDIR),
+    (E.IsADirectory, errno.EISDIR),
+    (E.DirectoryNotEmpty, errno.ENOTEMPTY),
+    (E.InvalidArgument, errno.EINVAL),
+    (E.NoAttribute, errno.ENODATA),
+    (E.NotSupported, errno.EOPNOTSUPP),
+    (E.NameTooLong, errno.ENAMETOOLONG),
+    (E.BadHandle, errno.EBADF),
+    (E.TooBig, errno.EFBIG),
+    (E.ReadOnlyError, errno.EROFS),
+    (E.NoSpaceError, errno.ENOSPC),
+    (E.IntegrityError, errno.EIO),
+    (E.IndexDamagedError, errno.EIO),
+    (E.StoreIOError, errno.EIO),
+]
+
+
+def errno_of(exc: E.DcmfsError) -> int:
+    for cls, code in ERRNO:
+        if isinstance(exc, cls):
+            return code
+    return errno.EIO
+
+
+def require_fuse() -> None:
+    """Raise :class:`FuseUnavailableError` unless libfuse3 and /dev/fuse are usable."""
+    if mfusepy is None:
+        raise E.FuseUnavailableError(
+            f"libfuse3 cannot be loaded ({_IMPORT_ERROR}); install it with "
+            "'apt-get install fuse3'.")
+    if mfusepy.fuse_version_major != 3:
+        raise E.FuseUnavailableError("dcmfs needs libfuse3, but libfuse2 was loaded; "
+                                     "set FUSE_LIBRARY_NAME=fuse3 or install fuse3.")
+    if not os.path.exists("/dev/fuse"):
+        raise E.FuseUnavailableError("/dev/fuse is missing: load the fuse kernel module "
+                                     "('modprobe fuse') or give the container /dev/fuse.")
+
+
+def _translate(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except E.DcmfsError as exc:
+            code = errno_of(exc)
+            if code == errno.EIO:
+                log.error("%s: %s", method.__name__, exc)
+            raise mfusepy.FuseOSError(code) from exc
+    return wrapper
+
+
+class _Operations:
+    """Operations for mfusepy; each method is one call into the core."""
+
+    use_ns = True
+    flag_nullpath_ok = True
+    flag_nopath = True
+
+    def __init__(self, fs: FileSystem, on_ready: Callable[[], None] | None) -> None:
+        self._fs = fs
+        self._on_ready = on_ready
+
+    def init(self, path):
+        if self._on_ready is not None:
+            self._on_ready()
+
+    @_translate
+    def getattr(self, path, fh=None):
+        return self._fs.getattr(path, fh)
+
+    @_translate
+    def opendir(self, path):
+        return self._fs.opendir(path)
+
+    @_translate
+    def readdir(self, path, fh):
+        # an entry with inode number 0 is skipped by readdir(3): give each its ino
+        return [(".", None, 0), ("..", None, 0)] + [
+            (name, {"st_ino": ino}, 0) for name, ino in self._fs.readdir(path, fh)]
+
+    @_translate
+    def releasedir(self, path, fh):
+        self._fs.releasedir(fh)
+
+    @_translate
+    def mkdir(self, path, mode):
+        uid, gid, _ = mfusepy.fuse_get_context()
+        self._fs.mkdir(path, mode, uid, gid)
+
+    @_translate
+    def rmdir(self, path):
+        self._fs.rmdir(path)
+
+    @_translate
+    def create(self, path, mode, flags):
+        uid, gid, _ = mfusepy.fuse_get_context()
+        return self._fs.create(path, mode, flags, uid, gid)
+
+    @_translate
+    def open(self, path, flags):
+        return self._fs.open(path, flags)
+
+    @_translate
+    def read(self, path, size, offset, fh):
+        return self._fs.read(fh, size, offset)
+
+    @_translate
+    def write(self, path, data, offset, fh):
+        return self._fs.write(fh, data, offset)
+
+    @_translate
+    def truncate(self, path, length, fh=None):
+        self._fs.truncate(path, length, fh)
+
+    @_translate
+    def flush(self, path, fh):
+        self._fs.flush(fh)
+
+    @_translate
+    def fsync(self, path, datasync, fh):
+        self._fs.fsync(fh, bool(datasync))
+
+    @_translate
+    def fsyncdir(self, path, datasync, fh):
+        self._fs.sync_all()
+
+    @_translate
+    def release(self, path, fh):
+        self._fs.release(fh)
+
+    @_translate
+    def unlink(self, path):
+        self._fs.unlink(path)
+
+    @_translate
+    def rename(self, old, new, flags=0):
+        self._fs.rename(old, new, flags)
+
+    @_translate
+    def link(self, target, source):
+        # mfusepy: ``target`` is the new name, ``source`` the existing file
+        self._fs.link(source, target)
+
+    @_translate
+    def symlink(self, target, source):
+        # mfusepy: ``target`` is the link's path, ``source`` what it points to
+        uid, gid, _ = mfusepy.fuse_get_context()
+        self._fs.symlink(target, source, uid, gid)
+
+    @_translate
+    def readlink(self, path):
+        return self._fs.readlink(path)
+
+    @_translate
+    def chmod(self, path, mode):
+        self._fs.chmod(path, mode)
+
+    @_translate
+    def chown(self, path, uid, gid):
+        self._fs.chown(path, uid, gid)
+
+    @_translate
+    def utimens(self, path, times=None):
+        atime, mtime = times if times else (None, None)
+        self._fs.utimens(path, atime, mtime)
+
+    @_translate
+    def statfs(self, path):
+        return self._fs.statfs()
+
+    @_translate
+    def setxattr(self, path, name, value, options, position=0):
+        self._fs.setxattr(path, name, value, options)
+
+    @_translate
+    def getxattr(self, path, name, position=0):
+        return self._fs.getxattr(path, name)
+
+    @_translate
+    def listxattr(self, path):
+        return self._fs.listxattr(path)
+
+    @_translate
+    def removexattr(self, path, name):
+        self._fs.removexattr(path, name)
+
+
+def _fuse_class():
+    class _Fuse(mfusepy.FUSE):
+        # mfusepy drops renameat2 flags; RENAME_NOREPLACE must not overwrite
+        def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+            return self.operations.rename(old.decode(self.encoding, self.errors),
+                                          new.decode(self.encoding, self.errors), flags)
+    return _Fuse
+
+
+def serve(fs: FileSystem, mountpoint: str, options: dict,
+          on_ready: Callable[[], None] | None = None) -> None:
+    """Mount and serve until unmounted or signalled (SIGTERM/SIGINT/SIGHUP).
+
+    libfuse's own signal handlers end the loop and unmount; the caller then
+    closes ``fs``, which flushes everything.
+    """
+    require_fuse()
+    opts = {"fsname": fs.store.root, "subtype": "dcmfs", "default_permissions": True,
+            "use_ino": True, "hard_remove": True, "nopath": True, "kernel_cache": True}
+    opts.update(options)
+    try:
+        _fuse_class()(_Operations(fs, on_ready), mountpoint, foreground=True, nothreads=True,
+                      **opts)
+    except RuntimeError as exc:
+        # libfuse reports a loop ended by a signal as a non-zero result
+        log.info("FUSE loop ended: %s", exc)

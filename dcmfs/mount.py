@@ -1,0 +1,238 @@
+"""Mounting, daemonising, unmounting and finding dcmfs mounts.
+
+``mount`` checks everything it can in the calling process (store, key,
+mountpoint, libfuse), then forks a daemon that opens the index, mounts and
+serves.  The parent returns only once the mount answers, or reports the
+daemon's error with its exit code.  The daemon flushes, unmounts and exits 0
+on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import format as fmt
+from .config import Config
+from .errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
+                     NotMountedError, StoreLockedError)
+from .filesystem import FileSystem
+from .fuse_ops import require_fuse, serve
+from .store import Secret, open_store, read_lock_pid
+
+log = logging.getLogger("dcmfs.mount")
+
+
+@dataclasses.dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    store: str
+    fstype: str
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+
+
+def dcmfs_mounts() -> list[MountInfo]:
+    """Every dcmfs mount in this mount namespace (from /proc/self/mountinfo)."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) >= 2 and rfields[0] == "fuse.dcmfs":
+                out.append(MountInfo(_unescape(fields[4]), _unescape(rfields[1]), rfields[0]))
+    return out
+
+
+def find_mount(mountpoint: str) -> MountInfo | None:
+    mp = os.path.realpath(mountpoint)
+    for m in dcmfs_mounts():
+        if m.mountpoint == mp:
+            return m
+    return None
+
+
+def check_mountpoint(mountpoint: str, nonempty: bool = False) -> str:
+    mp = os.path.abspath(mountpoint)
+    try:
+        is_dir = os.path.isdir(mp)
+    except OSError:
+        is_dir = False
+    if find_mount(mp) is not None or os.path.ismount(mp):
+        raise MountpointBusyError(f"{mp} is already a mountpoint; unmount it first "
+                                  f"('dcmfs umount {mp}').")
+    if not is_dir:
+        try:
+            os.stat(mp)
+        except OSError as exc:
+            if exc.errno == 107:  # ENOTCONN: a dead FUSE mount
+                raise MountpointBusyError(f"{mp} is a stale mount whose daemon died; run "
+                                          f"'dcmfs umount {mp}' first.") from exc
+        raise MountpointMissingError(f"The mountpoint {mp} does not exist or is not a "
+                                     f"directory; create it with 'mkdir -p {mp}'.")
+    if os.listdir(mp) and not nonempty:
+        raise MountpointBusyError(f"The mountpoint {mp} is not empty and the mount would hide "
+                                  "its files; empty it or pass '-o nonempty'.")
+    return mp
+
+
+def _notify(message: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(path)
+            s.sendall(message.encode())
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)
+
+
+def run_daemon(store_root: str, secret: Secret, mountpoint: str, config: Config,
+               fuse_options: dict, on_ready=None) -> None:
+    """Open the store, serve the mount until it ends, close cleanly."""
+    store = open_store(store_root, secret)
+    fs = FileSystem(store, config)
+    if fs.recovered is not None:
+        r = fs.recovered
+        log.warning("recovered after an unclean shutdown: %d temp files, %d orphan inodes, "
+                    "%d unreferenced objects removed", r.temp_files, r.orphan_inodes,
+                    r.unreferenced_objects)
+
+    def ready() -> None:
+        log.info("mounted store %s at %s (pid %d)", store.root, mountpoint, os.getpid())
+        _notify(f"READY=1\nSTATUS=mounted at {mountpoint}\nMAINPID={os.getpid()}")
+        if on_ready is not None:
+            on_ready()
+
+    try:
+        serve(fs, mountpoint, fuse_options, ready)
+    finally:
+        _notify("STOPPING=1")
+        fs.close()
+        log.info("store %s closed cleanly", store.root)
+
+
+def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
+          fuse_options: dict, foreground: bool, log_file: str | None) -> None:
+    """Mount a store; returns once the mount is live (or, with
+    ``foreground``, once it has been unmounted again)."""
+    store_root = os.path.abspath(store_root)
+    open_store(store_root, secret)  # wrong key, missing or foreign store: fail here
+    pid = read_lock_pid(store_root)
+    if pid is not None:
+        raise StoreLockedError(f"The store {store_root} is already in use by dcmfs pid {pid}.")
+    options = dict(fuse_options)
+    mp = check_mountpoint(mountpoint, nonempty=bool(options.pop("nonempty", False)))
+    require_fuse()
+    if foreground:
+        run_daemon(store_root, secret, mp, config, options)
+        return
+    _spawn(store_root, secret, mp, config, options, log_file)
+
+
+def _spawn(store_root, secret, mp, config, options, log_file) -> None:
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(rfd)
+        code = 0
+        try:
+            os.setsid()
+            _detach(log_file or os.path.join(store_root, fmt.LOG_NAME))
+            run_daemon(store_root, secret, mp, config, options,
+                       on_ready=lambda: os.write(wfd, b"R"))
+        except DcmfsError as exc:
+            log.error("%s", exc)
+            _report(wfd, exc.exit_code, str(exc))
+            code = exc.exit_code
+        except BaseException as exc:  # noqa: BLE001 — the parent must hear of it
+            log.exception("daemon failed")
+            _report(wfd, MountFailedError.exit_code, f"the daemon failed: {exc!r}")
+            code = MountFailedError.exit_code
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(wfd)
+    data = b""
+    while True:
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        data += chunk
+        if data.startswith(b"R"):
+            break
+    os.close(rfd)
+    if data.startswith(b"R"):
+        os.stat(mp)  # blocks until the kernel's INIT exchange is done
+        return
+    os.waitpid(pid, 0)
+    if data.startswith(b"E"):
+        code, _, message = data[1:].decode(errors="replace").partition("\n")
+        err = MountFailedError(message)
+        err.exit_code = int(code)
+        raise err
+    raise MountFailedError(f"The dcmfs daemon exited before the mount came up; see "
+                           f"{log_file or os.path.join(store_root, fmt.LOG_NAME)}.")
+
+
+def _report(wfd: int, code: int, message: str) -> None:
+    try:
+        os.write(wfd, f"E{code}\n{message}".encode())
+    except OSError:
+        pass
+
+
+def _detach(log_file: str) -> None:
+    """Point stdio of the daemon at /dev/null and its log at ``log_file``."""
+    null = os.open(os.devnull, os.O_RDWR)
+    logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(logfd, 2)
+    os.close(null)
+    os.close(logfd)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+
+
+def umount(mountpoint: str, timeout: float = 300.0) -> None:
+    """Flush, unmount and wait for the daemon to exit.
+
+    Raises
+    ------
+    NotMountedError
+        ``mountpoint`` is not a dcmfs mount.
+    """
+    info = find_mount(mountpoint)
+    if info is None:
+        raise NotMountedError(f"{os.path.abspath(mountpoint)} is not a dcmfs mountpoint.")
+    pid = read_lock_pid(info.store)
+    if pid is None:
+        # the daemon is gone: only a stale kernel mount is left
+        _fusermount(info.mountpoint)
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_lock_pid(info.store) is None and find_mount(info.mountpoint) is None:
+            return
+        time.sleep(0.05)
+    raise MountFailedError(f"The daemon (pid {pid}) did not finish unmounting "
+                           f"{info.mountpoint} within {timeout:.0f} s; see its log.")
+
+
+def _fusermount(mp: str) -> None:
+    import subprocess
+    subprocess.run(["fusermount3", "-u", "-z", mp], check=False)

@@ -1,0 +1,84 @@
+"""``dcmfs status``: what is mounted, how the daemon does, how much is saved.
+
+Needs no key: the figures come from the plain ``stats`` entry of the index
+and from psutil.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from . import format as fmt
+from .index import read_stats
+from .mount import dcmfs_mounts, find_mount
+from .store import read_header, read_lock_pid
+
+
+def store_report(store_root: str, mountpoint: str | None) -> dict:
+    store_root = os.path.abspath(store_root)
+    read_header(store_root)  # a clear error for a missing or foreign store
+    pid = read_lock_pid(store_root)
+    stats = read_stats(os.path.join(store_root, fmt.INDEX_DIR)) or (0, 0, 0)
+    files, logical, stored = stats
+    report = {
+        "store": store_root,
+        "mounted": mountpoint is not None,
+        "mountpoint": mountpoint,
+        "pid": pid,
+        "files": files,
+        "logical_bytes": logical,
+        "stored_bytes": stored,
+        "ratio": round(stored / logical, 4) if logical else None,
+    }
+    if pid is not None:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                cpu = proc.cpu_times()
+                report.update(rss_bytes=proc.memory_info().rss,
+                              cpu_seconds=round(cpu.user + cpu.system, 2),
+                              cpu_percent=proc.cpu_percent(interval=0.1))
+        except psutil.Error:
+            pass
+    return report
+
+
+def collect(target: str | None) -> list[dict]:
+    if target is None:
+        return [store_report(m.store, m.mountpoint) for m in dcmfs_mounts()]
+    info = find_mount(target)
+    if info is not None:
+        return [store_report(info.store, info.mountpoint)]
+    mounted_at = next((m.mountpoint for m in dcmfs_mounts()
+                       if m.store == os.path.abspath(target)), None)
+    return [store_report(target, mounted_at)]
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def render(reports: list[dict]) -> str:
+    if not reports:
+        return "No dcmfs mounts."
+    lines = []
+    for r in reports:
+        lines.append(f"store       {r['store']}")
+        lines.append(f"mounted     {'at ' + r['mountpoint'] if r['mounted'] else 'no'}")
+        if r.get("pid"):
+            lines.append(f"daemon      pid {r['pid']}, RSS {_size(r.get('rss_bytes'))}, "
+                         f"CPU {r.get('cpu_seconds', '-')} s ({r.get('cpu_percent', '-')} %)")
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+        lines.append(f"files       {r['files']}")
+        lines.append(f"logical     {_size(r['logical_bytes'])}")
+        lines.append(f"stored      {_size(r['stored_bytes'])} (ratio {ratio})")
+        lines.append("")
+    return "\n".join(lines).rstrip()
