@@ -10,6 +10,7 @@ so that background work (and tests) may call in too.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import secrets
@@ -32,6 +33,7 @@ from .store import Store, StoreLock
 log = logging.getLogger("dcmfs.fs")
 
 NAME_MAX = 255
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
@@ -77,6 +79,7 @@ class FileSystem:
         self.read_only = config.read_only
         self._clock = clock
         self._lock = threading.RLock()
+        self.closed = False
         #: held for the whole session: two daemons never open one store
         self.store_lock = StoreLock(store.root)
         try:
@@ -142,6 +145,9 @@ class FileSystem:
     def close(self) -> None:
         """Flush everything and close the index (the store stays consistent
         even if this is never called)."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             if not self.read_only:
                 self.sync_all()
@@ -216,7 +222,8 @@ class FileSystem:
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         inode = Inode(mode, uid, gid, nlink, len(target), now, now, now,
-                      secrets.token_bytes(16), target=target)
+                      secrets.token_bytes(16), target=target,
+                      sha256=EMPTY_SHA256 if stat.S_ISREG(mode) else None)
         ino = txn.alloc_ino()
         self._put(txn, ino, inode)
         return ino, inode

@@ -187,17 +187,17 @@ class _Operations:
         return self._fs.readlink(path)
 
     @_translate
-    def chmod(self, path, mode):
-        self._fs.chmod(path, mode)
+    def chmod(self, path, mode, fh=None):
+        self._fs.chmod(path, mode, fh)
 
     @_translate
-    def chown(self, path, uid, gid):
-        self._fs.chown(path, uid, gid)
+    def chown(self, path, uid, gid, fh=None):
+        self._fs.chown(path, uid, gid, fh)
 
     @_translate
-    def utimens(self, path, times=None):
+    def utimens(self, path, times=None, fh=None):
         atime, mtime = times if times else (None, None)
-        self._fs.utimens(path, atime, mtime)
+        self._fs.utimens(path, atime, mtime, fh)
 
     @_translate
     def statfs(self, path):
@@ -222,10 +222,37 @@ class _Operations:
 
 def _fuse_class():
     class _Fuse(mfusepy.FUSE):
-        # mfusepy drops renameat2 flags; RENAME_NOREPLACE must not overwrite
-        def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-            return self.operations.rename(old.decode(self.encoding, self.errors),
-                                          new.decode(self.encoding, self.errors), flags)
+        """mfusepy's libfuse3 callbacks drop two things dcmfs needs: renameat2
+        flags (RENAME_NOREPLACE must not overwrite) and the file handle of
+        ftruncate/fchmod/fchown/futimens (with ``nopath`` the path is NULL)."""
+
+        def _path(self, path):
+            return None if path is None else path.decode(self.encoding, self.errors)
+
+        @staticmethod
+        def _fh(fip):
+            return fip.contents.fh if fip else None
+
+        def rename_fuse_3(self, old, new, flags):
+            return self.operations.rename(self._path(old), self._path(new), flags)
+
+        def truncate_fuse_3(self, path, length, fip):
+            return self.operations.truncate(self._path(path), length, self._fh(fip))
+
+        def chmod_fuse_3(self, path, mode, fip):
+            return self.operations.chmod(self._path(path), mode, self._fh(fip))
+
+        def chown_fuse_3(self, path, uid, gid, fip):
+            uid = -1 if mfusepy.c_uid_t(uid + 1).value == 0 else uid
+            gid = -1 if mfusepy.c_gid_t(gid + 1).value == 0 else gid
+            return self.operations.chown(self._path(path), uid, gid, self._fh(fip))
+
+        def utimens_fuse_3(self, path, buf, fip):
+            times = None
+            if buf:
+                times = (mfusepy.time_of_timespec(buf.contents.actime, use_ns=True),
+                         mfusepy.time_of_timespec(buf.contents.modtime, use_ns=True))
+            return self.operations.utimens(self._path(path), times, self._fh(fip))
     return _Fuse
 
 

@@ -1,0 +1,175 @@
+"""Fixtures: stores driven through the core, and real FUSE mounts.
+
+Every mount is unmounted at teardown, also when the test failed, and the
+daemon's log must hold no traceback unless the test says it expects errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dcmfs.config import Config, KdfParams
+from dcmfs.filesystem import FileSystem
+from dcmfs.store import Secret, init_store, open_store
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+
+#: cheap Argon2id for tests, passed through Config (never a global switch)
+CHEAP_KDF = KdfParams(memory_kib=1024, iterations=1, lanes=1)
+#: small chunks so that core tests cross chunk boundaries with little data
+SMALL = Config(chunk_size=64 * 1024, kdf=CHEAP_KDF, dirty_limit=256 * 1024,
+               read_cache_bytes=1 << 20)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def crash(fs: FileSystem) -> None:
+    """Drop a FileSystem the way a killed daemon would: nothing flushed,
+    nothing marked clean (only OS resources are released)."""
+    fs.closed = True
+    fs.data.shutdown()
+    fs.index.close()
+    fs.store_lock.release()
+
+
+def flip_byte(path, offset: int) -> None:
+    """Damage by XOR 0xFF (a fixed overwrite is a no-op one time in 256)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.fixture
+def secret() -> Secret:
+    return Secret("keyfile", os.urandom(32))
+
+
+@pytest.fixture
+def make_fs(tmp_path, secret):
+    """make_fs(config=SMALL) -> FileSystem on one store per test."""
+    opened: list[FileSystem] = []
+    root = tmp_path / "store"
+
+    def make(config: Config = SMALL) -> FileSystem:
+        if not (root / "dcmfs.store").exists():
+            init_store(str(root), secret, config)
+        fs = FileSystem(open_store(str(root), secret), config)
+        opened.append(fs)
+        return fs
+
+    make.root = root
+    yield make
+    for fs in opened:
+        fs.close()
+
+
+def dicom_files() -> list[pathlib.Path]:
+    """Real DICOM: the pydicom-data corpus and pydicom's own test files."""
+    import data_store
+    import pydicom.data
+    files = []
+    # pydicom's get_testdata_files() would try to download more: read the folders
+    for base in (pathlib.Path(data_store.__file__).parent / "data",
+                 pathlib.Path(pydicom.data.__file__).parent / "test_files"):
+        files += sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() == ".dcm")
+    return files
+
+
+def ct_file() -> pathlib.Path:
+    import data_store
+    return pathlib.Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
+
+
+class Mount:
+    """A store with a key file and a mountpoint, driven through the CLI."""
+
+    def __init__(self, base: pathlib.Path) -> None:
+        self.base = base
+        self.store = base / "store"
+        self.key = base / "key"
+        self.mnt = base / "mnt"
+        self.mnt.mkdir(exist_ok=True)
+        self.expect_log_errors = False
+
+    def cli(self, *args, check=False, timeout=120, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dcmfs.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=timeout, check=check,
+                              **kw)
+
+    def init(self, *extra) -> None:
+        self.cli("init", self.store, "--key-file", self.key, *extra, check=True)
+
+    def mount(self, *extra, check=True) -> subprocess.CompletedProcess:
+        r = self.cli("mount", self.store, self.mnt, "--key-file", self.key, *extra)
+        if check:
+            assert r.returncode == 0, r.stderr
+        return r
+
+    def is_mounted(self) -> bool:
+        from dcmfs.mount import find_mount
+        return find_mount(str(self.mnt)) is not None
+
+    def daemon_pid(self) -> int | None:
+        from dcmfs.store import read_lock_pid
+        return read_lock_pid(str(self.store))
+
+    def umount(self) -> None:
+        r = self.cli("umount", self.mnt, timeout=300)
+        assert r.returncode == 0, r.stderr
+
+    def log(self) -> str:
+        try:
+            return (self.store / "dcmfs.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        if self.is_mounted():
+            pid = self.daemon_pid()
+            self.cli("umount", self.mnt, "--timeout", "60", timeout=90)
+            if self.is_mounted():
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+            if pid and self.daemon_pid():
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while self.daemon_pid() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def mount_env(tmp_path):
+    """An initialised store and an empty mountpoint, not mounted yet."""
+    m = Mount(tmp_path)
+    m.init()
+    try:
+        yield m
+    finally:
+        m.cleanup()
+        if not m.expect_log_errors:
+            assert "Traceback" not in m.log() and " ERROR" not in m.log(), m.log()
+
+
+@pytest.fixture
+def mounted(mount_env):
+    mount_env.mount()
+    return mount_env

@@ -1,0 +1,326 @@
+"""The filesystem core driven directly, without a kernel."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+
+import pytest
+
+from dcmfs import errors as E
+from dcmfs.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
+
+from .conftest import SMALL, crash, sha256
+
+CS = SMALL.chunk_size
+
+
+def write_file(fs, path, data, step=None, mode=0o644):
+    fh = fs.create(path, mode, os.O_WRONLY, 0, 0)
+    step = step or len(data) or 1
+    for off in range(0, len(data), step):
+        fs.write(fh, data[off:off + step], off)
+    fs.flush(fh)
+    fs.release(fh)
+
+
+def read_file(fs, path):
+    fh = fs.open(path, os.O_RDONLY)
+    try:
+        return fs.read(fh, fs.getattr(path)["st_size"] + 10, 0)
+    finally:
+        fs.release(fh)
+
+
+def index_sha(fs, path):
+    with fs.index.begin() as txn:
+        return txn.get_inode(fs._resolve(txn, path)).sha256.hex()
+
+
+@pytest.mark.parametrize("size", [0, 1, CS - 1, CS, CS + 1, 3 * CS, 5 * CS + 17])
+def test_roundtrip_sizes_and_whole_file_hash(make_fs, size):
+    fs = make_fs()
+    data = os.urandom(size)
+    write_file(fs, "/f", data, step=4096 + 7)
+    assert read_file(fs, "/f") == data
+    assert index_sha(fs, "/f") == sha256(data)
+    fs.close()
+    fs = make_fs()
+    assert read_file(fs, "/f") == data
+    assert fs.getattr("/f")["st_size"] == size
+
+
+def test_random_writes_truncates_and_holes_match_a_model(make_fs):
+    fs = make_fs()
+    rng = random.Random(1234)
+    model = bytearray()
+    fh = fs.create("/r", 0o644, os.O_RDWR, 0, 0)
+    for step in range(400):
+        op = rng.random()
+        if op < 0.75:
+            off = rng.randrange(0, 6 * CS)
+            data = rng.randbytes(rng.randrange(1, 3 * CS // 2))
+            fs.write(fh, data, off)
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off:off + len(data)] = data
+        elif op < 0.9:
+            length = rng.randrange(0, 7 * CS)
+            fs.truncate(None, length, fh)
+            if length < len(model):
+                del model[length:]
+            else:
+                model.extend(bytes(length - len(model)))
+        else:
+            fs.flush(fh)
+        if step % 50 == 0:
+            assert fs.read(fh, len(model) + 100, 0) == bytes(model)
+    fs.flush(fh)
+    fs.release(fh)
+    assert read_file(fs, "/r") == bytes(model)
+    assert index_sha(fs, "/r") == sha256(bytes(model))
+    fs.close()
+    fs = make_fs()
+    assert read_file(fs, "/r") == bytes(model)
+
+
+def test_holes_read_as_zeros_and_cost_no_objects(make_fs):
+    fs = make_fs()
+    fh = fs.create("/sparse", 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, b"end", 10 * CS)
+    fs.flush(fh)
+    fs.release(fh)
+    data = read_file(fs, "/sparse")
+    assert data == bytes(10 * CS) + b"end"
+    with fs.index.begin() as txn:
+        assert len(txn.chunks(fs._resolve(txn, "/sparse"))) == 1
+
+
+def test_truncate_by_path_up_and_down(make_fs):
+    fs = make_fs()
+    data = os.urandom(3 * CS + 5)
+    write_file(fs, "/t", data)
+    fs.truncate("/t", CS + 3)
+    assert read_file(fs, "/t") == data[:CS + 3]
+    fs.truncate("/t", 2 * CS)
+    assert read_file(fs, "/t") == data[:CS + 3] + bytes(CS - 3)
+    assert index_sha(fs, "/t") == sha256(data[:CS + 3] + bytes(CS - 3))
+    fs.truncate("/t", 0)
+    assert read_file(fs, "/t") == b""
+
+
+def test_open_o_trunc_and_append(make_fs):
+    fs = make_fs()
+    write_file(fs, "/a", b"hello")
+    fh = fs.open("/a", os.O_WRONLY | os.O_APPEND)
+    fs.write(fh, b" world", 0)  # O_APPEND: the offset is ignored
+    fs.release(fh)
+    assert read_file(fs, "/a") == b"hello world"
+    fh = fs.open("/a", os.O_WRONLY | os.O_TRUNC)
+    fs.write(fh, b"new", 0)
+    fs.release(fh)
+    assert read_file(fs, "/a") == b"new"
+
+
+def test_two_handles_see_one_content(make_fs):
+    fs = make_fs()
+    write_file(fs, "/s", b"0123456789")
+    h1 = fs.open("/s", os.O_RDWR)
+    h2 = fs.open("/s", os.O_RDONLY)
+    fs.write(h1, b"AB", 3)
+    assert fs.read(h2, 100, 0) == b"012AB56789"
+    fs.release(h1)
+    fs.release(h2)
+
+
+def test_directories_and_names(make_fs):
+    fs = make_fs()
+    fs.mkdir("/d", 0o750, 1000, 1000)
+    fs.mkdir("/d/e", 0o755, 0, 0)
+    write_file(fs, "/d/f", b"x")
+    assert sorted(n for n, _ in fs.readdir("/d")) == ["e", "f"]
+    assert fs.getattr("/d")["st_nlink"] == 3
+    assert stat.S_IMODE(fs.getattr("/d")["st_mode"]) == 0o750
+    with pytest.raises(E.Exists):
+        fs.mkdir("/d/e", 0o755, 0, 0)
+    with pytest.raises(E.DirectoryNotEmpty):
+        fs.rmdir("/d")
+    with pytest.raises(E.NotADirectory):
+        fs.rmdir("/d/f")
+    with pytest.raises(E.IsADirectory):
+        fs.unlink("/d/e")
+    with pytest.raises(E.NotFound):
+        fs.getattr("/nope")
+    with pytest.raises(E.NotADirectory):
+        fs.getattr("/d/f/x")
+    with pytest.raises(E.NameTooLong):
+        fs.mkdir("/" + "n" * 256, 0o755, 0, 0)
+    fs.rmdir("/d/e")
+    assert fs.getattr("/d")["st_nlink"] == 2
+
+
+def test_rename_semantics(make_fs):
+    fs = make_fs()
+    write_file(fs, "/a", b"A")
+    write_file(fs, "/b", b"B")
+    fs.mkdir("/d", 0o755, 0, 0)
+    fs.mkdir("/e", 0o755, 0, 0)
+    with pytest.raises(E.Exists):
+        fs.rename("/a", "/b", RENAME_NOREPLACE)
+    fs.rename("/a", "/b", RENAME_EXCHANGE)
+    assert read_file(fs, "/a") == b"B" and read_file(fs, "/b") == b"A"
+    fs.rename("/a", "/b")  # over an existing file
+    assert read_file(fs, "/b") == b"B"
+    with pytest.raises(E.NotFound):
+        fs.getattr("/a")
+    with pytest.raises(E.IsADirectory):
+        fs.rename("/b", "/d")
+    with pytest.raises(E.NotADirectory):
+        fs.rename("/d", "/b")
+    with pytest.raises(E.InvalidArgument):
+        fs.rename("/d", "/d/sub")
+    fs.rename("/b", "/d/b")  # across directories
+    fs.rename("/d", "/e")  # over an empty directory
+    assert read_file(fs, "/e/b") == b"B"
+    assert fs.getattr("/")["st_nlink"] == 3
+    files, logical, _ = fs.stats()
+    assert (files, logical) == (1, 1)
+
+
+def test_hard_links_symlinks_and_times(make_fs):
+    fs = make_fs()
+    write_file(fs, "/f", b"data")
+    fs.link("/f", "/g")
+    assert fs.getattr("/f")["st_nlink"] == 2
+    assert fs.getattr("/g")["st_ino"] == fs.getattr("/f")["st_ino"]
+    fs.unlink("/f")
+    assert read_file(fs, "/g") == b"data" and fs.getattr("/g")["st_nlink"] == 1
+    fs.symlink("/l", "target/with/√unicode", 0, 0)
+    assert fs.readlink("/l") == "target/with/√unicode"
+    assert stat.S_ISLNK(fs.getattr("/l")["st_mode"])
+    fs.utimens("/g", 1_000_000_000_123, 2_000_000_000_456)
+    st = fs.getattr("/g")
+    assert (st["st_atime"], st["st_mtime"]) == (1_000_000_000_123, 2_000_000_000_456)
+    fs.chmod("/g", 0o600)
+    fs.chown("/g", 1234, -1)
+    st = fs.getattr("/g")
+    assert stat.S_IMODE(st["st_mode"]) == 0o600 and st["st_uid"] == 1234
+
+
+def test_xattrs(make_fs):
+    fs = make_fs()
+    write_file(fs, "/x", b"")
+    fs.setxattr("/x", "user.a", b"1")
+    with pytest.raises(E.Exists):
+        fs.setxattr("/x", "user.a", b"2", XATTR_CREATE)
+    with pytest.raises(E.NoAttribute):
+        fs.setxattr("/x", "user.b", b"2", XATTR_REPLACE)
+    fs.setxattr("/x", "user.b", b"\x00bin", 0)
+    assert fs.getxattr("/x", "user.b") == b"\x00bin"
+    assert sorted(fs.listxattr("/x")) == ["user.a", "user.b"]
+    fs.removexattr("/x", "user.a")
+    with pytest.raises(E.NoAttribute):
+        fs.getxattr("/x", "user.a")
+    with pytest.raises(E.NotSupported):
+        fs.setxattr("/x", "system.posix_acl_access", b"")
+
+
+def test_unlink_while_open_then_release_frees_everything(make_fs):
+    fs = make_fs()
+    write_file(fs, "/u", os.urandom(3 * CS))
+    fh = fs.open("/u", os.O_RDWR)
+    fs.unlink("/u")
+    fs.write(fh, b"still writable", 0)
+    assert fs.read(fh, 14, 0) == b"still writable"
+    fs.release(fh)
+    fs.sync_all()
+    assert list(fs.objects.iter_oids()) == []
+    assert fs.stats() == (0, 0, 0)
+
+
+def test_crash_leaves_old_or_new_and_recovery_cleans_up(make_fs):
+    fs = make_fs()
+    old = os.urandom(4 * CS)
+    write_file(fs, "/f", old)
+    fh = fs.open("/f", os.O_RDWR)
+    fs.write(fh, os.urandom(3 * CS), 0)  # sealed objects exist, not committed
+    fh2 = fs.create("/orphan", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh2, b"x" * CS, 0)
+    fs.flush(fh2)
+    fs.unlink("/orphan")
+    crash(fs)
+    fs = make_fs()
+    assert fs.recovered is not None
+    assert fs.recovered.orphan_inodes == 1
+    assert fs.recovered.unreferenced_objects >= 1
+    assert read_file(fs, "/f") == old
+    with fs.index.begin() as txn:
+        referenced = {r.oid for _, _, r in txn.iter_all_chunks()}
+    assert set(fs.objects.iter_oids()) == referenced
+
+
+def test_disk_full_reports_enospc_keeps_data_and_retries(make_fs, monkeypatch):
+    from dcmfs import objectstore
+    fs = make_fs()
+    real = objectstore.write_file
+    full = {"on": True}
+
+    def fake(path, data, **kw):
+        if full["on"]:
+            raise E.NoSpaceError("The disk under the store is full.")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(objectstore, "write_file", fake)
+    data = os.urandom(2 * CS + 100)
+    fh = fs.create("/big", 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, data[:CS], 0)
+    with pytest.raises(E.NoSpaceError):
+        fs.flush(fh)
+    full["on"] = False
+    fs.write(fh, data[CS:], CS)
+    fs.flush(fh)
+    fs.release(fh)
+    assert read_file(fs, "/big") == data
+    assert index_sha(fs, "/big") == sha256(data)
+
+
+def test_read_only_refuses_writes(make_fs):
+    import dataclasses
+    fs = make_fs()
+    write_file(fs, "/f", b"abc")
+    fs.close()
+    fs = make_fs(dataclasses.replace(SMALL, read_only=True))
+    assert read_file(fs, "/f") == b"abc"
+    with pytest.raises(E.ReadOnlyError):
+        fs.mkdir("/d", 0o755, 0, 0)
+    with pytest.raises(E.ReadOnlyError):
+        fs.open("/f", os.O_WRONLY)
+
+
+def test_store_is_locked_while_open(make_fs):
+    make_fs()
+    with pytest.raises(E.StoreLockedError):
+        make_fs()
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lzma", "none"])
+def test_codecs(tmp_path, secret, codec):
+    import dataclasses
+    from dcmfs.filesystem import FileSystem
+    from dcmfs.store import init_store, open_store
+    cfg = dataclasses.replace(SMALL, codec=codec)
+    init_store(str(tmp_path / "s"), secret, cfg)
+    fs = FileSystem(open_store(str(tmp_path / "s"), secret), cfg)
+    try:
+        data = (b"DICOM-ish " * 50000) + os.urandom(1000)
+        write_file(fs, "/c", data)
+        assert read_file(fs, "/c") == data
+        files, logical, stored = fs.stats()
+        assert logical == len(data)
+        if codec == "none":
+            assert stored > logical
+        else:
+            assert stored < logical / 10
+    finally:
+        fs.close()
