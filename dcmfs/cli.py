@@ -103,7 +103,7 @@ def _secret(args, creating: bool, store_kind: str | None = None):
 _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "defaults",
                "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
 #: dcmfs options given with -o
-_DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file"}
+_DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -123,8 +123,11 @@ def parse_o(values: list[str]) -> tuple[dict, dict]:
     return ours, fuse
 
 
-def _config(fuse_opts: dict) -> Config:
-    return Config(read_only=bool(fuse_opts.get("ro")))
+def _config(ours: dict, fuse_opts: dict) -> Config:
+    kw = {"read_only": bool(fuse_opts.get("ro"))}
+    if ours.get("zstd_level"):
+        kw["zstd_level"] = int(ours["zstd_level"])
+    return Config(**kw)
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -148,7 +151,7 @@ def cmd_mount(args) -> int:
     header = read_header(store_root)
     secret = _secret(args, creating=False, store_kind=header["key"]["kind"])
     mp = os.path.abspath(args.mountpoint)
-    mount(store_root, secret, mp, _config(fuse), fuse, foreground=args.foreground,
+    mount(store_root, secret, mp, _config(ours, fuse), fuse, foreground=args.foreground,
           log_file=ours.get("log_file"))
     if not args.foreground:
         print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")

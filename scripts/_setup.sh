@@ -10,7 +10,7 @@ _sudo() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 _missing=()
 command -v fusermount3 >/dev/null 2>&1 || _missing+=(fuse3)
 ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so' || _missing+=(libfuse3-3)
-for tool in "$@"; do
+for tool in ${DCMFS_TOOLS:-}; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || _missing+=("${tool#*:}")
 done
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || _missing+=(python3-venv)
