@@ -205,6 +205,21 @@ class FileSystem:
             raise NotADirectory(parent_path)
         return parent, name
 
+    def _free_name(self, txn, path: str) -> tuple[int, bytes, Inode]:
+        """(parent ino, name, parent inode) for a name that must not exist yet."""
+        parent, name = self._parent(txn, path)
+        if txn.lookup(parent, name) is not None:
+            raise Exists(path)
+        return parent, name, self._inode(txn, parent)
+
+    def _entry(self, txn, path: str) -> tuple[int, bytes, int, Inode]:
+        """(parent ino, name, ino, inode) of an existing name."""
+        parent, name = self._parent(txn, path)
+        ino = txn.lookup(parent, name)
+        if ino is None:
+            raise NotFound(path)
+        return parent, name, ino, self._inode(txn, ino)
+
     def _stat(self, ino: int, inode: Inode) -> dict:
         of = self._open.get(ino)
         size = of.size if of is not None else inode.size
@@ -347,10 +362,7 @@ class FileSystem:
     @_mutating
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
         with self.index.begin(write=True) as txn:
-            parent, name = self._parent(txn, path)
-            if txn.lookup(parent, name) is not None:
-                raise Exists(path)
-            pinode = self._inode(txn, parent)
+            parent, name, pinode = self._free_name(txn, path)
             ino, _ = self._new_inode(txn, stat.S_IFDIR | (mode & 0o7777), uid, gid, pinode,
                                      nlink=2)
             txn.add_dirent(parent, name, ino)
@@ -360,11 +372,7 @@ class FileSystem:
     @_mutating
     def rmdir(self, path: str) -> None:
         with self.index.begin(write=True) as txn:
-            parent, name = self._parent(txn, path)
-            ino = txn.lookup(parent, name)
-            if ino is None:
-                raise NotFound(path)
-            inode = self._inode(txn, ino)
+            parent, name, ino, inode = self._entry(txn, path)
             if not stat.S_ISDIR(inode.mode):
                 raise NotADirectory(path)
             if not txn.dir_is_empty(ino):
@@ -378,11 +386,7 @@ class FileSystem:
     @_mutating
     def unlink(self, path: str) -> None:
         with self.index.begin(write=True) as txn:
-            parent, name = self._parent(txn, path)
-            ino = txn.lookup(parent, name)
-            if ino is None:
-                raise NotFound(path)
-            inode = self._inode(txn, ino)
+            parent, name, ino, inode = self._entry(txn, path)
             if stat.S_ISDIR(inode.mode):
                 raise IsADirectory(path)
             txn.remove_dirent(parent, name)
@@ -454,23 +458,18 @@ class FileSystem:
             inode = self._inode(txn, ino)
             if stat.S_ISDIR(inode.mode):
                 raise IsADirectory(existing)
-            parent, name = self._parent(txn, new)
-            if txn.lookup(parent, name) is not None:
-                raise Exists(new)
+            parent, name, pinode = self._free_name(txn, new)
             txn.add_dirent(parent, name, ino)
             inode.nlink += 1
             inode.ctime_ns = self._clock()
             self._put(txn, ino, inode)
-            self._touch_dir(txn, parent, self._inode(txn, parent))
+            self._touch_dir(txn, parent, pinode)
         self.data.after_commit([])
 
     @_mutating
     def symlink(self, path: str, target: str, uid: int, gid: int) -> None:
         with self.index.begin(write=True) as txn:
-            parent, name = self._parent(txn, path)
-            if txn.lookup(parent, name) is not None:
-                raise Exists(path)
-            pinode = self._inode(txn, parent)
+            parent, name, pinode = self._free_name(txn, path)
             ino, _ = self._new_inode(txn, stat.S_IFLNK | 0o777, uid, gid, pinode,
                                      target=os.fsencode(target))
             txn.add_dirent(parent, name, ino)
@@ -501,10 +500,7 @@ class FileSystem:
     @_mutating
     def create(self, path: str, mode: int, flags: int, uid: int, gid: int) -> int:
         with self.index.begin(write=True) as txn:
-            parent, name = self._parent(txn, path)
-            if txn.lookup(parent, name) is not None:
-                raise Exists(path)
-            pinode = self._inode(txn, parent)
+            parent, name, pinode = self._free_name(txn, path)
             ino, inode = self._new_inode(txn, stat.S_IFREG | (mode & 0o7777), uid, gid, pinode)
             txn.add_dirent(parent, name, ino)
             self._touch_dir(txn, parent, pinode)
