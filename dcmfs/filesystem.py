@@ -158,6 +158,7 @@ class FileSystem:
                     with self.index.begin(write=True) as txn:
                         txn.meta_put("state", b"clean")
                     self.index.sync()
+                    self.index.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
                     self.data.index_synced()
         finally:
             self.data.shutdown()

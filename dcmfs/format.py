@@ -22,6 +22,7 @@ INDEX_DIR = "index"
 OBJECTS_DIR = "objects"
 LOCK_NAME = "lock"
 LOG_NAME = "dcmfs.log"
+SNAPSHOTS_DIR = "snapshots"
 
 #: features this version understands; a store may use any subset
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma"})

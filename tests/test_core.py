@@ -324,3 +324,25 @@ def test_codecs(tmp_path, secret, codec):
             assert stored < logical / 10
     finally:
         fs.close()
+
+
+def test_clean_close_leaves_a_sealed_index_snapshot(make_fs):
+    from dcmfs.index import Index
+    fs = make_fs()
+    write_file(fs, "/kept", b"k" * 1000)
+    fs.close()
+    snaps = sorted((make_fs.root / "snapshots").iterdir())
+    assert len(snaps) == 1 and (snaps[0] / "data.mdb").exists()
+    ix = Index(str(snaps[0]), fs.store.master_key, fs.store.store_id, 1 << 30, read_only=True)
+    try:
+        with ix.begin() as txn:
+            ino = txn.lookup(1, b"kept")
+            assert txn.get_inode(ino).size == 1000
+    finally:
+        ix.close()
+    fs = make_fs()
+    write_file(fs, "/more", b"m")
+    fs.close()
+    fs = make_fs()
+    fs.close()
+    assert len(list((make_fs.root / "snapshots").iterdir())) == 2
