@@ -292,7 +292,8 @@ class FileSystem:
             of = self._handles[fh].of
             return self._stat(of.ino, of.inode)
         with self.index.begin() as txn:
-            ino = self._resolve(txn, path)
+            # fstat(2) of a directory comes with its handle and (nopath) no path
+            ino = self._dirs[fh] if path is None and fh in self._dirs else self._resolve(txn, path)
             return self._stat(ino, self._inode(txn, ino))
 
     @_mutating

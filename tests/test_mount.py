@@ -211,6 +211,19 @@ def test_posix_details(mounted):
     assert sorted(os.listdir(m)) == ["h", "s", "z"]
     st = os.statvfs(m)
     assert st.f_bavail > 0 and st.f_namemax == 255
+    dfd = os.open(m / "z", os.O_RDONLY | os.O_DIRECTORY)  # fstat/fchmod by handle
+    try:
+        assert os.fstat(dfd).st_ino == os.stat(m / "z").st_ino
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    with open(m / "h", "r+b") as f:
+        os.fchmod(f.fileno(), 0o604)
+        os.ftruncate(f.fileno(), 10)
+        assert os.fstat(f.fileno()).st_size == 10
+        os.utime(f.fileno(), ns=(5, 6_000_000_007))
+    st = os.stat(m / "h")
+    assert (st.st_mode & 0o777, st.st_mtime_ns, st.st_size) == (0o604, 6_000_000_007, 10)
 
 
 def test_parallel_writers(mounted):
