@@ -80,6 +80,8 @@ def _translate(method: Callable) -> Callable:
             code = errno_of(exc)
             if code == errno.EIO:
                 log.error("%s: %s", method.__name__, exc)
+            elif code == errno.ENOSPC:
+                log.warning("%s: %s", method.__name__, exc)
             raise mfusepy.FuseOSError(code) from exc
     return wrapper
 

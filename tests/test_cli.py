@@ -72,3 +72,19 @@ def test_status_and_mount_helper_options(mounted):
     from dcmfs.cli import parse_o
     ours, fuse = parse_o(["_netdev,nofail,key_file=/k,allow_other,x-systemd.requires=/srv,ro"])
     assert ours == {"key_file": "/k"} and fuse == {"allow_other": True, "ro": True}
+
+
+def test_read_only_mount(mount_env):
+    import errno
+    import pytest
+    m = mount_env
+    m.mount()
+    (m.mnt / "f").write_bytes(b"before")
+    m.umount()
+    m.mount("-o", "ro")
+    assert (m.mnt / "f").read_bytes() == b"before"
+    for action in (lambda: (m.mnt / "g").write_bytes(b"x"), lambda: (m.mnt / "f").unlink(),
+                   lambda: open(m.mnt / "f", "ab")):
+        with pytest.raises(OSError) as e:
+            action()
+        assert e.value.errno == errno.EROFS
