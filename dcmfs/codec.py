@@ -28,7 +28,7 @@ class CodecError(IntegrityError):
 class Codecs:
     """Compressors with their settings; one per store opening, thread-safe."""
 
-    def __init__(self, zstd_level: int = 3, lzma_preset: int = 6) -> None:
+    def __init__(self, zstd_level: int = 1, lzma_preset: int = 6) -> None:
         self._zstd_level = zstd_level
         self._lzma_preset = lzma_preset
         # zstandard's (de)compressor objects are not thread-safe; the

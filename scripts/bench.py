@@ -282,19 +282,25 @@ def run(args) -> dict:
         contenders += [Dcmfs(base, c) for c in args.codecs]
         if shutil.which("gocryptfs"):
             contenders.append(Gocryptfs(base))
+        if args.only:
+            contenders = [c for c in contenders if c.name in args.only]
         results: dict[str, dict[str, list]] = {c.name: {} for c in contenders}
-        results["published"] = {}
+        run_published = not args.only or "published" in args.only
+        if run_published:
+            results["published"] = {}
 
         def add(name, key, value):
             results[name].setdefault(key, []).append(value)
 
         for rep in range(args.reps):
             print(f"repetition {rep + 1}/{args.reps}", file=sys.stderr)
-            pub = published_method(files)
-            add("published", "ingest_s", sum(pub["lat"]))
-            add("published", "file_ms_median", statistics.median(pub["lat"]) * 1000)
-            add("published", "file_ms_p99", sorted(pub["lat"])[int(0.99 * len(pub["lat"]))] * 1000)
-            add("published", "ratio", pub["stored"] / pub["logical"])
+            if run_published:
+                pub = published_method(files)
+                add("published", "ingest_s", sum(pub["lat"]))
+                add("published", "file_ms_median", statistics.median(pub["lat"]) * 1000)
+                add("published", "file_ms_p99",
+                    sorted(pub["lat"])[int(0.99 * len(pub["lat"]))] * 1000)
+                add("published", "ratio", pub["stored"] / pub["logical"])
             for c in contenders:
                 c.setup()
                 try:
@@ -404,6 +410,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--big-mib", type=int, default=1024)
     p.add_argument("--codecs", nargs="*", default=[], help="extra dcmfs codecs, e.g. lzma zstd:1")
+    p.add_argument("--only", nargs="*", help="run only these contenders (plain, dcmfs, "
+                   "dcmfs-zstd:1, gocryptfs, published, …)")
     p.add_argument("--workdir", default=None, help="where stores and mounts go (default /tmp)")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()
