@@ -24,7 +24,6 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from . import codec as codecs
 from .durable import fsync_dir
 from .errors import IntegrityError, StoreIOError
 from .format import CHUNK_FLAG_LAST, OBJ_HEADER_LEN, TAG_LEN

@@ -9,7 +9,6 @@ so that background work (and tests) may call in too.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -21,10 +20,10 @@ from typing import Callable
 
 from . import codec as codecs, format as fmt
 from .config import Config
-from .errors import (BadHandle, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
-                     NameTooLong, NoAttribute, NotADirectory, NotFound, NotSupported,
-                     ReadOnlyError, TooBig)
+from .errors import (DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
+                     NameTooLong, NotADirectory, NotFound)
 from .filedata import FileData, OpenFile, stored_bytes
+from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .index import Index, Inode
 from .objectstore import ObjectStore
 from .recovery import RecoveryReport, recover
@@ -32,29 +31,9 @@ from .store import Store, StoreLock
 
 log = logging.getLogger("dcmfs.fs")
 
-NAME_MAX = 255
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
-XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
-
-
-def _locked(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return wrapper
-
-
-def _mutating(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if self.read_only:
-            raise ReadOnlyError("The store is mounted read-only.")
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return wrapper
 
 
 def _split(path: str) -> tuple[str, bytes]:
@@ -62,15 +41,7 @@ def _split(path: str) -> tuple[str, bytes]:
     return parent or "/", os.fsencode(name)
 
 
-class Handle:
-    __slots__ = ("of", "flags")
-
-    def __init__(self, of: OpenFile, flags: int) -> None:
-        self.of = of
-        self.flags = flags
-
-
-class FileSystem:
+class FileSystem(FileOps):
     """One opened store, ready to serve filesystem operations."""
 
     def __init__(self, store: Store, config: Config, clock: Callable[[], int] = time.time_ns):
@@ -279,12 +250,6 @@ class FileSystem:
             garbage = self._delete_inode(txn, ino, inode) if inode is not None else []
         self.data.after_commit(garbage)
 
-    def _handle(self, fh: int) -> Handle:
-        h = self._handles.get(fh)
-        if h is None:
-            raise BadHandle(f"file handle {fh} is not open")
-        return h
-
     # --- attributes ---------------------------------------------------------------
     @_locked
     def getattr(self, path: str | None, fh: int | None = None) -> dict:
@@ -485,170 +450,6 @@ class FileSystem:
         if not stat.S_ISLNK(inode.mode):
             raise InvalidArgument(path)
         return os.fsdecode(inode.target)
-
-    # --- files ------------------------------------------------------------------------
-    def _open_file(self, ino: int, inode: Inode, flags: int) -> int:
-        of = self._open.get(ino)
-        if of is None:
-            of = self.data.open_file(ino, inode)
-            self._open[ino] = of
-            self._inodes.pop(ino, None)  # the open file owns the live inode now
-        of.handles += 1
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = Handle(of, flags)
-        return fh
-
-    @_mutating
-    def create(self, path: str, mode: int, flags: int, uid: int, gid: int) -> int:
-        with self.index.begin(write=True) as txn:
-            parent, name, pinode = self._free_name(txn, path)
-            ino, inode = self._new_inode(txn, stat.S_IFREG | (mode & 0o7777), uid, gid, pinode)
-            txn.add_dirent(parent, name, ino)
-            self._touch_dir(txn, parent, pinode)
-            txn.add_stats(files=1)
-        self.data.after_commit([])
-        return self._open_file(ino, inode, flags)
-
-    @_locked
-    def open(self, path: str, flags: int) -> int:
-        if self.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
-            raise ReadOnlyError("The store is mounted read-only.")
-        with self.index.begin() as txn:
-            ino = self._resolve(txn, path)
-            inode = self._inode(txn, ino)
-        if stat.S_ISDIR(inode.mode):
-            raise IsADirectory(path)
-        fh = self._open_file(ino, inode, flags)
-        if flags & os.O_TRUNC and self._handles[fh].of.size:
-            self.data.truncate(self._handles[fh].of, 0)
-        return fh
-
-    @_locked
-    def read(self, fh: int, size: int, offset: int) -> bytes:
-        return self.data.read(self._handle(fh).of, offset, size)
-
-    @_mutating
-    def write(self, fh: int, data: bytes, offset: int) -> int:
-        h = self._handle(fh)
-        of = h.of
-        if h.flags & os.O_APPEND:
-            offset = of.size
-        if offset + len(data) > fmt.MAX_FILE_SIZE:
-            raise TooBig("file too large")
-        n = self.data.write(of, offset, data)
-        of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
-        return n
-
-    @_mutating
-    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
-        if length < 0 or length > fmt.MAX_FILE_SIZE:
-            raise InvalidArgument("bad length")
-        if fh is not None:
-            of = self._handle(fh).of
-            self.data.truncate(of, length)
-            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
-            return
-        with self.index.begin() as txn:
-            ino = self._resolve(txn, path)
-            inode = self._inode(txn, ino)
-        if stat.S_ISDIR(inode.mode):
-            raise IsADirectory(path)
-        fh = self._open_file(ino, inode, os.O_WRONLY)
-        try:
-            of = self._handle(fh).of
-            self.data.truncate(of, length)
-            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
-            self.data.commit(of, self._clock())
-        finally:
-            self._release(fh)
-
-    @_locked
-    def flush(self, fh: int) -> None:
-        """close(2) on a descriptor: commit, so the data survives a daemon crash."""
-        of = self._handle(fh).of
-        if of.changed:
-            self.data.commit(of, self._clock())
-
-    @_locked
-    def fsync(self, fh: int, datasync: bool = False) -> None:
-        """fsync(2): commit and make the index durable (survives power loss)."""
-        of = self._handle(fh).of
-        self.data.commit(of, self._clock())
-        self.index.sync()
-        self.data.index_synced()
-
-    @_locked
-    def release(self, fh: int) -> None:
-        self._release(fh)
-
-    def _release(self, fh: int) -> None:
-        h = self._handles.pop(fh, None)
-        if h is None:
-            return
-        of = h.of
-        of.handles -= 1
-        if of.handles > 0:
-            return
-        try:
-            if of.changed and not of.unlinked:
-                self.data.commit(of, self._clock())
-        finally:
-            if of.handles == 0:
-                del self._open[of.ino]
-                if of.unlinked:
-                    self._purge(of.ino)
-
-    # --- extended attributes -------------------------------------------------------------
-    @staticmethod
-    def _xname(name: str) -> bytes:
-        if name.startswith("system."):
-            raise NotSupported(name)
-        raw = os.fsencode(name)
-        if len(raw) > NAME_MAX:
-            raise NameTooLong(name)
-        return raw
-
-    @_mutating
-    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
-        raw = self._xname(name)
-        if len(value) > 65536:
-            raise TooBig("xattr value too large")
-        with self.index.begin(write=True) as txn:
-            ino = self._resolve(txn, path)
-            exists = txn.get_xattr(ino, raw) is not None
-            if flags & XATTR_CREATE and exists:
-                raise Exists(name)
-            if flags & XATTR_REPLACE and not exists:
-                raise NoAttribute(name)
-            txn.set_xattr(ino, raw, bytes(value))
-            inode = self._inode(txn, ino)
-            inode.ctime_ns = self._clock()
-            self._put(txn, ino, inode)
-        self.data.after_commit([])
-
-    @_locked
-    def getxattr(self, path: str, name: str) -> bytes:
-        raw = self._xname(name)
-        with self.index.begin() as txn:
-            value = txn.get_xattr(self._resolve(txn, path), raw)
-        if value is None:
-            raise NoAttribute(name)
-        return value
-
-    @_locked
-    def listxattr(self, path: str) -> list[str]:
-        with self.index.begin() as txn:
-            return [os.fsdecode(n) for n in txn.list_xattrs(self._resolve(txn, path))]
-
-    @_mutating
-    def removexattr(self, path: str, name: str) -> None:
-        raw = self._xname(name)
-        with self.index.begin(write=True) as txn:
-            ino = self._resolve(txn, path)
-            if not txn.remove_xattr(ino, raw):
-                raise NoAttribute(name)
-        self.data.after_commit([])
 
     # --- the filesystem as a whole -----------------------------------------------------------
     def statfs(self) -> dict:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
-import io
 import json
 import lzma
 import os

@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from dcmfs import errors as E
-from dcmfs.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
+from dcmfs.fileops import XATTR_CREATE, XATTR_REPLACE
+from dcmfs.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 from .conftest import SMALL, crash, sha256
 

@@ -14,11 +14,12 @@ RANK = {
     "objectstore": 2, "store": 2,
     "index": 3,
     "filedata": 4, "recovery": 4,
-    "filesystem": 5,
-    "fuse_ops": 6,
-    "mount": 7,
-    "status": 8,
-    "cli": 9,
+    "fileops": 5,
+    "filesystem": 6,
+    "fuse_ops": 7,
+    "mount": 8,
+    "status": 9,
+    "cli": 10,
 }
 LEAVES = {"crypto", "codec"}  # may import errors and nothing else of ours
 
