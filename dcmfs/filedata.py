@@ -150,6 +150,13 @@ class FileData:
             ref = fut.result()
             return b"" if ref is None else self._load(of, idx, ref)
         ref = of.committed.get(idx)
+        if idx == (of.size - 1) // self.chunk_size and not of.changed:
+            # the last chunk is always stored, with the LAST flag: a missing
+            # entry or flag means the index or the object was tampered with
+            if ref is None or not ref.flags & CHUNK_FLAG_LAST:
+                log.error("integrity error in inode %d: last chunk %d missing or unflagged",
+                          of.ino, idx)
+                raise IntegrityError(f"inode {of.ino}: last chunk {idx} is missing")
         return b"" if ref is None else self._load(of, idx, ref)
 
     def read(self, of: OpenFile, offset: int, size: int) -> bytes:
@@ -257,9 +264,10 @@ class FileData:
         # the plaintext is kept only until the object is safely written, so
         # that a failed write (disk full) can be retried by the next commit
         fut.plaintext = plaintext
-        fut.add_done_callback(lambda f, of=of: _written(f, of))
-        self._inflight.append(fut)
+        fut.idx = idx
         of.pending[idx] = fut
+        self._inflight.append(fut)
+        fut.add_done_callback(lambda f, of=of: _written(f, of))
 
     def _wait_pending(self, of: OpenFile) -> dict[int, ChunkRef | None]:
         """Wait for every pending object.
@@ -358,7 +366,9 @@ class FileData:
             new = self.objects.write(of.cipher, of.inode.file_id, of.ino, idx,
                                      of.write_generation, flags, self.codec, plain)
             replaced = written.get(idx)
-            if replaced is not None:  # sealed this round, never referenced
+            # a retry after a failed commit must find the new object, not the old
+            of.pending[idx] = _done(new)
+            if replaced is not None:  # sealed this round, never in the index
                 self.objects.delete(replaced.oid)
             table[idx] = written[idx] = new
 
@@ -377,6 +387,21 @@ class FileData:
                 h.update(bytes(want - len(plain)))
         of.hasher, of.hashed_upto = h, size
         return h.copy().digest()
+
+    def discard(self, of: OpenFile) -> None:
+        """Forget an open file's uncommitted changes (it was unlinked, or its
+        last commit failed): delete the objects sealed for it, which no index
+        entry refers to."""
+        committed = {r.oid for r in of.committed.values()}
+        for fut in list(of.pending.values()) + of.discarded:
+            if fut.exception() is None and fut.result() is not None \
+                    and fut.result().oid not in committed:
+                self.objects.delete(fut.result().oid)
+        of.pending.clear()
+        of.discarded.clear()
+        of.dirty.clear()
+        of.dirty_bytes = 0
+        of.changed = False
 
     # --- garbage --------------------------------------------------------------
     def after_commit(self, oids: list[bytes]) -> None:
@@ -410,11 +435,12 @@ def _all_zero(data: bytes) -> bool:
 
 
 def _written(fut: Future, of: OpenFile) -> None:
-    """Done-callback of a sealing job (runs in the worker thread)."""
+    """Done-callback of a sealing job (runs in the worker thread, possibly
+    after a waiter has already handled the future)."""
     exc = fut.exception()
     if exc is None:
         fut.plaintext = None  # durable now: free the memory
-    else:
+    elif of.pending.get(fut.idx) is fut:
         of.write_error = exc
 
 

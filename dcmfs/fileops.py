@@ -8,6 +8,7 @@ separate module only to keep each file of the core readable.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import stat
 from typing import Callable
@@ -17,6 +18,8 @@ from .errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLo
                      NoAttribute, NotSupported, ReadOnlyError, TooBig)
 from .filedata import OpenFile
 from .index import Inode
+
+log = logging.getLogger("dcmfs.fs")
 
 NAME_MAX = 255
 XATTR_CREATE, XATTR_REPLACE = 1, 2
@@ -72,7 +75,7 @@ class FileOps:
 
     @_mutating
     def create(self, path: str, mode: int, flags: int, uid: int, gid: int) -> int:
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             parent, name, pinode = self._free_name(txn, path)
             ino, inode = self._new_inode(txn, stat.S_IFREG | (mode & 0o7777), uid, gid, pinode)
             txn.add_dirent(parent, name, ino)
@@ -91,8 +94,10 @@ class FileOps:
         if stat.S_ISDIR(inode.mode):
             raise IsADirectory(path)
         fh = self._open_file(ino, inode, flags)
-        if flags & os.O_TRUNC and self._handles[fh].of.size:
-            self.data.truncate(self._handles[fh].of, 0)
+        of = self._handles[fh].of
+        if flags & os.O_TRUNC and of.size:
+            self.data.truncate(of, 0)
+            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
         return fh
 
     @_locked
@@ -165,10 +170,16 @@ class FileOps:
             if of.changed and not of.unlinked:
                 self.data.commit(of, self._clock())
         finally:
-            if of.handles == 0:
-                del self._open[of.ino]
-                if of.unlinked:
-                    self._purge(of.ino)
+            del self._open[of.ino]
+            if of.changed:
+                # unlinked, or the commit failed (the writer heard of it at
+                # close): nothing refers to what was sealed for it any more
+                if not of.unlinked:
+                    log.warning("inode %d: changes not committed at release are dropped",
+                                of.ino)
+                self.data.discard(of)
+            if of.unlinked:
+                self._purge(of.ino)
 
     # --- extended attributes -------------------------------------------------------------
     @staticmethod
@@ -185,7 +196,7 @@ class FileOps:
         raw = self._xname(name)
         if len(value) > 65536:
             raise TooBig("xattr value too large")
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             ino = self._resolve(txn, path)
             exists = txn.get_xattr(ino, raw) is not None
             if flags & XATTR_CREATE and exists:
@@ -215,7 +226,7 @@ class FileOps:
     @_mutating
     def removexattr(self, path: str, name: str) -> None:
         raw = self._xname(name)
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             ino = self._resolve(txn, path)
             if not txn.remove_xattr(ino, raw):
                 raise NoAttribute(name)

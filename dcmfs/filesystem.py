@@ -9,6 +9,7 @@ so that background work (and tests) may call in too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -85,13 +86,13 @@ class FileSystem(FileOps):
             state = txn.meta_get("state")
         if state == b"mounted":
             self.recovered = recover(self.index, self.objects, self._delete_inode)
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             txn.meta_put("state", b"mounted")
         self.index.sync()
 
     # --- lifecycle --------------------------------------------------------------
     def _ensure_root(self) -> None:
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             if txn.get_inode(fmt.ROOT_INO) is None:
                 now = self._clock()
                 txn.put_inode(fmt.ROOT_INO, Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(),
@@ -126,7 +127,7 @@ class FileSystem(FileOps):
                     for of in list(self._open.values()):
                         if of.unlinked:
                             self._purge(of.ino)
-                    with self.index.begin(write=True) as txn:
+                    with self._write_txn() as txn:
                         txn.meta_put("state", b"clean")
                     self.index.sync()
                     self.index.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
@@ -137,6 +138,31 @@ class FileSystem(FileOps):
             self.store_lock.release()
 
     # --- helpers ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _write_txn(self):
+        """A write transaction for one operation.
+
+        Operations change cached inode objects in place; if the transaction
+        fails (disk full, index full) those changes must not outlive it, so
+        the caches are reloaded from the index.
+        """
+        try:
+            with self.index.begin(write=True) as txn:
+                yield txn
+        except BaseException:
+            self._reload_caches()
+            raise
+
+    def _reload_caches(self) -> None:
+        self._inodes.clear()
+        with self.index.begin() as txn:
+            for ino, of in self._open.items():
+                fresh = txn.get_inode(ino)
+                if fresh is None:
+                    continue
+                of.inode.__dict__.update(fresh.__dict__)
+                of.unlinked = fresh.nlink == 0
+
     def _inode(self, txn, ino: int) -> Inode:
         of = self._open.get(ino)
         if of is not None:
@@ -245,7 +271,7 @@ class FileSystem(FileOps):
         return [r.oid for r in refs]
 
     def _purge(self, ino: int) -> None:
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             inode = txn.get_inode(ino)
             garbage = self._delete_inode(txn, ino, inode) if inode is not None else []
         self.data.after_commit(garbage)
@@ -281,7 +307,7 @@ class FileSystem(FileOps):
     def _setattr(self, path, fh, mode=None, uid=None, gid=None, atime=None, mtime=None,
                  now=None) -> None:
         now = now or self._clock()
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             ino = self._handle(fh).of.ino if fh is not None else self._resolve(txn, path)
             inode = self._inode(txn, ino)
             if mode is not None:
@@ -328,7 +354,7 @@ class FileSystem(FileOps):
 
     @_mutating
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             parent, name, pinode = self._free_name(txn, path)
             ino, _ = self._new_inode(txn, stat.S_IFDIR | (mode & 0o7777), uid, gid, pinode,
                                      nlink=2)
@@ -338,7 +364,7 @@ class FileSystem(FileOps):
 
     @_mutating
     def rmdir(self, path: str) -> None:
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             parent, name, ino, inode = self._entry(txn, path)
             if not stat.S_ISDIR(inode.mode):
                 raise NotADirectory(path)
@@ -352,7 +378,7 @@ class FileSystem(FileOps):
     # --- names ----------------------------------------------------------------------
     @_mutating
     def unlink(self, path: str) -> None:
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             parent, name, ino, inode = self._entry(txn, path)
             if stat.S_ISDIR(inode.mode):
                 raise IsADirectory(path)
@@ -368,7 +394,7 @@ class FileSystem(FileOps):
         if new.rstrip("/").startswith(old.rstrip("/") + "/"):
             raise InvalidArgument("cannot move a directory into itself")
         garbage: list[bytes] = []
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             op, oname = self._parent(txn, old)
             np, nname = self._parent(txn, new)
             src = txn.lookup(op, oname)
@@ -420,7 +446,7 @@ class FileSystem(FileOps):
 
     @_mutating
     def link(self, existing: str, new: str) -> None:
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             ino = self._resolve(txn, existing)
             inode = self._inode(txn, ino)
             if stat.S_ISDIR(inode.mode):
@@ -435,7 +461,7 @@ class FileSystem(FileOps):
 
     @_mutating
     def symlink(self, path: str, target: str, uid: int, gid: int) -> None:
-        with self.index.begin(write=True) as txn:
+        with self._write_txn() as txn:
             parent, name, pinode = self._free_name(txn, path)
             ino, _ = self._new_inode(txn, stat.S_IFLNK | 0o777, uid, gid, pinode,
                                      target=os.fsencode(target))

@@ -239,8 +239,11 @@ class Txn:
         except lmdb.Error as exc:
             raise _lmdb_error(exc, f"writing {db}") from exc
 
-    def _delete(self, db: str, key: bytes) -> None:
-        self.txn.delete(key, db=self._db[db])
+    def _delete(self, db: str, key: bytes) -> bool:
+        try:
+            return self.txn.delete(key, db=self._db[db])
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, f"deleting from {db}") from exc
 
     def _scan(self, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
@@ -369,7 +372,7 @@ class Txn:
         self._put("xattrs", self._xkey(ino, name), _U16.pack(len(name)) + name + value)
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
-        return self.txn.delete(self._xkey(ino, name), db=self._db["xattrs"])
+        return self._delete("xattrs", self._xkey(ino, name))
 
     def list_xattrs(self, ino: int) -> list[bytes]:
         out = []
@@ -380,7 +383,13 @@ class Txn:
 
     # --- orphans --------------------------------------------------------------
     def add_orphan(self, ino: int) -> None:
-        self.txn.put(ino_key(ino), b"", db=self._db["orphans"])
+        try:
+            self.txn.put(ino_key(ino), b"", db=self._db["orphans"])
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "writing orphans") from exc
+
+    def remove_orphan(self, ino: int) -> None:
+        self._delete("orphans", ino_key(ino))
 
     def orphans(self) -> list[int]:
         return [_U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"")]

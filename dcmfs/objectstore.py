@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 
 from . import crypto, format as fmt
 from .codec import Codecs
-from .durable import TMP_PREFIX, write_file
+from .durable import TMP_PREFIX, fsync_dir, write_file
 from .errors import IntegrityError, StoreIOError
 
 
@@ -107,10 +107,12 @@ class ObjectStore:
         oid = self.new_oid()
         ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec, plaintext)
         d = self.dir_of(oid)
-        try:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise StoreIOError(f"cannot create object directory: {exc.strerror}") from exc
+        if not os.path.isdir(d):
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                fsync_dir(self.root)  # the new directory itself must be durable
+            except OSError as exc:
+                raise StoreIOError(f"cannot create object directory: {exc.strerror}") from exc
         write_file(self.path(oid), blob, sync_dir=False)
         if self._verify:
             # restic re-reads what it wrote before publishing it; so do we

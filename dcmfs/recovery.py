@@ -45,7 +45,7 @@ def recover(index: Index, objects: ObjectStore, delete_inode) -> RecoveryReport:
             inode = txn.get_inode(ino)
             if inode is not None:
                 delete_inode(txn, ino, inode)
-            txn.txn.delete(ino.to_bytes(8, "big"), db=index.dbs["orphans"])
+            txn.remove_orphan(ino)
             report.orphan_inodes += 1
     index.sync()
     with index.begin() as txn:

@@ -347,3 +347,88 @@ def test_clean_close_leaves_a_sealed_index_snapshot(make_fs):
     fs = make_fs()
     fs.close()
     assert len(list((make_fs.root / "snapshots").iterdir())) == 2
+
+
+def _fail_once(monkeypatch, cls, name):
+    """Make cls.name raise NoSpaceError on its next call only."""
+    real = getattr(cls, name)
+    state = {"armed": True}
+
+    def wrapper(self, *args, **kwargs):
+        if state["armed"]:
+            state["armed"] = False
+            raise E.NoSpaceError("The disk under the store is full.")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, wrapper)
+
+
+def test_failed_index_commit_after_last_chunk_reseal_retries_cleanly(make_fs, monkeypatch):
+    import dataclasses
+    from dcmfs.index import Txn
+    fs = make_fs(dataclasses.replace(SMALL, read_cache_bytes=1))  # nothing stays cached
+    data = os.urandom(2 * CS)  # ends on a chunk boundary: the last chunk is resealed
+    fh = fs.create("/f", 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, data, 0)
+    _fail_once(monkeypatch, Txn, "put_inode")
+    with pytest.raises(E.NoSpaceError):
+        fs.flush(fh)
+    assert fs.read(fh, 3 * CS, 0) == data
+    fs.flush(fh)
+    fs.release(fh)
+    assert read_file(fs, "/f") == data and index_sha(fs, "/f") == sha256(data)
+    fs.close()
+    fs = make_fs()
+    assert read_file(fs, "/f") == data
+    with fs.index.begin() as txn:
+        referenced = {r.oid for _, _, r in txn.iter_all_chunks()}
+    assert set(fs.objects.iter_oids()) == referenced
+
+
+def test_failed_unlink_leaves_names_and_link_counts_intact(make_fs, monkeypatch):
+    from dcmfs.index import Txn
+    fs = make_fs()
+    write_file(fs, "/g", b"keep me")
+    fs.link("/g", "/h")
+    fh = fs.open("/g", os.O_RDWR)
+    fs.unlink("/h")
+    _fail_once(monkeypatch, Txn, "add_orphan")
+    with pytest.raises(E.NoSpaceError):
+        fs.unlink("/g")
+    assert fs.getattr("/g")["st_nlink"] == 1
+    fs.release(fh)
+    assert read_file(fs, "/g") == b"keep me"
+    _fail_once(monkeypatch, Txn, "put_inode")
+    with pytest.raises(E.NoSpaceError):
+        fs.mkdir("/d", 0o755, 0, 0)
+    assert fs.getattr("/")["st_nlink"] == 2
+
+
+def test_unlinked_file_never_committed_leaves_no_objects(make_fs):
+    fs = make_fs()
+    fh = fs.create("/tmp", 0o644, os.O_RDWR, 0, 0)
+    fs.write(fh, os.urandom(10 * CS), 0)  # sealed early, never committed
+    fs.unlink("/tmp")
+    fs.release(fh)
+    fs.sync_all()
+    assert list(fs.objects.iter_oids()) == []
+    assert fs.stats() == (0, 0, 0)
+
+
+def test_open_o_trunc_updates_mtime(make_fs):
+    fs = make_fs()
+    write_file(fs, "/t", b"x" * 100)
+    fs.utimens("/t", 1_000_000_000, 1_000_000_000)
+    fh = fs.open("/t", os.O_WRONLY | os.O_TRUNC)
+    fs.release(fh)
+    st = fs.getattr("/t")
+    assert st["st_size"] == 0 and st["st_mtime"] > 1_000_000_000 and st["st_ctime"] > 1_000_000_000
+
+
+def test_missing_last_chunk_entry_is_an_integrity_error(make_fs):
+    fs = make_fs()
+    write_file(fs, "/f", os.urandom(2 * CS + 10))
+    with fs.index.begin(write=True) as txn:
+        txn.delete_chunk(fs._resolve(txn, "/f"), 2)
+    with pytest.raises(E.IntegrityError):
+        read_file(fs, "/f")
