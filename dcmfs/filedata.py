@@ -293,7 +293,7 @@ class FileData:
         return {idx: fut.result() for idx, fut in of.pending.items()}
 
     # --- committing -----------------------------------------------------------
-    def commit(self, of: OpenFile, now_ns: int) -> None:
+    def commit(self, of: OpenFile) -> None:
         """Make the file's current content the committed version.
 
         Raises NoSpaceError/StoreIOError with the file's data kept (in memory

@@ -135,7 +135,7 @@ class FileOps:
             of = self._handle(fh).of
             self.data.truncate(of, length)
             of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
-            self.data.commit(of, self._clock())
+            self.data.commit(of)
         finally:
             self._release(fh)
 
@@ -144,13 +144,13 @@ class FileOps:
         """close(2) on a descriptor: commit, so the data survives a daemon crash."""
         of = self._handle(fh).of
         if of.changed:
-            self.data.commit(of, self._clock())
+            self.data.commit(of)
 
     @_locked
     def fsync(self, fh: int, datasync: bool = False) -> None:
         """fsync(2): commit and make the index durable (survives power loss)."""
         of = self._handle(fh).of
-        self.data.commit(of, self._clock())
+        self.data.commit(of)
         self.index.sync()
         self.data.index_synced()
 
@@ -168,7 +168,7 @@ class FileOps:
             return
         try:
             if of.changed and not of.unlinked:
-                self.data.commit(of, self._clock())
+                self.data.commit(of)
         finally:
             del self._open[of.ino]
             if of.changed:

@@ -106,7 +106,7 @@ class FileSystem(FileOps):
         first_error = None
         for of in list(self._open.values()):
             try:
-                self.data.commit(of, self._clock())
+                self.data.commit(of)
             except Exception as exc:  # noqa: BLE001 — commit the others, then report
                 first_error = first_error or exc
         self.index.sync()

@@ -50,6 +50,13 @@ def crash(fs: FileSystem) -> None:
     fs.store_lock.release()
 
 
+def assert_no_dangling(fs: FileSystem) -> None:
+    """Every object in the store is referenced and every reference exists."""
+    with fs.index.begin() as txn:
+        referenced = {r.oid for _, _, r in txn.iter_all_chunks()}
+    assert set(fs.objects.iter_oids()) == referenced
+
+
 def flip_byte(path, offset: int) -> None:
     """Damage by XOR 0xFF (a fixed overwrite is a no-op one time in 256)."""
     with open(path, "r+b") as f:

@@ -12,7 +12,7 @@ from dcmfs import errors as E
 from dcmfs.fileops import XATTR_CREATE, XATTR_REPLACE
 from dcmfs.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE
 
-from .conftest import SMALL, crash, sha256
+from .conftest import SMALL, assert_no_dangling, crash, sha256
 
 CS = SMALL.chunk_size
 
@@ -256,9 +256,7 @@ def test_crash_leaves_old_or_new_and_recovery_cleans_up(make_fs):
     assert fs.recovered.orphan_inodes == 1
     assert fs.recovered.unreferenced_objects >= 1
     assert read_file(fs, "/f") == old
-    with fs.index.begin() as txn:
-        referenced = {r.oid for _, _, r in txn.iter_all_chunks()}
-    assert set(fs.objects.iter_oids()) == referenced
+    assert_no_dangling(fs)
 
 
 def test_disk_full_reports_enospc_keeps_data_and_retries(make_fs, monkeypatch):
@@ -380,9 +378,7 @@ def test_failed_index_commit_after_last_chunk_reseal_retries_cleanly(make_fs, mo
     fs.close()
     fs = make_fs()
     assert read_file(fs, "/f") == data
-    with fs.index.begin() as txn:
-        referenced = {r.oid for _, _, r in txn.iter_all_chunks()}
-    assert set(fs.objects.iter_oids()) == referenced
+    assert_no_dangling(fs)
 
 
 def test_failed_unlink_leaves_names_and_link_counts_intact(make_fs, monkeypatch):

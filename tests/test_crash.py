@@ -14,7 +14,7 @@ import pytest
 from dcmfs.filesystem import FileSystem
 from dcmfs.store import Secret, open_store
 
-from .conftest import SMALL, file_sha256, flip_byte, sha256
+from .conftest import SMALL, assert_no_dangling, file_sha256, flip_byte, sha256
 
 
 def test_sigkill_during_copy_keeps_every_closed_file(mount_env, tmp_path):
@@ -57,9 +57,7 @@ while True:
     secret = Secret("keyfile", m.key.read_bytes())
     fs = FileSystem(open_store(str(m.store), secret), SMALL)
     try:
-        with fs.index.begin() as txn:
-            referenced = {r.oid for _, _, r in txn.iter_all_chunks()}
-        assert set(fs.objects.iter_oids()) == referenced
+        assert_no_dangling(fs)
     finally:
         fs.close()
 
