@@ -56,5 +56,10 @@ class Config:
     read_only: bool = False
     #: verify each object right after writing it (decrypt + compare)
     verify_writes: bool = True
+    #: seconds between background checkpoints of the index (0: only when the
+    #: journal grows, at fsync of a directory and at umount); like ext4's
+    #: commit interval, it bounds what a power loss can take from files that
+    #: were closed but never fsynced
+    checkpoint_interval: float = 5.0
     #: the LMDB map size; LMDB only uses what it needs
     index_map_size: int = 64 * 1024 * MiB

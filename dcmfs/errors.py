@@ -71,6 +71,12 @@ class IndexDamagedError(DcmfsError):
     exit_code = 17
 
 
+class NeedsRecoveryError(DcmfsError):
+    """The store was not cleanly unmounted and must be opened read-write once."""
+
+    exit_code = 18
+
+
 # --- mounting ----------------------------------------------------------------
 class MountpointMissingError(DcmfsError):
     """The mountpoint does not exist or is not a directory."""

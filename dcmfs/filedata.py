@@ -4,16 +4,18 @@ A file is cut into ``chunk_size`` plaintext chunks.  While a file is open its
 state lives in an :class:`OpenFile`: chunks being written sit in *dirty*
 buffers; a chunk that fills up (or the oldest ones, when the dirty bytes of a
 file pass ``dirty_limit``) is handed to a small thread pool that compresses,
-seals, writes, fsyncs and re-reads it (zstd, AES-GCM and fsync release the
-GIL).  ``commit`` (called from flush/fsync/release) waits for those objects,
-fixes the last-chunk flags, computes the whole-file SHA-256, fsyncs the object
-directories and commits the new chunk table, size, hash and generation in one
-LMDB transaction.
+checks, seals and writes it (zstd, AES-GCM and write release the GIL).
+``commit`` (called from flush/fsync/release) waits for those objects, fixes
+the last-chunk flags, computes the whole-file SHA-256 and commits the new
+chunk table, size, hash and generation in one index transaction (journaled,
+see :mod:`dcmfs.index`).
 
-Crash policy: objects are durable before the transaction that names them;
-objects a commit supersedes are deleted only once that commit is durable (the
-next commit or an explicit index sync has flushed LMDB's meta page).  A crash
-in between leaves unreferenced objects, which the unclean-mount check removes.
+Crash policy: objects are written before the transaction that names them is
+journaled, and made durable before the journal or a checkpoint is (see
+``FileSystem.make_durable``); objects a commit supersedes are deleted only
+after the next checkpoint, when no durable index state names them any more.
+A crash in between leaves unreferenced objects, which the unclean-mount
+check removes.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .durable import fsync_dir
-from .errors import IntegrityError, StoreIOError
+from .errors import IntegrityError
 from .format import CHUNK_FLAG_LAST, OBJ_HEADER_LEN, TAG_LEN
 from .index import Index, Inode
 from .objectstore import ChunkRef, ObjectStore
@@ -109,10 +110,8 @@ class FileData:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcmfs-seal")
         self._inflight: collections.deque[Future] = collections.deque()
         self._max_inflight = max_inflight
-        #: (commit number, oids) to delete once that commit is durable
-        self._garbage: list[tuple[int, list[bytes]]] = []
-        self._commits = 0
-        self._durable_commits = 0
+        #: superseded objects, deleted once a checkpoint made that durable
+        self._garbage: list[bytes] = []
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
@@ -317,11 +316,6 @@ class FileData:
             del table[idx]
         self._fix_last_flags(of, table, written, last_idx, size)
         sha = self._digest(of, table, size)
-        for d in {self.objects.dir_of(r.oid) for r in written.values() if r is not None}:
-            try:
-                fsync_dir(d)
-            except OSError as exc:
-                raise StoreIOError(f"fsync of an object directory failed: {exc.strerror}") from exc
 
         old = of.committed
         superseded = [r.oid for i, r in old.items() if table.get(i) != r]
@@ -405,27 +399,18 @@ class FileData:
 
     # --- garbage --------------------------------------------------------------
     def after_commit(self, oids: list[bytes]) -> None:
-        """Called after every index commit with the objects it superseded."""
-        self._commits += 1
-        if oids:
-            self._garbage.append((self._commits, oids))
-        # an LMDB commit flushes the previous commit's meta page: everything
-        # superseded before this commit is now safe to delete
-        self._collect(self._commits - 1)
+        """Called after every index commit with the objects it superseded.
 
-    def index_synced(self) -> None:
-        """Called after an explicit index sync: every commit is durable."""
-        self._collect(self._commits)
+        They stay until the next checkpoint: until then the durable index
+        (the last checkpoint) may still refer to them.
+        """
+        self._garbage.extend(oids)
 
-    def _collect(self, durable_upto: int) -> None:
-        keep = []
-        for seq, oids in self._garbage:
-            if seq <= durable_upto:
-                for oid in oids:
-                    self.objects.delete(oid)
-            else:
-                keep.append((seq, oids))
-        self._garbage = keep
+    def checkpointed(self) -> None:
+        """Called after a checkpoint: delete what the durable index no longer names."""
+        garbage, self._garbage = self._garbage, []
+        for oid in garbage:
+            self.objects.delete(oid)
 
 
 def _all_zero(data: bytes) -> bool:

@@ -8,6 +8,7 @@ separate module only to keep each file of the core readable.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import stat
@@ -29,7 +30,9 @@ def _locked(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+            self._maybe_checkpoint()
+            return result
     return wrapper
 
 
@@ -39,7 +42,9 @@ def _mutating(method: Callable) -> Callable:
         if self.read_only:
             raise ReadOnlyError("The store is mounted read-only.")
         with self._lock:
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+            self._maybe_checkpoint()
+            return result
     return wrapper
 
 
@@ -148,11 +153,10 @@ class FileOps:
 
     @_locked
     def fsync(self, fh: int, datasync: bool = False) -> None:
-        """fsync(2): commit and make the index durable (survives power loss)."""
+        """fsync(2): commit and make it durable (survives power loss)."""
         of = self._handle(fh).of
         self.data.commit(of)
-        self.index.sync()
-        self.data.index_synced()
+        self.make_durable()
 
     @_locked
     def release(self, fh: int) -> None:
@@ -193,6 +197,8 @@ class FileOps:
 
     @_mutating
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+        if name == fmt.STATUS_XATTR:
+            raise NotSupported(name)
         raw = self._xname(name)
         if len(value) > 65536:
             raise TooBig("xattr value too large")
@@ -211,6 +217,8 @@ class FileOps:
 
     @_locked
     def getxattr(self, path: str, name: str) -> bytes:
+        if name == fmt.STATUS_XATTR and path == "/":
+            return json.dumps(self.live_status(), sort_keys=True).encode()
         raw = self._xname(name)
         with self.index.begin() as txn:
             value = txn.get_xattr(self._resolve(txn, path), raw)

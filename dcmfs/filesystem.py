@@ -21,8 +21,8 @@ from typing import Callable
 
 from . import codec as codecs, format as fmt
 from .config import Config
-from .errors import (DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
-                     NameTooLong, NotADirectory, NotFound)
+from .errors import (DirectoryNotEmpty, Exists, IntegrityError, InvalidArgument, IsADirectory,
+                     NameTooLong, NotADirectory, NotFound, StoreIOError)
 from .filedata import FileData, OpenFile, stored_bytes
 from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .index import Index, Inode
@@ -75,20 +75,42 @@ class FileSystem(FileOps):
         self._next_fh = 1
         self._inodes: dict[int, Inode] = {}
         self.recovered: RecoveryReport | None = None
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
         if not config.read_only:
             self._ensure_root()
             self._mark_mounted()
+            if config.checkpoint_interval > 0:
+                self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                                name="dcmfs-checkpoint")
+                self._syncer.start()
 
     def _mark_mounted(self) -> None:
-        """Record that the store is in use; check it first if the last session
-        did not end cleanly."""
+        """Apply what a crash left in the journal, check the store if the last
+        session did not end cleanly, and record that it is in use."""
+        applied, dropped = self.index.replay(self._replayed_chunk_ok)
+        if applied or dropped:
+            log.warning("journal replayed: %d operations applied, %d dropped (their data "
+                        "had not reached the disk)", applied, dropped)
         with self.index.begin() as txn:
             state = txn.meta_get("state")
         if state == b"mounted":
             self.recovered = recover(self.index, self.objects, self._delete_inode)
         with self._write_txn() as txn:
             txn.meta_put("state", b"mounted")
-        self.index.sync()
+        self.checkpoint()
+
+    def _replayed_chunk_ok(self, txn, ino: int, idx: int, ref) -> bool:
+        """Is the object a replayed journal record names intact on disk?"""
+        inode = txn.get_inode(ino)
+        if inode is None:
+            return False
+        try:
+            self.objects.read(self.objects.file_cipher(inode.file_id), inode.file_id,
+                              ino, idx, ref)
+        except (IntegrityError, StoreIOError):
+            return False
+        return True
 
     # --- lifecycle --------------------------------------------------------------
     def _ensure_root(self) -> None:
@@ -100,17 +122,51 @@ class FileSystem(FileOps):
                 txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
                 txn.meta_put("store_id", self.store.store_id)
 
+    # --- durability -----------------------------------------------------------------
+    def make_durable(self) -> None:
+        """Every committed operation survives a power loss from now on
+        (objects first, then the journal that names them)."""
+        self.objects.sync()
+        self.index.sync_journal()
+
+    def checkpoint(self) -> None:
+        """Commit the index durably, empty its journal, delete superseded objects."""
+        with self._lock:
+            self.objects.sync()
+            self.index.checkpoint()
+            self.data.checkpointed()
+
+    def _maybe_checkpoint(self) -> None:
+        if self.index.pending_records and self.index.needs_checkpoint():
+            self.checkpoint()
+
+    def _sync_loop(self) -> None:
+        """Checkpoint every ``checkpoint_interval`` seconds while there are changes.
+
+        The objects are flushed before the lock is taken, so file operations
+        wait only for the short index commit.
+        """
+        while not self._stop.wait(self.config.checkpoint_interval):
+            if not self.index.pending_records:
+                continue
+            try:
+                self.objects.sync()
+                with self._lock:
+                    if not self.closed:
+                        self.checkpoint()
+            except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
+                log.error("background checkpoint failed: %s", exc)
+
     @_locked
     def sync_all(self) -> None:
-        """Commit every open file and make the index durable (fsync, umount)."""
+        """Commit every open file and checkpoint (fsync of a directory, umount)."""
         first_error = None
         for of in list(self._open.values()):
             try:
                 self.data.commit(of)
             except Exception as exc:  # noqa: BLE001 — commit the others, then report
                 first_error = first_error or exc
-        self.index.sync()
-        self.data.index_synced()
+        self.checkpoint()
         if first_error is not None:
             raise first_error
 
@@ -119,6 +175,9 @@ class FileSystem(FileOps):
         even if this is never called)."""
         if self.closed:
             return
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
         self.closed = True
         try:
             if not self.read_only:
@@ -129,9 +188,8 @@ class FileSystem(FileOps):
                             self._purge(of.ino)
                     with self._write_txn() as txn:
                         txn.meta_put("state", b"clean")
-                    self.index.sync()
+                    self.checkpoint()
                     self.index.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
-                    self.data.index_synced()
         finally:
             self.data.shutdown()
             self.index.close()
@@ -485,6 +543,12 @@ class FileSystem(FileOps):
                 "f_ffree": st.f_ffree, "f_favail": st.f_favail, "f_namemax": NAME_MAX}
 
     @_locked
+    def live_status(self) -> dict:
+        """The figures ``dcmfs status`` shows for a mounted store."""
+        files, logical, stored = self.stats()
+        return {"files": files, "logical_bytes": logical, "stored_bytes": stored,
+                "journal_records": self.index.pending_records}
+
     def stats(self) -> tuple[int, int, int]:
         """(files, logical bytes, stored bytes)."""
         with self.index.begin() as txn:

@@ -56,6 +56,12 @@ CTX_SEALED_LEN = CTX_STRUCT.size + TAG_LEN
 OBJ_HEADER_LEN = OBJ_PREFIX.size + NONCE_LEN + CTX_SEALED_LEN + NONCE_LEN
 CHUNK_FLAG_LAST = 0x01
 
+# --- live status ----------------------------------------------------------------
+#: a virtual extended attribute of the mount's root directory: JSON with the
+#: daemon's live figures (``dcmfs status`` reads it; not listed, not settable;
+#: counts only, the same figures the index keeps in plain)
+STATUS_XATTR = "user.dcmfs.status"
+
 # --- index ---------------------------------------------------------------------
 ROOT_INO = 1
 #: largest file size accepted (1 PiB); chunk indices stay far inside u64

@@ -15,7 +15,9 @@ database      key                             value
                                               ``state`` -> b"clean" or b"mounted";
                                               ``stats`` -> files, logical bytes,
                                               stored bytes (3 x u64; plain, so
-                                              ``dcmfs status`` needs no key)
+                                              ``dcmfs status`` needs no key);
+                                              ``journal_seq`` -> u64, the last
+                                              journal record this index holds
 ``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`)
 ``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
 ``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``)
@@ -27,6 +29,18 @@ database      key                             value
 The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
 bytes: a lookup needs no scan, and without the key the index reveals neither
 names nor which entries share a name.  The root directory is inode 1.
+
+Transactions and durability: the daemon keeps one long LMDB write
+transaction (the *batch*).  Each operation runs in a nested transaction;
+when it succeeds its changes are appended to the sealed journal
+(:mod:`dcmfs.journal`) and merged into the batch, so a crash of the daemon
+loses nothing that was closed.  :meth:`Index.checkpoint` commits the batch
+durably and empties the journal; :meth:`Index.sync_journal` makes the
+journal durable without a checkpoint (``fsync(2)``).  When the index is
+opened, :meth:`Index.replay` applies the records a crash left in the
+journal.  The environment is opened without LMDB's lock file (one daemon
+per store is guaranteed by the store lock, and every use of a transaction
+is serialised by the core), so the batch may be used from any thread.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import dataclasses
 import errno
 import hashlib
 import hmac
+import logging
 import os
 import shutil
 import struct
@@ -44,8 +59,12 @@ import lmdb
 
 from . import crypto, format as fmt
 from .durable import fsync_dir
-from .errors import IndexDamagedError, IntegrityError, NoSpaceError, StoreIOError
+from .errors import (IndexDamagedError, IntegrityError, NeedsRecoveryError, NoSpaceError,
+                     StoreIOError)
+from .journal import DELETE, PUT, Journal, Op
 from .objectstore import ChunkRef
+
+log = logging.getLogger("dcmfs.index")
 
 _U64 = struct.Struct(">Q")
 _U64x2 = struct.Struct(">QQ")
@@ -58,6 +77,8 @@ _U16 = struct.Struct(">H")
 _STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans")
+_DB_ID = {name: i for i, name in enumerate(DATABASES)}
+JOURNAL_NAME = "journal"
 
 
 @dataclasses.dataclass
@@ -131,30 +152,201 @@ def read_stats(path: str) -> tuple[int, int, int] | None:
 
 
 class Index:
-    """The opened LMDB environment plus the keys that seal its values."""
+    """The opened LMDB environment, its journal and the keys that seal its values."""
 
     def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, journal_limit: int = 8 * 1024 * 1024) -> None:
+        self.read_only = read_only
+        self._journal_limit = journal_limit
         try:
             self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
                                  readonly=read_only, create=not read_only, mode=0o600,
-                                 sync=True, metasync=False, readahead=False, lock=True)
+                                 sync=True, metasync=True, readahead=False, lock=False)
             self.dbs = {name: self.env.open_db(name.encode(), create=not read_only)
                         for name in DATABASES}
         except lmdb.Error as exc:
             raise _lmdb_error(exc, "opening the index") from exc
         self._siv = crypto.Siv(crypto.derive(master_key, b"index", store_id))
         self._name_key = crypto.derive(master_key, b"names", store_id)
+        self.journal = Journal(os.path.join(path, JOURNAL_NAME), master_key, store_id,
+                               read_only=read_only)
+        self._batch: lmdb.Transaction | None = None
+        self._seq = self._applied_seq()
+        #: journal records appended since the last checkpoint
+        self.pending_records = 0
+        self._broken: str | None = None
+        if read_only and any(True for _ in self.journal.records(self._seq)):
+            self.journal.close()
+            self.env.close()
+            raise NeedsRecoveryError(
+                "The store was not cleanly unmounted and its journal holds changes not yet "
+                "in the index; mount it read-write once so they are applied, then mount "
+                "it read-only.")
+
+    def _applied_seq(self) -> int:
+        with self.env.begin() as txn:
+            raw = txn.get(b"journal_seq", db=self.dbs["meta"])
+        return _U64.unpack(raw)[0] if raw else 0
 
     def close(self) -> None:
+        """Close without a checkpoint: what is not checkpointed stays in the journal."""
+        if self._batch is not None:
+            self._batch.abort()
+            self._batch = None
+        self.journal.close()
         self.env.close()
 
-    def sync(self) -> None:
-        """Make every committed transaction durable (metadata page included)."""
+    # --- durability -------------------------------------------------------------
+    def sync_journal(self) -> None:
+        """Make every committed operation durable through the journal.
+
+        The caller must first have made durable every object those
+        operations refer to.
+        """
+        if self.pending_records:
+            self.journal.sync()
+
+    def needs_checkpoint(self) -> bool:
+        return (self.pending_records >= 4096 or self.journal.size >= self._journal_limit)
+
+    def checkpoint(self) -> None:
+        """Commit the batch durably and empty the journal.
+
+        The caller must first have made durable every object the batch refers to.
+        """
+        if self._broken:
+            raise IndexDamagedError(self._broken)
+        if self._batch is None:
+            return
+        batch, self._batch = self._batch, None
         try:
+            batch.put(b"journal_seq", _U64.pack(self._seq), db=self.dbs["meta"])
+            batch.commit()
             self.env.sync(True)
         except lmdb.Error as exc:
-            raise _lmdb_error(exc, "syncing the index") from exc
+            # the batch is gone, the journal still holds every change: rebuild
+            # the batch from it so that the mount goes on (disk full, say)
+            error = _lmdb_error(exc, "checkpointing the index")
+            self._reload_from_journal()
+            raise error from exc
+        self.journal.reset()
+        self.pending_records = 0
+
+    def _apply(self, parent: lmdb.Transaction, ops: list[Op]) -> lmdb.Transaction:
+        child = self.env.begin(write=True, parent=parent)
+        try:
+            for kind, db_id, key, value in ops:
+                db = self.dbs[DATABASES[db_id]]
+                if kind == PUT:
+                    child.put(key, value, db=db)
+                else:
+                    child.delete(key, db=db)
+        except BaseException:
+            child.abort()
+            raise
+        return child
+
+    def _reload_from_journal(self) -> None:
+        """Start a new batch holding the index plus every journal record."""
+        self._batch = None
+        expect = self._applied_seq()
+        try:
+            for seq, ops in self.journal.records(expect):
+                if seq != expect + 1:
+                    break
+                self._apply(self._parent(), ops).commit()
+                expect = seq
+        except (lmdb.Error, IndexError) as exc:
+            expect = -1
+            error = exc
+        if expect != self._seq:
+            self._broken = ("The index could not be rebuilt from its journal; restart the "
+                            "daemon (a restart replays the journal).")
+            log.error("%s (%s)", self._broken, locals().get("error", "records missing"))
+
+    def sync(self) -> None:
+        """Checkpoint (kept for callers that only know 'make it durable')."""
+        self.checkpoint()
+
+    def replay(self, verify) -> tuple[int, int]:
+        """Apply the journal records a crash left behind; returns (applied, dropped).
+
+        ``verify(txn, ino, index, ref)`` is asked about every chunk a record
+        puts; a record whose object is not intact (its write had not reached
+        the disk when the power failed) ends the replay there, so the index
+        is always a prefix of what was written.  The result is checkpointed.
+        """
+        records = list(self.journal.records(self._seq))
+        applied = 0
+        for seq, ops in records:
+            if seq != self._seq + 1:
+                break
+            try:
+                child = self._apply(self._parent(), ops)
+            except (lmdb.Error, IndexError):
+                break
+            ok = True
+            txn = Txn(self, child)
+            try:
+                for kind, db_id, key, value in ops:
+                    if kind == PUT and DATABASES[db_id] == "chunks":
+                        ino, idx = _U64x2.unpack(key)
+                        ref = ChunkRef(*_CHUNK.unpack(self.open("chunks", key, value)))
+                        if not verify(txn, ino, idx, ref):
+                            ok = False
+                            break
+            except (lmdb.Error, IntegrityError, struct.error):
+                ok = False
+            if not ok:
+                child.abort()
+                break
+            child.commit()
+            self._seq = seq
+            applied += 1
+        dropped = len(records) - applied
+        if records:
+            self.checkpoint()
+            if dropped:
+                self.journal.reset()
+        return applied, dropped
+
+    # --- transactions -----------------------------------------------------------
+    def _parent(self) -> lmdb.Transaction:
+        if self._batch is None:
+            try:
+                self._batch = self.env.begin(write=True)
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, "starting a transaction") from exc
+        return self._batch
+
+    def begin(self, write: bool = False) -> "Txn":
+        """A transaction for one operation (a context manager).
+
+        Reads see every committed operation, checkpointed or not.
+        """
+        if self._broken:
+            raise IndexDamagedError(self._broken)
+        try:
+            if self.read_only:
+                return Txn(self, self.env.begin(write=False))
+            if not write:
+                return Txn(self, self._parent(), borrowed=True)
+            return Txn(self, self.env.begin(write=True, parent=self._parent()), nested=True)
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "starting a transaction") from exc
+
+    def _commit_nested(self, txn: "Txn") -> None:
+        """Journal one operation's changes, then merge them into the batch."""
+        if txn.ops:
+            self.journal.append(self._seq + 1, txn.ops)  # may raise: nothing changed yet
+            self._seq += 1
+            self.pending_records += 1
+        try:
+            txn.txn.commit()
+        except lmdb.Error as exc:
+            self._broken = ("The index failed in memory; restart the daemon "
+                            "(its journal keeps every change).")
+            raise _lmdb_error(exc, "committing") from exc
 
     def snapshot(self, snapshots_dir: str, keep: int = 2) -> str:
         """Durably copy the index (compacted) to ``snapshots_dir/index-<txnid>``.
@@ -187,12 +379,6 @@ class Index:
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.new(self._name_key, _U64.pack(parent) + name, hashlib.sha256).digest()[:16]
 
-    def begin(self, write: bool = False) -> "Txn":
-        try:
-            return Txn(self, self.env.begin(write=write))
-        except lmdb.Error as exc:
-            raise _lmdb_error(exc, "starting a transaction") from exc
-
     def seal(self, db: str, key: bytes, value: bytes) -> bytes:
         return self._siv.seal(value, db.encode() + b"\x00" + key)
 
@@ -205,28 +391,43 @@ class Index:
 
 
 class Txn:
-    """One LMDB transaction with typed accessors; a context manager.
+    """One operation's view of the index with typed accessors; a context manager.
 
-    Leaving the ``with`` block normally commits a write transaction; an
-    exception aborts it.
+    Leaving the ``with`` block normally commits a write transaction (journal
+    first, then the batch); an exception aborts it.  A read transaction
+    borrows the batch and leaves it untouched.
     """
 
-    def __init__(self, index: Index, txn: lmdb.Transaction) -> None:
+    def __init__(self, index: Index, txn: lmdb.Transaction, nested: bool = False,
+                 borrowed: bool = False, record: bool = True) -> None:
         self.ix = index
         self.txn = txn
         self._db = index.dbs
+        self._nested = nested
+        self._borrowed = borrowed
+        #: the changes of a nested transaction, for the journal
+        self.ops: list[Op] | None = [] if nested and record else None
 
     def __enter__(self) -> "Txn":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.txn.commit()
-            except lmdb.Error as e:
-                raise _lmdb_error(e, "committing") from e
-        else:
+        if self._borrowed:
+            return
+        if exc_type is not None:
             self.txn.abort()
+        elif self._nested:
+            try:
+                self.ix._commit_nested(self)
+            except BaseException:
+                self.txn.abort()
+                raise
+        else:
+            self.txn.abort()  # a read-only transaction
+
+    def _record(self, kind: int, db: str, key: bytes, value: bytes | None) -> None:
+        if self.ops is not None:
+            self.ops.append((kind, _DB_ID[db], bytes(key), value))
 
     # --- helpers ---------------------------------------------------------------
     def _get(self, db: str, key: bytes) -> bytes | None:
@@ -234,16 +435,21 @@ class Txn:
         return None if raw is None else self.ix.open(db, key, raw)
 
     def _put(self, db: str, key: bytes, value: bytes) -> None:
+        sealed = self.ix.seal(db, key, value)
         try:
-            self.txn.put(key, self.ix.seal(db, key, value), db=self._db[db])
+            self.txn.put(key, sealed, db=self._db[db])
         except lmdb.Error as exc:
             raise _lmdb_error(exc, f"writing {db}") from exc
+        self._record(PUT, db, key, sealed)
 
     def _delete(self, db: str, key: bytes) -> bool:
         try:
-            return self.txn.delete(key, db=self._db[db])
+            found = self.txn.delete(key, db=self._db[db])
         except lmdb.Error as exc:
             raise _lmdb_error(exc, f"deleting from {db}") from exc
+        if found:
+            self._record(DELETE, db, key, None)
+        return found
 
     def _scan(self, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
@@ -263,6 +469,7 @@ class Txn:
             self.txn.put(name.encode(), value, db=self._db["meta"])
         except lmdb.Error as exc:
             raise _lmdb_error(exc, "writing meta") from exc
+        self._record(PUT, "meta", name.encode(), value)
 
     def stats(self) -> tuple[int, int, int]:
         """(regular files, logical bytes, stored bytes) of the whole store."""
@@ -387,6 +594,7 @@ class Txn:
             self.txn.put(ino_key(ino), b"", db=self._db["orphans"])
         except lmdb.Error as exc:
             raise _lmdb_error(exc, "writing orphans") from exc
+        self._record(PUT, "orphans", ino_key(ino), b"")
 
     def remove_orphan(self, ino: int) -> None:
         self._delete("orphans", ino_key(ino))

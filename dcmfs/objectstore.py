@@ -15,7 +15,9 @@ from typing import Iterator, NamedTuple
 
 from . import crypto, format as fmt
 from .codec import Codecs
-from .durable import TMP_PREFIX, fsync_dir, write_file
+import threading
+
+from .durable import TMP_PREFIX, sync_filesystem, write_new
 from .errors import IntegrityError, StoreIOError
 
 
@@ -64,6 +66,8 @@ class ObjectStore:
         self._header = crypto.Siv(crypto.derive(master_key, b"object-context", store_id))
         self._codecs = codecs
         self._verify = verify_writes
+        self._unsynced = 0
+        self._unsynced_lock = threading.Lock()
 
     # --- naming ---------------------------------------------------------------
     @staticmethod
@@ -88,6 +92,12 @@ class ObjectStore:
     def seal(self, cipher: crypto.Gcm, oid: bytes, file_id: bytes, ino: int, index: int,
              generation: int, flags: int, codec: int, plaintext: bytes) -> tuple[ChunkRef, bytes]:
         used, payload = self._codecs.compress(codec, plaintext)
+        if self._verify and used != 0:
+            # restic checks what it wrote before publishing it; a codec bug must
+            # fail here, with the plaintext still in hand, not at read time
+            again = self._codecs.decompress(used, payload, len(plaintext))
+            if again != plaintext:
+                raise IntegrityError(f"codec {used} did not reproduce a chunk; not stored")
         stored_len = len(payload)
         ctx = fmt.CTX_STRUCT.pack(file_id, ino, index, generation, used, flags, 0,
                                   len(plaintext), stored_len)
@@ -99,10 +109,11 @@ class ObjectStore:
 
     def write(self, cipher: crypto.Gcm, file_id: bytes, ino: int, index: int, generation: int,
               flags: int, codec: int, plaintext: bytes) -> ChunkRef:
-        """Seal, durably write and (optionally) verify one chunk object.
+        """Seal and write one chunk object (thread-safe).
 
-        The object's directory is *not* fsynced here; the caller fsyncs each
-        directory it wrote into once before it commits the index.
+        Not durable yet: :meth:`sync` makes every object written so far
+        durable; the core calls it before any durable index state (journal
+        sync, checkpoint) may refer to them.
         """
         oid = self.new_oid()
         ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec, plaintext)
@@ -110,17 +121,25 @@ class ObjectStore:
         if not os.path.isdir(d):
             try:
                 os.makedirs(d, mode=0o700, exist_ok=True)
-                fsync_dir(self.root)  # the new directory itself must be durable
             except OSError as exc:
                 raise StoreIOError(f"cannot create object directory: {exc.strerror}") from exc
-        write_file(self.path(oid), blob, sync_dir=False)
-        if self._verify:
-            # restic re-reads what it wrote before publishing it; so do we
-            again = self.read(cipher, file_id, ino, index, ref)
-            if again != plaintext:
-                self.delete(oid)
-                raise ObjectDamaged(oid, "did not read back as written")
+        write_new(self.path(oid), blob)
+        with self._unsynced_lock:
+            self._unsynced += 1
         return ref
+
+    def sync(self) -> None:
+        """Make every object written so far durable (one syncfs)."""
+        with self._unsynced_lock:
+            count, self._unsynced = self._unsynced, 0
+        if not count:
+            return
+        try:
+            sync_filesystem(self.root)
+        except OSError as exc:
+            with self._unsynced_lock:
+                self._unsynced += count
+            raise StoreIOError(f"Syncing the objects failed: {exc.strerror}.") from exc
 
     # --- reading --------------------------------------------------------------
     def load(self, oid: bytes) -> bytes:

@@ -1,11 +1,13 @@
 """``dcmfs status``: what is mounted, how the daemon does, how much is saved.
 
-Needs no key: the figures come from the plain ``stats`` entry of the index
-and from psutil.
+Needs no key: the figures come from the running daemon (the virtual
+``user.dcmfs.status`` attribute of the mount's root), else from the plain
+``stats`` entry of the index, and from psutil.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import psutil
@@ -20,8 +22,11 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
     store_root = os.path.abspath(store_root)
     read_header(store_root)  # a clear error for a missing or foreign store
     pid = read_lock_pid(store_root)
-    stats = read_stats(os.path.join(store_root, fmt.INDEX_DIR)) or (0, 0, 0)
-    files, logical, stored = stats
+    live = _live_status(mountpoint) if mountpoint else None
+    if live is not None:
+        files, logical, stored = live["files"], live["logical_bytes"], live["stored_bytes"]
+    else:
+        files, logical, stored = read_stats(os.path.join(store_root, fmt.INDEX_DIR)) or (0, 0, 0)
     report = {
         "store": store_root,
         "mounted": mountpoint is not None,
@@ -43,6 +48,14 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
         except psutil.Error:
             pass
     return report
+
+
+def _live_status(mountpoint: str) -> dict | None:
+    """The daemon's own figures, or None (not answering, older daemon)."""
+    try:
+        return json.loads(os.getxattr(mountpoint, fmt.STATUS_XATTR))
+    except (OSError, ValueError):
+        return None
 
 
 def collect(target: str | None) -> list[dict]:

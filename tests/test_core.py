@@ -262,7 +262,7 @@ def test_crash_leaves_old_or_new_and_recovery_cleans_up(make_fs):
 def test_disk_full_reports_enospc_keeps_data_and_retries(make_fs, monkeypatch):
     from dcmfs import objectstore
     fs = make_fs()
-    real = objectstore.write_file
+    real = objectstore.write_new
     full = {"on": True}
 
     def fake(path, data, **kw):
@@ -270,7 +270,7 @@ def test_disk_full_reports_enospc_keeps_data_and_retries(make_fs, monkeypatch):
             raise E.NoSpaceError("The disk under the store is full.")
         return real(path, data, **kw)
 
-    monkeypatch.setattr(objectstore, "write_file", fake)
+    monkeypatch.setattr(objectstore, "write_new", fake)
     data = os.urandom(2 * CS + 100)
     fh = fs.create("/big", 0o644, os.O_WRONLY, 0, 0)
     fs.write(fh, data[:CS], 0)

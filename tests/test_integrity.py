@@ -85,6 +85,7 @@ def test_rolled_back_object(two_files):
     fs.write(fh, os.urandom(10), CS + 5)  # chunk 1 gets a new generation
     fs.fsync(fh)
     fs.release(fh)
+    fs.checkpoint()  # superseded objects are deleted at the next checkpoint
     new_path = chunk_paths(fs, "/a")[1]
     assert new_path != old_path and not os.path.exists(old_path)
     with open(new_path, "wb") as f:  # put the older version back in its place

@@ -1,0 +1,201 @@
+"""The index journal: a sealed redo log of index changes since the last checkpoint.
+
+Why it exists: a PACS closes thousands of files a minute.  Making every
+close durable on disk (fsync of the object, of its directory and of the
+LMDB commit) cost about 2 ms a file, a third of the ingest time, and buys
+nothing that ``close(2)`` promises.  What close must guarantee is that the
+data survives a crash of the daemon; only ``fsync(2)`` promises survival of
+a power loss.  So each index transaction is appended to this journal with
+one ``write(2)`` (it is then in the kernel's page cache, which outlives the
+daemon), while LMDB keeps the changes in one long write transaction that is
+committed durably at a *checkpoint* (every few seconds, when the journal
+grows, at ``umount``).  ``fsync(2)`` on a file makes objects and journal
+durable (two system calls) without a checkpoint.
+
+File layout (``STORE/journal``)::
+
+    header  b"DCMJ" | version u16 | reserved u16 | store id (16)
+    record  length u32 | sequence u64 | nonce (12) | AES-256-GCM(ops) + tag
+
+The associated data of a record binds the header (so a journal cannot move
+between stores) and its sequence number (so records cannot be reordered,
+dropped from the middle or replayed).  Sequence numbers continue across
+checkpoints; the index records the last one it contains
+(``meta/journal_seq``), and replay applies the records after it, in order,
+stopping at the first that is torn, fails authentication or breaks the
+sequence (a power loss can only cut the tail, never the middle, because
+every durability point syncs the whole journal).
+
+``ops`` is a list of index changes: ``kind u8`` (1 put, 2 delete),
+``database u8``, ``key length u16``, key, and for a put ``value length u32``
+and the value exactly as stored in LMDB (already sealed, except ``meta``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from typing import Iterator
+
+from . import crypto
+from .errors import NoSpaceError, StoreIOError, UnsupportedFormatError
+
+MAGIC = b"DCMJ"
+VERSION = 1
+_HEADER = struct.Struct(">4sHH16s")
+_RECORD = struct.Struct(">IQ")
+_OP = struct.Struct(">BBH")
+_U32 = struct.Struct(">I")
+PUT, DELETE = 1, 2
+#: a record longer than this is damage, not data (one index transaction)
+MAX_RECORD = 64 * 1024 * 1024
+
+Op = tuple[int, int, bytes, bytes | None]
+
+
+def encode_ops(ops: list[Op]) -> bytes:
+    parts = []
+    for kind, db, key, value in ops:
+        parts.append(_OP.pack(kind, db, len(key)))
+        parts.append(key)
+        if kind == PUT:
+            parts.append(_U32.pack(len(value)))
+            parts.append(value)
+    return b"".join(parts)
+
+
+def decode_ops(raw: bytes) -> list[Op]:
+    ops, pos, view = [], 0, memoryview(raw)
+    while pos < len(raw):
+        kind, db, klen = _OP.unpack_from(raw, pos)
+        pos += _OP.size
+        key = bytes(view[pos:pos + klen])
+        pos += klen
+        value = None
+        if kind == PUT:
+            (vlen,) = _U32.unpack_from(raw, pos)
+            pos += 4
+            value = bytes(view[pos:pos + vlen])
+            pos += vlen
+        elif kind != DELETE:
+            raise ValueError(f"unknown journal op {kind}")
+        ops.append((kind, db, key, value))
+    if pos != len(raw):
+        raise ValueError("journal record is truncated")
+    return ops
+
+
+class Journal:
+    """An open journal file.  Not thread-safe: the index serialises callers."""
+
+    def __init__(self, path: str, master_key: bytes, store_id: bytes,
+                 read_only: bool = False) -> None:
+        self.path = path
+        self._store_id = store_id
+        self._gcm = crypto.Gcm(crypto.derive(master_key, b"journal", store_id))
+        self._header = _HEADER.pack(MAGIC, VERSION, 0, store_id)
+        flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
+        try:
+            self._fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            self._fd = None  # read-only and never written: nothing to replay
+            self.size = 0
+            return
+        except OSError as exc:
+            raise StoreIOError(f"Opening the index journal failed: {exc.strerror}.") from exc
+        head = os.pread(self._fd, _HEADER.size, 0)
+        if not head and not read_only:
+            self._write_at(self._header, 0, "the index journal header")
+            head = self._header
+        if head and head[:4] == MAGIC and len(head) == _HEADER.size:
+            _, version, _, sid = _HEADER.unpack(head)
+            if version > VERSION:
+                raise UnsupportedFormatError(
+                    f"The index journal has version {version}, newer than this dcmfs "
+                    f"understands ({VERSION}); use a newer dcmfs.")
+            if sid != store_id:
+                raise StoreIOError("The index journal belongs to another store; "
+                                   "move it away and run 'dcmfs fsck' on the store.")
+        elif head:
+            raise StoreIOError("The index journal has a damaged header; "
+                               "run 'dcmfs fsck' on the store.")
+        self.size = os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _aad(self, seq: int) -> bytes:
+        return self._header + seq.to_bytes(8, "big")
+
+    def _write_at(self, data: bytes, offset: int, what: str) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"The disk under the store is full while writing {what}; "
+                                   "free space there and retry.") from exc
+            raise StoreIOError(f"Writing {what} failed: {exc.strerror}.") from exc
+
+    # --- writing --------------------------------------------------------------
+    def append(self, seq: int, ops: list[Op]) -> None:
+        """Append one record; on failure the journal is as before."""
+        sealed = self._gcm.seal(encode_ops(ops), self._aad(seq))
+        record = _RECORD.pack(len(sealed), seq) + sealed
+        start = self.size
+        try:
+            self._write_at(record, start, "the index journal")
+        except BaseException:
+            try:
+                os.ftruncate(self._fd, start)  # a torn tail must not stay behind
+            except OSError:
+                pass  # replay stops at a torn record anyway
+            raise
+        self.size = start + len(record)
+
+    def sync(self) -> None:
+        """Make every appended record durable."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise StoreIOError(f"fsync of the index journal failed: {exc.strerror}.") from exc
+
+    def reset(self) -> None:
+        """Forget every record (they are all in a durable checkpoint now)."""
+        try:
+            os.ftruncate(self._fd, _HEADER.size)
+        except OSError as exc:
+            raise StoreIOError(f"Truncating the index journal failed: {exc.strerror}.") from exc
+        self.size = _HEADER.size
+
+    # --- reading --------------------------------------------------------------
+    def records(self, after: int) -> Iterator[tuple[int, list[Op]]]:
+        """The intact records with sequence numbers after ``after``, in order.
+
+        Stops silently at the first torn, unauthentic or out-of-sequence
+        record: that is where the last session's durable writes ended.
+        """
+        if self._fd is None:
+            return
+        pos = _HEADER.size
+        expect = None
+        while pos + _RECORD.size <= self.size:
+            length, seq = _RECORD.unpack(os.pread(self._fd, _RECORD.size, pos))
+            if length > MAX_RECORD or pos + _RECORD.size + length > self.size:
+                return
+            if expect is not None and seq != expect:
+                return
+            blob = os.pread(self._fd, length, pos + _RECORD.size)
+            try:
+                ops = decode_ops(self._gcm.open(blob, self._aad(seq)))
+            except (crypto.AuthenticationFailed, ValueError, struct.error):
+                return
+            pos += _RECORD.size + length
+            expect = seq + 1
+            if seq > after:
+                yield seq, ops
