@@ -16,7 +16,7 @@ import sys
 
 from . import __version__
 from .config import Config
-from .errors import DcmfsError, SecretError
+from .errors import DcmfsError, SecretError, UsageError
 
 log = logging.getLogger("dcmfs")
 
@@ -103,7 +103,8 @@ def _secret(args, creating: bool, store_kind: str | None = None):
 _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "defaults",
                "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
 #: dcmfs options given with -o
-_DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level"}
+_DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
+               "checkpoint_interval"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -125,8 +126,16 @@ def parse_o(values: list[str]) -> tuple[dict, dict]:
 
 def _config(ours: dict, fuse_opts: dict) -> Config:
     kw = {"read_only": bool(fuse_opts.get("ro"))}
-    if ours.get("zstd_level"):
-        kw["zstd_level"] = int(ours["zstd_level"])
+    try:
+        if ours.get("zstd_level"):
+            kw["zstd_level"] = int(ours["zstd_level"])
+        if ours.get("reencode"):
+            kw["reencode"] = {"0": False, "1": True}[ours["reencode"]]
+        if ours.get("checkpoint_interval"):
+            kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"A -o option has a bad value ({exc}); see 'dcmfs mount --help'.") \
+            from exc
     return Config(**kw)
 
 

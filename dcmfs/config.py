@@ -56,6 +56,12 @@ class Config:
     read_only: bool = False
     #: verify each object right after writing it (decrypt + compare)
     verify_writes: bool = True
+    #: seal closed files uncompressed and compress them in a background
+    #: thread (the close path then costs AES-GCM and a write, not zstd)
+    reencode: bool = True
+    #: logical bytes of files waiting for the re-encoder before close
+    #: compresses inline again (bounds the extra space the backlog takes)
+    backlog_limit: int = 1024 * MiB
     #: seconds between background checkpoints of the index (0: only when the
     #: journal grows, at fsync of a directory and at umount); like ext4's
     #: commit interval, it bounds what a power loss can take from files that

@@ -23,6 +23,12 @@ class DcmfsError(Exception):
 
 
 # --- store and key -----------------------------------------------------------
+class UsageError(DcmfsError):
+    """The command line is not valid."""
+
+    exit_code = 2
+
+
 class WrongKeyError(DcmfsError):
     """The key or passphrase does not open this store."""
 

@@ -25,7 +25,9 @@ import hashlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
+from .codec import NONE
 from .errors import IntegrityError
 from .format import CHUNK_FLAG_LAST, OBJ_HEADER_LEN, TAG_LEN
 from .index import Index, Inode
@@ -105,6 +107,9 @@ class FileData:
         self.objects = objects
         self.chunk_size = chunk_size
         self.codec = codec
+        #: may chunks be sealed uncompressed now, for the re-encoder to
+        #: compress later? (the core points this at the backlog's room)
+        self.may_defer: Callable[[], bool] = lambda: False
         self.dirty_limit = dirty_limit
         self.cache = ChunkCache(cache_bytes)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcmfs-seal")
@@ -257,9 +262,10 @@ class FileData:
             return
         while len(self._inflight) >= self._max_inflight:
             self._inflight.popleft().exception()  # wait; errors go to their commit
+        codec = NONE if self.may_defer() else self.codec
         fut = self._pool.submit(self.objects.write, of.cipher, of.inode.file_id, of.ino, idx,
                                 of.write_generation, CHUNK_FLAG_LAST if last else 0,
-                                self.codec, plaintext)
+                                codec, plaintext)
         # the plaintext is kept only until the object is safely written, so
         # that a failed write (disk full) can be retried by the next commit
         fut.plaintext = plaintext
@@ -324,7 +330,11 @@ class FileData:
         inode = of.inode
         new_inode = Inode(**{**inode.__dict__, "size": size, "sha256": sha,
                              "generation": of.write_generation})
+        deferred = self.codec != NONE and any(
+            r is not None and r.codec == NONE for r in written.values())
         with self.index.begin(write=True) as txn:
+            if deferred:
+                txn.add_backlog(of.ino)
             for idx, ref in table.items():
                 if old.get(idx) != ref:
                     txn.put_chunk(of.ino, idx, ref)
@@ -338,6 +348,11 @@ class FileData:
         of.pending.clear()
         of.changed = False
         self.after_commit(superseded)
+        if deferred:
+            self.on_deferred(of.ino, size)
+
+    def on_deferred(self, ino: int, size: int) -> None:
+        """Hook: a commit left chunks for the re-encoder (the core sets it)."""
 
     def _fix_last_flags(self, of: OpenFile, table: dict[int, ChunkRef],
                         written: dict[int, ChunkRef | None], last_idx: int, size: int) -> None:

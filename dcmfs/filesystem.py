@@ -28,6 +28,7 @@ from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .index import Index, Inode
 from .objectstore import ObjectStore
 from .recovery import RecoveryReport, recover
+from .reencoder import Reencoder
 from .store import Store, StoreLock
 
 log = logging.getLogger("dcmfs.fs")
@@ -77,9 +78,15 @@ class FileSystem(FileOps):
         self.recovered: RecoveryReport | None = None
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
+        self.reencoder: Reencoder | None = None
         if not config.read_only:
             self._ensure_root()
             self._mark_mounted()
+            if config.reencode and self.data.codec != codecs.NONE:
+                self.reencoder = Reencoder(self, config.backlog_limit)
+                self.data.may_defer = self.reencoder.has_room
+                self.data.on_deferred = self.reencoder.deferred
+                self.reencoder.start()
             if config.checkpoint_interval > 0:
                 self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                                 name="dcmfs-checkpoint")
@@ -178,6 +185,8 @@ class FileSystem(FileOps):
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join()
+        if self.reencoder is not None:
+            self.reencoder.stop()  # its backlog stays in the index for next time
         self.closed = True
         try:
             if not self.read_only:
@@ -546,8 +555,10 @@ class FileSystem(FileOps):
     def live_status(self) -> dict:
         """The figures ``dcmfs status`` shows for a mounted store."""
         files, logical, stored = self.stats()
+        backlog = self.reencoder.backlog if self.reencoder else (0, 0)
         return {"files": files, "logical_bytes": logical, "stored_bytes": stored,
-                "journal_records": self.index.pending_records}
+                "journal_records": self.index.pending_records,
+                "backlog_files": backlog[0], "backlog_bytes": backlog[1]}
 
     def stats(self) -> tuple[int, int, int]:
         """(files, logical bytes, stored bytes)."""

@@ -24,6 +24,9 @@ database      key                             value
 ``xattrs``    ino u64 + name tag (16)         SIV(name length u16 + name + value)
 ``orphans``   ino u64                         b"" — unlinked while open, purged
                                               at release or at the next mount
+``backlog``   ino u64                         b"" — closed with chunks sealed
+                                              uncompressed, for the background
+                                              re-encoder
 ============  ==============================  ======================================
 
 The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
@@ -76,7 +79,7 @@ _CHUNK = struct.Struct(">16sQBBII")
 _U16 = struct.Struct(">H")
 _STATS = struct.Struct(">QQQ")
 
-DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans")
+DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog")
 _DB_ID = {name: i for i, name in enumerate(DATABASES)}
 JOURNAL_NAME = "journal"
 
@@ -504,6 +507,7 @@ class Txn:
                 self._delete(prefix_db, k)
         self._delete("inodes", ino_key(ino))
         self._delete("orphans", ino_key(ino))
+        self._delete("backlog", ino_key(ino))
         return refs
 
     def iter_inodes(self) -> Iterator[tuple[int, Inode]]:
@@ -598,6 +602,20 @@ class Txn:
 
     def remove_orphan(self, ino: int) -> None:
         self._delete("orphans", ino_key(ino))
+
+    # --- re-encoding backlog -----------------------------------------------------
+    def add_backlog(self, ino: int) -> None:
+        try:
+            self.txn.put(ino_key(ino), b"", db=self._db["backlog"])
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, "writing the backlog") from exc
+        self._record(PUT, "backlog", ino_key(ino), b"")
+
+    def remove_backlog(self, ino: int) -> None:
+        self._delete("backlog", ino_key(ino))
+
+    def backlog(self) -> list[int]:
+        return [_U64.unpack(k)[0] for k, _ in self._scan_raw("backlog", b"")]
 
     def orphans(self) -> list[int]:
         return [_U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"")]

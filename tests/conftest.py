@@ -25,8 +25,10 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 #: cheap Argon2id for tests, passed through Config (never a global switch)
 CHEAP_KDF = KdfParams(memory_kib=1024, iterations=1, lanes=1)
 #: small chunks so that core tests cross chunk boundaries with little data
+#: and compression inline, so that chunk objects do not change behind a test's
+#: back (tests/test_reencoder.py turns the re-encoder on)
 SMALL = Config(chunk_size=64 * 1024, kdf=CHEAP_KDF, dirty_limit=256 * 1024,
-               read_cache_bytes=1 << 20)
+               read_cache_bytes=1 << 20, reencode=False)
 
 
 def sha256(data: bytes) -> str:
@@ -45,6 +47,9 @@ def crash(fs: FileSystem) -> None:
     """Drop a FileSystem the way a killed daemon would: nothing flushed,
     nothing marked clean (only OS resources are released)."""
     fs.closed = True
+    fs._stop.set()
+    if fs.reencoder is not None:
+        fs.reencoder.stop()
     fs.data.shutdown()
     fs.index.close()
     fs.store_lock.release()

@@ -1,0 +1,111 @@
+"""The background re-encoder: close seals uncompressed, a thread compresses
+later; content never changes, nothing is left behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from dcmfs import codec
+
+from .conftest import SMALL, assert_no_dangling, crash, ct_file
+from .test_core import read_file, write_file
+from .test_integrity import chunk_paths
+
+ON = dataclasses.replace(SMALL, reencode=True, checkpoint_interval=0)
+
+
+def codecs_of(fs, path) -> set[int]:
+    with fs.index.begin() as txn:
+        return {r.codec for r in txn.chunks(fs._resolve(txn, path)).values()}
+
+
+def test_closed_files_are_compressed_in_the_background(make_fs):
+    fs = make_fs(ON)
+    ct = ct_file().read_bytes()
+    noise = os.urandom(200_000)
+    fs.reencoder.pause()  # first look at what close stored
+    write_file(fs, "/ct", ct)
+    write_file(fs, "/noise", noise)
+    assert codecs_of(fs, "/ct") == {codec.NONE}
+    assert fs.live_status()["backlog_files"] == 2
+    raw_stored = fs.stats()[2]
+    raw_paths = chunk_paths(fs, "/ct")
+    fs.close()
+
+    fs = make_fs(ON)  # the backlog survives a remount and is worked off
+    assert fs.reencoder.wait_idle(timeout=30)
+    assert codecs_of(fs, "/ct") == {codec.ZSTD}
+    assert codecs_of(fs, "/noise") == {codec.NONE}  # incompressible stays as it was
+    assert read_file(fs, "/ct") == ct and read_file(fs, "/noise") == noise
+    assert fs.stats()[2] < raw_stored * 0.7
+    assert fs.live_status()["backlog_files"] == 0
+    fs.checkpoint()
+    assert not any(os.path.exists(p) for p in raw_paths)
+    assert_no_dangling(fs)
+    with fs.index.begin() as txn:
+        assert txn.backlog() == []
+
+
+def test_open_or_changed_files_are_left_for_later(make_fs):
+    fs = make_fs(ON)
+    fs.reencoder.pause()
+    data = b"dicom-ish " * 30_000
+    write_file(fs, "/f", data)
+    ino = fs.getattr("/f")["st_ino"]
+    fh = fs.open("/f", os.O_RDONLY)
+    assert fs.reencoder.encode(ino) is False  # open: not now
+    fs.release(fh)
+
+    # changed between the read of its chunks and the swap: not swapped
+    real_write = fs.objects.write
+
+    def write_and_meanwhile_rewrite(*args, **kw):
+        ref = real_write(*args, **kw)
+        fs.objects.write = real_write
+        write_file_over(fs, "/f", b"new content " * 20_000)
+        return ref
+
+    fs.objects.write = write_and_meanwhile_rewrite
+    assert fs.reencoder.encode(ino) is False
+    assert read_file(fs, "/f") == b"new content " * 20_000
+    assert fs.reencoder.encode(ino) is True
+    assert codecs_of(fs, "/f") == {codec.ZSTD}
+    assert read_file(fs, "/f") == b"new content " * 20_000
+    fs.checkpoint()
+    assert_no_dangling(fs)
+
+
+def write_file_over(fs, path, data):
+    fh = fs.open(path, os.O_WRONLY | os.O_TRUNC)
+    fs.write(fh, data, 0)
+    fs.release(fh)
+
+
+def test_crash_while_reencoding_loses_nothing(make_fs):
+    fs = make_fs(ON)
+    fs.reencoder.pause()
+    files = {f"/f{i}": (b"%d " % i) * (20_000 + i * 999) for i in range(10)}
+    for path, data in files.items():
+        write_file(fs, path, data)
+    # re-encode a few, then die without a checkpoint
+    for ino in list(fs.reencoder._queue)[:4]:
+        assert fs.reencoder.encode(ino) is True
+    crash(fs)
+    fs = make_fs(ON)
+    assert fs.reencoder.wait_idle(timeout=30)
+    for path, data in files.items():
+        assert read_file(fs, path) == data
+        assert codecs_of(fs, path) == {codec.ZSTD}
+    fs.checkpoint()
+    assert_no_dangling(fs)
+
+
+def test_a_full_backlog_makes_close_compress_inline(make_fs):
+    fs = make_fs(dataclasses.replace(ON, backlog_limit=100_000))
+    fs.reencoder.pause()
+    write_file(fs, "/a", b"a" * 150_000)  # fills the backlog
+    write_file(fs, "/b", b"b" * 150_000)
+    assert codecs_of(fs, "/a") == {codec.NONE}
+    assert codecs_of(fs, "/b") == {codec.ZSTD}
+    assert fs.live_status()["backlog_files"] == 1
