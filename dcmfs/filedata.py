@@ -109,7 +109,7 @@ class FileData:
         self.codec = codec
         #: may chunks be sealed uncompressed now, for the re-encoder to
         #: compress later? (the core points this at the backlog's room)
-        self.may_defer: Callable[[], bool] = lambda: False
+        self.may_defer: Callable[[int, int], bool] = lambda ino, nbytes: False
         self.dirty_limit = dirty_limit
         self.cache = ChunkCache(cache_bytes)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcmfs-seal")
@@ -262,7 +262,8 @@ class FileData:
             return
         while len(self._inflight) >= self._max_inflight:
             self._inflight.popleft().exception()  # wait; errors go to their commit
-        codec = NONE if self.may_defer() else self.codec
+        codec = NONE if self.codec != NONE and self.may_defer(of.ino, len(plaintext)) \
+            else self.codec
         fut = self._pool.submit(self.objects.write, of.cipher, of.inode.file_id, of.ino, idx,
                                 of.write_generation, CHUNK_FLAG_LAST if last else 0,
                                 codec, plaintext)
@@ -273,6 +274,10 @@ class FileData:
         of.pending[idx] = fut
         self._inflight.append(fut)
         fut.add_done_callback(lambda f, of=of: _written(f, of))
+
+    def submit_background(self, fn, *args) -> Future:
+        """Run background work (re-encoding) on the sealing pool."""
+        return self._pool.submit(fn, *args)
 
     def _wait_pending(self, of: OpenFile) -> dict[int, ChunkRef | None]:
         """Wait for every pending object.
@@ -349,9 +354,9 @@ class FileData:
         of.changed = False
         self.after_commit(superseded)
         if deferred:
-            self.on_deferred(of.ino, size)
+            self.on_deferred(of.ino)
 
-    def on_deferred(self, ino: int, size: int) -> None:
+    def on_deferred(self, ino: int) -> None:
         """Hook: a commit left chunks for the re-encoder (the core sets it)."""
 
     def _fix_last_flags(self, of: OpenFile, table: dict[int, ChunkRef],

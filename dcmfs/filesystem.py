@@ -84,7 +84,7 @@ class FileSystem(FileOps):
             self._mark_mounted()
             if config.reencode and self.data.codec != codecs.NONE:
                 self.reencoder = Reencoder(self, config.backlog_limit)
-                self.data.may_defer = self.reencoder.has_room
+                self.data.may_defer = self.reencoder.reserve
                 self.data.on_deferred = self.reencoder.deferred
                 self.reencoder.start()
             if config.checkpoint_interval > 0:

@@ -23,7 +23,6 @@ import logging
 import threading
 
 from .codec import NONE
-from .errors import DcmfsError
 from .filedata import stored_bytes
 
 log = logging.getLogger("dcmfs.reencoder")
@@ -32,10 +31,15 @@ log = logging.getLogger("dcmfs.reencoder")
 class Reencoder:
     """Works through the backlog of one opened :class:`FileSystem`."""
 
-    def __init__(self, fs, limit_bytes: int) -> None:
+    def __init__(self, fs, limit_bytes: int, window: int = 2) -> None:
         self.fs = fs
         self.limit = limit_bytes
+        #: chunks of one file being re-encoded at once
+        self.window = window
+        #: inode -> uncompressed bytes it holds in the backlog
         self._queue: collections.OrderedDict[int, int] = collections.OrderedDict()
+        #: bytes sealed uncompressed for files not committed yet
+        self._reserved: dict[int, int] = {}
         self._bytes = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -52,17 +56,26 @@ class Reencoder:
 
     # --- the queue --------------------------------------------------------------
     def _add(self, ino: int, size: int) -> None:
-        old = self._queue.pop(ino, 0)
-        self._queue[ino] = size
-        self._bytes += size - old
+        self._queue[ino] = self._queue.pop(ino, 0) + size
+        self._bytes += size
 
-    def deferred(self, ino: int, size: int) -> None:
+    def reserve(self, ino: int, nbytes: int) -> bool:
+        """May a chunk of ``nbytes`` be sealed uncompressed? (core lock held)
+
+        Counted per chunk, so one huge file cannot overrun the limit.
+        """
+        if self._bytes + nbytes > self.limit:
+            return False
+        self._reserved[ino] = self._reserved.get(ino, 0) + nbytes
+        self._bytes += nbytes
+        return True
+
+    def deferred(self, ino: int) -> None:
         """A commit left this inode's chunks uncompressed (core lock held)."""
-        self._add(ino, size)
+        nbytes = self._reserved.pop(ino, 0)
+        self._bytes -= nbytes
+        self._add(ino, nbytes)
         self._wake.set()
-
-    def has_room(self) -> bool:
-        return self._bytes < self.limit
 
     @property
     def backlog(self) -> tuple[int, int]:
@@ -108,7 +121,7 @@ class Reencoder:
                 continue
             try:
                 done = self.encode(ino)
-            except DcmfsError as exc:
+            except Exception as exc:  # noqa: BLE001 — the file stays as it is, readable
                 self.errors += 1
                 log.error("re-encoding inode %d failed: %s", ino, exc)
                 done = None  # leave it uncompressed; it reads back all the same
@@ -146,17 +159,28 @@ class Reencoder:
         todo = {i: r for i, r in table.items() if r.codec == NONE}
         cipher = fs.objects.file_cipher(inode.file_id)
         new = {}
+
+        def one(idx: int, ref):
+            plain = fs.objects.read(cipher, inode.file_id, ino, idx, ref)
+            return fs.objects.write(cipher, inode.file_id, ino, idx, ref.generation,
+                                    ref.flags, fs.data.codec, plain)
+
+        # chunks go through the core's sealing pool, a few at a time: both
+        # cores work on a big file, and file writes never queue behind it
+        window: collections.deque = collections.deque()
         try:
-            for idx, ref in sorted(todo.items()):
-                if self._stop.is_set():
-                    return False
-                plain = fs.objects.read(cipher, inode.file_id, ino, idx, ref)
-                nref = fs.objects.write(cipher, inode.file_id, ino, idx, ref.generation,
-                                        ref.flags, fs.data.codec, plain)
-                if nref.codec == NONE:  # incompressible: keep the original
-                    fs.objects.delete(nref.oid)
-                else:
-                    new[idx] = nref
+            for idx, ref in sorted(todo.items()) + [(None, None)]:
+                if idx is not None:
+                    if self._stop.is_set():
+                        return False
+                    window.append((idx, fs.data.submit_background(one, idx, ref)))
+                while window and (idx is None or len(window) >= self.window):
+                    done_idx, fut = window.popleft()
+                    nref = fut.result()
+                    if nref.codec == NONE:  # incompressible: keep the original
+                        fs.objects.delete(nref.oid)
+                    else:
+                        new[done_idx] = nref
             with fs._lock:
                 if ino in fs._open:
                     raise _Retry
@@ -176,7 +200,11 @@ class Reencoder:
         except _Retry:
             return False
         finally:
-            for nref in new.values():  # not swapped in: nothing refers to them
+            unused = list(new.values())
+            for _, fut in window:  # stopped or failed half-way: wait, then clean up
+                if fut.exception() is None:
+                    unused.append(fut.result())
+            for nref in unused:  # not swapped in: nothing refers to them
                 fs.objects.delete(nref.oid)
 
 

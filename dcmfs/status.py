@@ -37,6 +37,10 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
         "stored_bytes": stored,
         "ratio": round(stored / logical, 4) if logical else None,
     }
+    if live is not None:
+        report.update(backlog_files=live.get("backlog_files", 0),
+                      backlog_bytes=live.get("backlog_bytes", 0),
+                      journal_records=live.get("journal_records", 0))
     if pid is not None:
         try:
             proc = psutil.Process(pid)
@@ -93,5 +97,8 @@ def render(reports: list[dict]) -> str:
         lines.append(f"files       {r['files']}")
         lines.append(f"logical     {_size(r['logical_bytes'])}")
         lines.append(f"stored      {_size(r['stored_bytes'])} (ratio {ratio})")
+        if "backlog_files" in r:
+            lines.append(f"backlog     {r['backlog_files']} files, {_size(r['backlog_bytes'])} "
+                         "waiting for compression")
         lines.append("")
     return "\n".join(lines).rstrip()

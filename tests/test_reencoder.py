@@ -58,15 +58,18 @@ def test_open_or_changed_files_are_left_for_later(make_fs):
     fs.release(fh)
 
     # changed between the read of its chunks and the swap: not swapped
-    real_write = fs.objects.write
+    real_submit = fs.data.submit_background
+    rewritten = []
 
-    def write_and_meanwhile_rewrite(*args, **kw):
-        ref = real_write(*args, **kw)
-        fs.objects.write = real_write
-        write_file_over(fs, "/f", b"new content " * 20_000)
-        return ref
+    def submit_then_rewrite(fn, *args):
+        fut = real_submit(fn, *args)
+        if not rewritten:
+            fut.result()  # the first chunk is re-encoded; now a writer comes
+            write_file_over(fs, "/f", b"new content " * 20_000)
+            rewritten.append(True)
+        return fut
 
-    fs.objects.write = write_and_meanwhile_rewrite
+    fs.data.submit_background = submit_then_rewrite
     assert fs.reencoder.encode(ino) is False
     assert read_file(fs, "/f") == b"new content " * 20_000
     assert fs.reencoder.encode(ino) is True
@@ -102,10 +105,20 @@ def test_crash_while_reencoding_loses_nothing(make_fs):
 
 
 def test_a_full_backlog_makes_close_compress_inline(make_fs):
-    fs = make_fs(dataclasses.replace(ON, backlog_limit=100_000))
+    cs = ON.chunk_size
+    fs = make_fs(dataclasses.replace(ON, backlog_limit=3 * cs))
     fs.reencoder.pause()
-    write_file(fs, "/a", b"a" * 150_000)  # fills the backlog
-    write_file(fs, "/b", b"b" * 150_000)
+    write_file(fs, "/a", b"a" * (2 * cs - 1))
+    write_file(fs, "/big", b"b" * (5 * cs - 1))  # fills it up chunk by chunk
+    write_file(fs, "/c", b"c" * 1000)
     assert codecs_of(fs, "/a") == {codec.NONE}
-    assert codecs_of(fs, "/b") == {codec.ZSTD}
-    assert fs.live_status()["backlog_files"] == 1
+    with fs.index.begin() as txn:
+        big = txn.chunks(fs._resolve(txn, "/big"))
+    assert [big[i].codec for i in sorted(big)] == [codec.NONE] + [codec.ZSTD] * 4
+    assert codecs_of(fs, "/c") == {codec.ZSTD}
+    assert fs.live_status()["backlog_files"] == 2
+    assert fs.live_status()["backlog_bytes"] == 3 * cs - 1
+    fs.reencoder.resume()
+    assert fs.reencoder.wait_idle(timeout=30)
+    assert fs.live_status()["backlog_bytes"] == 0
+    assert read_file(fs, "/big") == b"b" * (5 * cs - 1)
