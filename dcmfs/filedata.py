@@ -24,6 +24,7 @@ import collections
 import hashlib
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -110,6 +111,8 @@ class FileData:
         #: may chunks be sealed uncompressed now, for the re-encoder to
         #: compress later? (the core points this at the backlog's room)
         self.may_defer: Callable[[int, int], bool] = lambda ino, nbytes: False
+        #: monotonic time of the last file write (background work yields to it)
+        self.last_activity = 0.0
         self.dirty_limit = dirty_limit
         self.cache = ChunkCache(cache_bytes)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcmfs-seal")
@@ -199,6 +202,7 @@ class FileData:
         return buf
 
     def write(self, of: OpenFile, offset: int, data: bytes) -> int:
+        self.last_activity = time.monotonic()
         if of.write_error is not None:
             # a chunk sealed in the background failed (disk full): tell the
             # writer now; the chunk's data is kept and retried at commit
@@ -274,10 +278,6 @@ class FileData:
         of.pending[idx] = fut
         self._inflight.append(fut)
         fut.add_done_callback(lambda f, of=of: _written(f, of))
-
-    def submit_background(self, fn, *args) -> Future:
-        """Run background work (re-encoding) on the sealing pool."""
-        return self._pool.submit(fn, *args)
 
     def _wait_pending(self, of: OpenFile) -> dict[int, ChunkRef | None]:
         """Wait for every pending object.

@@ -21,6 +21,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .codec import NONE
 from .filedata import stored_bytes
@@ -31,11 +33,15 @@ log = logging.getLogger("dcmfs.reencoder")
 class Reencoder:
     """Works through the backlog of one opened :class:`FileSystem`."""
 
-    def __init__(self, fs, limit_bytes: int, window: int = 2) -> None:
+    def __init__(self, fs, limit_bytes: int, window: int = 2,
+                 quiet_after: float = 0.2) -> None:
         self.fs = fs
         self.limit = limit_bytes
-        #: chunks of one file being re-encoded at once
+        #: chunks of one file re-encoded at once while file I/O is quiet
         self.window = window
+        #: seconds without file writes after which I/O counts as quiet
+        self.quiet_after = quiet_after
+        self._pool = ThreadPoolExecutor(max_workers=window, thread_name_prefix="dcmfs-reenc")
         #: inode -> uncompressed bytes it holds in the backlog
         self._queue: collections.OrderedDict[int, int] = collections.OrderedDict()
         #: bytes sealed uncompressed for files not committed yet
@@ -93,6 +99,7 @@ class Reencoder:
         self._running.set()
         if self._thread is not None:
             self._thread.join()
+        self._pool.shutdown(wait=True)
 
     def pause(self) -> None:
         """Hold the thread after the file it is on (benchmarks, tests)."""
@@ -165,16 +172,19 @@ class Reencoder:
             return fs.objects.write(cipher, inode.file_id, ino, idx, ref.generation,
                                     ref.flags, fs.data.codec, plain)
 
-        # chunks go through the core's sealing pool, a few at a time: both
-        # cores work on a big file, and file writes never queue behind it
+        # chunks go to the re-encoder's own threads (never ahead of the
+        # core's sealing jobs); two at a time while file I/O is quiet, so a big
+        # file gets both cores, one at a time while files are being written
         window: collections.deque = collections.deque()
         try:
             for idx, ref in sorted(todo.items()) + [(None, None)]:
                 if idx is not None:
                     if self._stop.is_set():
                         return False
-                    window.append((idx, fs.data.submit_background(one, idx, ref)))
-                while window and (idx is None or len(window) >= self.window):
+                    window.append((idx, self._pool.submit(one, idx, ref)))
+                quiet = time.monotonic() - fs.data.last_activity > self.quiet_after
+                width = self.window if quiet else 1
+                while window and (idx is None or len(window) >= width):
                     done_idx, fut = window.popleft()
                     nref = fut.result()
                     if nref.codec == NONE:  # incompressible: keep the original

@@ -44,15 +44,23 @@ def test_store_index_and_log_hold_no_names_attributes_or_plaintext(mounted):
     (d / "report.txt").write_bytes(text)
     os.setxattr(d / "report.txt", "user.note", SECRET_NAMES[5].encode())
     os.symlink(SECRET_NAMES[6], d / "link")
-    mounted.umount()
 
-    blobs = {}
-    for dirpath, _, filenames in os.walk(mounted.store):
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            with open(p, "rb") as f:
-                blobs[p] = f.read()
-            assert not any(s in p for s in SECRET_NAMES), p
+    def scan(tag):
+        out = {}
+        for dirpath, _, filenames in os.walk(mounted.store):
+            for name in filenames:
+                p = os.path.join(dirpath, name)
+                with open(p, "rb") as f:
+                    out[f"{tag}:{p}"] = f.read()
+                assert not any(s in p for s in SECRET_NAMES), p
+        return out
+
+    # while mounted: the journal holds the changes, objects may be uncompressed
+    blobs = scan("mounted")
+    journal = [b for p, b in blobs.items() if p.endswith("index/journal")]
+    assert journal and len(journal[0]) > 1000
+    mounted.umount()
+    blobs.update(scan("unmounted"))
     assert any(p.endswith("data.mdb") for p in blobs) and len(blobs) > 3
     for needle in SECRET_NAMES + ["Zyxwvut", "Qwertyuiop", "report.txt", "user.note"]:
         for enc in ("utf-8", "utf-16-le"):

@@ -58,7 +58,7 @@ def test_open_or_changed_files_are_left_for_later(make_fs):
     fs.release(fh)
 
     # changed between the read of its chunks and the swap: not swapped
-    real_submit = fs.data.submit_background
+    real_submit = fs.reencoder._pool.submit
     rewritten = []
 
     def submit_then_rewrite(fn, *args):
@@ -69,7 +69,7 @@ def test_open_or_changed_files_are_left_for_later(make_fs):
             rewritten.append(True)
         return fut
 
-    fs.data.submit_background = submit_then_rewrite
+    fs.reencoder._pool.submit = submit_then_rewrite
     assert fs.reencoder.encode(ino) is False
     assert read_file(fs, "/f") == b"new content " * 20_000
     assert fs.reencoder.encode(ino) is True
