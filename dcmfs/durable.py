@@ -32,23 +32,21 @@ def fsync_dir(path: str) -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def sync_filesystem(path: str) -> None:
-    """Make every write to the filesystem holding ``path`` durable (syncfs(2)).
+def sync_filesystem(fd: int) -> None:
+    """Make every write to the filesystem holding open ``fd`` durable (syncfs(2)).
 
     One call instead of an fsync per object: the objects written since the
     last durability point are flushed together, as ext4 would in one
-    journal commit.  Falls back to sync(2) where syncfs is missing.
+    journal commit.  Keep ``fd`` open for the whole session: syncfs reports
+    writeback errors only to descriptors opened before they happened.
+    Falls back to sync(2) where syncfs is missing.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        syncfs = getattr(_libc, "syncfs", None)
-        if syncfs is None:
-            os.sync()
-        elif syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
+    syncfs = getattr(_libc, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+    elif syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def write_new(path: str, data: bytes | memoryview, mode: int = 0o600) -> None:

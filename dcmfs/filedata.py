@@ -266,8 +266,8 @@ class FileData:
             return
         while len(self._inflight) >= self._max_inflight:
             self._inflight.popleft().exception()  # wait; errors go to their commit
-        codec = NONE if self.codec != NONE and self.may_defer(of.ino, len(plaintext)) \
-            else self.codec
+        deferred = self.codec != NONE and self.may_defer(of.ino, len(plaintext))
+        codec = NONE if deferred else self.codec
         fut = self._pool.submit(self.objects.write, of.cipher, of.inode.file_id, of.ino, idx,
                                 of.write_generation, CHUNK_FLAG_LAST if last else 0,
                                 codec, plaintext)
@@ -275,6 +275,7 @@ class FileData:
         # that a failed write (disk full) can be retried by the next commit
         fut.plaintext = plaintext
         fut.idx = idx
+        fut.deferred = deferred
         of.pending[idx] = fut
         self._inflight.append(fut)
         fut.add_done_callback(lambda f, of=of: _written(f, of))
@@ -335,8 +336,9 @@ class FileData:
         inode = of.inode
         new_inode = Inode(**{**inode.__dict__, "size": size, "sha256": sha,
                              "generation": of.write_generation})
-        deferred = self.codec != NONE and any(
-            r is not None and r.codec == NONE for r in written.values())
+        # left for the re-encoder: sealed uncompressed on purpose (a chunk that
+        # did not compress is not re-tried)
+        deferred = any(getattr(f, "deferred", False) for f in of.pending.values())
         with self.index.begin(write=True) as txn:
             if deferred:
                 txn.add_backlog(of.ino)
@@ -355,6 +357,9 @@ class FileData:
         self.after_commit(superseded)
         if deferred:
             self.on_deferred(of.ino)
+
+    def on_discarded(self, ino: int) -> None:
+        """Hook: an open file's uncommitted chunks were dropped (the core sets it)."""
 
     def on_deferred(self, ino: int) -> None:
         """Hook: a commit left chunks for the re-encoder (the core sets it)."""
@@ -413,6 +418,7 @@ class FileData:
                 self.objects.delete(fut.result().oid)
         of.pending.clear()
         of.discarded.clear()
+        self.on_discarded(of.ino)
         of.dirty.clear()
         of.dirty_bytes = 0
         of.changed = False

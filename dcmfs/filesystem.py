@@ -21,12 +21,12 @@ from typing import Callable
 
 from . import codec as codecs, format as fmt
 from .config import Config
-from .errors import (DirectoryNotEmpty, Exists, IntegrityError, InvalidArgument, IsADirectory,
-                     NameTooLong, NotADirectory, NotFound, StoreIOError)
+from .errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
+                     NameTooLong, NotADirectory, NotFound)
 from .filedata import FileData, OpenFile, stored_bytes
 from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .index import Index, Inode
-from .objectstore import ObjectStore
+from .objectstore import ObjectDamaged, ObjectStore
 from .recovery import RecoveryReport, recover
 from .reencoder import Reencoder
 from .store import Store, StoreLock
@@ -80,12 +80,12 @@ class FileSystem(FileOps):
         self._syncer: threading.Thread | None = None
         self.reencoder: Reencoder | None = None
         if not config.read_only:
-            self._ensure_root()
             self._mark_mounted()
             if config.reencode and self.data.codec != codecs.NONE:
                 self.reencoder = Reencoder(self, config.backlog_limit)
                 self.data.may_defer = self.reencoder.reserve
                 self.data.on_deferred = self.reencoder.deferred
+                self.data.on_discarded = self.reencoder.release
                 self.reencoder.start()
             if config.checkpoint_interval > 0:
                 self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
@@ -95,10 +95,14 @@ class FileSystem(FileOps):
     def _mark_mounted(self) -> None:
         """Apply what a crash left in the journal, check the store if the last
         session did not end cleanly, and record that it is in use."""
+        # objects a crashed daemon left in the page cache become durable before
+        # any checkpoint may name them
+        self.objects.sync(force=True)
         applied, dropped = self.index.replay(self._replayed_chunk_ok)
         if applied or dropped:
             log.warning("journal replayed: %d operations applied, %d dropped (their data "
                         "had not reached the disk)", applied, dropped)
+        self._ensure_root()
         with self.index.begin() as txn:
             state = txn.meta_get("state")
         if state == b"mounted":
@@ -115,9 +119,9 @@ class FileSystem(FileOps):
         try:
             self.objects.read(self.objects.file_cipher(inode.file_id), inode.file_id,
                               ino, idx, ref)
-        except (IntegrityError, StoreIOError):
-            return False
-        return True
+        except ObjectDamaged:
+            return False  # missing, torn or unauthentic: the power cut was here
+        return True  # any other error (EIO, EMFILE) stops the mount, drops nothing
 
     # --- lifecycle --------------------------------------------------------------
     def _ensure_root(self) -> None:
@@ -144,8 +148,13 @@ class FileSystem(FileOps):
             self.data.checkpointed()
 
     def _maybe_checkpoint(self) -> None:
+        """Checkpoint when the journal has grown; a failure does not fail the
+        operation that triggered it (the journal keeps its changes)."""
         if self.index.pending_records and self.index.needs_checkpoint():
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except DcmfsError as exc:
+                log.error("checkpoint failed: %s", exc)
 
     def _sync_loop(self) -> None:
         """Checkpoint every ``checkpoint_interval`` seconds while there are changes.
@@ -201,6 +210,7 @@ class FileSystem(FileOps):
                     self.index.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
         finally:
             self.data.shutdown()
+            self.objects.close()
             self.index.close()
             self.store_lock.release()
 

@@ -135,7 +135,9 @@ def _lmdb_error(exc: lmdb.Error, doing: str) -> Exception:
 def read_stats(path: str) -> tuple[int, int, int] | None:
     """(files, logical bytes, stored bytes) without the key; None if no index.
 
-    Safe while a daemon has the index open (LMDB readers never block writers).
+    While a daemon has the index open, figures may be up to one checkpoint
+    old, and a read racing a checkpoint can fail (the daemon opens LMDB
+    without its lock file); ``dcmfs status`` asks a running daemon instead.
     """
     if not os.path.exists(os.path.join(path, "data.mdb")):
         return None
@@ -277,7 +279,9 @@ class Index:
         ``verify(txn, ino, index, ref)`` is asked about every chunk a record
         puts; a record whose object is not intact (its write had not reached
         the disk when the power failed) ends the replay there, so the index
-        is always a prefix of what was written.  The result is checkpointed.
+        is always a prefix of what was written.  Any other error from
+        ``verify`` propagates: the mount fails and nothing is dropped.  The
+        result is checkpointed; the caller must have synced the objects.
         """
         records = list(self.journal.records(self._seq))
         applied = 0
@@ -300,6 +304,9 @@ class Index:
                             break
             except (lmdb.Error, IntegrityError, struct.error):
                 ok = False
+            except BaseException:
+                child.abort()
+                raise
             if not ok:
                 child.abort()
                 break
@@ -307,10 +314,14 @@ class Index:
             self._seq = seq
             applied += 1
         dropped = len(records) - applied
+        if dropped:
+            # never reuse the dropped records' numbers: should the truncation
+            # below not reach the disk, they must stay behind journal_seq
+            self._seq = max(seq for seq, _ in records)
         if records:
-            self.checkpoint()
+            self.checkpoint()  # the caller has synced the objects first
             if dropped:
-                self.journal.reset()
+                self.journal.sync()
         return applied, dropped
 
     # --- transactions -----------------------------------------------------------

@@ -145,7 +145,11 @@ class Journal:
     # --- writing --------------------------------------------------------------
     def append(self, seq: int, ops: list[Op]) -> None:
         """Append one record; on failure the journal is as before."""
-        sealed = self._gcm.seal(encode_ops(ops), self._aad(seq))
+        plain = encode_ops(ops)
+        if len(plain) > MAX_RECORD - 64:
+            raise StoreIOError("One operation changes too much of the index at once "
+                               f"({len(plain)} bytes); split it up.")
+        sealed = self._gcm.seal(plain, self._aad(seq))
         record = _RECORD.pack(len(sealed), seq) + sealed
         start = self.size
         try:

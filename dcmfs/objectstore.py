@@ -66,8 +66,14 @@ class ObjectStore:
         self._header = crypto.Siv(crypto.derive(master_key, b"object-context", store_id))
         self._codecs = codecs
         self._verify = verify_writes
-        self._unsynced = 0
-        self._unsynced_lock = threading.Lock()
+        #: objects written / made durable so far (sync waits for a syncfs that
+        #: started after the writes it must cover)
+        self._written = 0
+        self._synced = 0
+        self._count_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._sync_fd: int | None = None
+        self._sync_failed: str | None = None
 
     # --- naming ---------------------------------------------------------------
     @staticmethod
@@ -124,22 +130,42 @@ class ObjectStore:
             except OSError as exc:
                 raise StoreIOError(f"cannot create object directory: {exc.strerror}") from exc
         write_new(self.path(oid), blob)
-        with self._unsynced_lock:
-            self._unsynced += 1
+        with self._count_lock:
+            self._written += 1
         return ref
 
-    def sync(self) -> None:
-        """Make every object written so far durable (one syncfs)."""
-        with self._unsynced_lock:
-            count, self._unsynced = self._unsynced, 0
-        if not count:
-            return
-        try:
-            sync_filesystem(self.root)
-        except OSError as exc:
-            with self._unsynced_lock:
-                self._unsynced += count
-            raise StoreIOError(f"Syncing the objects failed: {exc.strerror}.") from exc
+    def sync(self, force: bool = False) -> None:
+        """Make every object written so far durable (one syncfs, thread-safe).
+
+        ``force`` also covers objects a previous, crashed daemon left in the
+        page cache.  A failed sync is final for this mount: the kernel marks
+        the pages clean after reporting the error once, so a retry could
+        falsely succeed.
+        """
+        with self._count_lock:
+            target = self._written
+        with self._sync_lock:
+            if self._sync_failed:
+                raise StoreIOError(self._sync_failed)
+            if self._synced >= target and not force:
+                return
+            with self._count_lock:
+                upto = self._written
+            try:
+                if self._sync_fd is None:
+                    self._sync_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                sync_filesystem(self._sync_fd)
+            except OSError as exc:
+                self._sync_failed = (f"Syncing the objects failed ({exc.strerror}); the store "
+                                     "is not written any more: unmount, check the disk, mount "
+                                     "again (the journal keeps every change).")
+                raise StoreIOError(self._sync_failed) from exc
+            self._synced = upto
+
+    def close(self) -> None:
+        if self._sync_fd is not None:
+            os.close(self._sync_fd)
+            self._sync_fd = None
 
     # --- reading --------------------------------------------------------------
     def load(self, oid: bytes) -> bytes:

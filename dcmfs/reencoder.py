@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .codec import NONE
+from .errors import IntegrityError
 from .filedata import stored_bytes
 
 log = logging.getLogger("dcmfs.reencoder")
@@ -76,6 +77,10 @@ class Reencoder:
         self._bytes += nbytes
         return True
 
+    def release(self, ino: int) -> None:
+        """Uncommitted chunks of this inode were dropped (core lock held)."""
+        self._bytes -= self._reserved.pop(ino, 0)
+
     def deferred(self, ino: int) -> None:
         """A commit left this inode's chunks uncompressed (core lock held)."""
         nbytes = self._reserved.pop(ino, 0)
@@ -126,22 +131,32 @@ class Reencoder:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
+            pause = 0.05
             try:
                 done = self.encode(ino)
-            except Exception as exc:  # noqa: BLE001 — the file stays as it is, readable
+            except IntegrityError as exc:
+                # a damaged object: leave the file as it is (reads report it)
                 self.errors += 1
                 log.error("re-encoding inode %d failed: %s", ino, exc)
-                done = None  # leave it uncompressed; it reads back all the same
-            with self.fs._lock:
-                if done is False:  # open or changed: to the back of the queue
-                    if ino in self._queue:
-                        self._queue.move_to_end(ino)
-                else:
-                    self._bytes -= self._queue.pop(ino, 0)
-                    if done is None:
-                        self._drop(ino)
-            if done is False:
-                self._stop.wait(0.05)  # without the lock: file operations go on
+                done = None
+            except Exception as exc:  # noqa: BLE001 — disk full, I/O error: try later
+                self.errors += 1
+                log.error("re-encoding inode %d failed, will retry: %s", ino, exc)
+                done, pause = False, 5.0
+            try:
+                with self.fs._lock:
+                    if done is False:  # open, changed or failed: to the back of the queue
+                        if ino in self._queue:
+                            self._queue.move_to_end(ino)
+                    else:
+                        if done is None:
+                            self._drop(ino)
+                        self._bytes -= self._queue.pop(ino, 0)
+            except Exception as exc:  # noqa: BLE001 — the entry stays; next time
+                log.error("re-encoder backlog update failed: %s", exc)
+                pause = 5.0
+            if done is False or pause > 0.05:
+                self._stop.wait(pause)  # without the lock: file operations go on
 
     def _drop(self, ino: int) -> None:
         with self.fs._write_txn() as txn:
@@ -194,10 +209,10 @@ class Reencoder:
             with fs._lock:
                 if ino in fs._open:
                     raise _Retry
-                with fs._write_txn() as txn:
-                    current = txn.chunks(ino)
-                    if any(current.get(i) != todo[i] for i in new):
+                with fs.index.begin() as txn:
+                    if txn.chunks(ino) != table:  # written since we read it
                         raise _Retry
+                with fs._write_txn() as txn:
                     for idx, nref in new.items():
                         txn.put_chunk(ino, idx, nref)
                     txn.add_stats(stored=sum(stored_bytes(r) for r in new.values())

@@ -51,6 +51,7 @@ def crash(fs: FileSystem) -> None:
     if fs.reencoder is not None:
         fs.reencoder.stop()
     fs.data.shutdown()
+    fs.objects.close()
     fs.index.close()
     fs.store_lock.release()
 

@@ -108,6 +108,11 @@ def test_a_full_backlog_makes_close_compress_inline(make_fs):
     cs = ON.chunk_size
     fs = make_fs(dataclasses.replace(ON, backlog_limit=3 * cs))
     fs.reencoder.pause()
+    fh = fs.create("/dropped", 0o644, os.O_WRONLY, 0, 0)  # reserved, then discarded
+    fs.write(fh, b"d" * cs, 0)
+    fs.unlink("/dropped")
+    fs.release(fh)
+    assert fs.reencoder.backlog == (0, 0)  # its reservation was given back
     write_file(fs, "/a", b"a" * (2 * cs - 1))
     write_file(fs, "/big", b"b" * (5 * cs - 1))  # fills it up chunk by chunk
     write_file(fs, "/c", b"c" * 1000)
@@ -116,6 +121,8 @@ def test_a_full_backlog_makes_close_compress_inline(make_fs):
         big = txn.chunks(fs._resolve(txn, "/big"))
     assert [big[i].codec for i in sorted(big)] == [codec.NONE] + [codec.ZSTD] * 4
     assert codecs_of(fs, "/c") == {codec.ZSTD}
+    write_file(fs, "/noise", os.urandom(5000))  # compressed inline, did not shrink:
+    assert codecs_of(fs, "/noise") == {codec.NONE}  # stored as is, not queued again
     assert fs.live_status()["backlog_files"] == 2
     assert fs.live_status()["backlog_bytes"] == 3 * cs - 1
     fs.reencoder.resume()
