@@ -20,6 +20,7 @@ Contenders
   gocryptfs  when installed (Debian's gocryptfs), with -scryptn 10
 
 Usage: ./scripts/bench [--files 400] [--reps 3] [--big-mib 1024] [--json out.json]
+       ./scripts/bench --quick      (under a minute; tests/test_bench.py runs it in CI)
 """
 
 from __future__ import annotations
@@ -449,7 +450,13 @@ def main() -> None:
                    "dcmfs-zstd:1, gocryptfs, published, …)")
     p.add_argument("--workdir", default=None, help="where stores and mounts go (default /tmp)")
     p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run for CI: 20 files, 1 repetition, 16 MiB, plain + dcmfs + "
+                        "published (figures are not meaningful, the code path is)")
     args = p.parse_args()
+    if args.quick:
+        args.files, args.reps, args.big_mib = 20, 1, 16
+        args.only = args.only or ["plain", "dcmfs", "published"]
     out = run(args)
     print(render(out))
     if args.json:
