@@ -478,12 +478,16 @@ class Txn:
     def meta_get(self, name: str) -> bytes | None:
         return self.txn.get(name.encode(), db=self._db["meta"])
 
-    def meta_put(self, name: str, value: bytes) -> None:
+    def _put_plain(self, db: str, key: bytes, value: bytes) -> None:
+        """Put a value that is not sealed (meta figures, inode-number sets)."""
         try:
-            self.txn.put(name.encode(), value, db=self._db["meta"])
+            self.txn.put(key, value, db=self._db[db])
         except lmdb.Error as exc:
-            raise _lmdb_error(exc, "writing meta") from exc
-        self._record(PUT, "meta", name.encode(), value)
+            raise _lmdb_error(exc, f"writing {db}") from exc
+        self._record(PUT, db, key, value)
+
+    def meta_put(self, name: str, value: bytes) -> None:
+        self._put_plain("meta", name.encode(), value)
 
     def stats(self) -> tuple[int, int, int]:
         """(regular files, logical bytes, stored bytes) of the whole store."""
@@ -605,22 +609,14 @@ class Txn:
 
     # --- orphans --------------------------------------------------------------
     def add_orphan(self, ino: int) -> None:
-        try:
-            self.txn.put(ino_key(ino), b"", db=self._db["orphans"])
-        except lmdb.Error as exc:
-            raise _lmdb_error(exc, "writing orphans") from exc
-        self._record(PUT, "orphans", ino_key(ino), b"")
+        self._put_plain("orphans", ino_key(ino), b"")
 
     def remove_orphan(self, ino: int) -> None:
         self._delete("orphans", ino_key(ino))
 
     # --- re-encoding backlog -----------------------------------------------------
     def add_backlog(self, ino: int) -> None:
-        try:
-            self.txn.put(ino_key(ino), b"", db=self._db["backlog"])
-        except lmdb.Error as exc:
-            raise _lmdb_error(exc, "writing the backlog") from exc
-        self._record(PUT, "backlog", ino_key(ino), b"")
+        self._put_plain("backlog", ino_key(ino), b"")
 
     def remove_backlog(self, ino: int) -> None:
         self._delete("backlog", ino_key(ino))

@@ -148,7 +148,12 @@ def du(path: pathlib.Path) -> int:
 
 
 # --- contenders -------------------------------------------------------------------------
-class Plain:
+class Contender:
+    def settle(self):
+        """Wait until the contender's background work is done (nothing by default)."""
+
+
+class Plain(Contender):
     name = "plain"
 
     def __init__(self, base):
@@ -170,14 +175,11 @@ class Plain:
     def stored(self):
         return du(self.dir)
 
-    def settle(self):
-        pass
-
     def teardown(self):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Dcmfs:
+class Dcmfs(Contender):
     """spec: zstd (the default policy), inline (zstd compressed at close, no
     re-encoder), lzma, zstd:N (level N)."""
 
@@ -236,7 +238,7 @@ class Dcmfs:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-class Gocryptfs:
+class Gocryptfs(Contender):
     name = "gocryptfs"
 
     def __init__(self, base):
@@ -272,9 +274,6 @@ class Gocryptfs:
 
     def stored(self):
         return du(self.cipher)
-
-    def settle(self):
-        pass
 
     def teardown(self):
         subprocess.run(["fusermount3", "-u", str(self.mp)], check=False)
