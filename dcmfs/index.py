@@ -255,6 +255,7 @@ class Index:
         """Start a new batch holding the index plus every journal record."""
         self._batch = None
         expect = self._applied_seq()
+        problem = "records missing"
         try:
             for seq, ops in self.journal.records(expect):
                 if seq != expect + 1:
@@ -262,16 +263,11 @@ class Index:
                 self._apply(self._parent(), ops).commit()
                 expect = seq
         except (lmdb.Error, IndexError) as exc:
-            expect = -1
-            error = exc
+            expect, problem = -1, str(exc)
         if expect != self._seq:
             self._broken = ("The index could not be rebuilt from its journal; restart the "
                             "daemon (a restart replays the journal).")
-            log.error("%s (%s)", self._broken, locals().get("error", "records missing"))
-
-    def sync(self) -> None:
-        """Checkpoint (kept for callers that only know 'make it durable')."""
-        self.checkpoint()
+            log.error("%s (%s)", self._broken, problem)
 
     def replay(self, verify) -> tuple[int, int]:
         """Apply the journal records a crash left behind; returns (applied, dropped).
@@ -413,14 +409,14 @@ class Txn:
     """
 
     def __init__(self, index: Index, txn: lmdb.Transaction, nested: bool = False,
-                 borrowed: bool = False, record: bool = True) -> None:
+                 borrowed: bool = False) -> None:
         self.ix = index
         self.txn = txn
         self._db = index.dbs
         self._nested = nested
         self._borrowed = borrowed
         #: the changes of a nested transaction, for the journal
-        self.ops: list[Op] | None = [] if nested and record else None
+        self.ops: list[Op] | None = [] if nested else None
 
     def __enter__(self) -> "Txn":
         return self

@@ -47,7 +47,7 @@ def recover(index: Index, objects: ObjectStore, delete_inode) -> RecoveryReport:
                 delete_inode(txn, ino, inode)
             txn.remove_orphan(ino)
             report.orphan_inodes += 1
-    index.sync()
+    index.checkpoint()  # the purge is durable before its objects go (synced by the caller)
     with index.begin() as txn:
         referenced = {ref.oid for _, _, ref in txn.iter_all_chunks()}
     for oid in list(objects.iter_oids()):
