@@ -104,7 +104,7 @@ _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser",
                "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
 #: dcmfs options given with -o
 _DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
-               "checkpoint_interval"}
+               "checkpoint_interval", "dicom"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -131,6 +131,8 @@ def _config(ours: dict, fuse_opts: dict) -> Config:
             kw["zstd_level"] = int(ours["zstd_level"])
         if ours.get("reencode"):
             kw["reencode"] = {"0": False, "1": True}[ours["reencode"]]
+        if ours.get("dicom"):
+            kw["dicom"] = {"0": False, "1": True}[ours["dicom"]]
         if ours.get("checkpoint_interval"):
             kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
     except (ValueError, KeyError) as exc:

@@ -59,6 +59,9 @@ class Config:
     #: seal closed files uncompressed and compress them in a background
     #: thread (the close path then costs AES-GCM and a write, not zstd)
     reencode: bool = True
+    #: the re-encoder stores DICOM files with native pixel data frame by frame
+    #: in JPEG-LS (or zstd where that is smaller); ``-o dicom=0`` keeps zstd
+    dicom: bool = True
     #: logical bytes of files waiting for the re-encoder before close
     #: compresses inline again (bounds the extra space the backlog takes)
     backlog_limit: int = 1024 * MiB

@@ -20,6 +20,7 @@ check removes.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import logging
@@ -93,6 +94,10 @@ class OpenFile:
         self.hashed_upto = 0 if inode.size == 0 else -1
         self.cipher = None  # set by FileData
         self.write_error: BaseException | None = None
+        #: files the re-encoder laid out in extents of their own sizes
+        #: (DICOM-coded): sorted extent starts and indices, for reads; None
+        #: for the fixed layout.  The first change turns it back into chunks.
+        self.extents: tuple[list[int], list[int]] | None = None
 
     @property
     def write_generation(self) -> int:
@@ -111,6 +116,8 @@ class FileData:
         #: may chunks be sealed uncompressed now, for the re-encoder to
         #: compress later? (the core points this at the backlog's room)
         self.may_defer: Callable[[int, int], bool] = lambda ino, nbytes: False
+        #: queue every committed file for the re-encoder (DICOM-aware policy)
+        self.queue_all = False
         #: monotonic time of the last file write (background work yields to it)
         self.last_activity = 0.0
         self.dirty_limit = dirty_limit
@@ -130,6 +137,9 @@ class FileData:
             committed = txn.chunks(ino)
         of = OpenFile(ino, inode, committed)
         of.cipher = self.objects.file_cipher(inode.file_id)
+        if any(r.offset >= 0 for r in committed.values()):
+            order = sorted(committed, key=lambda i: committed[i].offset)
+            of.extents = ([committed[i].offset for i in order], order)
         return of
 
     # --- reading --------------------------------------------------------------
@@ -166,10 +176,63 @@ class FileData:
                 raise IntegrityError(f"inode {of.ino}: last chunk {idx} is missing")
         return b"" if ref is None else self._load(of, idx, ref)
 
+    def _read_extents(self, of: OpenFile, offset: int, end: int) -> bytes:
+        """Read from the extent layout: only the extents (frames) the range
+        touches are decoded."""
+        starts, order = of.extents
+        parts = []
+        k = max(0, bisect.bisect_right(starts, offset) - 1)
+        pos = offset
+        while pos < end:
+            if k >= len(order):
+                raise self._bad_layout(of, "extents end before the file does")
+            idx = order[k]
+            ref = of.committed[idx]
+            if ref.offset > pos or (k + 1 == len(order)) != bool(ref.flags & CHUNK_FLAG_LAST):
+                raise self._bad_layout(of, f"extent {idx} is out of place")
+            plain = self._load(of, idx, ref)
+            piece = plain[pos - ref.offset:end - ref.offset]
+            if not piece:
+                raise self._bad_layout(of, f"extent {idx} is shorter than its place")
+            parts.append(piece)
+            pos += len(piece)
+            k += 1
+        if end == of.size and (k != len(order) or
+                               of.committed[order[-1]].offset + of.committed[order[-1]].plain_len
+                               != of.size):
+            raise self._bad_layout(of, "extents do not end where the file does")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @staticmethod
+    def _bad_layout(of: OpenFile, what: str) -> IntegrityError:
+        log.error("integrity error in inode %d: %s", of.ino, what)
+        return IntegrityError(f"inode {of.ino}: {what}")
+
+    def _to_fixed(self, of: OpenFile) -> None:
+        """Before the first change to an extent-laid-out file: copy it into
+        fixed chunks (sealed as usual; the extents are superseded at commit).
+        Costs one read and write of the file; PACS rarely rewrite a file."""
+        cs = self.chunk_size
+        count = -(-of.size // cs)
+        for idx in range(count):
+            if idx in of.dirty or idx in of.pending:
+                continue
+            data = self._read_extents(of, idx * cs, min(of.size, (idx + 1) * cs))
+            of.dirty[idx] = bytearray(data)
+            of.dirty_bytes += cs
+            if idx < count - 1:
+                self._submit(of, idx, last=False)
+        for idx in of.committed:
+            if idx >= count:  # extent numbers past the chunks: gone at commit
+                of.pending[idx] = _done(None)
+        of.extents = None
+
     def read(self, of: OpenFile, offset: int, size: int) -> bytes:
         end = min(offset + size, of.size)
         if offset >= end:
             return b""
+        if of.extents is not None:
+            return self._read_extents(of, offset, end)
         cs = self.chunk_size
         parts = []
         for idx in range(offset // cs, (end - 1) // cs + 1):
@@ -203,6 +266,8 @@ class FileData:
 
     def write(self, of: OpenFile, offset: int, data: bytes) -> int:
         self.last_activity = time.monotonic()
+        if of.extents is not None:
+            self._to_fixed(of)
         if of.write_error is not None:
             # a chunk sealed in the background failed (disk full): tell the
             # writer now; the chunk's data is kept and retried at commit
@@ -235,6 +300,11 @@ class FileData:
 
     def truncate(self, of: OpenFile, length: int) -> None:
         cs = self.chunk_size
+        if of.extents is not None:
+            if length == 0:  # every extent becomes a hole below
+                of.extents = None
+            else:
+                self._to_fixed(of)
         if length < of.size:
             first_gone = -(-length // cs)  # chunks at or past this index vanish
             for idx in [i for i in of.dirty if i >= first_gone]:
@@ -339,8 +409,9 @@ class FileData:
         # left for the re-encoder: sealed uncompressed on purpose (a chunk that
         # did not compress is not re-tried)
         deferred = any(getattr(f, "deferred", False) for f in of.pending.values())
+        queue = deferred or (self.queue_all and size > 0)
         with self.index.begin(write=True) as txn:
-            if deferred:
+            if queue:
                 txn.add_backlog(of.ino)
             for idx, ref in table.items():
                 if old.get(idx) != ref:
@@ -355,7 +426,7 @@ class FileData:
         of.pending.clear()
         of.changed = False
         self.after_commit(superseded)
-        if deferred:
+        if queue:
             self.on_deferred(of.ino)
 
     def on_discarded(self, ino: int) -> None:

@@ -197,7 +197,12 @@ class FileOps:
 
     @_mutating
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
-        if name == fmt.STATUS_XATTR:
+        if name == fmt.CONTROL_XATTR and path == "/":
+            if bytes(value) != b"recompress":
+                raise InvalidArgument(name)
+            self.recompress()
+            return
+        if name in (fmt.STATUS_XATTR, fmt.STATS_XATTR, fmt.CONTROL_XATTR):
             raise NotSupported(name)
         raw = self._xname(name)
         if len(value) > 65536:
@@ -219,6 +224,8 @@ class FileOps:
     def getxattr(self, path: str, name: str) -> bytes:
         if name == fmt.STATUS_XATTR and path == "/":
             return json.dumps(self.live_status(), sort_keys=True).encode()
+        if name == fmt.STATS_XATTR and path == "/":
+            return json.dumps(self.content_stats(), sort_keys=True).encode()
         raw = self._xname(name)
         with self.index.begin() as txn:
             value = txn.get_xattr(self._resolve(txn, path), raw)

@@ -22,7 +22,7 @@ from typing import Callable
 from . import codec as codecs, format as fmt
 from .config import Config
 from .errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
-                     NameTooLong, NotADirectory, NotFound)
+                     NameTooLong, NotADirectory, NotFound, ReadOnlyError)
 from .filedata import FileData, OpenFile, stored_bytes
 from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .index import Index, Inode
@@ -81,11 +81,14 @@ class FileSystem(FileOps):
         self.reencoder: Reencoder | None = None
         if not config.read_only:
             self._mark_mounted()
-            if config.reencode and self.data.codec != codecs.NONE:
-                self.reencoder = Reencoder(self, config.backlog_limit)
-                self.data.may_defer = self.reencoder.reserve
-                self.data.on_deferred = self.reencoder.deferred
-                self.data.on_discarded = self.reencoder.release
+            # always there for 'recompress'; it runs by itself with -o reencode=1
+            self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom)
+            self.data.on_deferred = self.reencoder.deferred
+            self.data.on_discarded = self.reencoder.release
+            if config.reencode:
+                if self.data.codec != codecs.NONE:
+                    self.data.may_defer = self.reencoder.reserve
+                self.data.queue_all = config.dicom
                 self.reencoder.start()
             if config.checkpoint_interval > 0:
                 self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
@@ -565,10 +568,59 @@ class FileSystem(FileOps):
     def live_status(self) -> dict:
         """The figures ``dcmfs status`` shows for a mounted store."""
         files, logical, stored = self.stats()
-        backlog = self.reencoder.backlog if self.reencoder else (0, 0)
+        r = self.reencoder
+        backlog = r.backlog if r else (0, 0)
         return {"files": files, "logical_bytes": logical, "stored_bytes": stored,
                 "journal_records": self.index.pending_records,
-                "backlog_files": backlog[0], "backlog_bytes": backlog[1]}
+                "backlog_files": backlog[0], "backlog_bytes": backlog[1],
+                "reencoded_files": r.files_done if r else 0,
+                "frames_coded": r.frames_coded if r else 0,
+                "reencode_errors": r.errors if r else 0}
+
+    @_locked
+    def recompress(self) -> int:
+        """Queue every file the re-encoder has work on and start it; returns
+        the number of files queued (``dcmfs recompress``)."""
+        if self.reencoder is None:
+            raise ReadOnlyError("The store is mounted read-only; remount it read-write to recompress.")
+        n = self.reencoder.enqueue_all()
+        self.reencoder.start()
+        return n
+
+    @_locked
+    def content_stats(self) -> dict:
+        """Files, logical and stored bytes by modality and transfer syntax, with
+        the codec path taken and fallback reasons (``dcmfs stats``)."""
+        groups: dict[tuple[str, str], dict] = {}
+        with self.index.begin() as txn:
+            for ino, inode in txn.iter_inodes():
+                if not stat.S_ISREG(inode.mode):
+                    continue
+                info = txn.get_content(ino)
+                if info is None or info.get("generation") != inode.generation:
+                    info = {"kind": "unknown", "reason": "not analysed yet"}
+                if info.get("kind") == "dicom":
+                    key = (info.get("modality", "-"), info.get("ts", "-"))
+                else:
+                    key = ("non-DICOM" if info.get("kind") == "other" else "not analysed", "-")
+                g = groups.setdefault(key, {"modality": key[0], "transfer_syntax": key[1],
+                                            "files": 0, "logical_bytes": 0, "stored_bytes": 0,
+                                            "codecs": {}, "paths": {}, "fallbacks": {}})
+                g["files"] += 1
+                g["logical_bytes"] += inode.size
+                for ref in txn.chunks(ino).values():
+                    g["stored_bytes"] += stored_bytes(ref)
+                    name = codecs.IDS.get(ref.codec, str(ref.codec))
+                    g["codecs"][name] = g["codecs"].get(name, 0) + ref.plain_len
+                path = info.get("path")
+                if path:
+                    g["paths"][path] = g["paths"].get(path, 0) + 1
+                reason = info.get("reason")
+                if reason and info.get("kind") == "dicom":
+                    g["fallbacks"][reason] = g["fallbacks"].get(reason, 0) + 1
+        backlog = self.reencoder.backlog if self.reencoder else (0, 0)
+        return {"groups": sorted(groups.values(), key=lambda g: -g["logical_bytes"]),
+                "backlog_files": backlog[0]}
 
     def stats(self) -> tuple[int, int, int]:
         """(files, logical bytes, stored bytes)."""

@@ -25,7 +25,8 @@ LOG_NAME = "dcmfs.log"
 SNAPSHOTS_DIR = "snapshots"
 
 #: features this version understands; a store may use any subset
-KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma"})
+KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
+                            "codec-jpegls", "extents-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:
@@ -61,6 +62,11 @@ CHUNK_FLAG_LAST = 0x01
 #: daemon's live figures (``dcmfs status`` reads it; not listed, not settable;
 #: counts only, the same figures the index keeps in plain)
 STATUS_XATTR = "user.dcmfs.status"
+#: JSON of :meth:`FileSystem.content_stats` (``dcmfs stats`` on a mounted store)
+STATS_XATTR = "user.dcmfs.stats"
+#: set to b"recompress" on the root: queue every file for the re-encoder
+#: (``dcmfs recompress`` on a mounted store)
+CONTROL_XATTR = "user.dcmfs.control"
 
 # --- index ---------------------------------------------------------------------
 ROOT_INO = 1

@@ -20,13 +20,20 @@ database      key                             value
                                               journal record this index holds
 ``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`)
 ``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
-``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``)
+``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``; files
+                                              laid out in extents (DICOM-coded)
+                                              append the extent's offset, u64)
 ``xattrs``    ino u64 + name tag (16)         SIV(name length u16 + name + value)
 ``orphans``   ino u64                         b"" — unlinked while open, purged
                                               at release or at the next mount
 ``backlog``   ino u64                         b"" — closed with chunks sealed
-                                              uncompressed, for the background
-                                              re-encoder
+                                              uncompressed, or not yet looked at
+                                              by the DICOM-aware re-encoder
+``content``   ino u64                         SIV(JSON: what the re-encoder found:
+                                              generation, kind, modality, transfer
+                                              syntax, photometric, bits, codec path,
+                                              fallback reason; never a patient
+                                              attribute)
 ============  ==============================  ======================================
 
 The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
@@ -52,6 +59,7 @@ import dataclasses
 import errno
 import hashlib
 import hmac
+import json
 import logging
 import os
 import shutil
@@ -79,7 +87,8 @@ _CHUNK = struct.Struct(">16sQBBII")
 _U16 = struct.Struct(">H")
 _STATS = struct.Struct(">QQQ")
 
-DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog")
+DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
+             "content")
 _DB_ID = {name: i for i, name in enumerate(DATABASES)}
 JOURNAL_NAME = "journal"
 
@@ -115,6 +124,18 @@ class Inode:
 
 def ino_key(ino: int) -> bytes:
     return _U64.pack(ino)
+
+
+def _encode_chunk(ref: ChunkRef) -> bytes:
+    raw = _CHUNK.pack(*ref[:6])
+    return raw if ref.offset < 0 else raw + _U64.pack(ref.offset)
+
+
+def _decode_chunk(raw: bytes) -> ChunkRef:
+    fields = _CHUNK.unpack_from(raw)
+    if len(raw) == _CHUNK.size + _U64.size:
+        return ChunkRef(*fields, _U64.unpack_from(raw, _CHUNK.size)[0])
+    return ChunkRef(*fields)
 
 
 def _lmdb_error(exc: lmdb.Error, doing: str) -> Exception:
@@ -294,7 +315,7 @@ class Index:
                 for kind, db_id, key, value in ops:
                     if kind == PUT and DATABASES[db_id] == "chunks":
                         ino, idx = _U64x2.unpack(key)
-                        ref = ChunkRef(*_CHUNK.unpack(self.open("chunks", key, value)))
+                        ref = _decode_chunk(self.open("chunks", key, value))
                         if not verify(txn, ino, idx, ref):
                             ok = False
                             break
@@ -519,6 +540,7 @@ class Txn:
         self._delete("inodes", ino_key(ino))
         self._delete("orphans", ino_key(ino))
         self._delete("backlog", ino_key(ino))
+        self._delete("content", ino_key(ino))
         return refs
 
     def iter_inodes(self) -> Iterator[tuple[int, Inode]]:
@@ -565,11 +587,11 @@ class Txn:
     def chunks(self, ino: int) -> dict[int, ChunkRef]:
         out = {}
         for key, raw in self._scan("chunks", ino_key(ino)):
-            out[_U64x2.unpack(key)[1]] = ChunkRef(*_CHUNK.unpack(raw))
+            out[_U64x2.unpack(key)[1]] = _decode_chunk(raw)
         return out
 
     def put_chunk(self, ino: int, index: int, ref: ChunkRef) -> None:
-        self._put("chunks", _U64x2.pack(ino, index), _CHUNK.pack(*ref))
+        self._put("chunks", _U64x2.pack(ino, index), _encode_chunk(ref))
 
     def delete_chunk(self, ino: int, index: int) -> None:
         self._delete("chunks", _U64x2.pack(ino, index))
@@ -577,7 +599,7 @@ class Txn:
     def iter_all_chunks(self) -> Iterator[tuple[int, int, ChunkRef]]:
         for key, raw in self._scan("chunks", b""):
             ino, idx = _U64x2.unpack(key)
-            yield ino, idx, ChunkRef(*_CHUNK.unpack(raw))
+            yield ino, idx, _decode_chunk(raw)
 
     # --- xattrs ---------------------------------------------------------------
     def _xkey(self, ino: int, name: bytes) -> bytes:
@@ -619,6 +641,18 @@ class Txn:
 
     def backlog(self) -> list[int]:
         return [_U64.unpack(k)[0] for k, _ in self._scan_raw("backlog", b"")]
+
+    # --- what the re-encoder found (sealed) -------------------------------------
+    def get_content(self, ino: int) -> dict | None:
+        raw = self._get("content", ino_key(ino))
+        return None if raw is None else json.loads(raw)
+
+    def put_content(self, ino: int, info: dict) -> None:
+        self._put("content", ino_key(ino), json.dumps(info, sort_keys=True).encode())
+
+    def iter_content(self) -> Iterator[tuple[int, dict]]:
+        for key, raw in self._scan("content", b""):
+            yield _U64.unpack(key)[0], json.loads(raw)
 
     def orphans(self) -> list[int]:
         return [_U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"")]

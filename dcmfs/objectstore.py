@@ -14,8 +14,9 @@ import secrets
 from typing import Iterator, NamedTuple
 
 from . import crypto, format as fmt
-from .codec import Codecs
 import threading
+
+from .codec import JPEGLS, CodecMismatch, Codecs, FrameSpec
 
 from .durable import TMP_PREFIX, sync_filesystem, write_new
 from .errors import IntegrityError, StoreIOError
@@ -30,6 +31,9 @@ class ChunkRef(NamedTuple):
     flags: int
     plain_len: int
     stored_len: int
+    #: where the chunk starts in the file, for files laid out in extents of
+    #: their own sizes (DICOM-coded); -1 = at index x chunk size
+    offset: int = -1
 
 
 class ChunkContext(NamedTuple):
@@ -96,14 +100,19 @@ class ObjectStore:
 
     # --- sealing --------------------------------------------------------------
     def seal(self, cipher: crypto.Gcm, oid: bytes, file_id: bytes, ino: int, index: int,
-             generation: int, flags: int, codec: int, plaintext: bytes) -> tuple[ChunkRef, bytes]:
-        used, payload = self._codecs.compress(codec, plaintext)
-        if self._verify and used != 0:
+             generation: int, flags: int, codec: int, plaintext: bytes,
+             frame: FrameSpec | None = None) -> tuple[ChunkRef, bytes]:
+        used, payload = self._codecs.compress(codec, plaintext, frame)
+        if used != 0 and (self._verify or used == JPEGLS):
             # restic checks what it wrote before publishing it; a codec bug must
             # fail here, with the plaintext still in hand, not at read time
-            again = self._codecs.decompress(used, payload, len(plaintext))
+            # (always for the image codec: byte-exact or nothing)
+            try:
+                again = self._codecs.decompress(used, payload, len(plaintext))
+            except IntegrityError as exc:
+                raise CodecMismatch(f"codec {used} could not decode its own output") from exc
             if again != plaintext:
-                raise IntegrityError(f"codec {used} did not reproduce a chunk; not stored")
+                raise CodecMismatch(f"codec {used} did not reproduce a chunk; not stored")
         stored_len = len(payload)
         ctx = fmt.CTX_STRUCT.pack(file_id, ino, index, generation, used, flags, 0,
                                   len(plaintext), stored_len)
@@ -114,7 +123,7 @@ class ObjectStore:
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len), blob
 
     def write(self, cipher: crypto.Gcm, file_id: bytes, ino: int, index: int, generation: int,
-              flags: int, codec: int, plaintext: bytes) -> ChunkRef:
+              flags: int, codec: int, plaintext: bytes, frame: FrameSpec | None = None) -> ChunkRef:
         """Seal and write one chunk object (thread-safe).
 
         Not durable yet: :meth:`sync` makes every object written so far
@@ -122,7 +131,8 @@ class ObjectStore:
         sync, checkpoint) may refer to them.
         """
         oid = self.new_oid()
-        ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec, plaintext)
+        ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec,
+                              plaintext, frame)
         d = self.dir_of(oid)
         if not os.path.isdir(d):
             try:

@@ -19,14 +19,20 @@ the core's lock is held only for the index reads and the swap.
 from __future__ import annotations
 
 import collections
+import hashlib
+import io
+import itertools
 import logging
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .codec import NONE
+from . import dicom
+from .codec import JPEGLS, NONE, CodecMismatch, Unsuitable
 from .errors import IntegrityError
 from .filedata import stored_bytes
+from .format import CHUNK_FLAG_LAST
 
 log = logging.getLogger("dcmfs.reencoder")
 
@@ -34,10 +40,12 @@ log = logging.getLogger("dcmfs.reencoder")
 class Reencoder:
     """Works through the backlog of one opened :class:`FileSystem`."""
 
-    def __init__(self, fs, limit_bytes: int, window: int = 2,
+    def __init__(self, fs, limit_bytes: int, dicom_aware: bool = True, window: int = 2,
                  quiet_after: float = 0.2) -> None:
         self.fs = fs
         self.limit = limit_bytes
+        #: lay DICOM files out in extents with frames in the image codec
+        self.dicom = dicom_aware
         #: chunks of one file re-encoded at once while file I/O is quiet
         self.window = window
         #: seconds without file writes after which I/O counts as quiet
@@ -55,6 +63,7 @@ class Reencoder:
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
         self.files_done = 0
+        self.frames_coded = 0
         self.errors = 0
         with fs.index.begin() as txn:
             for ino in txn.backlog():
@@ -95,8 +104,33 @@ class Reencoder:
 
     # --- the thread -------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True, name="dcmfs-reencode")
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True,
+                                            name="dcmfs-reencode")
+            self._thread.start()
+
+    def enqueue_all(self) -> int:
+        """Queue every file the re-encoder has work on (``dcmfs recompress``):
+        not yet looked at in its current version, or holding uncompressed
+        chunks.  Returns the number of files queued (core lock held)."""
+        todo = []
+        with self.fs.index.begin() as txn:
+            for ino, inode in txn.iter_inodes():
+                if not stat.S_ISREG(inode.mode) or inode.size == 0 or ino in self._queue:
+                    continue
+                content = txn.get_content(ino)
+                stale = self.dicom and (content is None
+                                        or content.get("generation") != inode.generation)
+                if stale or any(r.codec == NONE for r in txn.chunks(ino).values()):
+                    todo.append(ino)
+        if todo:
+            with self.fs._write_txn() as txn:
+                for ino in todo:
+                    txn.add_backlog(ino)
+            for ino in todo:
+                self._add(ino, 0)
+            self._wake.set()
+        return len(todo)
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,7 +152,7 @@ class Reencoder:
         with self._idle:
             return self._idle.wait_for(lambda: not self._queue, timeout)
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while not self._stop.is_set():
             if not self._running.is_set():
                 self._running.wait(0.5)
@@ -164,10 +198,16 @@ class Reencoder:
 
     # --- one file ---------------------------------------------------------------
     def encode(self, ino: int) -> bool:
-        """Compress the uncompressed chunks of one closed file.
+        """Re-encode one closed file.
+
+        A DICOM file with native pixel data that the DICOM-aware codec has not
+        seen yet is laid out again in extents: the bytes before the pixels,
+        one extent per frame (JPEG-LS or zstd, whichever is smaller), the
+        bytes after.  Any other file gets its uncompressed chunks compressed.
+        What was found is recorded (sealed) for ``dcmfs stats``.
 
         Returns False when the file is open or changed under us (try later),
-        True when it is done (compressed, or nothing left to compress).
+        True when it is done.
         """
         fs = self.fs
         with fs._lock:
@@ -176,49 +216,122 @@ class Reencoder:
             with fs.index.begin() as txn:
                 inode = txn.get_inode(ino)
                 table = txn.chunks(ino)
+                content = txn.get_content(ino)
             if inode is None:
                 return True  # deleted: its backlog entry went with it
-        todo = {i: r for i, r in table.items() if r.codec == NONE}
         cipher = fs.objects.file_cipher(inode.file_id)
-        new = {}
+        info = None
+        fresh = content is not None and content.get("generation") == inode.generation
+        if self.dicom and not fresh and not _extents_layout(table):
+            reader = _Reader(fs.objects, cipher, ino, inode, table, fs.data.chunk_size)
+            plan = dicom.analyse(reader, inode.size)
+            info = dict(plan.info, generation=inode.generation, reason=plan.reason,
+                        path="general")
+            if plan.codes_frames:
+                try:
+                    info["path"] = "frames"
+                    return self._encode_frames(ino, inode, table, cipher, plan, reader, info)
+                except (Unsuitable, CodecMismatch) as exc:
+                    # byte-exact or nothing: the general codec takes the file
+                    log.warning("inode %d: frames left to the general codec: %s", ino, exc)
+                    info.update(path="general", reason=_reason(exc))
+        elif fresh:
+            info = None  # already recorded for this generation
+        threshold = 0.97 if info and info.get("reason") == "encapsulated pixel data" else 1.0
+        return self._encode_chunks(ino, inode, table, cipher, info, threshold)
+
+    def _encode_chunks(self, ino, inode, table, cipher, info, threshold: float) -> bool:
+        """Compress the uncompressed chunks of a file with the store codec
+        (kept only when they shrink below ``threshold`` of the original)."""
+        fs = self.fs
+        todo = {i: r for i, r in table.items() if r.codec == NONE}
 
         def one(idx: int, ref):
             plain = fs.objects.read(cipher, inode.file_id, ino, idx, ref)
-            return fs.objects.write(cipher, inode.file_id, ino, idx, ref.generation,
+            nref = fs.objects.write(cipher, inode.file_id, ino, idx, ref.generation,
                                     ref.flags, fs.data.codec, plain)
+            if nref.codec != NONE and nref.stored_len >= threshold * nref.plain_len:
+                fs.objects.delete(nref.oid)  # saves too little: keep the original
+                return ref
+            return nref
 
-        # chunks go to the re-encoder's own threads (never ahead of the
-        # core's sealing jobs); two at a time while file I/O is quiet, so a big
-        # file gets both cores, one at a time while files are being written
+        return self._run(ino, table, ((i, one, (i, r)) for i, r in sorted(todo.items())),
+                         info, replace_all=False)
+
+    def _encode_frames(self, ino, inode, table, cipher, plan, reader, info) -> bool:
+        fs = self.fs
+        cs = fs.data.chunk_size
+        extents = _extents(plan, inode.size, cs)
+        last = len(extents) - 1
+        hasher = hashlib.sha256()
+
+        def one(n: int, start: int, data: bytes, frame):
+            codec = JPEGLS if frame is not None else fs.data.codec
+            ref = fs.objects.write(cipher, inode.file_id, ino, n, inode.generation,
+                                   CHUNK_FLAG_LAST if n == last else 0, codec, data, frame)
+            return ref._replace(offset=start)
+
+        def jobs():
+            for n, (start, length, frame) in enumerate(extents):
+                data = reader.pread(start, length)  # authenticated old objects
+                hasher.update(data)
+                if n == last and inode.sha256 is not None and hasher.digest() != inode.sha256:
+                    raise IntegrityError(f"inode {ino}: content does not match its checksum")
+                yield n, one, (n, start, data, frame)
+
+        counts = collections.Counter()
+        done = self._run(ino, table, jobs(), info, replace_all=True, counts=counts)
+        if done:
+            self.frames_coded += counts[JPEGLS]
+        return done
+
+    def _run(self, ino, table, jobs, info, replace_all: bool, counts=None) -> bool:
+        """Run (index, function, args) jobs on the re-encoder's threads, then
+        swap the new chunk references in, if the file is still closed and
+        unchanged.  ``replace_all``: the new references are the whole table."""
+        fs = self.fs
+        new = {}
+        # jobs go to the re-encoder's own threads (never ahead of the core's
+        # sealing jobs); two at a time while file I/O is quiet, so a big file
+        # gets both cores, one at a time while files are being written
         window: collections.deque = collections.deque()
         try:
-            for idx, ref in sorted(todo.items()) + [(None, None)]:
-                if idx is not None:
+            for job in itertools.chain(jobs, [None]):
+                if job is not None:
                     if self._stop.is_set():
                         return False
-                    window.append((idx, self._pool.submit(one, idx, ref)))
+                    idx, fn, args = job
+                    window.append((idx, self._pool.submit(fn, *args)))
                 quiet = time.monotonic() - fs.data.last_activity > self.quiet_after
                 width = self.window if quiet else 1
-                while window and (idx is None or len(window) >= width):
+                while window and (job is None or len(window) >= width):
                     done_idx, fut = window.popleft()
                     nref = fut.result()
-                    if nref.codec == NONE:  # incompressible: keep the original
-                        fs.objects.delete(nref.oid)
-                    else:
+                    if replace_all or nref.codec != NONE:
                         new[done_idx] = nref
+                        if counts is not None:
+                            counts[nref.codec] += 1
+                    elif nref.oid != table[done_idx].oid:  # incompressible: keep the original
+                        fs.objects.delete(nref.oid)
             with fs._lock:
                 if ino in fs._open:
                     raise _Retry
                 with fs.index.begin() as txn:
                     if txn.chunks(ino) != table:  # written since we read it
                         raise _Retry
+                gone = [i for i in table if replace_all and i not in new]
+                replaced = [i for i in table if i in new or i in gone]
                 with fs._write_txn() as txn:
                     for idx, nref in new.items():
                         txn.put_chunk(ino, idx, nref)
+                    for idx in gone:
+                        txn.delete_chunk(ino, idx)
                     txn.add_stats(stored=sum(stored_bytes(r) for r in new.values())
-                                  - sum(stored_bytes(todo[i]) for i in new))
+                                  - sum(stored_bytes(table[i]) for i in replaced))
                     txn.remove_backlog(ino)
-                fs.data.after_commit([todo[i].oid for i in new])
+                    if info is not None:
+                        txn.put_content(ino, info)
+                fs.data.after_commit([table[i].oid for i in replaced])
                 self.files_done += 1
                 new = {}
             return True
@@ -230,7 +343,96 @@ class Reencoder:
                 if fut.exception() is None:
                     unused.append(fut.result())
             for nref in unused:  # not swapped in: nothing refers to them
-                fs.objects.delete(nref.oid)
+                if nref.oid not in {r.oid for r in table.values()}:
+                    fs.objects.delete(nref.oid)
+
+
+def _extents_layout(table) -> bool:
+    return any(r.offset >= 0 for r in table.values())
+
+
+def _extents(plan, size: int, cs: int) -> list[tuple[int, int, object]]:
+    """(start, length, frame spec or None) covering the whole file: the bytes
+    before the pixels and after them in pieces of at most one chunk, one
+    extent per frame."""
+    out = []
+
+    def plain(a: int, b: int) -> None:
+        while a < b:
+            n = min(cs, b - a)
+            out.append((a, n, None))
+            a += n
+
+    plain(0, plan.pixel_offset)
+    pos = plan.pixel_offset
+    for _ in range(plan.frames):
+        out.append((pos, plan.frame.nbytes, plan.frame))
+        pos += plan.frame.nbytes
+    plain(pos, size)
+    return out
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, CodecMismatch):
+        return "image codec not byte-exact"
+    return "image codec refused a frame"
+
+
+class _Reader(io.RawIOBase):
+    """The committed plaintext of one fixed-layout file, read through its
+    authenticated objects one chunk at a time (pydicom reads the header
+    through it; extents are copied out of it)."""
+
+    def __init__(self, objects, cipher, ino, inode, table, chunk_size: int) -> None:
+        super().__init__()
+        self._objects, self._cipher = objects, cipher
+        self._ino, self._inode, self._table = ino, inode, table
+        self._cs = chunk_size
+        self._size = inode.size
+        self._pos = 0
+        self._cached: tuple[int, bytes] | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _chunk(self, idx: int) -> bytes:
+        if self._cached is not None and self._cached[0] == idx:
+            return self._cached[1]
+        ref = self._table.get(idx)
+        want = min(self._cs, self._size - idx * self._cs)
+        data = b"" if ref is None else self._objects.read(
+            self._cipher, self._inode.file_id, self._ino, idx, ref)
+        if len(data) < want:
+            data = bytes(data) + bytes(want - len(data))
+        self._cached = (idx, data)
+        return data
+
+    def pread(self, start: int, length: int) -> bytes:
+        parts = []
+        end = min(start + length, self._size)
+        while start < end:
+            idx, within = divmod(start, self._cs)
+            piece = self._chunk(idx)[within:within + end - start]
+            parts.append(piece)
+            start += len(piece)
+        return b"".join(parts)
+
+    def readinto(self, buf) -> int:
+        data = self.pread(self._pos, len(buf))
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 class _Retry(Exception):

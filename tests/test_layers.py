@@ -11,7 +11,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "dcmfs"
 RANK = {
     "errors": 0, "format": 0, "config": 0, "__init__": 0,
     "crypto": 1, "codec": 1, "durable": 1,
-    "objectstore": 2, "store": 2, "journal": 2,
+    "objectstore": 2, "store": 2, "journal": 2, "dicom": 2,
     "index": 3,
     "filedata": 4, "recovery": 4,
     "fileops": 5, "reencoder": 5,

@@ -12,7 +12,7 @@ from .conftest import SMALL, assert_no_dangling, crash, ct_file
 from .test_core import read_file, write_file
 from .test_integrity import chunk_paths
 
-ON = dataclasses.replace(SMALL, reencode=True, checkpoint_interval=0)
+ON = dataclasses.replace(SMALL, reencode=True, checkpoint_interval=0, dicom=False)
 
 
 def codecs_of(fs, path) -> set[int]:
