@@ -186,6 +186,39 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _lazy_secret(args, store_root: str):
+    """The key, asked for only when the store is not mounted (a running
+    daemon already holds it)."""
+    from .store import read_header
+
+    def get():
+        header = read_header(store_root)
+        return _secret(args, creating=False, store_kind=header["key"]["kind"])
+    return get
+
+
+def cmd_recompress(args) -> int:
+    from .admin import recompress
+    from .store import read_header
+    store_root = os.path.abspath(args.store)
+    read_header(store_root)  # a clear error for a missing or foreign store
+    ours, fuse = parse_o(args.o)
+    status = recompress(store_root, _lazy_secret(args, store_root), _config(ours, fuse))
+    ratio = status["stored_bytes"] / status["logical_bytes"] if status["logical_bytes"] else 0
+    print(f"Re-encoded {store_root}: {status['files']} files, stored/original {ratio:.3f}.")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .admin import content_stats, render_stats
+    from .store import read_header
+    store_root = os.path.abspath(args.store)
+    read_header(store_root)
+    stats = content_stats(store_root, _lazy_secret(args, store_root), Config())
+    print(json.dumps(stats, indent=1) if args.json else render_stats(stats))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcmfs", description="Transparent encrypted, compressing "
                                 "filesystem for medical images.")
@@ -212,6 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", nargs="?", default=default_mountpoint())
     s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (300)")
     s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("recompress", help="run the background re-encoder to completion now "
+                       "(DICOM-aware codec; mounted or not)")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("-o", action="append", metavar="OPTS", help="store options when not mounted "
+                   "(zstd_level=, dicom=0|1)")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_recompress)
+
+    s = sub.add_parser("stats", help="files, sizes, ratio and codec by modality and transfer "
+                       "syntax (mounted or not)")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("--json", action="store_true")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")

@@ -198,9 +198,7 @@ class FileOps:
     @_mutating
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
         if name == fmt.CONTROL_XATTR and path == "/":
-            if bytes(value) != b"recompress":
-                raise InvalidArgument(name)
-            self.recompress()
+            self.control(bytes(value).decode("ascii", "replace"))
             return
         if name in (fmt.STATUS_XATTR, fmt.STATS_XATTR, fmt.CONTROL_XATTR):
             raise NotSupported(name)

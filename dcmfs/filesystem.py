@@ -574,6 +574,7 @@ class FileSystem(FileOps):
                 "journal_records": self.index.pending_records,
                 "backlog_files": backlog[0], "backlog_bytes": backlog[1],
                 "reencoded_files": r.files_done if r else 0,
+                "reencoded_bytes": r.bytes_done if r else 0,
                 "frames_coded": r.frames_coded if r else 0,
                 "reencode_errors": r.errors if r else 0}
 
@@ -586,6 +587,16 @@ class FileSystem(FileOps):
         n = self.reencoder.enqueue_all()
         self.reencoder.start()
         return n
+
+    def control(self, command: str) -> None:
+        """What ``user.dcmfs.control`` on the root accepts: ``recompress``,
+        ``pause`` and ``resume`` (the re-encoder; benchmarks, admins)."""
+        if command == "recompress":
+            self.recompress()
+        elif command in ("pause", "resume") and self.reencoder is not None:
+            getattr(self.reencoder, command)()
+        else:
+            raise InvalidArgument(f"unknown control command {command!r}")
 
     @_locked
     def content_stats(self) -> dict:

@@ -63,6 +63,7 @@ class Reencoder:
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
         self.files_done = 0
+        self.bytes_done = 0
         self.frames_coded = 0
         self.errors = 0
         with fs.index.begin() as txn:
@@ -118,10 +119,7 @@ class Reencoder:
             for ino, inode in txn.iter_inodes():
                 if not stat.S_ISREG(inode.mode) or inode.size == 0 or ino in self._queue:
                     continue
-                content = txn.get_content(ino)
-                stale = self.dicom and (content is None
-                                        or content.get("generation") != inode.generation)
-                if stale or any(r.codec == NONE for r in txn.chunks(ino).values()):
+                if not _fresh(txn.get_content(ino), inode.generation, self.dicom):
                     todo.append(ino)
         if todo:
             with self.fs._write_txn() as txn:
@@ -221,8 +219,11 @@ class Reencoder:
                 return True  # deleted: its backlog entry went with it
         cipher = fs.objects.file_cipher(inode.file_id)
         info = None
-        fresh = content is not None and content.get("generation") == inode.generation
-        if self.dicom and not fresh and not _extents_layout(table):
+        fresh = _fresh(content, inode.generation, self.dicom)
+        if not self.dicom and not fresh:
+            info = {"kind": "unknown", "generation": inode.generation, "path": "general",
+                    "reason": ""}
+        elif not fresh and not _extents_layout(table):
             reader = _Reader(fs.objects, cipher, ino, inode, table, fs.data.chunk_size)
             plan = dicom.analyse(reader, inode.size)
             info = dict(plan.info, generation=inode.generation, reason=plan.reason,
@@ -235,8 +236,6 @@ class Reencoder:
                     # byte-exact or nothing: the general codec takes the file
                     log.warning("inode %d: frames left to the general codec: %s", ino, exc)
                     info.update(path="general", reason=_reason(exc))
-        elif fresh:
-            info = None  # already recorded for this generation
         threshold = 0.97 if info and info.get("reason") == "encapsulated pixel data" else 1.0
         return self._encode_chunks(ino, inode, table, cipher, info, threshold)
 
@@ -256,7 +255,7 @@ class Reencoder:
             return nref
 
         return self._run(ino, table, ((i, one, (i, r)) for i, r in sorted(todo.items())),
-                         info, replace_all=False)
+                         info, replace_all=False, size=inode.size)
 
     def _encode_frames(self, ino, inode, table, cipher, plan, reader, info) -> bool:
         fs = self.fs
@@ -280,12 +279,13 @@ class Reencoder:
                 yield n, one, (n, start, data, frame)
 
         counts = collections.Counter()
-        done = self._run(ino, table, jobs(), info, replace_all=True, counts=counts)
+        done = self._run(ino, table, jobs(), info, replace_all=True, size=inode.size,
+                         counts=counts)
         if done:
             self.frames_coded += counts[JPEGLS]
         return done
 
-    def _run(self, ino, table, jobs, info, replace_all: bool, counts=None) -> bool:
+    def _run(self, ino, table, jobs, info, replace_all: bool, size: int, counts=None) -> bool:
         """Run (index, function, args) jobs on the re-encoder's threads, then
         swap the new chunk references in, if the file is still closed and
         unchanged.  ``replace_all``: the new references are the whole table."""
@@ -333,6 +333,7 @@ class Reencoder:
                         txn.put_content(ino, info)
                 fs.data.after_commit([table[i].oid for i in replaced])
                 self.files_done += 1
+                self.bytes_done += size
                 new = {}
             return True
         except _Retry:
@@ -345,6 +346,12 @@ class Reencoder:
             for nref in unused:  # not swapped in: nothing refers to them
                 if nref.oid not in {r.oid for r in table.values()}:
                     fs.objects.delete(nref.oid)
+
+
+def _fresh(content: dict | None, generation: int, dicom_aware: bool) -> bool:
+    """Has the re-encoder handled this version of the file (under this policy)?"""
+    return (content is not None and content.get("generation") == generation
+            and not (dicom_aware and content.get("kind") == "unknown"))
 
 
 def _extents_layout(table) -> bool:
