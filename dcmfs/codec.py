@@ -12,7 +12,7 @@ be swapped under a stored object; ids are never reused.
   samples are mapped to offset binary (``v + 2**(bits-1)``), which keeps
   neighbouring values neighbours (masking two's complement to BitsStored
   wraps -1 to the top of the range and costs 25 % on CT); samples that use
-  bits above BitsStored are coded at their full width.  Anything the codec
+  bits above BitsStored are coded at the full 16 bits.  Anything the codec
   cannot take exactly raises :class:`Unsuitable` and the caller falls back.
 
 Decompression is capped at the expected plaintext length: a hostile or
@@ -88,9 +88,10 @@ class Codecs:
         raises :class:`Unsuitable` for frames it cannot code.
         """
         if codec == JPEGLS:
-            jls = _jls_encode(plaintext, frame)
+            jls = _jls_encode(plaintext, frame)  # None: CharLS gave up (noise)
             used, payload = self.compress(ZSTD, plaintext)
-            return (JPEGLS, jls) if len(jls) < len(payload) else (used, payload)
+            return (JPEGLS, jls) if jls is not None and len(jls) < len(payload) \
+                else (used, payload)
         if codec == ZSTD:
             payload = zstandard.compress(plaintext, self._zstd_level)
         elif codec == LZMA:
@@ -145,7 +146,7 @@ def _samples(plaintext: bytes, spec: FrameSpec):
     return arr.reshape(spec.rows, spec.columns, 3)
 
 
-def _jls_encode(plaintext: bytes, spec: FrameSpec | None) -> bytes:
+def _jls_encode(plaintext: bytes, spec: FrameSpec | None) -> bytes | None:
     import imagecodecs
     import numpy as np
 
@@ -162,17 +163,22 @@ def _jls_encode(plaintext: bytes, spec: FrameSpec | None) -> bytes:
         arr = arr.astype(np.uint16)  # native byte order for the codec
         stored = spec.bits_stored if 1 < spec.bits_stored <= 16 else 16
         if spec.signed and spec.samples == 1:
-            half = 1 << (stored - 1)
-            mapped = arr.view(np.int16).astype(np.int32) + half
-            if int(mapped.min()) >= 0 and int(mapped.max()) < (1 << stored):
-                arr, bits, mapping = mapped.astype(np.uint16), stored, 1
-        if mapping == 0 and int(arr.max()) < (1 << stored):
+            # offset binary at BitsStored if the samples are sign extensions
+            # of it, else at the full 16 bits
+            values = arr.view(np.int16).astype(np.int32)
+            lo, hi = int(values.min()), int(values.max())
+            if not (-(1 << (stored - 1)) <= lo and hi < (1 << (stored - 1))):
+                stored = 16
+            arr, bits, mapping = (values + (1 << (stored - 1))).astype(np.uint16), stored, 1
+        elif int(arr.max()) < (1 << stored):
             bits = stored
     arr = np.ascontiguousarray(arr)
     try:
         stream = imagecodecs.jpegls_encode(arr)
-    except Exception as exc:  # noqa: BLE001 — CharLS refuses: fall back
-        raise Unsuitable(f"JPEG-LS refused the frame: {exc}") from exc
+    except imagecodecs.JpeglsError:
+        # e.g. noise that would grow past imagecodecs' output buffer: this
+        # frame goes to zstd (or stays as is)
+        return None
     header = _JLS_HEADER.pack(_JLS_VERSION, spec.rows, spec.columns, spec.samples,
                               spec.bits_allocated, bits, mapping, spec.planar, spec.big_endian)
     return header + stream

@@ -59,10 +59,18 @@ def test_store_index_and_log_hold_no_names_attributes_or_plaintext(mounted):
     blobs = scan("mounted")
     journal = [b for p, b in blobs.items() if p.endswith("index/journal")]
     assert journal and len(journal[0]) > 1000
+    # the DICOM-aware re-encoder has recorded what it found (sealed)
+    r = mounted.cli("recompress", mounted.store)
+    assert r.returncode == 0, r.stderr
+    stats = mounted.cli("stats", mounted.store, "--json", check=True).stdout
+    assert '"CT"' in stats and '"frames": 1' in stats
+    blobs.update(scan("recompressed"))
     mounted.umount()
     blobs.update(scan("unmounted"))
     assert any(p.endswith("data.mdb") for p in blobs) and len(blobs) > 3
-    for needle in SECRET_NAMES + ["Zyxwvut", "Qwertyuiop", "report.txt", "user.note"]:
+    for needle in SECRET_NAMES + ["Zyxwvut", "Qwertyuiop", "report.txt", "user.note",
+                                  "MONOCHROME2", "1.2.840.10008.5.1.4.1.1.2",
+                                  "1.2.840.10008.1.2.1"]:
         for enc in ("utf-8", "utf-16-le"):
             raw = needle.encode(enc)
             for p, blob in blobs.items():

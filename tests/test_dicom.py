@@ -1,0 +1,314 @@
+"""DICOM-aware storage: native pixel data frame by frame in JPEG-LS, every
+byte back exactly, for every DICOM file we can find."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import time
+
+import numpy as np
+import pydicom
+import pytest
+
+from dcmfs import codec, dicom
+from dcmfs.codec import Codecs, FrameSpec, Unsuitable
+from dcmfs.filesystem import FileSystem
+from dcmfs.store import open_store
+
+from .conftest import (SMALL, assert_no_dangling, crash, ct_file, dicom_files, file_sha256,
+                       sha256)
+from .test_core import read_file, write_file
+
+#: 1 MiB chunks as in production; the re-encoder runs only when asked
+REAL = dataclasses.replace(SMALL, chunk_size=1 << 20, dirty_limit=16 << 20,
+                           read_cache_bytes=64 << 20, checkpoint_interval=0)
+
+
+def layout(fs, path) -> dict:
+    with fs.index.begin() as txn:
+        return txn.chunks(fs._resolve(txn, path))
+
+
+def content(fs, path) -> dict | None:
+    with fs.index.begin() as txn:
+        return txn.get_content(fs._resolve(txn, path))
+
+
+def recompress(fs) -> None:
+    fs.recompress()
+    assert fs.reencoder.wait_idle(timeout=600)
+
+
+def test_jpegls_frames_are_exact_for_every_sample_layout():
+    codecs = Codecs()
+    rng = np.random.default_rng(7)
+    smooth = np.cumsum(rng.integers(-3, 4, size=(64, 80)), axis=1)
+    cases = [
+        # signed 12-bit CT-like, sign-extended: coded at 12 bits in offset binary
+        (smooth.astype("<i2") - 1000, FrameSpec(64, 80, 1, 16, 12, True, False, False)),
+        # unsigned with bits above BitsStored set (mlut_18-like): coded at 16 bits
+        ((smooth + 40000).astype("<u2"), FrameSpec(64, 80, 1, 16, 12, False, False, False)),
+        # signed, not a sign extension of BitsStored
+        ((smooth * 3 - 2000).astype("<i2"), FrameSpec(64, 80, 1, 16, 8, True, False, False)),
+        # big-endian 16-bit
+        ((smooth + 500).astype(">u2"), FrameSpec(64, 80, 1, 16, 16, False, False, True)),
+        # 8-bit RGB, interleaved and planar (colour planes differ)
+        (np.stack([(smooth + 100 + 20 * c) % 256 for c in range(3)], axis=-1).astype("u1"),
+         FrameSpec(64, 80, 3, 8, 8, False, False, False)),
+        (np.stack([(smooth + 100 + 20 * c) % 256 for c in range(3)]).astype("u1"),
+         FrameSpec(64, 80, 3, 8, 8, False, True, False)),
+    ]
+    for arr, spec in cases:
+        plain = arr.tobytes()
+        used, payload = codecs.compress(codec.JPEGLS, plain, spec)
+        # (a tiny frame at the full 16 bits may go to zstd: smaller wins)
+        assert used == codec.JPEGLS or spec.bits_stored == 8, spec
+        assert codecs.decompress(used, payload, len(plain)) == plain, spec
+    # noise: CharLS gives up or loses to zstd; stored some other way, exactly
+    noise = rng.integers(0, 255, size=(64, 80, 3)).astype("u1").tobytes()
+    used, payload = codecs.compress(codec.JPEGLS, noise,
+                                    FrameSpec(64, 80, 3, 8, 8, False, False, False))
+    assert used != codec.JPEGLS and codecs.decompress(used, payload, len(noise)) == noise
+    # the image codec wins where it should (a smooth CT-like frame)
+    used, payload = codecs.compress(codec.JPEGLS, cases[0][0].tobytes(), cases[0][1])
+    assert used == codec.JPEGLS and len(payload) < len(cases[0][0].tobytes()) / 3
+    with pytest.raises(Unsuitable):
+        codecs.compress(codec.JPEGLS, bytes(64 * 80 * 4), FrameSpec(64, 80, 1, 32, 32, False,
+                                                                    False, False))
+    with pytest.raises(Unsuitable):  # size does not match geometry
+        codecs.compress(codec.JPEGLS, bytes(100), cases[0][1])
+    # a damaged payload never decodes to the wrong bytes silently
+    used, payload = codecs.compress(codec.JPEGLS, cases[0][0].tobytes(), cases[0][1])
+    with pytest.raises(codec.CodecError):
+        codecs.decompress(used, payload[:-40], len(cases[0][0].tobytes()))
+
+
+def test_analyse_finds_pixels_and_refuses_what_it_cannot_code():
+    ct = ct_file().read_bytes()
+    plan = dicom.analyse(io.BytesIO(ct), len(ct))
+    ds = pydicom.dcmread(ct_file())
+    assert plan.codes_frames and plan.frames == 1
+    assert ct[plan.pixel_offset:plan.pixel_offset + plan.frame.nbytes] == ds.PixelData
+    assert plan.info["modality"] == "CT" and plan.frame.signed
+    assert dicom.analyse(io.BytesIO(b"hello world" * 50), 550).reason == "not DICOM"
+    assert dicom.analyse(io.BytesIO(ct[:len(ct) // 2]), len(ct) // 2).reason in (
+        "pixel data shorter than its frames", "unreadable as DICOM (EOFError)")
+    # nothing but encoding attributes is kept
+    assert set(plan.info) <= {"kind", "modality", "ts", "photometric", "bits_allocated",
+                              "bits_stored", "samples", "frames"}
+
+
+def test_every_dicom_file_reads_back_exactly_before_and_after_reencoding(make_fs):
+    files = dicom_files()
+    assert len(files) > 100
+    fs = make_fs(REAL)
+    want = {}
+    for i, p in enumerate(files):
+        data = p.read_bytes()
+        want[f"/f{i}"] = (p.name, data)
+        write_file(fs, f"/f{i}", data)
+    for name, (_, data) in want.items():
+        assert read_file(fs, name) == data, name
+    stored_before = fs.stats()[2]
+    recompress(fs)
+    assert fs.stats()[2] < stored_before * 0.85
+    rng = random.Random(3)
+    for name, (orig, data) in want.items():
+        assert sha256(read_file(fs, name)) == sha256(data), orig
+        fh = fs.open(name, os.O_RDONLY)
+        try:
+            for _ in range(5):  # random access inside (possibly) coded frames
+                off = rng.randrange(max(1, len(data)))
+                n = rng.randrange(1, 70_000)
+                assert fs.read(fh, n, off) == data[off:off + n], (orig, off, n)
+        finally:
+            fs.release(fh)
+    by_name = {orig: content(fs, name) for name, (orig, _) in want.items()}
+    assert all(c is not None for c in by_name.values())
+    coded = [n for n, c in by_name.items() if c["path"] == "frames"]
+    assert len(coded) >= 30
+    for expected in ("693_UNCI.dcm", "MR_small.dcm", "US1_UNCR.dcm", "emri_small_big_endian.dcm",
+                     "mlut_18.dcm"):
+        assert expected in coded, by_name.get(expected)
+    reasons = {c["reason"] for c in by_name.values()}
+    for expected in ("palette colour", "encapsulated pixel data", "32-bit samples",
+                     "1-bit samples", "no pixel data", "deflated transfer syntax"):
+        assert expected in reasons, reasons
+    assert by_name["OBXXXX1A.dcm"]["reason"] == "palette colour"
+    stats = fs.content_stats()
+    ct = [g for g in stats["groups"] if g["modality"] == "CT"
+          and g["transfer_syntax"] == "1.2.840.10008.1.2.1"]
+    assert ct and ct[0]["paths"].get("frames") and ct[0]["codecs"].get("jpegls")
+    fs.checkpoint()
+    assert_no_dangling(fs)
+    fs.close()
+
+    fs = make_fs(REAL)  # after a remount
+    for name, (orig, data) in want.items():
+        assert sha256(read_file(fs, name)) == sha256(data), orig
+    assert fs.recompress() == 0  # nothing left to do
+
+
+def test_reading_the_start_of_a_multiframe_file_decodes_one_extent(make_fs):
+    src = pydicom.dcmread(ct_file())
+    frames = 40
+    one = src.pixel_array
+    arr = np.stack([one + i for i in range(frames)]).astype(one.dtype)
+    src.NumberOfFrames = frames
+    src.PixelData = arr.tobytes()
+    buf = io.BytesIO()
+    src.save_as(buf)
+    data = buf.getvalue()
+    fs = make_fs(REAL)
+    write_file(fs, "/multi.dcm", data)
+    recompress(fs)
+    table = layout(fs, "/multi.dcm")
+    assert sum(1 for r in table.values() if r.codec == codec.JPEGLS) == frames
+    fs.data.cache = type(fs.data.cache)(64 << 20)  # cold
+    loads = []
+    real = fs.objects.read
+    fs.objects.read = lambda *a, **k: loads.append(a[3]) or real(*a, **k)
+    fh = fs.open("/multi.dcm", os.O_RDONLY)
+    assert fs.read(fh, 1000, 0) == data[:1000]
+    assert loads == [0]  # the header extent only, no frame decoded
+    assert fs.read(fh, 4096, 0) == data[:4096]
+    assert loads == [0, 1]  # the header (cached) and the first frame, of 40
+    mid = len(data) // 2
+    assert fs.read(fh, 100, mid) == data[mid:mid + 100]
+    assert len(loads) == 3
+    fs.release(fh)
+
+
+def test_changing_a_coded_file_turns_it_back_into_chunks(make_fs):
+    data = ct_file().read_bytes()
+    fs = make_fs(REAL)
+    for name in ("/a", "/b", "/c"):
+        write_file(fs, name, data)
+    recompress(fs)
+    assert all(r.offset >= 0 for r in layout(fs, "/a").values())
+    # overwrite in the middle of the frame
+    fh = fs.open("/a", os.O_WRONLY)
+    fs.write(fh, b"\x55" * 1000, 200_000)
+    fs.release(fh)
+    want_a = data[:200_000] + b"\x55" * 1000 + data[201_000:]
+    # append
+    fh = fs.open("/b", os.O_WRONLY | os.O_APPEND)
+    fs.write(fh, b"tail", len(data))
+    fs.release(fh)
+    # truncate to half, and to zero
+    fs.truncate("/c", len(data) // 2)
+    for name, want in (("/a", want_a), ("/b", data + b"tail"), ("/c", data[:len(data) // 2])):
+        assert read_file(fs, name) == want, name
+        assert all(r.offset < 0 for r in layout(fs, name).values())
+        with fs.index.begin() as txn:  # what the re-encoder found is stale now
+            assert content(fs, name)["generation"] != txn.get_inode(
+                fs._resolve(txn, name)).generation
+    fs.truncate("/c", 0)
+    assert read_file(fs, "/c") == b""
+    recompress(fs)  # coded again where it still is an image
+    assert read_file(fs, "/a") == want_a and read_file(fs, "/b") == data + b"tail"
+    fs.checkpoint()
+    assert_no_dangling(fs)
+
+
+def test_tampered_extent_layout_is_an_integrity_error(make_fs):
+    from dcmfs.errors import IntegrityError
+    data = ct_file().read_bytes()
+    fs = make_fs(REAL)
+    write_file(fs, "/a", data)
+    recompress(fs)
+    table = layout(fs, "/a")
+    ino = fs.getattr("/a")["st_ino"]
+    last = max(table)
+    with fs._write_txn() as txn:  # an extent dropped from the index
+        txn.delete_chunk(ino, last)
+    fs._open.clear()
+    with pytest.raises(IntegrityError):
+        read_file(fs, "/a")
+
+
+# --- through a real mount --------------------------------------------------------------
+def corpus() -> list:
+    """The native CT/MR/US files of pydicom-data plus a few odd ones."""
+    import data_store
+    base = os.path.join(os.path.dirname(data_store.__file__), "data")
+    names = ["693_UNCI.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm", "OBXXXX1A.dcm",
+             "emri_small_big_endian.dcm", "JPEG2000.dcm", "color-pl.dcm"]
+    return [os.path.join(base, n) for n in names if os.path.exists(os.path.join(base, n))]
+
+
+def test_mounted_recompress_stats_and_remount(mount_env):
+    m = mount_env
+    m.mount("-o", "reencode=0")  # nothing happens behind the test's back
+    files = corpus()
+    for p in files:
+        shutil.copy(p, m.mnt)
+    want = {os.path.basename(p): file_sha256(p) for p in files}
+    r = m.cli("stats", m.store, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["groups"][0]["modality"] == "not analysed"
+    r = m.cli("recompress", m.store, timeout=300)  # no key: the daemon has it
+    assert r.returncode == 0, r.stderr
+    assert "stored/original" in r.stdout
+    stats = json.loads(m.cli("stats", m.store, "--json", check=True).stdout)
+    mods = {(g["modality"], g["transfer_syntax"]): g for g in stats["groups"]}
+    assert mods[("CT", "1.2.840.10008.1.2.1")]["paths"] == {"frames": 1}
+    assert mods[("CT", "1.2.840.10008.1.2.1")]["stored_bytes"] < 0.3 * os.path.getsize(files[0])
+    for name, digest in want.items():
+        assert file_sha256(m.mnt / name) == digest, name
+    m.umount()
+    r = m.cli("stats", m.store, "--key-file", m.key)  # unmounted: opened with the key
+    assert r.returncode == 0 and "CT" in r.stdout and "Explicit VR Little Endian" in r.stdout
+    m.mount()
+    for name, digest in want.items():
+        assert file_sha256(m.mnt / name) == digest, name
+
+
+def test_sigkill_while_reencoding_loses_nothing(mount_env):
+    m = mount_env
+    m.expect_log_errors = True  # a killed daemon leaves a journal to replay
+    m.mount()
+    os.setxattr(m.mnt, "user.dcmfs.control", b"pause")
+    src = ct_file().read_bytes()
+    want = {}
+    for i in range(60):  # distinct content per file
+        data = src[:-2000] + hashlib.sha256(str(i).encode()).digest() * 62 + src[-16:]
+        (m.mnt / f"ct{i}.dcm").write_bytes(data)
+        want[f"ct{i}.dcm"] = sha256(data)
+    os.setxattr(m.mnt, "user.dcmfs.control", b"resume")
+    deadline = time.monotonic() + 60
+    while True:
+        st = json.loads(os.getxattr(m.mnt, "user.dcmfs.status"))
+        if st["reencoded_files"] >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert st["backlog_files"] > 0, st  # killed in the middle of the work
+    os.kill(m.daemon_pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while m.daemon_pid() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    m.cleanup()
+    r = m.cli("recompress", m.store, "--key-file", m.key, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m.mount("-o", "reencode=0")
+    for name, digest in want.items():
+        assert file_sha256(m.mnt / name) == digest, name
+    m.umount()
+    fs = FileSystem(open_store(str(m.store), _key(m)), REAL)
+    try:
+        assert fs.content_stats()["groups"][0]["paths"] == {"frames": 60}
+        assert_no_dangling(fs)
+    finally:
+        fs.close()
+
+
+def _key(m):
+    from dcmfs.store import Secret
+    return Secret("keyfile", m.key.read_bytes())
