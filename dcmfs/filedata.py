@@ -107,6 +107,9 @@ class OpenFile:
 class FileData:
     """Reads, writes and commits file contents for the filesystem core."""
 
+    #: extents (bands of DICOM frames) decoded ahead of a sequential reader
+    READ_AHEAD = 2
+
     def __init__(self, index: Index, objects: ObjectStore, chunk_size: int, codec: int,
                  workers: int, max_inflight: int, dirty_limit: int, cache_bytes: int) -> None:
         self.index = index
@@ -123,12 +126,17 @@ class FileData:
         self.dirty_limit = dirty_limit
         self.cache = ChunkCache(cache_bytes)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcmfs-seal")
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=self.READ_AHEAD,
+                                                 thread_name_prefix="dcmfs-ahead")
+        self._prefetching: dict[bytes, Future] = {}
+        self._prefetch_lock = threading.Lock()
         self._inflight: collections.deque[Future] = collections.deque()
         self._max_inflight = max_inflight
         #: superseded objects, deleted once a checkpoint made that durable
         self._garbage: list[bytes] = []
 
     def shutdown(self) -> None:
+        self._prefetch_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
     # --- opening --------------------------------------------------------------
@@ -143,8 +151,33 @@ class FileData:
         return of
 
     # --- reading --------------------------------------------------------------
+    def _prefetch(self, of: OpenFile, idx: int) -> None:
+        """Decode extent ``idx`` in the background (sequential reads of
+        DICOM-coded files: the next band decodes while this one is read)."""
+        ref = of.committed[idx]
+        with self._prefetch_lock:
+            if ref.oid in self._prefetching or self.cache.get(ref.oid) is not None:
+                return
+            self._prefetching[ref.oid] = self._prefetch_pool.submit(
+                self._prefetch_one, of.cipher, of.inode.file_id, of.ino, idx, ref)
+
+    def _prefetch_one(self, cipher, file_id, ino, idx, ref) -> bytes | None:
+        try:
+            data = self.objects.read(cipher, file_id, ino, idx, ref)
+            self.cache.put(ref.oid, data)
+            return data
+        except Exception:  # noqa: BLE001 — the read itself will meet it and report it
+            return None
+        finally:
+            with self._prefetch_lock:
+                self._prefetching.pop(ref.oid, None)
+
     def _load(self, of: OpenFile, idx: int, ref: ChunkRef) -> bytes:
         data = self.cache.get(ref.oid)
+        if data is None:
+            with self._prefetch_lock:
+                fut = self._prefetching.get(ref.oid)
+            data = fut.result() if fut is not None else None
         if data is None:
             try:
                 data = self.objects.read(of.cipher, of.inode.file_id, of.ino, idx, ref)
@@ -190,6 +223,8 @@ class FileData:
             ref = of.committed[idx]
             if ref.offset > pos or (k + 1 == len(order)) != bool(ref.flags & CHUNK_FLAG_LAST):
                 raise self._bad_layout(of, f"extent {idx} is out of place")
+            for ahead in order[k + 1:k + 1 + self.READ_AHEAD]:
+                self._prefetch(of, ahead)  # decoding on the other core meanwhile
             plain = self._load(of, idx, ref)
             piece = plain[pos - ref.offset:end - ref.offset]
             if not piece:

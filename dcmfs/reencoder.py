@@ -360,8 +360,8 @@ def _extents_layout(table) -> bool:
 
 def _extents(plan, size: int, cs: int) -> list[tuple[int, int, object]]:
     """(start, length, frame spec or None) covering the whole file: the bytes
-    before the pixels and after them in pieces of at most one chunk, one
-    extent per frame."""
+    before the pixels and after them in pieces of at most one chunk, then
+    each frame in bands of whole rows of about ``BAND_BYTES``."""
     out = []
 
     def plain(a: int, b: int) -> None:
@@ -372,9 +372,21 @@ def _extents(plan, size: int, cs: int) -> list[tuple[int, int, object]]:
 
     plain(0, plan.pixel_offset)
     pos = plan.pixel_offset
+    frame = plan.frame
+    row_bytes = frame.nbytes // frame.rows
     for _ in range(plan.frames):
-        out.append((pos, plan.frame.nbytes, plan.frame))
-        pos += plan.frame.nbytes
+        if frame.planar or frame.nbytes <= dicom.BAND_BYTES:
+            out.append((pos, frame.nbytes, frame))
+            pos += frame.nbytes
+            continue
+        # bands of rows: a read decodes only the bands it touches, and the
+        # next band is decoded on the other core while this one is read
+        bands = -(-frame.nbytes // dicom.BAND_BYTES)
+        per_band = -(-frame.rows // bands)
+        for first in range(0, frame.rows, per_band):
+            band = frame._replace(rows=min(per_band, frame.rows - first))
+            out.append((pos, band.rows * row_bytes, band))
+            pos += band.rows * row_bytes
     plain(pos, size)
     return out
 
