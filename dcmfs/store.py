@@ -97,8 +97,8 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
     header = {
         "magic": fmt.STORE_MAGIC,
         "format_version": fmt.FORMAT_VERSION,
-        "features": sorted({"chunked-v1", "sealed-names-v1", f"codec-{config.codec}"}
-                           & fmt.KNOWN_FEATURES),
+        "features": sorted({"chunked-v1", "sealed-names-v1", f"codec-{config.codec}",
+                            "codec-jpegls", "extents-v1"} & fmt.KNOWN_FEATURES),
         "store_id": store_id.hex(),
         "chunk_size": config.chunk_size,
         "codec": config.codec,
