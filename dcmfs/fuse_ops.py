@@ -78,7 +78,8 @@ def _translate(method: Callable) -> Callable:
             return method(*args, **kwargs)
         except E.DcmfsError as exc:
             code = errno_of(exc)
-            if code == errno.EIO:
+            if code == errno.EIO and not isinstance(exc, E.IntegrityError):
+                # integrity errors are logged (once each) by the core
                 log.error("%s: %s", method.__name__, exc)
             elif code == errno.ENOSPC:
                 log.warning("%s: %s", method.__name__, exc)
