@@ -104,7 +104,7 @@ _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser",
                "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
 #: dcmfs options given with -o
 _DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
-               "checkpoint_interval", "dicom"}
+               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -124,6 +124,14 @@ def parse_o(values: list[str]) -> tuple[dict, dict]:
     return ours, fuse
 
 
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``12h``, ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
 def _config(ours: dict, fuse_opts: dict) -> Config:
     kw = {"read_only": bool(fuse_opts.get("ro"))}
     try:
@@ -135,6 +143,10 @@ def _config(ours: dict, fuse_opts: dict) -> Config:
             kw["dicom"] = {"0": False, "1": True}[ours["dicom"]]
         if ours.get("checkpoint_interval"):
             kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
+        if ours.get("scrub_interval"):
+            kw["scrub_interval"] = _seconds(ours["scrub_interval"])
+        if ours.get("scrub_rate"):
+            kw["scrub_rate"] = int(float(ours["scrub_rate"]) * 1e6)
     except (ValueError, KeyError) as exc:
         raise UsageError(f"A -o option has a bad value ({exc}); see 'dcmfs mount --help'.") \
             from exc

@@ -17,6 +17,7 @@ import threading
 import time
 
 from .errors import IntegrityError
+from .objectstore import ObjectDamaged
 from .verify import Finding, Verifier, name_paths, resolve_paths, unnamed_files
 
 log = logging.getLogger("dcmfs.scrub")
@@ -43,9 +44,9 @@ def verifier_of(fs) -> Verifier:
 
 def report_findings(fs, findings: list[Finding]) -> None:
     for f in findings:
-        if f.ino:
-            fs.damaged(f.ino, IntegrityError(f"{f.kind}: {f.detail}"
-                                             + (f" (object {f.oid})" if f.oid else "")))
+        if f.ino:  # the same key (object id) as a read meeting the same damage
+            fs.damaged(f.ino, ObjectDamaged(bytes.fromhex(f.oid), f.detail, f.kind) if f.oid
+                       else IntegrityError(f"{f.kind}: {f.detail}"))
 
 
 class VerifyJob:
@@ -111,6 +112,7 @@ class Scrubber:
         self.interval = interval
         self.rate = rate
         self.quiet_after = quiet_after
+        self._damaged: set[int] = set()
         self.state = {"rounds": 0, "round_files": 0, "round_done": 0, "verified_files": 0,
                       "verified_bytes": 0, "findings": 0, "last_round_end": None}
         self._thread = threading.Thread(target=self._loop, daemon=True, name="dcmfs-scrub")
@@ -147,7 +149,8 @@ class Scrubber:
                     if findings is None:
                         continue
                     if findings:
-                        self.state["findings"] += len(findings)
+                        self._damaged.add(ino)  # counted once, however many rounds
+                        self.state["findings"] = len(self._damaged)
                         report_findings(fs, findings)
                     else:
                         self._record(ino)
