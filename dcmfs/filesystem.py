@@ -59,6 +59,17 @@ class FileSystem(FileOps):
         try:
             self._setup(store, config)
         except BaseException:
+            # nothing may stay open: LMDB forbids opening one environment twice
+            self._stop.set() if hasattr(self, "_stop") else None
+            for name in ("reencoder", "scrubber"):
+                job = getattr(self, name, None)
+                if job is not None:
+                    job.stop() if name == "reencoder" else job.join()
+            if hasattr(self, "data"):
+                self.data.shutdown()
+            for name in ("objects", "index"):
+                if hasattr(self, name):
+                    getattr(self, name).close()
             self.store_lock.release()
             raise
 
