@@ -63,8 +63,10 @@ def test_mounted_verify_names_the_damaged_file_and_rw_mounts_wait_for_fsck(mount
 
     r = m.mount(check=False)
     assert r.returncode == 19 and "dcmfs fsck" in r.stderr, r.stderr
-    m.mount("-o", "ro")  # read-only still works
+    m.mount("-o", "ro")  # read-only still works, and verify there too
     assert (m.mnt / "ok.bin").read_bytes() == b"intact " * 100000
+    r = m.cli("verify", m.store)
+    assert r.returncode == 34 and f"DAMAGED /dir/{SECRET_NAME}" in r.stdout, r.stdout + r.stderr
     m.umount()
 
     r = m.cli("fsck", m.store, "--key-file", m.key)
