@@ -104,7 +104,7 @@ _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser",
                "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
 #: dcmfs options given with -o
 _DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
-               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate"}
+               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "reencode_threads"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -143,6 +143,10 @@ def _config(ours: dict, fuse_opts: dict) -> Config:
             kw["dicom"] = {"0": False, "1": True}[ours["dicom"]]
         if ours.get("checkpoint_interval"):
             kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
+        if ours.get("reencode_threads"):
+            kw["reencode_threads"] = int(ours["reencode_threads"])
+            if not 1 <= kw["reencode_threads"] <= 64:
+                raise ValueError("reencode_threads must be 1..64")
         if ours.get("scrub_interval"):
             kw["scrub_interval"] = _seconds(ours["scrub_interval"])
         if ours.get("scrub_rate"):

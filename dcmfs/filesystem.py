@@ -104,7 +104,8 @@ class FileSystem(FileOps):
         if not config.read_only:
             self._mark_mounted()
             # always there for 'recompress'; it runs by itself with -o reencode=1
-            self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom)
+            self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom,
+                                       window=config.reencode_threads)
             self.data.on_deferred = self.reencoder.deferred
             self.data.on_discarded = self.reencoder.release
             if config.reencode:
