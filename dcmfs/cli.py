@@ -202,6 +202,15 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _store_arg(args) -> str:
+    """The STORE argument, made absolute, with a clear error for a missing or
+    foreign store before anything else happens."""
+    from .store import read_header
+    store_root = os.path.abspath(args.store)
+    read_header(store_root)
+    return store_root
+
+
 def _lazy_secret(args, store_root: str):
     """The key, asked for only when the store is not mounted (a running
     daemon already holds it)."""
@@ -215,9 +224,7 @@ def _lazy_secret(args, store_root: str):
 
 def cmd_recompress(args) -> int:
     from .admin import recompress
-    from .store import read_header
-    store_root = os.path.abspath(args.store)
-    read_header(store_root)  # a clear error for a missing or foreign store
+    store_root = _store_arg(args)
     ours, fuse = parse_o(args.o)
     status = recompress(store_root, _lazy_secret(args, store_root), _config(ours, fuse))
     ratio = status["stored_bytes"] / status["logical_bytes"] if status["logical_bytes"] else 0
@@ -227,9 +234,7 @@ def cmd_recompress(args) -> int:
 
 def cmd_stats(args) -> int:
     from .admin import content_stats, render_stats
-    from .store import read_header
-    store_root = os.path.abspath(args.store)
-    read_header(store_root)
+    store_root = _store_arg(args)
     stats = content_stats(store_root, _lazy_secret(args, store_root), Config())
     print(json.dumps(stats, indent=1) if args.json else render_stats(stats))
     return 0
@@ -245,9 +250,7 @@ def _fraction(text: str) -> float:
 def cmd_verify(args) -> int:
     from .admin import render_verify, verify
     from .errors import DamageFound
-    from .store import read_header
-    store_root = os.path.abspath(args.store)
-    read_header(store_root)
+    store_root = _store_arg(args)
     report = verify(store_root, _lazy_secret(args, store_root), Config(), args.paths,
                     args.sample)
     print(json.dumps(report, indent=1) if args.json else render_verify(report))
@@ -257,9 +260,7 @@ def cmd_verify(args) -> int:
 def cmd_fsck(args) -> int:
     from .admin import fsck, render_fsck
     from .errors import DamageFound
-    from .store import read_header
-    store_root = os.path.abspath(args.store)
-    read_header(store_root)
+    store_root = _store_arg(args)
     result = fsck(store_root, _lazy_secret(args, store_root), Config(), args.repair,
                   args.rebuild_index)
     print(json.dumps(result, indent=1) if args.json else render_fsck(result))
