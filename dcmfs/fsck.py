@@ -49,10 +49,10 @@ from . import codec as codecs, format as fmt
 from .config import Config
 from .durable import fsync_dir
 from .errors import DcmfsError, IndexDamagedError, IntegrityError
-from .index import (JOURNAL_NAME, SEALED, Index, Inode, archive_segments, refuse_if_missing,
-                    snapshots)
+from .index import (JOURNAL_NAME, SEALED, Index, Inode, archive_segments, legacy_snapshots,
+                    refuse_if_missing, snapshots)
 from .objectstore import ChunkContext, ChunkRef, ObjectDamaged, ObjectStore
-from .store import Store, StoreLock, clear_damage_mark
+from .store import Store, StoreLock
 from .verify import check_file, name_paths, stored_size
 
 log = logging.getLogger("dcmfs.fsck")
@@ -77,8 +77,16 @@ class Fsck:
     """One fsck run on an unmounted store (it holds the store lock)."""
 
     def __init__(self, store: Store, config: Config, repair: bool,
-                 progress: Callable[[str], None] = lambda stage: None) -> None:
+                 progress: Callable[[str], None] = lambda stage: None,
+                 index_complete: bool = True) -> None:
         self.store = store
+        #: False after a rebuild that could not roll every journal record
+        #: forward: the index may lack files and deletions, so objects of
+        #: unknown files are rebuilt rather than taken for deleted ones
+        self.index_complete = index_complete
+        #: files that verified intact before any repair: (generation, table)
+        self._intact: dict[int, int] = {}
+        self._next_ino0 = fmt.ROOT_INO + 1
         self.config = config
         self.repair = repair
         self.progress = progress
@@ -144,7 +152,6 @@ class Fsck:
         for oid in self._garbage:
             self.objects.delete(oid)
         ix.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
-        clear_damage_mark(self.store.root)
 
     def _name_problems(self) -> None:
         with self.index.begin() as txn:
@@ -214,6 +221,16 @@ class Fsck:
 
     # --- objects in the wrong place ------------------------------------------------------
     def check_objects(self) -> None:
+        parking = os.path.join(self.store.root, fmt.QUARANTINE_DIR, ".misplaced")
+        if self.repair and os.path.isdir(parking):  # an interrupted earlier repair
+            for name in os.listdir(parking):
+                oid = bytes.fromhex(name)
+                os.makedirs(self.objects.dir_of(oid), mode=0o700, exist_ok=True)
+                if not os.path.exists(self.objects.path(oid)):
+                    os.rename(os.path.join(parking, name), self.objects.path(oid))
+        with self.index.begin() as txn:
+            raw = txn.meta_get("next_ino")
+        self._next_ino0 = int.from_bytes(raw, "big") if raw else fmt.ROOT_INO + 1
         misplaced = {}
         for oid in list(self.objects.iter_oids()):
             try:
@@ -224,6 +241,12 @@ class Fsck:
             self._contexts[oid] = ctx
             if ctx.oid != oid:
                 misplaced[oid] = ctx
+        top = max((c.ino for c in self._contexts.values() if c is not None), default=0)
+        if self.repair and top >= self._next_ino0:
+            # objects keep their inode numbers: /lost+found or a salvaged file
+            # must never be given one of them
+            with self.index.begin(write=True) as txn:
+                txn.meta_put("next_ino", (top + 1).to_bytes(8, "big"))
         if not misplaced:
             return
         for oid, ctx in misplaced.items():
@@ -233,7 +256,6 @@ class Fsck:
         if not self.repair:
             return
         # two phases, so that swapped pairs and cycles come out right
-        parking = os.path.join(self.store.root, fmt.QUARANTINE_DIR, ".misplaced")
         os.makedirs(parking, mode=0o700, exist_ok=True)
         for oid in misplaced:
             os.rename(self.objects.path(oid), os.path.join(parking, oid.hex()))
@@ -250,7 +272,7 @@ class Fsck:
             self._contexts.pop(oid, None)
         for oid, ctx in misplaced.items():
             self._contexts[ctx.oid] = ctx
-        shutil.rmtree(parking, ignore_errors=True)
+        os.rmdir(parking)  # empty now; never removed with anything in it
 
     def _head(self, oid: bytes) -> bytes:
         with open(self.objects.path(oid), "rb") as f:
@@ -400,12 +422,106 @@ class Fsck:
             with ix.begin() as txn:
                 table = txn.chunks(ino)
             findings = check_file(self.objects, ino, inode, table, self.cs)
+            if not findings:
+                self._intact[ino] = inode.generation
+                continue
+            restored = None
+            if self.repair:
+                restored = ("restored from its own unreferenced objects; the SHA-256 matches"
+                            if self._restore(ino, inode, table) else
+                            "replaced by the newer complete version its objects hold (the "
+                            "index had lost it; no checksum to compare)"
+                            if self._adopt_newer(ino, inode, table) else None)
             for f in findings:
                 self.found("contents", f"{f.kind}: {f.detail}", ino,
                            bytes.fromhex(f.oid) if f.oid else None,
-                           repaired="moved to /lost+found, unreadable bytes zeroed")
-            if findings and self.repair:
+                           repaired=restored or "moved to /lost+found, unreadable bytes zeroed")
+            if self.repair and not restored:
                 self._salvage_damaged(ino, inode, table)
+
+    def _adopt_newer(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> bool:
+        """A damaged file whose objects hold a complete version newer than the
+        index knows (the index was rebuilt from an older state): that version
+        replaces the lost one, in place, noted in ``user.dcmfs.fsck``."""
+        mine = [c for oid, c in self._contexts.items()
+                if c is not None and c.oid == oid and c.ino == ino and c.file_id == inode.file_id
+                and (not self._named.get(oid) or oid in {r.oid for r in table.values()})]
+        if not any(c.generation > inode.generation for c in mine):
+            return False
+        new = assemble(mine, self.cs)
+        if new is None or max(r.generation for r in new.values()) <= inode.generation:
+            return False
+        size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
+                   for i, r in new.items())
+        cipher = self.objects.file_cipher(inode.file_id)
+        hasher = hashlib.sha256()
+        try:
+            for idx, ref, start, length in _pieces(new, size, self.cs):
+                plain = b"" if ref is None else self.objects.read(cipher, inode.file_id, ino,
+                                                                  idx, ref)
+                hasher.update(plain[:length].ljust(length, b"\0"))
+        except IntegrityError:
+            return False
+        with self.index.begin(write=True) as txn:
+            for idx, ref in table.items():
+                if new.get(idx) != ref:
+                    txn.delete_chunk(ino, idx)
+                    self._named[ref.oid] -= 1
+                    if self._named[ref.oid] <= 0:
+                        self._quarantine_or_garbage(ref.oid)
+            for idx, ref in new.items():
+                if table.get(idx) != ref:
+                    txn.put_chunk(ino, idx, ref)
+                    self._named[ref.oid] += 1
+            fresh = txn.get_inode(ino)
+            fresh.size, fresh.sha256 = size, hasher.digest()
+            fresh.generation = max(r.generation for r in new.values())
+            fresh.ctime_ns = self._now
+            txn.put_inode(ino, fresh)
+            txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(
+                "%Y-%m-%d %H:%M:%S").encode() + b": the index had an older version whose data "
+                b"was gone; this newer complete version was assembled from the objects")
+        return True
+
+    def _restore(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> bool:
+        """Mend a damaged file from objects of its own that no entry names
+        (a chunk entry lost to a flipped bit, an object put back by the
+        objects check): only if the result matches the file's SHA-256."""
+        candidates: dict[int, ChunkContext] = {}
+        for oid, ctx in self._contexts.items():
+            if ctx is None or ctx.oid != oid or self._named.get(oid) or ctx.ino != ino \
+                    or ctx.file_id != inode.file_id or ctx.generation > inode.generation:
+                continue
+            best = candidates.get(ctx.index)
+            if best is None or ctx.generation > best.generation:
+                candidates[ctx.index] = ctx
+        if not candidates or inode.sha256 is None:
+            return False
+        cipher = self.objects.file_cipher(inode.file_id)
+        trial = dict(table)
+        for idx, ctx in candidates.items():
+            ref = table.get(idx)
+            ok = False
+            if ref is not None:
+                try:
+                    self.objects.read(cipher, inode.file_id, ino, idx, ref)
+                    ok = True
+                except IntegrityError:
+                    pass
+            if not ok:
+                offset = ref.offset if ref is not None else -1
+                trial[idx] = ChunkRef(ctx.oid, ctx.generation, ctx.codec, ctx.flags,
+                                      ctx.plain_len, ctx.stored_len, offset)
+        if trial == table or check_file(self.objects, ino, inode, trial, self.cs):
+            return False
+        with self.index.begin(write=True) as txn:
+            for idx, ref in trial.items():
+                if table.get(idx) != ref:
+                    txn.put_chunk(ino, idx, ref)
+                    self._named[ref.oid] += 1
+                    if idx in table:
+                        self._named[table[idx].oid] -= 1
+        return True
 
     def _salvage_damaged(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> None:
         """Keep what can be read, zero what cannot, move the file to /lost+found."""
@@ -508,26 +624,31 @@ class Fsck:
                 continue
             inode = inodes.get(ctx.ino)
             if inode is not None and inode.file_id == ctx.file_id:
-                if ctx.generation <= inode.generation:
-                    self.found("unreferenced", "superseded version of a chunk", ctx.ino, oid,
-                               repaired="deleted")
+                if ctx.ino in self._intact and ctx.generation <= self._intact[ctx.ino]:
+                    # the file verified intact (its SHA-256 is in the sealed
+                    # index) without this object: an older version of a chunk
+                    self.found("unreferenced", "superseded version of a chunk of an intact "
+                                               "file", ctx.ino, oid, repaired="deleted")
                     if self.repair:
                         self._garbage.append(oid)
                 else:
-                    self.found("unreferenced", f"newer version (generation {ctx.generation}) "
-                                               "than the index knows", ctx.ino, oid,
+                    self.found("unreferenced", f"object of a damaged file or a newer version "
+                                               f"(generation {ctx.generation}) than the index "
+                                               "knows", ctx.ino, oid,
                                repaired="moved to quarantine")
                     if self.repair:
                         self.objects.quarantine(oid, self.store.root)
                 continue
+            if self.index_complete and not self._index_damaged() \
+                    and ctx.ino < self._next_ino0 and ctx.ino not in inodes:
+                # a complete index handed this inode number out and removed
+                # the file: the object is what a crash kept from its deletion
+                self.found("unreferenced", "object of a deleted file", ctx.ino, oid,
+                           repaired="deleted")
+                if self.repair:
+                    self._garbage.append(oid)
+                continue
             unknown[(ctx.ino, ctx.file_id)].append(ctx)
-        if unknown and self.repair:
-            # the objects keep their inode numbers: none may be handed out again
-            top = max(ino for ino, _ in unknown) + 1
-            with ix.begin(write=True) as txn:
-                raw = txn.meta_get("next_ino")
-                if raw is None or int.from_bytes(raw, "big") < top:
-                    txn.meta_put("next_ino", top.to_bytes(8, "big"))
         for (ino, file_id), ctxs in sorted(unknown.items()):
             taken = ino in inodes
             for ctx in ctxs:
@@ -538,6 +659,9 @@ class Fsck:
                 if taken or not self._rebuild_file(ino, file_id, ctxs):
                     for ctx in ctxs:
                         self.objects.quarantine(ctx.oid, self.store.root)
+
+    def _index_damaged(self) -> bool:
+        return any(p.check == "index" for p in self.problems)
 
     def _rebuild_file(self, ino: int, file_id: bytes, ctxs: list[ChunkContext]) -> bool:
         """Make a file of objects the index does not know (same inode number and
@@ -562,6 +686,9 @@ class Fsck:
                                      file_id, gen, hasher.digest()))
             for idx, ref in table.items():
                 txn.put_chunk(ino, idx, ref)
+            txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(
+                "%Y-%m-%d %H:%M:%S").encode() + b": assembled from objects the index did not "
+                b"know (newest complete version); no checksum was kept to compare it with")
         self._link_lost(ino, str(ino).encode())
         return True
 
@@ -603,9 +730,12 @@ class Fsck:
 
 def assemble(ctxs: list[ChunkContext], cs: int) -> dict[int, ChunkRef] | None:
     """The newest complete version a set of one file's objects holds, as a
-    chunk table; None when no complete version is there."""
+    chunk table; None when no complete version is there.  A version ends at
+    an object with the last-chunk flag; a fixed-layout version takes, for
+    each chunk, the newest object not newer than that end (unchanged chunks
+    keep older generations); an extent version needs all its extents."""
+    options = []
     ext = [c for c in ctxs if c.flags & fmt.CHUNK_FLAG_EXTENT]
-    fixed = [c for c in ctxs if not c.flags & fmt.CHUNK_FLAG_EXTENT]
     for gen in sorted({c.generation for c in ext}, reverse=True):
         by_idx = {c.index: c for c in ext if c.generation == gen}
         lasts = [i for i, c in by_idx.items() if c.flags & fmt.CHUNK_FLAG_LAST]
@@ -616,24 +746,24 @@ def assemble(ctxs: list[ChunkContext], cs: int) -> dict[int, ChunkRef] | None:
                 table[i] = ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len,
                                     c.stored_len, pos)
                 pos += c.plain_len
-            return table
-    if not fixed:
+            options.append((gen, 1, table))
+            break
+    fixed = [c for c in ctxs if not c.flags & fmt.CHUNK_FLAG_EXTENT]
+    lasts = [c for c in fixed if c.flags & fmt.CHUNK_FLAG_LAST]
+    if lasts:
+        last = max(lasts, key=lambda c: (c.generation, c.index))
+        newest: dict[int, ChunkContext] = {}
+        for c in sorted(fixed, key=lambda c: c.generation):
+            if c.generation <= last.generation and c.index <= last.index \
+                    and not (c.flags & fmt.CHUNK_FLAG_LAST and c.index != last.index):
+                newest[c.index] = c
+        newest[last.index] = last
+        options.append((last.generation, 0, {
+            i: ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len, c.stored_len)
+            for i, c in newest.items()}))
+    if not options:
         return None
-    newest: dict[int, ChunkContext] = {}
-    for c in sorted(fixed, key=lambda c: c.generation):
-        newest[c.index] = c
-    lasts = [c for c in newest.values() if c.flags & fmt.CHUNK_FLAG_LAST]
-    if not lasts:
-        return None
-    last = max(lasts, key=lambda c: (c.generation, c.index))
-    table = {}
-    for i, c in newest.items():
-        if i < last.index and c.flags & fmt.CHUNK_FLAG_LAST:
-            continue  # the end of an older, shorter version
-        if i <= last.index:
-            table[i] = ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len,
-                                c.stored_len)
-    return table
+    return max(options, key=lambda o: (o[0], o[1]))[2]
 
 
 def _pieces(table: dict[int, ChunkRef], size: int, cs: int):
@@ -648,20 +778,39 @@ def _pieces(table: dict[int, ChunkRef], size: int, cs: int):
 # --- rebuilding the index ------------------------------------------------------------------
 def rebuild_index(store: Store, config: Config) -> dict:
     """Move the index aside and build a new one from the newest snapshot that
-    opens, the journal records after it and the objects; returns what was
-    used.  The caller then runs the repair (:class:`Fsck`) on it."""
+    opens and the journal records after it whose objects are intact; returns
+    what was used.  The caller then runs the repair (:class:`Fsck`), which
+    reconciles the result with the objects.
+
+    The journals read are the archive segments and the journals of every
+    index moved aside so far (a rebuild interrupted after the move loses
+    nothing).  Afterwards the archive segments join the moved-aside index:
+    the history before the rebuild is closed, so a later rebuild can never
+    roll records of it onto the new one; numbering continues above every
+    sequence number seen.
+    """
     root = store.root
     index_dir = os.path.join(root, fmt.INDEX_DIR)
     snap_dir = os.path.join(root, fmt.SNAPSHOTS_DIR)
     lock = StoreLock(root)
+    objects = ObjectStore(root, store.store_id, store.master_key,
+                          codecs.Codecs(config.zstd_level, config.lzma_preset))
     try:
+        earlier = sorted(n for n in os.listdir(root) if n.startswith(f"{fmt.INDEX_DIR}.damaged-"))
         aside = None
         if os.path.exists(index_dir):
-            aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{time.strftime('%Y%m%d%H%M%S')}")
+            stamp, n = time.strftime("%Y%m%d%H%M%S"), 0
+            aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{stamp}")
+            while os.path.exists(aside):
+                n += 1
+                aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{stamp}.{n}")
             os.rename(index_dir, aside)
+            fsync_dir(root)
         used = {"moved_aside": os.path.basename(aside) if aside else None, "snapshot": None,
                 "journal_records": 0, "records_after_gap": 0}
-        for seq, path in reversed(snapshots(snap_dir)):
+        candidates = list(reversed(snapshots(snap_dir))) + list(reversed(
+            legacy_snapshots(snap_dir)))
+        for seq, path in candidates:
             tmp = index_dir + ".new"
             shutil.rmtree(tmp, ignore_errors=True)
             os.mkdir(tmp, 0o700)
@@ -675,8 +824,8 @@ def rebuild_index(store: Store, config: Config) -> dict:
             except (DcmfsError, Exception):  # noqa: BLE001 — try an older snapshot
                 ok = False
             if ok:
-                # the journal a test open created there is empty: the records
-                # come from the archive and the old journal
+                # the journal the trial open created there is empty: the
+                # records come from the archive and the old journals
                 os.remove(os.path.join(tmp, JOURNAL_NAME))
                 os.rename(tmp, index_dir)
                 used["snapshot"] = os.path.basename(path)
@@ -686,20 +835,43 @@ def rebuild_index(store: Store, config: Config) -> dict:
         ix = Index(index_dir, store.master_key, store.store_id, config.index_map_size,
                    archive_dir=snap_dir)
         try:
-            journals = [p for _, p in archive_segments(snap_dir)]
-            if aside and os.path.exists(os.path.join(aside, JOURNAL_NAME)):
-                journals.append(os.path.join(aside, JOURNAL_NAME))
-            applied, skipped = ix.roll_forward(journals)
+            segments = [p for _, p in archive_segments(snap_dir)]
+            journals = segments + [os.path.join(root, d, JOURNAL_NAME)
+                                   for d in earlier + ([os.path.basename(aside)] if aside
+                                                       else [])
+                                   if os.path.exists(os.path.join(root, d, JOURNAL_NAME))]
+
+            def intact(txn, ino, idx, ref) -> bool:
+                inode = txn.get_inode(ino)
+                if inode is None:
+                    return False
+                try:
+                    objects.read(objects.file_cipher(inode.file_id), inode.file_id, ino, idx,
+                                 ref)
+                except ObjectDamaged:
+                    return False
+                return True
+
+            applied, skipped, highest = ix.roll_forward(journals, intact)
             used.update(journal_records=applied, records_after_gap=skipped)
+            ix.skip_to(highest)
             with ix.begin(write=True) as txn:
                 txn.meta_put("store_id", store.store_id)
                 txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
+                txn.meta_put("state", b"mounted")  # not clean until the repair ran
             ix.checkpoint()
         finally:
             ix.close()
+        if segments:
+            keep = os.path.join(aside or os.path.join(root, f"{fmt.INDEX_DIR}.damaged-archive"),
+                                "archive")
+            os.makedirs(keep, mode=0o700, exist_ok=True)
+            for path in segments:
+                os.rename(path, os.path.join(keep, os.path.basename(path)))
+            fsync_dir(keep)
+            fsync_dir(snap_dir)
         fsync_dir(root)
         return used
     finally:
+        objects.close()
         lock.release()
-
-

@@ -95,7 +95,10 @@ DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlo
 SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
 _DB_ID = {name: i for i, name in enumerate(DATABASES)}
 JOURNAL_NAME = "journal"
-SNAPSHOT_PREFIX = "index-"
+SNAPSHOT_PREFIX = "snapshot-"
+#: snapshots of stores made before they were named by journal sequence
+#: (``index-<LMDB txnid>``): still usable by a rebuild, pruned by the next one
+LEGACY_SNAPSHOT_PREFIX = "index-"
 ARCHIVE_PREFIX = "journal-"
 
 
@@ -112,6 +115,10 @@ def _numbered(directory: str | None, prefix: str) -> list[tuple[int, str]]:
 def snapshots(directory: str | None) -> list[tuple[int, str]]:
     """(journal sequence number, path) of the index snapshots, oldest first."""
     return _numbered(directory, SNAPSHOT_PREFIX)
+
+
+def legacy_snapshots(directory: str | None) -> list[tuple[int, str]]:
+    return _numbered(directory, LEGACY_SNAPSHOT_PREFIX)
 
 
 def archive_segments(directory: str | None) -> list[tuple[int, str]]:
@@ -367,6 +374,34 @@ class Index:
                             "daemon (a restart replays the journal).")
             log.error("%s (%s)", self._broken, problem)
 
+    def _apply_checked(self, ops: list[Op], verify) -> bool:
+        """Apply one record's ops to the batch if every chunk object it puts is
+        intact (``verify(txn, ino, index, ref)``); False (nothing applied) if not."""
+        try:
+            child = self._apply(self._parent(), ops)
+        except (lmdb.Error, IndexError):
+            return False
+        ok = True
+        txn = Txn(self, child)
+        try:
+            for kind, db_id, key, value in ops:
+                if kind == PUT and DATABASES[db_id] == "chunks":
+                    ino, idx = _U64x2.unpack(key)
+                    ref = _decode_chunk(self.open("chunks", key, value))
+                    if not verify(txn, ino, idx, ref):
+                        ok = False
+                        break
+        except (lmdb.Error, IntegrityError, struct.error):
+            ok = False
+        except BaseException:
+            child.abort()
+            raise
+        if not ok:
+            child.abort()
+            return False
+        child.commit()
+        return True
+
     def replay(self, verify, commit: bool = True) -> tuple[int, int]:
         """Apply the journal records a crash left behind; returns (applied, dropped).
 
@@ -382,40 +417,19 @@ class Index:
         for seq, ops in records:
             if seq != self._seq + 1:
                 break
-            try:
-                child = self._apply(self._parent(), ops)
-            except (lmdb.Error, IndexError):
+            if not self._apply_checked(ops, verify):
                 break
-            ok = True
-            txn = Txn(self, child)
-            try:
-                for kind, db_id, key, value in ops:
-                    if kind == PUT and DATABASES[db_id] == "chunks":
-                        ino, idx = _U64x2.unpack(key)
-                        ref = _decode_chunk(self.open("chunks", key, value))
-                        if not verify(txn, ino, idx, ref):
-                            ok = False
-                            break
-            except (lmdb.Error, IntegrityError, struct.error):
-                ok = False
-            except BaseException:
-                child.abort()
-                raise
-            if not ok:
-                child.abort()
-                break
-            child.commit()
             self._seq = seq
             applied += 1
         dropped = len(records) - applied
-        if dropped:
-            # never reuse the dropped records' numbers: should the truncation
-            # below not reach the disk, they must stay behind journal_seq
-            self._seq = max(seq for seq, _ in records)
-        if records and commit:
-            self.checkpoint()  # the caller has synced the objects first
-            if dropped:
-                self.journal.sync()
+        if commit:
+            # what was not applied (dropped records, a torn tail) goes, durably,
+            # before anything is appended or archived: new records must follow
+            # the last applied one, or the next replay would stop at the old
+            # bytes, and a rebuild must never roll dropped records forward
+            self.journal.cut_after(self._seq)
+            if records:
+                self.checkpoint()  # the caller has synced the objects first
         return applied, dropped
 
     def raw_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
@@ -487,7 +501,7 @@ class Index:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreIOError(f"Writing an index snapshot failed: {exc}.") from exc
         kept = snapshots(snapshots_dir)[-keep:]
-        for seq, path in snapshots(snapshots_dir)[:-keep]:
+        for seq, path in snapshots(snapshots_dir)[:-keep] + legacy_snapshots(snapshots_dir):
             shutil.rmtree(path, ignore_errors=True)
         oldest = kept[0][0] if kept else 0
         for last, path in archive_segments(snapshots_dir):
@@ -495,26 +509,35 @@ class Index:
                 os.unlink(path)
         return final
 
-    def roll_forward(self, journal_paths: list[str]) -> tuple[int, int]:
+    def roll_forward(self, journal_paths: list[str], verify) -> tuple[int, int, int]:
         """Apply the records of these journals (archive segments in order, then
-        a live journal) that follow the index's sequence number; stops at the
-        first gap.  Returns (records applied, records after a gap, not
-        applied).  For index rebuilds; the result is checkpointed."""
+        a live journal) that follow the index's sequence number, each only if
+        its objects are intact (``verify`` as for :meth:`replay`); stops at the
+        first gap or failing record.  Returns (records applied, records not
+        applied, the highest sequence number seen).  For index rebuilds; the
+        result is checkpointed."""
         applied = skipped = 0
+        highest = self._seq
         for path in journal_paths:
             j = Journal(path, self._master, self._store_id, read_only=True)
             try:
                 for seq, ops in j.records(self._seq):
-                    if seq != self._seq + 1 or skipped:
+                    highest = max(highest, seq)
+                    if skipped or seq != self._seq + 1 or not self._apply_checked(ops, verify):
                         skipped += 1
                         continue
-                    self._apply(self._parent(), ops).commit()
                     self._seq = seq
                     applied += 1
             finally:
                 j.close()
         self.checkpoint()
-        return applied, skipped
+        return applied, skipped, highest
+
+    def skip_to(self, seq: int) -> None:
+        """Continue numbering after ``seq`` (a rebuild that left records
+        unapplied: their numbers must never be reused)."""
+        if seq > self._seq:
+            self._seq = seq
 
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.new(self._name_key, _U64.pack(parent) + name, hashlib.sha256).digest()[:16]
@@ -716,6 +739,16 @@ class Txn:
 
     def delete_chunk(self, ino: int, index: int) -> None:
         self._delete("chunks", _U64x2.pack(ino, index))
+
+    def iter_all_chunks_checked(self) -> Iterator[tuple[int, int, ChunkRef | None]]:
+        """Like :meth:`iter_all_chunks`; an entry that does not authenticate
+        is yielded with None (verify, fsck)."""
+        for key, raw in self._scan_raw("chunks", b""):
+            ino, idx = _U64x2.unpack(key)
+            try:
+                yield ino, idx, _decode_chunk(self.ix.open("chunks", key, raw))
+            except (IntegrityError, struct.error):
+                yield ino, idx, None
 
     def iter_all_chunks(self) -> Iterator[tuple[int, int, ChunkRef]]:
         for key, raw in self._scan("chunks", b""):

@@ -259,7 +259,7 @@ class Verifier:
                     if now.generation == inode.generation and txn.chunks(ino) == table:
                         return findings
             time.sleep(0.05 * (attempt + 1))
-        return findings
+        return None  # changed under every read: busy, not damaged (next round)
 
     def run(self, files: list[tuple[int, int]],
             progress: Callable[[int, int, int], None] | None = None,
@@ -289,7 +289,8 @@ class Verifier:
 
     # --- the store as a whole ----------------------------------------------------
     def orphan_objects(self, older_than: float | None = None,
-                       in_use: Callable[[], set[bytes]] = set) -> list[Finding]:
+                       in_use: Callable[[list[bytes]], set[bytes]] = lambda c: set()
+                       ) -> list[Finding]:
         """Objects that no index entry names.  On a mounted store, objects
         being written or waiting for deletion (``in_use``) are not orphans,
         and only objects older than ``older_than`` seconds are considered
@@ -306,10 +307,12 @@ class Verifier:
             present.append(oid)
         with self._lock:
             with self.index.begin() as txn:
-                named = {ref.oid for _, _, ref in txn.iter_all_chunks()}
-            named |= in_use()
+                named = {ref.oid for _, _, ref in txn.iter_all_chunks_checked() if ref}
+            named |= in_use([oid for oid in present if oid not in named])
+        # still there after the named set was taken (a checkpoint may have
+        # collected an object meanwhile: that is no orphan)
         return [Finding(0, ORPHAN_OBJECT, "no index entry names this object", oid.hex())
-                for oid in present if oid not in named]
+                for oid in present if oid not in named and os.path.exists(self.objects.path(oid))]
 
 
 def name_paths(txn, inos: Iterable[int] | None = None) -> dict[int, list[str]]:
