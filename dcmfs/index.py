@@ -91,6 +91,9 @@ _STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
              "content", "scrubbed")
+#: databases a store made by an older dcmfs may lack (created at its first
+#: read-write opening; empty for a read-only one)
+OPTIONAL = ("scrubbed",)
 #: databases whose values are sealed (the others hold plain numbers or nothing)
 SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
 _DB_ID = {name: i for i, name in enumerate(DATABASES)}
@@ -243,8 +246,14 @@ class Index:
             self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
                                  readonly=read_only, create=not read_only, mode=0o600,
                                  sync=True, metasync=True, readahead=False, lock=False)
-            self.dbs = {name: self.env.open_db(name.encode(), create=not read_only)
-                        for name in DATABASES}
+            self.dbs = {}
+            for name in DATABASES:
+                try:
+                    self.dbs[name] = self.env.open_db(name.encode(), create=not read_only)
+                except lmdb.NotFoundError:
+                    if name not in OPTIONAL:
+                        raise
+                    self.dbs[name] = None  # an older store opened read-only: empty
         except lmdb.Error as exc:
             raise _lmdb_error(exc, "opening the index") from exc
         self._siv = crypto.Siv(crypto.derive(master_key, b"index", store_id))
@@ -813,6 +822,8 @@ class Txn:
         self._put_plain("scrubbed", ino_key(ino), _U64.pack(when_ns))
 
     def scrubbed(self, ino: int) -> int | None:
+        if self._db["scrubbed"] is None:
+            return None
         raw = self.txn.get(ino_key(ino), db=self._db["scrubbed"])
         return None if raw is None else _U64.unpack(raw)[0]
 
