@@ -270,20 +270,30 @@ class Verifier:
         report = Report()
         report.findings.extend(getattr(self, "bad_inodes", []))
         start = time.monotonic()
-        for ino, size in files:
+
+        def one(item):
             if stop is not None and stop.is_set():
-                break
-            findings = self.check(ino)
-            if findings is None:
-                report.skipped += 1
-            else:
-                report.files += 1
-                report.bytes += size
-                report.findings.extend(findings)
-            if pace is not None:
-                pace(size)
-            if progress is not None:
-                progress(report.files + report.skipped, report.bytes, len(report.findings))
+                return item, None, True
+            return item, self.check(ino=item[0]), False
+
+        # files in parallel too (a CT series is many files of a few extents
+        # each); in order, with a bounded number in flight
+        with ThreadPoolExecutor(max_workers=self.workers,
+                                thread_name_prefix="dcmfs-verify-file") as files_pool:
+            for (ino, size), findings, stopped in _ordered(files_pool, one, files,
+                                                           2 * self.workers):
+                if stopped:
+                    break
+                if findings is None:
+                    report.skipped += 1
+                else:
+                    report.files += 1
+                    report.bytes += size
+                    report.findings.extend(findings)
+                if pace is not None:
+                    pace(size)
+                if progress is not None:
+                    progress(report.files + report.skipped, report.bytes, len(report.findings))
         report.seconds = time.monotonic() - start
         return report
 
