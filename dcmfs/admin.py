@@ -210,7 +210,8 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
     """Check (and repair, or rebuild the index of) an unmounted store.  With
     ``repair`` a second, read-only check follows; its problems are in
     ``remaining`` (empty: the store is clean)."""
-    from .fsck import Fsck, rebuild_index
+    from .fsck import Fsck
+    from .rebuild import rebuild_index
     from .store import clear_damage_mark, set_damage_mark
     if mountpoint_of(store_root) is not None:
         from .errors import StoreLockedError

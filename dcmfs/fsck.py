@@ -19,28 +19,22 @@ totals          the store totals (files, logical and stored bytes), and entries
                 of other databases that name missing inodes
 ==============  ==================================================================
 
-Repair never deletes what it cannot prove is garbage.  A damaged file is
-moved to ``/lost+found`` with its surviving content (the chunks that cannot
-be read are replaced by zeros, and an xattr ``user.dcmfs.fsck`` says which
-bytes); a file without a name is linked there; an unreferenced object is
-deleted only if it is a superseded version of an intact file, rebuilt into a
-file in ``/lost+found`` if it (with its siblings) forms one, and otherwise
-moved to ``STORE/quarantine/``.  Without ``--repair`` nothing is written.
-
-``--rebuild-index`` moves the index aside and builds a new one from the
-newest sealed snapshot, the archived and live journal records after it, and
-the objects themselves (see ``docs/format.md``), then runs the repair.
+Repair never deletes what it cannot prove is garbage (the rules for damaged
+files and unnamed objects are in :mod:`dcmfs.salvage`): an unreferenced
+object is deleted only if it is an older version of a chunk of a file that
+verified intact, or belongs to a file a complete index deleted; a file
+without a name is linked into ``/lost+found``.  Without ``--repair`` nothing
+is written.  ``--rebuild-index`` (:mod:`dcmfs.rebuild`) builds a new index
+first, then runs the repair.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import logging
 import os
 import secrets
-import shutil
 import stat
 import time
 from typing import Callable
@@ -49,15 +43,14 @@ from . import codec as codecs, format as fmt
 from .config import Config
 from .durable import fsync_dir
 from .errors import DcmfsError, IndexDamagedError, IntegrityError
-from .index import (JOURNAL_NAME, SEALED, Index, Inode, archive_segments, legacy_snapshots,
-                    refuse_if_missing, snapshots)
-from .objectstore import ChunkContext, ChunkRef, ObjectDamaged, ObjectStore
+from .index import SEALED, Index, Inode, refuse_if_missing
+from .objectstore import ChunkContext, ObjectDamaged, ObjectStore
+from .salvage import Salvage
 from .store import Store, StoreLock
 from .verify import check_file, name_paths, stored_size
 
 log = logging.getLogger("dcmfs.fsck")
 
-LOST_FOUND = b"lost+found"
 
 
 @dataclasses.dataclass
@@ -73,7 +66,7 @@ class Problem:
         return dataclasses.asdict(self)
 
 
-class Fsck:
+class Fsck(Salvage):
     """One fsck run on an unmounted store (it holds the store lock)."""
 
     def __init__(self, store: Store, config: Config, repair: bool,
@@ -352,38 +345,6 @@ class Fsck:
             txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
             txn.meta_put("store_id", self.store.store_id)
 
-    def _lost_found(self) -> int:
-        with self.index.begin() as txn:
-            ino = txn.lookup(fmt.ROOT_INO, LOST_FOUND)
-        if ino is not None:
-            return ino
-        now = self._now
-        with self.index.begin(write=True) as txn:
-            ino = txn.alloc_ino()
-            while txn.get_inode(ino) is not None:
-                ino = txn.alloc_ino()
-            txn.put_inode(ino, Inode(stat.S_IFDIR | 0o700, 0, 0, 2, 0, now, now, now,
-                                     secrets.token_bytes(16)))
-            txn.add_dirent(fmt.ROOT_INO, LOST_FOUND, ino)
-            root = txn.get_inode(fmt.ROOT_INO)
-            root.nlink += 1
-            txn.put_inode(fmt.ROOT_INO, root)
-        return ino
-
-    def _link_lost(self, ino: int, name: bytes) -> bytes:
-        lf = self._lost_found()
-        with self.index.begin(write=True) as txn:
-            final, n = name, 1
-            while txn.lookup(lf, final) is not None:
-                n += 1
-                final = name + f".{n}".encode()
-            txn.add_dirent(lf, final, ino)
-            if stat.S_ISDIR(txn.get_inode(ino).mode):
-                lf_inode = txn.get_inode(lf)
-                lf_inode.nlink += 1
-                txn.put_inode(lf, lf_inode)
-        return final
-
     # --- chunk tables ------------------------------------------------------------------------
     def check_tables(self) -> None:
         ix = self.index
@@ -438,168 +399,6 @@ class Fsck:
                            repaired=restored or "moved to /lost+found, unreadable bytes zeroed")
             if self.repair and not restored:
                 self._salvage_damaged(ino, inode, table)
-
-    def _adopt_newer(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> bool:
-        """A damaged file whose objects hold a complete version newer than the
-        index knows (the index was rebuilt from an older state): that version
-        replaces the lost one, in place, noted in ``user.dcmfs.fsck``."""
-        mine = [c for oid, c in self._contexts.items()
-                if c is not None and c.oid == oid and c.ino == ino and c.file_id == inode.file_id
-                and (not self._named.get(oid) or oid in {r.oid for r in table.values()})]
-        if not any(c.generation > inode.generation for c in mine):
-            return False
-        new = assemble(mine, self.cs)
-        if new is None or max(r.generation for r in new.values()) <= inode.generation:
-            return False
-        size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
-                   for i, r in new.items())
-        cipher = self.objects.file_cipher(inode.file_id)
-        hasher = hashlib.sha256()
-        try:
-            for idx, ref, start, length in _pieces(new, size, self.cs):
-                plain = b"" if ref is None else self.objects.read(cipher, inode.file_id, ino,
-                                                                  idx, ref)
-                hasher.update(plain[:length].ljust(length, b"\0"))
-        except IntegrityError:
-            return False
-        with self.index.begin(write=True) as txn:
-            for idx, ref in table.items():
-                if new.get(idx) != ref:
-                    txn.delete_chunk(ino, idx)
-                    self._named[ref.oid] -= 1
-                    if self._named[ref.oid] <= 0:
-                        self._quarantine_or_garbage(ref.oid)
-            for idx, ref in new.items():
-                if table.get(idx) != ref:
-                    txn.put_chunk(ino, idx, ref)
-                    self._named[ref.oid] += 1
-            fresh = txn.get_inode(ino)
-            fresh.size, fresh.sha256 = size, hasher.digest()
-            fresh.generation = max(r.generation for r in new.values())
-            fresh.ctime_ns = self._now
-            txn.put_inode(ino, fresh)
-            txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(
-                "%Y-%m-%d %H:%M:%S").encode() + b": the index had an older version whose data "
-                b"was gone; this newer complete version was assembled from the objects")
-        return True
-
-    def _restore(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> bool:
-        """Mend a damaged file from objects of its own that no entry names
-        (a chunk entry lost to a flipped bit, an object put back by the
-        objects check): only if the result matches the file's SHA-256."""
-        candidates: dict[int, ChunkContext] = {}
-        for oid, ctx in self._contexts.items():
-            if ctx is None or ctx.oid != oid or self._named.get(oid) or ctx.ino != ino \
-                    or ctx.file_id != inode.file_id or ctx.generation > inode.generation:
-                continue
-            best = candidates.get(ctx.index)
-            if best is None or ctx.generation > best.generation:
-                candidates[ctx.index] = ctx
-        if not candidates or inode.sha256 is None:
-            return False
-        cipher = self.objects.file_cipher(inode.file_id)
-        trial = dict(table)
-        for idx, ctx in candidates.items():
-            ref = table.get(idx)
-            ok = False
-            if ref is not None:
-                try:
-                    self.objects.read(cipher, inode.file_id, ino, idx, ref)
-                    ok = True
-                except IntegrityError:
-                    pass
-            if not ok:
-                offset = ref.offset if ref is not None else -1
-                trial[idx] = ChunkRef(ctx.oid, ctx.generation, ctx.codec, ctx.flags,
-                                      ctx.plain_len, ctx.stored_len, offset)
-        if trial == table or check_file(self.objects, ino, inode, trial, self.cs):
-            return False
-        with self.index.begin(write=True) as txn:
-            for idx, ref in trial.items():
-                if table.get(idx) != ref:
-                    txn.put_chunk(ino, idx, ref)
-                    self._named[ref.oid] += 1
-                    if idx in table:
-                        self._named[table[idx].oid] -= 1
-        return True
-
-    def _salvage_damaged(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> None:
-        """Keep what can be read, zero what cannot, move the file to /lost+found."""
-        cipher = self.objects.file_cipher(inode.file_id)
-        gen = inode.generation + 1
-        extents = any(r.offset >= 0 for r in table.values())
-        new_table: dict[int, ChunkRef] = {}
-        lost: list[str] = []
-        pieces = ([(i, table[i], table[i].offset, table[i].plain_len)
-                   for i in sorted(table, key=lambda i: table[i].offset)] if extents else
-                  [(i, table.get(i), i * self.cs, min(self.cs, inode.size - i * self.cs))
-                   for i in range(-(-inode.size // self.cs))])
-        if extents and (not pieces or pieces[-1][2] + pieces[-1][3] != inode.size):
-            # the extents do not cover the file: lay it out in fixed chunks
-            # from what can be read
-            extents = False
-            pieces = [(i, None, i * self.cs, min(self.cs, inode.size - i * self.cs))
-                      for i in range(-(-inode.size // self.cs))]
-        hasher = hashlib.sha256()
-        last = len(pieces) - 1
-        for k, (idx, ref, start, length) in enumerate(pieces):
-            flags = (fmt.CHUNK_FLAG_LAST if k == last else 0) | \
-                (fmt.CHUNK_FLAG_EXTENT if extents else 0)
-            plain = None
-            if ref is not None:
-                try:
-                    plain = self.objects.read(cipher, inode.file_id, ino, idx, ref)
-                except IntegrityError:
-                    plain = None
-                if plain is not None and len(plain) == length and ref.flags == flags:
-                    new_table[idx] = ref
-                    hasher.update(plain)
-                    continue
-                if plain is not None:
-                    plain = plain[:length].ljust(length, b"\0")
-            elif k != last:  # a hole reads as zeros
-                hasher.update(bytes(length))
-                continue
-            if plain is None:
-                plain = bytes(length)
-                lost.append(f"{start}-{start + length - 1}")
-            nref = self.objects.write(cipher, inode.file_id, ino, idx, gen, flags,
-                                      codecs.ZSTD, plain)
-            new_table[idx] = nref._replace(offset=start if extents else -1)
-            hasher.update(plain)
-        with self.index.begin(write=True) as txn:
-            for idx, ref in table.items():
-                if new_table.get(idx) != ref:
-                    self._named[ref.oid] -= 1
-                    if self._named[ref.oid] <= 0:
-                        self._quarantine_or_garbage(ref.oid)
-                if idx not in new_table:
-                    txn.delete_chunk(ino, idx)
-            for idx, ref in new_table.items():
-                if table.get(idx) != ref:
-                    txn.put_chunk(ino, idx, ref)
-            fresh = txn.get_inode(ino)
-            fresh.generation, fresh.sha256 = gen, hasher.digest()
-            fresh.ctime_ns = self._now
-            txn.put_inode(ino, fresh)
-            note = ("fsck " + time.strftime("%Y-%m-%d %H:%M:%S") + ": "
-                    + ("bytes " + ", ".join(lost) + " could not be read and are zeros"
-                       if lost else "the chunk table was repaired"))
-            txn.set_xattr(ino, b"user.dcmfs.fsck", note.encode())
-            names = [(p, n) for p, n, c in txn.iter_dirents() if c == ino]
-            for parent, name in names:
-                txn.remove_dirent(parent, name)
-        name = names[0][1] if names else str(ino).encode()
-        self._link_lost(ino, f"{ino}-".encode() + name)
-        with self.index.begin(write=True) as txn:
-            fresh = txn.get_inode(ino)
-            fresh.nlink = 1
-            txn.put_inode(ino, fresh)
-
-    def _quarantine_or_garbage(self, oid: bytes) -> None:
-        """A damaged object: it cannot be read, but it is not ours to delete."""
-        if self._contexts.get(oid, "unknown") is None or os.path.exists(self.objects.path(oid)):
-            self.objects.quarantine(oid, self.store.root)
 
     # --- unreferenced objects -----------------------------------------------------------------
     def check_unreferenced(self) -> None:
@@ -663,35 +462,6 @@ class Fsck:
     def _index_damaged(self) -> bool:
         return any(p.check == "index" for p in self.problems)
 
-    def _rebuild_file(self, ino: int, file_id: bytes, ctxs: list[ChunkContext]) -> bool:
-        """Make a file of objects the index does not know (same inode number and
-        file id: they are bound into the objects).  False if they do not form one."""
-        table = assemble(ctxs, self.cs)
-        if table is None:
-            return False
-        size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
-                   for i, r in table.items())
-        gen = max(r.generation for r in table.values())
-        cipher = self.objects.file_cipher(file_id)
-        hasher = hashlib.sha256()
-        try:
-            for idx, ref, start, length in _pieces(table, size, self.cs):
-                plain = b"" if ref is None else self.objects.read(cipher, file_id, ino, idx, ref)
-                hasher.update(plain[:length].ljust(length, b"\0"))
-        except IntegrityError:
-            return False
-        now = self._now
-        with self.index.begin(write=True) as txn:
-            txn.put_inode(ino, Inode(stat.S_IFREG | 0o600, 0, 0, 1, size, now, now, now,
-                                     file_id, gen, hasher.digest()))
-            for idx, ref in table.items():
-                txn.put_chunk(ino, idx, ref)
-            txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(
-                "%Y-%m-%d %H:%M:%S").encode() + b": assembled from objects the index did not "
-                b"know (newest complete version); no checksum was kept to compare it with")
-        self._link_lost(ino, str(ino).encode())
-        return True
-
     # --- totals and stray entries --------------------------------------------------------------
     def check_totals(self) -> None:
         ix = self.index
@@ -730,152 +500,3 @@ class Fsck:
             if self.repair:
                 with ix.begin(write=True) as txn:
                     txn.add_stats(files - have[0], logical - have[1], stored - have[2])
-
-
-def assemble(ctxs: list[ChunkContext], cs: int) -> dict[int, ChunkRef] | None:
-    """The newest complete version a set of one file's objects holds, as a
-    chunk table; None when no complete version is there.  A version ends at
-    an object with the last-chunk flag; a fixed-layout version takes, for
-    each chunk, the newest object not newer than that end (unchanged chunks
-    keep older generations); an extent version needs all its extents."""
-    options = []
-    ext = [c for c in ctxs if c.flags & fmt.CHUNK_FLAG_EXTENT]
-    for gen in sorted({c.generation for c in ext}, reverse=True):
-        by_idx = {c.index: c for c in ext if c.generation == gen}
-        lasts = [i for i, c in by_idx.items() if c.flags & fmt.CHUNK_FLAG_LAST]
-        if len(lasts) == 1 and set(by_idx) == set(range(lasts[0] + 1)):
-            table, pos = {}, 0
-            for i in range(lasts[0] + 1):
-                c = by_idx[i]
-                table[i] = ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len,
-                                    c.stored_len, pos)
-                pos += c.plain_len
-            options.append((gen, 1, table))
-            break
-    fixed = [c for c in ctxs if not c.flags & fmt.CHUNK_FLAG_EXTENT]
-    lasts = [c for c in fixed if c.flags & fmt.CHUNK_FLAG_LAST]
-    if lasts:
-        last = max(lasts, key=lambda c: (c.generation, c.index))
-        newest: dict[int, ChunkContext] = {}
-        for c in sorted(fixed, key=lambda c: c.generation):
-            if c.generation <= last.generation and c.index <= last.index \
-                    and not (c.flags & fmt.CHUNK_FLAG_LAST and c.index != last.index):
-                newest[c.index] = c
-        newest[last.index] = last
-        options.append((last.generation, 0, {
-            i: ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len, c.stored_len)
-            for i, c in newest.items()}))
-    if not options:
-        return None
-    return max(options, key=lambda o: (o[0], o[1]))[2]
-
-
-def _pieces(table: dict[int, ChunkRef], size: int, cs: int):
-    if any(r.offset >= 0 for r in table.values()):
-        for i in sorted(table, key=lambda i: table[i].offset):
-            yield i, table[i], table[i].offset, table[i].plain_len
-        return
-    for i in range(-(-size // cs)):
-        yield i, table.get(i), i * cs, min(cs, size - i * cs)
-
-
-# --- rebuilding the index ------------------------------------------------------------------
-def rebuild_index(store: Store, config: Config) -> dict:
-    """Move the index aside and build a new one from the newest snapshot that
-    opens and the journal records after it whose objects are intact; returns
-    what was used.  The caller then runs the repair (:class:`Fsck`), which
-    reconciles the result with the objects.
-
-    The journals read are the archive segments and the journals of every
-    index moved aside so far (a rebuild interrupted after the move loses
-    nothing).  Afterwards the archive segments join the moved-aside index:
-    the history before the rebuild is closed, so a later rebuild can never
-    roll records of it onto the new one; numbering continues above every
-    sequence number seen.
-    """
-    root = store.root
-    index_dir = os.path.join(root, fmt.INDEX_DIR)
-    snap_dir = os.path.join(root, fmt.SNAPSHOTS_DIR)
-    lock = StoreLock(root)
-    objects = ObjectStore(root, store.store_id, store.master_key,
-                          codecs.Codecs(config.zstd_level, config.lzma_preset))
-    try:
-        earlier = sorted(n for n in os.listdir(root) if n.startswith(f"{fmt.INDEX_DIR}.damaged-"))
-        aside = None
-        if os.path.exists(index_dir):
-            stamp, n = time.strftime("%Y%m%d%H%M%S"), 0
-            aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{stamp}")
-            while os.path.exists(aside):
-                n += 1
-                aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{stamp}.{n}")
-            os.rename(index_dir, aside)
-            fsync_dir(root)
-        used = {"moved_aside": os.path.basename(aside) if aside else None, "snapshot": None,
-                "journal_records": 0, "records_after_gap": 0}
-        candidates = list(reversed(snapshots(snap_dir))) + list(reversed(
-            legacy_snapshots(snap_dir)))
-        for seq, path in candidates:
-            tmp = index_dir + ".new"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.mkdir(tmp, 0o700)
-            shutil.copyfile(os.path.join(path, "data.mdb"), os.path.join(tmp, "data.mdb"))
-            try:
-                ix = Index(tmp, store.master_key, store.store_id, config.index_map_size)
-                with ix.begin() as txn:
-                    ok = txn.meta_get("store_id") == store.store_id
-                    list(txn.iter_inodes())
-                ix.close()
-            except (DcmfsError, Exception):  # noqa: BLE001 — try an older snapshot
-                ok = False
-            if ok:
-                # the journal the trial open created there is empty: the
-                # records come from the archive and the old journals
-                os.remove(os.path.join(tmp, JOURNAL_NAME))
-                os.rename(tmp, index_dir)
-                used["snapshot"] = os.path.basename(path)
-                break
-            shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(index_dir, mode=0o700, exist_ok=True)
-        ix = Index(index_dir, store.master_key, store.store_id, config.index_map_size,
-                   archive_dir=snap_dir)
-        try:
-            segments = [p for _, p in archive_segments(snap_dir)]
-            journals = segments + [os.path.join(root, d, JOURNAL_NAME)
-                                   for d in earlier + ([os.path.basename(aside)] if aside
-                                                       else [])
-                                   if os.path.exists(os.path.join(root, d, JOURNAL_NAME))]
-
-            def intact(txn, ino, idx, ref) -> bool:
-                inode = txn.get_inode(ino)
-                if inode is None:
-                    return False
-                try:
-                    objects.read(objects.file_cipher(inode.file_id), inode.file_id, ino, idx,
-                                 ref)
-                except ObjectDamaged:
-                    return False
-                return True
-
-            applied, skipped, highest = ix.roll_forward(journals, intact)
-            used.update(journal_records=applied, records_after_gap=skipped)
-            ix.skip_to(highest)
-            with ix.begin(write=True) as txn:
-                txn.meta_put("store_id", store.store_id)
-                txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
-                txn.meta_put("state", b"mounted")  # not clean until the repair ran
-            ix.checkpoint()
-        finally:
-            ix.close()
-        if segments:
-            keep = os.path.join(aside or os.path.join(root, f"{fmt.INDEX_DIR}.damaged-archive"),
-                                "archive")
-            os.makedirs(keep, mode=0o700, exist_ok=True)
-            for path in segments:
-                os.rename(path, os.path.join(keep, os.path.basename(path)))
-            fsync_dir(keep)
-            fsync_dir(snap_dir)
-        fsync_dir(root)
-        return used
-    finally:
-        objects.close()
-        lock.release()

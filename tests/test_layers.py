@@ -18,7 +18,7 @@ RANK = {
     "filesystem": 6,
     "fuse_ops": 7,
     "mount": 8,
-    "status": 9, "admin": 9, "fsck": 8,
+    "status": 9, "admin": 9, "fsck": 8, "rebuild": 8, "salvage": 7,
     "cli": 10,
 }
 LEAVES = {"crypto", "codec"}  # may import errors and nothing else of ours
