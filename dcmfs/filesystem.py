@@ -25,7 +25,8 @@ from .errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsA
                      NameTooLong, NotADirectory, NotFound, ReadOnlyError)
 from .filedata import FileData, OpenFile, stored_bytes
 from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
-from .index import Index, Inode, refuse_if_missing
+from .history import archived_bytes, refuse_if_missing, take_snapshot
+from .index import Index, Inode
 from .objectstore import ObjectDamaged, ObjectStore
 from .recovery import RecoveryReport, recover
 from .reencoder import Reencoder
@@ -202,13 +203,13 @@ class FileSystem(FileOps):
             self.objects.sync()
             rotated = self.index.checkpoint()
             self.data.checkpointed()
-            if rotated and self.index.archived_bytes() >= self.config.snapshot_after:
+            if rotated and archived_bytes(self.index.archive_dir) >= self.config.snapshot_after:
                 self.snapshot()
 
     def snapshot(self) -> None:
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
         with self._lock:
-            self.index.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
+            take_snapshot(self.index, os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
 
     def _maybe_checkpoint(self) -> None:
         """Checkpoint when the journal has grown; a failure does not fail the

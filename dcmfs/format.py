@@ -36,6 +36,14 @@ OBJECTS_DIR = "objects"
 LOCK_NAME = "lock"
 LOG_NAME = "dcmfs.log"
 SNAPSHOTS_DIR = "snapshots"
+#: ``snapshots/snapshot-<seq>``: a sealed copy of the index holding the journal
+#: records up to ``seq``; ``snapshots/journal-<seq>``: an archived journal
+#: segment ending with record ``seq``
+SNAPSHOT_PREFIX = "snapshot-"
+ARCHIVE_PREFIX = "journal-"
+#: snapshots of stores made before they were named by journal sequence
+#: (``index-<LMDB txnid>``): still used by a rebuild, pruned by the next snapshot
+LEGACY_SNAPSHOT_PREFIX = "index-"
 #: objects fsck could not prove to be garbage, moved out of ``objects/``
 QUARANTINE_DIR = "quarantine"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)

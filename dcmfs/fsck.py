@@ -43,7 +43,8 @@ from . import codec as codecs, format as fmt
 from .config import Config
 from .durable import fsync_dir
 from .errors import DcmfsError, IndexDamagedError, IntegrityError
-from .index import SEALED, Index, Inode, refuse_if_missing
+from .history import refuse_if_missing, take_snapshot
+from .index import SEALED, Index, Inode
 from .objectstore import ChunkContext, ObjectDamaged, ObjectStore
 from .salvage import Salvage
 from .store import Store, StoreLock
@@ -144,7 +145,7 @@ class Fsck(Salvage):
         ix.checkpoint()
         for oid in self._garbage:
             self.objects.delete(oid)
-        ix.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
+        take_snapshot(ix, os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
 
     def _name_problems(self) -> None:
         with self.index.begin() as txn:

@@ -11,7 +11,8 @@ from . import codec as codecs, format as fmt
 from .config import Config
 from .durable import fsync_dir
 from .errors import DcmfsError
-from .index import JOURNAL_NAME, Index, archive_segments, legacy_snapshots, snapshots
+from .history import archive_segments, legacy_snapshots, snapshots
+from .index import JOURNAL_NAME, Index
 from .objectstore import ObjectDamaged, ObjectStore
 from .store import Store, StoreLock
 

@@ -12,7 +12,7 @@ RANK = {
     "errors": 0, "format": 0, "config": 0, "__init__": 0,
     "crypto": 1, "codec": 1, "durable": 1,
     "objectstore": 2, "store": 2, "journal": 2, "dicom": 2,
-    "index": 3,
+    "index": 3, "history": 4,
     "filedata": 4, "recovery": 4,
     "fileops": 5, "reencoder": 5, "verify": 4, "scrub": 5,
     "filesystem": 6,
