@@ -14,7 +14,7 @@ RANK = {
     "objectstore": 2, "store": 2, "journal": 2, "dicom": 2,
     "index": 3, "history": 4,
     "filedata": 4, "recovery": 4,
-    "fileops": 5, "reencoder": 5, "verify": 4, "scrub": 5,
+    "fileops": 5, "reencoder": 5, "verify": 4, "scrub": 5, "storeops": 5.5,
     "filesystem": 6,
     "fuse_ops": 7,
     "mount": 8,
