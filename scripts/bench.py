@@ -86,7 +86,7 @@ from bench_contenders import Dcmfs, Gocryptfs, Plain, lzma_only
 from bench_data import copy_subset, corpus, make_series, native_subset
 from bench_quality import cipher_quality
 from bench_report import write_report
-from bench_tables import goals, render, summarize, summarize_corpus, summarize_rows, summarize_subset
+from bench_tables import ct_comparisons, goals, render, summarize, summarize_corpus, summarize_rows, summarize_subset
 from bench_workloads import (add_published, measure, measure_corpus, published_corpus,
                              random_reads, small_files)
 
@@ -281,6 +281,7 @@ def main() -> None:
     args.small_reps = min(args.small_reps, args.reps)
     if args.from_json:  # re-render the tables and the report of an earlier run
         out = json.loads(pathlib.Path(args.from_json).read_text())
+        out.update(ct_comparisons(out["contenders"]))
     else:
         command = "./scripts/bench " + shlex.join(sys.argv[1:])
         out = run(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 
-from bench_tables import render
+from bench_tables import _big, render
 
 DPI = 90
 #: one colour per contender in every plot
@@ -112,10 +112,11 @@ def plot_cpu_rss(per_file: dict, path: pathlib.Path, plt) -> None:
 def plot_throughput(out: dict, path: pathlib.Path, plt) -> None:
     ct, cp = out.get("contenders", {}), out.get("corpus", {}).get("contenders", {})
     names = list(ct)
+    big = _big(out.get("big_mib", 0))
     groups = [("CT ingest", ct, "ingest_mb_s"), ("CT at rest", ct, "at_rest_mb_s"),
               ("CT cold read", ct, "read_mb_s"), ("corpus ingest", cp, "ingest_mb_s"),
-              ("corpus cold read", cp, "read_mb_s"), ("1 GiB write", ct, "big_write_mb_s"),
-              ("1 GiB cold read", ct, "big_read_mb_s")]
+              ("corpus cold read", cp, "read_mb_s"), (f"{big} write", ct, "big_write_mb_s"),
+              (f"{big} cold read", ct, "big_read_mb_s")]
     groups = [g for g in groups if any(g[2] in r for r in g[1].values())]
     series = {n: [_median(c[n], key) if n in c else None for _, c, key in groups] for n in names}
     fig, ax = plt.subplots(figsize=(10, 4.5))
