@@ -145,6 +145,38 @@ def plot_modality(out: dict, path: pathlib.Path, plt) -> bool:
     return True
 
 
+WORKLOADS = """\
+## What was measured
+
+- **Contenders.** `plain`: a directory on the same disk. `dcmfs`: a real
+  mount with the default policy (close seals uncompressed; the background
+  re-encoder stores native DICOM pixel data in JPEG-LS or zstd bands, whichever
+  is smaller, and everything else in zstd level 1). `dcmfs-dicom0`:
+  `-o dicom=0`, zstd only. `dcmfs-lzma`: a store inited with `--codec lzma`.
+  `gocryptfs`: Debian's gocryptfs (`-scryptn 10`), encryption only.
+  `published`: the method of the study dcmfs grew from, per file base64 →
+  LZMA (xz preset 6) → AES-256-GCM, in the benchmark's own process.
+- **CT series**: copies of pydicom-data's `693_UNCR.dcm` (513 KB) with
+  distinct UIDs, written file by file (open, write, close = the per-file
+  time), then read back cold (remount + `drop_caches`) and compared byte for
+  byte. "At rest" is when the writer is done *and* dcmfs's backlog is
+  re-encoded and checkpointed; stored sizes are measured at rest (objects and
+  index). The big file is the series' bytes repeated, written in 1 MiB writes.
+- **Corpus**: every file of pydicom-data, file by file: write, then wait
+  until the contender has it at rest (for dcmfs: re-encoded and the index
+  checkpointed with an `fsync` of the root, which costs a few ms a file); the
+  daemon's CPU seconds over both and its RSS after each file (psutil). For
+  `published` the CPU is its process's and the RSS is the benchmark
+  process's (a Python interpreter, like the dcmfs daemon). Ratios by modality
+  come from dcmfs's `user.dcmfs.stats` (object bytes; `-o dicom=0` does not
+  read the DICOM header, so it has none) and from the published method's
+  per-file sizes.
+- **Small files**: 1 KiB files created, stat'ed and unlinked in one
+  directory. **Random reads**: 4 KiB reads at random aligned offsets of a cold
+  file of CT content, the same offsets for every contender.
+"""
+
+
 EXPLAIN = """\
 ## What the cipher-quality figures mean
 
@@ -209,7 +241,7 @@ def write_report(out: dict, outdir: pathlib.Path) -> list[pathlib.Path]:
              "The machine is shared and noisy: contenders run interleaved in an order that "
              "rotates with each repetition, and every figure is the median of the "
              "repetitions (min and max are in the JSON). Ratios between contenders are "
-             "from this one run.", "", "## Tables", "", render(out), "", "## Plots", ""]
+             "from this one run.", "", WORKLOADS, "## Tables", "", render(out), "", "## Plots", ""]
     for path, title in figs:
         lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
     lines.append(EXPLAIN)
