@@ -39,10 +39,14 @@ def _bars(ax, groups: list[str], series: dict[str, list], ylabel: str, log: bool
                             b.get_height()), ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
+    top = max((v for vals in series.values() for v in vals if v), default=1)
     if log:
         ax.set_yscale("log")
+        ax.set_ylim(top=top * 20)  # room for the legend above the bars
+    else:
+        ax.set_ylim(0, top * 1.35)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
 
 
 def plot_stored(out: dict, path: pathlib.Path, plt) -> None:
@@ -94,7 +98,8 @@ def plot_cpu_rss(per_file: dict, path: pathlib.Path, plt) -> None:
         x = [p[0] / 1e6 for p in pts]
         a1.scatter(x, [max(p[3], 1e-2) for p in pts], s=12, label=label, color=_colour(name))
         a2.scatter(x, [p[4] for p in pts], s=12, label=label, color=_colour(name))
-    for ax, title, ylabel in ((a1, "CPU per file (write until at rest)", "CPU time (ms)"),
+    for ax, title, ylabel in ((a1, "CPU per file, write until at rest",
+                               "CPU time (ms; 10 ms ticks, 0 drawn at 0.01)"),
                               (a2, "Resident memory after each file", "RSS (MiB)")):
         ax.set_xscale("log")
         ax.set_xlabel("file size (MB)")
@@ -114,7 +119,7 @@ def plot_throughput(out: dict, path: pathlib.Path, plt) -> None:
     names = list(ct)
     big = _big(out.get("big_mib", 0))
     groups = [("CT ingest", ct, "ingest_mb_s"), ("CT at rest", ct, "at_rest_mb_s"),
-              ("CT cold read", ct, "read_mb_s"), ("corpus ingest", cp, "ingest_mb_s"),
+              ("CT cold read", ct, "read_mb_s"), ("corpus ingest", cp, "ingest_mb_s"), ("corpus at rest", cp, "at_rest_mb_s"),
               ("corpus cold read", cp, "read_mb_s"), (f"{big} write", ct, "big_write_mb_s"),
               (f"{big} cold read", ct, "big_read_mb_s")]
     groups = [g for g in groups if any(g[2] in r for r in g[1].values())]
