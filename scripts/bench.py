@@ -282,6 +282,7 @@ def main() -> None:
     if args.from_json:  # re-render the tables and the report of an earlier run
         out = json.loads(pathlib.Path(args.from_json).read_text())
         out.update(ct_comparisons(out["contenders"]))
+        out["rendered_from"] = args.from_json
     else:
         command = "./scripts/bench " + shlex.join(sys.argv[1:])
         out = run(args)

@@ -119,7 +119,8 @@ def plot_throughput(out: dict, path: pathlib.Path, plt) -> None:
     names = list(ct)
     big = _big(out.get("big_mib", 0))
     groups = [("CT ingest", ct, "ingest_mb_s"), ("CT at rest", ct, "at_rest_mb_s"),
-              ("CT cold read", ct, "read_mb_s"), ("corpus ingest", cp, "ingest_mb_s"), ("corpus at rest", cp, "at_rest_mb_s"),
+              ("CT cold read", ct, "read_mb_s"), ("corpus ingest", cp, "ingest_mb_s"),
+              ("corpus at rest", cp, "at_rest_mb_s"),
               ("corpus cold read", cp, "read_mb_s"), (f"{big} write", ct, "big_write_mb_s"),
               (f"{big} cold read", ct, "big_read_mb_s")]
     groups = [g for g in groups if any(g[2] in r for r in g[1].values())]
@@ -246,7 +247,9 @@ def write_report(out: dict, outdir: pathlib.Path) -> list[pathlib.Path]:
              "The machine is shared and noisy: contenders run interleaved in an order that "
              "rotates with each repetition, and every figure is the median of the "
              "repetitions (min and max are in the JSON). Ratios between contenders are "
-             "from this one run.", "", WORKLOADS, "## Tables", "", render(out), "", "## Plots", ""]
+             "from this one run."
+             + (f" The tables and plots were rendered again from `{out['rendered_from']}` "
+                "with `--from-json`." if out.get("rendered_from") else ""), "", WORKLOADS, "## Tables", "", render(out), "", "## Plots", ""]
     for path, title in figs:
         lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
     lines.append(EXPLAIN)
