@@ -165,6 +165,11 @@ class Reencoder:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
+            # the analysis (pydicom, pure Python) competes with the FUSE
+            # thread for the GIL: it waits for quiet too
+            self._yield_to_foreground()
+            if self._stop.is_set():
+                continue
             pause = 0.05
             self.current = ino  # verify: its new objects are not orphans
             try:
