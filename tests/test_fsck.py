@@ -244,19 +244,23 @@ def test_an_object_named_twice_is_found_and_repaired(store):
     assert any("restored" in p["repaired"] for p in result["problems"])
 
 
-def test_chunk_entry_bit_flipped_is_restored_from_its_object(store):
-    """A flipped bit in a sealed chunk entry: the entry goes, and the repair
-    finds the file's own object again (its context says where it belongs)."""
+def flip_in_index_value(store, db: str, path: str, key_suffix: bytes, at: int) -> None:
+    """Flip one bit inside the sealed value of ``db`` for ``path`` in data.mdb."""
     fs = store.open()
     with fs.index.begin() as txn:
-        ino = fs._resolve(txn, "/a")
-        sealed = bytes(txn.txn.get(ino.to_bytes(8, "big") + (2).to_bytes(8, "big"),
-                                   db=fs.index.dbs["chunks"]))
+        key = fs._resolve(txn, path).to_bytes(8, "big") + key_suffix
+        sealed = bytes(txn.txn.get(key, db=fs.index.dbs[db]))
     fs.close()
     mdb = os.path.join(store.root, "index", "data.mdb")
     blob = read_bytes(mdb)
     assert blob.count(sealed) == 1
-    flip_byte(mdb, blob.index(sealed) + 30)
+    flip_byte(mdb, blob.index(sealed) + at)
+
+
+def test_chunk_entry_bit_flipped_is_restored_from_its_object(store):
+    """A flipped bit in a sealed chunk entry: the entry goes, and the repair
+    finds the file's own object again (its context says where it belongs)."""
+    flip_in_index_value(store, "chunks", "/a", (2).to_bytes(8, "big"), 30)
     report = store.verify()
     assert store.damaged_paths(report) == {"/a"}
     result = store.assert_repaired_clean(["/a", "/b", "/d/c"])
@@ -290,15 +294,7 @@ def test_deleted_file_is_not_brought_back(store):
 def test_index_value_bit_flipped(store):
     """A flipped bit inside the sealed inode record of /b: verify names /b; the
     repair rebuilds /b from its objects into /lost+found; others intact."""
-    fs = store.open()
-    with fs.index.begin() as txn:
-        ino = fs._resolve(txn, "/b")
-        sealed = bytes(txn.txn.get(ino.to_bytes(8, "big"), db=fs.index.dbs["inodes"]))
-    fs.close()
-    mdb = os.path.join(store.root, "index", "data.mdb")
-    blob = read_bytes(mdb)
-    assert blob.count(sealed) == 1
-    flip_byte(mdb, blob.index(sealed) + 20)
+    flip_in_index_value(store, "inodes", "/b", b"", 20)
     report = store.verify()
     assert store.damaged_paths(report) == {"/b"}
     assert "index entry" in store.kinds(report)
