@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from typing import Callable
 
 try:
@@ -26,6 +27,7 @@ else:
 
 from . import errors as E
 from .filesystem import FileSystem
+from .metrics import OPS_XATTR, OpStats
 
 log = logging.getLogger("dcmfs.fuse")
 
@@ -72,17 +74,24 @@ def require_fuse() -> None:
 
 
 def _translate(method: Callable) -> Callable:
+    """Errors to errno, and one count (latency, bytes, errno) per operation."""
+    name = method.__name__
+
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
         try:
-            return method(*args, **kwargs)
+            result = method(self, *args, **kwargs)
         except E.DcmfsError as exc:
             code = errno_of(exc)
+            self._ops.failed(name, time.perf_counter() - t0, code)
             if code == errno.EIO:
-                log.error("%s: %s", method.__name__, exc)
+                log.error("%s: %s", name, exc)
             elif code == errno.ENOSPC:
-                log.warning("%s: %s", method.__name__, exc)
+                log.warning("%s: %s", name, exc)
             raise mfusepy.FuseOSError(code) from exc
+        self._ops.done(name, time.perf_counter() - t0, result)
+        return result
     return wrapper
 
 
@@ -93,9 +102,11 @@ class _Operations:
     flag_nullpath_ok = True
     flag_nopath = True
 
-    def __init__(self, fs: FileSystem, on_ready: Callable[[], None] | None) -> None:
+    def __init__(self, fs: FileSystem, on_ready: Callable[[], None] | None,
+                 ops: OpStats) -> None:
         self._fs = fs
         self._on_ready = on_ready
+        self._ops = ops
 
     def init(self, path):
         if self._on_ready is not None:
@@ -211,6 +222,8 @@ class _Operations:
 
     @_translate
     def getxattr(self, path, name, position=0):
+        if name == OPS_XATTR and path == "/":  # the adapter's own counters
+            return self._ops.snapshot_json()
         return self._fs.getxattr(path, name)
 
     @_translate
@@ -259,7 +272,7 @@ def _fuse_class():
 
 
 def serve(fs: FileSystem, mountpoint: str, options: dict,
-          on_ready: Callable[[], None] | None = None) -> None:
+          on_ready: Callable[[], None] | None = None, ops: OpStats | None = None) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT/SIGHUP).
 
     libfuse's own signal handlers end the loop and unmount; the caller then
@@ -270,7 +283,7 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
             "use_ino": True, "hard_remove": True, "nopath": True, "kernel_cache": True}
     opts.update(options)
     try:
-        _fuse_class()(_Operations(fs, on_ready), mountpoint, foreground=True, nothreads=True,
+        _fuse_class()(_Operations(fs, on_ready, ops or OpStats()), mountpoint, foreground=True, nothreads=True,
                       **opts)
     except RuntimeError as exc:
         # libfuse reports a loop ended by a signal as a non-zero result
