@@ -184,6 +184,10 @@ class Index:
                  read_only: bool = False, journal_limit: int = 8 * 1024 * 1024) -> None:
         self.read_only = read_only
         self._journal_limit = journal_limit
+        if not read_only:  # lmdb would create the directory with its file mode 0600 (no x):
+            os.makedirs(path, mode=0o700, exist_ok=True)  # only CAP_DAC_OVERRIDE could enter it
+            if os.stat(path).st_mode & 0o700 != 0o700:
+                os.chmod(path, 0o700)
         try:
             self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
                                  readonly=read_only, create=not read_only, mode=0o600,

@@ -61,8 +61,17 @@ def find_mount(mountpoint: str) -> MountInfo | None:
     return None
 
 
-def check_mountpoint(mountpoint: str, nonempty: bool = False) -> str:
+def check_mountpoint(mountpoint: str, nonempty: bool = False,
+                     store_root: str | None = None) -> str:
+    """The absolute mountpoint, checked.  A stale mount of ``store_root``
+    itself (its daemon crashed: nobody holds the store lock) is detached,
+    so that systemd's Restart= brings a crashed store back."""
     mp = os.path.abspath(mountpoint)
+    info = find_mount(mp)
+    if (info is not None and store_root is not None and info.store == store_root
+            and read_lock_pid(store_root) is None):
+        log.warning("detaching the stale mount at %s left by a daemon that died", mp)
+        _fusermount(mp)
     try:
         is_dir = os.path.isdir(mp)
     except OSError:
@@ -199,7 +208,8 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
     if pid is not None:
         raise StoreLockedError(f"The store {store_root} is already in use by dcmfs pid {pid}.")
     options = dict(fuse_options)
-    mp = check_mountpoint(mountpoint, nonempty=bool(options.pop("nonempty", False)))
+    mp = check_mountpoint(mountpoint, nonempty=bool(options.pop("nonempty", False)),
+                          store_root=store_root)
     require_fuse()
     if foreground:
         run_daemon(store_root, secret, mp, config, options, metrics=metrics)
