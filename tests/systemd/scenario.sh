@@ -97,6 +97,29 @@ check restart-start systemctl start dcmfs@test
 [ "$(cat /srv/pacs/one.dcm 2>&1)" = "study one" ] && [ "$(sha256sum /srv/pacs/dir/big | cut -d' ' -f1)" = "$sha_big" ] \
     && ok survives-restart || no survives-restart "files differ after stop+start"
 
+# --- a busy mount: stop commits, detaches and exits 0 even with a file held open -----
+exec 7</srv/pacs/one.dcm
+t0=$(date +%s)
+check busy-stop timeout 60 systemctl stop dcmfs@test
+[ $(( $(date +%s) - t0 )) -lt 30 ] && ok busy-stop-fast || no busy-stop-fast "stop took $(( $(date +%s) - t0 )) s"
+tail -n1 /run/dcmfs-stop-test | grep -q '^success exited 0$' && ok busy-stop-exit-0 || no busy-stop-exit-0 "$(tail -n1 /run/dcmfs-stop-test)"
+mounted /srv/pacs && no busy-stop-unmounts "still mounted" || ok busy-stop-unmounts
+exec 7<&-
+
+# --- an encrypted credential (systemd-creds, LoadCredentialEncrypted=) -------------------
+mkdir -p /etc/credstore.encrypted
+check creds-encrypt systemd-creds encrypt --name=dcmfs.key /etc/dcmfs/test.key /etc/credstore.encrypted/dcmfs-test.key
+cat > /etc/systemd/system/dcmfs@.service.d/zz-encrypted.conf <<'UNIT'
+[Service]
+LoadCredential=
+LoadCredentialEncrypted=dcmfs.key:/etc/credstore.encrypted/dcmfs-%i.key
+UNIT
+systemctl daemon-reload
+check creds-encrypted-start systemctl start dcmfs@test
+[ "$(cat /srv/pacs/one.dcm 2>&1)" = "study one" ] && ok creds-encrypted-data || no creds-encrypted-data "no data"
+rm /etc/systemd/system/dcmfs@.service.d/zz-encrypted.conf; systemctl daemon-reload
+check creds-encrypted-restart systemctl restart dcmfs@test
+
 # --- a crash: Restart=on-failure, the unclean store is recovered -------------------
 PID=$(systemctl show -p MainPID --value dcmfs@test)
 kill -9 "$PID"
