@@ -156,7 +156,8 @@ def cmd_init(args) -> int:
         inst = load(args.config)
         store_root = args.store or inst.store
         config = Config(codec=args.codec or inst.codec)
-        secret = _instance_secret(inst, creating=True)
+        given = args.key_file or args.passphrase_file or args.passphrase_fd is not None
+        secret = _secret(args, creating=True) if given else _instance_secret(inst, creating=True)
     else:
         store_root = args.store or default_store()
         config = Config(codec=args.codec or "zstd")

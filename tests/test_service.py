@@ -250,3 +250,15 @@ def test_install_systemd(tmp_path):
     # the shipped example is a valid instance file
     sample = instance.load(str(tmp_path / "etc/dcmfs/example.toml.sample"))
     assert sample.key_source == "credential"
+
+
+def test_ask_password_runs_systemd_ask_password(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "systemd-ask-password"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\necho "correct horse"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    inst = instance.Instance("/etc/dcmfs/pacs.toml", "pacs", "/s", "/m",
+                             key_source="ask_password", key_value="")
+    assert instance.read_key(inst) == ("passphrase", b"correct horse")
+    assert "--id=dcmfs:pacs" in (fake.parent / "args").read_text()
