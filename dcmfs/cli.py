@@ -189,6 +189,9 @@ def cmd_mount(args) -> int:
         secret = _instance_secret(inst)
     else:
         secret = _secret(args, creating=False, store_kind=header["key"]["kind"])
+    if inst is not None:
+        log.debug("instance %s: store %s, mountpoint %s, key from %s", inst.name, store_root, mp,
+                  inst.key_source)
     metrics = ours.get("metrics") or (inst.metrics if inst else None)
     if metrics:
         from .metrics import parse_address

@@ -89,6 +89,8 @@ def _translate(method: Callable) -> Callable:
                 log.error("%s: %s", name, exc)
             elif code == errno.ENOSPC:
                 log.warning("%s: %s", name, exc)
+            else:  # the class only: a namespace error's message may hold the path
+                log.debug("%s: %s", name, type(exc).__name__)
             raise mfusepy.FuseOSError(code) from exc
         self._ops.done(name, time.perf_counter() - t0, result)
         return result
@@ -282,6 +284,7 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
     opts = {"fsname": fs.store.root, "subtype": "dcmfs", "default_permissions": True,
             "use_ino": True, "hard_remove": True, "nopath": True, "kernel_cache": True}
     opts.update(options)
+    log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
     try:
         _fuse_class()(_Operations(fs, on_ready, ops or OpStats()), mountpoint, foreground=True, nothreads=True,
                       **opts)

@@ -126,8 +126,8 @@ def service(tmp_path):
                  f'metrics = "127.0.0.1:{port}"')
     notify = Notify(tmp_path / "notify")
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "CREDENTIALS_DIRECTORY": str(creds)}
-    proc = subprocess.Popen([sys.executable, "-m", "dcmfs.cli", "mount", "--config", str(conf),
-                             "-f"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "dcmfs.cli", "-v", "mount", "--config",
+                             str(conf), "-f"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         yield m, proc, notify, port
     finally:
@@ -146,8 +146,11 @@ def test_foreground_daemon_speaks_sd_notify(service):
     assert find_mount(str(m.mnt)) is not None
     assert os.listdir(m.mnt) == []
     assert "STATUS=mounted at" in ready and "files" in ready and "ratio" in ready
-    (m.mnt / "study").write_bytes(b"x" * 200_000)
-    assert (m.mnt / "study").read_bytes() == b"x" * 200_000
+    (m.mnt / "DOE^JOHN").mkdir()
+    (m.mnt / "DOE^JOHN" / "study").write_bytes(b"x" * 200_000)
+    assert (m.mnt / "DOE^JOHN" / "study").read_bytes() == b"x" * 200_000
+    os.rename(m.mnt / "DOE^JOHN" / "study", m.mnt / "DOE^JOHN" / "study")
+    assert not (m.mnt / "missing-JOHN").exists()
 
     ops = json.loads(os.getxattr(m.mnt, metrics.OPS_XATTR))
     assert ops["written_bytes"] == 200_000 and ops["read_bytes"] == 200_000
@@ -162,6 +165,7 @@ def test_foreground_daemon_speaks_sd_notify(service):
     report = json.loads(r.stdout)
     assert report["pid"] == proc.pid and report["written_bytes"] == 200_000
     assert report["uptime_seconds"] >= 0 and report["rss_bytes"] > 0 and report["files"] == 1
+    assert report["errors"].get("getattr:ENOENT", 0) >= 1
     text = m.cli("status").stdout
     assert "since start read" in text and f"pid {proc.pid}, up 00:00:" in text
 
@@ -170,7 +174,9 @@ def test_foreground_daemon_speaks_sd_notify(service):
     assert proc.wait(timeout=60) == 0
     assert find_mount(str(m.mnt)) is None
     err = proc.stderr.read()
-    assert "closed cleanly" in err and "study" not in err and "Traceback" not in err
+    assert "closed cleanly" in err and "Traceback" not in err
+    assert "DEBUG" in err  # -v is on, and still no plaintext name at any level
+    assert "JOHN" not in err and "study" not in err
 
 
 def test_wrong_credential_fails_with_one_clear_line(tmp_path):
@@ -262,3 +268,34 @@ def test_ask_password_runs_systemd_ask_password(tmp_path, monkeypatch):
                              key_source="ask_password", key_value="")
     assert instance.read_key(inst) == ("passphrase", b"correct horse")
     assert "--id=dcmfs:pacs" in (fake.parent / "args").read_text()
+
+
+def test_status_reporter_sends_status_and_explains_a_slow_close(tmp_path, monkeypatch, caplog):
+    from dcmfs.mount import _StatusReporter
+
+    class FakeFs:
+        reencoder = None
+
+        class index:
+            pending_records = 7
+
+        def live_status(self):
+            return {"files": 3, "logical_bytes": 2_000_000_000, "stored_bytes": 800_000_000,
+                    "backlog_files": 1}
+
+    notify = Notify(tmp_path / "n")
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    rep = _StatusReporter(FakeFs(), 0.02)
+    rep.start()
+    try:
+        msg = notify.wait_for("STATUS=", timeout=5)
+        assert msg == "STATUS=3 files, 2.00 GB logical, ratio 0.400, backlog 1 files"
+        rep.closing_since = time.monotonic()
+        deadline = time.monotonic() + 5
+        while "still closing" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "still closing after" in caplog.text and "7 journal records" in caplog.text
+    finally:
+        rep.stop.set()
+        rep.join()
+        notify.sock.close()
