@@ -58,7 +58,13 @@ class Instance:
         return "keyfile" if self.key_source in ("credential", "file") else "passphrase"
 
 
+#: dcmfs options that take 0 or 1 (``reencode = false`` must mean reencode=0)
+_ZERO_ONE = {"reencode", "dicom"}
+
+
 def _option_item(key: str, value) -> str | None:
+    if key in _ZERO_ONE and isinstance(value, bool):
+        return f"{key}={int(value)}"
     if value is True:
         return key
     if value is False:

@@ -36,7 +36,7 @@ def test_instance_file(tmp_path):
     inst = instance.load(str(p))
     assert (inst.name, inst.store, inst.mountpoint, inst.metrics) == ("pacs", "/srv/s", "/srv/m",
                                                                        "127.0.0.1:9641")
-    assert inst.options == ("zstd_level=2", "reencode=False") or "zstd_level=2" in inst.options
+    assert inst.options == ("zstd_level=2", "reencode=0")
     assert inst.key_source == "credential" and inst.key_kind == "keyfile"
 
 
