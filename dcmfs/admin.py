@@ -40,8 +40,10 @@ class Progress:
     """A one-line progress bar with rate and ETA on a terminal, a final
     summary line otherwise."""
 
-    def __init__(self, total_files: int, out: TextIO = sys.stderr) -> None:
+    def __init__(self, total_files: int, out: TextIO = sys.stderr,
+                 label: str = "recompress") -> None:
         self.total = total_files
+        self.label = label
         self.out = out
         self.tty = out.isatty()
         self.start = time.monotonic()
@@ -58,7 +60,7 @@ class Progress:
         eta = (elapsed / done * left) if done else 0
         width = 30
         filled = width * done // self.total if self.total else width
-        line = (f"recompress [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files, "
+        line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files, "
                 f"{rate:.1f} MB/s, ETA {eta:.0f} s")
         if self.tty:
             self.out.write("\r" + line + ("\n" if final else ""))
@@ -94,6 +96,174 @@ def recompress(store_root: str, secret: Callable[[], Secret], config: Config,
         return fs.live_status()
     finally:
         fs.close()
+
+
+def _store_path(path: str, mountpoint: str | None) -> str:
+    """A path given on the command line as a path inside the store: under the
+    mountpoint, or already relative to the store's root."""
+    if mountpoint and os.path.isabs(path):
+        full = os.path.abspath(path)
+        if full == mountpoint or full.startswith(mountpoint.rstrip("/") + "/"):
+            return "/" + os.path.relpath(full, mountpoint).lstrip(".")
+    return "/" + path.lstrip("/")
+
+
+def verify(store_root: str, secret: Callable[[], Secret], config: Config,
+           paths: list[str] | None = None, sample: float | None = None,
+           out: TextIO = sys.stderr) -> dict:
+    """Verify a store (every file, the given paths, or a random sample);
+    returns the report (see :meth:`dcmfs.verify.Report.as_dict`)."""
+    mp = mountpoint_of(store_root)
+    wanted = [_store_path(p, mp) for p in paths] if paths else None
+    if mp is not None:
+        args = json.dumps({"paths": wanted, "sample": sample})
+        _xattr(mp, fmt.CONTROL_XATTR, ("verify" + args).encode())
+        bar = None
+        while True:
+            state = json.loads(_xattr(mp, fmt.VERIFY_XATTR))
+            if bar is None and state.get("total"):
+                bar = Progress(state["total"], out, "verify")
+            if not state.get("running", False):
+                break
+            if bar is not None:
+                bar.update(state["total"] - state["done"], state["bytes"])
+            time.sleep(0.2)
+        if bar is not None:
+            bar.update(0, state["bytes"], final=True)
+        result = state.get("result") or {}
+        if "error" in result:
+            raise StoreIOError(f"The daemon could not verify the store: {result['error']}.")
+        return result
+    from .store import set_damage_mark
+    from .verify import Verifier, name_paths, resolve_paths, unnamed_files
+    import dataclasses
+    fs = FileSystem(open_store(store_root, secret()), dataclasses.replace(config, read_only=True))
+    verifier = Verifier(fs.index, fs.objects, fs.data.chunk_size, fs._lock)
+    try:
+        missing: list[str] = []
+        inos = None
+        if wanted:
+            with fs.index.begin() as txn:
+                inos, missing = resolve_paths(txn, wanted)
+        files = verifier.files(sample, inos)
+        bar = Progress(len(files), out, "verify")
+        report = verifier.run(files, lambda done, nbytes, _: bar.update(len(files) - done,
+                                                                          nbytes))
+        bar.update(0, report.bytes, final=True)
+        if not wanted and sample is None:
+            with fs.index.begin() as txn:
+                report.findings += unnamed_files(txn)
+            report.findings += verifier.orphan_objects()
+        with fs.index.begin() as txn:
+            names = name_paths(txn, {f.ino for f in report.findings if f.ino})
+        for f in report.findings:
+            f.paths = names.get(f.ino, [])
+        if any(f.ino for f in report.findings):
+            set_damage_mark(store_root, "verify found damage", len(report.damaged_files))
+        return dict(report.as_dict(), missing_paths=missing)
+    finally:
+        verifier.close()
+        fs.close()
+
+
+def render_verify(report: dict) -> str:
+    """The admin's view of a verify report: one line per damaged file (its
+    path, decrypted here, on the admin's terminal only) and what is wrong."""
+    lines = []
+    by_ino: dict[int, list[dict]] = {}
+    for f in report.get("findings", []):
+        by_ino.setdefault(f["ino"], []).append(f)
+    for ino, findings in sorted(by_ino.items()):
+        if ino == 0:
+            for f in findings:
+                lines.append(f"store: {f['kind']}: object {f['oid']}")
+            continue
+        names = ", ".join(findings[0]["paths"]) or f"(no name) inode {ino}"
+        lines.append(f"DAMAGED {names}")
+        for f in findings:
+            lines.append(f"    {f['kind']}: {f['detail']}"
+                         + (f" [object {f['oid']}]" if f.get("oid") else ""))
+    for path in report.get("missing_paths", []):
+        lines.append(f"not found: {path}")
+    mb = report.get("bytes", 0) / 1e6
+    secs = report.get("seconds", 0)
+    rate = f", {mb / secs:.0f} MB/s" if secs > 0 else ""
+    verdict = ("intact" if not report.get("findings") else
+               f"{report.get('damaged_files', 0)} damaged files, "
+               f"{len(report['findings'])} findings")
+    skipped = report.get("skipped_busy", 0)
+    lines.append(f"verified {report.get('files', 0)} files, {mb:.1f} MB in {secs:.1f} s{rate}"
+                 + (f" ({skipped} open for writing, skipped)" if skipped else "")
+                 + f": {verdict}")
+    return "\n".join(lines)
+
+
+def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: bool,
+         rebuild: bool, out: TextIO = sys.stderr) -> dict:
+    """Check (and repair, or rebuild the index of) an unmounted store.  With
+    ``repair`` a second, read-only check follows; its problems are in
+    ``remaining`` (empty: the store is clean)."""
+    from .fsck import Fsck, rebuild_index
+    from .store import clear_damage_mark
+    if mountpoint_of(store_root) is not None:
+        from .errors import StoreLockedError
+        raise StoreLockedError(f"The store {store_root} is mounted; unmount it first "
+                               "('dcmfs umount MOUNTPOINT'), then run fsck.")
+    store = open_store(store_root, secret())
+    tty = out.isatty()
+
+    def stage(name: str) -> None:
+        if tty:
+            out.write(f"\rfsck: checking {name}…".ljust(40))
+            out.flush()
+
+    result: dict = {"store": store_root, "rebuilt": None}
+    if rebuild:
+        result["rebuilt"] = rebuild_index(store, config)
+        repair = True
+    passes = [repair, False] if repair else [False]
+    for i, mode in enumerate(passes):
+        f = Fsck(store, config, repair=mode, progress=stage)
+        try:
+            problems = [p.as_dict() for p in f.run()]
+        finally:
+            f.close()
+        result["problems" if i == 0 else "remaining"] = problems
+    if tty:
+        out.write("\r".ljust(41) + "\r")
+    final = result.get("remaining", result["problems"])
+    if not final:
+        clear_damage_mark(store_root)
+    result["clean"] = not final
+    return result
+
+
+def render_fsck(result: dict) -> str:
+    lines = []
+    if result.get("rebuilt"):
+        r = result["rebuilt"]
+        lines.append(f"index rebuilt: old index moved to {r['moved_aside'] or '-'}, "
+                     f"snapshot {r['snapshot'] or 'none'}, {r['journal_records']} journal "
+                     "records rolled forward"
+                     + (f", {r['records_after_gap']} after a gap not applied"
+                        if r["records_after_gap"] else ""))
+    for p in result["problems"]:
+        where = ", ".join(p["paths"]) or (f"inode {p['ino']}" if p["ino"] else "store")
+        lines.append(f"[{p['check']}] {where}: {p['what']}"
+                     + (f" [object {p['oid']}]" if p.get("oid") else "")
+                     + (f" -> {p['repaired']}" if p.get("repaired") else ""))
+    n = len(result["problems"])
+    if "remaining" in result:
+        left = len(result["remaining"])
+        lines.append(f"fsck: {n} problems found and repaired; a full check afterwards: "
+                     + ("clean." if not left else f"{left} problems remain."))
+        for p in result["remaining"]:
+            lines.append(f"  remaining [{p['check']}] {p['what']}")
+    else:
+        lines.append("fsck: clean." if not n else
+                     f"fsck: {n} problems; run 'dcmfs fsck --repair {result['store']}' to "
+                     "repair them.")
+    return "\n".join(lines)
 
 
 def content_stats(store_root: str, secret: Callable[[], Secret], config: Config) -> dict:

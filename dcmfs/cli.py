@@ -104,7 +104,7 @@ _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser",
                "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
 #: dcmfs options given with -o
 _DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
-               "checkpoint_interval", "dicom", "metrics"}
+               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "metrics"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -124,6 +124,14 @@ def parse_o(values: list[str]) -> tuple[dict, dict]:
     return ours, fuse
 
 
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``12h``, ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
 def _config(ours: dict, fuse_opts: dict) -> Config:
     kw = {"read_only": bool(fuse_opts.get("ro"))}
     try:
@@ -135,6 +143,10 @@ def _config(ours: dict, fuse_opts: dict) -> Config:
             kw["dicom"] = {"0": False, "1": True}[ours["dicom"]]
         if ours.get("checkpoint_interval"):
             kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
+        if ours.get("scrub_interval"):
+            kw["scrub_interval"] = _seconds(ours["scrub_interval"])
+        if ours.get("scrub_rate"):
+            kw["scrub_rate"] = int(float(ours["scrub_rate"]) * 1e6)
     except (ValueError, KeyError) as exc:
         raise UsageError(f"A -o option has a bad value ({exc}); see 'dcmfs mount --help'.") \
             from exc
@@ -264,6 +276,37 @@ def cmd_install_systemd(args) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    value = float(text.rstrip("%")) / 100
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("give a percentage between 0 and 100")
+    return value
+
+
+def cmd_verify(args) -> int:
+    from .admin import render_verify, verify
+    from .errors import DamageFound
+    from .store import read_header
+    store_root = os.path.abspath(args.store)
+    read_header(store_root)
+    report = verify(store_root, _lazy_secret(args, store_root), Config(), args.paths,
+                    args.sample)
+    print(json.dumps(report, indent=1) if args.json else render_verify(report))
+    return DamageFound.exit_code if report.get("findings") or report.get("missing_paths") else 0
+
+
+def cmd_fsck(args) -> int:
+    from .admin import fsck, render_fsck
+    from .errors import DamageFound
+    from .store import read_header
+    store_root = os.path.abspath(args.store)
+    read_header(store_root)
+    result = fsck(store_root, _lazy_secret(args, store_root), Config(), args.repair,
+                  args.rebuild_index)
+    print(json.dumps(result, indent=1) if args.json else render_fsck(result))
+    return 0 if result["clean"] else DamageFound.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcmfs", description="Transparent encrypted, compressing "
                                 "filesystem for medical images.")
@@ -309,6 +352,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     _add_secret_options(s)
     s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("verify", help="authenticate and decode every chunk, compare every "
+                       "file's SHA-256 (mounted or not); exit 0 only when all is intact")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("paths", nargs="*", metavar="PATH",
+                   help="only these files or directories (paths under the mountpoint, or "
+                   "inside the store)")
+    s.add_argument("--sample", type=_fraction, metavar="N%",
+                   help="verify a random N%% of the files (a quick spot check)")
+    s.add_argument("--json", action="store_true", help="a machine-readable report")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("fsck", help="check the index against itself and the objects "
+                       "(unmounted); --repair mends, --rebuild-index rebuilds the index")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("--repair", action="store_true",
+                   help="repair what is found (never deletes data it cannot prove is "
+                   "garbage: damaged files go to /lost+found), then check again")
+    s.add_argument("--rebuild-index", action="store_true",
+                   help="move the index aside and rebuild it from the sealed snapshots, "
+                   "the journals and the objects, then repair")
+    s.add_argument("--json", action="store_true")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_fsck)
 
     s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")

@@ -70,5 +70,13 @@ class Config:
     #: commit interval, it bounds what a power loss can take from files that
     #: were closed but never fsynced
     checkpoint_interval: float = 5.0
+    #: archived journal bytes after which a new index snapshot is taken while
+    #: mounted (snapshots are also taken at every clean unmount)
+    snapshot_after: int = 64 * MiB
+    #: seconds in which the background scrubber verifies every file once
+    #: (0: no scrubbing; ``-o scrub_interval=S``)
+    scrub_interval: float = 0.0
+    #: the scrubber's I/O bound (plaintext bytes per second)
+    scrub_rate: int = 32 * MiB
     #: the LMDB map size; LMDB only uses what it needs
     index_map_size: int = 64 * 1024 * MiB

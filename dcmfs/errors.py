@@ -83,6 +83,18 @@ class NeedsRecoveryError(DcmfsError):
     exit_code = 18
 
 
+class StoreDamagedError(DcmfsError):
+    """The store is marked as needing 'dcmfs fsck' (integrity errors were seen)."""
+
+    exit_code = 19
+
+
+class DamageFound(DcmfsError):
+    """verify or fsck found damage (the report names it)."""
+
+    exit_code = 34
+
+
 # --- mounting ----------------------------------------------------------------
 class MountpointMissingError(DcmfsError):
     """The mountpoint does not exist or is not a directory."""

@@ -182,7 +182,7 @@ class FileData:
             try:
                 data = self.objects.read(of.cipher, of.inode.file_id, of.ino, idx, ref)
             except IntegrityError as exc:
-                log.error("integrity error in inode %d chunk %d: %s", of.ino, idx, exc)
+                self.on_damage(of.ino, exc)
                 raise
             self.cache.put(ref.oid, data)
         return data
@@ -204,9 +204,10 @@ class FileData:
             # the last chunk is always stored, with the LAST flag: a missing
             # entry or flag means the index or the object was tampered with
             if ref is None or not ref.flags & CHUNK_FLAG_LAST:
-                log.error("integrity error in inode %d: last chunk %d missing or unflagged",
-                          of.ino, idx)
-                raise IntegrityError(f"inode {of.ino}: last chunk {idx} is missing")
+                exc = IntegrityError(f"inode {of.ino}: last chunk {idx} is missing or "
+                                     "unflagged")
+                self.on_damage(of.ino, exc)
+                raise exc
         return b"" if ref is None else self._load(of, idx, ref)
 
     def _read_extents(self, of: OpenFile, offset: int, end: int) -> bytes:
@@ -238,10 +239,10 @@ class FileData:
             raise self._bad_layout(of, "extents do not end where the file does")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    @staticmethod
-    def _bad_layout(of: OpenFile, what: str) -> IntegrityError:
-        log.error("integrity error in inode %d: %s", of.ino, what)
-        return IntegrityError(f"inode {of.ino}: {what}")
+    def _bad_layout(self, of: OpenFile, what: str) -> IntegrityError:
+        exc = IntegrityError(f"inode {of.ino}: {what}")
+        self.on_damage(of.ino, exc)
+        return exc
 
     def _to_fixed(self, of: OpenFile) -> None:
         """Before the first change to an extent-laid-out file: copy it into
@@ -463,6 +464,10 @@ class FileData:
         self.after_commit(superseded)
         if queue:
             self.on_deferred(of.ino)
+
+    def on_damage(self, ino: int, exc: Exception) -> None:
+        """Hook: an integrity error was met reading this inode (the core sets it)."""
+        log.error("integrity error in inode %d: %s", ino, exc)
 
     def on_discarded(self, ino: int) -> None:
         """Hook: an open file's uncommitted chunks were dropped (the core sets it)."""

@@ -195,12 +195,14 @@ class FileOps:
             raise NameTooLong(name)
         return raw
 
-    @_mutating
+    @_locked
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
         if name == fmt.CONTROL_XATTR and path == "/":
-            self.control(bytes(value).decode("ascii", "replace"))
+            self.control(bytes(value).decode("utf-8", "replace"))
             return
-        if name in (fmt.STATUS_XATTR, fmt.STATS_XATTR, fmt.CONTROL_XATTR):
+        if self.read_only:
+            raise ReadOnlyError("The store is mounted read-only.")
+        if name in (fmt.STATUS_XATTR, fmt.STATS_XATTR, fmt.CONTROL_XATTR, fmt.VERIFY_XATTR):
             raise NotSupported(name)
         raw = self._xname(name)
         if len(value) > 65536:
@@ -224,6 +226,9 @@ class FileOps:
             return json.dumps(self.live_status(), sort_keys=True).encode()
         if name == fmt.STATS_XATTR and path == "/":
             return json.dumps(self.content_stats(), sort_keys=True).encode()
+        if name == fmt.VERIFY_XATTR and path == "/":
+            job = self.verify_job
+            return json.dumps(job.status() if job else {}, sort_keys=True).encode()
         raw = self._xname(name)
         with self.index.begin() as txn:
             value = txn.get_xattr(self._resolve(txn, path), raw)

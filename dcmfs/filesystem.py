@@ -25,11 +25,12 @@ from .errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsA
                      NameTooLong, NotADirectory, NotFound, ReadOnlyError)
 from .filedata import FileData, OpenFile, stored_bytes
 from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
-from .index import Index, Inode
+from .index import Index, Inode, refuse_if_missing
 from .objectstore import ObjectDamaged, ObjectStore
 from .recovery import RecoveryReport, recover
 from .reencoder import Reencoder
-from .store import Store, StoreLock
+from .scrub import Scrubber, VerifyJob
+from .store import Store, StoreLock, refuse_if_damaged, set_damage_mark
 
 log = logging.getLogger("dcmfs.fs")
 
@@ -62,14 +63,22 @@ class FileSystem(FileOps):
             raise
 
     def _setup(self, store: Store, config: Config) -> None:
+        refuse_if_missing(store.root)
+        if not config.read_only:
+            refuse_if_damaged(store.root)
+        #: object ids (or inode numbers) whose damage has been logged
+        self._damage_seen: set = set()
+        self._damage_lock = threading.Lock()
         self.objects = ObjectStore(store.root, store.store_id, store.master_key,
                                    codecs.Codecs(config.zstd_level, config.lzma_preset),
                                    verify_writes=config.verify_writes)
         self.index = Index(os.path.join(store.root, fmt.INDEX_DIR), store.master_key,
-                           store.store_id, config.index_map_size, read_only=config.read_only)
+                           store.store_id, config.index_map_size, read_only=config.read_only,
+                           archive_dir=os.path.join(store.root, fmt.SNAPSHOTS_DIR))
         self.data = FileData(self.index, self.objects, store.chunk_size,
                              codecs.NAMES[store.codec], config.workers, config.max_inflight,
                              config.dirty_limit, config.read_cache_bytes)
+        self.data.on_damage = self.damaged
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}
@@ -79,6 +88,8 @@ class FileSystem(FileOps):
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self.reencoder: Reencoder | None = None
+        self.scrubber: Scrubber | None = None
+        self.verify_job: VerifyJob | None = None
         if not config.read_only:
             self._mark_mounted()
             # always there for 'recompress'; it runs by itself with -o reencode=1
@@ -90,6 +101,8 @@ class FileSystem(FileOps):
                     self.data.may_defer = self.reencoder.reserve
                 self.data.queue_all = config.dicom
                 self.reencoder.start()
+            if config.scrub_interval > 0:
+                self.scrubber = Scrubber(self, config.scrub_interval, config.scrub_rate)
             if config.checkpoint_interval > 0:
                 self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                                 name="dcmfs-checkpoint")
@@ -126,6 +139,32 @@ class FileSystem(FileOps):
             return False  # missing, torn or unauthentic: the power cut was here
         return True  # any other error (EIO, EMFILE) stops the mount, drops nothing
 
+    def damaged(self, ino: int, exc: Exception) -> None:
+        """An integrity error was met (a read, the re-encoder, the scrubber).
+
+        The reader gets EIO for that file only; intact files are still served.
+        The first error marks the store as needing fsck (``STORE/needs-fsck``),
+        which refuses read-write mounts until ``dcmfs fsck`` ran, and says so
+        in the log once; each damaged object is logged once (inode and object
+        id, never a path).  Thread-safe.
+        """
+        key = getattr(exc, "oid", None) or ino
+        with self._damage_lock:
+            if key in self._damage_seen:
+                return
+            first = not self._damage_seen
+            self._damage_seen.add(key)
+        if first:
+            log.error("integrity error in inode %d: %s; the store is marked as needing "
+                      "'dcmfs fsck %s' (intact files are still served, damaged ones give EIO)",
+                      ino, exc, self.store.root)
+            try:
+                set_damage_mark(self.store.root, "integrity errors")
+            except DcmfsError as err:
+                log.error("could not mark the store as damaged: %s", err)
+        else:
+            log.warning("integrity error in inode %d: %s", ino, exc)
+
     # --- lifecycle --------------------------------------------------------------
     def _ensure_root(self) -> None:
         with self._write_txn() as txn:
@@ -144,11 +183,20 @@ class FileSystem(FileOps):
         self.index.sync_journal()
 
     def checkpoint(self) -> None:
-        """Commit the index durably, empty its journal, delete superseded objects."""
+        """Commit the index durably, delete superseded objects; when the
+        archived journal has grown large, take a new index snapshot (so that a
+        rebuild has little to roll forward and the archive stays bounded)."""
         with self._lock:
             self.objects.sync()
-            self.index.checkpoint()
+            rotated = self.index.checkpoint()
             self.data.checkpointed()
+            if rotated and self.index.archived_bytes() >= self.config.snapshot_after:
+                self.snapshot()
+
+    def snapshot(self) -> None:
+        """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
+        with self._lock:
+            self.index.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
 
     def _maybe_checkpoint(self) -> None:
         """Checkpoint when the journal has grown; a failure does not fail the
@@ -199,6 +247,9 @@ class FileSystem(FileOps):
             self._syncer.join()
         if self.reencoder is not None:
             self.reencoder.stop()  # its backlog stays in the index for next time
+        for job in (self.scrubber, self.verify_job):
+            if job is not None:
+                job.join()
         self.closed = True
         try:
             if not self.read_only:
@@ -210,7 +261,7 @@ class FileSystem(FileOps):
                     with self._write_txn() as txn:
                         txn.meta_put("state", b"clean")
                     self.checkpoint()
-                    self.index.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
+                    self.snapshot()
         finally:
             self.data.shutdown()
             self.objects.close()
@@ -576,7 +627,9 @@ class FileSystem(FileOps):
                 "reencoded_files": r.files_done if r else 0,
                 "reencoded_bytes": r.bytes_done if r else 0,
                 "frames_coded": r.frames_coded if r else 0,
-                "reencode_errors": r.errors if r else 0}
+                "reencode_errors": r.errors if r else 0,
+                "integrity_errors": len(self._damage_seen),
+                "scrub": self.scrubber.status() if self.scrubber else None}
 
     @_locked
     def recompress(self) -> int:
@@ -593,6 +646,17 @@ class FileSystem(FileOps):
         ``pause`` and ``resume`` (the re-encoder; benchmarks, admins)."""
         if command == "recompress":
             self.recompress()
+        elif command.startswith("verify"):
+            # "verify" or "verify {json: paths, sample}" (``dcmfs verify``)
+            import json
+            try:
+                args = json.loads(command[len("verify"):] or "{}")
+            except ValueError as exc:
+                raise InvalidArgument("bad verify arguments") from exc
+            with self._lock:
+                if self.verify_job is not None and self.verify_job.state["running"]:
+                    raise InvalidArgument("a verify is already running")
+                self.verify_job = VerifyJob(self, args.get("paths"), args.get("sample"))
         elif command in ("pause", "resume") and self.reencoder is not None:
             getattr(self.reencoder, command)()
         else:

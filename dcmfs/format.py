@@ -23,6 +23,10 @@ OBJECTS_DIR = "objects"
 LOCK_NAME = "lock"
 LOG_NAME = "dcmfs.log"
 SNAPSHOTS_DIR = "snapshots"
+#: objects fsck could not prove to be garbage, moved out of ``objects/``
+QUARANTINE_DIR = "quarantine"
+#: present while the store needs 'dcmfs fsck' (integrity errors were seen)
+DAMAGE_MARK = "needs-fsck"
 
 #: features this version understands; a store may use any subset
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
@@ -37,25 +41,33 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
 #   5       1     object kind (1 = file chunk)
 #   6       2     reserved, zero
 #   8       12    nonce of the context block
-#   20      68    context block: AES-GCM-SIV(header key, CTX_STRUCT) + 16-byte tag
-#   88      12    nonce of the payload
-#   100     n+16  payload: AES-256-GCM(file key, compressed chunk) + 16-byte tag
+#   20      84    context block: AES-GCM-SIV(object-context key, CTX_STRUCT) + tag
+#                 (associated data: bytes 0..7 + store id)
+#   104     12    nonce of the payload
+#   116     n+16  payload: AES-256-GCM(file key, compressed chunk) + 16-byte tag
+#                 (associated data: bytes 0..7 + store id + object id + CTX)
 #
-# The context block says which file, chunk and generation the object belongs
-# to, so the index can be rebuilt from the objects alone.  The payload's
-# associated data binds the object header, the store id, the object id and
-# the whole context block: a moved, swapped, replayed or downgraded object
-# fails authentication.
+# The context block says which object this is (its own id) and which file,
+# chunk and generation it belongs to, so the index can be rebuilt from the
+# objects alone, and a moved, swapped or rolled-back object is not only
+# refused but diagnosed (and a misplaced one put back by fsck).  The
+# payload's associated data binds the object header, the store id, the object
+# id and the whole context block.
 OBJ_MAGIC = b"DCMO"
 OBJ_KIND_CHUNK = 1
 OBJ_PREFIX = struct.Struct(">4sBBH")  # magic, version, kind, reserved
 NONCE_LEN = 12
 TAG_LEN = 16
-#: file_id, ino, chunk index, generation, codec, flags, reserved, plain_len, stored_len
-CTX_STRUCT = struct.Struct(">16sQQQBBHII")
+#: oid, file_id, ino, chunk index, generation, codec, flags, reserved,
+#: plain_len, stored_len
+CTX_STRUCT = struct.Struct(">16s16sQQQBBHII")
 CTX_SEALED_LEN = CTX_STRUCT.size + TAG_LEN
 OBJ_HEADER_LEN = OBJ_PREFIX.size + NONCE_LEN + CTX_SEALED_LEN + NONCE_LEN
 CHUNK_FLAG_LAST = 0x01
+#: the object is an extent of a file laid out in extents of their own sizes
+#: (DICOM-coded): its offset is the sum of the lengths of the extents before
+#: it, which is how an index rebuild from the objects alone places it
+CHUNK_FLAG_EXTENT = 0x02
 
 # --- live status ----------------------------------------------------------------
 #: a virtual extended attribute of the mount's root directory: JSON with the
@@ -67,6 +79,8 @@ STATS_XATTR = "user.dcmfs.stats"
 #: set to b"recompress" on the root: queue every file for the re-encoder
 #: (``dcmfs recompress`` on a mounted store)
 CONTROL_XATTR = "user.dcmfs.control"
+#: JSON progress and result of the last ``verify`` control command
+VERIFY_XATTR = "user.dcmfs.verify"
 
 # --- index ---------------------------------------------------------------------
 ROOT_INO = 1

@@ -85,7 +85,8 @@ def _translate(method: Callable) -> Callable:
         except E.DcmfsError as exc:
             code = errno_of(exc)
             self._ops.failed(name, time.perf_counter() - t0, code)
-            if code == errno.EIO:
+            if code == errno.EIO and not isinstance(exc, E.IntegrityError):
+                # integrity errors are logged (once each) by the core
                 log.error("%s: %s", name, exc)
             elif code == errno.ENOSPC:
                 log.warning("%s: %s", name, exc)

@@ -29,6 +29,8 @@ database      key                             value
 ``backlog``   ino u64                         b"" — closed with chunks sealed
                                               uncompressed, or not yet looked at
                                               by the DICOM-aware re-encoder
+``scrubbed``  ino u64                         u64 (plain): when the file was last
+                                              verified intact, ns since the epoch
 ``content``   ino u64                         SIV(JSON: what the re-encoder found:
                                               generation, kind, modality, transfer
                                               syntax, photometric, bits, codec path,
@@ -88,9 +90,33 @@ _U16 = struct.Struct(">H")
 _STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
-             "content")
+             "content", "scrubbed")
+#: databases whose values are sealed (the others hold plain numbers or nothing)
+SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
 _DB_ID = {name: i for i, name in enumerate(DATABASES)}
 JOURNAL_NAME = "journal"
+SNAPSHOT_PREFIX = "index-"
+ARCHIVE_PREFIX = "journal-"
+
+
+def _numbered(directory: str | None, prefix: str) -> list[tuple[int, str]]:
+    if not directory or not os.path.isdir(directory):
+        return []
+    out = []
+    for name in os.listdir(directory):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            out.append((int(name[len(prefix):]), os.path.join(directory, name)))
+    return sorted(out)
+
+
+def snapshots(directory: str | None) -> list[tuple[int, str]]:
+    """(journal sequence number, path) of the index snapshots, oldest first."""
+    return _numbered(directory, SNAPSHOT_PREFIX)
+
+
+def archive_segments(directory: str | None) -> list[tuple[int, str]]:
+    """(last sequence number, path) of the archived journal segments, in order."""
+    return _numbered(directory, ARCHIVE_PREFIX)
 
 
 @dataclasses.dataclass
@@ -177,13 +203,35 @@ def read_stats(path: str) -> tuple[int, int, int] | None:
         env.close()
 
 
+def refuse_if_missing(store_root: str) -> None:
+    """Raise :class:`IndexDamagedError` if a store that has been used has no
+    index file: opening it read-write would start an empty index and every
+    file would seem gone (the objects are all still there)."""
+    index_dir = os.path.join(store_root, fmt.INDEX_DIR)
+    if os.path.exists(os.path.join(index_dir, "data.mdb")):
+        return
+    objects = os.path.join(store_root, fmt.OBJECTS_DIR)
+    used = (os.path.isdir(objects) and bool(os.listdir(objects))) \
+        or bool(snapshots(os.path.join(store_root, fmt.SNAPSHOTS_DIR))) \
+        or os.path.exists(os.path.join(index_dir, JOURNAL_NAME))
+    if used:
+        raise IndexDamagedError(
+            f"The index of the store {store_root} is missing (index/data.mdb) although the "
+            f"store holds data; rebuild it with 'dcmfs fsck --rebuild-index {store_root}'.")
+
+
 class Index:
     """The opened LMDB environment, its journal and the keys that seal its values."""
 
     def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
-                 read_only: bool = False, journal_limit: int = 8 * 1024 * 1024) -> None:
+                 read_only: bool = False, journal_limit: int = 8 * 1024 * 1024,
+                 archive_dir: str | None = None) -> None:
         self.read_only = read_only
         self._journal_limit = journal_limit
+        #: where full journals go (``snapshots/``): with the newest snapshot
+        #: they are the whole index, for ``dcmfs fsck --rebuild-index``
+        self.archive_dir = archive_dir
+        self._master, self._store_id = master_key, store_id
         if not read_only:  # lmdb would create the directory with its file mode 0600 (no x):
             os.makedirs(path, mode=0o700, exist_ok=True)  # only CAP_DAC_OVERRIDE could enter it
             if os.stat(path).st_mode & 0o700 != 0o700:
@@ -239,15 +287,21 @@ class Index:
     def needs_checkpoint(self) -> bool:
         return (self.pending_records >= 4096 or self.journal.size >= self._journal_limit)
 
-    def checkpoint(self) -> None:
-        """Commit the batch durably and empty the journal.
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last journaled operation."""
+        return self._seq
+
+    def checkpoint(self) -> bool:
+        """Commit the batch durably; returns True when the journal was full
+        and moved to the archive.
 
         The caller must first have made durable every object the batch refers to.
         """
         if self._broken:
             raise IndexDamagedError(self._broken)
         if self._batch is None:
-            return
+            return False
         batch, self._batch = self._batch, None
         try:
             batch.put(b"journal_seq", _U64.pack(self._seq), db=self.dbs["meta"])
@@ -259,8 +313,23 @@ class Index:
             error = _lmdb_error(exc, "checkpointing the index")
             self._reload_from_journal()
             raise error from exc
-        self.journal.reset()
         self.pending_records = 0
+        # the records stay in the journal after the checkpoint (replay skips
+        # them): with the snapshots, journal and archive are the whole index,
+        # so it can be rebuilt if data.mdb is lost.  A full journal moves to
+        # the archive.
+        if self.journal.size < self._journal_limit:
+            return False
+        if self.archive_dir is None:
+            self.journal.reset()
+            return False
+        os.makedirs(self.archive_dir, mode=0o700, exist_ok=True)
+        self.journal.rotate(os.path.join(self.archive_dir, f"{ARCHIVE_PREFIX}{self._seq:016d}"))
+        return True
+
+    def archived_bytes(self) -> int:
+        """Bytes of journal segments kept since the oldest snapshot."""
+        return sum(os.path.getsize(p) for _, p in archive_segments(self.archive_dir))
 
     def _apply(self, parent: lmdb.Transaction, ops: list[Op]) -> lmdb.Transaction:
         child = self.env.begin(write=True, parent=parent)
@@ -294,7 +363,7 @@ class Index:
                             "daemon (a restart replays the journal).")
             log.error("%s (%s)", self._broken, problem)
 
-    def replay(self, verify) -> tuple[int, int]:
+    def replay(self, verify, commit: bool = True) -> tuple[int, int]:
         """Apply the journal records a crash left behind; returns (applied, dropped).
 
         ``verify(txn, ino, index, ref)`` is asked about every chunk a record
@@ -339,11 +408,16 @@ class Index:
             # never reuse the dropped records' numbers: should the truncation
             # below not reach the disk, they must stay behind journal_seq
             self._seq = max(seq for seq, _ in records)
-        if records:
+        if records and commit:
             self.checkpoint()  # the caller has synced the objects first
             if dropped:
                 self.journal.sync()
         return applied, dropped
+
+    def raw_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value as stored) of one database (fsck)."""
+        txn = self._parent() if not self.read_only else self.env.begin()
+        yield from txn.cursor(db=self.dbs[db])
 
     # --- transactions -----------------------------------------------------------
     def _parent(self) -> lmdb.Transaction:
@@ -384,18 +458,19 @@ class Index:
             raise _lmdb_error(exc, "committing") from exc
 
     def snapshot(self, snapshots_dir: str, keep: int = 2) -> str:
-        """Durably copy the index (compacted) to ``snapshots_dir/index-<txnid>``.
+        """Durably copy the index (compacted) to ``snapshots_dir/index-<seq>``.
 
-        The copy holds the same sealed values as the index, so it reveals
-        nothing more; it is where an index rebuild starts from when
-        ``data.mdb`` is lost or damaged.  The ``keep`` newest copies stay.
+        Call it right after a checkpoint (no batch open).  The copy holds the
+        same sealed values as the index, so it reveals nothing more; it is
+        where an index rebuild starts, followed by the journal records after
+        ``seq`` (archive segments, then the live journal).  The ``keep``
+        newest copies stay, and the archive segments they still need.
         """
         os.makedirs(snapshots_dir, mode=0o700, exist_ok=True)
-        txnid = self.env.info()["last_txnid"]
-        final = os.path.join(snapshots_dir, f"index-{txnid:016d}")
+        final = os.path.join(snapshots_dir, f"{SNAPSHOT_PREFIX}{self._seq:016d}")
         if os.path.exists(final):
             return final
-        tmp = os.path.join(snapshots_dir, f".tmp-{txnid:016d}-{os.getpid()}")
+        tmp = os.path.join(snapshots_dir, f".tmp-{self._seq:016d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.mkdir(tmp, 0o700)
         try:
@@ -407,9 +482,35 @@ class Index:
         except (OSError, lmdb.Error) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreIOError(f"Writing an index snapshot failed: {exc}.") from exc
-        for old in sorted(n for n in os.listdir(snapshots_dir) if n.startswith("index-"))[:-keep]:
-            shutil.rmtree(os.path.join(snapshots_dir, old), ignore_errors=True)
+        kept = snapshots(snapshots_dir)[-keep:]
+        for seq, path in snapshots(snapshots_dir)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        oldest = kept[0][0] if kept else 0
+        for last, path in archive_segments(snapshots_dir):
+            if last <= oldest:  # every record in it is in the oldest kept snapshot
+                os.unlink(path)
         return final
+
+    def roll_forward(self, journal_paths: list[str]) -> tuple[int, int]:
+        """Apply the records of these journals (archive segments in order, then
+        a live journal) that follow the index's sequence number; stops at the
+        first gap.  Returns (records applied, records after a gap, not
+        applied).  For index rebuilds; the result is checkpointed."""
+        applied = skipped = 0
+        for path in journal_paths:
+            j = Journal(path, self._master, self._store_id, read_only=True)
+            try:
+                for seq, ops in j.records(self._seq):
+                    if seq != self._seq + 1 or skipped:
+                        skipped += 1
+                        continue
+                    self._apply(self._parent(), ops).commit()
+                    self._seq = seq
+                    applied += 1
+            finally:
+                j.close()
+        self.checkpoint()
+        return applied, skipped
 
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.new(self._name_key, _U64.pack(parent) + name, hashlib.sha256).digest()[:16]
@@ -545,11 +646,23 @@ class Txn:
         self._delete("orphans", ino_key(ino))
         self._delete("backlog", ino_key(ino))
         self._delete("content", ino_key(ino))
+        self._delete("scrubbed", ino_key(ino))
         return refs
 
     def iter_inodes(self) -> Iterator[tuple[int, Inode]]:
         for key, raw in self._scan("inodes", b""):
             yield _U64.unpack(key)[0], Inode.decode(raw)
+
+    def iter_inodes_checked(self) -> Iterator[tuple[int, Inode | IntegrityError]]:
+        """Like :meth:`iter_inodes`, but a record that does not authenticate
+        is yielded as its error instead of ending the scan (verify)."""
+        for key, raw in self._scan_raw("inodes", b""):
+            ino = _U64.unpack(key)[0]
+            try:
+                yield ino, Inode.decode(self.ix.open("inodes", key, raw))
+            except (IntegrityError, struct.error) as exc:
+                yield ino, (exc if isinstance(exc, IntegrityError)
+                            else IntegrityError(f"inode {ino}: record does not decode"))
 
     def _scan_raw(self, db: str, prefix: bytes) -> list[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
@@ -657,6 +770,14 @@ class Txn:
     def iter_content(self) -> Iterator[tuple[int, dict]]:
         for key, raw in self._scan("content", b""):
             yield _U64.unpack(key)[0], json.loads(raw)
+
+    # --- when each file was last verified (the scrubber) -----------------------
+    def set_scrubbed(self, ino: int, when_ns: int) -> None:
+        self._put_plain("scrubbed", ino_key(ino), _U64.pack(when_ns))
+
+    def scrubbed(self, ino: int) -> int | None:
+        raw = self.txn.get(ino_key(ino), db=self._db["scrubbed"])
+        return None if raw is None else _U64.unpack(raw)[0]
 
     def orphans(self) -> list[int]:
         return [_U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"")]

@@ -39,6 +39,7 @@ import struct
 from typing import Iterator
 
 from . import crypto
+from .durable import fsync_dir
 from .errors import NoSpaceError, StoreIOError, UnsupportedFormatError
 
 MAGIC = b"DCMJ"
@@ -168,6 +169,27 @@ class Journal:
             os.fdatasync(self._fd)
         except OSError as exc:
             raise StoreIOError(f"fsync of the index journal failed: {exc.strerror}.") from exc
+
+    def rotate(self, dest: str) -> None:
+        """Move every record to ``dest`` (an archive segment, kept for index
+        rebuilds) and start an empty journal; both made durable."""
+        try:
+            os.fdatasync(self._fd)
+            os.rename(self.path, dest)
+            fsync_dir(os.path.dirname(dest))
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreIOError(f"Archiving the index journal failed: {exc.strerror}.") from exc
+        os.close(self._fd)
+        self._fd = fd
+        self.size = 0
+        self._write_at(self._header, 0, "the index journal header")
+        self.size = _HEADER.size
+        try:
+            os.fdatasync(fd)
+            fsync_dir(os.path.dirname(self.path))
+        except OSError as exc:
+            raise StoreIOError(f"fsync of the new index journal failed: {exc.strerror}.") from exc
 
     def reset(self) -> None:
         """Forget every record (they are all in a durable checkpoint now)."""

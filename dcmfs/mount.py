@@ -23,9 +23,10 @@ from .config import Config
 from .errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
                      NotMountedError, StoreLockedError)
 from .filesystem import FileSystem
+from .index import refuse_if_missing
 from .fuse_ops import require_fuse, serve
 from .metrics import MetricsServer, OpStats
-from .store import Secret, open_store, read_lock_pid
+from .store import Secret, open_store, read_lock_pid, refuse_if_damaged
 
 log = logging.getLogger("dcmfs.mount")
 
@@ -204,6 +205,9 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
     ``foreground``, once it has been unmounted again)."""
     store_root = os.path.abspath(store_root)
     open_store(store_root, secret)  # wrong key, missing or foreign store: fail here
+    refuse_if_missing(store_root)
+    if not config.read_only:
+        refuse_if_damaged(store_root)
     pid = read_lock_pid(store_root)
     if pid is not None:
         raise StoreLockedError(f"The store {store_root} is already in use by dcmfs pid {pid}.")

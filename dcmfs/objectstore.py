@@ -37,8 +37,9 @@ class ChunkRef(NamedTuple):
 
 
 class ChunkContext(NamedTuple):
-    """The sealed context block of an object: whose chunk it is."""
+    """The sealed context block of an object: which object it is, whose chunk."""
 
+    oid: bytes
     file_id: bytes
     ino: int
     index: int
@@ -49,13 +50,21 @@ class ChunkContext(NamedTuple):
     stored_len: int
 
 
+#: what can be wrong with an object (``ObjectDamaged.kind``; verify and fsck
+#: report these words)
+MISSING, AUTH, LENGTH, SWAPPED, ROLLED_BACK, MISMATCH, DECODE, NEWER = (
+    "missing object", "failed authentication", "wrong length", "swapped or moved",
+    "rolled back", "does not match its index entry", "does not decode", "newer format")
+
+
 class ObjectDamaged(IntegrityError):
     """An object is missing, truncated, altered, moved or rolled back."""
 
-    def __init__(self, oid: bytes, what: str) -> None:
+    def __init__(self, oid: bytes, what: str, kind: str = AUTH) -> None:
         super().__init__(f"object {oid.hex()} {what}")
         self.oid = oid
         self.what = what
+        self.kind = kind
 
 
 _PREFIX = fmt.OBJ_PREFIX.pack(fmt.OBJ_MAGIC, fmt.FORMAT_VERSION, fmt.OBJ_KIND_CHUNK, 0)
@@ -98,6 +107,12 @@ class ObjectStore:
     def _aad(self, oid: bytes) -> bytes:
         return _PREFIX + self._store_id + oid
 
+    @property
+    def _ctx_aad(self) -> bytes:
+        # no object id here: the context names its object itself, so an object
+        # found under another name still says what it is (diagnosis, repair)
+        return _PREFIX + self._store_id
+
     # --- sealing --------------------------------------------------------------
     def seal(self, cipher: crypto.Gcm, oid: bytes, file_id: bytes, ino: int, index: int,
              generation: int, flags: int, codec: int, plaintext: bytes,
@@ -114,11 +129,10 @@ class ObjectStore:
             if again != plaintext:
                 raise CodecMismatch(f"codec {used} did not reproduce a chunk; not stored")
         stored_len = len(payload)
-        ctx = fmt.CTX_STRUCT.pack(file_id, ino, index, generation, used, flags, 0,
+        ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags, 0,
                                   len(plaintext), stored_len)
-        aad = self._aad(oid)
-        sealed_ctx = self._header.seal(ctx, aad)
-        sealed_payload = cipher.seal(payload, aad + ctx)
+        sealed_ctx = self._header.seal(ctx, self._ctx_aad)
+        sealed_payload = cipher.seal(payload, self._aad(oid) + ctx)
         blob = b"".join((_PREFIX, sealed_ctx, sealed_payload))
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len), blob
 
@@ -183,7 +197,7 @@ class ObjectStore:
             with open(self.path(oid), "rb") as f:
                 return f.read()
         except FileNotFoundError as exc:
-            raise ObjectDamaged(oid, "is missing") from exc
+            raise ObjectDamaged(oid, "is missing", MISSING) from exc
         except OSError as exc:
             raise StoreIOError(f"reading object {oid.hex()} failed: {exc.strerror}") from exc
 
@@ -193,20 +207,21 @@ class ObjectStore:
 
     def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes]:
         if len(blob) < fmt.OBJ_HEADER_LEN + fmt.TAG_LEN:
-            raise ObjectDamaged(oid, "is truncated")
+            raise ObjectDamaged(oid, "is truncated", LENGTH)
         if blob[:fmt.OBJ_PREFIX.size] != _PREFIX:
             magic, version, kind, _ = fmt.OBJ_PREFIX.unpack_from(blob)
             if magic == fmt.OBJ_MAGIC and version > fmt.FORMAT_VERSION:
-                raise ObjectDamaged(oid, f"has format version {version}, newer than this dcmfs")
+                raise ObjectDamaged(oid, f"has format version {version}, newer than this dcmfs",
+                                    NEWER)
             raise ObjectDamaged(oid, "has a damaged header")
         start = fmt.OBJ_PREFIX.size
         end = start + fmt.NONCE_LEN + fmt.CTX_SEALED_LEN
         try:
-            ctx = self._header.open(memoryview(blob)[start:end], self._aad(oid))
+            ctx = self._header.open(memoryview(blob)[start:end], self._ctx_aad)
         except crypto.AuthenticationFailed as exc:
             raise ObjectDamaged(oid, "failed authentication of its context") from exc
         fields = fmt.CTX_STRUCT.unpack(ctx)
-        return ChunkContext(*fields[:6], *fields[7:]), ctx
+        return ChunkContext(*fields[:7], *fields[8:]), ctx
 
     def read(self, cipher: crypto.Gcm, file_id: bytes, ino: int, index: int, ref: ChunkRef,
              blob: bytes | None = None) -> bytes:
@@ -221,17 +236,22 @@ class ObjectStore:
         if blob is None:
             blob = self.load(oid)
         ctx, ctx_plain = self._open_context(oid, blob)
-        expected = ChunkContext(file_id, ino, index, ref.generation, ref.codec, ref.flags,
+        expected = ChunkContext(oid, file_id, ino, index, ref.generation, ref.codec, ref.flags,
                                 ref.plain_len, ref.stored_len)
         if ctx != expected:
-            if ctx.file_id != file_id or ctx.index != index:
-                raise ObjectDamaged(oid, "belongs to another file or position (swapped)")
-            if ctx.generation != ref.generation:
-                raise ObjectDamaged(oid, f"is generation {ctx.generation}, index expects "
-                                         f"{ref.generation} (rolled back)")
-            raise ObjectDamaged(oid, "does not match its index entry")
+            if ctx.oid != oid and ctx.file_id == file_id and ctx.index == index \
+                    and ctx.generation <= ref.generation:
+                raise ObjectDamaged(oid, f"was replaced by an older object of the same chunk "
+                                         f"(generation {ctx.generation}, index expects "
+                                         f"{ref.generation}): rolled back", ROLLED_BACK)
+            if ctx.oid != oid:
+                where = ("of chunk %d of the same file" % ctx.index if ctx.file_id == file_id
+                         else "of another file")
+                raise ObjectDamaged(oid, f"holds object {ctx.oid.hex()} {where} "
+                                         "(swapped or moved)", SWAPPED)
+            raise ObjectDamaged(oid, "does not match its index entry", MISMATCH)
         if len(blob) != fmt.OBJ_HEADER_LEN + ref.stored_len + fmt.TAG_LEN:
-            raise ObjectDamaged(oid, "has the wrong length")
+            raise ObjectDamaged(oid, "has the wrong length", LENGTH)
         start = fmt.OBJ_PREFIX.size + fmt.NONCE_LEN + fmt.CTX_SEALED_LEN
         try:
             payload = cipher.open(memoryview(blob)[start:], self._aad(oid) + ctx_plain)
@@ -240,7 +260,31 @@ class ObjectStore:
         try:
             return self._codecs.decompress(ref.codec, payload, ref.plain_len)
         except IntegrityError as exc:
-            raise ObjectDamaged(oid, str(exc)) from exc
+            raise ObjectDamaged(oid, str(exc), DECODE) from exc
+
+    def read_by_context(self, oid: bytes) -> tuple[ChunkContext, bytes]:
+        """Authenticate and decode an object with no index entry: what its own
+        sealed context says it is (index rebuild, salvage of unreferenced
+        objects).  Raises :class:`ObjectDamaged`."""
+        blob = self.load(oid)
+        ctx = self.open_context(oid, blob)
+        ref = ChunkRef(ctx.oid, ctx.generation, ctx.codec, ctx.flags, ctx.plain_len,
+                       ctx.stored_len)
+        return ctx, self.read(self.file_cipher(ctx.file_id), ctx.file_id, ctx.ino, ctx.index,
+                              ref, blob)
+
+    def quarantine(self, oid: bytes, root: str) -> None:
+        """Move an object that fsck cannot prove to be garbage out of the way
+        (``STORE/quarantine/``); it is never deleted by dcmfs."""
+        dest = os.path.join(root, fmt.QUARANTINE_DIR)
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        try:
+            os.rename(self.path(oid), os.path.join(dest, oid.hex()))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreIOError(f"moving object {oid.hex()} to quarantine failed: "
+                               f"{exc.strerror}") from exc
 
     # --- housekeeping ---------------------------------------------------------
     def delete(self, oid: bytes) -> None:

@@ -32,7 +32,7 @@ from . import dicom
 from .codec import JPEGLS, NONE, CodecMismatch, Unsuitable
 from .errors import IntegrityError
 from .filedata import stored_bytes
-from .format import CHUNK_FLAG_LAST
+from .format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
 
 log = logging.getLogger("dcmfs.reencoder")
 
@@ -166,10 +166,14 @@ class Reencoder:
             pause = 0.05
             try:
                 done = self.encode(ino)
+            except CodecMismatch as exc:  # a codec bug: the file stays as it is
+                self.errors += 1
+                log.error("re-encoding inode %d failed: %s", ino, exc)
+                done = None
             except IntegrityError as exc:
                 # a damaged object: leave the file as it is (reads report it)
                 self.errors += 1
-                log.error("re-encoding inode %d failed: %s", ino, exc)
+                self.fs.damaged(ino, exc)
                 done = None
             except Exception as exc:  # noqa: BLE001 — disk full, I/O error: try later
                 self.errors += 1
@@ -266,8 +270,9 @@ class Reencoder:
 
         def one(n: int, start: int, data: bytes, frame):
             codec = JPEGLS if frame is not None else fs.data.codec
-            ref = fs.objects.write(cipher, inode.file_id, ino, n, inode.generation,
-                                   CHUNK_FLAG_LAST if n == last else 0, codec, data, frame)
+            flags = CHUNK_FLAG_EXTENT | (CHUNK_FLAG_LAST if n == last else 0)
+            ref = fs.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
+                                   codec, data, frame)
             return ref._replace(offset=start)
 
         def jobs():

@@ -17,7 +17,7 @@ from . import format as fmt
 from .index import read_stats
 from .metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
-from .store import read_header, read_lock_pid
+from .store import damage_mark, read_header, read_lock_pid
 
 
 def store_report(store_root: str, mountpoint: str | None) -> dict:
@@ -39,10 +39,14 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
         "stored_bytes": stored,
         "ratio": round(stored / logical, 4) if logical else None,
     }
+    mark = damage_mark(store_root)
+    report["needs_fsck"] = mark is not None
     if live is not None:
         report.update(backlog_files=live.get("backlog_files", 0),
                       backlog_bytes=live.get("backlog_bytes", 0),
-                      journal_records=live.get("journal_records", 0))
+                      journal_records=live.get("journal_records", 0),
+                      integrity_errors=live.get("integrity_errors", 0),
+                      scrub=live.get("scrub"))
     ops = _xattr_json(mountpoint, OPS_XATTR) if mountpoint else None
     if ops is not None:
         # through the mount since the daemon started: plaintext bytes, operations
@@ -111,6 +115,12 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def _ago(when: float) -> str:
+    import time
+    secs = max(0, time.time() - when)
+    return f"{secs:.0f} s ago" if secs < 120 else f"{secs / 3600:.1f} h ago"
+
+
 def render(reports: list[dict]) -> str:
     if not reports:
         return "No dcmfs mounts."
@@ -138,5 +148,16 @@ def render(reports: list[dict]) -> str:
         if "backlog_files" in r:
             lines.append(f"backlog     {r['backlog_files']} files, {_size(r['backlog_bytes'])} "
                          "waiting for compression")
+        scrub = r.get("scrub")
+        if scrub:
+            last = scrub.get("last_round_end")
+            lines.append(f"scrub       round {scrub['rounds'] + 1}: {scrub['round_done']}/"
+                         f"{scrub['round_files']} files; {scrub['verified_files']} verified "
+                         f"intact, {scrub['findings']} findings"
+                         + (f"; last full round ended {_ago(last)}" if last else ""))
+        if r.get("integrity_errors") or r.get("needs_fsck"):
+            lines.append(f"integrity   {r.get('integrity_errors', 0)} damaged objects seen; "
+                         + (f"the store needs 'dcmfs fsck {r['store']}'" if r.get("needs_fsck")
+                            else ""))
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -28,8 +28,9 @@ from . import crypto, format as fmt
 from .codec import NAMES as CODEC_NAMES
 from .config import Config
 from .durable import write_file
-from .errors import (ForeignStoreError, SecretError, StoreLockedError, StoreMissingError,
-                     StoreNotEmptyError, UnsupportedFormatError, WrongKeyError)
+from .errors import (ForeignStoreError, SecretError, StoreDamagedError, StoreLockedError,
+                     StoreMissingError, StoreNotEmptyError, UnsupportedFormatError,
+                     WrongKeyError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,3 +217,50 @@ def read_lock_pid(root: str) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+# --- the damage mark ----------------------------------------------------------------
+# ``STORE/needs-fsck`` (JSON: when, why, how many integrity errors; never a
+# name) is written at the first integrity error a daemon meets and removed by
+# a clean ``dcmfs fsck``.  It lives outside the index because the index may be
+# what is damaged.
+
+def damage_mark(root: str) -> dict | None:
+    """The mark's content if the store is marked as needing fsck."""
+    try:
+        with open(os.path.join(root, fmt.DAMAGE_MARK), "rb") as f:
+            data = json.loads(f.read() or b"{}")
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # present but unreadable: still marked
+
+
+def set_damage_mark(root: str, reason: str, errors: int = 1) -> None:
+    import time
+    mark = damage_mark(root) or {"since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    mark["reason"] = reason
+    mark["errors"] = int(mark.get("errors", 0)) + errors
+    write_file(os.path.join(root, fmt.DAMAGE_MARK),
+               (json.dumps(mark, sort_keys=True) + "\n").encode(), mode=0o600)
+
+
+def clear_damage_mark(root: str) -> None:
+    from .durable import fsync_dir
+    try:
+        os.unlink(os.path.join(root, fmt.DAMAGE_MARK))
+    except FileNotFoundError:
+        return
+    fsync_dir(root)
+
+
+def refuse_if_damaged(root: str) -> None:
+    """Raise :class:`StoreDamagedError` if the store is marked as needing fsck."""
+    mark = damage_mark(root)
+    if mark is not None:
+        raise StoreDamagedError(
+            f"The store {root} is marked as damaged since {mark.get('since', '?')} "
+            f"({mark.get('reason', 'integrity errors')}); it mounts read-only only (-o ro) "
+            f"until you run 'dcmfs fsck {root}' (and 'dcmfs fsck --repair {root}' if that "
+            "finds damage).")

@@ -14,11 +14,11 @@ RANK = {
     "objectstore": 2, "store": 2, "journal": 2, "dicom": 2,
     "index": 3,
     "filedata": 4, "recovery": 4,
-    "fileops": 5, "reencoder": 5,
+    "fileops": 5, "reencoder": 5, "verify": 4, "scrub": 5,
     "filesystem": 6,
     "fuse_ops": 7,
     "mount": 8,
-    "status": 9, "admin": 9, "install": 9,
+    "status": 9, "admin": 9, "fsck": 8, "install": 9,
     "cli": 10,
 }
 LEAVES = {"crypto", "codec"}  # may import errors and nothing else of ours

@@ -1,0 +1,178 @@
+"""Verification inside a running daemon: ``dcmfs verify`` on a mounted store
+(:class:`VerifyJob`) and the background scrubber (:class:`Scrubber`,
+``-o scrub_interval=S``).
+
+Both use :class:`dcmfs.verify.Verifier`, which holds the core's lock only to
+read one file's index entries, so the PACS keeps writing meanwhile.  Every
+finding goes to the core's damage handler (EIO for that file, the store
+marked as needing fsck, one log line naming inode and object).  Paths are
+resolved only for the admin's report (the ``user.dcmfs.verify`` attribute of
+the mount root, readable by whoever may read the mount anyway), never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .errors import IntegrityError
+from .objectstore import ObjectDamaged
+from .verify import Finding, Verifier, name_paths, resolve_paths, unnamed_files
+
+log = logging.getLogger("dcmfs.scrub")
+
+#: objects younger than this are not called orphans on a mounted store (they
+#: may be written but not named yet: a file being written, a re-encode)
+ORPHAN_AGE = 600.0
+
+
+def _in_use(fs) -> set[bytes]:
+    """Objects the daemon holds that the index does not name yet (or any more)."""
+    out = set(fs.data._garbage)
+    for of in fs._open.values():
+        for fut in list(of.pending.values()) + list(of.discarded):
+            if fut.done() and fut.exception() is None and fut.result() is not None:
+                out.add(fut.result().oid)
+    return out
+
+
+def verifier_of(fs) -> Verifier:
+    return Verifier(fs.index, fs.objects, fs.data.chunk_size, fs._lock,
+                    busy=lambda ino: ino in fs._open and fs._open[ino].changed)
+
+
+def report_findings(fs, findings: list[Finding]) -> None:
+    for f in findings:
+        if f.ino:  # the same key (object id) as a read meeting the same damage
+            fs.damaged(f.ino, ObjectDamaged(bytes.fromhex(f.oid), f.detail, f.kind) if f.oid
+                       else IntegrityError(f"{f.kind}: {f.detail}"))
+
+
+class VerifyJob:
+    """One ``dcmfs verify`` run in the daemon, on its own thread."""
+
+    def __init__(self, fs, paths: list[str] | None, sample: float | None) -> None:
+        self.fs = fs
+        self.paths = paths
+        self.sample = sample
+        self.state = {"running": True, "done": 0, "total": 0, "bytes": 0, "findings": 0,
+                      "started": time.time()}
+        self.result: dict | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dcmfs-verify")
+        self._thread.start()
+
+    def status(self) -> dict:
+        return dict(self.state, result=self.result)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        fs = self.fs
+        verifier = verifier_of(fs)
+        try:
+            missing: list[str] = []
+            inos = None
+            if self.paths:
+                with fs._lock, fs.index.begin() as txn:
+                    inos, missing = resolve_paths(txn, self.paths)
+            files = verifier.files(self.sample, inos)
+            self.state["total"] = len(files)
+
+            def progress(done, nbytes, nfind):
+                self.state.update(done=done, bytes=nbytes, findings=nfind)
+
+            report = verifier.run(files, progress, stop=fs._stop)
+            if not self.paths and self.sample is None:
+                with fs._lock, fs.index.begin() as txn:
+                    report.findings += unnamed_files(txn)
+                report.findings += verifier.orphan_objects(ORPHAN_AGE, lambda: _in_use(fs))
+            report_findings(fs, report.findings)
+            with fs._lock, fs.index.begin() as txn:
+                paths = name_paths(txn, {f.ino for f in report.findings if f.ino})
+            for f in report.findings:
+                f.paths = paths.get(f.ino, [])
+            self.result = dict(report.as_dict(), missing_paths=missing)
+        except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
+            log.error("verify failed: %s", exc)
+            self.result = {"error": str(exc)}
+        finally:
+            verifier.close()
+            self.state["running"] = False
+
+
+class Scrubber:
+    """Verifies every file once per ``interval`` seconds in the background,
+    at most ``rate`` bytes a second and not while files are being written;
+    records when each file was last found intact (index ``scrubbed``)."""
+
+    def __init__(self, fs, interval: float, rate: int, quiet_after: float = 0.5) -> None:
+        self.fs = fs
+        self.interval = interval
+        self.rate = rate
+        self.quiet_after = quiet_after
+        self._damaged: set[int] = set()
+        self.state = {"rounds": 0, "round_files": 0, "round_done": 0, "verified_files": 0,
+                      "verified_bytes": 0, "findings": 0, "last_round_end": None}
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="dcmfs-scrub")
+        self._thread.start()
+
+    def status(self) -> dict:
+        return dict(self.state, interval=self.interval)
+
+    def _pace(self, nbytes: int, per_second: float) -> None:
+        """Sleep so that the scrubber stays under its share; yield to writers."""
+        stop = self.fs._stop
+        if per_second > 0:
+            stop.wait(nbytes / per_second)
+        while not stop.is_set() and \
+                time.monotonic() - self.fs.data.last_activity < self.quiet_after:
+            stop.wait(self.quiet_after)
+
+    def _loop(self) -> None:
+        fs = self.fs
+        verifier = verifier_of(fs)
+        try:
+            while not fs._stop.is_set():
+                start = time.monotonic()
+                files = verifier.files()
+                total = sum(size for _, size in files)
+                # spread the round over the interval, never above the rate
+                per_second = min(self.rate, max(total / max(self.interval, 1.0), 1.0))
+                self.state.update(round_files=len(files), round_done=0)
+                for ino, size in files:
+                    if fs._stop.is_set():
+                        return
+                    findings = verifier.check(ino)
+                    self.state["round_done"] += 1
+                    if findings is None:
+                        continue
+                    if findings:
+                        self._damaged.add(ino)  # counted once, however many rounds
+                        self.state["findings"] = len(self._damaged)
+                        report_findings(fs, findings)
+                    else:
+                        self._record(ino)
+                        self.state["verified_files"] += 1
+                        self.state["verified_bytes"] += size
+                    self._pace(size, per_second)
+                self.state["rounds"] += 1
+                self.state["last_round_end"] = time.time()
+                fs._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
+        except Exception as exc:  # noqa: BLE001 — the mount goes on without it
+            log.error("scrubber stopped: %s", exc)
+        finally:
+            verifier.close()
+
+    def _record(self, ino: int) -> None:
+        fs = self.fs
+        with fs._lock:
+            if fs.closed:
+                return
+            with fs._write_txn() as txn:
+                if txn.get_inode(ino) is not None:
+                    txn.set_scrubbed(ino, time.time_ns())
+
+    def join(self) -> None:
+        self._thread.join()

@@ -1,0 +1,296 @@
+"""Fault injection (S3QL's recipe): inject one fault, verify finds it and names
+the file, the other files still read, fsck --repair mends it, a full check
+afterwards is clean.  Faults are made by flipping bits (XOR 0xFF), by
+truncating, swapping, rolling back and deleting objects, and by damaging or
+deleting the index."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+
+from dcmfs import admin, errors as E
+from dcmfs.filesystem import FileSystem
+from dcmfs.store import damage_mark, open_store
+
+from .conftest import SMALL, flip_byte
+from .test_core import read_file, write_file
+from .test_integrity import chunk_paths
+
+CS = SMALL.chunk_size
+QUIET = io.StringIO()
+
+
+class Store:
+    """A closed store holding three files, and the calls the admin would make."""
+
+    def __init__(self, make_fs, secret):
+        self.make_fs = make_fs
+        self.root = str(make_fs.root)
+        self.secret = secret
+        fs = make_fs()
+        self.content = {"/a": os.urandom(3 * CS + 100), "/b": os.urandom(2 * CS),
+                        "/d/c": os.urandom(CS // 2)}
+        fs.mkdir("/d", 0o755, 0, 0)
+        for path, data in self.content.items():
+            write_file(fs, path, data)
+        fs.close()
+
+    def verify(self, **kw) -> dict:
+        return admin.verify(self.root, lambda: self.secret, SMALL, out=QUIET, **kw)
+
+    def fsck(self, repair=False, rebuild=False) -> dict:
+        return admin.fsck(self.root, lambda: self.secret, SMALL, repair, rebuild, out=QUIET)
+
+    def open(self, config=SMALL) -> FileSystem:
+        return FileSystem(open_store(self.root, self.secret), config)
+
+    def damaged_paths(self, report) -> set[str]:
+        return {p for f in report["findings"] if f["ino"] for p in f["paths"]}
+
+    def kinds(self, report) -> set[str]:
+        return {f["kind"] for f in report["findings"]}
+
+    def objects(self, path) -> list[str]:
+        fs = self.open(SMALL.__class__(**{**SMALL.__dict__, "read_only": True}))
+        try:
+            return chunk_paths(fs, path)
+        finally:
+            fs.close()
+
+    def assert_repaired_clean(self, intact: list[str], lost: str | None = None):
+        """--repair, then a full check is clean; intact files read back exactly,
+        a damaged one is in /lost+found with its surviving bytes."""
+        result = self.fsck(repair=True)
+        assert result["problems"] and result["clean"], result
+        assert damage_mark(self.root) is None
+        assert self.verify()["findings"] == []
+        fs = self.open()
+        try:
+            for path in intact:
+                assert read_file(fs, path) == self.content[path], path
+            if lost is not None:
+                found = fs.readdir("/lost+found")
+                names = [n for n, _ in found if n.endswith("-" + lost.rsplit("/", 1)[1])]
+                assert names, found
+                data = read_file(fs, "/lost+found/" + names[0])
+                assert len(data) == len(self.content[lost])
+                note = fs.getxattr("/lost+found/" + names[0], "user.dcmfs.fsck")
+                assert b"zeros" in note
+                # the unreadable chunk is zeros, the rest survived
+                original = self.content[lost]
+                same = sum(1 for i in range(0, len(data), CS)
+                           if data[i:i + CS] == original[i:i + CS])
+                assert same >= len(range(0, len(data), CS)) - 1
+        finally:
+            fs.close()
+        return result
+
+
+@pytest.fixture
+def store(make_fs, secret):
+    return Store(make_fs, secret)
+
+
+def test_clean_store_verifies_and_fscks_clean(store):
+    report = store.verify()
+    assert report["findings"] == [] and report["files"] == 3
+    assert report["bytes"] == sum(len(v) for v in store.content.values())
+    assert store.fsck()["clean"]
+    assert store.fsck(repair=True) == {**store.fsck(repair=True)}  # idempotent, clean
+    assert store.verify(sample=0.34)["files"] == 1
+    assert store.verify(paths=["/d"])["files"] == 1
+
+
+def test_bit_flipped_object(store):
+    flip_byte(store.objects("/a")[1], 300)
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/a"}
+    assert store.kinds(report) == {"failed authentication"}
+    assert damage_mark(store.root) is not None
+    with pytest.raises(E.StoreDamagedError):  # read-write mounts wait for fsck
+        store.open()
+    fs = store.open(SMALL.__class__(**{**SMALL.__dict__, "read_only": True}))
+    try:
+        assert read_file(fs, "/b") == store.content["/b"]  # the others still read
+        with pytest.raises(E.IntegrityError):
+            read_file(fs, "/a")
+    finally:
+        fs.close()
+    assert not store.fsck()["clean"]
+    store.assert_repaired_clean(["/b", "/d/c"], lost="/a")
+
+
+def test_truncated_object(store):
+    path = store.objects("/b")[0]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 7)
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/b"}
+    assert store.kinds(report) <= {"wrong length", "failed authentication"}
+    store.assert_repaired_clean(["/a", "/d/c"], lost="/b")
+
+
+def test_two_objects_of_one_file_swapped_are_put_back(store):
+    p0, p1 = store.objects("/a")[:2]
+    tmp = p0 + ".x"
+    os.rename(p0, tmp)
+    os.rename(p1, p0)
+    os.rename(tmp, p1)
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/a"}
+    assert store.kinds(report) == {"swapped or moved"}
+    # nothing was lost: fsck puts both back, and /a is whole again
+    store.assert_repaired_clean(["/a", "/b", "/d/c"])
+
+
+def test_objects_of_two_files_swapped_are_put_back(store):
+    pa, pb = store.objects("/a")[2], store.objects("/b")[1]
+    tmp = pa + ".x"
+    os.rename(pa, tmp)
+    os.rename(pb, pa)
+    os.rename(tmp, pb)
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/a", "/b"}
+    assert store.kinds(report) == {"swapped or moved"}
+    store.assert_repaired_clean(["/a", "/b", "/d/c"])
+
+
+def test_object_rolled_back_to_an_older_generation(store):
+    fs = store.open()
+    old = read_bytes(chunk_paths(fs, "/d/c")[0])
+    new = os.urandom(CS // 2)
+    overwrite(fs, "/d/c", new)  # a new generation of the same chunk
+    target = chunk_paths(fs, "/d/c")[0]
+    fs.close()
+    store.content["/d/c"] = new
+    with open(target, "wb") as f:  # the older object put back in its place
+        f.write(old)
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/d/c"}
+    assert store.kinds(report) == {"rolled back"}
+    store.assert_repaired_clean(["/a", "/b"], lost="/d/c")
+
+
+def test_deleted_object(store):
+    os.unlink(store.objects("/a")[3])
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/a"}
+    assert store.kinds(report) == {"missing object"}
+    store.assert_repaired_clean(["/b", "/d/c"], lost="/a")
+
+
+def test_orphan_object_is_reported_and_removed_only_if_garbage(store):
+    fs = store.open()
+    stale = read_bytes(chunk_paths(fs, "/b")[0])
+    overwrite(fs, "/b", store.content["/b"][::-1])
+    store.content["/b"] = store.content["/b"][::-1]
+    fs.close()
+    # an old version of /b's first chunk is back under its own name: an orphan
+    fs = store.open(SMALL.__class__(**{**SMALL.__dict__, "read_only": True}))
+    oid_ctx = fs.objects.open_context(b"\0" * 16, stale).oid
+    fs.close()
+    os.makedirs(os.path.dirname(store_path(store, oid_ctx)), exist_ok=True)
+    with open(store_path(store, oid_ctx), "wb") as f:
+        f.write(stale)
+    report = store.verify()
+    assert store.kinds(report) == {"orphan object"} and not store.damaged_paths(report)
+    result = store.assert_repaired_clean(["/a", "/b", "/d/c"])
+    assert any(p["repaired"] == "deleted" for p in result["problems"])
+    assert not os.path.exists(store_path(store, oid_ctx))
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def overwrite(fs, path, data):
+    fh = fs.open(path, os.O_WRONLY | os.O_TRUNC)
+    fs.write(fh, data, 0)
+    fs.flush(fh)
+    fs.release(fh)
+
+
+def store_path(store, oid: bytes) -> str:
+    return os.path.join(store.root, "objects", oid.hex()[:2], oid.hex())
+
+
+def test_index_value_bit_flipped(store):
+    """A flipped bit inside the sealed inode record of /b: verify names /b; the
+    repair rebuilds /b from its objects into /lost+found; others intact."""
+    fs = store.open()
+    with fs.index.begin() as txn:
+        ino = fs._resolve(txn, "/b")
+        sealed = bytes(txn.txn.get(ino.to_bytes(8, "big"), db=fs.index.dbs["inodes"]))
+    fs.close()
+    mdb = os.path.join(store.root, "index", "data.mdb")
+    blob = read_bytes(mdb)
+    assert blob.count(sealed) == 1
+    flip_byte(mdb, blob.index(sealed) + 20)
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/b"}
+    assert "index entry" in store.kinds(report)
+    result = store.fsck(repair=True)
+    assert result["clean"], result
+    fs = store.open()
+    try:
+        assert read_file(fs, "/a") == store.content["/a"]
+        (name, _), = fs.readdir("/lost+found")
+        assert read_file(fs, f"/lost+found/{name}") == store.content["/b"]
+    finally:
+        fs.close()
+
+
+def test_deleted_index_is_refused_then_rebuilt_with_every_name(store):
+    os.unlink(os.path.join(store.root, "index", "data.mdb"))
+    with pytest.raises(E.IndexDamagedError, match="rebuild-index"):
+        store.open()  # never an empty index over the objects
+    with pytest.raises(E.IndexDamagedError):
+        store.verify()
+    result = store.fsck(rebuild=True)
+    assert result["clean"], result
+    assert result["rebuilt"]["snapshot"] is not None
+    fs = store.open()
+    try:
+        for path, data in store.content.items():
+            assert read_file(fs, path) == data
+    finally:
+        fs.close()
+
+
+def test_index_rebuilt_from_the_journal_and_the_objects_without_any_snapshot(store):
+    fs = store.open()
+    write_file(fs, "/late", b"written after the last snapshot" * 999)
+    store.content["/late"] = b"written after the last snapshot" * 999
+    from .conftest import crash
+    crash(fs)  # no clean close: no new snapshot, the journal holds the rest
+    shutil.rmtree(os.path.join(store.root, "snapshots"))
+    os.unlink(os.path.join(store.root, "index", "data.mdb"))
+    result = store.fsck(rebuild=True)
+    assert result["clean"], result
+    assert result["rebuilt"]["snapshot"] is None and result["rebuilt"]["journal_records"] > 0
+    fs = store.open()
+    try:
+        for path, data in store.content.items():
+            assert read_file(fs, path) == data, path
+    finally:
+        fs.close()
+
+
+def test_objects_alone_rebuild_every_file_into_lost_found(store):
+    shutil.rmtree(os.path.join(store.root, "snapshots"))
+    shutil.rmtree(os.path.join(store.root, "index"))
+    result = store.fsck(rebuild=True)
+    assert result["clean"], result
+    fs = store.open()
+    try:
+        names = [n for n, _ in fs.readdir("/lost+found")]
+        got = sorted(read_file(fs, "/lost+found/" + n) for n in names)
+        assert got == sorted(store.content.values())
+    finally:
+        fs.close()
+
