@@ -291,4 +291,4 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
                       **opts)
     except RuntimeError as exc:
         # libfuse reports a loop ended by a signal as a non-zero result
-        log.info("FUSE loop ended: %s", exc)
+        log.debug("FUSE loop ended: %s", exc)
