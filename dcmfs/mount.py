@@ -25,6 +25,7 @@ from .errors import (DcmfsError, MountFailedError, MountpointBusyError, Mountpoi
 from .filesystem import FileSystem
 from .index import refuse_if_missing
 from .fuse_ops import require_fuse, serve
+from .logsetup import stderr_is_journal
 from .metrics import MetricsServer, OpStats
 from .store import Secret, open_store, read_lock_pid, refuse_if_damaged
 
@@ -229,7 +230,10 @@ def _spawn(store_root, secret, mp, config, options, log_file, metrics) -> None:
         code = 0
         try:
             os.setsid()
-            _detach(log_file or os.path.join(store_root, fmt.LOG_NAME))
+            # under systemd (a .mount unit runs mount(8) with stderr on the
+            # journal) the daemon keeps logging there; elsewhere to a file
+            _detach(None if log_file is None and stderr_is_journal()
+                    else log_file or os.path.join(store_root, fmt.LOG_NAME))
             run_daemon(store_root, secret, mp, config, options,
                        on_ready=lambda: os.write(wfd, b"R"), metrics=metrics)
         except DcmfsError as exc:
@@ -273,14 +277,17 @@ def _report(wfd: int, code: int, message: str) -> None:
         pass
 
 
-def _detach(log_file: str) -> None:
-    """Point stdio of the daemon at /dev/null and its log at ``log_file``."""
+def _detach(log_file: str | None) -> None:
+    """Point stdin/stdout of the daemon at /dev/null and its log at
+    ``log_file`` (None: stderr stays, it is the journal)."""
     null = os.open(os.devnull, os.O_RDWR)
-    logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    os.dup2(logfd, 2)
     os.close(null)
+    if log_file is None:
+        return
+    logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(logfd, 2)
     os.close(logfd)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):

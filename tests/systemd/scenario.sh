@@ -199,6 +199,10 @@ systemctl daemon-reload
 check mount-unit-start systemctl start srv-fsmnt.mount
 mounted /srv/fsmnt && ok mount-unit-live || no mount-unit-live "not mounted"
 echo via-fstab > /srv/fsmnt/x && [ "$(cat /srv/fsmnt/x)" = via-fstab ] && ok mount-unit-io || no mount-unit-io "io"
+journalctl -u srv-fsmnt.mount -o json --no-pager | python3 -c '
+import json, sys
+assert any("mounted store" in str(r.get("MESSAGE")) and r.get("PRIORITY") == "6"
+           for r in map(json.loads, sys.stdin))' && ok mount-unit-journal || no mount-unit-journal "the daemon does not log to the journal"
 FSPID=$(cat /srv/dcmfs/fs/lock)
 check mount-unit-stop systemctl stop srv-fsmnt.mount
 for i in $(seq 1 100); do kill -0 "$FSPID" 2>/dev/null || break; sleep 0.1; done
