@@ -134,10 +134,14 @@ def render(reports: list[dict]) -> str:
                          f"CPU {r.get('cpu_seconds', '-')} s ({r.get('cpu_percent', '-')} %)")
         if "ops" in r:
             n_ops = sum(r["ops"].values())
-            n_err = sum(r["errors"].values())
-            top = ", ".join(f"{k} {v}" for k, v in sorted(r["ops"].items(), key=lambda kv: -kv[1])[:4])
-            lines.append(f"since start read {_size(r['read_bytes'])}, wrote {_size(r['written_bytes'])}, "
-                         f"{n_ops} operations ({top}), {n_err} errors")
+            top = ", ".join(f"{k} {v}" for k, v in sorted(r["ops"].items(),
+                                                         key=lambda kv: -kv[1])[:4])
+            # ENOENT from getattr and ENODATA from getxattr are ordinary answers
+            errs = ", ".join(f"{k.replace(':', ' ')} {v}" for k, v in sorted(
+                r["errors"].items(), key=lambda kv: -kv[1])[:3]) or "none"
+            lines.append(f"io          read {_size(r['read_bytes'])}, wrote "
+                         f"{_size(r['written_bytes'])} through the mount since start")
+            lines.append(f"operations  {n_ops} ({top}); errors: {errs}")
         if "store_read_bytes" in r:
             lines.append(f"store disk  read {_size(r['store_read_bytes'])}, "
                          f"wrote {_size(r['store_written_bytes'])}")

@@ -167,7 +167,8 @@ def test_foreground_daemon_speaks_sd_notify(service):
     assert report["uptime_seconds"] >= 0 and report["rss_bytes"] > 0 and report["files"] == 1
     assert report["errors"].get("getattr:ENOENT", 0) >= 1
     text = m.cli("status").stdout
-    assert "since start read" in text and f"pid {proc.pid}, up 00:00:" in text
+    assert "through the mount since start" in text and f"pid {proc.pid}, up 00:00:" in text
+    assert "errors: getattr ENOENT" in text
 
     proc.send_signal(signal.SIGTERM)
     notify.wait_for("STOPPING=1")
