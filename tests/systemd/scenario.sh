@@ -120,6 +120,17 @@ check creds-encrypted-start systemctl start dcmfs@test
 rm /etc/systemd/system/dcmfs@.service.d/zz-encrypted.conf; systemctl daemon-reload
 check creds-encrypted-restart systemctl restart dcmfs@test
 
+# --- a passphrase store, the passphrase as a credential --------------------------------
+printf 'correct horse battery staple\n' > /etc/dcmfs/pw.pass; chmod 600 /etc/dcmfs/pw.pass
+mkdir -p /srv/pwmnt /etc/systemd/system/dcmfs@pw.service.d
+printf 'store = "/srv/dcmfs/pw"\nmountpoint = "/srv/pwmnt"\n[key]\npassphrase_credential = "dcmfs.passphrase"\n' > /etc/dcmfs/pw.toml
+printf '[Service]\nLoadCredential=\nLoadCredential=dcmfs.passphrase:/etc/dcmfs/pw.pass\n' > /etc/systemd/system/dcmfs@pw.service.d/pass.conf
+systemctl daemon-reload
+check pass-init $D init /srv/dcmfs/pw --passphrase-file /etc/dcmfs/pw.pass
+check pass-start systemctl start dcmfs@pw
+mounted /srv/pwmnt && ok pass-mounted || no pass-mounted "not mounted"
+check pass-stop systemctl stop dcmfs@pw
+
 # --- a crash: Restart=on-failure, the unclean store is recovered -------------------
 PID=$(systemctl show -p MainPID --value dcmfs@test)
 kill -9 "$PID"
