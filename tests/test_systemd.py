@@ -30,6 +30,7 @@ dcmfs-status metrics stop stop-unmounts daemon-gone stop-exit-0 restart-start su
 busy-stop busy-stop-fast busy-stop-exit-0 busy-stop-unmounts creds-encrypt creds-encrypted-start
 creds-encrypted-data creds-encrypted-restart pass-init pass-start pass-mounted pass-stop
 restart-after-crash unclean-check stop-for-pacs pacs-start pacs-after-mount pacs-stops-with-mount
+backing-init backing-start backing-mounted-first backing-stop backing-stops-dcmfs backing-unmounted
 wrong-key-fails wrong-key-journal wrong-key-priority wrong-key-no-restart wrong-key-no-mount
 fs-init mount-unit-start mount-unit-live mount-unit-io mount-unit-journal mount-unit-stop mount-unit-unmounted
 mount-unit-daemon-exits mount-cmd mount-cmd-data umount-cmd umount-daemon-exits""".split()

@@ -161,6 +161,23 @@ for i in $(seq 1 50); do [ -s /run/pacs-saw ] && break; sleep 0.1; done  # Type=
 systemctl stop dcmfs@test
 systemctl is-active -q pacs.service && no pacs-stops-with-mount "pacs still active" || ok pacs-stops-with-mount
 
+# --- the backing store on its own mount: RequiresMountsFor= in a drop-in -------------------
+mkdir -p /srv/backing-src /srv/backing /srv/bkmnt /etc/systemd/system/dcmfs@bk.service.d
+printf '[Mount]\nWhat=/srv/backing-src\nWhere=/srv/backing\nType=none\nOptions=bind\n' > /etc/systemd/system/srv-backing.mount
+printf '[Unit]\nRequiresMountsFor=/srv/backing/store\n' > /etc/systemd/system/dcmfs@bk.service.d/backing.conf
+sed 's#/srv/dcmfs/test#/srv/backing/store#; s#/srv/pacs#/srv/bkmnt#' /etc/dcmfs/test.toml | sed '/metrics/d' > /etc/dcmfs/bk.toml
+cp /etc/dcmfs/test.key /etc/dcmfs/bk.key
+check backing-init $D init /srv/backing-src/store --key-file /etc/dcmfs/bk.key
+systemctl daemon-reload
+check backing-start systemctl start dcmfs@bk
+systemctl is-active -q srv-backing.mount && mounted /srv/bkmnt && ok backing-mounted-first \
+    || no backing-mounted-first "srv-backing.mount $(systemctl is-active srv-backing.mount)"
+check backing-stop systemctl stop srv-backing.mount
+systemctl is-active -q dcmfs@bk && no backing-stops-dcmfs "dcmfs@bk still active" || ok backing-stops-dcmfs
+mounted /srv/bkmnt && no backing-unmounted "still mounted" || ok backing-unmounted
+systemd-analyze security dcmfs@test.service --no-pager > /results/security.txt 2>&1
+echo "info security $(grep -o 'Overall exposure level.*' /results/security.txt | tr -d '\033' | sed 's/\[[0-9;]*m//g')" >> "$R"
+
 # --- a wrong credential: the unit fails with a clear journal line, no restart loop ---
 head -c 32 /dev/urandom > /etc/dcmfs/bad.key; chmod 600 /etc/dcmfs/bad.key
 sed 's#/srv/pacs#/srv/badmnt#' /etc/dcmfs/test.toml | sed '/metrics/d' > /etc/dcmfs/bad.toml
