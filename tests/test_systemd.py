@@ -32,7 +32,7 @@ creds-encrypted-data creds-encrypted-restart pass-init pass-start pass-mounted p
 restart-after-crash unclean-check stop-for-pacs pacs-start pacs-after-mount pacs-stops-with-mount
 backing-init backing-start backing-mounted-first backing-stop backing-stops-dcmfs backing-unmounted
 wrong-key-fails wrong-key-journal wrong-key-priority wrong-key-no-restart wrong-key-no-mount
-fs-init mount-unit-start mount-unit-live mount-unit-io mount-unit-journal mount-unit-stop mount-unit-unmounted
+fs-init mount-unit-start mount-unit-live mount-unit-requires mount-unit-io mount-unit-journal mount-unit-stop mount-unit-unmounted
 mount-unit-daemon-exits mount-cmd mount-cmd-data umount-cmd umount-daemon-exits""".split()
 
 #: hardening settings the unit leaves out because, in the booted container,

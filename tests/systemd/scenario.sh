@@ -222,10 +222,12 @@ mountpoint = "/srv/fsmnt"
 file = "/etc/dcmfs/fs.key"
 TOML
 check fs-init $D init --config /etc/dcmfs/fs.toml
-echo "/srv/dcmfs/fs /srv/fsmnt fuse.dcmfs config=/etc/dcmfs/fs.toml,_netdev,nofail 0 0" >> /etc/fstab
+# x-systemd.requires-mounts-for= stands for the backing store's filesystem (srv-backing.mount)
+echo "/srv/dcmfs/fs /srv/fsmnt fuse.dcmfs config=/etc/dcmfs/fs.toml,_netdev,nofail,x-systemd.requires-mounts-for=/srv/backing 0 0" >> /etc/fstab
 systemctl daemon-reload
 check mount-unit-start systemctl start srv-fsmnt.mount
 mounted /srv/fsmnt && ok mount-unit-live || no mount-unit-live "not mounted"
+systemctl is-active -q srv-backing.mount && ok mount-unit-requires || no mount-unit-requires "backing not mounted first"
 echo via-fstab > /srv/fsmnt/x && [ "$(cat /srv/fsmnt/x)" = via-fstab ] && ok mount-unit-io || no mount-unit-io "io"
 journalctl -u srv-fsmnt.mount -o json --no-pager | python3 -c '
 import json, sys
