@@ -6,6 +6,7 @@ here, with the key).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -116,8 +117,14 @@ def verify(store_root: str, secret: Callable[[], Secret], config: Config,
     mp = mountpoint_of(store_root)
     wanted = [_store_path(p, mp) for p in paths] if paths else None
     if mp is not None:
-        args = json.dumps({"paths": wanted, "sample": sample})
-        _xattr(mp, fmt.CONTROL_XATTR, ("verify" + args).encode())
+        args = json.dumps({"paths": wanted, "sample": sample}, separators=(",", ":"))
+        try:
+            os.setxattr(mp, fmt.CONTROL_XATTR, ("verify" + args).encode())
+        except OSError as exc:
+            if exc.errno != errno.EROFS or len(args) > 200:
+                raise StoreIOError(f"The dcmfs daemon at {mp} did not start a verify "
+                                   f"({exc.strerror}); check 'dcmfs status'.") from exc
+            _xattr(mp, f"{fmt.VERIFY_XATTR}:{args}")  # a read-only mount
         bar = None
         while True:
             state = json.loads(_xattr(mp, fmt.VERIFY_XATTR))

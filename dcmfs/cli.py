@@ -104,7 +104,8 @@ _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser",
                "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
 #: dcmfs options given with -o
 _DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
-               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "metrics"}
+               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "reencode_threads",
+               "metrics"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -143,6 +144,10 @@ def _config(ours: dict, fuse_opts: dict) -> Config:
             kw["dicom"] = {"0": False, "1": True}[ours["dicom"]]
         if ours.get("checkpoint_interval"):
             kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
+        if ours.get("reencode_threads"):
+            kw["reencode_threads"] = int(ours["reencode_threads"])
+            if not 1 <= kw["reencode_threads"] <= 64:
+                raise ValueError("reencode_threads must be 1..64")
         if ours.get("scrub_interval"):
             kw["scrub_interval"] = _seconds(ours["scrub_interval"])
         if ours.get("scrub_rate"):
@@ -236,6 +241,15 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _store_arg(args) -> str:
+    """The STORE argument, made absolute, with a clear error for a missing or
+    foreign store before anything else happens."""
+    from .store import read_header
+    store_root = os.path.abspath(args.store)
+    read_header(store_root)
+    return store_root
+
+
 def _lazy_secret(args, store_root: str):
     """The key, asked for only when the store is not mounted (a running
     daemon already holds it)."""
@@ -249,9 +263,7 @@ def _lazy_secret(args, store_root: str):
 
 def cmd_recompress(args) -> int:
     from .admin import recompress
-    from .store import read_header
-    store_root = os.path.abspath(args.store)
-    read_header(store_root)  # a clear error for a missing or foreign store
+    store_root = _store_arg(args)
     ours, fuse = parse_o(args.o)
     status = recompress(store_root, _lazy_secret(args, store_root), _config(ours, fuse))
     ratio = status["stored_bytes"] / status["logical_bytes"] if status["logical_bytes"] else 0
@@ -261,9 +273,7 @@ def cmd_recompress(args) -> int:
 
 def cmd_stats(args) -> int:
     from .admin import content_stats, render_stats
-    from .store import read_header
-    store_root = os.path.abspath(args.store)
-    read_header(store_root)
+    store_root = _store_arg(args)
     stats = content_stats(store_root, _lazy_secret(args, store_root), Config())
     print(json.dumps(stats, indent=1) if args.json else render_stats(stats))
     return 0
@@ -286,9 +296,7 @@ def _fraction(text: str) -> float:
 def cmd_verify(args) -> int:
     from .admin import render_verify, verify
     from .errors import DamageFound
-    from .store import read_header
-    store_root = os.path.abspath(args.store)
-    read_header(store_root)
+    store_root = _store_arg(args)
     report = verify(store_root, _lazy_secret(args, store_root), Config(), args.paths,
                     args.sample)
     print(json.dumps(report, indent=1) if args.json else render_verify(report))
@@ -298,9 +306,7 @@ def cmd_verify(args) -> int:
 def cmd_fsck(args) -> int:
     from .admin import fsck, render_fsck
     from .errors import DamageFound
-    from .store import read_header
-    store_root = os.path.abspath(args.store)
-    read_header(store_root)
+    store_root = _store_arg(args)
     result = fsck(store_root, _lazy_secret(args, store_root), Config(), args.repair,
                   args.rebuild_index)
     print(json.dumps(result, indent=1) if args.json else render_fsck(result))

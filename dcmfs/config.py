@@ -59,6 +59,9 @@ class Config:
     #: seal closed files uncompressed and compress them in a background
     #: thread (the close path then costs AES-GCM and a write, not zstd)
     reencode: bool = True
+    #: threads (cores) the background re-encoder may use while files are not
+    #: being written; while they are, it uses one (``-o reencode_threads=N``)
+    reencode_threads: int = 2
     #: the re-encoder stores DICOM files with native pixel data frame by frame
     #: in JPEG-LS (or zstd where that is smaller); ``-o dicom=0`` keeps zstd
     dicom: bool = True

@@ -59,6 +59,17 @@ class FileSystem(FileOps):
         try:
             self._setup(store, config)
         except BaseException:
+            # nothing may stay open: LMDB forbids opening one environment twice
+            self._stop.set() if hasattr(self, "_stop") else None
+            for name in ("reencoder", "scrubber"):
+                job = getattr(self, name, None)
+                if job is not None:
+                    job.stop() if name == "reencoder" else job.join()
+            if hasattr(self, "data"):
+                self.data.shutdown()
+            for name in ("objects", "index"):
+                if hasattr(self, name):
+                    getattr(self, name).close()
             self.store_lock.release()
             raise
 
@@ -93,7 +104,8 @@ class FileSystem(FileOps):
         if not config.read_only:
             self._mark_mounted()
             # always there for 'recompress'; it runs by itself with -o reencode=1
-            self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom)
+            self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom,
+                                       window=config.reencode_threads)
             self.data.on_deferred = self.reencoder.deferred
             self.data.on_discarded = self.reencoder.release
             if config.reencode:

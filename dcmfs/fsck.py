@@ -367,8 +367,19 @@ class Fsck:
         ix = self.index
         with ix.begin() as txn:
             known = {ino: inode for ino, inode in txn.iter_inodes()}
-            stray = [(ino, idx) for ino, idx, _ in txn.iter_all_chunks()
-                     if ino not in known or not stat.S_ISREG(known[ino].mode)]
+            entries = list(txn.iter_all_chunks())
+        stray = [(ino, idx) for ino, idx, _ in entries
+                 if ino not in known or not stat.S_ISREG(known[ino].mode)]
+        # every object belongs to exactly one chunk entry (objects are never shared)
+        owners = collections.defaultdict(list)
+        for ino, idx, ref in entries:
+            owners[ref.oid].append((ino, idx))
+        for oid, names in owners.items():
+            for ino, idx in names[1:]:
+                self.found("tables", f"chunk {idx} names an object that chunk "
+                                     f"{names[0][1]} of inode {names[0][0]} names too", ino,
+                           oid, repaired="left to the contents check (the object's context "
+                                         "says which entry is right)")
         for ino, idx in stray:
             self.found("tables", f"chunk {idx} belongs to no file", ino,
                        repaired="entry removed (its object is salvaged below)")
@@ -382,6 +393,9 @@ class Fsck:
         with ix.begin() as txn:
             files = [(ino, inode) for ino, inode in txn.iter_inodes()
                      if stat.S_ISREG(inode.mode)]
+            #: how many chunk entries name each object: a damaged file's object
+            #: that another entry still names is not moved away
+            self._named = collections.Counter(r.oid for _, _, r in txn.iter_all_chunks())
         for ino, inode in files:
             with ix.begin() as txn:
                 table = txn.chunks(ino)
@@ -440,7 +454,9 @@ class Fsck:
         with self.index.begin(write=True) as txn:
             for idx, ref in table.items():
                 if new_table.get(idx) != ref:
-                    self._quarantine_or_garbage(ref.oid)
+                    self._named[ref.oid] -= 1
+                    if self._named[ref.oid] <= 0:
+                        self._quarantine_or_garbage(ref.oid)
                 if idx not in new_table:
                     txn.delete_chunk(ino, idx)
             for idx, ref in new_table.items():

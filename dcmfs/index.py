@@ -304,12 +304,14 @@ class Index:
             return False
         batch, self._batch = self._batch, None
         try:
-            batch.put(b"journal_seq", _U64.pack(self._seq), db=self.dbs["meta"])
-            batch.commit()
-            self.env.sync(True)
+            self._commit_batch(batch)
         except lmdb.Error as exc:
             # the batch is gone, the journal still holds every change: rebuild
             # the batch from it so that the mount goes on (disk full, say)
+            try:
+                batch.abort()
+            except lmdb.Error:
+                pass
             error = _lmdb_error(exc, "checkpointing the index")
             self._reload_from_journal()
             raise error from exc
@@ -326,6 +328,12 @@ class Index:
         os.makedirs(self.archive_dir, mode=0o700, exist_ok=True)
         self.journal.rotate(os.path.join(self.archive_dir, f"{ARCHIVE_PREFIX}{self._seq:016d}"))
         return True
+
+    def _commit_batch(self, batch: lmdb.Transaction) -> None:
+        """The durable LMDB commit of a checkpoint (one place, for fault tests)."""
+        batch.put(b"journal_seq", _U64.pack(self._seq), db=self.dbs["meta"])
+        batch.commit()
+        self.env.sync(True)
 
     def archived_bytes(self) -> int:
         """Bytes of journal segments kept since the oldest snapshot."""

@@ -131,11 +131,12 @@ class Journal:
     def _aad(self, seq: int) -> bytes:
         return self._header + seq.to_bytes(8, "big")
 
-    def _write_at(self, data: bytes, offset: int, what: str) -> None:
+    def _write_at(self, data: bytes, offset: int, what: str, fd: int | None = None) -> None:
         view = memoryview(data)
+        fd = self._fd if fd is None else fd
         try:
             while view:
-                n = os.pwrite(self._fd, view, offset)
+                n = os.pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -172,24 +173,41 @@ class Journal:
 
     def rotate(self, dest: str) -> None:
         """Move every record to ``dest`` (an archive segment, kept for index
-        rebuilds) and start an empty journal; both made durable."""
+        rebuilds) and start an empty journal.  A failure at any step leaves a
+        journal at its path holding every record not in the index (the old one,
+        or the new one after a complete switch)."""
+        tmp = self.path + ".new"
         try:
             os.fdatasync(self._fd)
-            os.rename(self.path, dest)
-            fsync_dir(os.path.dirname(dest))
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:
+            raise StoreIOError(f"Archiving the index journal failed: {exc.strerror}.") from exc
+        try:
+            self._write_at(self._header, 0, "the index journal header", fd)
+            os.fdatasync(fd)
+            os.rename(self.path, dest)  # the records move to the archive
+        except (OSError, NoSpaceError, StoreIOError) as exc:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StoreIOError(f"Archiving the index journal failed: {exc}.") from exc
+        try:
+            os.rename(tmp, self.path)
+        except OSError as exc:
+            os.close(fd)
+            os.rename(dest, self.path)  # undo: the records stay in the live journal
             raise StoreIOError(f"Archiving the index journal failed: {exc.strerror}.") from exc
         os.close(self._fd)
         self._fd = fd
-        self.size = 0
-        self._write_at(self._header, 0, "the index journal header")
         self.size = _HEADER.size
         try:
-            os.fdatasync(fd)
+            fsync_dir(os.path.dirname(dest))
             fsync_dir(os.path.dirname(self.path))
         except OSError as exc:
-            raise StoreIOError(f"fsync of the new index journal failed: {exc.strerror}.") from exc
+            raise StoreIOError(f"fsync after archiving the index journal failed: "
+                               f"{exc.strerror}.") from exc
 
     def reset(self) -> None:
         """Forget every record (they are all in a durable checkpoint now)."""

@@ -141,8 +141,10 @@ class Scrubber:
                 # spread the round over the interval, never above the rate
                 per_second = min(self.rate, max(total / max(self.interval, 1.0), 1.0))
                 self.state.update(round_files=len(files), round_done=0)
+                intact: list[tuple[int, int]] = []
                 for ino, size in files:
                     if fs._stop.is_set():
+                        self._record(intact)
                         return
                     findings = verifier.check(ino)
                     self.state["round_done"] += 1
@@ -153,10 +155,13 @@ class Scrubber:
                         self.state["findings"] = len(self._damaged)
                         report_findings(fs, findings)
                     else:
-                        self._record(ino)
+                        intact.append((ino, time.time_ns()))
                         self.state["verified_files"] += 1
                         self.state["verified_bytes"] += size
+                        if len(intact) >= 256:  # one journal record per 256 files
+                            self._record(intact)
                     self._pace(size, per_second)
+                self._record(intact)
                 self.state["rounds"] += 1
                 self.state["last_round_end"] = time.time()
                 fs._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
@@ -165,14 +170,18 @@ class Scrubber:
         finally:
             verifier.close()
 
-    def _record(self, ino: int) -> None:
+    def _record(self, intact: list[tuple[int, int]]) -> None:
+        """When these files were found intact (and empty the list)."""
         fs = self.fs
         with fs._lock:
-            if fs.closed:
+            if fs.closed or not intact:
+                intact.clear()
                 return
             with fs._write_txn() as txn:
-                if txn.get_inode(ino) is not None:
-                    txn.set_scrubbed(ino, time.time_ns())
+                for ino, when in intact:
+                    if txn.get_inode(ino) is not None:
+                        txn.set_scrubbed(ino, when)
+        intact.clear()
 
     def join(self) -> None:
         self._thread.join()

@@ -58,6 +58,8 @@ def test_disk_full_gives_enospc_and_recovers(small_disk, tmp_path):
             with open(m.mnt / "big", "wb") as f:
                 f.write(big)
         assert e.value.errno == errno.ENOSPC
+        r = m.cli("verify", m.store)  # the store stays consistent while full
+        assert r.returncode == 0, r.stdout + r.stderr
         for name, digest in kept.items():  # everything closed before reads back
             assert file_sha256(m.mnt / name) == digest
         os.unlink(filler)  # space comes back
@@ -67,6 +69,9 @@ def test_disk_full_gives_enospc_and_recovers(small_disk, tmp_path):
         m.mount()
         for name, digest in {**kept, "big": sha256(big)}.items():
             assert file_sha256(m.mnt / name) == digest
+        m.umount()
+        r = m.cli("fsck", m.store, "--key-file", m.key)
+        assert r.returncode == 0 and "clean." in r.stdout, r.stdout + r.stderr
         assert "Traceback" not in m.log()
     finally:
         m.cleanup()

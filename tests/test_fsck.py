@@ -32,6 +32,7 @@ class Store:
         self.root = str(make_fs.root)
         self.secret = secret
         fs = make_fs()
+        self.damaged: set[str] = set()
         self.content = {"/a": os.urandom(3 * CS + 100), "/b": os.urandom(2 * CS),
                         "/d/c": os.urandom(CS // 2)}
         fs.mkdir("/d", 0o755, 0, 0)
@@ -40,7 +41,9 @@ class Store:
         fs.close()
 
     def verify(self, **kw) -> dict:
-        return admin.verify(self.root, lambda: self.secret, SMALL, out=QUIET, **kw)
+        report = admin.verify(self.root, lambda: self.secret, SMALL, out=QUIET, **kw)
+        self.damaged = self.damaged_paths(report)
+        return report
 
     def fsck(self, repair=False, rebuild=False) -> dict:
         return admin.fsck(self.root, lambda: self.secret, SMALL, repair, rebuild, out=QUIET)
@@ -64,6 +67,12 @@ class Store:
     def assert_repaired_clean(self, intact: list[str], lost: str | None = None):
         """--repair, then a full check is clean; intact files read back exactly,
         a damaged one is in /lost+found with its surviving bytes."""
+        ro = self.open(SMALL.__class__(**{**SMALL.__dict__, "read_only": True}))
+        try:  # before the repair, the intact files read back (read-only mount)
+            for path in set(intact) - self.damaged:
+                assert read_file(ro, path) == self.content[path], path
+        finally:
+            ro.close()
         result = self.fsck(repair=True)
         assert result["problems"] and result["clean"], result
         assert damage_mark(self.root) is None
@@ -217,6 +226,19 @@ def overwrite(fs, path, data):
 
 def store_path(store, oid: bytes) -> str:
     return os.path.join(store.root, "objects", oid.hex()[:2], oid.hex())
+
+
+def test_an_object_named_twice_is_found_and_repaired(store):
+    fs = store.open()
+    with fs.index.begin(write=True) as txn:
+        a, b = fs._resolve(txn, "/a"), fs._resolve(txn, "/b")
+        txn.put_chunk(b, 1, txn.chunks(a)[1])  # /b's chunk 1 now names /a's object
+    fs.close()
+    assert "tables" in {p["check"] for p in store.fsck()["problems"]}
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/b"}
+    assert "does not match its index entry" in store.kinds(report)
+    store.assert_repaired_clean(["/a", "/d/c"], lost="/b")
 
 
 def test_index_value_bit_flipped(store):

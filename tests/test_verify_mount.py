@@ -63,8 +63,10 @@ def test_mounted_verify_names_the_damaged_file_and_rw_mounts_wait_for_fsck(mount
 
     r = m.mount(check=False)
     assert r.returncode == 19 and "dcmfs fsck" in r.stderr, r.stderr
-    m.mount("-o", "ro")  # read-only still works
+    m.mount("-o", "ro")  # read-only still works, and verify there too
     assert (m.mnt / "ok.bin").read_bytes() == b"intact " * 100000
+    r = m.cli("verify", m.store)
+    assert r.returncode == 34 and f"DAMAGED /dir/{SECRET_NAME}" in r.stdout, r.stdout + r.stderr
     m.umount()
 
     r = m.cli("fsck", m.store, "--key-file", m.key)
@@ -112,6 +114,17 @@ def test_scrubber_finds_damage_while_mounted(mount_env):
     assert status["scrub"]["findings"] == 1 and status["scrub"]["verified_files"] >= 4, status
     assert status["needs_fsck"]
     assert "scrub" in m.cli("status", m.mnt, check=True).stdout
+    m.umount()
+    secret = Secret("keyfile", m.key.read_bytes())
+    fs = FileSystem(open_store(str(m.store), secret), dataclasses.replace(SMALL, read_only=True))
+    try:  # when each file was last found intact is recorded; never for the damaged one
+        with fs.index.begin() as txn:
+            seen = {name: txn.scrubbed(fs._resolve(txn, "/" + name)) for name in
+                    ("f0", "f1", "f2", "f3", "f4")}
+    finally:
+        fs.close()
+    assert seen["f3"] is None
+    assert all(abs(seen[n] / 1e9 - time.time()) < 120 for n in ("f0", "f1", "f2", "f4"))
 
 
 def test_index_loss_of_the_pydicom_corpus_rebuilds_every_file_and_name(mount_env):

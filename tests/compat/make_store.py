@@ -1,0 +1,109 @@
+"""Make the frozen store of the current format version (run once per
+released format version; the result is committed under tests/compat/vN/).
+
+    .venv/bin/python tests/compat/make_store.py tests/compat/v1
+
+The content is generated from fixed seeds (no DICOM file or key is
+committed: the DICOM file is synthetic, the key is the public passphrase
+below, with cheap Argon2id parameters stored in the header), so the
+manifest says exactly what every later dcmfs must read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+
+#: public on purpose: this store protects nothing
+PASSPHRASE = b"dcmfs-compat-store (public test passphrase)"
+
+
+def synthetic_ct(rows: int = 96, cols: int = 80) -> bytes:
+    """A small 16-bit signed CT-like image as a DICOM Part 10 file."""
+    import io
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    img = (1000 * np.exp(-((yy - rows / 2) ** 2 + (xx - cols / 2) ** 2) / 600.0) - 1024
+           + rng.integers(-20, 20, (rows, cols))).astype(np.int16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 1
+    ds.PixelData = img.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def content() -> dict[str, bytes]:
+    rng = random.Random(1)
+    cs = 64 * 1024
+    return {
+        "/empty": b"",
+        "/small.txt": b"dcmfs compat store\n",
+        "/dir/sub/multi.bin": rng.randbytes(3 * cs + 123),
+        "/dir/holes.bin": b"start" + bytes(2 * cs) + b"end",
+        "/dir/exact.bin": rng.randbytes(2 * cs),
+        "/ct/synthetic.dcm": synthetic_ct(),
+    }
+
+
+def main(out: str) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from dcmfs.config import Config, KdfParams
+    from dcmfs.filesystem import FileSystem
+    from dcmfs.store import Secret, init_store, open_store
+
+    cfg = Config(chunk_size=64 * 1024, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1),
+                 checkpoint_interval=0)
+    secret = Secret("passphrase", PASSPHRASE)
+    root = os.path.join(out, "store")
+    init_store(root, secret, cfg)
+    fs = FileSystem(open_store(root, secret), cfg)
+    files = content()
+    for d in ("/dir", "/dir/sub", "/ct"):
+        fs.mkdir(d, 0o750, 0, 0)
+    for path, data in files.items():
+        fh = fs.create(path, 0o640, os.O_WRONLY, 0, 0)
+        fs.write(fh, data, 0)
+        fs.release(fh)
+    fs.link("/small.txt", "/dir/hardlink.txt")
+    fs.symlink("/link", "dir/sub/multi.bin", 0, 0)
+    fs.setxattr("/small.txt", "user.note", b"kept")
+    fs.utimens("/small.txt", 1_700_000_000_000_000_000, 1_700_000_000_000_000_000)
+    fs.recompress()
+    fs.reencoder.wait_idle(60)
+    fs.close()
+    manifest = {"passphrase": PASSPHRASE.decode(), "chunk_size": cfg.chunk_size,
+                "files": {p: hashlib.sha256(d).hexdigest() for p, d in files.items()},
+                "hardlink": ["/small.txt", "/dir/hardlink.txt"],
+                "symlink": ["/link", "dir/sub/multi.bin"],
+                "xattr": ["/small.txt", "user.note", "kept"],
+                "mtime_ns": ["/small.txt", 1_700_000_000_000_000_000],
+                "jpegls": "/ct/synthetic.dcm"}
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.remove(os.path.join(root, "lock"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

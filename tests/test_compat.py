@@ -1,0 +1,81 @@
+"""Format stability (gocryptfs keeps a sample filesystem per version): every
+frozen store under tests/compat/ - one per released format version, made by
+tests/compat/make_store.py - must open, read back exactly and verify clean
+with this dcmfs, read-only and after a read-write opening."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+
+import pytest
+
+from dcmfs import codec
+from dcmfs.config import Config
+from dcmfs.filesystem import FileSystem
+from dcmfs.store import Secret, open_store
+from dcmfs.verify import Verifier
+
+from .conftest import sha256
+
+COMPAT = pathlib.Path(__file__).resolve().parent / "compat"
+VERSIONS = sorted(p for p in COMPAT.iterdir() if (p / "manifest.json").exists())
+
+
+def test_there_is_a_frozen_store_for_the_current_format():
+    from dcmfs.format import FORMAT_VERSION
+    assert (COMPAT / f"v{FORMAT_VERSION}" / "manifest.json").exists()
+
+
+def read(fs, path) -> bytes:
+    fh = fs.open(path, os.O_RDONLY)
+    try:
+        return fs.read(fh, 1 << 30, 0)
+    finally:
+        fs.release(fh)
+
+
+def check(fs, manifest) -> None:
+    for path, digest in manifest["files"].items():
+        assert sha256(read(fs, path)) == digest, path
+    a, b = manifest["hardlink"]
+    assert fs.getattr(a)["st_ino"] == fs.getattr(b)["st_ino"]
+    assert fs.getattr(a)["st_nlink"] == 2
+    link, target = manifest["symlink"]
+    assert fs.readlink(link) == target
+    path, name, value = manifest["xattr"]
+    assert fs.getxattr(path, name) == value.encode()
+    path, mtime = manifest["mtime_ns"]
+    assert fs.getattr(path)["st_mtime"] == mtime
+    with fs.index.begin() as txn:  # the DICOM-coded layout is really read
+        table = txn.chunks(fs._resolve(txn, manifest["jpegls"]))
+    assert any(r.codec == codec.JPEGLS and r.offset >= 0 for r in table.values())
+    v = Verifier(fs.index, fs.objects, fs.data.chunk_size, fs._lock)
+    try:
+        report = v.run(v.files())
+        assert report.findings == [] and report.files == len(manifest["files"])
+        assert v.orphan_objects() == []
+    finally:
+        v.close()
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda p: p.name)
+def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
+    manifest = json.loads((version / "manifest.json").read_text())
+    root = tmp_path / "store"
+    shutil.copytree(version / "store", root)  # never change the committed copy
+    secret = Secret("passphrase", manifest["passphrase"].encode())
+    cfg = Config(chunk_size=manifest["chunk_size"], checkpoint_interval=0)
+    fs = FileSystem(open_store(str(root), secret), dataclasses.replace(cfg, read_only=True))
+    try:
+        check(fs, manifest)
+    finally:
+        fs.close()
+    fs = FileSystem(open_store(str(root), secret), cfg)  # read-write: upgrades in place
+    try:
+        check(fs, manifest)
+    finally:
+        fs.close()
