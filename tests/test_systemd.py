@@ -29,7 +29,7 @@ cap-bounding-set no-new-privs-off seccomp-filter personality status-text journal
 dcmfs-status metrics stop stop-unmounts daemon-gone stop-exit-0 restart-start survives-restart
 busy-stop busy-stop-fast busy-stop-exit-0 busy-stop-unmounts creds-encrypt creds-encrypted-start
 creds-encrypted-data creds-encrypted-restart pass-init pass-start pass-mounted pass-stop
-restart-after-crash unclean-check stop-for-pacs pacs-start pacs-after-mount pacs-stops-with-mount
+restart-after-crash unclean-check stop-for-pacs pacs-start pacs-after-mount pacs-stops-with-mount pacs-order
 backing-init backing-start backing-mounted-first backing-stop backing-stops-dcmfs backing-unmounted
 wrong-key-fails wrong-key-journal wrong-key-priority wrong-key-no-restart wrong-key-no-mount
 fs-init mount-unit-start mount-unit-live mount-unit-requires mount-unit-io mount-unit-journal mount-unit-stop mount-unit-unmounted

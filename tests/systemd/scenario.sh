@@ -155,11 +155,24 @@ mkdir -p /etc/systemd/system/pacs.service.d
 sed 's/dcmfs@pacs/dcmfs@test/; s#/srv/pacs#/srv/pacs#' /usr/local/lib/python3.11/dist-packages/dcmfs/systemd/orthanc-dcmfs.conf \
     > /etc/systemd/system/pacs.service.d/dcmfs.conf
 systemctl daemon-reload
+cursor=$(journalctl -n0 --show-cursor --no-pager | sed -n 's/^-- cursor: //p')
 check pacs-start systemctl start pacs.service
 for i in $(seq 1 50); do [ -s /run/pacs-saw ] && break; sleep 0.1; done  # Type=simple: it runs on
 [ "$(cat /run/pacs-saw 2>&1)" = fuse.dcmfs ] && ok pacs-after-mount || no pacs-after-mount "PACS saw '$(cat /run/pacs-saw 2>&1)'"
 systemctl stop dcmfs@test
 systemctl is-active -q pacs.service && no pacs-stops-with-mount "pacs still active" || ok pacs-stops-with-mount
+# both in one transaction, as at shutdown: the PACS is stopped before dcmfs stops
+systemctl start pacs.service
+systemctl stop pacs.service dcmfs@test.service
+journalctl --after-cursor="$cursor" -o cat --no-pager _PID=1 | grep -E '(Start|Stopp)(ing|ed) (pacs|dcmfs@test)' > /results/pacs-order.txt
+python3 - <<'PY' && ok pacs-order || no pacs-order "$(tr '\n' '|' < /results/pacs-order.txt)"
+lines = open("/results/pacs-order.txt").read().splitlines()
+def first(prefix):
+    return next(i for i, l in enumerate(lines) if l.startswith(prefix))
+assert first("Started dcmfs@test") < first("Started pacs")      # start: mount first
+last_stop = max(i for i, l in enumerate(lines) if l.startswith("Stopping dcmfs@test"))
+assert max(i for i, l in enumerate(lines) if l.startswith("Stopped pacs")) < last_stop  # stop: PACS first
+PY
 
 # --- the backing store on its own mount: RequiresMountsFor= in a drop-in -------------------
 mkdir -p /srv/backing-src /srv/backing /srv/bkmnt /etc/systemd/system/dcmfs@bk.service.d
