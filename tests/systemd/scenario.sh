@@ -14,6 +14,19 @@ exec >> /results/scenario.log 2>&1
 set -x
 export FUSE_LIBRARY_NAME=fuse3
 
+# --- at boot (before this unit): dcmfs@boot, then the PACS stand-in bound to it ----
+systemctl is-active -q dcmfs@boot.service && ok boot-active || no boot-active "$(systemctl is-active dcmfs@boot)"
+[ "$(cat /run/pacs-boot-saw 2>&1)" = fuse.dcmfs ] && ok boot-pacs-after-mount \
+    || no boot-pacs-after-mount "the PACS saw '$(cat /run/pacs-boot-saw 2>&1)' at boot"
+journalctl -b -o cat --no-pager _PID=1 | grep -E '(Start|Stopp)(ing|ed) (pacs-boot|dcmfs@boot)' > /results/boot-order.txt
+python3 - <<'PY' && ok boot-order || no boot-order "$(tr '\n' '|' < /results/boot-order.txt)"
+lines = open("/results/boot-order.txt").read().splitlines()
+first = lambda p: next(i for i, l in enumerate(lines) if l.startswith(p))
+assert first("Started dcmfs@boot") < first("Started pacs-boot"), lines
+PY
+check boot-stop systemctl stop pacs-boot.service dcmfs@boot.service
+mounted /srv/boot/mnt && no boot-unmounted "still mounted" || ok boot-unmounted
+
 # --- install: units, helper, example ------------------------------------------
 check install $D install-systemd
 check unit-verify systemd-analyze verify dcmfs@test.service
