@@ -166,7 +166,7 @@ def test_foreground_daemon_speaks_sd_notify(service):
     assert report["pid"] == proc.pid and report["written_bytes"] == 200_000
     assert report["uptime_seconds"] >= 0 and report["rss_bytes"] > 0 and report["files"] == 1
     assert report["errors"].get("getattr:ENOENT", 0) >= 1
-    text = m.cli("status").stdout
+    text = m.cli("status", m.mnt).stdout
     assert "through the mount since start" in text and f"pid {proc.pid}, up 00:00:" in text
     assert "errors: getattr ENOENT" in text
 
