@@ -210,8 +210,9 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
     """Check (and repair, or rebuild the index of) an unmounted store.  With
     ``repair`` a second, read-only check follows; its problems are in
     ``remaining`` (empty: the store is clean)."""
-    from .fsck import Fsck, rebuild_index
-    from .store import clear_damage_mark
+    from .fsck import Fsck
+    from .rebuild import rebuild_index
+    from .store import clear_damage_mark, set_damage_mark
     if mountpoint_of(store_root) is not None:
         from .errors import StoreLockedError
         raise StoreLockedError(f"The store {store_root} is mounted; unmount it first "
@@ -229,8 +230,9 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
         result["rebuilt"] = rebuild_index(store, config)
         repair = True
     passes = [repair, False] if repair else [False]
+    complete = not (result["rebuilt"] or {}).get("records_after_gap")
     for i, mode in enumerate(passes):
-        f = Fsck(store, config, repair=mode, progress=stage)
+        f = Fsck(store, config, repair=mode, progress=stage, index_complete=complete)
         try:
             problems = [p.as_dict() for p in f.run()]
         finally:
@@ -239,9 +241,13 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
     if tty:
         out.write("\r".ljust(41) + "\r")
     final = result.get("remaining", result["problems"])
-    if not final:
+    lost = (result["rebuilt"] or {}).get("records_after_gap", 0)
+    result["clean"] = not final and not lost
+    if result["clean"]:
         clear_damage_mark(store_root)
-    result["clean"] = not final
+    elif final or lost:
+        set_damage_mark(store_root, "fsck found problems" if final else
+                        "index rebuilt with journal records missing")
     return result
 
 

@@ -200,3 +200,7 @@ class BadHandle(FsError):
 
 class TooBig(FsError):
     """File too large."""
+
+
+class PermissionDenied(FsError):
+    """Permission denied."""

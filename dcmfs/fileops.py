@@ -16,7 +16,7 @@ from typing import Callable
 
 from . import format as fmt
 from .errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLong,
-                     NoAttribute, NotSupported, ReadOnlyError, TooBig)
+                     NoAttribute, NotSupported, PermissionDenied, ReadOnlyError, TooBig)
 from .filedata import OpenFile
 from .index import Inode
 
@@ -195,9 +195,17 @@ class FileOps:
             raise NameTooLong(name)
         return raw
 
+    def _admin_only(self, caller: int | None) -> None:
+        """The control and verify attributes are for root and the daemon's
+        owner: verify's report holds paths of files the caller may not see."""
+        if caller is not None and caller not in (0, os.getuid()):
+            raise PermissionDenied("only root or the mount's owner may do this")
+
     @_locked
-    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0,
+                 caller: int | None = None) -> None:
         if name == fmt.CONTROL_XATTR and path == "/":
+            self._admin_only(caller)
             self.control(bytes(value).decode("utf-8", "replace"))
             return
         if self.read_only:
@@ -221,11 +229,13 @@ class FileOps:
         self.data.after_commit([])
 
     @_locked
-    def getxattr(self, path: str, name: str) -> bytes:
+    def getxattr(self, path: str, name: str, caller: int | None = None) -> bytes:
         if name == fmt.STATUS_XATTR and path == "/":
             return json.dumps(self.live_status(), sort_keys=True).encode()
         if name == fmt.STATS_XATTR and path == "/":
             return json.dumps(self.content_stats(), sort_keys=True).encode()
+        if name.startswith(fmt.VERIFY_XATTR) and path == "/":
+            self._admin_only(caller)
         if name == fmt.VERIFY_XATTR and path == "/":
             job = self.verify_job
             return json.dumps(job.status() if job else {}, sort_keys=True).encode()

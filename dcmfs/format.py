@@ -3,9 +3,20 @@
 Changelog of ``FORMAT_VERSION`` (ratarmount keeps its index version log at the
 constant, so do we):
 
-* 1 — first release: store header ``dcmfs.store`` (JSON), LMDB index with
-  AES-GCM-SIV sealed values, chunk objects with a sealed context block and an
-  AES-256-GCM payload under a per-file key.
+* 1 — store header ``dcmfs.store`` (JSON), LMDB index with AES-GCM-SIV
+  sealed values and a sealed journal, chunk objects with a sealed context
+  block (file, inode, chunk, generation, codec, flags, lengths; associated
+  data: prefix, store id, object id) and an AES-256-GCM payload under a
+  per-file key.
+* 2 — objects (version byte 2) carry their own id inside the sealed context
+  (68 bytes; its associated data no longer has the id), so a moved, swapped
+  or rolled-back object is diagnosed and put back by fsck; bit 1 of the flags
+  marks extents.  Journal records stay after checkpoints and full journals
+  are archived next to the snapshots (``snapshot-<seq>``), for index
+  rebuilds; the ``scrubbed`` database.  Version-1 objects and stores are
+  still read (``tests/compat/v1``); what is written into a version-1 store
+  from then on is version 2 (its header keeps version 1: the header is bound
+  into the wrapped master key, which only the admin's key can re-wrap).
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -15,7 +26,9 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: object layouts this dcmfs reads (the version byte of each object)
+OBJECT_VERSIONS = (1, 2)
 STORE_MAGIC = "dcmfs-store"
 HEADER_NAME = "dcmfs.store"
 INDEX_DIR = "index"
@@ -23,6 +36,14 @@ OBJECTS_DIR = "objects"
 LOCK_NAME = "lock"
 LOG_NAME = "dcmfs.log"
 SNAPSHOTS_DIR = "snapshots"
+#: ``snapshots/snapshot-<seq>``: a sealed copy of the index holding the journal
+#: records up to ``seq``; ``snapshots/journal-<seq>``: an archived journal
+#: segment ending with record ``seq``
+SNAPSHOT_PREFIX = "snapshot-"
+ARCHIVE_PREFIX = "journal-"
+#: snapshots of stores made before they were named by journal sequence
+#: (``index-<LMDB txnid>``): still used by a rebuild, pruned by the next snapshot
+LEGACY_SNAPSHOT_PREFIX = "index-"
 #: objects fsck could not prove to be garbage, moved out of ``objects/``
 QUARANTINE_DIR = "quarantine"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
@@ -63,6 +84,10 @@ TAG_LEN = 16
 CTX_STRUCT = struct.Struct(">16s16sQQQBBHII")
 CTX_SEALED_LEN = CTX_STRUCT.size + TAG_LEN
 OBJ_HEADER_LEN = OBJ_PREFIX.size + NONCE_LEN + CTX_SEALED_LEN + NONCE_LEN
+#: version-1 objects: the context without the object id (52 bytes), the id
+#: in the context's associated data instead; header 100 bytes
+CTX1_STRUCT = struct.Struct(">16sQQQBBHII")
+OBJ1_HEADER_LEN = OBJ_PREFIX.size + NONCE_LEN + CTX1_STRUCT.size + TAG_LEN + NONCE_LEN
 CHUNK_FLAG_LAST = 0x01
 #: the object is an extent of a file laid out in extents of their own sizes
 #: (DICOM-coded): its offset is the sum of the lengths of the extents before

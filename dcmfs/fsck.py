@@ -19,28 +19,22 @@ totals          the store totals (files, logical and stored bytes), and entries
                 of other databases that name missing inodes
 ==============  ==================================================================
 
-Repair never deletes what it cannot prove is garbage.  A damaged file is
-moved to ``/lost+found`` with its surviving content (the chunks that cannot
-be read are replaced by zeros, and an xattr ``user.dcmfs.fsck`` says which
-bytes); a file without a name is linked there; an unreferenced object is
-deleted only if it is a superseded version of an intact file, rebuilt into a
-file in ``/lost+found`` if it (with its siblings) forms one, and otherwise
-moved to ``STORE/quarantine/``.  Without ``--repair`` nothing is written.
-
-``--rebuild-index`` moves the index aside and builds a new one from the
-newest sealed snapshot, the archived and live journal records after it, and
-the objects themselves (see ``docs/format.md``), then runs the repair.
+Repair never deletes what it cannot prove is garbage (the rules for damaged
+files and unnamed objects are in :mod:`dcmfs.salvage`): an unreferenced
+object is deleted only if it is an older version of a chunk of a file that
+verified intact, or belongs to a file a complete index deleted; a file
+without a name is linked into ``/lost+found``.  Without ``--repair`` nothing
+is written.  ``--rebuild-index`` (:mod:`dcmfs.rebuild`) builds a new index
+first, then runs the repair.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import logging
 import os
 import secrets
-import shutil
 import stat
 import time
 from typing import Callable
@@ -49,15 +43,15 @@ from . import codec as codecs, format as fmt
 from .config import Config
 from .durable import fsync_dir
 from .errors import DcmfsError, IndexDamagedError, IntegrityError
-from .index import (JOURNAL_NAME, SEALED, Index, Inode, archive_segments, refuse_if_missing,
-                    snapshots)
-from .objectstore import ChunkContext, ChunkRef, ObjectDamaged, ObjectStore
-from .store import Store, StoreLock, clear_damage_mark
+from .history import refuse_if_missing, take_snapshot
+from .index import SEALED, Index, Inode
+from .objectstore import ChunkContext, ObjectDamaged, ObjectStore
+from .salvage import Salvage
+from .store import Store, StoreLock
 from .verify import check_file, name_paths, stored_size
 
 log = logging.getLogger("dcmfs.fsck")
 
-LOST_FOUND = b"lost+found"
 
 
 @dataclasses.dataclass
@@ -73,12 +67,20 @@ class Problem:
         return dataclasses.asdict(self)
 
 
-class Fsck:
+class Fsck(Salvage):
     """One fsck run on an unmounted store (it holds the store lock)."""
 
     def __init__(self, store: Store, config: Config, repair: bool,
-                 progress: Callable[[str], None] = lambda stage: None) -> None:
+                 progress: Callable[[str], None] = lambda stage: None,
+                 index_complete: bool = True) -> None:
         self.store = store
+        #: False after a rebuild that could not roll every journal record
+        #: forward: the index may lack files and deletions, so objects of
+        #: unknown files are rebuilt rather than taken for deleted ones
+        self.index_complete = index_complete
+        #: files that verified intact before any repair: (generation, table)
+        self._intact: dict[int, int] = {}
+        self._next_ino0 = fmt.ROOT_INO + 1
         self.config = config
         self.repair = repair
         self.progress = progress
@@ -143,8 +145,7 @@ class Fsck:
         ix.checkpoint()
         for oid in self._garbage:
             self.objects.delete(oid)
-        ix.snapshot(os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
-        clear_damage_mark(self.store.root)
+        take_snapshot(ix, os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
 
     def _name_problems(self) -> None:
         with self.index.begin() as txn:
@@ -214,6 +215,16 @@ class Fsck:
 
     # --- objects in the wrong place ------------------------------------------------------
     def check_objects(self) -> None:
+        parking = os.path.join(self.store.root, fmt.QUARANTINE_DIR, ".misplaced")
+        if self.repair and os.path.isdir(parking):  # an interrupted earlier repair
+            for name in os.listdir(parking):
+                oid = bytes.fromhex(name)
+                os.makedirs(self.objects.dir_of(oid), mode=0o700, exist_ok=True)
+                if not os.path.exists(self.objects.path(oid)):
+                    os.rename(os.path.join(parking, name), self.objects.path(oid))
+        with self.index.begin() as txn:
+            raw = txn.meta_get("next_ino")
+        self._next_ino0 = int.from_bytes(raw, "big") if raw else fmt.ROOT_INO + 1
         misplaced = {}
         for oid in list(self.objects.iter_oids()):
             try:
@@ -224,6 +235,12 @@ class Fsck:
             self._contexts[oid] = ctx
             if ctx.oid != oid:
                 misplaced[oid] = ctx
+        top = max((c.ino for c in self._contexts.values() if c is not None), default=0)
+        if self.repair and top >= self._next_ino0:
+            # objects keep their inode numbers: /lost+found or a salvaged file
+            # must never be given one of them
+            with self.index.begin(write=True) as txn:
+                txn.meta_put("next_ino", (top + 1).to_bytes(8, "big"))
         if not misplaced:
             return
         for oid, ctx in misplaced.items():
@@ -233,7 +250,6 @@ class Fsck:
         if not self.repair:
             return
         # two phases, so that swapped pairs and cycles come out right
-        parking = os.path.join(self.store.root, fmt.QUARANTINE_DIR, ".misplaced")
         os.makedirs(parking, mode=0o700, exist_ok=True)
         for oid in misplaced:
             os.rename(self.objects.path(oid), os.path.join(parking, oid.hex()))
@@ -250,7 +266,7 @@ class Fsck:
             self._contexts.pop(oid, None)
         for oid, ctx in misplaced.items():
             self._contexts[ctx.oid] = ctx
-        shutil.rmtree(parking, ignore_errors=True)
+        os.rmdir(parking)  # empty now; never removed with anything in it
 
     def _head(self, oid: bytes) -> bytes:
         with open(self.objects.path(oid), "rb") as f:
@@ -330,38 +346,6 @@ class Fsck:
             txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
             txn.meta_put("store_id", self.store.store_id)
 
-    def _lost_found(self) -> int:
-        with self.index.begin() as txn:
-            ino = txn.lookup(fmt.ROOT_INO, LOST_FOUND)
-        if ino is not None:
-            return ino
-        now = self._now
-        with self.index.begin(write=True) as txn:
-            ino = txn.alloc_ino()
-            while txn.get_inode(ino) is not None:
-                ino = txn.alloc_ino()
-            txn.put_inode(ino, Inode(stat.S_IFDIR | 0o700, 0, 0, 2, 0, now, now, now,
-                                     secrets.token_bytes(16)))
-            txn.add_dirent(fmt.ROOT_INO, LOST_FOUND, ino)
-            root = txn.get_inode(fmt.ROOT_INO)
-            root.nlink += 1
-            txn.put_inode(fmt.ROOT_INO, root)
-        return ino
-
-    def _link_lost(self, ino: int, name: bytes) -> bytes:
-        lf = self._lost_found()
-        with self.index.begin(write=True) as txn:
-            final, n = name, 1
-            while txn.lookup(lf, final) is not None:
-                n += 1
-                final = name + f".{n}".encode()
-            txn.add_dirent(lf, final, ino)
-            if stat.S_ISDIR(txn.get_inode(ino).mode):
-                lf_inode = txn.get_inode(lf)
-                lf_inode.nlink += 1
-                txn.put_inode(lf, lf_inode)
-        return final
-
     # --- chunk tables ------------------------------------------------------------------------
     def check_tables(self) -> None:
         ix = self.index
@@ -400,90 +384,22 @@ class Fsck:
             with ix.begin() as txn:
                 table = txn.chunks(ino)
             findings = check_file(self.objects, ino, inode, table, self.cs)
+            if not findings:
+                self._intact[ino] = inode.generation
+                continue
+            restored = None
+            if self.repair:
+                restored = ("restored from its own unreferenced objects; the SHA-256 matches"
+                            if self._restore(ino, inode, table) else
+                            "replaced by the newer complete version its objects hold (the "
+                            "index had lost it; no checksum to compare)"
+                            if self._adopt_newer(ino, inode, table) else None)
             for f in findings:
                 self.found("contents", f"{f.kind}: {f.detail}", ino,
                            bytes.fromhex(f.oid) if f.oid else None,
-                           repaired="moved to /lost+found, unreadable bytes zeroed")
-            if findings and self.repair:
+                           repaired=restored or "moved to /lost+found, unreadable bytes zeroed")
+            if self.repair and not restored:
                 self._salvage_damaged(ino, inode, table)
-
-    def _salvage_damaged(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> None:
-        """Keep what can be read, zero what cannot, move the file to /lost+found."""
-        cipher = self.objects.file_cipher(inode.file_id)
-        gen = inode.generation + 1
-        extents = any(r.offset >= 0 for r in table.values())
-        new_table: dict[int, ChunkRef] = {}
-        lost: list[str] = []
-        pieces = ([(i, table[i], table[i].offset, table[i].plain_len)
-                   for i in sorted(table, key=lambda i: table[i].offset)] if extents else
-                  [(i, table.get(i), i * self.cs, min(self.cs, inode.size - i * self.cs))
-                   for i in range(-(-inode.size // self.cs))])
-        if extents and (not pieces or pieces[-1][2] + pieces[-1][3] != inode.size):
-            # the extents do not cover the file: lay it out in fixed chunks
-            # from what can be read
-            extents = False
-            pieces = [(i, None, i * self.cs, min(self.cs, inode.size - i * self.cs))
-                      for i in range(-(-inode.size // self.cs))]
-        hasher = hashlib.sha256()
-        last = len(pieces) - 1
-        for k, (idx, ref, start, length) in enumerate(pieces):
-            flags = (fmt.CHUNK_FLAG_LAST if k == last else 0) | \
-                (fmt.CHUNK_FLAG_EXTENT if extents else 0)
-            plain = None
-            if ref is not None:
-                try:
-                    plain = self.objects.read(cipher, inode.file_id, ino, idx, ref)
-                except IntegrityError:
-                    plain = None
-                if plain is not None and len(plain) == length and ref.flags == flags:
-                    new_table[idx] = ref
-                    hasher.update(plain)
-                    continue
-                if plain is not None:
-                    plain = plain[:length].ljust(length, b"\0")
-            elif k != last:  # a hole reads as zeros
-                hasher.update(bytes(length))
-                continue
-            if plain is None:
-                plain = bytes(length)
-                lost.append(f"{start}-{start + length - 1}")
-            nref = self.objects.write(cipher, inode.file_id, ino, idx, gen, flags,
-                                      codecs.ZSTD, plain)
-            new_table[idx] = nref._replace(offset=start if extents else -1)
-            hasher.update(plain)
-        with self.index.begin(write=True) as txn:
-            for idx, ref in table.items():
-                if new_table.get(idx) != ref:
-                    self._named[ref.oid] -= 1
-                    if self._named[ref.oid] <= 0:
-                        self._quarantine_or_garbage(ref.oid)
-                if idx not in new_table:
-                    txn.delete_chunk(ino, idx)
-            for idx, ref in new_table.items():
-                if table.get(idx) != ref:
-                    txn.put_chunk(ino, idx, ref)
-            fresh = txn.get_inode(ino)
-            fresh.generation, fresh.sha256 = gen, hasher.digest()
-            fresh.ctime_ns = self._now
-            txn.put_inode(ino, fresh)
-            note = ("fsck " + time.strftime("%Y-%m-%d %H:%M:%S") + ": "
-                    + ("bytes " + ", ".join(lost) + " could not be read and are zeros"
-                       if lost else "the chunk table was repaired"))
-            txn.set_xattr(ino, b"user.dcmfs.fsck", note.encode())
-            names = [(p, n) for p, n, c in txn.iter_dirents() if c == ino]
-            for parent, name in names:
-                txn.remove_dirent(parent, name)
-        name = names[0][1] if names else str(ino).encode()
-        self._link_lost(ino, f"{ino}-".encode() + name)
-        with self.index.begin(write=True) as txn:
-            fresh = txn.get_inode(ino)
-            fresh.nlink = 1
-            txn.put_inode(ino, fresh)
-
-    def _quarantine_or_garbage(self, oid: bytes) -> None:
-        """A damaged object: it cannot be read, but it is not ours to delete."""
-        if self._contexts.get(oid, "unknown") is None or os.path.exists(self.objects.path(oid)):
-            self.objects.quarantine(oid, self.store.root)
 
     # --- unreferenced objects -----------------------------------------------------------------
     def check_unreferenced(self) -> None:
@@ -508,26 +424,31 @@ class Fsck:
                 continue
             inode = inodes.get(ctx.ino)
             if inode is not None and inode.file_id == ctx.file_id:
-                if ctx.generation <= inode.generation:
-                    self.found("unreferenced", "superseded version of a chunk", ctx.ino, oid,
-                               repaired="deleted")
+                if ctx.ino in self._intact and ctx.generation <= self._intact[ctx.ino]:
+                    # the file verified intact (its SHA-256 is in the sealed
+                    # index) without this object: an older version of a chunk
+                    self.found("unreferenced", "superseded version of a chunk of an intact "
+                                               "file", ctx.ino, oid, repaired="deleted")
                     if self.repair:
                         self._garbage.append(oid)
                 else:
-                    self.found("unreferenced", f"newer version (generation {ctx.generation}) "
-                                               "than the index knows", ctx.ino, oid,
+                    self.found("unreferenced", f"object of a damaged file or a newer version "
+                                               f"(generation {ctx.generation}) than the index "
+                                               "knows", ctx.ino, oid,
                                repaired="moved to quarantine")
                     if self.repair:
                         self.objects.quarantine(oid, self.store.root)
                 continue
+            if self.index_complete and not self._index_damaged() \
+                    and ctx.ino < self._next_ino0 and ctx.ino not in inodes:
+                # a complete index handed this inode number out and removed
+                # the file: the object is what a crash kept from its deletion
+                self.found("unreferenced", "object of a deleted file", ctx.ino, oid,
+                           repaired="deleted")
+                if self.repair:
+                    self._garbage.append(oid)
+                continue
             unknown[(ctx.ino, ctx.file_id)].append(ctx)
-        if unknown and self.repair:
-            # the objects keep their inode numbers: none may be handed out again
-            top = max(ino for ino, _ in unknown) + 1
-            with ix.begin(write=True) as txn:
-                raw = txn.meta_get("next_ino")
-                if raw is None or int.from_bytes(raw, "big") < top:
-                    txn.meta_put("next_ino", top.to_bytes(8, "big"))
         for (ino, file_id), ctxs in sorted(unknown.items()):
             taken = ino in inodes
             for ctx in ctxs:
@@ -539,31 +460,8 @@ class Fsck:
                     for ctx in ctxs:
                         self.objects.quarantine(ctx.oid, self.store.root)
 
-    def _rebuild_file(self, ino: int, file_id: bytes, ctxs: list[ChunkContext]) -> bool:
-        """Make a file of objects the index does not know (same inode number and
-        file id: they are bound into the objects).  False if they do not form one."""
-        table = assemble(ctxs, self.cs)
-        if table is None:
-            return False
-        size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
-                   for i, r in table.items())
-        gen = max(r.generation for r in table.values())
-        cipher = self.objects.file_cipher(file_id)
-        hasher = hashlib.sha256()
-        try:
-            for idx, ref, start, length in _pieces(table, size, self.cs):
-                plain = b"" if ref is None else self.objects.read(cipher, file_id, ino, idx, ref)
-                hasher.update(plain[:length].ljust(length, b"\0"))
-        except IntegrityError:
-            return False
-        now = self._now
-        with self.index.begin(write=True) as txn:
-            txn.put_inode(ino, Inode(stat.S_IFREG | 0o600, 0, 0, 1, size, now, now, now,
-                                     file_id, gen, hasher.digest()))
-            for idx, ref in table.items():
-                txn.put_chunk(ino, idx, ref)
-        self._link_lost(ino, str(ino).encode())
-        return True
+    def _index_damaged(self) -> bool:
+        return any(p.check == "index" for p in self.problems)
 
     # --- totals and stray entries --------------------------------------------------------------
     def check_totals(self) -> None:
@@ -572,7 +470,11 @@ class Fsck:
             inodes = dict(txn.iter_inodes())
             files = sum(1 for i in inodes.values() if stat.S_ISREG(i.mode))
             logical = sum(i.size for i in inodes.values() if stat.S_ISREG(i.mode))
-            stored = sum(stored_size(r) for _, _, r in txn.iter_all_chunks())
+            refs = [r for _, _, r in txn.iter_all_chunks()]
+            stored = sum(stored_size(r) for r in refs)
+            # version-1 objects have 16 header bytes fewer than the size the
+            # totals count them at since they were written: either is right
+            stored_v1 = stored - (fmt.OBJ_HEADER_LEN - fmt.OBJ1_HEADER_LEN) * len(refs)
             have = txn.stats()
             stray = []
             for db in ("xattrs", "orphans", "backlog", "content", "scrubbed"):
@@ -593,113 +495,9 @@ class Fsck:
             if self.repair:
                 with ix.begin(write=True) as txn:
                     txn.meta_put("next_ino", (max(inodes) + 1).to_bytes(8, "big"))
-        if have != (files, logical, stored):
+        if have[:2] != (files, logical) or not stored_v1 <= have[2] <= stored:
             self.found("totals", f"store totals {have} differ from the files "
                                  f"({files}, {logical}, {stored})", repaired="recomputed")
             if self.repair:
                 with ix.begin(write=True) as txn:
                     txn.add_stats(files - have[0], logical - have[1], stored - have[2])
-
-
-def assemble(ctxs: list[ChunkContext], cs: int) -> dict[int, ChunkRef] | None:
-    """The newest complete version a set of one file's objects holds, as a
-    chunk table; None when no complete version is there."""
-    ext = [c for c in ctxs if c.flags & fmt.CHUNK_FLAG_EXTENT]
-    fixed = [c for c in ctxs if not c.flags & fmt.CHUNK_FLAG_EXTENT]
-    for gen in sorted({c.generation for c in ext}, reverse=True):
-        by_idx = {c.index: c for c in ext if c.generation == gen}
-        lasts = [i for i, c in by_idx.items() if c.flags & fmt.CHUNK_FLAG_LAST]
-        if len(lasts) == 1 and set(by_idx) == set(range(lasts[0] + 1)):
-            table, pos = {}, 0
-            for i in range(lasts[0] + 1):
-                c = by_idx[i]
-                table[i] = ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len,
-                                    c.stored_len, pos)
-                pos += c.plain_len
-            return table
-    if not fixed:
-        return None
-    newest: dict[int, ChunkContext] = {}
-    for c in sorted(fixed, key=lambda c: c.generation):
-        newest[c.index] = c
-    lasts = [c for c in newest.values() if c.flags & fmt.CHUNK_FLAG_LAST]
-    if not lasts:
-        return None
-    last = max(lasts, key=lambda c: (c.generation, c.index))
-    table = {}
-    for i, c in newest.items():
-        if i < last.index and c.flags & fmt.CHUNK_FLAG_LAST:
-            continue  # the end of an older, shorter version
-        if i <= last.index:
-            table[i] = ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len,
-                                c.stored_len)
-    return table
-
-
-def _pieces(table: dict[int, ChunkRef], size: int, cs: int):
-    if any(r.offset >= 0 for r in table.values()):
-        for i in sorted(table, key=lambda i: table[i].offset):
-            yield i, table[i], table[i].offset, table[i].plain_len
-        return
-    for i in range(-(-size // cs)):
-        yield i, table.get(i), i * cs, min(cs, size - i * cs)
-
-
-# --- rebuilding the index ------------------------------------------------------------------
-def rebuild_index(store: Store, config: Config) -> dict:
-    """Move the index aside and build a new one from the newest snapshot that
-    opens, the journal records after it and the objects; returns what was
-    used.  The caller then runs the repair (:class:`Fsck`) on it."""
-    root = store.root
-    index_dir = os.path.join(root, fmt.INDEX_DIR)
-    snap_dir = os.path.join(root, fmt.SNAPSHOTS_DIR)
-    lock = StoreLock(root)
-    try:
-        aside = None
-        if os.path.exists(index_dir):
-            aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{time.strftime('%Y%m%d%H%M%S')}")
-            os.rename(index_dir, aside)
-        used = {"moved_aside": os.path.basename(aside) if aside else None, "snapshot": None,
-                "journal_records": 0, "records_after_gap": 0}
-        for seq, path in reversed(snapshots(snap_dir)):
-            tmp = index_dir + ".new"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.mkdir(tmp, 0o700)
-            shutil.copyfile(os.path.join(path, "data.mdb"), os.path.join(tmp, "data.mdb"))
-            try:
-                ix = Index(tmp, store.master_key, store.store_id, config.index_map_size)
-                with ix.begin() as txn:
-                    ok = txn.meta_get("store_id") == store.store_id
-                    list(txn.iter_inodes())
-                ix.close()
-            except (DcmfsError, Exception):  # noqa: BLE001 — try an older snapshot
-                ok = False
-            if ok:
-                # the journal a test open created there is empty: the records
-                # come from the archive and the old journal
-                os.remove(os.path.join(tmp, JOURNAL_NAME))
-                os.rename(tmp, index_dir)
-                used["snapshot"] = os.path.basename(path)
-                break
-            shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(index_dir, mode=0o700, exist_ok=True)
-        ix = Index(index_dir, store.master_key, store.store_id, config.index_map_size,
-                   archive_dir=snap_dir)
-        try:
-            journals = [p for _, p in archive_segments(snap_dir)]
-            if aside and os.path.exists(os.path.join(aside, JOURNAL_NAME)):
-                journals.append(os.path.join(aside, JOURNAL_NAME))
-            applied, skipped = ix.roll_forward(journals)
-            used.update(journal_records=applied, records_after_gap=skipped)
-            with ix.begin(write=True) as txn:
-                txn.meta_put("store_id", store.store_id)
-                txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
-            ix.checkpoint()
-        finally:
-            ix.close()
-        fsync_dir(root)
-        return used
-    finally:
-        lock.release()
-
-

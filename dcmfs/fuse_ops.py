@@ -44,6 +44,7 @@ ERRNO: list[tuple[type, int]] = [
     (E.NameTooLong, errno.ENAMETOOLONG),
     (E.BadHandle, errno.EBADF),
     (E.TooBig, errno.EFBIG),
+    (E.PermissionDenied, errno.EACCES),
     (E.ReadOnlyError, errno.EROFS),
     (E.NoSpaceError, errno.ENOSPC),
     (E.IntegrityError, errno.EIO),
@@ -221,13 +222,13 @@ class _Operations:
 
     @_translate
     def setxattr(self, path, name, value, options, position=0):
-        self._fs.setxattr(path, name, value, options)
+        self._fs.setxattr(path, name, value, options, caller=mfusepy.fuse_get_context()[0])
 
     @_translate
     def getxattr(self, path, name, position=0):
         if name == OPS_XATTR and path == "/":  # the adapter's own counters
             return self._ops.snapshot_json()
-        return self._fs.getxattr(path, name)
+        return self._fs.getxattr(path, name, caller=mfusepy.fuse_get_context()[0])
 
     @_translate
     def listxattr(self, path):

@@ -64,14 +64,12 @@ import hmac
 import json
 import logging
 import os
-import shutil
 import struct
 from typing import Iterator
 
 import lmdb
 
 from . import crypto, format as fmt
-from .durable import fsync_dir
 from .errors import (IndexDamagedError, IntegrityError, NeedsRecoveryError, NoSpaceError,
                      StoreIOError)
 from .journal import DELETE, PUT, Journal, Op
@@ -91,32 +89,13 @@ _STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
              "content", "scrubbed")
+#: databases a store made by an older dcmfs may lack (created at its first
+#: read-write opening; empty for a read-only one)
+OPTIONAL = ("scrubbed",)
 #: databases whose values are sealed (the others hold plain numbers or nothing)
 SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
 _DB_ID = {name: i for i, name in enumerate(DATABASES)}
 JOURNAL_NAME = "journal"
-SNAPSHOT_PREFIX = "index-"
-ARCHIVE_PREFIX = "journal-"
-
-
-def _numbered(directory: str | None, prefix: str) -> list[tuple[int, str]]:
-    if not directory or not os.path.isdir(directory):
-        return []
-    out = []
-    for name in os.listdir(directory):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            out.append((int(name[len(prefix):]), os.path.join(directory, name)))
-    return sorted(out)
-
-
-def snapshots(directory: str | None) -> list[tuple[int, str]]:
-    """(journal sequence number, path) of the index snapshots, oldest first."""
-    return _numbered(directory, SNAPSHOT_PREFIX)
-
-
-def archive_segments(directory: str | None) -> list[tuple[int, str]]:
-    """(last sequence number, path) of the archived journal segments, in order."""
-    return _numbered(directory, ARCHIVE_PREFIX)
 
 
 @dataclasses.dataclass
@@ -203,23 +182,6 @@ def read_stats(path: str) -> tuple[int, int, int] | None:
         env.close()
 
 
-def refuse_if_missing(store_root: str) -> None:
-    """Raise :class:`IndexDamagedError` if a store that has been used has no
-    index file: opening it read-write would start an empty index and every
-    file would seem gone (the objects are all still there)."""
-    index_dir = os.path.join(store_root, fmt.INDEX_DIR)
-    if os.path.exists(os.path.join(index_dir, "data.mdb")):
-        return
-    objects = os.path.join(store_root, fmt.OBJECTS_DIR)
-    used = (os.path.isdir(objects) and bool(os.listdir(objects))) \
-        or bool(snapshots(os.path.join(store_root, fmt.SNAPSHOTS_DIR))) \
-        or os.path.exists(os.path.join(index_dir, JOURNAL_NAME))
-    if used:
-        raise IndexDamagedError(
-            f"The index of the store {store_root} is missing (index/data.mdb) although the "
-            f"store holds data; rebuild it with 'dcmfs fsck --rebuild-index {store_root}'.")
-
-
 class Index:
     """The opened LMDB environment, its journal and the keys that seal its values."""
 
@@ -240,8 +202,14 @@ class Index:
             self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
                                  readonly=read_only, create=not read_only, mode=0o600,
                                  sync=True, metasync=True, readahead=False, lock=False)
-            self.dbs = {name: self.env.open_db(name.encode(), create=not read_only)
-                        for name in DATABASES}
+            self.dbs = {}
+            for name in DATABASES:
+                try:
+                    self.dbs[name] = self.env.open_db(name.encode(), create=not read_only)
+                except lmdb.NotFoundError:
+                    if name not in OPTIONAL:
+                        raise
+                    self.dbs[name] = None  # an older store opened read-only: empty
         except lmdb.Error as exc:
             raise _lmdb_error(exc, "opening the index") from exc
         self._siv = crypto.Siv(crypto.derive(master_key, b"index", store_id))
@@ -326,7 +294,8 @@ class Index:
             self.journal.reset()
             return False
         os.makedirs(self.archive_dir, mode=0o700, exist_ok=True)
-        self.journal.rotate(os.path.join(self.archive_dir, f"{ARCHIVE_PREFIX}{self._seq:016d}"))
+        self.journal.rotate(os.path.join(self.archive_dir,
+                                         f"{fmt.ARCHIVE_PREFIX}{self._seq:016d}"))
         return True
 
     def _commit_batch(self, batch: lmdb.Transaction) -> None:
@@ -334,10 +303,6 @@ class Index:
         batch.put(b"journal_seq", _U64.pack(self._seq), db=self.dbs["meta"])
         batch.commit()
         self.env.sync(True)
-
-    def archived_bytes(self) -> int:
-        """Bytes of journal segments kept since the oldest snapshot."""
-        return sum(os.path.getsize(p) for _, p in archive_segments(self.archive_dir))
 
     def _apply(self, parent: lmdb.Transaction, ops: list[Op]) -> lmdb.Transaction:
         child = self.env.begin(write=True, parent=parent)
@@ -371,6 +336,34 @@ class Index:
                             "daemon (a restart replays the journal).")
             log.error("%s (%s)", self._broken, problem)
 
+    def _apply_checked(self, ops: list[Op], verify) -> bool:
+        """Apply one record's ops to the batch if every chunk object it puts is
+        intact (``verify(txn, ino, index, ref)``); False (nothing applied) if not."""
+        try:
+            child = self._apply(self._parent(), ops)
+        except (lmdb.Error, IndexError):
+            return False
+        ok = True
+        txn = Txn(self, child)
+        try:
+            for kind, db_id, key, value in ops:
+                if kind == PUT and DATABASES[db_id] == "chunks":
+                    ino, idx = _U64x2.unpack(key)
+                    ref = _decode_chunk(self.open("chunks", key, value))
+                    if not verify(txn, ino, idx, ref):
+                        ok = False
+                        break
+        except (lmdb.Error, IntegrityError, struct.error):
+            ok = False
+        except BaseException:
+            child.abort()
+            raise
+        if not ok:
+            child.abort()
+            return False
+        child.commit()
+        return True
+
     def replay(self, verify, commit: bool = True) -> tuple[int, int]:
         """Apply the journal records a crash left behind; returns (applied, dropped).
 
@@ -386,40 +379,19 @@ class Index:
         for seq, ops in records:
             if seq != self._seq + 1:
                 break
-            try:
-                child = self._apply(self._parent(), ops)
-            except (lmdb.Error, IndexError):
+            if not self._apply_checked(ops, verify):
                 break
-            ok = True
-            txn = Txn(self, child)
-            try:
-                for kind, db_id, key, value in ops:
-                    if kind == PUT and DATABASES[db_id] == "chunks":
-                        ino, idx = _U64x2.unpack(key)
-                        ref = _decode_chunk(self.open("chunks", key, value))
-                        if not verify(txn, ino, idx, ref):
-                            ok = False
-                            break
-            except (lmdb.Error, IntegrityError, struct.error):
-                ok = False
-            except BaseException:
-                child.abort()
-                raise
-            if not ok:
-                child.abort()
-                break
-            child.commit()
             self._seq = seq
             applied += 1
         dropped = len(records) - applied
-        if dropped:
-            # never reuse the dropped records' numbers: should the truncation
-            # below not reach the disk, they must stay behind journal_seq
-            self._seq = max(seq for seq, _ in records)
-        if records and commit:
-            self.checkpoint()  # the caller has synced the objects first
-            if dropped:
-                self.journal.sync()
+        if commit:
+            # what was not applied (dropped records, a torn tail) goes, durably,
+            # before anything is appended or archived: new records must follow
+            # the last applied one, or the next replay would stop at the old
+            # bytes, and a rebuild must never roll dropped records forward
+            self.journal.cut_after(self._seq)
+            if records:
+                self.checkpoint()  # the caller has synced the objects first
         return applied, dropped
 
     def raw_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
@@ -465,60 +437,35 @@ class Index:
                             "(its journal keeps every change).")
             raise _lmdb_error(exc, "committing") from exc
 
-    def snapshot(self, snapshots_dir: str, keep: int = 2) -> str:
-        """Durably copy the index (compacted) to ``snapshots_dir/index-<seq>``.
-
-        Call it right after a checkpoint (no batch open).  The copy holds the
-        same sealed values as the index, so it reveals nothing more; it is
-        where an index rebuild starts, followed by the journal records after
-        ``seq`` (archive segments, then the live journal).  The ``keep``
-        newest copies stay, and the archive segments they still need.
-        """
-        os.makedirs(snapshots_dir, mode=0o700, exist_ok=True)
-        final = os.path.join(snapshots_dir, f"{SNAPSHOT_PREFIX}{self._seq:016d}")
-        if os.path.exists(final):
-            return final
-        tmp = os.path.join(snapshots_dir, f".tmp-{self._seq:016d}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.mkdir(tmp, 0o700)
-        try:
-            self.env.copy(tmp, compact=True)
-            with open(os.path.join(tmp, "data.mdb"), "rb+") as f:
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-            fsync_dir(snapshots_dir)
-        except (OSError, lmdb.Error) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreIOError(f"Writing an index snapshot failed: {exc}.") from exc
-        kept = snapshots(snapshots_dir)[-keep:]
-        for seq, path in snapshots(snapshots_dir)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
-        oldest = kept[0][0] if kept else 0
-        for last, path in archive_segments(snapshots_dir):
-            if last <= oldest:  # every record in it is in the oldest kept snapshot
-                os.unlink(path)
-        return final
-
-    def roll_forward(self, journal_paths: list[str]) -> tuple[int, int]:
+    def roll_forward(self, journal_paths: list[str], verify) -> tuple[int, int, int]:
         """Apply the records of these journals (archive segments in order, then
-        a live journal) that follow the index's sequence number; stops at the
-        first gap.  Returns (records applied, records after a gap, not
-        applied).  For index rebuilds; the result is checkpointed."""
+        a live journal) that follow the index's sequence number, each only if
+        its objects are intact (``verify`` as for :meth:`replay`); stops at the
+        first gap or failing record.  Returns (records applied, records not
+        applied, the highest sequence number seen).  For index rebuilds; the
+        result is checkpointed."""
         applied = skipped = 0
+        highest = self._seq
         for path in journal_paths:
             j = Journal(path, self._master, self._store_id, read_only=True)
             try:
                 for seq, ops in j.records(self._seq):
-                    if seq != self._seq + 1 or skipped:
+                    highest = max(highest, seq)
+                    if skipped or seq != self._seq + 1 or not self._apply_checked(ops, verify):
                         skipped += 1
                         continue
-                    self._apply(self._parent(), ops).commit()
                     self._seq = seq
                     applied += 1
             finally:
                 j.close()
         self.checkpoint()
-        return applied, skipped
+        return applied, skipped, highest
+
+    def skip_to(self, seq: int) -> None:
+        """Continue numbering after ``seq`` (a rebuild that left records
+        unapplied: their numbers must never be reused)."""
+        if seq > self._seq:
+            self._seq = seq
 
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.new(self._name_key, _U64.pack(parent) + name, hashlib.sha256).digest()[:16]
@@ -721,6 +668,16 @@ class Txn:
     def delete_chunk(self, ino: int, index: int) -> None:
         self._delete("chunks", _U64x2.pack(ino, index))
 
+    def iter_all_chunks_checked(self) -> Iterator[tuple[int, int, ChunkRef | None]]:
+        """Like :meth:`iter_all_chunks`; an entry that does not authenticate
+        is yielded with None (verify, fsck)."""
+        for key, raw in self._scan_raw("chunks", b""):
+            ino, idx = _U64x2.unpack(key)
+            try:
+                yield ino, idx, _decode_chunk(self.ix.open("chunks", key, raw))
+            except (IntegrityError, struct.error):
+                yield ino, idx, None
+
     def iter_all_chunks(self) -> Iterator[tuple[int, int, ChunkRef]]:
         for key, raw in self._scan("chunks", b""):
             ino, idx = _U64x2.unpack(key)
@@ -784,6 +741,8 @@ class Txn:
         self._put_plain("scrubbed", ino_key(ino), _U64.pack(when_ns))
 
     def scrubbed(self, ino: int) -> int | None:
+        if self._db["scrubbed"] is None:
+            return None
         raw = self.txn.get(ino_key(ino), db=self._db["scrubbed"])
         return None if raw is None else _U64.unpack(raw)[0]
 

@@ -224,6 +224,12 @@ class Journal:
         Stops silently at the first torn, unauthentic or out-of-sequence
         record: that is where the last session's durable writes ended.
         """
+        for seq, ops, _ in self._scan():
+            if seq > after:
+                yield seq, ops
+
+    def _scan(self) -> Iterator[tuple[int, list[Op], int]]:
+        """(sequence, ops, offset after the record) of the intact prefix."""
         if self._fd is None:
             return
         pos = _HEADER.size
@@ -241,5 +247,25 @@ class Journal:
                 return
             pos += _RECORD.size + length
             expect = seq + 1
-            if seq > after:
-                yield seq, ops
+            yield seq, ops, pos
+
+    def cut_after(self, seq: int) -> bool:
+        """Durably drop everything after the record ``seq`` (or after the last
+        intact record before it): a torn tail a power cut left, and records a
+        replay did not apply.  Appends must never land behind such bytes, or
+        the next replay would stop before them.  Returns True if it cut."""
+        end = _HEADER.size
+        for rseq, _, pos in self._scan():
+            if rseq > seq:
+                break
+            end = pos
+        if end >= self.size:
+            return False
+        try:
+            os.ftruncate(self._fd, end)
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise StoreIOError(f"Cutting the index journal after its last intact record "
+                               f"failed: {exc.strerror}.") from exc
+        self.size = end
+        return True

@@ -23,7 +23,7 @@ from .config import Config
 from .errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
                      NotMountedError, StoreLockedError)
 from .filesystem import FileSystem
-from .index import refuse_if_missing
+from .history import refuse_if_missing
 from .fuse_ops import require_fuse, serve
 from .logsetup import stderr_is_journal
 from .metrics import MetricsServer, OpStats

@@ -205,23 +205,35 @@ class ObjectStore:
         """Authenticate and parse the context block (usable without the index)."""
         return self._open_context(oid, blob)[0]
 
-    def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes]:
-        if len(blob) < fmt.OBJ_HEADER_LEN + fmt.TAG_LEN:
+    def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes, int]:
+        """(context, its plaintext, header length) of an object of either layout."""
+        if len(blob) < fmt.OBJ_PREFIX.size:
             raise ObjectDamaged(oid, "is truncated", LENGTH)
-        if blob[:fmt.OBJ_PREFIX.size] != _PREFIX:
-            magic, version, kind, _ = fmt.OBJ_PREFIX.unpack_from(blob)
-            if magic == fmt.OBJ_MAGIC and version > fmt.FORMAT_VERSION:
+        magic, version, kind, reserved = fmt.OBJ_PREFIX.unpack_from(blob)
+        if magic != fmt.OBJ_MAGIC or kind != fmt.OBJ_KIND_CHUNK or reserved:
+            raise ObjectDamaged(oid, "has a damaged header")
+        if version not in fmt.OBJECT_VERSIONS:
+            if version > max(fmt.OBJECT_VERSIONS):
                 raise ObjectDamaged(oid, f"has format version {version}, newer than this dcmfs",
                                     NEWER)
             raise ObjectDamaged(oid, "has a damaged header")
+        v1 = version == 1
+        header_len = fmt.OBJ1_HEADER_LEN if v1 else fmt.OBJ_HEADER_LEN
+        if len(blob) < header_len + fmt.TAG_LEN:
+            raise ObjectDamaged(oid, "is truncated", LENGTH)
         start = fmt.OBJ_PREFIX.size
-        end = start + fmt.NONCE_LEN + fmt.CTX_SEALED_LEN
+        end = header_len - fmt.NONCE_LEN
+        prefix = bytes(blob[:fmt.OBJ_PREFIX.size])
+        aad = prefix + self._store_id + (oid if v1 else b"")
         try:
-            ctx = self._header.open(memoryview(blob)[start:end], self._ctx_aad)
+            ctx = self._header.open(memoryview(blob)[start:end], aad)
         except crypto.AuthenticationFailed as exc:
             raise ObjectDamaged(oid, "failed authentication of its context") from exc
+        if v1:  # the id was in the associated data: it is the name it opened under
+            fields = fmt.CTX1_STRUCT.unpack(ctx)
+            return ChunkContext(oid, *fields[:6], *fields[7:]), ctx, header_len
         fields = fmt.CTX_STRUCT.unpack(ctx)
-        return ChunkContext(*fields[:7], *fields[8:]), ctx
+        return ChunkContext(*fields[:7], *fields[8:]), ctx, header_len
 
     def read(self, cipher: crypto.Gcm, file_id: bytes, ino: int, index: int, ref: ChunkRef,
              blob: bytes | None = None) -> bytes:
@@ -235,7 +247,7 @@ class ObjectStore:
         oid = ref.oid
         if blob is None:
             blob = self.load(oid)
-        ctx, ctx_plain = self._open_context(oid, blob)
+        ctx, ctx_plain, header_len = self._open_context(oid, blob)
         expected = ChunkContext(oid, file_id, ino, index, ref.generation, ref.codec, ref.flags,
                                 ref.plain_len, ref.stored_len)
         if ctx != expected:
@@ -250,11 +262,12 @@ class ObjectStore:
                 raise ObjectDamaged(oid, f"holds object {ctx.oid.hex()} {where} "
                                          "(swapped or moved)", SWAPPED)
             raise ObjectDamaged(oid, "does not match its index entry", MISMATCH)
-        if len(blob) != fmt.OBJ_HEADER_LEN + ref.stored_len + fmt.TAG_LEN:
+        if len(blob) != header_len + ref.stored_len + fmt.TAG_LEN:
             raise ObjectDamaged(oid, "has the wrong length", LENGTH)
-        start = fmt.OBJ_PREFIX.size + fmt.NONCE_LEN + fmt.CTX_SEALED_LEN
+        start = header_len - fmt.NONCE_LEN
+        aad = bytes(blob[:fmt.OBJ_PREFIX.size]) + self._store_id + oid + ctx_plain
         try:
-            payload = cipher.open(memoryview(blob)[start:], self._aad(oid) + ctx_plain)
+            payload = cipher.open(memoryview(blob)[start:], aad)
         except crypto.AuthenticationFailed as exc:
             raise ObjectDamaged(oid, "failed authentication") from exc
         try:

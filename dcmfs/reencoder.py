@@ -62,6 +62,8 @@ class Reencoder:
         self._running.set()
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
+        #: the inode being re-encoded now (its new objects are not named yet)
+        self.current: int | None = None
         self.files_done = 0
         self.bytes_done = 0
         self.frames_coded = 0
@@ -164,6 +166,7 @@ class Reencoder:
                 self._wake.clear()
                 continue
             pause = 0.05
+            self.current = ino  # verify: its new objects are not orphans
             try:
                 done = self.encode(ino)
             except CodecMismatch as exc:  # a codec bug: the file stays as it is
@@ -179,6 +182,7 @@ class Reencoder:
                 self.errors += 1
                 log.error("re-encoding inode %d failed, will retry: %s", ino, exc)
                 done, pause = False, 5.0
+            self.current = None
             try:
                 with self.fs._lock:
                     if done is False:  # open, changed or failed: to the back of the queue

@@ -27,9 +27,21 @@ log = logging.getLogger("dcmfs.scrub")
 ORPHAN_AGE = 600.0
 
 
-def _in_use(fs) -> set[bytes]:
-    """Objects the daemon holds that the index does not name yet (or any more)."""
+def _in_use(fs, candidates: list[bytes]) -> set[bytes]:
+    """Objects the daemon holds that the index does not name yet (or any more):
+    superseded ones waiting for a checkpoint, those of open files, and those
+    the re-encoder is writing for the file it is on."""
     out = set(fs.data._garbage)
+    busy = fs.reencoder.current if fs.reencoder is not None else None
+    if busy is not None:
+        for oid in candidates:
+            try:
+                with open(fs.objects.path(oid), "rb") as f:
+                    ctx = fs.objects.open_context(oid, f.read(200))
+            except (OSError, IntegrityError):
+                continue
+            if ctx.ino == busy:
+                out.add(oid)
     for of in fs._open.values():
         for fut in list(of.pending.values()) + list(of.discarded):
             if fut.done() and fut.exception() is None and fut.result() is not None:
@@ -84,10 +96,12 @@ class VerifyJob:
                 self.state.update(done=done, bytes=nbytes, findings=nfind)
 
             report = verifier.run(files, progress, stop=fs._stop)
+            if fs._stop.is_set():
+                raise InterruptedError("the store was unmounted before verify finished")
             if not self.paths and self.sample is None:
                 with fs._lock, fs.index.begin() as txn:
                     report.findings += unnamed_files(txn)
-                report.findings += verifier.orphan_objects(ORPHAN_AGE, lambda: _in_use(fs))
+                report.findings += verifier.orphan_objects(ORPHAN_AGE, lambda c: _in_use(fs, c))
             report_findings(fs, report.findings)
             with fs._lock, fs.index.begin() as txn:
                 paths = name_paths(txn, {f.ino for f in report.findings if f.ino})
@@ -137,6 +151,10 @@ class Scrubber:
             while not fs._stop.is_set():
                 start = time.monotonic()
                 files = verifier.files()
+                if verifier.bad_inodes:  # inode records that do not authenticate
+                    self._damaged.update(f.ino for f in verifier.bad_inodes)
+                    self.state["findings"] = len(self._damaged)
+                    report_findings(fs, verifier.bad_inodes)
                 total = sum(size for _, size in files)
                 # spread the round over the interval, never above the rate
                 per_second = min(self.rate, max(total / max(self.interval, 1.0), 1.0))

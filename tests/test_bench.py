@@ -5,41 +5,50 @@ quiet machine); the test checks that every contender ran, that what was
 written was read back (the benchmark compares it byte for byte and fails
 otherwise), that the sizes make sense, and that the DICOM-aware re-encoder
 really did its work on the native subset (and the paused and dicom=0
-variants really were paused and zstd-only).
+variants really were paused and zstd-only); that the corpus, small-file and
+random-read workloads and the cipher-quality figures ran; and that --report
+wrote its page with every contender and valid PNGs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
+import shutil
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 MOUNTED = ("dcmfs", "dcmfs-paused", "dcmfs-dicom0")
+GOCRYPTFS = {"gocryptfs"} if shutil.which("gocryptfs") else set()
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_quick_runs_end_to_end(tmp_path):
-    out = tmp_path / "bench.json"
+    out, report = tmp_path / "bench.json", tmp_path / "report"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick",
-                        "--workdir", str(tmp_path), "--json", str(out)],
+                        "--workdir", str(tmp_path), "--json", str(out), "--report", str(report)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     figures = json.loads(out.read_text())
 
     # the CT series and the big file
     c = figures["contenders"]
-    assert set(c) == {"plain", "dcmfs", "published"}
-    assert figures["files"] == 20 and figures["big_mib"] == 16
+    assert set(c) == {"plain", "dcmfs", "dcmfs-lzma", "published"} | GOCRYPTFS
+    assert figures["files"] == 8 and figures["big_mib"] == 16
     assert 0.1 < c["dcmfs"]["ratio"]["median"] < 0.6  # compressed at rest (CT: ~0.2)
     assert c["plain"]["ratio"]["median"] > 0.99
     assert 0.2 < c["published"]["ratio"]["median"] < 0.5
     for name in ("plain", "dcmfs"):
         for key in ("ingest_mb_s", "read_mb_s", "big_write_mb_s", "big_read_mb_s"):
             assert c[name][key] > 0
-    assert c["dcmfs"]["reencoded_files"]["median"] == 20
-    assert c["dcmfs"]["frames_coded"]["median"] >= 20  # every CT frame went to JPEG-LS
+    assert c["dcmfs"]["reencoded_files"]["median"] == 8
+    assert c["dcmfs"]["frames_coded"]["median"] >= 8  # every CT frame went to JPEG-LS
+    assert 0.1 < c["dcmfs-lzma"]["ratio"]["median"] < 0.6
+    for name in GOCRYPTFS:
+        assert c[name]["ratio"]["median"] > 0.99 and c[name]["big_read_mb_s"] > 0
     assert c["dcmfs"]["reencode_errors"]["max"] == 0
 
     # the native subset: smallest CT, MR, CR and US file, once
@@ -78,3 +87,68 @@ def test_bench_quick_runs_end_to_end(tmp_path):
     assert "| dcmfs |" in r.stdout and "| dcmfs-paused |" in r.stdout
     assert "| goal (issue 3) |" in r.stdout
     assert not list(tmp_path.glob("dcmfs-bench-*"))  # cleaned up, nothing mounted
+
+    check_new_workloads(figures)
+    check_report(report, figures)
+
+
+def check_new_workloads(figures: dict) -> None:
+    # the whole corpus, quick: the smallest file of each modality
+    cp = figures["corpus"]
+    cc = cp["contenders"]
+    assert set(cc) == {"plain", "dcmfs", "dcmfs-lzma", "published"} | GOCRYPTFS
+    assert cp["files"] == sum(cp["modalities"].values()) >= 6
+    for name in cc:
+        assert cc[name]["ingest_mb_s"] > 0 and 0 < cc[name]["ratio"]["median"] < 1.1
+    assert cc["dcmfs"]["read_mb_s"] > 0 and cc["dcmfs"]["ratio"]["median"] < 1
+    for mod in ("CT", "MR"):
+        assert 0 < cc["dcmfs"][f"ratio_{mod}"]["median"] < 1.1
+        assert 0 < cc["published"][f"ratio_{mod}"]["median"] < 1.1
+    for name in ("dcmfs", "published"):  # [bytes, write ms, at-rest ms, CPU ms, RSS MiB]
+        pts = cp["per_file"][name]
+        assert len(pts) == cp["files"]
+        assert all(p[0] > 0 and 0 < p[1] <= p[2] and p[4] > 0 for p in pts)
+    assert set(cp["comparisons"]) >= {"per_file_speedup", "stored_size_ratio"}
+
+    sf = figures["small_files"]
+    assert sf["files"] == 200 and set(sf["contenders"]) == {"plain", "dcmfs"} | GOCRYPTFS
+    for row in sf["contenders"].values():
+        assert row["create_files_s"] > 0 and row["stat_files_s"] > 0 and row["unlink_files_s"] > 0
+
+    rr = figures["random_reads"]
+    assert rr["tool"] == ("fio" if shutil.which("fio") else "python")
+    assert set(rr["contenders"]) == {"plain", "dcmfs"} | GOCRYPTFS
+    for row in rr["contenders"].values():
+        assert row["iops"]["median"] > 0 and row["lat_ms_p99"]["median"] > 0
+
+    # what dcmfs stores looks random; what it returns is what it was given
+    q = figures["quality"]
+    assert q["entropy_stored"] > 7.9 and q["entropy_stored_corpus"] > 7.9
+    assert q["entropy_plaintext"] < 7.5
+    for key in ("npcr_pct", "npcr_same_file_pct"):
+        assert 99.0 < q[key] < 100.0
+    for key in ("uaci_pct", "uaci_same_file_pct"):
+        assert 32.0 < q[key] < 35.0
+    assert q["npcr_plaintext_pct"] < 0.01  # the two files differ in one byte
+    assert abs(q["adjacent_corr_stored"]) < 0.05 and abs(q["adjacent_corr_stored_corpus"]) < 0.05
+    ll = q["lossless"]
+    assert ll["files"] == cp["files"] + 1
+    assert ll["md5_equal"] == ll["sha256_equal"] == ll["files"]
+    assert ll["pixel_arrays_compared"] >= 4
+    assert ll["mse_max"] == 0 and ll["psnr_db_min"] == "inf"
+    assert math.isclose(ll["ssim_min"], 1.0, abs_tol=1e-12)
+    assert figures["runtime_s"] > 0 and figures["command"].startswith("./scripts/bench")
+
+
+def check_report(report: pathlib.Path, figures: dict) -> None:
+    page = (report / "README.md").read_text()
+    pngs = sorted(report.glob("*.png"))
+    assert {p.name for p in pngs} == {"stored_size.png", "per_file_time.png", "cpu_rss.png",
+                                      "throughput.png", "ratio_by_modality.png"}
+    for p in pngs:
+        data = p.read_bytes()
+        assert data.startswith(PNG) and 5_000 < len(data) < 200_000
+        assert f"]({p.name})" in page
+    for name in {*figures["contenders"], *figures["corpus"]["contenders"]}:
+        assert f"| {name} |" in page
+    assert "NPCR" in page and "SSIM" in page and "not" in page  # the sanity-check caveat

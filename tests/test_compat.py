@@ -6,6 +6,7 @@ with this dcmfs, read-only and after a read-write opening."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -13,7 +14,7 @@ import shutil
 
 import pytest
 
-from dcmfs import codec
+from dcmfs import admin, codec
 from dcmfs.config import Config
 from dcmfs.filesystem import FileSystem
 from dcmfs.store import Secret, open_store
@@ -74,7 +75,19 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         check(fs, manifest)
     finally:
         fs.close()
-    fs = FileSystem(open_store(str(root), secret), cfg)  # read-write: upgrades in place
+    fs = FileSystem(open_store(str(root), secret), cfg)  # read-write: new objects are new
+    try:
+        check(fs, manifest)
+        fh = fs.create("/new.bin", 0o600, os.O_WRONLY, 0, 0)
+        fs.write(fh, b"written by this dcmfs" * 5000, 0)
+        fs.release(fh)
+        manifest["files"]["/new.bin"] = sha256(b"written by this dcmfs" * 5000)
+    finally:
+        fs.close()
+    result = admin.fsck(str(root), lambda: secret, cfg, repair=False, rebuild=False,
+                        out=io.StringIO())
+    assert result["clean"], result
+    fs = FileSystem(open_store(str(root), secret), dataclasses.replace(cfg, read_only=True))
     try:
         check(fs, manifest)
     finally:

@@ -109,7 +109,8 @@ def test_clean_store_verifies_and_fscks_clean(store):
     assert report["findings"] == [] and report["files"] == 3
     assert report["bytes"] == sum(len(v) for v in store.content.values())
     assert store.fsck()["clean"]
-    assert store.fsck(repair=True) == {**store.fsck(repair=True)}  # idempotent, clean
+    repaired = store.fsck(repair=True)  # nothing to repair: both passes clean
+    assert repaired["clean"] and repaired["problems"] == [] and repaired["remaining"] == []
     assert store.verify(sample=0.34)["files"] == 1
     assert store.verify(paths=["/d"])["files"] == 1
 
@@ -238,7 +239,52 @@ def test_an_object_named_twice_is_found_and_repaired(store):
     report = store.verify()
     assert store.damaged_paths(report) == {"/b"}
     assert "does not match its index entry" in store.kinds(report)
-    store.assert_repaired_clean(["/a", "/d/c"], lost="/b")
+    # /b's own chunk-1 object is still there, unnamed: the repair puts it back
+    result = store.assert_repaired_clean(["/a", "/b", "/d/c"])
+    assert any("restored" in p["repaired"] for p in result["problems"])
+
+
+def test_chunk_entry_bit_flipped_is_restored_from_its_object(store):
+    """A flipped bit in a sealed chunk entry: the entry goes, and the repair
+    finds the file's own object again (its context says where it belongs)."""
+    fs = store.open()
+    with fs.index.begin() as txn:
+        ino = fs._resolve(txn, "/a")
+        sealed = bytes(txn.txn.get(ino.to_bytes(8, "big") + (2).to_bytes(8, "big"),
+                                   db=fs.index.dbs["chunks"]))
+    fs.close()
+    mdb = os.path.join(store.root, "index", "data.mdb")
+    blob = read_bytes(mdb)
+    assert blob.count(sealed) == 1
+    flip_byte(mdb, blob.index(sealed) + 30)
+    report = store.verify()
+    assert store.damaged_paths(report) == {"/a"}
+    result = store.assert_repaired_clean(["/a", "/b", "/d/c"])
+    assert any("restored" in p["repaired"] for p in result["problems"])
+    assert not os.path.exists(os.path.join(store.root, "quarantine"))
+
+
+def test_deleted_file_is_not_brought_back(store):
+    """A file unlinked, its deletion checkpointed, the daemon killed before its
+    objects went: they are garbage, and fsck deletes them (never resurrects)."""
+    fs = store.open()
+    with fs.index.begin() as txn:
+        oids = [r.oid for r in txn.chunks(fs._resolve(txn, "/b")).values()]
+    fs.data.checkpointed = lambda: None  # the kill comes before the objects go
+    fs.unlink("/b")
+    fs.checkpoint()
+    from .conftest import crash
+    crash(fs)
+    assert all(os.path.exists(store_path(store, o)) for o in oids)
+    result = store.fsck(repair=True)
+    assert result["clean"], result
+    assert not any(os.path.exists(store_path(store, o)) for o in oids)
+    fs = store.open()
+    try:
+        assert "lost+found" not in {n for n, _ in fs.readdir("/")}
+    finally:
+        fs.close()
+    del store.content["/b"]
 
 
 def test_index_value_bit_flipped(store):
@@ -316,3 +362,55 @@ def test_objects_alone_rebuild_every_file_into_lost_found(store):
     finally:
         fs.close()
 
+
+
+def test_verify_and_control_attributes_are_for_root_and_the_owner(make_fs):
+    fs = make_fs()
+    for name in ("user.dcmfs.verify", 'user.dcmfs.verify:{"sample":0.5}'):
+        with pytest.raises(E.PermissionDenied):
+            fs.getxattr("/", name, caller=4321)
+    with pytest.raises(E.PermissionDenied):
+        fs.setxattr("/", "user.dcmfs.control", b"verify", caller=4321)
+    assert fs.getxattr("/", "user.dcmfs.status", caller=4321)  # counts only: for all
+    assert fs.getxattr("/", "user.dcmfs.verify", caller=0) == b"{}"
+
+
+def test_lost_index_directory_brings_new_files_back_into_lost_found(store):
+    """index/ lost with the journal: a file created after the last snapshot
+    comes back from its objects into /lost+found (with its own inode number:
+    /lost+found must not take it), a file deleted after it stays as it was."""
+    fs = store.open()
+    late = os.urandom(5000)
+    write_file(fs, "/late", late)
+    fs.checkpoint()
+    from .conftest import crash
+    crash(fs)
+    shutil.rmtree(os.path.join(store.root, "index"))
+    result = store.fsck(rebuild=True)
+    assert result["clean"], result
+    assert not os.path.exists(os.path.join(store.root, "quarantine"))
+    fs = store.open()
+    try:
+        for path, data in store.content.items():
+            assert read_file(fs, path) == data
+        (name, _), = fs.readdir("/lost+found")
+        assert read_file(fs, "/lost+found/" + name) == late
+        assert b"assembled from objects" in fs.getxattr("/lost+found/" + name,
+                                                        "user.dcmfs.fsck")
+    finally:
+        fs.close()
+
+
+def test_a_repair_that_is_not_clean_keeps_the_mark(store, monkeypatch):
+    from dcmfs import fsck as fsck_mod
+    flip_byte(store.objects("/a")[0], 400)
+    real = fsck_mod.Fsck.run
+
+    def second_pass_finds_more(self):  # a problem the repair could not mend
+        problems = real(self)
+        if not self.repair:
+            problems.append(fsck_mod.Problem("contents", "still damaged", 2))
+        return problems
+    monkeypatch.setattr(fsck_mod.Fsck, "run", second_pass_finds_more)
+    result = store.fsck(repair=True)
+    assert not result["clean"] and damage_mark(store.root) is not None

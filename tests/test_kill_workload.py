@@ -134,3 +134,7 @@ def test_sigkill_at_a_random_moment_of_a_mixed_workload(mount_env, tmp_path, see
     assert r.returncode == 0, r.stdout
     assert json.loads(r.stdout)["findings"] == []
     assert "not cleanly unmounted" in m.log()
+    m.umount()
+    r = m.cli("fsck", m.store, "--key-file", m.key)
+    assert r.returncode == 0 and "clean." in r.stdout, r.stdout
+    assert not (m.store / "quarantine").exists()

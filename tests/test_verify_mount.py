@@ -151,3 +151,39 @@ def test_index_loss_of_the_pydicom_corpus_rebuilds_every_file_and_name(mount_env
     got = {str(p.relative_to(m.mnt)): file_sha256(p) for p in m.mnt.rglob("*") if p.is_file()}
     assert got == want
     assert m.cli("verify", m.store).returncode == 0
+
+
+def test_mounted_verify_while_files_are_written_and_reencoded_finds_nothing(mount_env):
+    """No false alarms: verify runs while a writer creates and rewrites files
+    and the re-encoder swaps layouts and checkpoints collect old objects."""
+    import threading
+    from .conftest import ct_file
+    m = mount_env
+    m.mount("-o", "checkpoint_interval=0.2")
+    ct = ct_file().read_bytes()
+    stop = threading.Event()
+    errors = []
+
+    def writer():
+        i = 0
+        try:
+            while not stop.is_set():
+                data = ct[:-64] + os.urandom(64) if i % 2 else os.urandom(300000)
+                (m.mnt / f"w{i % 12}.dcm").write_bytes(data)
+                i += 1
+        except OSError as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(4):
+            r = m.cli("verify", m.store, "--json")
+            report = json.loads(r.stdout)
+            assert r.returncode == 0 and report["findings"] == [], report
+            assert report["files"] + report["skipped_busy"] >= 1
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+    assert damage_mark(str(m.store)) is None

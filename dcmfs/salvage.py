@@ -1,0 +1,304 @@
+"""What ``dcmfs fsck --repair`` does with damaged files and with objects the
+index does not name (a part of fsck, mixed into :class:`dcmfs.fsck.Fsck`).
+
+The rules (never delete what cannot be proven garbage):
+
+* a damaged file is first mended from its own unnamed objects (their sealed
+  context says which file, chunk and generation they are) if the result
+  matches the file's SHA-256; else, if its objects hold a complete version
+  newer than the index knows, that version replaces the lost one; else the
+  file moves to ``/lost+found`` with what can be read, the rest zeros;
+* objects of a file the index does not know are assembled into a file in
+  ``/lost+found`` (same inode number and file id: both are bound into the
+  objects), the newest complete version; what forms no file is quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+import time
+
+from . import codec as codecs, format as fmt
+from .errors import IntegrityError
+from .index import Inode
+from .objectstore import ChunkContext, ChunkRef
+from .verify import check_file
+
+LOST_FOUND = b"lost+found"
+
+
+class Salvage:
+    """Repairs of :class:`dcmfs.fsck.Fsck` (uses its index, objects, contexts)."""
+
+    def _lost_found(self) -> int:
+        with self.index.begin() as txn:
+            ino = txn.lookup(fmt.ROOT_INO, LOST_FOUND)
+        if ino is not None:
+            return ino
+        now = self._now
+        with self.index.begin(write=True) as txn:
+            ino = txn.alloc_ino()
+            while txn.get_inode(ino) is not None:
+                ino = txn.alloc_ino()
+            txn.put_inode(ino, Inode(stat.S_IFDIR | 0o700, 0, 0, 2, 0, now, now, now,
+                                     secrets.token_bytes(16)))
+            txn.add_dirent(fmt.ROOT_INO, LOST_FOUND, ino)
+            root = txn.get_inode(fmt.ROOT_INO)
+            root.nlink += 1
+            txn.put_inode(fmt.ROOT_INO, root)
+        return ino
+
+    def _link_lost(self, ino: int, name: bytes) -> bytes:
+        lf = self._lost_found()
+        with self.index.begin(write=True) as txn:
+            final, n = name, 1
+            while txn.lookup(lf, final) is not None:
+                n += 1
+                final = name + f".{n}".encode()
+            txn.add_dirent(lf, final, ino)
+            if stat.S_ISDIR(txn.get_inode(ino).mode):
+                lf_inode = txn.get_inode(lf)
+                lf_inode.nlink += 1
+                txn.put_inode(lf, lf_inode)
+        return final
+
+    def _adopt_newer(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> bool:
+        """A damaged file whose objects hold a complete version newer than the
+        index knows (the index was rebuilt from an older state): that version
+        replaces the lost one, in place, noted in ``user.dcmfs.fsck``."""
+        mine = [c for oid, c in self._contexts.items()
+                if c is not None and c.oid == oid and c.ino == ino and c.file_id == inode.file_id
+                and (not self._named.get(oid) or oid in {r.oid for r in table.values()})]
+        if not any(c.generation > inode.generation for c in mine):
+            return False
+        new = assemble(mine, self.cs)
+        if new is None or max(r.generation for r in new.values()) <= inode.generation:
+            return False
+        size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
+                   for i, r in new.items())
+        cipher = self.objects.file_cipher(inode.file_id)
+        hasher = hashlib.sha256()
+        try:
+            for idx, ref, start, length in pieces(new, size, self.cs):
+                plain = b"" if ref is None else self.objects.read(cipher, inode.file_id, ino,
+                                                                  idx, ref)
+                hasher.update(plain[:length].ljust(length, b"\0"))
+        except IntegrityError:
+            return False
+        with self.index.begin(write=True) as txn:
+            for idx, ref in table.items():
+                if new.get(idx) != ref:
+                    txn.delete_chunk(ino, idx)
+                    self._named[ref.oid] -= 1
+                    if self._named[ref.oid] <= 0:
+                        self._quarantine_or_garbage(ref.oid)
+            for idx, ref in new.items():
+                if table.get(idx) != ref:
+                    txn.put_chunk(ino, idx, ref)
+                    self._named[ref.oid] += 1
+            fresh = txn.get_inode(ino)
+            fresh.size, fresh.sha256 = size, hasher.digest()
+            fresh.generation = max(r.generation for r in new.values())
+            fresh.ctime_ns = self._now
+            txn.put_inode(ino, fresh)
+            txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(
+                "%Y-%m-%d %H:%M:%S").encode() + b": the index had an older version whose data "
+                b"was gone; this newer complete version was assembled from the objects")
+        return True
+
+    def _restore(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> bool:
+        """Mend a damaged file from objects of its own that no entry names
+        (a chunk entry lost to a flipped bit, an object put back by the
+        objects check): only if the result matches the file's SHA-256."""
+        candidates: dict[int, ChunkContext] = {}
+        for oid, ctx in self._contexts.items():
+            if ctx is None or ctx.oid != oid or self._named.get(oid) or ctx.ino != ino \
+                    or ctx.file_id != inode.file_id or ctx.generation > inode.generation:
+                continue
+            best = candidates.get(ctx.index)
+            if best is None or ctx.generation > best.generation:
+                candidates[ctx.index] = ctx
+        if not candidates or inode.sha256 is None:
+            return False
+        cipher = self.objects.file_cipher(inode.file_id)
+        trial = dict(table)
+        for idx, ctx in candidates.items():
+            ref = table.get(idx)
+            ok = False
+            if ref is not None:
+                try:
+                    self.objects.read(cipher, inode.file_id, ino, idx, ref)
+                    ok = True
+                except IntegrityError:
+                    pass
+            if not ok:
+                offset = ref.offset if ref is not None else -1
+                trial[idx] = ChunkRef(ctx.oid, ctx.generation, ctx.codec, ctx.flags,
+                                      ctx.plain_len, ctx.stored_len, offset)
+        if trial == table or check_file(self.objects, ino, inode, trial, self.cs):
+            return False
+        with self.index.begin(write=True) as txn:
+            for idx, ref in trial.items():
+                if table.get(idx) != ref:
+                    txn.put_chunk(ino, idx, ref)
+                    self._named[ref.oid] += 1
+                    if idx in table:
+                        self._named[table[idx].oid] -= 1
+        return True
+
+    def _salvage_damaged(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> None:
+        """Keep what can be read, zero what cannot, move the file to /lost+found."""
+        cipher = self.objects.file_cipher(inode.file_id)
+        gen = inode.generation + 1
+        extents = any(r.offset >= 0 for r in table.values())
+        new_table: dict[int, ChunkRef] = {}
+        lost: list[str] = []
+        pieces = ([(i, table[i], table[i].offset, table[i].plain_len)
+                   for i in sorted(table, key=lambda i: table[i].offset)] if extents else
+                  [(i, table.get(i), i * self.cs, min(self.cs, inode.size - i * self.cs))
+                   for i in range(-(-inode.size // self.cs))])
+        if extents and (not pieces or pieces[-1][2] + pieces[-1][3] != inode.size):
+            # the extents do not cover the file: lay it out in fixed chunks
+            # from what can be read
+            extents = False
+            pieces = [(i, None, i * self.cs, min(self.cs, inode.size - i * self.cs))
+                      for i in range(-(-inode.size // self.cs))]
+        hasher = hashlib.sha256()
+        last = len(pieces) - 1
+        for k, (idx, ref, start, length) in enumerate(pieces):
+            flags = (fmt.CHUNK_FLAG_LAST if k == last else 0) | \
+                (fmt.CHUNK_FLAG_EXTENT if extents else 0)
+            plain = None
+            if ref is not None:
+                try:
+                    plain = self.objects.read(cipher, inode.file_id, ino, idx, ref)
+                except IntegrityError:
+                    plain = None
+                if plain is not None and len(plain) == length and ref.flags == flags:
+                    new_table[idx] = ref
+                    hasher.update(plain)
+                    continue
+                if plain is not None:
+                    plain = plain[:length].ljust(length, b"\0")
+            elif k != last:  # a hole reads as zeros
+                hasher.update(bytes(length))
+                continue
+            if plain is None:
+                plain = bytes(length)
+                lost.append(f"{start}-{start + length - 1}")
+            nref = self.objects.write(cipher, inode.file_id, ino, idx, gen, flags,
+                                      codecs.ZSTD, plain)
+            new_table[idx] = nref._replace(offset=start if extents else -1)
+            hasher.update(plain)
+        with self.index.begin(write=True) as txn:
+            for idx, ref in table.items():
+                if new_table.get(idx) != ref:
+                    self._named[ref.oid] -= 1
+                    if self._named[ref.oid] <= 0:
+                        self._quarantine_or_garbage(ref.oid)
+                if idx not in new_table:
+                    txn.delete_chunk(ino, idx)
+            for idx, ref in new_table.items():
+                if table.get(idx) != ref:
+                    txn.put_chunk(ino, idx, ref)
+            fresh = txn.get_inode(ino)
+            fresh.generation, fresh.sha256 = gen, hasher.digest()
+            fresh.ctime_ns = self._now
+            txn.put_inode(ino, fresh)
+            note = ("fsck " + time.strftime("%Y-%m-%d %H:%M:%S") + ": "
+                    + ("bytes " + ", ".join(lost) + " could not be read and are zeros"
+                       if lost else "the chunk table was repaired"))
+            txn.set_xattr(ino, b"user.dcmfs.fsck", note.encode())
+            names = [(p, n) for p, n, c in txn.iter_dirents() if c == ino]
+            for parent, name in names:
+                txn.remove_dirent(parent, name)
+        name = names[0][1] if names else str(ino).encode()
+        self._link_lost(ino, f"{ino}-".encode() + name)
+        with self.index.begin(write=True) as txn:
+            fresh = txn.get_inode(ino)
+            fresh.nlink = 1
+            txn.put_inode(ino, fresh)
+
+    def _quarantine_or_garbage(self, oid: bytes) -> None:
+        """A damaged object: it cannot be read, but it is not ours to delete."""
+        if self._contexts.get(oid, "unknown") is None or os.path.exists(self.objects.path(oid)):
+            self.objects.quarantine(oid, self.store.root)
+
+    def _rebuild_file(self, ino: int, file_id: bytes, ctxs: list[ChunkContext]) -> bool:
+        """Make a file of objects the index does not know (same inode number and
+        file id: they are bound into the objects).  False if they do not form one."""
+        table = assemble(ctxs, self.cs)
+        if table is None:
+            return False
+        size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
+                   for i, r in table.items())
+        gen = max(r.generation for r in table.values())
+        cipher = self.objects.file_cipher(file_id)
+        hasher = hashlib.sha256()
+        try:
+            for idx, ref, start, length in pieces(table, size, self.cs):
+                plain = b"" if ref is None else self.objects.read(cipher, file_id, ino, idx, ref)
+                hasher.update(plain[:length].ljust(length, b"\0"))
+        except IntegrityError:
+            return False
+        now = self._now
+        with self.index.begin(write=True) as txn:
+            txn.put_inode(ino, Inode(stat.S_IFREG | 0o600, 0, 0, 1, size, now, now, now,
+                                     file_id, gen, hasher.digest()))
+            for idx, ref in table.items():
+                txn.put_chunk(ino, idx, ref)
+            txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(
+                "%Y-%m-%d %H:%M:%S").encode() + b": assembled from objects the index did not "
+                b"know (newest complete version); no checksum was kept to compare it with")
+        self._link_lost(ino, str(ino).encode())
+        return True
+
+
+def assemble(ctxs: list[ChunkContext], cs: int) -> dict[int, ChunkRef] | None:
+    """The newest complete version a set of one file's objects holds, as a
+    chunk table; None when no complete version is there.  A version ends at
+    an object with the last-chunk flag; a fixed-layout version takes, for
+    each chunk, the newest object not newer than that end (unchanged chunks
+    keep older generations); an extent version needs all its extents."""
+    options = []
+    ext = [c for c in ctxs if c.flags & fmt.CHUNK_FLAG_EXTENT]
+    for gen in sorted({c.generation for c in ext}, reverse=True):
+        by_idx = {c.index: c for c in ext if c.generation == gen}
+        lasts = [i for i, c in by_idx.items() if c.flags & fmt.CHUNK_FLAG_LAST]
+        if len(lasts) == 1 and set(by_idx) == set(range(lasts[0] + 1)):
+            table, pos = {}, 0
+            for i in range(lasts[0] + 1):
+                c = by_idx[i]
+                table[i] = ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len,
+                                    c.stored_len, pos)
+                pos += c.plain_len
+            options.append((gen, 1, table))
+            break
+    fixed = [c for c in ctxs if not c.flags & fmt.CHUNK_FLAG_EXTENT]
+    lasts = [c for c in fixed if c.flags & fmt.CHUNK_FLAG_LAST]
+    if lasts:
+        last = max(lasts, key=lambda c: (c.generation, c.index))
+        newest: dict[int, ChunkContext] = {}
+        for c in sorted(fixed, key=lambda c: c.generation):
+            if c.generation <= last.generation and c.index <= last.index \
+                    and not (c.flags & fmt.CHUNK_FLAG_LAST and c.index != last.index):
+                newest[c.index] = c
+        newest[last.index] = last
+        options.append((last.generation, 0, {
+            i: ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len, c.stored_len)
+            for i, c in newest.items()}))
+    if not options:
+        return None
+    return max(options, key=lambda o: (o[0], o[1]))[2]
+
+
+def pieces(table: dict[int, ChunkRef], size: int, cs: int):
+    if any(r.offset >= 0 for r in table.values()):
+        for i in sorted(table, key=lambda i: table[i].offset):
+            yield i, table[i], table[i].offset, table[i].plain_len
+        return
+    for i in range(-(-size // cs)):
+        yield i, table.get(i), i * cs, min(cs, size - i * cs)

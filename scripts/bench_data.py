@@ -1,0 +1,146 @@
+"""The data of the benchmark: the CT series made from one real CT file, the
+native subset and the whole pydicom-data corpus, and the timed file writes and
+reads every contender goes through."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import time
+import warnings
+
+import pydicom
+
+def make_series(dst: pathlib.Path, n: int) -> list[pathlib.Path]:
+    import data_store
+    src = pathlib.Path(data_store.__file__).parent / "data" / "693_UNCR.dcm"
+    ds = pydicom.dcmread(src)
+    series = pydicom.uid.generate_uid()
+    out = []
+    for i in range(n):
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = series
+        ds.InstanceNumber = i + 1
+        p = dst / f"CT{i:05d}.dcm"
+        ds.save_as(p)
+        out.append(p)
+    return out
+
+
+MODALITIES = ("CT", "MR", "CR", "US")
+
+
+def native_subset(quick: bool = False) -> list[tuple[pathlib.Path, str]]:
+    """(path, modality) of pydicom-data's files with native pixel data: transfer
+    syntax neither compressed nor deflated, Modality CT/MR/CR/US, PixelData.
+    ``quick``: only the smallest file of each modality."""
+    import data_store
+    data = pathlib.Path(data_store.__file__).parent / "data"
+    out = []
+    for p in sorted(data.rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(p, defer_size=1024)
+        except Exception:  # noqa: BLE001 — not DICOM, or damaged on purpose
+            continue
+        ts = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
+        if not ts or ts.is_compressed or ts.is_deflated:
+            continue
+        if ds.get("Modality") in MODALITIES and "PixelData" in ds:
+            out.append((p, ds.Modality))
+    if quick:
+        smallest = {}
+        for p, mod in sorted(out, key=lambda pm: (pm[0].stat().st_size, pm[0].name)):
+            smallest.setdefault(mod, (p, mod))
+        out = sorted(smallest.values())
+    return out
+
+
+def copy_subset(subset, dst: pathlib.Path, copies: int) -> tuple[list[pathlib.Path], dict]:
+    """The subset ``copies`` times under distinct names; returns the files and
+    name -> modality."""
+    files, modality = [], {}
+    for k in range(copies):
+        for p, mod in subset:
+            q = dst / f"{k}_{p.name}"
+            shutil.copyfile(p, q)
+            files.append(q)
+            modality[q.name] = mod
+    return files, modality
+
+
+
+def write_files(files, dst: pathlib.Path) -> list[float]:
+    lat = []
+    for p in files:
+        data = p.read_bytes()
+        t = time.perf_counter()
+        with open(dst / p.name, "wb") as f:
+            f.write(data)
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+def read_files(files, dst: pathlib.Path) -> tuple[float, int, list[str]]:
+    """Read every file back in 1 MiB reads: (seconds spent in open and read,
+    bytes read, names whose content differs from the source).  The comparison
+    happens outside the timed part."""
+    n, spent, wrong = 0, 0.0, []
+    for p in files:
+        parts = []
+        t = time.perf_counter()
+        with open(dst / p.name, "rb") as f:
+            while True:
+                b = f.read(1 << 20)
+                if not b:
+                    break
+                parts.append(b)
+        spent += time.perf_counter() - t
+        data = b"".join(parts)
+        n += len(data)
+        if data != p.read_bytes():
+            wrong.append(p.name)
+    return spent, n, wrong
+
+
+def write_big(dst: pathlib.Path, block: bytes, mib: int) -> None:
+    with open(dst / "big.bin", "wb") as f:
+        for i in range(mib):
+            off = (i * 1048576) % (len(block) - 1048576)
+            f.write(block[off:off + 1048576])
+
+
+
+def corpus(dst: pathlib.Path, quick: bool = False) -> tuple[list[pathlib.Path], dict]:
+    """Every file of pydicom-data (68 files, 58 MB in 1.0.0), copied under
+    ``dst`` (nested names flattened); returns the files, smallest first, and
+    name -> Modality ("-" when a file has none or is not DICOM).  ``quick``:
+    the smallest file of each modality."""
+    import data_store
+    data = pathlib.Path(data_store.__file__).parent / "data"
+    found = []
+    for p in sorted(data.rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = str(pydicom.dcmread(p, defer_size=1024, force=True).get("Modality") or "-")
+        except Exception:  # noqa: BLE001 — damaged on purpose: still a file to store
+            mod = "-"
+        found.append((p.stat().st_size, "__".join(p.relative_to(data).parts), p, mod))
+    found.sort()
+    if quick:
+        seen: set[str] = set()
+        found = [f for f in found if not (f[3] in seen or seen.add(f[3]))]
+    files, modality = [], {}
+    for _, name, p, mod in found:
+        q = dst / name
+        shutil.copyfile(p, q)
+        files.append(q)
+        modality[name] = mod
+    return files, modality
