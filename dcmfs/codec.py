@@ -131,6 +131,14 @@ class Codecs:
         return out
 
 
+def warm_up() -> None:
+    """Import the image codec's libraries now (a mount does it in the
+    background: the first read of a DICOM-coded file after a mount would
+    otherwise wait ~0.2 s for imagecodecs and numpy to load)."""
+    import imagecodecs  # noqa: F401
+    import numpy  # noqa: F401
+
+
 # --- JPEG-LS frames ------------------------------------------------------------
 def _samples(plaintext: bytes, spec: FrameSpec):
     """The frame's samples as an array shaped for the image codec:

@@ -264,6 +264,7 @@ class FileData:
         of.extents = None
 
     def read(self, of: OpenFile, offset: int, size: int) -> bytes:
+        self.last_activity = time.monotonic()  # background work yields to readers too
         end = min(offset + size, of.size)
         if offset >= end:
             return b""

@@ -92,6 +92,7 @@ class FileSystem(FileOps, StoreOps):
                              codecs.NAMES[store.codec], config.workers, config.max_inflight,
                              config.dirty_limit, config.read_cache_bytes)
         self.data.on_damage = self.damaged
+        threading.Thread(target=codecs.warm_up, daemon=True, name="dcmfs-warm-up").start()
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}

@@ -198,6 +198,12 @@ class Reencoder:
             if done is False or pause > 0.05:
                 self._stop.wait(pause)  # without the lock: file operations go on
 
+    def _yield_to_foreground(self) -> None:
+        data = self.fs.data
+        while not self._stop.is_set() and self._bytes < self.limit // 2 \
+                and time.monotonic() - data.last_activity < self.quiet_after:
+            self._stop.wait(self.quiet_after / 2)
+
     def _drop(self, ino: int) -> None:
         with self.fs._write_txn() as txn:
             txn.remove_backlog(ino)
@@ -302,11 +308,14 @@ class Reencoder:
         new = {}
         # jobs go to the re-encoder's own threads (never ahead of the core's
         # sealing jobs); two at a time while file I/O is quiet, so a big file
-        # gets both cores, one at a time while files are being written
+        # gets both cores; while files are written or read it waits (the PACS
+        # comes first), unless the backlog is past half its room: then one
+        # job at a time, so that close need not compress inline
         window: collections.deque = collections.deque()
         try:
             for job in itertools.chain(jobs, [None]):
                 if job is not None:
+                    self._yield_to_foreground()
                     if self._stop.is_set():
                         return False
                     idx, fn, args = job

@@ -119,6 +119,8 @@ def rebuild_time(base: pathlib.Path, n: int, reps: int) -> dict:
             t = time.perf_counter()
             r = cli("fsck", work, "--rebuild-index", "--key-file", key, "--json", check=False)
             times.append(time.perf_counter() - t)
+            if r.returncode not in (0, 34):
+                raise SystemExit(f"dcmfs fsck --rebuild-index failed: {r.stderr}")
             result = json.loads(r.stdout)
             assert result["clean"], result["remaining"][:3]
         out[label + "_s"] = round(statistics.median(times), 2)

@@ -37,9 +37,14 @@ def test_every_dicom_file_reads_back_identical_and_parses(mounted, tmp_path):
             assert pydicom.dcmread(dst, stop_before_pixels=True) == want
         parsed += 1
     assert parsed > 100
-    status = mounted.cli("status", mounted.mnt, "--json", check=True)
     import json
-    report = json.loads(status.stdout)
+    import time
+    deadline = time.monotonic() + 120  # the re-encoder yields to the reads above
+    while True:
+        report = json.loads(mounted.cli("status", mounted.mnt, "--json", check=True).stdout)
+        if report["backlog_files"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert report["files"] == len(files)
     assert report["logical_bytes"] == sum(p.stat().st_size for p in files)
     assert 0 < report["ratio"] < 0.8
