@@ -104,7 +104,8 @@ _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser",
                "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
 #: dcmfs options given with -o
 _DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
-               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "reencode_threads"}
+               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "reencode_threads",
+               "metrics"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -158,11 +159,27 @@ def _config(ours: dict, fuse_opts: dict) -> Config:
 
 
 # --- commands ---------------------------------------------------------------------------
+def _instance_secret(inst, creating: bool = False):
+    from .instance import read_key
+    from .store import Secret
+    kind, value = read_key(inst, creating=creating)
+    return Secret(kind, value)
+
+
 def cmd_init(args) -> int:
     from .store import init_store
-    config = Config(codec=args.codec)
-    secret = _secret(args, creating=True)
-    store = init_store(args.store, secret, config)
+    if args.config:
+        from .instance import load
+        inst = load(args.config)
+        store_root = args.store or inst.store
+        config = Config(codec=args.codec or inst.codec)
+        given = args.key_file or args.passphrase_file or args.passphrase_fd is not None
+        secret = _secret(args, creating=True) if given else _instance_secret(inst, creating=True)
+    else:
+        store_root = args.store or default_store()
+        config = Config(codec=args.codec or "zstd")
+        secret = _secret(args, creating=True)
+    store = init_store(store_root, secret, config)
     print(f"Created a dcmfs store at {store.root} (codec {store.codec}).")
     return 0
 
@@ -170,16 +187,38 @@ def cmd_init(args) -> int:
 def cmd_mount(args) -> int:
     from .mount import mount
     from .store import read_header
-    ours, fuse = parse_o(args.o)
+    ours, _ = parse_o(args.o)
+    inst = None
+    config_path = args.config or ours.get("config")
+    if config_path:
+        from .instance import load
+        inst = load(config_path)
+    # the instance file's options first, the command line's after (they win)
+    ours, fuse = parse_o(([",".join(inst.options)] if inst else []) + (args.o or []))
     for k in ("key_file", "passphrase_file"):
         if ours.get(k) and not getattr(args, k):
             setattr(args, k, ours[k])
-    store_root = os.path.abspath(args.store)
+    store_root = os.path.abspath(args.store or (inst.store if inst else default_store()))
+    mp = os.path.abspath(args.mountpoint or (inst.mountpoint if inst else default_mountpoint()))
     header = read_header(store_root)
-    secret = _secret(args, creating=False, store_kind=header["key"]["kind"])
-    mp = os.path.abspath(args.mountpoint)
+    if inst is not None and not (args.key_file or args.passphrase_file
+                                 or args.passphrase_fd is not None):
+        secret = _instance_secret(inst)
+    else:
+        secret = _secret(args, creating=False, store_kind=header["key"]["kind"])
+    if inst is not None:
+        log.debug("instance %s: store %s, mountpoint %s, key from %s", inst.name, store_root, mp,
+                  inst.key_source)
+    metrics = ours.get("metrics") or (inst.metrics if inst else None)
+    if metrics:
+        from .metrics import parse_address
+        try:
+            parse_address(metrics)
+        except ValueError as exc:
+            raise UsageError(f"The metrics option needs HOST:PORT, e.g. 127.0.0.1:9641 "
+                             f"({exc}).") from exc
     mount(store_root, secret, mp, _config(ours, fuse), fuse, foreground=args.foreground,
-          log_file=ours.get("log_file"))
+          log_file=ours.get("log_file"), metrics=metrics)
     if not args.foreground:
         print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")
     return 0
@@ -240,6 +279,13 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_install_systemd(args) -> int:
+    from .install import install_systemd
+    for path in install_systemd(args.root, python=args.python, reload=not args.no_reload):
+        print(f"installed {path}")
+    return 0
+
+
 def _fraction(text: str) -> float:
     value = float(text.rstrip("%")) / 100
     if not 0 < value <= 1:
@@ -275,17 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init", help="create a new store")
-    s.add_argument("store", nargs="?", default=default_store())
-    s.add_argument("--codec", choices=("zstd", "lzma", "none"), default="zstd")
+    s.add_argument("store", nargs="?")
+    s.add_argument("--codec", choices=("zstd", "lzma", "none"))
+    s.add_argument("--config", metavar="TOML", help="an instance file (/etc/dcmfs/NAME.toml): "
+                   "store, codec and key source from there")
     _add_secret_options(s)
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("mount", help="mount a store")
-    s.add_argument("store", nargs="?", default=default_store())
-    s.add_argument("mountpoint", nargs="?", default=default_mountpoint())
+    s.add_argument("store", nargs="?")
+    s.add_argument("mountpoint", nargs="?")
     s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    s.add_argument("--config", metavar="TOML", help="an instance file (/etc/dcmfs/NAME.toml): "
+                   "store, mountpoint, options and key source from there")
     s.add_argument("-o", action="append", metavar="OPTS", help="mount options (allow_other, ro, "
-                   "nonempty, key_file=, passphrase_file=, log_file=, …)")
+                   "nonempty, key_file=, passphrase_file=, log_file=, metrics=HOST:PORT, …)")
     _add_secret_options(s)
     s.set_defaults(func=cmd_mount)
 
@@ -338,21 +388,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("install-systemd", help="install dcmfs@.service and the mount.dcmfs "
+                       "helper (see systemd/README.md)")
+    s.add_argument("--root", default="/", help="install below this directory (default /)")
+    s.add_argument("--python", help="interpreter the units run (default: this one)")
+    s.add_argument("--no-reload", action="store_true", help="skip 'systemctl daemon-reload'")
+    s.set_defaults(func=cmd_install_systemd)
     return p
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-
-
 def main(argv: list[str] | None = None) -> int:
+    from . import logsetup
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    logsetup.setup(args.verbose)
     try:
         return args.func(args)
     except DcmfsError as exc:
-        print(f"dcmfs: {exc}", file=sys.stderr)
+        # under systemd the journal shows this line with its priority
+        prefix = "<3>" if logsetup.stderr_is_journal() else ""
+        print(f"{prefix}dcmfs: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -367,14 +422,12 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     for flag in ("-n", "-s", "-f", "-v"):
         p.add_argument(flag, action="store_true")
     args = p.parse_args(argv)
-    ours, _ = parse_o(args.o)
-    if "config" in ours:
-        print("mount.dcmfs: config= files arrive with the systemd integration; "
-              "use key_file= for now.", file=sys.stderr)
-        return EXIT_USAGE
     if args.f:  # mount(8)'s "fake": do everything but the mount
         return 0
-    argv2 = ["mount", args.store, args.mountpoint] + sum((["-o", o] for o in args.o or []), [])
+    # mount(8) gives SOURCE and MOUNTPOINT; config= (an instance file) adds the
+    # key source and options; -n/-s mean nothing to dcmfs (no mtab, no sloppiness)
+    argv2 = (["-v"] if args.v else []) + ["mount", args.store, args.mountpoint]
+    argv2 += sum((["-o", o] for o in args.o or []), [])
     return main(argv2)
 
 

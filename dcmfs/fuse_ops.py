@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from typing import Callable
 
 try:
@@ -26,6 +27,7 @@ else:
 
 from . import errors as E
 from .filesystem import FileSystem
+from .metrics import OPS_XATTR, OpStats
 
 log = logging.getLogger("dcmfs.fuse")
 
@@ -73,18 +75,27 @@ def require_fuse() -> None:
 
 
 def _translate(method: Callable) -> Callable:
+    """Errors to errno, and one count (latency, bytes, errno) per operation."""
+    name = method.__name__
+
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
         try:
-            return method(*args, **kwargs)
+            result = method(self, *args, **kwargs)
         except E.DcmfsError as exc:
             code = errno_of(exc)
+            self._ops.failed(name, time.perf_counter() - t0, code)
             if code == errno.EIO and not isinstance(exc, E.IntegrityError):
                 # integrity errors are logged (once each) by the core
-                log.error("%s: %s", method.__name__, exc)
+                log.error("%s: %s", name, exc)
             elif code == errno.ENOSPC:
-                log.warning("%s: %s", method.__name__, exc)
+                log.warning("%s: %s", name, exc)
+            else:  # the class only: a namespace error's message may hold the path
+                log.debug("%s: %s", name, type(exc).__name__)
             raise mfusepy.FuseOSError(code) from exc
+        self._ops.done(name, time.perf_counter() - t0, result)
+        return result
     return wrapper
 
 
@@ -95,9 +106,11 @@ class _Operations:
     flag_nullpath_ok = True
     flag_nopath = True
 
-    def __init__(self, fs: FileSystem, on_ready: Callable[[], None] | None) -> None:
+    def __init__(self, fs: FileSystem, on_ready: Callable[[], None] | None,
+                 ops: OpStats) -> None:
         self._fs = fs
         self._on_ready = on_ready
+        self._ops = ops
 
     def init(self, path):
         if self._on_ready is not None:
@@ -213,6 +226,8 @@ class _Operations:
 
     @_translate
     def getxattr(self, path, name, position=0):
+        if name == OPS_XATTR and path == "/":  # the adapter's own counters
+            return self._ops.snapshot_json()
         return self._fs.getxattr(path, name, caller=mfusepy.fuse_get_context()[0])
 
     @_translate
@@ -261,7 +276,7 @@ def _fuse_class():
 
 
 def serve(fs: FileSystem, mountpoint: str, options: dict,
-          on_ready: Callable[[], None] | None = None) -> None:
+          on_ready: Callable[[], None] | None = None, ops: OpStats | None = None) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT/SIGHUP).
 
     libfuse's own signal handlers end the loop and unmount; the caller then
@@ -271,9 +286,10 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
     opts = {"fsname": fs.store.root, "subtype": "dcmfs", "default_permissions": True,
             "use_ino": True, "hard_remove": True, "nopath": True, "kernel_cache": True}
     opts.update(options)
+    log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
     try:
-        _fuse_class()(_Operations(fs, on_ready), mountpoint, foreground=True, nothreads=True,
+        _fuse_class()(_Operations(fs, on_ready, ops or OpStats()), mountpoint, foreground=True, nothreads=True,
                       **opts)
     except RuntimeError as exc:
         # libfuse reports a loop ended by a signal as a non-zero result
-        log.info("FUSE loop ended: %s", exc)
+        log.debug("FUSE loop ended: %s", exc)

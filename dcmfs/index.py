@@ -194,6 +194,10 @@ class Index:
         #: they are the whole index, for ``dcmfs fsck --rebuild-index``
         self.archive_dir = archive_dir
         self._master, self._store_id = master_key, store_id
+        if not read_only:  # lmdb would create the directory with its file mode 0600 (no x):
+            os.makedirs(path, mode=0o700, exist_ok=True)  # only CAP_DAC_OVERRIDE could enter it
+            if os.stat(path).st_mode & 0o700 != 0o700:
+                os.chmod(path, 0o700)
         try:
             self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
                                  readonly=read_only, create=not read_only, mode=0o600,

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 from . import format as fmt
@@ -24,6 +25,8 @@ from .errors import (DcmfsError, MountFailedError, MountpointBusyError, Mountpoi
 from .filesystem import FileSystem
 from .history import refuse_if_missing
 from .fuse_ops import require_fuse, serve
+from .logsetup import stderr_is_journal
+from .metrics import MetricsServer, OpStats
 from .store import Secret, open_store, read_lock_pid, refuse_if_damaged
 
 log = logging.getLogger("dcmfs.mount")
@@ -60,8 +63,17 @@ def find_mount(mountpoint: str) -> MountInfo | None:
     return None
 
 
-def check_mountpoint(mountpoint: str, nonempty: bool = False) -> str:
+def check_mountpoint(mountpoint: str, nonempty: bool = False,
+                     store_root: str | None = None) -> str:
+    """The absolute mountpoint, checked.  A stale mount of ``store_root``
+    itself (its daemon crashed: nobody holds the store lock) is detached,
+    so that systemd's Restart= brings a crashed store back."""
     mp = os.path.abspath(mountpoint)
+    info = find_mount(mp)
+    if (info is not None and store_root is not None and info.store == store_root
+            and read_lock_pid(store_root) is None):
+        log.warning("detaching the stale mount at %s left by a daemon that died", mp)
+        _fusermount(mp)
     try:
         is_dir = os.path.isdir(mp)
     except OSError:
@@ -99,8 +111,50 @@ def _notify(message: str) -> None:
             log.warning("sd_notify failed: %s", exc)
 
 
+def status_line(live: dict) -> str:
+    """The one-line STATUS= systemd shows in ``systemctl status``."""
+    logical, stored = live.get("logical_bytes", 0), live.get("stored_bytes", 0)
+    ratio = f"{stored / logical:.3f}" if logical else "-"
+    return (f"{live.get('files', 0)} files, {logical / 1e9:.2f} GB logical, ratio {ratio}, "
+            f"backlog {live.get('backlog_files', 0)} files")
+
+
+class _StatusReporter(threading.Thread):
+    """Sends STATUS= with live figures every ``interval`` seconds while
+    mounted, and while closing says in the log what it still waits for (so a
+    stop that runs into TimeoutStopSec leaves a reason in the journal)."""
+
+    def __init__(self, fs: FileSystem, interval: float) -> None:
+        super().__init__(name="dcmfs-status", daemon=True)
+        self.fs = fs
+        self.interval = interval
+        self.stop = threading.Event()
+        self.closing_since: float | None = None
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            if self.closing_since is not None:
+                log.warning("still closing after %.0f s: committing open files and the index "
+                            "journal (%s)", time.monotonic() - self.closing_since,
+                            self._figures())
+                continue
+            try:
+                _notify(f"STATUS={status_line(self.fs.live_status())}")
+            except Exception as exc:  # noqa: BLE001 — a status line must not stop the daemon
+                log.debug("no live status: %s", exc)
+
+    def _figures(self) -> str:
+        try:
+            r = self.fs.reencoder
+            return (f"{self.fs.index.pending_records} journal records, "
+                    f"re-encoder backlog {r.backlog[0] if r else 0} files")
+        except Exception:  # noqa: BLE001 — closing underneath us
+            return "figures unavailable"
+
+
 def run_daemon(store_root: str, secret: Secret, mountpoint: str, config: Config,
-               fuse_options: dict, on_ready=None) -> None:
+               fuse_options: dict, on_ready=None, metrics: str | None = None,
+               status_interval: float = 5.0) -> None:
     """Open the store, serve the mount until it ends, close cleanly."""
     store = open_store(store_root, secret)
     fs = FileSystem(store, config)
@@ -109,23 +163,45 @@ def run_daemon(store_root: str, secret: Secret, mountpoint: str, config: Config,
         log.warning("recovered after an unclean shutdown: %d temp files, %d orphan inodes, "
                     "%d unreferenced objects removed", r.temp_files, r.orphan_inodes,
                     r.unreferenced_objects)
-
-    def ready() -> None:
-        log.info("mounted store %s at %s (pid %d)", store.root, mountpoint, os.getpid())
-        _notify(f"READY=1\nSTATUS=mounted at {mountpoint}\nMAINPID={os.getpid()}")
-        if on_ready is not None:
-            on_ready()
-
+    ops = OpStats()
+    server = reporter = None
     try:
-        serve(fs, mountpoint, fuse_options, ready)
+        if metrics:
+            try:
+                server = MetricsServer(metrics, ops, fs.live_status)
+            except (OSError, ValueError) as exc:
+                raise MountFailedError(f"The metrics endpoint {metrics} cannot be opened "
+                                       f"({exc}); choose a free HOST:PORT.") from exc
+        reporter = _StatusReporter(fs, status_interval)
+
+        def ready() -> None:
+            log.info("mounted store %s at %s (pid %d)", store.root, mountpoint, os.getpid())
+            _notify(f"READY=1\nSTATUS=mounted at {mountpoint}; {status_line(fs.live_status())}"
+                    f"\nMAINPID={os.getpid()}")
+            reporter.start()
+            if on_ready is not None:
+                on_ready()
+
+        serve(fs, mountpoint, fuse_options, ready, ops)
     finally:
-        _notify("STOPPING=1")
-        fs.close()
-        log.info("store %s closed cleanly", store.root)
+        _notify("STOPPING=1\nSTATUS=unmounted; committing open files and the index")
+        log.info("unmounted %s; closing the store", mountpoint)
+        started = time.monotonic()
+        if reporter is not None:
+            reporter.closing_since = started
+        if server is not None:
+            server.close()
+        try:
+            fs.close()
+        finally:
+            if reporter is not None:
+                reporter.stop.set()
+        log.info("store %s closed cleanly in %.1f s", store.root, time.monotonic() - started)
 
 
 def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
-          fuse_options: dict, foreground: bool, log_file: str | None) -> None:
+          fuse_options: dict, foreground: bool, log_file: str | None,
+          metrics: str | None = None) -> None:
     """Mount a store; returns once the mount is live (or, with
     ``foreground``, once it has been unmounted again)."""
     store_root = os.path.abspath(store_root)
@@ -137,15 +213,16 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
     if pid is not None:
         raise StoreLockedError(f"The store {store_root} is already in use by dcmfs pid {pid}.")
     options = dict(fuse_options)
-    mp = check_mountpoint(mountpoint, nonempty=bool(options.pop("nonempty", False)))
+    mp = check_mountpoint(mountpoint, nonempty=bool(options.pop("nonempty", False)),
+                          store_root=store_root)
     require_fuse()
     if foreground:
-        run_daemon(store_root, secret, mp, config, options)
+        run_daemon(store_root, secret, mp, config, options, metrics=metrics)
         return
-    _spawn(store_root, secret, mp, config, options, log_file)
+    _spawn(store_root, secret, mp, config, options, log_file, metrics)
 
 
-def _spawn(store_root, secret, mp, config, options, log_file) -> None:
+def _spawn(store_root, secret, mp, config, options, log_file, metrics) -> None:
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -153,9 +230,12 @@ def _spawn(store_root, secret, mp, config, options, log_file) -> None:
         code = 0
         try:
             os.setsid()
-            _detach(log_file or os.path.join(store_root, fmt.LOG_NAME))
+            # under systemd (a .mount unit runs mount(8) with stderr on the
+            # journal) the daemon keeps logging there; elsewhere to a file
+            _detach(None if log_file is None and stderr_is_journal()
+                    else log_file or os.path.join(store_root, fmt.LOG_NAME))
             run_daemon(store_root, secret, mp, config, options,
-                       on_ready=lambda: os.write(wfd, b"R"))
+                       on_ready=lambda: os.write(wfd, b"R"), metrics=metrics)
         except DcmfsError as exc:
             log.error("%s", exc)
             _report(wfd, exc.exit_code, str(exc))
@@ -197,14 +277,17 @@ def _report(wfd: int, code: int, message: str) -> None:
         pass
 
 
-def _detach(log_file: str) -> None:
-    """Point stdio of the daemon at /dev/null and its log at ``log_file``."""
+def _detach(log_file: str | None) -> None:
+    """Point stdin/stdout of the daemon at /dev/null and its log at
+    ``log_file`` (None: stderr stays, it is the journal)."""
     null = os.open(os.devnull, os.O_RDWR)
-    logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    os.dup2(logfd, 2)
     os.close(null)
+    if log_file is None:
+        return
+    logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(logfd, 2)
     os.close(logfd)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import psutil
 
 from . import format as fmt
 from .index import read_stats
+from .metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
 from .store import damage_mark, read_header, read_lock_pid
 
@@ -45,14 +47,26 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
                       journal_records=live.get("journal_records", 0),
                       integrity_errors=live.get("integrity_errors", 0),
                       scrub=live.get("scrub"))
+    ops = _xattr_json(mountpoint, OPS_XATTR) if mountpoint else None
+    if ops is not None:
+        # through the mount since the daemon started: plaintext bytes, operations
+        report.update(read_bytes=ops.get("read_bytes", 0), written_bytes=ops.get("written_bytes", 0),
+                      ops=ops.get("ops", {}), errors=ops.get("errors", {}))
     if pid is not None:
         try:
             proc = psutil.Process(pid)
             with proc.oneshot():
                 cpu = proc.cpu_times()
-                report.update(rss_bytes=proc.memory_info().rss,
-                              cpu_seconds=round(cpu.user + cpu.system, 2),
-                              cpu_percent=proc.cpu_percent(interval=0.1))
+                report.update(uptime_seconds=round(time.time() - proc.create_time(), 1),
+                              rss_bytes=proc.memory_info().rss,
+                              cpu_seconds=round(cpu.user + cpu.system, 2))
+                try:  # the daemon's own disk traffic (the store side)
+                    io = proc.io_counters()
+                    report.update(store_read_bytes=io.read_bytes,
+                                  store_written_bytes=io.write_bytes)
+                except (psutil.Error, AttributeError):
+                    pass
+            report["cpu_percent"] = proc.cpu_percent(interval=0.1)
         except psutil.Error:
             pass
     return report
@@ -60,10 +74,24 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
 
 def _live_status(mountpoint: str) -> dict | None:
     """The daemon's own figures, or None (not answering, older daemon)."""
+    return _xattr_json(mountpoint, fmt.STATUS_XATTR)
+
+
+def _xattr_json(mountpoint: str, name: str) -> dict | None:
     try:
-        return json.loads(os.getxattr(mountpoint, fmt.STATUS_XATTR))
+        return json.loads(os.getxattr(mountpoint, name))
     except (OSError, ValueError):
         return None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
 def collect(target: str | None) -> list[dict]:
@@ -101,8 +129,22 @@ def render(reports: list[dict]) -> str:
         lines.append(f"store       {r['store']}")
         lines.append(f"mounted     {'at ' + r['mountpoint'] if r['mounted'] else 'no'}")
         if r.get("pid"):
-            lines.append(f"daemon      pid {r['pid']}, RSS {_size(r.get('rss_bytes'))}, "
+            lines.append(f"daemon      pid {r['pid']}, up {_duration(r.get('uptime_seconds'))}, "
+                         f"RSS {_size(r.get('rss_bytes'))}, "
                          f"CPU {r.get('cpu_seconds', '-')} s ({r.get('cpu_percent', '-')} %)")
+        if "ops" in r:
+            n_ops = sum(r["ops"].values())
+            top = ", ".join(f"{k} {v}" for k, v in sorted(r["ops"].items(),
+                                                         key=lambda kv: -kv[1])[:4])
+            # ENOENT from getattr and ENODATA from getxattr are ordinary answers
+            errs = ", ".join(f"{k.replace(':', ' ')} {v}" for k, v in sorted(
+                r["errors"].items(), key=lambda kv: -kv[1])[:3]) or "none"
+            lines.append(f"io          read {_size(r['read_bytes'])}, wrote "
+                         f"{_size(r['written_bytes'])} through the mount since start")
+            lines.append(f"operations  {n_ops} ({top}); errors: {errs}")
+        if "store_read_bytes" in r:
+            lines.append(f"store disk  read {_size(r['store_read_bytes'])}, "
+                         f"wrote {_size(r['store_written_bytes'])}")
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
         lines.append(f"files       {r['files']}")
         lines.append(f"logical     {_size(r['logical_bytes'])}")

@@ -28,9 +28,9 @@ from . import crypto, format as fmt
 from .codec import NAMES as CODEC_NAMES
 from .config import Config
 from .durable import write_file
-from .errors import (ForeignStoreError, SecretError, StoreDamagedError, StoreLockedError,
-                     StoreMissingError, StoreNotEmptyError, UnsupportedFormatError,
-                     WrongKeyError)
+from .errors import (ForeignStoreError, SecretError, StoreDamagedError, StoreIOError,
+                     StoreLockedError, StoreMissingError, StoreNotEmptyError,
+                     UnsupportedFormatError, WrongKeyError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +178,11 @@ class StoreLock:
 
     def __init__(self, root: str) -> None:
         self.path = os.path.join(root, fmt.LOCK_NAME)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # e.g. a read-only store (ProtectSystem= in a unit)
+            raise StoreIOError(f"The store {root} cannot be opened for writing "
+                               f"({exc.strerror}); make it writable for dcmfs.") from exc
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:

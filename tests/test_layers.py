@@ -9,8 +9,8 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "dcmfs"
 
 #: a module may import only modules of a lower rank
 RANK = {
-    "errors": 0, "format": 0, "config": 0, "__init__": 0,
-    "crypto": 1, "codec": 1, "durable": 1,
+    "errors": 0, "format": 0, "config": 0, "__init__": 0, "logsetup": 0,
+    "crypto": 1, "codec": 1, "durable": 1, "instance": 1, "metrics": 1,
     "objectstore": 2, "store": 2, "journal": 2, "dicom": 2,
     "index": 3, "history": 4,
     "filedata": 4, "recovery": 4,
@@ -18,7 +18,7 @@ RANK = {
     "filesystem": 6,
     "fuse_ops": 7,
     "mount": 8,
-    "status": 9, "admin": 9, "fsck": 8, "rebuild": 8, "salvage": 7,
+    "status": 9, "admin": 9, "fsck": 8, "rebuild": 8, "salvage": 7, "install": 9,
     "cli": 10,
 }
 LEAVES = {"crypto", "codec"}  # may import errors and nothing else of ours

@@ -1,0 +1,191 @@
+"""Per-instance configuration for systemd: ``/etc/dcmfs/<instance>.toml``.
+
+One file per store; ``dcmfs@<instance>.service`` runs
+``dcmfs mount --config /etc/dcmfs/<instance>.toml -f``, and fstab lines pass
+``config=PATH``.  Example (every key but ``store``, ``mountpoint`` and
+``[key]`` is optional)::
+
+    store = "/srv/dcmfs/pacs"          # the backing store (absolute)
+    mountpoint = "/srv/pacs"           # where the plaintext view appears
+    codec = "zstd"                     # for 'dcmfs init --config' only
+    metrics = "127.0.0.1:9641"         # Prometheus endpoint (optional)
+
+    [options]                          # the same as -o: true, a number or a string
+    allow_other = true
+    zstd_level = 3
+
+    [key]                              # exactly one of:
+    credential = "dcmfs.key"           # $CREDENTIALS_DIRECTORY/dcmfs.key (LoadCredential=)
+    # file = "/etc/dcmfs/pacs.key"
+    # passphrase_credential = "dcmfs.passphrase"
+    # passphrase_file = "/etc/dcmfs/pacs.passphrase"
+    # ask_password = true              # systemd-ask-password at start (attended boots)
+
+No secret is ever in this file; it names where the key comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import tomllib
+
+from .errors import SecretError, UsageError
+
+KEY_SOURCES = ("credential", "file", "passphrase_credential", "passphrase_file",
+               "ask_password")
+_TOP_KEYS = {"store", "mountpoint", "codec", "metrics", "options", "key"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """What one configured store needs to mount."""
+
+    path: str
+    name: str
+    store: str
+    mountpoint: str
+    codec: str = "zstd"
+    metrics: str | None = None
+    #: ``-o`` items, e.g. ("allow_other", "zstd_level=3")
+    options: tuple[str, ...] = ()
+    key_source: str = "credential"
+    key_value: str = "dcmfs.key"
+
+    @property
+    def key_kind(self) -> str:
+        return "keyfile" if self.key_source in ("credential", "file") else "passphrase"
+
+
+#: dcmfs options that take 0 or 1 (``reencode = false`` must mean reencode=0)
+_ZERO_ONE = {"reencode", "dicom"}
+
+
+def _option_item(key: str, value) -> str | None:
+    if key in _ZERO_ONE and isinstance(value, bool):
+        return f"{key}={int(value)}"
+    if value is True:
+        return key
+    if value is False:
+        return None
+    if isinstance(value, (int, float, str)):
+        return f"{key}={value}"
+    raise UsageError(f"The option {key!r} has a value of type {type(value).__name__}; "
+                     "use true, a number or a string.")
+
+
+def load(path: str) -> Instance:
+    """Read and check an instance file.
+
+    Raises
+    ------
+    UsageError
+        The file is missing, not TOML, or has a wrong or unknown key.
+    """
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"The config file {path} cannot be read ({exc.strerror}).") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"The config file {path} is not valid TOML ({exc}).") from exc
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise UsageError(f"The config file {path} has unknown keys ({', '.join(sorted(unknown))}); "
+                         f"known are {', '.join(sorted(_TOP_KEYS))}.")
+    for k in ("store", "mountpoint"):
+        if not isinstance(data.get(k), str) or not os.path.isabs(data[k]):
+            raise UsageError(f"The config file {path} needs '{k}' as an absolute path.")
+    key = data.get("key")
+    if not isinstance(key, dict) or len(key) != 1 or next(iter(key)) not in KEY_SOURCES:
+        raise UsageError(f"The config file {path} needs a [key] table with exactly one of "
+                         f"{', '.join(KEY_SOURCES)}.")
+    source, value = next(iter(key.items()))
+    if source == "ask_password":
+        if value is not True:
+            raise UsageError(f"In {path}, [key] ask_password must be true.")
+        value = ""
+    elif not isinstance(value, str) or not value:
+        raise UsageError(f"In {path}, [key] {source} must be a non-empty string.")
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        raise UsageError(f"In {path}, [options] must be a table (allow_other = true, …).")
+    items = tuple(i for i in (_option_item(k, v) for k, v in options.items()) if i)
+    metrics = data.get("metrics")
+    if metrics is not None and not isinstance(metrics, str):
+        raise UsageError(f"In {path}, metrics must be a string such as \"127.0.0.1:9641\".")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return Instance(path, name, data["store"], data["mountpoint"],
+                    codec=str(data.get("codec", "zstd")), metrics=metrics, options=items,
+                    key_source=source, key_value=value)
+
+
+def credential_path(name: str) -> str:
+    """Where systemd put the credential ``name`` (LoadCredential=, LoadCredentialEncrypted=).
+
+    Raises
+    ------
+    SecretError
+        Not started by systemd with credentials, or this one is missing.
+    """
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise SecretError(f"The key is the systemd credential {name!r}, but $CREDENTIALS_DIRECTORY "
+                          "is not set: start dcmfs through its unit (LoadCredential=) or use "
+                          "[key] file = ….")
+    if "/" in name:
+        raise SecretError(f"The credential name {name!r} must not contain '/'.")
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        raise SecretError(f"The systemd credential {name!r} was not passed to this unit; add "
+                          f"LoadCredential={name}:PATH or LoadCredentialEncrypted={name}:PATH.")
+    return path
+
+
+def read_key(inst: Instance, creating: bool = False) -> tuple[str, bytes]:
+    """(kind, secret bytes) from the instance's key source.
+
+    Raises
+    ------
+    SecretError
+        The source cannot be read.
+    """
+    source, value = inst.key_source, inst.key_value
+    if source == "ask_password":
+        return "passphrase", ask_password(inst.name, confirm=creating)
+    path = credential_path(value) if source in ("credential", "passphrase_credential") else value
+    if creating and source == "file" and not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    try:
+        with open(path, "rb") as f:
+            data = f.read(65536)
+    except OSError as exc:
+        raise SecretError(f"The key {path} cannot be read ({exc.strerror}).") from exc
+    if inst.key_kind == "passphrase":
+        data = data.rstrip(b"\n")
+    return inst.key_kind, data
+
+
+def ask_password(name: str, confirm: bool = False) -> bytes:
+    """A passphrase from ``systemd-ask-password`` (a console, a terminal or
+    an agent such as Plymouth on an attended boot)."""
+    prompt = f"dcmfs passphrase for {name}:"
+    cmd = ["systemd-ask-password", f"--id=dcmfs:{name}", "--timeout=0", prompt]
+    try:
+        first = subprocess.run(cmd, capture_output=True, check=True).stdout.rstrip(b"\n")
+        if confirm and subprocess.run(cmd[:-1] + ["again:"], capture_output=True,
+                                      check=True).stdout.rstrip(b"\n") != first:
+            raise SecretError("The passphrases differ; nothing was created.")
+    except FileNotFoundError as exc:
+        raise SecretError("systemd-ask-password is not installed; use [key] "
+                          "passphrase_credential instead.") from exc
+    except subprocess.CalledProcessError as exc:
+        raise SecretError("No passphrase was entered at systemd-ask-password.") from exc
+    if not first:
+        raise SecretError("An empty passphrase is not allowed.")
+    return first
