@@ -236,6 +236,25 @@ class Reencoder:
                 content = txn.get_content(ino)
             if inode is None:
                 return True  # deleted: its backlog entry went with it
+        try:
+            return self._encode(ino, inode, table, content)
+        except CodecMismatch:
+            raise
+        except IntegrityError:
+            # rewritten (or deleted) since we read its table, and the old
+            # objects collected by a checkpoint: not damage, try again later
+            with fs._lock:
+                if ino in fs._open:
+                    return False
+                with fs.index.begin() as txn:
+                    if txn.get_inode(ino) is None:
+                        return True
+                    if txn.chunks(ino) != table:
+                        return False
+            raise
+
+    def _encode(self, ino: int, inode, table, content) -> bool:
+        fs = self.fs
         cipher = fs.objects.file_cipher(inode.file_id)
         info = None
         fresh = _fresh(content, inode.generation, self.dicom)

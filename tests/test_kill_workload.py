@@ -44,8 +44,10 @@ WRITER = textwrap.dedent(r'''
                 kind = "write"
             if kind == "write":
                 data = blob(i, rng.choice([0, 1000, 1 << 20, (1 << 20) + 5, 3 << 20]))
+                # open(O_TRUNC) may empty the file before the data comes: a
+                # kill in between leaves it empty, as on any filesystem
                 note(i=i, op="set", path=name, old=sha(files[name]) if name in files else None,
-                     new=sha(data))
+                     new=sha(data), empty=sha(b""))
                 with open(path, "wb") as f:
                     f.write(data)
                 files[name] = data
@@ -101,7 +103,7 @@ def allowed_states(log_path) -> dict[str, set]:
         else:
             changes = {r["path"]: (r["old"], None)}
         for name, (old, new) in changes.items():
-            state[name] = {new} if finished else {old, new}
+            state[name] = {new} if finished else {old, new, r.get("empty", old)}
     return state
 
 
