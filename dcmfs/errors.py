@@ -7,7 +7,11 @@ never calls ``sys.exit`` or deals in errno values; the FUSE adapter maps them
 to errno through one table, the CLI maps them to exit codes.
 
 Messages never contain plaintext file names or DICOM attributes: they name
-stores, mountpoints, inode numbers and object ids only.
+stores, mountpoints, inode numbers and object ids only.  The one exception is
+:class:`FsError` (the POSIX namespace answers: not found, exists, ...), whose
+argument may be the path the kernel asked about; those are turned into errno
+by the FUSE adapter, which logs only their class, and never reach a log line
+or the command line.
 """
 
 from __future__ import annotations

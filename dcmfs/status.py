@@ -14,6 +14,7 @@ import time
 import psutil
 
 from . import format as fmt
+from .errors import DcmfsError
 from .index import read_stats
 from .metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
@@ -96,7 +97,14 @@ def _duration(seconds: float | None) -> str:
 
 def collect(target: str | None) -> list[dict]:
     if target is None:
-        return [store_report(m.store, m.mountpoint) for m in dcmfs_mounts()]
+        out = []
+        for m in dcmfs_mounts():
+            try:
+                out.append(store_report(m.store, m.mountpoint))
+            except DcmfsError as exc:  # one broken mount must not hide the others
+                out.append({"store": m.store, "mounted": True, "mountpoint": m.mountpoint,
+                            "error": str(exc)})
+        return out
     info = find_mount(target)
     if info is not None:
         return [store_report(info.store, info.mountpoint)]
@@ -128,6 +136,9 @@ def render(reports: list[dict]) -> str:
     for r in reports:
         lines.append(f"store       {r['store']}")
         lines.append(f"mounted     {'at ' + r['mountpoint'] if r['mounted'] else 'no'}")
+        if "error" in r:
+            lines += [f"error       {r['error']}", ""]
+            continue
         if r.get("pid"):
             lines.append(f"daemon      pid {r['pid']}, up {_duration(r.get('uptime_seconds'))}, "
                          f"RSS {_size(r.get('rss_bytes'))}, "
