@@ -31,16 +31,11 @@ from typing import Callable
 
 from .codec import NONE
 from .errors import IntegrityError
-from .format import CHUNK_FLAG_LAST, OBJ_HEADER_LEN, TAG_LEN
+from .format import CHUNK_FLAG_LAST
 from .index import Index, Inode
-from .objectstore import ChunkRef, ObjectStore
+from .objectstore import ChunkRef, ObjectStore, stored_bytes  # noqa: F401 — the core imports it from here
 
 log = logging.getLogger("dcmfs.data")
-
-
-def stored_bytes(ref: ChunkRef) -> int:
-    """Bytes one object occupies in the store."""
-    return OBJ_HEADER_LEN + ref.stored_len + TAG_LEN
 
 
 class ChunkCache:

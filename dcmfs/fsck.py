@@ -45,10 +45,10 @@ from .durable import fsync_dir
 from .errors import DcmfsError, IndexDamagedError, IntegrityError
 from .history import refuse_if_missing, take_snapshot
 from .index import SEALED, Index, Inode
-from .objectstore import ChunkContext, ObjectDamaged, ObjectStore
+from .objectstore import ChunkContext, ObjectDamaged, ObjectStore, stored_bytes
 from .salvage import Salvage
 from .store import Store, StoreLock
-from .verify import check_file, name_paths, stored_size
+from .verify import check_file, name_paths
 
 log = logging.getLogger("dcmfs.fsck")
 
@@ -228,7 +228,7 @@ class Fsck(Salvage):
         misplaced = {}
         for oid in list(self.objects.iter_oids()):
             try:
-                ctx = self.objects.open_context(oid, self._head(oid))
+                ctx = self.objects.context_of(oid)
             except ObjectDamaged:
                 self._contexts[oid] = None
                 continue
@@ -267,10 +267,6 @@ class Fsck(Salvage):
         for oid, ctx in misplaced.items():
             self._contexts[ctx.oid] = ctx
         os.rmdir(parking)  # empty now; never removed with anything in it
-
-    def _head(self, oid: bytes) -> bytes:
-        with open(self.objects.path(oid), "rb") as f:
-            return f.read(fmt.OBJ_HEADER_LEN + fmt.TAG_LEN)
 
     # --- the namespace ------------------------------------------------------------------------
     def check_namespace(self) -> None:
@@ -412,7 +408,7 @@ class Fsck(Salvage):
         for oid in sorted(present - named):
             if oid not in self._contexts:
                 try:
-                    self._contexts[oid] = self.objects.open_context(oid, self._head(oid))
+                    self._contexts[oid] = self.objects.context_of(oid)
                 except ObjectDamaged:
                     self._contexts[oid] = None
             ctx = self._contexts[oid]
@@ -471,7 +467,7 @@ class Fsck(Salvage):
             files = sum(1 for i in inodes.values() if stat.S_ISREG(i.mode))
             logical = sum(i.size for i in inodes.values() if stat.S_ISREG(i.mode))
             refs = [r for _, _, r in txn.iter_all_chunks()]
-            stored = sum(stored_size(r) for r in refs)
+            stored = sum(stored_bytes(r) for r in refs)
             # version-1 objects have 16 header bytes fewer than the size the
             # totals count them at since they were written: either is right
             stored_v1 = stored - (fmt.OBJ_HEADER_LEN - fmt.OBJ1_HEADER_LEN) * len(refs)

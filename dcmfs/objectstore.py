@@ -36,6 +36,11 @@ class ChunkRef(NamedTuple):
     offset: int = -1
 
 
+def stored_bytes(ref: ChunkRef) -> int:
+    """Bytes one (version-2) object occupies in the store."""
+    return fmt.OBJ_HEADER_LEN + ref.stored_len + fmt.TAG_LEN
+
+
 class ChunkContext(NamedTuple):
     """The sealed context block of an object: which object it is, whose chunk."""
 
@@ -204,6 +209,19 @@ class ObjectStore:
     def open_context(self, oid: bytes, blob: bytes) -> ChunkContext:
         """Authenticate and parse the context block (usable without the index)."""
         return self._open_context(oid, blob)[0]
+
+    def context_of(self, oid: bytes) -> ChunkContext:
+        """The context of the object stored as ``oid``, reading only its header.
+
+        Raises :class:`ObjectDamaged` (missing, or not authentic)."""
+        try:
+            with open(self.path(oid), "rb") as f:
+                head = f.read(fmt.OBJ_HEADER_LEN + fmt.TAG_LEN)
+        except FileNotFoundError as exc:
+            raise ObjectDamaged(oid, "is missing", MISSING) from exc
+        except OSError as exc:
+            raise StoreIOError(f"reading object {oid.hex()} failed: {exc.strerror}") from exc
+        return self.open_context(oid, head)
 
     def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes, int]:
         """(context, its plaintext, header length) of an object of either layout."""

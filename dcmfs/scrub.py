@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from .errors import IntegrityError
+from .errors import IntegrityError, StoreIOError
 from .objectstore import ObjectDamaged
 from .verify import Finding, Verifier, name_paths, resolve_paths, unnamed_files
 
@@ -36,9 +36,8 @@ def _in_use(fs, candidates: list[bytes]) -> set[bytes]:
     if busy is not None:
         for oid in candidates:
             try:
-                with open(fs.objects.path(oid), "rb") as f:
-                    ctx = fs.objects.open_context(oid, f.read(200))
-            except (OSError, IntegrityError):
+                ctx = fs.objects.context_of(oid)
+            except (StoreIOError, IntegrityError):
                 continue
             if ctx.ino == busy:
                 out.add(oid)

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from .errors import IntegrityError
-from .format import CHUNK_FLAG_LAST, OBJ_HEADER_LEN, TAG_LEN
+from .format import CHUNK_FLAG_LAST
 from .objectstore import ChunkRef, ObjectDamaged, ObjectStore
 
 CHECKSUM = "checksum mismatch"
@@ -180,10 +180,6 @@ def _ordered(pool, fn, items, window: int):
         yield queue.popleft().result()
 
 
-def stored_size(ref: ChunkRef) -> int:
-    return OBJ_HEADER_LEN + ref.stored_len + TAG_LEN
-
-
 class Verifier:
     """Verifies files of one opened store.
 
@@ -202,6 +198,8 @@ class Verifier:
         self._busy = busy
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcmfs-verify")
         self.workers = workers
+        #: inode records the last :meth:`files` found not authentic
+        self.bad_inodes: list[Finding] = []
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -268,7 +266,7 @@ class Verifier:
         """Verify ``files``; ``progress(done, bytes, findings)`` after each
         file, ``pace(nbytes)`` may sleep to bound the I/O share."""
         report = Report()
-        report.findings.extend(getattr(self, "bad_inodes", []))
+        report.findings.extend(self.bad_inodes)
         start = time.monotonic()
 
         def one(item):

@@ -31,21 +31,33 @@ def make_series(dst: pathlib.Path, n: int) -> list[pathlib.Path]:
 MODALITIES = ("CT", "MR", "CR", "US")
 
 
-def native_subset(quick: bool = False) -> list[tuple[pathlib.Path, str]]:
-    """(path, modality) of pydicom-data's files with native pixel data: transfer
-    syntax neither compressed nor deflated, Modality CT/MR/CR/US, PixelData.
-    ``quick``: only the smallest file of each modality."""
+def _data_dir() -> pathlib.Path:
     import data_store
-    data = pathlib.Path(data_store.__file__).parent / "data"
-    out = []
-    for p in sorted(data.rglob("*")):
+    return pathlib.Path(data_store.__file__).parent / "data"
+
+
+def _data_files(force: bool):
+    """(path, header dataset or None when pydicom cannot read it) of every
+    file of pydicom-data, in name order."""
+    for p in sorted(_data_dir().rglob("*")):
         if not p.is_file():
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(p, defer_size=1024)
+                ds = pydicom.dcmread(p, defer_size=1024, force=force)
         except Exception:  # noqa: BLE001 — not DICOM, or damaged on purpose
+            ds = None
+        yield p, ds
+
+
+def native_subset(quick: bool = False) -> list[tuple[pathlib.Path, str]]:
+    """(path, modality) of pydicom-data's files with native pixel data: transfer
+    syntax neither compressed nor deflated, Modality CT/MR/CR/US, PixelData.
+    ``quick``: only the smallest file of each modality."""
+    out = []
+    for p, ds in _data_files(force=False):
+        if ds is None:  # not DICOM, or damaged on purpose
             continue
         ts = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
         if not ts or ts.is_compressed or ts.is_deflated:
@@ -120,18 +132,10 @@ def corpus(dst: pathlib.Path, quick: bool = False) -> tuple[list[pathlib.Path], 
     ``dst`` (nested names flattened); returns the files, smallest first, and
     name -> Modality ("-" when a file has none or is not DICOM).  ``quick``:
     the smallest file of each modality."""
-    import data_store
-    data = pathlib.Path(data_store.__file__).parent / "data"
+    data = _data_dir()
     found = []
-    for p in sorted(data.rglob("*")):
-        if not p.is_file():
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = str(pydicom.dcmread(p, defer_size=1024, force=True).get("Modality") or "-")
-        except Exception:  # noqa: BLE001 — damaged on purpose: still a file to store
-            mod = "-"
+    for p, ds in _data_files(force=True):  # damaged on purpose: still a file to store
+        mod = str(ds.get("Modality") or "-") if ds is not None else "-"
         found.append((p.stat().st_size, "__".join(p.relative_to(data).parts), p, mod))
     found.sort()
     if quick:

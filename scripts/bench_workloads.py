@@ -14,6 +14,16 @@ import time
 from bench_contenders import Sampler, published_method
 from bench_data import read_files, write_big, write_files
 
+def read_back_cold(c, files, logical: int) -> float:
+    """Remount (cold caches), read every file back and compare; seconds."""
+    c.remount()
+    read_s, n, wrong = read_files(files, c.mnt())
+    if n != logical or wrong:
+        raise RuntimeError(f"{c.name}: read back {n} of {logical} bytes; differing: "
+                           f"{wrong[:5]}")
+    return read_s
+
+
 def measure(c, files, logical: int, add, big_mib: int = 0, block: bytes = b"") -> None:
     """One contender through one workload, from a fresh store to its teardown:
     ingest (timed), settle (at rest), stored size, remount + drop_caches, cold
@@ -46,12 +56,7 @@ def measure(c, files, logical: int, add, big_mib: int = 0, block: bytes = b"") -
                 add(key, status.get(key, 0))
         for mod, (plain_bytes, stored_bytes) in (c.modality_stats() or {}).items():
             add(f"ratio_{mod}", stored_bytes / plain_bytes)
-        c.remount()
-        read_s, n, wrong = read_files(files, c.mnt())
-        if n != logical or wrong:
-            raise RuntimeError(f"{c.name}: read back {n} of {logical} bytes; differing: "
-                               f"{wrong[:5]}")
-        add("read_s", read_s)
+        add("read_s", read_back_cold(c, files, logical))
         if big_mib:
             with Sampler(c.pid()) as s:
                 c.before_write()
@@ -135,12 +140,7 @@ def measure_corpus(c, files, modality: dict, add) -> list[tuple]:
         if c.name == "plain":
             for mod in set(modality.values()):
                 add(f"ratio_{mod}", 1.0)
-        c.remount()
-        read_s, n, wrong = read_files(files, c.mnt())
-        if n != logical or wrong:
-            raise RuntimeError(f"{c.name}: read back {n} of {logical} bytes; differing: "
-                               f"{wrong[:5]}")
-        add("read_s", read_s)
+        add("read_s", read_back_cold(c, files, logical))
     finally:
         c.teardown()
     return points
