@@ -86,7 +86,7 @@ def recompress(store_root: str, secret: Callable[[], Secret], config: Config,
             status = json.loads(_xattr(mp, fmt.STATUS_XATTR))
         bar.update(0, status["reencoded_bytes"] - before.get("reencoded_bytes", 0), final=True)
         return status
-    fs = FileSystem(open_store(store_root, secret()), config)
+    fs = FileSystem(open_store(store_root, secret(), for_writing=True), config)
     try:
         fs.recompress()
         reenc = fs.reencoder

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from . import __version__
+from . import __version__, codec
 from .config import Config
 from .errors import DcmfsError, SecretError, UsageError
 
@@ -105,7 +105,7 @@ _MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser",
 #: dcmfs options given with -o
 _DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
                "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "reencode_threads",
-               "metrics"}
+               "metrics", "image_codecs"}
 
 
 def parse_o(values: list[str]) -> tuple[dict, dict]:
@@ -142,6 +142,12 @@ def _config(ours: dict, fuse_opts: dict) -> Config:
             kw["reencode"] = {"0": False, "1": True}[ours["reencode"]]
         if ours.get("dicom"):
             kw["dicom"] = {"0": False, "1": True}[ours["dicom"]]
+        if ours.get("image_codecs"):
+            names = tuple(ours["image_codecs"].split("+"))
+            known = [n for n, i in codec.NAMES.items() if i in codec.IMAGE_CODECS]
+            if not set(names) <= set(known) or len(set(names)) != len(names):
+                raise ValueError(f"image_codecs takes some of {'+'.join(known)}, each once")
+            kw["image_codecs"] = names
         if ours.get("checkpoint_interval"):
             kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
         if ours.get("reencode_threads"):
@@ -348,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(DICOM-aware codec; mounted or not)")
     s.add_argument("store", nargs="?", default=default_store())
     s.add_argument("-o", action="append", metavar="OPTS", help="store options when not mounted "
-                   "(zstd_level=, dicom=0|1)")
+                   "(zstd_level=, dicom=0|1, image_codecs=)")
     _add_secret_options(s)
     s.set_defaults(func=cmd_recompress)
 

@@ -63,8 +63,12 @@ class Config:
     #: being written; while they are, it uses one (``-o reencode_threads=N``)
     reencode_threads: int = 2
     #: the re-encoder stores DICOM files with native pixel data frame by frame
-    #: in JPEG-LS (or zstd where that is smaller); ``-o dicom=0`` keeps zstd
+    #: with a lossless image codec (or zstd where that is smaller);
+    #: ``-o dicom=0`` keeps zstd
     dicom: bool = True
+    #: the image codecs offered each frame, smallest exact result kept
+    #: (``-o image_codecs=htj2k+jpegxl+jpeg2k``; see dcmfs.codec for figures)
+    image_codecs: tuple[str, ...] = ("htj2k", "jpegxl")
     #: logical bytes of files waiting for the re-encoder before close
     #: compresses inline again (bounds the extra space the backlog takes)
     backlog_limit: int = 1024 * MiB

@@ -83,7 +83,8 @@ class FileSystem(FileOps, StoreOps):
         self._damage_seen: set = set()
         self._damage_lock = threading.Lock()
         self.objects = ObjectStore(store.root, store.store_id, store.master_key,
-                                   codecs.Codecs(config.zstd_level, config.lzma_preset),
+                                   codecs.Codecs(config.zstd_level, config.lzma_preset,
+                                                config.image_codecs),
                                    verify_writes=config.verify_writes)
         self.index = Index(os.path.join(store.root, fmt.INDEX_DIR), store.master_key,
                            store.store_id, config.index_map_size, read_only=config.read_only,

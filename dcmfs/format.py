@@ -51,7 +51,14 @@ DAMAGE_MARK = "needs-fsck"
 
 #: features this version understands; a store may use any subset
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
-                            "codec-jpegls", "extents-v1"})
+                            "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
+                            "extents-v1"})
+#: features this version may write into any store (plus ``codec-<name>`` of
+#: the store's own codec); a store opened for writing whose header lacks one
+#: gets it added first, so an older dcmfs refuses the store in one sentence
+#: instead of meeting objects it cannot decode
+WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
+                            "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

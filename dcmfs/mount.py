@@ -156,7 +156,7 @@ def run_daemon(store_root: str, secret: Secret, mountpoint: str, config: Config,
                fuse_options: dict, on_ready=None, metrics: str | None = None,
                status_interval: float = 5.0) -> None:
     """Open the store, serve the mount until it ends, close cleanly."""
-    store = open_store(store_root, secret)
+    store = open_store(store_root, secret, for_writing=not config.read_only)
     fs = FileSystem(store, config)
     if fs.recovered is not None:
         r = fs.recovered

@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple
 from . import crypto, format as fmt
 import threading
 
-from .codec import JPEGLS, CodecMismatch, Codecs, FrameSpec
+from .codec import IMAGE_CODECS, CodecMismatch, Codecs, FrameSpec
 
 from .durable import TMP_PREFIX, sync_filesystem, write_new
 from .errors import IntegrityError, StoreIOError
@@ -123,7 +123,7 @@ class ObjectStore:
              generation: int, flags: int, codec: int, plaintext: bytes,
              frame: FrameSpec | None = None) -> tuple[ChunkRef, bytes]:
         used, payload = self._codecs.compress(codec, plaintext, frame)
-        if used != 0 and (self._verify or used == JPEGLS):
+        if used != 0 and (self._verify or used in IMAGE_CODECS):
             # restic checks what it wrote before publishing it; a codec bug must
             # fail here, with the plaintext still in hand, not at read time
             # (always for the image codec: byte-exact or nothing)

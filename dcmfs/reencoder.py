@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import dicom
-from .codec import JPEGLS, NONE, CodecMismatch, Unsuitable
+from .codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
 from .errors import IntegrityError
 from .filedata import stored_bytes
 from .format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
@@ -221,7 +221,8 @@ class Reencoder:
 
         A DICOM file with native pixel data that the DICOM-aware codec has not
         seen yet is laid out again in extents: the bytes before the pixels,
-        one extent per frame (JPEG-LS or zstd, whichever is smaller), the
+        frames in bands (the smallest exact result of the configured image
+        codecs and zstd), the
         bytes after.  Any other file gets its uncompressed chunks compressed.
         What was found is recorded (sealed) for ``dcmfs stats``.
 
@@ -305,7 +306,7 @@ class Reencoder:
         hasher = hashlib.sha256()
 
         def one(n: int, start: int, data: bytes, frame):
-            codec = JPEGLS if frame is not None else fs.data.codec
+            codec = IMAGE if frame is not None else fs.data.codec
             flags = CHUNK_FLAG_EXTENT | (CHUNK_FLAG_LAST if n == last else 0)
             ref = fs.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
                                    codec, data, frame)
@@ -323,7 +324,7 @@ class Reencoder:
         done = self._run(ino, table, jobs(), info, replace_all=True, size=inode.size,
                          counts=counts)
         if done:
-            self.frames_coded += counts[JPEGLS]
+            self.frames_coded += sum(counts[c] for c in IMAGE_CODECS)
         return done
 
     def _run(self, ino, table, jobs, info, replace_all: bool, size: int, counts=None) -> bool:

@@ -98,8 +98,8 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
     header = {
         "magic": fmt.STORE_MAGIC,
         "format_version": fmt.FORMAT_VERSION,
-        "features": sorted({"chunked-v1", "sealed-names-v1", f"codec-{config.codec}",
-                            "codec-jpegls", "extents-v1"} & fmt.KNOWN_FEATURES),
+        "features": sorted((fmt.WRITE_FEATURES | {f"codec-{config.codec}"})
+                           & fmt.KNOWN_FEATURES),
         "store_id": store_id.hex(),
         "chunk_size": config.chunk_size,
         "codec": config.codec,
@@ -107,10 +107,14 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
     }
     kek = _kek(secret, key_info)
     key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
-    write_file(os.path.join(root, fmt.HEADER_NAME),
-               (json.dumps(header, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
+    _write_header(root, header)
     return Store(root, store_id, config.chunk_size, config.codec,
                  frozenset(header["features"]), master)
+
+
+def _write_header(root: str, header: dict) -> None:
+    write_file(os.path.join(root, fmt.HEADER_NAME),
+               (json.dumps(header, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
 
 
 def read_header(root: str) -> dict:
@@ -147,8 +151,12 @@ def read_header(root: str) -> dict:
     return header
 
 
-def open_store(root: str, secret: Secret) -> Store:
+def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     """Unwrap the master key of the store at ``root``.
+
+    ``for_writing``: first add the features this version may write to the
+    header if it lacks them (the key is wrapped again: the header is its
+    associated data).
 
     Raises
     ------
@@ -164,6 +172,10 @@ def open_store(root: str, secret: Secret) -> Store:
     except crypto.AuthenticationFailed as exc:
         raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
                             "passphrase (or a damaged store header).") from exc
+    if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
+        header["features"] = sorted(set(header["features"]) | fmt.WRITE_FEATURES)
+        key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
+        _write_header(root, header)
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
                  header["codec"], frozenset(header["features"]), master)
 

@@ -33,13 +33,15 @@ Contenders
   dcmfs         a real dcmfs mount with the default policy: close seals
                 uncompressed, the background re-encoder lays DICOM files with
                 native pixel data out in extents (header zstd, each frame in
-                JPEG-LS or zstd, whichever is smaller) and compresses anything
+                bands, each in the smallest of HTJ2K, JPEG XL and zstd) and compresses anything
                 else with zstd level 1; "at rest" is when the writer is done
                 *and* the backlog is re-encoded and checkpointed; the stored
                 size and the cold read are measured at rest
   dcmfs-paused  the same, with the re-encoder paused (user.dcmfs.control) while
                 the files are written and resumed after: ingest without any
                 background work, then the whole backlog at once
+  dcmfs-j2k     -o image_codecs=htj2k+jpegxl+jpeg2k: OpenJPEG's JPEG 2000 is
+                offered each frame too (smallest at rest, slowest to read)
   dcmfs-dicom0  -o dicom=0: the re-encoder compresses with zstd only (the
                 policy before the DICOM-aware codec)
   dcmfs-lzma    a store inited with --codec lzma (xz preset 6 where the
@@ -56,7 +58,7 @@ Contenders
                 skipped with a note)
 
 Every workload runs its contenders in an order that rotates with the
-repetition.  The subset runs plain, dcmfs, dcmfs-paused, dcmfs-dicom0 and
+repetition.  The subset runs plain, dcmfs, dcmfs-paused, dcmfs-dicom0, dcmfs-j2k and
 published.  Stored sizes are the store's files (objects and index); the
 per-modality ratios of dcmfs come from its user.dcmfs.stats (object bytes).
 "Goals" compares the figures with the targets of issue 3; nothing fails on them.
@@ -168,7 +170,8 @@ def run(args) -> dict:
             one_copy = sub_files[:len(subset)]
             sub_logical = sum(p.stat().st_size for p in sub_files)
             sub = [Plain(base / "subset"), Dcmfs(base / "subset"),
-                   Dcmfs(base / "subset", "paused"), Dcmfs(base / "subset", "dicom0")]
+                   Dcmfs(base / "subset", "paused"), Dcmfs(base / "subset", "dicom0"),
+                   Dcmfs(base / "subset", "j2k")]
             sub = [c for c in sub if not args.only or c.name in args.only]
             sresults = {c.name: {} for c in sub} | {p: {} for p in pub}
 

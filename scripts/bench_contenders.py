@@ -132,8 +132,10 @@ class Plain(Contender):
 class Dcmfs(Contender):
     """spec: zstd (the default policy: DICOM-aware background re-encoder),
     paused (the same, re-encoder paused while the files are written), dicom0
-    (-o dicom=0: the re-encoder compresses with zstd only), inline (zstd
-    compressed at close, no re-encoder), lzma, zstd:N (level N)."""
+    (-o dicom=0: the re-encoder compresses with zstd only), j2k (the image
+    codecs offered each frame include OpenJPEG's JPEG 2000: smallest, slow
+    to decode), inline (zstd compressed at close, no re-encoder), lzma,
+    zstd:N (level N)."""
 
     #: seconds the backlog may stand still before settle gives up
     STALL_S = 300
@@ -147,7 +149,9 @@ class Dcmfs(Contender):
             self.options = ["-o", "reencode=0"]
         elif codec == "dicom0":
             self.options = ["-o", "dicom=0"]
-        if codec in ("inline", "dicom0", "paused"):
+        elif codec == "j2k":
+            self.options = ["-o", "image_codecs=htj2k+jpegxl+jpeg2k"]
+        if codec in ("inline", "dicom0", "paused", "j2k"):
             codec = "zstd"
         self.codec = codec
         self.base = base / self.name

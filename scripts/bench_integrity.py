@@ -5,8 +5,8 @@ from its snapshot and journals and from the objects alone.
     ./scripts/bench-integrity [--files 400] [--small 10000] [--reps 3] [--json out.json]
 
 The CT series is N copies of pydicom-data's 693_UNCR.dcm with distinct UIDs,
-written through a real mount and re-encoded (JPEG-LS frames, the heaviest
-decode), so verify reads what a PACS would have stored.  Medians of --reps.
+written through a real mount and re-encoded (image-coded frames,
+the heaviest decode), so verify reads what a PACS would have stored.  Medians of --reps.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ DPI = 90
 #: one colour per contender in every plot
 COLOURS = {"plain": "#7f7f7f", "dcmfs": "#1f77b4", "dcmfs-dicom0": "#17becf",
            "dcmfs-lzma": "#9467bd", "dcmfs-paused": "#aec7e8", "dcmfs-inline": "#c5b0d5",
+           "dcmfs-j2k": "#8c564b",
            "gocryptfs": "#ff7f0e", "published": "#d62728"}
 
 
@@ -156,8 +157,8 @@ WORKLOADS = """\
 
 - **Contenders.** `plain`: a directory on the same disk. `dcmfs`: a real
   mount with the default policy (close seals uncompressed; the background
-  re-encoder stores native DICOM pixel data in JPEG-LS or zstd bands, whichever
-  is smaller, and everything else in zstd level 1). `dcmfs-dicom0`:
+  re-encoder stores native DICOM pixel data in bands of rows, each in the
+  smallest of HTJ2K, JPEG XL and zstd, and everything else in zstd level 1). `dcmfs-dicom0`:
   `-o dicom=0`, zstd only. `dcmfs-lzma`: a store inited with `--codec lzma`.
   `gocryptfs`: Debian's gocryptfs (`-scryptn 10`), encryption only.
   `published`: the method of the study dcmfs grew from, per file base64 →

@@ -173,6 +173,12 @@ def goals(out: dict) -> list[dict]:
             goal("subset stored/original, DICOM-aware vs published LZMA", r / lz, "< 1", r < lz)
         v = c["dcmfs"]["read_mb_s"]
         goal("subset cold read MB/s of re-encoded files", v, ">= 100", v >= 100)
+    if "dcmfs-j2k" in c:  # the opt-in policy that adds JPEG 2000
+        r, v = c["dcmfs-j2k"]["ratio"]["median"], c["dcmfs-j2k"]["read_mb_s"]
+        goal("subset stored/original, -o image_codecs=htj2k+jpegxl+jpeg2k", r, "<= 0.29",
+             r <= 0.29)
+        goal("subset cold read MB/s, -o image_codecs=htj2k+jpegxl+jpeg2k", v, ">= 100",
+             v >= 100)
     cmp = s.get("comparisons", {})
     if "ingest_running_vs_dicom0" in cmp:
         v = cmp["ingest_running_vs_dicom0"]
@@ -230,7 +236,7 @@ def render(out: dict) -> str:
                   f"({', '.join(f'{m} {n}' for m, n in s['modalities'].items())}) × "
                   f"{s['copies']} copies, {s['mb']} MB; medians of {s['reps']} repetitions", "",
                   "| contender | ingest MB/s | at rest MB/s | stored/original | "
-                  + " | ".join(mods) + " | cold read MB/s | daemon CPU s | JPEG-LS extents |",
+                  + " | ".join(mods) + " | cold read MB/s | daemon CPU s | image-coded bands |",
                   "|---|---|---|---|" + "---|" * len(mods) + "---|---|---|"]
         for name, r in s["contenders"].items():
             lines.append(f"| {name} | {_cell(r, 'ingest_mb_s')} | {_cell(r, 'at_rest_mb_s')} | "

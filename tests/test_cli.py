@@ -6,6 +6,8 @@ import json
 import os
 import stat
 
+import pytest
+
 from dcmfs import errors as E
 
 
@@ -79,6 +81,16 @@ def test_status_and_mount_helper_options(mounted):
     from dcmfs.cli import parse_o
     ours, fuse = parse_o(["_netdev,nofail,key_file=/k,allow_other,x-systemd.requires=/srv,ro"])
     assert ours == {"key_file": "/k"} and fuse == {"allow_other": True, "ro": True}
+
+
+def test_image_codecs_option():
+    from dcmfs.cli import _config, parse_o
+    from dcmfs.errors import UsageError
+    ours, fuse = parse_o(["image_codecs=jpeg2k+htj2k,allow_other"])
+    assert _config(ours, fuse).image_codecs == ("jpeg2k", "htj2k")
+    for bad in ("zstd", "htj2k+htj2k", "jpegls+webp"):
+        with pytest.raises(UsageError, match="image_codecs"):
+            _config(*parse_o([f"image_codecs={bad}"]))
 
 
 def test_read_only_mount(mount_env):

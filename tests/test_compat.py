@@ -17,6 +17,7 @@ import pytest
 from dcmfs import admin, codec
 from dcmfs.config import Config
 from dcmfs.filesystem import FileSystem
+from dcmfs.format import WRITE_FEATURES
 from dcmfs.store import Secret, open_store
 from dcmfs.verify import Verifier
 
@@ -75,7 +76,13 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         check(fs, manifest)
     finally:
         fs.close()
-    fs = FileSystem(open_store(str(root), secret), cfg)  # read-write: new objects are new
+    before = set(json.loads((root / "dcmfs.store").read_text())["features"])
+    assert not WRITE_FEATURES <= before  # made before the image codecs 4-6
+    # read-write: new objects are new; the header first gains what this
+    # dcmfs may write (an older dcmfs then refuses the store in one sentence)
+    fs = FileSystem(open_store(str(root), secret, for_writing=True), cfg)
+    after = set(json.loads((root / "dcmfs.store").read_text())["features"])
+    assert after == before | WRITE_FEATURES
     try:
         check(fs, manifest)
         fh = fs.create("/new.bin", 0o600, os.O_WRONLY, 0, 0)

@@ -18,6 +18,7 @@ import pydicom
 import pytest
 
 from dcmfs import codec, dicom
+from dcmfs.config import Config
 from dcmfs.codec import Codecs, FrameSpec, Unsuitable
 from dcmfs.filesystem import FileSystem
 from dcmfs.store import open_store
@@ -46,8 +47,10 @@ def recompress(fs) -> None:
     assert fs.reencoder.wait_idle(timeout=600)
 
 
-def test_jpegls_frames_are_exact_for_every_sample_layout():
-    codecs = Codecs()
+@pytest.mark.parametrize("image", ["jpegls", "htj2k", "jpegxl", "jpeg2k"])
+def test_image_codec_frames_are_exact_for_every_sample_layout(image):
+    codecs = Codecs(image=(image,))
+    image = codec.NAMES[image]
     rng = np.random.default_rng(7)
     smooth = np.cumsum(rng.integers(-3, 4, size=(64, 80)), axis=1)
     cases = [
@@ -67,27 +70,47 @@ def test_jpegls_frames_are_exact_for_every_sample_layout():
     ]
     for arr, spec in cases:
         plain = arr.tobytes()
-        used, payload = codecs.compress(codec.JPEGLS, plain, spec)
+        used, payload = codecs.compress(image, plain, spec)
         # (a tiny frame at the full 16 bits may go to zstd: smaller wins)
-        assert used == codec.JPEGLS or spec.bits_stored == 8, spec
+        assert used == image or spec.bits_stored == 8, spec
         assert codecs.decompress(used, payload, len(plain)) == plain, spec
-    # noise: CharLS gives up or loses to zstd; stored some other way, exactly
+        # the configured set: the smallest of the image codec and zstd
+        assert codecs.compress(codec.IMAGE, plain, spec) == (used, payload)
+    # noise: the codec gives up or loses to zstd; stored some other way, exactly
     noise = rng.integers(0, 255, size=(64, 80, 3)).astype("u1").tobytes()
-    used, payload = codecs.compress(codec.JPEGLS, noise,
-                                    FrameSpec(64, 80, 3, 8, 8, False, False, False))
-    assert used != codec.JPEGLS and codecs.decompress(used, payload, len(noise)) == noise
+    used, payload = codecs.compress(image, noise, FrameSpec(64, 80, 3, 8, 8, False, False, False))
+    assert used != image and codecs.decompress(used, payload, len(noise)) == noise
     # the image codec wins where it should (a smooth CT-like frame)
-    used, payload = codecs.compress(codec.JPEGLS, cases[0][0].tobytes(), cases[0][1])
-    assert used == codec.JPEGLS and len(payload) < len(cases[0][0].tobytes()) / 3
+    used, payload = codecs.compress(image, cases[0][0].tobytes(), cases[0][1])
+    assert used == image and len(payload) < len(cases[0][0].tobytes()) / 3
     with pytest.raises(Unsuitable):
-        codecs.compress(codec.JPEGLS, bytes(64 * 80 * 4), FrameSpec(64, 80, 1, 32, 32, False,
-                                                                    False, False))
+        codecs.compress(image, bytes(64 * 80 * 4), FrameSpec(64, 80, 1, 32, 32, False,
+                                                             False, False))
     with pytest.raises(Unsuitable):  # size does not match geometry
-        codecs.compress(codec.JPEGLS, bytes(100), cases[0][1])
+        codecs.compress(image, bytes(100), cases[0][1])
     # a damaged payload never decodes to the wrong bytes silently
-    used, payload = codecs.compress(codec.JPEGLS, cases[0][0].tobytes(), cases[0][1])
     with pytest.raises(codec.CodecError):
         codecs.decompress(used, payload[:-40], len(cases[0][0].tobytes()))
+    # nor one read as another image codec (the id is in the sealed context)
+    other = next(c for c in sorted(codec.IMAGE_CODECS) if c != image)
+    with pytest.raises(codec.CodecError):
+        codecs.decompress(other, payload, len(cases[0][0].tobytes()))
+
+
+def test_the_configured_image_codecs_keep_the_smallest():
+    assert Config().image_codecs == codec.DEFAULT_IMAGE_CODECS
+    rng = np.random.default_rng(3)
+    smooth = (np.cumsum(rng.integers(-3, 4, size=(96, 96)), axis=1) + 900).astype("<u2")
+    spec = FrameSpec(96, 96, 1, 16, 12, False, False, False)
+    sizes = {}
+    for name in ("jpegls", "htj2k", "jpegxl"):
+        used, payload = Codecs(image=(name,)).compress(codec.IMAGE, smooth.tobytes(), spec)
+        sizes[used] = len(payload)
+    used, payload = Codecs(image=("jpegls", "htj2k", "jpegxl")).compress(
+        codec.IMAGE, smooth.tobytes(), spec)
+    assert len(payload) == min(sizes.values()) and sizes[used] == len(payload)
+    with pytest.raises(ValueError):
+        Codecs(image=("zstd",))
 
 
 def test_analyse_finds_pixels_and_refuses_what_it_cannot_code():
@@ -105,10 +128,13 @@ def test_analyse_finds_pixels_and_refuses_what_it_cannot_code():
                               "bits_stored", "samples", "frames"}
 
 
-def test_every_dicom_file_reads_back_exactly_before_and_after_reencoding(make_fs):
+@pytest.mark.parametrize("images", [Config().image_codecs, ("jpegls", "jpeg2k")],
+                         ids="+".join)
+def test_every_dicom_file_reads_back_exactly_before_and_after_reencoding(make_fs, images):
     files = dicom_files()
     assert len(files) > 100
-    fs = make_fs(REAL)
+    cfg = dataclasses.replace(REAL, image_codecs=images)
+    fs = make_fs(cfg)
     want = {}
     for i, p in enumerate(files):
         data = p.read_bytes()
@@ -145,12 +171,14 @@ def test_every_dicom_file_reads_back_exactly_before_and_after_reencoding(make_fs
     stats = fs.content_stats()
     ct = [g for g in stats["groups"] if g["modality"] == "CT"
           and g["transfer_syntax"] == "1.2.840.10008.1.2.1"]
-    assert ct and ct[0]["paths"].get("frames") and ct[0]["codecs"].get("jpegls")
+    assert ct and ct[0]["paths"].get("frames")
+    assert set(ct[0]["codecs"]) & set(images), ct[0]["codecs"]
+    assert set(ct[0]["codecs"]) <= {"zstd", "none", *images}, ct[0]["codecs"]
     fs.checkpoint()
     assert_no_dangling(fs)
     fs.close()
 
-    fs = make_fs(REAL)  # after a remount
+    fs = make_fs(cfg)  # after a remount
     for name, (orig, data) in want.items():
         assert sha256(read_file(fs, name)) == sha256(data), orig
     assert fs.recompress() == 0  # nothing left to do
@@ -171,7 +199,7 @@ def test_reading_the_start_of_a_multiframe_file_decodes_one_extent(make_fs):
     recompress(fs)
     table = layout(fs, "/multi.dcm")
     # 512 KiB frames go in two bands of 256 rows
-    assert sum(1 for r in table.values() if r.codec == codec.JPEGLS) == 2 * frames
+    assert sum(1 for r in table.values() if r.codec in codec.IMAGE_CODECS) == 2 * frames
     fs.data.cache = type(fs.data.cache)(64 << 20)  # cold
     loads = []
     real = fs.objects.read
