@@ -42,6 +42,7 @@ Contenders
                 background work, then the whole backlog at once
   dcmfs-j2k     -o image_codecs=htj2k+jpegxl+jpeg2k: OpenJPEG's JPEG 2000 is
                 offered each frame too (smallest at rest, slowest to read)
+  dcmfs-htj2k   -o image_codecs=htj2k: HTJ2K only (fastest to decode)
   dcmfs-dicom0  -o dicom=0: the re-encoder compresses with zstd only (the
                 policy before the DICOM-aware codec)
   dcmfs-lzma    a store inited with --codec lzma (xz preset 6 where the
@@ -260,7 +261,7 @@ def main() -> None:
                    help="skip the cipher-quality and losslessness figures")
     p.add_argument("--codecs", nargs="*", default=["dicom0", "lzma"],
                    help="dcmfs variants besides the default for the ct and corpus workloads: "
-                        "dicom0 lzma paused inline zstd:N")
+                        "dicom0 lzma paused inline htj2k j2k zstd:N")
     p.add_argument("--only", nargs="*", help="run only these contenders (plain, dcmfs, "
                    "dcmfs-paused, dcmfs-dicom0, dcmfs-lzma, gocryptfs, published, …)")
     p.add_argument("--workdir", default=None, help="where stores and mounts go (default /tmp)")

@@ -134,7 +134,7 @@ class Dcmfs(Contender):
     paused (the same, re-encoder paused while the files are written), dicom0
     (-o dicom=0: the re-encoder compresses with zstd only), j2k (the image
     codecs offered each frame include OpenJPEG's JPEG 2000: smallest, slow
-    to decode), inline (zstd compressed at close, no re-encoder), lzma,
+    to decode), htj2k (HTJ2K only: fastest to decode), inline (zstd compressed at close, no re-encoder), lzma,
     zstd:N (level N)."""
 
     #: seconds the backlog may stand still before settle gives up
@@ -151,7 +151,9 @@ class Dcmfs(Contender):
             self.options = ["-o", "dicom=0"]
         elif codec == "j2k":
             self.options = ["-o", "image_codecs=htj2k+jpegxl+jpeg2k"]
-        if codec in ("inline", "dicom0", "paused", "j2k"):
+        elif codec == "htj2k":
+            self.options = ["-o", "image_codecs=htj2k"]
+        if codec in ("inline", "dicom0", "paused", "j2k", "htj2k"):
             codec = "zstd"
         self.codec = codec
         self.base = base / self.name

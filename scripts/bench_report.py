@@ -11,7 +11,7 @@ DPI = 90
 #: one colour per contender in every plot
 COLOURS = {"plain": "#7f7f7f", "dcmfs": "#1f77b4", "dcmfs-dicom0": "#17becf",
            "dcmfs-lzma": "#9467bd", "dcmfs-paused": "#aec7e8", "dcmfs-inline": "#c5b0d5",
-           "dcmfs-j2k": "#8c564b",
+           "dcmfs-j2k": "#8c564b", "dcmfs-htj2k": "#e377c2",
            "gocryptfs": "#ff7f0e", "published": "#d62728"}
 
 
