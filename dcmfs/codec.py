@@ -38,12 +38,14 @@ from typing import NamedTuple
 
 import zstandard
 
-from .errors import IntegrityError
+from .errors import CodecUnavailableError, IntegrityError
 
 NONE, ZSTD, LZMA, JPEGLS, HTJ2K, JPEGXL, JPEG2K = 0, 1, 2, 3, 4, 5, 6
 NAMES = {"none": NONE, "zstd": ZSTD, "lzma": LZMA, "jpegls": JPEGLS, "htj2k": HTJ2K,
          "jpegxl": JPEGXL, "jpeg2k": JPEG2K}
 IDS = {v: k for k, v in NAMES.items()}
+#: codecs for any bytes: a store's own codec is one of these
+GENERAL_CODECS = ("zstd", "lzma", "none")
 #: the lossless image codecs (frames of native pixel data only)
 IMAGE_CODECS = frozenset({JPEGLS, HTJ2K, JPEGXL, JPEG2K})
 #: a request, never stored: "the best of the configured image codecs"
@@ -102,6 +104,13 @@ class Codecs:
         self._image = tuple(NAMES[name] for name in image)
         if not self._image or not set(self._image) <= IMAGE_CODECS:
             raise ValueError(f"not a set of image codecs: {image!r}")
+
+    def check_image_codecs(self) -> None:
+        """Raise :class:`CodecUnavailableError` unless every configured image
+        codec can be used here (a writer checks before it starts; imports
+        imagecodecs, ~0.2 s)."""
+        for image in self._image:
+            require(image)
         # zstandard's (de)compressor objects are not thread-safe; the
         # module-level one-shot functions are cheap enough per 1 MiB chunk.
 
@@ -176,7 +185,26 @@ def warm_up() -> None:
     import numpy  # noqa: F401
 
 
-# --- JPEG-LS frames ------------------------------------------------------------
+# --- image codecs ---------------------------------------------------------------
+#: the imagecodecs name of each image codec (``imagecodecs.<NAME>.available``)
+_IMAGECODECS = {JPEGLS: "JPEGLS", HTJ2K: "HTJ2K", JPEGXL: "JPEGXL", JPEG2K: "JPEG2K"}
+
+
+def require(codec: int) -> None:
+    """Raise :class:`CodecUnavailableError` if this installation cannot run
+    the image codec: an old or partial imagecodecs must never make a stored
+    object look damaged."""
+    try:
+        import imagecodecs
+        ok = bool(getattr(getattr(imagecodecs, _IMAGECODECS[codec], None), "available", False))
+    except ImportError:
+        ok = False
+    if not ok:
+        raise CodecUnavailableError(
+            f"This installation cannot run the {IDS[codec]} image codec (imagecodecs is "
+            "missing, older than 2026.1.1 or built without it); install dcmfs's "
+            "dependencies again ('pip install imagecodecs>=2026.1.1'). No data is lost.")
+
 def _samples(plaintext: bytes, spec: FrameSpec):
     """The frame's samples as an array shaped for the image codec:
     (rows, columns) or (rows, columns, 3)."""
@@ -251,6 +279,7 @@ def _image_decode(codec: int, payload: bytes, plain_len: int) -> bytes:
     import imagecodecs
     import numpy as np
 
+    require(codec)
     if len(payload) < _IMG_HEADER.size:
         raise CodecError("image payload is too short")
     version, rows, columns, samples, alloc, bits, mapping, planar, big = \

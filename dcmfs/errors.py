@@ -130,6 +130,13 @@ class MountFailedError(DcmfsError):
     exit_code = 24
 
 
+class CodecUnavailableError(DcmfsError):
+    """An image codec the store uses (or the options ask for) is missing from
+    this installation's imagecodecs: an environment problem, never damage."""
+
+    exit_code = 25
+
+
 # --- data path (mapped to errno by the FUSE adapter) ---------------------------
 class IntegrityError(DcmfsError):
     """A stored object failed authentication or does not match the index."""

@@ -77,14 +77,15 @@ class FileSystem(FileOps, StoreOps):
 
     def _setup(self, store: Store, config: Config) -> None:
         refuse_if_missing(store.root)
+        codec_set = codecs.Codecs(config.zstd_level, config.lzma_preset, config.image_codecs)
         if not config.read_only:
             refuse_if_damaged(store.root)
+            if config.dicom:  # the re-encoder's image codecs must be there
+                codec_set.check_image_codecs()
         #: object ids (or inode numbers) whose damage has been logged
         self._damage_seen: set = set()
         self._damage_lock = threading.Lock()
-        self.objects = ObjectStore(store.root, store.store_id, store.master_key,
-                                   codecs.Codecs(config.zstd_level, config.lzma_preset,
-                                                config.image_codecs),
+        self.objects = ObjectStore(store.root, store.store_id, store.master_key, codec_set,
                                    verify_writes=config.verify_writes)
         self.index = Index(os.path.join(store.root, fmt.INDEX_DIR), store.master_key,
                            store.store_id, config.index_map_size, read_only=config.read_only,

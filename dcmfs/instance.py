@@ -116,9 +116,13 @@ def load(path: str) -> Instance:
     metrics = data.get("metrics")
     if metrics is not None and not isinstance(metrics, str):
         raise UsageError(f"In {path}, metrics must be a string such as \"127.0.0.1:9641\".")
+    codec = data.get("codec", "zstd")
+    if codec not in ("zstd", "lzma", "none"):
+        raise UsageError(f"In {path}, codec must be \"zstd\", \"lzma\" or \"none\" (the store's "
+                         "general codec; image codecs are chosen with image_codecs in [options]).")
     name = os.path.splitext(os.path.basename(path))[0]
     return Instance(path, name, data["store"], data["mountpoint"],
-                    codec=str(data.get("codec", "zstd")), metrics=metrics, options=items,
+                    codec=codec, metrics=metrics, options=items,
                     key_source=source, key_value=value)
 
 

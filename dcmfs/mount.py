@@ -19,6 +19,7 @@ import threading
 import time
 
 from . import format as fmt
+from .codec import Codecs
 from .config import Config
 from .errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
                      NotMountedError, StoreLockedError)
@@ -209,6 +210,8 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
     refuse_if_missing(store_root)
     if not config.read_only:
         refuse_if_damaged(store_root)
+        if config.dicom:  # the re-encoder's image codecs must be there
+            Codecs(image=config.image_codecs).check_image_codecs()
     pid = read_lock_pid(store_root)
     if pid is not None:
         raise StoreLockedError(f"The store {store_root} is already in use by dcmfs pid {pid}.")

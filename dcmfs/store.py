@@ -25,7 +25,7 @@ import os
 import secrets
 
 from . import crypto, format as fmt
-from .codec import NAMES as CODEC_NAMES
+from .codec import GENERAL_CODECS
 from .config import Config
 from .durable import write_file
 from .errors import (ForeignStoreError, SecretError, StoreDamagedError, StoreIOError,
@@ -85,8 +85,8 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
             raise StoreNotEmptyError(f"{root} exists and is not a directory.")
         if os.listdir(root):
             raise StoreNotEmptyError(f"{root} is not empty; choose a new or empty directory.")
-    if config.codec not in CODEC_NAMES:
-        raise ValueError(f"unknown codec {config.codec!r}")
+    if config.codec not in GENERAL_CODECS:
+        raise ValueError(f"{config.codec!r} is not a general codec ({', '.join(GENERAL_CODECS)})")
     os.makedirs(root, mode=0o700, exist_ok=True)
     os.chmod(root, 0o700)
     os.makedirs(os.path.join(root, fmt.OBJECTS_DIR), mode=0o700)
@@ -156,7 +156,7 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
 
     ``for_writing``: first add the features this version may write to the
     header if it lacks them (the key is wrapped again: the header is its
-    associated data).
+    associated data), under the store lock; a store in use is left as it is.
 
     Raises
     ------
@@ -173,9 +173,17 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
         raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
                             "passphrase (or a damaged store header).") from exc
     if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
-        header["features"] = sorted(set(header["features"]) | fmt.WRITE_FEATURES)
-        key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
-        _write_header(root, header)
+        try:
+            lock = StoreLock(root)
+        except StoreLockedError:
+            pass  # in use: the opener fails on the lock itself; nothing changed
+        else:
+            try:
+                header["features"] = sorted(set(header["features"]) | fmt.WRITE_FEATURES)
+                key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
+                _write_header(root, header)
+            finally:
+                lock.release()
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
                  header["codec"], frozenset(header["features"]), master)
 

@@ -18,10 +18,11 @@ import pydicom
 import pytest
 
 from dcmfs import codec, dicom
-from dcmfs.config import Config
 from dcmfs.codec import Codecs, FrameSpec, Unsuitable
+from dcmfs.config import Config
+from dcmfs.errors import CodecUnavailableError, IntegrityError
 from dcmfs.filesystem import FileSystem
-from dcmfs.store import open_store
+from dcmfs.store import damage_mark, open_store
 
 from .conftest import (SMALL, assert_no_dangling, ct_file, dicom_files, file_sha256,
                        sha256)
@@ -116,6 +117,29 @@ def test_the_configured_image_codecs_keep_the_smallest():
     assert used == within[-1]
     with pytest.raises(ValueError):
         Codecs(image=("zstd",))
+
+
+def test_a_missing_image_codec_is_an_environment_error_not_damage(make_fs, monkeypatch):
+    cfg = dataclasses.replace(REAL, image_codecs=("htj2k",))
+    fs = make_fs(cfg)
+    data = ct_file().read_bytes()
+    write_file(fs, "/ct.dcm", data)
+    recompress(fs)
+    assert any(r.codec == codec.HTJ2K for r in layout(fs, "/ct.dcm").values())
+    fs.close()
+    # an imagecodecs without HTJ2K (older than 2026.1.1, or a partial build)
+    monkeypatch.setitem(codec._IMAGECODECS, codec.HTJ2K, "NO_SUCH_CODEC")
+    with pytest.raises(CodecUnavailableError, match="htj2k"):
+        make_fs(cfg)  # a writer checks its codecs first
+    fs = make_fs(dataclasses.replace(cfg, read_only=True))
+    with pytest.raises(CodecUnavailableError) as info:
+        read_file(fs, "/ct.dcm")
+    assert not isinstance(info.value, IntegrityError)
+    assert damage_mark(str(make_fs.root)) is None  # nothing marked damaged
+    fs.close()
+    monkeypatch.undo()
+    fs = make_fs(cfg)
+    assert read_file(fs, "/ct.dcm") == data
 
 
 def test_analyse_finds_pixels_and_refuses_what_it_cannot_code():

@@ -46,6 +46,7 @@ def test_instance_file(tmp_path):
     ('store = "/s"\nmountpoint = "/m"\nstroe = 1\n[key]\nfile = "/k"\n', "unknown keys"),
     ('store = "/s"\nmountpoint = "/m"\n[key]\nfile = "/k"\ncredential = "x"\n', "exactly one"),
     ('store = "/s"\nmountpoint = [\n', "not valid TOML"),
+    ('store = "/s"\nmountpoint = "/m"\ncodec = "htj2k"\n[key]\nfile = "/k"\n', "general codec"),
 ])
 def test_instance_file_errors(tmp_path, text, what):
     p = tmp_path / "x.toml"

@@ -3,6 +3,10 @@ released format version; the result is committed under tests/compat/vN/).
 
     .venv/bin/python tests/compat/make_store.py tests/compat/v1
 
+(and once per set of codec ids: ``tests/compat/v2-image-codecs`` holds a
+copy of the synthetic CT coded by each image codec, so every later dcmfs,
+with every later imagecodecs, must decode today's codestreams exactly).
+
 The content is generated from fixed seeds (no DICOM file or key is
 committed: the DICOM file is synthetic, the key is the public passphrase
 below, with cheap Argon2id parameters stored in the header), so the
@@ -68,6 +72,9 @@ def content() -> dict[str, bytes]:
 
 def main(out: str) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    import dataclasses
+
+    from dcmfs.codec import IDS, IMAGE_CODECS
     from dcmfs.config import Config, KdfParams
     from dcmfs.filesystem import FileSystem
     from dcmfs.store import Secret, init_store, open_store
@@ -92,13 +99,27 @@ def main(out: str) -> None:
     fs.recompress()
     fs.reencoder.wait_idle(60)
     fs.close()
+    # one copy of the synthetic CT per image codec, each coded by that codec
+    image = {}
+    for name in sorted(IDS[c] for c in IMAGE_CODECS):
+        path = f"/ct/{name}.dcm"
+        fs = FileSystem(open_store(root, secret, for_writing=True),
+                        dataclasses.replace(cfg, image_codecs=(name,)))
+        fh = fs.create(path, 0o640, os.O_WRONLY, 0, 0)
+        fs.write(fh, files["/ct/synthetic.dcm"], 0)
+        fs.release(fh)
+        fs.recompress()
+        fs.reencoder.wait_idle(60)
+        fs.close()
+        files[path] = files["/ct/synthetic.dcm"]
+        image[path] = name
     manifest = {"passphrase": PASSPHRASE.decode(), "chunk_size": cfg.chunk_size,
                 "files": {p: hashlib.sha256(d).hexdigest() for p, d in files.items()},
                 "hardlink": ["/small.txt", "/dir/hardlink.txt"],
                 "symlink": ["/link", "dir/sub/multi.bin"],
                 "xattr": ["/small.txt", "user.note", "kept"],
                 "mtime_ns": ["/small.txt", 1_700_000_000_000_000_000],
-                "jpegls": "/ct/synthetic.dcm"}
+                "image": image}
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.write("\n")
