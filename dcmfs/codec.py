@@ -105,6 +105,11 @@ class Codecs:
         if not self._image or not set(self._image) <= IMAGE_CODECS:
             raise ValueError(f"not a set of image codecs: {image!r}")
 
+    @classmethod
+    def of(cls, config) -> "Codecs":
+        """The codecs of one store opening (``config``: a :class:`dcmfs.config.Config`)."""
+        return cls(config.zstd_level, config.lzma_preset, config.image_codecs)
+
     def check_image_codecs(self) -> None:
         """Raise :class:`CodecUnavailableError` unless every configured image
         codec can be used here (a writer checks before it starts; imports

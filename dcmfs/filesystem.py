@@ -77,7 +77,7 @@ class FileSystem(FileOps, StoreOps):
 
     def _setup(self, store: Store, config: Config) -> None:
         refuse_if_missing(store.root)
-        codec_set = codecs.Codecs(config.zstd_level, config.lzma_preset, config.image_codecs)
+        codec_set = codecs.Codecs.of(config)
         if not config.read_only:
             refuse_if_damaged(store.root)
             if config.dicom:  # the re-encoder's image codecs must be there

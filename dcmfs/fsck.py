@@ -87,8 +87,7 @@ class Fsck(Salvage):
         self.problems: list[Problem] = []
         self.lock = StoreLock(store.root)
         self.objects = ObjectStore(store.root, store.store_id, store.master_key,
-                                   codecs.Codecs(config.zstd_level, config.lzma_preset,
-                                                config.image_codecs))
+                                   codecs.Codecs.of(config))
         self.index: Index | None = None
         self.cs = store.chunk_size
         #: oid -> its sealed context, or None when it does not authenticate

@@ -732,10 +732,6 @@ class Txn:
     def put_content(self, ino: int, info: dict) -> None:
         self._put("content", ino_key(ino), json.dumps(info, sort_keys=True).encode())
 
-    def iter_content(self) -> Iterator[tuple[int, dict]]:
-        for key, raw in self._scan("content", b""):
-            yield _U64.unpack(key)[0], json.loads(raw)
-
     # --- when each file was last verified (the scrubber) -----------------------
     def set_scrubbed(self, ino: int, when_ns: int) -> None:
         self._put_plain("scrubbed", ino_key(ino), _U64.pack(when_ns))

@@ -211,7 +211,7 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
     if not config.read_only:
         refuse_if_damaged(store_root)
         if config.dicom:  # the re-encoder's image codecs must be there
-            Codecs(image=config.image_codecs).check_image_codecs()
+            Codecs.of(config).check_image_codecs()
     pid = read_lock_pid(store_root)
     if pid is not None:
         raise StoreLockedError(f"The store {store_root} is already in use by dcmfs pid {pid}.")

@@ -293,17 +293,6 @@ class ObjectStore:
         except IntegrityError as exc:
             raise ObjectDamaged(oid, str(exc), DECODE) from exc
 
-    def read_by_context(self, oid: bytes) -> tuple[ChunkContext, bytes]:
-        """Authenticate and decode an object with no index entry: what its own
-        sealed context says it is (index rebuild, salvage of unreferenced
-        objects).  Raises :class:`ObjectDamaged`."""
-        blob = self.load(oid)
-        ctx = self.open_context(oid, blob)
-        ref = ChunkRef(ctx.oid, ctx.generation, ctx.codec, ctx.flags, ctx.plain_len,
-                       ctx.stored_len)
-        return ctx, self.read(self.file_cipher(ctx.file_id), ctx.file_id, ctx.ino, ctx.index,
-                              ref, blob)
-
     def quarantine(self, oid: bytes, root: str) -> None:
         """Move an object that fsck cannot prove to be garbage out of the way
         (``STORE/quarantine/``); it is never deleted by dcmfs."""

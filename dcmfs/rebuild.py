@@ -34,9 +34,7 @@ def rebuild_index(store: Store, config: Config) -> dict:
     index_dir = os.path.join(root, fmt.INDEX_DIR)
     snap_dir = os.path.join(root, fmt.SNAPSHOTS_DIR)
     lock = StoreLock(root)
-    objects = ObjectStore(root, store.store_id, store.master_key,
-                          codecs.Codecs(config.zstd_level, config.lzma_preset,
-                                                config.image_codecs))
+    objects = ObjectStore(root, store.store_id, store.master_key, codecs.Codecs.of(config))
     try:
         earlier = sorted(n for n in os.listdir(root) if n.startswith(f"{fmt.INDEX_DIR}.damaged-"))
         aside = None
