@@ -18,13 +18,16 @@ be swapped under a stored object; ids are never reused.
   and the caller falls back.
 
 A frame is offered to each image codec of the configured set (the
-:data:`IMAGE` request) and the smallest exact result is kept, zstd
-included.  Measured per 256 KiB band on pydicom-data's native CT/MR/CR/US
-subset (stored/original, single-core decode MB/s): JPEG-LS 0.314 at 112,
-HTJ2K 0.315 at 350, JPEG XL effort 2 0.305 (colour: 0.11 against JPEG-LS
-0.28) at ~120, the smaller of HTJ2K and JPEG XL per band 0.300 at 160;
-adding OpenJPEG's JPEG 2000 gives 0.288 but decodes at ~35, so it is
-offered only when configured (``-o image_codecs=``).
+:data:`IMAGE` request) and to zstd, and the exact result that costs least in
+stored bytes plus :data:`DECODE_WEIGHT` times its estimated decode time is
+kept (:func:`cheapest`): a slower decoder has to save enough to earn its
+place.  Measured per 256 KiB band on the native CT/MR/CR/US subset issue 3
+set (stored/original, single-core decode MB/s): JPEG-LS 0.288 at 134, HTJ2K
+0.300 at 408, JPEG XL effort 2 0.280 at 140; HTJ2K + JPEG XL effort 1 and 2
+by cost 0.283 at 202, where keeping the smallest result would give 0.280 at
+146.  Through the mount that reads the subset cold ~1.2x faster for 1 % more
+space.  OpenJPEG's JPEG 2000 saves a little more but decodes at ~35, so it
+is offered only when configured (``-o image_codecs=``).
 
 Decompression is capped at the expected plaintext length: a hostile or
 damaged payload cannot make the daemon allocate more than one chunk.
@@ -50,13 +53,25 @@ GENERAL_CODECS = ("zstd", "lzma", "none")
 IMAGE_CODECS = frozenset({JPEGLS, HTJ2K, JPEGXL, JPEG2K})
 #: a request, never stored: "the best of the configured image codecs"
 IMAGE = -1
-#: image codecs offered by default, in order of decoding speed
+#: image codecs offered by default
 DEFAULT_IMAGE_CODECS = ("htj2k", "jpegxl")
-#: a result is kept over an earlier one (zstd, then the image codecs in the
-#: configured order) only if it is smaller by more than this fraction
-#: (measured on the native subset: 2 % costs nothing in ratio and decodes 3 %
-#: faster; 5 % costs 1 % of ratio for 30 % faster decoding)
-IMAGE_MARGIN = 0.02
+#: the encoder settings tried for each image codec: JPEG XL at effort 1
+#: (libjxl's fast lossless path: ~2 % larger, decodes ~1.7x faster) and 2
+_VARIANTS = {JPEGLS: (None,), HTJ2K: (None,), JPEGXL: (1, 2), JPEG2K: (None,)}
+#: single-core decode speed in MB/s of plaintext, per (codec, setting):
+#: the medians over pydicom-data's native subset, per 256 KiB band
+#: (scripts/bench measures the real thing)
+DECODE_MBPS = {(NONE, None): 10000, (ZSTD, None): 900, (HTJ2K, None): 316,
+               (JPEGXL, 1): 183, (JPEGXL, 2): 112, (JPEGLS, None): 101,
+               (JPEG2K, None): 35}
+#: what a second of decoding is worth in stored bytes: each frame keeps the
+#: result of least ``stored bytes + DECODE_WEIGHT * decode seconds``.  On the
+#: native subset (per-band simulation, stored/original at single-core decode
+#: MB/s): 0 -> 0.2797 at 146 (the smallest result always), 2e6 -> 0.2826 at
+#: 202, 3e6 -> 0.2842 at 234, 1e7 -> 0.2884 at 328.  Through the mount
+#: (objects + index; the subset twice, cold, medians of 7 interleaved
+#: reads): 0 -> 0.2852 at 105 MB/s, 2e6 -> 0.2881 at 122, 3e6 -> 0.2898 at 134
+DECODE_WEIGHT = 2e6
 
 #: version u8, rows u16, columns u16, samples u8, bits allocated u8, bits
 #: used u8, mapping u8 (0 unsigned as is, 1 signed -> offset binary),
@@ -125,24 +140,24 @@ class Codecs:
 
         A chunk that does not shrink is stored uncompressed (codec NONE).
         An image codec, or :data:`IMAGE` (each configured image codec), needs
-        the ``frame`` layout; the smallest of the image codecs' results and
-        zstd is kept, give or take :data:`IMAGE_MARGIN` (palette colour and
-        noise-like frames go to zstd), and
+        the ``frame`` layout; of the image codecs' results and zstd the one
+        :func:`cheapest` to keep is kept (palette colour and noise-like
+        frames go to zstd), and
         :class:`Unsuitable` is raised for frames no image codec can take.
         The caller decodes an image codec's result and compares before it
         stores it (byte-exact or nothing).
         """
         if codec == IMAGE or codec in IMAGE_CODECS:
             arr, header = _image_samples(plaintext, frame)
-            results = [self.compress(ZSTD, plaintext)]  # fastest to decode first
+            used, payload = self.compress(ZSTD, plaintext)
+            results = [(used, None, payload)]
             for image in (self._image if codec == IMAGE else (codec,)):
-                stream = _image_encode(image, arr, header)  # None: the codec gave up
-                if stream is not None:
-                    results.append((image, stream))
-            # the first (faster to decode) result within IMAGE_MARGIN of the
-            # smallest: a slower codec has to earn its place
-            smallest = min(len(p) for _, p in results)
-            return next(r for r in results if len(r[1]) <= smallest * (1 + IMAGE_MARGIN))
+                for setting in _VARIANTS[image]:
+                    stream = _image_encode(image, arr, header, setting)
+                    if stream is not None:  # None: the codec gave up
+                        results.append((image, setting, stream))
+            used, _, payload = cheapest(results, len(plaintext))
+            return used, payload
         if codec == ZSTD:
             payload = zstandard.compress(plaintext, self._zstd_level)
         elif codec == LZMA:
@@ -183,11 +198,25 @@ class Codecs:
 
 
 def warm_up() -> None:
-    """Import the image codec's libraries now (a mount does it in the
-    background: the first read of a DICOM-coded file after a mount would
-    otherwise wait ~0.2 s for imagecodecs and numpy to load)."""
+    """Load the image codecs' libraries now and run each once on a tiny image
+    (a mount does it in the background: the first read of a DICOM-coded file
+    after a mount would otherwise wait ~0.2 s for imagecodecs and numpy to
+    load and ~40 ms more while each codec's code is paged in)."""
     import imagecodecs  # noqa: F401
-    import numpy  # noqa: F401
+    import numpy as np
+
+    tiny = FrameSpec(16, 16, 1, 16, 12, False, False, False)
+    plain = np.arange(256, dtype="<u2").tobytes()
+    arr, header = _image_samples(plain, tiny)
+    for image in sorted(IMAGE_CODECS):
+        try:
+            require(image)
+            for setting in _VARIANTS[image]:
+                payload = _image_encode(image, arr, header, setting)
+                if payload is not None:
+                    _image_decode(image, payload, len(plain))
+        except (CodecUnavailableError, IntegrityError):
+            continue  # reported where it matters: at mount, or on a read
 
 
 # --- image codecs ---------------------------------------------------------------
@@ -256,9 +285,20 @@ def _image_samples(plaintext: bytes, spec: FrameSpec | None):
     return np.ascontiguousarray(arr), header
 
 
-def _image_encode(codec: int, arr, header: bytes) -> bytes | None:
+def cheapest(results, plain_len: int):
+    """Of ``(codec, setting, payload)`` results of one frame, the one of least
+    stored bytes plus :data:`DECODE_WEIGHT` times its estimated decode
+    seconds (:data:`DECODE_MBPS`); the earlier one on a tie."""
+    def cost(result):
+        codec, setting, payload = result
+        return len(payload) + DECODE_WEIGHT * plain_len / (DECODE_MBPS[codec, setting] * 1e6)
+    return min(results, key=cost)
+
+
+def _image_encode(codec: int, arr, header: bytes, setting: int | None = None) -> bytes | None:
     """Header + codestream, or None when the codec gives up on this frame
-    (e.g. noise that would grow past imagecodecs' output buffer)."""
+    (e.g. noise that would grow past imagecodecs' output buffer).
+    ``setting``: JPEG XL's effort (see :data:`_VARIANTS`)."""
     import imagecodecs
 
     try:
@@ -267,9 +307,10 @@ def _image_encode(codec: int, arr, header: bytes) -> bytes | None:
         elif codec == HTJ2K:
             stream = imagecodecs.htj2k_encode(arr, reversible=True)
         elif codec == JPEGXL:
-            # effort 2: decodes as fast as JPEG-LS; effort 3 is 1-2 % smaller
-            # and decodes at a third of the speed
-            stream = imagecodecs.jpegxl_encode(arr, lossless=True, effort=2, numthreads=1)
+            # effort 2 decodes as fast as JPEG-LS, effort 1 ~1.7x as fast;
+            # effort 3 is 1-2 % smaller and decodes at a third of the speed
+            stream = imagecodecs.jpegxl_encode(arr, lossless=True, effort=setting or 2,
+                                               numthreads=1)
         elif codec == JPEG2K:
             stream = imagecodecs.jpeg2k_encode(arr, level=0, reversible=True, numthreads=1)
         else:

@@ -66,7 +66,8 @@ class Config:
     #: with a lossless image codec (or zstd where that is smaller);
     #: ``-o dicom=0`` keeps zstd
     dicom: bool = True
-    #: the image codecs offered each frame, smallest exact result kept
+    #: the image codecs offered each frame (with zstd); the exact result of
+    #: least stored bytes plus weighted decode time is kept
     #: (``-o image_codecs=htj2k+jpegxl+jpeg2k``; see dcmfs.codec for figures)
     image_codecs: tuple[str, ...] = ("htj2k", "jpegxl")
     #: logical bytes of files waiting for the re-encoder before close

