@@ -128,6 +128,8 @@ def analyse(fp: BinaryIO, size: int) -> Plan:
     frames, photometric = info["frames"], info["photometric"]
     if rows <= 0 or cols <= 0 or frames <= 0 or alloc <= 0:
         return Plan(info, "no image geometry")
+    if rows > 65535 or cols > 65535:  # US in the standard; a malformed file may say more
+        return Plan(info, "rows or columns above 65535")
     if photometric == "PALETTE COLOR":
         return Plan(info, "palette colour")
     if photometric.startswith("YBR") and photometric.endswith(("422", "420")):

@@ -68,6 +68,8 @@ class Reencoder:
         self.current: int | None = None
         self.files_done = 0
         self.bytes_done = 0
+        #: extents coded by an image codec (bands: a large frame is several,
+        #: small frames share one)
         self.frames_coded = 0
         self.errors = 0
         with fs.index.begin() as txn:
@@ -221,8 +223,9 @@ class Reencoder:
 
         A DICOM file with native pixel data that the DICOM-aware codec has not
         seen yet is laid out again in extents: the bytes before the pixels,
-        frames in bands (the smallest exact result of the configured image
-        codecs and zstd), the
+        frames in bands (each coded by whichever exact result of the
+        configured image codecs and zstd is cheapest, see
+        :func:`dcmfs.codec.cheapest`), the
         bytes after.  Any other file gets its uncompressed chunks compressed.
         What was found is recorded (sealed) for ``dcmfs stats``.
 
@@ -426,7 +429,7 @@ def _extents(plan, size: int, cs: int) -> list[tuple[int, int, object]]:
     while left:
         if frame.planar or frame.nbytes <= dicom.BAND_BYTES:
             group = 1 if frame.planar else \
-                min(left, max(1, dicom.BAND_BYTES // frame.nbytes), 65535 // frame.rows)
+                max(1, min(left, dicom.BAND_BYTES // frame.nbytes, 65535 // frame.rows))
             band = frame._replace(rows=frame.rows * group)
             out.append((pos, band.nbytes, band))
             pos += band.nbytes

@@ -189,7 +189,9 @@ def goals(out: dict) -> list[dict]:
     ct = out["contenders"].get("dcmfs")
     if ct:
         v = ct["read_mb_s"]
-        goal("CT series cold read MB/s of re-encoded files", v, ">= 100", v >= 100)
+        # the issue sets its goals on the subset; the same bar for the series
+        goal("CT series cold read MB/s of re-encoded files (beyond issue 3)", v, ">= 100",
+             v >= 100)
     for tag, label in (("dicom0", "-o dicom=0"), ("paused", "paused")):
         v = out.get("dcmfs_vs_variants", {}).get(f"ingest_running_vs_{tag}")
         if v is not None:

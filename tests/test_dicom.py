@@ -119,7 +119,7 @@ def test_each_frame_keeps_the_cheapest_result_in_bytes_plus_decode_time(monkeypa
     assert codec.cheapest(results, plain_len)[:2] == slow
 
 
-def test_the_configured_image_codecs_are_all_offered_and_exact():
+def test_the_configured_image_codecs_are_all_offered_and_exact(monkeypatch):
     assert Config().image_codecs == codec.DEFAULT_IMAGE_CODECS
     rng = np.random.default_rng(3)
     smooth = (np.cumsum(rng.integers(-3, 4, size=(96, 96)), axis=1) + 900).astype("<u2")
@@ -130,16 +130,25 @@ def test_the_configured_image_codecs_are_all_offered_and_exact():
         for setting in codec._VARIANTS[image]:
             payload = codec._image_encode(image, arr, header, setting)
             assert Codecs.decompress(image, payload, smooth.nbytes) == smooth.tobytes()
+    # and each configured codec is tried at each of its settings
+    offered = []
+    real = codec._image_encode
+    monkeypatch.setattr(codec, "_image_encode",
+                        lambda c, a, h, s=None: offered.append((c, s)) or real(c, a, h, s))
     order = ("jpegls", "htj2k", "jpegxl")
     used, payload = Codecs(image=order).compress(codec.IMAGE, smooth.tobytes(), spec)
+    assert sorted(offered, key=str) == sorted(
+        [(codec.JPEGLS, None), (codec.HTJ2K, None), (codec.JPEGXL, 1), (codec.JPEGXL, 2)],
+        key=str)
     assert used in codec.IMAGE_CODECS  # a smooth image: never zstd
     assert Codecs.decompress(used, payload, smooth.nbytes) == smooth.tobytes()
     # the choice is by cost, not by the configured order
     assert Codecs(image=order[::-1]).compress(codec.IMAGE, smooth.tobytes(), spec) == \
         (used, payload)
-    for name in order:  # one codec configured: it or zstd
-        alone, _ = Codecs(image=(name,)).compress(codec.IMAGE, smooth.tobytes(), spec)
-        assert alone in (codec.NAMES[name], codec.ZSTD)
+    for name in order:  # one codec configured: only it is tried
+        offered.clear()
+        Codecs(image=(name,)).compress(codec.IMAGE, smooth.tobytes(), spec)
+        assert {c for c, _ in offered} == {codec.NAMES[name]}
     with pytest.raises(ValueError):
         Codecs(image=("zstd",))
 
@@ -180,6 +189,26 @@ def test_analyse_finds_pixels_and_refuses_what_it_cannot_code():
     # nothing but encoding attributes is kept
     assert set(plan.info) <= {"kind", "modality", "ts", "photometric", "bits_allocated",
                               "bits_stored", "samples", "frames"}
+
+
+def test_a_file_claiming_more_than_65535_rows_stays_with_zstd(make_fs):
+    ds = pydicom.dcmread(ct_file())
+    del ds.Rows
+    ds.add_new(0x00280010, "UL", 100_000)  # Rows is US; a malformed file may say UL
+    ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 8, 8, 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(range(256)) * 400  # 102 400 bytes: 100 000 one-byte rows
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    plan = dicom.analyse(io.BytesIO(data), len(data))
+    assert not plan.codes_frames and plan.reason == "rows or columns above 65535"
+    fs = make_fs(REAL)
+    write_file(fs, "/tall.dcm", data)
+    recompress(fs)
+    assert not any(r.codec in codec.IMAGE_CODECS for r in layout(fs, "/tall.dcm").values())
+    assert content(fs, "/tall.dcm") is not None
+    assert read_file(fs, "/tall.dcm") == data
 
 
 @pytest.mark.parametrize("images", [Config().image_codecs, ("jpegls", "jpeg2k")],
