@@ -157,8 +157,10 @@ WORKLOADS = """\
 
 - **Contenders.** `plain`: a directory on the same disk. `dcmfs`: a real
   mount with the default policy (close seals uncompressed; the background
-  re-encoder stores native DICOM pixel data in bands of rows, each in the
-  smallest of HTJ2K, JPEG XL and zstd, and everything else in zstd level 1). `dcmfs-dicom0`:
+  re-encoder stores native DICOM pixel data in bands of rows, each in
+  whichever of HTJ2K, JPEG XL (effort 1 or 2) and zstd costs least in
+  stored bytes plus estimated decode time, and everything else in zstd
+  level 1). `dcmfs-dicom0`:
   `-o dicom=0`, zstd only. `dcmfs-lzma`: a store inited with `--codec lzma`.
   `gocryptfs`: Debian's gocryptfs (`-scryptn 10`), encryption only.
   `published`: the method of the study dcmfs grew from, per file base64 →
@@ -178,6 +180,10 @@ WORKLOADS = """\
   come from dcmfs's `user.dcmfs.stats` (object bytes; `-o dicom=0` does not
   read the DICOM header, so it has none) and from the published method's
   per-file sizes.
+- **Native subset**: the files issue 3 measured, from pydicom-data and
+  pydicom's own test files: native CT/MR/CR/US pixel data, without
+  pydicom-data's implicit-VR twins `*_UNCI` (28 files, 24.5 MB), written
+  `--subset-copies` times, brought to rest, read back cold.
 - **Small files**: 1 KiB files created, stat'ed and unlinked in one
   directory. **Random reads**: 4 KiB reads at random aligned offsets of a cold
   file of CT content, the same offsets for every contender.

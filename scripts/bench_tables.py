@@ -234,7 +234,7 @@ def render(out: dict) -> str:
     s = out.get("subset")
     if s:
         mods = list(s["modalities"])
-        lines += ["", f"Native subset of pydicom-data: {s['files']} files "
+        lines += ["", f"Native subset (issue 3: pydicom-data and pydicom test files): {s['files']} files "
                   f"({', '.join(f'{m} {n}' for m, n in s['modalities'].items())}) × "
                   f"{s['copies']} copies, {s['mb']} MB; medians of {s['reps']} repetitions", "",
                   "| contender | ingest MB/s | at rest MB/s | stored/original | "
