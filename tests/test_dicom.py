@@ -48,6 +48,16 @@ def recompress(fs) -> None:
     assert fs.reencoder.wait_idle(timeout=600)
 
 
+def write_recompressed(fs, path: str, ds) -> tuple[bytes, dict]:
+    """Store ``ds`` as a file, run the re-encoder; its bytes and layout."""
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    data = buf.getvalue()
+    write_file(fs, path, data)
+    recompress(fs)
+    return data, layout(fs, path)
+
+
 @pytest.mark.parametrize("image", ["jpegls", "htj2k", "jpegxl", "jpeg2k"])
 def test_image_codec_frames_are_exact_for_every_sample_layout(image):
     codecs = Codecs(image=(image,))
@@ -274,13 +284,8 @@ def test_reading_the_start_of_a_multiframe_file_decodes_one_extent(make_fs):
     arr = np.stack([one + i for i in range(frames)]).astype(one.dtype)
     src.NumberOfFrames = frames
     src.PixelData = arr.tobytes()
-    buf = io.BytesIO()
-    src.save_as(buf)
-    data = buf.getvalue()
     fs = make_fs(REAL)
-    write_file(fs, "/multi.dcm", data)
-    recompress(fs)
-    table = layout(fs, "/multi.dcm")
+    data, table = write_recompressed(fs, "/multi.dcm", src)
     # 512 KiB frames go in two bands of 256 rows
     assert sum(1 for r in table.values() if r.codec in codec.IMAGE_CODECS) == 2 * frames
     fs.data.cache = type(fs.data.cache)(64 << 20)  # cold
@@ -312,13 +317,8 @@ def test_small_frames_go_several_to_a_band_and_read_back_at_any_offset(make_fs):
     arr = np.stack([tile + rng.integers(0, 3, tile.shape) for _ in range(frames)])
     src.Rows, src.Columns, src.NumberOfFrames = 64, 64, frames
     src.PixelData = arr.astype(dtype).tobytes()
-    buf = io.BytesIO()
-    src.save_as(buf)
-    data = buf.getvalue()
     fs = make_fs(REAL)
-    write_file(fs, "/small.dcm", data)
-    recompress(fs)
-    table = layout(fs, "/small.dcm")
+    data, table = write_recompressed(fs, "/small.dcm", src)
     coded = sorted((r.offset, r.plain_len) for r in table.values()
                    if r.codec in codec.IMAGE_CODECS)
     assert [n // 8192 for _, n in coded] == [32, 32, 6]
