@@ -5,8 +5,9 @@ be swapped under a stored object; ids are never reused.
 
 * 0 none, 1 zstd, 2 lzma (xz): general purpose, any bytes.
 * 3 jpegls, 4 htj2k, 5 jpegxl, 6 jpeg2k: one band of native DICOM pixel
-  data (rows of one frame, or several small frames as one taller image), coded losslessly by an image codec through
-  ``imagecodecs`` (CharLS, OpenJPH, libjxl, OpenJPEG; all release the GIL).
+  data (rows of one frame, or several small frames as one taller image),
+  coded losslessly by an image codec through ``imagecodecs`` (CharLS,
+  OpenJPH, libjxl, OpenJPEG; all release the GIL).
   The payload is self-describing: a small header (:data:`_IMG_HEADER`:
   geometry, sample layout, byte order, sample mapping) followed by the
   codestream, so decoding needs nothing but the payload, its codec id and
@@ -200,7 +201,7 @@ class Codecs:
 
 def warm_up() -> None:
     """Load the image codecs' libraries now and run each once on a tiny image
-    (a mount does it in the background: the first read of a DICOM-coded file
+    (the mount daemon does it in the background: the first read of a DICOM-coded file
     after a mount would otherwise wait ~0.2 s for imagecodecs and numpy to
     load and ~40 ms more while each codec's code is paged in)."""
     try:

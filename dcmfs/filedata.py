@@ -33,7 +33,7 @@ from .codec import NONE
 from .errors import IntegrityError
 from .format import CHUNK_FLAG_LAST
 from .index import Index, Inode
-from .objectstore import ChunkRef, ObjectStore, stored_bytes  # noqa: F401 — the core imports it from here
+from .objectstore import ChunkRef, ObjectStore, stored_bytes
 
 log = logging.getLogger("dcmfs.data")
 

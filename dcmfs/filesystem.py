@@ -23,7 +23,8 @@ from . import codec as codecs, format as fmt
 from .config import Config
 from .errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
                      NameTooLong, NotADirectory, NotFound)
-from .filedata import FileData, OpenFile, stored_bytes
+from .filedata import FileData, OpenFile
+from .objectstore import stored_bytes
 from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .storeops import StoreOps
 from .history import archived_bytes, refuse_if_missing, take_snapshot
@@ -94,7 +95,6 @@ class FileSystem(FileOps, StoreOps):
                              codecs.NAMES[store.codec], config.workers, config.max_inflight,
                              config.dirty_limit, config.read_cache_bytes)
         self.data.on_damage = self.damaged
-        threading.Thread(target=codecs.warm_up, daemon=True, name="dcmfs-warm-up").start()
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}

@@ -19,7 +19,7 @@ import threading
 import time
 
 from . import format as fmt
-from .codec import Codecs
+from .codec import Codecs, warm_up
 from .config import Config
 from .errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
                      NotMountedError, StoreLockedError)
@@ -159,6 +159,8 @@ def run_daemon(store_root: str, secret: Secret, mountpoint: str, config: Config,
     """Open the store, serve the mount until it ends, close cleanly."""
     store = open_store(store_root, secret, for_writing=not config.read_only)
     fs = FileSystem(store, config)
+    # the first read of a DICOM-coded file need not wait for the codecs to load
+    threading.Thread(target=warm_up, daemon=True, name="dcmfs-warm-up").start()
     if fs.recovered is not None:
         r = fs.recovered
         log.warning("recovered after an unclean shutdown: %d temp files, %d orphan inodes, "

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import dicom
 from .codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
 from .errors import IntegrityError
-from .filedata import stored_bytes
+from .objectstore import stored_bytes
 from .format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
 
 log = logging.getLogger("dcmfs.reencoder")

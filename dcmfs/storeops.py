@@ -15,7 +15,7 @@ import stat
 
 from . import codec as codecs
 from .errors import DcmfsError, InvalidArgument, ReadOnlyError
-from .filedata import stored_bytes
+from .objectstore import stored_bytes
 from .fileops import _locked
 from .scrub import VerifyJob
 from .store import set_damage_mark

@@ -36,19 +36,23 @@ def _data_dir() -> pathlib.Path:
     return pathlib.Path(data_store.__file__).parent / "data"
 
 
+def _header(p: pathlib.Path, force: bool = False):
+    """The header dataset of ``p``, or None when pydicom cannot read it (not
+    DICOM, or damaged on purpose)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(p, defer_size=1024, force=force)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _data_files(force: bool):
-    """(path, header dataset or None when pydicom cannot read it) of every
-    file of pydicom-data, in name order."""
+    """(path, header dataset or None) of every file of pydicom-data, in name
+    order."""
     for p in sorted(_data_dir().rglob("*")):
-        if not p.is_file():
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(p, defer_size=1024, force=force)
-        except Exception:  # noqa: BLE001 — not DICOM, or damaged on purpose
-            ds = None
-        yield p, ds
+        if p.is_file():
+            yield p, _header(p, force)
 
 
 def _own_test_files():
@@ -56,13 +60,7 @@ def _own_test_files():
     its test_files folder (not the tiny DICOMDIR series below it)."""
     folder = pathlib.Path(pydicom.__file__).parent / "data" / "test_files"
     for p in sorted(folder.glob("*.dcm")):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(p, defer_size=1024)
-        except Exception:  # noqa: BLE001 — damaged on purpose
-            ds = None
-        yield p, ds
+        yield p, _header(p)
 
 
 def _is_native(ds) -> bool:
