@@ -68,7 +68,7 @@ class Config:
     dicom: bool = True
     #: the image codecs offered each frame (with zstd); the exact result of
     #: least stored bytes plus weighted decode time is kept
-    #: (``-o image_codecs=htj2k+jpegxl+jpeg2k``; see dcmfs.codec for figures)
+    #: (``-o image_codecs=htj2k+jpegxl+jpeg2k``; see dcmfs.storage.codec for figures)
     image_codecs: tuple[str, ...] = ("htj2k", "jpegxl")
     #: logical bytes of files waiting for the re-encoder before close
     #: compresses inline again (bounds the extra space the backlog takes)

@@ -160,7 +160,7 @@ class Dcmfs(Contender):
         self.store, self.key, self.mp = self.base / "store", self.base / "key", self.base / "mnt"
 
     def cli(self, *args):
-        subprocess.run([sys.executable, "-m", "dcmfs.cli", *map(str, args)], check=True,
+        subprocess.run([sys.executable, "-m", "dcmfs.app.cli", *map(str, args)], check=True,
                        stdout=subprocess.DEVNULL)
 
     def setup(self):
@@ -178,7 +178,7 @@ class Dcmfs(Contender):
         self.cli("mount", self.store, self.mp, "--key-file", self.key, *self.options)
 
     def pid(self):
-        from dcmfs.store import read_lock_pid
+        from dcmfs.storage.header import read_lock_pid
         return read_lock_pid(str(self.store))
 
     def stored(self):

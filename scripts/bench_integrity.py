@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def cli(*args, check=True, timeout=3600) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "dcmfs.cli", *map(str, args)],
+    r = subprocess.run([sys.executable, "-m", "dcmfs.app.cli", *map(str, args)],
                        capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise SystemExit(f"dcmfs {' '.join(map(str, args))} failed: {r.stderr}")
@@ -88,8 +88,8 @@ def rebuild_time(base: pathlib.Path, n: int, reps: int) -> dict:
     import shutil
 
     from dcmfs.config import Config
-    from dcmfs.filesystem import FileSystem
-    from dcmfs.store import Secret, init_store, open_store
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.storage.header import Secret, init_store, open_store
     secret_bytes = os.urandom(32)
     key = base / "small-key"
     key.write_bytes(secret_bytes)

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from dcmfs.config import Config, KdfParams
-from dcmfs.filesystem import FileSystem
-from dcmfs.store import Secret, init_store, open_store
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.storage.header import Secret, init_store, open_store
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 
@@ -84,7 +84,7 @@ def make_fs(tmp_path, secret):
     root = tmp_path / "store"
 
     def make(config: Config = SMALL) -> FileSystem:
-        if not (root / "dcmfs.store").exists():
+        if not (root / "dcmfs.storage.header").exists():
             init_store(str(root), secret, config)
         fs = FileSystem(open_store(str(root), secret), config)
         opened.append(fs)
@@ -125,7 +125,7 @@ class Mount:
         self.expect_log_errors = False
 
     def cli(self, *args, check=False, timeout=120, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dcmfs.cli", *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "dcmfs.app.cli", *map(str, args)],
                               capture_output=True, text=True, timeout=timeout, check=check,
                               **kw)
 
@@ -139,11 +139,11 @@ class Mount:
         return r
 
     def is_mounted(self) -> bool:
-        from dcmfs.mount import find_mount
+        from dcmfs.app.mount import find_mount
         return find_mount(str(self.mnt)) is not None
 
     def daemon_pid(self) -> int | None:
-        from dcmfs.store import read_lock_pid
+        from dcmfs.storage.header import read_lock_pid
         return read_lock_pid(str(self.store))
 
     def umount(self) -> None:

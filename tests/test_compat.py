@@ -14,12 +14,13 @@ import shutil
 
 import pytest
 
-from dcmfs import admin, codec
+from dcmfs.app import admin
+from dcmfs.storage import codec
 from dcmfs.config import Config
-from dcmfs.filesystem import FileSystem
+from dcmfs.core.filesystem import FileSystem
 from dcmfs.format import WRITE_FEATURES
-from dcmfs.store import Secret, StoreLock, open_store
-from dcmfs.verify import Verifier
+from dcmfs.storage.header import Secret, StoreLock, open_store
+from dcmfs.integrity.verify import Verifier
 
 from .conftest import sha256
 
@@ -78,7 +79,7 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         check(fs, manifest)
     finally:
         fs.close()
-    before = set(json.loads((root / "dcmfs.store").read_text())["features"])
+    before = set(json.loads((root / "dcmfs.storage.header").read_text())["features"])
     if version.name in ("v1", "v2"):  # made before the image codecs 4-6
         assert not WRITE_FEATURES <= before
         lock = StoreLock(str(root))  # in use: the header is left alone
@@ -86,11 +87,11 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
             open_store(str(root), secret, for_writing=True)
         finally:
             lock.release()
-        assert set(json.loads((root / "dcmfs.store").read_text())["features"]) == before
+        assert set(json.loads((root / "dcmfs.storage.header").read_text())["features"]) == before
     # read-write: new objects are new; the header first gains what this
     # dcmfs may write (an older dcmfs then refuses the store in one sentence)
     fs = FileSystem(open_store(str(root), secret, for_writing=True), cfg)
-    after = set(json.loads((root / "dcmfs.store").read_text())["features"])
+    after = set(json.loads((root / "dcmfs.storage.header").read_text())["features"])
     assert after == before | WRITE_FEATURES
     try:
         check(fs, manifest)

@@ -9,8 +9,8 @@ import stat
 import pytest
 
 from dcmfs import errors as E
-from dcmfs.fileops import XATTR_CREATE, XATTR_REPLACE
-from dcmfs.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE
+from dcmfs.core.handles import XATTR_CREATE, XATTR_REPLACE
+from dcmfs.core.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 from .conftest import SMALL, assert_no_dangling, crash, sha256
 
@@ -260,7 +260,7 @@ def test_crash_leaves_old_or_new_and_recovery_cleans_up(make_fs):
 
 
 def test_disk_full_reports_enospc_keeps_data_and_retries(make_fs, monkeypatch):
-    from dcmfs import objectstore
+    from dcmfs.storage import objects as objectstore
     fs = make_fs()
     real = objectstore.write_new
     full = {"on": True}
@@ -306,8 +306,8 @@ def test_store_is_locked_while_open(make_fs):
 @pytest.mark.parametrize("codec", ["zstd", "lzma", "none"])
 def test_codecs(tmp_path, secret, codec):
     import dataclasses
-    from dcmfs.filesystem import FileSystem
-    from dcmfs.store import init_store, open_store
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.storage.header import init_store, open_store
     cfg = dataclasses.replace(SMALL, codec=codec)
     init_store(str(tmp_path / "s"), secret, cfg)
     fs = FileSystem(open_store(str(tmp_path / "s"), secret), cfg)

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from dcmfs.filesystem import FileSystem
-from dcmfs.store import Secret, open_store
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.storage.header import Secret, open_store
 
 from .conftest import SMALL, assert_no_dangling, file_sha256, flip_byte, sha256
 

@@ -17,12 +17,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from dcmfs import codec, dicom
-from dcmfs.codec import Codecs, FrameSpec, Unsuitable
+from dcmfs.storage import codec, dicom
+from dcmfs.storage.codec import Codecs, FrameSpec, Unsuitable
 from dcmfs.config import Config
 from dcmfs.errors import CodecUnavailableError, IntegrityError
-from dcmfs.filesystem import FileSystem
-from dcmfs.store import damage_mark, open_store
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.storage.header import damage_mark, open_store
 
 from .conftest import (SMALL, assert_no_dangling, ct_file, dicom_files, file_sha256,
                        sha256)
@@ -455,5 +455,5 @@ def test_sigkill_while_reencoding_loses_nothing(mount_env):
 
 
 def _key(m):
-    from dcmfs.store import Secret
+    from dcmfs.storage.header import Secret
     return Secret("keyfile", m.key.read_bytes())

@@ -16,11 +16,12 @@ import random
 import lmdb
 import pytest
 
-from dcmfs import index as index_mod, journal, objectstore
+from dcmfs.index import index as index_mod, journal
+from dcmfs.storage import objects as objectstore
 from dcmfs.errors import DcmfsError, StoreIOError
-from dcmfs.filesystem import FileSystem
-from dcmfs.store import open_store
-from dcmfs.verify import Verifier
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.storage.header import open_store
+from dcmfs.integrity.verify import Verifier
 
 from .conftest import SMALL, assert_no_dangling, crash
 
@@ -190,7 +191,7 @@ def check_after_crash(root, secret, model) -> None:
 
 def run_once(tmp_path, secret, monkeypatch, point, k, seed) -> int:
     root = str(tmp_path / f"s-{k}")
-    from dcmfs.store import init_store
+    from dcmfs.storage.header import init_store
     init_store(root, secret, CFG)
     with monkeypatch.context() as mp:
         counter = Counter(mp, point, k)

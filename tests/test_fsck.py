@@ -13,8 +13,8 @@ import shutil
 import pytest
 
 from dcmfs import admin, errors as E
-from dcmfs.filesystem import FileSystem
-from dcmfs.store import damage_mark, open_store
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.storage.header import damage_mark, open_store
 
 from .conftest import SMALL, flip_byte
 from .test_core import read_file, write_file
@@ -398,7 +398,7 @@ def test_lost_index_directory_brings_new_files_back_into_lost_found(store):
 
 
 def test_a_repair_that_is_not_clean_keeps_the_mark(store, monkeypatch):
-    from dcmfs import fsck as fsck_mod
+    from dcmfs.integrity import fsck as fsck_mod
     flip_byte(store.objects("/a")[0], 400)
     real = fsck_mod.Fsck.run
 

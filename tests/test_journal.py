@@ -9,7 +9,7 @@ import os
 import pytest
 
 from dcmfs import errors as E
-from dcmfs.journal import DELETE, PUT, Journal
+from dcmfs.index.journal import DELETE, PUT, Journal
 
 from .conftest import SMALL, assert_no_dangling, crash
 from .test_core import CS, read_file, write_file
@@ -226,7 +226,7 @@ def test_records_a_replay_dropped_are_never_rolled_forward_by_a_rebuild(make_fs,
     overwrite back (it would name a missing object and zero the file)."""
     import glob
 
-    from dcmfs import admin
+    from dcmfs.app import admin
     fs = make_fs(MANUAL)
     write_file(fs, "/a", b"old" * 300)
     fs.close()

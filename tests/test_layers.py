@@ -1,4 +1,11 @@
-"""Imports point one way: cli -> mount -> fuse_ops -> core -> leaves."""
+"""Imports point one way, layer by layer (README, "Layout"):
+
+    app -> adapter -> core -> integrity -> opened -> index -> storage -> base
+
+A module may import modules of its own layer and of the layers below it,
+never above; a few pairs are forbidden outright (the leaves, and integrity
+apart from the filesystem core and FUSE).
+"""
 
 from __future__ import annotations
 
@@ -7,34 +14,57 @@ import pathlib
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "dcmfs"
 
-#: a module may import only modules of a lower rank
-RANK = {
-    "errors": 0, "format": 0, "config": 0, "__init__": 0, "logsetup": 0,
-    "crypto": 1, "codec": 1, "durable": 1, "instance": 1, "metrics": 1,
-    "objectstore": 2, "store": 2, "journal": 2, "dicom": 2,
-    "index": 3, "history": 4,
-    "filedata": 4, "recovery": 4,
-    "fileops": 5, "reencoder": 5, "verify": 4, "scrub": 5, "storeops": 5.5,
-    "filesystem": 6,
-    "fuse_ops": 7,
-    "mount": 8,
-    "status": 9, "admin": 9, "fsck": 8, "rebuild": 8, "salvage": 7, "install": 9,
-    "cli": 10,
-}
-LEAVES = {"crypto", "codec"}  # may import errors and nothing else of ours
+#: lowest first; "base" is the package's top-level modules (usable everywhere)
+LAYERS = ["base", "storage", "index", "opened", "integrity", "core", "adapter", "app"]
+#: top-level modules that are not base: the ``python -m dcmfs.cli`` entry point
+TOP_LEVEL_APP = {"cli"}
+#: (importer, imported) pairs that are forbidden even where the ranks allow
+#: them; a name is a layer or a dotted module path below dcmfs
+FORBIDDEN = [
+    ("integrity", "core"),            # fsck, verify, rebuild work without the core
+    ("integrity", "adapter"),         # ... and without FUSE
+    ("opened", "integrity"),
+]
+#: leaves: may import nothing of ours but these
+LEAVES = {"storage.crypto": {"errors"}, "storage.codec": {"errors"},
+          "storage.dicom": {"errors", "storage.codec"}, "storage.durable": {"errors"}}
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PKG).with_suffix("").parts)
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> str:
+    first = module.split(".")[0]
+    if (PKG / first).is_dir():
+        return first
+    return "app" if first in TOP_LEVEL_APP else "base"
 
 
 def own_imports(path: pathlib.Path) -> set[str]:
+    """Modules of ours that ``path`` imports, as dotted names below dcmfs."""
+    me = module_name(path).split(".")
+    package = me[:-1] if path.name != "__init__.py" else me[:-1]
     tree = ast.parse(path.read_text())
     out = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:  # "from . import x": a module, or a name of the package
-                out.update(a.name if a.name in RANK else "__init__" for a in node.names)
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            mod = base + (node.module.split(".") if node.module else [])
+            for alias in node.names:
+                candidate = mod + [alias.name]
+                if (PKG.joinpath(*candidate).with_suffix(".py").exists()
+                        or PKG.joinpath(*candidate, "__init__.py").exists()):
+                    out.add(".".join(candidate))
+                else:
+                    out.add(".".join(mod) or "__init__")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.startswith("dcmfs."):
+            out.add(node.module[len("dcmfs."):])
         elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[0] for a in node.names if a.name.startswith("dcmfs"))
+            out.update(a.name[len("dcmfs."):] for a in node.names
+                       if a.name.startswith("dcmfs."))
     return out
 
 
@@ -49,27 +79,51 @@ def all_imports(path: pathlib.Path) -> set[str]:
     return names
 
 
-def test_every_module_has_a_rank():
-    assert {p.stem for p in PKG.glob("*.py")} == set(RANK)
+def modules() -> list[pathlib.Path]:
+    return sorted(PKG.rglob("*.py"))
+
+
+def _matches(module: str, name: str) -> bool:
+    return module == name or module.startswith(name + ".") or layer_of(module) == name
+
+
+def test_every_package_is_a_layer():
+    for path in modules():
+        assert layer_of(module_name(path)) in LAYERS, path
 
 
 def test_imports_point_down():
     bad = []
-    for path in PKG.glob("*.py"):
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    for path in modules():
+        me = module_name(path)
         for target in own_imports(path):
-            if RANK[target] >= RANK[path.stem] and target != "__init__":
-                bad.append(f"{path.stem} imports {target}")
-            if path.stem in LEAVES and target != "errors":
-                bad.append(f"leaf {path.stem} imports {target}")
+            if target.endswith("__init__") or target == "":
+                continue
+            if rank[layer_of(target)] > rank[layer_of(me)]:
+                bad.append(f"{me} ({layer_of(me)}) imports {target} ({layer_of(target)})")
+            for importer, imported in FORBIDDEN:
+                if _matches(me, importer) and _matches(target, imported):
+                    bad.append(f"{me} imports {target}: {importer} must not import {imported}")
+            if me in LEAVES and target not in LEAVES[me]:
+                bad.append(f"leaf {me} imports {target}")
     assert not bad, bad
 
 
+def test_the_rule_sees_imports():
+    """The walk finds the imports it checks (a rule that sees nothing passes)."""
+    found = own_imports(PKG / "core" / "filesystem.py")
+    assert {"errors", "storage.codec", "core.handles"} <= found, found
+    assert "storage.objects" in own_imports(PKG / "integrity" / "fsck.py")
+
+
 def test_only_the_adapter_imports_mfusepy_and_only_cli_exits():
-    for path in PKG.glob("*.py"):
-        if path.stem != "fuse_ops":
-            assert "mfusepy" not in all_imports(path), path.stem
-        if path.stem != "cli":
+    for path in modules():
+        me = module_name(path)
+        if me != "adapter.fuse_ops":
+            assert "mfusepy" not in all_imports(path), me
+        if me not in ("app.cli", "cli"):
             calls = [n for n in ast.walk(ast.parse(path.read_text()))
                      if isinstance(n, ast.Attribute) and n.attr == "exit"
                      and isinstance(n.value, ast.Name) and n.value.id == "sys"]
-            assert not calls, path.stem
+            assert not calls, me

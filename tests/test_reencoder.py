@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from dcmfs import codec
+from dcmfs.storage import codec
 
 from .conftest import SMALL, assert_no_dangling, crash, ct_file
 from .test_core import read_file, write_file

@@ -17,8 +17,9 @@ import urllib.request
 import pytest
 
 from dcmfs import errors as E
-from dcmfs import instance, metrics
-from dcmfs.mount import find_mount
+from dcmfs.app import instance
+from dcmfs.adapter import metrics
+from dcmfs.app.mount import find_mount
 
 from .conftest import Mount
 
@@ -68,7 +69,7 @@ def test_credentials(tmp_path, monkeypatch):
 
 
 # --- logs -----------------------------------------------------------------------------
-_LOG_SNIPPET = ("import logging; from dcmfs import logsetup; logsetup.setup(False); "
+_LOG_SNIPPET = ("import logging; from dcmfs.app import logsetup; logsetup.setup(False); "
                 "logging.getLogger('dcmfs.x').info('hello'); "
                 "logging.getLogger('dcmfs.x').error('bad\\nsecond line'); "
                 "logging.getLogger('fuse').debug('raw /a/patient/name')")
@@ -127,7 +128,7 @@ def service(tmp_path):
                  f'metrics = "127.0.0.1:{port}"')
     notify = Notify(tmp_path / "notify")
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "CREDENTIALS_DIRECTORY": str(creds)}
-    proc = subprocess.Popen([sys.executable, "-m", "dcmfs.cli", "-v", "mount", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "dcmfs.app.cli", "-v", "mount", "--config",
                              str(conf), "-f"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         yield m, proc, notify, port
@@ -201,7 +202,7 @@ def test_mount_helper_with_config_and_umount8(tmp_path):
     m.init()
     conf = _toml(tmp_path / "fs.toml", "/nowhere", "/nowhere", f'file = "{m.key}"')
     helper = [sys.executable, "-c",
-              "import sys; from dcmfs.cli import mount_helper_main; sys.exit(mount_helper_main())"]
+              "import sys; from dcmfs.app.cli import mount_helper_main; sys.exit(mount_helper_main())"]
     try:
         # mount(8): SOURCE and MOUNTPOINT win over the file's; fstab-only options are ignored
         r = subprocess.run(helper + [str(m.store), str(m.mnt), "-o",
@@ -242,7 +243,7 @@ def test_stale_mount_of_the_same_store_is_detached(mount_env):
 
 # --- install ---------------------------------------------------------------------------------
 def test_install_systemd(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dcmfs.cli", "install-systemd", "--root",
+    r = subprocess.run([sys.executable, "-m", "dcmfs.app.cli", "install-systemd", "--root",
                         str(tmp_path), "--python", "/opt/py/bin/python3"],
                        capture_output=True, text=True, check=True)
     unit = (tmp_path / "etc/systemd/system/dcmfs@.service").read_text()
@@ -273,7 +274,7 @@ def test_ask_password_runs_systemd_ask_password(tmp_path, monkeypatch):
 
 
 def test_status_reporter_sends_status_and_explains_a_slow_close(tmp_path, monkeypatch, caplog):
-    from dcmfs.mount import _StatusReporter
+    from dcmfs.app.mount import _StatusReporter
 
     class FakeFs:
         reencoder = None

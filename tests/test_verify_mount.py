@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from dcmfs.filesystem import FileSystem
-from dcmfs.store import Secret, damage_mark, open_store
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.storage.header import Secret, damage_mark, open_store
 
 from .conftest import SMALL, dicom_files, file_sha256, flip_byte
 from .test_integrity import chunk_paths

@@ -74,10 +74,10 @@ def main(out: str) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
     import dataclasses
 
-    from dcmfs.codec import IDS, IMAGE_CODECS
+    from dcmfs.storage.codec import IDS, IMAGE_CODECS
     from dcmfs.config import Config, KdfParams
-    from dcmfs.filesystem import FileSystem
-    from dcmfs.store import Secret, init_store, open_store
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.storage.header import Secret, init_store, open_store
 
     cfg = Config(chunk_size=64 * 1024, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1),
                  checkpoint_interval=0)

@@ -24,11 +24,12 @@ import json
 import os
 import secrets
 
-from . import crypto, format as fmt
+from . import crypto
+from .. import format as fmt
 from .codec import GENERAL_CODECS
-from .config import Config
+from ..config import Config
 from .durable import write_file
-from .errors import (ForeignStoreError, SecretError, StoreDamagedError, StoreIOError,
+from ..errors import (ForeignStoreError, SecretError, StoreDamagedError, StoreIOError,
                      StoreLockedError, StoreMissingError, StoreNotEmptyError,
                      UnsupportedFormatError, WrongKeyError)
 

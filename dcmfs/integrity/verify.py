@@ -30,9 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from .errors import IntegrityError
-from .format import CHUNK_FLAG_LAST
-from .objectstore import ChunkRef, ObjectDamaged, ObjectStore
+from ..errors import IntegrityError
+from ..format import CHUNK_FLAG_LAST
+from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 
 CHECKSUM = "checksum mismatch"
 TABLE = "chunk table"

@@ -45,7 +45,7 @@ names nor which entries share a name.  The root directory is inode 1.
 Transactions and durability: the daemon keeps one long LMDB write
 transaction (the *batch*).  Each operation runs in a nested transaction;
 when it succeeds its changes are appended to the sealed journal
-(:mod:`dcmfs.journal`) and merged into the batch, so a crash of the daemon
+(:mod:`dcmfs.index.journal`) and merged into the batch, so a crash of the daemon
 loses nothing that was closed.  :meth:`Index.checkpoint` commits the batch
 durably and empties the journal; :meth:`Index.sync_journal` makes the
 journal durable without a checkpoint (``fsync(2)``).  When the index is
@@ -69,11 +69,12 @@ from typing import Iterator
 
 import lmdb
 
-from . import crypto, format as fmt
-from .errors import (IndexDamagedError, IntegrityError, NeedsRecoveryError, NoSpaceError,
+from ..storage import crypto
+from .. import format as fmt
+from ..errors import (IndexDamagedError, IntegrityError, NeedsRecoveryError, NoSpaceError,
                      StoreIOError)
 from .journal import DELETE, PUT, Journal, Op
-from .objectstore import ChunkRef
+from ..storage.objects import ChunkRef
 
 log = logging.getLogger("dcmfs.index")
 

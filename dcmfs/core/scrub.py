@@ -2,7 +2,7 @@
 (:class:`VerifyJob`) and the background scrubber (:class:`Scrubber`,
 ``-o scrub_interval=S``).
 
-Both use :class:`dcmfs.verify.Verifier`, which holds the core's lock only to
+Both use :class:`dcmfs.integrity.verify.Verifier`, which holds the core's lock only to
 read one file's index entries, so the PACS keeps writing meanwhile.  Every
 finding goes to the core's damage handler (EIO for that file, the store
 marked as needing fsck, one log line naming inode and object).  Paths are
@@ -16,9 +16,9 @@ import logging
 import threading
 import time
 
-from .errors import IntegrityError, StoreIOError
-from .objectstore import ObjectDamaged
-from .verify import Finding, Verifier, name_paths, resolve_paths, unnamed_files
+from ..errors import IntegrityError, StoreIOError
+from ..storage.objects import ObjectDamaged
+from ..integrity.verify import Finding, Verifier, name_paths, resolve_paths, unnamed_files
 
 log = logging.getLogger("dcmfs.scrub")
 

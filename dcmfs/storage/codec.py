@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import zstandard
 
-from .errors import CodecUnavailableError, IntegrityError
+from ..errors import CodecUnavailableError, IntegrityError
 
 NONE, ZSTD, LZMA, JPEGLS, HTJ2K, JPEGXL, JPEG2K = 0, 1, 2, 3, 4, 5, 6
 NAMES = {"none": NONE, "zstd": ZSTD, "lzma": LZMA, "jpegls": JPEGLS, "htj2k": HTJ2K,

@@ -10,9 +10,9 @@ import shutil
 
 import lmdb
 
-from . import format as fmt
-from .durable import fsync_dir
-from .errors import IndexDamagedError, StoreIOError
+from .. import format as fmt
+from ..storage.durable import fsync_dir
+from ..errors import IndexDamagedError, StoreIOError
 from .index import JOURNAL_NAME
 
 

@@ -1,6 +1,6 @@
 """Operations on open files and extended attributes (a part of the core).
 
-:class:`FileOps` is mixed into :class:`dcmfs.filesystem.FileSystem`; it uses
+:class:`FileOps` is mixed into :class:`dcmfs.core.filesystem.FileSystem`; it uses
 the FileSystem's index, data path, handle table and inode helpers.  It is a
 separate module only to keep each file of the core readable.
 """
@@ -14,11 +14,11 @@ import os
 import stat
 from typing import Callable
 
-from . import format as fmt
-from .errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLong,
+from .. import format as fmt
+from ..errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLong,
                      NoAttribute, NotSupported, PermissionDenied, ReadOnlyError, TooBig)
-from .filedata import OpenFile
-from .index import Inode
+from .contents import OpenFile
+from ..index import Inode
 
 log = logging.getLogger("dcmfs.fs")
 

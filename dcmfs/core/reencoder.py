@@ -28,11 +28,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import dicom
-from .codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
-from .errors import IntegrityError
-from .objectstore import stored_bytes
-from .format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
+from ..storage import dicom
+from ..storage.codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
+from ..errors import IntegrityError
+from ..storage.objects import stored_bytes
+from ..format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
 
 log = logging.getLogger("dcmfs.reencoder")
 
@@ -225,7 +225,7 @@ class Reencoder:
         seen yet is laid out again in extents: the bytes before the pixels,
         frames in bands (each coded by whichever exact result of the
         configured image codecs and zstd is cheapest, see
-        :func:`dcmfs.codec.cheapest`), the
+        :func:`dcmfs.storage.codec.cheapest`), the
         bytes after.  Any other file gets its uncompressed chunks compressed.
         What was found is recorded (sealed) for ``dcmfs stats``.
 

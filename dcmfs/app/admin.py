@@ -13,12 +13,12 @@ import sys
 import time
 from typing import Callable, TextIO
 
-from . import format as fmt
-from .config import Config
-from .errors import StoreIOError
-from .filesystem import FileSystem
+from .. import format as fmt
+from ..config import Config
+from ..errors import StoreIOError
+from ..core.filesystem import FileSystem
 from .mount import dcmfs_mounts
-from .store import Secret, open_store
+from ..storage.header import Secret, open_store
 
 
 def mountpoint_of(store_root: str) -> str | None:
@@ -113,7 +113,7 @@ def verify(store_root: str, secret: Callable[[], Secret], config: Config,
            paths: list[str] | None = None, sample: float | None = None,
            out: TextIO = sys.stderr) -> dict:
     """Verify a store (every file, the given paths, or a random sample);
-    returns the report (see :meth:`dcmfs.verify.Report.as_dict`)."""
+    returns the report (see :meth:`dcmfs.integrity.verify.Report.as_dict`)."""
     mp = mountpoint_of(store_root)
     wanted = [_store_path(p, mp) for p in paths] if paths else None
     if mp is not None:
@@ -141,8 +141,8 @@ def verify(store_root: str, secret: Callable[[], Secret], config: Config,
         if "error" in result:
             raise StoreIOError(f"The daemon could not verify the store: {result['error']}.")
         return result
-    from .store import set_damage_mark
-    from .verify import Verifier, name_paths, resolve_paths, unnamed_files
+    from ..storage.header import set_damage_mark
+    from ..integrity.verify import Verifier, name_paths, resolve_paths, unnamed_files
     import dataclasses
     fs = FileSystem(open_store(store_root, secret()), dataclasses.replace(config, read_only=True))
     verifier = Verifier(fs.index, fs.objects, fs.data.chunk_size, fs._lock)
@@ -210,11 +210,11 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
     """Check (and repair, or rebuild the index of) an unmounted store.  With
     ``repair`` a second, read-only check follows; its problems are in
     ``remaining`` (empty: the store is clean)."""
-    from .fsck import Fsck
-    from .rebuild import rebuild_index
-    from .store import clear_damage_mark, set_damage_mark
+    from ..integrity.fsck import Fsck
+    from ..integrity.rebuild import rebuild_index
+    from ..storage.header import clear_damage_mark, set_damage_mark
     if mountpoint_of(store_root) is not None:
-        from .errors import StoreLockedError
+        from ..errors import StoreLockedError
         raise StoreLockedError(f"The store {store_root} is mounted; unmount it first "
                                "('dcmfs umount MOUNTPOINT'), then run fsck.")
     store = open_store(store_root, secret())

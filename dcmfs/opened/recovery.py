@@ -17,8 +17,8 @@ import dataclasses
 import logging
 import os
 
-from .index import Index
-from .objectstore import ObjectStore
+from ..index import Index
+from ..storage.objects import ObjectStore
 
 log = logging.getLogger("dcmfs.recovery")
 

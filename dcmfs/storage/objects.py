@@ -13,13 +13,14 @@ import os
 import secrets
 from typing import Iterator, NamedTuple
 
-from . import crypto, format as fmt
+from . import crypto
+from .. import format as fmt
 import threading
 
 from .codec import IMAGE_CODECS, CodecMismatch, Codecs, FrameSpec
 
 from .durable import TMP_PREFIX, sync_filesystem, write_new
-from .errors import IntegrityError, StoreIOError
+from ..errors import IntegrityError, StoreIOError
 
 
 class ChunkRef(NamedTuple):

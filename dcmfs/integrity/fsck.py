@@ -20,11 +20,11 @@ totals          the store totals (files, logical and stored bytes), and entries
 ==============  ==================================================================
 
 Repair never deletes what it cannot prove is garbage (the rules for damaged
-files and unnamed objects are in :mod:`dcmfs.salvage`): an unreferenced
+files and unnamed objects are in :mod:`dcmfs.integrity.repair`): an unreferenced
 object is deleted only if it is an older version of a chunk of a file that
 verified intact, or belongs to a file a complete index deleted; a file
 without a name is linked into ``/lost+found``.  Without ``--repair`` nothing
-is written.  ``--rebuild-index`` (:mod:`dcmfs.rebuild`) builds a new index
+is written.  ``--rebuild-index`` (:mod:`dcmfs.integrity.rebuild`) builds a new index
 first, then runs the repair.
 """
 
@@ -39,15 +39,16 @@ import stat
 import time
 from typing import Callable
 
-from . import codec as codecs, format as fmt
-from .config import Config
-from .durable import fsync_dir
-from .errors import DcmfsError, IndexDamagedError, IntegrityError
-from .history import refuse_if_missing, take_snapshot
-from .index import SEALED, Index, Inode
-from .objectstore import ChunkContext, ObjectDamaged, ObjectStore, stored_bytes
-from .salvage import Salvage
-from .store import Store, StoreLock
+from ..storage import codec as codecs
+from .. import format as fmt
+from ..config import Config
+from ..storage.durable import fsync_dir
+from ..errors import DcmfsError, IndexDamagedError, IntegrityError
+from ..index.snapshots import refuse_if_missing, take_snapshot
+from ..index import SEALED, Index, Inode
+from ..storage.objects import ChunkContext, ObjectDamaged, ObjectStore, stored_bytes
+from .repair import Salvage
+from ..storage.header import Store, StoreLock
 from .verify import check_file, name_paths
 
 log = logging.getLogger("dcmfs.fsck")

@@ -1,5 +1,5 @@
 """What ``dcmfs fsck --repair`` does with damaged files and with objects the
-index does not name (a part of fsck, mixed into :class:`dcmfs.fsck.Fsck`).
+index does not name (a part of fsck, mixed into :class:`dcmfs.integrity.fsck.Fsck`).
 
 The rules (never delete what cannot be proven garbage):
 
@@ -21,17 +21,18 @@ import secrets
 import stat
 import time
 
-from . import codec as codecs, format as fmt
-from .errors import IntegrityError
-from .index import Inode
-from .objectstore import ChunkContext, ChunkRef
+from ..storage import codec as codecs
+from .. import format as fmt
+from ..errors import IntegrityError
+from ..index import Inode
+from ..storage.objects import ChunkContext, ChunkRef
 from .verify import check_file
 
 LOST_FOUND = b"lost+found"
 
 
 class Salvage:
-    """Repairs of :class:`dcmfs.fsck.Fsck` (uses its index, objects, contexts)."""
+    """Repairs of :class:`dcmfs.integrity.fsck.Fsck` (uses its index, objects, contexts)."""
 
     def _lost_found(self) -> int:
         with self.index.begin() as txn:

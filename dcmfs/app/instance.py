@@ -31,7 +31,7 @@ import os
 import subprocess
 import tomllib
 
-from .errors import SecretError, UsageError
+from ..errors import SecretError, UsageError
 
 KEY_SOURCES = ("credential", "file", "passphrase_credential", "passphrase_file",
                "ask_password")

@@ -19,21 +19,22 @@ import threading
 import time
 from typing import Callable
 
-from . import codec as codecs, format as fmt
-from .config import Config
-from .errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
+from ..storage import codec as codecs
+from .. import format as fmt
+from ..config import Config
+from ..errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
                      NameTooLong, NotADirectory, NotFound)
-from .filedata import FileData, OpenFile
-from .objectstore import stored_bytes
-from .fileops import NAME_MAX, FileOps, Handle, _locked, _mutating
-from .storeops import StoreOps
-from .history import archived_bytes, refuse_if_missing, take_snapshot
-from .index import Index, Inode
-from .objectstore import ObjectDamaged, ObjectStore
-from .recovery import RecoveryReport, recover
+from .contents import FileData, OpenFile
+from ..storage.objects import stored_bytes
+from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
+from .control import StoreOps
+from ..index.snapshots import archived_bytes, refuse_if_missing, take_snapshot
+from ..index import Index, Inode
+from ..storage.objects import ObjectDamaged, ObjectStore
+from ..opened.recovery import RecoveryReport, recover
 from .reencoder import Reencoder
 from .scrub import Scrubber, VerifyJob
-from .store import Store, StoreLock, refuse_if_damaged
+from ..storage.header import Store, StoreLock, refuse_if_damaged
 
 log = logging.getLogger("dcmfs.fs")
 

@@ -25,8 +25,8 @@ except (OSError, ImportError, EnvironmentError) as exc:  # libfuse3 missing
 else:
     _IMPORT_ERROR = None
 
-from . import errors as E
-from .filesystem import FileSystem
+from .. import errors as E
+from ..core.filesystem import FileSystem
 from .metrics import OPS_XATTR, OpStats
 
 log = logging.getLogger("dcmfs.fuse")

@@ -7,14 +7,15 @@ import os
 import shutil
 import time
 
-from . import codec as codecs, format as fmt
-from .config import Config
-from .durable import fsync_dir
-from .errors import DcmfsError
-from .history import archive_segments, legacy_snapshots, snapshots
-from .index import JOURNAL_NAME, Index
-from .objectstore import ObjectDamaged, ObjectStore
-from .store import Store, StoreLock
+from ..storage import codec as codecs
+from .. import format as fmt
+from ..config import Config
+from ..storage.durable import fsync_dir
+from ..errors import DcmfsError
+from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
+from ..index import JOURNAL_NAME, Index
+from ..storage.objects import ObjectDamaged, ObjectStore
+from ..storage.header import Store, StoreLock
 
 
 def rebuild_index(store: Store, config: Config) -> dict:

@@ -38,9 +38,9 @@ import os
 import struct
 from typing import Iterator
 
-from . import crypto
-from .durable import fsync_dir
-from .errors import NoSpaceError, StoreIOError, UnsupportedFormatError
+from ..storage import crypto
+from ..storage.durable import fsync_dir
+from ..errors import NoSpaceError, StoreIOError, UnsupportedFormatError
 
 MAGIC = b"DCMJ"
 VERSION = 1

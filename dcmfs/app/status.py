@@ -13,12 +13,12 @@ import time
 
 import psutil
 
-from . import format as fmt
-from .errors import DcmfsError
-from .index import read_stats
+from .. import format as fmt
+from ..errors import DcmfsError
+from ..index import read_stats
 from .metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
-from .store import damage_mark, read_header, read_lock_pid
+from ..storage.header import damage_mark, read_header, read_lock_pid
 
 
 def store_report(store_root: str, mountpoint: str | None) -> dict:

@@ -15,7 +15,7 @@ import errno
 import os
 import secrets
 
-from .errors import NoSpaceError, StoreIOError
+from ..errors import NoSpaceError, StoreIOError
 
 TMP_PREFIX = ".tmp-"
 

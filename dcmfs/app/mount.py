@@ -18,17 +18,17 @@ import sys
 import threading
 import time
 
-from . import format as fmt
-from .codec import Codecs, warm_up
-from .config import Config
-from .errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
+from .. import format as fmt
+from ..storage.codec import Codecs, warm_up
+from ..config import Config
+from ..errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
                      NotMountedError, StoreLockedError)
-from .filesystem import FileSystem
-from .history import refuse_if_missing
-from .fuse_ops import require_fuse, serve
+from ..core.filesystem import FileSystem
+from ..index.snapshots import refuse_if_missing
+from ..adapter.fuse_ops import require_fuse, serve
 from .logsetup import stderr_is_journal
 from .metrics import MetricsServer, OpStats
-from .store import Secret, open_store, read_lock_pid, refuse_if_damaged
+from ..storage.header import Secret, open_store, read_lock_pid, refuse_if_damaged
 
 log = logging.getLogger("dcmfs.mount")
 

@@ -2,9 +2,9 @@
 content statistics, the control commands (recompress, pause, resume,
 verify) and the failsafe for integrity errors.
 
-:class:`StoreOps` is mixed into :class:`dcmfs.filesystem.FileSystem`; it uses
+:class:`StoreOps` is mixed into :class:`dcmfs.core.filesystem.FileSystem`; it uses
 the FileSystem's index, re-encoder, scrubber and lock, like
-:class:`dcmfs.fileops.FileOps`.
+:class:`dcmfs.core.handles.FileOps`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import json
 import logging
 import stat
 
-from . import codec as codecs
-from .errors import DcmfsError, InvalidArgument, ReadOnlyError
-from .objectstore import stored_bytes
-from .fileops import _locked
+from ..storage import codec as codecs
+from ..errors import DcmfsError, InvalidArgument, ReadOnlyError
+from ..storage.objects import stored_bytes
+from .handles import _locked
 from .scrub import VerifyJob
-from .store import set_damage_mark
+from ..storage.header import set_damage_mark
 
 log = logging.getLogger("dcmfs.fs")
 

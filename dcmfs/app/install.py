@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import sys
 
-from .durable import write_file
+from ..storage.durable import write_file
 
 UNIT_DIR = "etc/systemd/system"
 SBIN_DIR = "usr/sbin"

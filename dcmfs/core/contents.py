@@ -29,11 +29,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-from .codec import NONE
-from .errors import IntegrityError
-from .format import CHUNK_FLAG_LAST
-from .index import Index, Inode
-from .objectstore import ChunkRef, ObjectStore, stored_bytes
+from ..storage.codec import NONE
+from ..errors import IntegrityError
+from ..format import CHUNK_FLAG_LAST
+from ..index import Index, Inode
+from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
 log = logging.getLogger("dcmfs.data")
 

@@ -1,0 +1,442 @@
+"""Command line: ``dcmfs`` and the mount(8) helper ``mount.dcmfs``.
+
+The contract (commands, options, exit codes, how secrets are passed) is
+written down in ``docs/cli.md``.  This is the only place that exits the
+process or prints for a user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+
+from .. import __version__
+from ..storage import codec
+from ..config import Config
+from ..errors import DcmfsError, SecretError, UsageError
+
+log = logging.getLogger("dcmfs")
+
+EXIT_USAGE = 2
+
+
+# --- default places (XDG base directories) ---------------------------------------
+def default_store() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "dcmfs", "store")
+
+
+def default_key_file() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return os.path.join(base, "dcmfs", "key")
+
+
+def default_mountpoint() -> str:
+    return os.path.expanduser("~/dcmfs")
+
+
+# --- secrets ------------------------------------------------------------------------
+def _add_secret_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("key (never given on the command line itself)")
+    g.add_argument("--key-file", metavar="PATH",
+                   help="file holding a 32-byte key (init creates it, mode 0600, if missing)")
+    g.add_argument("--passphrase-file", metavar="PATH", help="file holding the passphrase")
+    g.add_argument("--passphrase-fd", metavar="N", type=int,
+                   help="read the passphrase from file descriptor N")
+
+
+def _read_passphrase_fd(fd: int) -> bytes:
+    chunks = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    return b"".join(chunks).rstrip(b"\n")
+
+
+def _secret(args, creating: bool, store_kind: str | None = None):
+    from ..storage.header import Secret
+    if args.key_file:
+        path = args.key_file
+        if creating and not os.path.exists(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+        try:
+            with open(path, "rb") as f:
+                return Secret("keyfile", f.read(4096))
+        except OSError as exc:
+            raise SecretError(f"The key file {path} cannot be read ({exc.strerror}).") from exc
+    if args.passphrase_file:
+        try:
+            with open(args.passphrase_file, "rb") as f:
+                return Secret("passphrase", f.read().rstrip(b"\n"))
+        except OSError as exc:
+            raise SecretError(f"The passphrase file {args.passphrase_file} cannot be read "
+                              f"({exc.strerror}).") from exc
+    if args.passphrase_fd is not None:
+        try:
+            return Secret("passphrase", _read_passphrase_fd(args.passphrase_fd))
+        except OSError as exc:
+            raise SecretError(f"Cannot read a passphrase from fd {args.passphrase_fd} "
+                              f"({exc.strerror}).") from exc
+    if store_kind == "keyfile" and os.path.exists(default_key_file()):
+        with open(default_key_file(), "rb") as f:
+            return Secret("keyfile", f.read(4096))
+    if sys.stdin.isatty():
+        pw = getpass.getpass("dcmfs passphrase: ").encode()
+        if creating and getpass.getpass("again: ").encode() != pw:
+            raise SecretError("The passphrases differ; nothing was created.")
+        if not pw:
+            raise SecretError("An empty passphrase is not allowed.")
+        return Secret("passphrase", pw)
+    raise SecretError("No key given: pass --key-file, --passphrase-file or --passphrase-fd.")
+
+
+# --- options -------------------------------------------------------------------------
+#: mount(8)/fstab options that are not for FUSE
+_MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "defaults",
+               "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
+#: dcmfs options given with -o
+_DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
+               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "reencode_threads",
+               "metrics", "image_codecs"}
+
+
+def parse_o(values: list[str]) -> tuple[dict, dict]:
+    """Split ``-o a,b=c`` lists into (dcmfs options, FUSE options)."""
+    ours, fuse = {}, {}
+    for value in values or []:
+        for item in value.split(","):
+            if not item:
+                continue
+            key, eq, val = item.partition("=")
+            if key in _DCMFS_OPTS:
+                ours[key] = val
+            elif key in _MOUNT_ONLY or key.startswith(("x-", "comment=")):
+                continue
+            else:
+                fuse[key] = val if eq else True
+    return ours, fuse
+
+
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``12h``, ``7d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+def _config(ours: dict, fuse_opts: dict) -> Config:
+    kw = {"read_only": bool(fuse_opts.get("ro"))}
+    try:
+        if ours.get("zstd_level"):
+            kw["zstd_level"] = int(ours["zstd_level"])
+        if ours.get("reencode"):
+            kw["reencode"] = {"0": False, "1": True}[ours["reencode"]]
+        if ours.get("dicom"):
+            kw["dicom"] = {"0": False, "1": True}[ours["dicom"]]
+        if ours.get("image_codecs"):
+            names = tuple(ours["image_codecs"].split("+"))
+            known = [n for n, i in codec.NAMES.items() if i in codec.IMAGE_CODECS]
+            if not set(names) <= set(known) or len(set(names)) != len(names):
+                raise ValueError(f"image_codecs takes some of {'+'.join(known)}, each once")
+            kw["image_codecs"] = names
+        if ours.get("checkpoint_interval"):
+            kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
+        if ours.get("reencode_threads"):
+            kw["reencode_threads"] = int(ours["reencode_threads"])
+            if not 1 <= kw["reencode_threads"] <= 64:
+                raise ValueError("reencode_threads must be 1..64")
+        if ours.get("scrub_interval"):
+            kw["scrub_interval"] = _seconds(ours["scrub_interval"])
+        if ours.get("scrub_rate"):
+            kw["scrub_rate"] = int(float(ours["scrub_rate"]) * 1e6)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"A -o option has a bad value ({exc}); see 'dcmfs mount --help'.") \
+            from exc
+    return Config(**kw)
+
+
+# --- commands ---------------------------------------------------------------------------
+def _instance_secret(inst, creating: bool = False):
+    from .instance import read_key
+    from ..storage.header import Secret
+    kind, value = read_key(inst, creating=creating)
+    return Secret(kind, value)
+
+
+def cmd_init(args) -> int:
+    from ..storage.header import init_store
+    if args.config:
+        from .instance import load
+        inst = load(args.config)
+        store_root = args.store or inst.store
+        config = Config(codec=args.codec or inst.codec)
+        given = args.key_file or args.passphrase_file or args.passphrase_fd is not None
+        secret = _secret(args, creating=True) if given else _instance_secret(inst, creating=True)
+    else:
+        store_root = args.store or default_store()
+        config = Config(codec=args.codec or "zstd")
+        secret = _secret(args, creating=True)
+    store = init_store(store_root, secret, config)
+    print(f"Created a dcmfs store at {store.root} (codec {store.codec}).")
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from .mount import mount
+    from ..storage.header import read_header
+    ours, _ = parse_o(args.o)
+    inst = None
+    config_path = args.config or ours.get("config")
+    if config_path:
+        from .instance import load
+        inst = load(config_path)
+    # the instance file's options first, the command line's after (they win)
+    ours, fuse = parse_o(([",".join(inst.options)] if inst else []) + (args.o or []))
+    for k in ("key_file", "passphrase_file"):
+        if ours.get(k) and not getattr(args, k):
+            setattr(args, k, ours[k])
+    store_root = os.path.abspath(args.store or (inst.store if inst else default_store()))
+    mp = os.path.abspath(args.mountpoint or (inst.mountpoint if inst else default_mountpoint()))
+    header = read_header(store_root)
+    if inst is not None and not (args.key_file or args.passphrase_file
+                                 or args.passphrase_fd is not None):
+        secret = _instance_secret(inst)
+    else:
+        secret = _secret(args, creating=False, store_kind=header["key"]["kind"])
+    if inst is not None:
+        log.debug("instance %s: store %s, mountpoint %s, key from %s", inst.name, store_root, mp,
+                  inst.key_source)
+    metrics = ours.get("metrics") or (inst.metrics if inst else None)
+    if metrics:
+        from .metrics import parse_address
+        try:
+            parse_address(metrics)
+        except ValueError as exc:
+            raise UsageError(f"The metrics option needs HOST:PORT, e.g. 127.0.0.1:9641 "
+                             f"({exc}).") from exc
+    mount(store_root, secret, mp, _config(ours, fuse), fuse, foreground=args.foreground,
+          log_file=ours.get("log_file"), metrics=metrics)
+    if not args.foreground:
+        print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")
+    return 0
+
+
+def cmd_umount(args) -> int:
+    from .mount import umount
+    umount(args.mountpoint, timeout=args.timeout)
+    print(f"Unmounted {os.path.abspath(args.mountpoint)}.")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .status import collect, render
+    reports = collect(args.target)
+    if args.json:
+        print(json.dumps(reports if args.target is None else reports[0], indent=1))
+    else:
+        print(render(reports))
+    return 0
+
+
+def _store_arg(args) -> str:
+    """The STORE argument, made absolute, with a clear error for a missing or
+    foreign store before anything else happens."""
+    from ..storage.header import read_header
+    store_root = os.path.abspath(args.store)
+    read_header(store_root)
+    return store_root
+
+
+def _lazy_secret(args, store_root: str):
+    """The key, asked for only when the store is not mounted (a running
+    daemon already holds it)."""
+    from ..storage.header import read_header
+
+    def get():
+        header = read_header(store_root)
+        return _secret(args, creating=False, store_kind=header["key"]["kind"])
+    return get
+
+
+def cmd_recompress(args) -> int:
+    from .admin import recompress
+    store_root = _store_arg(args)
+    ours, fuse = parse_o(args.o)
+    status = recompress(store_root, _lazy_secret(args, store_root), _config(ours, fuse))
+    ratio = status["stored_bytes"] / status["logical_bytes"] if status["logical_bytes"] else 0
+    print(f"Re-encoded {store_root}: {status['files']} files, stored/original {ratio:.3f}.")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .admin import content_stats, render_stats
+    store_root = _store_arg(args)
+    stats = content_stats(store_root, _lazy_secret(args, store_root), Config())
+    print(json.dumps(stats, indent=1) if args.json else render_stats(stats))
+    return 0
+
+
+def cmd_install_systemd(args) -> int:
+    from .install import install_systemd
+    for path in install_systemd(args.root, python=args.python, reload=not args.no_reload):
+        print(f"installed {path}")
+    return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text.rstrip("%")) / 100
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("give a percentage between 0 and 100")
+    return value
+
+
+def cmd_verify(args) -> int:
+    from .admin import render_verify, verify
+    from ..errors import DamageFound
+    store_root = _store_arg(args)
+    report = verify(store_root, _lazy_secret(args, store_root), Config(), args.paths,
+                    args.sample)
+    print(json.dumps(report, indent=1) if args.json else render_verify(report))
+    return DamageFound.exit_code if report.get("findings") or report.get("missing_paths") else 0
+
+
+def cmd_fsck(args) -> int:
+    from .admin import fsck, render_fsck
+    from ..errors import DamageFound
+    store_root = _store_arg(args)
+    result = fsck(store_root, _lazy_secret(args, store_root), Config(), args.repair,
+                  args.rebuild_index)
+    print(json.dumps(result, indent=1) if args.json else render_fsck(result))
+    return 0 if result["clean"] else DamageFound.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dcmfs", description="Transparent encrypted, compressing "
+                                "filesystem for medical images.")
+    p.add_argument("--version", action="version", version=f"dcmfs {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create a new store")
+    s.add_argument("store", nargs="?")
+    s.add_argument("--codec", choices=("zstd", "lzma", "none"))
+    s.add_argument("--config", metavar="TOML", help="an instance file (/etc/dcmfs/NAME.toml): "
+                   "store, codec and key source from there")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("mount", help="mount a store")
+    s.add_argument("store", nargs="?")
+    s.add_argument("mountpoint", nargs="?")
+    s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    s.add_argument("--config", metavar="TOML", help="an instance file (/etc/dcmfs/NAME.toml): "
+                   "store, mountpoint, options and key source from there")
+    s.add_argument("-o", action="append", metavar="OPTS", help="mount options (allow_other, ro, "
+                   "nonempty, key_file=, passphrase_file=, log_file=, metrics=HOST:PORT, …)")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="flush, unmount and wait for the daemon")
+    s.add_argument("mountpoint", nargs="?", default=default_mountpoint())
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (300)")
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("recompress", help="run the background re-encoder to completion now "
+                       "(DICOM-aware codec; mounted or not)")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("-o", action="append", metavar="OPTS", help="store options when not mounted "
+                   "(zstd_level=, dicom=0|1, image_codecs=)")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_recompress)
+
+    s = sub.add_parser("stats", help="files, sizes, ratio and codec by modality and transfer "
+                       "syntax (mounted or not)")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("--json", action="store_true")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("verify", help="authenticate and decode every chunk, compare every "
+                       "file's SHA-256 (mounted or not); exit 0 only when all is intact")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("paths", nargs="*", metavar="PATH",
+                   help="only these files or directories (paths under the mountpoint, or "
+                   "inside the store)")
+    s.add_argument("--sample", type=_fraction, metavar="N%",
+                   help="verify a random N%% of the files (a quick spot check)")
+    s.add_argument("--json", action="store_true", help="a machine-readable report")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("fsck", help="check the index against itself and the objects "
+                       "(unmounted); --repair mends, --rebuild-index rebuilds the index")
+    s.add_argument("store", nargs="?", default=default_store())
+    s.add_argument("--repair", action="store_true",
+                   help="repair what is found (never deletes data it cannot prove is "
+                   "garbage: damaged files go to /lost+found), then check again")
+    s.add_argument("--rebuild-index", action="store_true",
+                   help="move the index aside and rebuild it from the sealed snapshots, "
+                   "the journals and the objects, then repair")
+    s.add_argument("--json", action="store_true")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_fsck)
+
+    s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
+    s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("install-systemd", help="install dcmfs@.service and the mount.dcmfs "
+                       "helper (see systemd/README.md)")
+    s.add_argument("--root", default="/", help="install below this directory (default /)")
+    s.add_argument("--python", help="interpreter the units run (default: this one)")
+    s.add_argument("--no-reload", action="store_true", help="skip 'systemctl daemon-reload'")
+    s.set_defaults(func=cmd_install_systemd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import logsetup
+    args = build_parser().parse_args(argv)
+    logsetup.setup(args.verbose)
+    try:
+        return args.func(args)
+    except DcmfsError as exc:
+        # under systemd the journal shows this line with its priority
+        prefix = "<3>" if logsetup.stderr_is_journal() else ""
+        print(f"{prefix}dcmfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def mount_helper_main(argv: list[str] | None = None) -> int:
+    """``mount.dcmfs SOURCE MOUNTPOINT [-o OPTS] [-n] [-s] [-f] [-v]`` for mount(8)."""
+    p = argparse.ArgumentParser(prog="mount.dcmfs")
+    p.add_argument("store")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", action="append", metavar="OPTS")
+    for flag in ("-n", "-s", "-f", "-v"):
+        p.add_argument(flag, action="store_true")
+    args = p.parse_args(argv)
+    if args.f:  # mount(8)'s "fake": do everything but the mount
+        return 0
+    # mount(8) gives SOURCE and MOUNTPOINT; config= (an instance file) adds the
+    # key source and options; -n/-s mean nothing to dcmfs (no mtab, no sloppiness)
+    argv2 = (["-v"] if args.v else []) + ["mount", args.store, args.mountpoint]
+    argv2 += sum((["-o", o] for o in args.o or []), [])
+    return main(argv2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

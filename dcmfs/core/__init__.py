@@ -1,0 +1,1 @@
+"""The filesystem core: POSIX semantics (filesystem), open-file handles and xattrs (handles), file contents (contents), the store-wide control attributes (control), the background re-encoder and scrubber."""

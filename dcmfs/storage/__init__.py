@@ -1,0 +1,1 @@
+"""What lies on disk and the leaves that shape it: the store header, key and lock (header), sealed objects (objects), AES-GCM (crypto), the codecs (codec), DICOM analysis (dicom) and the durable-write helper (durable)."""
