@@ -160,7 +160,7 @@ class Dcmfs(Contender):
         self.store, self.key, self.mp = self.base / "store", self.base / "key", self.base / "mnt"
 
     def cli(self, *args):
-        subprocess.run([sys.executable, "-m", "dcmfs.app.cli", *map(str, args)], check=True,
+        subprocess.run([sys.executable, "-m", "dcmfs.cli", *map(str, args)], check=True,
                        stdout=subprocess.DEVNULL)
 
     def setup(self):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def cli(*args, check=True, timeout=3600) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "dcmfs.app.cli", *map(str, args)],
+    r = subprocess.run([sys.executable, "-m", "dcmfs.cli", *map(str, args)],
                        capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise SystemExit(f"dcmfs {' '.join(map(str, args))} failed: {r.stderr}")

@@ -84,7 +84,7 @@ def make_fs(tmp_path, secret):
     root = tmp_path / "store"
 
     def make(config: Config = SMALL) -> FileSystem:
-        if not (root / "dcmfs.storage.header").exists():
+        if not (root / "dcmfs.store").exists():
             init_store(str(root), secret, config)
         fs = FileSystem(open_store(str(root), secret), config)
         opened.append(fs)
@@ -125,7 +125,7 @@ class Mount:
         self.expect_log_errors = False
 
     def cli(self, *args, check=False, timeout=120, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dcmfs.app.cli", *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "dcmfs.cli", *map(str, args)],
                               capture_output=True, text=True, timeout=timeout, check=check,
                               **kw)
 

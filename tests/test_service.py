@@ -128,7 +128,7 @@ def service(tmp_path):
                  f'metrics = "127.0.0.1:{port}"')
     notify = Notify(tmp_path / "notify")
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "CREDENTIALS_DIRECTORY": str(creds)}
-    proc = subprocess.Popen([sys.executable, "-m", "dcmfs.app.cli", "-v", "mount", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "dcmfs.cli", "-v", "mount", "--config",
                              str(conf), "-f"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         yield m, proc, notify, port
@@ -243,7 +243,7 @@ def test_stale_mount_of_the_same_store_is_detached(mount_env):
 
 # --- install ---------------------------------------------------------------------------------
 def test_install_systemd(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dcmfs.app.cli", "install-systemd", "--root",
+    r = subprocess.run([sys.executable, "-m", "dcmfs.cli", "install-systemd", "--root",
                         str(tmp_path), "--python", "/opt/py/bin/python3"],
                        capture_output=True, text=True, check=True)
     unit = (tmp_path / "etc/systemd/system/dcmfs@.service").read_text()
