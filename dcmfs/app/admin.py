@@ -6,6 +6,7 @@ here, with the key).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -16,9 +17,14 @@ from typing import Callable, TextIO
 from .. import format as fmt
 from ..config import Config
 from ..errors import StoreIOError
+from ..core.control import content_stats as index_stats
 from ..core.filesystem import FileSystem
+from ..integrity.fsck import Fsck
+from ..integrity.rebuild import rebuild_index
+from ..integrity.verify import verify_store
+from ..opened.store import OpenedStore
+from ..storage.header import Secret, clear_damage_mark, open_store, set_damage_mark
 from .mount import dcmfs_mounts
-from ..storage.header import Secret, open_store
 
 
 def mountpoint_of(store_root: str) -> str | None:
@@ -86,7 +92,7 @@ def recompress(store_root: str, secret: Callable[[], Secret], config: Config,
             status = json.loads(_xattr(mp, fmt.STATUS_XATTR))
         bar.update(0, status["reencoded_bytes"] - before.get("reencoded_bytes", 0), final=True)
         return status
-    fs = FileSystem(open_store(store_root, secret(), for_writing=True), config)
+    fs = FileSystem(OpenedStore.open(store_root, secret(), config, for_writing=True))
     try:
         fs.recompress()
         reenc = fs.reencoder
@@ -141,36 +147,17 @@ def verify(store_root: str, secret: Callable[[], Secret], config: Config,
         if "error" in result:
             raise StoreIOError(f"The daemon could not verify the store: {result['error']}.")
         return result
-    from ..storage.header import set_damage_mark
-    from ..integrity.verify import Verifier, name_paths, resolve_paths, unnamed_files
-    import dataclasses
-    fs = FileSystem(open_store(store_root, secret()), dataclasses.replace(config, read_only=True))
-    verifier = Verifier(fs.index, fs.objects, fs.data.chunk_size, fs._lock)
-    try:
-        missing: list[str] = []
-        inos = None
-        if wanted:
-            with fs.index.begin() as txn:
-                inos, missing = resolve_paths(txn, wanted)
-        files = verifier.files(sample, inos)
-        bar = Progress(len(files), out, "verify")
-        report = verifier.run(files, lambda done, nbytes, _: bar.update(len(files) - done,
-                                                                          nbytes))
-        bar.update(0, report.bytes, final=True)
-        if not wanted and sample is None:
-            with fs.index.begin() as txn:
-                report.findings += unnamed_files(txn)
-            report.findings += verifier.orphan_objects()
-        with fs.index.begin() as txn:
-            names = name_paths(txn, {f.ino for f in report.findings if f.ino})
-        for f in report.findings:
-            f.paths = names.get(f.ino, [])
-        if any(f.ino for f in report.findings):
-            set_damage_mark(store_root, "verify found damage", len(report.damaged_files))
-        return dict(report.as_dict(), missing_paths=missing)
-    finally:
-        verifier.close()
-        fs.close()
+    with OpenedStore.open(store_root, secret(),
+                          dataclasses.replace(config, read_only=True)) as opened:
+        bars: list[Progress] = []
+        report, missing = verify_store(
+            opened, wanted, sample,
+            on_start=lambda total: bars.append(Progress(total, out, "verify")),
+            progress=lambda done, nbytes, _: bars[0].update(bars[0].total - done, nbytes))
+        bars[0].update(0, report.bytes, final=True)
+    if any(f.ino for f in report.findings):
+        set_damage_mark(store_root, "verify found damage", len(report.damaged_files))
+    return dict(report.as_dict(), missing_paths=missing)
 
 
 def render_verify(report: dict) -> str:
@@ -210,9 +197,6 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
     """Check (and repair, or rebuild the index of) an unmounted store.  With
     ``repair`` a second, read-only check follows; its problems are in
     ``remaining`` (empty: the store is clean)."""
-    from ..integrity.fsck import Fsck
-    from ..integrity.rebuild import rebuild_index
-    from ..storage.header import clear_damage_mark, set_damage_mark
     if mountpoint_of(store_root) is not None:
         from ..errors import StoreLockedError
         raise StoreLockedError(f"The store {store_root} is mounted; unmount it first "
@@ -226,18 +210,20 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
             out.flush()
 
     result: dict = {"store": store_root, "rebuilt": None}
-    if rebuild:
-        result["rebuilt"] = rebuild_index(store, config)
-        repair = True
-    passes = [repair, False] if repair else [False]
-    complete = not (result["rebuilt"] or {}).get("records_after_gap")
-    for i, mode in enumerate(passes):
-        f = Fsck(store, config, repair=mode, progress=stage, index_complete=complete)
-        try:
-            problems = [p.as_dict() for p in f.run()]
-        finally:
-            f.close()
-        result["problems" if i == 0 else "remaining"] = problems
+    # the index is opened by each pass (fsck reports one that does not open)
+    with OpenedStore(store, config, index=False) as opened:
+        if rebuild:
+            result["rebuilt"] = rebuild_index(opened)
+            repair = True
+        passes = [repair, False] if repair else [False]
+        complete = not (result["rebuilt"] or {}).get("records_after_gap")
+        for i, mode in enumerate(passes):
+            f = Fsck(opened, repair=mode, progress=stage, index_complete=complete)
+            try:
+                problems = [p.as_dict() for p in f.run()]
+            finally:
+                f.close()
+            result["problems" if i == 0 else "remaining"] = problems
     if tty:
         out.write("\r".ljust(41) + "\r")
     final = result.get("remaining", result["problems"])
@@ -283,12 +269,9 @@ def content_stats(store_root: str, secret: Callable[[], Secret], config: Config)
     mp = mountpoint_of(store_root)
     if mp is not None:
         return json.loads(_xattr(mp, fmt.STATS_XATTR))
-    import dataclasses
-    fs = FileSystem(open_store(store_root, secret()), dataclasses.replace(config, read_only=True))
-    try:
-        return fs.content_stats()
-    finally:
-        fs.close()
+    with OpenedStore.open(store_root, secret(),
+                          dataclasses.replace(config, read_only=True)) as opened:
+        return index_stats(opened.index)
 
 
 def _size(n: int) -> str:

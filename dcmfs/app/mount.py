@@ -19,16 +19,16 @@ import threading
 import time
 
 from .. import format as fmt
-from ..storage.codec import Codecs, warm_up
+from ..storage.codec import warm_up
 from ..config import Config
 from ..errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
-                     NotMountedError, StoreLockedError)
+                      NotMountedError)
 from ..core.filesystem import FileSystem
-from ..index.snapshots import refuse_if_missing
 from ..adapter.fuse_ops import require_fuse, serve
 from .logsetup import stderr_is_journal
 from ..adapter.metrics import MetricsServer, OpStats
-from ..storage.header import Secret, open_store, read_lock_pid, refuse_if_damaged
+from ..opened.store import OpenedStore, preflight
+from ..storage.header import Secret, Store, open_store, read_lock_pid
 
 log = logging.getLogger("dcmfs.mount")
 
@@ -153,12 +153,12 @@ class _StatusReporter(threading.Thread):
             return "figures unavailable"
 
 
-def run_daemon(store_root: str, secret: Secret, mountpoint: str, config: Config,
+def run_daemon(store: Store, mountpoint: str, config: Config,
                fuse_options: dict, on_ready=None, metrics: str | None = None,
                status_interval: float = 5.0) -> None:
-    """Open the store, serve the mount until it ends, close cleanly."""
-    store = open_store(store_root, secret, for_writing=not config.read_only)
-    fs = FileSystem(store, config)
+    """Open the store (checked by :func:`mount`), serve the mount until it
+    ends, close cleanly."""
+    fs = FileSystem(OpenedStore(store, config, checked=True))
     # the first read of a DICOM-coded file need not wait for the codecs to load
     threading.Thread(target=warm_up, daemon=True, name="dcmfs-warm-up").start()
     if fs.recovered is not None:
@@ -208,26 +208,23 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
     """Mount a store; returns once the mount is live (or, with
     ``foreground``, once it has been unmounted again)."""
     store_root = os.path.abspath(store_root)
-    open_store(store_root, secret)  # wrong key, missing or foreign store: fail here
-    refuse_if_missing(store_root)
-    if not config.read_only:
-        refuse_if_damaged(store_root)
-        if config.dicom:  # the re-encoder's image codecs must be there
-            Codecs.of(config).check_image_codecs()
-    pid = read_lock_pid(store_root)
-    if pid is not None:
-        raise StoreLockedError(f"The store {store_root} is already in use by dcmfs pid {pid}.")
+    # wrong key, missing, foreign, damaged or busy store: fail here, before
+    # the fork; the daemon opens the store checked here (the key is
+    # unwrapped once)
+    store = open_store(store_root, secret, for_writing=not config.read_only)
+    preflight(store, config)
     options = dict(fuse_options)
     mp = check_mountpoint(mountpoint, nonempty=bool(options.pop("nonempty", False)),
                           store_root=store_root)
     require_fuse()
     if foreground:
-        run_daemon(store_root, secret, mp, config, options, metrics=metrics)
+        run_daemon(store, mp, config, options, metrics=metrics)
         return
-    _spawn(store_root, secret, mp, config, options, log_file, metrics)
+    _spawn(store, mp, config, options, log_file, metrics)
 
 
-def _spawn(store_root, secret, mp, config, options, log_file, metrics) -> None:
+def _spawn(store, mp, config, options, log_file, metrics) -> None:
+    store_root = store.root
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -239,7 +236,7 @@ def _spawn(store_root, secret, mp, config, options, log_file, metrics) -> None:
             # journal) the daemon keeps logging there; elsewhere to a file
             _detach(None if log_file is None and stderr_is_journal()
                     else log_file or os.path.join(store_root, fmt.LOG_NAME))
-            run_daemon(store_root, secret, mp, config, options,
+            run_daemon(store, mp, config, options,
                        on_ready=lambda: os.write(wfd, b"R"), metrics=metrics)
         except DcmfsError as exc:
             log.error("%s", exc)

@@ -539,6 +539,10 @@ class FileData:
         """
         self._garbage.extend(oids)
 
+    def superseded(self) -> list[bytes]:
+        """Objects superseded since the last checkpoint (still on disk)."""
+        return list(self._garbage)
+
     def checkpointed(self) -> None:
         """Called after a checkpoint: delete what the durable index no longer names."""
         garbage, self._garbage = self._garbage, []

@@ -1,6 +1,6 @@
 """Operations on the store as a whole (a part of the core): live figures,
-content statistics, the control commands (recompress, pause, resume,
-verify) and the failsafe for integrity errors.
+content statistics and the control commands (recompress, pause, resume,
+verify).
 
 :class:`StoreOps` is mixed into :class:`dcmfs.core.filesystem.FileSystem`; it uses
 the FileSystem's index, re-encoder, scrubber and lock, like
@@ -14,43 +14,17 @@ import logging
 import stat
 
 from ..storage import codec as codecs
-from ..errors import DcmfsError, InvalidArgument, ReadOnlyError
+from ..errors import InvalidArgument, ReadOnlyError
+from ..index import Index
 from ..storage.objects import stored_bytes
 from .handles import _locked
 from .scrub import VerifyJob
-from ..storage.header import set_damage_mark
 
 log = logging.getLogger("dcmfs.fs")
 
 
 class StoreOps:
-    """Figures, statistics, control commands, the damage handler."""
-
-    def damaged(self, ino: int, exc: Exception) -> None:
-        """An integrity error was met (a read, the re-encoder, the scrubber).
-
-        The reader gets EIO for that file only; intact files are still served.
-        The first error marks the store as needing fsck (``STORE/needs-fsck``),
-        which refuses read-write mounts until ``dcmfs fsck`` ran, and says so
-        in the log once; each damaged object is logged once (inode and object
-        id, never a path).  Thread-safe.
-        """
-        key = getattr(exc, "oid", None) or ino
-        with self._damage_lock:
-            if key in self._damage_seen:
-                return
-            first = not self._damage_seen
-            self._damage_seen.add(key)
-        if first:
-            log.error("integrity error in inode %d: %s; the store is marked as needing "
-                      "'dcmfs fsck %s' (intact files are still served, damaged ones give EIO)",
-                      ino, exc, self.store.root)
-            try:
-                set_damage_mark(self.store.root, "integrity errors")
-            except DcmfsError as err:
-                log.error("could not mark the store as damaged: %s", err)
-        else:
-            log.warning("integrity error in inode %d: %s", ino, exc)
+    """Figures, statistics, control commands."""
 
     @_locked
     def live_status(self) -> dict:
@@ -65,7 +39,7 @@ class StoreOps:
                 "reencoded_bytes": r.bytes_done if r else 0,
                 "frames_coded": r.frames_coded if r else 0,
                 "reencode_errors": r.errors if r else 0,
-                "integrity_errors": len(self._damage_seen),
+                "integrity_errors": self.opened.integrity_errors,
                 "scrub": self.scrubber.status() if self.scrubber else None}
 
     @_locked
@@ -102,38 +76,45 @@ class StoreOps:
     def content_stats(self) -> dict:
         """Files, logical and stored bytes by modality and transfer syntax, with
         the codec path taken and fallback reasons (``dcmfs stats``)."""
-        groups: dict[tuple[str, str], dict] = {}
-        with self.index.begin() as txn:
-            for ino, inode in txn.iter_inodes():
-                if not stat.S_ISREG(inode.mode):
-                    continue
-                info = txn.get_content(ino)
-                if info is None or info.get("generation") != inode.generation:
-                    info = {"kind": "unknown", "reason": "not analysed yet"}
-                if info.get("kind") == "dicom":
-                    key = (info.get("modality", "-"), info.get("ts", "-"))
-                else:
-                    key = ("non-DICOM" if info.get("kind") == "other" else "not analysed", "-")
-                g = groups.setdefault(key, {"modality": key[0], "transfer_syntax": key[1],
-                                            "files": 0, "logical_bytes": 0, "stored_bytes": 0,
-                                            "codecs": {}, "paths": {}, "fallbacks": {}})
-                g["files"] += 1
-                g["logical_bytes"] += inode.size
-                for ref in txn.chunks(ino).values():
-                    g["stored_bytes"] += stored_bytes(ref)
-                    name = codecs.IDS.get(ref.codec, str(ref.codec))
-                    g["codecs"][name] = g["codecs"].get(name, 0) + ref.plain_len
-                path = info.get("path")
-                if path:
-                    g["paths"][path] = g["paths"].get(path, 0) + 1
-                reason = info.get("reason")
-                if reason and info.get("kind") == "dicom":
-                    g["fallbacks"][reason] = g["fallbacks"].get(reason, 0) + 1
         backlog = self.reencoder.backlog if self.reencoder else (0, 0)
-        return {"groups": sorted(groups.values(), key=lambda g: -g["logical_bytes"]),
-                "backlog_files": backlog[0]}
+        return content_stats(self.index, backlog[0])
 
     def stats(self) -> tuple[int, int, int]:
         """(files, logical bytes, stored bytes)."""
         with self.index.begin() as txn:
             return txn.stats()
+
+
+def content_stats(index: Index, backlog_files: int = 0) -> dict:
+    """Files, logical and stored bytes by modality and transfer syntax, with
+    the codec path taken and fallback reasons, from the index alone (a
+    mounted store and ``dcmfs stats`` of an unmounted one)."""
+    groups: dict[tuple[str, str], dict] = {}
+    with index.begin() as txn:
+        for ino, inode in txn.iter_inodes():
+            if not stat.S_ISREG(inode.mode):
+                continue
+            info = txn.get_content(ino)
+            if info is None or info.get("generation") != inode.generation:
+                info = {"kind": "unknown", "reason": "not analysed yet"}
+            if info.get("kind") == "dicom":
+                key = (info.get("modality", "-"), info.get("ts", "-"))
+            else:
+                key = ("non-DICOM" if info.get("kind") == "other" else "not analysed", "-")
+            g = groups.setdefault(key, {"modality": key[0], "transfer_syntax": key[1],
+                                        "files": 0, "logical_bytes": 0, "stored_bytes": 0,
+                                        "codecs": {}, "paths": {}, "fallbacks": {}})
+            g["files"] += 1
+            g["logical_bytes"] += inode.size
+            for ref in txn.chunks(ino).values():
+                g["stored_bytes"] += stored_bytes(ref)
+                name = codecs.IDS.get(ref.codec, str(ref.codec))
+                g["codecs"][name] = g["codecs"].get(name, 0) + ref.plain_len
+            path = info.get("path")
+            if path:
+                g["paths"][path] = g["paths"].get(path, 0) + 1
+            reason = info.get("reason")
+            if reason and info.get("kind") == "dicom":
+                g["fallbacks"][reason] = g["fallbacks"].get(reason, 0) + 1
+    return {"groups": sorted(groups.values(), key=lambda g: -g["logical_bytes"]),
+            "backlog_files": backlog_files}

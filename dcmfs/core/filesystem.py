@@ -19,22 +19,21 @@ import threading
 import time
 from typing import Callable
 
-from ..storage import codec as codecs
 from .. import format as fmt
 from ..config import Config
 from ..errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
-                     NameTooLong, NotADirectory, NotFound)
+                      NameTooLong, NotADirectory, NotFound)
+from ..index import Inode
+from ..opened.recovery import RecoveryReport, delete_file
+from ..opened.store import OpenedStore
+from ..storage import codec as codecs
+from ..storage.header import Store
 from .contents import FileData, OpenFile
-from ..storage.objects import stored_bytes
-from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .control import StoreOps
-from ..index.snapshots import archived_bytes, refuse_if_missing, take_snapshot
-from ..index import Index, Inode
-from ..storage.objects import ObjectDamaged, ObjectStore
-from ..opened.recovery import RecoveryReport, recover
+from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
+from .host import JobHostOps
 from .reencoder import Reencoder
 from .scrub import Scrubber, VerifyJob
-from ..storage.header import Store, StoreLock, refuse_if_damaged
 
 log = logging.getLogger("dcmfs.fs")
 
@@ -48,53 +47,51 @@ def _split(path: str) -> tuple[str, bytes]:
     return parent or "/", os.fsencode(name)
 
 
-class FileSystem(FileOps, StoreOps):
-    """One opened store, ready to serve filesystem operations."""
+class FileSystem(FileOps, StoreOps, JobHostOps):
+    """One opened store, ready to serve filesystem operations.
 
-    def __init__(self, store: Store, config: Config, clock: Callable[[], int] = time.time_ns):
-        self.store = store
-        self.config = config
+    ``store`` is an :class:`~dcmfs.opened.store.OpenedStore` (the
+    filesystem takes it over and closes it) or a
+    :class:`~dcmfs.storage.header.Store` with its key unwrapped (opened here
+    with ``config``).  The filesystem adds POSIX semantics, the open-file
+    tables and the background jobs; the store's lifecycle (checks, the
+    unclean-store procedure, checkpoints) belongs to the opened store.
+    """
+
+    def __init__(self, store: Store | OpenedStore, config: Config | None = None,
+                 clock: Callable[[], int] = time.time_ns):
+        opened = store if isinstance(store, OpenedStore) else OpenedStore(store, config)
+        self.opened = opened
+        self.store = opened.store
+        self.config = config = config or opened.config
         self.read_only = config.read_only
         self._clock = clock
-        self._lock = threading.RLock()
+        self._lock = opened.lock
+        self._stop = opened.stopping
         self.closed = False
-        #: held for the whole session: two daemons never open one store
-        self.store_lock = StoreLock(store.root)
+        self.store_lock = opened.store_lock
+        self.objects = opened.objects
+        self.index = opened.index
+        self.chunk_size = opened.chunk_size
+        self.general_codec = opened.general_codec
         try:
-            self._setup(store, config)
+            self._setup(config)
         except BaseException:
             # nothing may stay open: LMDB forbids opening one environment twice
-            self._stop.set() if hasattr(self, "_stop") else None
+            self._stop.set()
             for name in ("reencoder", "scrubber"):
                 job = getattr(self, name, None)
                 if job is not None:
                     job.stop() if name == "reencoder" else job.join()
             if hasattr(self, "data"):
                 self.data.shutdown()
-            for name in ("objects", "index"):
-                if hasattr(self, name):
-                    getattr(self, name).close()
-            self.store_lock.release()
+            opened.close()
             raise
 
-    def _setup(self, store: Store, config: Config) -> None:
-        refuse_if_missing(store.root)
-        codec_set = codecs.Codecs.of(config)
-        if not config.read_only:
-            refuse_if_damaged(store.root)
-            if config.dicom:  # the re-encoder's image codecs must be there
-                codec_set.check_image_codecs()
-        #: object ids (or inode numbers) whose damage has been logged
-        self._damage_seen: set = set()
-        self._damage_lock = threading.Lock()
-        self.objects = ObjectStore(store.root, store.store_id, store.master_key, codec_set,
-                                   verify_writes=config.verify_writes)
-        self.index = Index(os.path.join(store.root, fmt.INDEX_DIR), store.master_key,
-                           store.store_id, config.index_map_size, read_only=config.read_only,
-                           archive_dir=os.path.join(store.root, fmt.SNAPSHOTS_DIR))
-        self.data = FileData(self.index, self.objects, store.chunk_size,
-                             codecs.NAMES[store.codec], config.workers, config.max_inflight,
-                             config.dirty_limit, config.read_cache_bytes)
+    def _setup(self, config: Config) -> None:
+        self.data = FileData(self.index, self.objects, self.chunk_size, self.general_codec,
+                             config.workers, config.max_inflight, config.dirty_limit,
+                             config.read_cache_bytes)
         self.data.on_damage = self.damaged
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -102,13 +99,13 @@ class FileSystem(FileOps, StoreOps):
         self._next_fh = 1
         self._inodes: dict[int, Inode] = {}
         self.recovered: RecoveryReport | None = None
-        self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self.reencoder: Reencoder | None = None
         self.scrubber: Scrubber | None = None
         self.verify_job: VerifyJob | None = None
         if not config.read_only:
-            self._mark_mounted()
+            self.recovered = self.opened.start_session(self._clock, self._delete_inode)
+            self.checkpoint()
             # always there for 'recompress'; it runs by itself with -o reencode=1
             self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom,
                                        window=config.reencode_threads)
@@ -126,69 +123,20 @@ class FileSystem(FileOps, StoreOps):
                                                 name="dcmfs-checkpoint")
                 self._syncer.start()
 
-    def _mark_mounted(self) -> None:
-        """Apply what a crash left in the journal, check the store if the last
-        session did not end cleanly, and record that it is in use."""
-        # objects a crashed daemon left in the page cache become durable before
-        # any checkpoint may name them
-        self.objects.sync(force=True)
-        applied, dropped = self.index.replay(self._replayed_chunk_ok)
-        if applied or dropped:
-            log.warning("journal replayed: %d operations applied, %d dropped (their data "
-                        "had not reached the disk)", applied, dropped)
-        self._ensure_root()
-        with self.index.begin() as txn:
-            state = txn.meta_get("state")
-        if state == b"mounted":
-            self.recovered = recover(self.index, self.objects, self._delete_inode)
-        with self._write_txn() as txn:
-            txn.meta_put("state", b"mounted")
-        self.checkpoint()
-
-    def _replayed_chunk_ok(self, txn, ino: int, idx: int, ref) -> bool:
-        """Is the object a replayed journal record names intact on disk?"""
-        inode = txn.get_inode(ino)
-        if inode is None:
-            return False
-        try:
-            self.objects.read(self.objects.file_cipher(inode.file_id), inode.file_id,
-                              ino, idx, ref)
-        except ObjectDamaged:
-            return False  # missing, torn or unauthentic: the power cut was here
-        return True  # any other error (EIO, EMFILE) stops the mount, drops nothing
-
-    # --- lifecycle --------------------------------------------------------------
-    def _ensure_root(self) -> None:
-        with self._write_txn() as txn:
-            if txn.get_inode(fmt.ROOT_INO) is None:
-                now = self._clock()
-                txn.put_inode(fmt.ROOT_INO, Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(),
-                                                  2, 0, now, now, now, secrets.token_bytes(16)))
-                txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
-                txn.meta_put("store_id", self.store.store_id)
-
     # --- durability -----------------------------------------------------------------
     def make_durable(self) -> None:
-        """Every committed operation survives a power loss from now on
-        (objects first, then the journal that names them)."""
-        self.objects.sync()
-        self.index.sync_journal()
+        """Every committed operation survives a power loss from now on."""
+        self.opened.make_durable()
 
     def checkpoint(self) -> None:
-        """Commit the index durably, delete superseded objects; when the
-        archived journal has grown large, take a new index snapshot (so that a
-        rebuild has little to roll forward and the archive stays bounded)."""
-        with self._lock:
-            self.objects.sync()
-            rotated = self.index.checkpoint()
-            self.data.checkpointed()
-            if rotated and archived_bytes(self.index.archive_dir) >= self.config.snapshot_after:
-                self.snapshot()
+        """Commit the index durably, then delete superseded objects (and take
+        a snapshot when the journal archive has grown: see
+        :meth:`OpenedStore.checkpoint`)."""
+        self.opened.checkpoint(after_commit=self.data.checkpointed)
 
     def snapshot(self) -> None:
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
-        with self._lock:
-            take_snapshot(self.index, os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
+        self.opened.snapshot()
 
     def _maybe_checkpoint(self) -> None:
         """Checkpoint when the journal has grown; a failure does not fail the
@@ -230,7 +178,7 @@ class FileSystem(FileOps, StoreOps):
             raise first_error
 
     def close(self) -> None:
-        """Flush everything and close the index (the store stays consistent
+        """Flush everything and close the store (the store stays consistent
         even if this is never called)."""
         if self.closed:
             return
@@ -250,15 +198,12 @@ class FileSystem(FileOps, StoreOps):
                     for of in list(self._open.values()):
                         if of.unlinked:
                             self._purge(of.ino)
-                    with self._write_txn() as txn:
-                        txn.meta_put("state", b"clean")
+                    self.opened.end_session()
                     self.checkpoint()
                     self.snapshot()
         finally:
             self.data.shutdown()
-            self.objects.close()
-            self.index.close()
-            self.store_lock.release()
+            self.opened.close()
 
     # --- helpers ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -386,12 +331,8 @@ class FileSystem(FileOps, StoreOps):
         return self._delete_inode(txn, ino, inode)
 
     def _delete_inode(self, txn, ino: int, inode: Inode) -> list[bytes]:
-        refs = txn.delete_inode(ino)
         self._inodes.pop(ino, None)
-        if stat.S_ISREG(inode.mode):
-            txn.add_stats(files=-1, logical=-inode.size,
-                          stored=-sum(stored_bytes(r) for r in refs))
-        return [r.oid for r in refs]
+        return delete_file(txn, ino, inode)
 
     def _purge(self, ino: int) -> None:
         with self._write_txn() as txn:

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..storage import dicom
 from ..storage.codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
 from ..errors import IntegrityError
+from ..opened.jobs import ActiveJobHost
 from ..storage.objects import stored_bytes
 from ..format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
 
@@ -38,11 +39,12 @@ log = logging.getLogger("dcmfs.reencoder")
 
 
 class Reencoder:
-    """Works through the backlog of one opened :class:`FileSystem`."""
+    """Works through the backlog of one mounted store (its
+    :class:`~dcmfs.opened.jobs.ActiveJobHost`: the filesystem core)."""
 
-    def __init__(self, fs, limit_bytes: int, dicom_aware: bool = True, window: int = 2,
+    def __init__(self, host: ActiveJobHost, limit_bytes: int, dicom_aware: bool = True, window: int = 2,
                  quiet_after: float = 1.0) -> None:
-        self.fs = fs
+        self.host = host
         self.limit = limit_bytes
         #: lay DICOM files out in extents with frames in the image codec
         self.dicom = dicom_aware
@@ -72,7 +74,7 @@ class Reencoder:
         #: small frames share one)
         self.frames_coded = 0
         self.errors = 0
-        with fs.index.begin() as txn:
+        with host.index.begin() as txn:
             for ino in txn.backlog():
                 inode = txn.get_inode(ino)
                 self._add(ino, inode.size if inode else 0)
@@ -121,14 +123,14 @@ class Reencoder:
         not yet looked at in its current version, or holding uncompressed
         chunks.  Returns the number of files queued (core lock held)."""
         todo = []
-        with self.fs.index.begin() as txn:
+        with self.host.index.begin() as txn:
             for ino, inode in txn.iter_inodes():
                 if not stat.S_ISREG(inode.mode) or inode.size == 0 or ino in self._queue:
                     continue
                 if not _fresh(txn.get_content(ino), inode.generation, self.dicom):
                     todo.append(ino)
         if todo:
-            with self.fs._write_txn() as txn:
+            with self.host.write_txn() as txn:
                 for ino in todo:
                     txn.add_backlog(ino)
             for ino in todo:
@@ -161,7 +163,7 @@ class Reencoder:
             if not self._running.is_set():
                 self._running.wait(0.5)
                 continue
-            with self.fs._lock:
+            with self.host.lock:
                 ino = next(iter(self._queue), None)
             if ino is None:
                 with self._idle:
@@ -185,7 +187,7 @@ class Reencoder:
             except IntegrityError as exc:
                 # a damaged object: leave the file as it is (reads report it)
                 self.errors += 1
-                self.fs.damaged(ino, exc)
+                self.host.damaged(ino, exc)
                 done = None
             except Exception as exc:  # noqa: BLE001 — disk full, I/O error: try later
                 self.errors += 1
@@ -193,7 +195,7 @@ class Reencoder:
                 done, pause = False, 5.0
             self.current = None
             try:
-                with self.fs._lock:
+                with self.host.lock:
                     if done is False:  # open, changed or failed: to the back of the queue
                         if ino in self._queue:
                             self._queue.move_to_end(ino)
@@ -208,13 +210,13 @@ class Reencoder:
                 self._stop.wait(pause)  # without the lock: file operations go on
 
     def _yield_to_foreground(self) -> None:
-        data = self.fs.data
+        host = self.host
         while not self._stop.is_set() and self._bytes < self.limit // 2 \
-                and time.monotonic() - data.last_activity < self.quiet_after:
+                and time.monotonic() - host.last_activity() < self.quiet_after:
             self._stop.wait(self.quiet_after / 2)
 
     def _drop(self, ino: int) -> None:
-        with self.fs._write_txn() as txn:
+        with self.host.write_txn() as txn:
             txn.remove_backlog(ino)
 
     # --- one file ---------------------------------------------------------------
@@ -232,11 +234,11 @@ class Reencoder:
         Returns False when the file is open or changed under us (try later),
         True when it is done.
         """
-        fs = self.fs
-        with fs._lock:
-            if ino in fs._open:
+        host = self.host
+        with host.lock:
+            if host.is_open(ino):
                 return False
-            with fs.index.begin() as txn:
+            with host.index.begin() as txn:
                 inode = txn.get_inode(ino)
                 table = txn.chunks(ino)
                 content = txn.get_content(ino)
@@ -249,10 +251,10 @@ class Reencoder:
         except IntegrityError:
             # rewritten (or deleted) since we read its table, and the old
             # objects collected by a checkpoint: not damage, try again later
-            with fs._lock:
-                if ino in fs._open:
+            with host.lock:
+                if host.is_open(ino):
                     return False
-                with fs.index.begin() as txn:
+                with host.index.begin() as txn:
                     if txn.get_inode(ino) is None:
                         return True
                     if txn.chunks(ino) != table:
@@ -260,15 +262,15 @@ class Reencoder:
             raise
 
     def _encode(self, ino: int, inode, table, content) -> bool:
-        fs = self.fs
-        cipher = fs.objects.file_cipher(inode.file_id)
+        host = self.host
+        cipher = host.objects.file_cipher(inode.file_id)
         info = None
         fresh = _fresh(content, inode.generation, self.dicom)
         if not self.dicom and not fresh:
             info = {"kind": "unknown", "generation": inode.generation, "path": "general",
                     "reason": ""}
         elif not fresh and not _extents_layout(table):
-            reader = _Reader(fs.objects, cipher, ino, inode, table, fs.data.chunk_size)
+            reader = _Reader(host.objects, cipher, ino, inode, table, host.chunk_size)
             plan = dicom.analyse(reader, inode.size)
             info = dict(plan.info, generation=inode.generation, reason=plan.reason,
                         path="general")
@@ -286,15 +288,15 @@ class Reencoder:
     def _encode_chunks(self, ino, inode, table, cipher, info, threshold: float) -> bool:
         """Compress the uncompressed chunks of a file with the store codec
         (kept only when they shrink below ``threshold`` of the original)."""
-        fs = self.fs
+        host = self.host
         todo = {i: r for i, r in table.items() if r.codec == NONE}
 
         def one(idx: int, ref):
-            plain = fs.objects.read(cipher, inode.file_id, ino, idx, ref)
-            nref = fs.objects.write(cipher, inode.file_id, ino, idx, ref.generation,
-                                    ref.flags, fs.data.codec, plain)
+            plain = host.objects.read(cipher, inode.file_id, ino, idx, ref)
+            nref = host.objects.write(cipher, inode.file_id, ino, idx, ref.generation,
+                                    ref.flags, host.general_codec, plain)
             if nref.codec != NONE and nref.stored_len >= threshold * nref.plain_len:
-                fs.objects.delete(nref.oid)  # saves too little: keep the original
+                host.objects.delete(nref.oid)  # saves too little: keep the original
                 return ref
             return nref
 
@@ -302,16 +304,16 @@ class Reencoder:
                          info, replace_all=False, size=inode.size)
 
     def _encode_frames(self, ino, inode, table, cipher, plan, reader, info) -> bool:
-        fs = self.fs
-        cs = fs.data.chunk_size
+        host = self.host
+        cs = host.chunk_size
         extents = _extents(plan, inode.size, cs)
         last = len(extents) - 1
         hasher = hashlib.sha256()
 
         def one(n: int, start: int, data: bytes, frame):
-            codec = IMAGE if frame is not None else fs.data.codec
+            codec = IMAGE if frame is not None else host.general_codec
             flags = CHUNK_FLAG_EXTENT | (CHUNK_FLAG_LAST if n == last else 0)
-            ref = fs.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
+            ref = host.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
                                    codec, data, frame)
             return ref._replace(offset=start)
 
@@ -334,7 +336,7 @@ class Reencoder:
         """Run (index, function, args) jobs on the re-encoder's threads, then
         swap the new chunk references in, if the file is still closed and
         unchanged.  ``replace_all``: the new references are the whole table."""
-        fs = self.fs
+        host = self.host
         new = {}
         # jobs go to the re-encoder's own threads (never ahead of the core's
         # sealing jobs); two at a time while file I/O is quiet, so a big file
@@ -350,7 +352,7 @@ class Reencoder:
                         return False
                     idx, fn, args = job
                     window.append((idx, self._pool.submit(fn, *args)))
-                quiet = time.monotonic() - fs.data.last_activity > self.quiet_after
+                quiet = time.monotonic() - host.last_activity() > self.quiet_after
                 width = self.window if quiet else 1
                 while window and (job is None or len(window) >= width):
                     done_idx, fut = window.popleft()
@@ -360,16 +362,16 @@ class Reencoder:
                         if counts is not None:
                             counts[nref.codec] += 1
                     elif nref.oid != table[done_idx].oid:  # incompressible: keep the original
-                        fs.objects.delete(nref.oid)
-            with fs._lock:
-                if ino in fs._open:
+                        host.objects.delete(nref.oid)
+            with host.lock:
+                if host.is_open(ino):
                     raise _Retry
-                with fs.index.begin() as txn:
+                with host.index.begin() as txn:
                     if txn.chunks(ino) != table:  # written since we read it
                         raise _Retry
                 gone = [i for i in table if replace_all and i not in new]
                 replaced = [i for i in table if i in new or i in gone]
-                with fs._write_txn() as txn:
+                with host.write_txn() as txn:
                     for idx, nref in new.items():
                         txn.put_chunk(ino, idx, nref)
                     for idx in gone:
@@ -379,7 +381,7 @@ class Reencoder:
                     txn.remove_backlog(ino)
                     if info is not None:
                         txn.put_content(ino, info)
-                fs.data.after_commit([table[i].oid for i in replaced])
+                host.after_commit([table[i].oid for i in replaced])
                 self.files_done += 1
                 self.bytes_done += size
                 new = {}
@@ -393,7 +395,7 @@ class Reencoder:
                     unused.append(fut.result())
             for nref in unused:  # not swapped in: nothing refers to them
                 if nref.oid not in {r.oid for r in table.values()}:
-                    fs.objects.delete(nref.oid)
+                    host.objects.delete(nref.oid)
 
 
 def _fresh(content: dict | None, generation: int, dicom_aware: bool) -> bool:

@@ -16,9 +16,10 @@ import logging
 import threading
 import time
 
-from ..errors import IntegrityError, StoreIOError
+from ..errors import IntegrityError
+from ..integrity.verify import Finding, Verifier, verify_store
+from ..opened.jobs import ActiveJobHost, JobHost
 from ..storage.objects import ObjectDamaged
-from ..integrity.verify import Finding, Verifier, name_paths, resolve_paths, unnamed_files
 
 log = logging.getLogger("dcmfs.scrub")
 
@@ -27,44 +28,18 @@ log = logging.getLogger("dcmfs.scrub")
 ORPHAN_AGE = 600.0
 
 
-def _in_use(fs, candidates: list[bytes]) -> set[bytes]:
-    """Objects the daemon holds that the index does not name yet (or any more):
-    superseded ones waiting for a checkpoint, those of open files, and those
-    the re-encoder is writing for the file it is on."""
-    out = set(fs.data._garbage)
-    busy = fs.reencoder.current if fs.reencoder is not None else None
-    if busy is not None:
-        for oid in candidates:
-            try:
-                ctx = fs.objects.context_of(oid)
-            except (StoreIOError, IntegrityError):
-                continue
-            if ctx.ino == busy:
-                out.add(oid)
-    for of in fs._open.values():
-        for fut in list(of.pending.values()) + list(of.discarded):
-            if fut.done() and fut.exception() is None and fut.result() is not None:
-                out.add(fut.result().oid)
-    return out
-
-
-def verifier_of(fs) -> Verifier:
-    return Verifier(fs.index, fs.objects, fs.data.chunk_size, fs._lock,
-                    busy=lambda ino: ino in fs._open and fs._open[ino].changed)
-
-
-def report_findings(fs, findings: list[Finding]) -> None:
+def report_findings(host: JobHost, findings: list[Finding]) -> None:
     for f in findings:
         if f.ino:  # the same key (object id) as a read meeting the same damage
-            fs.damaged(f.ino, ObjectDamaged(bytes.fromhex(f.oid), f.detail, f.kind) if f.oid
-                       else IntegrityError(f"{f.kind}: {f.detail}"))
+            host.damaged(f.ino, ObjectDamaged(bytes.fromhex(f.oid), f.detail, f.kind) if f.oid
+                         else IntegrityError(f"{f.kind}: {f.detail}"))
 
 
 class VerifyJob:
     """One ``dcmfs verify`` run in the daemon, on its own thread."""
 
-    def __init__(self, fs, paths: list[str] | None, sample: float | None) -> None:
-        self.fs = fs
+    def __init__(self, host: JobHost, paths: list[str] | None, sample: float | None) -> None:
+        self.host = host
         self.paths = paths
         self.sample = sample
         self.state = {"running": True, "done": 0, "total": 0, "bytes": 0, "findings": 0,
@@ -80,38 +55,21 @@ class VerifyJob:
         self._thread.join()
 
     def _run(self) -> None:
-        fs = self.fs
-        verifier = verifier_of(fs)
+        def start(total: int) -> None:
+            self.state["total"] = total
+
+        def progress(done, nbytes, nfind):
+            self.state.update(done=done, bytes=nbytes, findings=nfind)
+
         try:
-            missing: list[str] = []
-            inos = None
-            if self.paths:
-                with fs._lock, fs.index.begin() as txn:
-                    inos, missing = resolve_paths(txn, self.paths)
-            files = verifier.files(self.sample, inos)
-            self.state["total"] = len(files)
-
-            def progress(done, nbytes, nfind):
-                self.state.update(done=done, bytes=nbytes, findings=nfind)
-
-            report = verifier.run(files, progress, stop=fs._stop)
-            if fs._stop.is_set():
-                raise InterruptedError("the store was unmounted before verify finished")
-            if not self.paths and self.sample is None:
-                with fs._lock, fs.index.begin() as txn:
-                    report.findings += unnamed_files(txn)
-                report.findings += verifier.orphan_objects(ORPHAN_AGE, lambda c: _in_use(fs, c))
-            report_findings(fs, report.findings)
-            with fs._lock, fs.index.begin() as txn:
-                paths = name_paths(txn, {f.ino for f in report.findings if f.ino})
-            for f in report.findings:
-                f.paths = paths.get(f.ino, [])
+            report, missing = verify_store(self.host, self.paths, self.sample, start, progress,
+                                           orphan_age=ORPHAN_AGE)
+            report_findings(self.host, report.findings)
             self.result = dict(report.as_dict(), missing_paths=missing)
         except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
             log.error("verify failed: %s", exc)
             self.result = {"error": str(exc)}
         finally:
-            verifier.close()
             self.state["running"] = False
 
 
@@ -120,8 +78,9 @@ class Scrubber:
     at most ``rate`` bytes a second and not while files are being written;
     records when each file was last found intact (index ``scrubbed``)."""
 
-    def __init__(self, fs, interval: float, rate: int, quiet_after: float = 0.5) -> None:
-        self.fs = fs
+    def __init__(self, host: ActiveJobHost, interval: float, rate: int,
+                 quiet_after: float = 0.5) -> None:
+        self.host = host
         self.interval = interval
         self.rate = rate
         self.quiet_after = quiet_after
@@ -136,31 +95,31 @@ class Scrubber:
 
     def _pace(self, nbytes: int, per_second: float) -> None:
         """Sleep so that the scrubber stays under its share; yield to writers."""
-        stop = self.fs._stop
+        stop = self.host.stopping
         if per_second > 0:
             stop.wait(nbytes / per_second)
         while not stop.is_set() and \
-                time.monotonic() - self.fs.data.last_activity < self.quiet_after:
+                time.monotonic() - self.host.last_activity() < self.quiet_after:
             stop.wait(self.quiet_after)
 
     def _loop(self) -> None:
-        fs = self.fs
-        verifier = verifier_of(fs)
+        host = self.host
+        verifier = Verifier.of(host)
         try:
-            while not fs._stop.is_set():
+            while not host.stopping.is_set():
                 start = time.monotonic()
                 files = verifier.files()
                 if verifier.bad_inodes:  # inode records that do not authenticate
                     self._damaged.update(f.ino for f in verifier.bad_inodes)
                     self.state["findings"] = len(self._damaged)
-                    report_findings(fs, verifier.bad_inodes)
+                    report_findings(host, verifier.bad_inodes)
                 total = sum(size for _, size in files)
                 # spread the round over the interval, never above the rate
                 per_second = min(self.rate, max(total / max(self.interval, 1.0), 1.0))
                 self.state.update(round_files=len(files), round_done=0)
                 intact: list[tuple[int, int]] = []
                 for ino, size in files:
-                    if fs._stop.is_set():
+                    if host.stopping.is_set():
                         self._record(intact)
                         return
                     findings = verifier.check(ino)
@@ -170,7 +129,7 @@ class Scrubber:
                     if findings:
                         self._damaged.add(ino)  # counted once, however many rounds
                         self.state["findings"] = len(self._damaged)
-                        report_findings(fs, findings)
+                        report_findings(host, findings)
                     else:
                         intact.append((ino, time.time_ns()))
                         self.state["verified_files"] += 1
@@ -181,7 +140,7 @@ class Scrubber:
                 self._record(intact)
                 self.state["rounds"] += 1
                 self.state["last_round_end"] = time.time()
-                fs._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
+                host.stopping.wait(max(0.0, self.interval - (time.monotonic() - start)))
         except Exception as exc:  # noqa: BLE001 — the mount goes on without it
             log.error("scrubber stopped: %s", exc)
         finally:
@@ -189,12 +148,12 @@ class Scrubber:
 
     def _record(self, intact: list[tuple[int, int]]) -> None:
         """When these files were found intact (and empty the list)."""
-        fs = self.fs
-        with fs._lock:
-            if fs.closed or not intact:
+        host = self.host
+        with host.lock:
+            if host.closed or not intact:
                 intact.clear()
                 return
-            with fs._write_txn() as txn:
+            with host.write_txn() as txn:
                 for ino, when in intact:
                     if txn.get_inode(ino) is not None:
                         txn.set_scrubbed(ino, when)

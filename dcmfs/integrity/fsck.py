@@ -39,16 +39,14 @@ import stat
 import time
 from typing import Callable
 
-from ..storage import codec as codecs
 from .. import format as fmt
-from ..config import Config
 from ..storage.durable import fsync_dir
 from ..errors import DcmfsError, IndexDamagedError, IntegrityError
-from ..index.snapshots import refuse_if_missing, take_snapshot
+from ..index.snapshots import take_snapshot
 from ..index import SEALED, Index, Inode
-from ..storage.objects import ChunkContext, ObjectDamaged, ObjectStore, stored_bytes
+from ..opened.store import OpenedStore
+from ..storage.objects import ChunkContext, ObjectDamaged, stored_bytes
 from .repair import Salvage
-from ..storage.header import Store, StoreLock
 from .verify import check_file, name_paths
 
 log = logging.getLogger("dcmfs.fsck")
@@ -71,10 +69,11 @@ class Problem:
 class Fsck(Salvage):
     """One fsck run on an unmounted store (it holds the store lock)."""
 
-    def __init__(self, store: Store, config: Config, repair: bool,
+    def __init__(self, opened: OpenedStore, repair: bool,
                  progress: Callable[[str], None] = lambda stage: None,
                  index_complete: bool = True) -> None:
-        self.store = store
+        self.opened = opened
+        self.store = opened.store
         #: False after a rebuild that could not roll every journal record
         #: forward: the index may lack files and deletions, so objects of
         #: unknown files are rebuilt rather than taken for deleted ones
@@ -82,15 +81,13 @@ class Fsck(Salvage):
         #: files that verified intact before any repair: (generation, table)
         self._intact: dict[int, int] = {}
         self._next_ino0 = fmt.ROOT_INO + 1
-        self.config = config
+        self.config = opened.config
         self.repair = repair
         self.progress = progress
         self.problems: list[Problem] = []
-        self.lock = StoreLock(store.root)
-        self.objects = ObjectStore(store.root, store.store_id, store.master_key,
-                                   codecs.Codecs.of(config))
+        self.objects = opened.objects
         self.index: Index | None = None
-        self.cs = store.chunk_size
+        self.cs = opened.chunk_size
         #: oid -> its sealed context, or None when it does not authenticate
         self._contexts: dict[bytes, ChunkContext | None] = {}
         self._garbage: list[bytes] = []
@@ -98,10 +95,9 @@ class Fsck(Salvage):
 
     # --- running ------------------------------------------------------------------
     def close(self) -> None:
-        if self.index is not None:
-            self.index.close()
-        self.objects.close()
-        self.lock.release()
+        """Close the index (the next pass opens it afresh); the opened store
+        stays open."""
+        self.opened.close_index()
 
     def found(self, check: str, what: str, ino: int = 0, oid: bytes | None = None,
               repaired: str = "") -> Problem:
@@ -111,10 +107,7 @@ class Fsck(Salvage):
         return p
 
     def open_index(self) -> Index:
-        refuse_if_missing(self.store.root)
-        return Index(os.path.join(self.store.root, fmt.INDEX_DIR), self.store.master_key,
-                     self.store.store_id, self.config.index_map_size,
-                     archive_dir=os.path.join(self.store.root, fmt.SNAPSHOTS_DIR))
+        return self.opened.index or self.opened.open_index()
 
     def run(self) -> list[Problem]:
         try:
@@ -160,7 +153,7 @@ class Fsck(Salvage):
         self.objects.sync(force=True)
         pending = sum(1 for _ in ix.journal.records(ix.seq))
         if pending:
-            applied, dropped = ix.replay(self._replayed_chunk_ok, commit=self.repair)
+            applied, dropped = ix.replay(self.opened.chunk_intact, commit=self.repair)
             self.found("leftovers", f"the journal held {pending} operations not yet in the "
                                     f"index (unclean shutdown): {applied} apply, {dropped} "
                                     "name objects that never reached the disk",
@@ -181,17 +174,6 @@ class Fsck(Salvage):
                     if inode is not None:
                         self._garbage += [r.oid for r in txn.delete_inode(ino)]
                     txn.remove_orphan(ino)
-
-    def _replayed_chunk_ok(self, txn, ino: int, idx: int, ref) -> bool:
-        inode = txn.get_inode(ino)
-        if inode is None:
-            return False
-        try:
-            self.objects.read(self.objects.file_cipher(inode.file_id), inode.file_id, ino,
-                              idx, ref)
-        except ObjectDamaged:
-            return False
-        return True
 
     # --- index values ---------------------------------------------------------------------
     def check_index_values(self) -> None:

@@ -7,22 +7,20 @@ import os
 import shutil
 import time
 
-from ..storage import codec as codecs
 from .. import format as fmt
-from ..config import Config
-from ..storage.durable import fsync_dir
 from ..errors import DcmfsError
-from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
 from ..index import JOURNAL_NAME, Index
-from ..storage.objects import ObjectDamaged, ObjectStore
-from ..storage.header import Store, StoreLock
+from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
+from ..opened.store import OpenedStore
+from ..storage.durable import fsync_dir
 
 
-def rebuild_index(store: Store, config: Config) -> dict:
+def rebuild_index(opened: OpenedStore) -> dict:
     """Move the index aside and build a new one from the newest snapshot that
     opens and the journal records after it whose objects are intact; returns
-    what was used.  The caller then runs the repair (:class:`Fsck`), which
-    reconciles the result with the objects.
+    what was used.  ``opened`` is the store opened without its index (it
+    holds the lock and the objects).  The caller then runs the repair
+    (:class:`Fsck`), which reconciles the result with the objects.
 
     The journals read are the archive segments and the journals of every
     index moved aside so far (a rebuild interrupted after the move loses
@@ -31,88 +29,74 @@ def rebuild_index(store: Store, config: Config) -> dict:
     roll records of it onto the new one; numbering continues above every
     sequence number seen.
     """
+    store, config, objects = opened.store, opened.config, opened.objects
     root = store.root
     index_dir = os.path.join(root, fmt.INDEX_DIR)
     snap_dir = os.path.join(root, fmt.SNAPSHOTS_DIR)
-    lock = StoreLock(root)
-    objects = ObjectStore(root, store.store_id, store.master_key, codecs.Codecs.of(config))
-    try:
-        earlier = sorted(n for n in os.listdir(root) if n.startswith(f"{fmt.INDEX_DIR}.damaged-"))
-        aside = None
-        if os.path.exists(index_dir):
-            stamp, n = time.strftime("%Y%m%d%H%M%S"), 0
-            aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{stamp}")
-            while os.path.exists(aside):
-                n += 1
-                aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{stamp}.{n}")
-            os.rename(index_dir, aside)
-            fsync_dir(root)
-        used = {"moved_aside": os.path.basename(aside) if aside else None, "snapshot": None,
-                "journal_records": 0, "records_after_gap": 0}
-        candidates = list(reversed(snapshots(snap_dir))) + list(reversed(
-            legacy_snapshots(snap_dir)))
-        for seq, path in candidates:
-            tmp = index_dir + ".new"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.mkdir(tmp, 0o700)
-            shutil.copyfile(os.path.join(path, "data.mdb"), os.path.join(tmp, "data.mdb"))
-            try:
-                ix = Index(tmp, store.master_key, store.store_id, config.index_map_size)
-                with ix.begin() as txn:
-                    ok = txn.meta_get("store_id") == store.store_id
-                    list(txn.iter_inodes())
-                ix.close()
-            except (DcmfsError, Exception):  # noqa: BLE001 — try an older snapshot
-                ok = False
-            if ok:
-                # the journal the trial open created there is empty: the
-                # records come from the archive and the old journals
-                os.remove(os.path.join(tmp, JOURNAL_NAME))
-                os.rename(tmp, index_dir)
-                used["snapshot"] = os.path.basename(path)
-                break
-            shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(index_dir, mode=0o700, exist_ok=True)
-        ix = Index(index_dir, store.master_key, store.store_id, config.index_map_size,
-                   archive_dir=snap_dir)
-        try:
-            segments = [p for _, p in archive_segments(snap_dir)]
-            journals = segments + [os.path.join(root, d, JOURNAL_NAME)
-                                   for d in earlier + ([os.path.basename(aside)] if aside
-                                                       else [])
-                                   if os.path.exists(os.path.join(root, d, JOURNAL_NAME))]
-
-            def intact(txn, ino, idx, ref) -> bool:
-                inode = txn.get_inode(ino)
-                if inode is None:
-                    return False
-                try:
-                    objects.read(objects.file_cipher(inode.file_id), inode.file_id, ino, idx,
-                                 ref)
-                except ObjectDamaged:
-                    return False
-                return True
-
-            applied, skipped, highest = ix.roll_forward(journals, intact)
-            used.update(journal_records=applied, records_after_gap=skipped)
-            ix.skip_to(highest)
-            with ix.begin(write=True) as txn:
-                txn.meta_put("store_id", store.store_id)
-                txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
-                txn.meta_put("state", b"mounted")  # not clean until the repair ran
-            ix.checkpoint()
-        finally:
-            ix.close()
-        if segments:
-            keep = os.path.join(aside or os.path.join(root, f"{fmt.INDEX_DIR}.damaged-archive"),
-                                "archive")
-            os.makedirs(keep, mode=0o700, exist_ok=True)
-            for path in segments:
-                os.rename(path, os.path.join(keep, os.path.basename(path)))
-            fsync_dir(keep)
-            fsync_dir(snap_dir)
+    if opened.index is not None:
+        raise ValueError("rebuild_index needs a store opened without its index")
+    earlier = sorted(n for n in os.listdir(root) if n.startswith(f"{fmt.INDEX_DIR}.damaged-"))
+    aside = None
+    if os.path.exists(index_dir):
+        stamp, n = time.strftime("%Y%m%d%H%M%S"), 0
+        aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{stamp}")
+        while os.path.exists(aside):
+            n += 1
+            aside = os.path.join(root, f"{fmt.INDEX_DIR}.damaged-{stamp}.{n}")
+        os.rename(index_dir, aside)
         fsync_dir(root)
-        return used
+    used = {"moved_aside": os.path.basename(aside) if aside else None, "snapshot": None,
+            "journal_records": 0, "records_after_gap": 0}
+    candidates = list(reversed(snapshots(snap_dir))) + list(reversed(
+        legacy_snapshots(snap_dir)))
+    for seq, path in candidates:
+        tmp = index_dir + ".new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp, 0o700)
+        shutil.copyfile(os.path.join(path, "data.mdb"), os.path.join(tmp, "data.mdb"))
+        try:
+            ix = Index(tmp, store.master_key, store.store_id, config.index_map_size)
+            with ix.begin() as txn:
+                ok = txn.meta_get("store_id") == store.store_id
+                list(txn.iter_inodes())
+            ix.close()
+        except (DcmfsError, Exception):  # noqa: BLE001 — try an older snapshot
+            ok = False
+        if ok:
+            # the journal the trial open created there is empty: the
+            # records come from the archive and the old journals
+            os.remove(os.path.join(tmp, JOURNAL_NAME))
+            os.rename(tmp, index_dir)
+            used["snapshot"] = os.path.basename(path)
+            break
+        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(index_dir, mode=0o700, exist_ok=True)
+    ix = Index(index_dir, store.master_key, store.store_id, config.index_map_size,
+               archive_dir=snap_dir)
+    try:
+        segments = [p for _, p in archive_segments(snap_dir)]
+        journals = segments + [os.path.join(root, d, JOURNAL_NAME)
+                               for d in earlier + ([os.path.basename(aside)] if aside
+                                                   else [])
+                               if os.path.exists(os.path.join(root, d, JOURNAL_NAME))]
+
+        applied, skipped, highest = ix.roll_forward(journals, opened.chunk_intact)
+        used.update(journal_records=applied, records_after_gap=skipped)
+        ix.skip_to(highest)
+        with ix.begin(write=True) as txn:
+            txn.meta_put("store_id", store.store_id)
+            txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
+            txn.meta_put("state", b"mounted")  # not clean until the repair ran
+        ix.checkpoint()
     finally:
-        objects.close()
-        lock.release()
+        ix.close()
+    if segments:
+        keep = os.path.join(aside or os.path.join(root, f"{fmt.INDEX_DIR}.damaged-archive"),
+                            "archive")
+        os.makedirs(keep, mode=0o700, exist_ok=True)
+        for path in segments:
+            os.rename(path, os.path.join(keep, os.path.basename(path)))
+        fsync_dir(keep)
+        fsync_dir(snap_dir)
+    fsync_dir(root)
+    return used

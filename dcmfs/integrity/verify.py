@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 
 from ..errors import IntegrityError
 from ..format import CHUNK_FLAG_LAST
+from ..opened.jobs import JobHost
 from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 
 CHECKSUM = "checksum mismatch"
@@ -201,6 +202,12 @@ class Verifier:
         #: inode records the last :meth:`files` found not authentic
         self.bad_inodes: list[Finding] = []
 
+    @classmethod
+    def of(cls, host: JobHost) -> "Verifier":
+        """A verifier of the store ``host`` serves (mounted or not)."""
+        return cls(host.index, host.objects, host.chunk_size, host.lock,
+                   busy=host.has_uncommitted)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
@@ -321,6 +328,47 @@ class Verifier:
         # collected an object meanwhile: that is no orphan)
         return [Finding(0, ORPHAN_OBJECT, "no index entry names this object", oid.hex())
                 for oid in present if oid not in named and os.path.exists(self.objects.path(oid))]
+
+
+def verify_store(host: JobHost, paths: list[str] | None = None, sample: float | None = None,
+                 on_start: Callable[[int], None] = lambda total: None,
+                 progress: Callable[[int, int, int], None] | None = None,
+                 orphan_age: float | None = None) -> tuple[Report, list[str]]:
+    """``dcmfs verify``, mounted (in the daemon) or not: every file, the
+    given ``paths`` or a random ``sample`` fraction; then, for a whole-store
+    run, files without a name and objects no index entry names (on a mounted
+    store only those older than ``orphan_age`` seconds and not in flight).
+    ``on_start(total)`` is told how many files will be checked.  Returns the
+    report, its findings named with their paths, and the paths not found.
+
+    Raises
+    ------
+    InterruptedError
+        The store began closing before the verify finished.
+    """
+    verifier = Verifier.of(host)
+    try:
+        missing: list[str] = []
+        inos = None
+        if paths:
+            with host.lock, host.index.begin() as txn:
+                inos, missing = resolve_paths(txn, paths)
+        files = verifier.files(sample, inos)
+        on_start(len(files))
+        report = verifier.run(files, progress, stop=host.stopping)
+        if host.stopping.is_set():
+            raise InterruptedError("the store was unmounted before verify finished")
+        if not paths and sample is None:
+            with host.lock, host.index.begin() as txn:
+                report.findings += unnamed_files(txn)
+            report.findings += verifier.orphan_objects(orphan_age, host.objects_in_flight)
+        with host.lock, host.index.begin() as txn:
+            names = name_paths(txn, {f.ino for f in report.findings if f.ino})
+        for f in report.findings:
+            f.paths = names.get(f.ino, [])
+        return report, missing
+    finally:
+        verifier.close()
 
 
 def name_paths(txn, inos: Iterable[int] | None = None) -> dict[int, list[str]]:

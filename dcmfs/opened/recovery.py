@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 
-from ..index import Index
-from ..storage.objects import ObjectStore
+from ..index import Index, Inode, Txn
+from ..storage.objects import ObjectStore, stored_bytes
 
 log = logging.getLogger("dcmfs.recovery")
 
@@ -30,12 +31,25 @@ class RecoveryReport:
     unreferenced_objects: int = 0
 
 
-def recover(index: Index, objects: ObjectStore, delete_inode) -> RecoveryReport:
+def delete_file(txn: Txn, ino: int, inode: Inode) -> list[bytes]:
+    """Remove an inode and its records, keeping the store totals right;
+    returns the ids of the objects it freed (to be deleted after the next
+    checkpoint)."""
+    refs = txn.delete_inode(ino)
+    if stat.S_ISREG(inode.mode):
+        txn.add_stats(files=-1, logical=-inode.size,
+                      stored=-sum(stored_bytes(r) for r in refs))
+    return [r.oid for r in refs]
+
+
+def recover(index: Index, objects: ObjectStore, delete_inode=None) -> RecoveryReport:
     """Remove what an interrupted session left behind; returns the counts.
 
-    ``delete_inode(txn, ino, inode)`` is the core's inode removal (it keeps the
-    store statistics right) and returns the object ids it freed.
+    ``delete_inode(txn, ino, inode)`` removes an inode (the core's removal,
+    which also drops it from its caches; :func:`delete_file` by default) and
+    returns the object ids it freed.
     """
+    delete_inode = delete_inode or delete_file
     report = RecoveryReport()
     for path in objects.iter_temps():
         os.unlink(path)

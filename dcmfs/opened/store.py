@@ -1,0 +1,294 @@
+"""An opened store: what every command and the daemon open, check and close.
+
+:class:`OpenedStore` holds, for one session on one store, the store lock, the
+header and master key (:class:`~dcmfs.storage.header.Store`), the codecs, the
+object store and the index, and closes them in reverse order in one
+:meth:`~OpenedStore.close` (an :class:`contextlib.ExitStack`).  The mount
+daemon, ``recompress``, ``stats``, ``verify``, ``fsck`` and the index rebuild
+all use it; the filesystem core (:mod:`dcmfs.core`) sits on top of it and
+adds POSIX semantics only.
+
+The mount-time checks (:func:`preflight`) run once: ``dcmfs mount`` runs them
+in the calling process, before it forks the daemon, and hands the daemon the
+store it checked (``checked=True``); every other opener runs them here.  A
+store that was not closed cleanly goes through :meth:`OpenedStore.start_session`
+(journal replay, the unclean-store recovery, the ``mounted`` state) before
+anything writes to it.
+
+An opened store also serves as the :class:`~dcmfs.opened.jobs.JobHost` of an
+offline verify: nothing is open, nothing is in flight, nobody is busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import stat
+import threading
+import time
+from typing import Callable, Iterator
+
+from .. import format as fmt
+from ..config import Config
+from ..errors import DcmfsError, StoreLockedError
+from ..index import Index, Inode, Txn
+from ..index.snapshots import archived_bytes, refuse_if_missing, take_snapshot
+from ..storage.codec import NAMES, Codecs
+from ..storage.header import (Secret, Store, StoreLock, open_store, read_lock_pid,
+                              refuse_if_damaged, set_damage_mark)
+from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
+from .recovery import RecoveryReport, recover
+
+log = logging.getLogger("dcmfs.store")
+
+
+def preflight(store: Store, config: Config, lock_free: bool = True) -> None:
+    """The checks a store must pass before it is opened for a session.
+
+    Raises
+    ------
+    IndexDamagedError
+        A used store lost its index (``dcmfs fsck --rebuild-index``).
+    StoreDamagedError
+        Read-write, and the store is marked as needing fsck.
+    CodecUnavailableError
+        Read-write with the DICOM re-encoder, and an image codec is missing.
+    StoreLockedError
+        ``lock_free`` and another process holds the store.
+    """
+    refuse_if_missing(store.root)
+    if not config.read_only:
+        refuse_if_damaged(store.root)
+        if config.dicom:  # the re-encoder's image codecs must be there
+            Codecs.of(config).check_image_codecs()
+    if lock_free:
+        pid = read_lock_pid(store.root)
+        if pid is not None:
+            raise StoreLockedError(f"The store {store.root} is already in use by dcmfs pid "
+                                   f"{pid}.")
+
+
+class OpenedStore:
+    """One store, opened: lock, objects, index and codecs, with one close.
+
+    ``index=False`` opens everything but the index (``fsck`` reports an index
+    that does not open as a problem, the rebuild makes a new one): call
+    :meth:`open_index` later.  ``checked=True``: the caller ran
+    :func:`preflight` already (``dcmfs mount`` before it forks).
+    """
+
+    def __init__(self, store: Store, config: Config, *, index: bool = True,
+                 checked: bool = False) -> None:
+        self.store = store
+        self.config = config
+        self.root = store.root
+        self.read_only = config.read_only
+        self.chunk_size = store.chunk_size
+        #: the store's general codec (the one chunks are compressed with)
+        self.general_codec = NAMES[store.codec]
+        #: the core's lock: background jobs hold it only to read a file's
+        #: index entries or to swap them (see :mod:`dcmfs.opened.jobs`)
+        self.lock = threading.RLock()
+        #: set when the session ends: background jobs stop
+        self.stopping = threading.Event()
+        self.closed = False
+        self.index: Index | None = None
+        #: object ids (or inode numbers) whose damage has been logged
+        self._damage_seen: set = set()
+        self._damage_lock = threading.Lock()
+        self._stack = contextlib.ExitStack()
+        self._index_stack: contextlib.ExitStack | None = None
+        try:
+            if not checked and index:
+                preflight(store, config, lock_free=False)
+            #: held for the whole session: two daemons never open one store
+            self.store_lock = StoreLock(store.root)
+            self._stack.callback(self.store_lock.release)
+            self.codecs = Codecs.of(config)
+            self.objects = ObjectStore(store.root, store.store_id, store.master_key,
+                                       self.codecs, verify_writes=config.verify_writes)
+            self._stack.callback(self.objects.close)
+            self._stack.callback(self.close_index)
+            if index:
+                self.open_index()
+        except BaseException:
+            self._stack.close()  # nothing may stay open: LMDB forbids opening twice
+            raise
+
+    @classmethod
+    def open(cls, root: str, secret: Secret, config: Config, *, for_writing: bool = False,
+             index: bool = True) -> "OpenedStore":
+        """Unwrap the key of the store at ``root`` and open it."""
+        return cls(open_store(root, secret, for_writing=for_writing), config, index=index)
+
+    # --- the index ----------------------------------------------------------------
+    def open_index(self) -> Index:
+        """Open (or create, for a new store) the index.
+
+        Raises
+        ------
+        IndexDamagedError
+            The index is missing although the store holds data, or it is damaged.
+        """
+        refuse_if_missing(self.root)
+        stack = contextlib.ExitStack()
+        self.index = Index(os.path.join(self.root, fmt.INDEX_DIR), self.store.master_key,
+                           self.store.store_id, self.config.index_map_size,
+                           read_only=self.config.read_only,
+                           archive_dir=os.path.join(self.root, fmt.SNAPSHOTS_DIR))
+        stack.callback(self.index.close)
+        self._index_stack = stack
+        return self.index
+
+    def close_index(self) -> None:
+        if self._index_stack is not None:
+            self._index_stack.close()
+            self._index_stack = None
+            self.index = None
+
+    def chunk_intact(self, txn: Txn, ino: int, idx: int, ref: ChunkRef) -> bool:
+        """Is the object a journal record names intact on disk?  (journal
+        replay, the roll-forward of an index rebuild)
+
+        Only a missing, torn or unauthentic object says no (a power cut came
+        before it reached the disk); any other error (EIO, EMFILE) is raised,
+        so that nothing is dropped for a passing fault.
+        """
+        inode = txn.get_inode(ino)
+        if inode is None:
+            return False
+        try:
+            self.objects.read(self.objects.file_cipher(inode.file_id), inode.file_id,
+                              ino, idx, ref)
+        except ObjectDamaged:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def write_txn(self) -> Iterator[Txn]:
+        with self.index.begin(write=True) as txn:
+            yield txn
+
+    # --- a read-write session -----------------------------------------------------
+    def start_session(self, clock: Callable[[], int] = time.time_ns,
+                      delete_inode=None) -> RecoveryReport | None:
+        """Apply what a crash left in the journal, check the store if the last
+        session did not end cleanly, and record that it is in use; returns
+        what the recovery removed, or None after a clean session.
+
+        ``delete_inode(txn, ino, inode)`` removes an orphan inode (default:
+        :func:`dcmfs.opened.recovery.delete_file`).
+        """
+        # objects a crashed daemon left in the page cache become durable before
+        # any checkpoint may name them
+        self.objects.sync(force=True)
+        applied, dropped = self.index.replay(self.chunk_intact)
+        if applied or dropped:
+            log.warning("journal replayed: %d operations applied, %d dropped (their data "
+                        "had not reached the disk)", applied, dropped)
+        self._ensure_root(clock)
+        with self.index.begin() as txn:
+            state = txn.meta_get("state")
+        report = None
+        if state == b"mounted":
+            report = recover(self.index, self.objects, delete_inode)
+        with self.write_txn() as txn:
+            txn.meta_put("state", b"mounted")
+        return report
+
+    def _ensure_root(self, clock: Callable[[], int]) -> None:
+        with self.write_txn() as txn:
+            if txn.get_inode(fmt.ROOT_INO) is None:
+                now = clock()
+                txn.put_inode(fmt.ROOT_INO, Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(),
+                                                  2, 0, now, now, now, secrets.token_bytes(16)))
+                txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
+                txn.meta_put("store_id", self.store.store_id)
+
+    def end_session(self) -> None:
+        """The session ended cleanly: no recovery is needed next time."""
+        with self.write_txn() as txn:
+            txn.meta_put("state", b"clean")
+
+    # --- durability -----------------------------------------------------------------
+    def make_durable(self) -> None:
+        """Every committed operation survives a power loss from now on
+        (objects first, then the journal that names them)."""
+        self.objects.sync()
+        self.index.sync_journal()
+
+    def checkpoint(self, after_commit: Callable[[], None] = lambda: None) -> None:
+        """Commit the index durably (objects first); ``after_commit`` runs
+        right after (the core deletes superseded objects there).  When the
+        archived journal has grown large, take a new index snapshot, so that
+        a rebuild has little to roll forward and the archive stays bounded."""
+        with self.lock:
+            self.objects.sync()
+            rotated = self.index.checkpoint()
+            after_commit()
+            if rotated and archived_bytes(self.index.archive_dir) >= self.config.snapshot_after:
+                self.snapshot()
+
+    def snapshot(self) -> None:
+        """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
+        with self.lock:
+            take_snapshot(self.index, os.path.join(self.root, fmt.SNAPSHOTS_DIR))
+
+    # --- integrity errors ------------------------------------------------------------
+    def damaged(self, ino: int, exc: Exception) -> None:
+        """An integrity error was met (a read, the re-encoder, the scrubber).
+
+        The reader gets EIO for that file only; intact files are still served.
+        The first error marks the store as needing fsck (``STORE/needs-fsck``),
+        which refuses read-write mounts until ``dcmfs fsck`` ran, and says so
+        in the log once; each damaged object is logged once (inode and object
+        id, never a path).  Thread-safe.
+        """
+        key = getattr(exc, "oid", None) or ino
+        with self._damage_lock:
+            if key in self._damage_seen:
+                return
+            first = not self._damage_seen
+            self._damage_seen.add(key)
+        if first:
+            log.error("integrity error in inode %d: %s; the store is marked as needing "
+                      "'dcmfs fsck %s' (intact files are still served, damaged ones give EIO)",
+                      ino, exc, self.root)
+            try:
+                set_damage_mark(self.root, "integrity errors")
+            except DcmfsError as err:
+                log.error("could not mark the store as damaged: %s", err)
+        else:
+            log.warning("integrity error in inode %d: %s", ino, exc)
+
+    @property
+    def integrity_errors(self) -> int:
+        """Damaged objects (or files) met so far in this session."""
+        return len(self._damage_seen)
+
+    # --- as a JobHost (an offline verify) -----------------------------------------
+    def is_open(self, ino: int) -> bool:
+        return False
+
+    def has_uncommitted(self, ino: int) -> bool:
+        return False
+
+    def objects_in_flight(self, candidates: list[bytes]) -> set[bytes]:
+        return set()
+
+    # --- closing ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the index, the objects and release the lock (in that order)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.stopping.set()
+        self._stack.close()
+
+    def __enter__(self) -> "OpenedStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
