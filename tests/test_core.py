@@ -10,7 +10,7 @@ import pytest
 
 from dcmfs import errors as E
 from dcmfs.core.handles import XATTR_CREATE, XATTR_REPLACE
-from dcmfs.core.filesystem import RENAME_EXCHANGE, RENAME_NOREPLACE
+from dcmfs.core.names import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 from .conftest import SMALL, assert_no_dangling, crash, sha256
 

@@ -117,6 +117,31 @@ def test_the_rule_sees_imports():
     assert "storage.objects" in own_imports(PKG / "integrity" / "fsck.py")
 
 
+def test_modules_stay_readable():
+    """No module over ~500 lines (split before it grows past that)."""
+    long = {module_name(p): n for p in modules()
+            if (n := len(p.read_text().splitlines())) > 520}
+    assert not long, long
+
+
+def test_background_jobs_use_no_private_attributes_of_their_host():
+    """The re-encoder, the scrubber and the verifier see their store through
+    :class:`dcmfs.opened.jobs.JobHost` only: no ``host._x`` (or ``fs._x``)."""
+    bad = []
+    for rel in ("core/reencoder.py", "core/scrub.py", "core/extents.py", "integrity/verify.py"):
+        for node in ast.walk(ast.parse((PKG / rel).read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__"):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    if base.attr in ("host", "fs"):
+                        bad.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+                    base = base.value
+                if isinstance(base, ast.Name) and base.id in ("host", "fs"):
+                    bad.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+    assert not bad, bad
+
+
 def test_only_the_adapter_imports_mfusepy_and_only_cli_exits():
     for path in modules():
         me = module_name(path)

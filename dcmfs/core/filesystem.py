@@ -21,16 +21,17 @@ from typing import Callable
 
 from .. import format as fmt
 from ..config import Config
-from ..errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
-                      NameTooLong, NotADirectory, NotFound)
+from ..errors import DcmfsError, Exists, NameTooLong, NotADirectory, NotFound
 from ..index import Inode
 from ..opened.recovery import RecoveryReport, delete_file
 from ..opened.store import OpenedStore
 from ..storage import codec as codecs
 from ..storage.header import Store
-from .contents import FileData, OpenFile
+from .contents import FileData
+from .openfile import OpenFile
 from .control import StoreOps
 from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
+from .names import NameOps
 from .host import JobHostOps
 from .reencoder import Reencoder
 from .scrub import Scrubber, VerifyJob
@@ -38,7 +39,6 @@ from .scrub import Scrubber, VerifyJob
 log = logging.getLogger("dcmfs.fs")
 
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 
 
@@ -47,7 +47,7 @@ def _split(path: str) -> tuple[str, bytes]:
     return parent or "/", os.fsencode(name)
 
 
-class FileSystem(FileOps, StoreOps, JobHostOps):
+class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
     """One opened store, ready to serve filesystem operations.
 
     ``store`` is an :class:`~dcmfs.opened.store.OpenedStore` (the
@@ -387,159 +387,6 @@ class FileSystem(FileOps, StoreOps, JobHostOps):
             inode.ctime_ns = now
             self._put(txn, ino, inode)
         self.data.after_commit([])
-
-    # --- directories --------------------------------------------------------------
-    @_locked
-    def opendir(self, path: str) -> int:
-        with self.index.begin() as txn:
-            ino = self._resolve(txn, path)
-            if not stat.S_ISDIR(self._inode(txn, ino).mode):
-                raise NotADirectory(path)
-        fh = self._next_fh
-        self._next_fh += 1
-        self._dirs[fh] = ino
-        return fh
-
-    @_locked
-    def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
-
-    @_locked
-    def readdir(self, path: str | None, fh: int | None = None) -> list[tuple[str, int]]:
-        """Entries of a directory given by open handle or by path."""
-        with self.index.begin() as txn:
-            if fh is not None and fh in self._dirs:
-                ino = self._dirs[fh]
-            else:
-                ino = self._resolve(txn, path)
-            if not stat.S_ISDIR(self._inode(txn, ino).mode):
-                raise NotADirectory(path or "")
-            return [(os.fsdecode(name), child) for name, child in txn.list_dir(ino)]
-
-    @_mutating
-    def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
-        with self._write_txn() as txn:
-            parent, name, pinode = self._free_name(txn, path)
-            ino, _ = self._new_inode(txn, stat.S_IFDIR | (mode & 0o7777), uid, gid, pinode,
-                                     nlink=2)
-            txn.add_dirent(parent, name, ino)
-            self._touch_dir(txn, parent, pinode, +1)
-        self.data.after_commit([])
-
-    @_mutating
-    def rmdir(self, path: str) -> None:
-        with self._write_txn() as txn:
-            parent, name, ino, inode = self._entry(txn, path)
-            if not stat.S_ISDIR(inode.mode):
-                raise NotADirectory(path)
-            if not txn.dir_is_empty(ino):
-                raise DirectoryNotEmpty(path)
-            txn.remove_dirent(parent, name)
-            self._delete_inode(txn, ino, inode)
-            self._touch_dir(txn, parent, self._inode(txn, parent), -1)
-        self.data.after_commit([])
-
-    # --- names ----------------------------------------------------------------------
-    @_mutating
-    def unlink(self, path: str) -> None:
-        with self._write_txn() as txn:
-            parent, name, ino, inode = self._entry(txn, path)
-            if stat.S_ISDIR(inode.mode):
-                raise IsADirectory(path)
-            txn.remove_dirent(parent, name)
-            garbage = self._drop_link(txn, ino, inode)
-            self._touch_dir(txn, parent, self._inode(txn, parent))
-        self.data.after_commit(garbage)
-
-    @_mutating
-    def rename(self, old: str, new: str, flags: int = 0) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-            raise InvalidArgument("unsupported rename flags")
-        if new.rstrip("/").startswith(old.rstrip("/") + "/"):
-            raise InvalidArgument("cannot move a directory into itself")
-        garbage: list[bytes] = []
-        with self._write_txn() as txn:
-            op, oname = self._parent(txn, old)
-            np, nname = self._parent(txn, new)
-            src = txn.lookup(op, oname)
-            if src is None:
-                raise NotFound(old)
-            dst = txn.lookup(np, nname)
-            sinode = self._inode(txn, src)
-            src_dir = stat.S_ISDIR(sinode.mode)
-            if flags & RENAME_EXCHANGE:
-                if dst is None:
-                    raise NotFound(new)
-                dinode = self._inode(txn, dst)
-                txn.add_dirent(op, oname, dst)
-                txn.add_dirent(np, nname, src)
-                if op != np and src_dir != stat.S_ISDIR(dinode.mode):
-                    delta = 1 if src_dir else -1
-                    self._touch_dir(txn, op, self._inode(txn, op), -delta)
-                    self._touch_dir(txn, np, self._inode(txn, np), +delta)
-                for ino, inode in ((src, sinode), (dst, dinode)):
-                    inode.ctime_ns = self._clock()
-                    self._put(txn, ino, inode)
-            else:
-                if dst is not None:
-                    if flags & RENAME_NOREPLACE:
-                        raise Exists(new)
-                    if dst == src:
-                        return
-                    dinode = self._inode(txn, dst)
-                    if stat.S_ISDIR(dinode.mode):
-                        if not src_dir:
-                            raise IsADirectory(new)
-                        if not txn.dir_is_empty(dst):
-                            raise DirectoryNotEmpty(new)
-                        garbage = self._delete_inode(txn, dst, dinode)
-                        self._touch_dir(txn, np, self._inode(txn, np), -1)
-                    else:
-                        if src_dir:
-                            raise NotADirectory(new)
-                        garbage = self._drop_link(txn, dst, dinode)
-                txn.remove_dirent(op, oname)
-                txn.add_dirent(np, nname, src)
-                sinode.ctime_ns = self._clock()
-                self._put(txn, src, sinode)
-                delta = 1 if src_dir and op != np else 0
-                self._touch_dir(txn, op, self._inode(txn, op), -delta)
-                if np != op:
-                    self._touch_dir(txn, np, self._inode(txn, np), +delta)
-        self.data.after_commit(garbage)
-
-    @_mutating
-    def link(self, existing: str, new: str) -> None:
-        with self._write_txn() as txn:
-            ino = self._resolve(txn, existing)
-            inode = self._inode(txn, ino)
-            if stat.S_ISDIR(inode.mode):
-                raise IsADirectory(existing)
-            parent, name, pinode = self._free_name(txn, new)
-            txn.add_dirent(parent, name, ino)
-            inode.nlink += 1
-            inode.ctime_ns = self._clock()
-            self._put(txn, ino, inode)
-            self._touch_dir(txn, parent, pinode)
-        self.data.after_commit([])
-
-    @_mutating
-    def symlink(self, path: str, target: str, uid: int, gid: int) -> None:
-        with self._write_txn() as txn:
-            parent, name, pinode = self._free_name(txn, path)
-            ino, _ = self._new_inode(txn, stat.S_IFLNK | 0o777, uid, gid, pinode,
-                                     target=os.fsencode(target))
-            txn.add_dirent(parent, name, ino)
-            self._touch_dir(txn, parent, pinode)
-        self.data.after_commit([])
-
-    @_locked
-    def readlink(self, path: str) -> str:
-        with self.index.begin() as txn:
-            inode = self._inode(txn, self._resolve(txn, path))
-        if not stat.S_ISLNK(inode.mode):
-            raise InvalidArgument(path)
-        return os.fsdecode(inode.target)
 
     # --- the filesystem as a whole -----------------------------------------------------------
     def statfs(self) -> dict:

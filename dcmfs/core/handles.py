@@ -17,7 +17,7 @@ from typing import Callable
 from .. import format as fmt
 from ..errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLong,
                      NoAttribute, NotSupported, PermissionDenied, ReadOnlyError, TooBig)
-from .contents import OpenFile
+from .openfile import OpenFile
 from ..index import Inode
 
 log = logging.getLogger("dcmfs.fs")

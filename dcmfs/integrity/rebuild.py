@@ -29,7 +29,7 @@ def rebuild_index(opened: OpenedStore) -> dict:
     roll records of it onto the new one; numbering continues above every
     sequence number seen.
     """
-    store, config, objects = opened.store, opened.config, opened.objects
+    store, config = opened.store, opened.config
     root = store.root
     index_dir = os.path.join(root, fmt.INDEX_DIR)
     snap_dir = os.path.join(root, fmt.SNAPSHOTS_DIR)

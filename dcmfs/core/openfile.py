@@ -1,0 +1,73 @@
+"""The state of one open file and the cache of decoded chunks (used by
+:mod:`dcmfs.core.contents`)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+from concurrent.futures import Future
+
+from ..index import Inode
+from ..storage.objects import ChunkRef
+
+
+class ChunkCache:
+    """A small LRU of decoded chunks keyed by object id (ids are never reused,
+    so entries never go stale)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._bytes = 0
+        self._items: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, oid: bytes) -> bytes | None:
+        with self._lock:
+            data = self._items.get(oid)
+            if data is not None:
+                self._items.move_to_end(oid)
+            return data
+
+    def put(self, oid: bytes, data: bytes) -> None:
+        if len(data) > self._limit:
+            return
+        with self._lock:
+            if oid in self._items:
+                return
+            self._items[oid] = data
+            self._bytes += len(data)
+            while self._bytes > self._limit:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+
+class OpenFile:
+    """Live state of one open regular file (shared by all its handles)."""
+
+    def __init__(self, ino: int, inode: Inode, committed: dict[int, ChunkRef]) -> None:
+        self.ino = ino
+        self.inode = inode
+        self.handles = 0
+        self.size = inode.size
+        self.committed = committed
+        self.dirty: dict[int, bytearray] = {}
+        self.dirty_bytes = 0
+        #: sealed (or being sealed) since the last commit; result None = hole
+        self.pending: dict[int, Future] = {}
+        #: replaced before they were committed: delete once written
+        self.discarded: list[Future] = []
+        self.changed = False
+        self.unlinked = False
+        self.hasher = hashlib.sha256() if inode.size == 0 else None
+        self.hashed_upto = 0 if inode.size == 0 else -1
+        self.cipher = None  # set by FileData
+        self.write_error: BaseException | None = None
+        #: files the re-encoder laid out in extents of their own sizes
+        #: (DICOM-coded): sorted extent starts and indices, for reads; None
+        #: for the fixed layout.  The first change turns it back into chunks.
+        self.extents: tuple[list[int], list[int]] | None = None
+
+    @property
+    def write_generation(self) -> int:
+        return self.inode.generation + 1
