@@ -18,6 +18,7 @@ from ..config import Config
 from ..errors import StoreIOError
 from ..core.filesystem import FileSystem
 from .mount import dcmfs_mounts
+from .units import size_text as _size
 from ..storage.header import Secret, open_store
 
 
@@ -289,14 +290,6 @@ def content_stats(store_root: str, secret: Callable[[], Secret], config: Config)
         return fs.content_stats()
     finally:
         fs.close()
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _ts_name(uid: str) -> str:
