@@ -192,7 +192,8 @@ class Option:
         return self.help + (f" ({'; '.join(notes)})" if notes else "")
 
 
-_RE = MOUNTING | {RECOMPRESS}
+#: the re-encoder's settings also apply to recompress on an unmounted store
+RECODING = MOUNTING | {RECOMPRESS}
 
 OPTIONS: tuple[Option, ...] = (
     # FUSE options, passed through
@@ -202,18 +203,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("nonempty", FUSE_OPTION, "mount over a non-empty directory", MOUNTING),
     # dcmfs's own, into Config
     # (zstd takes levels up to 22; negative ones are its fast levels)
-    Option("zstd_level", INT, "zstd level for new chunks", _RE | {FSCK}, field="zstd_level",
+    Option("zstd_level", INT, "zstd level for new chunks", RECODING | {FSCK}, field="zstd_level",
            high=22),
     Option("reencode", FLAG, "1: close seals uncompressed and a background thread compresses; "
            "0: compress at close", MOUNTING, field="reencode"),
     Option("dicom", FLAG, "1: DICOM pixel data frame by frame with an image codec; 0: zstd only",
-           _RE, field="dicom"),
+           RECODING, field="dicom"),
     Option("image_codecs", CODECS, "the image codecs each frame is offered, with zstd; some of "
-           + ", ".join(_known_image_codecs()), _RE, field="image_codecs"),
+           + ", ".join(_known_image_codecs()), RECODING, field="image_codecs"),
     Option("checkpoint_interval", SECONDS, "seconds between durable index checkpoints",
            MOUNTING, field="checkpoint_interval"),
     Option("reencode_threads", INT, "cores the re-encoder may use while no file is written",
-           _RE, field="reencode_threads", low=1, high=64),
+           RECODING, field="reencode_threads", low=1, high=64),
     Option("scrub_interval", DURATION, "verify every file once per T in the background",
            MOUNTING, field="scrub_interval"),
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
@@ -290,12 +291,9 @@ def make_config(ours: dict, fuse: dict, command: str = MOUNT) -> Config:
     UsageError
         A value that is not of its option's type or out of its range.
     """
-    kw: dict[str, Any] = {}
-    for opt in OPTIONS:
-        if opt.field is None:
-            continue
-        if opt.kind.sort == FUSE:
-            kw[opt.field] = bool(fuse.get(opt.name))
+    # a FUSE option with a field (ro) is set by its presence
+    kw: dict[str, Any] = {o.field: bool(fuse.get(o.name)) for o in OPTIONS
+                          if o.field is not None and o.kind.sort == FUSE}
     for key, text in ours.items():
         if not text:
             continue
