@@ -78,13 +78,13 @@ def test_status_and_mount_helper_options(mounted):
     assert mine[0]["stored_bytes"] < 1000
     text = mounted.cli("status", mounted.mnt).stdout
     assert "ratio" in text and "pid" in text
-    from dcmfs.app.cli import parse_o
+    from dcmfs.app.options import parse_o
     ours, fuse = parse_o(["_netdev,nofail,key_file=/k,allow_other,x-systemd.requires=/srv,ro"])
     assert ours == {"key_file": "/k"} and fuse == {"allow_other": True, "ro": True}
 
 
 def test_image_codecs_option():
-    from dcmfs.app.cli import _config, parse_o
+    from dcmfs.app.options import make_config as _config, parse_o
     from dcmfs.errors import UsageError
     ours, fuse = parse_o(["image_codecs=jpeg2k+htj2k,allow_other"])
     assert _config(ours, fuse).image_codecs == ("jpeg2k", "htj2k")

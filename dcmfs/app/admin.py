@@ -25,6 +25,7 @@ from ..integrity.verify import verify_store
 from ..opened.store import OpenedStore
 from ..storage.header import Secret, clear_damage_mark, open_store, set_damage_mark
 from .mount import dcmfs_mounts
+from .units import size_text as _size
 
 
 def mountpoint_of(store_root: str) -> str | None:
@@ -272,14 +273,6 @@ def content_stats(store_root: str, secret: Callable[[], Secret], config: Config)
     with OpenedStore.open(store_root, secret(),
                           dataclasses.replace(config, read_only=True)) as opened:
         return index_stats(opened.index)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _ts_name(uid: str) -> str:

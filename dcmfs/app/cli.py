@@ -15,9 +15,10 @@ import os
 import sys
 
 from .. import __version__
-from ..storage import codec
 from ..config import Config
 from ..errors import DcmfsError, SecretError, UsageError
+from . import options
+from .options import make_config, parse_o
 
 log = logging.getLogger("dcmfs")
 
@@ -100,69 +101,19 @@ def _secret(args, creating: bool, store_kind: str | None = None):
 
 
 # --- options -------------------------------------------------------------------------
-#: mount(8)/fstab options that are not for FUSE
-_MOUNT_ONLY = {"_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "defaults",
-               "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync"}
-#: dcmfs options given with -o
-_DCMFS_OPTS = {"key_file", "passphrase_file", "config", "log_file", "zstd_level", "reencode",
-               "checkpoint_interval", "dicom", "scrub_interval", "scrub_rate", "reencode_threads",
-               "metrics", "image_codecs"}
+def _key_options(args, ours: dict) -> None:
+    """``-o key_file=``/``passphrase_file=`` where no --key-file or
+    --passphrase-file was given."""
+    for k in ("key_file", "passphrase_file"):
+        if ours.get(k) and not getattr(args, k):
+            setattr(args, k, ours[k])
 
 
-def parse_o(values: list[str]) -> tuple[dict, dict]:
-    """Split ``-o a,b=c`` lists into (dcmfs options, FUSE options)."""
-    ours, fuse = {}, {}
-    for value in values or []:
-        for item in value.split(","):
-            if not item:
-                continue
-            key, eq, val = item.partition("=")
-            if key in _DCMFS_OPTS:
-                ours[key] = val
-            elif key in _MOUNT_ONLY or key.startswith(("x-", "comment=")):
-                continue
-            else:
-                fuse[key] = val if eq else True
-    return ours, fuse
-
-
-def _seconds(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``12h``, ``7d``."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text and text[-1] in units:
-        return float(text[:-1]) * units[text[-1]]
-    return float(text)
-
-
-def _config(ours: dict, fuse_opts: dict) -> Config:
-    kw = {"read_only": bool(fuse_opts.get("ro"))}
-    try:
-        if ours.get("zstd_level"):
-            kw["zstd_level"] = int(ours["zstd_level"])
-        if ours.get("reencode"):
-            kw["reencode"] = {"0": False, "1": True}[ours["reencode"]]
-        if ours.get("dicom"):
-            kw["dicom"] = {"0": False, "1": True}[ours["dicom"]]
-        if ours.get("image_codecs"):
-            names = tuple(ours["image_codecs"].split("+"))
-            known = [n for n, i in codec.NAMES.items() if i in codec.IMAGE_CODECS]
-            if not set(names) <= set(known) or len(set(names)) != len(names):
-                raise ValueError(f"image_codecs takes some of {'+'.join(known)}, each once")
-            kw["image_codecs"] = names
-        if ours.get("checkpoint_interval"):
-            kw["checkpoint_interval"] = float(ours["checkpoint_interval"])
-        if ours.get("reencode_threads"):
-            kw["reencode_threads"] = int(ours["reencode_threads"])
-            if not 1 <= kw["reencode_threads"] <= 64:
-                raise ValueError("reencode_threads must be 1..64")
-        if ours.get("scrub_interval"):
-            kw["scrub_interval"] = _seconds(ours["scrub_interval"])
-        if ours.get("scrub_rate"):
-            kw["scrub_rate"] = int(float(ours["scrub_rate"]) * 1e6)
-    except (ValueError, KeyError) as exc:
-        raise UsageError(f"A -o option has a bad value ({exc}); see 'dcmfs mount --help'.") \
-            from exc
-    return Config(**kw)
+def _command_config(args, command: str) -> Config:
+    """The ``-o`` of an admin command: its key options and its Config."""
+    ours, fuse = parse_o(args.o, command)
+    _key_options(args, ours)
+    return make_config(ours, fuse, command)
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -202,9 +153,7 @@ def cmd_mount(args) -> int:
         inst = load(config_path)
     # the instance file's options first, the command line's after (they win)
     ours, fuse = parse_o(([",".join(inst.options)] if inst else []) + (args.o or []))
-    for k in ("key_file", "passphrase_file"):
-        if ours.get(k) and not getattr(args, k):
-            setattr(args, k, ours[k])
+    _key_options(args, ours)
     store_root = os.path.abspath(args.store or (inst.store if inst else default_store()))
     mp = os.path.abspath(args.mountpoint or (inst.mountpoint if inst else default_mountpoint()))
     header = read_header(store_root)
@@ -224,7 +173,7 @@ def cmd_mount(args) -> int:
         except ValueError as exc:
             raise UsageError(f"The metrics option needs HOST:PORT, e.g. 127.0.0.1:9641 "
                              f"({exc}).") from exc
-    mount(store_root, secret, mp, _config(ours, fuse), fuse, foreground=args.foreground,
+    mount(store_root, secret, mp, make_config(ours, fuse), fuse, foreground=args.foreground,
           log_file=ours.get("log_file"), metrics=metrics)
     if not args.foreground:
         print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")
@@ -270,9 +219,9 @@ def _lazy_secret(args, store_root: str):
 
 def cmd_recompress(args) -> int:
     from .admin import recompress
+    config = _command_config(args, options.RECOMPRESS)
     store_root = _store_arg(args)
-    ours, fuse = parse_o(args.o)
-    status = recompress(store_root, _lazy_secret(args, store_root), _config(ours, fuse))
+    status = recompress(store_root, _lazy_secret(args, store_root), config)
     ratio = status["stored_bytes"] / status["logical_bytes"] if status["logical_bytes"] else 0
     print(f"Re-encoded {store_root}: {status['files']} files, stored/original {ratio:.3f}.")
     return 0
@@ -280,8 +229,9 @@ def cmd_recompress(args) -> int:
 
 def cmd_stats(args) -> int:
     from .admin import content_stats, render_stats
+    config = _command_config(args, options.STATS)
     store_root = _store_arg(args)
-    stats = content_stats(store_root, _lazy_secret(args, store_root), Config())
+    stats = content_stats(store_root, _lazy_secret(args, store_root), config)
     print(json.dumps(stats, indent=1) if args.json else render_stats(stats))
     return 0
 
@@ -303,8 +253,9 @@ def _fraction(text: str) -> float:
 def cmd_verify(args) -> int:
     from .admin import render_verify, verify
     from ..errors import DamageFound
+    config = _command_config(args, options.VERIFY)
     store_root = _store_arg(args)
-    report = verify(store_root, _lazy_secret(args, store_root), Config(), args.paths,
+    report = verify(store_root, _lazy_secret(args, store_root), config, args.paths,
                     args.sample)
     print(json.dumps(report, indent=1) if args.json else render_verify(report))
     return DamageFound.exit_code if report.get("findings") or report.get("missing_paths") else 0
@@ -313,11 +264,20 @@ def cmd_verify(args) -> int:
 def cmd_fsck(args) -> int:
     from .admin import fsck, render_fsck
     from ..errors import DamageFound
+    config = _command_config(args, options.FSCK)
     store_root = _store_arg(args)
-    result = fsck(store_root, _lazy_secret(args, store_root), Config(), args.repair,
+    result = fsck(store_root, _lazy_secret(args, store_root), config, args.repair,
                   args.rebuild_index)
     print(json.dumps(result, indent=1) if args.json else render_fsck(result))
     return 0 if result["clean"] else DamageFound.exit_code
+
+
+def _add_o(p: argparse.ArgumentParser, where: str, what: str) -> None:
+    """``-o OPTS`` with the options ``where`` takes listed after the help."""
+    p.add_argument("-o", action="append", metavar="OPTS", help=f"{what}, comma separated "
+                   "(listed below)")
+    p.epilog = options.help_text(where)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     s.add_argument("--config", metavar="TOML", help="an instance file (/etc/dcmfs/NAME.toml): "
                    "store, mountpoint, options and key source from there")
-    s.add_argument("-o", action="append", metavar="OPTS", help="mount options (allow_other, ro, "
-                   "nonempty, key_file=, passphrase_file=, log_file=, metrics=HOST:PORT, …)")
+    _add_o(s, options.MOUNT, "mount options")
     _add_secret_options(s)
     s.set_defaults(func=cmd_mount)
 
@@ -354,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("recompress", help="run the background re-encoder to completion now "
                        "(DICOM-aware codec; mounted or not)")
     s.add_argument("store", nargs="?", default=default_store())
-    s.add_argument("-o", action="append", metavar="OPTS", help="store options when not mounted "
-                   "(zstd_level=, dicom=0|1, image_codecs=)")
+    _add_o(s, options.RECOMPRESS, "store options when not mounted")
     _add_secret_options(s)
     s.set_defaults(func=cmd_recompress)
 
@@ -363,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "syntax (mounted or not)")
     s.add_argument("store", nargs="?", default=default_store())
     s.add_argument("--json", action="store_true")
+    _add_o(s, options.STATS, "options when not mounted")
     _add_secret_options(s)
     s.set_defaults(func=cmd_stats)
 
@@ -375,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample", type=_fraction, metavar="N%",
                    help="verify a random N%% of the files (a quick spot check)")
     s.add_argument("--json", action="store_true", help="a machine-readable report")
+    _add_o(s, options.VERIFY, "options when not mounted")
     _add_secret_options(s)
     s.set_defaults(func=cmd_verify)
 
@@ -388,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move the index aside and rebuild it from the sealed snapshots, "
                    "the journals and the objects, then repair")
     s.add_argument("--json", action="store_true")
+    _add_o(s, options.FSCK, "options")
     _add_secret_options(s)
     s.set_defaults(func=cmd_fsck)
 
@@ -425,7 +386,7 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mount.dcmfs")
     p.add_argument("store")
     p.add_argument("mountpoint")
-    p.add_argument("-o", action="append", metavar="OPTS")
+    _add_o(p, options.HELPER, "mount options")
     for flag in ("-n", "-s", "-f", "-v"):
         p.add_argument(flag, action="store_true")
     args = p.parse_args(argv)

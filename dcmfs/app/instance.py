@@ -32,6 +32,7 @@ import subprocess
 import tomllib
 
 from ..errors import SecretError, UsageError
+from . import options
 
 KEY_SOURCES = ("credential", "file", "passphrase_credential", "passphrase_file",
                "ask_password")
@@ -58,13 +59,13 @@ class Instance:
         return "keyfile" if self.key_source in ("credential", "file") else "passphrase"
 
 
-#: dcmfs options that take 0 or 1 (``reencode = false`` must mean reencode=0)
-_ZERO_ONE = {"reencode", "dicom"}
-
-
-def _option_item(key: str, value) -> str | None:
-    if key in _ZERO_ONE and isinstance(value, bool):
-        return f"{key}={int(value)}"
+def _option_item(path: str, key: str, value) -> str | None:
+    """The ``-o`` item of ``key = value`` in [options] (None: left out)."""
+    opt = options.find(key)
+    if opt is not None and options.INSTANCE not in opt.where:
+        raise UsageError(f"In {path}, [options] {key} does not belong in an instance file.")
+    if opt is not None and opt.kind is options.FLAG and isinstance(value, bool):
+        return f"{key}={int(value)}"  # reencode = false is reencode=0, not "left out"
     if value is True:
         return key
     if value is False:
@@ -109,10 +110,10 @@ def load(path: str) -> Instance:
         value = ""
     elif not isinstance(value, str) or not value:
         raise UsageError(f"In {path}, [key] {source} must be a non-empty string.")
-    options = data.get("options", {})
-    if not isinstance(options, dict):
+    opts = data.get("options", {})
+    if not isinstance(opts, dict):
         raise UsageError(f"In {path}, [options] must be a table (allow_other = true, …).")
-    items = tuple(i for i in (_option_item(k, v) for k, v in options.items()) if i)
+    items = tuple(i for i in (_option_item(path, k, v) for k, v in opts.items()) if i)
     metrics = data.get("metrics")
     if metrics is not None and not isinstance(metrics, str):
         raise UsageError(f"In {path}, metrics must be a string such as \"127.0.0.1:9641\".")

@@ -18,6 +18,7 @@ from ..errors import DcmfsError
 from ..index import read_stats
 from ..adapter.metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
+from .units import size_text
 from ..storage.header import damage_mark, read_header, read_lock_pid
 
 
@@ -113,16 +114,6 @@ def collect(target: str | None) -> list[dict]:
     return [store_report(target, mounted_at)]
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 def _ago(when: float) -> str:
     import time
     secs = max(0, time.time() - when)
@@ -141,7 +132,7 @@ def render(reports: list[dict]) -> str:
             continue
         if r.get("pid"):
             lines.append(f"daemon      pid {r['pid']}, up {_duration(r.get('uptime_seconds'))}, "
-                         f"RSS {_size(r.get('rss_bytes'))}, "
+                         f"RSS {size_text(r.get('rss_bytes'))}, "
                          f"CPU {r.get('cpu_seconds', '-')} s ({r.get('cpu_percent', '-')} %)")
         if "ops" in r:
             n_ops = sum(r["ops"].values())
@@ -150,18 +141,18 @@ def render(reports: list[dict]) -> str:
             # ENOENT from getattr and ENODATA from getxattr are ordinary answers
             errs = ", ".join(f"{k.replace(':', ' ')} {v}" for k, v in sorted(
                 r["errors"].items(), key=lambda kv: -kv[1])[:3]) or "none"
-            lines.append(f"io          read {_size(r['read_bytes'])}, wrote "
-                         f"{_size(r['written_bytes'])} through the mount since start")
+            lines.append(f"io          read {size_text(r['read_bytes'])}, wrote "
+                         f"{size_text(r['written_bytes'])} through the mount since start")
             lines.append(f"operations  {n_ops} ({top}); errors: {errs}")
         if "store_read_bytes" in r:
-            lines.append(f"store disk  read {_size(r['store_read_bytes'])}, "
-                         f"wrote {_size(r['store_written_bytes'])}")
+            lines.append(f"store disk  read {size_text(r['store_read_bytes'])}, "
+                         f"wrote {size_text(r['store_written_bytes'])}")
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
         lines.append(f"files       {r['files']}")
-        lines.append(f"logical     {_size(r['logical_bytes'])}")
-        lines.append(f"stored      {_size(r['stored_bytes'])} (ratio {ratio})")
+        lines.append(f"logical     {size_text(r['logical_bytes'])}")
+        lines.append(f"stored      {size_text(r['stored_bytes'])} (ratio {ratio})")
         if "backlog_files" in r:
-            lines.append(f"backlog     {r['backlog_files']} files, {_size(r['backlog_bytes'])} "
+            lines.append(f"backlog     {r['backlog_files']} files, {size_text(r['backlog_bytes'])} "
                          "waiting for compression")
         scrub = r.get("scrub")
         if scrub:
