@@ -122,6 +122,11 @@ class Codecs:
         if not self._image or not set(self._image) <= IMAGE_CODECS:
             raise ValueError(f"not a set of image codecs: {image!r}")
 
+    def encode_settings(self) -> tuple[int, tuple[int, ...]]:
+        """(zstd level, image codec ids): what a parser worker needs to code
+        a band as :meth:`compress` would."""
+        return self._zstd_level, self._image
+
     @classmethod
     def of(cls, config) -> "Codecs":
         """The codecs of one store opening (``config``: a :class:`dcmfs.config.Config`)."""

@@ -120,11 +120,25 @@ class ObjectStore:
         return _PREFIX + self._store_id
 
     # --- sealing --------------------------------------------------------------
+    @property
+    def codecs(self) -> Codecs:
+        """The codecs objects are compressed with (their settings)."""
+        return self._codecs
+
     def seal(self, cipher: crypto.Gcm, oid: bytes, file_id: bytes, ino: int, index: int,
              generation: int, flags: int, codec: int, plaintext: bytes,
-             frame: FrameSpec | None = None) -> tuple[ChunkRef, bytes]:
-        used, payload = self._codecs.compress(codec, plaintext, frame)
-        if used != 0 and (self._verify or used in IMAGE_CODECS):
+             frame: FrameSpec | None = None,
+             payload: bytes | None = None) -> tuple[ChunkRef, bytes]:
+        """``payload``: ``plaintext`` already coded with ``codec`` elsewhere
+        (a parser worker); it is checked here like any other result."""
+        coded_elsewhere = payload is not None
+        if payload is None:
+            used, payload = self._codecs.compress(codec, plaintext, frame)
+        else:
+            used = codec
+        if used == 0 and payload != plaintext:
+            raise CodecMismatch("a stored chunk is not its plaintext; not stored")
+        if used != 0 and (self._verify or used in IMAGE_CODECS or coded_elsewhere):
             # restic checks what it wrote before publishing it; a codec bug must
             # fail here, with the plaintext still in hand, not at read time
             # (always for the image codec: byte-exact or nothing)
@@ -143,7 +157,8 @@ class ObjectStore:
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len), blob
 
     def write(self, cipher: crypto.Gcm, file_id: bytes, ino: int, index: int, generation: int,
-              flags: int, codec: int, plaintext: bytes, frame: FrameSpec | None = None) -> ChunkRef:
+              flags: int, codec: int, plaintext: bytes, frame: FrameSpec | None = None,
+              payload: bytes | None = None) -> ChunkRef:
         """Seal and write one chunk object (thread-safe).
 
         Not durable yet: :meth:`sync` makes every object written so far
@@ -152,7 +167,7 @@ class ObjectStore:
         """
         oid = self.new_oid()
         ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec,
-                              plaintext, frame)
+                              plaintext, frame, payload)
         d = self.dir_of(oid)
         if not os.path.isdir(d):
             try:

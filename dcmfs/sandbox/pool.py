@@ -1,0 +1,268 @@
+"""Parser workers for the daemon: DICOM analysis and image encoding of
+hostile files, outside the daemon's address space.
+
+Every file written into the mount is hostile input.  What parses file
+content - pydicom's analysis of a header, the image codecs' encoders given a
+frame of untrusted geometry - runs in :mod:`dcmfs.sandbox.worker` processes
+that hold no key, cannot write files, run as ``nobody`` when the daemon is
+root, and are capped in memory and CPU time; the daemon adds a wall-clock
+limit per request.  A worker that breaches a limit, crashes or answers
+nonsense is killed and replaced, and the caller gets a
+:class:`ParserFailure` with a fixed reason (:data:`LIMIT`, :data:`CRASHED`),
+never a message from the parser.  Workers stay warm between files.
+
+The daemon trusts nothing a worker says: a plan's fields are checked
+against the file's size and the codec's limits here, and every payload is
+decoded and compared with the original bytes before it is stored (as the
+read path decodes it), so a worker taken over by a crafted file can make
+dcmfs store a file with the general codec, never store something else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from ..errors import DcmfsError
+from ..storage.codec import IMAGE_CODECS, NONE, ZSTD, FrameSpec
+from ..storage.dicom import MAX_FRAME, Plan
+from . import protocol
+
+log = logging.getLogger("dcmfs.sandbox")
+
+#: fixed reasons a file stays with the general codec when its worker failed
+LIMIT = "analysis limit"
+CRASHED = "analysis crashed"
+UNREADABLE = "unreadable"
+REASONS = (LIMIT, CRASHED, UNREADABLE)
+
+_INFO_KEYS = {"kind": str, "modality": str, "ts": str, "photometric": str,
+              "bits_allocated": int, "bits_stored": int, "samples": int, "frames": int}
+_REASON = re.compile(r"^[A-Za-z0-9 ()._+-]{0,80}$")
+_TEXT = re.compile(r"^[A-Za-z0-9 ._?-]{0,64}$")
+
+
+class ParserFailure(DcmfsError):
+    """A worker breached a limit, crashed or answered nonsense (``reason``
+    is one of :data:`REASONS`), or the pool was closed (``stopped``)."""
+
+    def __init__(self, reason: str, stopped: bool = False) -> None:
+        super().__init__(f"the parser worker failed: {reason}")
+        self.reason = reason
+        self.stopped = stopped
+
+
+class _Worker:
+    def __init__(self, memory: int) -> None:
+        env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "LANG", "LC_ALL")
+               if k in os.environ}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dcmfs.sandbox.worker", str(memory)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            close_fds=True, cwd="/", env=env, start_new_session=True)
+        self.wfd = self.proc.stdin.fileno()
+        os.set_blocking(self.wfd, False)  # a worker that stops reading must not block us
+        self.rfd = self.proc.stdout.fileno()
+        self.requests = 0
+
+    def call(self, request: dict, blob: bytes, timeout: float) -> tuple[dict, bytes]:
+        """Send one request, wait at most ``timeout`` seconds for the reply
+        to begin (a worker writes its reply in one go once it is done)."""
+        self.requests += 1
+        deadline = time.monotonic() + timeout
+        protocol.send(self.wfd, request, blob, deadline)
+        if not select.select([self.rfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise TimeoutError
+        return protocol.recv(self.rfd)
+
+    def signal_kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        """Kill the worker and close its pipes (by the thread that owns it)."""
+        self.signal_kill()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def died_by_limit(self) -> bool:
+        code = self.proc.poll()
+        return code in (-signal.SIGXCPU, -signal.SIGKILL, -signal.SIGXFSZ)
+
+
+class ParserPool:
+    """Up to ``size`` warm workers, started on first use; thread-safe."""
+
+    def __init__(self, size: int = 2, memory: int = 1024 * 1024 * 1024,
+                 timeout: float = 30.0) -> None:
+        self.size = max(1, size)
+        self.memory = memory
+        self.timeout = timeout
+        self._idle: list[_Worker] = []
+        self._busy: set[_Worker] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        #: counters for status and tests
+        self.started = 0
+        self.failures = 0
+
+    # --- workers ---------------------------------------------------------------
+    def _checkout(self) -> _Worker:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise ParserFailure("stopped", stopped=True)
+                if self._idle:
+                    w = self._idle.pop()
+                    break
+                if len(self._busy) < self.size:
+                    w = None
+                    break
+                self._cond.wait(0.5)
+            if w is None:
+                self.started += 1
+            placeholder = w or object()
+            self._busy.add(placeholder)
+        if w is None:
+            try:
+                w = _Worker(self.memory)
+            except OSError as exc:
+                with self._cond:
+                    self._busy.discard(placeholder)
+                    self._cond.notify()
+                raise ParserFailure(CRASHED) from exc
+            with self._cond:
+                self._busy.discard(placeholder)
+                self._busy.add(w)
+        return w
+
+    def _checkin(self, w: _Worker, ok: bool) -> None:
+        with self._cond:
+            self._busy.discard(w)
+            if ok and not self._closed:
+                self._idle.append(w)
+                w = None
+            self._cond.notify()
+        if w is not None:
+            w.kill()
+
+    def _call(self, request: dict, blob: bytes, timeout: float) -> tuple[dict, bytes]:
+        w = self._checkout()
+        ok = False
+        try:
+            try:
+                reply, out = w.call(request, blob, timeout)
+            except TimeoutError:
+                raise ParserFailure(LIMIT) from None
+            except (protocol.ProtocolError, OSError, ValueError):
+                if self._closed:
+                    raise ParserFailure("stopped", stopped=True) from None
+                w.kill()
+                raise ParserFailure(LIMIT if w.died_by_limit() else CRASHED) from None
+            if "error" in reply:
+                limit = reply["error"] in ("MemoryError", "RecursionError")
+                ok = not limit  # past a limit the worker is replaced
+                raise ParserFailure(LIMIT if limit else UNREADABLE)
+            ok = True
+            return reply, out
+        except ParserFailure as exc:
+            if not exc.stopped:
+                self.failures += 1
+            raise
+        finally:
+            self._checkin(w, ok)
+
+    def close(self) -> None:
+        """Kill every worker now (bounded stop: a request in flight fails
+        with ``stopped``; its file stays in the backlog)."""
+        with self._cond:
+            self._closed = True
+            idle, busy = list(self._idle), [w for w in self._busy if isinstance(w, _Worker)]
+            self._idle.clear()
+            self._cond.notify_all()
+        for w in busy:  # their threads see the pipe break and close it themselves
+            w.signal_kill()
+        for w in idle:
+            w.kill()
+
+    # --- requests ----------------------------------------------------------------
+    def warm(self) -> None:
+        """Start a worker now (a warm worker answers in about a millisecond)."""
+        self._call({"op": "ping"}, b"", self.timeout)
+
+    def analyse(self, head: bytes, size: int) -> Plan:
+        """The :class:`~dcmfs.storage.dicom.Plan` of a file whose first
+        bytes are ``head`` (checked: a plan that does not fit the file is
+        :data:`UNREADABLE`)."""
+        reply, _ = self._call({"op": "analyse", "size": size}, head, self.timeout)
+        return checked_plan(reply.get("plan"), size)
+
+    def encode(self, plaintext: bytes, frame: FrameSpec, zstd_level: int,
+               image: tuple[int, ...]) -> tuple[int, bytes]:
+        """(codec, payload) of one band: the cheapest exact result of the
+        image codecs and zstd.  The caller decodes and compares it before it
+        stores it."""
+        # encoders take ~20 ms per MB each; the limit scales with the band
+        timeout = self.timeout + len(plaintext) / 1e6
+        reply, payload = self._call({"op": "encode", "frame": list(frame),
+                                     "zstd_level": zstd_level, "image": list(image)},
+                                    plaintext, timeout)
+        used = reply.get("codec")
+        if used not in IMAGE_CODECS | {ZSTD, NONE} or not isinstance(payload, bytes):
+            self.failures += 1
+            raise ParserFailure(UNREADABLE)
+        return used, payload
+
+
+def checked_plan(raw, size: int) -> Plan:
+    """A plan from a worker's JSON, or :class:`ParserFailure` when any field
+    is not what :func:`dcmfs.storage.dicom.analyse` can return for a file
+    of ``size`` bytes."""
+    try:
+        info = raw["info"]
+        if not isinstance(info, dict) or not set(info) <= set(_INFO_KEYS):
+            raise ValueError
+        for key, value in info.items():
+            if type(value) is not _INFO_KEYS[key] or (
+                    isinstance(value, str) and not _TEXT.match(value)):
+                raise ValueError
+        reason = raw["reason"]
+        offset, frames = raw["pixel_offset"], raw["frames"]
+        if not isinstance(reason, str) or not _REASON.match(reason) \
+                or type(offset) is not int or type(frames) is not int:
+            raise ValueError
+        spec = None
+        if raw["frame"] is not None:
+            f = raw["frame"]
+            if not isinstance(f, list) or len(f) != 8 \
+                    or not all(type(v) is int for v in f[:5]) \
+                    or not all(type(v) is bool for v in f[5:]):
+                raise ValueError
+            spec = FrameSpec(*f)
+            if not (0 < spec.rows < 65536 and 0 < spec.columns < 65536
+                    and spec.samples in (1, 3) and spec.bits_allocated in (8, 16)
+                    and 0 < spec.nbytes <= MAX_FRAME):
+                raise ValueError
+        plan = Plan(info, reason, offset, frames, spec)
+        if plan.codes_frames and not (0 <= offset and frames > 0
+                                      and offset + frames * spec.nbytes <= size):
+            raise ValueError
+        return plan
+    except (KeyError, TypeError, ValueError):
+        raise ParserFailure(UNREADABLE) from None

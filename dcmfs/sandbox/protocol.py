@@ -1,0 +1,90 @@
+"""The pipe protocol between the daemon and a parser worker.
+
+A message is a 12-byte header (magic ``b"DW"``, version u16, JSON length
+u32, blob length u32, all big-endian), a JSON object and a blob of raw
+bytes.  JSON carries only small fields (operation, geometry, codec ids, a
+plan's encoding attributes); the blob carries the bytes to parse or the
+coded payload.  Neither side ever unpickles or evaluates what the other
+sends: a worker taken over by a crafted file can send the daemon wrong
+answers, never code.
+
+Requests (daemon -> worker):
+
+* ``{"op": "analyse", "size": N}`` + the file's first bytes (at most
+  :data:`dcmfs.storage.dicom.HEADER_CAP`): reply ``{"plan": {...}}``.
+* ``{"op": "encode", "frame": [8 values], "zstd_level": L, "image": [ids]}``
+  + one band of samples: reply ``{"codec": id}`` + the payload.
+
+Every reply may instead be ``{"error": TYPE}``: the type of an exception,
+never its message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import time
+
+MAGIC = b"DW"
+VERSION = 1
+HEADER = struct.Struct(">2sHII")
+#: a JSON part larger than this is a protocol error (plans are ~300 bytes)
+MAX_JSON = 64 * 1024
+#: a blob larger than this is a protocol error (a header prefix or one band)
+MAX_BLOB = 80 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """The other side sent something that is not a message (or hung up)."""
+
+
+def send(fd: int, obj: dict, blob: bytes = b"", deadline: float | None = None) -> None:
+    """Write one message; with a ``deadline`` (``time.monotonic()``), ``fd``
+    must be non-blocking and a reader that stops reading raises
+    :class:`TimeoutError` instead of blocking the writer for ever."""
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    _write_all(fd, HEADER.pack(MAGIC, VERSION, len(data), len(blob)) + data, deadline)
+    if blob:
+        _write_all(fd, blob, deadline)
+
+
+def recv(fd: int) -> tuple[dict, bytes]:
+    magic, version, jlen, blen = HEADER.unpack(_read_exact(fd, HEADER.size))
+    if magic != MAGIC or version != VERSION or jlen > MAX_JSON or blen > MAX_BLOB:
+        raise ProtocolError("not a worker message")
+    try:
+        obj = json.loads(_read_exact(fd, jlen))
+    except ValueError as exc:
+        raise ProtocolError("not a worker message") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("not a worker message")
+    return obj, _read_exact(fd, blen) if blen else b""
+
+
+def _write_all(fd: int, data: bytes, deadline: float | None = None) -> None:
+    view = memoryview(data)
+    while view:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                raise TimeoutError
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            continue
+        except BrokenPipeError as exc:
+            raise ProtocolError("the other side hung up") from exc
+        view = view[n:]
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise ProtocolError("the other side hung up")
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)

@@ -1,0 +1,112 @@
+"""A parser worker: ``python -m dcmfs.sandbox.worker MEMORY_BYTES``.
+
+Started by :class:`dcmfs.sandbox.pool.ParserPool` with its requests on
+stdin and its replies on stdout (:mod:`dcmfs.sandbox.protocol`), stderr on
+/dev/null.  Before it reads a request it
+
+* caps its heap (``RLIMIT_DATA``, MEMORY_BYTES) and forbids core dumps and
+  writing any file (``RLIMIT_CORE``, ``RLIMIT_FSIZE`` = 0);
+* sets ``PR_SET_NO_NEW_PRIVS`` and, started as root, gives up root for
+  ``nobody`` (65534), so it cannot open the store (0700, root's);
+* loads pydicom, numpy, imagecodecs and zstandard once (a warm worker
+  answers a CT slice's analysis in about a millisecond).
+
+It holds no key and is given no path: it sees the bytes the daemon sends
+(the start of a file, one band of samples) and nothing else.  Each request
+gets a CPU-time budget (``RLIMIT_CPU``: SIGXCPU ends the worker); the daemon
+enforces a wall-clock limit too and kills the worker when it is past it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import resource
+import sys
+
+PR_SET_NO_NEW_PRIVS = 38
+NOBODY = 65534
+#: CPU seconds a request may use (the daemon's wall-clock limit is the real bound)
+CPU_PER_REQUEST = 60
+
+
+def confine(memory: int) -> None:
+    """Limits and privileges of a worker (see the module docstring)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+
+def _cpu_budget() -> None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    used = int(usage.ru_utime + usage.ru_stime) + 1
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    soft = used + CPU_PER_REQUEST
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+class _Prefix(io.BytesIO):
+    """The start of a file: reads past it find the end of the file."""
+
+
+def handle(request: dict, blob: bytes) -> tuple[dict, bytes]:
+    from ..storage import codec, dicom
+
+    op = request.get("op")
+    if op == "analyse":
+        plan = dicom.analyse(_Prefix(blob), int(request["size"]))
+        frame = list(plan.frame) if plan.frame is not None else None
+        return {"plan": {"info": plan.info, "reason": plan.reason,
+                         "pixel_offset": plan.pixel_offset, "frames": plan.frames,
+                         "frame": frame}}, b""
+    if op == "encode":
+        spec = codec.FrameSpec(*request["frame"])
+        codecs = codec.Codecs(int(request["zstd_level"]),
+                              image=tuple(codec.IDS[i] for i in request["image"]))
+        used, payload = codecs.compress(codec.IMAGE, blob, spec)
+        return {"codec": used}, payload
+    if op == "ping":
+        return {"pong": True}, b""
+    return {"error": "UnknownRequest"}, b""
+
+
+def main(argv: list[str]) -> int:
+    from . import protocol
+
+    memory = int(argv[1])
+    rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
+    # nothing may print into the protocol stream
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    import imagecodecs  # noqa: F401  (loaded before the limits: shared code, no heap)
+    import numpy  # noqa: F401
+    import pydicom  # noqa: F401
+    import zstandard  # noqa: F401
+    from ..storage import codec, dicom  # noqa: F401
+    confine(memory)
+    while True:
+        try:
+            request, blob = protocol.recv(rfd)
+        except protocol.ProtocolError:
+            return 0  # the daemon hung up
+        _cpu_budget()
+        try:
+            reply, out = handle(request, blob)
+        except Exception as exc:  # noqa: BLE001 — the type only: messages quote bytes
+            reply, out = {"error": type(exc).__name__}, b""
+        del blob
+        protocol.send(wfd, reply, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
