@@ -66,6 +66,17 @@ class Config:
     #: with a lossless image codec (or zstd where that is smaller);
     #: ``-o dicom=0`` keeps zstd
     dicom: bool = True
+    #: the DICOM analysis and the image encoders run in worker processes
+    #: that hold no key, with the limits below (``-o sandbox=0``: in the
+    #: daemon, as before; for measurements only - a hostile file can then
+    #: exhaust the daemon's memory or stall its unmount)
+    sandbox: bool = True
+    #: heap of each parser worker (RLIMIT_DATA); past it the file stays with
+    #: the general codec ("analysis limit")
+    parser_memory: int = 1024 * MiB
+    #: seconds one analysis (or the encoding of one band, plus a second per
+    #: MB) may take before its worker is killed ("analysis limit")
+    parser_timeout: float = 30.0
     #: the image codecs offered each frame (with zstd); the exact result of
     #: least stored bytes plus weighted decode time is kept
     #: (``-o image_codecs=htj2k+jpegxl+jpeg2k``; see dcmfs.storage.codec for figures)

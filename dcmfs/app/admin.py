@@ -78,12 +78,14 @@ class Progress:
 
 
 def recompress(store_root: str, secret: Callable[[], Secret], config: Config,
-               out: TextIO = sys.stderr) -> dict:
-    """Run the re-encoder over every file that needs it, to completion."""
+               out: TextIO = sys.stderr, retry_failed: bool = False) -> dict:
+    """Run the re-encoder over every file that needs it, to completion
+    (``retry_failed``: also the files whose analysis failed before)."""
     mp = mountpoint_of(store_root)
     if mp is not None:
         before = json.loads(_xattr(mp, fmt.STATUS_XATTR))
-        _xattr(mp, fmt.CONTROL_XATTR, b"recompress")
+        _xattr(mp, fmt.CONTROL_XATTR,
+               b"recompress retry-failed" if retry_failed else b"recompress")
         status = json.loads(_xattr(mp, fmt.STATUS_XATTR))
         bar = Progress(status["backlog_files"], out)
         while status["backlog_files"]:
@@ -95,7 +97,7 @@ def recompress(store_root: str, secret: Callable[[], Secret], config: Config,
         return status
     fs = FileSystem(OpenedStore.open(store_root, secret(), config, for_writing=True))
     try:
-        fs.recompress()
+        fs.recompress(retry_failed=retry_failed)
         reenc = fs.reencoder
         bar = Progress(reenc.backlog[0], out)
         while not reenc.wait_idle(timeout=0.2):

@@ -221,7 +221,8 @@ def cmd_recompress(args) -> int:
     from .admin import recompress
     config = _command_config(args, options.RECOMPRESS)
     store_root = _store_arg(args)
-    status = recompress(store_root, _lazy_secret(args, store_root), config)
+    status = recompress(store_root, _lazy_secret(args, store_root), config,
+                        retry_failed=args.retry_failed)
     ratio = status["stored_bytes"] / status["logical_bytes"] if status["logical_bytes"] else 0
     print(f"Re-encoded {store_root}: {status['files']} files, stored/original {ratio:.3f}.")
     return 0
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(DICOM-aware codec; mounted or not)")
     s.add_argument("store", nargs="?", default=default_store())
     _add_o(s, options.RECOMPRESS, "store options when not mounted")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="also try again the files whose analysis failed (analysis limit, "
+                   "analysis crashed, unreadable); they are never retried otherwise")
     _add_secret_options(s)
     s.set_defaults(func=cmd_recompress)
 

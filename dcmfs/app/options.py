@@ -128,6 +128,8 @@ SECONDS = Kind(DCMFS, "S", "seconds (0 or more)", lambda t: _interval(float(t)),
 DURATION = Kind(DCMFS, "T", "a duration such as 90s, 30m, 12h or 7d", _seconds, _show_duration)
 RATE = Kind(DCMFS, "MB", "MB/s (more than 0)", _rate, lambda v: f"{v / MB:.3g}")
 CODECS = Kind(DCMFS, "A+B", "image codec names joined by +", _image_codecs, "+".join)
+MEGABYTES = Kind(DCMFS, "MB", "a size in MB", lambda t: int(float(t) * MB),
+                  lambda v: f"{v / MB:.4g}")
 PATH = Kind(DCMFS, "PATH", "a path", str)
 ADDRESS = Kind(DCMFS, "HOST:PORT", "HOST:PORT", _address)
 #: passed to libfuse as given
@@ -211,6 +213,13 @@ OPTIONS: tuple[Option, ...] = (
            RECODING, field="dicom"),
     Option("image_codecs", CODECS, "the image codecs each frame is offered, with zstd; some of "
            + ", ".join(_known_image_codecs()), RECODING, field="image_codecs"),
+    Option("sandbox", FLAG, "1: the DICOM analysis and image encoders run in keyless, capped "
+           "worker processes; 0: in the daemon (for measurements only)", RECODING,
+           field="sandbox"),
+    Option("parser_memory", MEGABYTES, "heap of each parser worker in MB", RECODING,
+           field="parser_memory", low=256 * MB, high=1 << 40),
+    Option("parser_timeout", SECONDS, "seconds one analysis may take before its worker is "
+           "killed", RECODING, field="parser_timeout", low=1, high=3600),
     Option("checkpoint_interval", SECONDS, "seconds between durable index checkpoints",
            MOUNTING, field="checkpoint_interval"),
     Option("reencode_threads", INT, "cores the re-encoder may use while no file is written",

@@ -43,20 +43,22 @@ class StoreOps:
                 "scrub": self.scrubber.status() if self.scrubber else None}
 
     @_locked
-    def recompress(self) -> int:
+    def recompress(self, retry_failed: bool = False) -> int:
         """Queue every file the re-encoder has work on and start it; returns
-        the number of files queued (``dcmfs recompress``)."""
+        the number of files queued (``dcmfs recompress``; ``retry_failed``:
+        also the files whose analysis failed, ``--retry-failed``)."""
         if self.reencoder is None:
             raise ReadOnlyError("The store is mounted read-only; remount it read-write to recompress.")
-        n = self.reencoder.enqueue_all()
+        n = self.reencoder.enqueue_all(retry_failed)
         self.reencoder.start()
         return n
 
     def control(self, command: str) -> None:
-        """What ``user.dcmfs.control`` on the root accepts: ``recompress``,
-        ``pause`` and ``resume`` (the re-encoder; benchmarks, admins)."""
-        if command == "recompress":
-            self.recompress()
+        """What ``user.dcmfs.control`` on the root accepts: ``recompress``
+        (``recompress retry-failed``), ``pause`` and ``resume`` (the
+        re-encoder; benchmarks, admins) and ``verify``."""
+        if command in ("recompress", "recompress retry-failed"):
+            self.recompress(retry_failed=command.endswith("retry-failed"))
         elif command.startswith("verify"):
             # "verify" or "verify {json: paths, sample}" (``dcmfs verify``)
             try:
@@ -97,10 +99,13 @@ def content_stats(index: Index, backlog_files: int = 0) -> dict:
             info = txn.get_content(ino)
             if info is None or info.get("generation") != inode.generation:
                 info = {"kind": "unknown", "reason": "not analysed yet"}
-            if info.get("kind") == "dicom":
+            kind = info.get("kind")
+            if kind == "dicom":
                 key = (info.get("modality", "-"), info.get("ts", "-"))
+            elif kind == "failed":  # analysis limit, analysis crashed, unreadable
+                key = ("analysis failed", "-")
             else:
-                key = ("non-DICOM" if info.get("kind") == "other" else "not analysed", "-")
+                key = ("non-DICOM" if kind == "other" else "not analysed", "-")
             g = groups.setdefault(key, {"modality": key[0], "transfer_syntax": key[1],
                                         "files": 0, "logical_bytes": 0, "stored_bytes": 0,
                                         "codecs": {}, "paths": {}, "fallbacks": {}})
@@ -114,7 +119,7 @@ def content_stats(index: Index, backlog_files: int = 0) -> dict:
             if path:
                 g["paths"][path] = g["paths"].get(path, 0) + 1
             reason = info.get("reason")
-            if reason and info.get("kind") == "dicom":
+            if reason and kind in ("dicom", "failed"):
                 g["fallbacks"][reason] = g["fallbacks"].get(reason, 0) + 1
     return {"groups": sorted(groups.values(), key=lambda g: -g["logical_bytes"]),
             "backlog_files": backlog_files}

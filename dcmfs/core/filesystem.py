@@ -25,6 +25,7 @@ from ..errors import DcmfsError, Exists, NameTooLong, NotADirectory, NotFound
 from ..index import Inode
 from ..opened.recovery import RecoveryReport, delete_file
 from ..opened.store import OpenedStore
+from ..sandbox.pool import ParserPool
 from ..storage import codec as codecs
 from ..storage.header import Store
 from .contents import FileData
@@ -107,7 +108,10 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             self.recovered = self.opened.start_session(self._clock, self._delete_inode)
             self.checkpoint()
             # always there for 'recompress'; it runs by itself with -o reencode=1
+            parsers = ParserPool(config.reencode_threads, config.parser_memory,
+                                 config.parser_timeout) if config.sandbox else None
             self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom,
+                                       parsers=parsers,
                                        window=config.reencode_threads)
             self.data.on_deferred = self.reencoder.deferred
             self.data.on_discarded = self.reencoder.release

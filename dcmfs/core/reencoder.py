@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import itertools
 import logging
 import stat
@@ -29,13 +30,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..storage import dicom
 from ..storage.codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
-from ..errors import IntegrityError
+from ..errors import DcmfsError, IntegrityError, StoreIOError
 from ..opened.jobs import ActiveJobHost
+from ..sandbox.pool import ParserFailure, ParserPool
 from .extents import CommittedReader, extents_of
 from ..storage.objects import stored_bytes
 from ..format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
 
 log = logging.getLogger("dcmfs.reencoder")
+
+#: attempts at one file in one session before a failure that is not the
+#: disk's is recorded and the file left as it is
+MAX_ATTEMPTS = 3
+#: the content kind of a file whose analysis or re-encoding failed
+FAILED = "failed"
 
 
 class Reencoder:
@@ -43,8 +51,13 @@ class Reencoder:
     :class:`~dcmfs.opened.jobs.ActiveJobHost`: the filesystem core)."""
 
     def __init__(self, host: ActiveJobHost, limit_bytes: int, dicom_aware: bool = True, window: int = 2,
-                 quiet_after: float = 1.0) -> None:
+                 quiet_after: float = 1.0, parsers: ParserPool | None = None) -> None:
         self.host = host
+        #: the workers that parse and encode file content (None: in this
+        #: process, ``-o sandbox=0``)
+        self.parsers = parsers
+        #: failed attempts per inode in this session (a bug must not loop)
+        self._attempts: collections.Counter = collections.Counter()
         self.limit = limit_bytes
         #: lay DICOM files out in extents with frames in the image codec
         self.dicom = dicom_aware
@@ -113,35 +126,57 @@ class Reencoder:
 
     # --- the thread -------------------------------------------------------------
     def start(self) -> None:
+        if self._thread is None and self.parsers is not None and self.dicom:
+            # a warm worker for the first file (starting one takes ~0.4 s)
+            threading.Thread(target=self._warm, daemon=True, name="dcmfs-warm-parser").start()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True,
                                             name="dcmfs-reencode")
             self._thread.start()
 
-    def enqueue_all(self) -> int:
+    def _warm(self) -> None:
+        try:
+            self.parsers.warm()
+        except ParserFailure:
+            pass  # the first file will say so
+
+    def enqueue_all(self, retry_failed: bool = False) -> int:
         """Queue every file the re-encoder has work on (``dcmfs recompress``):
         not yet looked at in its current version, or holding uncompressed
-        chunks.  Returns the number of files queued (core lock held)."""
+        chunks; with ``retry_failed`` also the files whose analysis failed
+        (never retried otherwise).  Returns the number of files queued
+        (core lock held)."""
         todo = []
         with self.host.index.begin() as txn:
             for ino, inode in txn.iter_inodes():
                 if not stat.S_ISREG(inode.mode) or inode.size == 0 or ino in self._queue:
                     continue
-                if not _fresh(txn.get_content(ino), inode.generation, self.dicom):
+                content = txn.get_content(ino)
+                if not _fresh(content, inode.generation, self.dicom) or (
+                        retry_failed and content and content.get("kind") == FAILED):
                     todo.append(ino)
+                    self._attempts.pop(ino, None)
         if todo:
             with self.host.write_txn() as txn:
                 for ino in todo:
                     txn.add_backlog(ino)
+                    content = txn.get_content(ino)
+                    if content and content.get("kind") == FAILED:
+                        # looked at afresh: the failure is forgotten
+                        txn.put_content(ino, dict(content, kind="unknown"))
             for ino in todo:
                 self._add(ino, 0)
             self._wake.set()
         return len(todo)
 
     def stop(self) -> None:
+        """Stop within a bound: workers are killed, whatever they are doing
+        (the file they were on stays in the backlog for the next mount)."""
         self._stop.set()
         self._wake.set()
         self._running.set()
+        if self.parsers is not None:
+            self.parsers.close()
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True)
@@ -182,7 +217,7 @@ class Reencoder:
                 done = self.encode(ino)
             except CodecMismatch as exc:  # a codec bug: the file stays as it is
                 self.errors += 1
-                log.error("re-encoding inode %d failed: %s", ino, exc)
+                log.error("re-encoding inode %d failed: %s", ino, describe(exc))
                 done = None
             except IntegrityError as exc:
                 # a damaged object: leave the file as it is (reads report it)
@@ -191,8 +226,18 @@ class Reencoder:
                 done = None
             except Exception as exc:  # noqa: BLE001 — disk full, I/O error: try later
                 self.errors += 1
-                log.error("re-encoding inode %d failed, will retry: %s", ino, exc)
-                done, pause = False, 5.0
+                self._attempts[ino] += 1
+                if self._attempts[ino] >= MAX_ATTEMPTS and not _transient(exc):
+                    # not the disk: a bug, or a file that trips one; it is
+                    # recorded and never retried automatically
+                    log.error("re-encoding inode %d failed %d times (%s); it stays as it is "
+                              "('dcmfs recompress --retry-failed' tries again)", ino,
+                              MAX_ATTEMPTS, describe(exc))
+                    done = self._give_up(ino, "re-encode failed")
+                else:
+                    log.error("re-encoding inode %d failed, will retry: %s", ino,
+                              describe(exc))
+                    done, pause = False, 5.0
             self.current = None
             try:
                 with self.host.lock:
@@ -218,6 +263,24 @@ class Reencoder:
     def _drop(self, ino: int) -> None:
         with self.host.write_txn() as txn:
             txn.remove_backlog(ino)
+
+    def _give_up(self, ino: int, reason: str) -> bool | None:
+        """Record that this version of the file stays as it is (``dcmfs
+        stats`` counts the reason) and take it off the backlog."""
+        try:
+            with self.host.lock:
+                with self.host.index.begin() as txn:
+                    inode = txn.get_inode(ino)
+                if inode is None:
+                    return True
+                with self.host.write_txn() as txn:
+                    txn.put_content(ino, {"kind": FAILED, "generation": inode.generation,
+                                          "reason": reason, "path": "general"})
+                    txn.remove_backlog(ino)
+        except Exception as exc:  # noqa: BLE001 — then it stays queued
+            log.error("re-encoder could not record inode %d: %s", ino, describe(exc))
+            return False
+        return True
 
     # --- one file ---------------------------------------------------------------
     def encode(self, ino: int) -> bool:
@@ -271,19 +334,38 @@ class Reencoder:
                     "reason": ""}
         elif not fresh and not _extents_layout(table):
             reader = CommittedReader(host.objects, cipher, ino, inode, table, host.chunk_size)
-            plan = dicom.analyse(reader, inode.size)
+            try:
+                plan = self._analyse(reader.pread(0, min(inode.size, dicom.HEADER_CAP)),
+                                     inode.size)
+            except ParserFailure as exc:
+                if exc.stopped:
+                    return False  # unmounting: the file stays in the backlog
+                log.warning("inode %d: %s; it stays with the general codec", ino, exc.reason)
+                plan = dicom.Plan({"kind": FAILED}, exc.reason)
             info = dict(plan.info, generation=inode.generation, reason=plan.reason,
                         path="general")
             if plan.codes_frames:
                 try:
                     info["path"] = "frames"
                     return self._encode_frames(ino, inode, table, cipher, plan, reader, info)
+                except ParserFailure as exc:
+                    if exc.stopped:
+                        return False
+                    log.warning("inode %d: %s while coding frames; the general codec takes "
+                                "the file", ino, exc.reason)
+                    info.update(kind=FAILED, path="general", reason=exc.reason)
                 except (Unsuitable, CodecMismatch) as exc:
                     # byte-exact or nothing: the general codec takes the file
-                    log.warning("inode %d: frames left to the general codec: %s", ino, exc)
+                    log.warning("inode %d: frames left to the general codec: %s", ino,
+                                describe(exc))
                     info.update(path="general", reason=_reason(exc))
         threshold = 0.97 if info and info.get("reason") == "encapsulated pixel data" else 1.0
         return self._encode_chunks(ino, inode, table, cipher, info, threshold)
+
+    def _analyse(self, head: bytes, size: int) -> dicom.Plan:
+        if self.parsers is not None:
+            return self.parsers.analyse(head, size)
+        return dicom.analyse(io.BytesIO(head), size)  # -o sandbox=0
 
     def _encode_chunks(self, ino, inode, table, cipher, info, threshold: float) -> bool:
         """Compress the uncompressed chunks of a file with the store codec
@@ -313,8 +395,14 @@ class Reencoder:
         def one(n: int, start: int, data: bytes, frame):
             codec = IMAGE if frame is not None else host.general_codec
             flags = CHUNK_FLAG_EXTENT | (CHUNK_FLAG_LAST if n == last else 0)
+            payload = None
+            if frame is not None and self.parsers is not None:
+                # the encoders see untrusted geometry and samples: in a
+                # worker; the object store decodes and compares the result
+                codec, payload = self.parsers.encode(data, frame,
+                                                     *host.objects.codecs.encode_settings())
             ref = host.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
-                                   codec, data, frame)
+                                     codec, data, frame, payload=payload)
             return ref._replace(offset=start)
 
         def jobs():
@@ -396,6 +484,18 @@ class Reencoder:
             for nref in unused:  # not swapped in: nothing refers to them
                 if nref.oid not in {r.oid for r in table.values()}:
                     host.objects.delete(nref.oid)
+
+
+def describe(exc: BaseException) -> str:
+    """What a log line may say of an exception: dcmfs's own message (it
+    never quotes file content), else the type alone (a parser's or a
+    library's message may quote bytes of the file)."""
+    return str(exc) if isinstance(exc, DcmfsError) else type(exc).__name__
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure of the disk or the store, not of the file: retry."""
+    return isinstance(exc, (StoreIOError, OSError))
 
 
 def _fresh(content: dict | None, generation: int, dicom_aware: bool) -> bool:
