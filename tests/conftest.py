@@ -84,7 +84,7 @@ def make_fs(tmp_path, secret):
     root = tmp_path / "store"
 
     def make(config: Config = SMALL) -> FileSystem:
-        if not (root / "dcmfs.storage.header").exists():
+        if not (root / "dcmfs.store").exists():
             init_store(str(root), secret, config)
         fs = FileSystem(open_store(str(root), secret), config)
         opened.append(fs)

@@ -79,7 +79,7 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         check(fs, manifest)
     finally:
         fs.close()
-    before = set(json.loads((root / "dcmfs.storage.header").read_text())["features"])
+    before = set(json.loads((root / "dcmfs.store").read_text())["features"])
     if version.name in ("v1", "v2"):  # made before the image codecs 4-6
         assert not WRITE_FEATURES <= before
         lock = StoreLock(str(root))  # in use: the header is left alone
@@ -87,11 +87,11 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
             open_store(str(root), secret, for_writing=True)
         finally:
             lock.release()
-        assert set(json.loads((root / "dcmfs.storage.header").read_text())["features"]) == before
+        assert set(json.loads((root / "dcmfs.store").read_text())["features"]) == before
     # read-write: new objects are new; the header first gains what this
     # dcmfs may write (an older dcmfs then refuses the store in one sentence)
     fs = FileSystem(open_store(str(root), secret, for_writing=True), cfg)
-    after = set(json.loads((root / "dcmfs.storage.header").read_text())["features"])
+    after = set(json.loads((root / "dcmfs.store").read_text())["features"])
     assert after == before | WRITE_FEATURES
     try:
         check(fs, manifest)

@@ -12,7 +12,8 @@ import shutil
 
 import pytest
 
-from dcmfs import admin, errors as E
+from dcmfs import errors as E
+from dcmfs.app import admin
 from dcmfs.core.filesystem import FileSystem
 from dcmfs.storage.header import damage_mark, open_store
 

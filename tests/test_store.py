@@ -33,7 +33,7 @@ def test_passphrase_store(tmp_path):
 
 def test_tampered_header_parameters_do_not_open(tmp_path, secret):
     init_store(str(tmp_path / "s"), secret, SMALL)
-    path = tmp_path / "s" / "dcmfs.storage.header"
+    path = tmp_path / "s" / "dcmfs.store"
     header = json.loads(path.read_text())
     header["chunk_size"] = 4096
     path.write_text(json.dumps(header))
@@ -49,7 +49,7 @@ def test_missing_foreign_newer_and_unknown_feature(tmp_path, secret):
     with pytest.raises(E.ForeignStoreError):
         open_store(str(tmp_path / "foreign"), secret)
     init_store(str(tmp_path / "s"), secret, SMALL)
-    path = tmp_path / "s" / "dcmfs.storage.header"
+    path = tmp_path / "s" / "dcmfs.store"
     original = path.read_text()
     header = json.loads(original)
     path.write_text(json.dumps({**header, "format_version": 99}))
@@ -67,7 +67,7 @@ def test_init_refuses_non_empty_and_sets_safe_modes(tmp_path, secret):
         init_store(str(tmp_path / "full"), secret, SMALL)
     init_store(str(tmp_path / "s"), secret, SMALL)
     assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(tmp_path / "s" / "dcmfs.storage.header").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "s" / "dcmfs.store").st_mode) == 0o600
 
 
 def test_every_error_has_a_distinct_exit_code():

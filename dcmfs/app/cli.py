@@ -218,7 +218,7 @@ def cmd_mount(args) -> int:
                   inst.key_source)
     metrics = ours.get("metrics") or (inst.metrics if inst else None)
     if metrics:
-        from .metrics import parse_address
+        from ..adapter.metrics import parse_address
         try:
             parse_address(metrics)
         except ValueError as exc:

@@ -27,7 +27,7 @@ from ..core.filesystem import FileSystem
 from ..index.snapshots import refuse_if_missing
 from ..adapter.fuse_ops import require_fuse, serve
 from .logsetup import stderr_is_journal
-from .metrics import MetricsServer, OpStats
+from ..adapter.metrics import MetricsServer, OpStats
 from ..storage.header import Secret, open_store, read_lock_pid, refuse_if_damaged
 
 log = logging.getLogger("dcmfs.mount")

@@ -16,7 +16,7 @@ import psutil
 from .. import format as fmt
 from ..errors import DcmfsError
 from ..index import read_stats
-from .metrics import OPS_XATTR
+from ..adapter.metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
 from ..storage.header import damage_mark, read_header, read_lock_pid
 
