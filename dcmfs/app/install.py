@@ -35,8 +35,9 @@ exec {python} -c 'import sys; from dcmfs.cli import mount_helper_main; sys.exit(
 def source(name: str) -> str:
     """A file of ``systemd/``: inside the installed package (``dcmfs/systemd``
     in a wheel) or beside it (a source checkout, an editable install)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for folder in (os.path.join(here, "systemd"), os.path.join(os.path.dirname(here), "systemd")):
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # dcmfs/
+    for folder in (os.path.join(package, "systemd"),
+                   os.path.join(os.path.dirname(package), "systemd")):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return path
