@@ -31,6 +31,25 @@ SMALL = Config(chunk_size=64 * 1024, kdf=CHEAP_KDF, dirty_limit=256 * 1024,
                read_cache_bytes=1 << 20, reencode=False)
 
 
+# --- deselection under pytest-xdist (./scripts/test --quick) ----------------------
+# The controller collects nothing, so its summary would say "143 passed" with
+# no word of what -m "not slow" left out; each worker passes on the node ids it
+# deselected and the controller counts them (the line ends "N deselected").
+def pytest_deselected(items):
+    if items and hasattr(items[0].config, "workeroutput"):
+        items[0].config.workeroutput.setdefault("deselected", []).extend(
+            item.nodeid for item in items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    reporter = node.config.pluginmanager.get_plugin("terminalreporter")
+    ids = getattr(node, "workeroutput", {}).get("deselected", [])
+    if reporter is not None and ids:
+        seen = reporter.stats.setdefault("deselected", [])
+        seen.extend(sorted(set(ids) - set(seen)))
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -19,6 +19,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
+#: ./scripts/test --quick leaves it out (~60-170 s)
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 MOUNTED = ("dcmfs", "dcmfs-paused", "dcmfs-dicom0", "dcmfs-j2k")

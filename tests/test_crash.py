@@ -17,6 +17,7 @@ from dcmfs.storage.header import Secret, open_store
 from .conftest import SMALL, assert_no_dangling, file_sha256, flip_byte, sha256
 
 
+@pytest.mark.slow  # a kill workload: ~3-7 s
 def test_sigkill_during_copy_keeps_every_closed_file(mount_env, tmp_path):
     m = mount_env
     m.mount()

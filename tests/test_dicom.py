@@ -221,6 +221,7 @@ def test_a_file_claiming_more_than_65535_rows_stays_with_zstd(make_fs):
     assert read_file(fs, "/tall.dcm") == data
 
 
+@pytest.mark.slow  # the whole corpus, twice: ~16 s
 @pytest.mark.parametrize("images", [Config().image_codecs, ("jpegls", "jpeg2k")],
                          ids="+".join)
 def test_every_dicom_file_reads_back_exactly_before_and_after_reencoding(make_fs, images):
@@ -416,6 +417,7 @@ def test_mounted_recompress_stats_and_remount(mount_env):
         assert file_sha256(m.mnt / name) == digest, name
 
 
+@pytest.mark.slow  # a kill workload: ~4-8 s
 def test_sigkill_while_reencoding_loses_nothing(mount_env):
     m = mount_env
     m.expect_log_errors = True  # a killed daemon leaves a journal to replay

@@ -18,6 +18,9 @@ import pytest
 
 from .conftest import file_sha256
 
+#: ./scripts/test --quick leaves it out (three kill workloads: ~10-20 s)
+pytestmark = pytest.mark.slow
+
 WRITER = textwrap.dedent(r'''
     import hashlib, json, os, random, sys
     mnt, seed, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -8,6 +8,10 @@ import threading
 import time
 
 import psutil
+import pytest
+
+#: ./scripts/test --quick leaves it out (writes and reads 4 GiB: ~35-85 s)
+pytestmark = pytest.mark.slow
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -16,6 +16,7 @@ import pytest
 from .conftest import dicom_files, file_sha256, sha256
 
 
+@pytest.mark.slow  # the whole corpus through a mount: ~5-10 s
 def test_every_dicom_file_reads_back_identical_and_parses(mounted, tmp_path):
     files = dicom_files()
     assert len(files) > 100

@@ -21,6 +21,9 @@ import sys
 
 import pytest
 
+#: ./scripts/test --quick leaves it out (boots a container: ~25 s warm, ~80 s loaded)
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 #: every check of tests/systemd/scenario.sh, in order

@@ -127,6 +127,7 @@ def test_scrubber_finds_damage_while_mounted(mount_env):
     assert all(abs(seen[n] / 1e9 - time.time()) < 120 for n in ("f0", "f1", "f2", "f4"))
 
 
+@pytest.mark.slow  # the whole corpus through a mount: ~7-14 s
 def test_index_loss_of_the_pydicom_corpus_rebuilds_every_file_and_name(mount_env):
     """Delete index/data.mdb of a store holding the real DICOM corpus: it is
     refused (never an empty index over the data), rebuilt by fsck, and every

@@ -1,10 +1,13 @@
-"""The index: the LMDB schema and its transactions (index), the sealed journal
-(journal), snapshots and the journal archive (snapshots).
+"""The index: its schema and key encodings (schema), the LMDB environment
+with checkpoints and replay (index), one operation's typed accessors (txn),
+the sealed journal (journal), snapshots and the journal archive (snapshots).
 
 Everything above this layer imports these names from the package, not from
 its modules, so the modules can be reshaped without touching the callers.
 """
 
-from .index import JOURNAL_NAME, SEALED, Index, Inode, Txn, read_stats
+from .index import Index
+from .schema import JOURNAL_NAME, SEALED, Inode, read_stats
+from .txn import Txn
 
 __all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "read_stats"]

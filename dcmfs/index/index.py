@@ -1,46 +1,8 @@
-"""The LMDB index: the one place its schema lives.
+"""The LMDB index: the opened environment, its journal, checkpoints, replay
+and the keys that seal its values.
 
-Schema (format version 1).  All integers are big-endian so that LMDB's byte
-order is numeric order.  ``SIV(...)`` is AES-256-GCM-SIV under the index key
-(HKDF of the master key, label ``index``) with the database name and the LMDB
-key as associated data, so a value moved to another key fails to open.
-
-============  ==============================  ======================================
-database      key                             value
-============  ==============================  ======================================
-``meta``      ascii name                      plain bytes:
-                                              ``format`` -> b"1";
-                                              ``store_id`` -> 16 bytes;
-                                              ``next_ino`` -> u64;
-                                              ``state`` -> b"clean" or b"mounted";
-                                              ``stats`` -> files, logical bytes,
-                                              stored bytes (3 x u64; plain, so
-                                              ``dcmfs status`` needs no key);
-                                              ``journal_seq`` -> u64, the last
-                                              journal record this index holds
-``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`)
-``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
-``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``; files
-                                              laid out in extents (DICOM-coded)
-                                              append the extent's offset, u64)
-``xattrs``    ino u64 + name tag (16)         SIV(name length u16 + name + value)
-``orphans``   ino u64                         b"" — unlinked while open, purged
-                                              at release or at the next mount
-``backlog``   ino u64                         b"" — closed with chunks sealed
-                                              uncompressed, or not yet looked at
-                                              by the DICOM-aware re-encoder
-``scrubbed``  ino u64                         u64 (plain): when the file was last
-                                              verified intact, ns since the epoch
-``content``   ino u64                         SIV(JSON: what the re-encoder found:
-                                              generation, kind, modality, transfer
-                                              syntax, photometric, bits, codec path,
-                                              fallback reason; never a patient
-                                              attribute)
-============  ==============================  ======================================
-
-The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
-bytes: a lookup needs no scan, and without the key the index reveals neither
-names nor which entries share a name.  The root directory is inode 1.
+The schema (databases, keys, values) is in :mod:`dcmfs.index.schema`; one
+operation's view with typed accessors is :class:`dcmfs.index.txn.Txn`.
 
 Transactions and durability: the daemon keeps one long LMDB write
 transaction (the *batch*).  Each operation runs in a nested transaction;
@@ -57,11 +19,8 @@ is serialised by the core), so the batch may be used from any thread.
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import hashlib
 import hmac
-import json
 import logging
 import os
 import struct
@@ -71,116 +30,13 @@ import lmdb
 
 from ..storage import crypto
 from .. import format as fmt
-from ..errors import (IndexDamagedError, IntegrityError, NeedsRecoveryError, NoSpaceError,
-                     StoreIOError)
-from .journal import DELETE, PUT, Journal, Op
-from ..storage.objects import ChunkRef
+from ..errors import IndexDamagedError, IntegrityError, NeedsRecoveryError
+from .journal import PUT, Journal, Op
+from .schema import (DATABASES, JOURNAL_NAME, OPTIONAL, U64, U64X2, decode_chunk,
+                     lmdb_error)
+from .txn import Txn
 
 log = logging.getLogger("dcmfs.index")
-
-_U64 = struct.Struct(">Q")
-_U64x2 = struct.Struct(">QQ")
-#: mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, file_id,
-#: generation, has_sha256, sha256; followed by the symlink target
-_INODE = struct.Struct(">IIIIQqqq16sQB32s")
-#: oid, generation, codec, flags, plain_len, stored_len
-_CHUNK = struct.Struct(">16sQBBII")
-_U16 = struct.Struct(">H")
-_STATS = struct.Struct(">QQQ")
-
-DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
-             "content", "scrubbed")
-#: databases a store made by an older dcmfs may lack (created at its first
-#: read-write opening; empty for a read-only one)
-OPTIONAL = ("scrubbed",)
-#: databases whose values are sealed (the others hold plain numbers or nothing)
-SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
-_DB_ID = {name: i for i, name in enumerate(DATABASES)}
-JOURNAL_NAME = "journal"
-
-
-@dataclasses.dataclass
-class Inode:
-    mode: int
-    uid: int
-    gid: int
-    nlink: int
-    size: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    file_id: bytes
-    generation: int = 0
-    sha256: bytes | None = None
-    target: bytes = b""
-
-    def encode(self) -> bytes:
-        return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size,
-                           self.atime_ns, self.mtime_ns, self.ctime_ns, self.file_id,
-                           self.generation, self.sha256 is not None,
-                           self.sha256 or bytes(32)) + self.target
-
-    @classmethod
-    def decode(cls, raw: bytes) -> "Inode":
-        (mode, uid, gid, nlink, size, at, mt, ct, file_id, gen, has_sha,
-         sha) = _INODE.unpack_from(raw)
-        return cls(mode, uid, gid, nlink, size, at, mt, ct, file_id, gen,
-                   sha if has_sha else None, bytes(raw[_INODE.size:]))
-
-
-def ino_key(ino: int) -> bytes:
-    return _U64.pack(ino)
-
-
-def _encode_chunk(ref: ChunkRef) -> bytes:
-    raw = _CHUNK.pack(*ref[:6])
-    return raw if ref.offset < 0 else raw + _U64.pack(ref.offset)
-
-
-def _decode_chunk(raw: bytes) -> ChunkRef:
-    fields = _CHUNK.unpack_from(raw)
-    if len(raw) == _CHUNK.size + _U64.size:
-        return ChunkRef(*fields, _U64.unpack_from(raw, _CHUNK.size)[0])
-    return ChunkRef(*fields)
-
-
-def _lmdb_error(exc: lmdb.Error, doing: str) -> Exception:
-    if isinstance(exc, lmdb.MapFullError):
-        return NoSpaceError(f"The index is full while {doing}; raise index_map_size.")
-    err = getattr(exc, "args", (None,))
-    text = str(exc)
-    if "No space left" in text or (err and err[0] == errno.ENOSPC):
-        return NoSpaceError(f"The disk under the store is full while {doing}; "
-                            "free space there and retry.")
-    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
-                        lmdb.VersionMismatchError, lmdb.BadRslotError)):
-        return IndexDamagedError(f"The index is damaged ({doing}): {text}. "
-                                 "Run 'dcmfs fsck' on the store.")
-    return StoreIOError(f"Index error while {doing}: {text}.")
-
-
-def read_stats(path: str) -> tuple[int, int, int] | None:
-    """(files, logical bytes, stored bytes) without the key; None if no index.
-
-    While a daemon has the index open, figures may be up to one checkpoint
-    old, and a read racing a checkpoint can fail (the daemon opens LMDB
-    without its lock file); ``dcmfs status`` asks a running daemon instead.
-    """
-    if not os.path.exists(os.path.join(path, "data.mdb")):
-        return None
-    try:
-        env = lmdb.open(path, subdir=True, readonly=True, lock=True, max_dbs=len(DATABASES))
-    except lmdb.Error as exc:
-        raise _lmdb_error(exc, "reading statistics") from exc
-    try:
-        with env.begin() as txn:
-            meta = env.open_db(b"meta", txn=txn, create=False)
-            raw = txn.get(b"stats", db=meta)
-        return _STATS.unpack(raw) if raw else (0, 0, 0)
-    except lmdb.Error as exc:
-        raise _lmdb_error(exc, "reading statistics") from exc
-    finally:
-        env.close()
 
 
 class Index:
@@ -212,7 +68,7 @@ class Index:
                         raise
                     self.dbs[name] = None  # an older store opened read-only: empty
         except lmdb.Error as exc:
-            raise _lmdb_error(exc, "opening the index") from exc
+            raise lmdb_error(exc, "opening the index") from exc
         self._siv = crypto.Siv(crypto.derive(master_key, b"index", store_id))
         self._name_key = crypto.derive(master_key, b"names", store_id)
         self.journal = Journal(os.path.join(path, JOURNAL_NAME), master_key, store_id,
@@ -233,7 +89,7 @@ class Index:
     def _applied_seq(self) -> int:
         with self.env.begin() as txn:
             raw = txn.get(b"journal_seq", db=self.dbs["meta"])
-        return _U64.unpack(raw)[0] if raw else 0
+        return U64.unpack(raw)[0] if raw else 0
 
     def close(self) -> None:
         """Close without a checkpoint: what is not checkpointed stays in the journal."""
@@ -281,7 +137,7 @@ class Index:
                 batch.abort()
             except lmdb.Error:
                 pass
-            error = _lmdb_error(exc, "checkpointing the index")
+            error = lmdb_error(exc, "checkpointing the index")
             self._reload_from_journal()
             raise error from exc
         self.pending_records = 0
@@ -301,7 +157,7 @@ class Index:
 
     def _commit_batch(self, batch: lmdb.Transaction) -> None:
         """The durable LMDB commit of a checkpoint (one place, for fault tests)."""
-        batch.put(b"journal_seq", _U64.pack(self._seq), db=self.dbs["meta"])
+        batch.put(b"journal_seq", U64.pack(self._seq), db=self.dbs["meta"])
         batch.commit()
         self.env.sync(True)
 
@@ -349,8 +205,8 @@ class Index:
         try:
             for kind, db_id, key, value in ops:
                 if kind == PUT and DATABASES[db_id] == "chunks":
-                    ino, idx = _U64x2.unpack(key)
-                    ref = _decode_chunk(self.open("chunks", key, value))
+                    ino, idx = U64X2.unpack(key)
+                    ref = decode_chunk(self.open("chunks", key, value))
                     if not verify(txn, ino, idx, ref):
                         ok = False
                         break
@@ -406,7 +262,7 @@ class Index:
             try:
                 self._batch = self.env.begin(write=True)
             except lmdb.Error as exc:
-                raise _lmdb_error(exc, "starting a transaction") from exc
+                raise lmdb_error(exc, "starting a transaction") from exc
         return self._batch
 
     def begin(self, write: bool = False) -> "Txn":
@@ -423,7 +279,7 @@ class Index:
                 return Txn(self, self._parent(), borrowed=True)
             return Txn(self, self.env.begin(write=True, parent=self._parent()), nested=True)
         except lmdb.Error as exc:
-            raise _lmdb_error(exc, "starting a transaction") from exc
+            raise lmdb_error(exc, "starting a transaction") from exc
 
     def _commit_nested(self, txn: "Txn") -> None:
         """Journal one operation's changes, then merge them into the batch."""
@@ -436,7 +292,7 @@ class Index:
         except lmdb.Error as exc:
             self._broken = ("The index failed in memory; restart the daemon "
                             "(its journal keeps every change).")
-            raise _lmdb_error(exc, "committing") from exc
+            raise lmdb_error(exc, "committing") from exc
 
     def roll_forward(self, journal_paths: list[str], verify) -> tuple[int, int, int]:
         """Apply the records of these journals (archive segments in order, then
@@ -469,7 +325,7 @@ class Index:
             self._seq = seq
 
     def name_tag(self, parent: int, name: bytes) -> bytes:
-        return hmac.new(self._name_key, _U64.pack(parent) + name, hashlib.sha256).digest()[:16]
+        return hmac.new(self._name_key, U64.pack(parent) + name, hashlib.sha256).digest()[:16]
 
     def seal(self, db: str, key: bytes, value: bytes) -> bytes:
         return self._siv.seal(value, db.encode() + b"\x00" + key)
@@ -481,267 +337,3 @@ class Index:
             raise IntegrityError(f"index entry {db}/{key.hex()} failed authentication; "
                                  "run 'dcmfs fsck' on the store") from exc
 
-
-class Txn:
-    """One operation's view of the index with typed accessors; a context manager.
-
-    Leaving the ``with`` block normally commits a write transaction (journal
-    first, then the batch); an exception aborts it.  A read transaction
-    borrows the batch and leaves it untouched.
-    """
-
-    def __init__(self, index: Index, txn: lmdb.Transaction, nested: bool = False,
-                 borrowed: bool = False) -> None:
-        self.ix = index
-        self.txn = txn
-        self._db = index.dbs
-        self._nested = nested
-        self._borrowed = borrowed
-        #: the changes of a nested transaction, for the journal
-        self.ops: list[Op] | None = [] if nested else None
-
-    def __enter__(self) -> "Txn":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._borrowed:
-            return
-        if exc_type is not None:
-            self.txn.abort()
-        elif self._nested:
-            try:
-                self.ix._commit_nested(self)
-            except BaseException:
-                self.txn.abort()
-                raise
-        else:
-            self.txn.abort()  # a read-only transaction
-
-    def _record(self, kind: int, db: str, key: bytes, value: bytes | None) -> None:
-        if self.ops is not None:
-            self.ops.append((kind, _DB_ID[db], bytes(key), value))
-
-    # --- helpers ---------------------------------------------------------------
-    def _get(self, db: str, key: bytes) -> bytes | None:
-        raw = self.txn.get(key, db=self._db[db])
-        return None if raw is None else self.ix.open(db, key, raw)
-
-    def _put(self, db: str, key: bytes, value: bytes) -> None:
-        sealed = self.ix.seal(db, key, value)
-        try:
-            self.txn.put(key, sealed, db=self._db[db])
-        except lmdb.Error as exc:
-            raise _lmdb_error(exc, f"writing {db}") from exc
-        self._record(PUT, db, key, sealed)
-
-    def _delete(self, db: str, key: bytes) -> bool:
-        try:
-            found = self.txn.delete(key, db=self._db[db])
-        except lmdb.Error as exc:
-            raise _lmdb_error(exc, f"deleting from {db}") from exc
-        if found:
-            self._record(DELETE, db, key, None)
-        return found
-
-    def _scan(self, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        cur = self.txn.cursor(db=self._db[db])
-        if not cur.set_range(prefix):
-            return
-        for key, raw in cur:
-            if not key.startswith(prefix):
-                break
-            yield key, self.ix.open(db, key, raw)
-
-    # --- meta (plain) ---------------------------------------------------------
-    def meta_get(self, name: str) -> bytes | None:
-        return self.txn.get(name.encode(), db=self._db["meta"])
-
-    def _put_plain(self, db: str, key: bytes, value: bytes) -> None:
-        """Put a value that is not sealed (meta figures, inode-number sets)."""
-        try:
-            self.txn.put(key, value, db=self._db[db])
-        except lmdb.Error as exc:
-            raise _lmdb_error(exc, f"writing {db}") from exc
-        self._record(PUT, db, key, value)
-
-    def meta_put(self, name: str, value: bytes) -> None:
-        self._put_plain("meta", name.encode(), value)
-
-    def stats(self) -> tuple[int, int, int]:
-        """(regular files, logical bytes, stored bytes) of the whole store."""
-        raw = self.meta_get("stats")
-        return _STATS.unpack(raw) if raw else (0, 0, 0)
-
-    def add_stats(self, files: int = 0, logical: int = 0, stored: int = 0) -> None:
-        if files or logical or stored:
-            f, lg, st = self.stats()
-            self.meta_put("stats", _STATS.pack(f + files, lg + logical, st + stored))
-
-    def alloc_ino(self) -> int:
-        raw = self.meta_get("next_ino")
-        ino = _U64.unpack(raw)[0] if raw else fmt.ROOT_INO + 1
-        self.meta_put("next_ino", _U64.pack(ino + 1))
-        return ino
-
-    # --- inodes ---------------------------------------------------------------
-    def get_inode(self, ino: int) -> Inode | None:
-        raw = self._get("inodes", ino_key(ino))
-        return None if raw is None else Inode.decode(raw)
-
-    def put_inode(self, ino: int, inode: Inode) -> None:
-        self._put("inodes", ino_key(ino), inode.encode())
-
-    def delete_inode(self, ino: int) -> list[ChunkRef]:
-        """Remove an inode with its chunks and xattrs; returns the chunk refs."""
-        refs = list(self.chunks(ino).values())
-        for prefix_db in ("chunks", "xattrs"):
-            keys = [k for k, _ in self._scan_raw(prefix_db, ino_key(ino))]
-            for k in keys:
-                self._delete(prefix_db, k)
-        self._delete("inodes", ino_key(ino))
-        self._delete("orphans", ino_key(ino))
-        self._delete("backlog", ino_key(ino))
-        self._delete("content", ino_key(ino))
-        self._delete("scrubbed", ino_key(ino))
-        return refs
-
-    def iter_inodes(self) -> Iterator[tuple[int, Inode]]:
-        for key, raw in self._scan("inodes", b""):
-            yield _U64.unpack(key)[0], Inode.decode(raw)
-
-    def iter_inodes_checked(self) -> Iterator[tuple[int, Inode | IntegrityError]]:
-        """Like :meth:`iter_inodes`, but a record that does not authenticate
-        is yielded as its error instead of ending the scan (verify)."""
-        for key, raw in self._scan_raw("inodes", b""):
-            ino = _U64.unpack(key)[0]
-            try:
-                yield ino, Inode.decode(self.ix.open("inodes", key, raw))
-            except (IntegrityError, struct.error) as exc:
-                yield ino, (exc if isinstance(exc, IntegrityError)
-                            else IntegrityError(f"inode {ino}: record does not decode"))
-
-    def _scan_raw(self, db: str, prefix: bytes) -> list[tuple[bytes, bytes]]:
-        cur = self.txn.cursor(db=self._db[db])
-        out = []
-        if cur.set_range(prefix):
-            for key, raw in cur:
-                if not key.startswith(prefix):
-                    break
-                out.append((key, raw))
-        return out
-
-    # --- directory entries ----------------------------------------------------
-    def lookup(self, parent: int, name: bytes) -> int | None:
-        key = ino_key(parent) + self.ix.name_tag(parent, name)
-        raw = self._get("dirents", key)
-        return None if raw is None else _U64.unpack_from(raw)[0]
-
-    def add_dirent(self, parent: int, name: bytes, ino: int) -> None:
-        key = ino_key(parent) + self.ix.name_tag(parent, name)
-        self._put("dirents", key, _U64.pack(ino) + name)
-
-    def remove_dirent(self, parent: int, name: bytes) -> None:
-        self._delete("dirents", ino_key(parent) + self.ix.name_tag(parent, name))
-
-    def list_dir(self, parent: int) -> Iterator[tuple[bytes, int]]:
-        for _, raw in self._scan("dirents", ino_key(parent)):
-            yield raw[8:], _U64.unpack_from(raw)[0]
-
-    def dir_is_empty(self, parent: int) -> bool:
-        cur = self.txn.cursor(db=self._db["dirents"])
-        prefix = ino_key(parent)
-        return not (cur.set_range(prefix) and cur.key().startswith(prefix))
-
-    def iter_dirents(self) -> Iterator[tuple[int, bytes, int]]:
-        for key, raw in self._scan("dirents", b""):
-            yield _U64.unpack_from(key)[0], raw[8:], _U64.unpack_from(raw)[0]
-
-    # --- chunk table ----------------------------------------------------------
-    def chunks(self, ino: int) -> dict[int, ChunkRef]:
-        out = {}
-        for key, raw in self._scan("chunks", ino_key(ino)):
-            out[_U64x2.unpack(key)[1]] = _decode_chunk(raw)
-        return out
-
-    def put_chunk(self, ino: int, index: int, ref: ChunkRef) -> None:
-        self._put("chunks", _U64x2.pack(ino, index), _encode_chunk(ref))
-
-    def delete_chunk(self, ino: int, index: int) -> None:
-        self._delete("chunks", _U64x2.pack(ino, index))
-
-    def iter_all_chunks_checked(self) -> Iterator[tuple[int, int, ChunkRef | None]]:
-        """Like :meth:`iter_all_chunks`; an entry that does not authenticate
-        is yielded with None (verify, fsck)."""
-        for key, raw in self._scan_raw("chunks", b""):
-            ino, idx = _U64x2.unpack(key)
-            try:
-                yield ino, idx, _decode_chunk(self.ix.open("chunks", key, raw))
-            except (IntegrityError, struct.error):
-                yield ino, idx, None
-
-    def iter_all_chunks(self) -> Iterator[tuple[int, int, ChunkRef]]:
-        for key, raw in self._scan("chunks", b""):
-            ino, idx = _U64x2.unpack(key)
-            yield ino, idx, _decode_chunk(raw)
-
-    # --- xattrs ---------------------------------------------------------------
-    def _xkey(self, ino: int, name: bytes) -> bytes:
-        return ino_key(ino) + self.ix.name_tag(ino, b"xattr\x00" + name)
-
-    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        raw = self._get("xattrs", self._xkey(ino, name))
-        if raw is None:
-            return None
-        n = _U16.unpack_from(raw)[0]
-        return raw[2 + n:]
-
-    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self._put("xattrs", self._xkey(ino, name), _U16.pack(len(name)) + name + value)
-
-    def remove_xattr(self, ino: int, name: bytes) -> bool:
-        return self._delete("xattrs", self._xkey(ino, name))
-
-    def list_xattrs(self, ino: int) -> list[bytes]:
-        out = []
-        for _, raw in self._scan("xattrs", ino_key(ino)):
-            n = _U16.unpack_from(raw)[0]
-            out.append(raw[2:2 + n])
-        return out
-
-    # --- orphans --------------------------------------------------------------
-    def add_orphan(self, ino: int) -> None:
-        self._put_plain("orphans", ino_key(ino), b"")
-
-    def remove_orphan(self, ino: int) -> None:
-        self._delete("orphans", ino_key(ino))
-
-    # --- re-encoding backlog -----------------------------------------------------
-    def add_backlog(self, ino: int) -> None:
-        self._put_plain("backlog", ino_key(ino), b"")
-
-    def remove_backlog(self, ino: int) -> None:
-        self._delete("backlog", ino_key(ino))
-
-    def backlog(self) -> list[int]:
-        return [_U64.unpack(k)[0] for k, _ in self._scan_raw("backlog", b"")]
-
-    # --- what the re-encoder found (sealed) -------------------------------------
-    def get_content(self, ino: int) -> dict | None:
-        raw = self._get("content", ino_key(ino))
-        return None if raw is None else json.loads(raw)
-
-    def put_content(self, ino: int, info: dict) -> None:
-        self._put("content", ino_key(ino), json.dumps(info, sort_keys=True).encode())
-
-    # --- when each file was last verified (the scrubber) -----------------------
-    def set_scrubbed(self, ino: int, when_ns: int) -> None:
-        self._put_plain("scrubbed", ino_key(ino), _U64.pack(when_ns))
-
-    def scrubbed(self, ino: int) -> int | None:
-        if self._db["scrubbed"] is None:
-            return None
-        raw = self.txn.get(ino_key(ino), db=self._db["scrubbed"])
-        return None if raw is None else _U64.unpack(raw)[0]
-
-    def orphans(self) -> list[int]:
-        return [_U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"")]

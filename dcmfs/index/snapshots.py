@@ -13,7 +13,7 @@ import lmdb
 from .. import format as fmt
 from ..storage.durable import fsync_dir
 from ..errors import IndexDamagedError, StoreIOError
-from .index import JOURNAL_NAME
+from .schema import JOURNAL_NAME
 
 
 def _numbered(directory: str | None, prefix: str) -> list[tuple[int, str]]:

@@ -1,0 +1,174 @@
+"""The index schema: the one place its databases, keys and values are written down.
+
+Schema (format version 1).  All integers are big-endian so that LMDB's byte
+order is numeric order.  ``SIV(...)`` is AES-256-GCM-SIV under the index key
+(HKDF of the master key, label ``index``) with the database name and the LMDB
+key as associated data, so a value moved to another key fails to open.
+
+============  ==============================  ======================================
+database      key                             value
+============  ==============================  ======================================
+``meta``      ascii name                      plain bytes:
+                                              ``format`` -> b"1";
+                                              ``store_id`` -> 16 bytes;
+                                              ``next_ino`` -> u64;
+                                              ``state`` -> b"clean" or b"mounted";
+                                              ``stats`` -> files, logical bytes,
+                                              stored bytes (3 x u64; plain, so
+                                              ``dcmfs status`` needs no key);
+                                              ``journal_seq`` -> u64, the last
+                                              journal record this index holds
+``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`)
+``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
+``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``; files
+                                              laid out in extents (DICOM-coded)
+                                              append the extent's offset, u64)
+``xattrs``    ino u64 + name tag (16)         SIV(name length u16 + name + value)
+``orphans``   ino u64                         b"" — unlinked while open, purged
+                                              at release or at the next mount
+``backlog``   ino u64                         b"" — closed with chunks sealed
+                                              uncompressed, or not yet looked at
+                                              by the DICOM-aware re-encoder
+``scrubbed``  ino u64                         u64 (plain): when the file was last
+                                              verified intact, ns since the epoch
+``content``   ino u64                         SIV(JSON: what the re-encoder found:
+                                              generation, kind, modality, transfer
+                                              syntax, photometric, bits, codec path,
+                                              fallback reason; never a patient
+                                              attribute)
+============  ==============================  ======================================
+
+The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
+bytes: a lookup needs no scan, and without the key the index reveals neither
+names nor which entries share a name.  The root directory is inode 1.
+
+Here too: :func:`read_stats`, the plain totals ``dcmfs status`` reads
+without the key, and :func:`lmdb_error`, LMDB's exceptions as ours.  How the
+environment is opened, journaled and checkpointed is in
+:mod:`dcmfs.index.index`; one operation's typed accessors are
+:class:`dcmfs.index.txn.Txn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import struct
+
+import lmdb
+
+from ..errors import IndexDamagedError, NoSpaceError, StoreIOError
+from ..storage.objects import ChunkRef
+
+#: inode numbers, counters, times (big-endian: LMDB's byte order is numeric order)
+U64 = struct.Struct(">Q")
+#: a ``chunks`` key: ino + chunk index
+U64X2 = struct.Struct(">QQ")
+#: mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, file_id,
+#: generation, has_sha256, sha256; followed by the symlink target
+_INODE = struct.Struct(">IIIIQqqq16sQB32s")
+#: oid, generation, codec, flags, plain_len, stored_len
+_CHUNK = struct.Struct(">16sQBBII")
+#: an ``xattrs`` value starts with the name's length
+U16 = struct.Struct(">H")
+#: ``meta/stats``: files, logical bytes, stored bytes
+STATS = struct.Struct(">QQQ")
+
+DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
+             "content", "scrubbed")
+#: databases a store made by an older dcmfs may lack (created at its first
+#: read-write opening; empty for a read-only one)
+OPTIONAL = ("scrubbed",)
+#: databases whose values are sealed (the others hold plain numbers or nothing)
+SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
+#: a database's number in journal records
+DB_ID = {name: i for i, name in enumerate(DATABASES)}
+#: the journal's file in the index directory
+JOURNAL_NAME = "journal"
+
+
+@dataclasses.dataclass
+class Inode:
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    file_id: bytes
+    generation: int = 0
+    sha256: bytes | None = None
+    target: bytes = b""
+
+    def encode(self) -> bytes:
+        return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size,
+                           self.atime_ns, self.mtime_ns, self.ctime_ns, self.file_id,
+                           self.generation, self.sha256 is not None,
+                           self.sha256 or bytes(32)) + self.target
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Inode":
+        (mode, uid, gid, nlink, size, at, mt, ct, file_id, gen, has_sha,
+         sha) = _INODE.unpack_from(raw)
+        return cls(mode, uid, gid, nlink, size, at, mt, ct, file_id, gen,
+                   sha if has_sha else None, bytes(raw[_INODE.size:]))
+
+
+def ino_key(ino: int) -> bytes:
+    return U64.pack(ino)
+
+
+def encode_chunk(ref: ChunkRef) -> bytes:
+    raw = _CHUNK.pack(*ref[:6])
+    return raw if ref.offset < 0 else raw + U64.pack(ref.offset)
+
+
+def decode_chunk(raw: bytes) -> ChunkRef:
+    fields = _CHUNK.unpack_from(raw)
+    if len(raw) == _CHUNK.size + U64.size:
+        return ChunkRef(*fields, U64.unpack_from(raw, _CHUNK.size)[0])
+    return ChunkRef(*fields)
+
+
+def lmdb_error(exc: lmdb.Error, doing: str) -> Exception:
+    """The error of ours to raise for ``exc`` (``raise lmdb_error(...) from exc``)."""
+    if isinstance(exc, lmdb.MapFullError):
+        return NoSpaceError(f"The index is full while {doing}; raise index_map_size.")
+    err = getattr(exc, "args", (None,))
+    text = str(exc)
+    if "No space left" in text or (err and err[0] == errno.ENOSPC):
+        return NoSpaceError(f"The disk under the store is full while {doing}; "
+                            "free space there and retry.")
+    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
+                        lmdb.VersionMismatchError, lmdb.BadRslotError)):
+        return IndexDamagedError(f"The index is damaged ({doing}): {text}. "
+                                 "Run 'dcmfs fsck' on the store.")
+    return StoreIOError(f"Index error while {doing}: {text}.")
+
+
+def read_stats(path: str) -> tuple[int, int, int] | None:
+    """(files, logical bytes, stored bytes) without the key; None if no index.
+
+    While a daemon has the index open, figures may be up to one checkpoint
+    old, and a read racing a checkpoint can fail (the daemon opens LMDB
+    without its lock file); ``dcmfs status`` asks a running daemon instead.
+    """
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return None
+    try:
+        env = lmdb.open(path, subdir=True, readonly=True, lock=True, max_dbs=len(DATABASES))
+    except lmdb.Error as exc:
+        raise lmdb_error(exc, "reading statistics") from exc
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            raw = txn.get(b"stats", db=meta)
+        return STATS.unpack(raw) if raw else (0, 0, 0)
+    except lmdb.Error as exc:
+        raise lmdb_error(exc, "reading statistics") from exc
+    finally:
+        env.close()
+
