@@ -215,3 +215,11 @@ class TooBig(FsError):
 
 class PermissionDenied(FsError):
     """Permission denied."""
+
+
+def loggable(exc: BaseException) -> str:
+    """What a log line, a status attribute or a report may say of an
+    exception: dcmfs's own message (it never quotes file content, see
+    :class:`FsError` for where a path may appear), else the type alone (a
+    parser's or a library's message may quote bytes of a file)."""
+    return str(exc) if isinstance(exc, DcmfsError) else type(exc).__name__

@@ -25,6 +25,8 @@ import os
 import time
 from typing import Callable
 
+from ..errors import loggable
+
 log = logging.getLogger("dcmfs.metrics")
 
 #: a virtual attribute of the mount root: JSON of :meth:`OpStats.snapshot`
@@ -123,7 +125,7 @@ class _Collector:
         try:
             live = self.live()
         except Exception as exc:  # noqa: BLE001 — a scrape must not kill the daemon
-            log.warning("live figures unavailable for metrics: %s", exc)
+            log.warning("live figures unavailable for metrics: %s", loggable(exc))
             return
         for key, help_ in (("files", "Regular files in the store"),
                            ("logical_bytes", "Plaintext (logical) bytes of all files"),

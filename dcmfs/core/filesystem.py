@@ -21,7 +21,7 @@ from typing import Callable
 
 from .. import format as fmt
 from ..config import Config
-from ..errors import DcmfsError, Exists, NameTooLong, NotADirectory, NotFound
+from ..errors import DcmfsError, Exists, NameTooLong, NotADirectory, NotFound, loggable
 from ..index import Inode
 from ..opened.recovery import RecoveryReport, delete_file
 from ..opened.store import OpenedStore
@@ -166,7 +166,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                     if not self.closed:
                         self.checkpoint()
             except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
-                log.error("background checkpoint failed: %s", exc)
+                log.error("background checkpoint failed: %s", loggable(exc))
 
     @_locked
     def sync_all(self) -> None:

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..storage import dicom
 from ..storage.codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
-from ..errors import DcmfsError, IntegrityError, StoreIOError
+from ..errors import IntegrityError, StoreIOError, loggable
 from ..opened.jobs import ActiveJobHost
 from ..sandbox.pool import ParserFailure, ParserPool
 from .extents import CommittedReader, extents_of
@@ -217,7 +217,7 @@ class Reencoder:
                 done = self.encode(ino)
             except CodecMismatch as exc:  # a codec bug: the file stays as it is
                 self.errors += 1
-                log.error("re-encoding inode %d failed: %s", ino, describe(exc))
+                log.error("re-encoding inode %d failed: %s", ino, loggable(exc))
                 done = None
             except IntegrityError as exc:
                 # a damaged object: leave the file as it is (reads report it)
@@ -232,11 +232,11 @@ class Reencoder:
                     # recorded and never retried automatically
                     log.error("re-encoding inode %d failed %d times (%s); it stays as it is "
                               "('dcmfs recompress --retry-failed' tries again)", ino,
-                              MAX_ATTEMPTS, describe(exc))
+                              MAX_ATTEMPTS, loggable(exc))
                     done = self._give_up(ino, "re-encode failed")
                 else:
                     log.error("re-encoding inode %d failed, will retry: %s", ino,
-                              describe(exc))
+                              loggable(exc))
                     done, pause = False, 5.0
             self.current = None
             try:
@@ -249,7 +249,7 @@ class Reencoder:
                             self._drop(ino)
                         self._bytes -= self._queue.pop(ino, 0)
             except Exception as exc:  # noqa: BLE001 — the entry stays; next time
-                log.error("re-encoder backlog update failed: %s", exc)
+                log.error("re-encoder backlog update failed: %s", loggable(exc))
                 pause = 5.0
             if done is False or pause > 0.05:
                 self._stop.wait(pause)  # without the lock: file operations go on
@@ -278,7 +278,7 @@ class Reencoder:
                                           "reason": reason, "path": "general"})
                     txn.remove_backlog(ino)
         except Exception as exc:  # noqa: BLE001 — then it stays queued
-            log.error("re-encoder could not record inode %d: %s", ino, describe(exc))
+            log.error("re-encoder could not record inode %d: %s", ino, loggable(exc))
             return False
         return True
 
@@ -357,7 +357,7 @@ class Reencoder:
                 except (Unsuitable, CodecMismatch) as exc:
                     # byte-exact or nothing: the general codec takes the file
                     log.warning("inode %d: frames left to the general codec: %s", ino,
-                                describe(exc))
+                                loggable(exc))
                     info.update(path="general", reason=_reason(exc))
         threshold = 0.97 if info and info.get("reason") == "encapsulated pixel data" else 1.0
         return self._encode_chunks(ino, inode, table, cipher, info, threshold)
@@ -484,13 +484,6 @@ class Reencoder:
             for nref in unused:  # not swapped in: nothing refers to them
                 if nref.oid not in {r.oid for r in table.values()}:
                     host.objects.delete(nref.oid)
-
-
-def describe(exc: BaseException) -> str:
-    """What a log line may say of an exception: dcmfs's own message (it
-    never quotes file content), else the type alone (a parser's or a
-    library's message may quote bytes of the file)."""
-    return str(exc) if isinstance(exc, DcmfsError) else type(exc).__name__
 
 
 def _transient(exc: BaseException) -> bool:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, loggable
 from ..integrity.verify import Finding, Verifier, verify_store
 from ..opened.jobs import ActiveJobHost, JobHost
 from ..storage.objects import ObjectDamaged
@@ -66,9 +66,11 @@ class VerifyJob:
                                            orphan_age=ORPHAN_AGE)
             report_findings(self.host, report.findings)
             self.result = dict(report.as_dict(), missing_paths=missing)
-        except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
-            log.error("verify failed: %s", exc)
+        except InterruptedError as exc:  # our own words: the store is closing
             self.result = {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
+            log.error("verify failed: %s", loggable(exc))
+            self.result = {"error": loggable(exc)}
         finally:
             self.state["running"] = False
 
@@ -142,7 +144,7 @@ class Scrubber:
                 self.state["last_round_end"] = time.time()
                 host.stopping.wait(max(0.0, self.interval - (time.monotonic() - start)))
         except Exception as exc:  # noqa: BLE001 — the mount goes on without it
-            log.error("scrubber stopped: %s", exc)
+            log.error("scrubber stopped: %s", loggable(exc))
         finally:
             verifier.close()
 
