@@ -46,6 +46,8 @@ Contenders
   dcmfs-j2k     -o image_codecs=htj2k+jpegxl+jpeg2k: OpenJPEG's JPEG 2000 is
                 offered each frame too (smallest at rest, slowest to read)
   dcmfs-htj2k   -o image_codecs=htj2k: HTJ2K only (fastest to decode)
+  dcmfs-inproc  -o sandbox=0: the DICOM analysis and image encoders in the daemon
+                instead of in parser worker processes (what isolation costs)
   dcmfs-dicom0  -o dicom=0: the re-encoder compresses with zstd only (the
                 policy before the DICOM-aware codec)
   dcmfs-lzma    a store inited with --codec lzma (xz preset 6 where the

@@ -134,8 +134,9 @@ class Dcmfs(Contender):
     paused (the same, re-encoder paused while the files are written), dicom0
     (-o dicom=0: the re-encoder compresses with zstd only), j2k (the image
     codecs offered each frame include OpenJPEG's JPEG 2000: smallest, slow
-    to decode), htj2k (HTJ2K only: fastest to decode), inline (zstd compressed at close, no re-encoder), lzma,
-    zstd:N (level N)."""
+    to decode), htj2k (HTJ2K only: fastest to decode), inproc (-o sandbox=0: the
+    DICOM analysis and image encoders in the daemon, not in worker processes),
+    inline (zstd compressed at close, no re-encoder), lzma, zstd:N (level N)."""
 
     #: seconds the backlog may stand still before settle gives up
     STALL_S = 300
@@ -153,7 +154,9 @@ class Dcmfs(Contender):
             self.options = ["-o", "image_codecs=htj2k+jpegxl+jpeg2k"]
         elif codec == "htj2k":
             self.options = ["-o", "image_codecs=htj2k"]
-        if codec in ("inline", "dicom0", "paused", "j2k", "htj2k"):
+        elif codec == "inproc":
+            self.options = ["-o", "sandbox=0"]
+        if codec in ("inline", "dicom0", "paused", "j2k", "htj2k", "inproc"):
             codec = "zstd"
         self.codec = codec
         self.base = base / self.name
