@@ -335,8 +335,7 @@ class Reencoder:
         elif not fresh and not _extents_layout(table):
             reader = CommittedReader(host.objects, cipher, ino, inode, table, host.chunk_size)
             try:
-                plan = self._analyse(reader.pread(0, min(inode.size, dicom.HEADER_CAP)),
-                                     inode.size)
+                plan = self._analyse(reader, inode.size)
             except ParserFailure as exc:
                 if exc.stopped:
                     return False  # unmounting: the file stays in the backlog
@@ -362,7 +361,12 @@ class Reencoder:
         threshold = 0.97 if info and info.get("reason") == "encapsulated pixel data" else 1.0
         return self._encode_chunks(ino, inode, table, cipher, info, threshold)
 
-    def _analyse(self, head: bytes, size: int) -> dicom.Plan:
+    def _analyse(self, reader: CommittedReader, size: int) -> dicom.Plan:
+        """The plan of a file from its first bytes (at most HEADER_CAP; a
+        file that does not even start like DICOM is not sent anywhere)."""
+        if not dicom.sniff(reader.pread(0, 132)):
+            return dicom.Plan({"kind": "other"}, "not DICOM")
+        head = reader.pread(0, min(size, dicom.HEADER_CAP))
         if self.parsers is not None:
             return self.parsers.analyse(head, size)
         return dicom.analyse(io.BytesIO(head), size)  # -o sandbox=0
