@@ -17,6 +17,15 @@ constant, so do we):
   still read (``tests/compat/v1``); what is written into a version-1 store
   from then on is version 2 (its header keeps version 1: the header is bound
   into the wrapped master key, which only the admin's key can re-wrap).
+* 3 — the tree digest (feature ``digest-tree-v1``): chunk records carry the
+  SHA-256 of their plaintext (32 bytes after the optional extent offset), and
+  a file's inode holds a digest over its blocks (digest kind 2, see
+  :mod:`dcmfs.storage.digest`) instead of a whole-file SHA-256, so a commit
+  hashes only what it wrote and a hole costs nothing.  Stores of versions 1
+  and 2 are upgraded in place, lazily and under the lock: the feature is
+  added to the header at the first read-write opening; an inode keeps its
+  whole-file SHA-256 (kind 1, still checked) until its file changes, and a
+  chunk record gains its digest when its file is next committed.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -26,8 +35,11 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 2
-#: object layouts this dcmfs reads (the version byte of each object)
+FORMAT_VERSION = 3
+#: the object layout this dcmfs writes (the version byte of each object; the
+#: layout changed in format 2 and not since)
+OBJECT_VERSION = 2
+#: object layouts this dcmfs reads
 OBJECT_VERSIONS = (1, 2)
 STORE_MAGIC = "dcmfs-store"
 HEADER_NAME = "dcmfs.store"
@@ -52,13 +64,14 @@ DAMAGE_MARK = "needs-fsck"
 #: features this version understands; a store may use any subset
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
-                            "extents-v1"})
+                            "extents-v1", "digest-tree-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
 #: instead of meeting objects it cannot decode
 WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
-                            "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1"})
+                            "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
+                            "digest-tree-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

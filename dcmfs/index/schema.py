@@ -66,7 +66,8 @@ U64 = struct.Struct(">Q")
 #: a ``chunks`` key: ino + chunk index
 U64X2 = struct.Struct(">QQ")
 #: mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, file_id,
-#: generation, has_sha256, sha256; followed by the symlink target
+#: generation, digest kind (0 none, 1 whole-file SHA-256 of a store before
+#: the tree digest, 2 tree digest), digest; followed by the symlink target
 _INODE = struct.Struct(">IIIIQqqq16sQB32s")
 #: oid, generation, codec, flags, plain_len, stored_len
 _CHUNK = struct.Struct(">16sQBBII")
@@ -100,21 +101,25 @@ class Inode:
     ctime_ns: int
     file_id: bytes
     generation: int = 0
-    sha256: bytes | None = None
+    #: the file's content digest (see :mod:`dcmfs.storage.digest`)
+    digest: bytes | None = None
     target: bytes = b""
+    #: True: ``digest`` is the tree digest; False: a whole-file SHA-256 kept
+    #: from before the tree digest (replaced at the file's next change)
+    tree: bool = True
 
     def encode(self) -> bytes:
+        kind = 0 if self.digest is None else (2 if self.tree else 1)
         return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size,
                            self.atime_ns, self.mtime_ns, self.ctime_ns, self.file_id,
-                           self.generation, self.sha256 is not None,
-                           self.sha256 or bytes(32)) + self.target
+                           self.generation, kind, self.digest or bytes(32)) + self.target
 
     @classmethod
     def decode(cls, raw: bytes) -> "Inode":
-        (mode, uid, gid, nlink, size, at, mt, ct, file_id, gen, has_sha,
-         sha) = _INODE.unpack_from(raw)
+        (mode, uid, gid, nlink, size, at, mt, ct, file_id, gen, kind,
+         digest) = _INODE.unpack_from(raw)
         return cls(mode, uid, gid, nlink, size, at, mt, ct, file_id, gen,
-                   sha if has_sha else None, bytes(raw[_INODE.size:]))
+                   digest if kind else None, bytes(raw[_INODE.size:]), tree=kind != 1)
 
 
 def ino_key(ino: int) -> bytes:
@@ -123,14 +128,19 @@ def ino_key(ino: int) -> bytes:
 
 def encode_chunk(ref: ChunkRef) -> bytes:
     raw = _CHUNK.pack(*ref[:6])
-    return raw if ref.offset < 0 else raw + U64.pack(ref.offset)
+    if ref.offset >= 0:
+        raw += U64.pack(ref.offset)
+    return raw + ref.digest if ref.digest is not None else raw
 
 
 def decode_chunk(raw: bytes) -> ChunkRef:
+    """A chunk record: the fixed part, then the extent offset (u64) if any,
+    then the plaintext's SHA-256 (32 bytes) if any, told apart by length."""
     fields = _CHUNK.unpack_from(raw)
-    if len(raw) == _CHUNK.size + U64.size:
-        return ChunkRef(*fields, U64.unpack_from(raw, _CHUNK.size)[0])
-    return ChunkRef(*fields)
+    rest = len(raw) - _CHUNK.size
+    digest = bytes(raw[-32:]) if rest in (32, 40) else None
+    offset = U64.unpack_from(raw, _CHUNK.size)[0] if rest in (8, 40) else -1
+    return ChunkRef(*fields, offset, digest)
 
 
 def lmdb_error(exc: lmdb.Error, doing: str) -> Exception:

@@ -19,6 +19,7 @@ import threading
 
 from .codec import IMAGE_CODECS, CodecMismatch, Codecs, FrameSpec
 
+from .digest import block_digest
 from .durable import TMP_PREFIX, sync_filesystem, write_new
 from ..errors import IntegrityError, StoreIOError
 
@@ -35,6 +36,9 @@ class ChunkRef(NamedTuple):
     #: where the chunk starts in the file, for files laid out in extents of
     #: their own sizes (DICOM-coded); -1 = at index x chunk size
     offset: int = -1
+    #: SHA-256 of the plaintext (see :mod:`dcmfs.storage.digest`); None in
+    #: records written before the tree digest
+    digest: bytes | None = None
 
 
 def stored_bytes(ref: ChunkRef) -> int:
@@ -73,7 +77,7 @@ class ObjectDamaged(IntegrityError):
         self.kind = kind
 
 
-_PREFIX = fmt.OBJ_PREFIX.pack(fmt.OBJ_MAGIC, fmt.FORMAT_VERSION, fmt.OBJ_KIND_CHUNK, 0)
+_PREFIX = fmt.OBJ_PREFIX.pack(fmt.OBJ_MAGIC, fmt.OBJECT_VERSION, fmt.OBJ_KIND_CHUNK, 0)
 
 
 class ObjectStore:
@@ -154,7 +158,8 @@ class ObjectStore:
         sealed_ctx = self._header.seal(ctx, self._ctx_aad)
         sealed_payload = cipher.seal(payload, self._aad(oid) + ctx)
         blob = b"".join((_PREFIX, sealed_ctx, sealed_payload))
-        return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len), blob
+        return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
+                        digest=block_digest(plaintext)), blob
 
     def write(self, cipher: crypto.Gcm, file_id: bytes, ino: int, index: int, generation: int,
               flags: int, codec: int, plaintext: bytes, frame: FrameSpec | None = None,
