@@ -99,6 +99,19 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         fs.write(fh, b"written by this dcmfs" * 5000, 0)
         fs.release(fh)
         manifest["files"]["/new.bin"] = sha256(b"written by this dcmfs" * 5000)
+        # a file of the old version changed in place: its unchanged chunks
+        # gain their digests, its inode the tree digest (the lazy upgrade)
+        path = "/dir/sub/multi.bin"
+        old = read(fs, path)
+        fh = fs.open(path, os.O_WRONLY)
+        fs.write(fh, b"changed", len(old) // 2)
+        fs.release(fh)
+        new = old[:len(old) // 2] + b"changed" + old[len(old) // 2 + 7:]
+        manifest["files"][path] = sha256(new)
+        with fs.index.begin() as txn:
+            ino = fs._resolve(txn, path)
+            assert txn.get_inode(ino).tree
+            assert all(r.digest is not None for r in txn.chunks(ino).values())
     finally:
         fs.close()
     result = admin.fsck(str(root), lambda: secret, cfg, repair=False, rebuild=False,

@@ -9,6 +9,7 @@ import stat
 import pytest
 
 from dcmfs import errors as E
+from dcmfs.storage.digest import TreeHasher
 from dcmfs.core.handles import XATTR_CREATE, XATTR_REPLACE
 from dcmfs.core.names import RENAME_EXCHANGE, RENAME_NOREPLACE
 
@@ -35,8 +36,16 @@ def read_file(fs, path):
 
 
 def index_sha(fs, path):
+    """The file's digest in the index (storage.digest: a tree over its blocks)."""
     with fs.index.begin() as txn:
-        return txn.get_inode(fs._resolve(txn, path)).sha256.hex()
+        return txn.get_inode(fs._resolve(txn, path)).digest.hex()
+
+
+def content_digest(data: bytes) -> str:
+    """What index_sha must be for a file holding ``data``."""
+    hasher = TreeHasher(CS)
+    hasher.update(data)
+    return hasher.digest().hex()
 
 
 @pytest.mark.parametrize("size", [0, 1, CS - 1, CS, CS + 1, 3 * CS, 5 * CS + 17])
@@ -45,7 +54,7 @@ def test_roundtrip_sizes_and_whole_file_hash(make_fs, size):
     data = os.urandom(size)
     write_file(fs, "/f", data, step=4096 + 7)
     assert read_file(fs, "/f") == data
-    assert index_sha(fs, "/f") == sha256(data)
+    assert index_sha(fs, "/f") == content_digest(data)
     fs.close()
     fs = make_fs()
     assert read_file(fs, "/f") == data
@@ -80,7 +89,7 @@ def test_random_writes_truncates_and_holes_match_a_model(make_fs):
     fs.flush(fh)
     fs.release(fh)
     assert read_file(fs, "/r") == bytes(model)
-    assert index_sha(fs, "/r") == sha256(bytes(model))
+    assert index_sha(fs, "/r") == content_digest(bytes(model))
     fs.close()
     fs = make_fs()
     assert read_file(fs, "/r") == bytes(model)
@@ -106,7 +115,7 @@ def test_truncate_by_path_up_and_down(make_fs):
     assert read_file(fs, "/t") == data[:CS + 3]
     fs.truncate("/t", 2 * CS)
     assert read_file(fs, "/t") == data[:CS + 3] + bytes(CS - 3)
-    assert index_sha(fs, "/t") == sha256(data[:CS + 3] + bytes(CS - 3))
+    assert index_sha(fs, "/t") == content_digest(data[:CS + 3] + bytes(CS - 3))
     fs.truncate("/t", 0)
     assert read_file(fs, "/t") == b""
 
@@ -281,7 +290,7 @@ def test_disk_full_reports_enospc_keeps_data_and_retries(make_fs, monkeypatch):
     fs.flush(fh)
     fs.release(fh)
     assert read_file(fs, "/big") == data
-    assert index_sha(fs, "/big") == sha256(data)
+    assert index_sha(fs, "/big") == content_digest(data)
 
 
 def test_read_only_refuses_writes(make_fs):
@@ -374,7 +383,7 @@ def test_failed_index_commit_after_last_chunk_reseal_retries_cleanly(make_fs, mo
     assert fs.read(fh, 3 * CS, 0) == data
     fs.flush(fh)
     fs.release(fh)
-    assert read_file(fs, "/f") == data and index_sha(fs, "/f") == sha256(data)
+    assert read_file(fs, "/f") == data and index_sha(fs, "/f") == content_digest(data)
     fs.close()
     fs = make_fs()
     assert read_file(fs, "/f") == data

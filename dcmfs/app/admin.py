@@ -204,7 +204,8 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
         from ..errors import StoreLockedError
         raise StoreLockedError(f"The store {store_root} is mounted; unmount it first "
                                "('dcmfs umount MOUNTPOINT'), then run fsck.")
-    store = open_store(store_root, secret())
+    # a repair writes records of this version: the header says so first
+    store = open_store(store_root, secret(), for_writing=repair or rebuild)
     tty = out.isatty()
 
     def stage(name: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import hashlib
 import logging
 import threading
 import time
@@ -33,6 +32,7 @@ from ..storage.codec import NONE
 from ..errors import IntegrityError
 from ..format import CHUNK_FLAG_LAST
 from ..index import Index, Inode
+from ..storage.digest import block_digest, tree_digest
 from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
 from .openfile import ChunkCache, OpenFile
@@ -263,11 +263,6 @@ class FileData:
                 of.size = off + n
             if within + n == cs:
                 self._submit(of, idx, last=False)
-        if of.hashed_upto == offset and of.hasher is not None:
-            of.hasher.update(data)
-            of.hashed_upto += total
-        else:
-            of.hashed_upto = -1
         of.changed = True
         return total
 
@@ -292,10 +287,6 @@ class FileData:
                 idx = length // cs
                 buf = self._dirty_buffer(of, idx)
                 del buf[length % cs:]
-        if length == 0:
-            of.hasher, of.hashed_upto = hashlib.sha256(), 0
-        elif length != of.hashed_upto:
-            of.hashed_upto = -1
         of.size = length
         of.changed = True
 
@@ -303,7 +294,9 @@ class FileData:
     def _submit(self, of: OpenFile, idx: int, last: bool) -> None:
         buf = of.dirty.pop(idx)
         of.dirty_bytes -= self.chunk_size
-        plaintext = bytes(buf)
+        # a chunk before the last is a whole block (a sparse write leaves it
+        # short): its record's digest is then its block's (storage.digest)
+        plaintext = bytes(buf) if last else bytes(buf).ljust(self.chunk_size, b"\0")
         if not last and _all_zero(plaintext):
             of.pending[idx] = _done(None)  # an all-zero chunk is stored as a hole
             return
@@ -370,14 +363,15 @@ class FileData:
         for idx in [i for i in table if i > last_idx]:
             del table[idx]
         self._fix_last_flags(of, table, written, last_idx, size)
-        sha = self._digest(of, table, size)
+        digest = self._digest(of, table, size)
 
         old = of.committed
-        superseded = [r.oid for i, r in old.items() if table.get(i) != r]
+        # (a record that only gained its digest keeps its object)
+        superseded = [r.oid for i, r in old.items() if i not in table or table[i].oid != r.oid]
         stored_delta = (sum(stored_bytes(r) for r in table.values())
                         - sum(stored_bytes(r) for r in old.values()))
         inode = of.inode
-        new_inode = Inode(**{**inode.__dict__, "size": size, "sha256": sha,
+        new_inode = Inode(**{**inode.__dict__, "size": size, "digest": digest, "tree": True,
                              "generation": of.write_generation})
         # left for the re-encoder: sealed uncompressed on purpose (a chunk that
         # did not compress is not re-tried)
@@ -394,7 +388,8 @@ class FileData:
                     txn.delete_chunk(of.ino, idx)
             txn.put_inode(of.ino, new_inode)
             txn.add_stats(logical=size - inode.size, stored=stored_delta)
-        inode.size, inode.sha256, inode.generation = size, sha, new_inode.generation
+        inode.size, inode.digest, inode.generation = size, digest, new_inode.generation
+        inode.tree = True
         of.committed = table
         of.pending.clear()
         of.changed = False
@@ -430,6 +425,8 @@ class FileData:
             if idx == last_idx:
                 flags = CHUNK_FLAG_LAST
                 plain = plain[:size - idx * cs].ljust(size - idx * cs, b"\0")
+            else:  # a former last chunk: a whole block now
+                plain = plain.ljust(cs, b"\0")
             new = self.objects.write(of.cipher, of.inode.file_id, of.ino, idx,
                                      of.write_generation, flags, self.codec, plain)
             replaced = written.get(idx)
@@ -440,20 +437,25 @@ class FileData:
             table[idx] = written[idx] = new
 
     def _digest(self, of: OpenFile, table: dict[int, ChunkRef], size: int) -> bytes:
-        if of.hasher is not None and of.hashed_upto == size:
-            return of.hasher.copy().digest()
-        # random writes: hash the file again from its chunks
-        h = hashlib.sha256()
+        """The file's tree digest from its chunk records: the chunks this
+        commit wrote carry their digest, so nothing is read or hashed again
+        but a chunk whose record lacks it (written before the tree digest)
+        or that is shorter than its block (a last chunk the file grew past
+        by truncation); such a record gets its digest now, once."""
         cs = self.chunk_size
-        for idx in range(-(-size // cs)):
-            want = min(cs, size - idx * cs)
-            ref = table.get(idx)
-            plain = self._load(of, idx, ref)[:want] if ref is not None else b""
-            h.update(plain)
-            if len(plain) < want:
-                h.update(bytes(want - len(plain)))
-        of.hasher, of.hashed_upto = h, size
-        return h.copy().digest()
+        last = (size - 1) // cs if size else -1
+        blocks = []
+        for idx in sorted(table):
+            ref = table[idx]
+            length = cs if idx < last else size - idx * cs
+            digest = ref.digest
+            if digest is None or ref.plain_len != length:
+                plain = bytes(self._load(of, idx, ref))[:length].ljust(length, b"\0")
+                digest = block_digest(plain)
+                if ref.plain_len == length:
+                    table[idx] = ref._replace(digest=digest)
+            blocks.append((idx, digest, length))
+        return tree_digest(size, blocks)
 
     def discard(self, of: OpenFile) -> None:
         """Forget an open file's uncommitted changes (it was unlinked, or its

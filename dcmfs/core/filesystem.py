@@ -10,7 +10,6 @@ so that background work (and tests) may call in too.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -27,6 +26,7 @@ from ..opened.recovery import RecoveryReport, delete_file
 from ..opened.store import OpenedStore
 from ..sandbox.pool import ParserPool
 from ..storage import codec as codecs
+from ..storage.digest import tree_digest
 from ..storage.header import Store
 from .contents import FileData
 from .openfile import OpenFile
@@ -39,7 +39,8 @@ from .scrub import Scrubber, VerifyJob
 
 log = logging.getLogger("dcmfs.fs")
 
-EMPTY_SHA256 = hashlib.sha256(b"").digest()
+#: the digest of an empty file
+EMPTY_DIGEST = tree_digest(0, [])
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 
 
@@ -308,7 +309,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 mode |= stat.S_ISGID
         inode = Inode(mode, uid, gid, nlink, len(target), now, now, now,
                       secrets.token_bytes(16), target=target,
-                      sha256=EMPTY_SHA256 if stat.S_ISREG(mode) else None)
+                      digest=EMPTY_DIGEST if stat.S_ISREG(mode) else None)
         ino = txn.alloc_ino()
         self._put(txn, ino, inode)
         return ino, inode

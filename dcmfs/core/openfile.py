@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import collections
-import hashlib
 import threading
 from concurrent.futures import Future
 
@@ -59,8 +58,6 @@ class OpenFile:
         self.discarded: list[Future] = []
         self.changed = False
         self.unlinked = False
-        self.hasher = hashlib.sha256() if inode.size == 0 else None
-        self.hashed_upto = 0 if inode.size == 0 else -1
         self.cipher = None  # set by FileData
         self.write_error: BaseException | None = None
         #: files the re-encoder laid out in extents of their own sizes

@@ -19,7 +19,6 @@ the core's lock is held only for the index reads and the swap.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import itertools
 import logging
@@ -33,6 +32,7 @@ from ..storage.codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
 from ..errors import IntegrityError, StoreIOError, loggable
 from ..opened.jobs import ActiveJobHost
 from ..sandbox.pool import ParserFailure, ParserPool
+from ..storage.digest import hasher_for
 from .extents import CommittedReader, extents_of
 from ..storage.objects import stored_bytes
 from ..format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
@@ -394,7 +394,7 @@ class Reencoder:
         cs = host.chunk_size
         extents = extents_of(plan, inode.size, cs)
         last = len(extents) - 1
-        hasher = hashlib.sha256()
+        hasher = hasher_for(inode, cs)
 
         def one(n: int, start: int, data: bytes, frame):
             codec = IMAGE if frame is not None else host.general_codec
@@ -413,7 +413,7 @@ class Reencoder:
             for n, (start, length, frame) in enumerate(extents):
                 data = reader.pread(start, length)  # authenticated old objects
                 hasher.update(data)
-                if n == last and inode.sha256 is not None and hasher.digest() != inode.sha256:
+                if n == last and inode.digest is not None and hasher.digest() != inode.digest:
                     raise IntegrityError(f"inode {ino}: content does not match its checksum")
                 yield n, one, (n, start, data, frame)
 

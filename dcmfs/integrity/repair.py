@@ -15,7 +15,6 @@ The rules (never delete what cannot be proven garbage):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import stat
@@ -25,6 +24,7 @@ from ..storage import codec as codecs
 from .. import format as fmt
 from ..errors import IntegrityError
 from ..index import Inode
+from ..storage.digest import TreeHasher
 from ..storage.objects import ChunkContext, ChunkRef
 from .verify import check_file
 
@@ -81,7 +81,7 @@ class Salvage:
         size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
                    for i, r in new.items())
         cipher = self.objects.file_cipher(inode.file_id)
-        hasher = hashlib.sha256()
+        hasher = TreeHasher(self.cs)
         try:
             for idx, ref, start, length in pieces(new, size, self.cs):
                 plain = b"" if ref is None else self.objects.read(cipher, inode.file_id, ino,
@@ -101,7 +101,7 @@ class Salvage:
                     txn.put_chunk(ino, idx, ref)
                     self._named[ref.oid] += 1
             fresh = txn.get_inode(ino)
-            fresh.size, fresh.sha256 = size, hasher.digest()
+            fresh.size, fresh.digest, fresh.tree = size, hasher.digest(), True
             fresh.generation = max(r.generation for r in new.values())
             fresh.ctime_ns = self._now
             txn.put_inode(ino, fresh)
@@ -122,7 +122,7 @@ class Salvage:
             best = candidates.get(ctx.index)
             if best is None or ctx.generation > best.generation:
                 candidates[ctx.index] = ctx
-        if not candidates or inode.sha256 is None:
+        if not candidates or inode.digest is None:
             return False
         cipher = self.objects.file_cipher(inode.file_id)
         trial = dict(table)
@@ -167,7 +167,7 @@ class Salvage:
             extents = False
             pieces = [(i, None, i * self.cs, min(self.cs, inode.size - i * self.cs))
                       for i in range(-(-inode.size // self.cs))]
-        hasher = hashlib.sha256()
+        hasher = TreeHasher(self.cs)
         last = len(pieces) - 1
         for k, (idx, ref, start, length) in enumerate(pieces):
             flags = (fmt.CHUNK_FLAG_LAST if k == last else 0) | \
@@ -206,7 +206,7 @@ class Salvage:
                 if table.get(idx) != ref:
                     txn.put_chunk(ino, idx, ref)
             fresh = txn.get_inode(ino)
-            fresh.generation, fresh.sha256 = gen, hasher.digest()
+            fresh.generation, fresh.digest, fresh.tree = gen, hasher.digest(), True
             fresh.ctime_ns = self._now
             txn.put_inode(ino, fresh)
             note = ("fsck " + time.strftime("%Y-%m-%d %H:%M:%S") + ": "
@@ -238,7 +238,7 @@ class Salvage:
                    for i, r in table.items())
         gen = max(r.generation for r in table.values())
         cipher = self.objects.file_cipher(file_id)
-        hasher = hashlib.sha256()
+        hasher = TreeHasher(self.cs)
         try:
             for idx, ref, start, length in pieces(table, size, self.cs):
                 plain = b"" if ref is None else self.objects.read(cipher, file_id, ino, idx, ref)
@@ -248,7 +248,7 @@ class Salvage:
         now = self._now
         with self.index.begin(write=True) as txn:
             txn.put_inode(ino, Inode(stat.S_IFREG | 0o600, 0, 0, 1, size, now, now, now,
-                                     file_id, gen, hasher.digest()))
+                                     file_id, gen, hasher.digest(), tree=True))
             for idx, ref in table.items():
                 txn.put_chunk(ino, idx, ref)
             txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(

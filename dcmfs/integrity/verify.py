@@ -3,8 +3,9 @@
 For one file :func:`check_file` authenticates and decodes every chunk (or
 extent) from disk - never from a cache - checks each object's sealed context
 against the index (file, position, generation, codec, lengths, last-chunk
-flag), checks that the chunk table covers exactly the file's size, and
-recomputes the whole-file SHA-256 against the index.  What is wrong is
+flag), checks that the chunk table covers exactly the file's size, checks
+each fixed-layout chunk against its digest and the file's content against
+its digest in the index (:mod:`dcmfs.storage.digest`).  What is wrong is
 reported as :class:`Finding` records in a fixed vocabulary (missing object,
 failed authentication, wrong length, swapped or moved, rolled back, checksum
 mismatch, chunk table, ...) with inode numbers and object ids only; the CLI
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import os
 import random
 import stat
@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 from ..errors import IntegrityError
 from ..format import CHUNK_FLAG_LAST
 from ..opened.jobs import JobHost
+from ..storage.digest import block_digest, hasher_for
 from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 
 CHECKSUM = "checksum mismatch"
@@ -136,13 +137,13 @@ def check_file(objects: ObjectStore, ino: int, inode, table: dict[int, ChunkRef]
                                                 f"newer than its file ({inode.generation})",
                                     ref.oid.hex()))
     cipher = objects.file_cipher(inode.file_id)
-    hasher = hashlib.sha256()
+    hasher = hasher_for(inode, chunk_size)
     damaged = False
 
     def load(piece):
         idx, ref, _, want = piece
         if ref is None:
-            return None, bytes(want)
+            return None, None  # a hole
         try:
             return None, objects.read(cipher, inode.file_id, ino, idx, ref)
         except ObjectDamaged as exc:
@@ -155,13 +156,20 @@ def check_file(objects: ObjectStore, ino: int, inode, table: dict[int, ChunkRef]
         if problem is not None:
             findings.append(problem)
             damaged = True
-            plain = b""
+            continue  # the digest cannot match any more: not reported twice
+        if plain is None:
+            hasher.zeros(want)  # a hole costs nothing to check
+            continue
+        if ref.digest is not None and ref.offset < 0 and block_digest(plain) != ref.digest:
+            findings.append(Finding(ino, CHECKSUM, f"chunk {idx} does not match its digest in "
+                                                   "the index", ref.oid.hex()))
+            damaged = True
         hasher.update(plain[:want])
         if len(plain) < want:
-            hasher.update(bytes(want - len(plain)))
-    if not damaged and inode.sha256 is not None and hasher.digest() != inode.sha256:
+            hasher.zeros(want - len(plain))
+    if not damaged and inode.digest is not None and hasher.digest() != inode.digest:
         findings.append(Finding(ino, CHECKSUM, "the content does not match the file's "
-                                               "SHA-256 in the index"))
+                                               "digest in the index"))
     return findings
 
 

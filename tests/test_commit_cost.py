@@ -1,0 +1,174 @@
+"""Commits cost what changed, not the file's size (issue 16): a commit
+hashes only the chunks it wrote (the tree digest, storage/digest.py), a hole
+costs nothing, and a truncate to a terabyte is one chunk's work - so no
+request holds the mount for long."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import statistics
+import threading
+import time
+
+import pytest
+
+from dcmfs.storage import objects as objects_mod
+
+from .conftest import SMALL
+from .test_core import content_digest, index_sha, read_file, write_file
+
+CS = SMALL.chunk_size
+
+
+class _Counter:
+    """Counts ObjectStore.read calls (every chunk a commit would load)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.reads = 0
+        real = objects_mod.ObjectStore.read
+
+        def read(store, *args, **kwargs):
+            self.reads += 1
+            return real(store, *args, **kwargs)
+
+        monkeypatch.setattr(objects_mod.ObjectStore, "read", read)
+
+
+def test_an_overwrite_in_the_middle_reads_only_the_chunk_it_changes(make_fs, monkeypatch):
+    fs = make_fs()
+    data = bytearray(os.urandom(64 * CS + 17))
+    write_file(fs, "/f", bytes(data))
+    fs.close()
+    fs = make_fs()  # cold: nothing cached
+    counter = _Counter(monkeypatch)
+    fh = fs.open("/f", os.O_WRONLY)
+    fs.write(fh, b"X", 40 * CS + 5)
+    fs.flush(fh)
+    fs.release(fh)
+    data[40 * CS + 5] = ord("X")
+    assert counter.reads <= 1  # the chunk it writes into (the old code: all 65)
+    assert read_file(fs, "/f") == bytes(data)
+    assert index_sha(fs, "/f") == content_digest(bytes(data))
+
+
+def test_truncate_to_a_terabyte_and_a_write_in_the_middle_are_instant(make_fs):
+    fs = make_fs()
+    write_file(fs, "/s", b"head")
+    t = time.monotonic()
+    fs.truncate("/s", 1 << 40)
+    fh = fs.open("/s", os.O_WRONLY)
+    fs.write(fh, b"mid", 1 << 39)
+    fs.fsync(fh)
+    fs.release(fh)
+    elapsed = time.monotonic() - t
+    assert elapsed < 2.0, elapsed  # the old commit hashed the terabyte of zeros
+    assert fs.getattr("/s")["st_size"] == 1 << 40
+    fh = fs.open("/s", os.O_RDONLY)
+    try:
+        assert fs.read(fh, 8, 0) == b"head" + bytes(4)
+        assert fs.read(fh, 5, (1 << 39) - 1) == b"\0mid\0"
+        assert fs.read(fh, 4, (1 << 40) - 4) == bytes(4)
+    finally:
+        fs.release(fh)
+    fs.truncate("/s", 4)
+    assert read_file(fs, "/s") == b"head"
+    assert index_sha(fs, "/s") == content_digest(b"head")
+
+
+def test_the_digest_does_not_depend_on_how_the_file_was_written(make_fs):
+    fs = make_fs()
+    data = os.urandom(5 * CS + 3) + bytes(3 * CS) + os.urandom(100)
+    write_file(fs, "/a", data)                       # in order
+    fh = fs.create("/b", 0o644, os.O_WRONLY, 0, 0)   # backwards, in pieces
+    for off in reversed(range(0, len(data), 4096)):
+        fs.write(fh, data[off:off + 4096], off)
+    fs.release(fh)
+    assert read_file(fs, "/b") == data
+    assert index_sha(fs, "/a") == index_sha(fs, "/b") == content_digest(data)
+
+
+def _stat_latencies(path, stop: threading.Event, out: list) -> None:
+    while not stop.is_set():
+        t = time.monotonic()
+        os.stat(path)
+        out.append(time.monotonic() - t)
+        time.sleep(0.005)
+
+
+def test_stat_answers_while_a_terabyte_truncate_and_sparse_writes_run(mounted):
+    m = mounted
+    (m.mnt / "other").write_bytes(b"x")
+    latencies: list[float] = []
+    stop = threading.Event()
+    th = threading.Thread(target=_stat_latencies, args=(m.mnt / "other", stop, latencies))
+    th.start()
+    try:
+        t = time.monotonic()
+        with open(m.mnt / "sparse", "wb") as f:
+            f.truncate(1 << 40)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(m.mnt / "ten", "wb") as f:  # the 10 GiB sparse file of the issue
+            f.truncate(10 << 30)
+        with open(m.mnt / "ten", "r+b") as f:
+            f.seek(5 << 30)
+            f.write(b"1")
+        steps = time.monotonic() - t
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        th.join()
+    assert steps < 5, steps
+    assert latencies and max(latencies) < 0.1, max(latencies)
+    assert os.path.getsize(m.mnt / "sparse") == 1 << 40
+    with open(m.mnt / "ten", "rb") as f:
+        f.seek((5 << 30) - 1)
+        assert f.read(3) == b"\x001\x00"
+
+
+def _database(path, size: int) -> sqlite3.Connection:
+    """A database of about ``size`` bytes with a rollback journal and full sync."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+    blob = os.urandom(64 * 1024)
+    db.execute("BEGIN")
+    for _ in range(max(1, size // len(blob))):
+        db.execute("INSERT INTO t (v) VALUES (?)", (blob,))
+    db.execute("COMMIT")
+    return db
+
+
+def _transaction_costs(small_size: int, large_size: int, where, n: int = 40):
+    """Median seconds of a one-row transaction on each database, measured
+    interleaved (the machine's noise hits both alike)."""
+    dbs = [_database(where / "small.db", small_size), _database(where / "large.db", large_size)]
+    times: list[list[float]] = [[], []]
+    try:
+        rows = [db.execute("SELECT max(id) FROM t").fetchone()[0] for db in dbs]
+        for i in range(n):
+            for k, db in enumerate(dbs):
+                t = time.monotonic()
+                db.execute("BEGIN")
+                db.execute("UPDATE t SET v = ? WHERE id = ?", (os.urandom(100),
+                                                              1 + i * 7 % rows[k]))
+                db.execute("COMMIT")
+                times[k].append(time.monotonic() - t)
+    finally:
+        for db in dbs:
+            db.close()
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def test_sqlite_transactions_cost_the_same_on_a_small_and_a_large_database(mounted):
+    small, large = _transaction_costs(1 << 20, 64 << 20, mounted.mnt)
+    assert large < 2 * small, (small, large)
+
+
+@pytest.mark.slow
+def test_sqlite_transactions_on_a_gigabyte_database(mounted):
+    """The issue's figure: within 2x between 1 MiB and 1 GiB."""
+    small, large = _transaction_costs(1 << 20, 1 << 30, mounted.mnt)
+    assert large < 2 * small, (small, large)
