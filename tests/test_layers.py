@@ -87,6 +87,15 @@ def _matches(module: str, name: str) -> bool:
     return module == name or module.startswith(name + ".") or layer_of(module) == name
 
 
+def test_every_package_is_shipped():
+    """A wheel (the systemd test installs one) has every subpackage."""
+    import tomllib
+    listed = set(tomllib.loads((PKG.parent / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {"dcmfs"} | {f"dcmfs.{p.parent.name}" for p in PKG.glob("*/__init__.py")}
+    assert found <= listed, found - listed
+
+
 def test_every_package_is_a_layer():
     for path in modules():
         assert layer_of(module_name(path)) in LAYERS, path

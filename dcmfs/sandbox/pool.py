@@ -37,6 +37,8 @@ from . import protocol
 
 log = logging.getLogger("dcmfs.sandbox")
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
 #: fixed reasons a file stays with the general codec when its worker failed
 LIMIT = "analysis limit"
 CRASHED = "analysis crashed"
@@ -61,6 +63,7 @@ class ParserFailure(DcmfsError):
 
 class _Worker:
     def __init__(self, memory: int) -> None:
+        self.memory = memory
         env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "LANG", "LC_ALL")
                if k in os.environ}
         self.proc = subprocess.Popen(
@@ -78,9 +81,23 @@ class _Worker:
         self.requests += 1
         deadline = time.monotonic() + timeout
         protocol.send(self.wfd, request, blob, deadline)
-        if not select.select([self.rfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            raise TimeoutError
+        # wait for the reply, watching the worker's memory from outside (its
+        # own RLIMIT_DATA may have been refused by a seccomp filter)
+        while not select.select([self.rfd], [], [], min(0.1, max(0.0, deadline -
+                                                                 time.monotonic())))[0]:
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            if self.rss() > self.memory:
+                raise MemoryError
         return protocol.recv(self.rfd)
+
+    def rss(self) -> int:
+        """The worker's resident bytes (0 once it is gone)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/statm", "rb") as f:
+                return int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def signal_kill(self) -> None:
         try:
@@ -118,6 +135,7 @@ class ParserPool:
         self._busy: set[_Worker] = set()
         self._cond = threading.Condition()
         self._closed = False
+        self._warned = False
         #: counters for status and tests
         self.started = 0
         self.failures = 0
@@ -168,7 +186,7 @@ class ParserPool:
         try:
             try:
                 reply, out = w.call(request, blob, timeout)
-            except TimeoutError:
+            except (TimeoutError, MemoryError):
                 raise ParserFailure(LIMIT) from None
             except (protocol.ProtocolError, OSError, ValueError):
                 if self._closed:
@@ -202,9 +220,18 @@ class ParserPool:
             w.kill()
 
     # --- requests ----------------------------------------------------------------
-    def warm(self) -> None:
-        """Start a worker now (a warm worker answers in about a millisecond)."""
-        self._call({"op": "ping"}, b"", self.timeout)
+    def warm(self) -> dict:
+        """Start a worker now (a warm worker answers in about a millisecond);
+        returns which confinements took effect, and says once in the log
+        when one did not (a hardened unit may refuse some)."""
+        reply, _ = self._call({"op": "ping"}, b"", self.timeout)
+        confined = reply.get("confined") if isinstance(reply.get("confined"), dict) else {}
+        missing = sorted(k for k, v in confined.items() if v is not True)
+        if missing and not self._warned:
+            self._warned = True
+            log.warning("parser workers run without %s (refused here); the daemon still "
+                        "bounds their memory and time", ", ".join(missing))
+        return confined
 
     def analyse(self, head: bytes, size: int) -> Plan:
         """The :class:`~dcmfs.storage.dicom.Plan` of a file whose first

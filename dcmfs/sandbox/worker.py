@@ -31,22 +31,44 @@ NOBODY = 65534
 CPU_PER_REQUEST = 60
 
 
-def confine(memory: int) -> None:
-    """Limits and privileges of a worker (see the module docstring)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+def confine(memory: int) -> dict:
+    """Limits and privileges of a worker (see the module docstring); returns
+    which of them took effect.  Each is best effort: a seccomp filter or a
+    capability bounding set (a hardened unit) may refuse one, and the daemon
+    enforces the memory and time limits from outside anyway."""
+    done = {}
+    for name, limit, value in (("core", resource.RLIMIT_CORE, 0),
+                               ("fsize", resource.RLIMIT_FSIZE, 0),
+                               ("data", resource.RLIMIT_DATA, memory)):
+        try:
+            resource.setrlimit(limit, (value, value))
+            done[name] = True
+        except (OSError, ValueError):
+            done[name] = False
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        done["no_new_privs"] = ctypes.CDLL(None, use_errno=True).prctl(
+            PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
-        pass
+        done["no_new_privs"] = False
     if os.getuid() == 0:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+        except OSError:
+            pass
+    done["unprivileged"] = os.getuid() != 0 and os.geteuid() != 0
+    return done
 
 
 def _cpu_budget() -> None:
+    try:
+        _set_cpu_budget()
+    except (OSError, ValueError):
+        pass  # refused by a seccomp filter: the daemon's deadline remains
+
+
+def _set_cpu_budget() -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     used = int(usage.ru_utime + usage.ru_stime) + 1
     hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
@@ -58,6 +80,10 @@ def _cpu_budget() -> None:
 
 class _Prefix(io.BytesIO):
     """The start of a file: reads past it find the end of the file."""
+
+
+#: what :func:`confine` achieved (the answer to a ping)
+CONFINED: dict = {}
 
 
 def handle(request: dict, blob: bytes) -> tuple[dict, bytes]:
@@ -77,7 +103,7 @@ def handle(request: dict, blob: bytes) -> tuple[dict, bytes]:
         used, payload = codecs.compress(codec.IMAGE, blob, spec)
         return {"codec": used}, payload
     if op == "ping":
-        return {"pong": True}, b""
+        return {"pong": True, "confined": CONFINED}, b""
     return {"error": "UnknownRequest"}, b""
 
 
@@ -93,7 +119,7 @@ def main(argv: list[str]) -> int:
     import pydicom  # noqa: F401
     import zstandard  # noqa: F401
     from ..storage import codec, dicom  # noqa: F401
-    confine(memory)
+    CONFINED.update(confine(memory))
     while True:
         try:
             request, blob = protocol.recv(rfd)

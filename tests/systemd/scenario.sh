@@ -67,13 +67,52 @@ PID=$(systemctl show -p MainPID --value dcmfs@test)
 echo "MainPID $PID"; cat /proc/$PID/status | grep -E 'Cap|NoNewPrivs|Seccomp'
 [ "$(readlink /proc/$PID/ns/mnt)" = "$(readlink /proc/1/ns/mnt)" ] && ok same-mount-namespace \
     || no same-mount-namespace "the daemon has a private mount namespace"
-grep -q '^CapBnd:\s*0000000000200000$' /proc/$PID/status && ok cap-bounding-set \
+# CAP_SYS_ADMIN, and CAP_SETUID/CAP_SETGID for the parser workers to become nobody
+grep -q '^CapBnd:\s*00000000002000c0$' /proc/$PID/status && ok cap-bounding-set \
     || no cap-bounding-set "$(grep CapBnd /proc/$PID/status)"
 grep -q '^NoNewPrivs:\s*0$' /proc/$PID/status && ok no-new-privs-off || no no-new-privs-off "NoNewPrivs set"
 # nspawn filters the container too; the unit adds its own filter on top
 own=$(awk '/^Seccomp_filters:/{print $2}' /proc/$PID/status); base=$(awk '/^Seccomp_filters:/{print $2}' /proc/1/status)
 [ "${own:-0}" -gt "${base:-0}" ] && ok seccomp-filter || no seccomp-filter "filters: daemon ${own:-?} vs PID 1 ${base:-?}"
 [ "$(cat /proc/$PID/personality 2>/dev/null || echo 00000000)" = 00000000 ] && ok personality || no personality "?"
+# a DICOM file is analysed and coded by a parser worker confined under the unit
+python3 - <<'PY' && sleep 0.5 && $D recompress /srv/dcmfs/test > /dev/null
+import io
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+meta = FileMetaDataset()
+meta.MediaStorageSOPClassUID = CTImageStorage
+meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+meta.TransferSyntaxUID = ExplicitVRLittleEndian
+ds = Dataset()
+ds.file_meta = meta
+ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, "1.2.3.4.5", "CT"
+ds.Rows = ds.Columns = 64
+ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+ds.PixelData = (np.add.outer(np.arange(64), np.arange(64)) * 16).astype("<u2").tobytes()
+ds.save_as("/srv/pacs/ct.dcm", enforce_file_format=True)
+PY
+worker=$(python3 -c 'import os
+for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if b"dcmfs.sandbox.worker" in open(f"/proc/{p}/cmdline", "rb").read():
+            print(p); break
+    except OSError:
+        pass')
+[ -n "$worker" ] && [ "$(stat -c %u /proc/$worker)" = 65534 ] && ok parser-worker-nobody \
+    || no parser-worker-nobody "worker ${worker:-none} uid $(stat -c %u /proc/${worker:-0} 2>/dev/null)"
+$D stats /srv/dcmfs/test --json > /results/stats.json 2>&1
+python3 -c '
+import json
+groups = json.load(open("/results/stats.json"))["groups"]
+ct = [g for g in groups if g["modality"] == "CT"]
+assert ct and ct[0]["paths"] == {"frames": 1}, groups
+' && ok parser-worker-codes || no parser-worker-codes "$(head -c 300 /results/stats.json)"
+journalctl -u dcmfs@test -o cat --no-pager | grep -q "parser workers run without" \
+    && no parser-worker-confined "$(journalctl -u dcmfs@test -o cat | grep 'parser workers')" \
+    || ok parser-worker-confined
 st=$(systemctl show -p StatusText --value dcmfs@test); echo "status: $st"
 case "$st" in *files*ratio*backlog*) ok status-text;; *) no status-text "StatusText=$st";; esac
 # the journal: priorities from the <N> prefixes, no second timestamp
