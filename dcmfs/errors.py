@@ -93,6 +93,13 @@ class StoreDamagedError(DcmfsError):
     exit_code = 19
 
 
+class KdfBoundsError(DcmfsError):
+    """The store header asks for key-derivation parameters outside the bounds
+    dcmfs accepts (it was altered: nothing is derived with them)."""
+
+    exit_code = 26
+
+
 class DamageFound(DcmfsError):
     """verify or fsck found damage (the report names it)."""
 

@@ -27,9 +27,10 @@ import secrets
 from . import crypto
 from .. import format as fmt
 from .codec import GENERAL_CODECS
-from ..config import Config
+from ..config import (KDF_MAX_ITERATIONS, KDF_MAX_LANES, KDF_MAX_MEMORY_KIB, Config,
+                      kdf_within_bounds)
 from .durable import write_file
-from ..errors import (ForeignStoreError, SecretError, StoreDamagedError, StoreIOError,
+from ..errors import (ForeignStoreError, KdfBoundsError, SecretError, StoreDamagedError, StoreIOError,
                      StoreLockedError, StoreMissingError, StoreNotEmptyError,
                      UnsupportedFormatError, WrongKeyError)
 
@@ -58,8 +59,28 @@ def _aad(header: dict) -> bytes:
     return json.dumps({"header": rest, "key": key}, sort_keys=True).encode()
 
 
-def _kek(secret: Secret, key_info: dict) -> bytes:
-    salt = bytes.fromhex(key_info["salt"])
+def _kek(secret: Secret, key_info: dict, root: str = "") -> bytes:
+    """The key-encryption key of ``secret`` under the header's ``key`` table.
+
+    The table is not authenticated yet (what it derives is what authenticates
+    it), so its Argon2id parameters are bounded before they are used.
+
+    Raises
+    ------
+    KdfBoundsError
+        The parameters are outside :func:`dcmfs.config.kdf_within_bounds`.
+    """
+    try:
+        salt = bytes.fromhex(key_info["salt"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ForeignStoreError(f"The store header at {root} has no valid salt; it is damaged "
+                                "(restore it from a backup).") from exc
+    if key_info.get("kind") == "passphrase" and not kdf_within_bounds(key_info.get("argon2id")):
+        raise KdfBoundsError(
+            f"The store header at {root} asks for Argon2id parameters outside the bounds "
+            f"dcmfs accepts (at most {KDF_MAX_MEMORY_KIB // 1024 // 1024} GiB of memory, "
+            f"{KDF_MAX_ITERATIONS} passes and {KDF_MAX_LANES} lanes), so it was altered and "
+            "nothing was derived: restore the header (dcmfs.store) from a backup.")
     if secret.kind != key_info["kind"]:
         want = "a key file (--key-file)" if key_info["kind"] == "keyfile" else "a passphrase"
         raise WrongKeyError(f"This store is opened with {want}.")
@@ -96,6 +117,9 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
     key_info: dict = {"kind": secret.kind, "salt": secrets.token_hex(16)}
     if secret.kind == "passphrase":
         key_info["argon2id"] = dataclasses.asdict(config.kdf)
+        if not kdf_within_bounds(key_info["argon2id"]):
+            raise ValueError(f"Argon2id parameters {config.kdf} are outside the bounds "
+                             "dcmfs accepts (dcmfs.config.kdf_within_bounds)")
     header = {
         "magic": fmt.STORE_MAGIC,
         "format_version": fmt.FORMAT_VERSION,
@@ -106,7 +130,7 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
         "codec": config.codec,
         "key": key_info,
     }
-    kek = _kek(secret, key_info)
+    kek = _kek(secret, key_info, root)
     key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
     _write_header(root, header)
     return Store(root, store_id, config.chunk_size, config.codec,
@@ -145,6 +169,11 @@ def read_header(root: str) -> dict:
         raise UnsupportedFormatError(
             f"{root} has store format version {version}; this dcmfs reads up to "
             f"{fmt.FORMAT_VERSION}. Upgrade dcmfs.")
+    key_info = header.get("key")
+    if (not isinstance(key_info, dict) or key_info.get("kind") not in ("keyfile", "passphrase")
+            or not isinstance(key_info.get("wrapped"), str)):
+        raise ForeignStoreError(f"{root}: the store header has no valid key table; it is "
+                                "damaged (restore dcmfs.store from a backup).")
     unknown = set(header.get("features", [])) - fmt.KNOWN_FEATURES
     if unknown:
         raise UnsupportedFormatError(f"{root} uses features this dcmfs does not know "
@@ -167,10 +196,10 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     root = os.path.abspath(root)
     header = read_header(root)
     key_info = header["key"]
-    kek = _kek(secret, key_info)
+    kek = _kek(secret, key_info, root)
     try:
         master = crypto.Gcm(kek).open(bytes.fromhex(key_info["wrapped"]), _aad(header))
-    except crypto.AuthenticationFailed as exc:
+    except (crypto.AuthenticationFailed, ValueError) as exc:
         raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
                             "passphrase (or a damaged store header).") from exc
     if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
