@@ -144,6 +144,13 @@ class CodecUnavailableError(DcmfsError):
     exit_code = 25
 
 
+class DaemonUnprovenError(DcmfsError):
+    """``umount`` could not prove which process is the mount's daemon, so it
+    signalled nothing."""
+
+    exit_code = 27
+
+
 # --- data path (mapped to errno by the FUSE adapter) ---------------------------
 class IntegrityError(DcmfsError):
     """A stored object failed authentication or does not match the index."""

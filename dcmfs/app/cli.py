@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import logsetup
     args = build_parser().parse_args(argv)
     logsetup.setup(args.verbose)
+    keys.forbid_core_dumps()  # every command may hold a key
     try:
         return args.func(args)
     except DcmfsError as exc:

@@ -16,12 +16,18 @@ the prompt, ``-o key_file=``/``passphrase_file=``) and instance files
   feed (``\\n``) removed, nothing else (a ``\\r``, spaces and other bytes
   are part of it); a key file is used exactly as it is.
 * **No empty passphrase** from any source (after the newline rule).
+
+A process that holds a key dumps no core and cannot be inspected by other
+processes of its user (:func:`forbid_core_dumps`: the daemon and every
+command).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import resource
 import stat
 
 from ..errors import SecretError
@@ -110,3 +116,25 @@ def create_key_file(path: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(os.urandom(32))
+
+
+PR_SET_DUMPABLE = 4
+
+
+def forbid_core_dumps() -> None:
+    """No core file of this process (and its children), and no ptrace or
+    /proc/PID/mem by other processes of the same user: the master key is in
+    its memory.  ``RLIMIT_CORE`` 0 (hard as well) because a non-dumpable
+    process is still dumped, readable by root, when ``fs.suid_dumpable`` is
+    2; the systemd unit sets ``LimitCORE=0`` too.  Failures are logged, not
+    raised: a seccomp filter may forbid setrlimit(2) (the unit's
+    ``@resources``), and the unit's own limit then holds."""
+    try:
+        if resource.getrlimit(resource.RLIMIT_CORE) != (0, 0):
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.warning("could not turn core dumps off (RLIMIT_CORE): %s", exc.__class__.__name__)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("could not make the process non-dumpable: %s",
+                    os.strerror(ctypes.get_errno()))

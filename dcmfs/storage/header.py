@@ -255,7 +255,12 @@ class StoreLock:
 
 
 def read_lock_pid(root: str) -> int | None:
-    """The pid written in the lock file if a process still holds the lock."""
+    """The pid of the process holding the store lock, None if it is free.
+
+    The kernel's word (:func:`lock_holders`) comes first: the pid written in
+    the lock file is only a hint, anyone who can write the store can change
+    it.
+    """
     path = os.path.join(root, fmt.LOCK_NAME)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -265,12 +270,45 @@ def read_lock_pid(root: str) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
+            holders = (lock_holders(root) or set()) - {0}
+            if len(holders) == 1:
+                return holders.pop()
+            return lock_file_pid(root)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def lock_file_pid(root: str) -> int | None:
+    """The pid written in the lock file (a hint, not a proof)."""
+    try:
+        with open(os.path.join(root, fmt.LOCK_NAME), "rb") as f:
+            text = f.read(32).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def lock_holders(root: str) -> set[int] | None:
+    """The pids the kernel names (``/proc/locks``) as holding a ``flock`` on
+    this very lock file (its device and inode), 0 for a holder outside this
+    pid namespace; None if that cannot be read."""
+    try:
+        st = os.stat(os.path.join(root, fmt.LOCK_NAME))
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146345 0 EOF"; "1: -> FLOCK ..." waits
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where:
+            if fields[4].isdigit():
+                holders.add(int(fields[4]))
+    return holders
 
 
 # --- the damage mark ----------------------------------------------------------------
