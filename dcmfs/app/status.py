@@ -15,7 +15,7 @@ import psutil
 
 from .. import format as fmt
 from ..errors import DcmfsError
-from ..index import read_stats
+from ..index import read_meta, read_stats
 from ..adapter.metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
 from .units import size_text
@@ -42,8 +42,10 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
         "stored_bytes": stored,
         "ratio": round(stored / logical, 4) if logical else None,
     }
-    mark = damage_mark(store_root)
-    report["needs_fsck"] = mark is not None
+    # the mark file, or (when no daemon has the index open) the index's sealed
+    # copy of it, which is there even if someone deleted the file
+    report["needs_fsck"] = damage_mark(store_root) is not None or (
+        live is None and _damage_recorded(store_root))
     if live is not None:
         report.update(backlog_files=live.get("backlog_files", 0),
                       backlog_bytes=live.get("backlog_bytes", 0),
@@ -79,6 +81,14 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
         except psutil.Error:
             pass
     return report
+
+
+def _damage_recorded(store_root: str) -> bool:
+    try:
+        found = read_meta(os.path.join(store_root, fmt.INDEX_DIR), ("damage",), "reading status")
+    except DcmfsError:
+        return False
+    return bool(found and found["damage"] is not None)
 
 
 def _live_status(mountpoint: str) -> dict | None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -315,10 +317,27 @@ def lock_holders(root: str) -> set[int] | None:
 # ``STORE/needs-fsck`` (JSON: when, why, how many integrity errors; never a
 # name) is written at the first integrity error a daemon meets and removed by
 # a clean ``dcmfs fsck``.  It lives outside the index because the index may be
-# what is damaged.
+# what is damaged; the index keeps a sealed copy as well (``meta/damage``,
+# :mod:`dcmfs.opened.store`), so that deleting the file is noticed.  The file
+# carries ``mac``: HMAC-SHA256 under a key derived from the master key for
+# this store (label ``damage-mark``) of its other fields, so a mark copied
+# from another store or altered is told apart from a genuine one.  Any mark
+# at all refuses read-write openings, authentic or not (a plain mark from an
+# older dcmfs, or one that does not authenticate, still counts): a forged
+# mark can only make a store wait for fsck, the safe direction.
+
+def _mark_key(store: Store) -> bytes:
+    return crypto.derive(store.master_key, b"damage-mark", store.store_id)
+
+
+def _mark_mac(store: Store, mark: dict) -> str:
+    body = json.dumps({k: v for k, v in mark.items() if k != "mac"}, sort_keys=True).encode()
+    return hmac.new(_mark_key(store), body, hashlib.sha256).hexdigest()
+
 
 def damage_mark(root: str) -> dict | None:
-    """The mark's content if the store is marked as needing fsck."""
+    """The mark's content if the store is marked as needing fsck (no key
+    needed; not authenticated: see :func:`mark_authentic`)."""
     try:
         with open(os.path.join(root, fmt.DAMAGE_MARK), "rb") as f:
             data = json.loads(f.read() or b"{}")
@@ -329,13 +348,26 @@ def damage_mark(root: str) -> dict | None:
         return {}  # present but unreadable: still marked
 
 
-def set_damage_mark(root: str, reason: str, errors: int = 1) -> None:
+def mark_authentic(store: Store, mark: dict) -> bool:
+    """Was this mark written by a dcmfs holding this store's key?"""
+    mac = mark.get("mac")
+    return isinstance(mac, str) and hmac.compare_digest(mac, _mark_mac(store, mark))
+
+
+def set_damage_mark(store: Store, reason: str, errors: int = 1,
+                    since: str | None = None) -> dict:
+    """Write (or update) the sealed mark; returns its fields."""
     import time
-    mark = damage_mark(root) or {"since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    old = damage_mark(store.root)
+    mark = {"since": since or time.strftime("%Y-%m-%d %H:%M:%S %Z"), "errors": 0}
+    if old is not None and mark_authentic(store, old):
+        mark.update(since=old.get("since", mark["since"]), errors=int(old.get("errors", 0)))
     mark["reason"] = reason
-    mark["errors"] = int(mark.get("errors", 0)) + errors
-    write_file(os.path.join(root, fmt.DAMAGE_MARK),
+    mark["errors"] += errors
+    mark["mac"] = _mark_mac(store, mark)
+    write_file(os.path.join(store.root, fmt.DAMAGE_MARK),
                (json.dumps(mark, sort_keys=True) + "\n").encode(), mode=0o600)
+    return mark
 
 
 def clear_damage_mark(root: str) -> None:
@@ -347,12 +379,30 @@ def clear_damage_mark(root: str) -> None:
     fsync_dir(root)
 
 
-def refuse_if_damaged(root: str) -> None:
-    """Raise :class:`StoreDamagedError` if the store is marked as needing fsck."""
+def plain(text: object, limit: int = 60) -> str:
+    """A field of a mark as a message may quote it: printable ASCII only,
+    short (the file is not trusted before it authenticates)."""
+    return "".join(c for c in str(text) if " " <= c <= "~")[:limit] or "?"
+
+
+def refuse_if_damaged(store: Store) -> None:
+    """Raise :class:`StoreDamagedError` if the store carries a damage mark
+    (genuine, from an older dcmfs, or one that does not authenticate)."""
+    root = store.root
     mark = damage_mark(root)
-    if mark is not None:
+    if mark is None:
+        return
+    until = (f"it mounts read-only only (-o ro) until you run 'dcmfs fsck {root}' (and "
+             f"'dcmfs fsck --repair {root}' if that finds damage)")
+    if "mac" not in mark and mark:
         raise StoreDamagedError(
-            f"The store {root} is marked as damaged since {mark.get('since', '?')} "
-            f"({mark.get('reason', 'integrity errors')}); it mounts read-only only (-o ro) "
-            f"until you run 'dcmfs fsck {root}' (and 'dcmfs fsck --repair {root}' if that "
-            "finds damage).")
+            f"The store {root} is marked as damaged since {plain(mark.get('since', '?'))} "
+            f"({plain(mark.get('reason', 'integrity errors'))}, marked by an older dcmfs); "
+            f"{until}.")
+    if not mark_authentic(store, mark):
+        raise StoreDamagedError(
+            f"The store {root} carries a damage mark ({fmt.DAMAGE_MARK}) that does not "
+            f"authenticate (altered, or copied from another store); {until}.")
+    raise StoreDamagedError(
+        f"The store {root} is marked as damaged since {plain(mark['since'])} "
+        f"({plain(mark.get('reason', 'integrity errors'))}); {until}.")
