@@ -356,8 +356,9 @@ def proven_daemon(info: MountInfo, wait: float = 30.0) -> tuple[int, int]:
 
     The proof: the mount itself names the process that answers it (the
     ``pid`` of its status attribute; a caller the mount refuses, such as
-    root on another user's mount without ``allow_root``, takes the lock's
-    holder and requires it to run as the user who mounted it), the kernel
+    root on another user's mount without ``allow_root``, or a daemon of an
+    older dcmfs whose status has no pid, takes the lock's holder and
+    requires it to run as the user who mounted it), the kernel
     names that process as holding the ``flock`` on the store's lock file,
     and its command line is dcmfs's.  The pidfd is opened before the checks,
     so the pid cannot be reused by another process before it is signalled.
@@ -374,8 +375,8 @@ def proven_daemon(info: MountInfo, wait: float = 30.0) -> tuple[int, int]:
     elif answer == "refused":
         holders = (lock_holders(store) or set()) - {0}
         if len(holders) != 1:
-            raise DaemonUnprovenError(f"The mount at {mp} refuses you its status and the "
-                                      f"lock of {store} has no single holder; nothing was "
+            raise DaemonUnprovenError(f"The mount at {mp} does not name its daemon to you and "
+                                      f"the lock of {store} has no single holder; nothing was "
                                       "signalled (unmount it as its owner or with 'umount').")
         pid = holders.pop()
     else:
@@ -401,8 +402,9 @@ def proven_daemon(info: MountInfo, wait: float = 30.0) -> tuple[int, int]:
 
 def _mount_answers(mp: str, wait: float) -> tuple[str, int | str | None]:
     """("pid", the pid the mount's status attribute names), ("refused",
-    None) when the mount refuses the caller, or ("none", why there is no
-    answer).  Asked in a thread: a hung daemon must not hang ``umount``."""
+    None) when the mount refuses the caller (or answers without a pid: a
+    daemon of an older dcmfs), or ("none", why there is no answer).  Asked
+    in a thread: a hung daemon must not hang ``umount``."""
     result: list = []
 
     def ask() -> None:
@@ -412,8 +414,8 @@ def _mount_answers(mp: str, wait: float) -> tuple[str, int | str | None]:
             result.append(("refused", None))
         except OSError as exc:
             result.append(("none", exc.strerror or str(exc.errno)))
-        except (ValueError, KeyError, TypeError):
-            result.append(("none", "its status names no pid: an older dcmfs?"))
+        except (ValueError, KeyError, TypeError):  # a daemon of an older dcmfs
+            result.append(("refused", None))
 
     t = threading.Thread(target=ask, name="dcmfs-umount-ask", daemon=True)
     t.start()
