@@ -245,3 +245,18 @@ def test_a_flock_on_another_file_proves_nothing(tmp_path):
 def _all_flock_pids() -> set[int]:
     with open("/proc/locks") as f:
         return {int(li.split()[4]) for li in f if li.split()[1] == "FLOCK"}
+
+
+def test_the_lock_file_is_never_followed_through_a_symlink(tmp_path, secret):
+    """Whoever can write the store must not make a root daemon truncate a
+    file of their choice by putting a symlink where the lock file goes."""
+    from dcmfs.storage.header import StoreLock, init_store, read_lock_pid
+    from .conftest import SMALL
+    init_store(str(tmp_path / "s"), secret, SMALL)
+    victim = tmp_path / "precious"
+    victim.write_bytes(b"do not truncate me")
+    os.symlink(victim, tmp_path / "s" / "lock")
+    with pytest.raises(E.StoreIOError):
+        StoreLock(str(tmp_path / "s"))
+    assert victim.read_bytes() == b"do not truncate me"
+    assert read_lock_pid(str(tmp_path / "s")) is None

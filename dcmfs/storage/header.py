@@ -231,7 +231,10 @@ class StoreLock:
     def __init__(self, root: str) -> None:
         self.path = os.path.join(root, fmt.LOCK_NAME)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # never through a symlink: whoever can write the store must not
+            # make a root daemon truncate a file of their choice
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                              0o600)
         except OSError as exc:  # e.g. a read-only store (ProtectSystem= in a unit)
             raise StoreIOError(f"The store {root} cannot be opened for writing "
                                f"({exc.strerror}); make it writable for dcmfs.") from exc
@@ -265,7 +268,7 @@ def read_lock_pid(root: str) -> int | None:
     """
     path = os.path.join(root, fmt.LOCK_NAME)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -285,8 +288,11 @@ def read_lock_pid(root: str) -> int | None:
 def lock_file_pid(root: str) -> int | None:
     """The pid written in the lock file (a hint, not a proof)."""
     try:
-        with open(os.path.join(root, fmt.LOCK_NAME), "rb") as f:
-            text = f.read(32).decode(errors="replace").strip()
+        fd = os.open(os.path.join(root, fmt.LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
     except OSError:
         return None
     return int(text) if text.isdigit() else None
@@ -297,7 +303,7 @@ def lock_holders(root: str) -> set[int] | None:
     this very lock file (its device and inode), 0 for a holder outside this
     pid namespace; None if that cannot be read."""
     try:
-        st = os.stat(os.path.join(root, fmt.LOCK_NAME))
+        st = os.lstat(os.path.join(root, fmt.LOCK_NAME))
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError:
