@@ -260,3 +260,14 @@ def test_the_lock_file_is_never_followed_through_a_symlink(tmp_path, secret):
         StoreLock(str(tmp_path / "s"))
     assert victim.read_bytes() == b"do not truncate me"
     assert read_lock_pid(str(tmp_path / "s")) is None
+
+
+def test_the_store_log_is_never_followed_through_a_symlink(mount_env, tmp_path):
+    m = mount_env
+    victim = tmp_path / "precious"
+    victim.write_bytes(b"do not append to me")
+    os.symlink(victim, m.store / "dcmfs.log")
+    r = m.mount(check=False)
+    assert r.returncode == E.StoreIOError.exit_code and "symlink" in r.stderr, r.stderr
+    assert victim.read_bytes() == b"do not append to me" and not m.is_mounted()
+    os.unlink(m.store / "dcmfs.log")

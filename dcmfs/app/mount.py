@@ -23,7 +23,7 @@ from .. import format as fmt
 from ..storage.codec import warm_up
 from ..config import Config
 from ..errors import (DaemonUnprovenError, DcmfsError, MountFailedError, MountpointBusyError,
-                      MountpointMissingError, NotMountedError)
+                      MountpointMissingError, NotMountedError, StoreIOError)
 from ..core.filesystem import FileSystem
 from ..adapter.fuse_ops import require_fuse, serve
 from .keys import forbid_core_dumps
@@ -250,7 +250,8 @@ def _spawn(store, mp, config, options, log_file, metrics) -> None:
             # under systemd (a .mount unit runs mount(8) with stderr on the
             # journal) the daemon keeps logging there; elsewhere to a file
             _detach(None if log_file is None and stderr_is_journal()
-                    else log_file or os.path.join(store_root, fmt.LOG_NAME))
+                    else log_file or os.path.join(store_root, fmt.LOG_NAME),
+                    in_store=log_file is None)
             run_daemon(store, mp, config, options,
                        on_ready=lambda: os.write(wfd, b"R"), metrics=metrics)
         except DcmfsError as exc:
@@ -294,16 +295,26 @@ def _report(wfd: int, code: int, message: str) -> None:
         pass
 
 
-def _detach(log_file: str | None) -> None:
+def _detach(log_file: str | None, in_store: bool = False) -> None:
     """Point stdin/stdout of the daemon at /dev/null and its log at
-    ``log_file`` (None: stderr stays, it is the journal)."""
+    ``log_file`` (None: stderr stays, it is the journal; ``in_store``: the
+    store's own ``dcmfs.log``)."""
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
     if log_file is None:
         return
-    logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    # the store's own log is never followed through a symlink (whoever can
+    # write the store must not make a root daemon append to another file);
+    # one the admin named (-o log_file=) may be one, /dev/stderr say
+    try:
+        logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                        | (os.O_NOFOLLOW if in_store else 0), 0o600)
+    except OSError as exc:
+        raise StoreIOError(f"The log file {log_file} cannot be opened ({exc.strerror}); "
+                           "remove it if it is a symlink, or choose one with -o "
+                           "log_file=.") from exc
     os.dup2(logfd, 2)
     os.close(logfd)
     for handler in logging.getLogger().handlers:
