@@ -171,13 +171,14 @@ def _mark_damaged(store, config: Config, reason: str, errors: int) -> None:
     when the store can be opened for writing here (best effort: a store on
     read-only media keeps the file alone)."""
     try:
-        with OpenedStore(store, dataclasses.replace(config, read_only=False),
-                         index=False) as opened:
-            opened.record_damage(reason, errors)
+        opened = OpenedStore(store, dataclasses.replace(config, read_only=False), index=False)
     except DcmfsError as exc:
         set_damage_mark(store, reason, errors)
-        log.warning("the damage mark is in %s only: the index could not record it (%s)",
-                    fmt.DAMAGE_MARK, exc)
+        log.warning("the damage mark is in %s only: the store cannot be opened for writing "
+                    "(%s)", fmt.DAMAGE_MARK, exc)
+        return
+    with opened:
+        opened.record_damage(reason, errors)
 
 
 def render_verify(report: dict) -> str:
@@ -253,11 +254,6 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
             else:
                 opened.record_damage("fsck found problems" if final else
                                      "index rebuilt with journal records missing")
-        except DcmfsError as exc:
-            if result["clean"]:
-                raise
-            log.warning("the damage mark is in %s only: the index could not record it (%s)",
-                        fmt.DAMAGE_MARK, exc)
         finally:
             opened.close_index()
     if tty:

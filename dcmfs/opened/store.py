@@ -310,14 +310,19 @@ class OpenedStore:
         mark = set_damage_mark(self.store, reason, errors)
         if self.read_only:
             return False
-        index = self.index or self.open_index()
-        if index.unapplied_records():
-            return False  # its journal first: new records must follow its last
-        with self.write_txn() as txn:
-            if txn.meta_get("damage") is None:
-                txn.put_damage({"since": mark["since"], "reason": reason})
-        self.objects.sync(force=True)
-        index.checkpoint()
+        try:
+            index = self.index or self.open_index()
+            if index.unapplied_records():
+                return False  # its journal first: new records must follow its last
+            with self.write_txn() as txn:
+                if txn.meta_get("damage") is None:
+                    txn.put_damage({"since": mark["since"], "reason": reason})
+            self.objects.sync(force=True)
+            index.checkpoint()
+        except DcmfsError as err:  # the index may be what is damaged
+            log.warning("the damage mark is in %s only: the index could not record it (%s)",
+                        fmt.DAMAGE_MARK, err)
+            return False
         return True
 
     def clear_damage(self) -> None:
