@@ -26,6 +26,28 @@ class KdfParams:
     lanes: int = 4
 
 
+#: the bounds of Argon2id parameters dcmfs accepts, checked before they are
+#: used: a store header is read before it is authenticated (its parameters
+#: are what derives the key that authenticates it), so a header raised to
+#: 16 GiB or a million passes must be refused, not run.  ``dcmfs init``
+#: writes :class:`KdfParams` (64 MiB, 3 passes, 4 lanes), well inside.
+KDF_MAX_MEMORY_KIB = 4 * 1024 * 1024  # 4 GiB
+KDF_MAX_ITERATIONS = 10
+KDF_MAX_LANES = 16
+
+
+def kdf_within_bounds(params: object) -> bool:
+    """Are these (a header's ``argon2id`` table) Argon2id parameters dcmfs
+    accepts?  Integers only; Argon2 itself needs 8 KiB of memory per lane."""
+    if not isinstance(params, dict) or set(params) != {"memory_kib", "iterations", "lanes"}:
+        return False
+    if not all(type(v) is int for v in params.values()):
+        return False
+    m, t, p = params["memory_kib"], params["iterations"], params["lanes"]
+    return (1 <= p <= KDF_MAX_LANES and 1 <= t <= KDF_MAX_ITERATIONS
+            and 8 * p <= m <= KDF_MAX_MEMORY_KIB)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Settings of one store opening (mount, status, …)."""

@@ -93,6 +93,13 @@ class StoreDamagedError(DcmfsError):
     exit_code = 19
 
 
+class KdfBoundsError(DcmfsError):
+    """The store header asks for key-derivation parameters outside the bounds
+    dcmfs accepts (it was altered: nothing is derived with them)."""
+
+    exit_code = 26
+
+
 class DamageFound(DcmfsError):
     """verify or fsck found damage (the report names it)."""
 
@@ -135,6 +142,13 @@ class CodecUnavailableError(DcmfsError):
     this installation's imagecodecs: an environment problem, never damage."""
 
     exit_code = 25
+
+
+class DaemonUnprovenError(DcmfsError):
+    """``umount`` could not prove which process is the mount's daemon, so it
+    signalled nothing."""
+
+    exit_code = 27
 
 
 # --- data path (mapped to errno by the FUSE adapter) ---------------------------

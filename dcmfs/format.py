@@ -114,6 +114,16 @@ CHUNK_FLAG_LAST = 0x01
 #: it, which is how an index rebuild from the objects alone places it
 CHUNK_FLAG_EXTENT = 0x02
 
+# --- dcmfs's own extended attributes ---------------------------------------------
+#: the prefix dcmfs reserves: no file carries an attribute under it but the
+#: virtual ones of the mount root below (and ``user.dcmfs.ops``, the FUSE
+#: adapter's counters) and :data:`FSCK_XATTR`; setting, reading or removing
+#: any other is refused (ENOTSUP) and listxattr never shows one
+XATTR_PREFIX = "user.dcmfs."
+#: ``dcmfs fsck --repair``'s note on a file it salvaged into /lost+found:
+#: readable and removable through the mount, never settable
+FSCK_XATTR = "user.dcmfs.fsck"
+
 # --- live status ----------------------------------------------------------------
 #: a virtual extended attribute of the mount's root directory: JSON with the
 #: daemon's live figures (``dcmfs status`` reads it; not listed, not settable;

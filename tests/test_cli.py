@@ -15,6 +15,7 @@ def test_exit_codes_and_messages(mount_env, tmp_path):
     m = mount_env
     bad_key = tmp_path / "bad"
     bad_key.write_bytes(os.urandom(32))
+    bad_key.chmod(0o600)
     r = m.cli("mount", m.store, m.mnt, "--key-file", bad_key)
     assert r.returncode == E.WrongKeyError.exit_code, r.stderr
     assert "wrong key" in r.stderr and r.stderr.count("\n") == 1

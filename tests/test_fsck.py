@@ -368,7 +368,10 @@ def test_verify_and_control_attributes_are_for_root_and_the_owner(make_fs):
             fs.getxattr("/", name, caller=4321)
     with pytest.raises(E.PermissionDenied):
         fs.setxattr("/", "user.dcmfs.control", b"verify", caller=4321)
-    assert fs.getxattr("/", "user.dcmfs.status", caller=4321)  # counts only: for all
+    for name in ("user.dcmfs.status", "user.dcmfs.stats"):  # issue 15: these too
+        with pytest.raises(E.PermissionDenied):
+            fs.getxattr("/", name, caller=4321)
+        assert fs.getxattr("/", name, caller=os.getuid())  # the mount's owner
     assert fs.getxattr("/", "user.dcmfs.verify", caller=0) == b"{}"
 
 

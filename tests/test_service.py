@@ -65,6 +65,7 @@ def test_credentials(tmp_path, monkeypatch):
     with pytest.raises(E.SecretError, match="LoadCredential=dcmfs.key"):
         instance.read_key(inst)
     (tmp_path / "dcmfs.key").write_bytes(b"k" * 32)
+    (tmp_path / "dcmfs.key").chmod(0o400)  # as systemd leaves a credential
     assert instance.read_key(inst) == ("keyfile", b"k" * 32)
 
 
@@ -121,6 +122,7 @@ def service(tmp_path):
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "dcmfs.key").write_bytes(m.key.read_bytes())
+    (creds / "dcmfs.key").chmod(0o400)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -188,6 +190,7 @@ def test_wrong_credential_fails_with_one_clear_line(tmp_path):
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "dcmfs.key").write_bytes(os.urandom(32))
+    (creds / "dcmfs.key").chmod(0o400)
     conf = _toml(tmp_path / "t.toml", m.store, m.mnt, 'credential = "dcmfs.key"')
     r = m.cli("mount", "--config", conf, "-f", env={**os.environ,
                                                      "CREDENTIALS_DIRECTORY": str(creds)})

@@ -226,9 +226,11 @@ class _Operations:
 
     @_translate
     def getxattr(self, path, name, position=0):
+        caller = mfusepy.fuse_get_context()[0]
         if name == OPS_XATTR and path == "/":  # the adapter's own counters
+            self._fs.require_admin(caller)
             return self._ops.snapshot_json()
-        return self._fs.getxattr(path, name, caller=mfusepy.fuse_get_context()[0])
+        return self._fs.getxattr(path, name, caller=caller)
 
     @_translate
     def listxattr(self, path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import sys
 import time
@@ -16,16 +17,18 @@ from typing import Callable, TextIO
 
 from .. import format as fmt
 from ..config import Config
-from ..errors import StoreIOError
+from ..errors import DcmfsError, StoreIOError
 from ..core.control import content_stats as index_stats
 from ..core.filesystem import FileSystem
 from ..integrity.fsck import Fsck
 from ..integrity.rebuild import rebuild_index
 from ..integrity.verify import verify_store
 from ..opened.store import OpenedStore
-from ..storage.header import Secret, clear_damage_mark, open_store, set_damage_mark
+from ..storage.header import Secret, open_store, set_damage_mark
 from .mount import dcmfs_mounts
 from .units import size_text as _size
+
+log = logging.getLogger("dcmfs")
 
 
 def mountpoint_of(store_root: str) -> str | None:
@@ -150,8 +153,8 @@ def verify(store_root: str, secret: Callable[[], Secret], config: Config,
         if "error" in result:
             raise StoreIOError(f"The daemon could not verify the store: {result['error']}.")
         return result
-    with OpenedStore.open(store_root, secret(),
-                          dataclasses.replace(config, read_only=True)) as opened:
+    store = open_store(store_root, secret())
+    with OpenedStore(store, dataclasses.replace(config, read_only=True)) as opened:
         bars: list[Progress] = []
         report, missing = verify_store(
             opened, wanted, sample,
@@ -159,8 +162,23 @@ def verify(store_root: str, secret: Callable[[], Secret], config: Config,
             progress=lambda done, nbytes, _: bars[0].update(bars[0].total - done, nbytes))
         bars[0].update(0, report.bytes, final=True)
     if any(f.ino for f in report.findings):
-        set_damage_mark(store_root, "verify found damage", len(report.damaged_files))
+        _mark_damaged(store, config, "verify found damage", len(report.damaged_files))
     return dict(report.as_dict(), missing_paths=missing)
+
+
+def _mark_damaged(store, config: Config, reason: str, errors: int) -> None:
+    """The damage mark of an offline verify: the file, and the index's copy
+    when the store can be opened for writing here (best effort: a store on
+    read-only media keeps the file alone)."""
+    try:
+        opened = OpenedStore(store, dataclasses.replace(config, read_only=False), index=False)
+    except DcmfsError as exc:
+        set_damage_mark(store, reason, errors)
+        log.warning("the damage mark is in %s only: the store cannot be opened for writing "
+                    "(%s)", fmt.DAMAGE_MARK, exc)
+        return
+    with opened:
+        opened.record_damage(reason, errors)
 
 
 def render_verify(report: dict) -> str:
@@ -228,16 +246,19 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
             finally:
                 f.close()
             result["problems" if i == 0 else "remaining"] = problems
+        final = result.get("remaining", result["problems"])
+        lost = (result["rebuilt"] or {}).get("records_after_gap", 0)
+        result["clean"] = not final and not lost
+        try:
+            if result["clean"]:
+                opened.clear_damage()  # the index's record, then the file
+            else:
+                opened.record_damage("fsck found problems" if final else
+                                     "index rebuilt with journal records missing")
+        finally:
+            opened.close_index()
     if tty:
         out.write("\r".ljust(41) + "\r")
-    final = result.get("remaining", result["problems"])
-    lost = (result["rebuilt"] or {}).get("records_after_gap", 0)
-    result["clean"] = not final and not lost
-    if result["clean"]:
-        clear_damage_mark(store_root)
-    elif final or lost:
-        set_damage_mark(store_root, "fsck found problems" if final else
-                        "index rebuilt with journal records missing")
     return result
 
 

@@ -17,7 +17,7 @@ import sys
 from .. import __version__
 from ..config import Config
 from ..errors import DcmfsError, SecretError, UsageError
-from . import options
+from . import keys, options
 from .options import make_config, parse_o
 
 log = logging.getLogger("dcmfs")
@@ -48,55 +48,36 @@ def _add_secret_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--passphrase-file", metavar="PATH", help="file holding the passphrase")
     g.add_argument("--passphrase-fd", metavar="N", type=int,
                    help="read the passphrase from file descriptor N")
-
-
-def _read_passphrase_fd(fd: int) -> bytes:
-    chunks = []
-    while True:
-        b = os.read(fd, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    return b"".join(chunks).rstrip(b"\n")
+    g.add_argument("--allow-open-key-file", action="store_true",
+                   help="accept a key or passphrase file that group or others may read "
+                   "(with a warning)")
 
 
 def _secret(args, creating: bool, store_kind: str | None = None):
+    """The key the command line names (docs/cli.md, "Secrets"; the rules are
+    in :mod:`dcmfs.app.keys`)."""
     from ..storage.header import Secret
+    allow_open = getattr(args, "allow_open_key_file", False)
     if args.key_file:
-        path = args.key_file
-        if creating and not os.path.exists(path):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(32))
-        try:
-            with open(path, "rb") as f:
-                return Secret("keyfile", f.read(4096))
-        except OSError as exc:
-            raise SecretError(f"The key file {path} cannot be read ({exc.strerror}).") from exc
+        if creating and not os.path.exists(args.key_file):
+            keys.create_key_file(args.key_file)
+        return Secret("keyfile", keys.read_file(args.key_file, "key file", allow_open))
     if args.passphrase_file:
-        try:
-            with open(args.passphrase_file, "rb") as f:
-                return Secret("passphrase", f.read().rstrip(b"\n"))
-        except OSError as exc:
-            raise SecretError(f"The passphrase file {args.passphrase_file} cannot be read "
-                              f"({exc.strerror}).") from exc
+        raw = keys.read_file(args.passphrase_file, "passphrase file", allow_open)
+        return Secret("passphrase", keys.passphrase(raw, f"the file {args.passphrase_file}"))
     if args.passphrase_fd is not None:
-        try:
-            return Secret("passphrase", _read_passphrase_fd(args.passphrase_fd))
-        except OSError as exc:
-            raise SecretError(f"Cannot read a passphrase from fd {args.passphrase_fd} "
-                              f"({exc.strerror}).") from exc
+        raw = keys.read_fd(args.passphrase_fd)
+        return Secret("passphrase", keys.passphrase(raw, f"fd {args.passphrase_fd}"))
     if store_kind == "keyfile" and os.path.exists(default_key_file()):
-        with open(default_key_file(), "rb") as f:
-            return Secret("keyfile", f.read(4096))
+        return Secret("keyfile", keys.read_file(default_key_file(), "key file", allow_open))
     if sys.stdin.isatty():
         pw = getpass.getpass("dcmfs passphrase: ").encode()
         if creating and getpass.getpass("again: ").encode() != pw:
             raise SecretError("The passphrases differ; nothing was created.")
-        if not pw:
-            raise SecretError("An empty passphrase is not allowed.")
-        return Secret("passphrase", pw)
+        if len(pw) > keys.MAX_SECRET:
+            raise SecretError(f"The passphrase is longer than {keys.MAX_SECRET} bytes, the "
+                              "most dcmfs accepts.")
+        return Secret("passphrase", keys.passphrase(pw, "the prompt"))
     raise SecretError("No key given: pass --key-file, --passphrase-file or --passphrase-fd.")
 
 
@@ -117,10 +98,11 @@ def _command_config(args, command: str) -> Config:
 
 
 # --- commands ---------------------------------------------------------------------------
-def _instance_secret(inst, creating: bool = False):
+def _instance_secret(inst, args, creating: bool = False):
     from .instance import read_key
     from ..storage.header import Secret
-    kind, value = read_key(inst, creating=creating)
+    kind, value = read_key(inst, creating=creating,
+                           allow_open=getattr(args, "allow_open_key_file", False))
     return Secret(kind, value)
 
 
@@ -132,7 +114,8 @@ def cmd_init(args) -> int:
         store_root = args.store or inst.store
         config = Config(codec=args.codec or inst.codec)
         given = args.key_file or args.passphrase_file or args.passphrase_fd is not None
-        secret = _secret(args, creating=True) if given else _instance_secret(inst, creating=True)
+        secret = (_secret(args, creating=True) if given
+                  else _instance_secret(inst, args, creating=True))
     else:
         store_root = args.store or default_store()
         config = Config(codec=args.codec or "zstd")
@@ -159,7 +142,7 @@ def cmd_mount(args) -> int:
     header = read_header(store_root)
     if inst is not None and not (args.key_file or args.passphrase_file
                                  or args.passphrase_fd is not None):
-        secret = _instance_secret(inst)
+        secret = _instance_secret(inst, args)
     else:
         secret = _secret(args, creating=False, store_kind=header["key"]["kind"])
     if inst is not None:
@@ -374,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import logsetup
     args = build_parser().parse_args(argv)
     logsetup.setup(args.verbose)
+    keys.forbid_core_dumps()  # every command may hold a key
     try:
         return args.func(args)
     except DcmfsError as exc:

@@ -32,7 +32,7 @@ import subprocess
 import tomllib
 
 from ..errors import SecretError, UsageError
-from . import options
+from . import keys, options
 
 KEY_SOURCES = ("credential", "file", "passphrase_credential", "passphrase_file",
                "ask_password")
@@ -149,30 +149,29 @@ def credential_path(name: str) -> str:
     return path
 
 
-def read_key(inst: Instance, creating: bool = False) -> tuple[str, bytes]:
-    """(kind, secret bytes) from the instance's key source.
+def read_key(inst: Instance, creating: bool = False,
+             allow_open: bool = False) -> tuple[str, bytes]:
+    """(kind, secret bytes) from the instance's key source, by the rules of
+    :mod:`dcmfs.app.keys` (``allow_open``: ``--allow-open-key-file``).
 
     Raises
     ------
     SecretError
-        The source cannot be read.
+        The source cannot be read, is open to group or others, too long, or
+        an empty passphrase.
     """
     source, value = inst.key_source, inst.key_value
     if source == "ask_password":
         return "passphrase", ask_password(inst.name, confirm=creating)
-    path = credential_path(value) if source in ("credential", "passphrase_credential") else value
+    credential = source in ("credential", "passphrase_credential")
+    path = credential_path(value) if credential else value
     if creating and source == "file" and not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
-    try:
-        with open(path, "rb") as f:
-            data = f.read(65536)
-    except OSError as exc:
-        raise SecretError(f"The key {path} cannot be read ({exc.strerror}).") from exc
+        keys.create_key_file(path)
+    what = ("systemd credential" if credential else
+            "key file" if inst.key_kind == "keyfile" else "passphrase file")
+    data = keys.read_file(path, what, allow_open)
     if inst.key_kind == "passphrase":
-        data = data.rstrip(b"\n")
+        data = keys.passphrase(data, f"the {what} {path}")
     return inst.key_kind, data
 
 
@@ -182,15 +181,16 @@ def ask_password(name: str, confirm: bool = False) -> bytes:
     prompt = f"dcmfs passphrase for {name}:"
     cmd = ["systemd-ask-password", f"--id=dcmfs:{name}", "--timeout=0", prompt]
     try:
-        first = subprocess.run(cmd, capture_output=True, check=True).stdout.rstrip(b"\n")
+        first = subprocess.run(cmd, capture_output=True, check=True).stdout
         if confirm and subprocess.run(cmd[:-1] + ["again:"], capture_output=True,
-                                      check=True).stdout.rstrip(b"\n") != first:
+                                      check=True).stdout != first:
             raise SecretError("The passphrases differ; nothing was created.")
     except FileNotFoundError as exc:
         raise SecretError("systemd-ask-password is not installed; use [key] "
                           "passphrase_credential instead.") from exc
     except subprocess.CalledProcessError as exc:
         raise SecretError("No passphrase was entered at systemd-ask-password.") from exc
-    if not first:
-        raise SecretError("An empty passphrase is not allowed.")
-    return first
+    if len(first) > keys.MAX_SECRET + 1:  # its answer ends with a line feed
+        raise SecretError(f"The passphrase is longer than {keys.MAX_SECRET} bytes, the most "
+                          "dcmfs accepts.")
+    return keys.passphrase(first, "systemd-ask-password")

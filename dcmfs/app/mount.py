@@ -10,6 +10,7 @@ on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -21,14 +22,16 @@ import time
 from .. import format as fmt
 from ..storage.codec import warm_up
 from ..config import Config
-from ..errors import (DcmfsError, MountFailedError, MountpointBusyError, MountpointMissingError,
-                      NotMountedError)
+from ..errors import (DaemonUnprovenError, DcmfsError, MountFailedError, MountpointBusyError,
+                      MountpointMissingError, NotMountedError, StoreIOError)
 from ..core.filesystem import FileSystem
 from ..adapter.fuse_ops import require_fuse, serve
+from .keys import forbid_core_dumps
 from .logsetup import stderr_is_journal
 from ..adapter.metrics import MetricsServer, OpStats
 from ..opened.store import OpenedStore, preflight
-from ..storage.header import Secret, Store, open_store, read_lock_pid
+from ..storage.header import (Secret, Store, lock_file_pid, lock_holders, open_store,
+                              read_lock_pid)
 
 log = logging.getLogger("dcmfs.mount")
 
@@ -38,6 +41,16 @@ class MountInfo:
     mountpoint: str
     store: str
     fstype: str
+    #: the superblock options (FUSE: ``user_id=``, ``group_id=``, ...)
+    super_options: str = ""
+
+    @property
+    def user_id(self) -> int | None:
+        """The uid of the process that mounted it (FUSE's ``user_id=``)."""
+        for item in self.super_options.split(","):
+            if item.startswith("user_id=") and item[8:].isdigit():
+                return int(item[8:])
+        return None
 
 
 def _unescape(field: str) -> str:
@@ -52,7 +65,8 @@ def dcmfs_mounts() -> list[MountInfo]:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
             if len(rfields) >= 2 and rfields[0] == "fuse.dcmfs":
-                out.append(MountInfo(_unescape(fields[4]), _unescape(rfields[1]), rfields[0]))
+                out.append(MountInfo(_unescape(fields[4]), _unescape(rfields[1]), rfields[0],
+                                     rfields[2] if len(rfields) >= 3 else ""))
     return out
 
 
@@ -158,6 +172,7 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
                status_interval: float = 5.0) -> None:
     """Open the store (checked by :func:`mount`), serve the mount until it
     ends, close cleanly."""
+    forbid_core_dumps()  # the master key is in this process (also when -f)
     fs = FileSystem(OpenedStore(store, config, checked=True))
     # the first read of a DICOM-coded file need not wait for the codecs to load
     threading.Thread(target=warm_up, daemon=True, name="dcmfs-warm-up").start()
@@ -235,7 +250,8 @@ def _spawn(store, mp, config, options, log_file, metrics) -> None:
             # under systemd (a .mount unit runs mount(8) with stderr on the
             # journal) the daemon keeps logging there; elsewhere to a file
             _detach(None if log_file is None and stderr_is_journal()
-                    else log_file or os.path.join(store_root, fmt.LOG_NAME))
+                    else log_file or os.path.join(store_root, fmt.LOG_NAME),
+                    in_store=log_file is None)
             run_daemon(store, mp, config, options,
                        on_ready=lambda: os.write(wfd, b"R"), metrics=metrics)
         except DcmfsError as exc:
@@ -279,16 +295,26 @@ def _report(wfd: int, code: int, message: str) -> None:
         pass
 
 
-def _detach(log_file: str | None) -> None:
+def _detach(log_file: str | None, in_store: bool = False) -> None:
     """Point stdin/stdout of the daemon at /dev/null and its log at
-    ``log_file`` (None: stderr stays, it is the journal)."""
+    ``log_file`` (None: stderr stays, it is the journal; ``in_store``: the
+    store's own ``dcmfs.log``)."""
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
     if log_file is None:
         return
-    logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    # the store's own log is never followed through a symlink (whoever can
+    # write the store must not make a root daemon append to another file);
+    # one the admin named (-o log_file=) may be one, /dev/stderr say
+    try:
+        logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                        | (os.O_NOFOLLOW if in_store else 0), 0o600)
+    except OSError as exc:
+        raise StoreIOError(f"The log file {log_file} cannot be opened ({exc.strerror}); "
+                           "remove it if it is a symlink, or choose one with -o "
+                           "log_file=.") from exc
     os.dup2(logfd, 2)
     os.close(logfd)
     for handler in logging.getLogger().handlers:
@@ -299,27 +325,134 @@ def _detach(log_file: str | None) -> None:
 def umount(mountpoint: str, timeout: float = 300.0) -> None:
     """Flush, unmount and wait for the daemon to exit.
 
+    Only a process proven to be the daemon of that mount is signalled
+    (:func:`proven_daemon`); the pid in the lock file is a hint anyone who
+    can write the store can change, and is never signalled on its word.
+
     Raises
     ------
     NotMountedError
         ``mountpoint`` is not a dcmfs mount.
+    DaemonUnprovenError
+        No process could be proven to be its daemon; nothing was signalled.
     """
     info = find_mount(mountpoint)
     if info is None:
         raise NotMountedError(f"{os.path.abspath(mountpoint)} is not a dcmfs mountpoint.")
-    pid = read_lock_pid(info.store)
-    if pid is None:
+    if read_lock_pid(info.store) is None:
         # the daemon is gone: only a stale kernel mount is left
         _fusermount(info.mountpoint)
         return
-    os.kill(pid, signal.SIGTERM)
+    pidfd, pid = proven_daemon(info, wait=min(timeout, 30.0))
+    try:
+        named = lock_file_pid(info.store)
+        if named is not None and named != pid:
+            log.warning("the lock file of %s names pid %d, which is not the daemon of %s "
+                        "(pid %d); only the daemon is signalled", info.store, named,
+                        info.mountpoint, pid)
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    finally:
+        os.close(pidfd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if read_lock_pid(info.store) is None and find_mount(info.mountpoint) is None:
+        if pid not in (lock_holders(info.store) or set()) and find_mount(info.mountpoint) is None:
             return
         time.sleep(0.05)
     raise MountFailedError(f"The daemon (pid {pid}) did not finish unmounting "
                            f"{info.mountpoint} within {timeout:.0f} s; see its log.")
+
+
+def proven_daemon(info: MountInfo, wait: float = 30.0) -> tuple[int, int]:
+    """(a pidfd, the pid) of the process proven to be the daemon of this mount.
+
+    The proof: the mount itself names the process that answers it (the
+    ``pid`` of its status attribute; a caller the mount refuses, such as
+    root on another user's mount without ``allow_root``, or a daemon of an
+    older dcmfs whose status has no pid, takes the lock's holder and
+    requires it to run as the user who mounted it), the kernel
+    names that process as holding the ``flock`` on the store's lock file,
+    and its command line is dcmfs's.  The pidfd is opened before the checks,
+    so the pid cannot be reused by another process before it is signalled.
+
+    Raises
+    ------
+    DaemonUnprovenError
+        Any part of the proof is missing.
+    """
+    store, mp = info.store, info.mountpoint
+    answer, pid_or_why = _mount_answers(mp, wait)
+    if answer == "pid":
+        pid = pid_or_why
+    elif answer == "refused":
+        holders = (lock_holders(store) or set()) - {0}
+        if len(holders) != 1:
+            raise DaemonUnprovenError(f"The mount at {mp} does not name its daemon to you and "
+                                      f"the lock of {store} has no single holder; nothing was "
+                                      "signalled (unmount it as its owner or with 'umount').")
+        pid = holders.pop()
+    else:
+        raise DaemonUnprovenError(f"The mount at {mp} does not say which process serves it "
+                                  f"({pid_or_why}), so its daemon cannot be proven and nothing "
+                                  f"was signalled; if it hangs, stop it yourself or detach the "
+                                  f"mount with 'fusermount3 -u -z {mp}'.")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        raise DaemonUnprovenError(f"The daemon of {mp} (pid {pid}) is gone or cannot be "
+                                  f"signalled ({exc.strerror}); nothing was signalled.") from exc
+    try:
+        why = _not_the_daemon(pid, store, None if answer == "pid" else info.user_id)
+        if why:
+            raise DaemonUnprovenError(f"Process {pid} is not proven to be the dcmfs daemon of "
+                                      f"{mp} ({why}); nothing was signalled.")
+    except BaseException:
+        os.close(pidfd)
+        raise
+    return pidfd, pid
+
+
+def _mount_answers(mp: str, wait: float) -> tuple[str, int | str | None]:
+    """("pid", the pid the mount's status attribute names), ("refused",
+    None) when the mount refuses the caller (or answers without a pid: a
+    daemon of an older dcmfs), or ("none", why there is no answer).  Asked
+    in a thread: a hung daemon must not hang ``umount``."""
+    result: list = []
+
+    def ask() -> None:
+        try:
+            result.append(("pid", int(json.loads(os.getxattr(mp, fmt.STATUS_XATTR))["pid"])))
+        except PermissionError:
+            result.append(("refused", None))
+        except OSError as exc:
+            result.append(("none", exc.strerror or str(exc.errno)))
+        except (ValueError, KeyError, TypeError):  # a daemon of an older dcmfs
+            result.append(("refused", None))
+
+    t = threading.Thread(target=ask, name="dcmfs-umount-ask", daemon=True)
+    t.start()
+    t.join(wait)
+    return result[0] if result else ("none", f"no answer within {wait:.0f} s")
+
+
+def _not_the_daemon(pid: int, store: str, user_id: int | None) -> str:
+    """Why ``pid`` is not proven to be the dcmfs daemon of ``store`` ('' if it is)."""
+    holders = lock_holders(store)
+    if holders is None:
+        return "the kernel's lock table (/proc/locks) cannot be read"
+    if pid not in holders:
+        return f"it does not hold the lock of {store}"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{pid}/status", "rb") as f:
+            real = next((int(line.split()[1]) for line in f if line.startswith(b"Uid:")), -1)
+    except (OSError, ValueError, IndexError):
+        return "its /proc entry cannot be read"
+    if not any(b"dcmfs" in os.path.basename(a) for a in argv):
+        return "its command line is not dcmfs's"
+    if user_id is not None and real != user_id:
+        return f"it runs as uid {real}, the mount belongs to uid {user_id}"
+    return ""
 
 
 def _fusermount(mp: str) -> None:

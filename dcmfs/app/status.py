@@ -15,7 +15,7 @@ import psutil
 
 from .. import format as fmt
 from ..errors import DcmfsError
-from ..index import read_stats
+from ..index import read_meta, read_stats
 from ..adapter.metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
 from .units import size_text
@@ -25,8 +25,9 @@ from ..storage.header import damage_mark, read_header, read_lock_pid
 def store_report(store_root: str, mountpoint: str | None) -> dict:
     store_root = os.path.abspath(store_root)
     read_header(store_root)  # a clear error for a missing or foreign store
-    pid = read_lock_pid(store_root)
     live = _live_status(mountpoint) if mountpoint else None
+    # the daemon's own word first: the lock file's text can be altered
+    pid = live["pid"] if live and live.get("pid") else read_lock_pid(store_root)
     if live is not None:
         files, logical, stored = live["files"], live["logical_bytes"], live["stored_bytes"]
     else:
@@ -41,14 +42,21 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
         "stored_bytes": stored,
         "ratio": round(stored / logical, 4) if logical else None,
     }
-    mark = damage_mark(store_root)
-    report["needs_fsck"] = mark is not None
+    # the mark file, or (when no daemon has the index open) the index's sealed
+    # copy of it, which is there even if someone deleted the file
+    report["needs_fsck"] = damage_mark(store_root) is not None or (
+        live is None and _damage_recorded(store_root))
     if live is not None:
         report.update(backlog_files=live.get("backlog_files", 0),
                       backlog_bytes=live.get("backlog_bytes", 0),
                       journal_records=live.get("journal_records", 0),
                       integrity_errors=live.get("integrity_errors", 0),
                       scrub=live.get("scrub"))
+        if "dumpable" in live:  # it holds the key: expected False
+            report["core_dumps"] = bool(live["dumpable"] or live.get("core_limit"))
+        for k in ("store_read_bytes", "store_written_bytes"):  # /proc/PID/io may be closed
+            if k in live:
+                report[k] = live[k]
     ops = _xattr_json(mountpoint, OPS_XATTR) if mountpoint else None
     if ops is not None:
         # through the mount since the daemon started: plaintext bytes, operations
@@ -62,16 +70,25 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
                 report.update(uptime_seconds=round(time.time() - proc.create_time(), 1),
                               rss_bytes=proc.memory_info().rss,
                               cpu_seconds=round(cpu.user + cpu.system, 2))
-                try:  # the daemon's own disk traffic (the store side)
-                    io = proc.io_counters()
-                    report.update(store_read_bytes=io.read_bytes,
-                                  store_written_bytes=io.write_bytes)
-                except (psutil.Error, AttributeError):
-                    pass
+                if "store_read_bytes" not in report:  # the daemon did not say it
+                    try:  # the daemon's own disk traffic (the store side)
+                        io = proc.io_counters()
+                        report.update(store_read_bytes=io.read_bytes,
+                                      store_written_bytes=io.write_bytes)
+                    except (psutil.Error, AttributeError):
+                        pass
             report["cpu_percent"] = proc.cpu_percent(interval=0.1)
         except psutil.Error:
             pass
     return report
+
+
+def _damage_recorded(store_root: str) -> bool:
+    try:
+        found = read_meta(os.path.join(store_root, fmt.INDEX_DIR), ("damage",), "reading status")
+    except DcmfsError:
+        return False
+    return bool(found and found["damage"] is not None)
 
 
 def _live_status(mountpoint: str) -> dict | None:

@@ -9,8 +9,11 @@ the FileSystem's index, re-encoder, scrubber and lock, like
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
+import resource
 import stat
 
 from ..storage import codec as codecs
@@ -21,6 +24,8 @@ from .handles import _locked
 from .scrub import VerifyJob
 
 log = logging.getLogger("dcmfs.fs")
+
+PR_GET_DUMPABLE = 3
 
 
 class StoreOps:
@@ -40,7 +45,8 @@ class StoreOps:
                 "frames_coded": r.frames_coded if r else 0,
                 "reencode_errors": r.errors if r else 0,
                 "integrity_errors": self.opened.integrity_errors,
-                "scrub": self.scrubber.status() if self.scrubber else None}
+                "scrub": self.scrubber.status() if self.scrubber else None,
+                **process_figures()}
 
     @_locked
     def recompress(self, retry_failed: bool = False) -> int:
@@ -85,6 +91,26 @@ class StoreOps:
         """(files, logical bytes, stored bytes)."""
         with self.index.begin() as txn:
             return txn.stats()
+
+
+def process_figures() -> dict:
+    """What the daemon's own process says of itself: its pid (``dcmfs
+    umount`` checks that the process holding the store lock is the one
+    answering the mount), whether it can dump core (it holds the master key:
+    ``dumpable`` and ``core_limit`` are both expected to be off), and its
+    disk traffic, which ``dcmfs status`` cannot read from /proc of a
+    non-dumpable process of another user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {"pid": os.getpid(), "dumpable": bool(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)),
+           "core_limit": resource.getrlimit(resource.RLIMIT_CORE)[1]}
+    try:
+        with open("/proc/self/io", "rb") as f:
+            io = dict(line.split(b": ") for line in f.read().splitlines())
+        out.update(store_read_bytes=int(io[b"read_bytes"]),
+                   store_written_bytes=int(io[b"write_bytes"]))
+    except (OSError, KeyError, ValueError):
+        pass
+    return out
 
 
 def content_stats(index: Index, backlog_files: int = 0) -> dict:

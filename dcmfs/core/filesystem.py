@@ -159,7 +159,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         wait only for the short index commit.
         """
         while not self._stop.wait(self.config.checkpoint_interval):
-            if not self.index.pending_records:
+            if not self.index.pending_records and self.opened.damage_pending is None:
                 continue
             try:
                 self.objects.sync()

@@ -195,23 +195,32 @@ class FileOps:
             raise NameTooLong(name)
         return raw
 
-    def _admin_only(self, caller: int | None) -> None:
-        """The control and verify attributes are for root and the daemon's
-        owner: verify's report holds paths of files the caller may not see."""
+    def require_admin(self, caller: int | None) -> None:
+        """The virtual attributes of the mount root answer root and the
+        daemon's owner only (``caller``: the uid of the process asking; None
+        for calls from inside): verify's report holds paths of files the
+        caller may not see, and the status, stats and ops figures are the
+        admin's, not every local user's of an ``allow_other`` mount.
+
+        Raises
+        ------
+        PermissionDenied
+            Anyone else (EACCES).
+        """
         if caller is not None and caller not in (0, os.getuid()):
             raise PermissionDenied("only root or the mount's owner may do this")
 
     @_locked
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0,
                  caller: int | None = None) -> None:
-        if name == fmt.CONTROL_XATTR and path == "/":
-            self._admin_only(caller)
-            self.control(bytes(value).decode("utf-8", "replace"))
-            return
+        if name.startswith(fmt.XATTR_PREFIX):  # reserved: only the control command
+            if name == fmt.CONTROL_XATTR and path == "/":
+                self.require_admin(caller)
+                self.control(bytes(value).decode("utf-8", "replace"))
+                return
+            raise NotSupported(name)
         if self.read_only:
             raise ReadOnlyError("The store is mounted read-only.")
-        if name in (fmt.STATUS_XATTR, fmt.STATS_XATTR, fmt.CONTROL_XATTR, fmt.VERIFY_XATTR):
-            raise NotSupported(name)
         raw = self._xname(name)
         if len(value) > 65536:
             raise TooBig("xattr value too large")
@@ -230,20 +239,8 @@ class FileOps:
 
     @_locked
     def getxattr(self, path: str, name: str, caller: int | None = None) -> bytes:
-        if name == fmt.STATUS_XATTR and path == "/":
-            return json.dumps(self.live_status(), sort_keys=True).encode()
-        if name == fmt.STATS_XATTR and path == "/":
-            return json.dumps(self.content_stats(), sort_keys=True).encode()
-        if name.startswith(fmt.VERIFY_XATTR) and path == "/":
-            self._admin_only(caller)
-        if name == fmt.VERIFY_XATTR and path == "/":
-            job = self.verify_job
-            return json.dumps(job.status() if job else {}, sort_keys=True).encode()
-        if name.startswith(fmt.VERIFY_XATTR + ":") and path == "/":
-            # a read-only mount refuses setxattr in the kernel: "user.dcmfs.verify:{args}"
-            # starts a verify there (the admin's command falls back to it)
-            self.control("verify" + name[len(fmt.VERIFY_XATTR) + 1:])
-            return b"{}"
+        if name.startswith(fmt.XATTR_PREFIX) and name != fmt.FSCK_XATTR:
+            return self._virtual_xattr(path, name, caller)
         raw = self._xname(name)
         with self.index.begin() as txn:
             value = txn.get_xattr(self._resolve(txn, path), raw)
@@ -251,13 +248,39 @@ class FileOps:
             raise NoAttribute(name)
         return value
 
+    def _virtual_xattr(self, path: str, name: str, caller: int | None) -> bytes:
+        """The attributes dcmfs answers itself, on the mount root, for root
+        and the mount's owner; any other name under the reserved prefix is
+        refused."""
+        if path != "/" or not (name in (fmt.STATUS_XATTR, fmt.STATS_XATTR)
+                               or name.startswith(fmt.VERIFY_XATTR)):
+            raise NotSupported(name)
+        self.require_admin(caller)
+        if name == fmt.STATUS_XATTR:
+            return json.dumps(self.live_status(), sort_keys=True).encode()
+        if name == fmt.STATS_XATTR:
+            return json.dumps(self.content_stats(), sort_keys=True).encode()
+        if name == fmt.VERIFY_XATTR:
+            job = self.verify_job
+            return json.dumps(job.status() if job else {}, sort_keys=True).encode()
+        if name.startswith(fmt.VERIFY_XATTR + ":"):
+            # a read-only mount refuses setxattr in the kernel: "user.dcmfs.verify:{args}"
+            # starts a verify there (the admin's command falls back to it)
+            self.control("verify" + name[len(fmt.VERIFY_XATTR) + 1:])
+            return b"{}"
+        raise NotSupported(name)
+
     @_locked
     def listxattr(self, path: str) -> list[str]:
         with self.index.begin() as txn:
-            return [os.fsdecode(n) for n in txn.list_xattrs(self._resolve(txn, path))]
+            names = [os.fsdecode(n) for n in txn.list_xattrs(self._resolve(txn, path))]
+        # an attribute under the reserved prefix set by an older dcmfs stays hidden
+        return [n for n in names if not n.startswith(fmt.XATTR_PREFIX) or n == fmt.FSCK_XATTR]
 
     @_mutating
     def removexattr(self, path: str, name: str) -> None:
+        if name.startswith(fmt.XATTR_PREFIX) and name != fmt.FSCK_XATTR:
+            raise NotSupported(name)
         raw = self._xname(name)
         with self._write_txn() as txn:
             ino = self._resolve(txn, path)

@@ -6,8 +6,9 @@ Everything above this layer imports these names from the package, not from
 its modules, so the modules can be reshaped without touching the callers.
 """
 
-from .index import Index
-from .schema import JOURNAL_NAME, SEALED, Inode, read_stats
+from .index import Index, read_damage
+from .schema import JOURNAL_NAME, SEALED, Inode, read_meta, read_stats
 from .txn import Txn
 
-__all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "read_stats"]
+__all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "read_damage", "read_meta",
+           "read_stats"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import struct
@@ -30,13 +31,46 @@ import lmdb
 
 from ..storage import crypto
 from .. import format as fmt
-from ..errors import IndexDamagedError, IntegrityError, NeedsRecoveryError
+from ..errors import DcmfsError, IndexDamagedError, IntegrityError, NeedsRecoveryError
 from .journal import PUT, Journal, Op
 from .schema import (DATABASES, JOURNAL_NAME, OPTIONAL, U64, U64X2, decode_chunk,
-                     lmdb_error)
+                     lmdb_error, read_meta)
 from .txn import Txn
 
 log = logging.getLogger("dcmfs.index")
+
+
+def index_sealer(master_key: bytes, store_id: bytes) -> crypto.Siv:
+    """The AEAD that seals index values (HKDF label ``index``)."""
+    return crypto.Siv(crypto.derive(master_key, b"index", store_id))
+
+
+def sealed_aad(db: str, key: bytes) -> bytes:
+    """The associated data of a sealed value: its database and key."""
+    return db.encode() + b"\x00" + key
+
+
+def read_damage(path: str, master_key: bytes, store_id: bytes) -> dict | None:
+    """The sealed damage record (``meta/damage``) of a closed index, None if
+    there is none; ``{}`` for one that does not authenticate (it counts).
+
+    An index that cannot be read here is left to the opening that follows,
+    which reports it; a record only in the journal (a crash within a
+    checkpoint interval of the first integrity error) is not seen.
+    """
+    try:
+        found = read_meta(path, ("damage",), "reading the damage record")
+    except DcmfsError:
+        return None
+    raw = found and found["damage"]
+    if raw is None:
+        return None
+    try:
+        info = json.loads(index_sealer(master_key, store_id).open(raw, sealed_aad("meta",
+                                                                                  b"damage")))
+    except (crypto.AuthenticationFailed, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 class Index:
@@ -69,7 +103,7 @@ class Index:
                     self.dbs[name] = None  # an older store opened read-only: empty
         except lmdb.Error as exc:
             raise lmdb_error(exc, "opening the index") from exc
-        self._siv = crypto.Siv(crypto.derive(master_key, b"index", store_id))
+        self._siv = index_sealer(master_key, store_id)
         self._name_key = crypto.derive(master_key, b"names", store_id)
         self.journal = Journal(os.path.join(path, JOURNAL_NAME), master_key, store_id,
                                read_only=read_only)
@@ -327,12 +361,17 @@ class Index:
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.new(self._name_key, U64.pack(parent) + name, hashlib.sha256).digest()[:16]
 
+    def unapplied_records(self) -> bool:
+        """Does the journal hold records after the index's sequence number
+        (an unclean store, before its replay)?"""
+        return any(True for _ in self.journal.records(self._seq))
+
     def seal(self, db: str, key: bytes, value: bytes) -> bytes:
-        return self._siv.seal(value, db.encode() + b"\x00" + key)
+        return self._siv.seal(value, sealed_aad(db, key))
 
     def open(self, db: str, key: bytes, sealed: bytes) -> bytes:
         try:
-            return self._siv.open(sealed, db.encode() + b"\x00" + key)
+            return self._siv.open(sealed, sealed_aad(db, key))
         except crypto.AuthenticationFailed as exc:
             raise IntegrityError(f"index entry {db}/{key.hex()} failed authentication; "
                                  "run 'dcmfs fsck' on the store") from exc

@@ -17,7 +17,13 @@ database      key                             value
                                               stored bytes (3 x u64; plain, so
                                               ``dcmfs status`` needs no key);
                                               ``journal_seq`` -> u64, the last
-                                              journal record this index holds
+                                              journal record this index holds;
+                                              and one sealed value:
+                                              ``damage`` -> SIV(JSON: since,
+                                              reason), present while the store
+                                              is marked as needing fsck (the
+                                              copy of ``STORE/needs-fsck``
+                                              that notices its deletion)
 ``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`)
 ``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
 ``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``; files
@@ -166,19 +172,27 @@ def read_stats(path: str) -> tuple[int, int, int] | None:
     old, and a read racing a checkpoint can fail (the daemon opens LMDB
     without its lock file); ``dcmfs status`` asks a running daemon instead.
     """
+    found = read_meta(path, ("stats",), "reading statistics")
+    if found is None:
+        return None
+    raw = found["stats"]
+    return STATS.unpack(raw) if raw else (0, 0, 0)
+
+
+def read_meta(path: str, names: tuple[str, ...], doing: str) -> dict | None:
+    """The raw ``meta`` values ``names`` of a closed index (None for a
+    missing one), without the key; None if there is no index."""
     if not os.path.exists(os.path.join(path, "data.mdb")):
         return None
     try:
         env = lmdb.open(path, subdir=True, readonly=True, lock=True, max_dbs=len(DATABASES))
     except lmdb.Error as exc:
-        raise lmdb_error(exc, "reading statistics") from exc
+        raise lmdb_error(exc, doing) from exc
     try:
         with env.begin() as txn:
             meta = env.open_db(b"meta", txn=txn, create=False)
-            raw = txn.get(b"stats", db=meta)
-        return STATS.unpack(raw) if raw else (0, 0, 0)
+            return {name: txn.get(name.encode(), db=meta) for name in names}
     except lmdb.Error as exc:
-        raise lmdb_error(exc, "reading statistics") from exc
+        raise lmdb_error(exc, doing) from exc
     finally:
         env.close()
-

@@ -115,6 +115,30 @@ class Txn:
             f, lg, st = self.stats()
             self.meta_put("stats", STATS.pack(f + files, lg + logical, st + stored))
 
+    def get_damage(self) -> dict | None:
+        """The sealed damage record (``meta/damage``), None if the store is
+        not marked.
+
+        Raises
+        ------
+        IntegrityError
+            The record does not authenticate.
+        """
+        raw = self._get("meta", b"damage")
+        if raw is None:
+            return None
+        try:
+            info = json.loads(raw)
+        except ValueError as exc:
+            raise IntegrityError("index entry meta/damage does not decode") from exc
+        return info if isinstance(info, dict) else {}
+
+    def put_damage(self, info: dict) -> None:
+        self._put("meta", b"damage", json.dumps(info, sort_keys=True).encode())
+
+    def clear_damage(self) -> bool:
+        return self._delete("meta", b"damage")
+
     def alloc_ino(self) -> int:
         raw = self.meta_get("next_ino")
         ino = U64.unpack(raw)[0] if raw else fmt.ROOT_INO + 1

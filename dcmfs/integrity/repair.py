@@ -105,7 +105,7 @@ class Salvage:
             fresh.generation = max(r.generation for r in new.values())
             fresh.ctime_ns = self._now
             txn.put_inode(ino, fresh)
-            txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(
+            txn.set_xattr(ino, fmt.FSCK_XATTR.encode(), b"fsck " + time.strftime(
                 "%Y-%m-%d %H:%M:%S").encode() + b": the index had an older version whose data "
                 b"was gone; this newer complete version was assembled from the objects")
         return True
@@ -212,7 +212,7 @@ class Salvage:
             note = ("fsck " + time.strftime("%Y-%m-%d %H:%M:%S") + ": "
                     + ("bytes " + ", ".join(lost) + " could not be read and are zeros"
                        if lost else "the chunk table was repaired"))
-            txn.set_xattr(ino, b"user.dcmfs.fsck", note.encode())
+            txn.set_xattr(ino, fmt.FSCK_XATTR.encode(), note.encode())
             names = [(p, n) for p, n, c in txn.iter_dirents() if c == ino]
             for parent, name in names:
                 txn.remove_dirent(parent, name)
@@ -251,7 +251,7 @@ class Salvage:
                                      file_id, gen, hasher.digest(), tree=True))
             for idx, ref in table.items():
                 txn.put_chunk(ino, idx, ref)
-            txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck " + time.strftime(
+            txn.set_xattr(ino, fmt.FSCK_XATTR.encode(), b"fsck " + time.strftime(
                 "%Y-%m-%d %H:%M:%S").encode() + b": assembled from objects the index did not "
                 b"know (newest complete version); no checksum was kept to compare it with")
         self._link_lost(ino, str(ino).encode())

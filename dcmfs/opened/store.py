@@ -32,12 +32,12 @@ from typing import Callable, Iterator
 
 from .. import format as fmt
 from ..config import Config
-from ..errors import DcmfsError, StoreLockedError
-from ..index import Index, Inode, Txn
+from ..errors import DcmfsError, StoreDamagedError, StoreLockedError
+from ..index import Index, Inode, Txn, read_damage
 from ..index.snapshots import archived_bytes, refuse_if_missing, take_snapshot
 from ..storage.codec import NAMES, Codecs
-from ..storage.header import (Secret, Store, StoreLock, open_store, read_lock_pid,
-                              refuse_if_damaged, set_damage_mark)
+from ..storage.header import (Secret, Store, StoreLock, clear_damage_mark, open_store, plain,
+                              read_lock_pid, refuse_if_damaged, set_damage_mark)
 from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 from .recovery import RecoveryReport, recover
 
@@ -59,15 +59,34 @@ def preflight(store: Store, config: Config, lock_free: bool = True) -> None:
         ``lock_free`` and another process holds the store.
     """
     refuse_if_missing(store.root)
-    if not config.read_only:
-        refuse_if_damaged(store.root)
-        if config.dicom:  # the re-encoder's image codecs must be there
-            Codecs.of(config).check_image_codecs()
     if lock_free:
         pid = read_lock_pid(store.root)
         if pid is not None:
             raise StoreLockedError(f"The store {store.root} is already in use by dcmfs pid "
                                    f"{pid}.")
+    if not config.read_only:
+        refuse_if_damaged(store)
+        refuse_if_damaged_in_index(store)
+        if config.dicom:  # the re-encoder's image codecs must be there
+            Codecs.of(config).check_image_codecs()
+
+
+def refuse_if_damaged_in_index(store: Store) -> None:
+    """Raise :class:`StoreDamagedError` if the index says the store is
+    damaged although ``STORE/needs-fsck`` is gone (deleted by someone who
+    could write the store but has no key: the index's record is sealed)."""
+    info = read_damage(os.path.join(store.root, fmt.INDEX_DIR), store.master_key,
+                       store.store_id)
+    if info is None:
+        return
+    root = store.root
+    what = (f"since {plain(info.get('since', '?'))} ({plain(info.get('reason', '?'))})" if info
+            else "by a record that does not authenticate")
+    raise StoreDamagedError(
+        f"The store {root} is marked as damaged in its index {what}, but its mark file "
+        f"{fmt.DAMAGE_MARK} is missing (deleted?); it mounts read-only only (-o ro) until "
+        f"you run 'dcmfs fsck {root}' (and 'dcmfs fsck --repair {root}' if that finds "
+        "damage).")
 
 
 class OpenedStore:
@@ -97,6 +116,8 @@ class OpenedStore:
         self.index: Index | None = None
         #: object ids (or inode numbers) whose damage has been logged
         self._damage_seen: set = set()
+        #: the damage record the next checkpoint writes into the index
+        self.damage_pending: dict | None = None
         self._damage_lock = threading.Lock()
         self._stack = contextlib.ExitStack()
         self._index_stack: contextlib.ExitStack | None = None
@@ -225,6 +246,7 @@ class OpenedStore:
         archived journal has grown large, take a new index snapshot, so that
         a rebuild has little to roll forward and the archive stays bounded."""
         with self.lock:
+            self._write_damage_record()
             self.objects.sync()
             rotated = self.index.checkpoint()
             after_commit()
@@ -257,11 +279,61 @@ class OpenedStore:
                       "'dcmfs fsck %s' (intact files are still served, damaged ones give EIO)",
                       ino, exc, self.root)
             try:
-                set_damage_mark(self.root, "integrity errors")
+                mark = set_damage_mark(self.store, "integrity errors")
             except DcmfsError as err:
                 log.error("could not mark the store as damaged: %s", err)
+                mark = {"since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            # the index's copy goes in with the next checkpoint (this may run
+            # inside another transaction)
+            self.damage_pending = {"since": mark["since"], "reason": "integrity errors"}
         else:
             log.warning("integrity error in inode %d: %s", ino, exc)
+
+    def _write_damage_record(self) -> None:
+        """The index's sealed copy of the damage mark, if one is pending
+        (under the core's lock, between operations)."""
+        info, self.damage_pending = self.damage_pending, None
+        if info is None or self.read_only or self.index is None:
+            return
+        try:
+            with self.write_txn() as txn:
+                if txn.meta_get("damage") is None:
+                    txn.put_damage(info)
+        except DcmfsError as err:
+            log.error("could not record the damage in the index: %s", err)
+
+    def record_damage(self, reason: str, errors: int = 1) -> bool:
+        """Mark the store as needing fsck outside a session (an offline
+        verify, fsck): the mark file, and the index's copy when the index
+        can be written safely (read-write, nothing left to replay); returns
+        whether the index holds it."""
+        mark = set_damage_mark(self.store, reason, errors)
+        if self.read_only:
+            return False
+        try:
+            index = self.index or self.open_index()
+            if index.unapplied_records():
+                return False  # its journal first: new records must follow its last
+            with self.write_txn() as txn:
+                if txn.meta_get("damage") is None:
+                    txn.put_damage({"since": mark["since"], "reason": reason})
+            self.objects.sync(force=True)
+            index.checkpoint()
+        except DcmfsError as err:  # the index may be what is damaged
+            log.warning("the damage mark is in %s only: the index could not record it (%s)",
+                        fmt.DAMAGE_MARK, err)
+            return False
+        return True
+
+    def clear_damage(self) -> None:
+        """A clean fsck: drop the index's record, then the mark file (in this
+        order: a crash in between leaves a mark, never a record alone)."""
+        index = self.index or self.open_index()
+        with self.write_txn() as txn:
+            found = txn.clear_damage()
+        if found:
+            index.checkpoint()
+        clear_damage_mark(self.root)
 
     @property
     def integrity_errors(self) -> int:

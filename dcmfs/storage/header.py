@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -27,9 +29,10 @@ import secrets
 from . import crypto
 from .. import format as fmt
 from .codec import GENERAL_CODECS
-from ..config import Config
+from ..config import (KDF_MAX_ITERATIONS, KDF_MAX_LANES, KDF_MAX_MEMORY_KIB, Config,
+                      kdf_within_bounds)
 from .durable import write_file
-from ..errors import (ForeignStoreError, SecretError, StoreDamagedError, StoreIOError,
+from ..errors import (ForeignStoreError, KdfBoundsError, SecretError, StoreDamagedError, StoreIOError,
                      StoreLockedError, StoreMissingError, StoreNotEmptyError,
                      UnsupportedFormatError, WrongKeyError)
 
@@ -58,8 +61,28 @@ def _aad(header: dict) -> bytes:
     return json.dumps({"header": rest, "key": key}, sort_keys=True).encode()
 
 
-def _kek(secret: Secret, key_info: dict) -> bytes:
-    salt = bytes.fromhex(key_info["salt"])
+def _kek(secret: Secret, key_info: dict, root: str = "") -> bytes:
+    """The key-encryption key of ``secret`` under the header's ``key`` table.
+
+    The table is not authenticated yet (what it derives is what authenticates
+    it), so its Argon2id parameters are bounded before they are used.
+
+    Raises
+    ------
+    KdfBoundsError
+        The parameters are outside :func:`dcmfs.config.kdf_within_bounds`.
+    """
+    try:
+        salt = bytes.fromhex(key_info["salt"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ForeignStoreError(f"The store header at {root} has no valid salt; it is damaged "
+                                "(restore it from a backup).") from exc
+    if key_info.get("kind") == "passphrase" and not kdf_within_bounds(key_info.get("argon2id")):
+        raise KdfBoundsError(
+            f"The store header at {root} asks for Argon2id parameters outside the bounds "
+            f"dcmfs accepts (at most {KDF_MAX_MEMORY_KIB // 1024 // 1024} GiB of memory, "
+            f"{KDF_MAX_ITERATIONS} passes and {KDF_MAX_LANES} lanes), so it was altered and "
+            "nothing was derived: restore the header (dcmfs.store) from a backup.")
     if secret.kind != key_info["kind"]:
         want = "a key file (--key-file)" if key_info["kind"] == "keyfile" else "a passphrase"
         raise WrongKeyError(f"This store is opened with {want}.")
@@ -96,6 +119,9 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
     key_info: dict = {"kind": secret.kind, "salt": secrets.token_hex(16)}
     if secret.kind == "passphrase":
         key_info["argon2id"] = dataclasses.asdict(config.kdf)
+        if not kdf_within_bounds(key_info["argon2id"]):
+            raise ValueError(f"Argon2id parameters {config.kdf} are outside the bounds "
+                             "dcmfs accepts (dcmfs.config.kdf_within_bounds)")
     header = {
         "magic": fmt.STORE_MAGIC,
         "format_version": fmt.FORMAT_VERSION,
@@ -106,7 +132,7 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
         "codec": config.codec,
         "key": key_info,
     }
-    kek = _kek(secret, key_info)
+    kek = _kek(secret, key_info, root)
     key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
     _write_header(root, header)
     return Store(root, store_id, config.chunk_size, config.codec,
@@ -145,6 +171,11 @@ def read_header(root: str) -> dict:
         raise UnsupportedFormatError(
             f"{root} has store format version {version}; this dcmfs reads up to "
             f"{fmt.FORMAT_VERSION}. Upgrade dcmfs.")
+    key_info = header.get("key")
+    if (not isinstance(key_info, dict) or key_info.get("kind") not in ("keyfile", "passphrase")
+            or not isinstance(key_info.get("wrapped"), str)):
+        raise ForeignStoreError(f"{root}: the store header has no valid key table; it is "
+                                "damaged (restore dcmfs.store from a backup).")
     unknown = set(header.get("features", [])) - fmt.KNOWN_FEATURES
     if unknown:
         raise UnsupportedFormatError(f"{root} uses features this dcmfs does not know "
@@ -167,10 +198,10 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     root = os.path.abspath(root)
     header = read_header(root)
     key_info = header["key"]
-    kek = _kek(secret, key_info)
+    kek = _kek(secret, key_info, root)
     try:
         master = crypto.Gcm(kek).open(bytes.fromhex(key_info["wrapped"]), _aad(header))
-    except crypto.AuthenticationFailed as exc:
+    except (crypto.AuthenticationFailed, ValueError) as exc:
         raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
                             "passphrase (or a damaged store header).") from exc
     if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
@@ -200,7 +231,10 @@ class StoreLock:
     def __init__(self, root: str) -> None:
         self.path = os.path.join(root, fmt.LOCK_NAME)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # never through a symlink: whoever can write the store must not
+            # make a root daemon truncate a file of their choice
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                              0o600)
         except OSError as exc:  # e.g. a read-only store (ProtectSystem= in a unit)
             raise StoreIOError(f"The store {root} cannot be opened for writing "
                                f"({exc.strerror}); make it writable for dcmfs.") from exc
@@ -226,32 +260,90 @@ class StoreLock:
 
 
 def read_lock_pid(root: str) -> int | None:
-    """The pid written in the lock file if a process still holds the lock."""
+    """The pid of the process holding the store lock, None if it is free.
+
+    The kernel's word (:func:`lock_holders`) comes first: the pid written in
+    the lock file is only a hint, anyone who can write the store can change
+    it.
+    """
     path = os.path.join(root, fmt.LOCK_NAME)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
+            holders = (lock_holders(root) or set()) - {0}
+            if len(holders) == 1:
+                return holders.pop()
+            return lock_file_pid(root)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
 
 
+def lock_file_pid(root: str) -> int | None:
+    """The pid written in the lock file (a hint, not a proof)."""
+    try:
+        fd = os.open(os.path.join(root, fmt.LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def lock_holders(root: str) -> set[int] | None:
+    """The pids the kernel names (``/proc/locks``) as holding a ``flock`` on
+    this very lock file (its device and inode), 0 for a holder outside this
+    pid namespace; None if that cannot be read."""
+    try:
+        st = os.lstat(os.path.join(root, fmt.LOCK_NAME))
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146345 0 EOF"; "1: -> FLOCK ..." waits
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where:
+            if fields[4].isdigit():
+                holders.add(int(fields[4]))
+    return holders
+
+
 # --- the damage mark ----------------------------------------------------------------
 # ``STORE/needs-fsck`` (JSON: when, why, how many integrity errors; never a
 # name) is written at the first integrity error a daemon meets and removed by
 # a clean ``dcmfs fsck``.  It lives outside the index because the index may be
-# what is damaged.
+# what is damaged; the index keeps a sealed copy as well (``meta/damage``,
+# :mod:`dcmfs.opened.store`), so that deleting the file is noticed.  The file
+# carries ``mac``: HMAC-SHA256 under a key derived from the master key for
+# this store (label ``damage-mark``) of its other fields, so a mark copied
+# from another store or altered is told apart from a genuine one.  Any mark
+# at all refuses read-write openings, authentic or not (a plain mark from an
+# older dcmfs, or one that does not authenticate, still counts): a forged
+# mark can only make a store wait for fsck, the safe direction.
+
+def _mark_key(store: Store) -> bytes:
+    return crypto.derive(store.master_key, b"damage-mark", store.store_id)
+
+
+def _mark_mac(store: Store, mark: dict) -> str:
+    body = json.dumps({k: v for k, v in mark.items() if k != "mac"}, sort_keys=True).encode()
+    return hmac.new(_mark_key(store), body, hashlib.sha256).hexdigest()
+
 
 def damage_mark(root: str) -> dict | None:
-    """The mark's content if the store is marked as needing fsck."""
+    """The mark's content if the store is marked as needing fsck (no key
+    needed; not authenticated: see :func:`mark_authentic`)."""
     try:
         with open(os.path.join(root, fmt.DAMAGE_MARK), "rb") as f:
             data = json.loads(f.read() or b"{}")
@@ -262,13 +354,26 @@ def damage_mark(root: str) -> dict | None:
         return {}  # present but unreadable: still marked
 
 
-def set_damage_mark(root: str, reason: str, errors: int = 1) -> None:
+def mark_authentic(store: Store, mark: dict) -> bool:
+    """Was this mark written by a dcmfs holding this store's key?"""
+    mac = mark.get("mac")
+    return isinstance(mac, str) and hmac.compare_digest(mac, _mark_mac(store, mark))
+
+
+def set_damage_mark(store: Store, reason: str, errors: int = 1,
+                    since: str | None = None) -> dict:
+    """Write (or update) the sealed mark; returns its fields."""
     import time
-    mark = damage_mark(root) or {"since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    old = damage_mark(store.root)
+    mark = {"since": since or time.strftime("%Y-%m-%d %H:%M:%S %Z"), "errors": 0}
+    if old is not None and mark_authentic(store, old):
+        mark.update(since=old.get("since", mark["since"]), errors=int(old.get("errors", 0)))
     mark["reason"] = reason
-    mark["errors"] = int(mark.get("errors", 0)) + errors
-    write_file(os.path.join(root, fmt.DAMAGE_MARK),
+    mark["errors"] += errors
+    mark["mac"] = _mark_mac(store, mark)
+    write_file(os.path.join(store.root, fmt.DAMAGE_MARK),
                (json.dumps(mark, sort_keys=True) + "\n").encode(), mode=0o600)
+    return mark
 
 
 def clear_damage_mark(root: str) -> None:
@@ -280,12 +385,30 @@ def clear_damage_mark(root: str) -> None:
     fsync_dir(root)
 
 
-def refuse_if_damaged(root: str) -> None:
-    """Raise :class:`StoreDamagedError` if the store is marked as needing fsck."""
+def plain(text: object, limit: int = 60) -> str:
+    """A field of a mark as a message may quote it: printable ASCII only,
+    short (the file is not trusted before it authenticates)."""
+    return "".join(c for c in str(text) if " " <= c <= "~")[:limit] or "?"
+
+
+def refuse_if_damaged(store: Store) -> None:
+    """Raise :class:`StoreDamagedError` if the store carries a damage mark
+    (genuine, from an older dcmfs, or one that does not authenticate)."""
+    root = store.root
     mark = damage_mark(root)
-    if mark is not None:
+    if mark is None:
+        return
+    until = (f"it mounts read-only only (-o ro) until you run 'dcmfs fsck {root}' (and "
+             f"'dcmfs fsck --repair {root}' if that finds damage)")
+    if "mac" not in mark and mark:
         raise StoreDamagedError(
-            f"The store {root} is marked as damaged since {mark.get('since', '?')} "
-            f"({mark.get('reason', 'integrity errors')}); it mounts read-only only (-o ro) "
-            f"until you run 'dcmfs fsck {root}' (and 'dcmfs fsck --repair {root}' if that "
-            "finds damage).")
+            f"The store {root} is marked as damaged since {plain(mark.get('since', '?'))} "
+            f"({plain(mark.get('reason', 'integrity errors'))}, marked by an older dcmfs); "
+            f"{until}.")
+    if not mark_authentic(store, mark):
+        raise StoreDamagedError(
+            f"The store {root} carries a damage mark ({fmt.DAMAGE_MARK}) that does not "
+            f"authenticate (altered, or copied from another store); {until}.")
+    raise StoreDamagedError(
+        f"The store {root} is marked as damaged since {plain(mark['since'])} "
+        f"({plain(mark.get('reason', 'integrity errors'))}); {until}.")

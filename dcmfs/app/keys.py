@@ -1,0 +1,140 @@
+"""Reading secrets: one set of rules for every source (docs/cli.md, "Secrets").
+
+The command line (``--key-file``, ``--passphrase-file``, ``--passphrase-fd``,
+the prompt, ``-o key_file=``/``passphrase_file=``) and instance files
+(``[key]``: ``file``, ``credential``, ``passphrase_file``,
+``passphrase_credential``, ``ask_password``) all read through here:
+
+* **One maximum**: a secret is read whole, up to :data:`MAX_SECRET` bytes; a
+  longer one is refused, never cut (two sources once read different
+  lengths of the same file, and so derived different keys).
+* **Private files**: a key or passphrase file (or credential) that is a
+  regular file with any permission for group or others is refused;
+  ``--allow-open-key-file`` accepts it with a warning.  Pipes, terminals
+  and ``/dev/stdin`` are not files with modes that mean anything here.
+* **One newline rule**: a passphrase is its bytes with every trailing line
+  feed (``\\n``) removed, nothing else (a ``\\r``, spaces and other bytes
+  are part of it); a key file is used exactly as it is.
+* **No empty passphrase** from any source (after the newline rule).
+
+A process that holds a key dumps no core and cannot be inspected by other
+processes of its user (:func:`forbid_core_dumps`: the daemon and every
+command).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import stat
+
+from ..errors import SecretError
+
+log = logging.getLogger("dcmfs")
+
+#: the longest key file or passphrase dcmfs reads (bytes); a dcmfs key file
+#: holds 32 (``init`` writes 32 random bytes)
+MAX_SECRET = 4096
+
+
+def passphrase(raw: bytes, source: str) -> bytes:
+    """The passphrase ``raw`` holds (the newline rule), refused if empty.
+
+    Raises
+    ------
+    SecretError
+        Nothing is left once trailing line feeds are removed.
+    """
+    value = raw.rstrip(b"\n")
+    if not value:
+        raise SecretError(f"The passphrase from {source} is empty; an empty passphrase is "
+                          "not allowed.")
+    return value
+
+
+def _check_private(st: os.stat_result, path: str, what: str, allow_open: bool) -> None:
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077:
+        return
+    if not allow_open:
+        raise SecretError(f"The {what} {path} can be read or written by group or others "
+                          f"(mode {stat.S_IMODE(st.st_mode):04o}); make it private with "
+                          f"'chmod 600 {path}' (or pass --allow-open-key-file).")
+    log.warning("the %s %s can be read or written by group or others (mode %04o); "
+                "used because of --allow-open-key-file", what, path, stat.S_IMODE(st.st_mode))
+
+
+def _read_bounded(fd: int, source: str) -> bytes:
+    chunks, size = [], 0
+    while size <= MAX_SECRET:
+        b = os.read(fd, MAX_SECRET + 1 - size)
+        if not b:
+            break
+        chunks.append(b)
+        size += len(b)
+    if size > MAX_SECRET:
+        raise SecretError(f"The secret from {source} is longer than {MAX_SECRET} bytes, the "
+                          "most dcmfs reads of a key file or passphrase (it is never cut).")
+    return b"".join(chunks)
+
+
+def read_file(path: str, what: str = "key file", allow_open: bool = False) -> bytes:
+    """The bytes of a key or passphrase file (or systemd credential);
+    ``what`` names it in messages.
+
+    Raises
+    ------
+    SecretError
+        It cannot be read, is open to group or others, or is too long.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SecretError(f"The {what} {path} cannot be read ({exc.strerror}).") from exc
+    try:
+        _check_private(os.fstat(fd), path, what, allow_open)
+        return _read_bounded(fd, f"the {what} {path}")
+    except OSError as exc:
+        raise SecretError(f"The {what} {path} cannot be read ({exc.strerror}).") from exc
+    finally:
+        os.close(fd)
+
+
+def read_fd(fd: int) -> bytes:
+    """Everything an inherited file descriptor gives, up to :data:`MAX_SECRET`."""
+    try:
+        return _read_bounded(fd, f"file descriptor {fd}")
+    except OSError as exc:
+        raise SecretError(f"Cannot read a passphrase from fd {fd} ({exc.strerror}).") from exc
+
+
+def create_key_file(path: str) -> None:
+    """A new key file of 32 random bytes, mode 0600 (``init``), in a
+    directory made 0700 if it is missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+
+
+PR_SET_DUMPABLE = 4
+
+
+def forbid_core_dumps() -> None:
+    """No core file of this process (and its children), and no ptrace or
+    /proc/PID/mem by other processes of the same user: the master key is in
+    its memory.  ``RLIMIT_CORE`` 0 (hard as well) because a non-dumpable
+    process is still dumped, readable by root, when ``fs.suid_dumpable`` is
+    2; the systemd unit sets ``LimitCORE=0`` too.  Failures are logged, not
+    raised: a seccomp filter may forbid setrlimit(2) (the unit's
+    ``@resources``), and the unit's own limit then holds."""
+    try:
+        if resource.getrlimit(resource.RLIMIT_CORE) != (0, 0):
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        log.warning("could not turn core dumps off (RLIMIT_CORE): %s", exc.__class__.__name__)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("could not make the process non-dumpable: %s",
+                    os.strerror(ctypes.get_errno()))
