@@ -32,7 +32,8 @@ def drop_caches() -> None:
 
 
 class Sampler:
-    """Peak RSS and CPU seconds of one process while a workload runs."""
+    """Peak RSS and CPU seconds of one process and its children (dcmfs's
+    parser workers) while a workload runs."""
 
     def __init__(self, pid: int | None) -> None:
         self.proc = psutil.Process(pid) if pid else None
@@ -40,11 +41,23 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _family(self) -> list:
+        try:
+            return [self.proc] + self.proc.children(recursive=True)
+        except psutil.Error:
+            return [self.proc]
+
     def _sample(self) -> bool:
         try:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            rss = self.proc.memory_info().rss
         except psutil.Error:
             return False
+        for child in self._family()[1:]:
+            try:
+                rss += child.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, rss)
         return True
 
     def _run(self) -> None:
@@ -54,8 +67,14 @@ class Sampler:
     def cpu(self) -> float:
         if self.proc is None:
             return 0.0
-        t = self.proc.cpu_times()
-        return t.user + t.system
+        total = 0.0
+        for proc in self._family():
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        return total
 
     def __enter__(self):
         self.cpu0 = self.cpu()

@@ -56,6 +56,7 @@ class Reencoder:
         #: the workers that parse and encode file content (None: in this
         #: process, ``-o sandbox=0``)
         self.parsers = parsers
+        self._warming = False
         #: failed attempts per inode in this session (a bug must not loop)
         self._attempts: collections.Counter = collections.Counter()
         self.limit = limit_bytes
@@ -118,6 +119,7 @@ class Reencoder:
         self._bytes -= nbytes
         self._add(ino, nbytes)
         self._wake.set()
+        self._start_warming()
 
     @property
     def backlog(self) -> tuple[int, int]:
@@ -125,20 +127,21 @@ class Reencoder:
         return len(self._queue), self._bytes
 
     # --- the thread -------------------------------------------------------------
+    def _start_warming(self) -> None:
+        """Warm workers for the first files (starting one takes ~0.4 s) once
+        there is work; a mount with an empty backlog starts none."""
+        if not self._warming and self.parsers is not None and self.dicom:
+            self._warming = True
+            threading.Thread(target=self.parsers.warm_all, daemon=True,
+                             name="dcmfs-warm-parsers").start()
+
     def start(self) -> None:
-        if self._thread is None and self.parsers is not None and self.dicom:
-            # a warm worker for the first file (starting one takes ~0.4 s)
-            threading.Thread(target=self._warm, daemon=True, name="dcmfs-warm-parser").start()
+        if self._thread is None and self._queue:
+            self._start_warming()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True,
                                             name="dcmfs-reencode")
             self._thread.start()
-
-    def _warm(self) -> None:
-        try:
-            self.parsers.warm()
-        except ParserFailure:
-            pass  # the first file will say so
 
     def enqueue_all(self, retry_failed: bool = False) -> int:
         """Queue every file the re-encoder has work on (``dcmfs recompress``):
@@ -167,6 +170,7 @@ class Reencoder:
             for ino in todo:
                 self._add(ino, 0)
             self._wake.set()
+            self._start_warming()
         return len(todo)
 
     def stop(self) -> None:

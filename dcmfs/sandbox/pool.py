@@ -20,6 +20,7 @@ dcmfs store a file with the general codec, never store something else.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -38,6 +39,13 @@ from . import protocol
 log = logging.getLogger("dcmfs.sandbox")
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+#: pipe buffers to the workers (a 256 KiB band crosses in one write; measured:
+#: a whole-file analysis 1.72 -> 0.92 ms, a band's round trip 5.77 -> 5.57 ms)
+PIPE_SIZE = 1 << 20
+#: the analysis first sends this much of a file: a header is a few kilobytes
+#: (1.72 ms for a 513 KB CT slice sent whole, 0.72 ms for 64 KiB); only when
+#: the Pixel Data does not start within it is the rest up to HEADER_CAP sent
+FIRST_BYTES = 64 * 1024
 
 #: fixed reasons a file stays with the general codec when its worker failed
 LIMIT = "analysis limit"
@@ -73,6 +81,11 @@ class _Worker:
         self.wfd = self.proc.stdin.fileno()
         os.set_blocking(self.wfd, False)  # a worker that stops reading must not block us
         self.rfd = self.proc.stdout.fileno()
+        for fd in (self.wfd, self.rfd):  # a band in one write, not sixteen
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # above /proc/sys/fs/pipe-max-size: 64 KiB pipes still work
         self.requests = 0
 
     def call(self, request: dict, blob: bytes, timeout: float) -> tuple[dict, bytes]:
@@ -220,6 +233,22 @@ class ParserPool:
             w.kill()
 
     # --- requests ----------------------------------------------------------------
+    def warm_all(self) -> None:
+        """Start every worker now, at once (the first files need not wait for
+        Python to import pydicom and imagecodecs, ~0.4 s each)."""
+        threads = [threading.Thread(target=self._warm_quietly, daemon=True)
+                   for _ in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _warm_quietly(self) -> None:
+        try:
+            self.warm()
+        except ParserFailure:
+            pass  # the first file will say so
+
     def warm(self) -> dict:
         """Start a worker now (a warm worker answers in about a millisecond);
         returns which confinements took effect, and says once in the log
@@ -237,6 +266,9 @@ class ParserPool:
         """The :class:`~dcmfs.storage.dicom.Plan` of a file whose first
         bytes are ``head`` (checked: a plan that does not fit the file is
         :data:`UNREADABLE`)."""
+        return analyse_in_two_steps(head, size, self._analyse_once)
+
+    def _analyse_once(self, head: bytes, size: int) -> Plan:
         reply, _ = self._call({"op": "analyse", "size": size}, head, self.timeout)
         return checked_plan(reply.get("plan"), size)
 
@@ -255,6 +287,19 @@ class ParserPool:
             self.failures += 1
             raise ParserFailure(UNREADABLE)
         return used, payload
+
+
+def analyse_in_two_steps(head: bytes, size: int, analyse) -> Plan:
+    """``analyse(first bytes, size)`` on the first :data:`FIRST_BYTES`; a
+    plan that codes frames is kept (the parser stops at the Pixel Data, so
+    the rest of the file could not change it), any other answer is asked
+    again of all of ``head`` (a header longer than the first bytes, or one
+    the parser could not finish in them)."""
+    if len(head) > FIRST_BYTES:
+        plan = analyse(head[:FIRST_BYTES], size)
+        if plan.codes_frames:
+            return plan
+    return analyse(head, size)
 
 
 def checked_plan(raw, size: int) -> Plan:
