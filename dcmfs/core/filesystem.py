@@ -260,7 +260,10 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 continue
             if not stat.S_ISDIR(self._inode(txn, ino).mode):
                 raise NotADirectory(path)
-            child = txn.lookup(ino, os.fsencode(part))
+            name = os.fsencode(part)
+            if len(name) > NAME_MAX:  # as ext4: never "not found" for such a name
+                raise NameTooLong(path)
+            child = txn.lookup(ino, name)
             if child is None:
                 raise NotFound(path)
             ino = child
