@@ -17,8 +17,25 @@ import os
 import time
 from typing import Callable
 
+
+def _import_mfusepy():
+    """mfusepy, bound to libfuse3.  Without FUSE_LIBRARY_NAME (or _PATH)
+    mfusepy loads libfuse2 where both are installed (gocryptfs and Ceph pull
+    libfuse2 in), so dcmfs names libfuse3 itself, for the import only: the
+    process environment, which children inherit, stays as the user set it."""
+    chosen = "FUSE_LIBRARY_NAME" in os.environ or "FUSE_LIBRARY_PATH" in os.environ
+    if not chosen:
+        os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+    try:
+        import mfusepy as module
+    finally:
+        if not chosen:
+            del os.environ["FUSE_LIBRARY_NAME"]
+    return module
+
+
 try:
-    import mfusepy
+    mfusepy = _import_mfusepy()
 except (OSError, ImportError, EnvironmentError) as exc:  # libfuse3 missing
     mfusepy = None
     _IMPORT_ERROR: Exception | None = exc
@@ -67,8 +84,9 @@ def require_fuse() -> None:
             f"libfuse3 cannot be loaded ({_IMPORT_ERROR}); install it with "
             "'apt-get install fuse3'.")
     if mfusepy.fuse_version_major != 3:
-        raise E.FuseUnavailableError("dcmfs needs libfuse3, but libfuse2 was loaded; "
-                                     "set FUSE_LIBRARY_NAME=fuse3 or install fuse3.")
+        raise E.FuseUnavailableError("dcmfs needs libfuse3, but libfuse2 was loaded (as "
+                                     "FUSE_LIBRARY_NAME or FUSE_LIBRARY_PATH asks); unset "
+                                     "it, or install fuse3.")
     if not os.path.exists("/dev/fuse"):
         raise E.FuseUnavailableError("/dev/fuse is missing: load the fuse kernel module "
                                      "('modprobe fuse') or give the container /dev/fuse.")
