@@ -1,12 +1,14 @@
 """The environment items of issue 16: dcmfs loads libfuse3 whatever else is
-installed."""
+installed, and ``dcmfs status`` is not stalled by a mount that does not answer."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 
 def _libfuse2_installed() -> bool:
@@ -37,3 +39,33 @@ def test_mount_loads_libfuse3_without_fuse_library_name(mount_env):
                          text=True, check=True).stdout.split()
     assert out == ["3", "None"], out
 
+
+def test_status_without_argument_is_not_stalled_by_a_mount_that_does_not_answer(mounted):
+    """A daemon that answers nothing (stopped here with SIGSTOP: its requests
+    wait in the kernel) must not stall 'dcmfs status': the mount is shown as
+    not answering, within a few seconds."""
+    m = mounted
+    (m.mnt / "f").write_bytes(b"x")
+    pid = m.daemon_pid()
+    assert pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        try:
+            r = m.cli("status", "--json", timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("dcmfs status waited for the stopped daemon") from None
+        took = time.monotonic() - t0
+        text = m.cli("status", timeout=60).stdout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert r.returncode == 0, r.stderr
+    mine = [x for x in json.loads(r.stdout) if x["mountpoint"] == str(m.mnt)]
+    assert len(mine) == 1 and mine[0]["answering"] is False, mine
+    assert "did not answer" in mine[0]["error"]
+    assert took < 20, took
+    assert "did not answer" in text
+    # answering again once the daemon runs
+    r = m.cli("status", m.mnt, "--json", timeout=60)
+    report = json.loads(r.stdout)
+    assert report["answering"] is True and report["files"] == 1
