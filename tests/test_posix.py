@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import stat
+import threading
 
 import pytest
 
@@ -61,3 +64,72 @@ def test_every_operation_on_a_name_over_255_bytes_is_enametoolong(mounted):
     os.rename(ok, m / "d" / ("n" * 255))
     assert (m / "d" / ("n" * 255)).read_bytes() == b"y"
     assert sorted(os.listdir(m)) == ["d", "f"]
+
+
+def _special(m) -> dict:
+    out = {}
+    for name in ("fifo", "fifo2", "chr", "blk", "sock", "chr-link"):
+        st = os.lstat(m / name)
+        out[name] = (stat.S_IFMT(st.st_mode), st.st_mode & 0o7777, st.st_rdev, st.st_uid,
+                     st.st_gid, st.st_nlink, st.st_ino)
+    return out
+
+
+def test_special_files_through_the_mount_survive_remount_fsck_and_rebuild(mount_env):
+    """mkfifo, mknod of character and block devices and FIFOs, bind(2) of an
+    AF_UNIX socket returned ENOSYS (issue 16); they are stored with their
+    rdev and survive rename, link, chmod/chown, remount, fsck and an index
+    rebuild."""
+    m = mount_env
+    m.mount()
+    mnt = m.mnt
+    os.mkfifo(mnt / "fifo", 0o640)
+    os.mknod(mnt / "fifo2", stat.S_IFIFO | 0o600)
+    os.mknod(mnt / "chr0", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.mknod(mnt / "blk", stat.S_IFBLK | 0o660, os.makedev(7, 1234))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(mnt / "sock"))
+        server.listen(1)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(mnt / "sock"))  # the kernel's socket, found by its name
+        conn, _ = server.accept()
+        client.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        conn.close()
+        client.close()
+    finally:
+        server.close()
+    # a FIFO carries data (the kernel's pipe, named in dcmfs)
+    got = []
+    reader = threading.Thread(target=lambda: got.append((mnt / "fifo").read_bytes()))
+    reader.start()
+    with open(mnt / "fifo", "wb") as f:
+        f.write(b"through the fifo")
+    reader.join(10)
+    assert got == [b"through the fifo"]
+    os.rename(mnt / "chr0", mnt / "chr")
+    os.link(mnt / "chr", mnt / "chr-link")
+    os.chmod(mnt / "blk", 0o640)
+    os.chown(mnt / "fifo2", 65534, 65534)
+    os.chown(mnt / "sock", 1234, 5678, follow_symlinks=False)
+    want = _special(mnt)
+    assert want["chr"][:3] == (stat.S_IFCHR, 0o600, os.makedev(1, 3)), want
+    assert want["blk"][:3] == (stat.S_IFBLK, 0o640, os.makedev(7, 1234)), want
+    assert want["fifo"][:2] == (stat.S_IFIFO, 0o640) and want["fifo2"][3] == 65534
+    assert want["sock"][0] == stat.S_IFSOCK and want["sock"][3:5] == (1234, 5678)
+    assert want["chr"][5] == want["chr-link"][5] == 2 and want["chr"][6] == want["chr-link"][6]
+    m.umount()
+    r = m.cli("fsck", m.store, "--key-file", m.key)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+    m.mount()
+    assert _special(mnt) == want
+    m.umount()
+    os.unlink(m.store / "index" / "data.mdb")
+    r = m.cli("fsck", m.store, "--key-file", m.key, "--rebuild-index")
+    assert r.returncode == 0, r.stdout + r.stderr
+    m.mount()
+    assert _special(mnt) == want
+    for name in want:
+        os.unlink(mnt / name)
+    assert os.listdir(mnt) == []

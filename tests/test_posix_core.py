@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
@@ -35,3 +36,69 @@ def test_a_name_over_255_bytes_is_too_long_for_every_operation(make_fs):
     with pytest.raises(E.NotADirectory):
         fs.getattr("/f" + LONG)
     assert sorted(n for n, _ in fs.readdir("/")) == ["d", "f"]
+
+
+SPECIAL = {"/fifo": (stat.S_IFIFO | 0o640, 0), "/sock": (stat.S_IFSOCK | 0o755, 0),
+           "/chr": (stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+           "/blk": (stat.S_IFBLK | 0o660, os.makedev(259, 1 << 20 | 7))}
+
+
+def _kinds(fs, paths):
+    return {p: (fs.getattr(p)["st_mode"], fs.getattr(p).get("st_rdev", 0),
+                fs.getattr(p)["st_uid"], fs.getattr(p)["st_size"]) for p in paths}
+
+
+def test_special_files_are_stored_with_their_rdev_and_survive_everything(make_fs, secret):
+    """FIFOs, sockets, character and block devices (issue 16): stored like any
+    inode with their rdev; rename, link, chmod/chown, reopening, fsck and an
+    index rebuild keep them."""
+    from dcmfs.app import admin
+    from .conftest import SMALL
+    import io
+    fs = make_fs()
+    for path, (mode, rdev) in SPECIAL.items():
+        fs.mknod(path, mode, rdev, 7, 8)
+    fs.mknod("/empty", stat.S_IFREG | 0o644, 0, 7, 8)  # mknod(2) of a regular file
+    with pytest.raises(E.InvalidArgument):
+        fs.mknod("/dir", stat.S_IFDIR | 0o755, 0, 0, 0)
+    with pytest.raises(E.Exists):
+        fs.mknod("/fifo", stat.S_IFIFO | 0o644, 0, 0, 0)
+    got = _kinds(fs, SPECIAL)
+    assert got == {p: (m, r, 7, 0) for p, (m, r) in SPECIAL.items()}
+    assert fs.getattr("/empty")["st_mode"] == stat.S_IFREG | 0o644
+    assert fs.getattr("/empty")["st_size"] == 0 and fs.stats()[0] == 1
+    fs.rename("/chr", "/chr2")
+    fs.link("/chr2", "/chr")
+    assert fs.getattr("/chr")["st_nlink"] == 2
+    fs.chmod("/blk", 0o640)
+    fs.chown("/fifo", 9, 10)
+    fs.unlink("/chr2")
+    want = {"/fifo": (stat.S_IFIFO | 0o640, 0, 9, 0), "/sock": got["/sock"],
+            "/chr": got["/chr"], "/blk": (stat.S_IFBLK | 0o640, SPECIAL["/blk"][1], 7, 0)}
+    assert _kinds(fs, want) == want
+    fs.close()
+    fs = make_fs()
+    assert _kinds(fs, want) == want
+    fs.close()
+    root = str(make_fs.root)
+    result = admin.fsck(root, lambda: secret, SMALL, repair=False, rebuild=False,
+                        out=io.StringIO())
+    assert result["clean"], result
+    os.unlink(os.path.join(root, "index", "data.mdb"))
+    result = admin.fsck(root, lambda: secret, SMALL, repair=False, rebuild=True,
+                        out=io.StringIO())
+    assert result["clean"], result
+    fs = make_fs()
+    assert _kinds(fs, want) == want
+    assert sorted(n for n, _ in fs.readdir("/")) == ["blk", "chr", "empty", "fifo", "sock"]
+    for path in want:
+        fs.unlink(path)
+    assert sorted(n for n, _ in fs.readdir("/")) == ["empty"]
+
+
+def test_a_store_opened_for_writing_says_it_may_hold_special_files(make_fs):
+    import json
+    fs = make_fs()
+    fs.close()
+    header = json.loads((make_fs.root / "dcmfs.store").read_text())
+    assert "special-files-v1" in header["features"]

@@ -218,6 +218,11 @@ class _Operations:
         self._fs.symlink(target, source, uid, gid)
 
     @_translate
+    def mknod(self, path, mode, dev):
+        uid, gid, _ = mfusepy.fuse_get_context()
+        self._fs.mknod(path, mode, dev, uid, gid)
+
+    @_translate
     def readlink(self, path):
         return self._fs.readlink(path)
 

@@ -296,11 +296,14 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
     def _stat(self, ino: int, inode: Inode) -> dict:
         of = self._open.get(ino)
         size = of.size if of is not None else inode.size
-        return {"st_ino": ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
-                "st_uid": inode.uid, "st_gid": inode.gid, "st_size": size,
-                "st_blocks": -(-size // 512), "st_blksize": self.store.chunk_size,
-                "st_atime": inode.atime_ns, "st_mtime": inode.mtime_ns,
-                "st_ctime": inode.ctime_ns}
+        st = {"st_ino": ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
+              "st_uid": inode.uid, "st_gid": inode.gid, "st_size": size,
+              "st_blocks": -(-size // 512), "st_blksize": self.store.chunk_size,
+              "st_atime": inode.atime_ns, "st_mtime": inode.mtime_ns,
+              "st_ctime": inode.ctime_ns}
+        if stat.S_ISCHR(inode.mode) or stat.S_ISBLK(inode.mode):
+            st["st_rdev"] = inode.rdev
+        return st
 
     def _new_inode(self, txn, mode: int, uid: int, gid: int, parent: Inode,
                    nlink: int = 1, target: bytes = b"") -> tuple[int, Inode]:
@@ -309,7 +312,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        inode = Inode(mode, uid, gid, nlink, len(target), now, now, now,
+        size = len(target) if stat.S_ISLNK(mode) else 0  # a device keeps its rdev there
+        inode = Inode(mode, uid, gid, nlink, size, now, now, now,
                       secrets.token_bytes(16), target=target,
                       sha256=EMPTY_SHA256 if stat.S_ISREG(mode) else None)
         ino = txn.alloc_ino()

@@ -1,5 +1,6 @@
 """The namespace (a part of the core): directories and names - mkdir, rmdir,
-readdir, unlink, rename, link, symlink, readlink.
+readdir, unlink, rename, link, symlink, readlink, mknod (FIFOs, sockets,
+character and block devices).
 
 :class:`NameOps` is mixed into :class:`dcmfs.core.filesystem.FileSystem`;
 it uses the FileSystem's index, path resolution and inode helpers.
@@ -12,9 +13,12 @@ import stat
 
 from ..errors import (DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory, NotADirectory,
                       NotFound)
+from ..index import Inode
 from .handles import _locked, _mutating
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+#: what mknod(2) makes (a directory is mkdir's; the kernel refuses it)
+_MKNOD_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG)
 
 
 class NameOps:
@@ -163,6 +167,26 @@ class NameOps:
                                      target=os.fsencode(target))
             txn.add_dirent(parent, name, ino)
             self._touch_dir(txn, parent, pinode)
+        self.data.after_commit([])
+
+    @_mutating
+    def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
+        """mknod(2): a FIFO, a socket (bind(2) of an AF_UNIX socket), a
+        character or block device (its ``rdev`` kept in the inode record,
+        see :attr:`Inode.rdev`) or an empty regular file.  The kernel has
+        checked the caller's right to make devices."""
+        kind = stat.S_IFMT(mode)
+        if kind not in _MKNOD_TYPES:
+            raise InvalidArgument(path)
+        target = Inode.device_target(rdev) if kind in (stat.S_IFCHR, stat.S_IFBLK) else b""
+        with self._write_txn() as txn:
+            parent, name, pinode = self._free_name(txn, path)
+            ino, _ = self._new_inode(txn, kind | (mode & 0o7777), uid, gid, pinode,
+                                     target=target)
+            txn.add_dirent(parent, name, ino)
+            self._touch_dir(txn, parent, pinode)
+            if kind == stat.S_IFREG:
+                txn.add_stats(files=1)
         self.data.after_commit([])
 
     @_locked

@@ -18,7 +18,12 @@ database      key                             value
                                               ``dcmfs status`` needs no key);
                                               ``journal_seq`` -> u64, the last
                                               journal record this index holds
-``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`)
+``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`:
+                                              any file type - regular, directory,
+                                              symlink, FIFO, socket, character or
+                                              block device; trailing bytes: the
+                                              symlink target, or a device's rdev
+                                              as u64, else none)
 ``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
 ``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``; files
                                               laid out in extents (DICOM-coded)
@@ -54,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import stat
 import struct
 
 import lmdb
@@ -66,7 +72,8 @@ U64 = struct.Struct(">Q")
 #: a ``chunks`` key: ino + chunk index
 U64X2 = struct.Struct(">QQ")
 #: mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, file_id,
-#: generation, has_sha256, sha256; followed by the symlink target
+#: generation, has_sha256, sha256; followed by ``target``: a symlink's
+#: target, a character or block device's number (rdev, u64), else nothing
 _INODE = struct.Struct(">IIIIQqqq16sQB32s")
 #: oid, generation, codec, flags, plain_len, stored_len
 _CHUNK = struct.Struct(">16sQBBII")
@@ -102,6 +109,20 @@ class Inode:
     generation: int = 0
     sha256: bytes | None = None
     target: bytes = b""
+
+    @property
+    def rdev(self) -> int:
+        """The device number of a character or block device (kept in
+        ``target``, so the record's layout is the same for every type); 0
+        for every other type."""
+        if stat.S_IFMT(self.mode) in (stat.S_IFCHR, stat.S_IFBLK) and len(self.target) == 8:
+            return U64.unpack(self.target)[0]
+        return 0
+
+    @staticmethod
+    def device_target(rdev: int) -> bytes:
+        """``target`` of a character or block device numbered ``rdev``."""
+        return U64.pack(rdev)
 
     def encode(self) -> bytes:
         return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size,
