@@ -67,6 +67,11 @@ def test_special_files_are_stored_with_their_rdev_and_survive_everything(make_fs
     assert got == {p: (m, r, 7, 0) for p, (m, r) in SPECIAL.items()}
     assert fs.getattr("/empty")["st_mode"] == stat.S_IFREG | 0o644
     assert fs.getattr("/empty")["st_size"] == 0 and fs.stats()[0] == 1
+    for path in SPECIAL:  # the kernel opens them itself; they hold no data
+        with pytest.raises(E.InvalidArgument):
+            fs.open(path, os.O_RDONLY)
+        with pytest.raises(E.InvalidArgument):
+            fs.truncate(path, 10)
     fs.rename("/chr", "/chr2")
     fs.link("/chr2", "/chr")
     assert fs.getattr("/chr")["st_nlink"] == 2

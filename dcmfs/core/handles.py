@@ -98,6 +98,8 @@ class FileOps:
             inode = self._inode(txn, ino)
         if stat.S_ISDIR(inode.mode):
             raise IsADirectory(path)
+        if not stat.S_ISREG(inode.mode):  # the kernel opens FIFOs, sockets, devices itself
+            raise InvalidArgument(path)
         fh = self._open_file(ino, inode, flags)
         of = self._handles[fh].of
         if flags & os.O_TRUNC and of.size:
@@ -135,6 +137,8 @@ class FileOps:
             inode = self._inode(txn, ino)
         if stat.S_ISDIR(inode.mode):
             raise IsADirectory(path)
+        if not stat.S_ISREG(inode.mode):
+            raise InvalidArgument(path)
         fh = self._open_file(ino, inode, os.O_WRONLY)
         try:
             of = self._handle(fh).of
