@@ -3,13 +3,18 @@ issue, with what ext4 answers."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import random
 import socket
 import stat
+import subprocess
 import threading
 
 import pytest
+
+from .conftest import file_sha256
 
 LONG = "n" * 256  # one byte over NAME_MAX
 
@@ -133,3 +138,65 @@ def test_special_files_through_the_mount_survive_remount_fsck_and_rebuild(mount_
     for name in want:
         os.unlink(mnt / name)
     assert os.listdir(mnt) == []
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+KEEP, PUNCH, ZERO, COLLAPSE, INSERT = 0x01, 0x02, 0x10, 0x08, 0x20
+MiB = 1 << 20
+
+
+def test_fallocate_modes_match_a_plain_file(mounted, tmp_path):
+    """fallocate(2) was not supported at all (issue 16): mode 0, KEEP_SIZE,
+    PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE against ext4, byte for byte; the
+    modes dcmfs cannot do are EOPNOTSUPP."""
+    rng = random.Random(6)
+    plain, mine = tmp_path / "plain", mounted.mnt / "mine"
+    fp = os.open(plain, os.O_RDWR | os.O_CREAT, 0o644)
+    fm = os.open(mine, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for step in range(120):
+            off = rng.randrange(0, 6 * MiB)
+            if rng.random() < 0.35:
+                data = rng.randbytes(rng.randrange(1, 2 * MiB))
+                for fd in (fp, fm):
+                    os.pwrite(fd, data, off)
+            else:
+                mode = rng.choice([0, KEEP, PUNCH | KEEP, ZERO, ZERO | KEEP])
+                length = rng.choice([1, 4096, MiB, 2 * MiB + 3, rng.randrange(1, 4 * MiB)])
+                for fd in (fp, fm):
+                    _fallocate(fd, mode, off, length)
+            assert os.fstat(fm).st_size == os.fstat(fp).st_size, step
+            if step % 20 == 19:
+                size = os.fstat(fp).st_size
+                assert os.pread(fm, size + 1, 0) == os.pread(fp, size + 1, 0), step
+        os.posix_fallocate(fm, 20 * MiB, MiB)  # glibc's call: native, not emulated
+        os.posix_fallocate(fp, 20 * MiB, MiB)
+        for mode in (COLLAPSE, INSERT, PUNCH):  # PUNCH_HOLE needs KEEP_SIZE
+            with pytest.raises(OSError) as e:
+                _fallocate(fm, mode, 0, MiB)
+            assert e.value.errno == errno.EOPNOTSUPP, mode
+    finally:
+        os.close(fp)
+        os.close(fm)
+    assert file_sha256(mine) == file_sha256(plain)
+    # fallocate(1) too: -l (mode 0), -n (KEEP_SIZE), -p (punch), -z (zero range)
+    for args in (["-l", "30MiB"], ["-n", "-o", "31MiB", "-l", "1MiB"],
+                 ["-p", "-o", "1000", "-l", "3MiB"], ["-z", "-o", "5MiB", "-l", "26MiB"]):
+        for path in (plain, mine):
+            subprocess.run(["fallocate", *args, str(path)], check=True)
+    r = subprocess.run(["fallocate", "-c", "-o", "0", "-l", "1MiB", str(mine)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "not supported" in r.stderr, r.stderr
+    mounted.umount()
+    mounted.mount()
+    assert os.path.getsize(mine) == os.path.getsize(plain) == 31 * MiB
+    assert file_sha256(mine) == file_sha256(plain)

@@ -107,3 +107,88 @@ def test_a_store_opened_for_writing_says_it_may_hold_special_files(make_fs):
     fs.close()
     header = json.loads((make_fs.root / "dcmfs.store").read_text())
     assert "special-files-v1" in header["features"]
+
+
+KEEP, PUNCH, ZERO = 0x01, 0x02, 0x10
+CS = 64 * 1024  # SMALL's chunk size
+
+
+def _model_fallocate(model: bytearray, mode: int, off: int, length: int) -> None:
+    """What ext4 does (and dcmfs must): the reference for the tests."""
+    end = off + length
+    if mode & (PUNCH | ZERO):
+        stop = min(end, len(model))
+        if off < stop:
+            model[off:stop] = bytes(stop - off)
+    if not mode & KEEP and end > len(model):
+        model.extend(bytes(end - len(model)))
+
+
+def test_fallocate_modes_match_a_model_and_holes_cost_no_objects(make_fs):
+    import random
+    fs = make_fs()
+    rng = random.Random(16)
+    model = bytearray()
+    fh = fs.create("/f", 0o644, os.O_RDWR, 0, 0)
+    for step in range(300):
+        op = rng.random()
+        off = rng.randrange(0, 9 * CS)
+        if op < 0.4:
+            data = rng.randbytes(rng.randrange(1, 3 * CS))
+            fs.write(fh, data, off)
+            model[len(model):off] = bytes(max(0, off - len(model)))
+            model[off:off + len(data)] = data
+        else:
+            mode = rng.choice([0, KEEP, PUNCH | KEEP, ZERO, ZERO | KEEP])
+            length = rng.choice([1, 100, CS, 2 * CS + 5, rng.randrange(1, 5 * CS)])
+            fs.fallocate(fh, mode, off, length)
+            _model_fallocate(model, mode, off, length)
+        if step % 25 == 0:
+            fs.flush(fh)
+        assert fs.getattr("/f")["st_size"] == len(model), step
+        if step % 10 == 0:
+            assert fs.read(fh, len(model) + 10, 0) == bytes(model), step
+    fs.release(fh)
+    fs.close()
+    fs = make_fs()
+    fh = fs.open("/f", os.O_RDWR)
+    assert fs.read(fh, len(model) + 10, 0) == bytes(model)
+    # a punched range of whole chunks holds no object at all
+    fs.write(fh, b"\xff" * (8 * CS), 0)
+    fs.fallocate(fh, PUNCH | KEEP, CS // 2, 6 * CS)
+    fs.flush(fh)
+    with fs.index.begin() as txn:
+        table = txn.chunks(fs._resolve(txn, "/f"))
+    assert not {1, 2, 3, 4, 5} & set(table) and {0, 6, 7} <= set(table)
+    want = b"\xff" * (CS // 2) + bytes(6 * CS) + b"\xff" * (CS + CS // 2)
+    assert fs.read(fh, 8 * CS, 0) == want
+    for mode in (0x08, 0x20, 0x40, PUNCH, PUNCH | ZERO | KEEP):  # collapse, insert, unshare
+        with pytest.raises(E.NotSupported):
+            fs.fallocate(fh, mode, 0, CS)
+    for off, length in ((-1, 10), (0, 0), (0, -5)):
+        with pytest.raises(E.InvalidArgument):
+            fs.fallocate(fh, 0, off, length)
+    with pytest.raises(E.TooBig):
+        fs.fallocate(fh, 0, 1 << 50, 1)
+    fs.release(fh)
+    from .conftest import assert_no_dangling
+    fs.checkpoint()
+    assert_no_dangling(fs)
+
+
+def test_fallocate_on_a_dicom_coded_file_copies_it_back_into_chunks(make_fs):
+    from .conftest import ct_file
+    from .test_dicom import REAL, layout, recompress
+    from .test_core import read_file
+    data = ct_file().read_bytes()
+    fs = make_fs(REAL)
+    write_file(fs, "/ct.dcm", data)
+    recompress(fs)
+    assert all(r.offset >= 0 for r in layout(fs, "/ct.dcm").values())
+    fh = fs.open("/ct.dcm", os.O_RDWR)
+    fs.fallocate(fh, PUNCH | KEEP, 1000, 200_000)
+    fs.fallocate(fh, ZERO, len(data) - 10, 30)
+    fs.release(fh)
+    want = data[:1000] + bytes(200_000) + data[201_000:len(data) - 10] + bytes(30)
+    assert read_file(fs, "/ct.dcm") == want
+    assert all(r.offset < 0 for r in layout(fs, "/ct.dcm").values())

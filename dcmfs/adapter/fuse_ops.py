@@ -183,6 +183,10 @@ class _Operations:
         self._fs.truncate(path, length, fh)
 
     @_translate
+    def fallocate(self, path, mode, offset, length, fh):
+        self._fs.fallocate(fh, mode, offset, length)
+
+    @_translate
     def flush(self, path, fh):
         self._fs.flush(fh)
 

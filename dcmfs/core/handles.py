@@ -24,6 +24,9 @@ log = logging.getLogger("dcmfs.fs")
 
 NAME_MAX = 255
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+#: fallocate(2) modes (linux/falloc.h); the others (collapse, insert, unshare
+#: range) are EOPNOTSUPP, as on a filesystem without them
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 def _locked(method: Callable) -> Callable:
@@ -147,6 +150,59 @@ class FileOps:
             self.data.commit(of)
         finally:
             self._release(fh)
+
+    @_mutating
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file.
+
+        Mode 0 extends the file to ``offset + length`` when it is shorter
+        (the new bytes are a hole: dcmfs allocates nothing ahead, so a later
+        write can still meet a full disk); ``FALLOC_FL_KEEP_SIZE`` alone
+        changes nothing.  ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`` and
+        ``FALLOC_FL_ZERO_RANGE`` (which extends the file like mode 0 unless
+        KEEP_SIZE) make the range read as zeros: whole chunks become holes
+        (no object), partial ones are rewritten with zeros.
+
+        Raises InvalidArgument (bad range), TooBig, NotSupported (any other
+        mode, or PUNCH_HOLE without KEEP_SIZE).
+        """
+        if offset < 0 or length <= 0:
+            raise InvalidArgument("bad range")
+        end = offset + length
+        if end > fmt.MAX_FILE_SIZE:
+            raise TooBig("file too large")
+        of = self._handle(fh).of
+        keep = mode & FALLOC_FL_KEEP_SIZE
+        kind = mode & ~FALLOC_FL_KEEP_SIZE
+        if kind not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or \
+                (kind == FALLOC_FL_PUNCH_HOLE and not keep):
+            raise NotSupported(f"fallocate mode {mode:#x}")
+        changed = False
+        if kind:  # zero what the file holds of the range
+            changed = self._zero(of, offset, min(end, of.size))
+        if not keep and end > of.size:
+            self.data.truncate(of, end)
+            changed = True
+        if changed:
+            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+
+    def _zero(self, of: OpenFile, start: int, stop: int) -> bool:
+        """Make [start, stop) of an open file read as zeros; only the chunks
+        that hold data there are touched (an absent chunk is a hole already).
+        A whole chunk of zeros is sealed as a hole, so no object remains."""
+        cs = self.data.chunk_size
+        if start >= stop:
+            return False
+        first, last = start // cs, (stop - 1) // cs
+        if of.extents is not None:  # the first write copies it back into chunks
+            touched = range(first, last + 1)
+        else:
+            touched = sorted(i for i in {*of.committed, *of.pending, *of.dirty}
+                             if first <= i <= last)
+        for idx in touched:
+            lo, hi = max(start, idx * cs), min(stop, (idx + 1) * cs)
+            self.data.write(of, lo, bytes(hi - lo))
+        return True
 
     @_locked
     def flush(self, fh: int) -> None:
