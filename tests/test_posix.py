@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import random
 import socket
@@ -200,3 +201,55 @@ def test_fallocate_modes_match_a_plain_file(mounted, tmp_path):
     mounted.mount()
     assert os.path.getsize(mine) == os.path.getsize(plain) == 31 * MiB
     assert file_sha256(mine) == file_sha256(plain)
+
+
+def test_fstat_of_an_open_unlinked_file(mounted):
+    """fstat of an open, unlinked file returned ESTALE (issue 16): it gives
+    nlink 0 and the file's attributes, and the descriptor keeps working; no
+    hidden name shows in the directory, and the file is gone at the last close."""
+    m = mounted.mnt
+    (m / "u").write_bytes(b"hello world")
+    fd = os.open(m / "u", os.O_RDWR)
+    before = os.fstat(fd)
+    os.unlink(m / "u")
+    st = os.fstat(fd)
+    assert (st.st_nlink, st.st_size, st.st_ino, st.st_mode) == \
+        (0, 11, before.st_ino, before.st_mode)
+    assert os.pread(fd, 11, 0) == b"hello world"
+    os.pwrite(fd, b"HELLO", 0)
+    os.ftruncate(fd, 20)
+    os.fchmod(fd, 0o600)
+    os.setxattr(fd, "user.k", b"v")
+    assert os.getxattr(fd, "user.k") == b"v"
+    st = os.fstat(fd)
+    assert (st.st_nlink, st.st_size, st.st_mode & 0o777) == (0, 20, 0o600)
+    assert os.pread(fd, 20, 0) == b"HELLO world" + bytes(9)
+    assert os.listdir(m) == []
+    # a file replaced by a rename while open: the same
+    (m / "a").write_bytes(b"old")
+    fa = os.open(m / "a", os.O_RDONLY)
+    (m / "b").write_bytes(b"new")
+    os.rename(m / "b", m / "a")
+    assert os.fstat(fa).st_nlink == 0 and os.pread(fa, 3, 0) == b"old"
+    assert (m / "a").read_bytes() == b"new"
+    # one name of two gone: nlink 1
+    (m / "x").write_bytes(b"linked")
+    os.link(m / "x", m / "y")
+    fx = os.open(m / "x", os.O_RDONLY)
+    os.unlink(m / "x")
+    assert os.fstat(fx).st_nlink == 1
+    # the directory that held an unlinked open file can go
+    (m / "d").mkdir()
+    (m / "d" / "f").write_bytes(b"in d")
+    fd2 = os.open(m / "d" / "f", os.O_RDONLY)
+    os.unlink(m / "d" / "f")
+    os.rmdir(m / "d")
+    assert os.pread(fd2, 4, 0) == b"in d"
+    for f in (fd, fa, fx, fd2):
+        os.close(f)
+    assert sorted(os.listdir(m)) == ["a", "y"]
+    mounted.umount()
+    mounted.mount()
+    assert sorted(os.listdir(m)) == ["a", "y"]
+    r = mounted.cli("status", m, "--json")
+    assert json.loads(r.stdout)["files"] == 2, r.stdout

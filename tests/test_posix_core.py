@@ -192,3 +192,55 @@ def test_fallocate_on_a_dicom_coded_file_copies_it_back_into_chunks(make_fs):
     want = data[:1000] + bytes(200_000) + data[201_000:len(data) - 10] + bytes(30)
     assert read_file(fs, "/ct.dcm") == want
     assert all(r.offset < 0 for r in layout(fs, "/ct.dcm").values())
+
+
+HIDDEN = "/.fuse_hidden0000000200000001"
+
+
+def test_a_hidden_name_is_an_unlink_that_keeps_the_open_file_reachable(make_fs):
+    """libfuse (hard_remove off) renames an open file it is asked to unlink
+    to a hidden name and unlinks that at the last close: in the core the
+    rename is the unlink (journaled; the file is an orphan), and the hidden
+    name reaches the open file until its last release."""
+    from .conftest import crash
+    fs = make_fs()
+    write_file(fs, "/u", b"hello")
+    fh = fs.open("/u", os.O_RDWR)
+    fs.rename("/u", HIDDEN)
+    assert sorted(n for n, _ in fs.readdir("/")) == []
+    st = fs.getattr(HIDDEN)
+    assert st["st_nlink"] == 0 and st["st_size"] == 5
+    assert fs.hidden(HIDDEN) and not fs.hidden("/u")
+    fs.chmod(HIDDEN, 0o600)
+    fs.setxattr(HIDDEN, "user.k", b"v")
+    assert fs.getxattr(HIDDEN, "user.k") == b"v"
+    assert fs.read(fh, 10, 0) == b"hello"
+    with fs.index.begin() as txn:
+        assert txn.orphans() == [st["st_ino"]]  # a crash now: the file is gone
+    fs.release(fh)
+    with pytest.raises(E.NotFound):
+        fs.getattr(HIDDEN)
+    with pytest.raises(E.NotFound):  # libfuse's unlink after the release (it
+        fs.unlink(HIDDEN)            # ignores the answer): the release forgot the name
+    with fs.index.begin() as txn:
+        assert txn.orphans() == [] and txn.get_inode(st["st_ino"]) is None
+    # a file that is not open: an ordinary rename, the name is kept
+    write_file(fs, "/v", b"x")
+    fs.rename("/v", HIDDEN)
+    assert [n for n, _ in fs.readdir("/")] == [HIDDEN[1:]]
+    fs.unlink(HIDDEN)
+    # one of two names hidden: the other keeps the file
+    write_file(fs, "/x", b"linked")
+    fs.link("/x", "/y")
+    fh = fs.open("/x", os.O_RDONLY)
+    fs.rename("/x", HIDDEN)
+    assert fs.getattr(HIDDEN)["st_nlink"] == 1 == fs.getattr("/y")["st_nlink"]
+    fs.release(fh)
+    assert fs.getattr("/y")["st_nlink"] == 1
+    # the unlink survives a crash while the file is still open
+    write_file(fs, "/z", b"gone")
+    fh = fs.open("/z", os.O_RDONLY)
+    fs.rename("/z", HIDDEN)
+    crash(fs)
+    fs = make_fs()
+    assert [n for n, _ in fs.readdir("/")] == ["y"]

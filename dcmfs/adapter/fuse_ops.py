@@ -136,7 +136,10 @@ class _Operations:
 
     @_translate
     def getattr(self, path, fh=None):
-        return self._fs.getattr(path, fh)
+        st = self._fs.getattr(path, fh)
+        if path is not None and st["st_nlink"] and self._fs.hidden(path):
+            st["st_nlink"] += 1  # libfuse takes one off for its hidden name
+        return st
 
     @_translate
     def opendir(self, path):
@@ -310,8 +313,10 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
     closes ``fs``, which flushes everything.
     """
     require_fuse()
+    # no hard_remove: an unlinked open file keeps a (hidden) name in libfuse,
+    # so that fstat(2) of its descriptor reaches the core (see NameOps._hide)
     opts = {"fsname": fs.store.root, "subtype": "dcmfs", "default_permissions": True,
-            "use_ino": True, "hard_remove": True, "nopath": True, "kernel_cache": True}
+            "use_ino": True, "nopath": True, "kernel_cache": True}
     opts.update(options)
     log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
     try:

@@ -99,6 +99,9 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         self._dirs: dict[int, int] = {}
         self._next_fh = 1
         self._inodes: dict[int, Inode] = {}
+        #: (parent ino, name) -> ino: libfuse's hidden names of open files
+        #: that were unlinked (see NameOps._hide); in memory only
+        self._hidden: dict[tuple[int, bytes], int] = {}
         self.recovered: RecoveryReport | None = None
         self._syncer: threading.Thread | None = None
         self.reencoder: Reencoder | None = None
@@ -265,7 +268,9 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 raise NameTooLong(path)
             child = txn.lookup(ino, name)
             if child is None:
-                raise NotFound(path)
+                child = self._hidden.get((ino, name)) if self._hidden else None
+                if child is None:
+                    raise NotFound(path)
             ino = child
         return ino
 

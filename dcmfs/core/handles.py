@@ -235,6 +235,9 @@ class FileOps:
                 self.data.commit(of)
         finally:
             del self._open[of.ino]
+            if self._hidden:  # its hidden names lead nowhere now
+                for key in [k for k, ino in self._hidden.items() if ino == of.ino]:
+                    del self._hidden[key]
             if of.changed:
                 # unlinked, or the commit failed (the writer heard of it at
                 # close): nothing refers to what was sealed for it any more

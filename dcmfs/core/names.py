@@ -9,14 +9,19 @@ it uses the FileSystem's index, path resolution and inode helpers.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
-from ..errors import (DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory, NotADirectory,
-                      NotFound)
+from ..errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
+                      NotADirectory, NotFound)
 from ..index import Inode
 from .handles import _locked, _mutating
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+#: the name libfuse renames an open file to when it is unlinked, or replaced
+#: by a rename (``.fuse_hidden`` and 16 hex digits); such a name is reserved:
+#: see :meth:`NameOps._hide`
+_HIDDEN = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
 #: what mknod(2) makes (a directory is mkdir's; the kernel refuses it)
 _MKNOD_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG)
 
@@ -78,6 +83,8 @@ class NameOps:
     # --- names ----------------------------------------------------------------------
     @_mutating
     def unlink(self, path: str) -> None:
+        if self._hidden and self._forget_hidden(path):
+            return
         with self._write_txn() as txn:
             parent, name, ino, inode = self._entry(txn, path)
             if stat.S_ISDIR(inode.mode):
@@ -93,6 +100,9 @@ class NameOps:
             raise InvalidArgument("unsupported rename flags")
         if new.rstrip("/").startswith(old.rstrip("/") + "/"):
             raise InvalidArgument("cannot move a directory into itself")
+        if not flags and _HIDDEN.fullmatch(os.fsencode(new.rpartition("/")[2])) \
+                and self._hide(old, new):
+            return
         garbage: list[bytes] = []
         with self._write_txn() as txn:
             op, oname = self._parent(txn, old)
@@ -143,6 +153,47 @@ class NameOps:
                 if np != op:
                     self._touch_dir(txn, np, self._inode(txn, np), +delta)
         self.data.after_commit(garbage)
+
+    # --- names of open files that are gone ----------------------------------------------
+    def _hide(self, old: str, new: str) -> bool:
+        """libfuse's unlink of an open file, or its rename of another file
+        over one: it renames the open file to ``new``, a hidden name, and
+        unlinks that at the last close, so that the kernel can still reach
+        the file (fstat, fchmod, fgetxattr of the open descriptor).  Here
+        it *is* the unlink (journaled now: the file is an orphan, gone after
+        a crash), and ``new`` only a name in memory by which the open file
+        is reached until its last release.  False if ``old`` is not an
+        open file: an ordinary rename then."""
+        with self._write_txn() as txn:
+            op, oname, ino, inode = self._entry(txn, old)
+            np, nname = self._parent(txn, new)
+            if ino not in self._open or stat.S_ISDIR(inode.mode) \
+                    or txn.lookup(np, nname) is not None:
+                return False
+            txn.remove_dirent(op, oname)
+            garbage = self._drop_link(txn, ino, inode)
+            self._touch_dir(txn, op, self._inode(txn, op))
+        self._hidden[(np, nname)] = ino
+        self.data.after_commit(garbage)
+        return True
+
+    def _forget_hidden(self, path: str) -> bool:
+        """libfuse's unlink of a hidden name after the last close: nothing is
+        left to do but forgetting the name (the release purged the file)."""
+        with self.index.begin() as txn:
+            key = self._parent(txn, path)
+        return self._hidden.pop(key, None) is not None
+
+    def hidden(self, path: str) -> bool:
+        """Is ``path`` the hidden name of an open, unlinked file?  (libfuse
+        counts it as a link in the nlink it reports: the adapter adds it.)"""
+        if not self._hidden or not _HIDDEN.fullmatch(os.fsencode(path.rpartition("/")[2])):
+            return False
+        with self._lock, self.index.begin() as txn:
+            try:
+                return self._parent(txn, path) in self._hidden
+            except DcmfsError:
+                return False
 
     @_mutating
     def link(self, existing: str, new: str) -> None:
