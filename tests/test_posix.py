@@ -253,3 +253,114 @@ def test_fstat_of_an_open_unlinked_file(mounted):
     assert sorted(os.listdir(m)) == ["a", "y"]
     r = mounted.cli("status", m, "--json")
     assert json.loads(r.stdout)["files"] == 2, r.stdout
+
+
+OTHER_UID = 12345
+
+
+class OtherUid:
+    """A process of another uid that opens names in a directory (an inherited
+    descriptor: no path from / to walk) when told to, at once (it is
+    started beforehand: a check must not wait for an interpreter to start)."""
+
+    CODE = ("import os, sys\n"
+            "for name in sys.stdin:\n"
+            "    try:\n"
+            "        os.read(os.open(name.strip(), os.O_RDONLY, dir_fd=int(sys.argv[1])), 1)\n"
+            "        print('ok', flush=True)\n"
+            "    except OSError as exc:\n"
+            "        print(exc.errno, flush=True)\n")
+
+    def __init__(self, directory) -> None:
+        self.dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        # the system's Python: the test's may live where that uid cannot go
+        self.proc = subprocess.Popen(["/usr/bin/python3", "-c", self.CODE, str(self.dirfd)],
+                                     pass_fds=(self.dirfd,), user=OTHER_UID, group=OTHER_UID,
+                                     extra_groups=[], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def read(self, name: str) -> int | None:
+        """errno of its open(2) of ``name``, None if it could read."""
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        assert answer, "the other uid's process died"
+        return None if answer == "ok" else int(answer)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        self.proc.stdout.close()
+        os.close(self.dirfd)
+
+
+def _linked(m) -> tuple:
+    """``a`` (0644, b"AAAA"), stat'ed (its kernel inode caches attributes), and
+    a second name ``b``."""
+    a, b = m.mnt / "a", m.mnt / "b"
+    a.write_bytes(b"AAAA")
+    os.chmod(a, 0o644)
+    before = os.stat(a)
+    assert before.st_nlink == 1
+    os.link(a, b)
+    return a, b, before
+
+
+# The high-level libfuse API gives each name its own kernel inode, which
+# cached attributes and pages per name for the attribute timeout (issue 16).
+
+def test_a_link_shows_in_nlink_and_ctime_of_the_other_name_at_once(mounted):
+    a, b, before = _linked(mounted)
+    after = os.stat(a)
+    assert after.st_nlink == 2 and after.st_ctime_ns > before.st_ctime_ns
+    ctime = after.st_ctime_ns
+    os.setxattr(b, "user.k", b"v")
+    assert os.stat(a).st_ctime_ns > ctime
+    os.utime(a, ns=(1_000_000_000, 2_000_000_000))
+    assert os.stat(b).st_mtime_ns == 2_000_000_000
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        os.rename(b, mounted.mnt / "c")
+        os.unlink(mounted.mnt / "c")
+        assert os.stat(a).st_nlink == 1 and os.fstat(fd).st_nlink == 1
+    finally:
+        os.close(fd)
+
+
+def test_a_permission_change_through_one_name_is_enforced_on_the_other_at_once(mount_env):
+    """chmod 600 and chown 65534 of b: another uid reading a gets EACCES at
+    once (it could read it for about a second: a permission bypass)."""
+    m = mount_env
+    m.mount("-o", "allow_other")
+    a, b, _ = _linked(m)
+    other = OtherUid(m.mnt)
+    try:
+        assert other.read("a") is None  # 0644: readable
+        os.chmod(b, 0o600)
+        os.chown(b, 65534, 65534)
+        assert other.read("a") == errno.EACCES
+        st = os.stat(a)
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 65534, 65534)
+        os.chmod(a, 0o644)  # and back, through the other name
+        assert other.read("b") is None
+    finally:
+        other.close()
+
+
+def test_a_write_through_one_name_is_read_through_a_descriptor_of_the_other(mounted):
+    a, b, _ = _linked(mounted)
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4, 0) == b"AAAA"  # in a's page cache now
+        fb = os.open(b, os.O_WRONLY)
+        try:
+            os.pwrite(fb, b"BB", 0)
+            assert os.pread(fd, 4, 0) == b"BBAA"
+            os.pwrite(fb, b"CCCCCC", 4)
+            assert os.fstat(fd).st_size == 10 and os.pread(fd, 20, 0) == b"BBAACCCCCC"
+        finally:
+            os.close(fb)
+        os.truncate(b, 3)
+        assert os.stat(a).st_size == 3 and os.pread(fd, 20, 0) == b"BBA"
+    finally:
+        os.close(fd)

@@ -244,3 +244,76 @@ def test_a_hidden_name_is_an_unlink_that_keeps_the_open_file_reachable(make_fs):
     crash(fs)
     fs = make_fs()
     assert [n for n, _ in fs.readdir("/")] == ["y"]
+
+
+def _take(fs) -> set[str]:
+    stale = set(fs.stale_names)
+    fs.stale_names.clear()
+    return stale
+
+
+def test_a_change_to_a_hard_linked_file_names_its_other_kernel_names(make_fs):
+    """The adapter has the kernel drop what it caches for the names listed
+    in stale_names; a change through one name lists the others, followed
+    through renames, and a file with one name never lists anything."""
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    write_file(fs, "/d/a", b"AAAA")
+    fs.getattr("/d/a")
+    fs.chmod("/d/a", 0o600)
+    assert _take(fs) == set()  # one name: nothing to keep coherent
+    fs.link("/d/a", "/b")
+    assert _take(fs) == {"/d/a"}  # the kernel's inode of a holds nlink 1
+    fs.getattr("/b")
+    fs.chmod("/b", 0o644)
+    assert _take(fs) == {"/d/a"}
+    fs.utimens("/d/a", 1, 2)
+    assert _take(fs) == {"/b"}
+    fh = fs.open("/d/a", os.O_RDWR)
+    fs.write(fh, b"BB", 0)  # never the writer's own name: its pages are locked
+    assert _take(fs) == {"/b"}
+    fs.rename("/d", "/e")  # the directory: the names below it move
+    fs.write(fh, b"CC", 0)
+    fs.truncate("/b", 1)
+    assert _take(fs) == {"/b", "/e/a"}
+    fs.setxattr("/b", "user.k", b"v")
+    fs.fallocate(fh, 0, 0, 100)
+    assert _take(fs) == {"/e/a", "/b"}
+    fs.chmod(None, 0o600, fh)
+    assert _take(fs) == {"/b"}
+    fs.link("/b", "/c")
+    assert _take(fs) == {"/e/a", "/b"}
+    fs.rename("/c", "/e/c")
+    assert _take(fs) == {"/e/a", "/b"}
+    fs.unlink("/e/c")
+    assert _take(fs) == {"/e/a", "/b"}
+    fb = fs.open("/b", os.O_RDONLY)
+    fs.rename("/b", HIDDEN)  # libfuse: b unlinked while open through it
+    assert _take(fs) == {"/e/a"}
+    fs.chmod("/e/a", 0o600)
+    assert _take(fs) == {HIDDEN}  # the descriptor of b is a kernel inode too
+    fs.release(fb)
+    fs.unlink(HIDDEN)  # libfuse, after b's last close
+    fs.chmod("/e/a", 0o644)
+    assert _take(fs) == set()  # one name again
+    fs.release(fh)
+
+
+def test_kernel_names_follow_renames_and_forget_single_names():
+    from dcmfs.core.links import KernelNames, moved
+    assert moved("/a/b", "/a", "/x") == "/x/b" and moved("/ab", "/a", "/x") is None
+    assert moved("/a", "/a", "/x") == "/x"
+    k = KernelNames()
+    k.seen(5, "/a/f")
+    k.seen(5, "/g")
+    k.renamed("/a", "/b")
+    k.changed(5, "/g")
+    assert k.stale == ["/b/f"]
+    k.gone(5, "/g")  # one name left
+    k.stale.clear()
+    k.changed(5)
+    assert k.stale == [] and k._count == 0
+    k.LIMIT = 2
+    for i in range(5):
+        k.seen(9, f"/{i}")
+    assert k._count == 2

@@ -10,10 +10,13 @@ a FUSE operation, so this class has no helper attributes with such names.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
 import os
+import queue
+import threading
 import time
 from typing import Callable
 
@@ -112,9 +115,56 @@ def _translate(method: Callable) -> Callable:
             else:  # the class only: a namespace error's message may hold the path
                 log.debug("%s: %s", name, type(exc).__name__)
             raise mfusepy.FuseOSError(code) from exc
+        if self._fs.stale_names:  # before the answer: no window with stale caches
+            self._invalidate()
         self._ops.done(name, time.perf_counter() - t0, result)
         return result
     return wrapper
+
+
+class _Invalidator:
+    """Has the kernel drop what it caches for given paths (attributes and
+    pages: libfuse3's ``fuse_invalidate_path``), for the other names of a
+    hard-linked file that an operation changed (see :mod:`dcmfs.core.links`).
+
+    The kernel carries out an invalidation at once, except that dropping a
+    page waits while the page is locked - by a read or write of that name
+    queued behind the operation being answered, which would wait for this
+    loop in turn.  So the calls run on a thread of their own, and an
+    operation waits for them at most :attr:`WAIT` seconds before it answers
+    (in practice microseconds; only with I/O in flight on another name of
+    the same file does the wait end first, and the invalidation completes
+    right after that I/O).
+    """
+
+    WAIT = 0.05
+
+    def __init__(self, fuse_ptr: int) -> None:
+        fn = mfusepy._libfuse.fuse_invalidate_path  # the library mfusepy serves with
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
+        self._call = functools.partial(fn, fuse_ptr)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="dcmfs-invalidate")
+        self._thread.start()
+
+    def invalidate(self, paths: list[str]) -> None:
+        done = threading.Event()
+        self._queue.put((paths, done))
+        done.wait(self.WAIT)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            paths, done = item
+            for path in dict.fromkeys(paths):
+                # -ENOENT: the kernel holds no inode for that name (never
+                # looked up, or forgotten): nothing cached, nothing to do
+                self._call(path.encode("utf-8", "surrogateescape"))
+            done.set()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(5)
 
 
 class _Operations:
@@ -129,10 +179,27 @@ class _Operations:
         self._fs = fs
         self._on_ready = on_ready
         self._ops = ops
+        self._invalidator: _Invalidator | None = None
 
     def init(self, path):
+        # the ``struct fuse *`` of this mount, for fuse_invalidate_path
+        fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
+        self._invalidator = _Invalidator(fuse_ptr)
         if self._on_ready is not None:
             self._on_ready()
+
+    def destroy(self, path):
+        # before libfuse frees the ``struct fuse`` the invalidations use
+        if self._invalidator is not None:
+            self._invalidator.stop()
+            self._invalidator = None
+
+    def _invalidate(self) -> None:
+        stale = self._fs.stale_names
+        paths = stale[:]
+        stale.clear()
+        if self._invalidator is not None:
+            self._invalidator.invalidate(paths)
 
     @_translate
     def getattr(self, path, fh=None):

@@ -52,11 +52,14 @@ def _mutating(method: Callable) -> Callable:
 
 
 class Handle:
-    __slots__ = ("of", "flags")
+    __slots__ = ("of", "flags", "path")
 
-    def __init__(self, of: OpenFile, flags: int) -> None:
+    def __init__(self, of: OpenFile, flags: int, path: str | None = None) -> None:
         self.of = of
         self.flags = flags
+        #: the name it was opened by (followed through renames): the kernel
+        #: inode whose pages a write through it holds (see core.links)
+        self.path = path
 
 
 class FileOps:
@@ -69,7 +72,7 @@ class FileOps:
         return h
 
     # --- files ------------------------------------------------------------------------
-    def _open_file(self, ino: int, inode: Inode, flags: int) -> int:
+    def _open_file(self, ino: int, inode: Inode, flags: int, path: str | None = None) -> int:
         of = self._open.get(ino)
         if of is None:
             of = self.data.open_file(ino, inode)
@@ -78,7 +81,7 @@ class FileOps:
         of.handles += 1
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(of, flags)
+        self._handles[fh] = Handle(of, flags, path)
         return fh
 
     @_mutating
@@ -90,7 +93,7 @@ class FileOps:
             self._touch_dir(txn, parent, pinode)
             txn.add_stats(files=1)
         self.data.after_commit([])
-        return self._open_file(ino, inode, flags)
+        return self._open_file(ino, inode, flags, path)
 
     @_locked
     def open(self, path: str, flags: int) -> int:
@@ -103,11 +106,12 @@ class FileOps:
             raise IsADirectory(path)
         if not stat.S_ISREG(inode.mode):  # the kernel opens FIFOs, sockets, devices itself
             raise InvalidArgument(path)
-        fh = self._open_file(ino, inode, flags)
+        fh = self._open_file(ino, inode, flags, path)
         of = self._handles[fh].of
         if flags & os.O_TRUNC and of.size:
             self.data.truncate(of, 0)
             of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+            self._knames.changed(ino, path)
         return fh
 
     @_locked
@@ -124,6 +128,7 @@ class FileOps:
             raise TooBig("file too large")
         n = self.data.write(of, offset, data)
         of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+        self._knames.changed(of.ino, h.path)
         return n
 
     @_mutating
@@ -131,9 +136,10 @@ class FileOps:
         if length < 0 or length > fmt.MAX_FILE_SIZE:
             raise InvalidArgument("bad length")
         if fh is not None:
-            of = self._handle(fh).of
-            self.data.truncate(of, length)
-            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+            h = self._handle(fh)
+            self.data.truncate(h.of, length)
+            h.of.inode.mtime_ns = h.of.inode.ctime_ns = self._clock()
+            self._knames.changed(h.of.ino, h.path)
             return
         with self.index.begin() as txn:
             ino = self._resolve(txn, path)
@@ -150,6 +156,7 @@ class FileOps:
             self.data.commit(of)
         finally:
             self._release(fh)
+        self._knames.changed(ino, path)
 
     @_mutating
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
@@ -171,7 +178,8 @@ class FileOps:
         end = offset + length
         if end > fmt.MAX_FILE_SIZE:
             raise TooBig("file too large")
-        of = self._handle(fh).of
+        h = self._handle(fh)
+        of = h.of
         keep = mode & FALLOC_FL_KEEP_SIZE
         kind = mode & ~FALLOC_FL_KEEP_SIZE
         if kind not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or \
@@ -185,6 +193,7 @@ class FileOps:
             changed = True
         if changed:
             of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+            self._knames.changed(of.ino, h.path)
 
     def _zero(self, of: OpenFile, start: int, stop: int) -> bool:
         """Make [start, stop) of an open file read as zeros; only the chunks
@@ -236,8 +245,10 @@ class FileOps:
         finally:
             del self._open[of.ino]
             if self._hidden:  # its hidden names lead nowhere now
-                for key in [k for k, ino in self._hidden.items() if ino == of.ino]:
-                    del self._hidden[key]
+                for key, hidden in list(self._hidden.items()):
+                    if hidden[0] == of.ino:
+                        del self._hidden[key]
+                        self._knames.gone(*hidden)
             if of.changed:
                 # unlinked, or the commit failed (the writer heard of it at
                 # close): nothing refers to what was sealed for it any more
@@ -289,6 +300,7 @@ class FileOps:
             inode = self._inode(txn, ino)
             inode.ctime_ns = self._clock()
             self._put(txn, ino, inode)
+        self._knames.changed(ino, path)
         self.data.after_commit([])
 
     @_locked
@@ -326,4 +338,5 @@ class FileOps:
             ino = self._resolve(txn, path)
             if not txn.remove_xattr(ino, raw):
                 raise NoAttribute(name)
+        self._knames.changed(ino, path)
         self.data.after_commit([])

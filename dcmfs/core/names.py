@@ -16,6 +16,7 @@ from ..errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, Is
                       NotADirectory, NotFound)
 from ..index import Inode
 from .handles import _locked, _mutating
+from .links import moved
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 #: the name libfuse renames an open file to when it is unlinked, or replaced
@@ -92,6 +93,8 @@ class NameOps:
             txn.remove_dirent(parent, name)
             garbage = self._drop_link(txn, ino, inode)
             self._touch_dir(txn, parent, self._inode(txn, parent))
+        self._knames.changed(ino, path)
+        self._knames.gone(ino, path)
         self.data.after_commit(garbage)
 
     @_mutating
@@ -126,6 +129,7 @@ class NameOps:
                 for ino, inode in ((src, sinode), (dst, dinode)):
                     inode.ctime_ns = self._clock()
                     self._put(txn, ino, inode)
+                dst_dir = stat.S_ISDIR(dinode.mode)
             else:
                 if dst is not None:
                     if flags & RENAME_NOREPLACE:
@@ -152,7 +156,27 @@ class NameOps:
                 self._touch_dir(txn, op, self._inode(txn, op), -delta)
                 if np != op:
                     self._touch_dir(txn, np, self._inode(txn, np), +delta)
+        if flags & RENAME_EXCHANGE:
+            parked = "\0" + old  # no path starts with NUL
+            self._renamed(old, parked, src, src_dir)
+            self._renamed(new, old, dst, dst_dir)
+            self._renamed(parked, new, src, src_dir)
+            self._knames.changed(dst, old)
+        else:
+            if dst is not None:  # replaced: its other names lost a link
+                self._knames.changed(dst, new)
+                self._knames.gone(dst, new)
+            self._renamed(old, new, src, src_dir)
+        self._knames.changed(src, new)
         self.data.after_commit(garbage)
+
+    def _renamed(self, old: str, new: str, ino: int, is_dir: bool) -> None:
+        """Follow a rename in the kernel's names and the open handles' names."""
+        self._knames.renamed(old, new, None if is_dir else ino)
+        if is_dir or ino in self._open:
+            for h in self._handles.values():
+                if h.path is not None and (p := moved(h.path, old, new)) is not None:
+                    h.path = p
 
     # --- names of open files that are gone ----------------------------------------------
     def _hide(self, old: str, new: str) -> bool:
@@ -173,7 +197,9 @@ class NameOps:
             txn.remove_dirent(op, oname)
             garbage = self._drop_link(txn, ino, inode)
             self._touch_dir(txn, op, self._inode(txn, op))
-        self._hidden[(np, nname)] = ino
+        self._hidden[(np, nname)] = (ino, new)
+        self._renamed(old, new, ino, False)  # the kernel keeps its inode as ``new``
+        self._knames.changed(ino, new)
         self.data.after_commit(garbage)
         return True
 
@@ -182,7 +208,10 @@ class NameOps:
         left to do but forgetting the name (the release purged the file)."""
         with self.index.begin() as txn:
             key = self._parent(txn, path)
-        return self._hidden.pop(key, None) is not None
+        hidden = self._hidden.pop(key, None)
+        if hidden is not None:
+            self._knames.gone(*hidden)
+        return hidden is not None
 
     def hidden(self, path: str) -> bool:
         """Is ``path`` the hidden name of an open, unlinked file?  (libfuse
@@ -208,6 +237,10 @@ class NameOps:
             inode.ctime_ns = self._clock()
             self._put(txn, ino, inode)
             self._touch_dir(txn, parent, pinode)
+        # the kernel inode of ``existing`` holds nlink and ctime of before
+        self._knames.seen(ino, existing)
+        self._knames.changed(ino, new)
+        self._knames.seen(ino, new)
         self.data.after_commit([])
 
     @_mutating
