@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -237,6 +238,9 @@ def test_fstat_of_an_open_unlinked_file(mounted):
     os.link(m / "x", m / "y")
     fx = os.open(m / "x", os.O_RDONLY)
     os.unlink(m / "x")
+    assert os.fstat(fx).st_nlink == 1
+    time.sleep(1.1)  # the attributes time out: a read past the end asks by handle
+    os.pread(fx, 10, 100)
     assert os.fstat(fx).st_nlink == 1
     # the directory that held an unlinked open file can go
     (m / "d").mkdir()

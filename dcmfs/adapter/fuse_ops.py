@@ -204,7 +204,7 @@ class _Operations:
     @_translate
     def getattr(self, path, fh=None):
         st = self._fs.getattr(path, fh)
-        if path is not None and st["st_nlink"] and self._fs.hidden(path):
+        if st["st_nlink"] and self._fs.hidden(path, fh):
             st["st_nlink"] += 1  # libfuse takes one off for its hidden name
         return st
 

@@ -213,10 +213,16 @@ class NameOps:
             self._knames.gone(*hidden)
         return hidden is not None
 
-    def hidden(self, path: str) -> bool:
-        """Is ``path`` the hidden name of an open, unlinked file?  (libfuse
-        counts it as a link in the nlink it reports: the adapter adds it.)"""
-        if not self._hidden or not _HIDDEN.fullmatch(os.fsencode(path.rpartition("/")[2])):
+    def hidden(self, path: str | None, fh: int | None = None) -> bool:
+        """Is ``path`` (or the name the handle ``fh`` was opened by) the
+        hidden name of an open, unlinked file?  (libfuse takes one off the
+        nlink it reports for it: the adapter adds it back.)"""
+        if not self._hidden:
+            return False
+        if path is None:
+            h = self._handles.get(fh)
+            path = h.path if h is not None else None
+        if path is None or not _HIDDEN.fullmatch(os.fsencode(path.rpartition("/")[2])):
             return False
         with self._lock, self.index.begin() as txn:
             try:
