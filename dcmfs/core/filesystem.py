@@ -32,7 +32,7 @@ from .contents import FileData
 from .openfile import OpenFile
 from .control import StoreOps
 from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
-from .links import KernelNames, moved
+from .links import KernelNames
 from .names import NameOps
 from .host import JobHostOps
 from .reencoder import Reencoder
