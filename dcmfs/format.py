@@ -61,17 +61,23 @@ QUARANTINE_DIR = "quarantine"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
 DAMAGE_MARK = "needs-fsck"
 
-#: features this version understands; a store may use any subset
+#: features this version understands; a store may use any subset.
+#: ``special-files-v1``: the index may hold FIFOs, sockets and character and
+#: block devices (a device's rdev in the inode record's trailing bytes, where
+#: a symlink keeps its target); an older dcmfs would show a device as 0:0
+#: and a fsck of it would not know them
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
-                            "extents-v1", "digest-tree-v1"})
+                            "extents-v1", "digest-tree-v1",
+                            "special-files-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
 #: instead of meeting objects it cannot decode
 WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
-                            "digest-tree-v1"})
+                            "digest-tree-v1",
+                            "special-files-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

@@ -32,6 +32,4 @@ if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_want" ]; then
     .venv/bin/python -m pip install -q -e ".${_extras:+[$_extras]}"
     echo "$_want" > "$_stamp"
 fi
-# mfusepy loads libfuse2 when both are installed unless told otherwise
-export FUSE_LIBRARY_NAME=fuse3
 export PATH="$DCMFS_ROOT/.venv/bin:$PATH"

@@ -20,8 +20,6 @@ from dcmfs.config import Config, KdfParams
 from dcmfs.core.filesystem import FileSystem
 from dcmfs.storage.header import Secret, init_store, open_store
 
-os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-
 #: cheap Argon2id for tests, passed through Config (never a global switch)
 CHEAP_KDF = KdfParams(memory_kib=1024, iterations=1, lanes=1)
 #: small chunks so that core tests cross chunk boundaries with little data

@@ -414,3 +414,84 @@ def test_a_repair_that_is_not_clean_keeps_the_mark(store, monkeypatch):
     monkeypatch.setattr(fsck_mod.Fsck, "run", second_pass_finds_more)
     result = store.fsck(repair=True)
     assert not result["clean"] and damage_mark(store.root) is not None
+
+
+def _two_snapshots(store) -> list[str]:
+    """A second clean close (a second snapshot) with one more file; the
+    snapshot directories, oldest first."""
+    fs = store.open()
+    write_file(fs, "/second", b"after the first snapshot" * 500)
+    store.content["/second"] = b"after the first snapshot" * 500
+    fs.close()
+    snaps = sorted(os.listdir(os.path.join(store.root, "snapshots")))
+    snaps = [os.path.join(store.root, "snapshots", n) for n in snaps
+             if n.startswith("snapshot-")]
+    assert len(snaps) == 2, snaps
+    return snaps
+
+
+def test_rebuild_falls_back_past_a_snapshot_that_lost_its_data_file(store):
+    """issue 16: a snapshot directory without data.mdb made the rebuild die
+    with FileNotFoundError; it must take the older snapshot and the journal
+    records after it, and say what it used and what it skipped."""
+    older, newer = _two_snapshots(store)
+    os.unlink(os.path.join(newer, "data.mdb"))
+    os.unlink(os.path.join(store.root, "index", "data.mdb"))
+    result = store.fsck(rebuild=True)
+    assert result["clean"], result
+    rebuilt = result["rebuilt"]
+    assert rebuilt["snapshot"] == os.path.basename(older)
+    assert rebuilt["skipped_snapshots"] == [
+        {"snapshot": os.path.basename(newer), "why": "its data.mdb is missing"}]
+    assert rebuilt["journal_records"] > 0
+    text = admin.render_fsck(result)
+    assert f"{os.path.basename(newer)} skipped (its data.mdb is missing)" in text
+    assert f"snapshot {os.path.basename(older)}" in text
+    fs = store.open()
+    try:
+        for path, data in store.content.items():
+            assert read_file(fs, path) == data, path
+    finally:
+        fs.close()
+
+
+def test_rebuild_falls_back_past_every_damaged_snapshot_to_the_journals(store):
+    """Both snapshots unusable (one lost its data file, one is torn): every
+    journal record is rolled forward onto an empty index, names included."""
+    older, newer = _two_snapshots(store)
+    os.unlink(os.path.join(newer, "data.mdb"))
+    with open(os.path.join(older, "data.mdb"), "r+b") as f:
+        f.truncate(100)  # a torn copy: not an LMDB file any more
+    os.unlink(os.path.join(store.root, "index", "data.mdb"))
+    result = store.fsck(rebuild=True)
+    assert result["clean"], result
+    rebuilt = result["rebuilt"]
+    assert rebuilt["snapshot"] is None and rebuilt["journal_records"] > 0
+    assert [s["snapshot"] for s in rebuilt["skipped_snapshots"]] == [
+        os.path.basename(newer), os.path.basename(older)]
+    assert rebuilt["skipped_snapshots"][1]["why"].startswith("it does not open")
+    assert "no snapshot could be used" in admin.render_fsck(result)
+    fs = store.open()
+    try:
+        for path, data in store.content.items():
+            assert read_file(fs, path) == data, path
+    finally:
+        fs.close()
+
+
+def test_rebuild_with_damaged_snapshots_and_no_journal_uses_the_objects(store):
+    older, newer = _two_snapshots(store)
+    shutil.rmtree(newer)  # gone altogether, and the other one torn
+    with open(os.path.join(older, "data.mdb"), "r+b") as f:
+        f.truncate(100)
+    shutil.rmtree(os.path.join(store.root, "index"))  # the journal with it
+    result = store.fsck(rebuild=True)
+    assert result["clean"], result
+    assert result["rebuilt"]["snapshot"] is None
+    fs = store.open()
+    try:  # the content comes back from the objects, into /lost+found
+        names = [n for n, _ in fs.readdir("/lost+found")]
+        got = sorted(read_file(fs, "/lost+found/" + n) for n in names)
+        assert got == sorted(store.content.values())
+    finally:
+        fs.close()

@@ -161,3 +161,15 @@ def test_only_the_adapter_imports_mfusepy_and_only_cli_exits():
                      if isinstance(n, ast.Attribute) and n.attr == "exit"
                      and isinstance(n.value, ast.Name) and n.value.id == "sys"]
             assert not calls, me
+
+
+def test_every_package_is_installed():
+    """A non-editable install (pip, the systemd test's container) ships only
+    the packages pyproject.toml lists: dcmfs.sandbox was missing, so an
+    installed 'dcmfs mount' died with ModuleNotFoundError."""
+    import tomllib
+    listed = set(tomllib.loads((PKG.parent / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    packages = {"dcmfs." + ".".join(p.parent.relative_to(PKG).parts)
+                for p in PKG.rglob("__init__.py") if p.parent != PKG}
+    assert packages - listed == set()

@@ -10,15 +10,35 @@ a FUSE operation, so this class has no helper attributes with such names.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
 import os
+import queue
+import threading
 import time
 from typing import Callable
 
+
+def _import_mfusepy():
+    """mfusepy, bound to libfuse3.  Without FUSE_LIBRARY_NAME (or _PATH)
+    mfusepy loads libfuse2 where both are installed (gocryptfs and Ceph pull
+    libfuse2 in), so dcmfs names libfuse3 itself, for the import only: the
+    process environment, which children inherit, stays as the user set it."""
+    chosen = "FUSE_LIBRARY_NAME" in os.environ or "FUSE_LIBRARY_PATH" in os.environ
+    if not chosen:
+        os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+    try:
+        import mfusepy as module
+    finally:
+        if not chosen:
+            del os.environ["FUSE_LIBRARY_NAME"]
+    return module
+
+
 try:
-    import mfusepy
+    mfusepy = _import_mfusepy()
 except (OSError, ImportError, EnvironmentError) as exc:  # libfuse3 missing
     mfusepy = None
     _IMPORT_ERROR: Exception | None = exc
@@ -67,8 +87,9 @@ def require_fuse() -> None:
             f"libfuse3 cannot be loaded ({_IMPORT_ERROR}); install it with "
             "'apt-get install fuse3'.")
     if mfusepy.fuse_version_major != 3:
-        raise E.FuseUnavailableError("dcmfs needs libfuse3, but libfuse2 was loaded; "
-                                     "set FUSE_LIBRARY_NAME=fuse3 or install fuse3.")
+        raise E.FuseUnavailableError("dcmfs needs libfuse3, but libfuse2 was loaded (as "
+                                     "FUSE_LIBRARY_NAME or FUSE_LIBRARY_PATH asks); unset "
+                                     "it, or install fuse3.")
     if not os.path.exists("/dev/fuse"):
         raise E.FuseUnavailableError("/dev/fuse is missing: load the fuse kernel module "
                                      "('modprobe fuse') or give the container /dev/fuse.")
@@ -94,9 +115,56 @@ def _translate(method: Callable) -> Callable:
             else:  # the class only: a namespace error's message may hold the path
                 log.debug("%s: %s", name, type(exc).__name__)
             raise mfusepy.FuseOSError(code) from exc
+        if self._fs.stale_names:  # before the answer: no window with stale caches
+            self._invalidate()
         self._ops.done(name, time.perf_counter() - t0, result)
         return result
     return wrapper
+
+
+class _Invalidator:
+    """Has the kernel drop what it caches for given paths (attributes and
+    pages: libfuse3's ``fuse_invalidate_path``), for the other names of a
+    hard-linked file that an operation changed (see :mod:`dcmfs.core.links`).
+
+    The kernel carries out an invalidation at once, except that dropping a
+    page waits while the page is locked - by a read or write of that name
+    queued behind the operation being answered, which would wait for this
+    loop in turn.  So the calls run on a thread of their own, and an
+    operation waits for them at most :attr:`WAIT` seconds before it answers
+    (in practice microseconds; only with I/O in flight on another name of
+    the same file does the wait end first, and the invalidation completes
+    right after that I/O).
+    """
+
+    WAIT = 0.05
+
+    def __init__(self, fuse_ptr: int) -> None:
+        fn = mfusepy._libfuse.fuse_invalidate_path  # the library mfusepy serves with
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
+        self._call = functools.partial(fn, fuse_ptr)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="dcmfs-invalidate")
+        self._thread.start()
+
+    def invalidate(self, paths: list[str]) -> None:
+        done = threading.Event()
+        self._queue.put((paths, done))
+        done.wait(self.WAIT)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            paths, done = item
+            for path in dict.fromkeys(paths):
+                # -ENOENT: the kernel holds no inode for that name (never
+                # looked up, or forgotten): nothing cached, nothing to do
+                self._call(path.encode("utf-8", "surrogateescape"))
+            done.set()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(5)
 
 
 class _Operations:
@@ -111,14 +179,34 @@ class _Operations:
         self._fs = fs
         self._on_ready = on_ready
         self._ops = ops
+        self._invalidator: _Invalidator | None = None
 
     def init(self, path):
+        # the ``struct fuse *`` of this mount, for fuse_invalidate_path
+        fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
+        self._invalidator = _Invalidator(fuse_ptr)
         if self._on_ready is not None:
             self._on_ready()
 
+    def destroy(self, path):
+        # before libfuse frees the ``struct fuse`` the invalidations use
+        if self._invalidator is not None:
+            self._invalidator.stop()
+            self._invalidator = None
+
+    def _invalidate(self) -> None:
+        stale = self._fs.stale_names
+        paths = stale[:]
+        stale.clear()
+        if self._invalidator is not None:
+            self._invalidator.invalidate(paths)
+
     @_translate
     def getattr(self, path, fh=None):
-        return self._fs.getattr(path, fh)
+        st = self._fs.getattr(path, fh)
+        if st["st_nlink"] and self._fs.hidden(path, fh):
+            st["st_nlink"] += 1  # libfuse takes one off for its hidden name
+        return st
 
     @_translate
     def opendir(self, path):
@@ -165,6 +253,10 @@ class _Operations:
         self._fs.truncate(path, length, fh)
 
     @_translate
+    def fallocate(self, path, mode, offset, length, fh):
+        self._fs.fallocate(fh, mode, offset, length)
+
+    @_translate
     def flush(self, path, fh):
         self._fs.flush(fh)
 
@@ -198,6 +290,11 @@ class _Operations:
         # mfusepy: ``target`` is the link's path, ``source`` what it points to
         uid, gid, _ = mfusepy.fuse_get_context()
         self._fs.symlink(target, source, uid, gid)
+
+    @_translate
+    def mknod(self, path, mode, dev):
+        uid, gid, _ = mfusepy.fuse_get_context()
+        self._fs.mknod(path, mode, dev, uid, gid)
 
     @_translate
     def readlink(self, path):
@@ -285,8 +382,10 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
     closes ``fs``, which flushes everything.
     """
     require_fuse()
+    # no hard_remove: an unlinked open file keeps a (hidden) name in libfuse,
+    # so that fstat(2) of its descriptor reaches the core (see NameOps._hide)
     opts = {"fsname": fs.store.root, "subtype": "dcmfs", "default_permissions": True,
-            "use_ino": True, "hard_remove": True, "nopath": True, "kernel_cache": True}
+            "use_ino": True, "nopath": True, "kernel_cache": True}
     opts.update(options)
     log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
     try:

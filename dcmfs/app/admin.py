@@ -266,11 +266,15 @@ def render_fsck(result: dict) -> str:
     lines = []
     if result.get("rebuilt"):
         r = result["rebuilt"]
+        for skipped in r.get("skipped_snapshots", []):
+            lines.append(f"snapshot {skipped['snapshot']} skipped ({skipped['why']})")
         lines.append(f"index rebuilt: old index moved to {r['moved_aside'] or '-'}, "
-                     f"snapshot {r['snapshot'] or 'none'}, {r['journal_records']} journal "
-                     "records rolled forward"
+                     + (f"snapshot {r['snapshot']}" if r["snapshot"] else
+                        "no snapshot could be used")
+                     + f", {r['journal_records']} journal records rolled forward"
                      + (f", {r['records_after_gap']} after a gap not applied"
-                        if r["records_after_gap"] else ""))
+                        if r["records_after_gap"] else "")
+                     + "; what the index lacks comes from the objects")
     for p in result["problems"]:
         where = ", ".join(p["paths"]) or (f"inode {p['ino']}" if p["ino"] else "store")
         lines.append(f"[{p['check']}] {where}: {p['what']}"

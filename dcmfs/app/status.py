@@ -2,13 +2,17 @@
 
 Needs no key: the figures come from the running daemon (the virtual
 ``user.dcmfs.status`` attribute of the mount's root), else from the plain
-``stats`` entry of the index, and from psutil.
+``stats`` entry of the index, and from psutil.  A daemon has
+:data:`ANSWER_TIMEOUT` seconds to answer (every mount is asked at once, each
+in a thread of its own): one that is busy or hung is shown as not answering
+and never stalls the report on the others.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import psutil
@@ -22,10 +26,19 @@ from .units import size_text
 from ..storage.header import damage_mark, read_header, read_lock_pid
 
 
-def store_report(store_root: str, mountpoint: str | None) -> dict:
+#: seconds a mounted daemon has to answer (its status and counter attributes)
+ANSWER_TIMEOUT = 3.0
+
+
+def store_report(store_root: str, mountpoint: str | None,
+                 answer: tuple[dict | None, dict | None] | None = None) -> dict:
+    """The report of one store; ``answer`` is what its daemon said (see
+    :func:`ask_daemons`; asked here when not given)."""
     store_root = os.path.abspath(store_root)
     read_header(store_root)  # a clear error for a missing or foreign store
-    live = _live_status(mountpoint) if mountpoint else None
+    if mountpoint and answer is None:
+        answer = ask_daemons([mountpoint])[mountpoint]
+    live, ops = answer if answer is not None else (None, None)
     # the daemon's own word first: the lock file's text can be altered
     pid = live["pid"] if live and live.get("pid") else read_lock_pid(store_root)
     if live is not None:
@@ -41,7 +54,12 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
         "logical_bytes": logical,
         "stored_bytes": stored,
         "ratio": round(stored / logical, 4) if logical else None,
+        # None: not mounted; False: figures from the index, the daemon was silent
+        "answering": None if mountpoint is None else answer is not None,
     }
+    if mountpoint is not None and answer is None:
+        report["error"] = (f"the daemon did not answer within {ANSWER_TIMEOUT:g} s (busy or "
+                           "hung); figures from the index, up to one checkpoint old")
     # the mark file, or (when no daemon has the index open) the index's sealed
     # copy of it, which is there even if someone deleted the file
     report["needs_fsck"] = damage_mark(store_root) is not None or (
@@ -57,7 +75,6 @@ def store_report(store_root: str, mountpoint: str | None) -> dict:
         for k in ("store_read_bytes", "store_written_bytes"):  # /proc/PID/io may be closed
             if k in live:
                 report[k] = live[k]
-    ops = _xattr_json(mountpoint, OPS_XATTR) if mountpoint else None
     if ops is not None:
         # through the mount since the daemon started: plaintext bytes, operations
         report.update(read_bytes=ops.get("read_bytes", 0), written_bytes=ops.get("written_bytes", 0),
@@ -91,9 +108,26 @@ def _damage_recorded(store_root: str) -> bool:
     return bool(found and found["damage"] is not None)
 
 
-def _live_status(mountpoint: str) -> dict | None:
-    """The daemon's own figures, or None (not answering, older daemon)."""
-    return _xattr_json(mountpoint, fmt.STATUS_XATTR)
+def ask_daemons(mountpoints: list[str], timeout: float = ANSWER_TIMEOUT
+                ) -> dict[str, tuple[dict | None, dict | None] | None]:
+    """For each mountpoint, what its daemon says (its live figures and its
+    operation counters; either None from a daemon too old to have them), or
+    None if it did not answer within ``timeout``.  All are asked at once;
+    a thread left waiting on a hung mount is a daemon thread, so it never
+    holds up the exit (the kernel drops its request then)."""
+    answers: dict[str, tuple[dict | None, dict | None]] = {}
+
+    def ask(mp: str) -> None:
+        answers[mp] = (_xattr_json(mp, fmt.STATUS_XATTR), _xattr_json(mp, OPS_XATTR))
+
+    threads = [threading.Thread(target=ask, args=(mp,), daemon=True, name="dcmfs-status")
+               for mp in mountpoints]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return {mp: answers.get(mp) for mp in mountpoints}
 
 
 def _xattr_json(mountpoint: str, name: str) -> dict | None:
@@ -116,9 +150,11 @@ def _duration(seconds: float | None) -> str:
 def collect(target: str | None) -> list[dict]:
     if target is None:
         out = []
-        for m in dcmfs_mounts():
+        mounts = dcmfs_mounts()
+        answers = ask_daemons([m.mountpoint for m in mounts])
+        for m in mounts:
             try:
-                out.append(store_report(m.store, m.mountpoint))
+                out.append(store_report(m.store, m.mountpoint, answers[m.mountpoint]))
             except DcmfsError as exc:  # one broken mount must not hide the others
                 out.append({"store": m.store, "mounted": True, "mountpoint": m.mountpoint,
                             "error": str(exc)})
@@ -145,8 +181,10 @@ def render(reports: list[dict]) -> str:
         lines.append(f"store       {r['store']}")
         lines.append(f"mounted     {'at ' + r['mountpoint'] if r['mounted'] else 'no'}")
         if "error" in r:
-            lines += [f"error       {r['error']}", ""]
-            continue
+            lines.append(f"error       {r['error']}")
+            if "files" not in r:  # nothing else is known of it
+                lines.append("")
+                continue
         if r.get("pid"):
             lines.append(f"daemon      pid {r['pid']}, up {_duration(r.get('uptime_seconds'))}, "
                          f"RSS {size_text(r.get('rss_bytes'))}, "

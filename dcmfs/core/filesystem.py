@@ -32,6 +32,7 @@ from .contents import FileData
 from .openfile import OpenFile
 from .control import StoreOps
 from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
+from .links import KernelNames
 from .names import NameOps
 from .host import JobHostOps
 from .reencoder import Reencoder
@@ -100,6 +101,14 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         self._dirs: dict[int, int] = {}
         self._next_fh = 1
         self._inodes: dict[int, Inode] = {}
+        #: (parent ino, name) -> (ino, path): libfuse's hidden names of open
+        #: files that were unlinked (see NameOps._hide); in memory only
+        self._hidden: dict[tuple[int, bytes], tuple[int, str]] = {}
+        self._knames = KernelNames()
+        #: names whose kernel caches an operation made stale (the other names
+        #: of a hard-linked file it changed): the FUSE adapter has the kernel
+        #: drop them before it answers, and empties the list
+        self.stale_names: list[str] = self._knames.stale
         self.recovered: RecoveryReport | None = None
         self._syncer: threading.Thread | None = None
         self.reencoder: Reencoder | None = None
@@ -261,9 +270,15 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 continue
             if not stat.S_ISDIR(self._inode(txn, ino).mode):
                 raise NotADirectory(path)
-            child = txn.lookup(ino, os.fsencode(part))
+            name = os.fsencode(part)
+            if len(name) > NAME_MAX:  # as ext4: never "not found" for such a name
+                raise NameTooLong(path)
+            child = txn.lookup(ino, name)
             if child is None:
-                raise NotFound(path)
+                hidden = self._hidden.get((ino, name)) if self._hidden else None
+                if hidden is None:
+                    raise NotFound(path)
+                child = hidden[0]
             ino = child
         return ino
 
@@ -294,11 +309,14 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
     def _stat(self, ino: int, inode: Inode) -> dict:
         of = self._open.get(ino)
         size = of.size if of is not None else inode.size
-        return {"st_ino": ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
-                "st_uid": inode.uid, "st_gid": inode.gid, "st_size": size,
-                "st_blocks": -(-size // 512), "st_blksize": self.store.chunk_size,
-                "st_atime": inode.atime_ns, "st_mtime": inode.mtime_ns,
-                "st_ctime": inode.ctime_ns}
+        st = {"st_ino": ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
+              "st_uid": inode.uid, "st_gid": inode.gid, "st_size": size,
+              "st_blocks": -(-size // 512), "st_blksize": self.store.chunk_size,
+              "st_atime": inode.atime_ns, "st_mtime": inode.mtime_ns,
+              "st_ctime": inode.ctime_ns}
+        if stat.S_ISCHR(inode.mode) or stat.S_ISBLK(inode.mode):
+            st["st_rdev"] = inode.rdev
+        return st
 
     def _new_inode(self, txn, mode: int, uid: int, gid: int, parent: Inode,
                    nlink: int = 1, target: bytes = b"") -> tuple[int, Inode]:
@@ -307,7 +325,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        inode = Inode(mode, uid, gid, nlink, len(target), now, now, now,
+        size = len(target) if stat.S_ISLNK(mode) else 0  # a device keeps its rdev there
+        inode = Inode(mode, uid, gid, nlink, size, now, now, now,
                       secrets.token_bytes(16), target=target,
                       digest=EMPTY_DIGEST if stat.S_ISREG(mode) else None)
         ino = txn.alloc_ino()
@@ -337,6 +356,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
 
     def _delete_inode(self, txn, ino: int, inode: Inode) -> list[bytes]:
         self._inodes.pop(ino, None)
+        self._knames.forget(ino)
         return delete_file(txn, ino, inode)
 
     def _purge(self, ino: int) -> None:
@@ -354,7 +374,10 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         with self.index.begin() as txn:
             # fstat(2) of a directory comes with its handle and (nopath) no path
             ino = self._dirs[fh] if path is None and fh in self._dirs else self._resolve(txn, path)
-            return self._stat(ino, self._inode(txn, ino))
+            inode = self._inode(txn, ino)
+            if inode.nlink > 1 and path is not None and not stat.S_ISDIR(inode.mode):
+                self._knames.seen(ino, path)  # a lookup: the kernel knows it by this name
+            return self._stat(ino, inode)
 
     @_mutating
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> None:
@@ -377,7 +400,11 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                  now=None) -> None:
         now = now or self._clock()
         with self._write_txn() as txn:
-            ino = self._handle(fh).of.ino if fh is not None else self._resolve(txn, path)
+            if fh is not None:
+                h = self._handle(fh)
+                ino, path = h.of.ino, h.path
+            else:
+                ino = self._resolve(txn, path)
             inode = self._inode(txn, ino)
             if mode is not None:
                 inode.mode = (inode.mode & ~0o7777) | (mode & 0o7777)
@@ -391,6 +418,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 setattr(inode, attr, now if value == UTIME_NOW else value)
             inode.ctime_ns = now
             self._put(txn, ino, inode)
+        self._knames.changed(ino, path)
         self.data.after_commit([])
 
     # --- the filesystem as a whole -----------------------------------------------------------

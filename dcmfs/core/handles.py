@@ -24,6 +24,9 @@ log = logging.getLogger("dcmfs.fs")
 
 NAME_MAX = 255
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+#: fallocate(2) modes (linux/falloc.h); the others (collapse, insert, unshare
+#: range) are EOPNOTSUPP, as on a filesystem without them
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 def _locked(method: Callable) -> Callable:
@@ -49,11 +52,14 @@ def _mutating(method: Callable) -> Callable:
 
 
 class Handle:
-    __slots__ = ("of", "flags")
+    __slots__ = ("of", "flags", "path")
 
-    def __init__(self, of: OpenFile, flags: int) -> None:
+    def __init__(self, of: OpenFile, flags: int, path: str | None = None) -> None:
         self.of = of
         self.flags = flags
+        #: the name it was opened by (followed through renames): the kernel
+        #: inode whose pages a write through it holds (see core.links)
+        self.path = path
 
 
 class FileOps:
@@ -66,7 +72,7 @@ class FileOps:
         return h
 
     # --- files ------------------------------------------------------------------------
-    def _open_file(self, ino: int, inode: Inode, flags: int) -> int:
+    def _open_file(self, ino: int, inode: Inode, flags: int, path: str | None = None) -> int:
         of = self._open.get(ino)
         if of is None:
             of = self.data.open_file(ino, inode)
@@ -75,7 +81,7 @@ class FileOps:
         of.handles += 1
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(of, flags)
+        self._handles[fh] = Handle(of, flags, path)
         return fh
 
     @_mutating
@@ -87,7 +93,7 @@ class FileOps:
             self._touch_dir(txn, parent, pinode)
             txn.add_stats(files=1)
         self.data.after_commit([])
-        return self._open_file(ino, inode, flags)
+        return self._open_file(ino, inode, flags, path)
 
     @_locked
     def open(self, path: str, flags: int) -> int:
@@ -98,11 +104,14 @@ class FileOps:
             inode = self._inode(txn, ino)
         if stat.S_ISDIR(inode.mode):
             raise IsADirectory(path)
-        fh = self._open_file(ino, inode, flags)
+        if not stat.S_ISREG(inode.mode):  # the kernel opens FIFOs, sockets, devices itself
+            raise InvalidArgument(path)
+        fh = self._open_file(ino, inode, flags, path)
         of = self._handles[fh].of
         if flags & os.O_TRUNC and of.size:
             self.data.truncate(of, 0)
             of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+            self._knames.changed(ino, path)
         return fh
 
     @_locked
@@ -119,6 +128,7 @@ class FileOps:
             raise TooBig("file too large")
         n = self.data.write(of, offset, data)
         of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+        self._knames.changed(of.ino, h.path)
         return n
 
     @_mutating
@@ -126,15 +136,18 @@ class FileOps:
         if length < 0 or length > fmt.MAX_FILE_SIZE:
             raise InvalidArgument("bad length")
         if fh is not None:
-            of = self._handle(fh).of
-            self.data.truncate(of, length)
-            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+            h = self._handle(fh)
+            self.data.truncate(h.of, length)
+            h.of.inode.mtime_ns = h.of.inode.ctime_ns = self._clock()
+            self._knames.changed(h.of.ino, h.path)
             return
         with self.index.begin() as txn:
             ino = self._resolve(txn, path)
             inode = self._inode(txn, ino)
         if stat.S_ISDIR(inode.mode):
             raise IsADirectory(path)
+        if not stat.S_ISREG(inode.mode):
+            raise InvalidArgument(path)
         fh = self._open_file(ino, inode, os.O_WRONLY)
         try:
             of = self._handle(fh).of
@@ -143,6 +156,62 @@ class FileOps:
             self.data.commit(of)
         finally:
             self._release(fh)
+        self._knames.changed(ino, path)
+
+    @_mutating
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file.
+
+        Mode 0 extends the file to ``offset + length`` when it is shorter
+        (the new bytes are a hole: dcmfs allocates nothing ahead, so a later
+        write can still meet a full disk); ``FALLOC_FL_KEEP_SIZE`` alone
+        changes nothing.  ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`` and
+        ``FALLOC_FL_ZERO_RANGE`` (which extends the file like mode 0 unless
+        KEEP_SIZE) make the range read as zeros: whole chunks become holes
+        (no object), partial ones are rewritten with zeros.
+
+        Raises InvalidArgument (bad range), TooBig, NotSupported (any other
+        mode, or PUNCH_HOLE without KEEP_SIZE).
+        """
+        if offset < 0 or length <= 0:
+            raise InvalidArgument("bad range")
+        end = offset + length
+        if end > fmt.MAX_FILE_SIZE:
+            raise TooBig("file too large")
+        h = self._handle(fh)
+        of = h.of
+        keep = mode & FALLOC_FL_KEEP_SIZE
+        kind = mode & ~FALLOC_FL_KEEP_SIZE
+        if kind not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or \
+                (kind == FALLOC_FL_PUNCH_HOLE and not keep):
+            raise NotSupported(f"fallocate mode {mode:#x}")
+        changed = False
+        if kind:  # zero what the file holds of the range
+            changed = self._zero(of, offset, min(end, of.size))
+        if not keep and end > of.size:
+            self.data.truncate(of, end)
+            changed = True
+        if changed:
+            of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
+            self._knames.changed(of.ino, h.path)
+
+    def _zero(self, of: OpenFile, start: int, stop: int) -> bool:
+        """Make [start, stop) of an open file read as zeros; only the chunks
+        that hold data there are touched (an absent chunk is a hole already).
+        A whole chunk of zeros is sealed as a hole, so no object remains."""
+        cs = self.data.chunk_size
+        if start >= stop:
+            return False
+        first, last = start // cs, (stop - 1) // cs
+        if of.extents is not None:  # the first write copies it back into chunks
+            touched = range(first, last + 1)
+        else:
+            touched = sorted(i for i in {*of.committed, *of.pending, *of.dirty}
+                             if first <= i <= last)
+        for idx in touched:
+            lo, hi = max(start, idx * cs), min(stop, (idx + 1) * cs)
+            self.data.write(of, lo, bytes(hi - lo))
+        return True
 
     @_locked
     def flush(self, fh: int) -> None:
@@ -175,6 +244,11 @@ class FileOps:
                 self.data.commit(of)
         finally:
             del self._open[of.ino]
+            if self._hidden:  # its hidden names lead nowhere now
+                for key, hidden in list(self._hidden.items()):
+                    if hidden[0] == of.ino:
+                        del self._hidden[key]
+                        self._knames.gone(*hidden)
             if of.changed:
                 # unlinked, or the commit failed (the writer heard of it at
                 # close): nothing refers to what was sealed for it any more
@@ -235,6 +309,7 @@ class FileOps:
             inode = self._inode(txn, ino)
             inode.ctime_ns = self._clock()
             self._put(txn, ino, inode)
+        self._knames.changed(ino, path)
         self.data.after_commit([])
 
     @_locked
@@ -286,4 +361,5 @@ class FileOps:
             ino = self._resolve(txn, path)
             if not txn.remove_xattr(ino, raw):
                 raise NoAttribute(name)
+        self._knames.changed(ino, path)
         self.data.after_commit([])

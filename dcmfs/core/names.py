@@ -1,5 +1,6 @@
 """The namespace (a part of the core): directories and names - mkdir, rmdir,
-readdir, unlink, rename, link, symlink, readlink.
+readdir, unlink, rename, link, symlink, readlink, mknod (FIFOs, sockets,
+character and block devices).
 
 :class:`NameOps` is mixed into :class:`dcmfs.core.filesystem.FileSystem`;
 it uses the FileSystem's index, path resolution and inode helpers.
@@ -8,13 +9,22 @@ it uses the FileSystem's index, path resolution and inode helpers.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
-from ..errors import (DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory, NotADirectory,
-                      NotFound)
+from ..errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
+                      NotADirectory, NotFound)
+from ..index import Inode
 from .handles import _locked, _mutating
+from .links import moved
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+#: the name libfuse renames an open file to when it is unlinked, or replaced
+#: by a rename (``.fuse_hidden`` and 16 hex digits); such a name is reserved:
+#: see :meth:`NameOps._hide`
+_HIDDEN = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
+#: what mknod(2) makes (a directory is mkdir's; the kernel refuses it)
+_MKNOD_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG)
 
 
 class NameOps:
@@ -74,6 +84,8 @@ class NameOps:
     # --- names ----------------------------------------------------------------------
     @_mutating
     def unlink(self, path: str) -> None:
+        if self._hidden and self._forget_hidden(path):
+            return
         with self._write_txn() as txn:
             parent, name, ino, inode = self._entry(txn, path)
             if stat.S_ISDIR(inode.mode):
@@ -81,6 +93,8 @@ class NameOps:
             txn.remove_dirent(parent, name)
             garbage = self._drop_link(txn, ino, inode)
             self._touch_dir(txn, parent, self._inode(txn, parent))
+        self._knames.changed(ino, path)
+        self._knames.gone(ino, path)
         self.data.after_commit(garbage)
 
     @_mutating
@@ -89,6 +103,9 @@ class NameOps:
             raise InvalidArgument("unsupported rename flags")
         if new.rstrip("/").startswith(old.rstrip("/") + "/"):
             raise InvalidArgument("cannot move a directory into itself")
+        if not flags and _HIDDEN.fullmatch(os.fsencode(new.rpartition("/")[2])) \
+                and self._hide(old, new):
+            return
         garbage: list[bytes] = []
         with self._write_txn() as txn:
             op, oname = self._parent(txn, old)
@@ -112,6 +129,7 @@ class NameOps:
                 for ino, inode in ((src, sinode), (dst, dinode)):
                     inode.ctime_ns = self._clock()
                     self._put(txn, ino, inode)
+                dst_dir = stat.S_ISDIR(dinode.mode)
             else:
                 if dst is not None:
                     if flags & RENAME_NOREPLACE:
@@ -138,7 +156,79 @@ class NameOps:
                 self._touch_dir(txn, op, self._inode(txn, op), -delta)
                 if np != op:
                     self._touch_dir(txn, np, self._inode(txn, np), +delta)
+        if flags & RENAME_EXCHANGE:
+            parked = "\0" + old  # no path starts with NUL
+            self._renamed(old, parked, src, src_dir)
+            self._renamed(new, old, dst, dst_dir)
+            self._renamed(parked, new, src, src_dir)
+            self._knames.changed(dst, old)
+        else:
+            if dst is not None:  # replaced: its other names lost a link
+                self._knames.changed(dst, new)
+                self._knames.gone(dst, new)
+            self._renamed(old, new, src, src_dir)
+        self._knames.changed(src, new)
         self.data.after_commit(garbage)
+
+    def _renamed(self, old: str, new: str, ino: int, is_dir: bool) -> None:
+        """Follow a rename in the kernel's names and the open handles' names."""
+        self._knames.renamed(old, new, None if is_dir else ino)
+        if is_dir or ino in self._open:
+            for h in self._handles.values():
+                if h.path is not None and (p := moved(h.path, old, new)) is not None:
+                    h.path = p
+
+    # --- names of open files that are gone ----------------------------------------------
+    def _hide(self, old: str, new: str) -> bool:
+        """libfuse's unlink of an open file, or its rename of another file
+        over one: it renames the open file to ``new``, a hidden name, and
+        unlinks that at the last close, so that the kernel can still reach
+        the file (fstat, fchmod, fgetxattr of the open descriptor).  Here
+        it *is* the unlink (journaled now: the file is an orphan, gone after
+        a crash), and ``new`` only a name in memory by which the open file
+        is reached until its last release.  False if ``old`` is not an
+        open file: an ordinary rename then."""
+        with self._write_txn() as txn:
+            op, oname, ino, inode = self._entry(txn, old)
+            np, nname = self._parent(txn, new)
+            if ino not in self._open or stat.S_ISDIR(inode.mode) \
+                    or txn.lookup(np, nname) is not None:
+                return False
+            txn.remove_dirent(op, oname)
+            garbage = self._drop_link(txn, ino, inode)
+            self._touch_dir(txn, op, self._inode(txn, op))
+        self._hidden[(np, nname)] = (ino, new)
+        self._renamed(old, new, ino, False)  # the kernel keeps its inode as ``new``
+        self._knames.changed(ino, new)
+        self.data.after_commit(garbage)
+        return True
+
+    def _forget_hidden(self, path: str) -> bool:
+        """libfuse's unlink of a hidden name after the last close: nothing is
+        left to do but forgetting the name (the release purged the file)."""
+        with self.index.begin() as txn:
+            key = self._parent(txn, path)
+        hidden = self._hidden.pop(key, None)
+        if hidden is not None:
+            self._knames.gone(*hidden)
+        return hidden is not None
+
+    def hidden(self, path: str | None, fh: int | None = None) -> bool:
+        """Is ``path`` (or the name the handle ``fh`` was opened by) the
+        hidden name of an open, unlinked file?  (libfuse takes one off the
+        nlink it reports for it: the adapter adds it back.)"""
+        if not self._hidden:
+            return False
+        if path is None:
+            h = self._handles.get(fh)
+            path = h.path if h is not None else None
+        if path is None or not _HIDDEN.fullmatch(os.fsencode(path.rpartition("/")[2])):
+            return False
+        with self._lock, self.index.begin() as txn:
+            try:
+                return self._parent(txn, path) in self._hidden
+            except DcmfsError:
+                return False
 
     @_mutating
     def link(self, existing: str, new: str) -> None:
@@ -153,6 +243,10 @@ class NameOps:
             inode.ctime_ns = self._clock()
             self._put(txn, ino, inode)
             self._touch_dir(txn, parent, pinode)
+        # the kernel inode of ``existing`` holds nlink and ctime of before
+        self._knames.seen(ino, existing)
+        self._knames.changed(ino, new)
+        self._knames.seen(ino, new)
         self.data.after_commit([])
 
     @_mutating
@@ -163,6 +257,26 @@ class NameOps:
                                      target=os.fsencode(target))
             txn.add_dirent(parent, name, ino)
             self._touch_dir(txn, parent, pinode)
+        self.data.after_commit([])
+
+    @_mutating
+    def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
+        """mknod(2): a FIFO, a socket (bind(2) of an AF_UNIX socket), a
+        character or block device (its ``rdev`` kept in the inode record,
+        see :attr:`Inode.rdev`) or an empty regular file.  The kernel has
+        checked the caller's right to make devices."""
+        kind = stat.S_IFMT(mode)
+        if kind not in _MKNOD_TYPES:
+            raise InvalidArgument(path)
+        target = Inode.device_target(rdev) if kind in (stat.S_IFCHR, stat.S_IFBLK) else b""
+        with self._write_txn() as txn:
+            parent, name, pinode = self._free_name(txn, path)
+            ino, _ = self._new_inode(txn, kind | (mode & 0o7777), uid, gid, pinode,
+                                     target=target)
+            txn.add_dirent(parent, name, ino)
+            self._touch_dir(txn, parent, pinode)
+            if kind == stat.S_IFREG:
+                txn.add_stats(files=1)
         self.data.after_commit([])
 
     @_locked

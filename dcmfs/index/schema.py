@@ -24,7 +24,12 @@ database      key                             value
                                               is marked as needing fsck (the
                                               copy of ``STORE/needs-fsck``
                                               that notices its deletion)
-``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`)
+``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`:
+                                              any file type - regular, directory,
+                                              symlink, FIFO, socket, character or
+                                              block device; trailing bytes: the
+                                              symlink target, or a device's rdev
+                                              as u64, else none)
 ``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
 ``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``; files
                                               laid out in extents (DICOM-coded)
@@ -60,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import stat
 import struct
 
 import lmdb
@@ -73,7 +79,9 @@ U64 = struct.Struct(">Q")
 U64X2 = struct.Struct(">QQ")
 #: mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, file_id,
 #: generation, digest kind (0 none, 1 whole-file SHA-256 of a store before
-#: the tree digest, 2 tree digest), digest; followed by the symlink target
+#: the tree digest, 2 tree digest), digest; followed by ``target``: a
+#: symlink's target, a character or block device's number (rdev, u64), else
+#: nothing
 _INODE = struct.Struct(">IIIIQqqq16sQB32s")
 #: oid, generation, codec, flags, plain_len, stored_len
 _CHUNK = struct.Struct(">16sQBBII")
@@ -113,6 +121,20 @@ class Inode:
     #: True: ``digest`` is the tree digest; False: a whole-file SHA-256 kept
     #: from before the tree digest (replaced at the file's next change)
     tree: bool = True
+
+    @property
+    def rdev(self) -> int:
+        """The device number of a character or block device (kept in
+        ``target``, so the record's layout is the same for every type); 0
+        for every other type."""
+        if stat.S_IFMT(self.mode) in (stat.S_IFCHR, stat.S_IFBLK) and len(self.target) == 8:
+            return U64.unpack(self.target)[0]
+        return 0
+
+    @staticmethod
+    def device_target(rdev: int) -> bytes:
+        """``target`` of a character or block device numbered ``rdev``."""
+        return U64.pack(rdev)
 
     def encode(self) -> bytes:
         kind = 0 if self.digest is None else (2 if self.tree else 1)

@@ -8,7 +8,6 @@ import shutil
 import time
 
 from .. import format as fmt
-from ..errors import DcmfsError
 from ..index import JOURNAL_NAME, Index
 from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
 from ..opened.store import OpenedStore
@@ -46,29 +45,20 @@ def rebuild_index(opened: OpenedStore) -> dict:
         os.rename(index_dir, aside)
         fsync_dir(root)
     used = {"moved_aside": os.path.basename(aside) if aside else None, "snapshot": None,
-            "journal_records": 0, "records_after_gap": 0}
+            "skipped_snapshots": [], "journal_records": 0, "records_after_gap": 0}
     candidates = list(reversed(snapshots(snap_dir))) + list(reversed(
         legacy_snapshots(snap_dir)))
     for seq, path in candidates:
         tmp = index_dir + ".new"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.mkdir(tmp, 0o700)
-        shutil.copyfile(os.path.join(path, "data.mdb"), os.path.join(tmp, "data.mdb"))
-        try:
-            ix = Index(tmp, store.master_key, store.store_id, config.index_map_size)
-            with ix.begin() as txn:
-                ok = txn.meta_get("store_id") == store.store_id
-                list(txn.iter_inodes())
-            ix.close()
-        except (DcmfsError, Exception):  # noqa: BLE001 — try an older snapshot
-            ok = False
-        if ok:
+        why = _trial_open(store, config, path, tmp)
+        if why is None:
             # the journal the trial open created there is empty: the
             # records come from the archive and the old journals
             os.remove(os.path.join(tmp, JOURNAL_NAME))
             os.rename(tmp, index_dir)
             used["snapshot"] = os.path.basename(path)
             break
+        used["skipped_snapshots"].append({"snapshot": os.path.basename(path), "why": why})
         shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(index_dir, mode=0o700, exist_ok=True)
     ix = Index(index_dir, store.master_key, store.store_id, config.index_map_size,
@@ -100,3 +90,29 @@ def rebuild_index(opened: OpenedStore) -> dict:
         fsync_dir(snap_dir)
     fsync_dir(root)
     return used
+
+
+def _trial_open(store, config, snapshot: str, tmp: str) -> str | None:
+    """Copy ``snapshot`` to ``tmp`` and open it there: None if it is a usable
+    index of this store, else why not (a snapshot may have lost its data
+    file or be torn or damaged: the rebuild then takes an older one, or none)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp, 0o700)
+    try:
+        shutil.copyfile(os.path.join(snapshot, "data.mdb"), os.path.join(tmp, "data.mdb"))
+    except FileNotFoundError:
+        return "its data.mdb is missing"
+    except OSError as exc:
+        return f"its data.mdb cannot be read ({exc.strerror})"
+    try:
+        ix = Index(tmp, store.master_key, store.store_id, config.index_map_size)
+        try:
+            with ix.begin() as txn:
+                if txn.meta_get("store_id") != store.store_id:
+                    return "it belongs to another store"
+                list(txn.iter_inodes())
+        finally:
+            ix.close()
+    except Exception as exc:  # noqa: BLE001 — any failure: try an older snapshot
+        return f"it does not open ({type(exc).__name__})"  # its message holds a path
+    return None

@@ -1,0 +1,91 @@
+"""The kernel's names of hard-linked files (a part of the core).
+
+libfuse's path API gives every *name* its own kernel inode, and the kernel
+caches attributes (for the attribute timeout) and pages (while the file is
+open, and longer with ``kernel_cache``) per kernel inode.  A change through
+one name of a file with several names would leave the others stale: nlink 1
+after a link, the old mode after a chmod (a permission not yet enforced),
+old bytes read through a descriptor of the other name.
+
+So the core records, for every inode with more than one name, the paths by
+which the kernel knows it (every kernel inode of a name is made by a lookup,
+i.e. a getattr by path, or by the link that made the name), follows them
+through renames, and after an operation that changed such an inode lists the
+*other* paths in :attr:`KernelNames.stale`.  The FUSE adapter hands them to
+libfuse (``fuse_invalidate_path``: the kernel drops the attributes and pages
+it holds for that name) before it answers the operation.  A file with one
+name, nearly every file, costs one comparison per getattr.
+"""
+
+from __future__ import annotations
+
+
+def moved(path: str, old: str, new: str) -> str | None:
+    """``path`` after ``old`` was renamed to ``new`` (it or a directory above
+    it), or None if the rename did not touch it."""
+    if path == old:
+        return new
+    if path.startswith(old) and path[len(old)] == "/":
+        return new + path[len(old):]
+    return None
+
+
+class KernelNames:
+    """ino -> the paths the kernel may hold a node for, for inodes with more
+    than one name; and the paths an operation made stale."""
+
+    #: paths followed at most (a tree of hard links, like backups made with
+    #: rsync --link-dest, may hold millions): further names of such files are
+    #: coherent only after the attribute timeout (1 s) and on the next open
+    LIMIT = 100_000
+
+    def __init__(self) -> None:
+        self._paths: dict[int, set[str]] = {}
+        self._count = 0
+        #: paths whose kernel caches the last operations made stale (the
+        #: adapter takes them before it answers)
+        self.stale: list[str] = []
+
+    def seen(self, ino: int, path: str) -> None:
+        """The kernel knows ``ino`` (which has several names) as ``path``."""
+        paths = self._paths.get(ino)
+        if paths is None:
+            if self._count >= self.LIMIT:
+                return
+            paths = self._paths[ino] = set()
+        if path not in paths and self._count < self.LIMIT:
+            paths.add(path)
+            self._count += 1
+
+    def changed(self, ino: int, path: str | None = None) -> None:
+        """``ino`` changed through ``path`` (the kernel updates that name
+        itself): every other name it is known by is stale."""
+        paths = self._paths.get(ino)
+        if paths:
+            self.stale.extend(p for p in paths if p != path)
+
+    def gone(self, ino: int, path: str) -> None:
+        """The name ``path`` of ``ino`` was removed."""
+        paths = self._paths.get(ino)
+        if paths is not None and path in paths:
+            paths.discard(path)
+            self._count -= 1
+            if len(paths) <= 1:  # one name left: nothing to keep coherent
+                self.forget(ino)
+
+    def forget(self, ino: int) -> None:
+        self._count -= len(self._paths.pop(ino, ()))
+
+    def renamed(self, old: str, new: str, ino: int | None = None) -> None:
+        """``old`` was renamed to ``new``; ``ino`` is the file renamed, None
+        for a directory (every path below it moves too)."""
+        for i in ([ino] if ino is not None else list(self._paths)):
+            paths = self._paths.get(i)
+            if not paths:
+                continue
+            changes = [(p, q) for p in paths if (q := moved(p, old, new)) is not None]
+            if changes:
+                before = len(paths)
+                paths.difference_update(p for p, _ in changes)
+                paths.update(q for _, q in changes)
+                self._count += len(paths) - before
