@@ -118,8 +118,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             self.recovered = self.opened.start_session(self._clock, self._delete_inode)
             self.checkpoint()
             # always there for 'recompress'; it runs by itself with -o reencode=1
-            # one worker per band in flight, and one for the next file's analysis
-            parsers = ParserPool(config.reencode_threads + 1, config.parser_memory,
+            parsers = ParserPool(config.reencode_threads, config.parser_memory,
                                  config.parser_timeout) if config.sandbox else None
             self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom,
                                        parsers=parsers,

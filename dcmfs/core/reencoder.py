@@ -57,10 +57,6 @@ class Reencoder:
         #: process, ``-o sandbox=0``)
         self.parsers = parsers
         self._warming = False
-        #: (ino, generation, chunk table, future plan) of the file analysed ahead
-        self._ahead = None
-        self._ahead_pool = ThreadPoolExecutor(max_workers=1,
-                                              thread_name_prefix="dcmfs-reenc-ahead")
         #: failed attempts per inode in this session (a bug must not loop)
         self._attempts: collections.Counter = collections.Counter()
         self.limit = limit_bytes
@@ -188,7 +184,6 @@ class Reencoder:
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True)
-        self._ahead_pool.shutdown(wait=True)
 
     def pause(self) -> None:
         """Hold the thread after the file it is on (benchmarks, tests)."""
@@ -344,7 +339,7 @@ class Reencoder:
         elif not fresh and not _extents_layout(table):
             reader = CommittedReader(host.objects, cipher, ino, inode, table, host.chunk_size)
             try:
-                plan = self._planned(ino, inode, table, reader)
+                plan = self._analyse(reader, inode.size)
             except ParserFailure as exc:
                 if exc.stopped:
                     return False  # unmounting: the file stays in the backlog
@@ -369,39 +364,6 @@ class Reencoder:
                     info.update(path="general", reason=_reason(exc))
         threshold = 0.97 if info and info.get("reason") == "encapsulated pixel data" else 1.0
         return self._encode_chunks(ino, inode, table, cipher, info, threshold)
-
-    def _planned(self, ino: int, inode, table, reader: CommittedReader) -> dicom.Plan:
-        """The plan of this file: analysed ahead while the file before it was
-        being coded (when nothing changed since), else now; and the next
-        file in the queue is analysed meanwhile."""
-        ahead, self._ahead = self._ahead, None
-        self._look_ahead(ino)
-        if ahead is not None and ahead[:3] == (ino, inode.generation, table):
-            return ahead[3].result()
-        return self._analyse(reader, inode.size)
-
-    def _look_ahead(self, current: int) -> None:
-        """Analyse the file after ``current`` on a worker while ``current``'s
-        bands are coded (the analysis would otherwise leave both cores idle
-        between two files: measured, time to rest 1.15x of in-process)."""
-        if self.parsers is None or self._stop.is_set():
-            return
-        host = self.host
-        with host.lock:
-            nxt = next((i for i in self._queue if i != current), None)
-            if nxt is None or host.is_open(nxt):
-                return
-            with host.index.begin() as txn:
-                inode = txn.get_inode(nxt)
-                table = txn.chunks(nxt) if inode is not None else None
-                content = txn.get_content(nxt) if inode is not None else None
-        if inode is None or _fresh(content, inode.generation, self.dicom) \
-                or _extents_layout(table):
-            return
-        reader = CommittedReader(host.objects, host.objects.file_cipher(inode.file_id), nxt,
-                                 inode, table, host.chunk_size)
-        self._ahead = (nxt, inode.generation, table,
-                       self._ahead_pool.submit(self._analyse, reader, inode.size))
 
     def _analyse(self, reader: CommittedReader, size: int) -> dicom.Plan:
         """The plan of a file from its first bytes (at most HEADER_CAP; a
