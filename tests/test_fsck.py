@@ -52,6 +52,15 @@ class Store:
     def open(self, config=SMALL) -> FileSystem:
         return FileSystem(open_store(self.root, self.secret), config)
 
+    def assert_content(self) -> None:
+        """Every file the fixture wrote reads back as written."""
+        fs = self.open()
+        try:
+            for path, data in self.content.items():
+                assert read_file(fs, path) == data, path
+        finally:
+            fs.close()
+
     def damaged_paths(self, report) -> set[str]:
         return {p for f in report["findings"] if f["ino"] for p in f["paths"]}
 
@@ -319,12 +328,7 @@ def test_deleted_index_is_refused_then_rebuilt_with_every_name(store):
     result = store.fsck(rebuild=True)
     assert result["clean"], result
     assert result["rebuilt"]["snapshot"] is not None
-    fs = store.open()
-    try:
-        for path, data in store.content.items():
-            assert read_file(fs, path) == data
-    finally:
-        fs.close()
+    store.assert_content()
 
 
 def test_index_rebuilt_from_the_journal_and_the_objects_without_any_snapshot(store):
@@ -338,12 +342,7 @@ def test_index_rebuilt_from_the_journal_and_the_objects_without_any_snapshot(sto
     result = store.fsck(rebuild=True)
     assert result["clean"], result
     assert result["rebuilt"]["snapshot"] is None and result["rebuilt"]["journal_records"] > 0
-    fs = store.open()
-    try:
-        for path, data in store.content.items():
-            assert read_file(fs, path) == data, path
-    finally:
-        fs.close()
+    store.assert_content()
 
 
 def test_objects_alone_rebuild_every_file_into_lost_found(store):
@@ -447,12 +446,7 @@ def test_rebuild_falls_back_past_a_snapshot_that_lost_its_data_file(store):
     text = admin.render_fsck(result)
     assert f"{os.path.basename(newer)} skipped (its data.mdb is missing)" in text
     assert f"snapshot {os.path.basename(older)}" in text
-    fs = store.open()
-    try:
-        for path, data in store.content.items():
-            assert read_file(fs, path) == data, path
-    finally:
-        fs.close()
+    store.assert_content()
 
 
 def test_rebuild_falls_back_past_every_damaged_snapshot_to_the_journals(store):
@@ -471,12 +465,7 @@ def test_rebuild_falls_back_past_every_damaged_snapshot_to_the_journals(store):
         os.path.basename(newer), os.path.basename(older)]
     assert rebuilt["skipped_snapshots"][1]["why"].startswith("it does not open")
     assert "no snapshot could be used" in admin.render_fsck(result)
-    fs = store.open()
-    try:
-        for path, data in store.content.items():
-            assert read_file(fs, path) == data, path
-    finally:
-        fs.close()
+    store.assert_content()
 
 
 def test_rebuild_with_damaged_snapshots_and_no_journal_uses_the_objects(store):
