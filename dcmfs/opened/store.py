@@ -120,7 +120,6 @@ class OpenedStore:
         self.damage_pending: dict | None = None
         self._damage_lock = threading.Lock()
         self._stack = contextlib.ExitStack()
-        self._index_stack: contextlib.ExitStack | None = None
         try:
             if not checked and index:
                 preflight(store, config, lock_free=False)
@@ -154,20 +153,16 @@ class OpenedStore:
             The index is missing although the store holds data, or it is damaged.
         """
         refuse_if_missing(self.root)
-        stack = contextlib.ExitStack()
         self.index = Index(os.path.join(self.root, fmt.INDEX_DIR), self.store.master_key,
                            self.store.store_id, self.config.index_map_size,
                            read_only=self.config.read_only,
                            archive_dir=os.path.join(self.root, fmt.SNAPSHOTS_DIR))
-        stack.callback(self.index.close)
-        self._index_stack = stack
         return self.index
 
     def close_index(self) -> None:
-        if self._index_stack is not None:
-            self._index_stack.close()
-            self._index_stack = None
-            self.index = None
+        if self.index is not None:
+            index, self.index = self.index, None
+            index.close()
 
     def chunk_intact(self, txn: Txn, ino: int, idx: int, ref: ChunkRef) -> bool:
         """Is the object a journal record names intact on disk?  (journal
