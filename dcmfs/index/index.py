@@ -31,11 +31,14 @@ import lmdb
 
 from ..storage import crypto
 from .. import format as fmt
-from ..errors import DcmfsError, IndexDamagedError, IntegrityError, NeedsRecoveryError
+from ..errors import (DcmfsError, IndexDamagedError, IndexNotAuthenticError, IntegrityError,
+                      NeedsRecoveryError)
+from . import auth
 from .journal import PUT, Journal, Op
 from .schema import (DATABASES, JOURNAL_NAME, OPTIONAL, U64, U64X2, decode_chunk,
                      lmdb_error, read_meta)
 from .txn import Txn
+from .witness import Witness
 
 log = logging.getLogger("dcmfs.index")
 
@@ -78,7 +81,7 @@ class Index:
 
     def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
                  read_only: bool = False, journal_limit: int = 8 * 1024 * 1024,
-                 archive_dir: str | None = None) -> None:
+                 archive_dir: str | None = None, check: bool = True) -> None:
         self.read_only = read_only
         self._journal_limit = journal_limit
         #: where full journals go (``snapshots/``): with the newest snapshot
@@ -109,6 +112,24 @@ class Index:
                                read_only=read_only)
         self._batch: lmdb.Transaction | None = None
         self._seq = self._applied_seq()
+        self._auth_key = auth.auth_key(master_key, store_id)
+        #: the sums of every record (batch included), kept change by change
+        self.sums: auth.Sums | None = None
+        #: groups whose records do not match the sealed sums: their files are
+        #: refused (see :mod:`dcmfs.index.auth`)
+        self.suspect: frozenset[int] = frozenset()
+        #: the groups that differed when the index was opened (kept when
+        #: :attr:`suspect` is cleared for fsck); while any did, nothing may
+        #: seal new sums (a checkpoint would make foreign records authentic)
+        #: unless a repair explained every difference (:attr:`reseal_allowed`)
+        self.mismatch: frozenset[int] = frozenset()
+        self.reseal_allowed = False
+        #: "ok" (the sums match), "legacy" (no sealed sums: a store of format
+        #: 3 or older), "unchecked" (not compared: ``check=False``), or
+        #: "mismatch" (see :attr:`suspect`)
+        self.auth_state = "unchecked"
+        #: the witness outside the store, once the session has started it
+        self.witness: Witness | None = None
         #: journal records appended since the last checkpoint
         self.pending_records = 0
         self._broken: str | None = None
@@ -119,6 +140,92 @@ class Index:
                 "The store was not cleanly unmounted and its journal holds changes not yet "
                 "in the index; mount it read-write once so they are applied, then mount "
                 "it read-only.")
+        self._load_sums(check)
+
+    # --- authenticity (dcmfs.index.auth) -----------------------------------------
+    def sealed_sums(self) -> tuple[int, auth.Sums] | None:
+        """(sequence number, sums) of the sealed ``meta/auth`` record as
+        committed; None if there is none.
+
+        Raises
+        ------
+        IntegrityError
+            The record does not authenticate or does not decode.
+        """
+        with self.env.begin() as txn:
+            raw = txn.get(auth.AUTH_KEY, db=self.dbs["meta"])
+        if raw is None:
+            return None
+        plain = self.open("meta", auth.AUTH_KEY, raw)
+        try:
+            return auth.Sums.decode(self._auth_key, plain)
+        except (ValueError, struct.error) as exc:
+            raise IntegrityError("index entry meta/auth does not decode") from exc
+
+    def scan_sums(self, txn: lmdb.Transaction | None = None) -> auth.Sums:
+        """The sums of every record as the index holds them now (one read of
+        the whole index)."""
+        own = txn is None
+        txn = txn or self.env.begin()
+        try:
+            def items():
+                for name in DATABASES:
+                    db = self.dbs[name]
+                    if db is None:
+                        continue
+                    for k, v in txn.cursor(db=db):
+                        yield name, k, v
+            return auth.scan(self._auth_key, items())
+        finally:
+            if own:
+                txn.abort()
+
+    def _load_sums(self, check: bool) -> None:
+        """Read the sealed sums and, with ``check``, compare them with the
+        records (see :attr:`auth_state`)."""
+        try:
+            sealed = self.sealed_sums()
+        except IntegrityError:
+            sealed = (-1, None)
+        if sealed is not None and sealed[0] != self._seq:
+            sealed = (-1, None)  # sums of another checkpoint: nothing matches
+        if not check and sealed is not None and sealed[1] is not None:
+            self.sums = sealed[1]
+            return
+        if not check and self.read_only:
+            return  # nothing will change: the sums are not needed
+        self.sums = self.scan_sums()
+        if not check:
+            return
+        if sealed is None:
+            self.auth_state = "legacy"
+        elif sealed[1] is None:
+            self.auth_state, self.suspect = "mismatch", frozenset(range(auth.GROUPS + 1))
+        else:
+            differing = self.sums.differing(sealed[1])
+            self.auth_state = "mismatch" if differing else "ok"
+            self.suspect = frozenset(differing)
+        self.mismatch = self.suspect
+
+    def seal_now(self) -> None:
+        """Seal the sums now (a store that had none): a checkpoint of an
+        otherwise empty batch."""
+        self._parent()
+        self.checkpoint()
+
+    def last_journal_seq(self) -> int:
+        """The sequence number of the last intact journal record (the index's
+        own if the journal holds nothing after it)."""
+        last = self._seq
+        for seq, _ in self.journal.records(self._seq):
+            last = seq
+        return last
+
+    def root_digest(self) -> bytes:
+        """One value for the whole index as it is now (the witness keeps it)."""
+        if self.sums is None:
+            self.sums = self.scan_sums()
+        return self.sums.digest()
 
     def _applied_seq(self) -> int:
         with self.env.begin() as txn:
@@ -142,6 +249,8 @@ class Index:
         """
         if self.pending_records:
             self.journal.sync()
+            if self.witness is not None:
+                self.witness.synced(self._seq)
 
     def needs_checkpoint(self) -> bool:
         return (self.pending_records >= 4096 or self.journal.size >= self._journal_limit)
@@ -161,6 +270,10 @@ class Index:
             raise IndexDamagedError(self._broken)
         if self._batch is None:
             return False
+        if self.mismatch and not self.reseal_allowed:
+            raise IndexNotAuthenticError(
+                "The index does not match its sealed checksum, so no change to it is made "
+                "durable; rebuild it with 'dcmfs fsck --rebuild-index'.")
         batch, self._batch = self._batch, None
         try:
             self._commit_batch(batch)
@@ -175,6 +288,9 @@ class Index:
             self._reload_from_journal()
             raise error from exc
         self.pending_records = 0
+        self.mismatch, self.auth_state = frozenset(), "ok"
+        if self.witness is not None:
+            self.witness.checkpoint(self._seq, self.sums.digest())
         # the records stay in the journal after the checkpoint (replay skips
         # them): with the snapshots, journal and archive are the whole index,
         # so it can be rebuilt if data.mdb is lost.  A full journal moves to
@@ -192,22 +308,41 @@ class Index:
     def _commit_batch(self, batch: lmdb.Transaction) -> None:
         """The durable LMDB commit of a checkpoint (one place, for fault tests)."""
         batch.put(b"journal_seq", U64.pack(self._seq), db=self.dbs["meta"])
+        if self.sums is None:
+            self.sums = self.scan_sums(batch)
+        batch.put(auth.AUTH_KEY, self.seal("meta", auth.AUTH_KEY, self.sums.encode(self._seq)),
+                  db=self.dbs["meta"])
         batch.commit()
         self.env.sync(True)
 
     def _apply(self, parent: lmdb.Transaction, ops: list[Op]) -> lmdb.Transaction:
+        """A child transaction holding ``ops``; its changes to the sums are
+        in :attr:`_applied` until the caller counts them (:meth:`_count`)."""
         child = self.env.begin(write=True, parent=parent)
+        changes = []
         try:
             for kind, db_id, key, value in ops:
-                db = self.dbs[DATABASES[db_id]]
+                name = DATABASES[db_id]
+                db = self.dbs[name]
+                old = child.get(key, db=db)
                 if kind == PUT:
                     child.put(key, value, db=db)
-                else:
+                    changes.append((name, key, old, value))
+                elif old is not None:
                     child.delete(key, db=db)
+                    changes.append((name, key, old, None))
         except BaseException:
             child.abort()
             raise
+        self._applied = changes
         return child
+
+    def _count(self, changes) -> None:
+        """Add committed changes (database, key, old, new) to the sums."""
+        if self.sums is None:
+            return
+        for name, key, old, new in changes:
+            self.sums.change(name, key, old, new)
 
     def _reload_from_journal(self) -> None:
         """Start a new batch holding the index plus every journal record."""
@@ -220,6 +355,7 @@ class Index:
                     break
                 self._apply(self._parent(), ops).commit()
                 expect = seq
+            self.sums = self.scan_sums(self._parent())
         except (lmdb.Error, IndexError) as exc:
             expect, problem = -1, str(exc)
         if expect != self._seq:
@@ -253,6 +389,7 @@ class Index:
             child.abort()
             return False
         child.commit()
+        self._count(self._applied)
         return True
 
     def replay(self, verify, commit: bool = True) -> tuple[int, int]:
@@ -321,12 +458,15 @@ class Index:
             self.journal.append(self._seq + 1, txn.ops)  # may raise: nothing changed yet
             self._seq += 1
             self.pending_records += 1
+            if self.witness is not None:
+                self.witness.written(self._seq)
         try:
             txn.txn.commit()
         except lmdb.Error as exc:
             self._broken = ("The index failed in memory; restart the daemon "
                             "(its journal keeps every change).")
             raise lmdb_error(exc, "committing") from exc
+        self._count(txn.changes)
 
     def roll_forward(self, journal_paths: list[str], verify) -> tuple[int, int, int]:
         """Apply the records of these journals (archive segments in order, then

@@ -12,6 +12,7 @@ import lmdb
 from .. import format as fmt
 from ..errors import IntegrityError
 from ..storage.objects import ChunkRef
+from .auth import group_of
 from .journal import DELETE, PUT, Op
 from .schema import (DB_ID, STATS, U16, U64, U64X2, Inode, decode_chunk, encode_chunk,
                      ino_key, lmdb_error)
@@ -37,6 +38,9 @@ class Txn:
         self._borrowed = borrowed
         #: the changes of a nested transaction, for the journal
         self.ops: list[Op] | None = [] if nested else None
+        #: the same changes as (database, key, old value, new value), for the
+        #: index's sums (:mod:`dcmfs.index.auth`)
+        self.changes: list[tuple[str, bytes, bytes | None, bytes | None]] = []
 
     def __enter__(self) -> "Txn":
         return self
@@ -59,35 +63,55 @@ class Txn:
         if self.ops is not None:
             self.ops.append((kind, DB_ID[db], bytes(key), value))
 
+    def _refuse_suspect(self, db: str, key: bytes) -> None:
+        """Raise if the record is in a group whose sums did not match: it may
+        be old or foreign (see :mod:`dcmfs.index.auth`)."""
+        if self.ix.suspect and len(key) >= 8 and group_of(db, key) in self.ix.suspect:
+            raise IntegrityError(f"index entry {db}/{key[:8].hex()} is in a group of records "
+                                 "that does not match the index's sealed checksum")
+
     # --- helpers ---------------------------------------------------------------
     def _get(self, db: str, key: bytes) -> bytes | None:
         raw = self.txn.get(key, db=self._db[db])
-        return None if raw is None else self.ix.open(db, key, raw)
+        if raw is None:
+            return None
+        self._refuse_suspect(db, key)
+        return self.ix.open(db, key, raw)
 
-    def _put(self, db: str, key: bytes, value: bytes) -> None:
-        sealed = self.ix.seal(db, key, value)
+    def _write(self, db: str, key: bytes, value: bytes) -> None:
+        """Put a value as stored, journaled and counted in the sums."""
         try:
-            self.txn.put(key, sealed, db=self._db[db])
+            old = self.txn.get(key, db=self._db[db])
+            self.txn.put(key, value, db=self._db[db])
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"writing {db}") from exc
-        self._record(PUT, db, key, sealed)
+        self._record(PUT, db, key, value)
+        self.changes.append((db, bytes(key), old, value))
+
+    def _put(self, db: str, key: bytes, value: bytes) -> None:
+        self._write(db, key, self.ix.seal(db, key, value))
 
     def _delete(self, db: str, key: bytes) -> bool:
         try:
-            found = self.txn.delete(key, db=self._db[db])
+            old = self.txn.get(key, db=self._db[db])
+            found = old is not None and self.txn.delete(key, db=self._db[db])
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"deleting from {db}") from exc
         if found:
             self._record(DELETE, db, key, None)
+            self.changes.append((db, bytes(key), old, None))
         return found
 
-    def _scan(self, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def _scan(self, db: str, prefix: bytes,
+              gated: bool = True) -> Iterator[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
         if not cur.set_range(prefix):
             return
         for key, raw in cur:
             if not key.startswith(prefix):
                 break
+            if gated:
+                self._refuse_suspect(db, key)
             yield key, self.ix.open(db, key, raw)
 
     # --- meta (plain) ---------------------------------------------------------
@@ -96,11 +120,7 @@ class Txn:
 
     def _put_plain(self, db: str, key: bytes, value: bytes) -> None:
         """Put a value that is not sealed (meta figures, inode-number sets)."""
-        try:
-            self.txn.put(key, value, db=self._db[db])
-        except lmdb.Error as exc:
-            raise lmdb_error(exc, f"writing {db}") from exc
-        self._record(PUT, db, key, value)
+        self._write(db, key, value)
 
     def meta_put(self, name: str, value: bytes) -> None:
         self._put_plain("meta", name.encode(), value)
@@ -215,7 +235,9 @@ class Txn:
         return not (cur.set_range(prefix) and cur.key().startswith(prefix))
 
     def iter_dirents(self) -> Iterator[tuple[int, bytes, int]]:
-        for key, raw in self._scan("dirents", b""):
+        """Every directory entry, also those of groups that did not match the
+        sealed sums (verify and fsck name files with them)."""
+        for key, raw in self._scan("dirents", b"", gated=False):
             yield U64.unpack_from(key)[0], raw[8:], U64.unpack_from(raw)[0]
 
     # --- chunk table ----------------------------------------------------------

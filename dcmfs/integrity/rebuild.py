@@ -8,7 +8,7 @@ import shutil
 import time
 
 from .. import format as fmt
-from ..index import JOURNAL_NAME, Index
+from ..index import JOURNAL_NAME, Index, Witness
 from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
 from ..opened.store import OpenedStore
 from ..storage.durable import fsync_dir
@@ -78,6 +78,11 @@ def rebuild_index(opened: OpenedStore) -> dict:
             txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
             txn.meta_put("state", b"mounted")  # not clean until the repair ran
         ix.checkpoint()
+        # the admin rebuilt the index from what the store holds: that is what
+        # this machine has seen from now on
+        witness = Witness.for_store(config.state_dir, store.master_key, store.store_id)
+        witness.start(ix.seq, ix.seq, ix.root_digest())
+        witness.close()
     finally:
         ix.close()
     if segments:
@@ -110,6 +115,8 @@ def _trial_open(store, config, snapshot: str, tmp: str) -> str | None:
             with ix.begin() as txn:
                 if txn.meta_get("store_id") != store.store_id:
                     return "it belongs to another store"
+                if ix.auth_state == "mismatch":
+                    return "it does not match its sealed checksum"
                 list(txn.iter_inodes())
         finally:
             ix.close()

@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 from ..errors import IntegrityError
 from ..format import CHUNK_FLAG_LAST
 from ..opened.jobs import JobHost
+from . import authentic
 from ..storage.digest import block_digest, hasher_for
 from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 
@@ -369,6 +370,11 @@ def verify_store(host: JobHost, paths: list[str] | None = None, sample: float | 
         if not paths and sample is None:
             with host.lock, host.index.begin() as txn:
                 report.findings += unnamed_files(txn)
+            if host.index.mismatch:
+                with host.lock:
+                    report.findings += [Finding(ino, authentic.CHECKSUM, what) for ino, what
+                                        in authentic.problems(host.index,
+                                                              set(host.index.mismatch))]
             report.findings += verifier.orphan_objects(orphan_age, host.objects_in_flight)
         with host.lock, host.index.begin() as txn:
             names = name_paths(txn, {f.ino for f in report.findings if f.ino})
