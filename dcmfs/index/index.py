@@ -35,6 +35,8 @@ from ..errors import (DcmfsError, IndexDamagedError, IndexNotAuthenticError, Int
                       NeedsRecoveryError)
 from . import auth
 from .journal import PUT, Journal, Op
+from .journal import HEADER_SIZE as JOURNAL_HEADER
+from .journal import VERSION as JOURNAL_VERSION
 from .schema import (DATABASES, JOURNAL_NAME, OPTIONAL, U64, U64X2, decode_chunk,
                      lmdb_error, read_meta)
 from .txn import Txn
@@ -305,6 +307,17 @@ class Index:
                                          f"{fmt.ARCHIVE_PREFIX}{self._seq:016d}"))
         return True
 
+    def _renew_journal(self) -> None:
+        """A journal of an older layout (every record of it is in the index
+        now) goes to the archive, or away; new records go to a new one."""
+        dest = os.path.join(self.archive_dir or "", f"{fmt.ARCHIVE_PREFIX}{self._seq:016d}")
+        if self.archive_dir is None or self.journal.size <= JOURNAL_HEADER \
+                or os.path.exists(dest):
+            self.journal.reset()  # no record to keep (never over an archived segment)
+            return
+        os.makedirs(self.archive_dir, mode=0o700, exist_ok=True)
+        self.journal.rotate(dest)
+
     def _commit_batch(self, batch: lmdb.Transaction) -> None:
         """The durable LMDB commit of a checkpoint (one place, for fault tests)."""
         batch.put(b"journal_seq", U64.pack(self._seq), db=self.dbs["meta"])
@@ -420,6 +433,8 @@ class Index:
             self.journal.cut_after(self._seq)
             if records:
                 self.checkpoint()  # the caller has synced the objects first
+            if self.journal.version < JOURNAL_VERSION:
+                self._renew_journal()
         return applied, dropped
 
     def raw_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
