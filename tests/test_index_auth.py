@@ -16,7 +16,7 @@ import pytest
 
 from dcmfs import errors as E
 from dcmfs.index import witness
-from dcmfs.index.auth import GROUPS
+from dcmfs.index.auth import GROUP_BITS, STATE, group_of, key_range
 
 from .conftest import SMALL, crash
 from .test_core import read_file, write_file
@@ -77,7 +77,14 @@ def test_one_file_spliced_from_an_older_index_is_never_served(store, tmp_path):
     """Attack 1: /b's sealed records and objects from an older copy put back
     in place of the newer ones (each record still opens, each object still
     authenticates): read-write openings are refused, a read-only one answers
-    /b with EIO and the other files as before, verify and fsck name /b."""
+    /b (and the files of its group) with EIO and the other files as before,
+    verify and fsck name /b."""
+    fs = store.open()
+    with fs.index.begin(write=True) as txn:  # the next file in another group
+        txn.meta_put("next_ino", (5 << GROUP_BITS).to_bytes(8, "big"))
+    far = os.urandom(5000)
+    write_file(fs, "/far", far)
+    fs.close()
     ino = _ino(store, "/b")
     old_records = _records_of(store.root, ino)
     old_objects = _object_files(store.root)
@@ -109,12 +116,11 @@ def test_one_file_spliced_from_an_older_index_is_never_served(store, tmp_path):
     try:
         with pytest.raises(E.IntegrityError):
             read_file(fs, "/b")  # never the old content
-        assert read_file(fs, "/a") == store.content["/a"]
-        assert read_file(fs, "/d/c") == store.content["/d/c"]
+        assert read_file(fs, "/far") == far  # another group: served
     finally:
         fs.close()
     report = store.verify()
-    assert "/b" in store.damaged_paths(report)
+    assert "/b" in store.damaged_paths(report) and "/far" not in store.damaged_paths(report)
     assert "index checksum" in store.kinds(report)
     result = store.fsck(repair=True)
     assert not result["clean"]
@@ -138,7 +144,8 @@ def test_injected_orphan_and_mounted_state_delete_nothing(store):
     assert _object_files(store.root) == before  # nothing deleted
     fs = store.open(RO)
     try:
-        assert read_file(fs, "/b") == store.content["/b"]
+        with pytest.raises(E.IntegrityError):
+            read_file(fs, "/a")  # its group differs: EIO, not a deletion
     finally:
         fs.close()
     problems = store.fsck(repair=True)["problems"]
@@ -258,16 +265,35 @@ def test_a_damaged_witness_is_refused(store):
         store.open()
 
 
-def test_groups_cover_every_database_key(store):
-    """Every database but meta keys its records by an inode number first, so
-    each record has a group; a store's records spread over the groups."""
+def test_every_record_lies_in_its_groups_key_range(store):
+    """A group is checked by reading its key range in each database: every
+    record must lie in the range of the group it is counted in."""
     env, dbs = _env(store.root)
+    seen = 0
     with env.begin() as txn:
         for name in DBS[1:]:
             for k, _ in txn.cursor(db=dbs[name]):
-                assert len(k) >= 8
+                g = group_of(name, bytes(k))
+                assert g != STATE
+                first, end, dirents_only = key_range(g)
+                assert first <= bytes(k[:8]) < end and (dirents_only == (name == "dirents"))
+                seen += 1
     env.close()
-    assert GROUPS == 1024
+    assert seen > 10
+
+
+def test_directory_entries_do_not_show_their_directory(store):
+    """Keys of directory entries start with a keyed tag of the directory, not
+    its inode number, and the sealed values are padded to 32 bytes."""
+    inos = {_ino(store, p) for p in ("/", "/d")}
+    env, dbs = _env(store.root)
+    with env.begin() as txn:
+        items = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=dbs["dirents"])]
+    env.close()
+    assert len(items) == 4  # /a /b /d /d/c
+    for k, v in items:
+        assert len(k) == 32 and int.from_bytes(k[:8], "big") not in inos
+        assert (len(v) - 12 - 16) % 32 == 0  # nonce + SIV(padded) + tag
 
 
 def test_cli_exit_codes_for_rollback_and_foreign_records(mount_env, tmp_path):

@@ -31,14 +31,15 @@ import lmdb
 
 from ..storage import crypto
 from .. import format as fmt
-from ..errors import (DcmfsError, IndexDamagedError, IndexNotAuthenticError, IntegrityError,
-                      NeedsRecoveryError)
+from ..errors import DcmfsError, IndexDamagedError, IntegrityError, NeedsRecoveryError
 from . import auth
-from .journal import PUT, Journal, Op
+from .checks import Checked
+from .journal import CONVERT, PUT, Journal, Op
 from .journal import HEADER_SIZE as JOURNAL_HEADER
 from .journal import VERSION as JOURNAL_VERSION
+from .auth import KEYED_DIRENT
 from .schema import (DATABASES, JOURNAL_NAME, OPTIONAL, U64, U64X2, decode_chunk,
-                     lmdb_error, read_meta)
+                     encode_dirent, lmdb_error, read_meta)
 from .txn import Txn
 from .witness import Witness
 
@@ -78,7 +79,7 @@ def read_damage(path: str, master_key: bytes, store_id: bytes) -> dict | None:
     return info if isinstance(info, dict) else {}
 
 
-class Index:
+class Index(Checked):
     """The opened LMDB environment, its journal and the keys that seal its values."""
 
     def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
@@ -114,22 +115,10 @@ class Index:
                                read_only=read_only)
         self._batch: lmdb.Transaction | None = None
         self._seq = self._applied_seq()
-        self._auth_key = auth.auth_key(master_key, store_id)
-        #: the sums of every record (batch included), kept change by change
-        self.sums: auth.Sums | None = None
-        #: groups whose records do not match the sealed sums: their files are
-        #: refused (see :mod:`dcmfs.index.auth`)
-        self.suspect: frozenset[int] = frozenset()
-        #: the groups that differed when the index was opened (kept when
-        #: :attr:`suspect` is cleared for fsck); while any did, nothing may
-        #: seal new sums (a checkpoint would make foreign records authentic)
-        #: unless a repair explained every difference (:attr:`reseal_allowed`)
-        self.mismatch: frozenset[int] = frozenset()
-        self.reseal_allowed = False
-        #: "ok" (the sums match), "legacy" (no sealed sums: a store of format
-        #: 3 or older), "unchecked" (not compared: ``check=False``), or
-        #: "mismatch" (see :attr:`suspect`)
-        self.auth_state = "unchecked"
+        self._init_checks(master_key, store_id)
+        #: directory entries keyed by a keyed tag of the parent (format 4;
+        #: ``meta/dirents`` = b"keyed"), else by the parent's inode number
+        self.keyed_dirents = self._detect_dirents()
         #: the witness outside the store, once the session has started it
         self.witness: Witness | None = None
         #: journal records appended since the last checkpoint
@@ -143,91 +132,6 @@ class Index:
                 "in the index; mount it read-write once so they are applied, then mount "
                 "it read-only.")
         self._load_sums(check)
-
-    # --- authenticity (dcmfs.index.auth) -----------------------------------------
-    def sealed_sums(self) -> tuple[int, auth.Sums] | None:
-        """(sequence number, sums) of the sealed ``meta/auth`` record as
-        committed; None if there is none.
-
-        Raises
-        ------
-        IntegrityError
-            The record does not authenticate or does not decode.
-        """
-        with self.env.begin() as txn:
-            raw = txn.get(auth.AUTH_KEY, db=self.dbs["meta"])
-        if raw is None:
-            return None
-        plain = self.open("meta", auth.AUTH_KEY, raw)
-        try:
-            return auth.Sums.decode(self._auth_key, plain)
-        except (ValueError, struct.error) as exc:
-            raise IntegrityError("index entry meta/auth does not decode") from exc
-
-    def scan_sums(self, txn: lmdb.Transaction | None = None) -> auth.Sums:
-        """The sums of every record as the index holds them now (one read of
-        the whole index)."""
-        own = txn is None
-        txn = txn or self.env.begin()
-        try:
-            def items():
-                for name in DATABASES:
-                    db = self.dbs[name]
-                    if db is None:
-                        continue
-                    for k, v in txn.cursor(db=db):
-                        yield name, k, v
-            return auth.scan(self._auth_key, items())
-        finally:
-            if own:
-                txn.abort()
-
-    def _load_sums(self, check: bool) -> None:
-        """Read the sealed sums and, with ``check``, compare them with the
-        records (see :attr:`auth_state`)."""
-        try:
-            sealed = self.sealed_sums()
-        except IntegrityError:
-            sealed = (-1, None)
-        if sealed is not None and sealed[0] != self._seq:
-            sealed = (-1, None)  # sums of another checkpoint: nothing matches
-        if not check and sealed is not None and sealed[1] is not None:
-            self.sums = sealed[1]
-            return
-        if not check and self.read_only:
-            return  # nothing will change: the sums are not needed
-        self.sums = self.scan_sums()
-        if not check:
-            return
-        if sealed is None:
-            self.auth_state = "legacy"
-        elif sealed[1] is None:
-            self.auth_state, self.suspect = "mismatch", frozenset(range(auth.GROUPS + 1))
-        else:
-            differing = self.sums.differing(sealed[1])
-            self.auth_state = "mismatch" if differing else "ok"
-            self.suspect = frozenset(differing)
-        self.mismatch = self.suspect
-
-    def seal_now(self) -> None:
-        """Seal the sums now (a store that had none): a checkpoint of an
-        otherwise empty batch."""
-        self._parent()
-        self.checkpoint()
-
-    def last_journal_seq(self) -> int:
-        """The sequence number of the last intact journal record (the index's
-        own if the journal holds nothing after it)."""
-        last = self._seq
-        for seq, _ in self.journal.records(self._seq):
-            last = seq
-        return last
-
-    def root_digest(self) -> bytes:
-        """One value for the whole index as it is now (the witness keeps it)."""
-        if self.sums is None:
-            self.sums = self.scan_sums()
-        return self.sums.digest()
 
     def _applied_seq(self) -> int:
         with self.env.begin() as txn:
@@ -272,10 +176,6 @@ class Index:
             raise IndexDamagedError(self._broken)
         if self._batch is None:
             return False
-        if self.mismatch and not self.reseal_allowed:
-            raise IndexNotAuthenticError(
-                "The index does not match its sealed checksum, so no change to it is made "
-                "durable; rebuild it with 'dcmfs fsck --rebuild-index'.")
         batch, self._batch = self._batch, None
         try:
             self._commit_batch(batch)
@@ -290,7 +190,6 @@ class Index:
             self._reload_from_journal()
             raise error from exc
         self.pending_records = 0
-        self.mismatch, self.auth_state = frozenset(), "ok"
         if self.witness is not None:
             self.witness.checkpoint(self._seq, self.sums.digest())
         # the records stay in the journal after the checkpoint (replay skips
@@ -321,10 +220,7 @@ class Index:
     def _commit_batch(self, batch: lmdb.Transaction) -> None:
         """The durable LMDB commit of a checkpoint (one place, for fault tests)."""
         batch.put(b"journal_seq", U64.pack(self._seq), db=self.dbs["meta"])
-        if self.sums is None:
-            self.sums = self.scan_sums(batch)
-        batch.put(auth.AUTH_KEY, self.seal("meta", auth.AUTH_KEY, self.sums.encode(self._seq)),
-                  db=self.dbs["meta"])
+        batch.put(auth.AUTH_KEY, self._write_sums(batch), db=self.dbs["meta"])
         batch.commit()
         self.env.sync(True)
 
@@ -337,6 +233,9 @@ class Index:
             for kind, db_id, key, value in ops:
                 name = DATABASES[db_id]
                 db = self.dbs[name]
+                if kind == CONVERT:
+                    changes += self.convert(child)
+                    continue
                 old = child.get(key, db=db)
                 if kind == PUT:
                     child.put(key, value, db=db)
@@ -350,12 +249,6 @@ class Index:
         self._applied = changes
         return child
 
-    def _count(self, changes) -> None:
-        """Add committed changes (database, key, old, new) to the sums."""
-        if self.sums is None:
-            return
-        for name, key, old, new in changes:
-            self.sums.change(name, key, old, new)
 
     def _reload_from_journal(self) -> None:
         """Start a new batch holding the index plus every journal record."""
@@ -363,12 +256,13 @@ class Index:
         expect = self._applied_seq()
         problem = "records missing"
         try:
+            self._reset_sums()
             for seq, ops in self.journal.records(expect):
                 if seq != expect + 1:
                     break
                 self._apply(self._parent(), ops).commit()
+                self._count(self._applied)
                 expect = seq
-            self.sums = self.scan_sums(self._parent())
         except (lmdb.Error, IndexError) as exc:
             expect, problem = -1, str(exc)
         if expect != self._seq:
@@ -451,21 +345,26 @@ class Index:
                 raise lmdb_error(exc, "starting a transaction") from exc
         return self._batch
 
-    def begin(self, write: bool = False) -> "Txn":
+    def begin(self, write: bool = False, gated: bool = True) -> "Txn":
         """A transaction for one operation (a context manager).
 
         Reads see every committed operation, checkpointed or not.
+        ``gated=False``: records of groups that do not match their sums are
+        read too (verify, which reports those groups itself).
         """
         if self._broken:
             raise IndexDamagedError(self._broken)
         try:
             if self.read_only:
-                return Txn(self, self.env.begin(write=False))
-            if not write:
-                return Txn(self, self._parent(), borrowed=True)
-            return Txn(self, self.env.begin(write=True, parent=self._parent()), nested=True)
+                txn = Txn(self, self.env.begin(write=False))
+            elif not write:
+                txn = Txn(self, self._parent(), borrowed=True)
+            else:
+                txn = Txn(self, self.env.begin(write=True, parent=self._parent()), nested=True)
         except lmdb.Error as exc:
             raise lmdb_error(exc, "starting a transaction") from exc
+        txn.gated = gated
+        return txn
 
     def _commit_nested(self, txn: "Txn") -> None:
         """Journal one operation's changes, then merge them into the batch."""
@@ -515,6 +414,49 @@ class Index:
 
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.new(self._name_key, U64.pack(parent) + name, hashlib.sha256).digest()[:16]
+
+    def parent_tag(self, parent: int) -> bytes:
+        """The first half of a directory entry's key (format 4): a keyed tag
+        of the directory, so the index does not show which inode it is."""
+        return hmac.new(self._name_key, b"directory\x00" + U64.pack(parent),
+                        hashlib.sha256).digest()[:16]
+
+    def _detect_dirents(self) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(b"dirents", db=self.dbs["meta"]) == b"keyed"
+
+    def convert(self, txn: lmdb.Transaction) -> list:
+        """Key every directory entry of the older layout (parent inode + name
+        tag) by the keyed tag of its parent, its value padded
+        (:func:`~dcmfs.index.schema.encode_dirent`); returns the changes
+        (database, key, old, new).  Entries that do not open stay as they
+        are, for fsck.  Idempotent; one journal operation (``CONVERT``)."""
+        db = self.dbs["dirents"]
+        old = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db) if len(k) != KEYED_DIRENT]
+        changes = []
+        for key, sealed in old:
+            try:
+                plain = self.open("dirents", key, sealed)
+            except IntegrityError:
+                continue
+            parent, child, name = U64.unpack_from(key)[0], U64.unpack_from(plain)[0], plain[8:]
+            nkey = self.parent_tag(parent) + self.name_tag(parent, name)
+            nvalue = self.seal("dirents", nkey, encode_dirent(parent, child, name))
+            prev = txn.get(nkey, db=db)
+            txn.delete(key, db=db)
+            txn.put(nkey, nvalue, db=db)
+            changes += [("dirents", key, sealed, None), ("dirents", nkey, prev, nvalue)]
+        flag = txn.get(b"dirents", db=self.dbs["meta"])
+        txn.put(b"dirents", b"keyed", db=self.dbs["meta"])
+        changes.append(("meta", b"dirents", flag, b"keyed"))
+        self.keyed_dirents = True
+        return changes
+
+    def convert_dirents(self) -> int:
+        """The format-4 upgrade of the directory entries, journaled as one
+        operation; returns how many entries were converted."""
+        with self.begin(write=True) as txn:
+            return txn.convert_dirents()
 
     def unapplied_records(self) -> bool:
         """Does the journal hold records after the index's sequence number

@@ -32,7 +32,8 @@ stopping at the first that is torn, fails authentication or breaks the
 sequence (a power loss can only cut the tail, never the middle, because
 every durability point syncs the whole journal).
 
-``ops`` is a list of index changes: ``kind u8`` (1 put, 2 delete),
+``ops`` is a list of index changes: ``kind u8`` (1 put, 2 delete, 3 the
+format-4 conversion of the directory entries, with an empty key),
 ``database u8``, ``key length u16``, key, and for a put ``value length u32``
 and the value exactly as stored in LMDB (already sealed, except ``meta``).
 """
@@ -56,6 +57,9 @@ _RECORD = struct.Struct(">IQ")
 _OP = struct.Struct(">BBH")
 _U32 = struct.Struct(">I")
 PUT, DELETE = 1, 2
+#: format 4's upgrade of the directory entries, replayed as one operation
+#: (:meth:`dcmfs.index.index.Index.convert`): no key, no value
+CONVERT = 3
 #: a record longer than this is damage, not data (one index transaction)
 MAX_RECORD = 64 * 1024 * 1024
 
@@ -86,7 +90,7 @@ def decode_ops(raw: bytes) -> list[Op]:
             pos += 4
             value = bytes(view[pos:pos + vlen])
             pos += vlen
-        elif kind != DELETE:
+        elif kind not in (DELETE, CONVERT):
             raise ValueError(f"unknown journal op {kind}")
         ops.append((kind, db, key, value))
     if pos != len(raw):

@@ -91,10 +91,10 @@ U16 = struct.Struct(">H")
 STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
-             "content", "scrubbed")
+             "content", "scrubbed", "sums")
 #: databases a store made by an older dcmfs may lack (created at its first
 #: read-write opening; empty for a read-only one)
-OPTIONAL = ("scrubbed",)
+OPTIONAL = ("scrubbed", "sums")
 #: databases whose values are sealed (the others hold plain numbers or nothing)
 SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
 #: a database's number in journal records
@@ -148,6 +148,30 @@ class Inode:
          digest) = _INODE.unpack_from(raw)
         return cls(mode, uid, gid, nlink, size, at, mt, ct, file_id, gen,
                    digest if kind else None, bytes(raw[_INODE.size:]), tree=kind != 1)
+
+
+#: a directory entry (format 4): parent, child, name length, then the name
+#: and zeros to a multiple of DIRENT_PAD bytes, so the sealed value tells
+#: only the name's length rounded up (as gocryptfs pads names to 16 bytes)
+_DIRENT = struct.Struct(">QQH")
+DIRENT_PAD = 32
+
+
+def encode_dirent(parent: int, child: int, name: bytes) -> bytes:
+    raw = _DIRENT.pack(parent, child, len(name)) + name
+    return raw + bytes(-len(raw) % DIRENT_PAD)
+
+
+def decode_dirent(raw: bytes, keyed: bool) -> tuple[int | None, int, bytes]:
+    """(parent or None, child, name) of a directory entry's value: format 4
+    (``keyed``: the key holds a keyed tag of the parent), or before (child +
+    name; the parent is in the key)."""
+    if not keyed:
+        return None, U64.unpack_from(raw)[0], bytes(raw[8:])
+    parent, child, n = _DIRENT.unpack_from(raw)
+    if _DIRENT.size + n > len(raw):
+        raise struct.error("directory entry does not decode")
+    return parent, child, bytes(raw[_DIRENT.size:_DIRENT.size + n])
 
 
 def ino_key(ino: int) -> bytes:

@@ -12,10 +12,10 @@ import lmdb
 from .. import format as fmt
 from ..errors import IntegrityError
 from ..storage.objects import ChunkRef
-from .auth import group_of
-from .journal import DELETE, PUT, Op
-from .schema import (DB_ID, STATS, U16, U64, U64X2, Inode, decode_chunk, encode_chunk,
-                     ino_key, lmdb_error)
+from .auth import KEYED_DIRENT, group_of
+from .journal import CONVERT, DELETE, PUT, Op
+from .schema import (DB_ID, STATS, U16, U64, U64X2, Inode, decode_chunk, decode_dirent,
+                     encode_chunk, encode_dirent, ino_key, lmdb_error)
 
 if TYPE_CHECKING:
     from .index import Index
@@ -38,6 +38,9 @@ class Txn:
         self._borrowed = borrowed
         #: the changes of a nested transaction, for the journal
         self.ops: list[Op] | None = [] if nested else None
+        #: False: records of groups that differ are read too (verify reports
+        #: such groups itself; see :mod:`dcmfs.integrity.authentic`)
+        self.gated = True
         #: the same changes as (database, key, old value, new value), for the
         #: index's sums (:mod:`dcmfs.index.auth`)
         self.changes: list[tuple[str, bytes, bytes | None, bytes | None]] = []
@@ -63,12 +66,25 @@ class Txn:
         if self.ops is not None:
             self.ops.append((kind, DB_ID[db], bytes(key), value))
 
+    def _authentic(self, db: str, key: bytes) -> bool:
+        """Does the record's group match its sum (checked once a session)?"""
+        try:
+            self._refuse_suspect(db, key)
+        except IntegrityError:
+            return False
+        return True
+
     def _refuse_suspect(self, db: str, key: bytes) -> None:
-        """Raise if the record is in a group whose sums did not match: it may
-        be old or foreign (see :mod:`dcmfs.index.auth`)."""
-        if self.ix.suspect and len(key) >= 8 and group_of(db, key) in self.ix.suspect:
-            raise IntegrityError(f"index entry {db}/{key[:8].hex()} is in a group of records "
-                                 "that does not match the index's sealed checksum")
+        """Check the record's group the first time one of its records is
+        read; raise if it does not match its sum: the record may be old or
+        foreign (see :mod:`dcmfs.index.auth`)."""
+        ix = self.ix
+        if ix.verified_all or ix.sums is None or not (ix.gated and self.gated):
+            return
+        g = group_of(db, key)
+        if g not in ix.verified and not ix.check_group(g, self.txn, self.changes):
+            raise IntegrityError(f"index records of group {g:x} do not match the index's "
+                                 "sealed checksum (added, removed, altered or rolled back)")
 
     # --- helpers ---------------------------------------------------------------
     def _get(self, db: str, key: bytes) -> bytes | None:
@@ -194,7 +210,7 @@ class Txn:
     def iter_inodes_checked(self) -> Iterator[tuple[int, Inode | IntegrityError]]:
         """Like :meth:`iter_inodes`, but a record that does not authenticate
         is yielded as its error instead of ending the scan (verify)."""
-        for key, raw in self._scan_raw("inodes", b""):
+        for key, raw in self._scan_raw("inodes", b"", gated=False):
             ino = U64.unpack(key)[0]
             try:
                 yield ino, Inode.decode(self.ix.open("inodes", key, raw))
@@ -202,7 +218,8 @@ class Txn:
                 yield ino, (exc if isinstance(exc, IntegrityError)
                             else IntegrityError(f"inode {ino}: record does not decode"))
 
-    def _scan_raw(self, db: str, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    def _scan_raw(self, db: str, prefix: bytes,
+                  gated: bool = True) -> list[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
         out = []
         if cur.set_range(prefix):
@@ -210,35 +227,58 @@ class Txn:
                 if not key.startswith(prefix):
                     break
                 out.append((key, raw))
+        if gated:
+            for key, _ in out:
+                self._refuse_suspect(db, key)
         return out
 
     # --- directory entries ----------------------------------------------------
+    def _dkey(self, parent: int, name: bytes) -> bytes:
+        ix = self.ix
+        return (ix.parent_tag(parent) if ix.keyed_dirents else ino_key(parent)) \
+            + ix.name_tag(parent, name)
+
+    def _dprefix(self, parent: int) -> bytes:
+        return self.ix.parent_tag(parent) if self.ix.keyed_dirents else ino_key(parent)
+
     def lookup(self, parent: int, name: bytes) -> int | None:
-        key = ino_key(parent) + self.ix.name_tag(parent, name)
-        raw = self._get("dirents", key)
-        return None if raw is None else U64.unpack_from(raw)[0]
+        raw = self._get("dirents", self._dkey(parent, name))
+        return None if raw is None else decode_dirent(raw, self.ix.keyed_dirents)[1]
 
     def add_dirent(self, parent: int, name: bytes, ino: int) -> None:
-        key = ino_key(parent) + self.ix.name_tag(parent, name)
-        self._put("dirents", key, U64.pack(ino) + name)
+        value = (encode_dirent(parent, ino, name) if self.ix.keyed_dirents
+                 else U64.pack(ino) + name)
+        self._put("dirents", self._dkey(parent, name), value)
 
     def remove_dirent(self, parent: int, name: bytes) -> None:
-        self._delete("dirents", ino_key(parent) + self.ix.name_tag(parent, name))
+        self._delete("dirents", self._dkey(parent, name))
 
     def list_dir(self, parent: int) -> Iterator[tuple[bytes, int]]:
-        for _, raw in self._scan("dirents", ino_key(parent)):
-            yield raw[8:], U64.unpack_from(raw)[0]
+        for _, raw in self._scan("dirents", self._dprefix(parent)):
+            _, child, name = decode_dirent(raw, self.ix.keyed_dirents)
+            yield name, child
 
     def dir_is_empty(self, parent: int) -> bool:
         cur = self.txn.cursor(db=self._db["dirents"])
-        prefix = ino_key(parent)
+        prefix = self._dprefix(parent)
         return not (cur.set_range(prefix) and cur.key().startswith(prefix))
 
     def iter_dirents(self) -> Iterator[tuple[int, bytes, int]]:
-        """Every directory entry, also those of groups that did not match the
-        sealed sums (verify and fsck name files with them)."""
+        """Every directory entry as (parent, name, child), also those of
+        groups that did not match the sealed sums (verify and fsck name files
+        with them)."""
         for key, raw in self._scan("dirents", b"", gated=False):
-            yield U64.unpack_from(key)[0], raw[8:], U64.unpack_from(raw)[0]
+            parent, child, name = decode_dirent(raw, len(key) == KEYED_DIRENT)
+            yield (U64.unpack_from(key)[0] if parent is None else parent), name, child
+
+    def convert_dirents(self) -> int:
+        """Key every directory entry by the keyed tag of its parent (the
+        upgrade to format 4; see :meth:`Index.convert_dirents`); returns how
+        many were converted."""
+        changes = self.ix.convert(self.txn)
+        self.changes.extend(changes)
+        self._record(CONVERT, "dirents", b"", None)
+        return len(changes) // 2
 
     # --- chunk table ----------------------------------------------------------
     def chunks(self, ino: int) -> dict[int, ChunkRef]:
@@ -256,7 +296,7 @@ class Txn:
     def iter_all_chunks_checked(self) -> Iterator[tuple[int, int, ChunkRef | None]]:
         """Like :meth:`iter_all_chunks`; an entry that does not authenticate
         is yielded with None (verify, fsck)."""
-        for key, raw in self._scan_raw("chunks", b""):
+        for key, raw in self._scan_raw("chunks", b"", gated=False):
             ino, idx = U64X2.unpack(key)
             try:
                 yield ino, idx, decode_chunk(self.ix.open("chunks", key, raw))
@@ -307,7 +347,8 @@ class Txn:
         self._delete("backlog", ino_key(ino))
 
     def backlog(self) -> list[int]:
-        return [U64.unpack(k)[0] for k, _ in self._scan_raw("backlog", b"")]
+        return [U64.unpack(k)[0] for k, _ in self._scan_raw("backlog", b"", gated=False)
+                if self._authentic("backlog", k)]
 
     # --- what the re-encoder found (sealed) -------------------------------------
     def get_content(self, ino: int) -> dict | None:
@@ -328,4 +369,5 @@ class Txn:
         return None if raw is None else U64.unpack(raw)[0]
 
     def orphans(self) -> list[int]:
-        return [U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"")]
+        return [U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"", gated=False)
+                if self._authentic("orphans", k)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import IntegrityError
 from ..index import SEALED, Index
-from ..index.auth import GROUPS, STATE, group_of
+from ..index.auth import STATE, group_of
 
 #: the kind (verify) and check (fsck) name of these findings
 CHECKSUM = "index checksum"
@@ -33,31 +33,43 @@ def unexplained(index: Index) -> set[int]:
             if db == "meta" and key != b"damage":
                 continue
             g = group_of(db, key)
-            if g not in index.mismatch or g in explained:
+            if g not in index.suspect or g in explained:
                 continue
             try:
                 index.open(db, key, bytes(raw))
             except IntegrityError:
                 explained.add(g)
-    return set(index.mismatch) - explained
+    return set(index.suspect) - explained
 
 
-def files_in(index: Index, groups: set[int]) -> list[int]:
-    """The inodes whose records are counted in ``groups`` (a directory's
-    entries count in its own group)."""
-    out = []
+def files_in(index: Index, groups: set[int]) -> tuple[list[int], set[int]]:
+    """The inodes whose records are counted in ``groups`` (a directory for
+    the group of its entries too), and the groups that named one."""
+    out, named = [], set()
     for key, _ in index.raw_items("inodes"):
         ino = int.from_bytes(bytes(key[:8]), "big")
-        if ino % GROUPS in groups:
+        hit = {ino_group(ino), dirent_group(index, ino)} & groups
+        if hit:
             out.append(ino)
-    return out
+            named |= hit
+    return out, named
+
+
+def ino_group(ino: int) -> int:
+    return group_of("inodes", ino.to_bytes(8, "big"))
+
+
+def dirent_group(index: Index, ino: int) -> int:
+    """The group of a directory's entries."""
+    key = (index.parent_tag(ino) if index.keyed_dirents else ino.to_bytes(8, "big"))
+    return group_of("dirents", key + bytes(16))
 
 
 def problems(index: Index, groups: set[int]) -> list[tuple[int, str]]:
     """(inode or 0, what) for each file, and the state, in ``groups``."""
-    inos = files_in(index, groups)
+    inos, named = files_in(index, groups)
     out = [(ino, FILE_WHAT) for ino in inos]
-    for g in sorted(groups - {STATE} - {ino % GROUPS for ino in inos}):
+    for g in sorted(groups - {STATE} - named):
         out.append((0, f"records of group {g} (of files that no longer exist) were added, "
                        "removed, replaced or rolled back without the key"))
     if STATE in groups:

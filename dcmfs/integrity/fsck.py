@@ -117,7 +117,8 @@ class Fsck(Salvage):
             self.found("index", f"the index cannot be opened ({exc}); run "
                                 f"'dcmfs fsck --rebuild-index {self.store.root}'")
             return self.problems
-        if self.index.mismatch:
+        self._accept: set[int] = set()
+        if self.index.suspect:
             self.check_checksum()
         try:
             for stage in (self.check_leftovers, self.check_index_values, self.check_objects,
@@ -142,7 +143,9 @@ class Fsck(Salvage):
         for ino, what in authentic.problems(self.index, bad):
             self.found(authentic.CHECKSUM, what, ino)
         if not bad:
-            self.index.reseal_allowed = self.repair  # damaged records: repaired one by one
+            # damaged records explain every difference: they are repaired one
+            # by one, then what the groups hold is their new sum
+            self._accept = set(self.index.suspect)
         elif self.repair:
             self.repair = False
             self.found(authentic.CHECKSUM, "nothing was repaired: the index holds records "
@@ -153,6 +156,8 @@ class Fsck(Salvage):
         ix = self.index
         with ix.begin(write=True) as txn:
             txn.meta_put("state", b"clean")
+        if self._accept:
+            ix.accept(self._accept)
         self.objects.sync(force=True)
         ix.checkpoint()
         for oid in self._garbage:

@@ -77,6 +77,8 @@ def rebuild_index(opened: OpenedStore) -> dict:
             txn.meta_put("store_id", store.store_id)
             txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
             txn.meta_put("state", b"mounted")  # not clean until the repair ran
+        if not ix.keyed_dirents:
+            ix.convert_dirents()
         ix.checkpoint()
         # the admin rebuilt the index from what the store holds: that is what
         # this machine has seen from now on

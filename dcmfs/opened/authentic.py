@@ -22,7 +22,7 @@ import logging
 from ..config import Config
 from ..errors import DcmfsError, IndexNotAuthenticError, RollbackError
 from ..index import Index, Witness
-from ..index.auth import GROUPS
+from ..index.auth import STATE
 
 log = logging.getLogger("dcmfs.store")
 
@@ -48,15 +48,14 @@ def authenticate(index: Index, root: str, config: Config, witness: Witness,
         seen = None
     if index.auth_state == "legacy" and seen is not None:
         # this machine saw the store with sealed sums: they were removed
-        index.auth_state = "mismatch"
-        index.suspect = index.mismatch = frozenset(range(GROUPS + 1))
-    if index.auth_state == "mismatch":
-        if tolerate_mismatch:
+        index.distrust_all()
+    if tolerate_mismatch:
+        index.gated = False
+        if index.check_all():
             log.warning("the index of %s does not match its sealed checksum in %d groups",
-                        root, len(index.mismatch))
-            index.suspect = frozenset()
-        else:
-            _not_authentic(index, root, config)
+                        root, len(index.suspect))
+    elif index.auth_state == "mismatch":
+        _not_authentic(index, root, config)
     reach = index.last_journal_seq()
     if seen is not None:
         problem = None
@@ -82,18 +81,27 @@ def authenticate(index: Index, root: str, config: Config, witness: Witness,
                  "change %d", root, index.seq)
     if config.read_only:
         return
-    witness.start(index.seq, reach, index.root_digest())
-    index.witness = witness
     if index.auth_state == "legacy":
         log.info("the index of %s gets its sealed checksum (format upgrade)", root)
         index.seal_now()
-        index.auth_state = "ok"
+    witness.start(index.seq, reach, index.root_digest())
+    index.witness = witness
+    if not index.keyed_dirents and reach == index.seq:  # (after a replay otherwise)
+        upgrade_dirents(index, root)
+
+
+def upgrade_dirents(index: Index, root: str) -> None:
+    """Format 4: directory entries keyed by a keyed tag of their directory
+    (one journaled operation, then a checkpoint)."""
+    n = index.convert_dirents()
+    index.checkpoint()
+    log.info("the directory entries of %s are keyed by directory tags now (%d entries; "
+             "format upgrade)", root, n)
 
 
 def _not_authentic(index: Index, root: str, config: Config) -> None:
-    groups = len(index.suspect)
-    what = ("the whole index" if groups > GROUPS else
-            f"{groups} of {GROUPS + 1} groups of records")
+    what = ("its state records" if STATE in index.suspect else
+            f"{len(index.suspect)} groups of records")
     if not config.read_only:
         raise IndexNotAuthenticError(
             f"The index of the store {root} does not match its sealed checksum ({what}): "

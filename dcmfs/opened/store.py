@@ -39,7 +39,7 @@ from ..storage.codec import NAMES, Codecs
 from ..storage.header import (Secret, Store, StoreLock, clear_damage_mark, open_store, plain,
                               read_lock_pid, refuse_if_damaged, set_damage_mark)
 from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
-from .authentic import authenticate
+from .authentic import authenticate, upgrade_dirents
 from .recovery import RecoveryReport, recover
 
 log = logging.getLogger("dcmfs.store")
@@ -218,6 +218,8 @@ class OpenedStore:
         if applied or dropped:
             log.warning("journal replayed: %d operations applied, %d dropped (their data "
                         "had not reached the disk)", applied, dropped)
+        if not self.index.keyed_dirents:
+            upgrade_dirents(self.index, self.root)
         self._ensure_root(clock)
         with self.index.begin() as txn:
             state = txn.meta_get("state")
