@@ -116,10 +116,13 @@ class Sums:
     the :data:`SUMS_DB` database, so a checkpoint writes only the groups that
     changed, whatever the size of the store)."""
 
-    __slots__ = ("_key", "values", "pre", "top")
+    __slots__ = ("_key", "_bases", "values", "pre", "top")
 
     def __init__(self, key: bytes, values: dict[int, int] | None = None) -> None:
         self._key = key
+        #: a keyed BLAKE2b state per database, copied for each record (half
+        #: the cost of keying a new one)
+        self._bases: dict[str, object] = {}
         self.values: dict[int, int] = values if values is not None else {}
         #: groups changed since the last :meth:`settle`, with their value then
         self.pre: dict[int, int] = {}
@@ -136,10 +139,11 @@ class Sums:
 
     def number(self, db: str, key: bytes, value: bytes) -> int:
         """A record's number: keyed BLAKE2b of database, key and value."""
-        h = hashlib.blake2b(db.encode(), key=self._key, digest_size=32)
-        h.update(len(key).to_bytes(2, "big"))
-        h.update(key)
-        h.update(value)
+        base = self._bases.get(db)
+        if base is None:
+            base = self._bases[db] = hashlib.blake2b(db.encode(), key=self._key, digest_size=32)
+        h = base.copy()
+        h.update(len(key).to_bytes(2, "big") + key + value)
         return int.from_bytes(h.digest(), "big")
 
     def group_number(self, group: int, value: int) -> int:
@@ -224,18 +228,15 @@ class Sums:
 def scan(key: bytes, items) -> Sums:
     """The sums of every record ``items`` yields as (database, key, value)."""
     values: dict[int, int] = {}
-    blake = hashlib.blake2b
-    last_db, prefix = None, None
+    last_db, base = None, None
     for db, k, v in items:
         if (db == "meta" and k in EXCLUDED) or db == SUMS_DB:
             continue
         g = group_of(db, k)
         if db is not last_db:
-            last_db, prefix = db, db.encode()
-        h = blake(prefix, key=key, digest_size=32)
-        h.update(len(k).to_bytes(2, "big"))
-        h.update(k)
-        h.update(v)
+            last_db, base = db, hashlib.blake2b(db.encode(), key=key, digest_size=32)
+        h = base.copy()
+        h.update(len(k).to_bytes(2, "big") + k + v)
         values[g] = values.get(g, 0) + int.from_bytes(h.digest(), "big")
     return Sums.unsaved(key, {g: v & _MASK for g, v in values.items() if v & _MASK})
 

@@ -39,6 +39,9 @@ class Checked:
         #: False: reads of groups that differ are not refused (fsck reads
         #: every record to name and repair what it can)
         self.gated = True
+        #: called with a group the first time it is found to differ (the
+        #: opened store marks the store as needing fsck)
+        self.on_mismatch = lambda group: None
         #: changes of the last :meth:`_apply` (database, key, old, new)
         self._applied: list = []
 
@@ -200,6 +203,7 @@ class Checked:
             return True
         self.suspect.add(group)
         self.auth_state = "mismatch"
+        self.on_mismatch(group)
         return False
 
     def check_all(self) -> list[int]:
@@ -213,8 +217,10 @@ class Checked:
         finally:
             if txn is not self._batch:
                 txn.abort()
-        differing = actual.differing(self.sums)
+        differing = [g for g in actual.differing(self.sums) if g not in self.suspect]
         self.suspect.update(differing)
+        for g in differing:
+            self.on_mismatch(g)
         if self.suspect:
             self.auth_state = "mismatch"
         else:

@@ -84,7 +84,7 @@ class Index(Checked):
 
     def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
                  read_only: bool = False, journal_limit: int = 8 * 1024 * 1024,
-                 archive_dir: str | None = None, check: bool = True) -> None:
+                 archive_dir: str | None = None, check: bool = False) -> None:
         self.read_only = read_only
         self._journal_limit = journal_limit
         #: where full journals go (``snapshots/``): with the newest snapshot
@@ -279,6 +279,7 @@ class Index(Checked):
             return False
         ok = True
         txn = Txn(self, child)
+        txn.changes = list(self._applied)  # in the child, not yet in the sums
         try:
             for kind, db_id, key, value in ops:
                 if kind == PUT and DATABASES[db_id] == "chunks":

@@ -112,7 +112,7 @@ def _trial_open(store, config, snapshot: str, tmp: str) -> str | None:
     except OSError as exc:
         return f"its data.mdb cannot be read ({exc.strerror})"
     try:
-        ix = Index(tmp, store.master_key, store.store_id, config.index_map_size)
+        ix = Index(tmp, store.master_key, store.store_id, config.index_map_size, check=True)
         try:
             with ix.begin() as txn:
                 if txn.meta_get("store_id") != store.store_id:

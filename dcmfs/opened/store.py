@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 from .. import format as fmt
 from ..config import Config
-from ..errors import DcmfsError, StoreDamagedError, StoreLockedError
+from ..errors import DcmfsError, IntegrityError, StoreDamagedError, StoreLockedError
 from ..index import Index, Inode, Txn, Witness, read_damage
 from ..index.snapshots import archived_bytes, refuse_if_missing, take_snapshot
 from ..storage.codec import NAMES, Codecs
@@ -162,6 +162,7 @@ class OpenedStore:
                            self.store.store_id, self.config.index_map_size,
                            read_only=self.config.read_only,
                            archive_dir=os.path.join(self.root, fmt.SNAPSHOTS_DIR))
+        self.index.on_mismatch = self._group_differs
         try:
             authenticate(self.index, self.root, self.config,
                          Witness.for_store(self.config.state_dir, self.store.master_key,
@@ -170,6 +171,10 @@ class OpenedStore:
             self.close_index()
             raise
         return self.index
+
+    def _group_differs(self, group: int) -> None:
+        self.damaged(0, IntegrityError(f"index records of group {group:x} do not match the "
+                                       "index's sealed checksum"))
 
     def close_index(self) -> None:
         if self.index is not None:
