@@ -76,9 +76,10 @@ class Checked:
                         values[int.from_bytes(k, "big")] = int.from_bytes(v, "big")
         return auth.Sums(self._auth_key, values)
 
-    def _reset_sums(self) -> str:
-        """Take the expected sums from the committed records; returns the
-        state that implies ("ok", "legacy" or "mismatch")."""
+    def _reset_sums(self, seq: int | None = None) -> str:
+        """Take the expected sums from the committed records (sealed at
+        journal record ``seq``, default the index's); returns the state that
+        implies ("ok", "legacy" or "mismatch")."""
         try:
             sealed = self.sealed_top()
         except IntegrityError:
@@ -87,9 +88,10 @@ class Checked:
             self.sums = None if self.read_only else self.scan_sums()
             self.verified_all = self.sums is not None  # made from the records
             return "legacy"
-        seq, count, top = sealed
+        sealed_seq, count, top = sealed
         sums = self._stored_sums()
-        if seq != self._seq or count != len(sums.values) or top != sums.top:
+        if sealed_seq != (self._seq if seq is None else seq) or count != len(sums.values) \
+                or top != sums.top:
             # sums of another checkpoint, or altered: nothing matches
             self.sums = auth.Sums(self._auth_key)
             return "mismatch"

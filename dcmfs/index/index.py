@@ -256,7 +256,7 @@ class Index(Checked):
         expect = self._applied_seq()
         problem = "records missing"
         try:
-            self._reset_sums()
+            self._reset_sums(expect)
             for seq, ops in self.journal.records(expect):
                 if seq != expect + 1:
                     break
