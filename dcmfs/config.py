@@ -121,3 +121,29 @@ class Config:
     scrub_rate: int = 32 * MiB
     #: the LMDB map size; LMDB only uses what it needs
     index_map_size: int = 64 * 1024 * MiB
+    #: S3 stores: bytes the local cache of objects may hold (objects not yet
+    #: uploaded count too; when they alone fill it, writers wait for uploads)
+    cache_size: int = 10 * 1024 * MiB
+    #: S3 stores: fsync also waits until every object is in the bucket
+    s3_sync: bool = False
+    #: S3 stores: threads that upload objects in the background
+    s3_uploaders: int = 4
+    #: S3 stores: seconds a clean close waits for the upload backlog (what is
+    #: left is uploaded by the next opening)
+    s3_drain_timeout: float = 600.0
+    #: S3 stores: endpoint, region and credentials (never from argv; None:
+    #: the AWS environment variables)
+    s3: "S3Settings | None" = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """Where a bucket's server is and how to sign requests (the secret is
+    not shown); any field left None comes from the AWS environment
+    variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = dataclasses.field(default=None, repr=False)

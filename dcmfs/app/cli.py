@@ -8,6 +8,7 @@ process or prints for a user.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import logging
@@ -17,7 +18,7 @@ import sys
 from .. import __version__
 from ..config import Config
 from ..errors import DcmfsError, SecretError, UsageError
-from . import keys, options
+from . import keys, options, s3creds
 from .options import make_config, parse_o
 
 log = logging.getLogger("dcmfs")
@@ -51,6 +52,7 @@ def _add_secret_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-open-key-file", action="store_true",
                    help="accept a key or passphrase file that group or others may read "
                    "(with a warning)")
+    s3creds.add_options(p)  # every command that opens a store may open an S3 store
 
 
 def _secret(args, creating: bool, store_kind: str | None = None):
@@ -94,7 +96,7 @@ def _command_config(args, command: str) -> Config:
     """The ``-o`` of an admin command: its key options and its Config."""
     ours, fuse = parse_o(args.o, command)
     _key_options(args, ours)
-    return make_config(ours, fuse, command)
+    return dataclasses.replace(make_config(ours, fuse, command), s3=s3creds.settings(args))
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -120,8 +122,21 @@ def cmd_init(args) -> int:
         store_root = args.store or default_store()
         config = Config(codec=args.codec or "zstd")
         secret = _secret(args, creating=True)
-    store = init_store(store_root, secret, config)
-    print(f"Created a dcmfs store at {store.root} (codec {store.codec}).")
+    if args.backend:
+        from ..storage.s3 import parse_url
+        parse_url(args.backend)
+        creds = s3creds.settings(args)
+    store = init_store(store_root, secret, config, backend=args.backend or "")
+    if args.backend:
+        from ..opened.remote import publish_header
+        try:
+            publish_header(store.root, args.backend, creds)
+        except BaseException:
+            import shutil  # nothing half-made stays behind
+            shutil.rmtree(store.root, ignore_errors=True)
+            raise
+    where = f", objects in {args.backend}" if args.backend else ""
+    print(f"Created a dcmfs store at {store.root} (codec {store.codec}{where}).")
     return 0
 
 
@@ -156,7 +171,8 @@ def cmd_mount(args) -> int:
         except ValueError as exc:
             raise UsageError(f"The metrics option needs HOST:PORT, e.g. 127.0.0.1:9641 "
                              f"({exc}).") from exc
-    mount(store_root, secret, mp, make_config(ours, fuse), fuse, foreground=args.foreground,
+    config = dataclasses.replace(make_config(ours, fuse), s3=s3creds.settings(args))
+    mount(store_root, secret, mp, config, fuse, foreground=args.foreground,
           log_file=ours.get("log_file"), metrics=metrics)
     if not args.foreground:
         print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")
@@ -276,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codec", choices=("zstd", "lzma", "none"))
     s.add_argument("--config", metavar="TOML", help="an instance file (/etc/dcmfs/NAME.toml): "
                    "store, codec and key source from there")
+    s.add_argument("--backend", metavar="s3://BUCKET/PREFIX",
+                   help="keep the objects in this bucket (STORE keeps the index and a cache)")
     _add_secret_options(s)
     s.set_defaults(func=cmd_init)
 

@@ -229,6 +229,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
            field="scrub_rate"),
     # consumed by the CLI
+    Option("cache_size", MEGABYTES, "S3 stores: MB the local cache of objects may hold",
+           MOUNTING | {VERIFY, FSCK}, field="cache_size"),
+    Option("s3_sync", FLAG, "S3 stores: fsync also waits until every object is in the bucket",
+           MOUNTING, field="s3_sync"),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
     Option("log_file", PATH, "the daemon's log in the background (default STORE/dcmfs.log)",

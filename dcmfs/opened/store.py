@@ -127,9 +127,17 @@ class OpenedStore:
             self.store_lock = StoreLock(store.root)
             self._stack.callback(self.store_lock.release)
             self.codecs = Codecs.of(config)
+            #: an S3 store's write-back cache in front of its bucket (None: local)
+            self.remote = None
+            if store.backend:
+                from .remote import open_backend
+                self.remote = open_backend(store, config)
             self.objects = ObjectStore(store.root, store.store_id, store.master_key,
-                                       self.codecs, verify_writes=config.verify_writes)
+                                       self.codecs, verify_writes=config.verify_writes,
+                                       backend=self.remote)
             self._stack.callback(self.objects.close)
+            if self.remote is not None:  # closed first: the backlog drains
+                self._stack.callback(self._close_remote)
             self._stack.callback(self.close_index)
             if index:
                 self.open_index()
@@ -232,7 +240,7 @@ class OpenedStore:
     def make_durable(self) -> None:
         """Every committed operation survives a power loss from now on
         (objects first, then the journal that names them)."""
-        self.objects.sync()
+        self.objects.sync(upload=self.config.s3_sync)
         self.index.sync_journal()
 
     def checkpoint(self, after_commit: Callable[[], None] = lambda: None) -> None:
@@ -252,6 +260,12 @@ class OpenedStore:
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
         with self.lock:
             take_snapshot(self.index, os.path.join(self.root, fmt.SNAPSHOTS_DIR))
+        if self.remote is not None and not self.read_only:
+            from .remote import publish_snapshots
+            publish_snapshots(self.remote, self.root, self.config.s3_drain_timeout)
+
+    def _close_remote(self) -> None:
+        self.remote.close(0 if self.read_only else self.config.s3_drain_timeout)
 
     # --- integrity errors ------------------------------------------------------------
     def damaged(self, ino: int, exc: Exception) -> None:

@@ -13,23 +13,15 @@ Names are stored under ``PREFIX/`` of the bucket.  What the settings hold
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 from typing import Iterator
 from urllib.parse import urlsplit
 
 from .backend import Backend, BackendMissing
+from ..config import S3Settings
 from ..errors import StoreIOError, UsageError
 
-
-@dataclasses.dataclass(frozen=True)
-class S3Settings:
-    """Where a bucket is and how to sign requests (the secret is not shown)."""
-
-    endpoint: str | None = None
-    region: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = dataclasses.field(default=None, repr=False)
+__all__ = ["S3Backend", "S3Settings", "parse_url"]
 
 
 def parse_url(url: str) -> tuple[str, str]:

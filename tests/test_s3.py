@@ -1,0 +1,175 @@
+"""S3 stores against a real Ceph RGW (tests/ceph.py): the write-back cache,
+reads after the cache is wiped, the bound on the cache, the server going
+away during an ingest, tampered bucket objects, and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+
+import pytest
+
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.errors import IntegrityError
+from dcmfs.opened.remote import publish_header
+from dcmfs.storage.header import init_store, open_store
+from dcmfs.storage.objects import object_name
+
+from .conftest import SMALL, assert_no_dangling
+
+
+@pytest.fixture
+def s3_fs(tmp_path, secret, s3_url, s3_settings):
+    """s3_fs(config=...) -> FileSystem on an S3 store (one bucket prefix per test)."""
+    root = str(tmp_path / "store")
+    opened: list[FileSystem] = []
+    base = dataclasses.replace(SMALL, s3=s3_settings, s3_drain_timeout=60)
+
+    def make(**changes) -> FileSystem:
+        config = dataclasses.replace(base, **changes)
+        if not os.path.exists(os.path.join(root, "dcmfs.store")):
+            init_store(root, secret, config, backend=s3_url)
+            publish_header(root, s3_url, s3_settings)
+        fs = FileSystem(open_store(root, secret), config)
+        opened.append(fs)
+        return fs
+
+    make.root = root
+    make.url = s3_url
+    yield make
+    for fs in opened:
+        fs.close()
+
+
+def write_file(fs: FileSystem, path: str, data: bytes) -> None:
+    fh = fs.create(path, 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, data, 0)
+    fs.release(fh)
+
+
+def read_file(fs: FileSystem, path: str) -> bytes:
+    fh = fs.open(path, os.O_RDONLY)
+    try:
+        return fs.read(fh, 1 << 30, 0)
+    finally:
+        fs.release(fh)
+
+
+def wipe_cache(root: str) -> None:
+    shutil.rmtree(os.path.join(root, "objects"))
+    os.mkdir(os.path.join(root, "objects"), 0o700)
+
+
+def test_objects_reach_the_bucket_and_read_back_with_an_empty_cache(s3_fs, ceph_s3):
+    fs = s3_fs()
+    files = {f"/f{i}": os.urandom(100_000 + i * 7919) for i in range(8)}
+    for path, data in files.items():
+        write_file(fs, path, data)
+    fs.close()
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/objects/")
+    in_bucket = {o["Key"].split("/")[-1] for o in listed.get("Contents", [])}
+    local = {n.split("/")[-1] for n in fs.objects.backend.cache.list("objects/")}
+    assert local and local <= in_bucket  # everything cached is uploaded
+    names = {o["Key"].split("/", 1)[1] for o in client.list_objects_v2(
+        Bucket=bucket, Prefix=prefix + "/").get("Contents", [])}
+    assert "dcmfs.store" in names
+    assert any(n.startswith("snapshots/snapshot-") for n in names)
+    wipe_cache(s3_fs.root)
+    fs = s3_fs()
+    for path, data in files.items():
+        assert read_file(fs, path) == data
+    assert fs.opened.remote.stats()["downloads"] > 0
+    assert_no_dangling(fs)
+
+
+def test_cache_is_bounded_and_writers_wait_never_fail(s3_fs):
+    """A cache of 1 MB: uploaded objects are evicted, writers of more than
+    the cache holds wait for the uploads, nothing fails, all reads back."""
+    fs = s3_fs(cache_size=1 << 20)
+    files = {f"/g{i}": os.urandom(300_000) for i in range(12)}
+    for path, data in files.items():
+        write_file(fs, path, data)
+    fs.objects.backend.drain(60)
+    stats = fs.opened.remote.stats()
+    assert stats["evictions"] > 0
+    assert stats["cache_bytes"] <= 1 << 20
+    cached = sum(os.path.getsize(fs.objects.backend.cache.path(n))
+                 for n in fs.objects.backend.cache.list("objects/"))
+    assert cached <= 1 << 20
+    for path, data in files.items():
+        assert read_file(fs, path) == data
+
+
+def test_uploaded_mark_survives_a_restart(s3_fs):
+    """Objects not yet uploaded when a mount ends are found by the next one."""
+    fs = s3_fs(s3_uploaders=1)
+    fs.opened.remote._abandon.set()  # no upload goes out in this session
+    write_file(fs, "/late", os.urandom(200_000))
+    fs.close()
+    cache = fs.objects.backend.cache
+    modes = {os.stat(cache.path(n)).st_mode & 0o777 for n in cache.list("objects/")}
+    assert 0o600 in modes  # waiting
+    fs = s3_fs()
+    assert fs.objects.backend.drain(60)
+    modes = {os.stat(cache.path(n)).st_mode & 0o777 for n in cache.list("objects/")}
+    assert modes == {0o400}
+    wipe_cache(s3_fs.root)
+    fs.close()
+    fs = s3_fs()
+    assert len(read_file(fs, "/late")) == 200_000
+
+
+def test_server_down_during_ingest_no_writer_error_nothing_lost(s3_fs, ceph_s3):
+    fs = s3_fs()
+    write_file(fs, "/before", b"b" * 100_000)
+    assert fs.objects.backend.drain(60)
+    ceph_s3.stop_rgw()
+    try:
+        files = {f"/during{i}": os.urandom(150_000) for i in range(6)}
+        for path, data in files.items():
+            write_file(fs, path, data)  # no error: the cache takes them
+        fs.make_durable()
+        time.sleep(1.5)
+        stats = fs.opened.remote.stats()
+        assert stats["backlog_objects"] > 0 and stats["errors"] > 0
+    finally:
+        ceph_s3.start_rgw()
+    assert fs.objects.backend.drain(120)
+    assert fs.opened.remote.stats()["backlog_objects"] == 0
+    fs.close()
+    wipe_cache(s3_fs.root)
+    fs = s3_fs()
+    for path, data in files.items():
+        assert read_file(fs, path) == data
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete", "swap"])
+def test_tampered_bucket_object_gives_integrity_error(s3_fs, ceph_s3, damage):
+    fs = s3_fs()
+    write_file(fs, "/a", os.urandom(200_000))
+    write_file(fs, "/b", os.urandom(200_000))
+    fs.close()
+    wipe_cache(s3_fs.root)
+    fs = s3_fs()
+    with fs.index.begin() as txn:
+        ref_a = txn.chunks(fs._resolve(txn, "/a"))[0]
+        ref_b = txn.chunks(fs._resolve(txn, "/b"))[0]
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+    key_a = f"{prefix}/{object_name(ref_a.oid)}"
+    if damage == "flip":
+        body = bytearray(client.get_object(Bucket=bucket, Key=key_a)["Body"].read())
+        body[len(body) // 2] ^= 0xFF
+        client.put_object(Bucket=bucket, Key=key_a, Body=bytes(body))
+    elif damage == "delete":
+        client.delete_object(Bucket=bucket, Key=key_a)
+    else:
+        other = client.get_object(Bucket=bucket, Key=f"{prefix}/{object_name(ref_b.oid)}")
+        client.put_object(Bucket=bucket, Key=key_a, Body=other["Body"].read())
+    with pytest.raises(IntegrityError):
+        read_file(fs, "/a")
+    assert len(read_file(fs, "/b")) == 200_000
