@@ -106,14 +106,14 @@ def test_cache_is_bounded_and_writers_wait_never_fail(s3_fs):
 
 def test_uploaded_mark_survives_a_restart(s3_fs):
     """Objects not yet uploaded when a mount ends are found by the next one."""
-    fs = s3_fs(s3_uploaders=1)
+    fs = s3_fs(s3_uploaders=1, s3_drain_timeout=0.2)
     fs.opened.remote._abandon.set()  # no upload goes out in this session
     write_file(fs, "/late", os.urandom(200_000))
     fs.close()
     cache = fs.objects.backend.cache
     modes = {os.stat(cache.path(n)).st_mode & 0o777 for n in cache.list("objects/")}
     assert 0o600 in modes  # waiting
-    fs = s3_fs()
+    fs = s3_fs(s3_drain_timeout=60)
     assert fs.objects.backend.drain(60)
     modes = {os.stat(cache.path(n)).st_mode & 0o777 for n in cache.list("objects/")}
     assert modes == {0o400}

@@ -272,6 +272,18 @@ def cmd_fsck(args) -> int:
     return 0 if result["clean"] else DamageFound.exit_code
 
 
+def cmd_attach(args) -> int:
+    from .admin import render_fsck
+    from .attach import attach
+    from ..errors import DamageFound
+    from ..storage.s3 import parse_url
+    parse_url(args.url)
+    config = _command_config(args, options.FSCK)
+    result = attach(args.url, args.store, _lazy_secret(args, args.store), config)
+    print(render_fsck(result))
+    return 0 if result["clean"] else DamageFound.exit_code
+
+
 def _add_o(p: argparse.ArgumentParser, where: str, what: str) -> None:
     """``-o OPTS`` with the options ``where`` takes listed after the help."""
     p.add_argument("-o", action="append", metavar="OPTS", help=f"{what}, comma separated "
@@ -356,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_o(s, options.FSCK, "options")
     _add_secret_options(s)
     s.set_defaults(func=cmd_fsck)
+
+    s = sub.add_parser("attach", help="a working store in an empty directory from an S3 "
+                       "bucket alone (with the key)")
+    s.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    s.add_argument("store")
+    _add_o(s, options.FSCK, "options")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_attach)
 
     s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")

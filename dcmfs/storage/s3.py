@@ -14,6 +14,7 @@ Names are stored under ``PREFIX/`` of the bucket.  What the settings hold
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -59,7 +60,10 @@ class S3Backend(Backend):
             kw["access_key_id"] = settings.access_key_id
             kw["secret_access_key"] = settings.secret_access_key
         options = {"timeout": "60s", "connect_timeout": "5s"}
-        if settings.endpoint and settings.endpoint.startswith("http://"):
+        endpoint = settings.endpoint or next(
+            (os.environ[v] for v in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
+             if os.environ.get(v)), "")
+        if endpoint.startswith("http://"):  # a server on loopback or a private network
             options["allow_http"] = "true"
         # a few quick retries per request (5xx, timeouts, resets); the upload
         # pool in front (dcmfs.storage.cache) retries a failed upload for ever
