@@ -230,7 +230,7 @@ OPTIONS: tuple[Option, ...] = (
            field="scrub_rate"),
     # consumed by the CLI
     Option("cache_size", MEGABYTES, "S3 stores: MB the local cache of objects may hold",
-           MOUNTING | {VERIFY, FSCK}, field="cache_size"),
+           MOUNTING, field="cache_size"),
     Option("s3_sync", FLAG, "S3 stores: fsync also waits until every object is in the bucket",
            MOUNTING, field="s3_sync"),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
