@@ -123,7 +123,7 @@ class Config:
     index_map_size: int = 64 * 1024 * MiB
     #: S3 stores: bytes the local cache of objects may hold (objects not yet
     #: uploaded count too; when they alone fill it, writers wait for uploads)
-    cache_size: int = 10 * 1024 * MiB
+    cache_size: int = 8000 * 1000 * 1000
     #: S3 stores: fsync also waits until every object is in the bucket
     s3_sync: bool = False
     #: S3 stores: threads that upload objects in the background

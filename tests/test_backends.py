@@ -78,6 +78,10 @@ def test_list_by_prefix(backend):
     assert set(backend.list("objects/01/")) == {n for n in names if n.startswith("objects/01/")}
     assert set(backend.list()) >= names | {"snapshots/journal-1"}
     assert list(backend.list("nothing/")) == []
+    backend.put("lease-1", b"")
+    backend.put("lease-22", b"")
+    assert set(backend.list("lease-")) == {"lease-1", "lease-22"}  # a part of a name
+    assert set(backend.list("snapshots/jour")) == {"snapshots/journal-1"}
 
 
 def test_many_objects_list_pages(backend):

@@ -5,6 +5,7 @@ away during an ingest, tampered bucket objects, and the CLI."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -173,3 +174,66 @@ def test_tampered_bucket_object_gives_integrity_error(s3_fs, ceph_s3, damage):
     with pytest.raises(IntegrityError):
         read_file(fs, "/a")
     assert len(read_file(fs, "/b")) == 200_000
+
+
+def _second_store(tmp_path, first_root: str) -> str:
+    """Another machine's store directory on the same bucket prefix."""
+    second = tmp_path / "second"
+    (second / "objects").mkdir(parents=True)
+    shutil.copyfile(os.path.join(first_root, "dcmfs.store"), second / "dcmfs.store")
+    return str(second)
+
+
+def test_one_writer_per_prefix_and_the_stale_lease_rule(s3_fs, tmp_path, secret, ceph_s3):
+    from dcmfs.errors import LeaseHeldError
+    from dcmfs.opened import lease as lease_mod
+    fs = s3_fs()
+    write_file(fs, "/x", b"x" * 1000)
+    second = _second_store(tmp_path, s3_fs.root)
+    config = dataclasses.replace(SMALL, s3=fs.config.s3)
+    with pytest.raises(LeaseHeldError) as info:
+        FileSystem(open_store(second, secret), config)
+    assert info.value.exit_code == 28 and "second writer is refused" in str(info.value)
+    fs.close()  # releases: the next writer takes over at once
+    other = FileSystem(open_store(second, secret), config)
+    other.close()
+    # a lease left by a crashed writer: refused until it is older than TTL + SKEW
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+    names = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/lease-")
+             .get("Contents", [])]
+    top = max(int(n.rsplit("-", 1)[1]) for n in names)
+    crashed = {"holder": "dead", "host": "elsewhere", "pid": 1,
+               "expires": time.time() - lease_mod.SKEW + 5}
+    client.put_object(Bucket=bucket, Key=f"{prefix}/lease-{top + 1}",
+                      Body=json.dumps(crashed).encode())
+    with pytest.raises(LeaseHeldError, match="elsewhere"):
+        FileSystem(open_store(second, secret), config)
+    crashed["expires"] = time.time() - lease_mod.SKEW - 1
+    client.put_object(Bucket=bucket, Key=f"{prefix}/lease-{top + 1}",
+                      Body=json.dumps(crashed).encode())
+    taken = FileSystem(open_store(second, secret), config)
+    assert taken.opened.remote is not None
+    taken.close()
+    names = {o["Key"].rsplit("/", 1)[1] for o in client.list_objects_v2(
+        Bucket=bucket, Prefix=prefix + "/lease-").get("Contents", [])}
+    assert names == {f"lease-{top + 2}"}  # the takeover's own; the superseded are gone
+
+
+def test_tampered_objects_are_named_by_verify(s3_fs, ceph_s3, secret):
+    from dcmfs.app.admin import verify
+    fs = s3_fs()
+    write_file(fs, "/a", os.urandom(200_000))
+    with fs.index.begin() as txn:
+        ref = txn.chunks(fs._resolve(txn, "/a"))[1]
+    fs.close()
+    wipe_cache(s3_fs.root)
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+    key = f"{prefix}/{object_name(ref.oid)}"
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[-5] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    report = verify(s3_fs.root, lambda: secret, fs.config, None, None)
+    assert ref.oid.hex() in json.dumps(report["findings"])
+    assert "failed authentication" in json.dumps(report["findings"])

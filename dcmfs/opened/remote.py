@@ -35,6 +35,21 @@ def open_backend(store: Store, config: Config) -> CachedBackend:
                          uploaders=1 if config.read_only else config.s3_uploaders)
 
 
+def take_lease(backend: CachedBackend, url: str):
+    """The writer's lease of the bucket prefix (:mod:`dcmfs.opened.lease`);
+    losing it fences the uploads.
+
+    Raises
+    ------
+    LeaseHeldError
+        Another writer holds it.
+    """
+    from .lease import Lease
+    lease = Lease(backend.remote, url)
+    lease.lost = backend.fence  # one event: a lost lease stops the uploads
+    return lease
+
+
 def publish_header(root: str, url: str, settings: S3Settings | None) -> None:
     """Put a new store's header into its bucket (``dcmfs init``).
 

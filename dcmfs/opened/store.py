@@ -136,7 +136,15 @@ class OpenedStore:
                                        self.codecs, verify_writes=config.verify_writes,
                                        backend=self.remote)
             self._stack.callback(self.objects.close)
-            if self.remote is not None:  # closed first: the backlog drains
+            if self.remote is not None:
+                if not self.read_only:  # one writer per bucket prefix
+                    from .remote import take_lease
+                    try:
+                        lease = take_lease(self.remote, store.backend)
+                    except BaseException:
+                        self.remote.close()
+                        raise
+                    self._stack.callback(lease.release)  # after the backlog drained
                 self._stack.callback(self._close_remote)
             self._stack.callback(self.close_index)
             if index:

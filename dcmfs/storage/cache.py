@@ -61,6 +61,8 @@ class CachedBackend(Backend):
         self._deleting: set[str] = set()
         self._closed = False
         self._abandon = threading.Event()
+        #: set when this opening lost the writer's lease: nothing is uploaded
+        self.fence = threading.Event()
         self.counts = collections.Counter()
         self.last_error: str | None = None
         self._scan()
@@ -254,7 +256,11 @@ class CachedBackend(Backend):
             data = self.cache.get(name)
         except BackendMissing:
             return  # deleted meanwhile
-        self._retrying(lambda: self.remote.put(name, data))
+        def put() -> None:
+            if self.fence.is_set():
+                raise StoreIOError("another writer holds the lease; not uploaded")
+            self.remote.put(name, data)
+        self._retrying(put)
         try:
             os.chmod(self.cache.path(name), _UPLOADED_MODE)
         except FileNotFoundError:

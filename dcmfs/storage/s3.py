@@ -152,8 +152,12 @@ class S3Backend(Backend):
     def list(self, prefix: str = "") -> Iterator[str]:
         cut = len(self.prefix)
         self.requests += 1
+        # obstore lists by path segments: "a/b-" would list only "a/b-/…", so
+        # list the directory and filter by the whole prefix
+        directory = (self.prefix + prefix).rsplit("/", 1)[0] if "/" in self.prefix + prefix \
+            else ""
         try:
-            for batch in self._ob.list(self._store, prefix=self.prefix + prefix,
+            for batch in self._ob.list(self._store, prefix=directory or None,
                                        chunk_size=1000):
                 for meta in batch:
                     path = meta["path"]
