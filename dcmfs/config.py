@@ -128,6 +128,12 @@ class Config:
     s3_sync: bool = False
     #: S3 stores: threads that upload objects in the background
     s3_uploaders: int = 4
+    #: S3 stores: seconds a new object waits before its upload (unless the
+    #: cache is half full of waiting objects, or fsync with s3_sync, or the
+    #: unmount drains), so that a chunk the re-encoder replaces soon is
+    #: never uploaded uncompressed (measured on a 100-slice CT series: 0.19
+    #: GB uploaded per GB ingested with 10 s, 1.19 with 0)
+    s3_upload_delay: float = 10.0
     #: S3 stores: seconds a clean close waits for the upload backlog (what is
     #: left is uploaded by the next opening)
     s3_drain_timeout: float = 600.0

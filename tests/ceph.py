@@ -123,7 +123,7 @@ osd memory target = 939524096
 bdev aio poll ms = 20
 bluestore fsck on mkfs = false
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port} tcp_nodelay=1
 """)
         q = dict(check=True, capture_output=True, timeout=120)
         mon_kr, admin_kr = f"{d}/mon.keyring", f"{d}/client.admin.keyring"

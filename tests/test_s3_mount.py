@@ -98,3 +98,24 @@ def test_credentials_from_the_environment_and_a_clear_error_without(s3_mount, ce
     m.creds.chmod(0o644)
     r = m.cli("verify", m.store, "--key-file", m.key, "--s3-credentials-file", m.creds)
     assert r.returncode == 16 and "chmod 600" in r.stderr
+
+
+def test_second_writer_refused_with_its_exit_code(s3_mount, tmp_path):
+    m = s3_mount
+    m.mount("--s3-credentials-file", m.creds)
+    (m.mnt / "f").write_bytes(b"y" * 1000)
+    (tmp_path / "other").mkdir()
+    other = Mount(tmp_path / "other")
+    other.key = m.key
+    (other.store / "objects").mkdir(parents=True)
+    shutil.copyfile(m.store / "dcmfs.store", other.store / "dcmfs.store")
+    r = other.mount("--s3-credentials-file", m.creds, check=False)
+    assert r.returncode == 28, r.stderr
+    assert "second writer is refused" in r.stderr and "Traceback" not in r.stderr
+    assert not other.is_mounted()
+    m.umount()
+    other.mount("--s3-credentials-file", m.creds)  # released at unmount: the next writer
+    try:
+        assert (other.mnt / "f").exists() is False  # its own index: empty (attach restores)
+    finally:
+        other.cleanup()

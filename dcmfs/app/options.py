@@ -233,6 +233,9 @@ OPTIONS: tuple[Option, ...] = (
            MOUNTING, field="cache_size"),
     Option("s3_sync", FLAG, "S3 stores: fsync also waits until every object is in the bucket",
            MOUNTING, field="s3_sync"),
+    Option("s3_upload_delay", SECONDS, "S3 stores: seconds a new object waits before its "
+           "upload, so that the re-encoder's replacement is uploaded instead", MOUNTING,
+           field="s3_upload_delay"),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
     Option("log_file", PATH, "the daemon's log in the background (default STORE/dcmfs.log)",

@@ -47,7 +47,10 @@ class FileData:
     READ_AHEAD = 2
 
     def __init__(self, index: Index, objects: ObjectStore, chunk_size: int, codec: int,
-                 workers: int, max_inflight: int, dirty_limit: int, cache_bytes: int) -> None:
+                 workers: int, max_inflight: int, dirty_limit: int, cache_bytes: int,
+                 read_ahead: int = READ_AHEAD) -> None:
+        #: more for an S3 store, whose reads wait on a GET each
+        self.READ_AHEAD = read_ahead
         self.index = index
         self.objects = objects
         self.chunk_size = chunk_size

@@ -32,7 +32,8 @@ def open_backend(store: Store, config: Config) -> CachedBackend:
     from ..storage.s3 import S3Backend
     remote = S3Backend(store.backend, config.s3 or S3Settings())
     return CachedBackend(LocalBackend(store.root), remote, config.cache_size,
-                         uploaders=1 if config.read_only else config.s3_uploaders)
+                         uploaders=1 if config.read_only else config.s3_uploaders,
+                         upload_delay=config.s3_upload_delay)
 
 
 def take_lease(backend: CachedBackend, url: str):

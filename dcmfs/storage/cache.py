@@ -44,8 +44,14 @@ class CachedBackend(Backend):
     kind = "s3"
 
     def __init__(self, cache: LocalBackend, remote: Backend, cache_size: int,
-                 uploaders: int = 4) -> None:
+                 uploaders: int = 4, upload_delay: float = 0.0) -> None:
         self.cache = cache
+        #: seconds a new object waits before its upload, unless the cache is
+        #: half full or someone drains: a chunk the re-encoder replaces in
+        #: that time (close seals uncompressed, the re-encoder compresses)
+        #: is never uploaded at all
+        self.upload_delay = upload_delay
+        self._hurry = 0
         self.remote = remote
         self.cache_size = cache_size
         self._cv = threading.Condition()
@@ -55,7 +61,8 @@ class CachedBackend(Backend):
         #: uploaded objects in the cache, least recently used first
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._cached_bytes = 0
-        self._queue: collections.deque[tuple[str, str]] = collections.deque()
+        #: (operation, name, not before): "put" waits for upload_delay, "delete" not
+        self._queue: collections.deque[tuple[str, str, float]] = collections.deque()
         self._in_flight: set[str] = set()
         #: deleted, the bucket's copy not yet: answered as missing
         self._deleting: set[str] = set()
@@ -89,7 +96,7 @@ class CachedBackend(Backend):
             if st.st_mode & 0o200:
                 self._pending[name] = st.st_size
                 self._pending_bytes += st.st_size
-                self._queue.append(("put", name))
+                self._queue.append(("put", name, 0.0))
             else:
                 self._lru[name] = st.st_size
                 self._cached_bytes += st.st_size
@@ -174,7 +181,7 @@ class CachedBackend(Backend):
         with self._cv:
             self._forget(name)
             self._deleting.add(name)
-            self._queue.append(("delete", name))
+            self._queue.append(("delete", name, 0.0))
             self._cv.notify()
 
     # --- bookkeeping ----------------------------------------------------------------
@@ -183,7 +190,7 @@ class CachedBackend(Backend):
             self._deleting.discard(name)
             self._pending[name] = size
             self._pending_bytes += size
-            self._queue.append(("put", name))
+            self._queue.append(("put", name, time.monotonic() + self.upload_delay))
             self._cv.notify()
 
     def _forget(self, name: str) -> None:
@@ -224,11 +231,18 @@ class CachedBackend(Backend):
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
+                while not self._closed:
+                    if self._queue:
+                        wait = self._queue[0][2] - time.monotonic()
+                        if (wait <= 0 or self._hurry
+                                or self._pending_bytes * 2 > self.cache_size):
+                            break
+                        self._cv.wait(wait)
+                    else:
+                        self._cv.wait()
                 if not self._queue or self._abandon.is_set():
                     return
-                op, name = self._queue.popleft()
+                op, name, _ = self._queue.popleft()
                 if op == "put":
                     if name not in self._pending or name in self._in_flight:
                         continue
@@ -300,11 +314,16 @@ class CachedBackend(Backend):
         delete was sent); False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while self._pending or self._queue or self._in_flight:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cv.wait(left if left is not None else 1.0)
+            self._hurry += 1  # nothing waits for its delay meanwhile
+            self._cv.notify_all()
+            try:
+                while self._pending or self._queue or self._in_flight:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(left if left is not None else 1.0)
+            finally:
+                self._hurry -= 1
         return True
 
     def stats(self) -> dict:

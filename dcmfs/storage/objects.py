@@ -337,6 +337,10 @@ class ObjectStore:
     def delete(self, oid: bytes) -> None:
         self.backend.delete(object_name(oid))
 
+    def exists(self, oid: bytes) -> bool:
+        """Is the object stored (in the store directory, or the bucket)?"""
+        return self.backend.head(object_name(oid)) is not None
+
     def iter_oids(self) -> Iterator[bytes]:
         """Every object id present (temp files are reported by :meth:`iter_temps`)."""
         for name in self.backend.list(fmt.OBJECTS_DIR + "/"):
