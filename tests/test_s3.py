@@ -26,7 +26,7 @@ def s3_fs(tmp_path, secret, s3_url, s3_settings):
     """s3_fs(config=...) -> FileSystem on an S3 store (one bucket prefix per test)."""
     root = str(tmp_path / "store")
     opened: list[FileSystem] = []
-    base = dataclasses.replace(SMALL, s3=s3_settings, s3_drain_timeout=60)
+    base = dataclasses.replace(SMALL, s3=s3_settings, s3_drain_timeout=60, s3_upload_delay=0)
 
     def make(**changes) -> FileSystem:
         config = dataclasses.replace(base, **changes)
@@ -103,6 +103,22 @@ def test_cache_is_bounded_and_writers_wait_never_fail(s3_fs):
     assert cached <= 1 << 20
     for path, data in files.items():
         assert read_file(fs, path) == data
+
+
+def test_objects_replaced_within_the_upload_delay_are_never_uploaded(s3_fs):
+    fs = s3_fs(s3_upload_delay=30)
+    write_file(fs, "/gone", os.urandom(100_000))
+    write_file(fs, "/r", os.urandom(100_000))
+    fs.make_durable()
+    fs.unlink("/gone")
+    fs.checkpoint()  # its objects are deleted
+    stats = fs.opened.remote.stats()
+    assert stats.get("uploads", 0) == 0 and stats["backlog_objects"] > 0
+    assert fs.objects.backend.drain(60)  # a drain does not wait for the delay
+    stats = fs.opened.remote.stats()
+    with fs.index.begin() as txn:
+        live = len(txn.chunks(fs._resolve(txn, "/r")))
+    assert stats["uploads"] == live  # only the chunks of the version that stayed
 
 
 def test_uploaded_mark_survives_a_restart(s3_fs):
