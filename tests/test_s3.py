@@ -253,3 +253,24 @@ def test_tampered_objects_are_named_by_verify(s3_fs, ceph_s3, secret):
     report = verify(s3_fs.root, lambda: secret, fs.config, None, None)
     assert ref.oid.hex() in json.dumps(report["findings"])
     assert "failed authentication" in json.dumps(report["findings"])
+
+
+def test_nothing_leaks_into_the_bucket(s3_fs, ceph_s3):
+    """No file name and no plaintext run appears in any object of the bucket
+    (objects, header, snapshots, lease)."""
+    fs = s3_fs()
+    name = "PATIENT_Leakcheck_Doe"
+    plain = (b"SECRET-DICOM-ATTRIBUTE-" * 40)[:900] + os.urandom(100)
+    fs.mkdir(f"/{name}", 0o755, 0, 0)
+    write_file(fs, f"/{name}/{name}.dcm", plain * 50)
+    fs.close()
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
+            .get("Contents", [])]
+    assert any("/objects/" in k for k in keys) and any("/snapshots/" in k for k in keys)
+    for key in keys:
+        assert name not in key
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert name.encode() not in body, key
+        assert b"SECRET-DICOM-ATTRIBUTE" not in body, key

@@ -49,8 +49,7 @@ class FileData:
     def __init__(self, index: Index, objects: ObjectStore, chunk_size: int, codec: int,
                  workers: int, max_inflight: int, dirty_limit: int, cache_bytes: int,
                  read_ahead: int = READ_AHEAD) -> None:
-        #: more for an S3 store, whose reads wait on a GET each
-        self.READ_AHEAD = read_ahead
+        self.READ_AHEAD = read_ahead  # more for an S3 store: each read waits on a GET
         self.index = index
         self.objects = objects
         self.chunk_size = chunk_size

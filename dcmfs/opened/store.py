@@ -129,6 +129,8 @@ class OpenedStore:
             self.codecs = Codecs.of(config)
             #: an S3 store's write-back cache in front of its bucket (None: local)
             self.remote = None
+            #: the thread uploading a snapshot taken while mounted
+            self._publisher: threading.Thread | None = None
             if store.backend:
                 from .remote import open_backend
                 self.remote = open_backend(store, config)
@@ -262,17 +264,32 @@ class OpenedStore:
             rotated = self.index.checkpoint()
             after_commit()
             if rotated and archived_bytes(self.index.archive_dir) >= self.config.snapshot_after:
-                self.snapshot()
+                self.snapshot(wait=False)
 
-    def snapshot(self) -> None:
-        """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
+    def snapshot(self, wait: bool = True) -> None:
+        """A sealed copy of the index in ``snapshots/`` (after a checkpoint).
+
+        An S3 store then uploads it once the objects it names are in the
+        bucket: ``wait=False`` (while mounted) in a thread of its own, so
+        that no file operation waits on the network."""
         with self.lock:
             take_snapshot(self.index, os.path.join(self.root, fmt.SNAPSHOTS_DIR))
-        if self.remote is not None and not self.read_only:
-            from .remote import publish_snapshots
+        if self.remote is None or self.read_only:
+            return
+        from .remote import publish_snapshots
+        if self._publisher is not None:
+            self._publisher.join()
+        if wait:
             publish_snapshots(self.remote, self.root, self.config.s3_drain_timeout)
+            return
+        self._publisher = threading.Thread(
+            target=publish_snapshots, name="dcmfs-publish", daemon=True,
+            args=(self.remote, self.root, self.config.s3_drain_timeout))
+        self._publisher.start()
 
     def _close_remote(self) -> None:
+        if self._publisher is not None:
+            self._publisher.join()
         self.remote.close(0 if self.read_only else self.config.s3_drain_timeout)
 
     # --- integrity errors ------------------------------------------------------------
