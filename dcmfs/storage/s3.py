@@ -88,7 +88,9 @@ class S3Backend(Backend):
         self.failures += 1
         # the exception's text may quote the server's answer; the name is a
         # hex object id or a fixed word, never a file name
-        return StoreIOError(f"S3 {what} of {name} failed ({type(exc).__name__}).")
+        return StoreIOError(f"S3 {what} of {name} in {self.url} failed ({type(exc).__name__}); "
+                            "check that the server answers and the endpoint and credentials "
+                            "(--s3-credentials-file, or AWS_* variables).")
 
     def put(self, name: str, data: bytes | memoryview) -> None:
         self.requests += 1
