@@ -33,6 +33,10 @@ from ..errors import StoreIOError
 log = logging.getLogger("dcmfs.s3")
 
 OBJECTS = "objects/"
+#: objects sealed uncompressed for the re-encoder wait this many upload
+#: delays (60 s by default): on a 400-slice CT series the re-encoder's
+#: backlog took ~25 s to drain, so 10 s uploaded most chunks twice
+HOLD = 6
 _UPLOADED_MODE = 0o400
 
 
@@ -63,6 +67,9 @@ class CachedBackend(Backend):
         self._cached_bytes = 0
         #: (operation, name, not before): "put" waits for upload_delay, "delete" not
         self._queue: collections.deque[tuple[str, str, float]] = collections.deque()
+        #: puts of objects likely to be replaced soon (sealed uncompressed for
+        #: the re-encoder): they wait HOLD x upload_delay, in a queue of their own
+        self._held: collections.deque[tuple[str, str, float]] = collections.deque()
         self._in_flight: set[str] = set()
         #: deleted, the bucket's copy not yet: answered as missing
         self._deleting: set[str] = set()
@@ -105,13 +112,15 @@ class CachedBackend(Backend):
                      "uploading them", len(self._pending), self._pending_bytes)
 
     # --- Backend ---------------------------------------------------------------------
-    def create(self, name: str, data: bytes | memoryview) -> bool:
+    def create(self, name: str, data: bytes | memoryview, hold: bool = False) -> bool:
+        """``hold``: the object will probably be replaced soon (the
+        re-encoder's input); its upload waits longer."""
         if not is_object(name):
             return self.remote.create(name, data)
         self._wait_for_room(len(data))
         if not self.cache.create(name, data):
             return False
-        self._queued(name, len(data))
+        self._queued(name, len(data), hold)
         return True
 
     def put(self, name: str, data: bytes | memoryview) -> None:
@@ -185,12 +194,15 @@ class CachedBackend(Backend):
             self._cv.notify()
 
     # --- bookkeeping ----------------------------------------------------------------
-    def _queued(self, name: str, size: int) -> None:
+    def _queued(self, name: str, size: int, hold: bool = False) -> None:
         with self._cv:
             self._deleting.discard(name)
             self._pending[name] = size
             self._pending_bytes += size
-            self._queue.append(("put", name, time.monotonic() + self.upload_delay))
+            if hold:
+                self._held.append(("put", name, time.monotonic() + HOLD * self.upload_delay))
+            else:
+                self._queue.append(("put", name, time.monotonic() + self.upload_delay))
             self._cv.notify()
 
     def _forget(self, name: str) -> None:
@@ -231,18 +243,21 @@ class CachedBackend(Backend):
     def _work(self) -> None:
         while True:
             with self._cv:
+                queue = None
                 while not self._closed:
-                    if self._queue:
-                        wait = self._queue[0][2] - time.monotonic()
+                    heads = [q for q in (self._queue, self._held) if q]
+                    if heads:
+                        queue = min(heads, key=lambda q: q[0][2])
+                        wait = queue[0][2] - time.monotonic()
                         if (wait <= 0 or self._hurry
                                 or self._pending_bytes * 2 > self.cache_size):
                             break
                         self._cv.wait(wait)
                     else:
                         self._cv.wait()
-                if not self._queue or self._abandon.is_set():
+                if queue is None or not queue or self._abandon.is_set():
                     return
-                op, name, _ = self._queue.popleft()
+                op, name, _ = queue.popleft()
                 if op == "put":
                     if name not in self._pending or name in self._in_flight:
                         continue
@@ -317,7 +332,7 @@ class CachedBackend(Backend):
             self._hurry += 1  # nothing waits for its delay meanwhile
             self._cv.notify_all()
             try:
-                while self._pending or self._queue or self._in_flight:
+                while self._pending or self._queue or self._held or self._in_flight:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False

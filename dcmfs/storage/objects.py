@@ -22,6 +22,7 @@ import threading
 from .codec import IMAGE_CODECS, CodecMismatch, Codecs, FrameSpec
 
 from .backend import Backend, BackendMissing, LocalBackend
+from .cache import CachedBackend
 from .digest import block_digest
 from .durable import TMP_PREFIX, sync_filesystem
 from ..errors import IntegrityError, StoreIOError
@@ -187,7 +188,12 @@ class ObjectStore:
         oid = self.new_oid()
         ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec,
                               plaintext, frame, payload)
-        if not self.backend.create(object_name(oid), blob):
+        # a chunk sealed uncompressed on purpose is the re-encoder's input:
+        # a write-back cache keeps it longer before uploading it
+        created = (self.backend.create(object_name(oid), blob, hold=True)
+                   if codec == 0 and isinstance(self.backend, CachedBackend)
+                   else self.backend.create(object_name(oid), blob))
+        if not created:
             raise StoreIOError(f"object {oid.hex()} exists already")
         with self._count_lock:
             self._written += 1
