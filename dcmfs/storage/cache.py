@@ -73,6 +73,8 @@ class CachedBackend(Backend):
         self._in_flight: set[str] = set()
         #: deleted, the bucket's copy not yet: answered as missing
         self._deleting: set[str] = set()
+        #: deletes queued or running (what a drain waits for besides uploads)
+        self._deletes_waiting = 0
         self._closed = False
         self._abandon = threading.Event()
         #: set when this opening lost the writer's lease: nothing is uploaded
@@ -190,6 +192,7 @@ class CachedBackend(Backend):
         with self._cv:
             self._forget(name)
             self._deleting.add(name)
+            self._deletes_waiting += 1
             self._queue.append(("delete", name, 0.0))
             self._cv.notify()
 
@@ -252,9 +255,9 @@ class CachedBackend(Backend):
                         if (wait <= 0 or self._hurry
                                 or self._pending_bytes * 2 > self.cache_size):
                             break
-                        self._cv.wait(wait)
+                        self._cv.wait(min(wait, 1.0))
                     else:
-                        self._cv.wait()
+                        self._cv.wait(1.0)  # timed: a lost wakeup costs a second
                 if queue is None or not queue or self._abandon.is_set():
                     return
                 op, name, _ = queue.popleft()
@@ -263,7 +266,7 @@ class CachedBackend(Backend):
                         continue
                 else:
                     while name in self._in_flight:  # its upload first, then the delete
-                        self._cv.wait()
+                        self._cv.wait(1.0)
                 self._in_flight.add(name)
             try:
                 if op == "put":
@@ -273,18 +276,31 @@ class CachedBackend(Backend):
                     self.counts["deletes"] += 1
                     with self._cv:
                         self._deleting.discard(name)
-            except StoreIOError:
-                pass  # abandoned at close: the object stays pending in the cache
+            except StoreIOError as exc:
+                # abandoned at close: the object stays pending in the cache;
+                # else (reading the cached copy failed) it is tried again
+                if not self._abandon.is_set():
+                    log.warning("%s; queued again", exc)
+                    with self._cv:
+                        if op == "put" and name in self._pending:
+                            self._queue.append((op, name, time.monotonic() + 1.0))
             finally:
                 with self._cv:
                     self._in_flight.discard(name)
+                    if op == "delete":
+                        self._deletes_waiting -= 1
                     self._cv.notify_all()
 
     def _upload(self, name: str) -> None:
         try:
             data = self.cache.get(name)
-        except BackendMissing:
-            return  # deleted meanwhile
+        except BackendMissing:  # deleted meanwhile: nothing to upload
+            with self._cv:
+                size = self._pending.pop(name, None)
+                if size is not None:
+                    self._pending_bytes -= size
+                self._cv.notify_all()
+            return
         def put() -> None:
             if self.fence.is_set():
                 raise StoreIOError("another writer holds the lease; not uploaded")
@@ -332,7 +348,16 @@ class CachedBackend(Backend):
             self._hurry += 1  # nothing waits for its delay meanwhile
             self._cv.notify_all()
             try:
-                while self._pending or self._queue or self._held or self._in_flight:
+                # stale queue entries (objects deleted before their upload) do
+                # not count: only what is waiting, running or still to delete
+                while self._pending or self._in_flight or self._deletes_waiting:
+                    if not (self._queue or self._held or self._in_flight):
+                        # waiting objects no queue holds: queue them again
+                        # (an upload of one is harmless, a lost one is not)
+                        log.warning("%d waiting objects were not queued; queueing them",
+                                    len(self._pending))
+                        self._queue.extend(("put", n, 0.0) for n in self._pending)
+                        self._cv.notify_all()
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         return False
