@@ -127,3 +127,35 @@ class Config:
     #: open a store that is older than its witness (a restored backup, or a
     #: rollback): logged, and the witness starts again from the store
     accept_rollback: bool = False
+    #: S3 stores: bytes the local cache of objects may hold (objects not yet
+    #: uploaded count too; when they alone fill it, writers wait for uploads)
+    cache_size: int = 8000 * 1000 * 1000
+    #: S3 stores: fsync also waits until every object is in the bucket
+    s3_sync: bool = False
+    #: S3 stores: threads that upload objects in the background
+    s3_uploaders: int = 4
+    #: S3 stores: seconds a new object waits before its upload (unless the
+    #: cache is half full of waiting objects, or fsync with s3_sync, or the
+    #: unmount drains), so that a chunk the re-encoder replaces soon is
+    #: never uploaded uncompressed (measured on a 100-slice CT series: 0.19
+    #: GB uploaded per GB ingested with 10 s, 1.19 with 0)
+    s3_upload_delay: float = 10.0
+    #: S3 stores: seconds a clean close waits for the upload backlog (what is
+    #: left is uploaded by the next opening)
+    s3_drain_timeout: float = 600.0
+    #: S3 stores: endpoint, region and credentials (never from argv; None:
+    #: the AWS environment variables)
+    s3: "S3Settings | None" = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """Where a bucket's server is and how to sign requests (the secret is
+    not shown); any field left None comes from the AWS environment
+    variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = dataclasses.field(default=None, repr=False)

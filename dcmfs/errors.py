@@ -164,6 +164,13 @@ class DaemonUnprovenError(DcmfsError):
     exit_code = 27
 
 
+class LeaseHeldError(DcmfsError):
+    """Another read-write opening (on any machine) holds the lease of the S3
+    store's bucket prefix: one writer per prefix."""
+
+    exit_code = 37
+
+
 # --- data path (mapped to errno by the FUSE adapter) ---------------------------
 class IntegrityError(DcmfsError):
     """A stored object failed authentication or does not match the index."""

@@ -27,6 +27,16 @@ constant, so do we):
   whole-file SHA-256 (kind 1, still checked) until its file changes, and a
   chunk record gains its digest when its file is next committed.
 
+* 4 — (S3 backend) feature ``backend-s3-v1``: the header's ``backend``
+  field (``s3://BUCKET/PREFIX``) says the objects live in that bucket, under
+  ``PREFIX/objects/XX/<id>`` exactly as in ``objects/`` on disk; the store
+  directory keeps the lock, the index, the journal and a cache of objects
+  (mode 0600 while an object waits for its upload, 0400 once it is in the
+  bucket).  The bucket also holds ``PREFIX/dcmfs.store`` (the header),
+  ``PREFIX/snapshots/…`` (index snapshots and journal segments, sealed as on
+  disk) and ``PREFIX/lease`` (the writer's lease, JSON).  Only stores created
+  with ``--backend`` list the feature; nothing changes for local stores.
+
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
 """
@@ -58,6 +68,10 @@ ARCHIVE_PREFIX = "journal-"
 LEGACY_SNAPSHOT_PREFIX = "index-"
 #: objects fsck could not prove to be garbage, moved out of ``objects/``
 QUARANTINE_DIR = "quarantine"
+#: S3 stores: the feature their header lists, and the writer's lease object
+#: in the bucket (JSON: holder, host, pid, expires)
+BACKEND_S3_FEATURE = "backend-s3-v1"
+LEASE_NAME = "lease"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
 DAMAGE_MARK = "needs-fsck"
 
@@ -69,7 +83,7 @@ DAMAGE_MARK = "needs-fsck"
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
                             "extents-v1", "digest-tree-v1",
-                            "special-files-v1", "index-auth-v1"})
+                            "special-files-v1", "index-auth-v1", "backend-s3-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence

@@ -211,3 +211,39 @@ def mount_env(tmp_path):
 def mounted(mount_env):
     mount_env.mount()
     return mount_env
+
+
+# --- a real S3 server: a one-node Ceph cluster (tests/ceph.py) ----------------------
+@pytest.fixture(scope="session")
+def ceph_s3():
+    """A throwaway Ceph cluster with radosgw on loopback for the whole session
+    (installed with apt when missing; skipped, with the reason, only where it
+    cannot be installed or started)."""
+    from .ceph import CephS3, ensure_installed
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        pytest.skip("obstore (the s3 extra) is not installed")
+    cluster = CephS3()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def s3_url(ceph_s3, request):
+    """s3://BUCKET/PREFIX, a prefix of its own for each test."""
+    return f"s3://{ceph_s3.bucket}/{request.node.name[:40]}-{os.urandom(4).hex()}"
+
+
+@pytest.fixture
+def s3_settings(ceph_s3):
+    from dcmfs.storage.s3 import S3Settings
+    return S3Settings(ceph_s3.endpoint, "us-east-1", ceph_s3.access_key, ceph_s3.secret_key)

@@ -269,7 +269,7 @@ def test_crash_leaves_old_or_new_and_recovery_cleans_up(make_fs):
 
 
 def test_disk_full_reports_enospc_keeps_data_and_retries(make_fs, monkeypatch):
-    from dcmfs.storage import objects as objectstore
+    from dcmfs.storage import backend as objectstore  # objects are written there
     fs = make_fs()
     real = objectstore.write_new
     full = {"on": True}

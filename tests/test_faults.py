@@ -17,7 +17,7 @@ import lmdb
 import pytest
 
 from dcmfs.index import index as index_mod, journal
-from dcmfs.storage import objects as objectstore
+from dcmfs.storage import backend as backend_mod, objects as objectstore
 from dcmfs.errors import DcmfsError, StoreIOError
 from dcmfs.core.filesystem import FileSystem
 from dcmfs.storage.header import open_store
@@ -46,7 +46,7 @@ def _store_io(*_):
 
 #: name -> (object, attribute, the error the real call raises when the disk fails)
 POINTS = {
-    "object write": (objectstore, "write_new", _store_io),
+    "object write": (backend_mod, "write_new", _store_io),
     "object sync": (objectstore, "sync_filesystem", _oserror),
     "directory fsync": (journal, "fsync_dir", _oserror),
     "journal append": (journal.Journal, "_write_at", _store_io),

@@ -8,6 +8,7 @@ process or prints for a user.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import logging
@@ -17,7 +18,7 @@ import sys
 from .. import __version__
 from ..config import Config
 from ..errors import DcmfsError, SecretError, UsageError
-from . import keys, options
+from . import keys, options, s3creds
 from .options import make_config, parse_o
 
 log = logging.getLogger("dcmfs")
@@ -54,6 +55,7 @@ def _add_secret_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-rollback", action="store_true",
                    help="open the store even if it is older than this machine's witness of "
                    "it (a restored backup); logged")
+    s3creds.add_options(p)  # every command that opens a store may open an S3 store
 
 
 def _secret(args, creating: bool, store_kind: str | None = None):
@@ -99,7 +101,7 @@ def _command_config(args, command: str) -> Config:
     """The ``-o`` of an admin command: its key options and its Config."""
     ours, fuse = parse_o(args.o, command)
     _key_options(args, ours)
-    return make_config(ours, fuse, command)
+    return dataclasses.replace(make_config(ours, fuse, command), s3=s3creds.settings(args))
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -125,8 +127,21 @@ def cmd_init(args) -> int:
         store_root = args.store or default_store()
         config = Config(codec=args.codec or "zstd")
         secret = _secret(args, creating=True)
-    store = init_store(store_root, secret, config)
-    print(f"Created a dcmfs store at {store.root} (codec {store.codec}).")
+    if args.backend:
+        from ..storage.s3 import parse_url
+        parse_url(args.backend)
+        creds = s3creds.settings(args)
+    store = init_store(store_root, secret, config, backend=args.backend or "")
+    if args.backend:
+        from ..opened.remote import publish_header
+        try:
+            publish_header(store.root, args.backend, creds)
+        except BaseException:
+            import shutil  # nothing half-made stays behind
+            shutil.rmtree(store.root, ignore_errors=True)
+            raise
+    where = f", objects in {args.backend}" if args.backend else ""
+    print(f"Created a dcmfs store at {store.root} (codec {store.codec}{where}).")
     return 0
 
 
@@ -161,7 +176,8 @@ def cmd_mount(args) -> int:
         except ValueError as exc:
             raise UsageError(f"The metrics option needs HOST:PORT, e.g. 127.0.0.1:9641 "
                              f"({exc}).") from exc
-    mount(store_root, secret, mp, make_config(ours, fuse), fuse, foreground=args.foreground,
+    config = dataclasses.replace(make_config(ours, fuse), s3=s3creds.settings(args))
+    mount(store_root, secret, mp, config, fuse, foreground=args.foreground,
           log_file=ours.get("log_file"), metrics=metrics)
     if not args.foreground:
         print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")
@@ -261,6 +277,18 @@ def cmd_fsck(args) -> int:
     return 0 if result["clean"] else DamageFound.exit_code
 
 
+def cmd_attach(args) -> int:
+    from .admin import render_fsck
+    from .attach import attach
+    from ..errors import DamageFound
+    from ..storage.s3 import parse_url
+    parse_url(args.url)
+    config = _command_config(args, options.FSCK)
+    result = attach(args.url, args.store, _lazy_secret(args, args.store), config)
+    print(render_fsck(result))
+    return 0 if result["clean"] else DamageFound.exit_code
+
+
 def _add_o(p: argparse.ArgumentParser, where: str, what: str) -> None:
     """``-o OPTS`` with the options ``where`` takes listed after the help."""
     p.add_argument("-o", action="append", metavar="OPTS", help=f"{what}, comma separated "
@@ -281,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codec", choices=("zstd", "lzma", "none"))
     s.add_argument("--config", metavar="TOML", help="an instance file (/etc/dcmfs/NAME.toml): "
                    "store, codec and key source from there")
+    s.add_argument("--backend", metavar="s3://BUCKET/PREFIX",
+                   help="keep the objects in this bucket (STORE keeps the index and a cache)")
     _add_secret_options(s)
     s.set_defaults(func=cmd_init)
 
@@ -343,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_o(s, options.FSCK, "options")
     _add_secret_options(s)
     s.set_defaults(func=cmd_fsck)
+
+    s = sub.add_parser("attach", help="a working store in an empty directory from an S3 "
+                       "bucket alone (with the key)")
+    s.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    s.add_argument("store")
+    _add_o(s, options.FSCK, "options")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_attach)
 
     s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")

@@ -233,6 +233,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("accept_rollback", FLAG, "1: open a store older than its witness (as "
            "--accept-rollback)", KEYED, field="accept_rollback"),
     # consumed by the CLI
+    Option("cache_size", MEGABYTES, "S3 stores: MB the local cache of objects may hold",
+           MOUNTING, field="cache_size"),
+    Option("s3_sync", FLAG, "S3 stores: fsync also waits until every object is in the bucket",
+           MOUNTING, field="s3_sync"),
+    Option("s3_upload_delay", SECONDS, "S3 stores: seconds a new object waits before its "
+           "upload, so that the re-encoder's replacement is uploaded instead", MOUNTING,
+           field="s3_upload_delay"),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
     Option("log_file", PATH, "the daemon's log in the background (default STORE/dcmfs.log)",

@@ -69,7 +69,7 @@ def store_report(store_root: str, mountpoint: str | None,
                       backlog_bytes=live.get("backlog_bytes", 0),
                       journal_records=live.get("journal_records", 0),
                       integrity_errors=live.get("integrity_errors", 0),
-                      scrub=live.get("scrub"))
+                      scrub=live.get("scrub"), s3=live.get("s3"))
         if "dumpable" in live:  # it holds the key: expected False
             report["core_dumps"] = bool(live["dumpable"] or live.get("core_limit"))
         for k in ("store_read_bytes", "store_written_bytes"):  # /proc/PID/io may be closed
@@ -209,6 +209,15 @@ def render(reports: list[dict]) -> str:
         if "backlog_files" in r:
             lines.append(f"backlog     {r['backlog_files']} files, {size_text(r['backlog_bytes'])} "
                          "waiting for compression")
+        s3 = r.get("s3")
+        if s3:
+            lines.append(f"s3 upload   {s3['backlog_objects']} objects, "
+                         f"{size_text(s3['backlog_bytes'])} waiting; cache "
+                         f"{size_text(s3['cache_bytes'])} of {size_text(s3['cache_size'])}")
+            lines.append(f"s3 requests {s3['requests']}, retries {s3.get('retries', 0)}, errors "
+                         f"{s3.get('errors', 0)}; uploaded {s3.get('uploads', 0)} objects "
+                         f"({size_text(s3.get('uploaded_bytes', 0))}), downloaded "
+                         f"{s3.get('downloads', 0)}; writers waited {s3.get('writer_waits', 0)}x")
         scrub = r.get("scrub")
         if scrub:
             last = scrub.get("last_round_end")

@@ -47,7 +47,9 @@ class FileData:
     READ_AHEAD = 2
 
     def __init__(self, index: Index, objects: ObjectStore, chunk_size: int, codec: int,
-                 workers: int, max_inflight: int, dirty_limit: int, cache_bytes: int) -> None:
+                 workers: int, max_inflight: int, dirty_limit: int, cache_bytes: int,
+                 read_ahead: int = READ_AHEAD) -> None:
+        self.READ_AHEAD = read_ahead  # more for an S3 store: each read waits on a GET
         self.index = index
         self.objects = objects
         self.chunk_size = chunk_size

@@ -46,6 +46,7 @@ class StoreOps:
                 "reencode_errors": r.errors if r else 0,
                 "integrity_errors": self.opened.integrity_errors,
                 "scrub": self.scrubber.status() if self.scrubber else None,
+                "s3": self.opened.remote.stats() if self.opened.remote else None,
                 **process_figures()}
 
     @_locked

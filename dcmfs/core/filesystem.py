@@ -94,7 +94,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
     def _setup(self, config: Config) -> None:
         self.data = FileData(self.index, self.objects, self.chunk_size, self.general_codec,
                              config.workers, config.max_inflight, config.dirty_limit,
-                             config.read_cache_bytes)
+                             config.read_cache_bytes,
+                             read_ahead=8 if self.opened.remote is not None else 2)
         self.data.on_damage = self.damaged
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}

@@ -336,7 +336,7 @@ class Verifier:
         # still there after the named set was taken (a checkpoint may have
         # collected an object meanwhile: that is no orphan)
         return [Finding(0, ORPHAN_OBJECT, "no index entry names this object", oid.hex())
-                for oid in present if oid not in named and os.path.exists(self.objects.path(oid))]
+                for oid in present if oid not in named and self.objects.exists(oid)]
 
 
 def verify_store(host: JobHost, paths: list[str] | None = None, sample: float | None = None,

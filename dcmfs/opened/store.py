@@ -128,9 +128,27 @@ class OpenedStore:
             self.store_lock = StoreLock(store.root)
             self._stack.callback(self.store_lock.release)
             self.codecs = Codecs.of(config)
+            #: an S3 store's write-back cache in front of its bucket (None: local)
+            self.remote = None
+            #: the thread uploading a snapshot taken while mounted
+            self._publisher: threading.Thread | None = None
+            if store.backend:
+                from .remote import open_backend
+                self.remote = open_backend(store, config)
             self.objects = ObjectStore(store.root, store.store_id, store.master_key,
-                                       self.codecs, verify_writes=config.verify_writes)
+                                       self.codecs, verify_writes=config.verify_writes,
+                                       backend=self.remote)
             self._stack.callback(self.objects.close)
+            if self.remote is not None:
+                if not self.read_only:  # one writer per bucket prefix
+                    from .remote import take_lease
+                    try:
+                        lease = take_lease(self.remote, store.backend)
+                    except BaseException:
+                        self.remote.close()
+                        raise
+                    self._stack.callback(lease.release)  # after the backlog drained
+                self._stack.callback(self._close_remote)
             self._stack.callback(self.close_index)
             if index:
                 self.open_index()
@@ -253,7 +271,7 @@ class OpenedStore:
     def make_durable(self) -> None:
         """Every committed operation survives a power loss from now on
         (objects first, then the journal that names them)."""
-        self.objects.sync()
+        self.objects.sync(upload=self.config.s3_sync)
         self.index.sync_journal()
 
     def checkpoint(self, after_commit: Callable[[], None] = lambda: None) -> None:
@@ -267,12 +285,33 @@ class OpenedStore:
             rotated = self.index.checkpoint()
             after_commit()
             if rotated and archived_bytes(self.index.archive_dir) >= self.config.snapshot_after:
-                self.snapshot()
+                self.snapshot(wait=False)
 
-    def snapshot(self) -> None:
-        """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
+    def snapshot(self, wait: bool = True) -> None:
+        """A sealed copy of the index in ``snapshots/`` (after a checkpoint).
+
+        An S3 store then uploads it once the objects it names are in the
+        bucket: ``wait=False`` (while mounted) in a thread of its own, so
+        that no file operation waits on the network."""
         with self.lock:
             take_snapshot(self.index, os.path.join(self.root, fmt.SNAPSHOTS_DIR))
+        if self.remote is None or self.read_only:
+            return
+        from .remote import publish_snapshots
+        if self._publisher is not None:
+            self._publisher.join()
+        if wait:
+            publish_snapshots(self.remote, self.root, self.config.s3_drain_timeout)
+            return
+        self._publisher = threading.Thread(
+            target=publish_snapshots, name="dcmfs-publish", daemon=True,
+            args=(self.remote, self.root, self.config.s3_drain_timeout))
+        self._publisher.start()
+
+    def _close_remote(self) -> None:
+        if self._publisher is not None:
+            self._publisher.join()
+        self.remote.close(0 if self.read_only else self.config.s3_drain_timeout)
 
     # --- integrity errors ------------------------------------------------------------
     def damaged(self, ino: int, exc: Exception) -> None:

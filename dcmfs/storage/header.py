@@ -53,6 +53,8 @@ class Store:
     codec: str
     features: frozenset
     master_key: bytes = dataclasses.field(repr=False)
+    #: where the objects live: "" (the store directory) or s3://BUCKET/PREFIX
+    backend: str = ""
 
 
 def _aad(header: dict) -> bytes:
@@ -95,8 +97,11 @@ def _kek(secret: Secret, key_info: dict, root: str = "") -> bytes:
                                       p["lanes"])
 
 
-def init_store(root: str, secret: Secret, config: Config) -> Store:
+def init_store(root: str, secret: Secret, config: Config, backend: str = "") -> Store:
     """Create a new store in ``root`` (which must be missing or empty).
+
+    ``backend``: ``s3://BUCKET/PREFIX`` for a store whose objects live in a
+    bucket (the header names it, with the feature ``backend-s3-v1``).
 
     Raises
     ------
@@ -132,11 +137,14 @@ def init_store(root: str, secret: Secret, config: Config) -> Store:
         "codec": config.codec,
         "key": key_info,
     }
+    if backend:
+        header["backend"] = backend
+        header["features"] = sorted(set(header["features"]) | {fmt.BACKEND_S3_FEATURE})
     kek = _kek(secret, key_info, root)
     key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
     _write_header(root, header)
     return Store(root, store_id, config.chunk_size, config.codec,
-                 frozenset(header["features"]), master)
+                 frozenset(header["features"]), master, backend)
 
 
 def _write_header(root: str, header: dict) -> None:
@@ -217,7 +225,8 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
             finally:
                 lock.release()
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
-                 header["codec"], frozenset(header["features"]), master)
+                 header["codec"], frozenset(header["features"]), master,
+                 str(header.get("backend", "")))
 
 
 class StoreLock:

@@ -1,14 +1,16 @@
 """Sealed chunk objects in the backing store.
 
-An object is immutable and has a random 128-bit id; its file lives at
-``objects/<first two hex digits>/<32 hex digits>``.  The byte layout is in
+An object is immutable and has a random 128-bit id; it is stored in the
+store's :class:`~dcmfs.storage.backend.Backend` under the name
+``objects/<first two hex digits>/<32 hex digits>`` (on disk, the store
+directory: a file of that path; with an S3 store, the write-back cache in
+front of the bucket, :mod:`dcmfs.storage.cache`).  The byte layout is in
 ``format.py`` and ``docs/format.md``.  Reads authenticate the context block
 and the payload before anything is decompressed, and decompress with a cap.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 from typing import Iterator, NamedTuple
@@ -19,8 +21,10 @@ import threading
 
 from .codec import IMAGE_CODECS, CodecMismatch, Codecs, FrameSpec
 
+from .backend import Backend, BackendMissing, LocalBackend
+from .cache import CachedBackend
 from .digest import block_digest
-from .durable import TMP_PREFIX, sync_filesystem, write_new
+from .durable import TMP_PREFIX, sync_filesystem
 from ..errors import IntegrityError, StoreIOError
 
 
@@ -80,10 +84,21 @@ class ObjectDamaged(IntegrityError):
 _PREFIX = fmt.OBJ_PREFIX.pack(fmt.OBJ_MAGIC, fmt.OBJECT_VERSION, fmt.OBJ_KIND_CHUNK, 0)
 
 
+def object_name(oid: bytes) -> str:
+    """The backend name of an object."""
+    h = oid.hex()
+    return f"{fmt.OBJECTS_DIR}/{h[:2]}/{h}"
+
+
 class ObjectStore:
+    """``backend``: where the objects live (default: the store directory
+    itself); :meth:`path` is always the object's file in the store
+    directory (with an S3 store, its copy in the cache)."""
+
     def __init__(self, root: str, store_id: bytes, master_key: bytes, codecs: Codecs,
-                 verify_writes: bool = True) -> None:
+                 verify_writes: bool = True, backend: Backend | None = None) -> None:
         self.root = os.path.join(root, fmt.OBJECTS_DIR)
+        self.backend = backend if backend is not None else LocalBackend(root)
         self._store_id = store_id
         self._master = master_key
         self._header = crypto.Siv(crypto.derive(master_key, b"object-context", store_id))
@@ -173,22 +188,23 @@ class ObjectStore:
         oid = self.new_oid()
         ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec,
                               plaintext, frame, payload)
-        d = self.dir_of(oid)
-        if not os.path.isdir(d):
-            try:
-                os.makedirs(d, mode=0o700, exist_ok=True)
-            except OSError as exc:
-                raise StoreIOError(f"cannot create object directory: {exc.strerror}") from exc
-        write_new(self.path(oid), blob)
+        # a chunk sealed uncompressed on purpose is the re-encoder's input:
+        # a write-back cache keeps it longer before uploading it
+        created = (self.backend.create(object_name(oid), blob, hold=True)
+                   if codec == 0 and isinstance(self.backend, CachedBackend)
+                   else self.backend.create(object_name(oid), blob))
+        if not created:
+            raise StoreIOError(f"object {oid.hex()} exists already")
         with self._count_lock:
             self._written += 1
         return ref
 
-    def sync(self, force: bool = False) -> None:
+    def sync(self, force: bool = False, upload: bool = False) -> None:
         """Make every object written so far durable (one syncfs, thread-safe).
 
         ``force`` also covers objects a previous, crashed daemon left in the
-        page cache.  A failed sync is final for this mount: the kernel marks
+        page cache.  ``upload``: with a remote backend, also wait until every
+        object written so far is in the bucket (``-o s3_sync=1``).  A failed sync is final for this mount: the kernel marks
         the pages clean after reporting the error once, so a retry could
         falsely succeed.
         """
@@ -211,6 +227,8 @@ class ObjectStore:
                                      "again (the journal keeps every change).")
                 raise StoreIOError(self._sync_failed) from exc
             self._synced = upto
+        if upload and hasattr(self.backend, "drain"):
+            self.backend.drain()
 
     def close(self) -> None:
         if self._sync_fd is not None:
@@ -220,12 +238,9 @@ class ObjectStore:
     # --- reading --------------------------------------------------------------
     def load(self, oid: bytes) -> bytes:
         try:
-            with open(self.path(oid), "rb") as f:
-                return f.read()
-        except FileNotFoundError as exc:
+            return self.backend.get(object_name(oid))
+        except BackendMissing as exc:
             raise ObjectDamaged(oid, "is missing", MISSING) from exc
-        except OSError as exc:
-            raise StoreIOError(f"reading object {oid.hex()} failed: {exc.strerror}") from exc
 
     def open_context(self, oid: bytes, blob: bytes) -> ChunkContext:
         """Authenticate and parse the context block (usable without the index)."""
@@ -236,12 +251,9 @@ class ObjectStore:
 
         Raises :class:`ObjectDamaged` (missing, or not authentic)."""
         try:
-            with open(self.path(oid), "rb") as f:
-                head = f.read(fmt.OBJ_HEADER_LEN + fmt.TAG_LEN)
-        except FileNotFoundError as exc:
+            head = self.backend.get(object_name(oid), 0, fmt.OBJ_HEADER_LEN + fmt.TAG_LEN)
+        except BackendMissing as exc:
             raise ObjectDamaged(oid, "is missing", MISSING) from exc
-        except OSError as exc:
-            raise StoreIOError(f"reading object {oid.hex()} failed: {exc.strerror}") from exc
         return self.open_context(oid, head)
 
     def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes, int]:
@@ -329,26 +341,21 @@ class ObjectStore:
 
     # --- housekeeping ---------------------------------------------------------
     def delete(self, oid: bytes) -> None:
-        try:
-            os.unlink(self.path(oid))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise StoreIOError(f"deleting object {oid.hex()} failed: {exc.strerror}") from exc
+        self.backend.delete(object_name(oid))
+
+    def exists(self, oid: bytes) -> bool:
+        """Is the object stored (in the store directory, or the bucket)?"""
+        return self.backend.head(object_name(oid)) is not None
 
     def iter_oids(self) -> Iterator[bytes]:
         """Every object id present (temp files are reported by :meth:`iter_temps`)."""
-        if not os.path.isdir(self.root):
-            return
-        for sub in sorted(os.listdir(self.root)):
-            d = os.path.join(self.root, sub)
-            for name in os.listdir(d):
-                if len(name) == 32 and not name.startswith(TMP_PREFIX):
-                    try:
-                        yield bytes.fromhex(name)
-                    except ValueError:
-                        continue
+        for name in self.backend.list(fmt.OBJECTS_DIR + "/"):
+            leaf = name.rsplit("/", 1)[-1]
+            if len(leaf) == 32:
+                try:
+                    yield bytes.fromhex(leaf)
+                except ValueError:
+                    continue
 
     def iter_temps(self) -> Iterator[str]:
         if not os.path.isdir(self.root):

@@ -1,0 +1,58 @@
+"""``dcmfs attach s3://BUCKET/PREFIX NEWSTORE``: a working store on a new
+machine from the bucket alone (and the key).
+
+The header, the index snapshots and the archived journal segments are
+copied from the bucket into the empty directory ``NEWSTORE`` (the objects
+stay in the bucket; the cache starts empty), then the index is rebuilt as by
+``dcmfs fsck --rebuild-index``: the newest snapshot, the journal records
+after it, reconciled with the objects the bucket lists.  Every file the last
+uploaded snapshot knows comes back with its name; files whose objects are in
+the bucket but that came later come back into ``/lost+found``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from .. import format as fmt
+from ..config import Config
+from ..errors import StoreMissingError, StoreNotEmptyError
+from ..storage.header import Secret, read_header
+
+
+def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Config) -> dict:
+    """Raises StoreNotEmptyError (``store_root`` holds files),
+    StoreMissingError (no store at ``url``) and what fsck raises."""
+    from ..storage.backend import BackendMissing
+    from ..storage.s3 import S3Backend, S3Settings
+    from .admin import fsck
+    store_root = os.path.abspath(store_root)
+    if os.path.exists(store_root) and os.listdir(store_root):
+        raise StoreNotEmptyError(f"{store_root} is not empty; attach into a new or empty "
+                                 "directory.")
+    remote = S3Backend(url, config.s3 or S3Settings())
+    try:
+        header = remote.get(fmt.HEADER_NAME)
+    except BackendMissing as exc:
+        raise StoreMissingError(f"No dcmfs store at {url} (no {fmt.HEADER_NAME} there).") from exc
+    os.makedirs(os.path.join(store_root, fmt.OBJECTS_DIR), mode=0o700, exist_ok=True)
+    os.chmod(store_root, 0o700)
+    from ..storage.durable import write_file
+    write_file(os.path.join(store_root, fmt.HEADER_NAME), header)
+    read_header(store_root)  # a store of a version this dcmfs reads
+    snaps = os.path.join(store_root, fmt.SNAPSHOTS_DIR)
+    os.makedirs(snaps, mode=0o700, exist_ok=True)
+    copied = 0
+    for name in remote.list(fmt.SNAPSHOTS_DIR + "/"):
+        rel = name[len(fmt.SNAPSHOTS_DIR) + 1:]
+        if ".." in rel.split("/") or rel.startswith("/"):
+            continue
+        dest = os.path.join(snaps, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+        write_file(dest, remote.get(name), sync_dir=False)
+        copied += 1
+    remote.close()
+    result = fsck(store_root, secret, config, repair=True, rebuild=True)
+    result["copied"] = copied
+    return result

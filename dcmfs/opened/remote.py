@@ -1,0 +1,102 @@
+"""An S3 store's side of an opened store: its backend, and what it copies
+into the bucket beside the objects so that the bucket alone is enough.
+
+The bucket holds, under ``PREFIX/``: ``objects/XX/<id>`` (the chunk objects,
+uploaded in the background by :class:`~dcmfs.storage.cache.CachedBackend`),
+``dcmfs.store`` (the header, put once by ``dcmfs init``, never replaced:
+a conditional PUT, so two stores never share a prefix), and
+``snapshots/snapshot-N/data.mdb`` and ``snapshots/journal-N`` (the index's
+sealed snapshots and archived journal segments, as on disk).  A snapshot is
+uploaded only after every object written before it is in the bucket, so a
+snapshot in the bucket never names an object the bucket lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .. import format as fmt
+from ..config import Config, S3Settings
+from ..errors import StoreIOError, StoreNotEmptyError
+from ..index.snapshots import archive_segments, snapshots
+from ..storage.backend import LocalBackend
+from ..storage.cache import CachedBackend
+from ..storage.header import Store
+
+log = logging.getLogger("dcmfs.s3")
+
+
+def open_backend(store: Store, config: Config) -> CachedBackend:
+    """The write-back cache in front of the store's bucket."""
+    from ..storage.s3 import S3Backend
+    remote = S3Backend(store.backend, config.s3 or S3Settings())
+    return CachedBackend(LocalBackend(store.root), remote, config.cache_size,
+                         uploaders=1 if config.read_only else config.s3_uploaders,
+                         upload_delay=config.s3_upload_delay)
+
+
+def take_lease(backend: CachedBackend, url: str):
+    """The writer's lease of the bucket prefix (:mod:`dcmfs.opened.lease`);
+    losing it fences the uploads.
+
+    Raises
+    ------
+    LeaseHeldError
+        Another writer holds it.
+    """
+    from .lease import Lease
+    lease = Lease(backend.remote, url)
+    lease.lost = backend.fence  # one event: a lost lease stops the uploads
+    return lease
+
+
+def publish_header(root: str, url: str, settings: S3Settings | None) -> None:
+    """Put a new store's header into its bucket (``dcmfs init``).
+
+    Raises
+    ------
+    StoreNotEmptyError
+        The bucket prefix holds a store already.
+    """
+    from ..storage.s3 import S3Backend
+    remote = S3Backend(url, settings or S3Settings())
+    with open(os.path.join(root, fmt.HEADER_NAME), "rb") as f:
+        header = f.read()
+    if not remote.create(fmt.HEADER_NAME, header):
+        raise StoreNotEmptyError(f"{url} holds a dcmfs store already; choose another prefix "
+                                 "(or 'dcmfs attach' it).")
+
+
+def publish_snapshots(backend: CachedBackend, root: str, drain_timeout: float) -> bool:
+    """Upload the index snapshots and journal segments the bucket lacks, and
+    drop those it keeps no more; objects first.  False (and nothing
+    uploaded) when the object backlog did not drain in time."""
+    if not backend.drain(drain_timeout):
+        log.warning("the object backlog did not drain in %.0f s; the index snapshot is not "
+                    "uploaded yet (the next one will be)", drain_timeout)
+        return False
+    directory = os.path.join(root, fmt.SNAPSHOTS_DIR)
+    prefix = fmt.SNAPSHOTS_DIR + "/"
+    try:
+        present = set(backend.remote.list(prefix))
+        wanted = set()
+        for seq, path in snapshots(directory):
+            name = f"{prefix}{os.path.basename(path)}/data.mdb"
+            wanted.add(name)
+            if name not in present:
+                with open(os.path.join(path, "data.mdb"), "rb") as f:
+                    backend.remote.put(name, f.read())
+        for last, path in archive_segments(directory):
+            name = prefix + os.path.basename(path)
+            wanted.add(name)
+            if name not in present:
+                with open(path, "rb") as f:
+                    backend.remote.put(name, f.read())
+        for name in present - wanted:
+            backend.remote.delete(name)
+    except (OSError, StoreIOError) as exc:
+        log.warning("uploading the index snapshot failed (%s); the next one retries",
+                    type(exc).__name__)
+        return False
+    return True

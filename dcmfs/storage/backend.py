@@ -1,0 +1,148 @@
+"""Where a store's objects live: one interface, two backends.
+
+A :class:`Backend` holds immutable blobs under slash-separated names
+(``objects/ab/<32 hex>``, ``snapshots/…``, ``dcmfs.store``, ``lease``).  It
+can put, get (a byte range), head, list by prefix, delete and create a name
+only if it does not exist yet (the conditional PUT of S3, ``O_EXCL`` on
+disk).  :class:`LocalBackend` is the store directory itself (today's layout,
+unchanged); :mod:`dcmfs.storage.s3` is a bucket and a prefix; both pass the
+same conformance suite (``tests/test_backends.py``), as restic's backends do.
+
+Errors: a missing name raises :class:`BackendMissing`; anything else the
+backend cannot do raises :class:`~dcmfs.errors.StoreIOError` (or
+:class:`~dcmfs.errors.NoSpaceError`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Iterator
+
+from .durable import TMP_PREFIX, _raise_os, write_new
+from ..errors import StoreIOError
+
+
+class BackendMissing(KeyError):
+    """The name is not in the backend."""
+
+
+class Backend:
+    """The operations a store needs of where its objects live."""
+
+    #: a short word for logs and status ("local", "s3")
+    kind = "?"
+
+    def put(self, name: str, data: bytes | memoryview) -> None:
+        """Store ``data`` under ``name`` (replacing what was there)."""
+        raise NotImplementedError
+
+    def create(self, name: str, data: bytes | memoryview) -> bool:
+        """Store ``data`` under ``name`` only if the name is free; False if it
+        was taken (atomic: of two creators exactly one wins)."""
+        raise NotImplementedError
+
+    def get(self, name: str, start: int = 0, end: int | None = None) -> bytes:
+        """The bytes ``[start, end)`` of ``name`` (to its end when ``end`` is
+        None; a range past the end is cut short)."""
+        raise NotImplementedError
+
+    def head(self, name: str) -> int | None:
+        """The size of ``name``, or None when it is missing."""
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every name starting with ``prefix`` (no order promised)."""
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        """Remove ``name``; a missing name is not an error."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalBackend(Backend):
+    """Names are paths under a directory (the store's own layout)."""
+
+    kind = "local"
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def _parent(self, path: str) -> None:
+        d = os.path.dirname(path)
+        if not os.path.isdir(d):
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreIOError(f"cannot create a directory of the store: "
+                                   f"{exc.strerror}") from exc
+
+    def put(self, name: str, data: bytes | memoryview, mode: int = 0o600) -> None:
+        from .durable import write_file
+        path = self.path(name)
+        self._parent(path)
+        write_file(path, data, mode=mode, sync_dir=False)
+
+    def create(self, name: str, data: bytes | memoryview, mode: int = 0o600) -> bool:
+        """``O_EXCL``, without fsync: objects are made durable in bulk
+        (:func:`dcmfs.storage.durable.sync_filesystem`)."""
+        path = self.path(name)
+        self._parent(path)
+        try:
+            write_new(path, data, mode=mode)
+        except StoreIOError as exc:
+            if isinstance(exc.__cause__, FileExistsError):
+                return False
+            raise
+        return True
+
+    def get(self, name: str, start: int = 0, end: int | None = None) -> bytes:
+        try:
+            with open(self.path(name), "rb") as f:
+                if start:
+                    f.seek(start)
+                return f.read() if end is None else f.read(max(0, end - start))
+        except FileNotFoundError as exc:
+            raise BackendMissing(name) from exc
+        except OSError as exc:
+            raise StoreIOError(f"reading {os.path.basename(name)} failed: "
+                               f"{exc.strerror}") from exc
+
+    def head(self, name: str) -> int | None:
+        try:
+            return os.stat(self.path(name)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreIOError(f"stat of {os.path.basename(name)} failed: "
+                               f"{exc.strerror}") from exc
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        # walk only the directories the prefix can reach; temp files of
+        # interrupted writes are not names
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        top = self.path(base) if base else self.root
+        if not os.path.isdir(top):
+            return
+        for dirpath, dirnames, filenames in os.walk(top):
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = rel + name
+                if not name.startswith(TMP_PREFIX) and full.startswith(prefix):
+                    yield full
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self.path(name))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise StoreIOError(f"deleting {os.path.basename(name)} failed: "
+                                   f"{exc.strerror}") from exc

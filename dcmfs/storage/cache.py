@@ -1,0 +1,390 @@
+"""A local write-back cache in front of a remote backend (S3 stores).
+
+Objects (names under ``objects/``) are written to the store directory
+exactly as in a local store, so writers never wait on the network, and a
+small pool of threads uploads them in the background.  The cached file's
+mode says whether it is in the bucket yet: 0600 while it waits, 0400 once
+uploaded, so a restart (or a crash) finds the backlog again by a scan and
+uploads it (objects are immutable, so uploading one twice is harmless).
+
+The cache is bounded (``-o cache_size=``): only uploaded objects are evicted,
+least recently used first.  When the objects still waiting fill the cache,
+a writer of a new object waits until uploads make room: writers slow down,
+never fail and never lose data.  A failed upload is retried with backoff
+(0.1 s doubling to 5 s) for as long as the mount lives, so a server that is
+down only delays the uploads; a read of an object that is not cached fetches
+it whole from the bucket and caches it.  Other names (snapshots, journal
+segments, the header, the lease) go straight to the bucket.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Iterator
+
+from .backend import Backend, BackendMissing, LocalBackend
+from .durable import TMP_PREFIX
+from ..errors import StoreIOError
+
+log = logging.getLogger("dcmfs.s3")
+
+OBJECTS = "objects/"
+#: objects sealed uncompressed for the re-encoder wait this many upload
+#: delays (60 s by default): on a 400-slice CT series the re-encoder's
+#: backlog took ~25 s to drain, so 10 s uploaded most chunks twice
+HOLD = 6
+_UPLOADED_MODE = 0o400
+
+
+def is_object(name: str) -> bool:
+    return name.startswith(OBJECTS)
+
+
+class CachedBackend(Backend):
+    kind = "s3"
+
+    def __init__(self, cache: LocalBackend, remote: Backend, cache_size: int,
+                 uploaders: int = 4, upload_delay: float = 0.0) -> None:
+        self.cache = cache
+        #: seconds a new object waits before its upload, unless the cache is
+        #: half full or someone drains: a chunk the re-encoder replaces in
+        #: that time (close seals uncompressed, the re-encoder compresses)
+        #: is never uploaded at all
+        self.upload_delay = upload_delay
+        self._hurry = 0
+        self.remote = remote
+        self.cache_size = cache_size
+        self._cv = threading.Condition()
+        #: objects not in the bucket yet (queued or being uploaded): name -> bytes
+        self._pending: dict[str, int] = {}
+        self._pending_bytes = 0
+        #: uploaded objects in the cache, least recently used first
+        self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._cached_bytes = 0
+        #: (operation, name, not before): "put" waits for upload_delay, "delete" not
+        self._queue: collections.deque[tuple[str, str, float]] = collections.deque()
+        #: puts of objects likely to be replaced soon (sealed uncompressed for
+        #: the re-encoder): they wait HOLD x upload_delay, in a queue of their own
+        self._held: collections.deque[tuple[str, str, float]] = collections.deque()
+        self._in_flight: set[str] = set()
+        #: deleted, the bucket's copy not yet: answered as missing
+        self._deleting: set[str] = set()
+        #: deletes queued or running (what a drain waits for besides uploads)
+        self._deletes_waiting = 0
+        self._closed = False
+        self._abandon = threading.Event()
+        #: set when this opening lost the writer's lease: nothing is uploaded
+        self.fence = threading.Event()
+        self.counts = collections.Counter()
+        self.last_error: str | None = None
+        self._scan()
+        self._threads = [threading.Thread(target=self._work, name=f"dcmfs-upload-{i}",
+                                          daemon=True) for i in range(uploaders)]
+        for t in self._threads:
+            t.start()
+
+    # --- the cache at startup ------------------------------------------------------
+    def _scan(self) -> None:
+        top = self.cache.path(OBJECTS)
+        found = []
+        for dirpath, _, filenames in os.walk(top):
+            for leaf in filenames:
+                if leaf.startswith(TMP_PREFIX):
+                    continue
+                path = os.path.join(dirpath, leaf)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                found.append((st.st_mtime, OBJECTS + os.path.relpath(path, top), st))
+        for _, name, st in sorted(found):
+            if st.st_mode & 0o200:
+                self._pending[name] = st.st_size
+                self._pending_bytes += st.st_size
+                self._queue.append(("put", name, 0.0))
+            else:
+                self._lru[name] = st.st_size
+                self._cached_bytes += st.st_size
+        if self._pending:
+            log.info("%d objects (%d bytes) in the cache are not in the bucket yet; "
+                     "uploading them", len(self._pending), self._pending_bytes)
+
+    # --- Backend ---------------------------------------------------------------------
+    def create(self, name: str, data: bytes | memoryview, hold: bool = False) -> bool:
+        """``hold``: the object will probably be replaced soon (the
+        re-encoder's input); its upload waits longer."""
+        if not is_object(name):
+            return self.remote.create(name, data)
+        self._wait_for_room(len(data))
+        if not self.cache.create(name, data):
+            return False
+        self._queued(name, len(data), hold)
+        return True
+
+    def put(self, name: str, data: bytes | memoryview) -> None:
+        if not is_object(name):
+            self.remote.put(name, data)
+            return
+        self._wait_for_room(len(data))
+        self.cache.put(name, data)
+        with self._cv:
+            self._forget(name)
+        self._queued(name, len(data))
+
+    def get(self, name: str, start: int = 0, end: int | None = None) -> bytes:
+        if not is_object(name):
+            return self.remote.get(name, start, end)
+        try:
+            data = self.cache.get(name, start, end)
+        except BackendMissing:
+            pass
+        else:
+            with self._cv:
+                if name in self._lru:
+                    self._lru.move_to_end(name)
+            return data
+        if name in self._deleting:
+            raise BackendMissing(name)
+        if start or end is not None:  # a header only (fsck, verify): not worth caching
+            self.counts["downloads"] += 1
+            return self.remote.get(name, start, end)
+        blob = self.remote.get(name)
+        self.counts["downloads"] += 1
+        self.counts["downloaded_bytes"] += len(blob)
+        try:
+            if self.cache.create(name, blob, mode=_UPLOADED_MODE):
+                with self._cv:
+                    self._lru[name] = len(blob)
+                    self._cached_bytes += len(blob)
+                    self._evict()
+        except StoreIOError as exc:  # a full cache disk must not fail a read
+            log.warning("could not cache a downloaded object: %s", exc)
+        return blob
+
+    def head(self, name: str) -> int | None:
+        if is_object(name):
+            size = self.cache.head(name)
+            if size is not None:
+                return size
+            if name in self._deleting:
+                return None
+        return self.remote.head(name)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        seen = set()
+        if is_object(prefix) or OBJECTS.startswith(prefix):
+            for name in self.cache.list(prefix if is_object(prefix) else OBJECTS):
+                seen.add(name)
+                yield name
+        for name in self.remote.list(prefix):
+            if name not in seen and name not in self._deleting:
+                yield name
+
+    def delete(self, name: str) -> None:
+        if not is_object(name):
+            self.remote.delete(name)
+            return
+        self.cache.delete(name)
+        with self._cv:
+            self._forget(name)
+            self._deleting.add(name)
+            self._deletes_waiting += 1
+            self._queue.append(("delete", name, 0.0))
+            self._cv.notify()
+
+    # --- bookkeeping ----------------------------------------------------------------
+    def _queued(self, name: str, size: int, hold: bool = False) -> None:
+        with self._cv:
+            self._deleting.discard(name)
+            self._pending[name] = size
+            self._pending_bytes += size
+            if hold:
+                self._held.append(("put", name, time.monotonic() + HOLD * self.upload_delay))
+            else:
+                self._queue.append(("put", name, time.monotonic() + self.upload_delay))
+            self._cv.notify()
+
+    def _forget(self, name: str) -> None:
+        size = self._pending.pop(name, None)
+        if size is not None:
+            self._pending_bytes -= size
+        size = self._lru.pop(name, None)
+        if size is not None:
+            self._cached_bytes -= size
+        self._cv.notify_all()
+
+    def _wait_for_room(self, size: int) -> None:
+        """Writers wait while objects not yet uploaded fill the cache."""
+        with self._cv:
+            self._evict(size)
+            if self._pending_bytes + size > self.cache_size and self._pending_bytes:
+                self.counts["writer_waits"] += 1
+                started = time.monotonic()
+                while (self._pending_bytes + size > self.cache_size and self._pending_bytes
+                       and not self._closed):
+                    self._cv.wait(0.5)
+                    self._evict(size)
+                self.counts["writer_wait_ms"] += int((time.monotonic() - started) * 1000)
+
+    def _evict(self, extra: int = 0) -> None:
+        """Drop uploaded objects, least recently used first, until the cache
+        fits (under the lock)."""
+        while self._lru and self._pending_bytes + self._cached_bytes + extra > self.cache_size:
+            name, size = self._lru.popitem(last=False)
+            self._cached_bytes -= size
+            try:
+                self.cache.delete(name)
+            except StoreIOError as exc:
+                log.warning("could not evict a cached object: %s", exc)
+            self.counts["evictions"] += 1
+
+    # --- the upload pool ------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                queue = None
+                while not self._closed:
+                    heads = [q for q in (self._queue, self._held) if q]
+                    if heads:
+                        queue = min(heads, key=lambda q: q[0][2])
+                        wait = queue[0][2] - time.monotonic()
+                        if (wait <= 0 or self._hurry
+                                or self._pending_bytes * 2 > self.cache_size):
+                            break
+                        self._cv.wait(min(wait, 1.0))
+                    else:
+                        self._cv.wait(1.0)  # timed: a lost wakeup costs a second
+                if queue is None or not queue or self._abandon.is_set():
+                    return
+                op, name, _ = queue.popleft()
+                if op == "put":
+                    if name not in self._pending or name in self._in_flight:
+                        continue
+                else:
+                    while name in self._in_flight:  # its upload first, then the delete
+                        self._cv.wait(1.0)
+                self._in_flight.add(name)
+            try:
+                if op == "put":
+                    self._upload(name)
+                else:
+                    self._retrying(lambda: self.remote.delete(name))
+                    self.counts["deletes"] += 1
+                    with self._cv:
+                        self._deleting.discard(name)
+            except StoreIOError as exc:
+                # abandoned at close: the object stays pending in the cache;
+                # else (reading the cached copy failed) it is tried again
+                if not self._abandon.is_set():
+                    log.warning("%s; queued again", exc)
+                    with self._cv:
+                        if op == "put" and name in self._pending:
+                            self._queue.append((op, name, time.monotonic() + 1.0))
+            finally:
+                with self._cv:
+                    self._in_flight.discard(name)
+                    if op == "delete":
+                        self._deletes_waiting -= 1
+                    self._cv.notify_all()
+
+    def _upload(self, name: str) -> None:
+        try:
+            data = self.cache.get(name)
+        except BackendMissing:  # deleted meanwhile: nothing to upload
+            with self._cv:
+                size = self._pending.pop(name, None)
+                if size is not None:
+                    self._pending_bytes -= size
+                self._cv.notify_all()
+            return
+        def put() -> None:
+            if self.fence.is_set():
+                raise StoreIOError("another writer holds the lease; not uploaded")
+            self.remote.put(name, data)
+        self._retrying(put)
+        try:
+            os.chmod(self.cache.path(name), _UPLOADED_MODE)
+        except FileNotFoundError:
+            pass
+        with self._cv:
+            self.counts["uploads"] += 1
+            self.counts["uploaded_bytes"] += len(data)
+            size = self._pending.pop(name, None)
+            if size is not None:  # not deleted while it was on its way
+                self._pending_bytes -= size
+                self._lru[name] = size
+                self._cached_bytes += size
+            self._evict()
+            self._cv.notify_all()
+
+    def _retrying(self, call) -> None:
+        delay = 0.1
+        while True:
+            try:
+                call()
+                return
+            except StoreIOError as exc:
+                with self._cv:
+                    self.counts["errors"] += 1
+                    first = self.last_error is None
+                    self.last_error = str(exc)
+                if first or self.counts["errors"] % 100 == 0:
+                    log.warning("%s; retrying (%d errors so far)", exc, self.counts["errors"])
+                if self._abandon.wait(delay):
+                    raise
+                self.counts["retries"] += 1
+                delay = min(delay * 2, 5.0)
+
+    # --- waiting and closing -------------------------------------------------------
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every object written so far is in the bucket (and every
+        delete was sent); False if ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            self._hurry += 1  # nothing waits for its delay meanwhile
+            self._cv.notify_all()
+            try:
+                # stale queue entries (objects deleted before their upload) do
+                # not count: only what is waiting, running or still to delete
+                while self._pending or self._in_flight or self._deletes_waiting:
+                    if not (self._queue or self._held or self._in_flight):
+                        # waiting objects no queue holds: queue them again
+                        # (an upload of one is harmless, a lost one is not)
+                        log.warning("%d waiting objects were not queued; queueing them",
+                                    len(self._pending))
+                        self._queue.extend(("put", n, 0.0) for n in self._pending)
+                        self._cv.notify_all()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(left if left is not None else 1.0)
+            finally:
+                self._hurry -= 1
+        return True
+
+    def stats(self) -> dict:
+        with self._cv:
+            out = {"backlog_objects": len(self._pending), "backlog_bytes": self._pending_bytes,
+                   "cache_bytes": self._pending_bytes + self._cached_bytes,
+                   "cache_size": self.cache_size}
+        out.update(self.counts)
+        out["requests"] = getattr(self.remote, "requests", 0)
+        return out
+
+    def close(self, drain_timeout: float = 0) -> None:
+        """Stop the pool after waiting up to ``drain_timeout`` seconds for the
+        backlog; what is left stays in the cache for the next opening."""
+        if drain_timeout and not self.drain(drain_timeout):
+            log.warning("%d objects were not uploaded before closing; the next mount uploads "
+                        "them", len(self._pending))
+        with self._cv:
+            self._closed = True
+            self._abandon.set()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
+        self.remote.close()
