@@ -151,6 +151,15 @@ class Txn:
             f, lg, st = self.stats()
             self.meta_put("stats", STATS.pack(f + files, lg + logical, st + stored))
 
+    def add_stored(self, ino: int, delta: int) -> None:
+        """A file's objects take ``delta`` more bytes in the store: the
+        store's total and the file's own figure (``st_blocks``)."""
+        self.add_stats(stored=delta)
+        inode = self.get_inode(ino)
+        if inode is not None and inode.stored >= 0:
+            inode.stored += delta
+            self.put_inode(ino, inode)
+
     def get_damage(self) -> dict | None:
         """The sealed damage record (``meta/damage``), None if the store is
         not marked.
