@@ -46,6 +46,7 @@ class StoreOps:
                 "reencode_errors": r.errors if r else 0,
                 "integrity_errors": self.opened.integrity_errors,
                 "scrub": self.scrubber.status() if self.scrubber else None,
+                "audit": self.opened.audit.status() if self.opened.audit else None,
                 **process_figures()}
 
     @_locked
@@ -79,6 +80,7 @@ class StoreOps:
             getattr(self.reencoder, command)()
         else:
             raise InvalidArgument(f"unknown control command {command!r}")
+        self._audit("admin", None, None, command=command.split("{")[0].strip(), mounted=True)
 
     @_locked
     def content_stats(self) -> dict:
