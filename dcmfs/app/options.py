@@ -229,7 +229,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
            field="scrub_rate"),
     Option("audit", FLAG, "1: record who opened, wrote, renamed and deleted which file in "
-           "the sealed audit trail; 0: no trail", MOUNTING | {RECOMPRESS, FSCK}, field="audit"),
+           "the sealed audit trail; 0: no trail", MOUNTING, field="audit"),
     Option("audit_retention", DURATION, "drop whole audit segments older than T (default: "
            "keep all)", MOUNTING, field="audit_retention"),
     # consumed by the CLI
