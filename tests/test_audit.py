@@ -285,3 +285,32 @@ def test_nothing_readable_in_the_trail(make_fs, secret):
     for _, path in S.list_segments(str(make_fs.root)):
         data = S.read_file(path)
         assert b"DOE_JOHN" not in data and b"create" not in data
+
+
+def test_a_damaged_trail_is_named_and_the_trail_goes_on(make_fs, secret, caplog):
+    fs = make_fs()
+    _write_files(fs, 3)
+    fs.close()
+    number, path = S.list_segments(str(make_fs.root))[-1]
+    # altered behind the index's head: the opening resumes at the head, the
+    # check names it
+    flip_byte(path, _frame_offsets(path)[2] + 30)
+    fs = make_fs()
+    _write_files(fs, 1, prefix="g")
+    fs.close()
+    problems = _verify(make_fs.root, secret)["problems"]
+    assert any(f"segment {number}, record" in p and "does not authenticate" in p
+               for p in problems), problems
+    # cut before the index's head: the opening says so and goes on in a new
+    # segment linked to the head
+    os.truncate(path, _frame_offsets(path)[-3])
+    fs = make_fs()
+    _write_files(fs, 1, prefix="h")
+    fs.close()
+    assert "audit trail damaged" in caplog.text
+    assert S.list_segments(str(make_fs.root))[-1][0] == number + 1
+    problems = _verify(make_fs.root, secret)["problems"]
+    assert any(f"segment {number + 1} does not continue segment {number}" in p
+               for p in problems), problems
+    events = [r["event"] for r in _records(make_fs.root, secret)]
+    assert "audit-break" in events and events[-2:] == ["create", "write-close"]

@@ -102,8 +102,11 @@ class AuditTrail:
             self.start = start
         else:
             self._resume(segs[-1], head)
-            first = S.Header(S.read_file(segs[0][1])[:S.HEADER_LEN], None)
-            self.start = (first.number, first.first_seq, first.prev_hash)
+            try:
+                first = S.Header(S.read_file(segs[0][1])[:S.HEADER_LEN], None)
+                self.start = (first.number, first.first_seq, first.prev_hash)
+            except ValueError:  # damaged: verify names it; the head keeps the start
+                self.start = (segs[0][0], 0, S.ZERO_HASH)
         if head and head.get("start_segment", 0) > self.start[0]:
             self.start = (head["start_segment"], head["start_seq"],
                           bytes.fromhex(head["start_hash"]))
@@ -208,7 +211,7 @@ class AuditTrail:
         rec.update(fields)
         with self._lock:
             if event == "open":
-                key = (who[0], who[2], ino, path, fields.get("flags"))
+                key = (who[0], who[2], ino, path, fields.get("access"), fields.get("trunc"))
                 fold = self._fold
                 if fold and fold[0] == key and now - fold[2] < FOLD_WINDOW * 1e9:
                     fold[1] += 1
@@ -270,7 +273,12 @@ class AuditTrail:
         if not drop:
             return
         nxt = next(p for n, p in segs if n > drop[-1][0])
-        h = S.Header(S.read_file(nxt)[:S.HEADER_LEN], None)
+        try:
+            h = S.Header(S.read_file(nxt)[:S.HEADER_LEN], self._aead)
+        except ValueError:
+            return
+        if not h.authentic:
+            return  # never drop what precedes a segment that is not ours
         self._append({"t": self._clock(), "e": "retention", "dropped": [drop[0][0], drop[-1][0]],
                       "start_segment": h.number, "start_seq": h.first_seq,
                       "start_hash": h.prev_hash.hex()})
