@@ -125,6 +125,10 @@ class Config:
     #: seconds after which whole audit segments are dropped (0: keep all;
     #: ``-o audit_retention=T``)
     audit_retention: float = 0.0
+    #: log a PHI-free digest of every audit record (sequence, event, uid,
+    #: inode, chain hash) at INFO, for journald or a syslog server to keep an
+    #: outside copy of the chain (``-o audit_forward=1``)
+    audit_forward: bool = False
     #: bytes after which the audit trail starts a new segment
     audit_segment_size: int = 8 * MiB
     #: the LMDB map size; LMDB only uses what it needs

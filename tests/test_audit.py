@@ -314,3 +314,19 @@ def test_a_damaged_trail_is_named_and_the_trail_goes_on(make_fs, secret, caplog)
                for p in problems), problems
     events = [r["event"] for r in _records(make_fs.root, secret)]
     assert "audit-break" in events and events[-2:] == ["create", "write-close"]
+
+
+def test_forwarded_digests_hold_no_name(make_fs, secret, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="dcmfs.audit")
+    fs = make_fs(dataclasses.replace(SMALL, audit_forward=True))
+    fs.caller = ME
+    _write_files(fs, 1, prefix="PATIENT_DOE")
+    fs.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "dcmfs.audit"]
+    recs = _records(make_fs.root, secret)
+    create = next(r for r in recs if r["event"] == "create")
+    assert f"audit record {create['seq']} create uid=1000 ino={create['ino']} chain=" in \
+        "\n".join(lines)
+    assert lines[-1].endswith(_verify(make_fs.root, secret)["head"])  # the chain head
+    assert "PATIENT_DOE" not in caplog.text

@@ -230,6 +230,9 @@ OPTIONS: tuple[Option, ...] = (
            field="scrub_rate"),
     Option("audit", FLAG, "1: record who opened, wrote, renamed and deleted which file in "
            "the sealed audit trail; 0: no trail", MOUNTING, field="audit"),
+    Option("audit_forward", FLAG, "1: log a digest of every audit record without names "
+           "(sequence, event, uid, inode, chain hash) for journald/syslog", MOUNTING,
+           field="audit_forward"),
     Option("audit_retention", DURATION, "drop whole audit segments older than T (default: "
            "keep all)", MOUNTING, field="audit_retention"),
     # consumed by the CLI

@@ -8,7 +8,7 @@ makes them durable, and a checkpoint stores the chain head in the index
 (``meta/audit_head``, sealed), so that the index covers it.
 
 *Folding*: an ``open`` identical to the previous record (same event, caller
-uid and pid, inode, path and flags) within :attr:`FOLD_WINDOW` seconds of
+uid and pid, inode, path and access mode) within :attr:`FOLD_WINDOW` seconds of
 the first is not written; the count of such opens is written as one record
 (``n``, and ``folded``: the sequence number of the first) before the next
 different record, at the next checkpoint or at close.  A daemon killed in
@@ -33,6 +33,7 @@ log = logging.getLogger("dcmfs.audit")
 
 #: (uid, gid, pid) of the process a FUSE request came from
 Caller = tuple[int, int, int]
+#: opens identical to the one before within this many seconds are folded
 FOLD_WINDOW = 1.0
 
 
@@ -79,13 +80,15 @@ class AuditTrail:
 
     def __init__(self, root: str, master_key: bytes, store_id: bytes, head: dict | None,
                  segment_size: int = 8 << 20, retention: float = 0.0,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, forward: bool = False) -> None:
         self.root = root
         self.dir = os.path.join(root, S.DIR)
         self._sid = store_id
         self._aead = S.audit_key(master_key, store_id)
         self._segment_size = segment_size
         self._retention = retention
+        #: log a digest without names of every record (journald, syslog)
+        self._forward = forward
         self._clock = clock
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -248,6 +251,9 @@ class AuditTrail:
         self.hash = S.chain(self.hash, frame)
         self.size += len(frame)
         self.dirty = True
+        if self._forward:
+            log.info("audit record %d %s uid=%s ino=%s chain=%s", self.seq, rec["e"],
+                     rec.get("u", "-"), rec.get("i", "-"), self.hash.hex())
         if self.size >= self._segment_size and rec["e"] != "segment-end":
             self._rotate()
 

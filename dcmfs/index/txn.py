@@ -149,13 +149,10 @@ class Txn:
             The record does not authenticate.
         """
         raw = self._get("meta", b"audit_head")
-        if raw is None:
-            return None
         try:
-            info = json.loads(raw)
-        except ValueError as exc:
+            return None if raw is None else dict(json.loads(raw))
+        except (TypeError, ValueError) as exc:
             raise IntegrityError("index entry meta/audit_head does not decode") from exc
-        return info if isinstance(info, dict) else None
 
     def put_audit_head(self, head: dict) -> None:
         self._put("meta", b"audit_head", json.dumps(head, sort_keys=True).encode())

@@ -175,7 +175,8 @@ class OpenedStore:
                     head = None
             self.audit = AuditTrail(self.root, self.store.master_key, self.store.store_id, head,
                                     segment_size=self.config.audit_segment_size,
-                                    retention=self.config.audit_retention)
+                                    retention=self.config.audit_retention,
+                                    forward=self.config.audit_forward)
             self._stack.callback(self._close_audit)
         return self.audit
 
