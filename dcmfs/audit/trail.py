@@ -255,7 +255,11 @@ class AuditTrail:
             log.info("audit record %d %s uid=%s ino=%s chain=%s", self.seq, rec["e"],
                      rec.get("u", "-"), rec.get("i", "-"), self.hash.hex())
         if self.size >= self._segment_size and rec["e"] != "segment-end":
-            self._rotate()
+            try:
+                self._rotate()
+            except (OSError, StoreIOError) as exc:  # go on in this segment
+                self.failures += 1
+                log.error("audit segment %d not rotated: %s", self.segment, exc)
 
     def _rotate(self) -> None:
         self._append({"t": self._clock(), "e": "segment-end", "next": self.segment + 1})
