@@ -101,8 +101,12 @@ def record_aad(store_id: bytes, segment: int, seq: int, prev_hash: bytes) -> byt
     return AAD_LABEL + store_id + struct.pack(">QQ", segment, seq) + prev_hash
 
 
+#: one encoder (json.dumps builds one per call with these settings)
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def encode_record(fields: dict) -> bytes:
-    raw = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+    raw = _ENCODE(fields).encode()
     return raw + b" " * (-len(raw) % PAD)
 
 

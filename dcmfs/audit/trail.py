@@ -37,20 +37,41 @@ Caller = tuple[int, int, int]
 FOLD_WINDOW = 1.0
 
 
-def process_name(pid: int) -> str:
-    """``/proc/PID/comm`` ("?" once the process is gone)."""
+#: pid -> (process name, when read): for events other than opens a name is
+#: read at most once a second per process (a pid is reused only after the
+#: kernel has gone through the whole pid space; an exec(2) within that second
+#: after an earlier request of the same pid shows the name before the exec)
+_NAMES: dict[int, tuple[str, float]] = {}
+NAME_TTL = 1.0
+
+
+def process_name(pid: int, fresh: bool = False) -> str:
+    """``/proc/PID/comm`` ("?" once the process is gone); unless ``fresh``
+    (opens), a name read less than a second ago."""
+    now = time.monotonic()
+    known = _NAMES.get(pid)
+    if not fresh and known is not None and now - known[1] < NAME_TTL:
+        return known[0]
     try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+        fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            name = os.read(fd, 64).rstrip(b"\n").decode("utf-8", "replace")
+        finally:
+            os.close(fd)
     except OSError:
         return "?"
+    if len(_NAMES) > 4096:
+        _NAMES.clear()
+    _NAMES[pid] = (name, now)
+    return name
 
 
-def identity(caller: Caller | None) -> tuple:
-    """(uid, gid, pid, process name) of a caller; the daemon's own for None."""
+def identity(caller: Caller | None, fresh: bool = False) -> tuple:
+    """(uid, gid, pid, process name) of a caller; the daemon's own for None
+    (``fresh``: the name read now, as for every open)."""
     if caller is None:
         caller = (os.getuid(), os.getgid(), os.getpid())
-    return (*caller, process_name(caller[2]))
+    return (*caller, process_name(caller[2], fresh))
 
 
 def note_failed_unlock(root: str, command: str) -> None:

@@ -131,7 +131,7 @@ class FileOps:
         trail = self.opened.audit
         if trail is not None:
             h = self._handles[fh]
-            h.who = identity(self.caller)
+            h.who = identity(self.caller, fresh=True)
             trail.record(event, h.who, ino, path, **fields)
 
     def _audit_written(self, h: Handle) -> None:
