@@ -233,8 +233,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("audit_forward", FLAG, "1: log a digest of every audit record without names "
            "(sequence, event, uid, inode, chain hash) for journald/syslog", MOUNTING,
            field="audit_forward"),
-    Option("audit_retention", DURATION, "drop whole audit segments older than T (default: "
-           "keep all)", MOUNTING, field="audit_retention"),
+    Option("audit_retention", DURATION, "drop whole audit segments older than T (off: keep "
+           "all)", MOUNTING, field="audit_retention"),
     # consumed by the CLI
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
