@@ -105,6 +105,15 @@ def test_no_trail_with_audit_off(make_fs, secret):
     _write_files(fs, 3)
     fs.close()
     assert S.list_segments(str(make_fs.root)) == []
+    fs = make_fs()
+    _write_files(fs, 1, prefix="h")
+    fs.close()
+    fs = make_fs(dataclasses.replace(SMALL, audit=False))  # a trail there: the gap shows
+    _write_files(fs, 2, prefix="g")
+    fs.close()
+    events = [r["event"] for r in _records(make_fs.root, secret)]
+    assert events == ["create", "write-close", "audit-off"]
+    assert _verify(make_fs.root, secret)["intact"]
 
 
 def _trail(make_fs, secret, n=40) -> tuple[str, list[tuple[int, str]]]:

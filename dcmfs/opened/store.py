@@ -31,6 +31,7 @@ import time
 from typing import Callable, Iterator
 
 from .. import format as fmt
+from ..audit.segments import list_segments
 from ..audit.trail import AuditTrail
 from ..config import Config
 from ..errors import DcmfsError, StoreDamagedError, StoreLockedError
@@ -165,19 +166,28 @@ class OpenedStore:
     def open_audit(self) -> AuditTrail | None:
         """Open the audit trail for appending, after the journal replay
         (the index's chain head is where it resumes); None when read-only
-        or ``-o audit=0``."""
-        if self.audit is None and self.config.audit and not self.read_only:
-            with self.index.begin() as txn:
-                try:
-                    head = txn.get_audit_head()
-                except DcmfsError as exc:  # the trail's check names it
-                    log.error("the index's audit head is unreadable: %s", exc)
-                    head = None
-            self.audit = AuditTrail(self.root, self.store.master_key, self.store.store_id, head,
-                                    segment_size=self.config.audit_segment_size,
-                                    retention=self.config.audit_retention,
-                                    forward=self.config.audit_forward)
-            self._stack.callback(self._close_audit)
+        or ``-o audit=0`` (a store that has a trail gets one ``audit-off``
+        record then: the gap is visible)."""
+        if self.audit is not None or self.read_only:
+            return self.audit
+        if not self.config.audit and not list_segments(self.root):
+            return None
+        with self.index.begin() as txn:
+            try:
+                head = txn.get_audit_head()
+            except DcmfsError as exc:  # the trail's check names it
+                log.error("the index's audit head is unreadable: %s", exc)
+                head = None
+        trail = AuditTrail(self.root, self.store.master_key, self.store.store_id, head,
+                           segment_size=self.config.audit_segment_size,
+                           retention=self.config.audit_retention,
+                           forward=self.config.audit_forward)
+        if not self.config.audit:
+            trail.record("audit-off", None)
+            trail.close()
+            return None
+        self.audit = trail
+        self._stack.callback(self._close_audit)
         return self.audit
 
     def _close_audit(self) -> None:
