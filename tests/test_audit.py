@@ -165,6 +165,10 @@ def test_verify_names_a_removed_segment(make_fs, secret):
     os.unlink(segs[0][1])  # the first one too: the index's head says where it starts
     problems = _verify(root, secret)["problems"]
     assert any("segments 1..1 are missing" in p for p in problems), problems
+    shutil.rmtree(os.path.join(root, "index"))  # no head: the numbering says it
+    problems = _verify(root, secret)["problems"]
+    assert any(f"the trail starts at segment {segs[1][0]}" in p and "missing" in p
+               for p in problems), problems
 
 
 def test_verify_names_the_cut_tail(make_fs, secret):

@@ -55,6 +55,7 @@ def walk(root: str, master_key: bytes, store_id: bytes,
     seq, digest = None, None
     retained = head.get("start_segment") if head else None
     head_seen = False
+    first = None  # (number, first sequence) of the first readable segment
     for i, (number, path) in enumerate(segs):
         last = i == len(segs) - 1
         try:
@@ -76,11 +77,7 @@ def walk(root: str, master_key: bytes, store_id: bytes,
             yield "problem", (f"segment file {number} holds segment {header.number} "
                               "(renamed or reordered)")
         if prev_number is None:
-            if retained and number > retained:
-                yield "problem", (f"segments {retained}..{number - 1} are missing (removed); "
-                                  f"the index's head says the trail starts at segment {retained}")
-            elif not retained and header.first_seq != 1 and head is not None:
-                yield "problem", f"the trail starts at segment {number}, record {header.first_seq}"
+            first = (number, header.first_seq)
         elif number != prev_number + 1:
             yield "problem", f"segments {prev_number + 1}..{number - 1} are missing (removed)"
             seq = None
@@ -133,8 +130,12 @@ def walk(root: str, master_key: bytes, store_id: bytes,
         yield "problem", (f"the trail ends at record {seq or 0}, but the index's head is record "
                           f"{head['seq']}: records {(seq or 0) + 1}..{head['seq']} were removed "
                           "(truncated)")
-    if segs and retained and segs[0][0] > retained and not (head and head.get("start_segment")):
-        yield "problem", f"segments {retained}..{segs[0][0] - 1} are missing (removed)"
+    if first is not None and retained and first[0] > retained:
+        yield "problem", (f"segments {retained}..{first[0] - 1} are missing (removed): the "
+                          f"retained trail starts at segment {retained}")
+    elif first is not None and not retained and first[1] != 1:
+        yield "problem", (f"the trail starts at segment {first[0]}, record {first[1]}: the "
+                          "segments before it are missing (removed)")
     yield "end", (seq or 0, (digest or S.ZERO_HASH).hex())
 
 
