@@ -220,6 +220,7 @@ def test_verify_names_a_segment_of_another_store(make_fs, secret, tmp_path):
     problems = _verify(root, secret)["problems"]
     assert any(f"segment {segs[1][0]} belongs to another store" in p for p in problems), \
         problems
+    assert not any("missing" in p for p in problems), problems  # named once, as what it is
 
 
 def test_retention_keeps_the_chain_verifiable(make_fs, secret):

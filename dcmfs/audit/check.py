@@ -58,20 +58,21 @@ def walk(root: str, master_key: bytes, store_id: bytes,
     first = None  # (number, first sequence) of the first readable segment
     for i, (number, path) in enumerate(segs):
         last = i == len(segs) - 1
+        problem = None
         try:
             data = S.read_file(path)
             header = S.Header(data, aead)
         except (OSError, ValueError) as exc:
-            yield "problem", f"segment {number}: not a readable audit segment ({exc})"
-            seq = None
-            continue
-        if header.store_id != store_id:
-            yield "problem", f"segment {number} belongs to another store"
-            seq = None
-            continue
-        if not header.authentic:
-            yield "problem", f"segment {number}: its header was altered (does not authenticate)"
-            seq = None
+            problem = f"segment {number}: not a readable audit segment ({exc})"
+        else:
+            if header.store_id != store_id:
+                problem = f"segment {number} belongs to another store"
+            elif not header.authentic:
+                problem = f"segment {number}: its header was altered (does not authenticate)"
+        if problem is not None:  # named; the next segment is checked on its own
+            yield "problem", problem
+            first = first or (number, None)
+            prev_number, seq = number, None
             continue
         if header.number != number:
             yield "problem", (f"segment file {number} holds segment {header.number} "
@@ -133,7 +134,7 @@ def walk(root: str, master_key: bytes, store_id: bytes,
     if first is not None and retained and first[0] > retained:
         yield "problem", (f"segments {retained}..{first[0] - 1} are missing (removed): the "
                           f"retained trail starts at segment {retained}")
-    elif first is not None and not retained and first[1] != 1:
+    elif first is not None and not retained and first[1] not in (1, None):
         yield "problem", (f"the trail starts at segment {first[0]}, record {first[1]}: the "
                           "segments before it are missing (removed)")
     yield "end", (seq or 0, (digest or S.ZERO_HASH).hex())
