@@ -102,6 +102,19 @@ class KdfBoundsError(DcmfsError):
     exit_code = 26
 
 
+class IndexNotAuthenticError(DcmfsError):
+    """The index does not match its sealed checksum: records were added,
+    removed, altered or rolled back by someone without the key."""
+
+    exit_code = 28
+
+
+class RollbackError(DcmfsError):
+    """The store (or its journal) is older than this machine's witness of it."""
+
+    exit_code = 29
+
+
 class DamageFound(DcmfsError):
     """verify or fsck found damage (the report names it)."""
 

@@ -235,6 +235,10 @@ OPTIONS: tuple[Option, ...] = (
            field="audit_forward"),
     Option("audit_retention", DURATION, "drop whole audit segments older than T (off: keep "
            "all)", MOUNTING, field="audit_retention"),
+    Option("state_dir", PATH, "where the store's witness lives (default /var/lib/dcmfs for "
+           "root, else the XDG state directory)", KEYED, field="state_dir"),
+    Option("accept_rollback", FLAG, "1: open a store older than its witness (as "
+           "--accept-rollback)", KEYED, field="accept_rollback"),
     # consumed by the CLI
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
