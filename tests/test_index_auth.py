@@ -233,10 +233,9 @@ def test_whole_store_rolled_back_is_refused_until_accepted(store, tmp_path, capl
     store.open().close()  # the witness starts again from the accepted store
 
 
-def test_journal_cut_after_a_crash_is_refused(make_fs):
-    """Attack 3b: files closed (their records only in the journal), the daemon
-    killed, the journal cut: in the same boot the witness knows what was
-    written; after a reboot it requires what was synced."""
+def _closed_then_journal_cut(make_fs) -> None:
+    """A file checkpointed, another closed (its records only in the
+    journal), the daemon killed, the journal cut back to the checkpoint."""
     fs = make_fs(MANUAL)
     write_file(fs, "/kept", b"checkpointed")
     fs.checkpoint()
@@ -246,20 +245,19 @@ def test_journal_cut_after_a_crash_is_refused(make_fs):
     crash(fs)
     with open(path, "r+b") as f:
         f.truncate(size)
+
+
+def test_journal_cut_after_a_crash_is_refused(make_fs):
+    """Attack 3b: in the same boot the witness knows what was written."""
+    _closed_then_journal_cut(make_fs)
     with pytest.raises(E.RollbackError, match="journal was cut"):
         make_fs(MANUAL)
 
 
 def test_a_reboot_requires_only_what_was_synced(make_fs, monkeypatch):
-    fs = make_fs(MANUAL)
-    write_file(fs, "/kept", b"checkpointed")
-    fs.checkpoint()
-    size = fs.index.journal.size
-    write_file(fs, "/closed", b"closed, never synced")
-    path = fs.index.journal.path
-    crash(fs)
-    with open(path, "r+b") as f:
-        f.truncate(size)  # what a power cut may do to an unsynced journal
+    """The same cut is what a power loss may do to a journal never synced:
+    after a reboot (another boot id) the store opens without the file."""
+    _closed_then_journal_cut(make_fs)
     monkeypatch.setattr(witness, "boot_id", lambda: os.urandom(16))
     fs = make_fs(MANUAL)
     assert "closed" not in {n for n, _ in fs.readdir("/")}

@@ -131,14 +131,9 @@ class Checked:
         own = txn is None
         txn = txn or self.env.begin()
         try:
-            def items():
-                for name in DATABASES:
-                    db = self.dbs[name]
-                    if db is None or name == auth.SUMS_DB:
-                        continue
-                    for k, v in txn.cursor(db=db):
-                        yield name, k, v
-            return auth.scan(self._auth_key, items())
+            return auth.scan(self._auth_key, [
+                (name, txn.cursor(db=self.dbs[name]).iternext())
+                for name in DATABASES if self.dbs[name] is not None and name != auth.SUMS_DB])
         finally:
             if own:
                 txn.abort()

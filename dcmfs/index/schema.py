@@ -100,9 +100,11 @@ U64X2 = struct.Struct(">QQ")
 #: nothing
 _INODE = struct.Struct(">IIIIQqqq16sQB32s")
 #: format 4: the digest-kind byte's bit 7 says the record ends with the
+#: bytes the file takes in the store (u64, all ones: not known), the
 #: target's length (u16), the target and zeros to a multiple of RECORD_PAD
 #: bytes, so a symlink's record tells its target's length rounded up only
 _PADDED = 0x80
+_UNKNOWN = (1 << 64) - 1
 RECORD_PAD = 32
 #: oid, generation, codec, flags, plain_len, stored_len
 _CHUNK = struct.Struct(">16sQBBII")
@@ -148,6 +150,9 @@ class Inode:
     #: True: ``digest`` is the tree digest; False: a whole-file SHA-256 kept
     #: from before the tree digest (replaced at the file's next change)
     tree: bool = True
+    #: bytes the file's objects take in the store (``st_blocks``); -1: not
+    #: known (a record from before format 4, until the file next changes)
+    stored: int = 0
 
     @property
     def rdev(self) -> int:
@@ -165,7 +170,8 @@ class Inode:
 
     def encode(self) -> bytes:
         kind = (0 if self.digest is None else (2 if self.tree else 1)) | _PADDED
-        tail = U16.pack(len(self.target)) + self.target
+        tail = (U64.pack(self.stored if self.stored >= 0 else _UNKNOWN)
+                + U16.pack(len(self.target)) + self.target)
         return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size,
                            self.atime_ns, self.mtime_ns, self.ctime_ns, self.file_id,
                            self.generation, kind, self.digest or bytes(32)) \
@@ -175,14 +181,17 @@ class Inode:
     def decode(cls, raw: bytes) -> "Inode":
         (mode, uid, gid, nlink, size, at, mt, ct, file_id, gen, kind,
          digest) = _INODE.unpack_from(raw)
-        if kind & _PADDED:  # format 4: the target's length, then zeros
-            n = U16.unpack_from(raw, _INODE.size)[0]
-            target = bytes(raw[_INODE.size + 2:_INODE.size + 2 + n])
+        stored = -1
+        if kind & _PADDED:  # format 4: stored bytes, the target's length, then zeros
+            stored = U64.unpack_from(raw, _INODE.size)[0]
+            n = U16.unpack_from(raw, _INODE.size + 8)[0]
+            target = bytes(raw[_INODE.size + 10:_INODE.size + 10 + n])
+            stored = -1 if stored == _UNKNOWN else stored
         else:
             target = bytes(raw[_INODE.size:])
         kind &= ~_PADDED
         return cls(mode, uid, gid, nlink, size, at, mt, ct, file_id, gen,
-                   digest if kind else None, target, tree=kind != 1)
+                   digest if kind else None, target, tree=kind != 1, stored=stored)
 
 
 #: a directory entry (format 4): parent, child, name length, then the name
