@@ -119,6 +119,18 @@ class Config:
     scrub_interval: float = 0.0
     #: the scrubber's I/O bound (plaintext bytes per second)
     scrub_rate: int = 32 * MiB
+    #: record who opened, wrote, renamed and deleted which file in the
+    #: store's sealed audit trail (``-o audit=0``: no trail)
+    audit: bool = True
+    #: seconds after which whole audit segments are dropped (0: keep all;
+    #: ``-o audit_retention=T``)
+    audit_retention: float = 0.0
+    #: log a PHI-free digest of every audit record (sequence, event, uid,
+    #: inode, chain hash) at INFO, for journald or a syslog server to keep an
+    #: outside copy of the chain (``-o audit_forward=1``)
+    audit_forward: bool = False
+    #: bytes after which the audit trail starts a new segment
+    audit_segment_size: int = 8 * MiB
     #: the LMDB map size; LMDB only uses what it needs
     index_map_size: int = 64 * 1024 * MiB
     #: where the witness of each store lives (None: ``/var/lib/dcmfs`` for

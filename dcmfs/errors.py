@@ -37,6 +37,8 @@ class WrongKeyError(DcmfsError):
     """The key or passphrase does not open this store."""
 
     exit_code = 10
+    #: the store the key did not open (the CLI notes the failed attempt there)
+    store_root: str | None = None
 
 
 class StoreMissingError(DcmfsError):

@@ -26,6 +26,11 @@ constant, so do we):
   added to the header at the first read-write opening; an inode keeps its
   whole-file SHA-256 (kind 1, still checked) until its file changes, and a
   chunk record gains its digest when its file is next committed.
+* 4 — the audit trail (feature ``audit-v1``, :mod:`dcmfs.audit`): sealed,
+  hash-chained, append-only segments ``audit/segment-NNNNNNNN`` recording who
+  opened, wrote, renamed and deleted which file; the chain head is kept in
+  the index (``meta/audit_head``, sealed).  Stores of earlier versions get
+  the feature and an empty trail at their first read-write opening.
 
 * 4 — (S3 backend) feature ``backend-s3-v1``: the header's ``backend``
   field (``s3://BUCKET/PREFIX``) says the objects live in that bucket, under
@@ -83,7 +88,8 @@ DAMAGE_MARK = "needs-fsck"
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
                             "extents-v1", "digest-tree-v1",
-                            "special-files-v1", "index-auth-v1", "backend-s3-v1"})
+                            "special-files-v1", "index-auth-v1", "backend-s3-v1",
+                            "audit-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -91,7 +97,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
 WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
-                            "special-files-v1", "index-auth-v1"})
+                            "special-files-v1", "index-auth-v1", "audit-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

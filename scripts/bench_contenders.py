@@ -155,6 +155,7 @@ class Dcmfs(Contender):
     codecs offered each frame include OpenJPEG's JPEG 2000: smallest, slow
     to decode), htj2k (HTJ2K only: fastest to decode), inproc (-o sandbox=0: the
     DICOM analysis and image encoders in the daemon, not in worker processes),
+    audit0 (-o audit=0: no audit trail),
     inline (zstd compressed at close, no re-encoder), lzma, zstd:N (level N)."""
 
     #: seconds the backlog may stand still before settle gives up
@@ -175,7 +176,9 @@ class Dcmfs(Contender):
             self.options = ["-o", "image_codecs=htj2k"]
         elif codec == "inproc":
             self.options = ["-o", "sandbox=0"]
-        if codec in ("inline", "dicom0", "paused", "j2k", "htj2k", "inproc"):
+        elif codec == "audit0":
+            self.options = ["-o", "audit=0"]
+        if codec in ("inline", "dicom0", "paused", "j2k", "htj2k", "inproc", "audit0"):
             codec = "zstd"
         self.codec = codec
         self.base = base / self.name

@@ -1,6 +1,6 @@
 """Imports point one way, layer by layer (README, "Layout"):
 
-    app -> adapter -> core -> integrity -> opened -> index -> sandbox -> storage -> base
+    app -> adapter -> core -> integrity -> opened -> audit -> index -> sandbox -> storage -> base
 
 A module may import modules of its own layer and of the layers below it,
 never above; a few pairs are forbidden outright (the leaves, and integrity
@@ -15,7 +15,8 @@ import pathlib
 PKG = pathlib.Path(__file__).resolve().parent.parent / "dcmfs"
 
 #: lowest first; "base" is the package's top-level modules (usable everywhere)
-LAYERS = ["base", "storage", "sandbox", "index", "opened", "integrity", "core", "adapter", "app"]
+LAYERS = ["base", "storage", "sandbox", "index", "audit", "opened", "integrity", "core", "adapter",
+          "app"]
 #: top-level modules that are not base: the ``python -m dcmfs.cli`` entry point
 TOP_LEVEL_APP = {"cli"}
 #: (importer, imported) pairs that are forbidden even where the ranks allow

@@ -95,13 +95,22 @@ def require_fuse() -> None:
                                      "('modprobe fuse') or give the container /dev/fuse.")
 
 
+#: operations the audit trail records: the core is told who asks
+#: (uid, gid, pid of the calling process) before each of them
+AUDITED = frozenset({"open", "create", "mkdir", "rmdir", "unlink", "rename", "link", "symlink",
+                     "mknod", "chmod", "chown", "truncate", "setxattr", "removexattr"})
+
+
 def _translate(method: Callable) -> Callable:
     """Errors to errno, and one count (latency, bytes, errno) per operation."""
     name = method.__name__
+    audited = name in AUDITED
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         t0 = time.perf_counter()
+        if audited and self._audit:
+            self._fs.caller = mfusepy.fuse_get_context()
         try:
             result = method(self, *args, **kwargs)
         except E.DcmfsError as exc:
@@ -180,6 +189,7 @@ class _Operations:
         self._on_ready = on_ready
         self._ops = ops
         self._invalidator: _Invalidator | None = None
+        self._audit = fs.opened.audit is not None
 
     def init(self, path):
         # the ``struct fuse *`` of this mount, for fuse_invalidate_path

@@ -25,6 +25,7 @@ from ..integrity.rebuild import rebuild_index
 from ..integrity.verify import verify_store
 from ..opened.store import OpenedStore
 from ..storage.header import Secret, open_store, set_damage_mark
+from .audit import record_admin
 from .mount import dcmfs_mounts
 from .units import size_text as _size
 
@@ -100,6 +101,7 @@ def recompress(store_root: str, secret: Callable[[], Secret], config: Config,
         return status
     fs = FileSystem(OpenedStore.open(store_root, secret(), config, for_writing=True))
     try:
+        record_admin(fs.opened, "recompress", retry_failed=retry_failed)
         fs.recompress(retry_failed=retry_failed)
         reenc = fs.reencoder
         bar = Progress(reenc.backlog[0], out)
@@ -155,6 +157,7 @@ def verify(store_root: str, secret: Callable[[], Secret], config: Config,
         return result
     store = open_store(store_root, secret())
     with OpenedStore(store, dataclasses.replace(config, read_only=True)) as opened:
+        record_admin(opened, "verify", sample=sample, paths=wanted)
         bars: list[Progress] = []
         report, missing = verify_store(
             opened, wanted, sample,
@@ -234,6 +237,7 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
     result: dict = {"store": store_root, "rebuilt": None}
     # the index is opened by each pass (fsck reports one that does not open)
     with OpenedStore(store, config, index=False) as opened:
+        record_admin(opened, "fsck", repair=repair, rebuild_index=rebuild)
         if rebuild:
             result["rebuilt"] = rebuild_index(opened)
             repair = True

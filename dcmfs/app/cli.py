@@ -17,7 +17,7 @@ import sys
 
 from .. import __version__
 from ..config import Config
-from ..errors import DcmfsError, SecretError, UsageError
+from ..errors import DcmfsError, SecretError, UsageError, WrongKeyError
 from . import keys, options, s3creds
 from .options import make_config, parse_o
 
@@ -289,6 +289,33 @@ def cmd_attach(args) -> int:
     return 0 if result["clean"] else DamageFound.exit_code
 
 
+def cmd_audit(args) -> int:
+    from . import audit
+    from ..errors import DamageFound
+    words = args.words
+    if words[0] == "verify" and len(words) == 2:
+        store_root = os.path.abspath(words[1])
+        _store_arg(argparse.Namespace(store=store_root))
+        report = audit.verify(store_root, _lazy_secret(args, store_root))
+        print(json.dumps(report, indent=1) if args.json else audit.render_verify(report))
+        return 0 if report["intact"] else DamageFound.exit_code
+    if len(words) != 1:
+        raise UsageError("Give one store: 'dcmfs audit STORE' or 'dcmfs audit verify STORE'.")
+    store_root = _store_arg(argparse.Namespace(store=words[0]))
+    problems: list[str] = []
+    try:
+        for rec in audit.records(store_root, _lazy_secret(args, store_root), args.since,
+                                 args.until, args.path, args.uid, args.event, problems):
+            print(json.dumps(rec, separators=(",", ":")) if args.json else audit.render(rec))
+    except BrokenPipeError:  # | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    for problem in problems:
+        print(f"dcmfs: the audit trail is broken: {problem}; run 'dcmfs audit verify "
+              f"{store_root}'", file=sys.stderr)
+    return DamageFound.exit_code if problems else 0
+
+
 def _add_o(p: argparse.ArgumentParser, where: str, what: str) -> None:
     """``-o OPTS`` with the options ``where`` takes listed after the help."""
     p.add_argument("-o", action="append", metavar="OPTS", help=f"{what}, comma separated "
@@ -381,6 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_o(s, options.FSCK, "options")
     _add_secret_options(s)
     s.set_defaults(func=cmd_attach)
+    s = sub.add_parser("audit", help="who opened, wrote, renamed and deleted which file "
+                       "(the sealed audit trail; mounted or not); 'audit verify STORE' "
+                       "checks the chain")
+    s.add_argument("words", nargs="+", metavar="STORE", help="STORE, or: verify STORE")
+    s.add_argument("--since", metavar="T", help="from T on (ISO 8601, UTC unless it says; or "
+                   "a duration ago: 90s, 30m, 12h, 7d)")
+    s.add_argument("--until", metavar="T", help="up to T (as --since)")
+    s.add_argument("--path", metavar="GLOB", help="records whose path (or new path) matches")
+    s.add_argument("--uid", type=int, help="records of this caller uid")
+    s.add_argument("--event", help="records of this event (open, create, write-close, "
+                   "rename, unlink, ...)")
+    s.add_argument("--json", action="store_true", help="one JSON object per line (SIEM)")
+    _add_secret_options(s)
+    s.set_defaults(func=cmd_audit)
 
     s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")
@@ -404,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DcmfsError as exc:
+        if isinstance(exc, WrongKeyError) and exc.store_root:
+            from ..audit.trail import note_failed_unlock
+            note_failed_unlock(exc.store_root, args.func.__name__.removeprefix("cmd_"))
         # under systemd the journal shows this line with its priority
         prefix = "<3>" if logsetup.stderr_is_journal() else ""
         print(f"{prefix}dcmfs: {exc}", file=sys.stderr)

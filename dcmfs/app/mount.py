@@ -31,7 +31,7 @@ from .logsetup import stderr_is_journal
 from ..adapter.metrics import MetricsServer, OpStats
 from ..opened.store import OpenedStore, preflight
 from ..storage.header import (Secret, Store, lock_file_pid, lock_holders, open_store,
-                              read_lock_pid)
+                              read_header, read_lock_pid)
 
 log = logging.getLogger("dcmfs.mount")
 
@@ -174,6 +174,10 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
     ends, close cleanly."""
     forbid_core_dumps()  # the master key is in this process (also when -f)
     fs = FileSystem(OpenedStore(store, config, checked=True))
+    trail = fs.opened.audit
+    if trail is not None:
+        trail.record("mount", None, mountpoint=mountpoint, key=read_header(store.root)["key"]
+                     ["kind"], options=_changed_options(config, fuse_options))
     # the first read of a DICOM-coded file need not wait for the codecs to load
     threading.Thread(target=warm_up, daemon=True, name="dcmfs-warm-up").start()
     if fs.recovered is not None:
@@ -209,12 +213,24 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
             reporter.closing_since = started
         if server is not None:
             server.close()
+        if trail is not None:
+            trail.record("unmount", None, mountpoint=mountpoint)
         try:
             fs.close()
         finally:
             if reporter is not None:
                 reporter.stop.set()
         log.info("store %s closed cleanly in %.1f s", store.root, time.monotonic() - started)
+
+
+def _changed_options(config: Config, fuse_options: dict) -> dict:
+    """The options of a mount that differ from the defaults (audit record)."""
+    out = {k: v for k, v in fuse_options.items() if isinstance(v, (bool, int, float, str))}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, (bool, int, float, str)) and value != f.default:
+            out[f.name] = value
+    return out
 
 
 def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,

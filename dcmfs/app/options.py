@@ -228,6 +228,13 @@ OPTIONS: tuple[Option, ...] = (
            MOUNTING, field="scrub_interval"),
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
            field="scrub_rate"),
+    Option("audit", FLAG, "1: record who opened, wrote, renamed and deleted which file in "
+           "the sealed audit trail; 0: no trail", MOUNTING, field="audit"),
+    Option("audit_forward", FLAG, "1: log a digest of every audit record without names "
+           "(sequence, event, uid, inode, chain hash) for journald/syslog", MOUNTING,
+           field="audit_forward"),
+    Option("audit_retention", DURATION, "drop whole audit segments older than T (off: keep "
+           "all)", MOUNTING, field="audit_retention"),
     Option("state_dir", PATH, "where the store's witness lives (default /var/lib/dcmfs for "
            "root, else the XDG state directory)", KEYED, field="state_dir"),
     Option("accept_rollback", FLAG, "1: open a store older than its witness (as "

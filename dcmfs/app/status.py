@@ -18,6 +18,7 @@ import time
 import psutil
 
 from .. import format as fmt
+from ..audit.segments import plain_head
 from ..errors import DcmfsError
 from ..index import read_meta, read_stats
 from ..adapter.metrics import OPS_XATTR
@@ -75,6 +76,10 @@ def store_report(store_root: str, mountpoint: str | None,
         for k in ("store_read_bytes", "store_written_bytes"):  # /proc/PID/io may be closed
             if k in live:
                 report[k] = live[k]
+    # the audit trail: the daemon's word, or (unmounted) the segments'
+    # plain frame headers (no key: size and head, not authenticated)
+    audit = live.get("audit") if live is not None else None
+    report["audit"] = audit if audit is not None else plain_head(store_root)
     if ops is not None:
         # through the mount since the daemon started: plaintext bytes, operations
         report.update(read_bytes=ops.get("read_bytes", 0), written_bytes=ops.get("written_bytes", 0),
@@ -225,6 +230,12 @@ def render(reports: list[dict]) -> str:
                          f"{scrub['round_files']} files; {scrub['verified_files']} verified "
                          f"intact, {scrub['findings']} findings"
                          + (f"; last full round ended {_ago(last)}" if last else ""))
+        audit = r.get("audit")
+        if audit and (audit.get("segments") or audit.get("seq")):
+            head = audit.get("head") or "-"
+            lines.append(f"audit       {size_text(audit['bytes'])}, head record {audit['seq']} "
+                         f"({head[:16]})" + (f"; {audit['failures']} records not written"
+                                             if audit.get("failures") else ""))
         if r.get("integrity_errors") or r.get("needs_fsck"):
             lines.append(f"integrity   {r.get('integrity_errors', 0)} damaged objects seen; "
                          + (f"the store needs 'dcmfs fsck {r['store']}'" if r.get("needs_fsck")

@@ -47,6 +47,7 @@ class StoreOps:
                 "integrity_errors": self.opened.integrity_errors,
                 "scrub": self.scrubber.status() if self.scrubber else None,
                 "s3": self.opened.remote.stats() if self.opened.remote else None,
+                "audit": self.opened.audit.status() if self.opened.audit else None,
                 **process_figures()}
 
     @_locked
@@ -80,6 +81,7 @@ class StoreOps:
             getattr(self.reencoder, command)()
         else:
             raise InvalidArgument(f"unknown control command {command!r}")
+        self._audit("admin", None, None, command=command.split("{")[0].strip(), mounted=True)
 
     @_locked
     def content_stats(self) -> dict:

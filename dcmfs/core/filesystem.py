@@ -115,8 +115,12 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         self.reencoder: Reencoder | None = None
         self.scrubber: Scrubber | None = None
         self.verify_job: VerifyJob | None = None
+        #: (uid, gid, pid) of the request being served: the FUSE adapter sets
+        #: it before each call; None for calls from inside (the daemon itself)
+        self.caller: tuple[int, int, int] | None = None
         if not config.read_only:
             self.recovered = self.opened.start_session(self._clock, self._delete_inode)
+            self.opened.open_audit()  # after the replay: it resumes from the index's head
             self.checkpoint()
             # always there for 'recompress'; it runs by itself with -o reencode=1
             parsers = ParserPool(config.reencode_threads, config.parser_memory,
@@ -169,7 +173,9 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         wait only for the short index commit.
         """
         while not self._stop.wait(self.config.checkpoint_interval):
-            if not self.index.pending_records and self.opened.damage_pending is None:
+            audit = self.opened.audit
+            if not self.index.pending_records and self.opened.damage_pending is None \
+                    and not (audit is not None and audit.pending()):
                 continue
             try:
                 self.objects.sync()
@@ -221,6 +227,14 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             self.opened.close()
 
     # --- helpers ----------------------------------------------------------------
+    def _audit(self, event: str, ino: int | None, path: str | None, who=None,
+               **fields) -> None:
+        """Record an event that succeeded in the audit trail (before the
+        answer; ``who``: an identity kept from the open, else the caller)."""
+        trail = self.opened.audit
+        if trail is not None:
+            trail.record(event, who or self.caller, ino, path, **fields)
+
     @contextlib.contextmanager
     def _write_txn(self):
         """A write transaction for one operation.
@@ -388,11 +402,13 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
 
     @_mutating
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> None:
-        self._setattr(path, fh, mode=mode)
+        ino, path = self._setattr(path, fh, mode=mode)
+        self._audit("chmod", ino, path, mode=mode & 0o7777)
 
     @_mutating
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> None:
-        self._setattr(path, fh, uid=uid, gid=gid)
+        ino, path = self._setattr(path, fh, uid=uid, gid=gid)
+        self._audit("chown", ino, path, owner=uid, group=gid)
 
     @_mutating
     def utimens(self, path: str | None, atime_ns: int | None, mtime_ns: int | None,
@@ -404,7 +420,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         self._setattr(path, fh, atime=atime_ns, mtime=mtime_ns, now=now)
 
     def _setattr(self, path, fh, mode=None, uid=None, gid=None, atime=None, mtime=None,
-                 now=None) -> None:
+                 now=None) -> tuple[int, str | None]:
+        """Change attributes; returns (ino, path)."""
         now = now or self._clock()
         with self._write_txn() as txn:
             if fh is not None:
@@ -427,6 +444,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             self._put(txn, ino, inode)
         self._knames.changed(ino, path)
         self.data.after_commit([])
+        return ino, path
 
     # --- the filesystem as a whole -----------------------------------------------------------
     def statfs(self) -> dict:

@@ -17,12 +17,15 @@ from typing import Callable
 from .. import format as fmt
 from ..errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLong,
                      NoAttribute, NotSupported, PermissionDenied, ReadOnlyError, TooBig)
+from ..audit.trail import identity
 from .openfile import OpenFile
 from ..index import Inode
 
 log = logging.getLogger("dcmfs.fs")
 
 NAME_MAX = 255
+#: an open's access mode in the audit trail
+_ACCESS = {os.O_RDONLY: "r", os.O_WRONLY: "w", os.O_RDWR: "rw", 3: "rw"}
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 #: fallocate(2) modes (linux/falloc.h); the others (collapse, insert, unshare
 #: range) are EOPNOTSUPP, as on a filesystem without them
@@ -52,7 +55,7 @@ def _mutating(method: Callable) -> Callable:
 
 
 class Handle:
-    __slots__ = ("of", "flags", "path")
+    __slots__ = ("of", "flags", "path", "who", "wrote")
 
     def __init__(self, of: OpenFile, flags: int, path: str | None = None) -> None:
         self.of = of
@@ -60,6 +63,10 @@ class Handle:
         #: the name it was opened by (followed through renames): the kernel
         #: inode whose pages a write through it holds (see core.links)
         self.path = path
+        #: who opened it (uid, gid, pid, process name), for the audit trail's
+        #: write-close record; ``wrote``: written since the last flush
+        self.who: tuple | None = None
+        self.wrote = False
 
 
 class FileOps:
@@ -93,7 +100,9 @@ class FileOps:
             self._touch_dir(txn, parent, pinode)
             txn.add_stats(files=1)
         self.data.after_commit([])
-        return self._open_file(ino, inode, flags, path)
+        fh = self._open_file(ino, inode, flags, path)
+        self._audit_open(fh, "create", ino, path, mode=mode & 0o7777)
+        return fh
 
     @_locked
     def open(self, path: str, flags: int) -> int:
@@ -112,7 +121,26 @@ class FileOps:
             self.data.truncate(of, 0)
             of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
             self._knames.changed(ino, path)
+        self._audit_open(fh, "open", ino, path, access=_ACCESS[flags & os.O_ACCMODE],
+                         **({"trunc": True} if flags & os.O_TRUNC else {}))
         return fh
+
+    def _audit_open(self, fh: int, event: str, ino: int, path: str, **fields) -> None:
+        """Record an open; its handle keeps who opened it (the process name
+        is read once per open) for the write-close record."""
+        trail = self.opened.audit
+        if trail is not None:
+            h = self._handles[fh]
+            h.who = identity(self.caller, fresh=True)
+            trail.record(event, h.who, ino, path, **fields)
+
+    def _audit_written(self, h: Handle) -> None:
+        """A write-close record: the file's new size and digest prefix."""
+        if h.wrote:
+            h.wrote = False
+            digest = h.of.inode.digest
+            self._audit("write-close", h.of.ino, h.path, who=h.who, size=h.of.size,
+                        digest=digest.hex()[:16] if digest else None)
 
     @_locked
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -127,6 +155,7 @@ class FileOps:
         if offset + len(data) > fmt.MAX_FILE_SIZE:
             raise TooBig("file too large")
         n = self.data.write(of, offset, data)
+        h.wrote = True
         of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
         self._knames.changed(of.ino, h.path)
         return n
@@ -138,6 +167,7 @@ class FileOps:
         if fh is not None:
             h = self._handle(fh)
             self.data.truncate(h.of, length)
+            h.wrote = True
             h.of.inode.mtime_ns = h.of.inode.ctime_ns = self._clock()
             self._knames.changed(h.of.ino, h.path)
             return
@@ -157,6 +187,7 @@ class FileOps:
         finally:
             self._release(fh)
         self._knames.changed(ino, path)
+        self._audit("truncate", ino, path, size=length)
 
     @_mutating
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
@@ -192,6 +223,7 @@ class FileOps:
             self.data.truncate(of, end)
             changed = True
         if changed:
+            h.wrote = True
             of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
             self._knames.changed(of.ino, h.path)
 
@@ -216,9 +248,10 @@ class FileOps:
     @_locked
     def flush(self, fh: int) -> None:
         """close(2) on a descriptor: commit, so the data survives a daemon crash."""
-        of = self._handle(fh).of
-        if of.changed:
-            self.data.commit(of)
+        h = self._handle(fh)
+        if h.of.changed:
+            self.data.commit(h.of)
+        self._audit_written(h)
 
     @_locked
     def fsync(self, fh: int, datasync: bool = False) -> None:
@@ -229,7 +262,10 @@ class FileOps:
 
     @_locked
     def release(self, fh: int) -> None:
+        h = self._handles.get(fh)
         self._release(fh)
+        if h is not None:
+            self._audit_written(h)  # written after the last flush (mmap)
 
     def _release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
@@ -311,6 +347,7 @@ class FileOps:
             self._put(txn, ino, inode)
         self._knames.changed(ino, path)
         self.data.after_commit([])
+        self._audit("setxattr", ino, path, name=name)
 
     @_locked
     def getxattr(self, path: str, name: str, caller: int | None = None) -> bytes:
@@ -363,3 +400,4 @@ class FileOps:
                 raise NoAttribute(name)
         self._knames.changed(ino, path)
         self.data.after_commit([])
+        self._audit("removexattr", ino, path, name=name)

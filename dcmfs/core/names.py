@@ -67,6 +67,7 @@ class NameOps:
             txn.add_dirent(parent, name, ino)
             self._touch_dir(txn, parent, pinode, +1)
         self.data.after_commit([])
+        self._audit("mkdir", ino, path, mode=mode & 0o7777)
 
     @_mutating
     def rmdir(self, path: str) -> None:
@@ -80,6 +81,7 @@ class NameOps:
             self._delete_inode(txn, ino, inode)
             self._touch_dir(txn, parent, self._inode(txn, parent), -1)
         self.data.after_commit([])
+        self._audit("rmdir", ino, path)
 
     # --- names ----------------------------------------------------------------------
     @_mutating
@@ -96,6 +98,7 @@ class NameOps:
         self._knames.changed(ino, path)
         self._knames.gone(ino, path)
         self.data.after_commit(garbage)
+        self._audit("unlink", ino, path)
 
     @_mutating
     def rename(self, old: str, new: str, flags: int = 0) -> None:
@@ -169,6 +172,11 @@ class NameOps:
             self._renamed(old, new, src, src_dir)
         self._knames.changed(src, new)
         self.data.after_commit(garbage)
+        if flags & RENAME_EXCHANGE:
+            self._audit("rename", src, old, to=new, exchanged=dst)
+        else:
+            self._audit("rename", src, old, to=new,
+                        **({"replaced": dst} if dst is not None else {}))
 
     def _renamed(self, old: str, new: str, ino: int, is_dir: bool) -> None:
         """Follow a rename in the kernel's names and the open handles' names."""
@@ -201,6 +209,7 @@ class NameOps:
         self._renamed(old, new, ino, False)  # the kernel keeps its inode as ``new``
         self._knames.changed(ino, new)
         self.data.after_commit(garbage)
+        self._audit("unlink", ino, old, open=True)
         return True
 
     def _forget_hidden(self, path: str) -> bool:
@@ -248,6 +257,7 @@ class NameOps:
         self._knames.changed(ino, new)
         self._knames.seen(ino, new)
         self.data.after_commit([])
+        self._audit("link", ino, existing, to=new)
 
     @_mutating
     def symlink(self, path: str, target: str, uid: int, gid: int) -> None:
@@ -258,6 +268,7 @@ class NameOps:
             txn.add_dirent(parent, name, ino)
             self._touch_dir(txn, parent, pinode)
         self.data.after_commit([])
+        self._audit("symlink", ino, path, target=target)
 
     @_mutating
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
@@ -278,6 +289,7 @@ class NameOps:
             if kind == stat.S_IFREG:
                 txn.add_stats(files=1)
         self.data.after_commit([])
+        self._audit("mknod", ino, path, mode=mode)
 
     @_locked
     def readlink(self, path: str) -> str:

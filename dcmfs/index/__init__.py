@@ -6,10 +6,10 @@ Everything above this layer imports these names from the package, not from
 its modules, so the modules can be reshaped without touching the callers.
 """
 
-from .index import Index, read_damage
+from .index import Index, index_sealer, read_damage, sealed_aad
 from .schema import JOURNAL_NAME, SEALED, Inode, read_meta, read_stats
 from .txn import Txn
 from .witness import Witness
 
-__all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "Witness", "read_damage", "read_meta",
-           "read_stats"]
+__all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "Witness", "index_sealer",
+           "read_damage", "read_meta", "read_stats", "sealed_aad"]

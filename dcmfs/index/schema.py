@@ -28,6 +28,11 @@ database      key                             value
                                               is marked as needing fsck (the
                                               copy of ``STORE/needs-fsck``
                                               that notices its deletion)
+                                              ``audit_head`` -> SIV(JSON: seq,
+                                              hash, segment, offset, start_*):
+                                              the audit trail's chain head at
+                                              the last checkpoint (feature
+                                              ``audit-v1``, :mod:`dcmfs.audit`)
 ``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`:
                                               any file type - regular, directory,
                                               symlink, FIFO, socket, character or

@@ -184,6 +184,24 @@ class Txn:
     def clear_damage(self) -> bool:
         return self._delete("meta", b"damage")
 
+    def get_audit_head(self) -> dict | None:
+        """The audit trail's chain head at the last checkpoint
+        (``meta/audit_head``, sealed; see :mod:`dcmfs.audit`), None if none.
+
+        Raises
+        ------
+        IntegrityError
+            The record does not authenticate.
+        """
+        raw = self._get("meta", b"audit_head")
+        try:
+            return None if raw is None else dict(json.loads(raw))
+        except (TypeError, ValueError) as exc:
+            raise IntegrityError("index entry meta/audit_head does not decode") from exc
+
+    def put_audit_head(self, head: dict) -> None:
+        self._put("meta", b"audit_head", json.dumps(head, sort_keys=True).encode())
+
     def alloc_ino(self) -> int:
         raw = self.meta_get("next_ino")
         ino = U64.unpack(raw)[0] if raw else fmt.ROOT_INO + 1

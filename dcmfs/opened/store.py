@@ -31,6 +31,8 @@ import time
 from typing import Callable, Iterator
 
 from .. import format as fmt
+from ..audit.segments import list_segments
+from ..audit.trail import AuditTrail
 from ..config import Config
 from ..errors import DcmfsError, IntegrityError, StoreDamagedError, StoreLockedError
 from ..index import Index, Inode, Txn, Witness, read_damage
@@ -120,6 +122,8 @@ class OpenedStore:
         #: the damage record the next checkpoint writes into the index
         self.damage_pending: dict | None = None
         self._damage_lock = threading.Lock()
+        #: the audit trail, once :meth:`open_audit` opened it (read-write only)
+        self.audit: AuditTrail | None = None
         self._stack = contextlib.ExitStack()
         try:
             if not checked and index:
@@ -193,6 +197,38 @@ class OpenedStore:
     def _group_differs(self, group: int) -> None:
         self.damaged(0, IntegrityError(f"index records of group {group:x} do not match the "
                                        "index's sealed checksum"))
+
+    def open_audit(self) -> AuditTrail | None:
+        """Open the audit trail for appending, after the journal replay
+        (the index's chain head is where it resumes); None when read-only
+        or ``-o audit=0`` (a store that has a trail gets one ``audit-off``
+        record then: the gap is visible)."""
+        if self.audit is not None or self.read_only:
+            return self.audit
+        if not self.config.audit and not list_segments(self.root):
+            return None
+        with self.index.begin() as txn:
+            try:
+                head = txn.get_audit_head()
+            except DcmfsError as exc:  # the trail's check names it
+                log.error("the index's audit head is unreadable: %s", exc)
+                head = None
+        trail = AuditTrail(self.root, self.store.master_key, self.store.store_id, head,
+                           segment_size=self.config.audit_segment_size,
+                           retention=self.config.audit_retention,
+                           forward=self.config.audit_forward)
+        if not self.config.audit:
+            trail.record("audit-off", None)
+            trail.close()
+            return None
+        self.audit = trail
+        self._stack.callback(self._close_audit)
+        return self.audit
+
+    def _close_audit(self) -> None:
+        audit, self.audit = self.audit, None
+        if audit is not None:
+            audit.close()
 
     def close_index(self) -> None:
         if self.index is not None:
@@ -273,6 +309,8 @@ class OpenedStore:
         (objects first, then the journal that names them)."""
         self.objects.sync(upload=self.config.s3_sync)
         self.index.sync_journal()
+        if self.audit is not None:
+            self.audit.sync()
 
     def checkpoint(self, after_commit: Callable[[], None] = lambda: None) -> None:
         """Commit the index durably (objects first); ``after_commit`` runs
@@ -281,11 +319,22 @@ class OpenedStore:
         a rebuild has little to roll forward and the archive stays bounded."""
         with self.lock:
             self._write_damage_record()
+            self._write_audit_head()
             self.objects.sync()
             rotated = self.index.checkpoint()
             after_commit()
             if rotated and archived_bytes(self.index.archive_dir) >= self.config.snapshot_after:
                 self.snapshot(wait=False)
+
+    def _write_audit_head(self) -> None:
+        """The audit trail made durable, its head into the index (under the
+        core's lock, between operations)."""
+        if self.audit is None or self.index is None:
+            return
+        head = self.audit.checkpoint()
+        if head is not None:
+            with self.write_txn() as txn:
+                txn.put_audit_head(head)
 
     def snapshot(self, wait: bool = True) -> None:
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint).

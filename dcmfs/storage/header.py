@@ -210,8 +210,10 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     try:
         master = crypto.Gcm(kek).open(bytes.fromhex(key_info["wrapped"]), _aad(header))
     except (crypto.AuthenticationFailed, ValueError) as exc:
-        raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
-                            "passphrase (or a damaged store header).") from exc
+        err = WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
+                            "passphrase (or a damaged store header).")
+        err.store_root = root
+        raise err from exc
     if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
         try:
             lock = StoreLock(root)
