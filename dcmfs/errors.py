@@ -100,6 +100,20 @@ class KdfBoundsError(DcmfsError):
     exit_code = 26
 
 
+class HeaderAlteredError(WrongKeyError):
+    """A key slot opened, but the store header is not what a key holder
+    wrote (its MAC fails): a removed slot put back, or a field edited."""
+
+    exit_code = 28
+
+
+class KeySlotError(DcmfsError):
+    """A ``dcmfs key`` command cannot be done as asked (no such slot, or the
+    last slot would be removed)."""
+
+    exit_code = 29
+
+
 class DamageFound(DcmfsError):
     """verify or fsck found damage (the report names it)."""
 

@@ -26,6 +26,14 @@ constant, so do we):
   added to the header at the first read-write opening; an inode keeps its
   whole-file SHA-256 (kind 1, still checked) until its file changes, and a
   chunk record gains its digest when its file is next committed.
+* 4 — key slots (feature ``key-slots-v1``, :mod:`dcmfs.storage.slots`): the
+  header's single ``key`` wrap is replaced by ``slots`` (the master key
+  wrapped once per passphrase, key file, systemd credential, key command or
+  PKCS#11 token; each wrap's associated data is the store id and the slot's
+  own fields), ``next_slot`` and ``mac`` (HMAC-SHA256 under a key derived
+  from the master key over every other header field).  A single-wrap header
+  becomes slot 1 at the first read-write opening or ``dcmfs key`` command,
+  under the header lock (an atomic, durable replace).
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -69,7 +77,7 @@ DAMAGE_MARK = "needs-fsck"
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
                             "extents-v1", "digest-tree-v1",
-                            "special-files-v1"})
+                            "special-files-v1", "key-slots-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -77,7 +85,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
 WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
-                            "special-files-v1"})
+                            "special-files-v1", "key-slots-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

@@ -1,0 +1,148 @@
+"""``dcmfs key list|add|remove|change`` (docs/cli.md, "key").
+
+A command that changes slots takes two secrets: the one that authorises it
+(the usual KEY options, which open an existing slot) and the new one
+(``--new-key-file``, ``--new-passphrase-file``, ``--new-passphrase-fd``,
+``--new-credential``, ``--new-key-command``, or a prompt on a terminal).
+Both follow the rules of :mod:`dcmfs.app.keys`.  Each change is appended to
+the store's own log (the audit trail, :func:`dcmfs.app.logsetup.audit_to`):
+slot ids, kinds and labels, never a secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import os
+import sys
+
+from ..config import Config
+from ..errors import SecretError
+from . import keys, logsetup
+
+
+#: secret sources, one option each, with the Secret kind they give
+SOURCES = (("key_file", "keyfile"), ("passphrase_file", "passphrase"),
+           ("passphrase_fd", "passphrase"), ("credential", "credential"),
+           ("key_command", "command"))
+
+
+def add_secret_options(g, prefix: str = "") -> None:
+    """The options of one secret (``prefix`` ``new-`` for the new one)."""
+    what = "new " if prefix else ""
+    g.add_argument(f"--{prefix}key-file", metavar="PATH",
+                   help=f"file holding a {what}key of 32 to 4096 bytes")
+    g.add_argument(f"--{prefix}passphrase-file", metavar="PATH",
+                   help=f"file holding the {what}passphrase")
+    g.add_argument(f"--{prefix}passphrase-fd", metavar="N", type=int,
+                   help=f"read the {what}passphrase from file descriptor N")
+    g.add_argument(f"--{prefix}credential", metavar="NAME",
+                   help=f"the {what}key is the systemd credential "
+                   "$CREDENTIALS_DIRECTORY/NAME (LoadCredential[Encrypted]=)")
+    g.add_argument(f"--{prefix}key-command", metavar="CMD",
+                   help=f"run CMD (split like a shell, no shell) and use what it prints as "
+                   f"the {what}key (at least 32 bytes; trailing line feeds dropped)")
+
+
+def secret_from(args, prefix: str = "", allow_open: bool = False):
+    """The Secret the ``prefix`` options name, None if none is given."""
+    from ..storage.header import Secret
+    attr = prefix.replace("-", "_")
+    for name, kind in SOURCES:
+        value = getattr(args, attr + name, None)
+        if value is None or value is False:
+            continue
+        if name == "key_file":
+            return Secret(kind, keys.read_file(value, "key file", allow_open))
+        if name == "passphrase_file":
+            raw = keys.read_file(value, "passphrase file", allow_open)
+            return Secret(kind, keys.passphrase(raw, f"the file {value}"))
+        if name == "passphrase_fd":
+            return Secret(kind, keys.passphrase(keys.read_fd(value), f"fd {value}"))
+        if name == "credential":
+            return Secret(kind, keys.read_credential(value, allow_open))
+        return Secret(kind, keys.run_key_command(value))
+    return None
+
+
+def _prompt(what: str, confirm: bool):
+    from ..storage.header import Secret
+    if not sys.stdin.isatty():
+        return None
+    pw = getpass.getpass(f"dcmfs {what}: ").encode()
+    if confirm and getpass.getpass("again: ").encode() != pw:
+        raise SecretError("The passphrases differ; nothing was changed.")
+    if len(pw) > keys.MAX_SECRET:
+        raise SecretError(f"The passphrase is longer than {keys.MAX_SECRET} bytes, the most "
+                          "dcmfs accepts.")
+    return Secret("passphrase", keys.passphrase(pw, "the prompt"))
+
+
+def _secrets(args, new: bool):
+    allow = args.allow_open_key_file
+    current = secret_from(args, "", allow) or _prompt("passphrase of an existing slot", False)
+    if current is None:
+        raise SecretError("No key given: pass --key-file, --passphrase-file, --passphrase-fd, "
+                          "--credential or --key-command (a key that opens an existing slot).")
+    if not new:
+        return current, None
+    fresh = secret_from(args, "new-", allow) or _prompt("new passphrase", True)
+    if fresh is None:
+        raise SecretError("No new key given: pass --new-key-file, --new-passphrase-file, "
+                          "--new-passphrase-fd, --new-credential or --new-key-command.")
+    return current, fresh
+
+
+def cmd_key(args) -> int:
+    from ..storage import keyring
+    from ..storage.header import read_header
+    store_root = os.path.abspath(args.store)
+    read_header(store_root)
+    logsetup.audit_to(store_root)
+    if args.key_action == "list":
+        rows = keyring.list_slots(store_root)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print(f"{'slot':>4}  {'kind':<10}  {'created':<20}  label")
+        for r in rows:
+            print(f"{r['id']:>4}  {r['kind']:<10}  {r.get('created') or '-':<20}  {r['label']}")
+        return 0
+    current, fresh = _secrets(args, new=args.key_action in ("add", "change"))
+    kdf = dataclasses.asdict(Config().kdf)  # what init writes
+    if args.key_action == "add":
+        slot = keyring.add_slot(store_root, current, fresh, args.label, kdf)
+        print(f"Added key slot {slot} ({fresh.kind}, {args.label!r}) to {store_root}.")
+    elif args.key_action == "remove":
+        keyring.remove_slot(store_root, current, args.slot)
+        print(f"Removed key slot {args.slot} from {store_root}.")
+    else:
+        keyring.change_slot(store_root, current, args.slot, fresh, args.label, kdf)
+        print(f"Changed key slot {args.slot} of {store_root} ({fresh.kind}).")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("key", help="key slots: list, add, remove, change (mounted or not)")
+    actions = p.add_subparsers(dest="key_action", required=True)
+    s = actions.add_parser("list", help="slot ids, kinds, labels and creation dates (no key)")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    for name, helptext in (("add", "add a slot for a new secret"),
+                           ("remove", "remove a slot (never the last)"),
+                           ("change", "give a slot a new secret")):
+        s = actions.add_parser(name, help=helptext)
+        s.add_argument("store")
+        if name != "add":
+            s.add_argument("slot", type=int, help="the slot id ('dcmfs key list')")
+        if name != "remove":
+            s.add_argument("--label", required=name == "add", default=None,
+                           help="a name for the slot, stored in the clear (an admin, a site)")
+            g = s.add_argument_group("the new secret (never on the command line itself)")
+            add_secret_options(g, "new-")
+        g = s.add_argument_group("a key that opens an existing slot")
+        add_secret_options(g)
+        g.add_argument("--allow-open-key-file", action="store_true",
+                       help="accept key or passphrase files group or others may read")
+    p.set_defaults(func=cmd_key)

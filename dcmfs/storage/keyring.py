@@ -1,0 +1,132 @@
+"""The key slots of a store, changed in place: ``dcmfs key add|remove|change``.
+
+Each operation rewraps the master key only (no object, no index record is
+touched), so it takes the same time whatever the store holds, and works
+while the store is mounted: it holds the header lock (a ``flock`` on the
+store directory), not the store lock a daemon keeps, and the daemon never
+reads the header again after it opened the store.  It is authorised by a
+secret that opens an existing slot, and writes the new header with the
+durable-write helper (temp file, fsync, rename, fsync of the directory),
+so a crash at any step leaves the old slot table or the new one.  A
+single-wrap header (formats 1-3) is turned into a slot table first, in the
+same replace.
+
+Every change is logged (``key slots: ...``) with slot ids, kinds and labels,
+never a secret.
+"""
+
+from __future__ import annotations
+
+from . import slots
+from .header import Secret, read_header, rewrite_header, unlock, upgrade
+from ..errors import KeySlotError
+
+
+def list_slots(root: str) -> list[dict]:
+    """The slots of the store at ``root`` (id, kind, label, created; no key
+    needed, nothing secret).  A single-wrap header shows as slot 1,
+    ``legacy``."""
+    header = read_header(root)
+    if "slots" not in header:
+        return [{"id": 1, "kind": header["key"]["kind"], "label": "(single-wrap header)",
+                 "created": None, "legacy": True}]
+    return [{k: s.get(k) for k in ("id", "kind", "label", "created", "changed")
+             if s.get(k) is not None} for s in header["slots"]]
+
+
+def _opened(root: str, header: dict, secret: Secret) -> tuple[dict, bytes, dict]:
+    """(the header as a slot table, the master key, the slot that opened)."""
+    master, slot = unlock(root, header, secret)
+    if "slots" not in header:
+        header = upgrade(root, header, secret, master, slot["kek"])
+        slot = header["slots"][0]
+    return header, master, slot
+
+
+def _slot(header: dict, slot_id: int) -> dict:
+    for s in header["slots"]:
+        if s["id"] == slot_id:
+            return s
+    raise KeySlotError(f"The store has no key slot {slot_id}; 'dcmfs key list' shows its "
+                       "slots.")
+
+
+def add_slot(root: str, secret: Secret, new: Secret, label: str, kdf: dict,
+             step=None) -> int:
+    """Add a slot for ``new`` (authorised by ``secret``); returns its id.
+
+    Raises
+    ------
+    WrongKeyError, HeaderAlteredError
+        ``secret`` opens no slot, or the header was altered.
+    """
+    slots.check_label(label)
+    added = {}
+
+    def change(header: dict) -> dict:
+        header, master, by = _opened(root, header, secret)
+        slot = slots.new_slot(header["next_slot"], new, label, kdf)
+        header["next_slot"] += 1
+        header["slots"].append(slots.wrap(master, new, slot, header["store_id"]))
+        added.update(id=slot["id"], by=by["id"])
+        return slots.seal_header(master, header)
+
+    rewrite_header(root, change, step)
+    slots.log.info("key slots: slot %d (%s, label %r) added, authorised by slot %d",
+                   added["id"], new.kind, label, added["by"])
+    return added["id"]
+
+
+def remove_slot(root: str, secret: Secret, slot_id: int, step=None) -> None:
+    """Remove slot ``slot_id`` (authorised by ``secret``, which may be that
+    slot's own).
+
+    Raises
+    ------
+    KeySlotError
+        There is no such slot, or it is the last one.
+    """
+    done = {}
+
+    def change(header: dict) -> dict:
+        header, master, by = _opened(root, header, secret)
+        gone = _slot(header, slot_id)
+        if len(header["slots"]) == 1:
+            raise KeySlotError(f"Slot {slot_id} is the store's last key slot; add another "
+                               "('dcmfs key add') before removing it, or nothing could "
+                               "open the store.")
+        header["slots"] = [s for s in header["slots"] if s["id"] != slot_id]
+        done.update(kind=gone["kind"], label=gone["label"], by=by["id"])
+        return slots.seal_header(master, header)
+
+    rewrite_header(root, change, step)
+    slots.log.info("key slots: slot %d (%s, label %r) removed, authorised by slot %d",
+                   slot_id, done["kind"], done["label"], done["by"])
+
+
+def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str | None,
+                kdf: dict, step=None) -> None:
+    """Give slot ``slot_id`` a new secret (and kind, and label if given),
+    authorised by ``secret``.
+
+    Raises
+    ------
+    KeySlotError
+        There is no such slot.
+    """
+    done = {}
+
+    def change(header: dict) -> dict:
+        header, master, by = _opened(root, header, secret)
+        old = _slot(header, slot_id)
+        slot = slots.new_slot(slot_id, new, label or old["label"], kdf)
+        slot["created"] = old.get("created") or slot["created"]
+        slot["changed"] = slots.now()
+        slots.wrap(master, new, slot, header["store_id"])
+        header["slots"] = [slot if s["id"] == slot_id else s for s in header["slots"]]
+        done.update(old=old["kind"], by=by["id"])
+        return slots.seal_header(master, header)
+
+    rewrite_header(root, change, step)
+    slots.log.info("key slots: slot %d changed (%s -> %s), authorised by slot %d",
+                   slot_id, done["old"], new.kind, done["by"])
