@@ -52,6 +52,7 @@ def _add_secret_options(p: argparse.ArgumentParser) -> None:
                    "$CREDENTIALS_DIRECTORY/NAME (LoadCredential[Encrypted]=)")
     g.add_argument("--key-command", metavar="CMD", help="run CMD (split like a shell, no "
                    "shell) and use what it prints as the key (a key-command slot)")
+    keycli.add_pkcs11_options(g)
     g.add_argument("--allow-open-key-file", action="store_true",
                    help="accept a key or passphrase file that group or others may read "
                    "(with a warning)")
@@ -64,7 +65,8 @@ def _secret(args, creating: bool, store_kinds: set | None = None):
     from ..storage.header import Secret
     from .keycli import secret_from
     allow_open = getattr(args, "allow_open_key_file", False)
-    if getattr(args, "credential", None) or getattr(args, "key_command", None):
+    if (getattr(args, "credential", None) or getattr(args, "key_command", None)
+            or getattr(args, "pkcs11_module", None)):
         return secret_from(args, "", allow_open)
     if args.key_file:
         if creating and not os.path.exists(args.key_file):

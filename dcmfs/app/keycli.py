@@ -43,12 +43,43 @@ def add_secret_options(g, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}key-command", metavar="CMD",
                    help=f"run CMD (split like a shell, no shell) and use what it prints as "
                    f"the {what}key (at least 32 bytes; trailing line feeds dropped)")
+    add_pkcs11_options(g, prefix)
+
+
+def add_pkcs11_options(g, prefix: str = "") -> None:
+    g.add_argument(f"--{prefix}pkcs11-module", metavar="SO",
+                   help="a PKCS#11 token's module (e.g. /usr/lib/softhsm/libsofthsm2.so); "
+                   "its PIN from the passphrase options, a credential or the prompt")
+    g.add_argument(f"--{prefix}pkcs11-token", metavar="LABEL",
+                   help="the token's label" + (" (default: the slot's)" if not prefix else ""))
+    g.add_argument(f"--{prefix}pkcs11-key", metavar="LABEL",
+                   help="the AES key's label in the token" + (
+                       " (generated there, non-extractable, if missing)" if prefix
+                       else " (default: the slot's)"))
 
 
 def secret_from(args, prefix: str = "", allow_open: bool = False):
-    """The Secret the ``prefix`` options name, None if none is given."""
+    """The Secret the ``prefix`` options name, None if none is given; with
+    ``--pkcs11-module`` a token's, the other options (or the prompt) giving
+    its PIN."""
     from ..storage.header import Secret
     attr = prefix.replace("-", "_")
+    module = getattr(args, attr + "pkcs11_module", None)
+    source = _source(args, attr, allow_open)
+    if not module:
+        return source
+    from ..storage.pkcs11 import Token
+    pin = source or _prompt(f"{prefix}PKCS#11 PIN", False)
+    if pin is None:
+        raise SecretError("No PIN for the PKCS#11 token: pass it with --passphrase-file, "
+                          "--passphrase-fd or --credential (--new-... for a new slot).")
+    return Secret("pkcs11", pin.value, pkcs11=Token(
+        module, getattr(args, attr + "pkcs11_token", None), getattr(args, attr + "pkcs11_key",
+                                                                     None)))
+
+
+def _source(args, attr: str, allow_open: bool):
+    from ..storage.header import Secret
     for name, kind in SOURCES:
         value = getattr(args, attr + name, None)
         if value is None or value is False:

@@ -174,7 +174,7 @@ def wrap(master: bytes, secret, slot: dict, store_id: str, slot_kek: bytes | Non
     """Set ``slot["wrapped"]``: ``master`` sealed for ``secret``."""
     aad = slot_aad(store_id, slot)
     if slot["kind"] == "pkcs11":
-        slot["wrapped"] = secret.pkcs11.seal(master, aad).hex()
+        slot["wrapped"] = secret.pkcs11.seal(secret.value, master, aad).hex()
     else:
         slot["wrapped"] = crypto.Gcm(slot_kek or kek(secret, slot)).seal(master, aad).hex()
     return slot
@@ -194,7 +194,7 @@ def unwrap(secret, slot: dict, store_id: str, root: str = "") -> bytes:
     except ValueError as exc:
         raise crypto.AuthenticationFailed("not hex") from exc
     if slot["kind"] == "pkcs11":
-        return secret.pkcs11.open(slot, blob, aad)
+        return secret.pkcs11.open(secret.value, slot, blob, aad)
     return crypto.Gcm(kek(secret, slot, root)).open(blob, aad)
 
 
@@ -218,6 +218,10 @@ def unlock(header: dict, secret, root: str) -> tuple[bytes, dict]:
             master = unwrap(secret, slot, store_id, root)
         except crypto.AuthenticationFailed:
             continue
+        except SecretError:  # a token's PIN, module or label
+            log.warning("unlock failed: %s could not be used for slot %d", WHAT[secret.kind],
+                        slot["id"])
+            raise
         if not hmac.compare_digest(header["mac"], header_mac(master, header)):
             log.warning("unlock refused: slot %d (%s) opened but the store header's "
                         "authentication failed", slot["id"], slot["kind"])
