@@ -20,7 +20,7 @@ from dcmfs.core.filesystem import FileSystem
 from dcmfs.storage import keyring
 from dcmfs.storage.header import Secret, init_store, open_store, read_header
 
-from .conftest import CHEAP_KDF, SMALL, file_sha256, sha256
+from .conftest import CHEAP_KDF, SMALL, Mount, file_sha256, sha256
 
 KDF = {"memory_kib": CHEAP_KDF.memory_kib, "iterations": CHEAP_KDF.iterations,
        "lanes": CHEAP_KDF.lanes}
@@ -303,3 +303,56 @@ def test_key_command_and_credential_slots_mount(mount_env, tmp_path):
     assert r.returncode == E.SecretError.exit_code and "fewer than 32" in r.stderr, r.stderr
     r = m.cli("mount", m.store, m.mnt, "--credential", "../etc/passwd", env=env)
     assert r.returncode == E.SecretError.exit_code, r.stderr
+
+
+def test_an_instance_file_names_a_key_command(tmp_path):
+    m = Mount(tmp_path)
+    script = tmp_path / "kms-key"
+    script.write_text(f"#!{sys.executable}\nprint('c' * 48)\n")
+    script.chmod(0o700)
+    toml = tmp_path / "pacs.toml"
+    toml.write_text(f'store = "{m.store}"\nmountpoint = "{m.mnt}"\n'
+                    f'[key]\ncommand = "{script} --site pacs"\n')
+    try:
+        r = m.cli("init", "--config", toml)
+        assert r.returncode == 0, r.stderr
+        assert [s["kind"] for s in keyring.list_slots(str(m.store))] == ["command"]
+        r = m.cli("mount", "--config", toml)
+        assert r.returncode == 0, r.stderr
+        (m.mnt / "a").write_bytes(b"through a key command")
+        m.umount()
+        assert open_store(str(m.store), Secret("command", b"c" * 48)).master_key
+    finally:
+        m.cleanup()
+
+
+@pytest.mark.parametrize("at", ["written", "renamed"])
+def test_sigkill_while_an_old_header_becomes_a_slot_table(tmp_path, at):
+    """The upgrade and the new slot are one replace: old header or both."""
+    with open(os.path.join(COMPAT, "v3", "manifest.json")) as f:
+        manifest = json.load(f)
+    root = tmp_path / "store"
+    shutil.copytree(os.path.join(COMPAT, "v3", "store"), root)
+    script = CRASH.replace("first admin's passphrase", manifest["passphrase"])
+    r = subprocess.run([sys.executable, "-c", script, str(root), "add", at],
+                       capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    header = read_header(str(root))
+    old = Secret("passphrase", manifest["passphrase"].encode())
+    if at == "written":
+        assert "key" in header and "slots" not in header
+    else:
+        assert [s["id"] for s in header["slots"]] == [1, 2]
+        assert (open_store(str(root), Secret("keyfile", bytes(range(32)))).master_key
+                == open_store(str(root), old).master_key)
+    fs = FileSystem(open_store(str(root), old, for_writing=True), SMALL)
+    try:
+        for path, digest in manifest["files"].items():
+            fh = fs.open(path, os.O_RDONLY)
+            try:
+                assert sha256(fs.read(fh, 1 << 24, 0)) == digest, path
+            finally:
+                fs.release(fh)
+    finally:
+        fs.close()
+    assert "slots" in read_header(str(root))
