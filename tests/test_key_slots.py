@@ -356,3 +356,27 @@ def test_sigkill_while_an_old_header_becomes_a_slot_table(tmp_path, at):
     finally:
         fs.close()
     assert "slots" in read_header(str(root))
+
+
+def test_concurrent_key_commands_lose_no_slot(three):
+    """Two commands at once: the header lock serialises them, each reads the
+    header the other wrote."""
+    root, key, files = three
+    add = textwrap.dedent("""
+        import sys
+        from dcmfs.storage import keyring
+        from dcmfs.storage.header import Secret
+        kdf = {"memory_kib": 1024, "iterations": 1, "lanes": 1}
+        for i in range(5):
+            keyring.add_slot(sys.argv[1], Secret("passphrase", b"first admin's passphrase"),
+                             Secret("passphrase", f"{sys.argv[2]}-{i}".encode()),
+                             f"{sys.argv[2]}-{i}", kdf)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", add, str(root), name])
+             for name in ("x", "y")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    labels = sorted(r["label"] for r in keyring.list_slots(str(root)))
+    assert labels == sorted(["alice", "bob", "boot"] + [f"{n}-{i}" for n in "xy"
+                                                        for i in range(5)])
+    assert open_store(str(root), Secret("passphrase", b"y-4")).master_key == \
+        open_store(str(root), key).master_key
