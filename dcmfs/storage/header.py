@@ -63,7 +63,17 @@ class Store:
     chunk_size: int
     codec: str
     features: frozenset
+    #: the store key (epoch 0): index, names, journal, object contexts, and
+    #: the contents of files written before any rotation
     master_key: bytes = dataclasses.field(repr=False)
+    #: {epoch: data key} of every live key epoch (0: the store key)
+    epoch_keys: dict = dataclasses.field(default=None, repr=False, compare=False)
+    #: the epoch new chunks are sealed under
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epoch_keys is None:
+            object.__setattr__(self, "epoch_keys", {0: self.master_key})
 
 
 def _aad(header: dict) -> bytes:
@@ -136,11 +146,9 @@ def init_store(root: str, secret: Secret, config: Config, label: str = "") -> St
         "store_id": store_id.hex(),
         "chunk_size": config.chunk_size,
         "codec": config.codec,
-        "next_slot": 2,
     }
     slot = slots.new_slot(1, secret, label or "initial", dataclasses.asdict(config.kdf))
-    header["slots"] = [slots.wrap(master, secret, slot, header["store_id"])]
-    _write_header(root, slots.seal_header(master, header))
+    _write_header(root, slots.new_table(header, master, secret, slot))
     return Store(root, store_id, config.chunk_size, config.codec,
                  frozenset(header["features"]), master)
 
@@ -232,10 +240,11 @@ def read_header(root: str) -> dict:
     return header
 
 
-def unlock(root: str, header: dict, secret: Secret) -> tuple[bytes, dict]:
-    """(master key, the slot that opened it) of a header of either layout;
-    for a single-wrap header the "slot" is its ``key`` table with the KEK
-    under ``"kek"``, what :func:`dcmfs.storage.slots.from_legacy` needs.
+def unlock(root: str, header: dict, secret: Secret) -> tuple[dict, dict]:
+    """({epoch: key}, the slot that opened it) of a header of either layout
+    (epoch 0 is the store key); for a single-wrap header the "slot" is its
+    ``key`` table with the KEK under ``"kek"``, what
+    :func:`dcmfs.storage.slots.from_legacy` needs.
 
     Raises
     ------
@@ -255,7 +264,7 @@ def unlock(root: str, header: dict, secret: Secret) -> tuple[bytes, dict]:
                           slots.WHAT[secret.kind], key_info["kind"])
         raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
                             "passphrase (or a damaged store header).") from exc
-    return master, {**key_info, "id": 1, "kek": kek}
+    return {0: master}, {**key_info, "id": 1, "kek": kek}
 
 
 def slots_secret_as(secret: Secret, kind: str) -> Secret:
@@ -280,7 +289,8 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     """
     root = os.path.abspath(root)
     header = read_header(root)
-    master, _ = unlock(root, header, secret)
+    keys, _ = unlock(root, header, secret)
+    master = keys[0]
     if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
         try:
             lock = StoreLock(root)
@@ -292,7 +302,8 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
             finally:
                 lock.release()
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
-                 header["codec"], frozenset(header["features"]), master)
+                 header["codec"], frozenset(header["features"]), master, keys,
+                 header.get("epoch", 0))
 
 
 def upgrade(root: str, header: dict, secret: Secret, master: bytes,
@@ -302,7 +313,7 @@ def upgrade(root: str, header: dict, secret: Secret, master: bytes,
     of a single-wrap header, if it is known already)."""
     if "slots" not in header:
         legacy_kek = legacy_kek or unlock(root, header, secret)[1]["kek"]
-        header = slots.from_legacy(header, master, legacy_kek)
+        header = slots.from_legacy(header, master, legacy_kek, secret)
         slots.log.info("key slots: the store's single key wrap became slot 1 (%s)",
                        header["slots"][0]["kind"])
     header["features"] = sorted(set(header["features"]) | fmt.WRITE_FEATURES)

@@ -34,13 +34,13 @@ def list_slots(root: str) -> list[dict]:
              if s.get(k) is not None} for s in header["slots"]]
 
 
-def _opened(root: str, header: dict, secret: Secret) -> tuple[dict, bytes, dict]:
-    """(the header as a slot table, the master key, the slot that opened)."""
-    master, slot = unlock(root, header, secret)
+def _opened(root: str, header: dict, secret: Secret) -> tuple[dict, dict, dict]:
+    """(the header as a slot table, {epoch: key}, the slot that opened)."""
+    keys, slot = unlock(root, header, secret)
     if "slots" not in header:
-        header = upgrade(root, header, secret, master, slot["kek"])
+        header = upgrade(root, header, secret, keys[0], slot["kek"])
         slot = header["slots"][0]
-    return header, master, slot
+    return header, keys, slot
 
 
 def _slot(header: dict, slot_id: int) -> dict:
@@ -64,12 +64,12 @@ def add_slot(root: str, secret: Secret, new: Secret, label: str, kdf: dict,
     added = {}
 
     def change(header: dict) -> dict:
-        header, master, by = _opened(root, header, secret)
+        header, keys, by = _opened(root, header, secret)
         slot = slots.new_slot(header["next_slot"], new, label, kdf)
         header["next_slot"] += 1
-        header["slots"].append(slots.wrap(master, new, slot, header["store_id"]))
+        header["slots"].append(slots.enrol(header, keys, new, slot))
         added.update(id=slot["id"], by=by["id"])
-        return slots.seal_header(master, header)
+        return slots.seal_header(keys[0], header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d (%s, label %r) added, authorised by slot %d",
@@ -89,15 +89,15 @@ def remove_slot(root: str, secret: Secret, slot_id: int, step=None) -> None:
     done = {}
 
     def change(header: dict) -> dict:
-        header, master, by = _opened(root, header, secret)
+        header, keys, by = _opened(root, header, secret)
         gone = _slot(header, slot_id)
         if len(header["slots"]) == 1:
             raise KeySlotError(f"Slot {slot_id} is the store's last key slot; add another "
                                "('dcmfs key add') before removing it, or nothing could "
                                "open the store.")
-        header["slots"] = [s for s in header["slots"] if s["id"] != slot_id]
+        slots.drop(header, slot_id)
         done.update(kind=gone["kind"], label=gone["label"], by=by["id"])
-        return slots.seal_header(master, header)
+        return slots.seal_header(keys[0], header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d (%s, label %r) removed, authorised by slot %d",
@@ -117,15 +117,18 @@ def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str
     done = {}
 
     def change(header: dict) -> dict:
-        header, master, by = _opened(root, header, secret)
+        header, keys, by = _opened(root, header, secret)
         old = _slot(header, slot_id)
         slot = slots.new_slot(slot_id, new, label or old["label"], kdf)
         slot["created"] = old.get("created") or slot["created"]
         slot["changed"] = slots.now()
-        slots.wrap(master, new, slot, header["store_id"])
-        header["slots"] = [slot if s["id"] == slot_id else s for s in header["slots"]]
+        # a new key pair: the old secret, with a copy of the old header,
+        # opens no epoch made after the change
+        slots.drop(header, slot_id)
+        header["slots"].append(slots.enrol(header, keys, new, slot))
+        header["slots"].sort(key=lambda s: s["id"])
         done.update(old=old["kind"], by=by["id"])
-        return slots.seal_header(master, header)
+        return slots.seal_header(keys[0], header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d changed (%s -> %s), authorised by slot %d",

@@ -1,17 +1,28 @@
-"""Key slots (feature ``key-slots-v1``): the master key wrapped once per slot.
+"""Key slots (feature ``key-slots-v1``) and key epochs (``key-epochs-v1``).
 
-A store's header holds a table of slots (LUKS2's key slots); each wraps the
-same master key under its own key-encryption key (KEK), so several admins,
-a key file for the boot and a token can all unlock the store, and one can
-be added, changed or removed without touching any data (ZFS ``change-key``):
+A store's header holds a table of slots (LUKS2's key slots). Each slot has
+an X25519 key pair: its private key is wrapped under the slot's own
+key-encryption key (KEK), its public key is in the clear, and every key the
+store uses - the store key (epoch 0: the index, names, journal, object
+contexts and the contents written before any rotation) and one data key per
+later *key epoch* (``dcmfs key rotate``) - is sealed to every slot's public
+key.  So several admins, a key file for the boot and a token can all unlock
+the store; a slot is added, changed or removed without touching any data
+(ZFS ``change-key``); and a rotation seals a new data key to every slot
+without their secrets, while a copy of an older header opens no epoch made
+after it:
 
 .. code-block:: json
 
     {"slots": [{"id": 1, "kind": "passphrase", "label": "admin",
                 "created": "2026-12-02T19:30:00Z", "salt": "<hex>",
                 "argon2id": {"memory_kib": ..., "iterations": ..., "lanes": ...},
-                "wrapped": "<hex nonce|ciphertext|tag>"}, ...],
-     "next_slot": 2, "mac": "<hex>"}
+                "public": "<X25519 public key, hex>",
+                "wrapped": "<hex nonce|AES-256-GCM(KEK, X25519 private key)|tag>"}, ...],
+     "next_slot": 2,
+     "epochs": [{"epoch": 0, "created": "...", "sealed": {"1": "<hex>", ...}}, ...],
+     "epoch": 0, "destroyed": [{"epoch": 1, "destroyed": "..."}],
+     "mac": "<hex>"}
 
 =============  ==============================================================
 kind           KEK
@@ -20,17 +31,19 @@ passphrase     Argon2id(passphrase, salt, the slot's parameters)
 keyfile        HKDF-SHA256(key file, salt, ``dcmfs/keyfile-kek``)
 credential     the same, of a systemd credential (``LoadCredential[Encrypted]=``)
 command        HKDF-SHA256(what the command printed, salt, ``dcmfs/command-kek``)
-pkcs11         none: the token's non-extractable AES key seals the master key
+pkcs11         none: the token's non-extractable AES key seals the private key
                itself (:mod:`dcmfs.storage.pkcs11`)
 =============  ==============================================================
 
 A slot's wrap has as associated data the store id and the slot's own fields
-(all but ``wrapped``), so a slot cannot move to another store and its
-parameters cannot be altered.  Every other header field (features, chunk
-size, codec, the slot table itself) is authenticated by ``mac``:
-HMAC-SHA256 under HKDF(master, ``header``, store id) of the canonical JSON of
-the rest of the header, checked after every unlock: a slot put back after it
-was removed, or a slot table altered in place, fails to open (exit 28).  The
+(all but ``wrapped``, the public key included).  ``sealed[slot id]`` of an
+epoch is ``ephemeral X25519 public key (32) | nonce | AES-256-GCM(HKDF(shared
+secret, ephemeral | slot public key), epoch key) | tag`` with associated data
+store id, slot id and epoch.  Every other header field (features, chunk
+size, codec, the slot and epoch tables) is authenticated by ``mac``:
+HMAC-SHA256 under HKDF(store key, ``header``, store id) of the canonical JSON
+of the rest of the header, checked after every unlock: a slot put back after
+it was removed, or a table altered in place, fails to open (exit 28).  The
 command of a ``command`` slot, and the module of a ``pkcs11`` slot, are never
 in the header (whoever can write the store could make dcmfs run a program of
 their choice); they come from the command line or the instance file.
@@ -54,6 +67,8 @@ from ..errors import (ForeignStoreError, HeaderAlteredError, KdfBoundsError, Sec
 log = logging.getLogger("dcmfs.audit")
 
 FEATURE = "key-slots-v1"
+#: a store that was rotated at least once (objects name their key epoch)
+EPOCHS_FEATURE = "key-epochs-v1"
 KINDS = ("passphrase", "keyfile", "credential", "command", "pkcs11")
 #: the slot kinds a secret of each kind is tried against: a systemd
 #: credential holds a key file's bytes, so either opens the other's slots
@@ -99,6 +114,13 @@ def valid_table(header: dict) -> bool:
                 or not isinstance(s.get("wrapped"), str) or not isinstance(s.get("label"), str)):
             return False
         ids.add(s["id"])
+    epochs = header.get("epochs")
+    if (not isinstance(epochs, list) or not epochs or not isinstance(header.get("epoch"), int)
+            or header["epoch"] not in [e.get("epoch") for e in epochs if isinstance(e, dict)]
+            or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
+                       and isinstance(e.get("sealed"), dict) for e in epochs)
+            or epochs[0]["epoch"] != 0):
+        return False
     return isinstance(header.get("mac"), str)
 
 
@@ -170,18 +192,63 @@ def new_slot(slot_id: int, secret, label: str, kdf: dict) -> dict:
     return slot
 
 
-def wrap(master: bytes, secret, slot: dict, store_id: str, slot_kek: bytes | None = None) -> dict:
-    """Set ``slot["wrapped"]``: ``master`` sealed for ``secret``."""
+def _x25519():
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (X25519PrivateKey,
+                                                                  X25519PublicKey)
+    return X25519PrivateKey, X25519PublicKey
+
+
+def _raw(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization as ser
+    if hasattr(key, "private_bytes"):
+        return key.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
+    return key.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+
+
+def _seal_aad(store_id: str, slot_id: int, epoch: int) -> bytes:
+    return _canonical({"store_id": store_id, "slot": slot_id, "epoch": epoch})
+
+
+def _box_key(shared: bytes, ephemeral: bytes, public: bytes) -> bytes:
+    return crypto.derive(shared, b"epoch-seal", ephemeral + public)
+
+
+def seal_to(public_hex: str, key: bytes, aad: bytes) -> str:
+    """``key`` sealed to an X25519 public key (HPKE-style: ephemeral key,
+    HKDF of the shared secret, AES-256-GCM)."""
+    private_cls, public_cls = _x25519()
+    public = bytes.fromhex(public_hex)
+    ephemeral = private_cls.generate()
+    shared = ephemeral.exchange(public_cls.from_public_bytes(public))
+    e_pub = _raw(ephemeral.public_key())
+    return (e_pub + crypto.Gcm(_box_key(shared, e_pub, public)).seal(key, aad)).hex()
+
+
+def open_from(private: bytes, sealed_hex: str, aad: bytes) -> bytes:
+    """Raises :class:`crypto.AuthenticationFailed` if it does not open."""
+    private_cls, public_cls = _x25519()
+    try:
+        blob = bytes.fromhex(sealed_hex)
+        me = private_cls.from_private_bytes(private)
+        shared = me.exchange(public_cls.from_public_bytes(blob[:32]))
+    except ValueError as exc:
+        raise crypto.AuthenticationFailed("not a sealed key") from exc
+    return crypto.Gcm(_box_key(shared, blob[:32], _raw(me.public_key()))).open(blob[32:], aad)
+
+
+def wrap(secret, slot: dict, private: bytes, store_id: str,
+         slot_kek: bytes | None = None) -> dict:
+    """Set ``slot["wrapped"]``: the slot's private key sealed for ``secret``."""
     aad = slot_aad(store_id, slot)
     if slot["kind"] == "pkcs11":
-        slot["wrapped"] = secret.pkcs11.seal(secret.value, master, aad).hex()
+        slot["wrapped"] = secret.pkcs11.seal(secret.value, private, aad).hex()
     else:
-        slot["wrapped"] = crypto.Gcm(slot_kek or kek(secret, slot)).seal(master, aad).hex()
+        slot["wrapped"] = crypto.Gcm(slot_kek or kek(secret, slot)).seal(private, aad).hex()
     return slot
 
 
 def unwrap(secret, slot: dict, store_id: str, root: str = "") -> bytes:
-    """The master key if ``secret`` opens ``slot``.
+    """The slot's private key if ``secret`` opens ``slot``.
 
     Raises
     ------
@@ -198,10 +265,55 @@ def unwrap(secret, slot: dict, store_id: str, root: str = "") -> bytes:
     return crypto.Gcm(kek(secret, slot, root)).open(blob, aad)
 
 
-def unlock(header: dict, secret, root: str) -> tuple[bytes, dict]:
-    """(master key, the slot that opened) for ``secret``; the header's mac is
-    checked with the key.  A failed attempt is logged with the kinds tried,
-    never with anything of the secret.
+def enrol(header: dict, keys: dict[int, bytes], secret, slot: dict,
+          slot_kek: bytes | None = None) -> dict:
+    """Give ``slot`` a new key pair, wrap its private key for ``secret`` and
+    seal every live epoch's key (``keys``) to its public key."""
+    private_cls, _ = _x25519()
+    me = private_cls.generate()
+    slot["public"] = _raw(me.public_key()).hex()
+    wrap(secret, slot, _raw(me), header["store_id"], slot_kek)
+    for entry in header["epochs"]:
+        entry["sealed"][str(slot["id"])] = seal_to(
+            slot["public"], keys[entry["epoch"]],
+            _seal_aad(header["store_id"], slot["id"], entry["epoch"]))
+    return slot
+
+
+def drop(header: dict, slot_id: int) -> None:
+    """Remove a slot and what is sealed to it."""
+    header["slots"] = [s for s in header["slots"] if s["id"] != slot_id]
+    for entry in header["epochs"]:
+        entry["sealed"].pop(str(slot_id), None)
+
+
+def rotate(header: dict) -> tuple[int, bytes]:
+    """A new key epoch: a random data key sealed to every slot, the epoch new
+    chunks are sealed under from now on.  Returns (epoch, its key)."""
+    key = crypto.random_key()
+    epoch = max([e["epoch"] for e in header["epochs"]]
+                + [d["epoch"] for d in header.get("destroyed", [])]) + 1
+    header["epochs"].append({"epoch": epoch, "created": now(), "sealed": {
+        str(s["id"]): seal_to(s["public"], key, _seal_aad(header["store_id"], s["id"], epoch))
+        for s in header["slots"]}})
+    header["epoch"] = epoch
+    header["features"] = sorted(set(header["features"]) | {EPOCHS_FEATURE})
+    return epoch, key
+
+
+def destroy(header: dict, epoch: int) -> None:
+    """Forget an older epoch's data key (no object may use it any more)."""
+    if epoch in (0, header["epoch"]):
+        raise ValueError(f"epoch {epoch} cannot be destroyed")
+    header["epochs"] = [e for e in header["epochs"] if e["epoch"] != epoch]
+    header.setdefault("destroyed", []).append({"epoch": epoch, "destroyed": now()})
+
+
+def unlock(header: dict, secret, root: str) -> tuple[dict[int, bytes], dict]:
+    """({epoch: key} of every live epoch, the slot that opened) for
+    ``secret``; epoch 0 is the store key.  The header's mac is checked with
+    it.  A failed attempt is logged with the kinds tried, never with
+    anything of the secret.
 
     Raises
     ------
@@ -215,21 +327,27 @@ def unlock(header: dict, secret, root: str) -> tuple[bytes, dict]:
     candidates = [s for s in header["slots"] if s["kind"] in kinds]
     for slot in candidates:
         try:
-            master = unwrap(secret, slot, store_id, root)
+            private = unwrap(secret, slot, store_id, root)
         except crypto.AuthenticationFailed:
             continue
         except SecretError:  # a token's PIN, module or label
             log.warning("unlock failed: %s could not be used for slot %d", WHAT[secret.kind],
                         slot["id"])
             raise
-        if not hmac.compare_digest(header["mac"], header_mac(master, header)):
+        try:
+            keys = {e["epoch"]: open_from(private, e["sealed"][str(slot["id"])],
+                                          _seal_aad(store_id, slot["id"], e["epoch"]))
+                    for e in header["epochs"]}
+            if not hmac.compare_digest(header["mac"], header_mac(keys[0], header)):
+                raise crypto.AuthenticationFailed("header mac")
+        except (crypto.AuthenticationFailed, KeyError) as exc:
             log.warning("unlock refused: slot %d (%s) opened but the store header's "
                         "authentication failed", slot["id"], slot["kind"])
             raise HeaderAlteredError(
                 f"The store header at {root} was altered by someone without the key (a slot "
                 "put back or changed, or another field edited); restore dcmfs.store from a "
-                "backup made after the last 'dcmfs key' command.")
-        return master, slot
+                "backup made after the last 'dcmfs key' command.") from exc
+        return keys, slot
     have = sorted({s["kind"] for s in header["slots"]})
     log.warning("unlock failed: %s opened none of the store's %d %s slot(s)",
                 WHAT[secret.kind], len(candidates), "/".join(kinds))
@@ -242,22 +360,28 @@ def unlock(header: dict, secret, root: str) -> tuple[bytes, dict]:
                         " (or a damaged store header).")
 
 
-def from_legacy(header: dict, master: bytes, legacy_kek: bytes) -> dict:
+def new_table(header: dict, master: bytes, secret, slot: dict,
+              slot_kek: bytes | None = None) -> dict:
+    """``header`` with a slot table of one slot, epoch 0 holding ``master``."""
+    header["next_slot"] = slot["id"] + 1
+    header["epochs"] = [{"epoch": 0, "created": now(), "sealed": {}}]
+    header["epoch"] = 0
+    header["slots"] = [enrol(header, {0: master}, secret, slot, slot_kek)]
+    header["features"] = sorted(set(header.get("features", [])) | {FEATURE})
+    return seal_header(master, header)
+
+
+def from_legacy(header: dict, master: bytes, legacy_kek: bytes, secret) -> dict:
     """The header of a single-wrap store (formats 1-3, ``key``) as a slot
-    table: the old wrap becomes slot 1, under the same KEK (the header is no
-    longer its associated data, so it is sealed again)."""
+    table: the old wrap becomes slot 1, of the same kind, salt and Argon2id
+    parameters (so the same KEK opens it; ``legacy_kek``)."""
     new = {k: v for k, v in header.items() if k != "key"}
     old = header["key"]
     slot = {"id": 1, "kind": old["kind"], "label": "initial", "created": now(),
             "salt": old["salt"]}
     if old["kind"] == "passphrase":
         slot["argon2id"] = old["argon2id"]
-    slot["wrapped"] = crypto.Gcm(legacy_kek).seal(master, slot_aad(header["store_id"],
-                                                                  slot)).hex()
-    new["slots"] = [slot]
-    new["next_slot"] = 2
-    new["features"] = sorted(set(header.get("features", [])) | {FEATURE})
-    return seal_header(master, new)
+    return new_table(new, master, secret, slot, legacy_kek)
 
 
 def kinds(header: dict) -> set[str]:
