@@ -34,6 +34,12 @@ constant, so do we):
   from the master key over every other header field).  A single-wrap header
   becomes slot 1 at the first read-write opening or ``dcmfs key`` command,
   under the header lock (an atomic, durable replace).
+* 4 — key epochs (feature ``key-epochs-v1``, added by the first ``dcmfs key
+  rotate``): the header's ``epochs`` table holds one data key per epoch,
+  sealed to every slot's X25519 public key; an object names the epoch its
+  payload key comes from in the CTX field that was reserved (u16 after the
+  flags; 0, the store key, in every object written before), so objects of
+  every format version read as before.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -77,7 +83,7 @@ DAMAGE_MARK = "needs-fsck"
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
                             "extents-v1", "digest-tree-v1",
-                            "special-files-v1", "key-slots-v1"})
+                            "special-files-v1", "key-slots-v1", "key-epochs-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence

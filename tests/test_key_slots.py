@@ -257,7 +257,7 @@ def test_key_commands_while_mounted(mount_env, tmp_path):
     r = m.cli("key", "remove", m.store, "1", "--key-file", m.key)
     assert r.returncode == 0, r.stderr
     r = m.cli("key", "list", m.store, "--json")
-    assert [(s["id"], s["kind"], s["label"]) for s in json.loads(r.stdout)] == [
+    assert [(s["id"], s["kind"], s["label"]) for s in json.loads(r.stdout)["slots"]] == [
         (2, "passphrase", "carol"), (3, "command", "kms")]
     r = m.cli("key", "remove", m.store, "3", "--passphrase-file", pw)
     r = m.cli("key", "remove", m.store, "2", "--passphrase-file", pw)

@@ -336,3 +336,35 @@ def render_stats(stats: dict) -> str:
         lines.append(f"{stats['backlog_files']} files wait for the re-encoder "
                      "('dcmfs recompress STORE' finishes them now).")
     return "\n".join(lines)
+
+
+def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Config,
+                    out: TextIO = sys.stderr) -> dict:
+    """``dcmfs key rotate --finish``: seal every chunk under an older key
+    epoch again under the newest (progress bar), make that durable, then
+    destroy the keys of the epochs no chunk uses any more (never epoch 0,
+    the store key, which also seals the index).  Unmounted only."""
+    from ..core.rekey import epochs_in_use, rekey_all
+    from ..errors import StoreLockedError
+    from ..storage.keyring import retire
+    if mountpoint_of(store_root) is not None:
+        raise StoreLockedError(f"The store {store_root} is mounted; 'dcmfs key rotate "
+                               "--finish' runs on an unmounted store (unmount it first).")
+    fs = FileSystem(OpenedStore.open(store_root, secret(), config, for_writing=True))
+    try:
+        before = epochs_in_use(fs)
+        current = fs.objects.epoch
+        with fs.lock, fs.index.begin() as txn:
+            files = len({ino for ino, _, _ in txn.iter_all_chunks()})
+        bar = Progress(files, out, "rotate --finish")
+        chunks, nbytes = rekey_all(fs, bar.update)
+        bar.update(0, nbytes, final=True)
+        after = epochs_in_use(fs)
+        master, live = fs.opened.store.master_key, set(fs.objects.epoch_keys)
+    finally:
+        fs.close()  # a checkpoint: the swaps are durable before any key goes
+    unused = {e for e in live if e not in after and e != current}
+    destroyed = retire(store_root, master, unused) if unused else []
+    return {"epoch": current, "chunks": chunks, "bytes": nbytes,
+            "before": {str(k): v for k, v in sorted(before.items())},
+            "after": {str(k): v for k, v in sorted(after.items())}, "destroyed": destroyed}

@@ -132,14 +132,24 @@ def cmd_key(args) -> int:
     read_header(store_root)
     logsetup.audit_to(store_root)
     if args.key_action == "list":
-        rows = keyring.list_slots(store_root)
+        rows, epochs = keyring.list_slots(store_root), keyring.list_epochs(store_root)
         if args.json:
-            print(json.dumps(rows, indent=1))
+            print(json.dumps({"slots": rows, "epochs": epochs}, indent=1))
             return 0
         print(f"{'slot':>4}  {'kind':<10}  {'created':<20}  label")
         for r in rows:
             print(f"{r['id']:>4}  {r['kind']:<10}  {r.get('created') or '-':<20}  {r['label']}")
+        print(f"{'epoch':>5}  state")
+        for e in epochs:
+            when = e.get("destroyed") or e.get("created") or ""
+            print(f"{e['epoch']:>5}  {e['state']:<10} {when}".rstrip()
+                  + ("  (the store key: index and names" + (
+                      "; no file contents any more)" if e["state"] == "retired" else
+                      ", and contents written before the first rotation)")
+                     if e["epoch"] == 0 else ""))
         return 0
+    if args.key_action == "rotate":
+        return _rotate(args, store_root)
     current, fresh = _secrets(args, new=args.key_action in ("add", "change"))
     kdf = dataclasses.asdict(Config().kdf)  # what init writes
     if args.key_action == "add":
@@ -151,6 +161,26 @@ def cmd_key(args) -> int:
     else:
         keyring.change_slot(store_root, current, args.slot, fresh, args.label, kdf)
         print(f"Changed key slot {args.slot} of {store_root} ({fresh.kind}).")
+    return 0
+
+
+def _rotate(args, store_root: str) -> int:
+    from ..storage import keyring
+    from .admin import finish_rotation
+    current = secret_from(args, "", args.allow_open_key_file) or _prompt(
+        "passphrase of an existing slot", False)
+    if current is None:
+        raise SecretError("No key given: pass --key-file, --passphrase-file, --passphrase-fd, "
+                          "--credential, --key-command or --pkcs11-module.")
+    if not args.finish:
+        epoch = keyring.rotate(store_root, current)
+        print(f"Key epoch {epoch} started at {store_root}: new chunks are sealed under it; "
+              f"'dcmfs key rotate --finish {store_root}' seals the older ones again.")
+        return 0
+    result = finish_rotation(store_root, lambda: current, Config())
+    gone = ", ".join(map(str, result["destroyed"])) or "none"
+    print(f"Sealed {result['chunks']} chunks again under key epoch {result['epoch']}; "
+          f"epoch keys destroyed: {gone}.")
     return 0
 
 
@@ -176,4 +206,14 @@ def add_parser(sub) -> None:
         add_secret_options(g)
         g.add_argument("--allow-open-key-file", action="store_true",
                        help="accept key or passphrase files group or others may read")
+    s = actions.add_parser("rotate", help="start a new key epoch for new chunks; --finish "
+                           "seals the older ones again and destroys unused epoch keys")
+    s.add_argument("store")
+    s.add_argument("--finish", action="store_true",
+                   help="seal every chunk of an older epoch again (unmounted), then destroy "
+                   "the keys no chunk uses")
+    g = s.add_argument_group("a key that opens an existing slot")
+    add_secret_options(g)
+    g.add_argument("--allow-open-key-file", action="store_true",
+                   help="accept key or passphrase files group or others may read")
     p.set_defaults(func=cmd_key)

@@ -128,7 +128,8 @@ class OpenedStore:
             self._stack.callback(self.store_lock.release)
             self.codecs = Codecs.of(config)
             self.objects = ObjectStore(store.root, store.store_id, store.master_key,
-                                       self.codecs, verify_writes=config.verify_writes)
+                                       self.codecs, verify_writes=config.verify_writes,
+                                       epoch_keys=store.epoch_keys, epoch=store.epoch)
             self._stack.callback(self.objects.close)
             self._stack.callback(self.close_index)
             if index:

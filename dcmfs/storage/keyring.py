@@ -133,3 +133,82 @@ def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d changed (%s -> %s), authorised by slot %d",
                    slot_id, done["old"], new.kind, done["by"])
+
+
+def rotate(root: str, secret: Secret, step=None) -> int:
+    """Start a new key epoch (authorised by ``secret``): a random data key
+    sealed to every slot; chunks written from the next opening on are sealed
+    under it.  The store must not be open (a running daemon would go on
+    sealing under the epoch it has).  Returns the new epoch.
+
+    Raises
+    ------
+    StoreLockedError
+        The store is mounted or open.
+    """
+    from .header import StoreLock
+    from ..errors import StoreLockedError
+    try:
+        lock = StoreLock(root)
+    except StoreLockedError as exc:
+        raise StoreLockedError(f"The store {root} is mounted or open; a rotation takes effect "
+                               "at the next opening, so unmount it first (then mount it "
+                               "again at once: reads of every epoch go on).") from exc
+    done = {}
+    try:
+        def change(header: dict) -> dict:
+            header, keys, by = _opened(root, header, secret)
+            done["epoch"], key = slots.rotate(header)
+            done["by"] = by["id"]
+            return slots.seal_header(keys[0], header)
+
+        rewrite_header(root, change, step)
+    finally:
+        lock.release()
+    slots.log.info("key epochs: rotation to epoch %d started, authorised by slot %d; "
+                   "'dcmfs key rotate --finish' seals older chunks again",
+                   done["epoch"], done["by"])
+    return done["epoch"]
+
+
+def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
+    """Destroy the data keys of ``epochs`` (no chunk uses them any more; the
+    caller checked, under the store lock), except epoch 0, the store key,
+    which also seals the index: it is marked ``retired`` (it seals no file
+    contents any more).  ``master`` (the store key) authenticates the header
+    read afresh.  Returns the epochs destroyed."""
+    import hmac
+    from ..errors import HeaderAlteredError
+    gone: list[int] = []
+
+    def change(header: dict) -> dict:
+        if not hmac.compare_digest(header["mac"], slots.header_mac(master, header)):
+            raise HeaderAlteredError(f"The store header at {root} was altered by someone "
+                                     "without the key; nothing was destroyed.")
+        for entry in list(header["epochs"]):
+            if entry["epoch"] == 0 and 0 in epochs and header["epoch"] != 0:
+                entry.setdefault("retired", slots.now())  # seals no contents any more
+            elif entry["epoch"] in epochs and entry["epoch"] != header["epoch"]:
+                slots.destroy(header, entry["epoch"])
+                gone.append(entry["epoch"])
+        return slots.seal_header(master, header)
+
+    rewrite_header(root, change)
+    for epoch in gone:
+        slots.log.info("key epochs: the key of epoch %d was destroyed (no chunk uses it)", epoch)
+    return gone
+
+
+def list_epochs(root: str) -> list[dict]:
+    """The key epochs: live ones (``current`` marks the newest) and destroyed
+    ones, with dates (no key needed)."""
+    header = read_header(root)
+    if "epochs" not in header:
+        return [{"epoch": 0, "state": "current"}]
+    out = [{"epoch": e["epoch"], "created": e.get("created"),
+            "state": ("current" if e["epoch"] == header["epoch"] else
+                      "retired" if e.get("retired") else "live")}
+           for e in header["epochs"]]
+    out += [{"epoch": d["epoch"], "destroyed": d.get("destroyed"), "state": "destroyed"}
+            for d in header.get("destroyed", [])]
+    return sorted(out, key=lambda e: e["epoch"])

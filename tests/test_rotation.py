@@ -1,0 +1,246 @@
+"""Master-key rotation (issue 18): key epochs.  New chunks are sealed under
+the newest epoch at once; ``--finish`` seals the older ones again and
+destroys the keys no chunk uses; a stolen old key reads nothing written
+after the rotation, and a destroyed epoch's objects, copied aside before,
+open with nothing the store holds afterwards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dcmfs import errors as E
+from dcmfs.app import admin
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.core.rekey import epochs_in_use
+from dcmfs.storage import keyring
+from dcmfs.storage.header import Secret, StoreLock, init_store, open_store, read_header
+from dcmfs.storage.objects import ObjectDamaged, ObjectStore
+
+from .conftest import SMALL, Mount, file_sha256, sha256
+
+KEY = Secret("keyfile", bytes(range(32)))
+PW = Secret("passphrase", b"a second admin")
+
+
+def write(root, files: dict) -> None:
+    fs = FileSystem(open_store(str(root), KEY, for_writing=True), SMALL)
+    try:
+        for path, data in files.items():
+            fh = fs.create(path, 0o600, os.O_WRONLY, 0, 0)
+            fs.write(fh, data, 0)
+            fs.release(fh)
+    finally:
+        fs.close()
+
+
+def check(root, files: dict, secret=KEY) -> dict:
+    """Every file byte-exact; returns {epoch: chunks}."""
+    fs = FileSystem(open_store(str(root), secret), SMALL)
+    try:
+        for path, data in files.items():
+            fh = fs.open(path, os.O_RDONLY)
+            try:
+                assert fs.read(fh, len(data) + 1, 0) == data, path
+            finally:
+                fs.release(fh)
+        return epochs_in_use(fs)
+    finally:
+        fs.close()
+
+
+def finish(root) -> dict:
+    return admin.finish_rotation(str(root), lambda: KEY, SMALL, out=io.StringIO())
+
+
+def chunk_oids(root, path) -> list[bytes]:
+    fs = FileSystem(open_store(str(root), KEY), SMALL)
+    try:
+        with fs.index.begin() as txn:
+            ino = fs._resolve(txn, path)
+            return [ref.oid for ref in txn.chunks(ino).values()]
+    finally:
+        fs.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "s"
+    init_store(str(root), KEY, SMALL)
+    keyring.add_slot(str(root), KEY, PW, "bob", {"memory_kib": 1024, "iterations": 1,
+                                                 "lanes": 1})
+    files = {"/old.bin": os.urandom(300_000), "/dir/small": b"x" * 1000}
+    write(root, {"/old.bin": files["/old.bin"]})
+    fs = FileSystem(open_store(str(root), KEY, for_writing=True), SMALL)
+    fs.mkdir("/dir", 0o755, 0, 0)
+    fh = fs.create("/dir/small", 0o600, os.O_WRONLY, 0, 0)
+    fs.write(fh, files["/dir/small"], 0)
+    fs.release(fh)
+    fs.close()
+    return root, files
+
+
+def test_new_chunks_go_under_the_new_epoch_at_once(store):
+    root, files = store
+    stolen = open_store(str(root), KEY).master_key  # the key before the rotation
+    assert keyring.rotate(str(root), PW) == 1  # any slot authorises it
+    header = read_header(str(root))
+    assert header["epoch"] == 1 and "key-epochs-v1" in header["features"]
+    new = {"/new.bin": os.urandom(200_000)}
+    write(root, new)
+    assert check(root, {**files, **new}) == {0: 6, 1: 4}  # 64 KiB chunks: 5 + 1 old, 4 new
+    assert check(root, {**files, **new}, PW) == {0: 6, 1: 4}
+    # the stolen old key opens the old chunks, never a new one
+    fs = FileSystem(open_store(str(root), KEY), SMALL)
+    thief = ObjectStore(str(root), bytes.fromhex(header["store_id"]), stolen, fs.opened.codecs)
+    try:
+        with fs.index.begin() as txn:
+            for path, expect in (("/old.bin", True), ("/new.bin", False)):
+                ino = fs._resolve(txn, path)
+                inode = txn.get_inode(ino)
+                for idx, ref in txn.chunks(ino).items():
+                    cipher = thief.file_cipher(inode.file_id)
+                    if expect:
+                        assert thief.read(cipher, inode.file_id, ino, idx, ref)
+                    else:
+                        with pytest.raises(ObjectDamaged, match="epoch 1"):
+                            thief.read(cipher, inode.file_id, ino, idx, ref)
+    finally:
+        fs.close()
+
+
+def test_rotation_refused_while_the_store_is_open(store):
+    root, files = store
+    lock = StoreLock(str(root))
+    try:
+        with pytest.raises(E.StoreLockedError, match="unmount it first"):
+            keyring.rotate(str(root), KEY)
+    finally:
+        lock.release()
+    assert read_header(str(root))["epoch"] == 0
+
+
+def test_finish_reseals_everything_and_destroys_the_unused_epoch(store):
+    root, files = store
+    keyring.rotate(str(root), KEY)
+    new = {"/e1.bin": os.urandom(150_000)}
+    write(root, new)
+    files.update(new)
+    keyring.rotate(str(root), KEY)  # epoch 2; epochs 0 and 1 hold chunks
+    aside = {oid: (root / "objects" / oid.hex()[:2] / oid.hex()).read_bytes()
+             for oid in chunk_oids(root, "/e1.bin")}  # S3 versioning keeps these
+    result = finish(root)
+    assert result["destroyed"] == [1] and result["after"] == {"2": 9}
+    assert result["before"] == {"0": 6, "1": 3}
+    assert check(root, files) == {2: 9}
+    epochs = {e["epoch"]: e["state"] for e in keyring.list_epochs(str(root))}
+    assert epochs == {0: "retired", 1: "destroyed", 2: "current"}
+    # a copy of an epoch-1 object opens with nothing the store now holds
+    store_now = open_store(str(root), KEY)
+    assert set(store_now.epoch_keys) == {0, 2}
+    fs = FileSystem(store_now, SMALL)
+    try:
+        with fs.index.begin() as txn:
+            ino = fs._resolve(txn, "/e1.bin")
+            inode = txn.get_inode(ino)
+            table = txn.chunks(ino)
+        cipher = fs.objects.file_cipher(inode.file_id)
+        for (idx, ref), (oid, blob) in zip(sorted(table.items()), aside.items()):
+            with pytest.raises(ObjectDamaged, match="epoch 1"):
+                fs.objects.read(cipher, inode.file_id, ino, idx, ref._replace(oid=oid), blob)
+    finally:
+        fs.close()
+    fsck = admin.fsck(str(root), lambda: KEY, SMALL, repair=False, rebuild=False,
+                      out=io.StringIO())
+    assert fsck["clean"], fsck
+    assert finish(root)["chunks"] == 0  # nothing left to do
+
+
+KILL = textwrap.dedent("""
+    import io, os, signal, sys
+    from dcmfs.app import admin
+    from dcmfs.core import rekey
+    from dcmfs.storage.header import Secret
+    from tests.conftest import SMALL
+    seen = [0]
+    real = rekey.rekey_file
+    def rekey_file(host, ino):
+        seen[0] += 1
+        if seen[0] == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(host, ino)
+    rekey.rekey_file = rekey_file
+    admin.finish_rotation(sys.argv[1], lambda: Secret("keyfile", bytes(range(32))), SMALL,
+                          out=io.StringIO())
+""")
+
+
+@pytest.mark.parametrize("at", [2, 3])
+def test_sigkill_during_finish_loses_nothing_and_finish_goes_on(store, at):
+    root, files = store
+    keyring.rotate(str(root), KEY)
+    more = {f"/f{i}": os.urandom(70_000 + i) for i in range(3)}
+    write(root, more)
+    files.update(more)
+    keyring.rotate(str(root), KEY)
+    r = subprocess.run([sys.executable, "-c", KILL, str(root), str(at)], capture_output=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    counts = check(root, files)  # reads never fail: every epoch is still there
+    assert counts.get(2, 0) > 0 and set(counts) <= {0, 1, 2}
+    assert finish(root)["destroyed"] == [1]
+    assert check(root, files) == {2: sum(len(d) // 65536 + 1 for d in files.values())}
+
+
+@pytest.mark.parametrize("at", ["written", "renamed"])
+def test_sigkill_while_rotating_leaves_the_old_or_the_new_epoch(store, at):
+    root, files = store
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from dcmfs.storage import keyring
+        from dcmfs.storage.header import Secret
+        def step(name):
+            if name == sys.argv[2]:
+                os.kill(os.getpid(), signal.SIGKILL)
+        keyring.rotate(sys.argv[1], Secret("keyfile", bytes(range(32))), step=step)
+    """)
+    r = subprocess.run([sys.executable, "-c", script, str(root), at], capture_output=True,
+                       timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert read_header(str(root))["epoch"] == (0 if at == "written" else 1)
+    write(root, {"/later": b"after the crash" * 100})
+    files["/later"] = b"after the crash" * 100
+    check(root, files)
+    check(root, files, PW)
+
+
+def test_rotate_through_the_command_line(mount_env):
+    m = mount_env
+    m.mount()
+    data = os.urandom(400_000)
+    (m.mnt / "scan.dcm").write_bytes(data)
+    r = m.cli("key", "rotate", m.store, "--key-file", m.key)
+    assert r.returncode == E.StoreLockedError.exit_code and "unmount" in r.stderr, r.stderr
+    m.umount()
+    r = m.cli("key", "rotate", m.store, "--key-file", m.key)
+    assert r.returncode == 0 and "Key epoch 1 started" in r.stdout, r.stderr
+    m.mount()
+    (m.mnt / "after.dcm").write_bytes(data[::-1])
+    m.umount()
+    r = m.cli("key", "rotate", m.store, "--finish", "--key-file", m.key)
+    assert r.returncode == 0 and "under key epoch 1" in r.stdout, r.stderr
+    r = m.cli("key", "list", m.store, "--json")
+    epochs = {e["epoch"]: e["state"] for e in json.loads(r.stdout)["epochs"]}
+    assert epochs == {0: "retired", 1: "current"}
+    m.mount()
+    assert file_sha256(m.mnt / "scan.dcm") == sha256(data)
+    assert file_sha256(m.mnt / "after.dcm") == sha256(data[::-1])
+    m.umount()
+    assert "rotation to epoch 1 started" in m.log() and "sealed again under epoch 1" in m.log()
