@@ -90,7 +90,7 @@ def store(tmp_path):
 def test_new_chunks_go_under_the_new_epoch_at_once(store):
     root, files = store
     stolen = open_store(str(root), KEY).master_key  # the key before the rotation
-    assert keyring.rotate(str(root), PW) == 1  # any slot authorises it
+    assert keyring.rotate(str(root), PW)[0] == 1  # any slot authorises it
     header = read_header(str(root))
     assert header["epoch"] == 1 and "key-epochs-v1" in header["features"]
     new = {"/new.bin": os.urandom(200_000)}
@@ -116,11 +116,11 @@ def test_new_chunks_go_under_the_new_epoch_at_once(store):
         fs.close()
 
 
-def test_rotation_refused_while_the_store_is_open(store):
+def test_rotation_refused_while_an_admin_command_has_the_store_open(store):
     root, files = store
     lock = StoreLock(str(root))
     try:
-        with pytest.raises(E.StoreLockedError, match="unmount it first"):
+        with pytest.raises(E.StoreLockedError, match="not a mount"):
             keyring.rotate(str(root), KEY)
     finally:
         lock.release()
@@ -221,19 +221,39 @@ def test_sigkill_while_rotating_leaves_the_old_or_the_new_epoch(store, at):
     check(root, files, PW)
 
 
-def test_rotate_through_the_command_line(mount_env):
+def test_rotate_while_mounted_takes_effect_at_once(mount_env):
     m = mount_env
-    m.mount()
+    m.mount("-o", "reencode=0")
     data = os.urandom(400_000)
     (m.mnt / "scan.dcm").write_bytes(data)
-    r = m.cli("key", "rotate", m.store, "--key-file", m.key)
-    assert r.returncode == E.StoreLockedError.exit_code and "unmount" in r.stderr, r.stderr
-    m.umount()
+    held = open(m.mnt / "held.bin", "wb")  # open across the rotation
+    held.write(b"a" * 100_000)
+    held.flush()
     r = m.cli("key", "rotate", m.store, "--key-file", m.key)
     assert r.returncode == 0 and "Key epoch 1 started" in r.stdout, r.stderr
-    m.mount()
     (m.mnt / "after.dcm").write_bytes(data[::-1])
+    held.write(b"b" * 100_000)
+    held.close()
+    assert file_sha256(m.mnt / "scan.dcm") == sha256(data)  # reads of epoch 0 go on
+    # a forged rekey (a key that is not the header's) is refused by the daemon
+    with pytest.raises(OSError):
+        os.setxattr(m.mnt, "user.dcmfs.control", b"rekey 1 " + b"00" * 32)
+    r = m.cli("key", "rotate", m.store, "--finish", "--key-file", m.key)
+    assert r.returncode == E.StoreLockedError.exit_code and "unmount" in r.stderr, r.stderr
     m.umount()
+    fs = FileSystem(open_store(str(m.store), Secret("keyfile", m.key.read_bytes())), SMALL)
+    try:
+        with fs.index.begin() as txn:
+            by_path = {}
+            for path in ("/scan.dcm", "/after.dcm", "/held.bin"):
+                ino = fs._resolve(txn, path)
+                by_path[path] = sorted(fs.objects.epoch_of(ref.oid)
+                                       for ref in txn.chunks(ino).values())
+    finally:
+        fs.close()
+    assert by_path["/scan.dcm"] == [0]
+    assert by_path["/after.dcm"] == [1]
+    assert by_path["/held.bin"] == [1]  # written again at its close, after the rotation
     r = m.cli("key", "rotate", m.store, "--finish", "--key-file", m.key)
     assert r.returncode == 0 and "under key epoch 1" in r.stdout, r.stderr
     r = m.cli("key", "list", m.store, "--json")
@@ -242,5 +262,8 @@ def test_rotate_through_the_command_line(mount_env):
     m.mount()
     assert file_sha256(m.mnt / "scan.dcm") == sha256(data)
     assert file_sha256(m.mnt / "after.dcm") == sha256(data[::-1])
+    assert file_sha256(m.mnt / "held.bin") == sha256(b"a" * 100_000 + b"b" * 100_000)
     m.umount()
-    assert "rotation to epoch 1 started" in m.log() and "sealed again under epoch 1" in m.log()
+    log = m.log()
+    assert "rotation to epoch 1 started" in log and "sealed again under epoch 1" in log
+    assert "new chunks are sealed under epoch 1 from now on" in log

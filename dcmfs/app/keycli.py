@@ -173,7 +173,12 @@ def _rotate(args, store_root: str) -> int:
         raise SecretError("No key given: pass --key-file, --passphrase-file, --passphrase-fd, "
                           "--credential, --key-command or --pkcs11-module.")
     if not args.finish:
-        epoch = keyring.rotate(store_root, current)
+        from .. import format as fmt
+        from .admin import _xattr, mountpoint_of
+        mp = mountpoint_of(store_root)
+        epoch, key = keyring.rotate(store_root, current, in_use=mp is not None)
+        if mp is not None:  # the daemon seals new chunks under it at once
+            _xattr(mp, fmt.CONTROL_XATTR, f"rekey {epoch} {key.hex()}".encode())
         print(f"Key epoch {epoch} started at {store_root}: new chunks are sealed under it; "
               f"'dcmfs key rotate --finish {store_root}' seals the older ones again.")
         return 0

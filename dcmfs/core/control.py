@@ -75,10 +75,30 @@ class StoreOps:
                 if self.verify_job is not None and self.verify_job.state["running"]:
                     raise InvalidArgument("a verify is already running")
                 self.verify_job = VerifyJob(self, args.get("paths"), args.get("sample"))
+        elif command.startswith("rekey "):
+            self.adopt_epoch(command[len("rekey "):])
         elif command in ("pause", "resume") and self.reencoder is not None:
             getattr(self.reencoder, command)()
         else:
             raise InvalidArgument(f"unknown control command {command!r}")
+
+    def adopt_epoch(self, arg: str) -> None:
+        """``rekey EPOCH KEYHEX`` (``dcmfs key rotate`` on a mounted store):
+        seal every new chunk under the new key epoch from now on, once the
+        key is proven to be the newest epoch's of this store's authentic
+        header.  The key is never logged, nor echoed in an error."""
+        from ..storage.keyring import epoch_key_authentic
+        try:
+            epoch_text, key_hex = arg.split(" ")
+            epoch, key = int(epoch_text), bytes.fromhex(key_hex)
+        except ValueError:
+            raise InvalidArgument("bad rekey arguments") from None
+        store = self.opened.store
+        if not epoch_key_authentic(store.root, store.master_key, epoch, key):
+            raise InvalidArgument("not the newest key epoch of this store")
+        self.objects.add_epoch(epoch, key)
+        logging.getLogger("dcmfs.audit").info(
+            "key epochs: new chunks are sealed under epoch %d from now on", epoch)
 
     @_locked
     def content_stats(self) -> dict:

@@ -135,40 +135,58 @@ def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str
                    slot_id, done["old"], new.kind, done["by"])
 
 
-def rotate(root: str, secret: Secret, step=None) -> int:
+def rotate(root: str, secret: Secret, step=None,
+           in_use: bool = False) -> tuple[int, bytes]:
     """Start a new key epoch (authorised by ``secret``): a random data key
-    sealed to every slot; chunks written from the next opening on are sealed
-    under it.  The store must not be open (a running daemon would go on
-    sealing under the epoch it has).  Returns the new epoch.
+    sealed to every slot; chunks are sealed under it from the next opening
+    on, or at once by a running daemon that is handed the key (``in_use``:
+    the caller does that, :meth:`dcmfs.core.control.StoreOps.adopt_epoch`).
+    Returns (the new epoch, its key).
 
     Raises
     ------
     StoreLockedError
-        The store is mounted or open.
+        The store is open and ``in_use`` is False.
     """
     from .header import StoreLock
     from ..errors import StoreLockedError
     try:
         lock = StoreLock(root)
     except StoreLockedError as exc:
-        raise StoreLockedError(f"The store {root} is mounted or open; a rotation takes effect "
-                               "at the next opening, so unmount it first (then mount it "
-                               "again at once: reads of every epoch go on).") from exc
+        if not in_use:
+            raise StoreLockedError(f"The store {root} is open in another dcmfs process that "
+                                   "is not a mount (fsck, verify, recompress); try again when "
+                                   "it is done.") from exc
+        lock = None
     done = {}
     try:
         def change(header: dict) -> dict:
             header, keys, by = _opened(root, header, secret)
-            done["epoch"], key = slots.rotate(header)
+            done["epoch"], done["key"] = slots.rotate(header, keys[0])
             done["by"] = by["id"]
             return slots.seal_header(keys[0], header)
 
         rewrite_header(root, change, step)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     slots.log.info("key epochs: rotation to epoch %d started, authorised by slot %d; "
                    "'dcmfs key rotate --finish' seals older chunks again",
                    done["epoch"], done["by"])
-    return done["epoch"]
+    return done["epoch"], done["key"]
+
+
+def epoch_key_authentic(root: str, master: bytes, epoch: int, key: bytes) -> bool:
+    """Is ``key`` the key of ``epoch``, the newest epoch of the store's
+    authentic header?  (A running daemon checks what it is handed.)"""
+    import hmac
+    header = read_header(root)
+    if "epochs" not in header or header.get("epoch") != epoch or not hmac.compare_digest(
+            header["mac"], slots.header_mac(master, header)):
+        return False
+    entry = next(e for e in header["epochs"] if e["epoch"] == epoch)
+    return hmac.compare_digest(entry.get("check", ""),
+                               slots.epoch_check(master, header["store_id"], epoch, key))
 
 
 def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:

@@ -85,11 +85,17 @@ class FileKeys:
     key), the newest sealing.  Objects name their epoch in the context
     block (the CTX field after the flags), so a read picks the key."""
 
-    __slots__ = ("_objects", "_file_id", "epoch", "_ciphers")
+    __slots__ = ("_objects", "_file_id", "_ciphers")
 
-    def __init__(self, objects: "ObjectStore", file_id: bytes, epoch: int) -> None:
-        self._objects, self._file_id, self.epoch = objects, file_id, epoch
+    def __init__(self, objects: "ObjectStore", file_id: bytes) -> None:
+        self._objects, self._file_id = objects, file_id
         self._ciphers: dict[int, crypto.Gcm] = {}
+
+    @property
+    def epoch(self) -> int:
+        """The epoch new objects are sealed under: the store's newest, also
+        for a file opened before a rotation."""
+        return self._objects.epoch
 
     def cipher(self, epoch: int, oid: bytes = b"") -> crypto.Gcm:
         """Raises :class:`ObjectDamaged` for an epoch whose key is gone."""
@@ -145,13 +151,11 @@ class ObjectStore:
     def file_cipher(self, file_id: bytes) -> FileKeys:
         """One file's data keys (HKDF of each epoch's key; epoch 0 is the
         store key, as before any rotation)."""
-        return FileKeys(self, file_id, self.epoch)
+        return FileKeys(self, file_id)
 
-    def set_epochs(self, epoch_keys: dict, epoch: int) -> None:
-        """A rotation: new objects are sealed under ``epoch`` from now on
-        (files opened before keep sealing under the epoch they started with
-        until they are opened again)."""
-        self.epoch_keys = dict(epoch_keys)
+    def add_epoch(self, epoch: int, key: bytes) -> None:
+        """A rotation: every object sealed from now on is under ``epoch``."""
+        self.epoch_keys = {**self.epoch_keys, epoch: key}
         self.epoch = epoch
 
     def _aad(self, oid: bytes) -> bytes:
@@ -193,10 +197,11 @@ class ObjectStore:
             if again != plaintext:
                 raise CodecMismatch(f"codec {used} did not reproduce a chunk; not stored")
         stored_len = len(payload)
+        epoch = cipher.epoch  # once: a rotation may happen meanwhile
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags,
-                                  cipher.epoch, len(plaintext), stored_len)
+                                  epoch, len(plaintext), stored_len)
         sealed_ctx = self._header.seal(ctx, self._ctx_aad)
-        sealed_payload = cipher.cipher(cipher.epoch, oid).seal(payload, self._aad(oid) + ctx)
+        sealed_payload = cipher.cipher(epoch, oid).seal(payload, self._aad(oid) + ctx)
         blob = b"".join((_PREFIX, sealed_ctx, sealed_payload))
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
                         digest=block_digest(plaintext)), blob
@@ -352,13 +357,14 @@ class ObjectStore:
             The old object is not intact (it is left as it is).
         """
         payload, epoch = self._payload(cipher, file_id, ino, index, ref, None)
-        if epoch == cipher.epoch:
+        newest = cipher.epoch
+        if epoch == newest:
             return None
         oid = self.new_oid()
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, ref.generation, ref.codec,
-                                  ref.flags, cipher.epoch, ref.plain_len, ref.stored_len)
+                                  ref.flags, newest, ref.plain_len, ref.stored_len)
         blob = b"".join((_PREFIX, self._header.seal(ctx, self._ctx_aad),
-                         cipher.cipher(cipher.epoch, oid).seal(payload, self._aad(oid) + ctx)))
+                         cipher.cipher(newest, oid).seal(payload, self._aad(oid) + ctx)))
         self._put(oid, blob)
         return ref._replace(oid=oid)
 

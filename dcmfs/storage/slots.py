@@ -287,7 +287,14 @@ def drop(header: dict, slot_id: int) -> None:
         entry["sealed"].pop(str(slot_id), None)
 
 
-def rotate(header: dict) -> tuple[int, bytes]:
+def epoch_check(master: bytes, store_id: str, epoch: int, key: bytes) -> str:
+    """A value that lets a holder of the store key (a running daemon) check
+    that ``key`` is this store's key of ``epoch`` (HMAC-SHA256)."""
+    return hmac.new(crypto.derive(master, b"epoch-check", bytes.fromhex(store_id)),
+                    epoch.to_bytes(8, "big") + key, hashlib.sha256).hexdigest()
+
+
+def rotate(header: dict, master: bytes) -> tuple[int, bytes]:
     """A new key epoch: a random data key sealed to every slot, the epoch new
     chunks are sealed under from now on.  Returns (epoch, its key)."""
     key = crypto.random_key()
@@ -295,7 +302,7 @@ def rotate(header: dict) -> tuple[int, bytes]:
                 + [d["epoch"] for d in header.get("destroyed", [])]) + 1
     header["epochs"].append({"epoch": epoch, "created": now(), "sealed": {
         str(s["id"]): seal_to(s["public"], key, _seal_aad(header["store_id"], s["id"], epoch))
-        for s in header["slots"]}})
+        for s in header["slots"]}, "check": epoch_check(master, header["store_id"], epoch, key)})
     header["epoch"] = epoch
     header["features"] = sorted(set(header["features"]) | {EPOCHS_FEATURE})
     return epoch, key
