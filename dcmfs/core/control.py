@@ -46,6 +46,7 @@ class StoreOps:
                 "reencode_errors": r.errors if r else 0,
                 "integrity_errors": self.opened.integrity_errors,
                 "scrub": self.scrubber.status() if self.scrubber else None,
+                "rekey": self.rekey_job.status() if self.rekey_job else None,
                 **process_figures()}
 
     @_locked
@@ -77,6 +78,14 @@ class StoreOps:
                 self.verify_job = VerifyJob(self, args.get("paths"), args.get("sample"))
         elif command.startswith("rekey "):
             self.adopt_epoch(command[len("rekey "):])
+        elif command == "rekey-finish":
+            from .rekey import RekeyJob
+            if self.read_only:
+                raise ReadOnlyError("The store is mounted read-only.")
+            with self._lock:
+                if self.rekey_job is not None and self.rekey_job.state["running"]:
+                    raise InvalidArgument("a rotate --finish is already running")
+                self.rekey_job = RekeyJob(self)
         elif command in ("pause", "resume") and self.reencoder is not None:
             getattr(self.reencoder, command)()
         else:

@@ -114,6 +114,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         self.reencoder: Reencoder | None = None
         self.scrubber: Scrubber | None = None
         self.verify_job: VerifyJob | None = None
+        #: ``dcmfs key rotate --finish`` on the mounted store (core.rekey)
+        self.rekey_job = None
         if not config.read_only:
             self.recovered = self.opened.start_session(self._clock, self._delete_inode)
             self.checkpoint()
@@ -201,7 +203,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             self._syncer.join()
         if self.reencoder is not None:
             self.reencoder.stop()  # its backlog stays in the index for next time
-        for job in (self.scrubber, self.verify_job):
+        for job in (self.scrubber, self.verify_job, self.rekey_job):
             if job is not None:
                 job.join()
         self.closed = True

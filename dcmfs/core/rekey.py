@@ -16,6 +16,7 @@ goes on where it stopped.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 from ..errors import IntegrityError
@@ -117,3 +118,47 @@ def rekey_all(host: ActiveJobHost, progress: Callable[[int, int], None] = lambda
     log.info("key epochs: %d chunks (%d bytes) sealed again under epoch %d", chunks, nbytes,
              host.objects.epoch)
     return chunks, nbytes
+
+
+class RekeyJob:
+    """``dcmfs key rotate --finish`` on a mounted store: :func:`rekey_all` on
+    a thread of the daemon beside the file operations (a file open or
+    changed meanwhile is tried again, up to three passes), then a
+    checkpoint, then the epochs the chunks still use (``state["after"]``),
+    from which the admin's command destroys the unused keys."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        self.state = {"running": True, "files_left": 0, "bytes": 0, "epoch": host.objects.epoch}
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dcmfs-rekey")
+        self._thread.start()
+
+    def status(self) -> dict:
+        return dict(self.state)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        from ..errors import loggable
+
+        def progress(left: int, nbytes: int) -> None:
+            self.state.update(files_left=left, bytes=nbytes)
+
+        try:
+            with self.host.lock, self.host.index.begin() as txn:
+                self.state["files_left"] = len({i for i, _, _ in txn.iter_all_chunks()})
+            chunks, nbytes = rekey_all(self.host, progress)
+            if self.host.stopping.is_set():
+                self.state["error"] = "the store was unmounted before the end"
+                return
+            self.host.objects.sync()
+            with self.host.lock:
+                self.host.checkpoint()
+            self.state.update(chunks=chunks, bytes=nbytes, after={
+                str(k): v for k, v in sorted(epochs_in_use(self.host).items())})
+        except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
+            log.error("rotate --finish failed: %s", loggable(exc))
+            self.state["error"] = loggable(exc)
+        finally:
+            self.state["running"] = False
