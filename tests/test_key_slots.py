@@ -40,14 +40,31 @@ def write(root, secret, files: dict) -> None:
         fs.close()
 
 
-def read_all(root, secret, files: dict) -> None:
-    """Every file reads back byte-exact through a read-write opening."""
-    fs = FileSystem(open_store(str(root), secret, for_writing=True), SMALL)
+def read_all(root, secret, files: dict, for_writing: bool = True) -> dict:
+    """Every file reads back byte-exact (through a read-write opening by
+    default); returns {key epoch: chunks} of the store."""
+    from dcmfs.core.rekey import epochs_in_use
+    fs = FileSystem(open_store(str(root), secret, for_writing=for_writing), SMALL)
     try:
         for path, data in files.items():
             fh = fs.open(path, os.O_RDONLY)
             try:
                 assert fs.read(fh, len(data) + 1, 0) == data, path
+            finally:
+                fs.release(fh)
+        return epochs_in_use(fs)
+    finally:
+        fs.close()
+
+
+def check_manifest(root, secret, manifest: dict, for_writing: bool = False) -> None:
+    """Every file of a frozen store's manifest reads back byte-exact."""
+    fs = FileSystem(open_store(str(root), secret, for_writing=for_writing), SMALL)
+    try:
+        for path, digest in manifest["files"].items():
+            fh = fs.open(path, os.O_RDONLY)
+            try:
+                assert sha256(fs.read(fh, 1 << 24, 0)) == digest, path
             finally:
                 fs.release(fh)
     finally:
@@ -222,16 +239,7 @@ def test_a_single_wrap_header_becomes_a_slot_table(tmp_path, version):
     assert "key" not in header and "key-slots-v1" in header["features"]
     assert [(s["id"], s["label"]) for s in header["slots"]] == [(1, "initial"), (2, "bob")]
     assert open_store(str(root), old).master_key == open_store(str(root), PW2).master_key
-    fs = FileSystem(open_store(str(root), PW2), SMALL)
-    try:
-        for path, digest in manifest["files"].items():
-            fh = fs.open(path, os.O_RDONLY)
-            try:
-                assert sha256(fs.read(fh, 1 << 24, 0)) == digest, path
-            finally:
-                fs.release(fh)
-    finally:
-        fs.close()
+    check_manifest(root, PW2, manifest)
 
 
 # --- through the command line and a real mount ----------------------------------------
@@ -345,16 +353,7 @@ def test_sigkill_while_an_old_header_becomes_a_slot_table(tmp_path, at):
         assert [s["id"] for s in header["slots"]] == [1, 2]
         assert (open_store(str(root), Secret("keyfile", bytes(range(32)))).master_key
                 == open_store(str(root), old).master_key)
-    fs = FileSystem(open_store(str(root), old, for_writing=True), SMALL)
-    try:
-        for path, digest in manifest["files"].items():
-            fh = fs.open(path, os.O_RDONLY)
-            try:
-                assert sha256(fs.read(fh, 1 << 24, 0)) == digest, path
-            finally:
-                fs.release(fh)
-    finally:
-        fs.close()
+    check_manifest(root, old, manifest, for_writing=True)
     assert "slots" in read_header(str(root))
 
 

@@ -19,41 +19,24 @@ import pytest
 from dcmfs import errors as E
 from dcmfs.app import admin
 from dcmfs.core.filesystem import FileSystem
-from dcmfs.core.rekey import epochs_in_use
 from dcmfs.storage import keyring
 from dcmfs.storage.header import Secret, StoreLock, init_store, open_store, read_header
 from dcmfs.storage.objects import ObjectDamaged, ObjectStore
 
-from .conftest import SMALL, Mount, file_sha256, sha256
+from .conftest import SMALL, file_sha256, sha256
+from .test_key_slots import read_all, write as write_as
 
 KEY = Secret("keyfile", bytes(range(32)))
 PW = Secret("passphrase", b"a second admin")
 
 
 def write(root, files: dict) -> None:
-    fs = FileSystem(open_store(str(root), KEY, for_writing=True), SMALL)
-    try:
-        for path, data in files.items():
-            fh = fs.create(path, 0o600, os.O_WRONLY, 0, 0)
-            fs.write(fh, data, 0)
-            fs.release(fh)
-    finally:
-        fs.close()
+    write_as(root, KEY, files)
 
 
 def check(root, files: dict, secret=KEY) -> dict:
-    """Every file byte-exact; returns {epoch: chunks}."""
-    fs = FileSystem(open_store(str(root), secret), SMALL)
-    try:
-        for path, data in files.items():
-            fh = fs.open(path, os.O_RDONLY)
-            try:
-                assert fs.read(fh, len(data) + 1, 0) == data, path
-            finally:
-                fs.release(fh)
-        return epochs_in_use(fs)
-    finally:
-        fs.close()
+    """Every file byte-exact (read-only opening); returns {epoch: chunks}."""
+    return read_all(root, secret, files, for_writing=False)
 
 
 def finish(root) -> dict:

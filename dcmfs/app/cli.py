@@ -8,7 +8,6 @@ process or prints for a user.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import os
@@ -80,14 +79,9 @@ def _secret(args, creating: bool, store_kinds: set | None = None):
         return Secret("passphrase", keys.passphrase(raw, f"fd {args.passphrase_fd}"))
     if "keyfile" in (store_kinds or ()) and os.path.exists(default_key_file()):
         return Secret("keyfile", keys.read_file(default_key_file(), "key file", allow_open))
-    if sys.stdin.isatty():
-        pw = getpass.getpass("dcmfs passphrase: ").encode()
-        if creating and getpass.getpass("again: ").encode() != pw:
-            raise SecretError("The passphrases differ; nothing was created.")
-        if len(pw) > keys.MAX_SECRET:
-            raise SecretError(f"The passphrase is longer than {keys.MAX_SECRET} bytes, the "
-                              "most dcmfs accepts.")
-        return Secret("passphrase", keys.passphrase(pw, "the prompt"))
+    typed = keycli.prompt("passphrase", creating, "created")
+    if typed is not None:
+        return typed
     raise SecretError("No key given: pass --key-file, --passphrase-file or --passphrase-fd.")
 
 

@@ -69,7 +69,7 @@ def secret_from(args, prefix: str = "", allow_open: bool = False):
     if not module:
         return source
     from ..storage.pkcs11 import Token
-    pin = source or _prompt(f"{prefix}PKCS#11 PIN", False)
+    pin = source or prompt(f"{prefix}PKCS#11 PIN", False)
     if pin is None:
         raise SecretError("No PIN for the PKCS#11 token: pass it with --passphrase-file, "
                           "--passphrase-fd or --credential (--new-... for a new slot).")
@@ -97,13 +97,15 @@ def _source(args, attr: str, allow_open: bool):
     return None
 
 
-def _prompt(what: str, confirm: bool):
+def prompt(what: str, confirm: bool, nothing: str = "changed"):
+    """A passphrase typed at the terminal (twice with ``confirm``); None
+    without a terminal."""
     from ..storage.header import Secret
     if not sys.stdin.isatty():
         return None
     pw = getpass.getpass(f"dcmfs {what}: ").encode()
     if confirm and getpass.getpass("again: ").encode() != pw:
-        raise SecretError("The passphrases differ; nothing was changed.")
+        raise SecretError(f"The passphrases differ; nothing was {nothing}.")
     if len(pw) > keys.MAX_SECRET:
         raise SecretError(f"The passphrase is longer than {keys.MAX_SECRET} bytes, the most "
                           "dcmfs accepts.")
@@ -112,13 +114,13 @@ def _prompt(what: str, confirm: bool):
 
 def _secrets(args, new: bool):
     allow = args.allow_open_key_file
-    current = secret_from(args, "", allow) or _prompt("passphrase of an existing slot", False)
+    current = secret_from(args, "", allow) or prompt("passphrase of an existing slot", False)
     if current is None:
         raise SecretError("No key given: pass --key-file, --passphrase-file, --passphrase-fd, "
                           "--credential or --key-command (a key that opens an existing slot).")
     if not new:
         return current, None
-    fresh = secret_from(args, "new-", allow) or _prompt("new passphrase", True)
+    fresh = secret_from(args, "new-", allow) or prompt("new passphrase", True)
     if fresh is None:
         raise SecretError("No new key given: pass --new-key-file, --new-passphrase-file, "
                           "--new-passphrase-fd, --new-credential or --new-key-command.")
@@ -167,7 +169,7 @@ def cmd_key(args) -> int:
 def _rotate(args, store_root: str) -> int:
     from ..storage import keyring
     from .admin import finish_rotation
-    current = secret_from(args, "", args.allow_open_key_file) or _prompt(
+    current = secret_from(args, "", args.allow_open_key_file) or prompt(
         "passphrase of an existing slot", False)
     if current is None:
         raise SecretError("No key given: pass --key-file, --passphrase-file, --passphrase-fd, "
