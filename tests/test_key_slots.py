@@ -379,3 +379,20 @@ def test_concurrent_key_commands_lose_no_slot(three):
                                                         for i in range(5)])
     assert open_store(str(root), Secret("passphrase", b"y-4")).master_key == \
         open_store(str(root), key).master_key
+
+
+@pytest.mark.parametrize("damage", [
+    lambda h: h["slots"][0].update(public=7),
+    lambda h: h["epochs"][0]["sealed"].update({"1": ["not", "hex"]}),
+    lambda h: h.update(epoch=5),
+    lambda h: h.update(slots=[]),
+    lambda h: h["slots"].append(dict(h["slots"][0])),  # the same id twice
+])
+def test_a_malformed_slot_table_is_refused_in_one_sentence(tmp_path, damage):
+    init_store(str(tmp_path / "s"), PW1, SMALL)
+    path = tmp_path / "s" / "dcmfs.store"
+    header = json.loads(path.read_text())
+    damage(header)
+    path.write_text(json.dumps(header))
+    with pytest.raises(E.ForeignStoreError, match="no valid key slot table"):
+        open_store(str(tmp_path / "s"), PW1)

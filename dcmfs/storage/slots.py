@@ -111,14 +111,16 @@ def valid_table(header: dict) -> bool:
         if (not isinstance(s, dict) or s.get("kind") not in KINDS
                 or not isinstance(s.get("id"), int) or isinstance(s.get("id"), bool)
                 or s["id"] in ids or s["id"] >= header["next_slot"]
-                or not isinstance(s.get("wrapped"), str) or not isinstance(s.get("label"), str)):
+                or not all(isinstance(s.get(k), str) for k in ("wrapped", "label", "public"))):
             return False
         ids.add(s["id"])
     epochs = header.get("epochs")
     if (not isinstance(epochs, list) or not epochs or not isinstance(header.get("epoch"), int)
             or header["epoch"] not in [e.get("epoch") for e in epochs if isinstance(e, dict)]
             or not all(isinstance(e, dict) and isinstance(e.get("epoch"), int)
-                       and isinstance(e.get("sealed"), dict) for e in epochs)
+                       and isinstance(e.get("sealed"), dict)
+                       and all(isinstance(v, str) for v in e["sealed"].values())
+                       for e in epochs)
             or epochs[0]["epoch"] != 0):
         return False
     return isinstance(header.get("mac"), str)
