@@ -222,6 +222,7 @@ def test_sigkill_at_each_step_leaves_the_old_or_the_new_slot_set(three, op, at):
     leftovers = [n for n in os.listdir(root) if n.startswith(".tmp-")]
     assert len(leftovers) <= 1  # an interrupted temp file is harmless, never read
     keyring.add_slot(str(root), PW1, Secret("passphrase", b"after the crash"), "later", KDF)
+    assert not [n for n in os.listdir(root) if n.startswith(".tmp-")]  # the next one cleans
 
 
 # --- older formats: the single wrap becomes slot 1 ------------------------------------

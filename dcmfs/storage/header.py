@@ -40,6 +40,7 @@ from .codec import GENERAL_CODECS
 from ..config import (KDF_MAX_ITERATIONS, KDF_MAX_LANES, KDF_MAX_MEMORY_KIB, Config,
                       kdf_within_bounds)
 from .durable import write_file
+from .headerlock import HeaderLock, remove_torn_headers
 from ..errors import (ForeignStoreError, KdfBoundsError, SecretError, StoreDamagedError, StoreIOError,
                      StoreLockedError, StoreMissingError, StoreNotEmptyError,
                      UnsupportedFormatError, WrongKeyError)
@@ -159,32 +160,6 @@ def _write_header(root: str, header: dict, step=None) -> None:
                step=step)
 
 
-class HeaderLock:
-    """An exclusive ``flock`` on the store directory while the header is
-    rewritten (waits up to ``timeout`` seconds for another rewrite)."""
-
-    def __init__(self, root: str, timeout: float = 30.0) -> None:
-        import time
-        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError as exc:
-                if time.monotonic() > deadline:
-                    os.close(self.fd)
-                    raise StoreLockedError(f"The header of the store {root} is being changed "
-                                           "by another dcmfs command; try again.") from exc
-                time.sleep(0.05)
-
-    def __enter__(self) -> "HeaderLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)  # drops the lock
-
-
 def rewrite_header(root: str, change, step=None) -> dict:
     """Replace the header with ``change(header)``, under the header lock, the
     header read afresh under it; atomic and durable (temp file, fsync,
@@ -194,7 +169,9 @@ def rewrite_header(root: str, change, step=None) -> dict:
     with HeaderLock(root):
         header = change(read_header(root))
         _write_header(root, header, step)
+        remove_torn_headers(root)
     return header
+
 
 
 def read_header(root: str) -> dict:
