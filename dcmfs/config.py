@@ -121,3 +121,9 @@ class Config:
     scrub_rate: int = 32 * MiB
     #: the LMDB map size; LMDB only uses what it needs
     index_map_size: int = 64 * 1024 * MiB
+    #: where the witness of each store lives (None: ``/var/lib/dcmfs`` for
+    #: root, the XDG state directory for a user; see dcmfs.index.witness)
+    state_dir: str | None = None
+    #: open a store that is older than its witness (a restored backup, or a
+    #: rollback): logged, and the witness starts again from the store
+    accept_rollback: bool = False

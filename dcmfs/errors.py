@@ -100,18 +100,31 @@ class KdfBoundsError(DcmfsError):
     exit_code = 26
 
 
+class IndexNotAuthenticError(DcmfsError):
+    """The index does not match its sealed checksum: records were added,
+    removed, altered or rolled back by someone without the key."""
+
+    exit_code = 28
+
+
+class RollbackError(DcmfsError):
+    """The store (or its journal) is older than this machine's witness of it."""
+
+    exit_code = 29
+
+
 class HeaderAlteredError(WrongKeyError):
     """A key slot opened, but the store header is not what a key holder
     wrote (its MAC fails): a removed slot put back, or a field edited."""
 
-    exit_code = 28
+    exit_code = 35
 
 
 class KeySlotError(DcmfsError):
     """A ``dcmfs key`` command cannot be done as asked (no such slot, or the
     last slot would be removed)."""
 
-    exit_code = 29
+    exit_code = 36
 
 
 class DamageFound(DcmfsError):

@@ -83,7 +83,8 @@ DAMAGE_MARK = "needs-fsck"
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
                             "extents-v1", "digest-tree-v1",
-                            "special-files-v1", "key-slots-v1", "key-epochs-v1"})
+                            "special-files-v1", "index-auth-v1", "key-slots-v1",
+                            "key-epochs-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -91,7 +92,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
 WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
-                            "special-files-v1", "key-slots-v1"})
+                            "special-files-v1", "index-auth-v1", "key-slots-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

@@ -48,6 +48,14 @@ def pytest_testnodedown(node, error):
         seen.extend(sorted(set(ids) - set(seen)))
 
 
+@pytest.fixture(autouse=True)
+def _witness_dir(tmp_path_factory, monkeypatch):
+    """Each test its own state directory for store witnesses (inherited by
+    the daemons it starts): tests copy one frozen store many times, which a
+    shared witness would rightly call a rollback."""
+    monkeypatch.setenv("DCMFS_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -94,6 +94,8 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
     after = set(json.loads((root / "dcmfs.store").read_text())["features"])
     assert after == before | WRITE_FEATURES
     try:
+        # the index gains its sealed checksum, the journal the GCM-SIV layout
+        assert fs.index.auth_state == "ok" and fs.index.journal.version == 2
         check(fs, manifest)
         fh = fs.create("/new.bin", 0o600, os.O_WRONLY, 0, 0)
         fs.write(fh, b"written by this dcmfs" * 5000, 0)

@@ -270,7 +270,7 @@ def test_key_commands_while_mounted(mount_env, tmp_path):
         (2, "passphrase", "carol"), (3, "command", "kms")]
     r = m.cli("key", "remove", m.store, "3", "--passphrase-file", pw)
     r = m.cli("key", "remove", m.store, "2", "--passphrase-file", pw)
-    assert r.returncode == E.KeySlotError.exit_code == 29, r.stderr
+    assert r.returncode == E.KeySlotError.exit_code == 36, r.stderr
     assert r.stderr.startswith("dcmfs: ") and r.stderr.count("\n") == 1, r.stderr
     m.umount()
     r = m.mount(check=False)  # the removed key file no longer opens it

@@ -368,3 +368,29 @@ def test_a_write_through_one_name_is_read_through_a_descriptor_of_the_other(moun
         assert os.stat(a).st_size == 3 and os.pread(fd, 20, 0) == b"BBA"
     finally:
         os.close(fd)
+
+
+def test_du_shows_what_files_take_in_the_store(mount_env):
+    """st_blocks counts the bytes a file's objects take in the store: a sparse
+    10 GiB file with 9 bytes written is a few KiB, a compressible file a
+    fraction of its size, and du sums that (issue 16: both showed the
+    logical size)."""
+    m = mount_env
+    m.mount("-o", "reencode=0")
+    sparse = m.mnt / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(10 << 30)
+        f.seek(5 << 30)
+        f.write(b"123456789")
+    text = m.mnt / "text"
+    text.write_bytes(b"the same line again and again\n" * 70000)  # 2.1 MB, compresses well
+    st = os.stat(sparse)
+    assert st.st_size == 10 << 30 and 0 < st.st_blocks * 512 < 64 * 1024, st.st_blocks
+    st = os.stat(text)
+    assert 0 < st.st_blocks * 512 < st.st_size // 10, (st.st_blocks, st.st_size)
+    du = int(subprocess.run(["du", "-s", "--block-size=1", str(m.mnt)], capture_output=True,
+                            text=True, check=True).stdout.split()[0])
+    assert du < 1 << 20, du
+    m.umount()
+    m.mount()
+    assert 0 < os.stat(sparse).st_blocks * 512 < 64 * 1024  # kept in the index

@@ -55,6 +55,9 @@ def _add_secret_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-open-key-file", action="store_true",
                    help="accept a key or passphrase file that group or others may read "
                    "(with a warning)")
+    p.add_argument("--accept-rollback", action="store_true",
+                   help="open the store even if it is older than this machine's witness of "
+                   "it (a restored backup); logged")
 
 
 def _secret(args, creating: bool, store_kinds: set | None = None):
@@ -88,10 +91,12 @@ def _secret(args, creating: bool, store_kinds: set | None = None):
 # --- options -------------------------------------------------------------------------
 def _key_options(args, ours: dict) -> None:
     """``-o key_file=``/``passphrase_file=`` where no --key-file or
-    --passphrase-file was given."""
+    --passphrase-file was given; ``--accept-rollback`` as its ``-o``."""
     for k in ("key_file", "passphrase_file"):
         if ours.get(k) and not getattr(args, k):
             setattr(args, k, ours[k])
+    if getattr(args, "accept_rollback", False):
+        ours["accept_rollback"] = "1"
 
 
 def _command_config(args, command: str) -> Config:

@@ -228,6 +228,10 @@ OPTIONS: tuple[Option, ...] = (
            MOUNTING, field="scrub_interval"),
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
            field="scrub_rate"),
+    Option("state_dir", PATH, "where the store's witness lives (default /var/lib/dcmfs for "
+           "root, else the XDG state directory)", KEYED, field="state_dir"),
+    Option("accept_rollback", FLAG, "1: open a store older than its witness (as "
+           "--accept-rollback)", KEYED, field="accept_rollback"),
     # consumed by the CLI
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),

@@ -372,7 +372,8 @@ class FileData:
                         - sum(stored_bytes(r) for r in old.values()))
         inode = of.inode
         new_inode = Inode(**{**inode.__dict__, "size": size, "digest": digest, "tree": True,
-                             "generation": of.write_generation})
+                             "generation": of.write_generation,
+                             "stored": sum(stored_bytes(r) for r in table.values())})
         # left for the re-encoder: sealed uncompressed on purpose (a chunk that
         # did not compress is not re-tried)
         deferred = any(getattr(f, "deferred", False) for f in of.pending.values())
@@ -389,7 +390,7 @@ class FileData:
             txn.put_inode(of.ino, new_inode)
             txn.add_stats(logical=size - inode.size, stored=stored_delta)
         inode.size, inode.digest, inode.generation = size, digest, new_inode.generation
-        inode.tree = True
+        inode.tree, inode.stored = True, new_inode.stored
         of.committed = table
         of.pending.clear()
         of.changed = False

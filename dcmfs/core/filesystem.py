@@ -311,9 +311,15 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
     def _stat(self, ino: int, inode: Inode) -> dict:
         of = self._open.get(ino)
         size = of.size if of is not None else inode.size
+        # st_blocks: what the file takes in the store (compressed; holes
+        # cost nothing), as ZFS reports with compression on; the logical
+        # size while it has unsaved changes or for a record from before
+        # format 4 (until the file changes)
+        stored = inode.stored if (of is None or not of.changed) and inode.stored >= 0 \
+            else size
         st = {"st_ino": ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
               "st_uid": inode.uid, "st_gid": inode.gid, "st_size": size,
-              "st_blocks": -(-size // 512), "st_blksize": self.store.chunk_size,
+              "st_blocks": -(-stored // 512), "st_blksize": self.store.chunk_size,
               "st_atime": inode.atime_ns, "st_mtime": inode.mtime_ns,
               "st_ctime": inode.ctime_ns}
         if stat.S_ISCHR(inode.mode) or stat.S_ISBLK(inode.mode):

@@ -472,8 +472,13 @@ class Reencoder:
                         txn.put_chunk(ino, idx, nref)
                     for idx in gone:
                         txn.delete_chunk(ino, idx)
-                    txn.add_stats(stored=sum(stored_bytes(r) for r in new.values())
-                                  - sum(stored_bytes(table[i]) for i in replaced))
+                    delta = (sum(stored_bytes(r) for r in new.values())
+                             - sum(stored_bytes(table[i]) for i in replaced))
+                    txn.add_stats(stored=delta)
+                    now = txn.get_inode(ino)
+                    if now is not None and now.stored >= 0:  # what st_blocks shows
+                        now.stored += delta
+                        txn.put_inode(ino, now)
                     txn.remove_backlog(ino)
                     if info is not None:
                         txn.put_content(ino, info)

@@ -9,6 +9,7 @@ its modules, so the modules can be reshaped without touching the callers.
 from .index import Index, read_damage
 from .schema import JOURNAL_NAME, SEALED, Inode, read_meta, read_stats
 from .txn import Txn
+from .witness import Witness
 
-__all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "read_damage", "read_meta",
+__all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "Witness", "read_damage", "read_meta",
            "read_stats"]

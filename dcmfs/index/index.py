@@ -32,10 +32,16 @@ import lmdb
 from ..storage import crypto
 from .. import format as fmt
 from ..errors import DcmfsError, IndexDamagedError, IntegrityError, NeedsRecoveryError
-from .journal import PUT, Journal, Op
+from . import auth
+from .checks import Checked
+from .journal import CONVERT, PUT, Journal, Op
+from .journal import HEADER_SIZE as JOURNAL_HEADER
+from .journal import VERSION as JOURNAL_VERSION
+from .auth import KEYED_DIRENT
 from .schema import (DATABASES, JOURNAL_NAME, OPTIONAL, U64, U64X2, decode_chunk,
-                     lmdb_error, read_meta)
+                     encode_dirent, lmdb_error, read_meta)
 from .txn import Txn
+from .witness import Witness
 
 log = logging.getLogger("dcmfs.index")
 
@@ -73,12 +79,12 @@ def read_damage(path: str, master_key: bytes, store_id: bytes) -> dict | None:
     return info if isinstance(info, dict) else {}
 
 
-class Index:
+class Index(Checked):
     """The opened LMDB environment, its journal and the keys that seal its values."""
 
     def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
                  read_only: bool = False, journal_limit: int = 8 * 1024 * 1024,
-                 archive_dir: str | None = None) -> None:
+                 archive_dir: str | None = None, check: bool = False) -> None:
         self.read_only = read_only
         self._journal_limit = journal_limit
         #: where full journals go (``snapshots/``): with the newest snapshot
@@ -109,6 +115,12 @@ class Index:
                                read_only=read_only)
         self._batch: lmdb.Transaction | None = None
         self._seq = self._applied_seq()
+        self._init_checks(master_key, store_id)
+        #: directory entries keyed by a keyed tag of the parent (format 4;
+        #: ``meta/dirents`` = b"keyed"), else by the parent's inode number
+        self.keyed_dirents = self._detect_dirents()
+        #: the witness outside the store, once the session has started it
+        self.witness: Witness | None = None
         #: journal records appended since the last checkpoint
         self.pending_records = 0
         self._broken: str | None = None
@@ -119,6 +131,7 @@ class Index:
                 "The store was not cleanly unmounted and its journal holds changes not yet "
                 "in the index; mount it read-write once so they are applied, then mount "
                 "it read-only.")
+        self._load_sums(check)
 
     def _applied_seq(self) -> int:
         with self.env.begin() as txn:
@@ -142,6 +155,8 @@ class Index:
         """
         if self.pending_records:
             self.journal.sync()
+            if self.witness is not None:
+                self.witness.synced(self._seq)
 
     def needs_checkpoint(self) -> bool:
         return (self.pending_records >= 4096 or self.journal.size >= self._journal_limit)
@@ -175,6 +190,8 @@ class Index:
             self._reload_from_journal()
             raise error from exc
         self.pending_records = 0
+        if self.witness is not None:
+            self.witness.checkpoint(self._seq, self.sums.digest())
         # the records stay in the journal after the checkpoint (replay skips
         # them): with the snapshots, journal and archive are the whole index,
         # so it can be rebuilt if data.mdb is lost.  A full journal moves to
@@ -189,25 +206,49 @@ class Index:
                                          f"{fmt.ARCHIVE_PREFIX}{self._seq:016d}"))
         return True
 
+    def _renew_journal(self) -> None:
+        """A journal of an older layout (every record of it is in the index
+        now) goes to the archive, or away; new records go to a new one."""
+        dest = os.path.join(self.archive_dir or "", f"{fmt.ARCHIVE_PREFIX}{self._seq:016d}")
+        if self.archive_dir is None or self.journal.size <= JOURNAL_HEADER \
+                or os.path.exists(dest):
+            self.journal.reset()  # no record to keep (never over an archived segment)
+            return
+        os.makedirs(self.archive_dir, mode=0o700, exist_ok=True)
+        self.journal.rotate(dest)
+
     def _commit_batch(self, batch: lmdb.Transaction) -> None:
         """The durable LMDB commit of a checkpoint (one place, for fault tests)."""
         batch.put(b"journal_seq", U64.pack(self._seq), db=self.dbs["meta"])
+        batch.put(auth.AUTH_KEY, self._write_sums(batch), db=self.dbs["meta"])
         batch.commit()
         self.env.sync(True)
 
     def _apply(self, parent: lmdb.Transaction, ops: list[Op]) -> lmdb.Transaction:
+        """A child transaction holding ``ops``; its changes to the sums are
+        in :attr:`_applied` until the caller counts them (:meth:`_count`)."""
         child = self.env.begin(write=True, parent=parent)
+        changes = []
         try:
             for kind, db_id, key, value in ops:
-                db = self.dbs[DATABASES[db_id]]
+                name = DATABASES[db_id]
+                db = self.dbs[name]
+                if kind == CONVERT:
+                    changes += self.convert(child)
+                    continue
+                old = child.get(key, db=db)
                 if kind == PUT:
                     child.put(key, value, db=db)
-                else:
+                    changes.append((name, key, old, value))
+                elif old is not None:
                     child.delete(key, db=db)
+                    changes.append((name, key, old, None))
         except BaseException:
             child.abort()
             raise
+        self._applied = changes
         return child
+
 
     def _reload_from_journal(self) -> None:
         """Start a new batch holding the index plus every journal record."""
@@ -215,10 +256,12 @@ class Index:
         expect = self._applied_seq()
         problem = "records missing"
         try:
+            self._reset_sums(expect)
             for seq, ops in self.journal.records(expect):
                 if seq != expect + 1:
                     break
                 self._apply(self._parent(), ops).commit()
+                self._count(self._applied)
                 expect = seq
         except (lmdb.Error, IndexError) as exc:
             expect, problem = -1, str(exc)
@@ -236,6 +279,7 @@ class Index:
             return False
         ok = True
         txn = Txn(self, child)
+        txn.changes = list(self._applied)  # in the child, not yet in the sums
         try:
             for kind, db_id, key, value in ops:
                 if kind == PUT and DATABASES[db_id] == "chunks":
@@ -253,6 +297,7 @@ class Index:
             child.abort()
             return False
         child.commit()
+        self._count(self._applied)
         return True
 
     def replay(self, verify, commit: bool = True) -> tuple[int, int]:
@@ -283,6 +328,8 @@ class Index:
             self.journal.cut_after(self._seq)
             if records:
                 self.checkpoint()  # the caller has synced the objects first
+            if self.journal.version < JOURNAL_VERSION:
+                self._renew_journal()
         return applied, dropped
 
     def raw_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
@@ -299,21 +346,26 @@ class Index:
                 raise lmdb_error(exc, "starting a transaction") from exc
         return self._batch
 
-    def begin(self, write: bool = False) -> "Txn":
+    def begin(self, write: bool = False, gated: bool = True) -> "Txn":
         """A transaction for one operation (a context manager).
 
         Reads see every committed operation, checkpointed or not.
+        ``gated=False``: records of groups that do not match their sums are
+        read too (verify, which reports those groups itself).
         """
         if self._broken:
             raise IndexDamagedError(self._broken)
         try:
             if self.read_only:
-                return Txn(self, self.env.begin(write=False))
-            if not write:
-                return Txn(self, self._parent(), borrowed=True)
-            return Txn(self, self.env.begin(write=True, parent=self._parent()), nested=True)
+                txn = Txn(self, self.env.begin(write=False))
+            elif not write:
+                txn = Txn(self, self._parent(), borrowed=True)
+            else:
+                txn = Txn(self, self.env.begin(write=True, parent=self._parent()), nested=True)
         except lmdb.Error as exc:
             raise lmdb_error(exc, "starting a transaction") from exc
+        txn.gated = gated
+        return txn
 
     def _commit_nested(self, txn: "Txn") -> None:
         """Journal one operation's changes, then merge them into the batch."""
@@ -321,12 +373,15 @@ class Index:
             self.journal.append(self._seq + 1, txn.ops)  # may raise: nothing changed yet
             self._seq += 1
             self.pending_records += 1
+            if self.witness is not None:
+                self.witness.written(self._seq)
         try:
             txn.txn.commit()
         except lmdb.Error as exc:
             self._broken = ("The index failed in memory; restart the daemon "
                             "(its journal keeps every change).")
             raise lmdb_error(exc, "committing") from exc
+        self._count(txn.changes)
 
     def roll_forward(self, journal_paths: list[str], verify) -> tuple[int, int, int]:
         """Apply the records of these journals (archive segments in order, then
@@ -360,6 +415,49 @@ class Index:
 
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.new(self._name_key, U64.pack(parent) + name, hashlib.sha256).digest()[:16]
+
+    def parent_tag(self, parent: int) -> bytes:
+        """The first half of a directory entry's key (format 4): a keyed tag
+        of the directory, so the index does not show which inode it is."""
+        return hmac.new(self._name_key, b"directory\x00" + U64.pack(parent),
+                        hashlib.sha256).digest()[:16]
+
+    def _detect_dirents(self) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(b"dirents", db=self.dbs["meta"]) == b"keyed"
+
+    def convert(self, txn: lmdb.Transaction) -> list:
+        """Key every directory entry of the older layout (parent inode + name
+        tag) by the keyed tag of its parent, its value padded
+        (:func:`~dcmfs.index.schema.encode_dirent`); returns the changes
+        (database, key, old, new).  Entries that do not open stay as they
+        are, for fsck.  Idempotent; one journal operation (``CONVERT``)."""
+        db = self.dbs["dirents"]
+        old = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db) if len(k) != KEYED_DIRENT]
+        changes = []
+        for key, sealed in old:
+            try:
+                plain = self.open("dirents", key, sealed)
+            except IntegrityError:
+                continue
+            parent, child, name = U64.unpack_from(key)[0], U64.unpack_from(plain)[0], plain[8:]
+            nkey = self.parent_tag(parent) + self.name_tag(parent, name)
+            nvalue = self.seal("dirents", nkey, encode_dirent(parent, child, name))
+            prev = txn.get(nkey, db=db)
+            txn.delete(key, db=db)
+            txn.put(nkey, nvalue, db=db)
+            changes += [("dirents", key, sealed, None), ("dirents", nkey, prev, nvalue)]
+        flag = txn.get(b"dirents", db=self.dbs["meta"])
+        txn.put(b"dirents", b"keyed", db=self.dbs["meta"])
+        changes.append(("meta", b"dirents", flag, b"keyed"))
+        self.keyed_dirents = True
+        return changes
+
+    def convert_dirents(self) -> int:
+        """The format-4 upgrade of the directory entries, journaled as one
+        operation; returns how many entries were converted."""
+        with self.begin(write=True) as txn:
+            return txn.convert_dirents()
 
     def unapplied_records(self) -> bool:
         """Does the journal hold records after the index's sequence number

@@ -15,7 +15,13 @@ durable (two system calls) without a checkpoint.
 File layout (``STORE/journal``)::
 
     header  b"DCMJ" | version u16 | reserved u16 | store id (16)
-    record  length u32 | sequence u64 | nonce (12) | AES-256-GCM(ops) + tag
+    record  length u32 | sequence u64 | nonce (12) | AES-256-GCM-SIV(ops) + tag
+
+Version 2 seals records with AES-256-GCM-SIV (one store-wide key, random
+nonces: a nonce that repeats reveals at most that two records are equal);
+version-1 journals (AES-256-GCM) are still read, and a read-write opening
+moves one to the archive after its replay, so new records are never
+appended to it.
 
 The associated data of a record binds the header (so a journal cannot move
 between stores) and its sequence number (so records cannot be reordered,
@@ -26,7 +32,8 @@ stopping at the first that is torn, fails authentication or breaks the
 sequence (a power loss can only cut the tail, never the middle, because
 every durability point syncs the whole journal).
 
-``ops`` is a list of index changes: ``kind u8`` (1 put, 2 delete),
+``ops`` is a list of index changes: ``kind u8`` (1 put, 2 delete, 3 the
+format-4 conversion of the directory entries, with an empty key),
 ``database u8``, ``key length u16``, key, and for a put ``value length u32``
 and the value exactly as stored in LMDB (already sealed, except ``meta``).
 """
@@ -43,12 +50,16 @@ from ..storage.durable import fsync_dir
 from ..errors import NoSpaceError, StoreIOError, UnsupportedFormatError
 
 MAGIC = b"DCMJ"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct(">4sHH16s")
+HEADER_SIZE = _HEADER.size
 _RECORD = struct.Struct(">IQ")
 _OP = struct.Struct(">BBH")
 _U32 = struct.Struct(">I")
 PUT, DELETE = 1, 2
+#: format 4's upgrade of the directory entries, replayed as one operation
+#: (:meth:`dcmfs.index.index.Index.convert`): no key, no value
+CONVERT = 3
 #: a record longer than this is damage, not data (one index transaction)
 MAX_RECORD = 64 * 1024 * 1024
 
@@ -79,7 +90,7 @@ def decode_ops(raw: bytes) -> list[Op]:
             pos += 4
             value = bytes(view[pos:pos + vlen])
             pos += vlen
-        elif kind != DELETE:
+        elif kind not in (DELETE, CONVERT):
             raise ValueError(f"unknown journal op {kind}")
         ops.append((kind, db, key, value))
     if pos != len(raw):
@@ -94,14 +105,17 @@ class Journal:
                  read_only: bool = False) -> None:
         self.path = path
         self._store_id = store_id
-        self._gcm = crypto.Gcm(crypto.derive(master_key, b"journal", store_id))
+        self._key = crypto.derive(master_key, b"journal", store_id)
         self._header = _HEADER.pack(MAGIC, VERSION, 0, store_id)
+        #: the layout of this file's records (a version-1 journal: AES-GCM)
+        self.version = VERSION
         flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
         try:
             self._fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
             self._fd = None  # read-only and never written: nothing to replay
             self.size = 0
+            self._aead = crypto.Siv(self._key)
             return
         except OSError as exc:
             raise StoreIOError(f"Opening the index journal failed: {exc.strerror}.") from exc
@@ -118,10 +132,13 @@ class Journal:
             if sid != store_id:
                 raise StoreIOError("The index journal belongs to another store; "
                                    "move it away and run 'dcmfs fsck' on the store.")
+            self.version = version
+            self._header = bytes(head)
         elif head:
             raise StoreIOError("The index journal has a damaged header; "
                                "run 'dcmfs fsck' on the store.")
         self.size = os.fstat(self._fd).st_size
+        self._aead = (crypto.Siv if self.version >= 2 else crypto.Gcm)(self._key)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -151,7 +168,7 @@ class Journal:
         if len(plain) > MAX_RECORD - 64:
             raise StoreIOError("One operation changes too much of the index at once "
                                f"({len(plain)} bytes); split it up.")
-        sealed = self._gcm.seal(plain, self._aad(seq))
+        sealed = self._aead.seal(plain, self._aad(seq))
         record = _RECORD.pack(len(sealed), seq) + sealed
         start = self.size
         try:
@@ -182,8 +199,9 @@ class Journal:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StoreIOError(f"Archiving the index journal failed: {exc.strerror}.") from exc
+        header = _HEADER.pack(MAGIC, VERSION, 0, self._store_id)
         try:
-            self._write_at(self._header, 0, "the index journal header", fd)
+            self._write_at(header, 0, "the index journal header", fd)
             os.fdatasync(fd)
             os.rename(self.path, dest)  # the records move to the archive
         except (OSError, NoSpaceError, StoreIOError) as exc:
@@ -202,6 +220,8 @@ class Journal:
         os.close(self._fd)
         self._fd = fd
         self.size = _HEADER.size
+        self._header, self.version = header, VERSION
+        self._aead = crypto.Siv(self._key)
         try:
             fsync_dir(os.path.dirname(dest))
             fsync_dir(os.path.dirname(self.path))
@@ -210,12 +230,19 @@ class Journal:
                                f"{exc.strerror}.") from exc
 
     def reset(self) -> None:
-        """Forget every record (they are all in a durable checkpoint now)."""
+        """Forget every record (they are all in a durable checkpoint now); the
+        journal continues in the current layout."""
+        header = _HEADER.pack(MAGIC, VERSION, 0, self._store_id)
         try:
             os.ftruncate(self._fd, _HEADER.size)
+            if header != self._header:
+                self._write_at(header, 0, "the index journal header")
+                os.fdatasync(self._fd)
         except OSError as exc:
             raise StoreIOError(f"Truncating the index journal failed: {exc.strerror}.") from exc
         self.size = _HEADER.size
+        self._header, self.version = header, VERSION
+        self._aead = crypto.Siv(self._key)
 
     # --- reading --------------------------------------------------------------
     def records(self, after: int) -> Iterator[tuple[int, list[Op]]]:
@@ -242,7 +269,7 @@ class Journal:
                 return
             blob = os.pread(self._fd, length, pos + _RECORD.size)
             try:
-                ops = decode_ops(self._gcm.open(blob, self._aad(seq)))
+                ops = decode_ops(self._aead.open(blob, self._aad(seq)))
             except (crypto.AuthenticationFailed, ValueError, struct.error):
                 return
             pos += _RECORD.size + length

@@ -18,7 +18,11 @@ database      key                             value
                                               ``dcmfs status`` needs no key);
                                               ``journal_seq`` -> u64, the last
                                               journal record this index holds;
-                                              and one sealed value:
+                                              ``dirents`` -> b"keyed" (format 4
+                                              directory entries);
+                                              sealed: ``auth`` -> SIV(sequence,
+                                              group count, top of the sums:
+                                              :mod:`dcmfs.index.auth`);
                                               ``damage`` -> SIV(JSON: since,
                                               reason), present while the store
                                               is marked as needing fsck (the
@@ -30,7 +34,11 @@ database      key                             value
                                               block device; trailing bytes: the
                                               symlink target, or a device's rdev
                                               as u64, else none)
-``dirents``   parent ino u64 + name tag (16)  SIV(child ino u64 + name bytes)
+``dirents``   parent tag (16) + name tag (16)  SIV(parent u64 + child u64 + name
+                                              length u16 + name, zeros to a
+                                              multiple of 32 bytes); before
+                                              format 4: key parent ino u64 +
+                                              name tag, value child + name
 ``chunks``    ino u64 + chunk index u64       SIV(CHUNK record, see ``_CHUNK``; files
                                               laid out in extents (DICOM-coded)
                                               append the extent's offset, u64)
@@ -47,9 +55,12 @@ database      key                             value
                                               syntax, photometric, bits, codec path,
                                               fallback reason; never a patient
                                               attribute)
+``sums``      group u64                       32 bytes (plain): the sum of the
+                                              group's record numbers; the sealed
+                                              ``meta/auth`` authenticates them
 ============  ==============================  ======================================
 
-The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
+The *parent tag* is HMAC-SHA256(name key, "directory" || parent ino)[:16]. The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
 bytes: a lookup needs no scan, and without the key the index reveals neither
 names nor which entries share a name.  The root directory is inode 1.
 
@@ -83,18 +94,31 @@ U64X2 = struct.Struct(">QQ")
 #: symlink's target, a character or block device's number (rdev, u64), else
 #: nothing
 _INODE = struct.Struct(">IIIIQqqq16sQB32s")
+#: format 4: the digest-kind byte's bit 7 says the record ends with the
+#: bytes the file takes in the store (u64, all ones: not known), the
+#: target's length (u16), the target and zeros to a multiple of RECORD_PAD
+#: bytes, so a symlink's record tells its target's length rounded up only
+_PADDED = 0x80
+_UNKNOWN = (1 << 64) - 1
+RECORD_PAD = 32
 #: oid, generation, codec, flags, plain_len, stored_len
 _CHUNK = struct.Struct(">16sQBBII")
+#: format 4: every chunk record has one length - the extent offset (u64,
+#: all ones: none) and the plaintext's SHA-256 (zeros: none), then a byte
+#: saying which of the two are there - so its length tells neither whether
+#: the file is DICOM-coded nor whether it predates the tree digest
+_CHUNK_TAIL = struct.Struct(">Q32sB")
+_NO_OFFSET = (1 << 64) - 1
 #: an ``xattrs`` value starts with the name's length
 U16 = struct.Struct(">H")
 #: ``meta/stats``: files, logical bytes, stored bytes
 STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
-             "content", "scrubbed")
+             "content", "scrubbed", "sums")
 #: databases a store made by an older dcmfs may lack (created at its first
 #: read-write opening; empty for a read-only one)
-OPTIONAL = ("scrubbed",)
+OPTIONAL = ("scrubbed", "sums")
 #: databases whose values are sealed (the others hold plain numbers or nothing)
 SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
 #: a database's number in journal records
@@ -121,6 +145,9 @@ class Inode:
     #: True: ``digest`` is the tree digest; False: a whole-file SHA-256 kept
     #: from before the tree digest (replaced at the file's next change)
     tree: bool = True
+    #: bytes the file's objects take in the store (``st_blocks``); -1: not
+    #: known (a record from before format 4, until the file next changes)
+    stored: int = 0
 
     @property
     def rdev(self) -> int:
@@ -137,17 +164,53 @@ class Inode:
         return U64.pack(rdev)
 
     def encode(self) -> bytes:
-        kind = 0 if self.digest is None else (2 if self.tree else 1)
+        kind = (0 if self.digest is None else (2 if self.tree else 1)) | _PADDED
+        tail = (U64.pack(self.stored if self.stored >= 0 else _UNKNOWN)
+                + U16.pack(len(self.target)) + self.target)
         return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size,
                            self.atime_ns, self.mtime_ns, self.ctime_ns, self.file_id,
-                           self.generation, kind, self.digest or bytes(32)) + self.target
+                           self.generation, kind, self.digest or bytes(32)) \
+            + tail + bytes(-len(tail) % RECORD_PAD)
 
     @classmethod
     def decode(cls, raw: bytes) -> "Inode":
         (mode, uid, gid, nlink, size, at, mt, ct, file_id, gen, kind,
          digest) = _INODE.unpack_from(raw)
+        stored = -1
+        if kind & _PADDED:  # format 4: stored bytes, the target's length, then zeros
+            stored = U64.unpack_from(raw, _INODE.size)[0]
+            n = U16.unpack_from(raw, _INODE.size + 8)[0]
+            target = bytes(raw[_INODE.size + 10:_INODE.size + 10 + n])
+            stored = -1 if stored == _UNKNOWN else stored
+        else:
+            target = bytes(raw[_INODE.size:])
+        kind &= ~_PADDED
         return cls(mode, uid, gid, nlink, size, at, mt, ct, file_id, gen,
-                   digest if kind else None, bytes(raw[_INODE.size:]), tree=kind != 1)
+                   digest if kind else None, target, tree=kind != 1, stored=stored)
+
+
+#: a directory entry (format 4): parent, child, name length, then the name
+#: and zeros to a multiple of DIRENT_PAD bytes, so the sealed value tells
+#: only the name's length rounded up (as gocryptfs pads names to 16 bytes)
+_DIRENT = struct.Struct(">QQH")
+DIRENT_PAD = 32
+
+
+def encode_dirent(parent: int, child: int, name: bytes) -> bytes:
+    raw = _DIRENT.pack(parent, child, len(name)) + name
+    return raw + bytes(-len(raw) % DIRENT_PAD)
+
+
+def decode_dirent(raw: bytes, keyed: bool) -> tuple[int | None, int, bytes]:
+    """(parent or None, child, name) of a directory entry's value: format 4
+    (``keyed``: the key holds a keyed tag of the parent), or before (child +
+    name; the parent is in the key)."""
+    if not keyed:
+        return None, U64.unpack_from(raw)[0], bytes(raw[8:])
+    parent, child, n = _DIRENT.unpack_from(raw)
+    if _DIRENT.size + n > len(raw):
+        raise struct.error("directory entry does not decode")
+    return parent, child, bytes(raw[_DIRENT.size:_DIRENT.size + n])
 
 
 def ino_key(ino: int) -> bytes:
@@ -155,17 +218,20 @@ def ino_key(ino: int) -> bytes:
 
 
 def encode_chunk(ref: ChunkRef) -> bytes:
-    raw = _CHUNK.pack(*ref[:6])
-    if ref.offset >= 0:
-        raw += U64.pack(ref.offset)
-    return raw + ref.digest if ref.digest is not None else raw
+    has = (1 if ref.offset >= 0 else 0) | (2 if ref.digest is not None else 0)
+    return _CHUNK.pack(*ref[:6]) + _CHUNK_TAIL.pack(
+        ref.offset if ref.offset >= 0 else _NO_OFFSET, ref.digest or bytes(32), has)
 
 
 def decode_chunk(raw: bytes) -> ChunkRef:
-    """A chunk record: the fixed part, then the extent offset (u64) if any,
-    then the plaintext's SHA-256 (32 bytes) if any, told apart by length."""
+    """A chunk record: the fixed part, then (format 4) the fixed tail, or
+    (before) the extent offset (u64) if any, then the plaintext's SHA-256
+    (32 bytes) if any, told apart by length."""
     fields = _CHUNK.unpack_from(raw)
     rest = len(raw) - _CHUNK.size
+    if rest == _CHUNK_TAIL.size:
+        offset, digest, has = _CHUNK_TAIL.unpack_from(raw, _CHUNK.size)
+        return ChunkRef(*fields, offset if has & 1 else -1, digest if has & 2 else None)
     digest = bytes(raw[-32:]) if rest in (32, 40) else None
     offset = U64.unpack_from(raw, _CHUNK.size)[0] if rest in (8, 40) else -1
     return ChunkRef(*fields, offset, digest)

@@ -12,9 +12,10 @@ import lmdb
 from .. import format as fmt
 from ..errors import IntegrityError
 from ..storage.objects import ChunkRef
-from .journal import DELETE, PUT, Op
-from .schema import (DB_ID, STATS, U16, U64, U64X2, Inode, decode_chunk, encode_chunk,
-                     ino_key, lmdb_error)
+from .auth import KEYED_DIRENT, group_of
+from .journal import CONVERT, DELETE, PUT, Op
+from .schema import (DB_ID, STATS, U16, U64, U64X2, Inode, decode_chunk, decode_dirent,
+                     encode_chunk, encode_dirent, ino_key, lmdb_error)
 
 if TYPE_CHECKING:
     from .index import Index
@@ -37,6 +38,12 @@ class Txn:
         self._borrowed = borrowed
         #: the changes of a nested transaction, for the journal
         self.ops: list[Op] | None = [] if nested else None
+        #: False: records of groups that differ are read too (verify reports
+        #: such groups itself; see :mod:`dcmfs.integrity.authentic`)
+        self.gated = True
+        #: the same changes as (database, key, old value, new value), for the
+        #: index's sums (:mod:`dcmfs.index.auth`)
+        self.changes: list[tuple[str, bytes, bytes | None, bytes | None]] = []
 
     def __enter__(self) -> "Txn":
         return self
@@ -59,35 +66,68 @@ class Txn:
         if self.ops is not None:
             self.ops.append((kind, DB_ID[db], bytes(key), value))
 
+    def _authentic(self, db: str, key: bytes) -> bool:
+        """Does the record's group match its sum (checked once a session)?"""
+        try:
+            self._refuse_suspect(db, key)
+        except IntegrityError:
+            return False
+        return True
+
+    def _refuse_suspect(self, db: str, key: bytes) -> None:
+        """Check the record's group the first time one of its records is
+        read; raise if it does not match its sum: the record may be old or
+        foreign (see :mod:`dcmfs.index.auth`)."""
+        ix = self.ix
+        if ix.verified_all or ix.sums is None or not (ix.gated and self.gated):
+            return
+        g = group_of(db, key)
+        if g not in ix.verified and not ix.check_group(g, self.txn, self.changes):
+            raise IntegrityError(f"index records of group {g:x} do not match the index's "
+                                 "sealed checksum (added, removed, altered or rolled back)")
+
     # --- helpers ---------------------------------------------------------------
     def _get(self, db: str, key: bytes) -> bytes | None:
         raw = self.txn.get(key, db=self._db[db])
-        return None if raw is None else self.ix.open(db, key, raw)
+        if raw is None:
+            return None
+        self._refuse_suspect(db, key)
+        return self.ix.open(db, key, raw)
 
-    def _put(self, db: str, key: bytes, value: bytes) -> None:
-        sealed = self.ix.seal(db, key, value)
+    def _write(self, db: str, key: bytes, value: bytes) -> None:
+        """Put a value as stored, journaled and counted in the sums."""
         try:
-            self.txn.put(key, sealed, db=self._db[db])
+            old = self.txn.get(key, db=self._db[db])
+            self.txn.put(key, value, db=self._db[db])
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"writing {db}") from exc
-        self._record(PUT, db, key, sealed)
+        self._record(PUT, db, key, value)
+        self.changes.append((db, bytes(key), old, value))
+
+    def _put(self, db: str, key: bytes, value: bytes) -> None:
+        self._write(db, key, self.ix.seal(db, key, value))
 
     def _delete(self, db: str, key: bytes) -> bool:
         try:
-            found = self.txn.delete(key, db=self._db[db])
+            old = self.txn.get(key, db=self._db[db])
+            found = old is not None and self.txn.delete(key, db=self._db[db])
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"deleting from {db}") from exc
         if found:
             self._record(DELETE, db, key, None)
+            self.changes.append((db, bytes(key), old, None))
         return found
 
-    def _scan(self, db: str, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def _scan(self, db: str, prefix: bytes,
+              gated: bool = True) -> Iterator[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
         if not cur.set_range(prefix):
             return
         for key, raw in cur:
             if not key.startswith(prefix):
                 break
+            if gated:
+                self._refuse_suspect(db, key)
             yield key, self.ix.open(db, key, raw)
 
     # --- meta (plain) ---------------------------------------------------------
@@ -96,11 +136,7 @@ class Txn:
 
     def _put_plain(self, db: str, key: bytes, value: bytes) -> None:
         """Put a value that is not sealed (meta figures, inode-number sets)."""
-        try:
-            self.txn.put(key, value, db=self._db[db])
-        except lmdb.Error as exc:
-            raise lmdb_error(exc, f"writing {db}") from exc
-        self._record(PUT, db, key, value)
+        self._write(db, key, value)
 
     def meta_put(self, name: str, value: bytes) -> None:
         self._put_plain("meta", name.encode(), value)
@@ -174,7 +210,7 @@ class Txn:
     def iter_inodes_checked(self) -> Iterator[tuple[int, Inode | IntegrityError]]:
         """Like :meth:`iter_inodes`, but a record that does not authenticate
         is yielded as its error instead of ending the scan (verify)."""
-        for key, raw in self._scan_raw("inodes", b""):
+        for key, raw in self._scan_raw("inodes", b"", gated=False):
             ino = U64.unpack(key)[0]
             try:
                 yield ino, Inode.decode(self.ix.open("inodes", key, raw))
@@ -182,7 +218,8 @@ class Txn:
                 yield ino, (exc if isinstance(exc, IntegrityError)
                             else IntegrityError(f"inode {ino}: record does not decode"))
 
-    def _scan_raw(self, db: str, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    def _scan_raw(self, db: str, prefix: bytes,
+                  gated: bool = True) -> list[tuple[bytes, bytes]]:
         cur = self.txn.cursor(db=self._db[db])
         out = []
         if cur.set_range(prefix):
@@ -190,33 +227,58 @@ class Txn:
                 if not key.startswith(prefix):
                     break
                 out.append((key, raw))
+        if gated:
+            for key, _ in out:
+                self._refuse_suspect(db, key)
         return out
 
     # --- directory entries ----------------------------------------------------
+    def _dkey(self, parent: int, name: bytes) -> bytes:
+        ix = self.ix
+        return (ix.parent_tag(parent) if ix.keyed_dirents else ino_key(parent)) \
+            + ix.name_tag(parent, name)
+
+    def _dprefix(self, parent: int) -> bytes:
+        return self.ix.parent_tag(parent) if self.ix.keyed_dirents else ino_key(parent)
+
     def lookup(self, parent: int, name: bytes) -> int | None:
-        key = ino_key(parent) + self.ix.name_tag(parent, name)
-        raw = self._get("dirents", key)
-        return None if raw is None else U64.unpack_from(raw)[0]
+        raw = self._get("dirents", self._dkey(parent, name))
+        return None if raw is None else decode_dirent(raw, self.ix.keyed_dirents)[1]
 
     def add_dirent(self, parent: int, name: bytes, ino: int) -> None:
-        key = ino_key(parent) + self.ix.name_tag(parent, name)
-        self._put("dirents", key, U64.pack(ino) + name)
+        value = (encode_dirent(parent, ino, name) if self.ix.keyed_dirents
+                 else U64.pack(ino) + name)
+        self._put("dirents", self._dkey(parent, name), value)
 
     def remove_dirent(self, parent: int, name: bytes) -> None:
-        self._delete("dirents", ino_key(parent) + self.ix.name_tag(parent, name))
+        self._delete("dirents", self._dkey(parent, name))
 
     def list_dir(self, parent: int) -> Iterator[tuple[bytes, int]]:
-        for _, raw in self._scan("dirents", ino_key(parent)):
-            yield raw[8:], U64.unpack_from(raw)[0]
+        for _, raw in self._scan("dirents", self._dprefix(parent)):
+            _, child, name = decode_dirent(raw, self.ix.keyed_dirents)
+            yield name, child
 
     def dir_is_empty(self, parent: int) -> bool:
         cur = self.txn.cursor(db=self._db["dirents"])
-        prefix = ino_key(parent)
+        prefix = self._dprefix(parent)
         return not (cur.set_range(prefix) and cur.key().startswith(prefix))
 
     def iter_dirents(self) -> Iterator[tuple[int, bytes, int]]:
-        for key, raw in self._scan("dirents", b""):
-            yield U64.unpack_from(key)[0], raw[8:], U64.unpack_from(raw)[0]
+        """Every directory entry as (parent, name, child), also those of
+        groups that did not match the sealed sums (verify and fsck name files
+        with them)."""
+        for key, raw in self._scan("dirents", b"", gated=False):
+            parent, child, name = decode_dirent(raw, len(key) == KEYED_DIRENT)
+            yield (U64.unpack_from(key)[0] if parent is None else parent), name, child
+
+    def convert_dirents(self) -> int:
+        """Key every directory entry by the keyed tag of its parent (the
+        upgrade to format 4; see :meth:`Index.convert_dirents`); returns how
+        many were converted."""
+        changes = self.ix.convert(self.txn)
+        self.changes.extend(changes)
+        self._record(CONVERT, "dirents", b"", None)
+        return len(changes) // 2
 
     # --- chunk table ----------------------------------------------------------
     def chunks(self, ino: int) -> dict[int, ChunkRef]:
@@ -234,7 +296,7 @@ class Txn:
     def iter_all_chunks_checked(self) -> Iterator[tuple[int, int, ChunkRef | None]]:
         """Like :meth:`iter_all_chunks`; an entry that does not authenticate
         is yielded with None (verify, fsck)."""
-        for key, raw in self._scan_raw("chunks", b""):
+        for key, raw in self._scan_raw("chunks", b"", gated=False):
             ino, idx = U64X2.unpack(key)
             try:
                 yield ino, idx, decode_chunk(self.ix.open("chunks", key, raw))
@@ -285,7 +347,8 @@ class Txn:
         self._delete("backlog", ino_key(ino))
 
     def backlog(self) -> list[int]:
-        return [U64.unpack(k)[0] for k, _ in self._scan_raw("backlog", b"")]
+        return [U64.unpack(k)[0] for k, _ in self._scan_raw("backlog", b"", gated=False)
+                if self._authentic("backlog", k)]
 
     # --- what the re-encoder found (sealed) -------------------------------------
     def get_content(self, ino: int) -> dict | None:
@@ -293,7 +356,10 @@ class Txn:
         return None if raw is None else json.loads(raw)
 
     def put_content(self, ino: int, info: dict) -> None:
-        self._put("content", ino_key(ino), json.dumps(info, sort_keys=True).encode())
+        """Padded with spaces (JSON ignores them) to a multiple of 128 bytes:
+        the record's length does not tell what the re-encoder found."""
+        raw = json.dumps(info, sort_keys=True).encode()
+        self._put("content", ino_key(ino), raw + b" " * (-len(raw) % 128))
 
     # --- when each file was last verified (the scrubber) -----------------------
     def set_scrubbed(self, ino: int, when_ns: int) -> None:
@@ -306,4 +372,5 @@ class Txn:
         return None if raw is None else U64.unpack(raw)[0]
 
     def orphans(self) -> list[int]:
-        return [U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"")]
+        return [U64.unpack(k)[0] for k, _ in self._scan_raw("orphans", b"", gated=False)
+                if self._authentic("orphans", k)]

@@ -46,6 +46,7 @@ from ..index.snapshots import take_snapshot
 from ..index import SEALED, Index, Inode
 from ..opened.store import OpenedStore
 from ..storage.objects import ChunkContext, ObjectDamaged, stored_bytes
+from . import authentic
 from .repair import Salvage
 from .verify import check_file, name_paths
 
@@ -107,7 +108,7 @@ class Fsck(Salvage):
         return p
 
     def open_index(self) -> Index:
-        return self.opened.index or self.opened.open_index()
+        return self.opened.index or self.opened.open_index(tolerate_mismatch=True)
 
     def run(self) -> list[Problem]:
         try:
@@ -116,6 +117,9 @@ class Fsck(Salvage):
             self.found("index", f"the index cannot be opened ({exc}); run "
                                 f"'dcmfs fsck --rebuild-index {self.store.root}'")
             return self.problems
+        self._accept: set[int] = set()
+        if self.index.suspect:
+            self.check_checksum()
         try:
             for stage in (self.check_leftovers, self.check_index_values, self.check_objects,
                           self.check_namespace, self.check_tables, self.check_contents,
@@ -131,10 +135,29 @@ class Fsck(Salvage):
         self._name_problems()
         return self.problems
 
+    def check_checksum(self) -> None:
+        """The index differs from its sealed checksum: differences no damaged
+        record explains are named and stop the repair (see
+        :mod:`dcmfs.integrity.authentic`)."""
+        bad = authentic.unexplained(self.index)
+        for ino, what in authentic.problems(self.index, bad):
+            self.found(authentic.CHECKSUM, what, ino)
+        if not bad:
+            # damaged records explain every difference: they are repaired one
+            # by one, then what the groups hold is their new sum
+            self._accept = set(self.index.suspect)
+        elif self.repair:
+            self.repair = False
+            self.found(authentic.CHECKSUM, "nothing was repaired: the index holds records "
+                       "that are not its own; rebuild it with 'dcmfs fsck --rebuild-index "
+                       f"{self.store.root}'")
+
     def finish(self) -> None:
         ix = self.index
         with ix.begin(write=True) as txn:
             txn.meta_put("state", b"clean")
+        if self._accept:
+            ix.accept(self._accept)
         self.objects.sync(force=True)
         ix.checkpoint()
         for oid in self._garbage:

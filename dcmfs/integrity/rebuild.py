@@ -8,7 +8,7 @@ import shutil
 import time
 
 from .. import format as fmt
-from ..index import JOURNAL_NAME, Index
+from ..index import JOURNAL_NAME, Index, Witness
 from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
 from ..opened.store import OpenedStore
 from ..storage.durable import fsync_dir
@@ -77,7 +77,14 @@ def rebuild_index(opened: OpenedStore) -> dict:
             txn.meta_put("store_id", store.store_id)
             txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
             txn.meta_put("state", b"mounted")  # not clean until the repair ran
+        if not ix.keyed_dirents:
+            ix.convert_dirents()
         ix.checkpoint()
+        # the admin rebuilt the index from what the store holds: that is what
+        # this machine has seen from now on
+        witness = Witness.for_store(config.state_dir, store.master_key, store.store_id)
+        witness.start(ix.seq, ix.seq, ix.root_digest())
+        witness.close()
     finally:
         ix.close()
     if segments:
@@ -105,11 +112,13 @@ def _trial_open(store, config, snapshot: str, tmp: str) -> str | None:
     except OSError as exc:
         return f"its data.mdb cannot be read ({exc.strerror})"
     try:
-        ix = Index(tmp, store.master_key, store.store_id, config.index_map_size)
+        ix = Index(tmp, store.master_key, store.store_id, config.index_map_size, check=True)
         try:
             with ix.begin() as txn:
                 if txn.meta_get("store_id") != store.store_id:
                     return "it belongs to another store"
+                if ix.auth_state == "mismatch":
+                    return "it does not match its sealed checksum"
                 list(txn.iter_inodes())
         finally:
             ix.close()

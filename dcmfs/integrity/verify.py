@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 from ..errors import IntegrityError
 from ..format import CHUNK_FLAG_LAST
 from ..opened.jobs import JobHost
+from . import authentic
 from ..storage.digest import block_digest, hasher_for
 from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 
@@ -225,7 +226,7 @@ class Verifier:
         """(ino, size) of the regular files to verify: all, the given ones, or
         a random ``sample`` fraction."""
         self.bad_inodes: list[Finding] = []
-        with self._lock, self.index.begin() as txn:
+        with self._lock, self.index.begin(gated=False) as txn:
             if inos is None:
                 out = []
                 for ino, inode in txn.iter_inodes_checked():
@@ -253,7 +254,7 @@ class Verifier:
                 if self._busy(ino):
                     return None
                 try:
-                    with self.index.begin() as txn:
+                    with self.index.begin(gated=False) as txn:
                         inode = txn.get_inode(ino)
                         table = txn.chunks(ino) if inode is not None else {}
                 except IntegrityError as exc:
@@ -265,7 +266,7 @@ class Verifier:
             if not findings:
                 return findings
             with self._lock:  # changed while we read it (rewritten, re-encoded)?
-                with self.index.begin() as txn:
+                with self.index.begin(gated=False) as txn:
                     now = txn.get_inode(ino)
                     if now is None:
                         return None
@@ -329,7 +330,7 @@ class Verifier:
                     continue
             present.append(oid)
         with self._lock:
-            with self.index.begin() as txn:
+            with self.index.begin(gated=False) as txn:
                 named = {ref.oid for _, _, ref in txn.iter_all_chunks_checked() if ref}
             named |= in_use([oid for oid in present if oid not in named])
         # still there after the named set was taken (a checkpoint may have
@@ -369,6 +370,13 @@ def verify_store(host: JobHost, paths: list[str] | None = None, sample: float | 
         if not paths and sample is None:
             with host.lock, host.index.begin() as txn:
                 report.findings += unnamed_files(txn)
+            with host.lock:
+                if host.index.check_all():
+                    # groups a damaged record explains are named by its file's
+                    # own finding; the others hold records that are not theirs
+                    bad = authentic.unexplained(host.index)
+                    report.findings += [Finding(ino, authentic.CHECKSUM, what) for ino, what
+                                        in authentic.problems(host.index, bad)]
             report.findings += verifier.orphan_objects(orphan_age, host.objects_in_flight)
         with host.lock, host.index.begin() as txn:
             names = name_paths(txn, {f.ino for f in report.findings if f.ino})

@@ -32,13 +32,14 @@ from typing import Callable, Iterator
 
 from .. import format as fmt
 from ..config import Config
-from ..errors import DcmfsError, StoreDamagedError, StoreLockedError
-from ..index import Index, Inode, Txn, read_damage
+from ..errors import DcmfsError, IntegrityError, StoreDamagedError, StoreLockedError
+from ..index import Index, Inode, Txn, Witness, read_damage
 from ..index.snapshots import archived_bytes, refuse_if_missing, take_snapshot
 from ..storage.codec import NAMES, Codecs
 from ..storage.header import (Secret, Store, StoreLock, clear_damage_mark, open_store, plain,
                               read_lock_pid, refuse_if_damaged, set_damage_mark)
 from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
+from .authentic import authenticate, upgrade_dirents
 from .recovery import RecoveryReport, recover
 
 log = logging.getLogger("dcmfs.store")
@@ -145,8 +146,12 @@ class OpenedStore:
         return cls(open_store(root, secret, for_writing=for_writing), config, index=index)
 
     # --- the index ----------------------------------------------------------------
-    def open_index(self) -> Index:
+    def open_index(self, tolerate_mismatch: bool = False) -> Index:
         """Open (or create, for a new store) the index.
+
+        ``tolerate_mismatch``: an index that does not match its sealed sums
+        opens read-write too, its reads ungated (fsck, which names and
+        repairs what it can; see :mod:`dcmfs.opened.authentic`).
 
         Raises
         ------
@@ -158,11 +163,25 @@ class OpenedStore:
                            self.store.store_id, self.config.index_map_size,
                            read_only=self.config.read_only,
                            archive_dir=os.path.join(self.root, fmt.SNAPSHOTS_DIR))
+        self.index.on_mismatch = self._group_differs
+        try:
+            authenticate(self.index, self.root, self.config,
+                         Witness.for_store(self.config.state_dir, self.store.master_key,
+                                           self.store.store_id), tolerate_mismatch)
+        except BaseException:
+            self.close_index()
+            raise
         return self.index
+
+    def _group_differs(self, group: int) -> None:
+        self.damaged(0, IntegrityError(f"index records of group {group:x} do not match the "
+                                       "index's sealed checksum"))
 
     def close_index(self) -> None:
         if self.index is not None:
             index, self.index = self.index, None
+            if index.witness is not None:
+                index.witness.close()
             index.close()
 
     def chunk_intact(self, txn: Txn, ino: int, idx: int, ref: ChunkRef) -> bool:
@@ -205,6 +224,8 @@ class OpenedStore:
         if applied or dropped:
             log.warning("journal replayed: %d operations applied, %d dropped (their data "
                         "had not reached the disk)", applied, dropped)
+        if not self.index.keyed_dirents:
+            upgrade_dirents(self.index, self.root)
         self._ensure_root(clock)
         with self.index.begin() as txn:
             state = txn.meta_get("state")

@@ -43,7 +43,7 @@ store id, slot id and epoch.  Every other header field (features, chunk
 size, codec, the slot and epoch tables) is authenticated by ``mac``:
 HMAC-SHA256 under HKDF(store key, ``header``, store id) of the canonical JSON
 of the rest of the header, checked after every unlock: a slot put back after
-it was removed, or a table altered in place, fails to open (exit 28).  The
+it was removed, or a table altered in place, fails to open (exit 35).  The
 command of a ``command`` slot, and the module of a ``pkcs11`` slot, are never
 in the header (whoever can write the store could make dcmfs run a program of
 their choice); they come from the command line or the instance file.
