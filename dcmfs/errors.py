@@ -115,6 +115,20 @@ class RollbackError(DcmfsError):
     exit_code = 29
 
 
+class HeaderAlteredError(WrongKeyError):
+    """A key slot opened, but the store header is not what a key holder
+    wrote (its MAC fails): a removed slot put back, or a field edited."""
+
+    exit_code = 35
+
+
+class KeySlotError(DcmfsError):
+    """A ``dcmfs key`` command cannot be done as asked (no such slot, or the
+    last slot would be removed)."""
+
+    exit_code = 36
+
+
 class DamageFound(DcmfsError):
     """verify or fsck found damage (the report names it)."""
 

@@ -41,6 +41,20 @@ constant, so do we):
   ``PREFIX/snapshots/…`` (index snapshots and journal segments, sealed as on
   disk) and ``PREFIX/lease`` (the writer's lease, JSON).  Only stores created
   with ``--backend`` list the feature; nothing changes for local stores.
+* 4 — key slots (feature ``key-slots-v1``, :mod:`dcmfs.storage.slots`): the
+  header's single ``key`` wrap is replaced by ``slots`` (the master key
+  wrapped once per passphrase, key file, systemd credential, key command or
+  PKCS#11 token; each wrap's associated data is the store id and the slot's
+  own fields), ``next_slot`` and ``mac`` (HMAC-SHA256 under a key derived
+  from the master key over every other header field).  A single-wrap header
+  becomes slot 1 at the first read-write opening or ``dcmfs key`` command,
+  under the header lock (an atomic, durable replace).
+* 4 — key epochs (feature ``key-epochs-v1``, added by the first ``dcmfs key
+  rotate``): the header's ``epochs`` table holds one data key per epoch,
+  sealed to every slot's X25519 public key; an object names the epoch its
+  payload key comes from in the CTX field that was reserved (u16 after the
+  flags; 0, the store key, in every object written before), so objects of
+  every format version read as before.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -89,7 +103,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
                             "extents-v1", "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "backend-s3-v1",
-                            "audit-v1"})
+                            "audit-v1", "key-slots-v1", "key-epochs-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -97,7 +111,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
 WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
-                            "special-files-v1", "index-auth-v1", "audit-v1"})
+                            "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

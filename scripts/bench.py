@@ -55,9 +55,13 @@ Contenders
                 policy before the DICOM-aware codec)
   dcmfs-lzma    a store inited with --codec lzma (xz preset 6 where the
                 default policy uses zstd)
+  dcmfs-rotating the default policy during a master-key rotation: the store
+                holds 192 MiB at rest, each write starts with 'dcmfs key
+                rotate' and 'rotate --finish' on the mounted store (the
+                daemon re-encrypts the older epoch meanwhile)
                 (--codecs picks the variants of the ct and corpus workloads,
-                default dicom0 lzma; also paused, inline = -o reencode=0, zstd
-                at close, no re-encoder; zstd:N)
+                default dicom0 lzma; also paused, rotating, inline = -o
+                reencode=0, zstd at close, no re-encoder; zstd:N)
   published     the method of the study dcmfs grew from, faithfully: per file
                 base64 -> LZMA (xz preset 6) -> AES-256, in this one process;
                 on the subset it runs on one copy (the copies are identical),
@@ -270,7 +274,7 @@ def main() -> None:
                    help="skip the cipher-quality and losslessness figures")
     p.add_argument("--codecs", nargs="*", default=["dicom0", "lzma"],
                    help="dcmfs variants besides the default for the ct and corpus workloads: "
-                        "dicom0 lzma paused inline htj2k j2k zstd:N")
+                        "dicom0 lzma paused rotating inline htj2k j2k zstd:N")
     p.add_argument("--only", nargs="*", help="run only these contenders (plain, dcmfs, "
                    "dcmfs-paused, dcmfs-dicom0, dcmfs-lzma, gocryptfs, published, …)")
     p.add_argument("--workdir", default=None, help="where stores and mounts go (default /tmp)")

@@ -156,7 +156,15 @@ class Dcmfs(Contender):
     to decode), htj2k (HTJ2K only: fastest to decode), inproc (-o sandbox=0: the
     DICOM analysis and image encoders in the daemon, not in worker processes),
     audit0 (-o audit=0: no audit trail),
-    inline (zstd compressed at close, no re-encoder), lzma, zstd:N (level N)."""
+    inline (zstd compressed at close, no re-encoder), lzma, zstd:N (level N),
+    rotating (the default policy while the daemon re-encrypts older key
+    epochs: the store holds BALLAST_MIB of files at rest, and each write starts
+    with 'dcmfs key rotate' and 'rotate --finish' on the mounted store; at rest
+    includes the end of that job, the stored size leaves the ballast out)."""
+
+    #: MiB of random files a rotating contender's store holds before the
+    #: write, which the rotation's --finish has to re-encrypt meanwhile
+    BALLAST_MIB = 192
 
     #: seconds the backlog may stand still before settle gives up
     STALL_S = 300
@@ -166,6 +174,9 @@ class Dcmfs(Contender):
         codec, _, level = spec.partition(":")
         self.options = ["-o", f"zstd_level={level}"] if level else []
         self.paused = codec == "paused"
+        self.rotating = codec == "rotating"
+        self.ballast = 0
+        self._finish = None
         if codec == "inline":
             self.options = ["-o", "reencode=0"]
         elif codec == "dicom0":
@@ -178,7 +189,8 @@ class Dcmfs(Contender):
             self.options = ["-o", "sandbox=0"]
         elif codec == "audit0":
             self.options = ["-o", "audit=0"]
-        if codec in ("inline", "dicom0", "paused", "j2k", "htj2k", "inproc", "audit0"):
+        if codec in ("inline", "dicom0", "paused", "j2k", "htj2k", "inproc", "audit0",
+                     "rotating"):
             codec = "zstd"
         self.codec = codec
         self.base = base / self.name
@@ -193,6 +205,12 @@ class Dcmfs(Contender):
         self.mp.mkdir(parents=True)
         self.cli("init", self.store, "--key-file", self.key, "--codec", self.codec)
         self.cli("mount", self.store, self.mp, "--key-file", self.key, *self.options)
+        if self.rotating:
+            (self.mp / ".ballast").mkdir()
+            for i in range(self.BALLAST_MIB // 16):
+                (self.mp / ".ballast" / f"b{i}").write_bytes(os.urandom(16 << 20))
+            self.settle()
+            self.ballast = self.stored()
 
     def mnt(self):
         return self.mp
@@ -207,7 +225,7 @@ class Dcmfs(Contender):
         return read_lock_pid(str(self.store))
 
     def stored(self):
-        return du(self.store / "objects") + du(self.store / "index")
+        return du(self.store / "objects") + du(self.store / "index") - self.ballast
 
     def control(self, command: bytes):
         from dcmfs.format import CONTROL_XATTR
@@ -216,6 +234,12 @@ class Dcmfs(Contender):
     def before_write(self):
         if self.paused:
             self.control(b"pause")
+        if self.rotating:  # a new epoch at once, the older one re-encrypted meanwhile
+            self.cli("key", "rotate", self.store, "--key-file", self.key)
+            self._finish = subprocess.Popen(
+                [sys.executable, "-m", "dcmfs.cli", "key", "rotate", "--finish",
+                 str(self.store), "--key-file", str(self.key)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def after_write(self):
         if self.paused:
@@ -236,8 +260,13 @@ class Dcmfs(Contender):
         return out
 
     def settle(self, poll: float = 0.02):
-        """Wait until the background re-encoder has re-encoded everything;
-        ``poll``: seconds between looks at the status."""
+        """Wait until the background re-encoder has re-encoded everything
+        (and a rotation's --finish has ended); ``poll``: seconds between
+        looks at the status."""
+        if self._finish is not None:
+            if self._finish.wait(timeout=self.STALL_S) != 0:
+                raise RuntimeError(f"{self.name}: 'dcmfs key rotate --finish' failed")
+            self._finish = None
         last, since = None, time.monotonic()
         while True:
             st = self.status()

@@ -31,7 +31,7 @@ def test_inflated_argon2id_parameters_are_refused_before_use(tmp_path, params):
     init_store(str(tmp_path / "s"), pw, SMALL)
     path = tmp_path / "s" / "dcmfs.store"
     header = json.loads(path.read_text())
-    header["key"]["argon2id"] = params
+    header["slots"][0]["argon2id"] = params
     path.write_text(json.dumps(header))
     t0 = time.monotonic()
     with pytest.raises(E.KdfBoundsError, match="restore the header"):
@@ -47,7 +47,7 @@ def test_inflated_argon2id_parameters_exit_26_from_verify(tmp_path):
     m.cli("init", m.store, "--passphrase-file", pw, check=True)
     path = m.store / "dcmfs.store"
     header = json.loads(path.read_text())
-    header["key"]["argon2id"]["memory_kib"] = 16 * 1024 * 1024
+    header["slots"][0]["argon2id"]["memory_kib"] = 16 * 1024 * 1024
     path.write_text(json.dumps(header))
     r = m.cli("verify", m.store, "--passphrase-file", pw, timeout=30)
     assert r.returncode == E.KdfBoundsError.exit_code == 26, r.stderr

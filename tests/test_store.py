@@ -25,7 +25,7 @@ def test_wrong_key_is_refused(tmp_path, secret):
 def test_passphrase_store(tmp_path):
     init_store(str(tmp_path / "s"), Secret("passphrase", b"correct horse"), SMALL)
     header = read_header(str(tmp_path / "s"))
-    assert header["key"]["argon2id"]["memory_kib"] == SMALL.kdf.memory_kib
+    assert header["slots"][0]["argon2id"]["memory_kib"] == SMALL.kdf.memory_kib
     assert open_store(str(tmp_path / "s"), Secret("passphrase", b"correct horse"))
     with pytest.raises(E.WrongKeyError):
         open_store(str(tmp_path / "s"), Secret("passphrase", b"correct horsE"))

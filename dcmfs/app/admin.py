@@ -340,3 +340,59 @@ def render_stats(stats: dict) -> str:
         lines.append(f"{stats['backlog_files']} files wait for the re-encoder "
                      "('dcmfs recompress STORE' finishes them now).")
     return "\n".join(lines)
+
+
+def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Config,
+                    out: TextIO = sys.stderr) -> dict:
+    """``dcmfs key rotate --finish``: seal every chunk under an older key
+    epoch again under the newest (progress bar; by the daemon when the store
+    is mounted), make that durable, then destroy the keys of the epochs no
+    chunk uses any more (epoch 0, the store key, which also seals the index,
+    is only marked retired)."""
+    from ..core.rekey import epochs_in_use, rekey_all
+    from ..storage.keyring import retire
+    mp = mountpoint_of(store_root)
+    if mp is not None:
+        store = open_store(store_root, secret())  # the keys, to authenticate the header
+        result = _finish_mounted(mp, out)
+        master, live, current = store.master_key, set(store.epoch_keys), result["epoch"]
+    else:
+        fs = FileSystem(OpenedStore.open(store_root, secret(), config, for_writing=True))
+        try:
+            before = epochs_in_use(fs)
+            with fs.lock, fs.index.begin() as txn:
+                files = len({ino for ino, _, _ in txn.iter_all_chunks()})
+            bar = Progress(files, out, "rotate --finish")
+            chunks, nbytes = rekey_all(fs, bar.update)
+            bar.update(0, nbytes, final=True)
+            result = {"epoch": fs.objects.epoch, "chunks": chunks, "bytes": nbytes,
+                      "before": {str(k): v for k, v in sorted(before.items())},
+                      "after": {str(k): v for k, v in sorted(epochs_in_use(fs).items())}}
+            master, live, current = (fs.opened.store.master_key, set(fs.objects.epoch_keys),
+                                     fs.objects.epoch)
+        finally:
+            fs.close()  # a checkpoint: the swaps are durable before any key goes
+    unused = {e for e in live if str(e) not in result["after"] and e != current}
+    result["destroyed"] = retire(store_root, master, unused) if unused else []
+    return result
+
+
+def _finish_mounted(mp: str, out: TextIO) -> dict:
+    """The daemon's rekey job, started and followed to its end."""
+    _xattr(mp, fmt.CONTROL_XATTR, b"rekey-finish")
+    bar = None
+    while True:
+        state = json.loads(_xattr(mp, fmt.STATUS_XATTR)).get("rekey") or {}
+        if bar is None and state.get("files_left"):
+            bar = Progress(state["files_left"], out, "rotate --finish")
+        if not state.get("running", False):
+            break
+        if bar is not None:
+            bar.update(state["files_left"], state["bytes"])
+        time.sleep(0.2)
+    if bar is not None:
+        bar.update(0, state.get("bytes", 0), final=True)
+    if "error" in state or "after" not in state:
+        raise StoreIOError(f"The dcmfs daemon at {mp} did not finish the rotation "
+                           f"({state.get('error', 'no answer')}); run the command again.")
+    return state

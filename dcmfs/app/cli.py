@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import getpass
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ import sys
 from .. import __version__
 from ..config import Config
 from ..errors import DcmfsError, SecretError, UsageError, WrongKeyError
-from . import keys, options, s3creds
+from . import keycli, keys, options, s3creds
 from .options import make_config, parse_o
 
 log = logging.getLogger("dcmfs")
@@ -49,6 +48,11 @@ def _add_secret_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--passphrase-file", metavar="PATH", help="file holding the passphrase")
     g.add_argument("--passphrase-fd", metavar="N", type=int,
                    help="read the passphrase from file descriptor N")
+    g.add_argument("--credential", metavar="NAME", help="the key is the systemd credential "
+                   "$CREDENTIALS_DIRECTORY/NAME (LoadCredential[Encrypted]=)")
+    g.add_argument("--key-command", metavar="CMD", help="run CMD (split like a shell, no "
+                   "shell) and use what it prints as the key (a key-command slot)")
+    keycli.add_pkcs11_options(g)
     g.add_argument("--allow-open-key-file", action="store_true",
                    help="accept a key or passphrase file that group or others may read "
                    "(with a warning)")
@@ -58,11 +62,16 @@ def _add_secret_options(p: argparse.ArgumentParser) -> None:
     s3creds.add_options(p)  # every command that opens a store may open an S3 store
 
 
-def _secret(args, creating: bool, store_kind: str | None = None):
+def _secret(args, creating: bool, store_kinds: set | None = None):
     """The key the command line names (docs/cli.md, "Secrets"; the rules are
-    in :mod:`dcmfs.app.keys`)."""
+    in :mod:`dcmfs.app.keys`); ``store_kinds``: the kinds of the store's key
+    slots."""
     from ..storage.header import Secret
+    from .keycli import secret_from
     allow_open = getattr(args, "allow_open_key_file", False)
+    if (getattr(args, "credential", None) or getattr(args, "key_command", None)
+            or getattr(args, "pkcs11_module", None)):
+        return secret_from(args, "", allow_open)
     if args.key_file:
         if creating and not os.path.exists(args.key_file):
             keys.create_key_file(args.key_file)
@@ -73,16 +82,11 @@ def _secret(args, creating: bool, store_kind: str | None = None):
     if args.passphrase_fd is not None:
         raw = keys.read_fd(args.passphrase_fd)
         return Secret("passphrase", keys.passphrase(raw, f"fd {args.passphrase_fd}"))
-    if store_kind == "keyfile" and os.path.exists(default_key_file()):
+    if "keyfile" in (store_kinds or ()) and os.path.exists(default_key_file()):
         return Secret("keyfile", keys.read_file(default_key_file(), "key file", allow_open))
-    if sys.stdin.isatty():
-        pw = getpass.getpass("dcmfs passphrase: ").encode()
-        if creating and getpass.getpass("again: ").encode() != pw:
-            raise SecretError("The passphrases differ; nothing was created.")
-        if len(pw) > keys.MAX_SECRET:
-            raise SecretError(f"The passphrase is longer than {keys.MAX_SECRET} bytes, the "
-                              "most dcmfs accepts.")
-        return Secret("passphrase", keys.passphrase(pw, "the prompt"))
+    typed = keycli.prompt("passphrase", creating, "created")
+    if typed is not None:
+        return typed
     raise SecretError("No key given: pass --key-file, --passphrase-file or --passphrase-fd.")
 
 
@@ -148,6 +152,7 @@ def cmd_init(args) -> int:
 def cmd_mount(args) -> int:
     from .mount import mount
     from ..storage.header import read_header
+    from ..storage.slots import kinds
     ours, _ = parse_o(args.o)
     inst = None
     config_path = args.config or ours.get("config")
@@ -160,11 +165,13 @@ def cmd_mount(args) -> int:
     store_root = os.path.abspath(args.store or (inst.store if inst else default_store()))
     mp = os.path.abspath(args.mountpoint or (inst.mountpoint if inst else default_mountpoint()))
     header = read_header(store_root)
+    from .logsetup import audit_to
+    audit_to(store_root)
     if inst is not None and not (args.key_file or args.passphrase_file
                                  or args.passphrase_fd is not None):
         secret = _instance_secret(inst, args)
     else:
-        secret = _secret(args, creating=False, store_kind=header["key"]["kind"])
+        secret = _secret(args, creating=False, store_kinds=kinds(header))
     if inst is not None:
         log.debug("instance %s: store %s, mountpoint %s, key from %s", inst.name, store_root, mp,
                   inst.key_source)
@@ -205,8 +212,10 @@ def _store_arg(args) -> str:
     """The STORE argument, made absolute, with a clear error for a missing or
     foreign store before anything else happens."""
     from ..storage.header import read_header
+    from .logsetup import audit_to
     store_root = os.path.abspath(args.store)
     read_header(store_root)
+    audit_to(store_root)
     return store_root
 
 
@@ -214,10 +223,11 @@ def _lazy_secret(args, store_root: str):
     """The key, asked for only when the store is not mounted (a running
     daemon already holds it)."""
     from ..storage.header import read_header
+    from ..storage.slots import kinds
 
     def get():
         header = read_header(store_root)
-        return _secret(args, creating=False, store_kind=header["key"]["kind"])
+        return _secret(args, creating=False, store_kinds=kinds(header))
     return get
 
 
@@ -422,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per line (SIEM)")
     _add_secret_options(s)
     s.set_defaults(func=cmd_audit)
+    keycli.add_parser(sub)
 
     s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")

@@ -20,6 +20,7 @@ One file per store; ``dcmfs@<instance>.service`` runs
     # passphrase_credential = "dcmfs.passphrase"
     # passphrase_file = "/etc/dcmfs/pacs.passphrase"
     # ask_password = true              # systemd-ask-password at start (attended boots)
+    # command = "/usr/local/sbin/dcmfs-kms-key pacs"   # prints the key of a key-command slot
 
 No secret is ever in this file; it names where the key comes from.
 """
@@ -35,7 +36,7 @@ from ..errors import SecretError, UsageError
 from . import keys, options
 
 KEY_SOURCES = ("credential", "file", "passphrase_credential", "passphrase_file",
-               "ask_password")
+               "ask_password", "command")
 _TOP_KEYS = {"store", "mountpoint", "codec", "metrics", "options", "key"}
 
 
@@ -56,6 +57,8 @@ class Instance:
 
     @property
     def key_kind(self) -> str:
+        if self.key_source == "command":
+            return "command"
         return "keyfile" if self.key_source in ("credential", "file") else "passphrase"
 
 
@@ -163,6 +166,8 @@ def read_key(inst: Instance, creating: bool = False,
     source, value = inst.key_source, inst.key_value
     if source == "ask_password":
         return "passphrase", ask_password(inst.name, confirm=creating)
+    if source == "command":  # a key-command slot (docs/cli.md, "key")
+        return "command", keys.run_key_command(value)
     credential = source in ("credential", "passphrase_credential")
     path = credential_path(value) if credential else value
     if creating and source == "file" and not os.path.exists(path):

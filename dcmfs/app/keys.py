@@ -28,7 +28,9 @@ import ctypes
 import logging
 import os
 import resource
+import shlex
 import stat
+import subprocess
 
 from ..errors import SecretError
 
@@ -107,6 +109,72 @@ def read_fd(fd: int) -> bytes:
         return _read_bounded(fd, f"file descriptor {fd}")
     except OSError as exc:
         raise SecretError(f"Cannot read a passphrase from fd {fd} ({exc.strerror}).") from exc
+
+
+def read_credential(name: str, allow_open: bool = False) -> bytes:
+    """The bytes of the systemd credential ``name`` (``LoadCredential=`` or
+    ``LoadCredentialEncrypted=``: systemd has decrypted it into
+    ``$CREDENTIALS_DIRECTORY``), by the key-file rules.
+
+    Raises
+    ------
+    SecretError
+        No credentials directory, a name with a slash, or the file's rules.
+    """
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise SecretError(f"The systemd credential {name} cannot be read: "
+                          "$CREDENTIALS_DIRECTORY is not set (run under a unit with "
+                          "LoadCredential= or LoadCredentialEncrypted=).")
+    if "/" in name or name in ("", ".", ".."):
+        raise SecretError(f"A credential name is a file name in $CREDENTIALS_DIRECTORY, "
+                          f"not {name!r}.")
+    return read_file(os.path.join(directory, name), "systemd credential", allow_open)
+
+
+#: seconds a key command may take (a KMS round trip, a TPM unseal)
+KEY_COMMAND_TIMEOUT = 60
+
+
+def run_key_command(command: str) -> bytes:
+    """What ``command`` prints (split like a shell, run without one), with
+    trailing line feeds dropped; its stderr goes to ours, its exit status
+    must be 0.  The command comes from the command line or an instance file,
+    never from the store (whoever can write the store must not choose what
+    runs).
+
+    Raises
+    ------
+    SecretError
+        It cannot run, fails, times out, prints nothing or more than
+        :data:`MAX_SECRET` bytes.
+    """
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise SecretError("The key command cannot be split into arguments (unbalanced "
+                          "quotes).") from exc
+    if not argv:
+        raise SecretError("The key command is empty.")
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              timeout=KEY_COMMAND_TIMEOUT, check=False)
+    except FileNotFoundError as exc:
+        raise SecretError(f"The key command {argv[0]} is not found.") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise SecretError(f"The key command {argv[0]} did not finish within "
+                          f"{KEY_COMMAND_TIMEOUT} s.") from exc
+    except OSError as exc:
+        raise SecretError(f"The key command {argv[0]} cannot run ({exc.strerror}).") from exc
+    if done.returncode != 0:
+        raise SecretError(f"The key command {argv[0]} failed (exit status {done.returncode}).")
+    if len(done.stdout) > MAX_SECRET:
+        raise SecretError(f"The key command {argv[0]} printed more than {MAX_SECRET} bytes, "
+                          "the most dcmfs reads of a key.")
+    value = done.stdout.rstrip(b"\n")
+    if not value:
+        raise SecretError(f"The key command {argv[0]} printed nothing.")
+    return value
 
 
 def create_key_file(path: str) -> None:

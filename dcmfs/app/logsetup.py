@@ -59,3 +59,43 @@ def setup(verbose: bool = False, stream=None) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # mfusepy's debug lines carry raw FUSE arguments, i.e. plaintext paths
     logging.getLogger("fuse").setLevel(logging.WARNING)
+
+
+#: the audit trail's logger: key slots changed, failed unlock attempts (slot
+#: kinds, ids and labels; never a secret)
+AUDIT = "dcmfs.audit"
+
+
+class StoreAudit(logging.Handler):
+    """Appends audit records to the store's own log (``STORE/dcmfs.log``),
+    opened at the first record (so a command that records nothing creates
+    no log), never through a symlink."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(logging.INFO)
+        self.path = path
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError:
+            self.handleError(record)
+            return
+        try:
+            os.write(fd, (self.format(record) + "\n").encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+
+
+def audit_to(store_root: str) -> None:
+    """Send this command's audit records to the store's log instead of the
+    terminal (the command prints its own one-line answer); under systemd,
+    where stderr is the journal, to both."""
+    from .. import format as fmt
+    logger = logging.getLogger(AUDIT)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(StoreAudit(os.path.join(store_root, fmt.LOG_NAME)))
+    logger.propagate = stderr_is_journal()

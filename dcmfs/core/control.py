@@ -48,6 +48,7 @@ class StoreOps:
                 "scrub": self.scrubber.status() if self.scrubber else None,
                 "s3": self.opened.remote.stats() if self.opened.remote else None,
                 "audit": self.opened.audit.status() if self.opened.audit else None,
+                "rekey": self.rekey_job.status() if self.rekey_job else None,
                 **process_figures()}
 
     @_locked
@@ -77,11 +78,39 @@ class StoreOps:
                 if self.verify_job is not None and self.verify_job.state["running"]:
                     raise InvalidArgument("a verify is already running")
                 self.verify_job = VerifyJob(self, args.get("paths"), args.get("sample"))
+        elif command.startswith("rekey "):
+            self.adopt_epoch(command[len("rekey "):])
+        elif command == "rekey-finish":
+            from .rekey import RekeyJob
+            if self.read_only:
+                raise ReadOnlyError("The store is mounted read-only.")
+            with self._lock:
+                if self.rekey_job is not None and self.rekey_job.state["running"]:
+                    raise InvalidArgument("a rotate --finish is already running")
+                self.rekey_job = RekeyJob(self)
         elif command in ("pause", "resume") and self.reencoder is not None:
             getattr(self.reencoder, command)()
         else:
             raise InvalidArgument(f"unknown control command {command!r}")
         self._audit("admin", None, None, command=command.split("{")[0].strip(), mounted=True)
+
+    def adopt_epoch(self, arg: str) -> None:
+        """``rekey EPOCH KEYHEX`` (``dcmfs key rotate`` on a mounted store):
+        seal every new chunk under the new key epoch from now on, once the
+        key is proven to be the newest epoch's of this store's authentic
+        header.  The key is never logged, nor echoed in an error."""
+        from ..storage.keyring import epoch_key_authentic
+        try:
+            epoch_text, key_hex = arg.split(" ")
+            epoch, key = int(epoch_text), bytes.fromhex(key_hex)
+        except ValueError:
+            raise InvalidArgument("bad rekey arguments") from None
+        store = self.opened.store
+        if not epoch_key_authentic(store.root, store.master_key, epoch, key):
+            raise InvalidArgument("not the newest key epoch of this store")
+        self.objects.add_epoch(epoch, key)
+        logging.getLogger("dcmfs.audit").info(
+            "key epochs: new chunks are sealed under epoch %d from now on", epoch)
 
     @_locked
     def content_stats(self) -> dict:

@@ -118,6 +118,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         #: (uid, gid, pid) of the request being served: the FUSE adapter sets
         #: it before each call; None for calls from inside (the daemon itself)
         self.caller: tuple[int, int, int] | None = None
+        #: ``dcmfs key rotate --finish`` on the mounted store (core.rekey)
+        self.rekey_job = None
         if not config.read_only:
             self.recovered = self.opened.start_session(self._clock, self._delete_inode)
             self.opened.open_audit()  # after the replay: it resumes from the index's head
@@ -208,7 +210,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             self._syncer.join()
         if self.reencoder is not None:
             self.reencoder.stop()  # its backlog stays in the index for next time
-        for job in (self.scrubber, self.verify_job):
+        for job in (self.scrubber, self.verify_job, self.rekey_job):
             if job is not None:
                 job.join()
         self.closed = True

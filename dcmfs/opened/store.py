@@ -141,7 +141,8 @@ class OpenedStore:
                 self.remote = open_backend(store, config)
             self.objects = ObjectStore(store.root, store.store_id, store.master_key,
                                        self.codecs, verify_writes=config.verify_writes,
-                                       backend=self.remote)
+                                       backend=self.remote,
+                                       epoch_keys=store.epoch_keys, epoch=store.epoch)
             self._stack.callback(self.objects.close)
             if self.remote is not None:
                 if not self.read_only:  # one writer per bucket prefix

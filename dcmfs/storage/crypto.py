@@ -54,6 +54,13 @@ def kek_from_keyfile(key_material: bytes, salt: bytes) -> bytes:
                 info=b"dcmfs/keyfile-kek").derive(key_material)
 
 
+def derive_salted(key_material: bytes, salt: bytes, label: bytes) -> bytes:
+    """A 256-bit key from secret ``key_material`` with a random ``salt``
+    (the KEK of a key-command slot)."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=salt,
+                info=b"dcmfs/" + label).derive(key_material)
+
+
 class Gcm:
     """AES-256-GCM with random nonces; blobs are ``nonce || ciphertext || tag``."""
 

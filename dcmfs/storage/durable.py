@@ -83,8 +83,11 @@ def _raise_os(exc: OSError, what: str) -> None:
 
 
 def write_file(path: str, data: bytes | memoryview, mode: int = 0o600,
-               sync_dir: bool = True) -> None:
+               sync_dir: bool = True, step=None) -> None:
     """Atomically and durably replace ``path`` with ``data``.
+
+    ``step``: a fault hook for crash tests, called with ``"written"``,
+    ``"synced"``, ``"renamed"`` and ``"done"`` as each step ends.
 
     Raises
     ------
@@ -102,12 +105,16 @@ def write_file(path: str, data: bytes | memoryview, mode: int = 0o600,
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
+            step and step("written")
             os.fsync(fd)
+            step and step("synced")
         finally:
             os.close(fd)
         os.rename(tmp, path)
+        step and step("renamed")
         if sync_dir:
             fsync_dir(directory)
+        step and step("done")
     except OSError as exc:
         try:
             os.unlink(tmp)

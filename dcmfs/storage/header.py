@@ -5,15 +5,23 @@
 .. code-block:: json
 
     {"magic": "dcmfs-store", "format_version": 1,
-     "features": ["chunked-v1", ...], "store_id": "<32 hex>",
+     "features": ["chunked-v1", "key-slots-v1", ...], "store_id": "<32 hex>",
      "chunk_size": 1048576, "codec": "zstd",
-     "key": {"kind": "keyfile" | "passphrase", "salt": "<hex>",
-             "argon2id": {"memory_kib": ..., "iterations": ..., "lanes": ...},
-             "wrapped": "<hex nonce|ciphertext|tag>"}}
+     "slots": [...], "next_slot": 2, "mac": "<hex>"}
 
-The master key is wrapped with AES-256-GCM under the key-encryption key; the
-associated data is the canonical JSON of every other field, so a header whose
-parameters were altered does not open.
+The master key is wrapped once per key slot (:mod:`dcmfs.storage.slots`);
+``mac`` authenticates every other field under a key derived from the master
+key.  Stores made before ``key-slots-v1`` have one wrap instead,
+``"key": {"kind": "keyfile" | "passphrase", "salt", "argon2id", "wrapped"}``,
+whose associated data is the canonical JSON of every other field; they are
+still opened, and turned into a slot table at the first read-write opening
+or ``dcmfs key`` command.
+
+Every rewrite of the header (:func:`rewrite_header`) holds an exclusive
+``flock`` on the store directory itself, not the store lock: a running
+daemon holds that for its whole session, and a key command must work while
+the store is mounted (the daemon reads the header only when it opens the
+store, and keeps the master key in memory).
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ import json
 import os
 import secrets
 
-from . import crypto
+from . import crypto, slots
 from .. import format as fmt
 from .codec import GENERAL_CODECS
 from ..config import (KDF_MAX_ITERATIONS, KDF_MAX_LANES, KDF_MAX_MEMORY_KIB, Config,
                       kdf_within_bounds)
 from .durable import write_file
+from .headerlock import HeaderLock, remove_torn_headers
 from ..errors import (ForeignStoreError, KdfBoundsError, SecretError, StoreDamagedError, StoreIOError,
                      StoreLockedError, StoreMissingError, StoreNotEmptyError,
                      UnsupportedFormatError, WrongKeyError)
@@ -41,8 +50,11 @@ from ..errors import (ForeignStoreError, KdfBoundsError, SecretError, StoreDamag
 class Secret:
     """Key material read by the CLI: a key file's bytes or a passphrase."""
 
-    kind: str  # "keyfile" | "passphrase"
+    kind: str  # "keyfile" | "passphrase" | "credential" | "command" | "pkcs11"
     value: bytes = dataclasses.field(repr=False)
+    #: a ``pkcs11`` secret's token session (:mod:`dcmfs.storage.pkcs11`); the
+    #: value is then the PIN
+    pkcs11: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +64,19 @@ class Store:
     chunk_size: int
     codec: str
     features: frozenset
+    #: the store key (epoch 0): index, names, journal, object contexts, and
+    #: the contents of files written before any rotation
     master_key: bytes = dataclasses.field(repr=False)
+    #: {epoch: data key} of every live key epoch (0: the store key)
+    epoch_keys: dict = dataclasses.field(default=None, repr=False, compare=False)
+    #: the epoch new chunks are sealed under
+    epoch: int = 0
     #: where the objects live: "" (the store directory) or s3://BUCKET/PREFIX
     backend: str = ""
+
+    def __post_init__(self) -> None:
+        if self.epoch_keys is None:
+            object.__setattr__(self, "epoch_keys", {0: self.master_key})
 
 
 def _aad(header: dict) -> bytes:
@@ -97,8 +119,9 @@ def _kek(secret: Secret, key_info: dict, root: str = "") -> bytes:
                                       p["lanes"])
 
 
-def init_store(root: str, secret: Secret, config: Config, backend: str = "") -> Store:
-    """Create a new store in ``root`` (which must be missing or empty).
+def init_store(root: str, secret: Secret, config: Config, label: str = "") -> Store:
+    """Create a new store in ``root`` (which must be missing or empty), with
+    one key slot for ``secret`` (labelled ``label``).
 
     ``backend``: ``s3://BUCKET/PREFIX`` for a store whose objects live in a
     bucket (the header names it, with the feature ``backend-s3-v1``).
@@ -121,12 +144,6 @@ def init_store(root: str, secret: Secret, config: Config, backend: str = "") -> 
     os.makedirs(os.path.join(root, fmt.OBJECTS_DIR), mode=0o700)
     master = crypto.random_key()
     store_id = secrets.token_bytes(16)
-    key_info: dict = {"kind": secret.kind, "salt": secrets.token_hex(16)}
-    if secret.kind == "passphrase":
-        key_info["argon2id"] = dataclasses.asdict(config.kdf)
-        if not kdf_within_bounds(key_info["argon2id"]):
-            raise ValueError(f"Argon2id parameters {config.kdf} are outside the bounds "
-                             "dcmfs accepts (dcmfs.config.kdf_within_bounds)")
     header = {
         "magic": fmt.STORE_MAGIC,
         "format_version": fmt.FORMAT_VERSION,
@@ -135,21 +152,34 @@ def init_store(root: str, secret: Secret, config: Config, backend: str = "") -> 
         "store_id": store_id.hex(),
         "chunk_size": config.chunk_size,
         "codec": config.codec,
-        "key": key_info,
     }
     if backend:
         header["backend"] = backend
         header["features"] = sorted(set(header["features"]) | {fmt.BACKEND_S3_FEATURE})
-    kek = _kek(secret, key_info, root)
-    key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
-    _write_header(root, header)
+    slot = slots.new_slot(1, secret, label or "initial", dataclasses.asdict(config.kdf))
+    _write_header(root, slots.new_table(header, master, secret, slot))
     return Store(root, store_id, config.chunk_size, config.codec,
-                 frozenset(header["features"]), master, backend)
+                 frozenset(header["features"]), master, backend=backend)
 
 
-def _write_header(root: str, header: dict) -> None:
+def _write_header(root: str, header: dict, step=None) -> None:
     write_file(os.path.join(root, fmt.HEADER_NAME),
-               (json.dumps(header, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
+               (json.dumps(header, indent=1, sort_keys=True) + "\n").encode(), mode=0o600,
+               step=step)
+
+
+def rewrite_header(root: str, change, step=None) -> dict:
+    """Replace the header with ``change(header)``, under the header lock, the
+    header read afresh under it; atomic and durable (temp file, fsync,
+    rename, fsync of the directory), so a crash at any ``step`` leaves the
+    old header or the new one.  Returns the new header."""
+    root = os.path.abspath(root)
+    with HeaderLock(root):
+        header = change(read_header(root))
+        _write_header(root, header, step)
+        remove_torn_headers(root)
+    return header
+
 
 
 def read_header(root: str) -> dict:
@@ -180,7 +210,11 @@ def read_header(root: str) -> dict:
             f"{root} has store format version {version}; this dcmfs reads up to "
             f"{fmt.FORMAT_VERSION}. Upgrade dcmfs.")
     key_info = header.get("key")
-    if (not isinstance(key_info, dict) or key_info.get("kind") not in ("keyfile", "passphrase")
+    if slots.FEATURE in header.get("features", []):
+        if not slots.valid_table(header):
+            raise ForeignStoreError(f"{root}: the store header has no valid key slot table; "
+                                    "it is damaged (restore dcmfs.store from a backup).")
+    elif (not isinstance(key_info, dict) or key_info.get("kind") not in ("keyfile", "passphrase")
             or not isinstance(key_info.get("wrapped"), str)):
         raise ForeignStoreError(f"{root}: the store header has no valid key table; it is "
                                 "damaged (restore dcmfs.store from a backup).")
@@ -191,29 +225,61 @@ def read_header(root: str) -> dict:
     return header
 
 
+def unlock(root: str, header: dict, secret: Secret) -> tuple[dict, dict]:
+    """({epoch: key}, the slot that opened it) of a header of either layout
+    (epoch 0 is the store key); for a single-wrap header the "slot" is its
+    ``key`` table with the KEK under ``"kek"``, what
+    :func:`dcmfs.storage.slots.from_legacy` needs.
+
+    Raises
+    ------
+    WrongKeyError, HeaderAlteredError, KdfBoundsError, SecretError
+    """
+    if "slots" in header:
+        return slots.unlock(header, secret, root)
+    key_info = header["key"]
+    if secret.kind not in slots.UNLOCKS.get(key_info["kind"], ()):
+        want = "a key file (--key-file)" if key_info["kind"] == "keyfile" else "a passphrase"
+        raise WrongKeyError(f"This store is opened with {want}.")
+    kek = _kek(slots_secret_as(secret, key_info["kind"]), key_info, root)
+    try:
+        master = crypto.Gcm(kek).open(bytes.fromhex(key_info["wrapped"]), _aad(header))
+    except (crypto.AuthenticationFailed, ValueError) as exc:
+        slots.log.warning("unlock failed: %s did not open the store's single %s wrap",
+                          slots.WHAT[secret.kind], key_info["kind"])
+        raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
+                            "passphrase (or a damaged store header).") from exc
+    return {0: master}, {**key_info, "id": 1, "kek": kek}
+
+
+def slots_secret_as(secret: Secret, kind: str) -> Secret:
+    """A credential's bytes are a key file's: the same secret under that kind."""
+    return secret if secret.kind == kind else Secret(kind, secret.value)
+
+
 def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     """Unwrap the master key of the store at ``root``.
 
     ``for_writing``: first add the features this version may write to the
-    header if it lacks them (the key is wrapped again: the header is its
-    associated data), under the store lock; a store in use is left as it is.
+    header if it lacks them (a single-wrap header becomes a slot table;
+    :func:`rewrite_header`), under the store lock; a store in use is left as
+    it is.
 
     Raises
     ------
     WrongKeyError
         The key file or passphrase does not open the store.
+    HeaderAlteredError
+        A slot opens, but the header is not what a key holder wrote.
     """
     root = os.path.abspath(root)
     header = read_header(root)
-    key_info = header["key"]
-    kek = _kek(secret, key_info, root)
     try:
-        master = crypto.Gcm(kek).open(bytes.fromhex(key_info["wrapped"]), _aad(header))
-    except (crypto.AuthenticationFailed, ValueError) as exc:
-        err = WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
-                            "passphrase (or a damaged store header).")
-        err.store_root = root
-        raise err from exc
+        keys, _ = unlock(root, header, secret)
+    except WrongKeyError as err:
+        err.store_root = root  # the audit trail records the attempt
+        raise
+    master = keys[0]
     if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
         try:
             lock = StoreLock(root)
@@ -221,14 +287,26 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
             pass  # in use: the opener fails on the lock itself; nothing changed
         else:
             try:
-                header["features"] = sorted(set(header["features"]) | fmt.WRITE_FEATURES)
-                key_info["wrapped"] = crypto.Gcm(kek).seal(master, _aad(header)).hex()
-                _write_header(root, header)
+                header = rewrite_header(root, lambda h: upgrade(root, h, secret, master))
             finally:
                 lock.release()
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
-                 header["codec"], frozenset(header["features"]), master,
-                 str(header.get("backend", "")))
+                 header["codec"], frozenset(header["features"]), master, keys,
+                 header.get("epoch", 0), str(header.get("backend", "")))
+
+
+def upgrade(root: str, header: dict, secret: Secret, master: bytes,
+            legacy_kek: bytes | None = None) -> dict:
+    """``header`` (read under the header lock) with the features this version
+    writes, as a slot table sealed with ``master`` (``legacy_kek``: the KEK
+    of a single-wrap header, if it is known already)."""
+    if "slots" not in header:
+        legacy_kek = legacy_kek or unlock(root, header, secret)[1]["kek"]
+        header = slots.from_legacy(header, master, legacy_kek, secret)
+        slots.log.info("key slots: the store's single key wrap became slot 1 (%s)",
+                       header["slots"][0]["kind"])
+    header["features"] = sorted(set(header["features"]) | fmt.WRITE_FEATURES)
+    return slots.seal_header(master, header)
 
 
 class StoreLock:

@@ -90,17 +90,51 @@ def object_name(oid: bytes) -> str:
     return f"{fmt.OBJECTS_DIR}/{h[:2]}/{h}"
 
 
+class FileKeys:
+    """One file's data keys: one per live key epoch (HKDF of that epoch's
+    key), the newest sealing.  Objects name their epoch in the context
+    block (the CTX field after the flags), so a read picks the key."""
+
+    __slots__ = ("_objects", "_file_id", "_ciphers")
+
+    def __init__(self, objects: "ObjectStore", file_id: bytes) -> None:
+        self._objects, self._file_id = objects, file_id
+        self._ciphers: dict[int, crypto.Gcm] = {}
+
+    @property
+    def epoch(self) -> int:
+        """The epoch new objects are sealed under: the store's newest, also
+        for a file opened before a rotation."""
+        return self._objects.epoch
+
+    def cipher(self, epoch: int, oid: bytes = b"") -> crypto.Gcm:
+        """Raises :class:`ObjectDamaged` for an epoch whose key is gone."""
+        c = self._ciphers.get(epoch)
+        if c is None:
+            key = self._objects.epoch_keys.get(epoch)
+            if key is None:
+                raise ObjectDamaged(oid, f"is sealed under key epoch {epoch}, which this store "
+                                         "does not hold (destroyed, or from another store)")
+            c = self._ciphers[epoch] = crypto.Gcm(
+                crypto.derive(key, b"file-key", self._objects.store_id + self._file_id))
+        return c
+
+
 class ObjectStore:
     """``backend``: where the objects live (default: the store directory
     itself); :meth:`path` is always the object's file in the store
     directory (with an S3 store, its copy in the cache)."""
 
     def __init__(self, root: str, store_id: bytes, master_key: bytes, codecs: Codecs,
-                 verify_writes: bool = True, backend: Backend | None = None) -> None:
+                 verify_writes: bool = True, backend: Backend | None = None,
+                 epoch_keys: dict | None = None, epoch: int = 0) -> None:
         self.root = os.path.join(root, fmt.OBJECTS_DIR)
         self.backend = backend if backend is not None else LocalBackend(root)
         self._store_id = store_id
         self._master = master_key
+        #: {key epoch: key} (0: the store key) and the epoch new objects use
+        self.epoch_keys = dict(epoch_keys or {0: master_key})
+        self.epoch = epoch
         self._header = crypto.Siv(crypto.derive(master_key, b"object-context", store_id))
         self._codecs = codecs
         self._verify = verify_writes
@@ -125,9 +159,19 @@ class ObjectStore:
     def dir_of(self, oid: bytes) -> str:
         return os.path.join(self.root, oid.hex()[:2])
 
-    def file_cipher(self, file_id: bytes) -> crypto.Gcm:
-        """The AES-256-GCM cipher of one file's data key (HKDF of the master key)."""
-        return crypto.Gcm(crypto.derive(self._master, b"file-key", self._store_id + file_id))
+    @property
+    def store_id(self) -> bytes:
+        return self._store_id
+
+    def file_cipher(self, file_id: bytes) -> FileKeys:
+        """One file's data keys (HKDF of each epoch's key; epoch 0 is the
+        store key, as before any rotation)."""
+        return FileKeys(self, file_id)
+
+    def add_epoch(self, epoch: int, key: bytes) -> None:
+        """A rotation: every object sealed from now on is under ``epoch``."""
+        self.epoch_keys = {**self.epoch_keys, epoch: key}
+        self.epoch = epoch
 
     def _aad(self, oid: bytes) -> bytes:
         return _PREFIX + self._store_id + oid
@@ -144,7 +188,7 @@ class ObjectStore:
         """The codecs objects are compressed with (their settings)."""
         return self._codecs
 
-    def seal(self, cipher: crypto.Gcm, oid: bytes, file_id: bytes, ino: int, index: int,
+    def seal(self, cipher: FileKeys, oid: bytes, file_id: bytes, ino: int, index: int,
              generation: int, flags: int, codec: int, plaintext: bytes,
              frame: FrameSpec | None = None,
              payload: bytes | None = None) -> tuple[ChunkRef, bytes]:
@@ -168,15 +212,16 @@ class ObjectStore:
             if again != plaintext:
                 raise CodecMismatch(f"codec {used} did not reproduce a chunk; not stored")
         stored_len = len(payload)
-        ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags, 0,
-                                  len(plaintext), stored_len)
+        epoch = cipher.epoch  # once: a rotation may happen meanwhile
+        ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags,
+                                  epoch, len(plaintext), stored_len)
         sealed_ctx = self._header.seal(ctx, self._ctx_aad)
-        sealed_payload = cipher.seal(payload, self._aad(oid) + ctx)
+        sealed_payload = cipher.cipher(epoch, oid).seal(payload, self._aad(oid) + ctx)
         blob = b"".join((_PREFIX, sealed_ctx, sealed_payload))
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
                         digest=block_digest(plaintext)), blob
 
-    def write(self, cipher: crypto.Gcm, file_id: bytes, ino: int, index: int, generation: int,
+    def write(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, generation: int,
               flags: int, codec: int, plaintext: bytes, frame: FrameSpec | None = None,
               payload: bytes | None = None) -> ChunkRef:
         """Seal and write one chunk object (thread-safe).
@@ -188,16 +233,19 @@ class ObjectStore:
         oid = self.new_oid()
         ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec,
                               plaintext, frame, payload)
+        self._put(oid, blob, hold=codec == 0)
+        return ref
+
+    def _put(self, oid: bytes, blob: bytes, hold: bool = False) -> None:
         # a chunk sealed uncompressed on purpose is the re-encoder's input:
         # a write-back cache keeps it longer before uploading it
         created = (self.backend.create(object_name(oid), blob, hold=True)
-                   if codec == 0 and isinstance(self.backend, CachedBackend)
+                   if hold and isinstance(self.backend, CachedBackend)
                    else self.backend.create(object_name(oid), blob))
         if not created:
             raise StoreIOError(f"object {oid.hex()} exists already")
         with self._count_lock:
             self._written += 1
-        return ref
 
     def sync(self, force: bool = False, upload: bool = False) -> None:
         """Make every object written so far durable (one syncfs, thread-safe).
@@ -246,18 +294,26 @@ class ObjectStore:
         """Authenticate and parse the context block (usable without the index)."""
         return self._open_context(oid, blob)[0]
 
+    def epoch_of(self, oid: bytes) -> int:
+        """The key epoch the object stored as ``oid`` is sealed under
+        (reading only its header).  Raises :class:`ObjectDamaged`."""
+        return self._open_context(oid, self._head(oid))[3]
+
     def context_of(self, oid: bytes) -> ChunkContext:
         """The context of the object stored as ``oid``, reading only its header.
 
         Raises :class:`ObjectDamaged` (missing, or not authentic)."""
+        return self.open_context(oid, self._head(oid))
+
+    def _head(self, oid: bytes) -> bytes:
         try:
-            head = self.backend.get(object_name(oid), 0, fmt.OBJ_HEADER_LEN + fmt.TAG_LEN)
+            return self.backend.get(object_name(oid), 0, fmt.OBJ_HEADER_LEN + fmt.TAG_LEN)
         except BackendMissing as exc:
             raise ObjectDamaged(oid, "is missing", MISSING) from exc
-        return self.open_context(oid, head)
 
-    def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes, int]:
-        """(context, its plaintext, header length) of an object of either layout."""
+    def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes, int, int]:
+        """(context, its plaintext, header length, key epoch) of an object of
+        either layout."""
         if len(blob) < fmt.OBJ_PREFIX.size:
             raise ObjectDamaged(oid, "is truncated", LENGTH)
         magic, version, kind, reserved = fmt.OBJ_PREFIX.unpack_from(blob)
@@ -282,11 +338,11 @@ class ObjectStore:
             raise ObjectDamaged(oid, "failed authentication of its context") from exc
         if v1:  # the id was in the associated data: it is the name it opened under
             fields = fmt.CTX1_STRUCT.unpack(ctx)
-            return ChunkContext(oid, *fields[:6], *fields[7:]), ctx, header_len
+            return ChunkContext(oid, *fields[:6], *fields[7:]), ctx, header_len, 0
         fields = fmt.CTX_STRUCT.unpack(ctx)
-        return ChunkContext(*fields[:7], *fields[8:]), ctx, header_len
+        return ChunkContext(*fields[:7], *fields[8:]), ctx, header_len, fields[7]
 
-    def read(self, cipher: crypto.Gcm, file_id: bytes, ino: int, index: int, ref: ChunkRef,
+    def read(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, ref: ChunkRef,
              blob: bytes | None = None) -> bytes:
         """Authenticate, check the context against the index, decompress.
 
@@ -295,10 +351,42 @@ class ObjectStore:
         ObjectDamaged
             Missing, truncated, altered, moved, swapped or rolled-back object.
         """
+        payload = self._payload(cipher, file_id, ino, index, ref, blob)[0]
+        try:
+            return self._codecs.decompress(ref.codec, payload, ref.plain_len)
+        except IntegrityError as exc:
+            raise ObjectDamaged(ref.oid, str(exc), DECODE) from exc
+
+    def reseal(self, cipher: FileKeys, file_id: bytes, ino: int, index: int,
+               ref: ChunkRef) -> ChunkRef | None:
+        """The chunk ``ref`` names sealed again under the newest key epoch,
+        as a new object (the payload as stored: nothing is decoded; same
+        generation, codec, flags and lengths); None if it already is.
+
+        Raises
+        ------
+        ObjectDamaged
+            The old object is not intact (it is left as it is).
+        """
+        payload, epoch = self._payload(cipher, file_id, ino, index, ref, None)
+        newest = cipher.epoch
+        if epoch == newest:
+            return None
+        oid = self.new_oid()
+        ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, ref.generation, ref.codec,
+                                  ref.flags, newest, ref.plain_len, ref.stored_len)
+        blob = b"".join((_PREFIX, self._header.seal(ctx, self._ctx_aad),
+                         cipher.cipher(newest, oid).seal(payload, self._aad(oid) + ctx)))
+        self._put(oid, blob)
+        return ref._replace(oid=oid)
+
+    def _payload(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, ref: ChunkRef,
+                 blob: bytes | None) -> tuple[bytes, int]:
+        """(the authenticated payload, its key epoch) of the object ``ref`` names."""
         oid = ref.oid
         if blob is None:
             blob = self.load(oid)
-        ctx, ctx_plain, header_len = self._open_context(oid, blob)
+        ctx, ctx_plain, header_len, epoch = self._open_context(oid, blob)
         expected = ChunkContext(oid, file_id, ino, index, ref.generation, ref.codec, ref.flags,
                                 ref.plain_len, ref.stored_len)
         if ctx != expected:
@@ -318,13 +406,9 @@ class ObjectStore:
         start = header_len - fmt.NONCE_LEN
         aad = bytes(blob[:fmt.OBJ_PREFIX.size]) + self._store_id + oid + ctx_plain
         try:
-            payload = cipher.open(memoryview(blob)[start:], aad)
+            return cipher.cipher(epoch, oid).open(memoryview(blob)[start:], aad), epoch
         except crypto.AuthenticationFailed as exc:
             raise ObjectDamaged(oid, "failed authentication") from exc
-        try:
-            return self._codecs.decompress(ref.codec, payload, ref.plain_len)
-        except IntegrityError as exc:
-            raise ObjectDamaged(oid, str(exc), DECODE) from exc
 
     def quarantine(self, oid: bytes, root: str) -> None:
         """Move an object that fsck cannot prove to be garbage out of the way

@@ -1,0 +1,164 @@
+"""Re-encryption of older key epochs (``dcmfs key rotate --finish``).
+
+After a rotation (:func:`dcmfs.storage.keyring.rotate`) new chunks are
+sealed under the newest key epoch; the chunks written before stay under
+theirs, and stay readable, until this pass seals each of them again: the
+payload as stored (authenticated, not decoded) under a new object id and
+the newest epoch's file key, with the same generation, codec, flags and
+lengths.  A file's new objects are written first, then its chunk records are
+swapped in one journaled transaction, only if the file is closed and its
+chunk table unchanged (what the re-encoder does); the old objects are
+deleted after the next checkpoint.  A crash at any point leaves each file
+with its old objects or its new ones, both readable; running the pass again
+goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from ..errors import IntegrityError
+from ..opened.jobs import ActiveJobHost
+
+#: the audit trail (dcmfs.app.logsetup.AUDIT)
+log = logging.getLogger("dcmfs.audit")
+
+
+def epochs_in_use(host: ActiveJobHost) -> dict[int, int]:
+    """{key epoch: chunks sealed under it} over every chunk the index names
+    (each object's header is read; an object that cannot be read counts
+    under -1)."""
+    with host.lock, host.index.begin() as txn:
+        refs = [ref for _, _, ref in txn.iter_all_chunks()]
+    counts: dict[int, int] = {}
+    for ref in refs:
+        try:
+            epoch = host.objects.epoch_of(ref.oid)
+        except IntegrityError:
+            epoch = -1
+        counts[epoch] = counts.get(epoch, 0) + 1
+    return counts
+
+
+def rekey_file(host: ActiveJobHost, ino: int) -> tuple[int, int] | None:
+    """Seal the chunks of one file that are under older epochs again; returns
+    (chunks, stored bytes) done, or None if the file changed or is open
+    meanwhile (try again later)."""
+    with host.lock:
+        if host.is_open(ino):
+            return None
+        with host.index.begin() as txn:
+            inode = txn.get_inode(ino)
+            table = txn.chunks(ino) if inode is not None else {}
+    if not table:
+        return 0, 0
+    cipher = host.objects.file_cipher(inode.file_id)
+    new = {}
+    try:
+        for idx, ref in table.items():
+            fresh = host.objects.reseal(cipher, inode.file_id, ino, idx, ref)
+            if fresh is not None:
+                new[idx] = fresh
+    except IntegrityError as exc:
+        host.damaged(ino, exc)
+        _discard(host, new)
+        raise
+    if not new:
+        return 0, 0
+    with host.lock:
+        with host.index.begin() as txn:
+            current = txn.chunks(ino) if txn.get_inode(ino) is not None else None
+        if current != table or host.is_open(ino):
+            _discard(host, new)
+            return None
+        with host.write_txn() as txn:
+            for idx, ref in new.items():
+                txn.put_chunk(ino, idx, ref)
+        host.after_commit([table[idx].oid for idx in new])
+    return len(new), sum(ref.stored_len for ref in new.values())
+
+
+def _discard(host: ActiveJobHost, new: dict) -> None:
+    for ref in new.values():
+        host.objects.delete(ref.oid)
+
+
+def rekey_all(host: ActiveJobHost, progress: Callable[[int, int], None] = lambda *a: None,
+              rounds: int = 3) -> tuple[int, int]:
+    """Seal every chunk under an older epoch again; ``progress(files left,
+    bytes done)``.  Files that changed meanwhile are tried again (up to
+    ``rounds`` passes).  Returns (chunks, bytes) resealed.
+
+    Raises
+    ------
+    IntegrityError
+        A chunk could not be read (the file is marked as damaged; its old
+        objects stay).
+    """
+    chunks = nbytes = 0
+    with host.lock, host.index.begin() as txn:
+        todo = sorted({ino for ino, _, _ in txn.iter_all_chunks()})
+    for _ in range(rounds):
+        later = []
+        for n, ino in enumerate(todo):
+            if host.stopping.is_set():
+                return chunks, nbytes
+            done = rekey_file(host, ino)
+            if done is None:
+                later.append(ino)
+                continue
+            chunks += done[0]
+            nbytes += done[1]
+            progress(len(todo) - n - 1 + len(later), nbytes)
+        if not later:
+            break
+        todo = later
+    log.info("key epochs: %d chunks (%d bytes) sealed again under epoch %d", chunks, nbytes,
+             host.objects.epoch)
+    return chunks, nbytes
+
+
+class RekeyJob:
+    """``dcmfs key rotate --finish`` on a mounted store: :func:`rekey_all` on
+    a thread of the daemon beside the file operations (a file open or
+    changed meanwhile is tried again, up to three passes), then a
+    checkpoint, then the epochs the chunks still use (``state["after"]``),
+    from which the admin's command destroys the unused keys."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        self.state = {"running": True, "files_left": 0, "bytes": 0, "epoch": host.objects.epoch}
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dcmfs-rekey")
+        self._thread.start()
+
+    def status(self) -> dict:
+        return dict(self.state)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _run(self) -> None:
+        from ..errors import loggable
+
+        def progress(left: int, nbytes: int) -> None:
+            self.state.update(files_left=left, bytes=nbytes)
+
+        try:
+            with self.host.lock, self.host.index.begin() as txn:
+                self.state["files_left"] = len({i for i, _, _ in txn.iter_all_chunks()})
+            chunks, nbytes = rekey_all(self.host, progress)
+            if self.host.stopping.is_set():
+                self.state["error"] = "the store was unmounted before the end"
+                return
+            self.host.objects.sync()
+            with self.host.lock:
+                self.host.checkpoint()
+            self.state.update(chunks=chunks, bytes=nbytes, after={
+                str(k): v for k, v in sorted(epochs_in_use(self.host).items())})
+        except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
+            log.error("rotate --finish failed: %s", loggable(exc))
+            self.state["error"] = loggable(exc)
+        finally:
+            self.state["running"] = False

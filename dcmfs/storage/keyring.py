@@ -1,0 +1,232 @@
+"""The key slots of a store, changed in place: ``dcmfs key add|remove|change``.
+
+Each operation rewraps the master key only (no object, no index record is
+touched), so it takes the same time whatever the store holds, and works
+while the store is mounted: it holds the header lock (a ``flock`` on the
+store directory), not the store lock a daemon keeps, and the daemon never
+reads the header again after it opened the store.  It is authorised by a
+secret that opens an existing slot, and writes the new header with the
+durable-write helper (temp file, fsync, rename, fsync of the directory),
+so a crash at any step leaves the old slot table or the new one.  A
+single-wrap header (formats 1-3) is turned into a slot table first, in the
+same replace.
+
+Every change is logged (``key slots: ...``) with slot ids, kinds and labels,
+never a secret.
+"""
+
+from __future__ import annotations
+
+from . import slots
+from .header import Secret, read_header, rewrite_header, unlock, upgrade
+from ..errors import KeySlotError
+
+
+def list_slots(root: str) -> list[dict]:
+    """The slots of the store at ``root`` (id, kind, label, created; no key
+    needed, nothing secret).  A single-wrap header shows as slot 1,
+    ``legacy``."""
+    header = read_header(root)
+    if "slots" not in header:
+        return [{"id": 1, "kind": header["key"]["kind"], "label": "(single-wrap header)",
+                 "created": None, "legacy": True}]
+    return [{k: s.get(k) for k in ("id", "kind", "label", "created", "changed")
+             if s.get(k) is not None} for s in header["slots"]]
+
+
+def _opened(root: str, header: dict, secret: Secret) -> tuple[dict, dict, dict]:
+    """(the header as a slot table, {epoch: key}, the slot that opened)."""
+    keys, slot = unlock(root, header, secret)
+    if "slots" not in header:
+        header = upgrade(root, header, secret, keys[0], slot["kek"])
+        slot = header["slots"][0]
+    return header, keys, slot
+
+
+def _slot(header: dict, slot_id: int) -> dict:
+    for s in header["slots"]:
+        if s["id"] == slot_id:
+            return s
+    raise KeySlotError(f"The store has no key slot {slot_id}; 'dcmfs key list' shows its "
+                       "slots.")
+
+
+def add_slot(root: str, secret: Secret, new: Secret, label: str, kdf: dict,
+             step=None) -> int:
+    """Add a slot for ``new`` (authorised by ``secret``); returns its id.
+
+    Raises
+    ------
+    WrongKeyError, HeaderAlteredError
+        ``secret`` opens no slot, or the header was altered.
+    """
+    slots.check_label(label)
+    added = {}
+
+    def change(header: dict) -> dict:
+        header, keys, by = _opened(root, header, secret)
+        slot = slots.new_slot(header["next_slot"], new, label, kdf)
+        header["next_slot"] += 1
+        header["slots"].append(slots.enrol(header, keys, new, slot))
+        added.update(id=slot["id"], by=by["id"])
+        return slots.seal_header(keys[0], header)
+
+    rewrite_header(root, change, step)
+    slots.log.info("key slots: slot %d (%s, label %r) added, authorised by slot %d",
+                   added["id"], new.kind, label, added["by"])
+    return added["id"]
+
+
+def remove_slot(root: str, secret: Secret, slot_id: int, step=None) -> None:
+    """Remove slot ``slot_id`` (authorised by ``secret``, which may be that
+    slot's own).
+
+    Raises
+    ------
+    KeySlotError
+        There is no such slot, or it is the last one.
+    """
+    done = {}
+
+    def change(header: dict) -> dict:
+        header, keys, by = _opened(root, header, secret)
+        gone = _slot(header, slot_id)
+        if len(header["slots"]) == 1:
+            raise KeySlotError(f"Slot {slot_id} is the store's last key slot; add another "
+                               "('dcmfs key add') before removing it, or nothing could "
+                               "open the store.")
+        slots.drop(header, slot_id)
+        done.update(kind=gone["kind"], label=gone["label"], by=by["id"])
+        return slots.seal_header(keys[0], header)
+
+    rewrite_header(root, change, step)
+    slots.log.info("key slots: slot %d (%s, label %r) removed, authorised by slot %d",
+                   slot_id, done["kind"], done["label"], done["by"])
+
+
+def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str | None,
+                kdf: dict, step=None) -> None:
+    """Give slot ``slot_id`` a new secret (and kind, and label if given),
+    authorised by ``secret``.
+
+    Raises
+    ------
+    KeySlotError
+        There is no such slot.
+    """
+    done = {}
+
+    def change(header: dict) -> dict:
+        header, keys, by = _opened(root, header, secret)
+        old = _slot(header, slot_id)
+        slot = slots.new_slot(slot_id, new, label or old["label"], kdf)
+        slot["created"] = old.get("created") or slot["created"]
+        slot["changed"] = slots.now()
+        # a new key pair: the old secret, with a copy of the old header,
+        # opens no epoch made after the change
+        slots.drop(header, slot_id)
+        header["slots"].append(slots.enrol(header, keys, new, slot))
+        header["slots"].sort(key=lambda s: s["id"])
+        done.update(old=old["kind"], by=by["id"])
+        return slots.seal_header(keys[0], header)
+
+    rewrite_header(root, change, step)
+    slots.log.info("key slots: slot %d changed (%s -> %s), authorised by slot %d",
+                   slot_id, done["old"], new.kind, done["by"])
+
+
+def rotate(root: str, secret: Secret, step=None,
+           in_use: bool = False) -> tuple[int, bytes]:
+    """Start a new key epoch (authorised by ``secret``): a random data key
+    sealed to every slot; chunks are sealed under it from the next opening
+    on, or at once by a running daemon that is handed the key (``in_use``:
+    the caller does that, :meth:`dcmfs.core.control.StoreOps.adopt_epoch`).
+    Returns (the new epoch, its key).
+
+    Raises
+    ------
+    StoreLockedError
+        The store is open and ``in_use`` is False.
+    """
+    from .header import StoreLock
+    from ..errors import StoreLockedError
+    try:
+        lock = StoreLock(root)
+    except StoreLockedError as exc:
+        if not in_use:
+            raise StoreLockedError(f"The store {root} is open in another dcmfs process that "
+                                   "is not a mount (fsck, verify, recompress); try again when "
+                                   "it is done.") from exc
+        lock = None
+    done = {}
+    try:
+        def change(header: dict) -> dict:
+            header, keys, by = _opened(root, header, secret)
+            done["epoch"], done["key"] = slots.rotate(header, keys[0])
+            done["by"] = by["id"]
+            return slots.seal_header(keys[0], header)
+
+        rewrite_header(root, change, step)
+    finally:
+        if lock is not None:
+            lock.release()
+    slots.log.info("key epochs: rotation to epoch %d started, authorised by slot %d; "
+                   "'dcmfs key rotate --finish' seals older chunks again",
+                   done["epoch"], done["by"])
+    return done["epoch"], done["key"]
+
+
+def epoch_key_authentic(root: str, master: bytes, epoch: int, key: bytes) -> bool:
+    """Is ``key`` the key of ``epoch``, the newest epoch of the store's
+    authentic header?  (A running daemon checks what it is handed.)"""
+    import hmac
+    header = read_header(root)
+    if "epochs" not in header or header.get("epoch") != epoch or not hmac.compare_digest(
+            header["mac"], slots.header_mac(master, header)):
+        return False
+    entry = next(e for e in header["epochs"] if e["epoch"] == epoch)
+    return hmac.compare_digest(entry.get("check", ""),
+                               slots.epoch_check(master, header["store_id"], epoch, key))
+
+
+def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
+    """Destroy the data keys of ``epochs`` (no chunk uses them any more; the
+    caller checked, under the store lock), except epoch 0, the store key,
+    which also seals the index: it is marked ``retired`` (it seals no file
+    contents any more).  ``master`` (the store key) authenticates the header
+    read afresh.  Returns the epochs destroyed."""
+    import hmac
+    from ..errors import HeaderAlteredError
+    gone: list[int] = []
+
+    def change(header: dict) -> dict:
+        if not hmac.compare_digest(header["mac"], slots.header_mac(master, header)):
+            raise HeaderAlteredError(f"The store header at {root} was altered by someone "
+                                     "without the key; nothing was destroyed.")
+        for entry in list(header["epochs"]):
+            if entry["epoch"] == 0 and 0 in epochs and header["epoch"] != 0:
+                entry.setdefault("retired", slots.now())  # seals no contents any more
+            elif entry["epoch"] in epochs and entry["epoch"] != header["epoch"]:
+                slots.destroy(header, entry["epoch"])
+                gone.append(entry["epoch"])
+        return slots.seal_header(master, header)
+
+    rewrite_header(root, change)
+    for epoch in gone:
+        slots.log.info("key epochs: the key of epoch %d was destroyed (no chunk uses it)", epoch)
+    return gone
+
+
+def list_epochs(root: str) -> list[dict]:
+    """The key epochs: live ones (``current`` marks the newest) and destroyed
+    ones, with dates (no key needed)."""
+    header = read_header(root)
+    if "epochs" not in header:
+        return [{"epoch": 0, "state": "current"}]
+    out = [{"epoch": e["epoch"], "created": e.get("created"),
+            "state": ("current" if e["epoch"] == header["epoch"] else
+                      "retired" if e.get("retired") else "live")}
+           for e in header["epochs"]]
+    out += [{"epoch": d["epoch"], "destroyed": d.get("destroyed"), "state": "destroyed"}
+            for d in header.get("destroyed", [])]
+    return sorted(out, key=lambda e: e["epoch"])
