@@ -31,7 +31,7 @@ from .logsetup import stderr_is_journal
 from ..adapter.metrics import MetricsServer, OpStats
 from ..opened.store import OpenedStore, preflight
 from ..storage.header import (Secret, Store, lock_file_pid, lock_holders, open_store,
-                              read_header, read_lock_pid)
+                              read_lock_pid)
 
 log = logging.getLogger("dcmfs.mount")
 
@@ -176,8 +176,8 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
     fs = FileSystem(OpenedStore(store, config, checked=True))
     trail = fs.opened.audit
     if trail is not None:
-        trail.record("mount", None, mountpoint=mountpoint, key=read_header(store.root)["key"]
-                     ["kind"], options=_changed_options(config, fuse_options))
+        trail.record("mount", None, mountpoint=mountpoint, key=store.unlocked_by or "unknown",
+                     options=_changed_options(config, fuse_options))
     # the first read of a DICOM-coded file need not wait for the codecs to load
     threading.Thread(target=warm_up, daemon=True, name="dcmfs-warm-up").start()
     if fs.recovered is not None:

@@ -73,6 +73,8 @@ class Store:
     epoch: int = 0
     #: where the objects live: "" (the store directory) or s3://BUCKET/PREFIX
     backend: str = ""
+    #: the kind of the key slot that opened the store (the audit's mount record)
+    unlocked_by: str = ""
 
     def __post_init__(self) -> None:
         if self.epoch_keys is None:
@@ -119,7 +121,8 @@ def _kek(secret: Secret, key_info: dict, root: str = "") -> bytes:
                                       p["lanes"])
 
 
-def init_store(root: str, secret: Secret, config: Config, label: str = "") -> Store:
+def init_store(root: str, secret: Secret, config: Config, label: str = "",
+               backend: str = "") -> Store:
     """Create a new store in ``root`` (which must be missing or empty), with
     one key slot for ``secret`` (labelled ``label``).
 
@@ -159,7 +162,8 @@ def init_store(root: str, secret: Secret, config: Config, label: str = "") -> St
     slot = slots.new_slot(1, secret, label or "initial", dataclasses.asdict(config.kdf))
     _write_header(root, slots.new_table(header, master, secret, slot))
     return Store(root, store_id, config.chunk_size, config.codec,
-                 frozenset(header["features"]), master, backend=backend)
+                 frozenset(header["features"]), master, backend=backend,
+                 unlocked_by=secret.kind)
 
 
 def _write_header(root: str, header: dict, step=None) -> None:
@@ -275,7 +279,7 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     root = os.path.abspath(root)
     header = read_header(root)
     try:
-        keys, _ = unlock(root, header, secret)
+        keys, slot = unlock(root, header, secret)
     except WrongKeyError as err:
         err.store_root = root  # the audit trail records the attempt
         raise
@@ -292,7 +296,8 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
                 lock.release()
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
                  header["codec"], frozenset(header["features"]), master, keys,
-                 header.get("epoch", 0), str(header.get("backend", "")))
+                 header.get("epoch", 0), str(header.get("backend", "")),
+                 str(slot.get("kind", "")))
 
 
 def upgrade(root: str, header: dict, secret: Secret, master: bytes,
