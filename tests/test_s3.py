@@ -200,13 +200,15 @@ def _second_store(tmp_path, first_root: str) -> str:
     return str(second)
 
 
-def test_one_writer_per_prefix_and_the_stale_lease_rule(s3_fs, tmp_path, secret, ceph_s3):
+def test_one_writer_per_prefix_and_the_stale_lease_rule(s3_fs, tmp_path, secret, ceph_s3,
+                                                        monkeypatch):
     from dcmfs.errors import LeaseHeldError
     from dcmfs.opened import lease as lease_mod
     fs = s3_fs()
     write_file(fs, "/x", b"x" * 1000)
     second = _second_store(tmp_path, s3_fs.root)
-    config = dataclasses.replace(SMALL, s3=fs.config.s3)
+    # another machine: its own state directory (witnesses)
+    config = dataclasses.replace(SMALL, s3=fs.config.s3, state_dir=str(tmp_path / "other"))
     with pytest.raises(LeaseHeldError) as info:
         FileSystem(open_store(second, secret), config)
     assert info.value.exit_code == 37 and "second writer is refused" in str(info.value)

@@ -100,7 +100,7 @@ def test_credentials_from_the_environment_and_a_clear_error_without(s3_mount, ce
     assert r.returncode == 16 and "chmod 600" in r.stderr
 
 
-def test_second_writer_refused_with_its_exit_code(s3_mount, tmp_path):
+def test_second_writer_refused_with_its_exit_code(s3_mount, tmp_path, monkeypatch):
     m = s3_mount
     m.mount("--s3-credentials-file", m.creds)
     (m.mnt / "f").write_bytes(b"y" * 1000)
@@ -109,6 +109,8 @@ def test_second_writer_refused_with_its_exit_code(s3_mount, tmp_path):
     other.key = m.key
     (other.store / "objects").mkdir(parents=True)
     shutil.copyfile(m.store / "dcmfs.store", other.store / "dcmfs.store")
+    # another machine: its own state directory (witnesses)
+    monkeypatch.setenv("DCMFS_STATE_DIR", str(tmp_path / "other-state"))
     r = other.mount("--s3-credentials-file", m.creds, check=False)
     assert r.returncode == 37, r.stderr
     assert "second writer is refused" in r.stderr and "Traceback" not in r.stderr
