@@ -26,6 +26,12 @@ constant, so do we):
   added to the header at the first read-write opening; an inode keeps its
   whole-file SHA-256 (kind 1, still checked) until its file changes, and a
   chunk record gains its digest when its file is next committed.
+* 4 — (the de-identified research view, issue 21) feature ``deid-view-v1``:
+  the index database ``deidview`` (ino -> sealed JSON: what the view lists
+  of a DICOM file, see :mod:`dcmfs.index.schema`), created at the first
+  read-write opening and filled by the re-encoder and by a one-time pass of
+  the first view mount; older stores open unchanged (the database is
+  optional, empty until then).
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -69,7 +75,7 @@ DAMAGE_MARK = "needs-fsck"
 KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-lzma",
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
                             "extents-v1", "digest-tree-v1",
-                            "special-files-v1"})
+                            "special-files-v1", "deid-view-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -77,7 +83,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
 WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
-                            "special-files-v1"})
+                            "special-files-v1", "deid-view-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

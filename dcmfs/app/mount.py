@@ -169,11 +169,15 @@ class _StatusReporter(threading.Thread):
 
 def run_daemon(store: Store, mountpoint: str, config: Config,
                fuse_options: dict, on_ready=None, metrics: str | None = None,
-               status_interval: float = 5.0) -> None:
+               status_interval: float = 5.0, view_secret: bytes | None = None) -> None:
     """Open the store (checked by :func:`mount`), serve the mount until it
-    ends, close cleanly."""
+    ends, close cleanly.  With ``config.view`` the de-identified view is
+    served instead of the files (``view_secret``: its secret)."""
     forbid_core_dumps()  # the master key is in this process (also when -f)
     fs = FileSystem(OpenedStore(store, config, checked=True))
+    served = fs
+    if config.view:
+        served = _deid_view(fs, config, view_secret)
     # the first read of a DICOM-coded file need not wait for the codecs to load
     threading.Thread(target=warm_up, daemon=True, name="dcmfs-warm-up").start()
     if fs.recovered is not None:
@@ -200,7 +204,7 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
             if on_ready is not None:
                 on_ready()
 
-        serve(fs, mountpoint, fuse_options, ready, ops)
+        serve(served, mountpoint, fuse_options, ready, ops)
     finally:
         _notify("STOPPING=1\nSTATUS=unmounted; committing open files and the index")
         log.info("unmounted %s; closing the store", mountpoint)
@@ -210,16 +214,29 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
         if server is not None:
             server.close()
         try:
-            fs.close()
+            served.close()
         finally:
             if reporter is not None:
                 reporter.stop.set()
         log.info("store %s closed cleanly in %.1f s", store.root, time.monotonic() - started)
 
 
+def _deid_view(fs: FileSystem, config: Config, view_secret: bytes | None):
+    from ..core.deidview import DeidView, ViewKeys, ViewOptions
+    try:
+        view = DeidView(fs, ViewKeys(view_secret or b""), ViewOptions(
+            config.deid_dates, config.deid_characteristics, config.deid_device,
+            config.deid_burned_in))
+        view.build()
+    except BaseException:
+        fs.close()
+        raise
+    return view
+
+
 def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
           fuse_options: dict, foreground: bool, log_file: str | None,
-          metrics: str | None = None) -> None:
+          metrics: str | None = None, view_secret: bytes | None = None) -> None:
     """Mount a store; returns once the mount is live (or, with
     ``foreground``, once it has been unmounted again)."""
     store_root = os.path.abspath(store_root)
@@ -233,12 +250,12 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
                           store_root=store_root)
     require_fuse()
     if foreground:
-        run_daemon(store, mp, config, options, metrics=metrics)
+        run_daemon(store, mp, config, options, metrics=metrics, view_secret=view_secret)
         return
-    _spawn(store, mp, config, options, log_file, metrics)
+    _spawn(store, mp, config, options, log_file, metrics, view_secret)
 
 
-def _spawn(store, mp, config, options, log_file, metrics) -> None:
+def _spawn(store, mp, config, options, log_file, metrics, view_secret=None) -> None:
     store_root = store.root
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -253,7 +270,8 @@ def _spawn(store, mp, config, options, log_file, metrics) -> None:
                     else log_file or os.path.join(store_root, fmt.LOG_NAME),
                     in_store=log_file is None)
             run_daemon(store, mp, config, options,
-                       on_ready=lambda: os.write(wfd, b"R"), metrics=metrics)
+                       on_ready=lambda: os.write(wfd, b"R"), metrics=metrics,
+                       view_secret=view_secret)
         except DcmfsError as exc:
             log.error("%s", exc)
             _report(wfd, exc.exit_code, str(exc))

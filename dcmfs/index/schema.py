@@ -47,6 +47,14 @@ database      key                             value
                                               syntax, photometric, bits, codec path,
                                               fallback reason; never a patient
                                               attribute)
+``deidview``  ino u64                         SIV(JSON: what the de-identified view
+                                              lists of a DICOM file: generation,
+                                              patient identity, study, series and
+                                              instance UIDs, every other UID of the
+                                              header, where the Pixel Data element
+                                              starts and ends, withheld reason;
+                                              feature ``deid-view-v1``, see
+                                              :mod:`dcmfs.core.deidview`)
 ============  ==============================  ======================================
 
 The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
@@ -91,12 +99,12 @@ U16 = struct.Struct(">H")
 STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
-             "content", "scrubbed")
+             "content", "scrubbed", "deidview")
 #: databases a store made by an older dcmfs may lack (created at its first
 #: read-write opening; empty for a read-only one)
-OPTIONAL = ("scrubbed",)
+OPTIONAL = ("scrubbed", "deidview")
 #: databases whose values are sealed (the others hold plain numbers or nothing)
-SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
+SEALED = ("inodes", "dirents", "chunks", "xattrs", "content", "deidview")
 #: a database's number in journal records
 DB_ID = {name: i for i, name in enumerate(DATABASES)}
 #: the journal's file in the index directory

@@ -165,6 +165,8 @@ class Txn:
         self._delete("backlog", ino_key(ino))
         self._delete("content", ino_key(ino))
         self._delete("scrubbed", ino_key(ino))
+        if self._db["deidview"] is not None:
+            self._delete("deidview", ino_key(ino))
         return refs
 
     def iter_inodes(self) -> Iterator[tuple[int, Inode]]:
@@ -294,6 +296,22 @@ class Txn:
 
     def put_content(self, ino: int, info: dict) -> None:
         self._put("content", ino_key(ino), json.dumps(info, sort_keys=True).encode())
+
+    # --- what the de-identified view lists of a file (sealed) -------------------
+    def get_deid(self, ino: int) -> dict | None:
+        if self._db["deidview"] is None:
+            return None
+        raw = self._get("deidview", ino_key(ino))
+        return None if raw is None else json.loads(raw)
+
+    def put_deid(self, ino: int, record: dict) -> None:
+        self._put("deidview", ino_key(ino), json.dumps(record, sort_keys=True).encode())
+
+    def iter_deid(self) -> Iterator[tuple[int, dict]]:
+        if self._db["deidview"] is None:
+            return
+        for key, raw in self._scan("deidview", b""):
+            yield U64.unpack(key)[0], json.loads(raw)
 
     # --- when each file was last verified (the scrubber) -----------------------
     def set_scrubbed(self, ino: int, when_ns: int) -> None:

@@ -102,6 +102,16 @@ def handle(request: dict, blob: bytes) -> tuple[dict, bytes]:
                               image=tuple(codec.IDS[i] for i in request["image"]))
         used, payload = codecs.compress(codec.IMAGE, blob, spec)
         return {"codec": used}, payload
+    if op == "deid-facts":
+        from ..storage import deid
+        return {"facts": deid.facts(blob, int(request["size"]))}, b""
+    if op == "deid-rewrite":
+        from ..storage import deid
+        shift = request["shift"]
+        return {"ok": True}, deid.rewrite(
+            blob, int(request["element_at"]), int(request["value_at"]), request["mapping"],
+            str(request["pseudonym"]), None if shift is None else int(shift),
+            bool(request["characteristics"]), bool(request["device"]))
     if op == "ping":
         return {"pong": True, "confined": CONFINED}, b""
     return {"error": "UnknownRequest"}, b""
@@ -118,7 +128,8 @@ def main(argv: list[str]) -> int:
     import numpy  # noqa: F401
     import pydicom  # noqa: F401
     import zstandard  # noqa: F401
-    from ..storage import codec, dicom  # noqa: F401
+    from ..storage import codec, deid, dicom  # noqa: F401
+    deid.table()  # the profile's table, loaded once
     CONFINED.update(confine(memory))
     while True:
         try:
