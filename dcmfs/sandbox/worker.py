@@ -117,6 +117,21 @@ def handle(request: dict, blob: bytes) -> tuple[dict, bytes]:
     return {"error": "UnknownRequest"}, b""
 
 
+def _load_charsets() -> None:
+    """Import the codec of every DICOM character set now: Python imports
+    them on first use, and a worker that gave up root may no longer read
+    the interpreter's directory (a pyenv under /root), which made a header
+    in ISO 2022 or Latin-2 'unreadable'."""
+    import codecs
+
+    from pydicom import charset
+    for name in set(charset.python_encoding.values()):
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            pass
+
+
 def main(argv: list[str]) -> int:
     from . import protocol
 
@@ -130,6 +145,7 @@ def main(argv: list[str]) -> int:
     import zstandard  # noqa: F401
     from ..storage import codec, deid, dicom  # noqa: F401
     deid.table()  # the profile's table, loaded once
+    _load_charsets()  # as nobody the interpreter's own files may be out of reach later
     CONFINED.update(confine(memory))
     while True:
         try:
