@@ -33,7 +33,9 @@ import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import (InvalidArgument, IsADirectory, NoAttribute, NotADirectory, NotFound,
@@ -75,6 +77,8 @@ class ViewKeys:
             raise ValueError("a view secret needs at least 16 bytes")
         self._key = HKDF(hashes.SHA256(), 32, salt=None,
                          info=b"dcmfs deid view v1").derive(secret)
+        self._cache = AESGCMSIV(HKDF(hashes.SHA256(), 32, salt=None,
+                                     info=b"dcmfs deid view header cache v1").derive(secret))
 
     def _mac(self, label: bytes, value: str) -> bytes:
         return hmac.new(self._key, label + b"\0" + value.encode("utf-8", "surrogateescape"),
@@ -87,9 +91,33 @@ class ViewKeys:
         """A ``2.25.`` UID (PS3.5 B.2: a 128-bit integer) for ``value``."""
         return "2.25." + str(int.from_bytes(self._mac(b"uid", value)[:16], "big"))
 
+    def tag(self, options: "ViewOptions") -> str:
+        """Names one secret with one set of options (whose headers differ)."""
+        return self._mac(b"options", repr(dataclasses.astuple(options)))[:8].hex()
+
+    def seal_header(self, ino: int, generation: int, tag: str, header: bytes) -> str:
+        """A de-identified header as the index keeps it: sealed under a key
+        of the view secret (who holds only the store's key cannot link a
+        pseudonym to its patient), bound to the file's version and the
+        options."""
+        nonce = os.urandom(12)
+        return (nonce + self._cache.encrypt(nonce, header, _aad(ino, generation, tag))).hex()
+
+    def open_header(self, ino: int, generation: int, tag: str, sealed: str) -> bytes | None:
+        try:
+            raw = bytes.fromhex(sealed)
+            return self._cache.decrypt(raw[:12], raw[12:], _aad(ino, generation, tag))
+        except (ValueError, InvalidTag):
+            return None  # another secret's, or damaged: made again
+
     def shift_days(self, patient: str) -> int:
         """Days every date of this patient moves back: 1 to 3650."""
         return 1 + int.from_bytes(self._mac(b"dates", patient)[:4], "big") % 3650
+
+
+def _aad(ino: int, generation: int, tag: str) -> bytes:
+    return b"dcmfs-deid-header" + ino.to_bytes(8, "big") + generation.to_bytes(8, "big") \
+        + tag.encode()
 
 
 # --- the index records ---------------------------------------------------------------
@@ -196,6 +224,7 @@ class DeidView:
         #: files whose de-identified header could not be made (EIO)
         self.failed: set[int] = set()
         self.uid, self.gid = os.getuid(), os.getgid()
+        self._tag = keys.tag(options)
 
     def build(self) -> None:
         """Fill missing index records (a read-write opening), then the tree."""
@@ -369,10 +398,18 @@ class DeidView:
         return self._start(ino, record).result()
 
     def _make(self, ino: int, record: dict) -> bytes:
+        cached = record.get("header")
+        if cached and cached.get("tag") == self._tag:
+            header = self.keys.open_header(ino, record["generation"], self._tag, cached["sealed"])
+            if header is not None:
+                with self._lock:
+                    self._pending.pop(ino, None)
+                return self._keep(ino, header)
         try:
             fh = self.fs.open_inode(ino)
             try:
-                raw = self.fs.read(fh, record["value_at"], 0)
+                # the header only: no pixel band decoded ahead for it
+                raw = self.fs.read(fh, record["value_at"], 0, ahead=False)
             finally:
                 self.fs.release(fh)
             patient = record["patient"]
@@ -393,6 +430,28 @@ class DeidView:
         finally:
             with self._lock:
                 self._pending.pop(ino, None)
+        if not self.fs.read_only:
+            self._persist(ino, record, header)
+        return self._keep(ino, header)
+
+    def _persist(self, ino: int, record: dict, header: bytes) -> None:
+        """Keep the header in the file's record (sealed under the view's
+        secret): later mounts of the view read it instead of asking a worker."""
+        sealed = {"tag": self._tag, "sealed": self.keys.seal_header(
+            ino, record["generation"], self._tag, header)}
+        try:
+            with self.fs.lock:
+                with self.fs.index.begin() as txn:
+                    current = txn.get_deid(ino)
+                if current is None or current.get("generation") != record["generation"]:
+                    return
+                with self.fs.write_txn() as txn:
+                    txn.put_deid(ino, dict(current, header=sealed))
+            record["header"] = sealed
+        except Exception as exc:  # noqa: BLE001 — a cache: the view goes on without it
+            log.warning("inode %d: de-identified header not kept: %s", ino, loggable(exc))
+
+    def _keep(self, ino: int, header: bytes) -> bytes:
         with self._lock:
             self._headers[ino] = header
             self._header_bytes += len(header)

@@ -125,8 +125,10 @@ class FileOps:
         return self._open_file(ino, inode, os.O_RDONLY)
 
     @_locked
-    def read(self, fh: int, size: int, offset: int) -> bytes:
-        return self.data.read(self._handle(fh).of, offset, size)
+    def read(self, fh: int, size: int, offset: int, ahead: bool = True) -> bytes:
+        """``ahead``: extents past the range are decoded meanwhile (a
+        sequential reader's); False for a reader of one range only."""
+        return self.data.read(self._handle(fh).of, offset, size, ahead)
 
     @_mutating
     def write(self, fh: int, data: bytes, offset: int) -> int:
