@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import pathlib
+import time
 
 import pydicom
 import pytest
@@ -367,3 +368,28 @@ def _pixel_bytes(data: bytes) -> bytes:
     assert facts["reason"] == ""
     return data[facts["value_at"]:facts["pixel_end"]]
 
+
+
+def test_a_normal_mount_fills_the_records_after_re_encoding(make_fs, tmp_path, monkeypatch):
+    """The view's first mount finds the records made: a normal mount fills
+    them once the re-encoder is idle and file I/O quiet."""
+    from dcmfs.core import deidrecords
+    monkeypatch.setattr(deidrecords.RecordFiller, "INTERVAL", 0.2)
+    monkeypatch.setattr(deidrecords.RecordFiller, "QUIET", 0.1)
+    fs = make_fs(ON)
+    files, _ = canary_series(tmp_path)
+    for i, data in enumerate(files[:3]):
+        _write(fs, f"/{i}.dcm", data)
+    _write(fs, "/notes.txt", b"CANARY notes, not DICOM")
+    assert fs.reencoder.wait_idle(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with fs.index.begin() as txn:
+            records = dict(txn.iter_deid())
+        if len(records) == 4:
+            break
+        time.sleep(0.1)
+    assert sorted(r["dicom"] for r in records.values()) == [False, True, True, True]
+    with fs.index.begin() as txn:
+        assert all(r["generation"] == txn.get_inode(ino).generation
+                   for ino, r in records.items())

@@ -41,13 +41,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..errors import (InvalidArgument, IsADirectory, NoAttribute, NotADirectory, NotFound,
                       ReadOnlyError, StoreIOError, loggable)
 from ..sandbox.pool import ParserFailure, ParserPool
-from ..storage.dicom import HEADER_CAP
+from .deidrecords import withheld_reason, refresh
 
 log = logging.getLogger("dcmfs.deid")
 
-#: the first bytes the one-time pass sends to a worker (a header is a few
-#: kilobytes); all of the file up to HEADER_CAP only when that is not enough
-FIRST_BYTES = 64 * 1024
 #: bytes of de-identified headers kept in memory
 HEADER_CACHE = 64 * 1024 * 1024
 #: the reason a file is withheld: a header the worker could not make
@@ -120,71 +117,6 @@ def _aad(ino: int, generation: int, tag: str) -> bytes:
         + tag.encode()
 
 
-# --- the index records ---------------------------------------------------------------
-def refresh(fs, parsers: ParserPool) -> int:
-    """Give every regular file without a current ``deidview`` record one
-    (the one-time pass; a file the worker cannot read gets a record that
-    says why).  Returns the number of files looked at.  Needs a read-write
-    opening."""
-    todo = []
-    with fs.lock:
-        with fs.index.begin() as txn:
-            for ino, inode in txn.iter_inodes():
-                if not stat.S_ISREG(inode.mode) or inode.size == 0:
-                    continue
-                record = txn.get_deid(ino)
-                if record is None or record.get("generation") != inode.generation:
-                    todo.append((ino, inode.generation, inode.size))
-    for ino, generation, size in todo:
-        record = dict(_facts(fs, parsers, ino, size), generation=generation)
-        with fs.lock:
-            with fs.index.begin() as txn:
-                inode = txn.get_inode(ino)
-            if inode is None or inode.generation != generation:
-                continue  # changed meanwhile: the next pass
-            with fs.write_txn() as txn:
-                txn.put_deid(ino, record)
-    if todo:
-        fs.checkpoint()
-    return len(todo)
-
-
-def _facts(fs, parsers: ParserPool, ino: int, size: int) -> dict:
-    fh = fs.open_inode(ino)
-    try:
-        head = fs.read(fh, min(size, FIRST_BYTES), 0)
-        try:
-            facts = parsers.deid_facts(head, size)
-            if facts["reason"] and size > len(head):
-                head += fs.read(fh, min(size, HEADER_CAP) - len(head), len(head))
-                facts = parsers.deid_facts(head, size)
-        except ParserFailure as exc:
-            facts = {"dicom": True, "reason": exc.reason}
-    finally:
-        fs.release(fh)
-    return facts
-
-
-def withheld(index, include_burned_in: bool = False) -> dict:
-    """What the view leaves out: {reason: [inode, ...]} of the DICOM files
-    it does not show (``dcmfs stats``); never a name or an attribute."""
-    out: dict[str, list[int]] = collections.defaultdict(list)
-    with index.begin() as txn:
-        for ino, record in txn.iter_deid():
-            reason = _withheld_reason(record, include_burned_in)
-            if reason:
-                out[reason].append(ino)
-    return dict(out)
-
-
-def _withheld_reason(record: dict, include_burned_in: bool) -> str:
-    if not record.get("dicom"):
-        return ""
-    if record.get("reason"):
-        return record["reason"]
-    return "" if include_burned_in else record.get("withheld", "")
-
-
 # --- the view ---------------------------------------------------------------------------
 class _Node:
     __slots__ = ("st_ino", "children", "ino", "record")
@@ -240,7 +172,7 @@ class DeidView:
         for ino, record, inode in sorted(records, key=lambda r: r[0]):
             if inode is None or inode.generation != record.get("generation"):
                 continue  # changed since it was looked at (a read-only mount cannot refresh)
-            reason = _withheld_reason(record, self.options.burned_in)
+            reason = withheld_reason(record, self.options.burned_in)
             if reason or not record.get("dicom"):
                 if reason:
                     withheld[reason].append(ino)
