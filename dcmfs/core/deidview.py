@@ -47,6 +47,8 @@ log = logging.getLogger("dcmfs.deid")
 
 #: bytes of de-identified headers kept in memory
 HEADER_CACHE = 64 * 1024 * 1024
+#: headers made ahead when a directory is listed (the rest when looked up)
+PREPARE_AHEAD = 1024
 #: the reason a file is withheld: a header the worker could not make
 REWRITE_FAILED = "de-identification failed"
 
@@ -259,7 +261,7 @@ class DeidView:
         if node.children is None:
             raise NotADirectory("not a directory")
         files = [c for c in node.children.values() if c.children is None]
-        for child in files:  # a series listed: its headers are made ahead
+        for child in files[:PREPARE_AHEAD]:  # a series listed: its headers are made ahead
             self._start(child.ino, child.record)
         return [(name, c.st_ino) for name, c in sorted(node.children.items())]
 
@@ -356,9 +358,11 @@ class DeidView:
             with self._lock:
                 self.failed.add(ino)
             raise StoreIOError(f"inode {ino}: {REWRITE_FAILED}") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — the view must answer EIO, not crash
             log.warning("inode %d: %s: %s", ino, REWRITE_FAILED, loggable(exc))
-            raise
+            with self._lock:
+                self.failed.add(ino)
+            raise StoreIOError(f"inode {ino}: {REWRITE_FAILED}") from None
         finally:
             with self._lock:
                 self._pending.pop(ino, None)
