@@ -161,7 +161,11 @@ class DeidView:
         self._tag = keys.tag(options)
 
     def build(self) -> None:
-        """Fill missing index records (a read-write opening), then the tree."""
+        """Fill missing index records (a read-write opening), then the tree;
+        the workers start meanwhile (a first header need not wait ~0.5 s
+        for Python to import pydicom)."""
+        threading.Thread(target=self.parsers.warm_all, daemon=True,
+                         name="dcmfs-warm-deid").start()
         if not self.fs.read_only:
             looked = refresh(self.fs, self.parsers)
             if looked:
