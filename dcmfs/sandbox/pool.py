@@ -33,6 +33,7 @@ import time
 
 from ..errors import DcmfsError
 from ..storage.codec import IMAGE_CODECS, NONE, ZSTD, FrameSpec
+from ..storage.deid import WITHHELD_REASONS
 from ..storage.dicom import MAX_FRAME, Plan
 from . import protocol
 
@@ -327,6 +328,8 @@ def checked_facts(raw, size: int) -> dict:
     out = {"dicom": raw.get("dicom") is True, "reason": raw["reason"]}
     if raw["reason"]:
         return out
+    if raw.get("withheld") not in WITHHELD_REASONS:  # shown by 'dcmfs stats': a fixed text only
+        raise ParserFailure(UNREADABLE)
     texts = {"withheld": 100, "patient": 1024, "study": 64, "series": 64, "sop": 64,
              "modality": 16}
     for key, limit in texts.items():

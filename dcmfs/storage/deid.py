@@ -72,6 +72,10 @@ _BURNED_CLASSES = frozenset(
     ["1.2.840.10008.5.1.4.1.1." + s for s in ("6", "6.1", "6.2", "3", "3.1", "7", "7.1",
                                               "7.2", "7.3", "7.4")])
 _BURNED_MODALITIES = ("US", "SC")
+#: why a file the view could serve is withheld (a fixed vocabulary)
+BURNED_IN = "burned-in annotation"
+MAY_BE_BURNED_IN = "ultrasound or secondary capture not declared free of burned-in text"
+WITHHELD_REASONS = ("", BURNED_IN, MAY_BE_BURNED_IN)
 #: the DCM codes of CID 7050 for what the view applies
 CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
 CODE_MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
@@ -195,10 +199,10 @@ def _facts(ds, head: bytes, size: int) -> dict:
     burned = _text(ds, "BurnedInAnnotation").upper()
     withheld = ""
     if burned == "YES":
-        withheld = "burned-in annotation"
+        withheld = BURNED_IN
     elif burned != "NO" and (modality in _BURNED_MODALITIES
                              or sop_class in _BURNED_CLASSES):
-        withheld = "ultrasound or secondary capture not declared free of burned-in text"
+        withheld = MAY_BE_BURNED_IN
     uids: set = set()
     _walk_uids(ds, uids)
     if meta is not None:
