@@ -47,6 +47,9 @@ log = logging.getLogger("dcmfs.deid")
 
 #: bytes of de-identified headers kept in memory
 HEADER_CACHE = 64 * 1024 * 1024
+#: de-identified headers up to this size are kept in the index (an enhanced
+#: multi-frame header can be megabytes: made again at each mount instead)
+KEEP_HEADER = 256 * 1024
 #: headers made ahead when a directory is listed (the rest when looked up)
 PREPARE_AHEAD = 1024
 #: the reason a file is withheld: a header the worker could not make
@@ -370,7 +373,7 @@ class DeidView:
         finally:
             with self._lock:
                 self._pending.pop(ino, None)
-        if not self.fs.read_only:
+        if not self.fs.read_only and len(header) <= KEEP_HEADER:
             self._persist(ino, record, header)
         return self._keep(ino, header)
 
