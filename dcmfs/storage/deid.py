@@ -265,9 +265,10 @@ def rewrite(head: bytes, element_at: int, value_at: int, mapping: dict, pseudony
         codes.append(CODE_DEVICE)
     ds.LongitudinalTemporalInformationModified = "MODIFIED" if shift_days is not None \
         else "REMOVED"
-    ds.DeidentificationMethod = "dcmfs deid view: PS3.15 E.1-1 " + "; ".join(
-        meaning for _, meaning in codes[1:]) if len(codes) > 1 else \
-        "dcmfs deid view: PS3.15 E.1-1 Basic Profile"
+    # LO, one value per method (at most 64 characters each)
+    methods = ["dcmfs: PS3.15 Basic Application Confidentiality Profile"]
+    methods += [meaning for _, meaning in codes[1:]]
+    ds.DeidentificationMethod = methods if len(methods) > 1 else methods[0]
     items = []
     for value, meaning in codes:
         item = pydicom.Dataset()
