@@ -13,6 +13,7 @@ import logging
 import stat
 import threading
 import time
+from typing import Callable
 
 from ..errors import loggable
 from ..sandbox.pool import ParserFailure, ParserPool
@@ -25,7 +26,7 @@ log = logging.getLogger("dcmfs.deid")
 FIRST_BYTES = 64 * 1024
 
 
-def refresh(fs, parsers: ParserPool, stop: threading.Event | None = None) -> int:
+def refresh(fs, parsers: ParserPool, stop: Callable[[], bool] | None = None) -> int:
     """Give every regular file without a current ``deidview`` record one
     (the one-time pass; a file the worker cannot read gets a record that
     says why).  Returns the number of files looked at.  Needs a read-write
@@ -41,7 +42,7 @@ def refresh(fs, parsers: ParserPool, stop: threading.Event | None = None) -> int
                 if record is None or record.get("generation") != inode.generation:
                     todo.append((ino, inode.generation, inode.size))
     for ino, generation, size in todo:
-        if stop is not None and stop.is_set():
+        if stop is not None and stop():
             break
         record = dict(_facts(fs, parsers, ino, size), generation=generation)
         with fs.lock:
@@ -90,6 +91,10 @@ class RecordFiller(threading.Thread):
         self.fs, self.parsers = fs, parsers
         self.looked = 0
 
+    def _yield(self) -> bool:
+        r = self.fs.reencoder
+        return self.fs.stopping.is_set() or (r is not None and r.backlog[0] > 0)
+
     def run(self) -> None:
         seen = -1
         while not self.fs.stopping.wait(self.INTERVAL):
@@ -99,8 +104,9 @@ class RecordFiller(threading.Thread):
                     or time.monotonic() - self.fs.last_activity() < self.QUIET:
                 continue
             try:
-                self.looked += refresh(self.fs, self.parsers, self.fs.stopping)
-                seen = done
+                # the pass yields to the re-encoder: new files come first
+                self.looked += refresh(self.fs, self.parsers, self._yield)
+                seen = done if not self._yield() else -1
             except ParserFailure as exc:
                 if exc.stopped:
                     return
