@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
     import pydicom  # noqa: F401
     import zstandard  # noqa: F401
     from ..storage import codec, deid, dicom  # noqa: F401
-    deid.table()  # the profile's table, loaded once
+    deid.table()  # the profile's table (plain data, ~5 ms)
     _load_charsets()  # as nobody the interpreter's own files may be out of reach later
     CONFINED.update(confine(memory))
     while True:

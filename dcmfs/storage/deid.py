@@ -95,7 +95,7 @@ def table() -> tuple[dict[int, str], list[tuple[int, int, str]]]:
     codes: D, Z, X, U, Z/D, X/Z, X/D, X/Z/D, X/Z/U*."""
     global _TABLE
     if _TABLE is None:
-        from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as t
+        t = _table_module()
         exact: dict[int, str] = {}
         for name, code in (("D_TAGS", "D"), ("Z_TAGS", "Z"), ("X_TAGS", "X"), ("U_TAGS", "U"),
                            ("Z_D_TAGS", "Z/D"), ("X_Z_TAGS", "X/Z"), ("X_D_TAGS", "X/D"),
@@ -108,6 +108,24 @@ def table() -> tuple[dict[int, str], list[tuple[int, int, str]]]:
                     _MASKED.append(((group << 16) | elem, (gmask << 16) | emask, code))
         _TABLE = exact
     return _TABLE, _MASKED
+
+
+def _table_module():
+    """The table's module alone (plain data), not the ``dicomanonymizer``
+    package, whose import pulls argparse, tqdm and importlib.metadata into
+    every parser worker."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("dicomanonymizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("dicom-anonymizer is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], "dicom_anonymization_databases",
+                        "dicomfields_2026c.py")
+    table_spec = importlib.util.spec_from_file_location("_dcmfs_ps315_table", path)
+    module = importlib.util.module_from_spec(table_spec)
+    table_spec.loader.exec_module(module)
+    return module
 
 
 def _quiet_pydicom():
