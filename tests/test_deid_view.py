@@ -236,7 +236,8 @@ def test_withheld_files_are_listed_and_can_be_included(series_store):
         served = _read_all(view)
         assert len(served) == len(files)
         _assert_clean(served, uids)
-        stats = content_stats(fs.index)
+        with fs.lock:
+            stats = content_stats(fs.index)
         text = render_stats(stats)
         assert "withholds 2 DICOM files" in text and "burned-in annotation" in text
         assert CANARY not in text.upper().encode()
@@ -389,13 +390,13 @@ def test_a_normal_mount_fills_the_records_after_re_encoding(make_fs, tmp_path, m
     assert fs.reencoder.wait_idle(timeout=60)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:  # the filler's thread uses the index too
             records = dict(txn.iter_deid())
         if len(records) == 4:
             break
         time.sleep(0.1)
     assert sorted(r["dicom"] for r in records.values()) == [False, True, True, True]
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert all(r["generation"] == txn.get_inode(ino).generation
                    for ino, r in records.items())
 
@@ -430,7 +431,7 @@ def test_hostile_files_through_the_view(make_fs, caplog):
                 served += 1
             except StoreIOError:
                 failed += 1  # a header the worker could not rewrite: EIO, said once
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             records = dict(txn.iter_deid())
         assert len(records) == len(hostile)
     finally:
