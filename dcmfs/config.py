@@ -99,6 +99,16 @@ class Config:
     #: seconds one analysis (or the encoding of one band, plus a second per
     #: MB) may take before its worker is killed ("analysis limit")
     parser_timeout: float = 30.0
+    #: "deid": serve the de-identified research view instead of the files
+    #: (``-o view=deid``, read-only; :mod:`dcmfs.core.deidview`)
+    view: str = ""
+    #: the view's profile options: dates removed or shifted per patient,
+    #: patient characteristics and device identity kept, files that may
+    #: carry burned-in text served too
+    deid_dates: str = "remove"
+    deid_characteristics: bool = False
+    deid_device: bool = False
+    deid_burned_in: bool = False
     #: the image codecs offered each frame (with zstd); the exact result of
     #: least stored bytes plus weighted decode time is kept
     #: (``-o image_codecs=htj2k+jpegxl+jpeg2k``; see dcmfs.storage.codec for figures)

@@ -55,6 +55,12 @@ constant, so do we):
   payload key comes from in the CTX field that was reserved (u16 after the
   flags; 0, the store key, in every object written before), so objects of
   every format version read as before.
+* 4 — (the de-identified research view, issue 21) feature ``deid-view-v1``:
+  the index database ``deidview`` (ino -> sealed JSON: what the view lists
+  of a DICOM file, see :mod:`dcmfs.index.schema`), created at the first
+  read-write opening and filled by the re-encoder and by a one-time pass of
+  the first view mount; older stores open unchanged (the database is
+  optional, empty until then).
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -103,7 +109,8 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "codec-jpegls", "codec-htj2k", "codec-jpegxl", "codec-jpeg2k",
                             "extents-v1", "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "backend-s3-v1",
-                            "audit-v1", "key-slots-v1", "key-epochs-v1"})
+                            "audit-v1", "key-slots-v1", "key-epochs-v1",
+                            "deid-view-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -111,7 +118,8 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
 WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "codec-jpegls",
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
-                            "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1"})
+                            "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1",
+                            "deid-view-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

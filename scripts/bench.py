@@ -101,6 +101,7 @@ from bench_contenders import Dcmfs, Gocryptfs, Plain, lzma_only
 from bench_data import copy_subset, corpus, make_series, native_subset
 from bench_quality import cipher_quality
 from bench_report import write_report
+from bench_view import render_view, view_cold_read
 from bench_tables import ct_comparisons, goals, render, summarize, summarize_corpus, summarize_rows, summarize_subset
 from bench_workloads import (add_published, measure, measure_corpus, published_corpus,
                              random_reads, small_files)
@@ -224,6 +225,11 @@ def run(args) -> dict:
                                          adder(rresults, c.name))
             lap("random reads")
         out = summarize(results, logical, args)
+        if args.view and (not args.only or "dcmfs-deid" in args.only):
+            print("de-identified view against the normal mount", file=sys.stderr)
+            (base / "view").mkdir()
+            out["view"] = view_cold_read(base / "view", files, args.reps)
+            lap("view")
         if cresults:
             out["corpus"] = summarize_corpus(cresults, cpoints, corpus_files, modality, args)
         if sresults:
@@ -270,6 +276,9 @@ def main() -> None:
     p.add_argument("--small-reps", type=int, default=3, help="repetitions of the small-file workload")
     p.add_argument("--rand-mib", type=int, default=256, help="0: skip the random-read workload")
     p.add_argument("--rand-reads", type=int, default=8192)
+    p.add_argument("--no-view", dest="view", action="store_false",
+                   help="skip the de-identified view's cold read against the normal mount "
+                        "(contender name dcmfs-deid for --only)")
     p.add_argument("--no-quality", dest="quality", action="store_false",
                    help="skip the cipher-quality and losslessness figures")
     p.add_argument("--codecs", nargs="*", default=["dicom0", "lzma"],
@@ -305,6 +314,8 @@ def main() -> None:
         out = run(args)
         out["command"] = command
     print(render(out))
+    if "view" in out:
+        print(render_view(out["view"]))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
     if args.report:

@@ -339,6 +339,12 @@ def render_stats(stats: dict) -> str:
     if stats.get("backlog_files"):
         lines.append(f"{stats['backlog_files']} files wait for the re-encoder "
                      "('dcmfs recompress STORE' finishes them now).")
+    withheld = stats.get("deid_withheld") or {}
+    if withheld:
+        lines.append(f"The de-identified view withholds {sum(map(len, withheld.values()))} "
+                     "DICOM files (by inode):")
+        lines += [f"  {reason}: {', '.join(map(str, inos))}"
+                  for reason, inos in sorted(withheld.items())]
     return "\n".join(lines)
 
 

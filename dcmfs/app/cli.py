@@ -184,10 +184,29 @@ def cmd_mount(args) -> int:
             raise UsageError(f"The metrics option needs HOST:PORT, e.g. 127.0.0.1:9641 "
                              f"({exc}).") from exc
     config = dataclasses.replace(make_config(ours, fuse), s3=s3creds.settings(args))
+    view = None
+    if args.view or config.view:
+        config = dataclasses.replace(config, view=args.view or config.view)
+        path = args.view_secret_file or ours.get("view_secret_file")
+        if not path:
+            raise UsageError("A view needs its secret: pass --view-secret-file PATH (create "
+                             "one with 'dcmfs new-view-secret PATH').")
+        view = keys.view_secret(path, getattr(args, "allow_open_key_file", False),
+                                secret.value if secret.kind == "keyfile" else None)
+        fuse = dict(fuse, ro=True)  # the kernel refuses every change (EROFS)
     mount(store_root, secret, mp, config, fuse, foreground=args.foreground,
-          log_file=ours.get("log_file"), metrics=metrics)
+          log_file=ours.get("log_file"), metrics=metrics, view_secret=view)
     if not args.foreground:
         print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")
+    return 0
+
+
+def cmd_new_view_secret(args) -> int:
+    if os.path.exists(args.path):
+        raise UsageError(f"{args.path} exists; a view secret is never overwritten (another "
+                         "secret gives other pseudonyms).")
+    keys.create_key_file(args.path)
+    print(f"Created {args.path} (keep it: the same secret gives the same pseudonyms).")
     return 0
 
 
@@ -357,9 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     s.add_argument("--config", metavar="TOML", help="an instance file (/etc/dcmfs/NAME.toml): "
                    "store, mountpoint, options and key source from there")
+    s.add_argument("--view", choices=["deid"], help="serve a read-only, de-identified research "
+                   "view of the DICOM files instead (as -o view=deid)")
+    s.add_argument("--view-secret-file", metavar="PATH", help="the view's secret (a private "
+                   "file of 16 to 4096 bytes; 'dcmfs new-view-secret PATH' makes one)")
     _add_o(s, options.MOUNT, "mount options")
     _add_secret_options(s)
     s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("new-view-secret", help="create a secret for the de-identified view "
+                       "(32 random bytes, mode 0600)")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_new_view_secret)
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon")
     s.add_argument("mountpoint", nargs="?", default=default_mountpoint())

@@ -177,6 +177,32 @@ def run_key_command(command: str) -> bytes:
     return value
 
 
+#: the shortest view secret accepted (``new-view-secret`` writes 32 random bytes)
+MIN_VIEW_SECRET = 16
+
+
+def view_secret(path: str, allow_open: bool = False, key: bytes | None = None) -> bytes:
+    """The de-identified view's secret from a file (the rules of a key file:
+    private, at most :data:`MAX_SECRET` bytes, used exactly as it is), at
+    least :data:`MIN_VIEW_SECRET` bytes and not the store's own key file
+    (``key``): pseudonyms must not be derivable by whoever holds the key.
+
+    Raises
+    ------
+    SecretError
+        Unreadable, open to others, too short or too long, or the store's key.
+    """
+    raw = read_file(path, "view secret file", allow_open)
+    if len(raw) < MIN_VIEW_SECRET:
+        raise SecretError(f"The view secret file {path} holds {len(raw)} bytes; it needs at "
+                          f"least {MIN_VIEW_SECRET} (create one with 'dcmfs new-view-secret "
+                          f"{path}').")
+    if key is not None and raw == key:
+        raise SecretError(f"The view secret file {path} holds the store's key; the view "
+                          "needs a secret of its own ('dcmfs new-view-secret PATH').")
+    return raw
+
+
 def create_key_file(path: str) -> None:
     """A new key file of 32 random bytes, mode 0600 (``init``), in a
     directory made 0700 if it is missing."""

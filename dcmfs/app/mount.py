@@ -169,15 +169,19 @@ class _StatusReporter(threading.Thread):
 
 def run_daemon(store: Store, mountpoint: str, config: Config,
                fuse_options: dict, on_ready=None, metrics: str | None = None,
-               status_interval: float = 5.0) -> None:
+               status_interval: float = 5.0, view_secret: bytes | None = None) -> None:
     """Open the store (checked by :func:`mount`), serve the mount until it
-    ends, close cleanly."""
+    ends, close cleanly.  With ``config.view`` the de-identified view is
+    served instead of the files (``view_secret``: its secret)."""
     forbid_core_dumps()  # the master key is in this process (also when -f)
     fs = FileSystem(OpenedStore(store, config, checked=True))
     trail = fs.opened.audit
     if trail is not None:
         trail.record("mount", None, mountpoint=mountpoint, key=store.unlocked_by or "unknown",
                      options=_changed_options(config, fuse_options))
+    served = fs
+    if config.view:
+        served = _deid_view(fs, config, view_secret)
     # the first read of a DICOM-coded file need not wait for the codecs to load
     threading.Thread(target=warm_up, daemon=True, name="dcmfs-warm-up").start()
     if fs.recovered is not None:
@@ -204,7 +208,7 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
             if on_ready is not None:
                 on_ready()
 
-        serve(fs, mountpoint, fuse_options, ready, ops)
+        serve(served, mountpoint, fuse_options, ready, ops)
     finally:
         _notify("STOPPING=1\nSTATUS=unmounted; committing open files and the index")
         log.info("unmounted %s; closing the store", mountpoint)
@@ -216,7 +220,7 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
         if trail is not None:
             trail.record("unmount", None, mountpoint=mountpoint)
         try:
-            fs.close()
+            served.close()
         finally:
             if reporter is not None:
                 reporter.stop.set()
@@ -233,9 +237,22 @@ def _changed_options(config: Config, fuse_options: dict) -> dict:
     return out
 
 
+def _deid_view(fs: FileSystem, config: Config, view_secret: bytes | None):
+    from ..core.deidview import DeidView, ViewKeys, ViewOptions
+    try:
+        view = DeidView(fs, ViewKeys(view_secret or b""), ViewOptions(
+            config.deid_dates, config.deid_characteristics, config.deid_device,
+            config.deid_burned_in))
+        view.build()
+    except BaseException:
+        fs.close()
+        raise
+    return view
+
+
 def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
           fuse_options: dict, foreground: bool, log_file: str | None,
-          metrics: str | None = None) -> None:
+          metrics: str | None = None, view_secret: bytes | None = None) -> None:
     """Mount a store; returns once the mount is live (or, with
     ``foreground``, once it has been unmounted again)."""
     store_root = os.path.abspath(store_root)
@@ -249,12 +266,12 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
                           store_root=store_root)
     require_fuse()
     if foreground:
-        run_daemon(store, mp, config, options, metrics=metrics)
+        run_daemon(store, mp, config, options, metrics=metrics, view_secret=view_secret)
         return
-    _spawn(store, mp, config, options, log_file, metrics)
+    _spawn(store, mp, config, options, log_file, metrics, view_secret)
 
 
-def _spawn(store, mp, config, options, log_file, metrics) -> None:
+def _spawn(store, mp, config, options, log_file, metrics, view_secret=None) -> None:
     store_root = store.root
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -269,7 +286,8 @@ def _spawn(store, mp, config, options, log_file, metrics) -> None:
                     else log_file or os.path.join(store_root, fmt.LOG_NAME),
                     in_store=log_file is None)
             run_daemon(store, mp, config, options,
-                       on_ready=lambda: os.write(wfd, b"R"), metrics=metrics)
+                       on_ready=lambda: os.write(wfd, b"R"), metrics=metrics,
+                       view_secret=view_secret)
         except DcmfsError as exc:
             log.error("%s", exc)
             _report(wfd, exc.exit_code, str(exc))

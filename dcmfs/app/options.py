@@ -132,6 +132,9 @@ MEGABYTES = Kind(DCMFS, "MB", "a size in MB", lambda t: int(float(t) * MB),
                   lambda v: f"{v / MB:.4g}")
 PATH = Kind(DCMFS, "PATH", "a path", str)
 ADDRESS = Kind(DCMFS, "HOST:PORT", "HOST:PORT", _address)
+VIEW = Kind(DCMFS, "deid", "deid or none", lambda t: {"deid": "deid", "none": ""}[t],
+            lambda v: v or "none")
+DATES = Kind(DCMFS, "remove|shift", "remove or shift", lambda t: {"remove": t, "shift": t}[t])
 #: passed to libfuse as given
 FUSE_OPTION = Kind(FUSE)
 #: for mount(8) and systemd; dcmfs ignores it
@@ -239,7 +242,6 @@ OPTIONS: tuple[Option, ...] = (
            "root, else the XDG state directory)", KEYED, field="state_dir"),
     Option("accept_rollback", FLAG, "1: open a store older than its witness (as "
            "--accept-rollback)", KEYED, field="accept_rollback"),
-    # consumed by the CLI
     Option("cache_size", MEGABYTES, "S3 stores: MB the local cache of objects may hold",
            MOUNTING, field="cache_size"),
     Option("s3_sync", FLAG, "S3 stores: fsync also waits until every object is in the bucket",
@@ -247,6 +249,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("s3_upload_delay", SECONDS, "S3 stores: seconds a new object waits before its "
            "upload, so that the re-encoder's replacement is uploaded instead", MOUNTING,
            field="s3_upload_delay"),
+    Option("view", VIEW, "deid: a read-only, de-identified research view of the DICOM files "
+           "(as --view deid)", MOUNTING, field="view"),
+    Option("deid_dates", DATES, "the view's dates: removed as the profile says, or shifted "
+           "back by a per-patient offset", MOUNTING, field="deid_dates"),
+    Option("deid_characteristics", FLAG, "1: the view keeps sex, age, size, weight (Retain "
+           "Patient Characteristics)", MOUNTING, field="deid_characteristics"),
+    Option("deid_device", FLAG, "1: the view keeps device identity (Retain Device Identity)",
+           MOUNTING, field="deid_device"),
+    Option("deid_burned_in", FLAG, "1: the view also serves files that declare or may carry "
+           "burned-in text (BurnedInAnnotation YES; US, SC unless NO)", MOUNTING,
+           field="deid_burned_in"),
+    # consumed by the CLI
+    Option("view_secret_file", PATH, "the view's secret (as --view-secret-file)", MOUNTING),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
     Option("log_file", PATH, "the daemon's log in the background (default STORE/dcmfs.log)",

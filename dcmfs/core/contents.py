@@ -148,9 +148,9 @@ class FileData:
                 raise exc
         return b"" if ref is None else self._load(of, idx, ref)
 
-    def _read_extents(self, of: OpenFile, offset: int, end: int) -> bytes:
+    def _read_extents(self, of: OpenFile, offset: int, end: int, ahead: bool = True) -> bytes:
         """Read from the extent layout: only the extents (frames) the range
-        touches are decoded."""
+        touches are decoded (and, with ``ahead``, the next ones prefetched)."""
         starts, order = of.extents
         parts = []
         k = max(0, bisect.bisect_right(starts, offset) - 1)
@@ -162,8 +162,8 @@ class FileData:
             ref = of.committed[idx]
             if ref.offset > pos or (k + 1 == len(order)) != bool(ref.flags & CHUNK_FLAG_LAST):
                 raise self._bad_layout(of, f"extent {idx} is out of place")
-            for ahead in order[k + 1:k + 1 + self.READ_AHEAD]:
-                self._prefetch(of, ahead)  # decoding on the other core meanwhile
+            for later in order[k + 1:k + 1 + self.READ_AHEAD] if ahead else ():
+                self._prefetch(of, later)  # decoding on the other core meanwhile
             plain = self._load(of, idx, ref)
             piece = plain[pos - ref.offset:end - ref.offset]
             if not piece:
@@ -201,13 +201,13 @@ class FileData:
                 of.pending[idx] = _done(None)
         of.extents = None
 
-    def read(self, of: OpenFile, offset: int, size: int) -> bytes:
+    def read(self, of: OpenFile, offset: int, size: int, ahead: bool = True) -> bytes:
         self.last_activity = time.monotonic()  # background work yields to readers too
         end = min(offset + size, of.size)
         if offset >= end:
             return b""
         if of.extents is not None:
-            return self._read_extents(of, offset, end)
+            return self._read_extents(of, offset, end, ahead)
         cs = self.chunk_size
         parts = []
         for idx in range(offset // cs, (end - 1) // cs + 1):

@@ -179,5 +179,8 @@ def content_stats(index: Index, backlog_files: int = 0) -> dict:
             reason = info.get("reason")
             if reason and kind in ("dicom", "failed"):
                 g["fallbacks"][reason] = g["fallbacks"].get(reason, 0) + 1
+    from .deidrecords import withheld
     return {"groups": sorted(groups.values(), key=lambda g: -g["logical_bytes"]),
-            "backlog_files": backlog_files}
+            "backlog_files": backlog_files,
+            # what the de-identified view leaves out, by inode (no names)
+            "deid_withheld": withheld(index)}

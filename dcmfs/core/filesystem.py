@@ -35,6 +35,7 @@ from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .links import KernelNames
 from .names import NameOps
 from .host import JobHostOps
+from .deidrecords import RecordFiller
 from .reencoder import Reencoder
 from .scrub import Scrubber, VerifyJob
 
@@ -82,7 +83,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         except BaseException:
             # nothing may stay open: LMDB forbids opening one environment twice
             self._stop.set()
-            for name in ("reencoder", "scrubber"):
+            for name in ("reencoder", "scrubber", "deid_filler"):
                 job = getattr(self, name, None)
                 if job is not None:
                     job.stop() if name == "reencoder" else job.join()
@@ -120,6 +121,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         self.caller: tuple[int, int, int] | None = None
         #: ``dcmfs key rotate --finish`` on the mounted store (core.rekey)
         self.rekey_job = None
+        self.deid_filler: RecordFiller | None = None
         if not config.read_only:
             self.recovered = self.opened.start_session(self._clock, self._delete_inode)
             self.opened.open_audit()  # after the replay: it resumes from the index's head
@@ -137,6 +139,9 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                     self.data.may_defer = self.reencoder.reserve
                 self.data.queue_all = config.dicom
                 self.reencoder.start()
+            if parsers is not None and config.dicom:  # what the de-identified view lists
+                self.deid_filler = RecordFiller(self, parsers)
+                self.deid_filler.start()
             if config.scrub_interval > 0:
                 self.scrubber = Scrubber(self, config.scrub_interval, config.scrub_rate)
             if config.checkpoint_interval > 0:
@@ -210,7 +215,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             self._syncer.join()
         if self.reencoder is not None:
             self.reencoder.stop()  # its backlog stays in the index for next time
-        for job in (self.scrubber, self.verify_job, self.rekey_job):
+        for job in (self.scrubber, self.verify_job, self.rekey_job, self.deid_filler):
             if job is not None:
                 job.join()
         self.closed = True

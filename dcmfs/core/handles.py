@@ -143,8 +143,20 @@ class FileOps:
                         digest=digest.hex()[:16] if digest else None)
 
     @_locked
-    def read(self, fh: int, size: int, offset: int) -> bytes:
-        return self.data.read(self._handle(fh).of, offset, size)
+    def open_inode(self, ino: int) -> int:
+        """Open a regular file by inode number for reading (the
+        de-identified view reads the files it serves so)."""
+        with self.index.begin() as txn:
+            inode = self._inode(txn, ino)
+        if not stat.S_ISREG(inode.mode):
+            raise InvalidArgument(f"inode {ino} is not a regular file")
+        return self._open_file(ino, inode, os.O_RDONLY)
+
+    @_locked
+    def read(self, fh: int, size: int, offset: int, ahead: bool = True) -> bytes:
+        """``ahead``: extents past the range are decoded meanwhile (a
+        sequential reader's); False for a reader of one range only."""
+        return self.data.read(self._handle(fh).of, offset, size, ahead)
 
     @_mutating
     def write(self, fh: int, data: bytes, offset: int) -> int:

@@ -334,6 +334,8 @@ class Index(Checked):
 
     def raw_items(self, db: str) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value as stored) of one database (fsck)."""
+        if self.dbs[db] is None:  # an optional database an older store lacks
+            return
         txn = self._parent() if not self.read_only else self.env.begin()
         yield from txn.cursor(db=self.dbs[db])
 

@@ -63,6 +63,14 @@ database      key                             value
 ``sums``      group u64                       32 bytes (plain): the sum of the
                                               group's record numbers; the sealed
                                               ``meta/auth`` authenticates them
+``deidview``  ino u64                         SIV(JSON: what the de-identified view
+                                              lists of a DICOM file: generation,
+                                              patient identity, study, series and
+                                              instance UIDs, every other UID of the
+                                              header, where the Pixel Data element
+                                              starts and ends, withheld reason;
+                                              feature ``deid-view-v1``, see
+                                              :mod:`dcmfs.core.deidview`)
 ============  ==============================  ======================================
 
 The *parent tag* is HMAC-SHA256(name key, "directory" || parent ino)[:16]. The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
@@ -120,12 +128,12 @@ U16 = struct.Struct(">H")
 STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
-             "content", "scrubbed", "sums")
+             "content", "scrubbed", "sums", "deidview")
 #: databases a store made by an older dcmfs may lack (created at its first
 #: read-write opening; empty for a read-only one)
-OPTIONAL = ("scrubbed", "sums")
+OPTIONAL = ("scrubbed", "sums", "deidview")
 #: databases whose values are sealed (the others hold plain numbers or nothing)
-SEALED = ("inodes", "dirents", "chunks", "xattrs", "content")
+SEALED = ("inodes", "dirents", "chunks", "xattrs", "content", "deidview")
 #: a database's number in journal records
 DB_ID = {name: i for i, name in enumerate(DATABASES)}
 #: the journal's file in the index directory

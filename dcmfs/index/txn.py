@@ -228,6 +228,8 @@ class Txn:
         self._delete("backlog", ino_key(ino))
         self._delete("content", ino_key(ino))
         self._delete("scrubbed", ino_key(ino))
+        if self._db["deidview"] is not None:
+            self._delete("deidview", ino_key(ino))
         return refs
 
     def iter_inodes(self) -> Iterator[tuple[int, Inode]]:
@@ -387,6 +389,22 @@ class Txn:
         the record's length does not tell what the re-encoder found."""
         raw = json.dumps(info, sort_keys=True).encode()
         self._put("content", ino_key(ino), raw + b" " * (-len(raw) % 128))
+
+    # --- what the de-identified view lists of a file (sealed) -------------------
+    def get_deid(self, ino: int) -> dict | None:
+        if self._db["deidview"] is None:
+            return None
+        raw = self._get("deidview", ino_key(ino))
+        return None if raw is None else json.loads(raw)
+
+    def put_deid(self, ino: int, record: dict) -> None:
+        self._put("deidview", ino_key(ino), json.dumps(record, sort_keys=True).encode())
+
+    def iter_deid(self) -> Iterator[tuple[int, dict]]:
+        if self._db["deidview"] is None:
+            return
+        for key, raw in self._scan("deidview", b""):
+            yield U64.unpack(key)[0], json.loads(raw)
 
     # --- when each file was last verified (the scrubber) -----------------------
     def set_scrubbed(self, ino: int, when_ns: int) -> None:

@@ -479,7 +479,7 @@ class Fsck(Salvage):
             stored_v1 = stored - (fmt.OBJ_HEADER_LEN - fmt.OBJ1_HEADER_LEN) * len(refs)
             have = txn.stats()
             stray = []
-            for db in ("xattrs", "orphans", "backlog", "content", "scrubbed"):
+            for db in ("xattrs", "orphans", "backlog", "content", "scrubbed", "deidview"):
                 for key, _ in list(ix.raw_items(db)):
                     if int.from_bytes(bytes(key[:8]), "big") not in inodes:
                         stray.append((db, bytes(key)))

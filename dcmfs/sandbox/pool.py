@@ -33,6 +33,7 @@ import time
 
 from ..errors import DcmfsError
 from ..storage.codec import IMAGE_CODECS, NONE, ZSTD, FrameSpec
+from ..storage.deid import WITHHELD_REASONS
 from ..storage.dicom import MAX_FRAME, Plan
 from . import protocol
 
@@ -57,6 +58,9 @@ _INFO_KEYS = {"kind": str, "modality": str, "ts": str, "photometric": str,
               "bits_allocated": int, "bits_stored": int, "samples": int, "frames": int}
 _REASON = re.compile(r"^[A-Za-z0-9 ()._+-]{0,80}$")
 _TEXT = re.compile(r"^[A-Za-z0-9 ._?-]{0,64}$")
+#: a UID as the de-identified view maps it (PS3.5: digits and dots, at most
+#: 64; a malformed one is still mapped, never passed through)
+_UID = re.compile(r"^[^\x00-\x1f]{1,128}$")
 
 
 class ParserFailure(DcmfsError):
@@ -287,6 +291,61 @@ class ParserPool:
             self.failures += 1
             raise ParserFailure(UNREADABLE)
         return used, payload
+
+
+    def deid_facts(self, head: bytes, size: int) -> dict:
+        """What the de-identified view lists of a file (checked, see
+        :func:`checked_facts`)."""
+        reply, _ = self._call({"op": "deid-facts", "size": size}, head, self.timeout)
+        return checked_facts(reply.get("facts"), size)
+
+    def deid_rewrite(self, header: bytes, facts: dict, mapping: dict, pseudonym: str,
+                     shift: int | None, characteristics: bool, device: bool) -> bytes:
+        """The de-identified header of a file (``header``: its bytes up to
+        the Pixel Data value); checked to end with the file's own Pixel Data
+        element header and to hold none of the file's original UIDs."""
+        reply, out = self._call({"op": "deid-rewrite", "element_at": facts["element_at"],
+                                 "value_at": facts["value_at"], "mapping": mapping,
+                                 "pseudonym": pseudonym, "shift": shift,
+                                 "characteristics": characteristics, "device": device},
+                                header, self.timeout)
+        element = header[facts["element_at"]:facts["value_at"]]
+        if reply.get("ok") is not True or not out.endswith(element) \
+                or len(out) > 2 * len(header) + 65536 or out[128:132] != b"DICM" \
+                or any(uid.encode() in out for uid in facts["uids"]):
+            self.failures += 1
+            raise ParserFailure(UNREADABLE)
+        return out
+
+
+def checked_facts(raw, size: int) -> dict:
+    """A worker's facts, field by field (a worker taken over by a crafted
+    file can make the view withhold the file or show its own bytes, never
+    make the daemon misread another file)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("reason"), str) \
+            or not _REASON.match(raw["reason"]):
+        raise ParserFailure(UNREADABLE)
+    out = {"dicom": raw.get("dicom") is True, "reason": raw["reason"]}
+    if raw["reason"]:
+        return out
+    if raw.get("withheld") not in WITHHELD_REASONS:  # shown by 'dcmfs stats': a fixed text only
+        raise ParserFailure(UNREADABLE)
+    texts = {"withheld": 100, "patient": 1024, "study": 64, "series": 64, "sop": 64,
+             "modality": 16}
+    for key, limit in texts.items():
+        if not isinstance(raw.get(key), str) or len(raw[key]) > limit:
+            raise ParserFailure(UNREADABLE)
+        out[key] = raw[key]
+    ints = [raw.get(k) for k in ("element_at", "value_at", "pixel_end")]
+    if not all(isinstance(v, int) for v in ints) or not 0 <= ints[0] < ints[1] <= ints[2] <= size:
+        raise ParserFailure(UNREADABLE)
+    out.update(element_at=ints[0], value_at=ints[1], pixel_end=ints[2])
+    uids = raw.get("uids")
+    if not isinstance(uids, list) or not all(isinstance(u, str) and _UID.match(u)
+                                             for u in uids):
+        raise ParserFailure(UNREADABLE)
+    out["uids"] = uids
+    return out
 
 
 def analyse_in_two_steps(head: bytes, size: int, analyse) -> Plan:

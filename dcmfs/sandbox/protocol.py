@@ -14,6 +14,11 @@ Requests (daemon -> worker):
   :data:`dcmfs.storage.dicom.HEADER_CAP`): reply ``{"plan": {...}}``.
 * ``{"op": "encode", "frame": [8 values], "zstd_level": L, "image": [ids]}``
   + one band of samples: reply ``{"codec": id}`` + the payload.
+* ``{"op": "deid-facts", "size": N}`` + the file's first bytes: reply
+  ``{"facts": {...}}`` (:func:`dcmfs.storage.deid.facts`).
+* ``{"op": "deid-rewrite", "element_at", "value_at", "mapping", "pseudonym",
+  "shift", "characteristics", "device"}`` + the header bytes: reply
+  ``{"ok": true}`` + the de-identified header (:func:`dcmfs.storage.deid.rewrite`).
 
 Every reply may instead be ``{"error": TYPE}``: the type of an exception,
 never its message.
@@ -30,8 +35,9 @@ import time
 MAGIC = b"DW"
 VERSION = 1
 HEADER = struct.Struct(">2sHII")
-#: a JSON part larger than this is a protocol error (plans are ~300 bytes)
-MAX_JSON = 64 * 1024
+#: a JSON part larger than this is a protocol error (plans are ~300 bytes; a
+#: de-identification's UID list and mapping ~100 bytes a UID)
+MAX_JSON = 8 * 1024 * 1024
 #: a blob larger than this is a protocol error (a header prefix or one band)
 MAX_BLOB = 80 * 1024 * 1024
 

@@ -102,9 +102,34 @@ def handle(request: dict, blob: bytes) -> tuple[dict, bytes]:
                               image=tuple(codec.IDS[i] for i in request["image"]))
         used, payload = codecs.compress(codec.IMAGE, blob, spec)
         return {"codec": used}, payload
+    if op == "deid-facts":
+        from ..storage import deid
+        return {"facts": deid.facts(blob, int(request["size"]))}, b""
+    if op == "deid-rewrite":
+        from ..storage import deid
+        shift = request["shift"]
+        return {"ok": True}, deid.rewrite(
+            blob, int(request["element_at"]), int(request["value_at"]), request["mapping"],
+            str(request["pseudonym"]), None if shift is None else int(shift),
+            bool(request["characteristics"]), bool(request["device"]))
     if op == "ping":
         return {"pong": True, "confined": CONFINED}, b""
     return {"error": "UnknownRequest"}, b""
+
+
+def _load_charsets() -> None:
+    """Import the codec of every DICOM character set now: Python imports
+    them on first use, and a worker that gave up root may no longer read
+    the interpreter's directory (a pyenv under /root), which made a header
+    in ISO 2022 or Latin-2 'unreadable'."""
+    import codecs
+
+    from pydicom import charset
+    for name in set(charset.python_encoding.values()):
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            pass
 
 
 def main(argv: list[str]) -> int:
@@ -118,7 +143,9 @@ def main(argv: list[str]) -> int:
     import numpy  # noqa: F401
     import pydicom  # noqa: F401
     import zstandard  # noqa: F401
-    from ..storage import codec, dicom  # noqa: F401
+    from ..storage import codec, deid, dicom  # noqa: F401
+    deid.table()  # the profile's table (plain data, ~5 ms)
+    _load_charsets()  # as nobody the interpreter's own files may be out of reach later
     CONFINED.update(confine(memory))
     while True:
         try:
