@@ -12,6 +12,7 @@ import datetime
 import errno
 import hashlib
 import io
+import json
 import os
 import pathlib
 import time
@@ -326,6 +327,12 @@ def test_a_view_mount_of_the_canary_series(mount_env, tmp_path):
             m.umount()
     assert trees[0] == trees[1]
     assert not {p.split("/")[0] for p in trees[0]} & {p.split("/")[0] for p in trees[2]}
+    # reads through the view are in the audit trail, with the view's name and path
+    r = m.cli("audit", m.store, "--key-file", m.key, "--event", "open", "--json", check=True)
+    opens = [json.loads(line) for line in r.stdout.splitlines()]
+    viewed = [o for o in opens if o.get("view") == "deid"]
+    assert {o["path"].lstrip("/") for o in viewed} >= set(trees[0]), viewed[:3]
+    assert all("CANARY" not in o["path"] for o in viewed)
     for path in m.store.rglob("*"):  # nothing of the canaries in the store or the log
         if path.is_file():
             assert CANARY not in path.read_bytes().upper(), path

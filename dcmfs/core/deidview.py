@@ -161,6 +161,8 @@ class DeidView:
         #: files whose de-identified header could not be made (EIO)
         self.failed: set[int] = set()
         self.uid, self.gid = os.getuid(), os.getgid()
+        #: (uid, gid, pid) of the request being served (set by the FUSE adapter)
+        self.caller: tuple[int, int, int] | None = None
         self._tag = keys.tag(options)
 
     def build(self) -> None:
@@ -286,7 +288,15 @@ class DeidView:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = [node, None]
+        # the audit trail: who read which file, by its inode and its view path
+        self.fs._audit("open", node.ino, path, who=self.caller, access="r", view="deid")
         return fh
+
+    @property
+    def opened(self):
+        """The opened store under the view (the FUSE adapter asks whether it
+        keeps an audit trail)."""
+        return self.fs.opened
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         entry = self._handles.get(fh)
