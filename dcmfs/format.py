@@ -26,6 +26,17 @@ constant, so do we):
   added to the header at the first read-write opening; an inode keeps its
   whole-file SHA-256 (kind 1, still checked) until its file changes, and a
   chunk record gains its digest when its file is next committed.
+* 4 — the index authentic and fresh (feature ``index-auth-v1``,
+  :mod:`dcmfs.index.auth`): every record counts in keyed sums per group,
+  kept in the ``sums`` database, their top sealed in ``meta/auth`` with the
+  journal sequence at each checkpoint; a witness outside the store
+  (:mod:`dcmfs.index.witness`); directory entries keyed by a keyed tag of
+  their directory with padded values, inode records with the stored size and
+  a padded target, fixed-length chunk records, padded content records; the
+  journal (version 2) sealed with AES-GCM-SIV.  Stores of versions 1-3 are
+  upgraded in place under the lock at their first read-write opening (sums
+  computed and sealed, directory entries converted in one journaled
+  operation); older records keep their lengths until rewritten.
 * 4 — the audit trail (feature ``audit-v1``, :mod:`dcmfs.audit`): sealed,
   hash-chained, append-only segments ``audit/segment-NNNNNNNN`` recording who
   opened, wrote, renamed and deleted which file; the chain head is kept in
@@ -70,7 +81,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: the object layout this dcmfs writes (the version byte of each object; the
 #: layout changed in format 2 and not since)
 OBJECT_VERSION = 2
