@@ -191,7 +191,9 @@ def test_worker_limits_give_fixed_reasons(tmp_path):
             p.analyse(many, len(many))
         assert exc.value.reason == LIMIT
         ct = F.sources(1)[0].read_bytes()
+        p.timeout = 30.0  # a fresh worker's start-up is not what this call tests
         assert p.analyse(ct, len(ct)).codes_frames  # a new worker took over
+        p.timeout = 2.0
         worker = p._idle[0]
         os.kill(worker.proc.pid, signal.SIGSTOP)  # hangs: the deadline kills it
         t = time.monotonic()
@@ -213,6 +215,7 @@ def test_worker_limits_give_fixed_reasons(tmp_path):
         finally:
             pool_mod._Worker.call = real_call
         assert exc.value.reason == CRASHED
+        p.timeout = 30.0
         assert p.analyse(ct, len(ct)).codes_frames
     finally:
         p.close()
