@@ -103,12 +103,6 @@ def key_range(group: int) -> tuple[bytes, bytes, bool]:
             ((group + 1) << GROUP_BITS).to_bytes(8, "big"), False)
 
 
-def in_group(db: str, key: bytes, group: int) -> bool:
-    """Is a key found in ``group``'s range really counted in it (the key
-    ranges of directory-entry and inode groups overlap in ``dirents``)?"""
-    return group_of(db, key) == group
-
-
 class Sums:
     """The per-group sums of one index (absent groups sum to 0), and the
     *top*: the sum over groups of a keyed number of (group, sum), the one
