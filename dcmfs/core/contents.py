@@ -43,6 +43,8 @@ log = logging.getLogger("dcmfs.data")
 class FileData:
     """Reads, writes and commits file contents for the filesystem core."""
 
+    #: a read starting this close to where the last one ended is sequential
+    SEQUENTIAL_SLACK = 256 * 1024
     #: extents (bands of DICOM frames) decoded ahead of a sequential reader
     READ_AHEAD = 2
 
@@ -207,7 +209,12 @@ class FileData:
         if offset >= end:
             return b""
         if of.extents is not None:
-            return self._read_extents(of, offset, end, ahead)
+            # read ahead only for a sequential reader (the kernel's own
+            # read-ahead may reorder its requests a little); random access
+            # decodes what it reads and nothing more
+            sequential = abs(offset - of.read_end) <= self.SEQUENTIAL_SLACK
+            of.read_end = end
+            return self._read_extents(of, offset, end, ahead and sequential)
         cs = self.chunk_size
         parts = []
         for idx in range(offset // cs, (end - 1) // cs + 1):
