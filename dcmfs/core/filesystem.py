@@ -157,11 +157,13 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         """Every committed operation survives a power loss from now on."""
         self.opened.make_durable()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, delete_later: bool = False) -> None:
         """Commit the index durably, then delete superseded objects (and take
         a snapshot when the journal archive has grown: see
-        :meth:`OpenedStore.checkpoint`)."""
-        self.opened.checkpoint(after_commit=self.data.checkpointed)
+        :meth:`OpenedStore.checkpoint`); ``delete_later``: only set them
+        aside, for :meth:`FileData.delete_set_aside` without the lock."""
+        self.opened.checkpoint(after_commit=self.data.set_aside if delete_later
+                               else self.data.checkpointed)
 
     def snapshot(self) -> None:
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
@@ -191,7 +193,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 self.objects.sync()
                 with self._lock:
                     if not self.closed:
-                        self.checkpoint()
+                        self.checkpoint(delete_later=True)
+                self.data.delete_set_aside()  # file operations go on meanwhile
             except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
                 log.error("background checkpoint failed: %s", loggable(exc))
 
