@@ -35,12 +35,13 @@ from ..index import Index, Inode
 from ..storage.digest import block_digest, tree_digest
 from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
+from .garbage import Garbage
 from .openfile import ChunkCache, OpenFile
 
 log = logging.getLogger("dcmfs.data")
 
 
-class FileData:
+class FileData(Garbage):
     """Reads, writes and commits file contents for the filesystem core."""
 
     #: a read starting this close to where the last one ended is sequential
@@ -72,12 +73,7 @@ class FileData:
         self._prefetch_lock = threading.Lock()
         self._inflight: collections.deque[Future] = collections.deque()
         self._max_inflight = max_inflight
-        #: superseded objects, deleted once a checkpoint made that durable
-        self._garbage: list[bytes] = []
-        #: superseded by a checkpoint, to be deleted outside the core's lock
-        #: (by the checkpoint thread, once it has let go of it)
-        self._set_aside: list[bytes] = []
-        self._aside_lock = threading.Lock()
+        Garbage.__init__(self, objects)
 
     def shutdown(self) -> None:
         self._prefetch_pool.shutdown(wait=True)
@@ -486,48 +482,6 @@ class FileData:
         of.dirty.clear()
         of.dirty_bytes = 0
         of.changed = False
-
-    # --- garbage --------------------------------------------------------------
-    def after_commit(self, oids: list[bytes]) -> None:
-        """Called after every index commit with the objects it superseded.
-
-        They stay until the next checkpoint: until then the durable index
-        (the last checkpoint) may still refer to them.
-        """
-        self._garbage.extend(oids)
-
-    def superseded(self) -> list[bytes]:
-        """Objects superseded since the last checkpoint, or set aside for
-        deletion (still on disk)."""
-        with self._aside_lock:
-            return self._garbage + self._set_aside
-
-    def checkpointed(self) -> None:
-        """Called after a checkpoint: delete what the durable index no longer names."""
-        garbage, self._garbage = self._garbage, []
-        for oid in garbage:
-            self.objects.delete(oid)
-        self.delete_set_aside()  # what a failed later deletion left
-
-    def set_aside(self) -> None:
-        """Called after a checkpoint, instead of :meth:`checkpointed`, by a
-        caller that deletes them later without the core's lock
-        (:meth:`delete_set_aside`): an unlink burst need not wait on a
-        checkpoint deleting thousands of files (or S3 objects)."""
-        with self._aside_lock:
-            self._set_aside.extend(self._garbage)
-        self._garbage = []
-
-    def delete_set_aside(self) -> int:
-        """Delete the objects :meth:`set_aside` kept (no core lock needed:
-        nothing names them any more).  Returns how many."""
-        with self._aside_lock:
-            oids = list(self._set_aside)
-        for oid in oids:
-            self.objects.delete(oid)
-        with self._aside_lock:
-            del self._set_aside[:len(oids)]
-        return len(oids)
 
 
 def _all_zero(data: bytes) -> bool:
