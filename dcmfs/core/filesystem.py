@@ -134,7 +134,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 if config.sandbox else None
             self.reencoder = Reencoder(self, config.backlog_limit, dicom_aware=config.dicom,
                                        parsers=parsers,
-                                       window=config.reencode_threads)
+                                       window=config.reencode_threads,
+                                       hot_days=config.hot_days)
             self.data.on_deferred = self.reencoder.deferred
             self.data.on_discarded = self.reencoder.release
             if config.reencode:
