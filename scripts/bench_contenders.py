@@ -155,7 +155,8 @@ class Dcmfs(Contender):
     codecs offered each frame include OpenJPEG's JPEG 2000: smallest, slow
     to decode), htj2k (HTJ2K only: fastest to decode), inproc (-o sandbox=0: the
     DICOM analysis and image encoders in the daemon, not in worker processes),
-    audit0 (-o audit=0: no audit trail),
+    audit0 (-o audit=0: no audit trail), cold (-o hot_days=0: DICOM coded
+    densely at once, what a study reads like once it has turned cold),
     inline (zstd compressed at close, no re-encoder), lzma, zstd:N (level N),
     rotating (the default policy while the daemon re-encrypts older key
     epochs: the store holds BALLAST_MIB of files at rest, and each write starts
@@ -189,8 +190,10 @@ class Dcmfs(Contender):
             self.options = ["-o", "sandbox=0"]
         elif codec == "audit0":
             self.options = ["-o", "audit=0"]
+        elif codec == "cold":
+            self.options = ["-o", "hot_days=0"]
         if codec in ("inline", "dicom0", "paused", "j2k", "htj2k", "inproc", "audit0",
-                     "rotating"):
+                     "rotating", "cold"):
             codec = "zstd"
         self.codec = codec
         self.base = base / self.name

@@ -101,6 +101,10 @@ def ct_comparisons(c: dict) -> dict:
         if "big_write_mb_s" in d and "big_write_mb_s" in g:
             cmp["big_write"] = d["big_write_mb_s"] / g["big_write_mb_s"]
             cmp["big_read"] = d["big_read_mb_s"] / g["big_read_mb_s"]
+        if "dcmfs-cold" in c:  # issue 17: fresh series >= 0.8, cold-tier series >= 0.5
+            cmp["read_cold_tier"] = c["dcmfs-cold"]["read_mb_s"] / g["read_mb_s"]
+            cmp["stored_size_ratio_cold_tier"] = (c["dcmfs-cold"]["ratio"]["median"]
+                                                  / g["ratio"]["median"])
         out["dcmfs_vs_gocryptfs"] = cmp
     return out
 
@@ -166,11 +170,16 @@ def goals(out: dict) -> list[dict]:
     s = out.get("subset", {})
     c = s.get("contenders", {})
     if "dcmfs" in c:
-        r = c["dcmfs"]["ratio"]["median"]
-        goal("subset stored/original, DICOM-aware, re-encoded", r, "<= 0.29", r <= 0.29)
+        # the at-rest ratio is the cold tier's (dcmfs itself keeps fresh
+        # files in the fast-decoding coding for hot_days: its row shows it)
+        dense = c.get("dcmfs-cold", c["dcmfs"])
+        r = dense["ratio"]["median"]
+        goal("subset stored/original, DICOM-aware, re-encoded (cold tier)", r, "<= 0.29",
+             r <= 0.29)
         if "published" in c:
             lz = c["published"]["ratio"]["median"]
-            goal("subset stored/original, DICOM-aware vs published LZMA", r / lz, "< 1", r < lz)
+            goal("subset stored/original, DICOM-aware (cold tier) vs published LZMA", r / lz,
+                 "< 1", r < lz)
         v = c["dcmfs"]["read_mb_s"]
         goal("subset cold read MB/s of re-encoded files", v, ">= 100", v >= 100)
     if "dcmfs-j2k" in c:  # the opt-in policy that adds JPEG 2000
