@@ -242,7 +242,7 @@ def _deid_view(fs: FileSystem, config: Config, view_secret: bytes | None):
     try:
         view = DeidView(fs, ViewKeys(view_secret or b""), ViewOptions(
             config.deid_dates, config.deid_characteristics, config.deid_device,
-            config.deid_burned_in))
+            config.deid_burned_in, config.deid_safe_private))
         view.build()
     except BaseException:
         fs.close()

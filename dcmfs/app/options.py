@@ -260,6 +260,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("deid_burned_in", FLAG, "1: the view also serves files that declare or may carry "
            "burned-in text (BurnedInAnnotation YES; US, SC unless NO)", MOUNTING,
            field="deid_burned_in"),
+    Option("deid_safe_private", FLAG, "1: the view keeps the private attributes PS3.15 Table "
+           "E.3.10-1 lists as safe (Retain Safe Private; no OB or SQ ones)", MOUNTING,
+           field="deid_safe_private"),
     # consumed by the CLI
     Option("view_secret_file", PATH, "the view's secret (as --view-secret-file)", MOUNTING),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),

@@ -68,6 +68,9 @@ class ViewOptions:
     device: bool = False
     #: serve files that declare or may carry burned-in text too
     burned_in: bool = False
+    #: keep the private attributes PS3.15 lists as safe (Retain Safe
+    #: Private; :mod:`dcmfs.storage.deidprivate`)
+    safe_private: bool = False
 
 
 class ViewKeys:
@@ -368,7 +371,7 @@ class DeidView:
             shift = self.keys.shift_days(patient) if self.options.dates == "shift" else None
             header = self.parsers.deid_rewrite(
                 raw, record, mapping, self.keys.pseudonym(patient), shift,
-                self.options.characteristics, self.options.device)
+                self.options.characteristics, self.options.device, self.options.safe_private)
         except ParserFailure as exc:
             # once per mount: the file then answers EIO at once
             log.warning("inode %d: %s: %s", ino, REWRITE_FAILED, exc.reason)
