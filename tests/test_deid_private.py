@@ -77,6 +77,7 @@ def test_safe_private_attributes_are_kept_and_no_other(make_fs, implicit):
         view = DeidView(fs, ViewKeys(b"p" * 32), ViewOptions(safe_private=safe))
         try:
             view.build()
+            assert view.wait_filled(120)
             (served[safe],) = _read_all(view).values()
         finally:
             view.close()

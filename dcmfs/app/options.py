@@ -265,6 +265,8 @@ OPTIONS: tuple[Option, ...] = (
            field="deid_safe_private"),
     # consumed by the CLI
     Option("view_secret_file", PATH, "the view's secret (as --view-secret-file)", MOUNTING),
+    Option("view_mount", PATH, "serve the de-identified view there too, beside the files, "
+           "from the same daemon (needs view_secret_file)", MOUNTING),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
     Option("log_file", PATH, "the daemon's log in the background (default STORE/dcmfs.log)",
