@@ -54,6 +54,16 @@ class Tree:
         """The file's current record: it enters the tree (or leaves it, or
         is withheld)."""
         with self.lock:
+            names = self._where.get(ino)
+            if names is not None and record.get("dicom") \
+                    and not withheld_reason(record, self.burned_in) \
+                    and names[:3] == self._parts(record):
+                # the same place (a record made again): the node is kept, so
+                # a lookup meanwhile never misses it
+                node = self.node("/".join(names))
+                node.record = record
+                self._generation[ino] = record.get("generation")
+                return
             self._remove(ino)
             reason = withheld_reason(record, self.burned_in)
             if reason:
@@ -62,8 +72,7 @@ class Tree:
                 return
             if not record.get("dicom"):
                 return
-            parts = [self.keys.pseudonym(record["patient"]), self.keys.uid(record["study"]),
-                     self.keys.uid(record["series"])]
+            parts = self._parts(record)
             node = self.root
             for part in parts:
                 child = node.children.get(part)
@@ -78,8 +87,12 @@ class Tree:
                 name = f"{sop}-{n}.dcm"
             self._count += 1
             node.children[name] = Node(self._count, ino, record)
-            self._where[ino] = tuple(parts) + (name,)
+            self._where[ino] = parts + (name,)
             self._generation[ino] = record.get("generation")
+
+    def _parts(self, record: dict) -> tuple[str, str, str]:
+        return (self.keys.pseudonym(record["patient"]), self.keys.uid(record["study"]),
+                self.keys.uid(record["series"]))
 
     def remove(self, ino: int) -> None:
         with self.lock:
