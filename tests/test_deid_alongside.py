@@ -10,7 +10,9 @@ import copy
 import errno
 import io
 import os
+import pathlib
 import subprocess
+import tempfile
 import time
 
 import pydicom
@@ -88,15 +90,18 @@ def beside(mount_env, tmp_path):
     m = mount_env
     secret = tmp_path / "view.secret"
     m.cli("new-view-secret", secret, check=True)
-    view = tmp_path / "view"
-    view.mkdir()
-    m.mount("-o", f"view_mount={view},view_secret_file={secret},deid_dates=shift")
+    # a mountpoint another user can reach (pytest's tmp_path is root's alone)
+    view = pathlib.Path(tempfile.mkdtemp(prefix="dcmfs-view-"))
+    view.chmod(0o755)
+    m.mount("-o", f"allow_other,view_mount={view},view_secret_file={secret},"
+                  "deid_dates=shift")
     try:
         yield m, view
     finally:
         m.cleanup()
         if os.path.ismount(view):  # a daemon killed before it detached the view
             subprocess.run(["fusermount3", "-u", "-z", str(view)], check=False)
+        view.rmdir()
 
 
 def test_a_file_written_through_the_normal_mount_appears_de_identified(beside, tmp_path):
@@ -115,6 +120,10 @@ def test_a_file_written_through_the_normal_mount_appears_de_identified(beside, t
     for data in served.values():
         ds = pydicom.dcmread(io.BytesIO(data))
         assert ds.PatientIdentityRemoved == "YES" and ds.PixelData in originals
+    # another user reads the view (allow_other, as the normal mount)
+    name = sorted(served)[0]
+    r = subprocess.run(["cat", str(view / name)], capture_output=True, user=65534, group=65534)
+    assert r.returncode == 0 and r.stdout == served[name], r.stderr
     # the normal mount keeps its plaintext; the view refuses changes
     assert (m.mnt / "CANARYNAMEA^ZQX/0.dcm").read_bytes() == files[0]
     some = view / sorted(served)[0]
