@@ -158,9 +158,11 @@ class RecordFiller(threading.Thread):
             if self.fs.stopping.is_set():
                 return
             r = self.fs.reencoder
-            # files re-encoded, written, deleted (the number of files) since the last pass
-            done = (r.files_done if r is not None else 0, self.fs.data.commits,
-                    self.fs.stats()[0])
+            # files re-encoded, written, deleted (the number of files) since the last
+            # pass; the index only under the core's lock (its reads share one txn)
+            with self.fs.lock:
+                files = self.fs.stats()[0]
+            done = (r.files_done if r is not None else 0, self.fs.data.commits, files)
             if not self.eager and (done == seen or (r is not None and r.backlog[0])
                                    or time.monotonic() - self.fs.last_activity() < self.QUIET):
                 continue
