@@ -109,6 +109,7 @@ class Config:
     deid_characteristics: bool = False
     deid_device: bool = False
     deid_burned_in: bool = False
+    deid_safe_private: bool = False
     #: the image codecs offered each frame (with zstd); the exact result of
     #: least stored bytes plus weighted decode time is kept
     #: (``-o image_codecs=htj2k+jpegxl+jpeg2k``; see dcmfs.storage.codec for figures)

@@ -168,6 +168,7 @@ def test_the_view_of_a_canary_series(series_store):
     view = DeidView(fs, ViewKeys(b"s" * 32), ViewOptions(dates="shift"))
     try:
         view.build()
+        assert view.wait_filled(120)
         served = _read_all(view)
         assert len(served) == len(files) - len(WITHHELD)
         _assert_clean(served, uids)
@@ -218,6 +219,7 @@ def test_pseudonyms_are_stable_per_secret_and_unlinkable_across_secrets(series_s
         view = DeidView(fs, ViewKeys(secret), ViewOptions())
         try:
             view.build()
+            assert view.wait_filled(120)
             trees.append(sorted(p for p, _ in _walk(view)))
         finally:
             view.close()
@@ -233,6 +235,7 @@ def test_withheld_files_are_listed_and_can_be_included(series_store):
     view = DeidView(fs, ViewKeys(b"c" * 32), ViewOptions(burned_in=True))
     try:
         view.build()
+        assert view.wait_filled(120)
         assert view.withheld == {}
         served = _read_all(view)
         assert len(served) == len(files)
@@ -251,6 +254,7 @@ def test_retained_characteristics_and_device(series_store):
     view = DeidView(fs, ViewKeys(b"d" * 32), ViewOptions(characteristics=True, device=True))
     try:
         view.build()
+        assert view.wait_filled(120)
         data = next(iter(_read_all(view).values()))
         ds = pydicom.dcmread(io.BytesIO(data))
         orig = pydicom.dcmread(io.BytesIO(files[0]))
@@ -263,10 +267,29 @@ def test_retained_characteristics_and_device(series_store):
 
 
 # --- through real mounts ------------------------------------------------------------------
-def _mount_view(m, mnt, secret_file, *extra):
+def _mount_view(m, mnt, secret_file, *extra, wait=True):
     r = m.cli("mount", m.store, mnt, "--key-file", m.key, "--view", "deid",
               "--view-secret-file", secret_file, *extra)
     assert r.returncode == 0, r.stderr
+    if wait:
+        _wait_filled(mnt)
+
+
+def view_status(mnt) -> dict:
+    from dcmfs import format as fmt
+    return json.loads(os.getxattr(mnt, fmt.STATUS_XATTR))
+
+
+def _wait_filled(mnt, timeout=120.0) -> dict:
+    """Until the view's first pass has looked at every file (it fills in
+    the background); its last status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = view_status(mnt)
+        if (status.get("deid_records") or {}).get("first_pass_done"):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
 
 
 def _tree(root: pathlib.Path) -> dict[str, bytes]:
@@ -303,6 +326,7 @@ def test_a_view_mount_of_the_canary_series(mount_env, tmp_path):
             r = m.cli("mount", m.store, m.mnt, "--key-file", m.key, "-o",
                       f"view=deid,view_secret_file={key},deid_dates=shift")
             assert r.returncode == 0, r.stderr
+            _wait_filled(m.mnt)
         else:
             _mount_view(m, m.mnt, key, "-o", "deid_dates=shift")
         try:
@@ -427,6 +451,7 @@ def test_hostile_files_through_the_view(make_fs, caplog):
     served = failed = 0
     try:
         view.build()
+        assert view.wait_filled(120)
         for path in _paths(view):
             assert FUZZ_CANARY not in path.encode()
             try:

@@ -184,9 +184,10 @@ class _Operations:
     flag_nopath = True
 
     def __init__(self, fs: FileSystem, on_ready: Callable[[], None] | None,
-                 ops: OpStats) -> None:
+                 ops: OpStats, primary: bool = True) -> None:
         self._fs = fs
         self._on_ready = on_ready
+        self._primary = primary
         self._ops = ops
         self._invalidator: _Invalidator | None = None
         self._audit = fs.opened.audit is not None
@@ -195,11 +196,15 @@ class _Operations:
         # the ``struct fuse *`` of this mount, for fuse_invalidate_path
         fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
         self._invalidator = _Invalidator(fuse_ptr)
+        if self._primary:
+            _PRIMARY[:] = [fuse_ptr]
         if self._on_ready is not None:
             self._on_ready()
 
     def destroy(self, path):
         # before libfuse frees the ``struct fuse`` the invalidations use
+        if self._primary:
+            _PRIMARY.clear()
         if self._invalidator is not None:
             self._invalidator.stop()
             self._invalidator = None
@@ -388,13 +393,25 @@ def _fuse_class():
 #: ``-o attr_timeout=`` override it)
 KERNEL_TIMEOUT = 60
 
+#: the ``struct fuse *`` of the daemon's main mount while it is served
+_PRIMARY: list = []
+
 
 def serve(fs: FileSystem, mountpoint: str, options: dict,
-          on_ready: Callable[[], None] | None = None, ops: OpStats | None = None) -> None:
+          on_ready: Callable[[], None] | None = None, ops: OpStats | None = None,
+          primary: bool = True) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT/SIGHUP).
 
     libfuse's own signal handlers end the loop and unmount; the caller then
     closes ``fs``, which flushes everything.
+
+    A second mount of the same daemon (``primary`` False: the de-identified
+    view beside the files, served from a thread of its own and mounted
+    first) must leave the signals to the main one: libfuse keeps a single
+    session for its handlers (the one mounted last: the main) and removes
+    the handlers when any session ends, so when the second one ends first
+    they are given back to the main session here; else SIGTERM would kill
+    the daemon without flushing.
     """
     require_fuse()
     # no hard_remove: an unlinked open file keeps a (hidden) name in libfuse,
@@ -404,13 +421,21 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
     # kernel may keep names and attributes for a minute, not libfuse's 1 s
     # (measured, issue 17: stat of 5 000 files 0.44 -> 0.89 of gocryptfs)
     opts = {"fsname": fs.store.root, "subtype": "dcmfs", "default_permissions": True,
-            "use_ino": True, "nopath": True, "kernel_cache": True,
-            "entry_timeout": KERNEL_TIMEOUT, "attr_timeout": KERNEL_TIMEOUT}
+            "use_ino": True, "nopath": True, "kernel_cache": True}
+    if isinstance(fs, FileSystem):  # not the de-identified view: its tree changes by itself
+        opts.update(entry_timeout=KERNEL_TIMEOUT, attr_timeout=KERNEL_TIMEOUT)
     opts.update(options)
     log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
     try:
-        _fuse_class()(_Operations(fs, on_ready, ops or OpStats()), mountpoint, foreground=True, nothreads=True,
-                      **opts)
+        _fuse_class()(_Operations(fs, on_ready, ops or OpStats(), primary), mountpoint,
+                      foreground=True, nothreads=True, **opts)
     except RuntimeError as exc:
         # libfuse reports a loop ended by a signal as a non-zero result
         log.debug("FUSE loop ended: %s", exc)
+    finally:
+        if not primary and _PRIMARY:
+            lib = mfusepy._libfuse
+            lib.fuse_get_session.argtypes, lib.fuse_get_session.restype = \
+                [ctypes.c_void_p], ctypes.c_void_p
+            lib.fuse_set_signal_handlers.argtypes = [ctypes.c_void_p]
+            lib.fuse_set_signal_handlers(lib.fuse_get_session(_PRIMARY[0]))

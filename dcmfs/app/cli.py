@@ -184,18 +184,11 @@ def cmd_mount(args) -> int:
             raise UsageError(f"The metrics option needs HOST:PORT, e.g. 127.0.0.1:9641 "
                              f"({exc}).") from exc
     config = dataclasses.replace(make_config(ours, fuse), s3=s3creds.settings(args))
-    view = None
-    if args.view or config.view:
-        config = dataclasses.replace(config, view=args.view or config.view)
-        path = args.view_secret_file or ours.get("view_secret_file")
-        if not path:
-            raise UsageError("A view needs its secret: pass --view-secret-file PATH (create "
-                             "one with 'dcmfs new-view-secret PATH').")
-        view = keys.view_secret(path, getattr(args, "allow_open_key_file", False),
-                                secret.value if secret.kind == "keyfile" else None)
-        fuse = dict(fuse, ro=True)  # the kernel refuses every change (EROFS)
+    from .viewmount import view_settings
+    config, fuse, view, view_mount = view_settings(args, ours, config, fuse, secret)
     mount(store_root, secret, mp, config, fuse, foreground=args.foreground,
-          log_file=ours.get("log_file"), metrics=metrics, view_secret=view)
+          log_file=ours.get("log_file"), metrics=metrics, view_secret=view,
+          view_mount=view_mount)
     if not args.foreground:
         print(f"Mounted {store_root} at {mp}. Unmount with: dcmfs umount {mp}")
     return 0

@@ -27,6 +27,7 @@ from ..errors import (DaemonUnprovenError, DcmfsError, MountFailedError, Mountpo
 from ..core.filesystem import FileSystem
 from ..adapter.fuse_ops import require_fuse, serve
 from .keys import forbid_core_dumps
+from .viewmount import AlongsideView, deid_view, umount_alongside
 from .logsetup import stderr_is_journal
 from ..adapter.metrics import MetricsServer, OpStats
 from ..opened.store import OpenedStore, preflight
@@ -169,19 +170,28 @@ class _StatusReporter(threading.Thread):
 
 def run_daemon(store: Store, mountpoint: str, config: Config,
                fuse_options: dict, on_ready=None, metrics: str | None = None,
-               status_interval: float = 5.0, view_secret: bytes | None = None) -> None:
+               status_interval: float = 5.0, view_secret: bytes | None = None,
+               view_mount: str | None = None) -> None:
     """Open the store (checked by :func:`mount`), serve the mount until it
     ends, close cleanly.  With ``config.view`` the de-identified view is
-    served instead of the files (``view_secret``: its secret)."""
+    served instead of the files (``view_secret``: its secret), with
+    ``view_mount`` beside them at that mountpoint (:mod:`.viewmount`)."""
     forbid_core_dumps()  # the master key is in this process (also when -f)
     fs = FileSystem(OpenedStore(store, config, checked=True))
     trail = fs.opened.audit
     if trail is not None:
         trail.record("mount", None, mountpoint=mountpoint, key=store.unlocked_by or "unknown",
                      options=_changed_options(config, fuse_options))
-    served = fs
+    served, alongside = fs, None
     if config.view:
-        served = _deid_view(fs, config, view_secret)
+        served = deid_view(fs, config, view_secret)
+    elif view_mount:
+        try:
+            alongside = AlongsideView(fs, config, view_secret, view_mount, mountpoint,
+                                      fuse_options)
+        except BaseException:
+            fs.close()
+            raise
     # the first read of a DICOM-coded file need not wait for the codecs to load
     threading.Thread(target=warm_up, daemon=True, name="dcmfs-warm-up").start()
     if fs.recovered is not None:
@@ -208,6 +218,8 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
             if on_ready is not None:
                 on_ready()
 
+        if alongside is not None:
+            alongside.start()  # first: libfuse's signal handlers then go to the main mount
         serve(served, mountpoint, fuse_options, ready, ops)
     finally:
         _notify("STOPPING=1\nSTATUS=unmounted; committing open files and the index")
@@ -220,6 +232,8 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
         if trail is not None:
             trail.record("unmount", None, mountpoint=mountpoint)
         try:
+            if alongside is not None:
+                alongside.stop()
             served.close()
         finally:
             if reporter is not None:
@@ -237,24 +251,13 @@ def _changed_options(config: Config, fuse_options: dict) -> dict:
     return out
 
 
-def _deid_view(fs: FileSystem, config: Config, view_secret: bytes | None):
-    from ..core.deidview import DeidView, ViewKeys, ViewOptions
-    try:
-        view = DeidView(fs, ViewKeys(view_secret or b""), ViewOptions(
-            config.deid_dates, config.deid_characteristics, config.deid_device,
-            config.deid_burned_in))
-        view.build()
-    except BaseException:
-        fs.close()
-        raise
-    return view
-
-
 def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
           fuse_options: dict, foreground: bool, log_file: str | None,
-          metrics: str | None = None, view_secret: bytes | None = None) -> None:
+          metrics: str | None = None, view_secret: bytes | None = None,
+          view_mount: str | None = None) -> None:
     """Mount a store; returns once the mount is live (or, with
-    ``foreground``, once it has been unmounted again)."""
+    ``foreground``, once it has been unmounted again); ``view_mount``: the
+    de-identified view beside it there."""
     store_root = os.path.abspath(store_root)
     # wrong key, missing, foreign, damaged or busy store: fail here, before
     # the fork; the daemon opens the store checked here (the key is
@@ -262,16 +265,22 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
     store = open_store(store_root, secret, for_writing=not config.read_only)
     preflight(store, config)
     options = dict(fuse_options)
-    mp = check_mountpoint(mountpoint, nonempty=bool(options.pop("nonempty", False)),
-                          store_root=store_root)
+    nonempty = bool(options.pop("nonempty", False))
+    mp = check_mountpoint(mountpoint, nonempty=nonempty, store_root=store_root)
+    if view_mount:
+        view_mount = check_mountpoint(view_mount, nonempty=nonempty, store_root=store_root)
+        if view_mount == mp:
+            raise MountpointBusyError("The view needs a mountpoint of its own.")
     require_fuse()
     if foreground:
-        run_daemon(store, mp, config, options, metrics=metrics, view_secret=view_secret)
+        run_daemon(store, mp, config, options, metrics=metrics, view_secret=view_secret,
+                   view_mount=view_mount)
         return
-    _spawn(store, mp, config, options, log_file, metrics, view_secret)
+    _spawn(store, mp, config, options, log_file, metrics, view_secret, view_mount)
 
 
-def _spawn(store, mp, config, options, log_file, metrics, view_secret=None) -> None:
+def _spawn(store, mp, config, options, log_file, metrics, view_secret=None,
+           view_mount=None) -> None:
     store_root = store.root
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -287,7 +296,7 @@ def _spawn(store, mp, config, options, log_file, metrics, view_secret=None) -> N
                     in_store=log_file is None)
             run_daemon(store, mp, config, options,
                        on_ready=lambda: os.write(wfd, b"R"), metrics=metrics,
-                       view_secret=view_secret)
+                       view_secret=view_secret, view_mount=view_mount)
         except DcmfsError as exc:
             log.error("%s", exc)
             _report(wfd, exc.exit_code, str(exc))
@@ -376,6 +385,8 @@ def umount(mountpoint: str, timeout: float = 300.0) -> None:
     if read_lock_pid(info.store) is None:
         # the daemon is gone: only a stale kernel mount is left
         _fusermount(info.mountpoint)
+        return
+    if umount_alongside(info, timeout):  # a view beside the files: the files stay
         return
     pidfd, pid = proven_daemon(info, wait=min(timeout, 30.0))
     try:

@@ -264,8 +264,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("deid_burned_in", FLAG, "1: the view also serves files that declare or may carry "
            "burned-in text (BurnedInAnnotation YES; US, SC unless NO)", MOUNTING,
            field="deid_burned_in"),
+    Option("deid_safe_private", FLAG, "1: the view keeps the private attributes PS3.15 Table "
+           "E.3.10-1 lists as safe (Retain Safe Private; no OB or SQ ones)", MOUNTING,
+           field="deid_safe_private"),
     # consumed by the CLI
     Option("view_secret_file", PATH, "the view's secret (as --view-secret-file)", MOUNTING),
+    Option("view_mount", PATH, "serve the de-identified view there too, beside the files, "
+           "from the same daemon (needs view_secret_file)", MOUNTING),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
     Option("log_file", PATH, "the daemon's log in the background (default STORE/dcmfs.log)",

@@ -70,7 +70,8 @@ def store_report(store_root: str, mountpoint: str | None,
                       backlog_bytes=live.get("backlog_bytes", 0),
                       journal_records=live.get("journal_records", 0),
                       integrity_errors=live.get("integrity_errors", 0),
-                      scrub=live.get("scrub"), s3=live.get("s3"))
+                      scrub=live.get("scrub"), s3=live.get("s3"),
+                      deid_records=live.get("deid_records"), deid_view=live.get("deid_view"))
         if "dumpable" in live:  # it holds the key: expected False
             report["core_dumps"] = bool(live["dumpable"] or live.get("core_limit"))
         for k in ("store_read_bytes", "store_written_bytes"):  # /proc/PID/io may be closed
@@ -230,6 +231,14 @@ def render(reports: list[dict]) -> str:
                          f"{scrub['round_files']} files; {scrub['verified_files']} verified "
                          f"intact, {scrub['findings']} findings"
                          + (f"; last full round ended {_ago(last)}" if last else ""))
+        view, records = r.get("deid_view"), r.get("deid_records")
+        if view is not None:
+            lines.append(f"deid view   {view['files']} files shown, {view['withheld']} withheld")
+        if records and (view is not None or not records["first_pass_done"]):
+            lines.append("deid pass   " + ("done" if records["first_pass_done"] else
+                         f"{records['pass_files'] - records['pending_files']}/"
+                         f"{records['pass_files']} files looked at")
+                         + f"; {records['looked']} since the mount")
         audit = r.get("audit")
         if audit and (audit.get("segments") or audit.get("seq")):
             head = audit.get("head") or "-"

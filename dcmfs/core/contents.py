@@ -64,6 +64,7 @@ class FileData(Garbage):
         self.queue_all = False
         #: monotonic time of the last file write (background work yields to it)
         self.last_activity = 0.0
+        self.commits = 0  # file versions committed (the de-identified view follows them)
         self.dirty_limit = dirty_limit
         self.cache = ChunkCache(cache_bytes)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dcmfs-seal")
@@ -403,6 +404,7 @@ class FileData(Garbage):
         of.committed = table
         of.pending.clear()
         of.changed = False
+        self.commits += 1
         self.after_commit(superseded)
         if queue:
             self.on_deferred(of.ino)

@@ -50,6 +50,7 @@ class StoreOps:
                 "s3": self.opened.remote.stats() if self.opened.remote else None,
                 "audit": self.opened.audit.status() if self.opened.audit else None,
                 "rekey": self.rekey_job.status() if self.rekey_job else None,
+                "deid_records": self.deid_filler.status() if self.deid_filler else None,
                 **process_figures()}
 
     @_locked

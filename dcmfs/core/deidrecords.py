@@ -1,8 +1,7 @@
 """The de-identified view's index records (``deidview``, feature
 ``deid-view-v1``): what the view lists of each file, made in the parser
 workers from the file's header (:func:`dcmfs.storage.deid.facts`) by a
-one-time pass (:func:`refresh`: the view's first mount, and a normal mount
-in the background, :class:`RecordFiller`), and what ``dcmfs stats`` says
+one-time pass (:func:`refresh`, in the background: :class:`RecordFiller`), and what ``dcmfs stats`` says
 the view withholds (:func:`withheld`).  See :mod:`dcmfs.core.deidview`.
 """
 
@@ -26,12 +25,15 @@ log = logging.getLogger("dcmfs.deid")
 FIRST_BYTES = 64 * 1024
 
 
-def refresh(fs, parsers: ParserPool, stop: Callable[[], bool] | None = None) -> int:
+def refresh(fs, parsers: ParserPool, stop: Callable[[], bool] | None = None,
+            on_todo: Callable[[int], None] | None = None,
+            on_record: Callable[[int, dict], None] | None = None) -> int:
     """Give every regular file without a current ``deidview`` record one
     (the one-time pass; a file the worker cannot read gets a record that
     says why).  Returns the number of files looked at.  Needs a read-write
     opening.  Raises :class:`ParserFailure` (``stopped``) when the pool is
-    closed under it; ``stop`` ends it early."""
+    closed under it; ``stop`` ends it early; ``on_todo`` hears how many
+    files lack a record, ``on_record`` each record as it is made."""
     todo = []
     with fs.lock:
         with fs.index.begin() as txn:
@@ -41,9 +43,13 @@ def refresh(fs, parsers: ParserPool, stop: Callable[[], bool] | None = None) -> 
                 record = txn.get_deid(ino)
                 if record is None or record.get("generation") != inode.generation:
                     todo.append((ino, inode.generation, inode.size))
+    if on_todo is not None:
+        on_todo(len(todo))
+    looked = 0
     for ino, generation, size in todo:
         if stop is not None and stop():
             break
+        looked += 1
         record = dict(_facts(fs, parsers, ino, size), generation=generation)
         with fs.lock:
             with fs.index.begin() as txn:
@@ -52,9 +58,11 @@ def refresh(fs, parsers: ParserPool, stop: Callable[[], bool] | None = None) -> 
                 continue  # changed meanwhile: the next pass
             with fs.write_txn() as txn:
                 txn.put_deid(ino, record)
-    if todo:
+        if on_record is not None:
+            on_record(ino, record)
+    if looked:
         fs.checkpoint()
-    return len(todo)
+    return looked
 
 
 def _facts(fs, parsers: ParserPool, ino: int, size: int) -> dict:
@@ -76,11 +84,18 @@ def _facts(fs, parsers: ParserPool, ino: int, size: int) -> dict:
 
 
 class RecordFiller(threading.Thread):
-    """Fills the ``deidview`` records of a normally mounted store in the
+    """Fills the ``deidview`` records of a read-write opening in the
     background: once at the start (the one-time pass over older files), then
-    whenever the re-encoder has finished files and is idle and file I/O is
-    quiet, so a file gets its record soon after it is re-encoded and the
-    view's first mount finds them made.  Uses the re-encoder's workers."""
+    whenever files were written, deleted or re-encoded, the re-encoder is idle and
+    file I/O is quiet, so a file gets its record soon after it is written
+    and the view's first mount finds them made.  Uses the re-encoder's
+    workers (or the view's).
+
+    A served view (:class:`~dcmfs.core.deidview.DeidView`, as the mount or
+    beside the normal one) makes it *eager* until its first pass is done: it
+    looks at files at once, also while files are read, and tells the view
+    each record as it is made, so the view answers at once and fills in
+    (:meth:`status`: the progress ``dcmfs status`` shows)."""
 
     INTERVAL = 5.0
     #: seconds without file reads or writes before it looks at files
@@ -90,28 +105,88 @@ class RecordFiller(threading.Thread):
         super().__init__(daemon=True, name="dcmfs-deid-records")
         self.fs, self.parsers = fs, parsers
         self.looked = 0
+        #: called with (ino, record) for every record made
+        self.listeners: list[Callable[[int, dict], None]] = []
+        #: called after every pass (a view drops the files deleted meanwhile)
+        self.after_pass: list[Callable[[], None]] = []
+        #: look at files now rather than when quiet (until the first pass is done)
+        self.eager = False
+        self.wake = threading.Event()
+        #: set when a pass has looked at every file that lacked a record
+        self.first_pass_done = threading.Event()
+        #: files the running pass has still to look at, and its size
+        self.pending = self.todo = 0
+        self.running = False
 
     def _yield(self) -> bool:
         r = self.fs.reencoder
         return self.fs.stopping.is_set() or (r is not None and r.backlog[0] > 0)
 
+    def _todo(self, n: int) -> None:
+        self.pending = self.todo = n
+
+    def _made(self, ino: int, record: dict) -> None:
+        self.pending = max(0, self.pending - 1)
+        for listener in list(self.listeners):
+            try:
+                listener(ino, record)
+            except Exception as exc:  # noqa: BLE001 — a view's trouble must not stop the pass
+                log.warning("de-identified view not told of inode %d: %s", ino, loggable(exc))
+
+    def serve_view(self, listener: Callable[[int, dict], None],
+                   after_pass: Callable[[], None]) -> None:
+        """A view is served: tell it of every record and of every pass's
+        end, and look at files now."""
+        self.listeners.append(listener)
+        self.after_pass.append(after_pass)
+        self.eager = not self.first_pass_done.is_set()
+        self.wake.set()
+
+    def status(self) -> dict:
+        return {"first_pass_done": self.first_pass_done.is_set(), "running": self.running,
+                "pending_files": self.pending, "pass_files": self.todo, "looked": self.looked}
+
+    def join(self, timeout: float | None = None) -> None:
+        self.wake.set()  # the stopping store: no wait for the interval
+        super().join(timeout)
+
     def run(self) -> None:
         seen = -1
-        while not self.fs.stopping.wait(self.INTERVAL):
+        while not self.fs.stopping.is_set():
+            self.wake.wait(self.INTERVAL)
+            self.wake.clear()
+            if self.fs.stopping.is_set():
+                return
             r = self.fs.reencoder
-            done = r.files_done if r is not None else 0
-            if done == seen or (r is not None and r.backlog[0]) \
-                    or time.monotonic() - self.fs.last_activity() < self.QUIET:
+            # files re-encoded, written, deleted (the number of files) since the last
+            # pass; the index only under the core's lock (its reads share one txn)
+            with self.fs.lock:
+                files = self.fs.stats()[0]
+            done = (r.files_done if r is not None else 0, self.fs.data.commits, files)
+            if not self.eager and (done == seen or (r is not None and r.backlog[0])
+                                   or time.monotonic() - self.fs.last_activity() < self.QUIET):
                 continue
+            self.running = True
+            # the pass yields to the re-encoder (new files come first), except
+            # the first one a served view waits for
+            stop = self.fs.stopping.is_set if self.eager else self._yield
             try:
-                # the pass yields to the re-encoder: new files come first
-                self.looked += refresh(self.fs, self.parsers, self._yield)
-                seen = done if not self._yield() else -1
+                self.looked += refresh(self.fs, self.parsers, stop, self._todo, self._made)
+                if not stop():
+                    seen = done
+                    self.first_pass_done.set()
+                    self.eager = False
+                else:
+                    seen = -1
+                for hook in list(self.after_pass):
+                    hook()
             except ParserFailure as exc:
                 if exc.stopped:
                     return
             except Exception as exc:  # noqa: BLE001 — the disk, the index: next time
                 log.warning("de-identified view records not filled: %s", loggable(exc))
+            finally:
+                self.running = False
 
 
 def withheld(index, include_burned_in: bool = False) -> dict:

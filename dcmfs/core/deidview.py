@@ -7,8 +7,11 @@ secret* (:class:`ViewKeys`), never the master key: the same secret gives the
 same names and UIDs on every mount and machine, another secret unlinkable
 ones.  Listing it reads no file: what it needs of each file is in the
 index's ``deidview`` database (sealed; feature ``deid-view-v1``), filled by
-:func:`refresh` - a one-time pass over the files that lack a current record
-(run by the first view mount; later mounts find only the new files).
+a one-time pass over the files that lack a current record, in the
+background (:class:`~dcmfs.core.deidrecords.RecordFiller`): a normal mount
+makes them after re-encoding, and the first view mount answers at once and
+shows each file as its record is made (:mod:`dcmfs.core.deidtree`); later
+mounts find only the new files.
 
 A view file is the de-identified header (the profile's actions applied in
 a parser worker, :mod:`dcmfs.storage.deid`, from the header bytes and the
@@ -27,6 +30,7 @@ import collections
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import os
 import stat
@@ -38,10 +42,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .. import format as fmt
 from ..errors import (InvalidArgument, IsADirectory, NoAttribute, NotADirectory, NotFound,
                       ReadOnlyError, StoreIOError, loggable)
 from ..sandbox.pool import ParserFailure, ParserPool
-from .deidrecords import withheld_reason, refresh
+from .deidrecords import RecordFiller
+from .deidtree import Node, Tree
 
 log = logging.getLogger("dcmfs.deid")
 
@@ -68,6 +74,9 @@ class ViewOptions:
     device: bool = False
     #: serve files that declare or may carry burned-in text too
     burned_in: bool = False
+    #: keep the private attributes PS3.15 lists as safe (Retain Safe
+    #: Private; :mod:`dcmfs.storage.deidprivate`)
+    safe_private: bool = False
 
 
 class ViewKeys:
@@ -123,16 +132,6 @@ def _aad(ino: int, generation: int, tag: str) -> bytes:
 
 
 # --- the view ---------------------------------------------------------------------------
-class _Node:
-    __slots__ = ("st_ino", "children", "ino", "record")
-
-    def __init__(self, st_ino: int, ino: int = 0, record: dict | None = None) -> None:
-        self.st_ino = st_ino
-        self.children: dict[str, _Node] | None = None if record else {}
-        self.ino = ino
-        self.record = record
-
-
 class DeidView:
     """What the FUSE adapter serves for ``-o view=deid``: the operations of
     :class:`~dcmfs.core.filesystem.FileSystem` it calls, over the view's
@@ -154,10 +153,12 @@ class DeidView:
         self._pending: dict[int, Future] = {}
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="dcmfs-deid")
         self._handles: dict[int, list] = {}
-        self._dirs: dict[int, _Node] = {}
+        self._dirs: dict[int, Node] = {}
         self._next_fh = 1
-        self.root = _Node(1)
-        self.withheld: dict[str, list[int]] = {}
+        self.tree = Tree(keys, options.burned_in)
+        self.filler: RecordFiller | None = None
+        #: the main mountpoint when the view is served beside the files
+        self.alongside: str | None = None
         #: files whose de-identified header could not be made (EIO)
         self.failed: set[int] = set()
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -166,77 +167,89 @@ class DeidView:
         self._tag = keys.tag(options)
 
     def build(self) -> None:
-        """Fill missing index records (a read-write opening), then the tree;
-        the workers start meanwhile (a first header need not wait ~0.5 s
-        for Python to import pydicom)."""
+        """The tree of the records made so far; the workers start meanwhile
+        (a first header need not wait ~0.5 s for Python to import pydicom).
+        A read-write opening then fills the missing records in the
+        background (:class:`RecordFiller`, at once while this first pass
+        lasts): the mount answers at once and files appear as they are
+        looked at; :meth:`live_status` says how far it is."""
         threading.Thread(target=self.parsers.warm_all, daemon=True,
                          name="dcmfs-warm-deid").start()
-        if not self.fs.read_only:
-            looked = refresh(self.fs, self.parsers)
-            if looked:
-                log.info("de-identified view: %d files looked at for the first time", looked)
-        count = 1
         with self.fs.lock:
             with self.fs.index.begin() as txn:
                 records = [(ino, rec, txn.get_inode(ino)) for ino, rec in txn.iter_deid()]
-        withheld = collections.defaultdict(list)
         for ino, record, inode in sorted(records, key=lambda r: r[0]):
             if inode is None or inode.generation != record.get("generation"):
-                continue  # changed since it was looked at (a read-only mount cannot refresh)
-            reason = withheld_reason(record, self.options.burned_in)
-            if reason or not record.get("dicom"):
-                if reason:
-                    withheld[reason].append(ino)
-                continue
-            parts = [self.keys.pseudonym(record["patient"]), self.keys.uid(record["study"]),
-                     self.keys.uid(record["series"])]
-            node = self.root
-            for part in parts:
-                child = node.children.get(part)
-                if child is None:
-                    count += 1
-                    child = node.children[part] = _Node(count)
-                node = child
-            name = self.keys.uid(record["sop"]) + ".dcm"
-            n = 1
-            while name in node.children:
-                n += 1
-                name = f"{self.keys.uid(record['sop'])}-{n}.dcm"
-            count += 1
-            node.children[name] = _Node(count, ino, record)
-        self.withheld = dict(withheld)
+                continue  # changed since it was looked at: the pass looks again
+            self.tree.add(ino, record)
+        if not self.fs.read_only:
+            self.filler = self.fs.deid_filler
+            if self.filler is None:  # no parser sandbox for the re-encoder: the view's workers
+                self.filler = self.fs.deid_filler = RecordFiller(self.fs, self.parsers)
+                self.filler.start()
+            self.filler.serve_view(self._record, self._drop_gone)
         if self.withheld:
             log.info("de-identified view: %d DICOM files withheld (see 'dcmfs stats')",
                      sum(len(v) for v in self.withheld.values()))
 
-    def close(self) -> None:
+    def _record(self, ino: int, record: dict) -> None:
+        """A record made by the pass: the file enters the tree as it is now
+        (a changed file: its old header goes)."""
+        with self._lock:
+            old = self._headers.pop(ino, None)
+            if old is not None:
+                self._header_bytes -= len(old)
+            self.failed.discard(ino)
+        self.tree.add(ino, record)
+
+    def _drop_gone(self) -> None:
+        """After a pass: files deleted or changed meanwhile (through a
+        normal mount beside the view) leave the tree; a changed one comes
+        back with its new record."""
+        shown = self.tree.inodes()
+        with self.fs.lock:
+            with self.fs.index.begin() as txn:
+                gone = [ino for ino, generation in shown.items()
+                        if (inode := txn.get_inode(ino)) is None
+                        or inode.generation != generation]
+        for ino in gone:
+            self.tree.remove(ino)
+
+    @property
+    def withheld(self) -> dict[str, list[int]]:
+        return self.tree.withheld()
+
+    def wait_filled(self, timeout: float) -> bool:
+        """Until the first pass has looked at every file (tests, benchmarks)."""
+        return self.filler is None or self.filler.first_pass_done.wait(timeout)
+
+    def close(self, store: bool = True) -> None:
+        """Close the view, and the store under it unless ``store`` is False
+        (a view beside the files: the daemon closes the store after)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.parsers.close()
         for _, inner in list(self._handles.values()):
             if inner is not None:
                 self.fs.release(inner)
-        self.fs.close()
+        self._handles.clear()
+        if store:
+            self.fs.close()
 
     def live_status(self) -> dict:
-        return self.fs.live_status()
+        """The store's figures and the view's: files listed and withheld,
+        and the first pass's progress."""
+        out = self.fs.live_status()
+        out["deid_view"] = {"files": self.tree.files, "alongside": self.alongside,
+                            "withheld": sum(map(len, self.withheld.values()))}
+        return out
 
     # --- the tree ---------------------------------------------------------------------
-    def _node(self, path: str | None) -> _Node:
-        node = self.root
-        for part in (path or "/").strip("/").split("/"):
-            if not part:
-                continue
-            if node.children is None:
-                raise NotADirectory("not a directory")
-            node = node.children.get(part)
-            if node is None:
-                raise NotFound("no such file in the view")
-        return node
+    def _node(self, path: str | None) -> Node:
+        return self.tree.node(path)
 
-    def _stat(self, node: _Node) -> dict:
+    def _stat(self, node: Node) -> dict:
         if node.children is not None:
-            return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2 + sum(
-                1 for c in node.children.values() if c.children is not None),
+            return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2 + self.tree.subdirs(node),
                 "st_size": 0, "st_ino": node.st_ino, "st_uid": self.uid, "st_gid": self.gid,
                 "st_atime": 0, "st_mtime": 0, "st_ctime": 0}
         record = node.record
@@ -269,10 +282,11 @@ class DeidView:
         node = self._dirs[fh] if fh in self._dirs else self._node(path)
         if node.children is None:
             raise NotADirectory("not a directory")
-        files = [c for c in node.children.values() if c.children is None]
+        listing = self.tree.listing(node)
+        files = [c for _, c in listing if c.children is None]
         for child in files[:PREPARE_AHEAD]:  # a series listed: its headers are made ahead
             self._start(child.ino, child.record)
-        return [(name, c.st_ino) for name, c in sorted(node.children.items())]
+        return [(name, c.st_ino) for name, c in listing]
 
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -368,7 +382,7 @@ class DeidView:
             shift = self.keys.shift_days(patient) if self.options.dates == "shift" else None
             header = self.parsers.deid_rewrite(
                 raw, record, mapping, self.keys.pseudonym(patient), shift,
-                self.options.characteristics, self.options.device)
+                self.options.characteristics, self.options.device, self.options.safe_private)
         except ParserFailure as exc:
             # once per mount: the file then answers EIO at once
             log.warning("inode %d: %s: %s", ino, REWRITE_FAILED, exc.reason)
@@ -418,8 +432,11 @@ class DeidView:
         return self.fs.statfs()
 
     def getxattr(self, path: str, name: str, caller: int | None = None) -> bytes:
+        if path == "/" and name == fmt.STATUS_XATTR:
+            # the mount root's status (umount proves the daemon by it), the view's figures too
+            self.fs.require_admin(caller)
+            return json.dumps(self.live_status(), sort_keys=True).encode()
         if path == "/" and name.startswith("user.dcmfs."):
-            # the mount root's status (umount proves the daemon by it)
             return self.fs.getxattr("/", name, caller=caller)
         self._node(path)
         raise NoAttribute(name)

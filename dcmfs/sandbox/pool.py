@@ -306,14 +306,16 @@ class ParserPool:
         return checked_facts(reply.get("facts"), size)
 
     def deid_rewrite(self, header: bytes, facts: dict, mapping: dict, pseudonym: str,
-                     shift: int | None, characteristics: bool, device: bool) -> bytes:
+                     shift: int | None, characteristics: bool, device: bool,
+                     safe_private: bool = False) -> bytes:
         """The de-identified header of a file (``header``: its bytes up to
         the Pixel Data value); checked to end with the file's own Pixel Data
         element header and to hold none of the file's original UIDs."""
         reply, out = self._call({"op": "deid-rewrite", "element_at": facts["element_at"],
                                  "value_at": facts["value_at"], "mapping": mapping,
                                  "pseudonym": pseudonym, "shift": shift,
-                                 "characteristics": characteristics, "device": device},
+                                 "characteristics": characteristics, "device": device,
+                                 "safe_private": safe_private},
                                 header, self.timeout)
         element = header[facts["element_at"]:facts["value_at"]]
         if reply.get("ok") is not True or not out.endswith(element) \

@@ -17,7 +17,7 @@ Requests (daemon -> worker):
 * ``{"op": "deid-facts", "size": N}`` + the file's first bytes: reply
   ``{"facts": {...}}`` (:func:`dcmfs.storage.deid.facts`).
 * ``{"op": "deid-rewrite", "element_at", "value_at", "mapping", "pseudonym",
-  "shift", "characteristics", "device"}`` + the header bytes: reply
+  "shift", "characteristics", "device", "safe_private"}`` + the header bytes: reply
   ``{"ok": true}`` + the de-identified header (:func:`dcmfs.storage.deid.rewrite`).
 
 Every reply may instead be ``{"error": TYPE}``: the type of an exception,

@@ -111,7 +111,8 @@ def handle(request: dict, blob: bytes) -> tuple[dict, bytes]:
         return {"ok": True}, deid.rewrite(
             blob, int(request["element_at"]), int(request["value_at"]), request["mapping"],
             str(request["pseudonym"]), None if shift is None else int(shift),
-            bool(request["characteristics"]), bool(request["device"]))
+            bool(request["characteristics"]), bool(request["device"]),
+            bool(request.get("safe_private", False)))
     if op == "ping":
         return {"pong": True, "confined": CONFINED}, b""
     return {"error": "UnknownRequest"}, b""

@@ -34,9 +34,11 @@ from __future__ import annotations
 import datetime
 import io
 import logging
+import re
 import struct
 import warnings
 
+from .deidprivate import CODE_SAFE_PRIVATE, numeric, safe_private_tags
 from .dicom import DEFLATED, HEADER_CAP, precheck, sniff
 
 PIXEL_DATA = 0x7FE00010
@@ -150,6 +152,9 @@ def _read(head: bytes, stop: bool):
                                force=not part10, stop_before_pixels=stop)
 
 
+_UID = re.compile(rb"[0-9]+(\.[0-9]+){2,}")
+
+
 def _known_uid(value: str) -> bool:
     from pydicom.uid import UID_dictionary
     return value in UID_dictionary
@@ -162,6 +167,13 @@ def _walk_uids(ds, out: set) -> None:
                 v = str(v).strip("\0 ")
                 if v and not _known_uid(v):
                     out.add(v)
+        elif elem.VR == "UN" and elem.tag.is_private and isinstance(elem.value, bytes) \
+                and 8 <= len(elem.value) <= 64 * 8:
+            # implicit VR: a private UID the safe-private option may keep
+            for v in elem.value.split(b"\\"):
+                v = v.strip(b"\0 ")
+                if _UID.fullmatch(v) and not _known_uid(v.decode()):
+                    out.add(v.decode())
 
 
 def facts(head: bytes, size: int) -> dict:
@@ -256,13 +268,15 @@ def _fragments_end(head: bytes, pos: int, little: bool) -> int | None:
 
 # --- the rewrite ------------------------------------------------------------------
 def rewrite(head: bytes, element_at: int, value_at: int, mapping: dict, pseudonym: str,
-            shift_days: int | None, characteristics: bool, device: bool) -> bytes:
+            shift_days: int | None, characteristics: bool, device: bool,
+            safe_private: bool = False) -> bytes:
     """The de-identified header of a file: every byte up to and including
     the Pixel Data element's header (tag, VR, length) of the view's file.
     ``mapping`` gives the new value of every UID :func:`facts` listed (a
     UID it does not map is an error, never passed through);
     ``shift_days``: None removes dates as the profile says, else dates are
-    shifted back by that many days."""
+    shifted back by that many days; ``safe_private``: the Retain Safe
+    Private Option (:mod:`dcmfs.storage.deidprivate`)."""
     pydicom = _quiet_pydicom()
     from pydicom.dataset import FileMetaDataset
     from pydicom.sequence import Sequence
@@ -270,7 +284,7 @@ def rewrite(head: bytes, element_at: int, value_at: int, mapping: dict, pseudony
     ds = _read(head[:element_at], stop=True)
     implicit, little = ds.original_encoding
     exact, masked = table()
-    ctx = _Context(exact, masked, mapping, shift_days, characteristics, device)
+    ctx = _Context(exact, masked, mapping, shift_days, characteristics, device, safe_private)
     ctx.clean(ds)
     ds.PatientName = pseudonym
     ds.PatientID = pseudonym
@@ -282,6 +296,8 @@ def rewrite(head: bytes, element_at: int, value_at: int, mapping: dict, pseudony
         codes.append(CODE_CHARACTERISTICS)
     if device:
         codes.append(CODE_DEVICE)
+    if safe_private:
+        codes.append(CODE_SAFE_PRIVATE)
     ds.LongitudinalTemporalInformationModified = "MODIFIED" if shift_days is not None \
         else "REMOVED"
     # LO, one value per method (at most 64 characters each)
@@ -356,8 +372,10 @@ def _raw_bytes(elem, head: bytes, implicit: bool, little: bool) -> bytes | None:
 
 
 class _Context:
-    def __init__(self, exact, masked, mapping, shift_days, characteristics, device) -> None:
+    def __init__(self, exact, masked, mapping, shift_days, characteristics, device,
+                 safe_private=False) -> None:
         self.exact, self.masked, self.mapping = exact, masked, mapping
+        self.safe_private = safe_private
         self.shift_days = shift_days
         self.keep = set()
         if characteristics:
@@ -376,10 +394,12 @@ class _Context:
     def clean(self, ds) -> None:
         """One pass over a dataset's elements; an element left as it is
         stays raw (never converted: a CT header takes ~1 ms)."""
+        safe = safe_private_tags(ds) if self.safe_private else {}
         for tag in list(ds.keys()):
             t = int(tag)
             if tag.is_private or (t & 0xFFFF) == 0 and t >> 16 != 2:
-                del ds[tag]  # private tags; group lengths (nobody recomputes them)
+                if t not in safe or not self.keep_private(ds, tag, safe[t]):
+                    del ds[tag]  # private tags; group lengths (nobody recomputes them)
                 continue
             raw = ds.get_item(tag)
             vr = getattr(raw, "VR", None)
@@ -406,6 +426,29 @@ class _Context:
                 self.map_value(ds[tag])
             else:
                 self.replace(ds, tag, vr, _DUMMY.get(vr, ""))
+        for creator in [t for t, vr in safe.items() if vr == "LO" and t in ds]:
+            group, block = creator >> 16, (creator & 0xFF) << 8
+            if not any(t >> 16 == group and (t & 0xFF00) == block for t in map(int, ds.keys())):
+                del ds[creator]  # none of its elements stayed
+
+    def keep_private(self, ds, tag, vr: str) -> bool:
+        """Whether a safe private element stays (a number that is one, a UID
+        the daemon mapped: then replaced by its mapping)."""
+        value = ds.get_item(tag).value
+        if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
+            return True
+        text = bytes(value).decode("latin-1") if isinstance(value, (bytes, bytearray)) \
+            else "\\".join(map(str, value)) if isinstance(value, (list, tuple)) \
+            else str(value or "")
+        if vr in ("DS", "IS"):
+            return numeric(text)
+        if vr == "UI":
+            uids = [u.strip("\0 ") for u in text.split("\\")]
+            if not all(u in self.mapping or _known_uid(u) for u in uids if u):
+                return False  # never pass an unmapped UID through
+            new = [self._uid(u) for u in uids if u]
+            self.replace(ds, tag, "UI", new[0] if len(new) == 1 else new)
+        return True
 
     @staticmethod
     def replace(ds, tag, vr, value) -> None:
