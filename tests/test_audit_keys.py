@@ -139,3 +139,22 @@ def test_a_key_change_waits_for_a_store_open_elsewhere(mount_env, tmp_path):
     slots = json.loads(m.cli("key", "list", m.store, "--json").stdout)["slots"]
     assert [s["id"] for s in slots] == [1]
     assert _key_records(m) == []
+
+
+def test_a_failed_unlock_of_a_key_command_is_recorded(mount_env, tmp_path):
+    m = mount_env
+    wrong = _private(tmp_path / "wrong", os.urandom(32))
+    pw = _private(tmp_path / "pw", b"pw\n")
+    r = m.cli("key", "add", m.store, "--label", "x", "--key-file", wrong,
+              "--new-passphrase-file", pw)
+    assert r.returncode == E.WrongKeyError.exit_code, r.stderr
+    noted = [json.loads(x) for x in _audit_text(m).splitlines()]
+    assert [(n["event"], n["command"], n["sealed"]) for n in noted] == [
+        ("unlock-failed", "key", False)]
+    pid = _key_cmd(m, "add", m.store, "--label", "x", "--key-file", m.key,
+                   "--new-passphrase-file", pw)  # appends: the note is sealed first
+    recs = [json.loads(x) for x in _audit_text(m).splitlines()]
+    assert [(r["event"], r.get("command"), "sealed" in r) for r in recs] == [
+        ("unlock-failed", "key", False), ("key", None, False)]
+    assert recs[1]["pid"] == pid and recs[1]["kind"] == "passphrase"
+    assert _verify(m)["intact"]

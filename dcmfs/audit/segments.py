@@ -188,4 +188,4 @@ def plain_head(root: str) -> dict:
 #: one failed unlock attempt in ``audit/unlock-failures``: time ns, uid, gid,
 #: pid, what was attempted (an index into NOTE_COMMANDS)
 NOTE = struct.Struct(">QIIIB3x")
-NOTE_COMMANDS = ("other", "mount", "recompress", "stats", "verify", "fsck", "audit")
+NOTE_COMMANDS = ("other", "mount", "recompress", "stats", "verify", "fsck", "audit", "key")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from . import slots
 from .header import Secret, read_header, rewrite_header, unlock, upgrade
-from ..errors import KeySlotError
+from ..errors import KeySlotError, WrongKeyError
 
 
 def list_slots(root: str) -> list[dict]:
@@ -39,7 +39,11 @@ def list_slots(root: str) -> list[dict]:
 
 def _opened(root: str, header: dict, secret: Secret) -> tuple[dict, dict, dict]:
     """(the header as a slot table, {epoch: key}, the slot that opened)."""
-    keys, slot = unlock(root, header, secret)
+    try:
+        keys, slot = unlock(root, header, secret)
+    except WrongKeyError as err:
+        err.store_root = root  # the audit trail notes the attempt
+        raise
     if "slots" not in header:
         header = upgrade(root, header, secret, keys[0], slot["kek"])
         slot = header["slots"][0]
