@@ -344,3 +344,67 @@ def test_forwarded_digests_hold_no_name(make_fs, secret, caplog):
         "\n".join(lines)
     assert lines[-1].endswith(_verify(make_fs.root, secret)["head"])  # the chain head
     assert "PATIENT_DOE" not in caplog.text
+
+
+def _store_files(root) -> dict:
+    """Every file of a store but its trail, lock files and log, with its
+    bytes (LMDB's reader table ``index/lock.mdb`` is made by any opening)."""
+    out = {}
+    for p in sorted(pathlib.Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith("audit/") \
+                and rel not in ("lock", "dcmfs.log", "index/lock.mdb"):
+            out[rel] = p.read_bytes()
+    return out
+
+
+def test_a_read_only_opening_records_reads_and_changes_nothing_else(make_fs, secret):
+    fs = make_fs()
+    _write_files(fs, 3)
+    fs.close()
+    before = _store_files(make_fs.root)
+    head_before = _verify(make_fs.root, secret)["index_head_seq"]
+    fs = make_fs(dataclasses.replace(SMALL, read_only=True))
+    fs.caller = ME
+    for name in ("/f0", "/f2"):
+        fh = fs.open(name, os.O_RDONLY)
+        assert fs.read(fh, 4096, 0)
+        fs.release(fh)
+    fs.close()
+    assert _store_files(make_fs.root) == before  # index, journal, objects, header
+    opens = _records(make_fs.root, secret, event="open")
+    assert [(r["path"], r["uid"], r["pid"], r["access"]) for r in opens] == [
+        ("/f0", 1000, os.getpid(), "r"), ("/f2", 1000, os.getpid(), "r")]
+    report = _verify(make_fs.root, secret)
+    assert report["intact"], report
+    # the index's head is where the read-write session left it; the next
+    # read-write opening takes the read-only session's records into it
+    assert report["index_head_seq"] == head_before < report["head_seq"]
+    fs = make_fs()
+    fs.close()
+    report = _verify(make_fs.root, secret)
+    assert report["intact"] and report["index_head_seq"] == report["head_seq"], report
+    assert report["index_head_seq"] >= opens[-1]["seq"]
+
+
+def test_a_read_only_opening_of_an_older_store_records_nothing(tmp_path):
+    """A store of format 3 (no ``audit-v1``) opened read-only is left as it
+    is: its first read-write opening upgrades it and starts the trail."""
+    import json
+    from dcmfs.storage.header import Secret
+    version = pathlib.Path(__file__).parent / "compat" / "v3"
+    manifest = json.loads((version / "manifest.json").read_text())
+    root = tmp_path / "store"
+    shutil.copytree(version / "store", root)
+    secret = Secret("passphrase", manifest["passphrase"].encode())
+    cfg = Config(chunk_size=manifest["chunk_size"], checkpoint_interval=0, read_only=True)
+    fs = FileSystem(open_store(str(root), secret), cfg)
+    try:
+        assert "audit-v1" not in fs.store.features
+        path = next(iter(manifest["files"]))
+        fh = fs.open(path, os.O_RDONLY)
+        fs.release(fh)
+        assert fs.opened.audit is None
+    finally:
+        fs.close()
+    assert not (root / "audit").exists()

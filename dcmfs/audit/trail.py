@@ -339,6 +339,10 @@ class AuditTrail:
         return self.dirty or bool(self._fold and self._fold[1]) \
             or self._synced_head != (self.segment, self.seq)
 
+    def unsynced(self) -> bool:
+        """Records (or folded opens) not yet durable."""
+        return self.dirty or bool(self._fold and self._fold[1])
+
     def checkpoint(self) -> dict | None:
         """Sync, and the head for ``meta/audit_head`` if it moved (else None)."""
         with self._lock:
