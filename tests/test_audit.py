@@ -8,6 +8,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import time
 
 import pytest
 
@@ -408,3 +409,44 @@ def test_a_read_only_opening_of_an_older_store_records_nothing(tmp_path):
     finally:
         fs.close()
     assert not (root / "audit").exists()
+
+
+def test_process_names_follow_exec_and_exit_with_few_fds(tmp_path):
+    """Names are read again through a kept /proc/PID/comm descriptor (one
+    pread): an exec shows the new name, a process gone shows "?" (never the
+    name of a later process with its pid), and at most MAX_NAME_FDS are open."""
+    import subprocess
+    import sys
+    from dcmfs.audit import trail as T
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(0.5)\n"
+        "os.execvp('sleep', ['sleep', '2'])\n")])
+    try:
+        while not ready.exists():
+            pass
+        first = T.process_name(child.pid, fresh=True)
+        assert first.startswith("python"), first
+        fds_before = len(os.listdir("/proc/self/fd"))
+        assert T.process_name(child.pid) == first  # cached within the second
+        deadline = time.monotonic() + 10
+        while T.process_name(child.pid, fresh=True) != "sleep":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) == fds_before  # the same descriptor
+    finally:
+        child.kill()
+        child.wait()
+    assert T.process_name(child.pid, fresh=True) == "?"
+    assert child.pid not in T._NAMES
+    kids = [subprocess.Popen(["sleep", "5"]) for _ in range(T.MAX_NAME_FDS + 8)]
+    try:
+        for k in kids:
+            assert T.process_name(k.pid, fresh=True) == "sleep"
+        assert len(T._NAMES) <= T.MAX_NAME_FDS
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait()

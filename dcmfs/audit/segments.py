@@ -111,13 +111,18 @@ def encode_record(fields: dict) -> bytes:
 
 
 def make_frame(aead: crypto.Siv, store_id: bytes, segment: int, seq: int,
-               prev_hash: bytes, fields: dict) -> bytes:
-    sealed = aead.seal(encode_record(fields), record_aad(store_id, segment, seq, prev_hash))
+               prev_hash: bytes, fields: dict, nonce: bytes | None = None) -> bytes:
+    """A sealed frame; ``nonce`` unique per record (random if not given)."""
+    aad = record_aad(store_id, segment, seq, prev_hash)
+    raw = encode_record(fields)
+    sealed = aead.seal(raw, aad) if nonce is None else aead.seal_with(nonce, raw, aad)
     return _FRAME.pack(len(sealed) + 8, seq) + sealed
 
 
 def chain(prev_hash: bytes, frame: bytes | memoryview) -> bytes:
-    return hashlib.sha256(prev_hash + bytes(frame)).digest()
+    h = hashlib.sha256(prev_hash)
+    h.update(frame)
+    return h.digest()
 
 
 def open_frame(aead: crypto.Siv, store_id: bytes, segment: int, prev_hash: bytes,
