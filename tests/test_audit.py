@@ -450,3 +450,17 @@ def test_process_names_follow_exec_and_exit_with_few_fds(tmp_path):
         for k in kids:
             k.kill()
             k.wait()
+
+
+def test_record_nonces_are_unique_across_openings(make_fs, secret):
+    for prefix in ("a", "b"):
+        fs = make_fs()
+        _write_files(fs, 5, prefix=prefix)
+        fs.close()
+    nonces = []
+    for _, path in S.list_segments(str(make_fs.root)):
+        for item in S.frames(S.read_file(path)):
+            nonces.append(bytes(item[2][12:24]))  # length u32 | sequence u64 | nonce
+    assert len(nonces) >= 20 and len(set(nonces)) == len(nonces)
+    assert len({n[:8] for n in nonces}) == 2  # one random prefix per opening
+    assert _verify(make_fs.root, secret)["intact"]

@@ -8,7 +8,8 @@
     frame   length u32 (of what follows) | sequence u64 | nonce (12) |
             AES-GCM-SIV(audit key, record) + tag (16)
 
-The audit key is HKDF(master, ``audit``, store id).  A record's associated
+The audit key is HKDF(master, ``audit``, store id); a writer's nonces are
+a random prefix per opening and a counter (any unique nonce reads back).  A record's associated
 data is ``b"dcmfs-audit-1" | store id | segment u64 | sequence u64 | previous
 chain hash``, so a record moved to another store, segment or position, or
 following anything but its true predecessor, fails to open.  The *chain
