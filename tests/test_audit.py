@@ -8,6 +8,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import time
 
 import pytest
 
@@ -344,3 +345,122 @@ def test_forwarded_digests_hold_no_name(make_fs, secret, caplog):
         "\n".join(lines)
     assert lines[-1].endswith(_verify(make_fs.root, secret)["head"])  # the chain head
     assert "PATIENT_DOE" not in caplog.text
+
+
+def _store_files(root) -> dict:
+    """Every file of a store but its trail, lock files and log, with its
+    bytes (LMDB's reader table ``index/lock.mdb`` is made by any opening)."""
+    out = {}
+    for p in sorted(pathlib.Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith("audit/") \
+                and rel not in ("lock", "dcmfs.log", "index/lock.mdb"):
+            out[rel] = p.read_bytes()
+    return out
+
+
+def test_a_read_only_opening_records_reads_and_changes_nothing_else(make_fs, secret):
+    fs = make_fs()
+    _write_files(fs, 3)
+    fs.close()
+    before = _store_files(make_fs.root)
+    head_before = _verify(make_fs.root, secret)["index_head_seq"]
+    fs = make_fs(dataclasses.replace(SMALL, read_only=True))
+    fs.caller = ME
+    for name in ("/f0", "/f2"):
+        fh = fs.open(name, os.O_RDONLY)
+        assert fs.read(fh, 4096, 0)
+        fs.release(fh)
+    fs.close()
+    assert _store_files(make_fs.root) == before  # index, journal, objects, header
+    opens = _records(make_fs.root, secret, event="open")
+    assert [(r["path"], r["uid"], r["pid"], r["access"]) for r in opens] == [
+        ("/f0", 1000, os.getpid(), "r"), ("/f2", 1000, os.getpid(), "r")]
+    report = _verify(make_fs.root, secret)
+    assert report["intact"], report
+    # the index's head is where the read-write session left it; the next
+    # read-write opening takes the read-only session's records into it
+    assert report["index_head_seq"] == head_before < report["head_seq"]
+    fs = make_fs()
+    fs.close()
+    report = _verify(make_fs.root, secret)
+    assert report["intact"] and report["index_head_seq"] == report["head_seq"], report
+    assert report["index_head_seq"] >= opens[-1]["seq"]
+
+
+def test_a_read_only_opening_of_an_older_store_records_nothing(tmp_path):
+    """A store of format 3 (no ``audit-v1``) opened read-only is left as it
+    is: its first read-write opening upgrades it and starts the trail."""
+    import json
+    from dcmfs.storage.header import Secret
+    version = pathlib.Path(__file__).parent / "compat" / "v3"
+    manifest = json.loads((version / "manifest.json").read_text())
+    root = tmp_path / "store"
+    shutil.copytree(version / "store", root)
+    secret = Secret("passphrase", manifest["passphrase"].encode())
+    cfg = Config(chunk_size=manifest["chunk_size"], checkpoint_interval=0, read_only=True)
+    fs = FileSystem(open_store(str(root), secret), cfg)
+    try:
+        assert "audit-v1" not in fs.store.features
+        path = next(iter(manifest["files"]))
+        fh = fs.open(path, os.O_RDONLY)
+        fs.release(fh)
+        assert fs.opened.audit is None
+    finally:
+        fs.close()
+    assert not (root / "audit").exists()
+
+
+def test_process_names_follow_exec_and_exit_with_few_fds(tmp_path):
+    """Names are read again through a kept /proc/PID/comm descriptor (one
+    pread): an exec shows the new name, a process gone shows "?" (never the
+    name of a later process with its pid), and at most MAX_NAME_FDS are open."""
+    import subprocess
+    import sys
+    from dcmfs.audit import trail as T
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(0.5)\n"
+        "os.execvp('sleep', ['sleep', '2'])\n")])
+    try:
+        while not ready.exists():
+            pass
+        first = T.process_name(child.pid, fresh=True)
+        assert first.startswith("python"), first
+        fds_before = len(os.listdir("/proc/self/fd"))
+        assert T.process_name(child.pid) == first  # cached within the second
+        deadline = time.monotonic() + 10
+        while T.process_name(child.pid, fresh=True) != "sleep":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) == fds_before  # the same descriptor
+    finally:
+        child.kill()
+        child.wait()
+    assert T.process_name(child.pid, fresh=True) == "?"
+    assert child.pid not in T._NAMES
+    kids = [subprocess.Popen(["sleep", "5"]) for _ in range(T.MAX_NAME_FDS + 8)]
+    try:
+        for k in kids:
+            assert T.process_name(k.pid, fresh=True) == "sleep"
+        assert len(T._NAMES) <= T.MAX_NAME_FDS
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait()
+
+
+def test_record_nonces_are_unique_across_openings(make_fs, secret):
+    for prefix in ("a", "b"):
+        fs = make_fs()
+        _write_files(fs, 5, prefix=prefix)
+        fs.close()
+    nonces = []
+    for _, path in S.list_segments(str(make_fs.root)):
+        for item in S.frames(S.read_file(path)):
+            nonces.append(bytes(item[2][12:24]))  # length u32 | sequence u64 | nonce
+    assert len(nonces) >= 20 and len(set(nonces)) == len(nonces)
+    assert len({n[:8] for n in nonces}) == 2  # one random prefix per opening
+    assert _verify(make_fs.root, secret)["intact"]

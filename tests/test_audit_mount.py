@@ -127,3 +127,35 @@ def test_sigkill_loses_no_record_of_a_returned_operation(mount_env):
     assert [r["path"] for r in recs if r["event"] == "open"] == ["/f0"]
     assert [r["event"] for r in recs].count("mount") == 2
     assert _verify(m)["intact"]
+
+
+def test_reads_through_a_read_only_mount_are_recorded(mount_env, sources):
+    m = mount_env
+    m.mount()
+    for src in sources[:3]:
+        (m.mnt / src.name).write_bytes(src.read_bytes())
+    m.umount()
+    m.mount("-o", "ro,allow_other")
+    names = [p.name for p in sources[:3]]
+    cat = subprocess.Popen(["cat", *names], cwd=m.mnt, stdout=subprocess.DEVNULL,
+                           user=NOBODY, group=NOBODY, extra_groups=[])
+    assert cat.wait(60) == 0
+    m.cli("verify", m.store, "--key-file", m.key, check=True)  # through the read-only daemon
+    status = json.loads(m.cli("status", m.store, "--json", check=True).stdout)
+    m.umount()
+    recs = _audit(m)
+    last_mount = max(i for i, r in enumerate(recs) if r["event"] == "mount")
+    session = recs[last_mount:]
+    assert session[0]["options"].get("ro") is True, session[0]
+    assert [(r["event"], r.get("uid"), r.get("pid"), r.get("process"), r.get("path"),
+             r.get("access")) for r in session[1:4]] == [
+        ("open", NOBODY, cat.pid, "cat", f"/{n}", "r") for n in names]
+    assert [(r["event"], r.get("command")) for r in session[4:]] == [
+        ("admin", "verify"), ("unmount", None)]
+    assert status["audit"]["seq"] >= session[3]["seq"]
+    report = _verify(m)
+    assert report["intact"] and report["head_seq"] == session[-1]["seq"], report
+    m.mount()  # read-write: the read-only session's records go into the index's head
+    m.umount()
+    report = _verify(m)
+    assert report["intact"] and report["index_head_seq"] == report["head_seq"], report

@@ -24,7 +24,7 @@ from ..integrity.fsck import Fsck
 from ..integrity.rebuild import rebuild_index
 from ..integrity.verify import verify_store
 from ..opened.store import OpenedStore
-from ..storage.header import Secret, open_store, set_damage_mark
+from ..storage.header import Secret, open_store, read_header, set_damage_mark
 from .audit import record_admin
 from .mount import dcmfs_mounts
 from .units import size_text as _size
@@ -349,12 +349,13 @@ def render_stats(stats: dict) -> str:
 
 
 def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Config,
-                    out: TextIO = sys.stderr) -> dict:
+                    out: TextIO = sys.stderr, report: dict | None = None) -> dict:
     """``dcmfs key rotate --finish``: seal every chunk under an older key
     epoch again under the newest (progress bar; by the daemon when the store
     is mounted), make that durable, then destroy the keys of the epochs no
     chunk uses any more (epoch 0, the store key, which also seals the index,
-    is only marked retired)."""
+    is only marked retired).  ``report``: what the audit trail's ``key``
+    record says (:mod:`dcmfs.app.keyaudit`)."""
     from ..core.rekey import epochs_in_use, rekey_all
     from ..storage.keyring import retire
     mp = mountpoint_of(store_root)
@@ -380,6 +381,10 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
             fs.close()  # a checkpoint: the swaps are durable before any key goes
     unused = {e for e in live if str(e) not in result["after"] and e != current}
     result["destroyed"] = retire(store_root, master, unused) if unused else []
+    if report is not None:
+        report.update(action="rotate-finish", epoch=current, chunks=result["chunks"],
+                      destroyed=result["destroyed"], master=master,
+                      store_id=bytes.fromhex(read_header(store_root)["store_id"]))
     return result
 
 

@@ -4,9 +4,11 @@ A command that changes slots takes two secrets: the one that authorises it
 (the usual KEY options, which open an existing slot) and the new one
 (``--new-key-file``, ``--new-passphrase-file``, ``--new-passphrase-fd``,
 ``--new-credential``, ``--new-key-command``, or a prompt on a terminal).
-Both follow the rules of :mod:`dcmfs.app.keys`.  Each change is appended to
-the store's own log (the audit trail, :func:`dcmfs.app.logsetup.audit_to`):
-slot ids, kinds and labels, never a secret.
+Both follow the rules of :mod:`dcmfs.app.keys`.  Each change is recorded in
+the store's sealed audit trail (:mod:`dcmfs.app.keyaudit`: by the daemon of
+a mounted store, else under the store lock) and appended to the store's own
+log (:func:`dcmfs.app.logsetup.audit_to`): slot ids, kinds and labels, never
+a secret.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from ..config import Config
 from ..errors import SecretError
 from . import keys, logsetup
+from .keyaudit import KeyRecord
 
 
 #: secret sources, one option each, with the Secret kind they give
@@ -154,15 +157,21 @@ def cmd_key(args) -> int:
         return _rotate(args, store_root)
     current, fresh = _secrets(args, new=args.key_action in ("add", "change"))
     kdf = dataclasses.asdict(Config().kdf)  # what init writes
-    if args.key_action == "add":
-        slot = keyring.add_slot(store_root, current, fresh, args.label, kdf)
-        print(f"Added key slot {slot} ({fresh.kind}, {args.label!r}) to {store_root}.")
-    elif args.key_action == "remove":
-        keyring.remove_slot(store_root, current, args.slot)
-        print(f"Removed key slot {args.slot} from {store_root}.")
-    else:
-        keyring.change_slot(store_root, current, args.slot, fresh, args.label, kdf)
-        print(f"Changed key slot {args.slot} of {store_root} ({fresh.kind}).")
+    report: dict = {}
+    with KeyRecord(store_root) as trail:
+        if args.key_action == "add":
+            slot = keyring.add_slot(store_root, current, fresh, args.label, kdf,
+                                    report=report)
+            done = f"Added key slot {slot} ({fresh.kind}, {args.label!r}) to {store_root}."
+        elif args.key_action == "remove":
+            keyring.remove_slot(store_root, current, args.slot, report=report)
+            done = f"Removed key slot {args.slot} from {store_root}."
+        else:
+            keyring.change_slot(store_root, current, args.slot, fresh, args.label, kdf,
+                                report=report)
+            done = f"Changed key slot {args.slot} of {store_root} ({fresh.kind})."
+        trail.record(report)
+    print(done)
     return 0
 
 
@@ -176,15 +185,22 @@ def _rotate(args, store_root: str) -> int:
                           "--credential, --key-command or --pkcs11-module.")
     if not args.finish:
         from .. import format as fmt
-        from .admin import _xattr, mountpoint_of
-        mp = mountpoint_of(store_root)
-        epoch, key = keyring.rotate(store_root, current, in_use=mp is not None)
-        if mp is not None:  # the daemon seals new chunks under it at once
-            _xattr(mp, fmt.CONTROL_XATTR, f"rekey {epoch} {key.hex()}".encode())
+        from .admin import _xattr
+        report: dict = {}
+        with KeyRecord(store_root) as trail:
+            mp = trail.mountpoint
+            epoch, key = keyring.rotate(store_root, current, in_use=mp is not None,
+                                        report=report, lock_held=mp is None)
+            if mp is not None:  # the daemon seals new chunks under it at once
+                _xattr(mp, fmt.CONTROL_XATTR, f"rekey {epoch} {key.hex()}".encode())
+            trail.record(report)
         print(f"Key epoch {epoch} started at {store_root}: new chunks are sealed under it; "
               f"'dcmfs key rotate --finish {store_root}' seals the older ones again.")
         return 0
-    result = finish_rotation(store_root, lambda: current, Config())
+    report: dict = {}
+    result = finish_rotation(store_root, lambda: current, Config(), report=report)
+    with KeyRecord(store_root) as trail:
+        trail.record(report)
     gone = ", ".join(map(str, result["destroyed"])) or "none"
     print(f"Sealed {result['chunks']} chunks again under key epoch {result['epoch']}; "
           f"epoch keys destroyed: {gone}.")

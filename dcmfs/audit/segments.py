@@ -8,7 +8,8 @@
     frame   length u32 (of what follows) | sequence u64 | nonce (12) |
             AES-GCM-SIV(audit key, record) + tag (16)
 
-The audit key is HKDF(master, ``audit``, store id).  A record's associated
+The audit key is HKDF(master, ``audit``, store id); a writer's nonces are
+a random prefix per opening and a counter (any unique nonce reads back).  A record's associated
 data is ``b"dcmfs-audit-1" | store id | segment u64 | sequence u64 | previous
 chain hash``, so a record moved to another store, segment or position, or
 following anything but its true predecessor, fails to open.  The *chain
@@ -111,13 +112,18 @@ def encode_record(fields: dict) -> bytes:
 
 
 def make_frame(aead: crypto.Siv, store_id: bytes, segment: int, seq: int,
-               prev_hash: bytes, fields: dict) -> bytes:
-    sealed = aead.seal(encode_record(fields), record_aad(store_id, segment, seq, prev_hash))
+               prev_hash: bytes, fields: dict, nonce: bytes | None = None) -> bytes:
+    """A sealed frame; ``nonce`` unique per record (random if not given)."""
+    aad = record_aad(store_id, segment, seq, prev_hash)
+    raw = encode_record(fields)
+    sealed = aead.seal(raw, aad) if nonce is None else aead.seal_with(nonce, raw, aad)
     return _FRAME.pack(len(sealed) + 8, seq) + sealed
 
 
 def chain(prev_hash: bytes, frame: bytes | memoryview) -> bytes:
-    return hashlib.sha256(prev_hash + bytes(frame)).digest()
+    h = hashlib.sha256(prev_hash)
+    h.update(frame)
+    return h.digest()
 
 
 def open_frame(aead: crypto.Siv, store_id: bytes, segment: int, prev_hash: bytes,
@@ -188,4 +194,4 @@ def plain_head(root: str) -> dict:
 #: one failed unlock attempt in ``audit/unlock-failures``: time ns, uid, gid,
 #: pid, what was attempted (an index into NOTE_COMMANDS)
 NOTE = struct.Struct(">QIIIB3x")
-NOTE_COMMANDS = ("other", "mount", "recompress", "stats", "verify", "fsck", "audit")
+NOTE_COMMANDS = ("other", "mount", "recompress", "stats", "verify", "fsck", "audit", "key")

@@ -37,33 +37,55 @@ Caller = tuple[int, int, int]
 FOLD_WINDOW = 1.0
 
 
-#: pid -> (process name, when read): for events other than opens a name is
-#: read at most once a second per process (a pid is reused only after the
-#: kernel has gone through the whole pid space; an exec(2) within that second
-#: after an earlier request of the same pid shows the name before the exec)
-_NAMES: dict[int, tuple[str, float]] = {}
+#: pid -> (fd of /proc/PID/comm, process name, when read).  An open fd is
+#: read again with one pread(2) instead of open, read and close (a third of
+#: the cost of a record): it names the process it was opened for, never a
+#: later one with the same pid (a read fails with ESRCH once that process
+#: is gone), and shows the name after an exec(2).  Other events than opens
+#: take a name read less than a second ago.
+_NAMES: dict[int, tuple[int, str, float]] = {}
+_NAMES_LOCK = threading.Lock()
 NAME_TTL = 1.0
+#: the most /proc/PID/comm files kept open (the oldest is closed first)
+MAX_NAME_FDS = 64
 
 
 def process_name(pid: int, fresh: bool = False) -> str:
     """``/proc/PID/comm`` ("?" once the process is gone); unless ``fresh``
     (opens), a name read less than a second ago."""
     now = time.monotonic()
-    known = _NAMES.get(pid)
-    if not fresh and known is not None and now - known[1] < NAME_TTL:
-        return known[0]
-    try:
-        fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            name = os.read(fd, 64).rstrip(b"\n").decode("utf-8", "replace")
-        finally:
+    with _NAMES_LOCK:
+        known = _NAMES.get(pid)
+        if known is not None:
+            fd, name, when = known
+            if not fresh and now - when < NAME_TTL:
+                return name
+            try:
+                raw = os.pread(fd, 64, 0)
+            except OSError:
+                raw = b""
+            if raw:
+                name = raw.rstrip(b"\n").decode("utf-8", "replace")
+                _NAMES[pid] = (fd, name, now)
+                return name
+            del _NAMES[pid]  # that process is gone: its pid may be another's now
             os.close(fd)
-    except OSError:
-        return "?"
-    if len(_NAMES) > 4096:
-        _NAMES.clear()
-    _NAMES[pid] = (name, now)
-    return name
+        try:
+            fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return "?"
+        try:
+            raw = os.pread(fd, 64, 0)
+        except OSError:
+            raw = b""
+        if not raw:
+            os.close(fd)
+            return "?"
+        name = raw.rstrip(b"\n").decode("utf-8", "replace")
+        while len(_NAMES) >= MAX_NAME_FDS:
+            os.close(_NAMES.pop(next(iter(_NAMES)))[0])
+        _NAMES[pid] = (fd, name, now)
+        return name
 
 
 def identity(caller: Caller | None, fresh: bool = False) -> tuple:
@@ -114,6 +136,8 @@ class AuditTrail:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._fold: list | None = None  # [key, count, first time, first seq, identity]
+        #: record nonces: a random prefix per opening and a counter
+        self._nonce_prefix, self._nonces = os.urandom(8), 0
         self.dirty = False
         self.failures = 0
         self._synced_head: tuple | None = None
@@ -254,7 +278,11 @@ class AuditTrail:
     def _append(self, rec: dict) -> None:
         if self._fd is None:
             return
-        frame = S.make_frame(self._aead, self._sid, self.segment, self.seq + 1, self.hash, rec)
+        self._nonces += 1
+        if self._nonces >> 32:
+            self._nonce_prefix, self._nonces = os.urandom(8), 1
+        frame = S.make_frame(self._aead, self._sid, self.segment, self.seq + 1, self.hash, rec,
+                             self._nonce_prefix + self._nonces.to_bytes(4, "big"))
         try:
             n = os.write(self._fd, frame)
             if n != len(frame):
@@ -338,6 +366,10 @@ class AuditTrail:
         """Records (or folded opens) not yet durable or not in the index's head."""
         return self.dirty or bool(self._fold and self._fold[1]) \
             or self._synced_head != (self.segment, self.seq)
+
+    def unsynced(self) -> bool:
+        """Records (or folded opens) not yet durable."""
+        return self.dirty or bool(self._fold and self._fold[1])
 
     def checkpoint(self) -> dict | None:
         """Sync, and the head for ``meta/audit_head`` if it moved (else None)."""

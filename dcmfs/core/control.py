@@ -27,6 +27,11 @@ log = logging.getLogger("dcmfs.fs")
 
 PR_GET_DUMPABLE = 3
 
+#: the fields a ``key`` audit record may have, with their types
+#: (:meth:`StoreOps.record_key_change`)
+KEY_FIELDS = {"action": str, "slot": int, "kind": str, "old_kind": str, "label": str,
+              "by": int, "by_kind": str, "epoch": int, "chunks": int, "destroyed": list}
+
 
 class StoreOps:
     """Figures, statistics, control commands."""
@@ -90,11 +95,40 @@ class StoreOps:
                 if self.rekey_job is not None and self.rekey_job.state["running"]:
                     raise InvalidArgument("a rotate --finish is already running")
                 self.rekey_job = RekeyJob(self)
+        elif command.startswith("key "):
+            self.record_key_change(command[len("key "):])
+            return
         elif command in ("pause", "resume") and self.reencoder is not None:
             getattr(self.reencoder, command)()
         else:
             raise InvalidArgument(f"unknown control command {command!r}")
+        if command.startswith("rekey "):  # 'dcmfs key rotate' records it: never the key
+            return
         self._audit("admin", None, None, command=command.split("{")[0].strip(), mounted=True)
+
+    def record_key_change(self, arg: str) -> None:
+        """``key {JSON}`` (``dcmfs key add|remove|change|rotate`` on a mounted
+        store): a ``key`` record in the audit trail, by the caller, once the
+        store's authentic header shows the change described (slot ids,
+        kinds, labels, epochs; what is not a known field of that kind is
+        refused: never a secret)."""
+        from ..storage.keyring import changed_as_reported
+        try:
+            fields = json.loads(arg)
+        except ValueError:
+            raise InvalidArgument("bad key record") from None
+        if not isinstance(fields, dict) or any(
+                k not in KEY_FIELDS or not isinstance(v, KEY_FIELDS[k])
+                or isinstance(v, bool) or isinstance(v, str) and len(v) > 200
+                for k, v in fields.items()):
+            raise InvalidArgument("bad key record")
+        if isinstance(fields.get("destroyed"), list) and not all(
+                isinstance(e, int) and not isinstance(e, bool) for e in fields["destroyed"]):
+            raise InvalidArgument("bad key record")
+        store = self.opened.store
+        if not changed_as_reported(store.root, store.master_key, fields):
+            raise InvalidArgument("the store's header does not show this key change")
+        self._audit("key", None, None, **fields, mounted=True)
 
     def adopt_epoch(self, arg: str) -> None:
         """``rekey EPOCH KEYHEX`` (``dcmfs key rotate`` on a mounted store):

@@ -152,6 +152,11 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                                 name="dcmfs-checkpoint")
                 self._syncer.start()
+        elif self.opened.open_audit() is not None and config.checkpoint_interval > 0:
+            # read-only: the trail alone is written; made durable as often
+            self._syncer = threading.Thread(target=self._audit_sync_loop, daemon=True,
+                                            name="dcmfs-audit-sync")
+            self._syncer.start()
 
     # --- durability -----------------------------------------------------------------
     def make_durable(self) -> None:
@@ -198,6 +203,17 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 self.data.delete_set_aside()  # file operations go on meanwhile
             except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
                 log.error("background checkpoint failed: %s", loggable(exc))
+
+    def _audit_sync_loop(self) -> None:
+        """A read-only store's checkpoints: the audit trail (and the count
+        of folded opens) made durable every ``checkpoint_interval``."""
+        while not self._stop.wait(self.config.checkpoint_interval):
+            audit = self.opened.audit
+            try:
+                if audit is not None and audit.unsynced():
+                    audit.sync()
+            except Exception as exc:  # noqa: BLE001 — the next round tries again
+                log.error("syncing the audit trail failed: %s", loggable(exc))
 
     @_locked
     def sync_all(self) -> None:

@@ -122,7 +122,7 @@ class OpenedStore:
         #: the damage record the next checkpoint writes into the index
         self.damage_pending: dict | None = None
         self._damage_lock = threading.Lock()
-        #: the audit trail, once :meth:`open_audit` opened it (read-write only)
+        #: the audit trail, once :meth:`open_audit` opened it
         self.audit: AuditTrail | None = None
         self._stack = contextlib.ExitStack()
         try:
@@ -201,11 +201,20 @@ class OpenedStore:
 
     def open_audit(self) -> AuditTrail | None:
         """Open the audit trail for appending, after the journal replay
-        (the index's chain head is where it resumes); None when read-only
-        or ``-o audit=0`` (a store that has a trail gets one ``audit-off``
-        record then: the gap is visible)."""
-        if self.audit is not None or self.read_only:
+        (the index's chain head is where it resumes); None with ``-o
+        audit=0`` (a store that has a trail gets one ``audit-off`` record
+        then: the gap is visible).
+
+        A read-only opening appends to the trail too (reads are as sensitive
+        on a read-only mount), and changes nothing else: the index (and so
+        its head) stays as it is, the next read-write opening verifies the
+        records after the head and takes them into it; no segment is
+        dropped for retention.  A store without ``audit-v1`` (not yet
+        upgraded by a read-write opening) gets no trail then."""
+        if self.audit is not None:
             return self.audit
+        if self.read_only and "audit-v1" not in self.store.features:
+            return None
         if not self.config.audit and not list_segments(self.root):
             return None
         with self.index.begin() as txn:
@@ -216,7 +225,7 @@ class OpenedStore:
                 head = None
         trail = AuditTrail(self.root, self.store.master_key, self.store.store_id, head,
                            segment_size=self.config.audit_segment_size,
-                           retention=self.config.audit_retention,
+                           retention=0.0 if self.read_only else self.config.audit_retention,
                            forward=self.config.audit_forward)
         if not self.config.audit:
             trail.record("audit-off", None)

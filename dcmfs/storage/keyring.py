@@ -12,14 +12,17 @@ single-wrap header (formats 1-3) is turned into a slot table first, in the
 same replace.
 
 Every change is logged (``key slots: ...``) with slot ids, kinds and labels,
-never a secret.
+never a secret, and described in ``report`` (a dict the caller passes) for
+the sealed audit trail: the public fields of the change, and under
+``master``/``store_id`` what the caller needs to seal the record with
+(:mod:`dcmfs.app.keyaudit`).
 """
 
 from __future__ import annotations
 
 from . import slots
 from .header import Secret, read_header, rewrite_header, unlock, upgrade
-from ..errors import KeySlotError
+from ..errors import KeySlotError, WrongKeyError
 
 
 def list_slots(root: str) -> list[dict]:
@@ -36,11 +39,49 @@ def list_slots(root: str) -> list[dict]:
 
 def _opened(root: str, header: dict, secret: Secret) -> tuple[dict, dict, dict]:
     """(the header as a slot table, {epoch: key}, the slot that opened)."""
-    keys, slot = unlock(root, header, secret)
+    try:
+        keys, slot = unlock(root, header, secret)
+    except WrongKeyError as err:
+        err.store_root = root  # the audit trail notes the attempt
+        raise
     if "slots" not in header:
         header = upgrade(root, header, secret, keys[0], slot["kek"])
         slot = header["slots"][0]
     return header, keys, slot
+
+
+def _report(report: dict | None, header: dict, keys: dict, by: dict, **fields) -> None:
+    """What a change did, for the audit trail: its fields, the authorising
+    slot (id and kind), and the store key and id to seal the record."""
+    if report is not None:
+        report.update(fields, by=by["id"], by_kind=by["kind"], master=keys[0],
+                      store_id=bytes.fromhex(header["store_id"]))
+
+
+def changed_as_reported(root: str, master: bytes, fields: dict) -> bool:
+    """Does the store's authentic header (read afresh, its mac checked with
+    ``master``) show the change ``fields`` describe?  A running daemon
+    checks what ``dcmfs key`` asks it to record (action ``add``/``change``:
+    the slot is there with that kind; ``remove``: it is gone; ``rotate``:
+    the epoch is the newest; ``rotate-finish``: the destroyed epochs are)."""
+    import hmac
+    header = read_header(root)
+    if "slots" not in header or not hmac.compare_digest(
+            header["mac"], slots.header_mac(master, header)):
+        return False
+    action, by_id = fields.get("action"), {s["id"]: s for s in header["slots"]}
+    if action in ("add", "change"):
+        slot = by_id.get(fields.get("slot"))
+        return slot is not None and slot["kind"] == fields.get("kind")
+    if action == "remove":
+        return fields.get("slot") not in by_id
+    if action == "rotate":
+        return header.get("epoch") == fields.get("epoch")
+    if action == "rotate-finish":
+        gone = {d["epoch"] for d in header.get("destroyed", [])}
+        return set(fields.get("destroyed") or ()) <= gone \
+            and header.get("epoch") == fields.get("epoch")
+    return False
 
 
 def _slot(header: dict, slot_id: int) -> dict:
@@ -52,7 +93,7 @@ def _slot(header: dict, slot_id: int) -> dict:
 
 
 def add_slot(root: str, secret: Secret, new: Secret, label: str, kdf: dict,
-             step=None) -> int:
+             step=None, report: dict | None = None) -> int:
     """Add a slot for ``new`` (authorised by ``secret``); returns its id.
 
     Raises
@@ -69,6 +110,8 @@ def add_slot(root: str, secret: Secret, new: Secret, label: str, kdf: dict,
         header["next_slot"] += 1
         header["slots"].append(slots.enrol(header, keys, new, slot))
         added.update(id=slot["id"], by=by["id"])
+        _report(report, header, keys, by, action="add", slot=slot["id"], kind=new.kind,
+                label=label)
         return slots.seal_header(keys[0], header)
 
     rewrite_header(root, change, step)
@@ -77,7 +120,8 @@ def add_slot(root: str, secret: Secret, new: Secret, label: str, kdf: dict,
     return added["id"]
 
 
-def remove_slot(root: str, secret: Secret, slot_id: int, step=None) -> None:
+def remove_slot(root: str, secret: Secret, slot_id: int, step=None,
+                report: dict | None = None) -> None:
     """Remove slot ``slot_id`` (authorised by ``secret``, which may be that
     slot's own).
 
@@ -97,6 +141,8 @@ def remove_slot(root: str, secret: Secret, slot_id: int, step=None) -> None:
                                "open the store.")
         slots.drop(header, slot_id)
         done.update(kind=gone["kind"], label=gone["label"], by=by["id"])
+        _report(report, header, keys, by, action="remove", slot=slot_id, kind=gone["kind"],
+                label=gone["label"])
         return slots.seal_header(keys[0], header)
 
     rewrite_header(root, change, step)
@@ -105,7 +151,7 @@ def remove_slot(root: str, secret: Secret, slot_id: int, step=None) -> None:
 
 
 def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str | None,
-                kdf: dict, step=None) -> None:
+                kdf: dict, step=None, report: dict | None = None) -> None:
     """Give slot ``slot_id`` a new secret (and kind, and label if given),
     authorised by ``secret``.
 
@@ -128,6 +174,8 @@ def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str
         header["slots"].append(slots.enrol(header, keys, new, slot))
         header["slots"].sort(key=lambda s: s["id"])
         done.update(old=old["kind"], by=by["id"])
+        _report(report, header, keys, by, action="change", slot=slot_id, kind=new.kind,
+                old_kind=old["kind"], label=slot["label"])
         return slots.seal_header(keys[0], header)
 
     rewrite_header(root, change, step)
@@ -135,13 +183,14 @@ def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str
                    slot_id, done["old"], new.kind, done["by"])
 
 
-def rotate(root: str, secret: Secret, step=None,
-           in_use: bool = False) -> tuple[int, bytes]:
+def rotate(root: str, secret: Secret, step=None, in_use: bool = False,
+           report: dict | None = None, lock_held: bool = False) -> tuple[int, bytes]:
     """Start a new key epoch (authorised by ``secret``): a random data key
     sealed to every slot; chunks are sealed under it from the next opening
     on, or at once by a running daemon that is handed the key (``in_use``:
     the caller does that, :meth:`dcmfs.core.control.StoreOps.adopt_epoch`).
-    Returns (the new epoch, its key).
+    Returns (the new epoch, its key).  ``lock_held``: the caller holds the
+    store lock.
 
     Raises
     ------
@@ -151,7 +200,7 @@ def rotate(root: str, secret: Secret, step=None,
     from .header import StoreLock
     from ..errors import StoreLockedError
     try:
-        lock = StoreLock(root)
+        lock = None if lock_held else StoreLock(root)
     except StoreLockedError as exc:
         if not in_use:
             raise StoreLockedError(f"The store {root} is open in another dcmfs process that "
@@ -164,6 +213,7 @@ def rotate(root: str, secret: Secret, step=None,
             header, keys, by = _opened(root, header, secret)
             done["epoch"], done["key"] = slots.rotate(header, keys[0])
             done["by"] = by["id"]
+            _report(report, header, keys, by, action="rotate", epoch=done["epoch"])
             return slots.seal_header(keys[0], header)
 
         rewrite_header(root, change, step)
