@@ -23,6 +23,9 @@ log = logging.getLogger("dcmfs.deid")
 #: the first bytes the one-time pass sends to a worker (a header is a few
 #: kilobytes); all of the file up to HEADER_CAP only when that is not enough
 FIRST_BYTES = 64 * 1024
+#: inodes a pass looks at per hold of the core's lock (a store of a million
+#: files held it for seconds at every pass)
+SLICE = 2000
 
 
 def refresh(fs, parsers: ParserPool, stop: Callable[[], bool] | None = None,
@@ -35,14 +38,23 @@ def refresh(fs, parsers: ParserPool, stop: Callable[[], bool] | None = None,
     closed under it; ``stop`` ends it early; ``on_todo`` hears how many
     files lack a record, ``on_record`` each record as it is made."""
     todo = []
-    with fs.lock:
-        with fs.index.begin() as txn:
-            for ino, inode in txn.iter_inodes():
-                if not stat.S_ISREG(inode.mode) or inode.size == 0:
-                    continue
-                record = txn.get_deid(ino)
-                if record is None or record.get("generation") != inode.generation:
-                    todo.append((ino, inode.generation, inode.size))
+    start: int | None = 0
+    while start is not None:  # SLICE inodes per hold of the core's lock, not all at once
+        with fs.lock:
+            with fs.index.begin() as txn:
+                after = None
+                for n, (ino, inode) in enumerate(txn.iter_inodes(start)):
+                    if n == SLICE:
+                        after = ino
+                        break
+                    if not stat.S_ISREG(inode.mode) or inode.size == 0:
+                        continue
+                    record = txn.get_deid(ino)
+                    if record is None or record.get("generation") != inode.generation:
+                        todo.append((ino, inode.generation, inode.size))
+        start = after
+        if stop is not None and stop():
+            break
     if on_todo is not None:
         on_todo(len(todo))
     looked = 0

@@ -232,9 +232,18 @@ class Txn:
             self._delete("deidview", ino_key(ino))
         return refs
 
-    def iter_inodes(self) -> Iterator[tuple[int, Inode]]:
-        for key, raw in self._scan("inodes", b""):
-            yield U64.unpack(key)[0], Inode.decode(raw)
+    def iter_inodes(self, start: int = 0) -> Iterator[tuple[int, Inode]]:
+        """(inode number, record) of every inode, from number ``start`` on."""
+        if not start:
+            for key, raw in self._scan("inodes", b""):
+                yield U64.unpack(key)[0], Inode.decode(raw)
+            return
+        cur = self.txn.cursor(db=self._db["inodes"])
+        if not cur.set_range(ino_key(start)):
+            return
+        for key, raw in cur:
+            self._refuse_suspect("inodes", key)
+            yield U64.unpack(key)[0], Inode.decode(self.ix.open("inodes", key, raw))
 
     def iter_inodes_checked(self) -> Iterator[tuple[int, Inode | IntegrityError]]:
         """Like :meth:`iter_inodes`, but a record that does not authenticate
