@@ -398,9 +398,13 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
             "use_ino": True, "nopath": True, "kernel_cache": True}
     opts.update(options)
     log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
+    # libfuse's multi-threaded loop where the core takes it (a request that
+    # waits, such as a fsync syncing a gigabyte, holds one thread, not the
+    # mount); a view that does not is served by one thread
+    threads = getattr(fs, "concurrent_requests", False)
     try:
-        _fuse_class()(_Operations(fs, on_ready, ops or OpStats()), mountpoint, foreground=True, nothreads=True,
-                      **opts)
+        _fuse_class()(_Operations(fs, on_ready, ops or OpStats()), mountpoint, foreground=True,
+                      nothreads=not threads, **opts)
     except RuntimeError as exc:
         # libfuse reports a loop ended by a signal as a non-zero result
         log.debug("FUSE loop ended: %s", exc)

@@ -293,7 +293,7 @@ class FileData:
         of.changed = True
 
     # --- sealing --------------------------------------------------------------
-    def _submit(self, of: OpenFile, idx: int, last: bool) -> None:
+    def _submit(self, of: OpenFile, idx: int, last: bool, block: bool = True) -> None:
         buf = of.dirty.pop(idx)
         of.dirty_bytes -= self.chunk_size
         # a chunk before the last is a whole block (a sparse write leaves it
@@ -302,7 +302,8 @@ class FileData:
         if not last and _all_zero(plaintext):
             of.pending[idx] = _done(None)  # an all-zero chunk is stored as a hole
             return
-        while len(self._inflight) >= self._max_inflight:
+        while self._inflight and (self._inflight[0].done() or
+                                  block and len(self._inflight) >= self._max_inflight):
             self._inflight.popleft().exception()  # wait; errors go to their commit
         deferred = self.codec != NONE and self.may_defer(of.ino, len(plaintext))
         codec = NONE if deferred else self.codec
@@ -317,6 +318,18 @@ class FileData:
         of.pending[idx] = fut
         self._inflight.append(fut)
         fut.add_done_callback(lambda f, of=of: _written(f, of))
+
+    def seal_dirty(self, of: OpenFile) -> list[Future]:
+        """Hand every dirty chunk to the sealing pool; returns the jobs a
+        commit would wait for.  The caller may wait for them without the
+        core's lock (fsync), so that the commit after is short.  No
+        back-pressure here: the chunks are in memory already, and a job
+        frees its plaintext once written."""
+        size = of.size
+        last_idx = (size - 1) // self.chunk_size if size else -1
+        for idx in sorted(of.dirty):
+            self._submit(of, idx, last=(idx == last_idx), block=False)
+        return list(of.pending.values())
 
     def _wait_pending(self, of: OpenFile) -> dict[int, ChunkRef | None]:
         """Wait for every pending object.
@@ -353,8 +366,7 @@ class FileData:
         cs = self.chunk_size
         size = of.size
         last_idx = (size - 1) // cs if size else -1
-        for idx in sorted(of.dirty):
-            self._submit(of, idx, last=(idx == last_idx))
+        self.seal_dirty(of)
         written = self._wait_pending(of)
         table = dict(of.committed)
         for idx, ref in written.items():

@@ -3,8 +3,10 @@
 It knows nothing of FUSE: paths come in as ``str``, results go out as plain
 values and failures as :mod:`dcmfs.errors` exceptions, so every operation is
 testable without a kernel (S3QL drives its Operations class the same way).
-The FUSE adapter calls it from one thread; a lock still serialises callers
-so that background work (and tests) may call in too.
+The FUSE adapter calls it from several threads at once (libfuse's
+multi-threaded loop) and background jobs call in too: one lock serialises
+them, and an operation that can take long (fsync) does its long part
+outside it, so no request holds the others (see ``FileOps.fsync``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
     unclean-store procedure, checkpoints) belongs to the opened store.
     """
 
+    #: may the adapter call in from several threads at once? (every
+    #: operation takes the core's lock; fsync leaves it for its long part)
+    concurrent_requests = True
+
     def __init__(self, store: Store | OpenedStore, config: Config | None = None,
                  clock: Callable[[], int] = time.time_ns):
         opened = store if isinstance(store, OpenedStore) else OpenedStore(store, config)
@@ -107,18 +113,12 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         #: files that were unlinked (see NameOps._hide); in memory only
         self._hidden: dict[tuple[int, bytes], tuple[int, str]] = {}
         self._knames = KernelNames()
-        #: names whose kernel caches an operation made stale (the other names
-        #: of a hard-linked file it changed): the FUSE adapter has the kernel
-        #: drop them before it answers, and empties the list
-        self.stale_names: list[str] = self._knames.stale
         self.recovered: RecoveryReport | None = None
         self._syncer: threading.Thread | None = None
         self.reencoder: Reencoder | None = None
         self.scrubber: Scrubber | None = None
         self.verify_job: VerifyJob | None = None
-        #: (uid, gid, pid) of the request being served: the FUSE adapter sets
-        #: it before each call; None for calls from inside (the daemon itself)
-        self.caller: tuple[int, int, int] | None = None
+        self._local = threading.local()
         #: ``dcmfs key rotate --finish`` on the mounted store (core.rekey)
         self.rekey_job = None
         self.deid_filler: RecordFiller | None = None
@@ -148,6 +148,24 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                                 name="dcmfs-checkpoint")
                 self._syncer.start()
+
+    @property
+    def caller(self) -> tuple[int, int, int] | None:
+        """(uid, gid, pid) of the request this thread serves: the FUSE
+        adapter sets it before each call; None for calls from inside (the
+        daemon itself).  Per thread: requests are served concurrently."""
+        return getattr(self._local, "caller", None)
+
+    @caller.setter
+    def caller(self, value: tuple[int, int, int] | None) -> None:
+        self._local.caller = value
+
+    @property
+    def stale_names(self) -> list[str]:
+        """Names whose kernel caches this thread's last operation made stale
+        (the other names of a hard-linked file it changed): the FUSE adapter
+        has the kernel drop them before it answers, and empties the list."""
+        return self._knames.stale
 
     # --- durability -----------------------------------------------------------------
     def make_durable(self) -> None:

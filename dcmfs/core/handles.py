@@ -15,8 +15,9 @@ import stat
 from typing import Callable
 
 from .. import format as fmt
-from ..errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLong,
-                     NoAttribute, NotSupported, PermissionDenied, ReadOnlyError, TooBig)
+from ..errors import (BadHandle, DcmfsError, Exists, InvalidArgument, IsADirectory,
+                     NameTooLong, NoAttribute, NotSupported, PermissionDenied, ReadOnlyError,
+                     TooBig)
 from ..audit.trail import identity
 from .openfile import OpenFile
 from ..index import Inode
@@ -265,12 +266,30 @@ class FileOps:
             self.data.commit(h.of)
         self._audit_written(h)
 
-    @_locked
     def fsync(self, fh: int, datasync: bool = False) -> None:
-        """fsync(2): commit and make it durable (survives power loss)."""
-        of = self._handle(fh).of
-        self.data.commit(of)
-        self.make_durable()
+        """fsync(2): commit and make it durable (survives power loss).
+
+        The long part - sealing the file's last chunks and syncing a
+        gigabyte of objects to the disk - runs without the core's lock, so
+        the mount's other requests are served meanwhile (as the background
+        checkpoint syncs the objects before it takes the lock).  Then, under
+        the lock, the commit finds its objects written and the final
+        sync covers only what was written since (objects first, then the
+        journal that names them: the crash policy of ``make_durable``).
+        """
+        with self._lock:
+            jobs = self.data.seal_dirty(self._handle(fh).of)
+        for job in jobs:
+            job.exception()  # wait; a failure is raised by the commit below
+        if jobs and not self.read_only:
+            try:
+                self.objects.sync()
+            except DcmfsError:
+                pass  # final for the mount: make_durable below raises it
+        with self._lock:
+            self.data.commit(self._handle(fh).of)
+            self.make_durable()
+            self._maybe_checkpoint()
 
     @_locked
     def release(self, fh: int) -> None:
