@@ -159,8 +159,14 @@ class FileOps:
         sequential reader's); False for a reader of one range only."""
         return self.data.read(self._handle(fh).of, offset, size, ahead)
 
-    @_mutating
     def write(self, fh: int, data: bytes, offset: int) -> int:
+        # a full sealing pool is waited for here, not under the lock
+        # (a writer at random offsets seals a chunk at nearly every write)
+        self.data.wait_for_room()
+        return self._write(fh, data, offset)
+
+    @_mutating
+    def _write(self, fh: int, data: bytes, offset: int) -> int:
         h = self._handle(fh)
         of = h.of
         if h.flags & os.O_APPEND:
@@ -258,13 +264,28 @@ class FileOps:
             self.data.write(of, lo, bytes(hi - lo))
         return True
 
-    @_locked
+    def _seal_unlocked(self, fh: int) -> bool:
+        """Seal an open file's dirty chunks and wait for its sealing jobs
+        without holding the core's lock (the long part of a commit: up to
+        ``dirty_limit`` of chunks to compress and write), so that the
+        commit which follows under the lock is short.  True if there was
+        anything to seal."""
+        with self._lock:
+            of = self._handle(fh).of
+            jobs = self.data.seal_dirty(of) if of.changed else []
+        for job in jobs:
+            job.exception()  # wait; a failure is raised by the commit
+        return bool(jobs)
+
     def flush(self, fh: int) -> None:
         """close(2) on a descriptor: commit, so the data survives a daemon crash."""
-        h = self._handle(fh)
-        if h.of.changed:
-            self.data.commit(h.of)
-        self._audit_written(h)
+        self._seal_unlocked(fh)
+        with self._lock:
+            h = self._handle(fh)
+            if h.of.changed:
+                self.data.commit(h.of)
+            self._audit_written(h)
+            self._maybe_checkpoint()
 
     def fsync(self, fh: int, datasync: bool = False) -> None:
         """fsync(2): commit and make it durable (survives power loss).
@@ -277,11 +298,7 @@ class FileOps:
         sync covers only what was written since (objects first, then the
         journal that names them: the crash policy of ``make_durable``).
         """
-        with self._lock:
-            jobs = self.data.seal_dirty(self._handle(fh).of)
-        for job in jobs:
-            job.exception()  # wait; a failure is raised by the commit below
-        if jobs and not self.read_only:
+        if self._seal_unlocked(fh) and not self.read_only:
             try:
                 self.objects.sync()
             except DcmfsError:
