@@ -129,6 +129,48 @@ def test_stat_answers_while_a_terabyte_truncate_and_sparse_writes_run(mounted):
         assert f.read(3) == b"\x001\x00"
 
 
+def test_close_and_fsync_wait_for_their_data_without_the_core_lock(make_fs, monkeypatch):
+    """The long part of a close (sealing the file's chunks) and of a fsync
+    (that, and syncing the objects to the disk) runs without the core's
+    lock: another request is answered while it waits.  Before, the core's
+    lock was held throughout, and the getattr below waited for it."""
+    fs = make_fs()
+    write_file(fs, "/other", b"x")
+    gate = threading.Event()
+    real_write, real_sync = fs.objects.write, fs.objects.sync
+
+    def held(real):
+        def call(*args, **kwargs):
+            if threading.current_thread().name.startswith(("dcmfs-seal", "closer")):
+                assert gate.wait(30)  # the disk, very slow
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(fs.objects, "write", held(real_write))
+    monkeypatch.setattr(fs.objects, "sync", held(real_sync))
+    data = os.urandom(3 * CS + 5)
+    for call in ("flush", "fsync"):
+        gate.clear()
+        fh = fs.create(f"/{call}", 0o644, os.O_WRONLY, 0, 0)
+        fs.write(fh, data, 0)
+        closer = threading.Thread(target=getattr(fs, call), args=(fh,), name="closer")
+        closer.start()
+        try:
+            time.sleep(0.2)
+            assert closer.is_alive()  # waiting for the disk
+            t = time.monotonic()
+            assert fs.getattr("/other")["st_size"] == 1
+            assert time.monotonic() - t < 0.5
+            assert closer.is_alive()
+        finally:
+            gate.set()
+            closer.join(30)
+        assert not closer.is_alive()
+        fs.release(fh)
+        assert read_file(fs, f"/{call}") == data
+        assert index_sha(fs, f"/{call}") == content_digest(data)
+
+
 #: a second process that stats names never looked up (each one reaches the
 #: daemon: the kernel caches no such entry) until told to stop, printing
 #: when each stat started and how long it took

@@ -210,9 +210,25 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
                 log.error("background checkpoint failed: %s", loggable(exc))
 
-    @_locked
     def sync_all(self) -> None:
-        """Commit every open file and checkpoint (fsync of a directory, umount)."""
+        """Commit every open file and checkpoint (fsync of a directory, umount).
+
+        As for fsync: the open files' sealing is waited for, and the objects
+        are synced, before the core's lock is taken."""
+        with self._lock:
+            jobs = [job for of in self._open.values() if of.changed
+                    for job in self.data.seal_dirty(of)]
+        for job in jobs:
+            job.exception()  # a failure is raised by the commit
+        if not self.read_only:
+            try:
+                self.objects.sync()
+            except DcmfsError:
+                pass  # final for the mount: the checkpoint raises it
+        self._sync_all()
+
+    @_locked
+    def _sync_all(self) -> None:
         first_error = None
         for of in list(self._open.values()):
             try:
