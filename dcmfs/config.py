@@ -113,6 +113,10 @@ class Config:
     #: least stored bytes plus weighted decode time is kept
     #: (``-o image_codecs=htj2k+jpegxl+jpeg2k``; see dcmfs.storage.codec for figures)
     image_codecs: tuple[str, ...] = ("htj2k", "jpegxl")
+    #: days a re-encoded DICOM file stays in the fast-decoding form (HTJ2K)
+    #: after it was coded or last read, before it is coded densely with
+    #: ``image_codecs`` (0: densely at once; :mod:`dcmfs.core.tiers`)
+    hot_days: float = 7.0
     #: logical bytes of files waiting for the re-encoder before close
     #: compresses inline again (bounds the extra space the backlog takes)
     backlog_limit: int = 1024 * MiB

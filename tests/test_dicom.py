@@ -3,6 +3,7 @@ byte back exactly, for every DICOM file we can find."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import io
@@ -306,6 +307,41 @@ def test_reading_the_start_of_a_multiframe_file_decodes_one_extent(make_fs):
     assert fs.read(fh, 100, mid) == data[mid:mid + 100]
     settle()
     assert len(loads) - before <= 1 + ahead
+    fs.release(fh)
+
+
+def test_random_reads_decode_only_what_they_read_and_sequential_ones_read_ahead(make_fs):
+    """Issue 17: random access decodes the extents it touches, no speculative
+    work; a sequential reader gets the next extents decoded ahead."""
+    src = pydicom.dcmread(ct_file())
+    frames = 24
+    one = src.pixel_array
+    src.NumberOfFrames = frames
+    src.PixelData = np.stack([one + i for i in range(frames)]).astype(one.dtype).tobytes()
+    fs = make_fs(REAL)
+    data, table = write_recompressed(fs, "/multi.dcm", src)
+    starts = sorted(r.offset for r in table.values())
+    fs.data.cache = type(fs.data.cache)(64 << 20)  # cold
+    ahead = []
+    real_prefetch = fs.data._prefetch
+    fs.data._prefetch = lambda of, idx: ahead.append(idx) or real_prefetch(of, idx)
+    loads = []
+    real = fs.objects.read
+    fs.objects.read = lambda *a, **k: loads.append(a[3]) or real(*a, **k)
+    fh = fs.open("/multi.dcm", os.O_RDONLY)
+    rng = np.random.default_rng(3)
+    touched = set()
+    for _ in range(30):  # 4 KiB reads at random places, far from each other
+        off = int(rng.integers(len(data) // 2, len(data) - 4096)) if _ % 2 else \
+            int(rng.integers(0, len(data) // 2 - 4096))
+        assert fs.read(fh, 4096, off) == data[off:off + 4096]
+        touched |= {bisect.bisect_right(starts, o) - 1 for o in (off, off + 4095)}
+    assert ahead == []  # nothing decoded for a read that did not ask for it
+    assert len(loads) == len(touched)  # each touched extent decoded once (then cached)
+    fs.data.cache = type(fs.data.cache)(64 << 20)
+    for off in range(0, len(data), 128 * 1024):  # a viewer reading the file in order
+        assert fs.read(fh, 128 * 1024, off) == data[off:off + 128 * 1024]
+    assert len(ahead) >= frames  # the next bands were decoded ahead of the reader
     fs.release(fh)
 
 

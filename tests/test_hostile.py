@@ -330,3 +330,18 @@ def test_mounted_reproductions_of_the_issue(mounted):
     _no_canary_anywhere(m.store, [])
     r = m.cli("stats", m.store, "--key-file", m.key, "--json")
     assert r.returncode == 0 and F.CANARY.decode() not in r.stdout
+
+
+def test_background_workers_give_way_to_the_pacs(tmp_path):
+    """The re-encoder's workers (and their ~0.4 s start-up) run at a lower
+    CPU priority than the daemon; the view's on-demand workers do not."""
+    from dcmfs.sandbox.pool import BACKGROUND_NICE
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice, want in ((BACKGROUND_NICE, min(19, mine + BACKGROUND_NICE)), (0, mine)):
+        p = ParserPool(1, nice=nice)
+        try:
+            p.warm()
+            assert psutil.Process(p._idle[0].proc.pid).nice() == want
+        finally:
+            p.close()
+    assert BACKGROUND_NICE > 0

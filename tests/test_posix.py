@@ -394,3 +394,25 @@ def test_du_shows_what_files_take_in_the_store(mount_env):
     m.umount()
     m.mount()
     assert 0 < os.stat(sparse).st_blocks * 512 < 64 * 1024  # kept in the index
+
+
+def test_the_kernel_keeps_names_and_attributes_past_a_second(mounted):
+    """Issue 17: a stat of a file the kernel looked up a while ago costs no
+    request (libfuse's default kept names and attributes for 1 s, and
+    ``stat`` of 5 000 files ran at 0.44 of gocryptfs); a change through
+    another name of a hard-linked file still shows at once."""
+    f = mounted.mnt / "kept"
+    f.write_bytes(b"x")
+    os.stat(f)
+
+    def getattrs():
+        return json.loads(os.getxattr(mounted.mnt, "user.dcmfs.ops"))["ops"].get("getattr", 0)
+
+    time.sleep(1.5)
+    before = getattrs()
+    for _ in range(20):
+        assert os.stat(f).st_size == 1
+    assert getattrs() == before
+    os.link(f, mounted.mnt / "other")
+    os.chmod(mounted.mnt / "other", 0o600)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o600 and os.stat(f).st_nlink == 2

@@ -403,6 +403,11 @@ def _fuse_class():
     return _Fuse
 
 
+#: seconds the kernel keeps names and attributes (``-o entry_timeout=``,
+#: ``-o attr_timeout=`` override it)
+KERNEL_TIMEOUT = 60
+
+
 def serve(fs: FileSystem, mountpoint: str, options: dict,
           on_ready: Callable[[], None] | None = None, ops: OpStats | None = None) -> None:
     """Mount and serve until unmounted or signalled (SIGTERM/SIGINT/SIGHUP).
@@ -413,8 +418,13 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
     require_fuse()
     # no hard_remove: an unlinked open file keeps a (hidden) name in libfuse,
     # so that fstat(2) of its descriptor reaches the core (see NameOps._hide)
+    # dcmfs is the only writer of its store, and tells the kernel when one
+    # name of a hard-linked file made the others stale (_Invalidator): the
+    # kernel may keep names and attributes for a minute, not libfuse's 1 s
+    # (measured, issue 17: stat of 5 000 files 0.44 -> 0.89 of gocryptfs)
     opts = {"fsname": fs.store.root, "subtype": "dcmfs", "default_permissions": True,
-            "use_ino": True, "nopath": True, "kernel_cache": True}
+            "use_ino": True, "nopath": True, "kernel_cache": True,
+            "entry_timeout": KERNEL_TIMEOUT, "attr_timeout": KERNEL_TIMEOUT}
     opts.update(options)
     log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
     # libfuse's multi-threaded loop where the core takes it (a request that

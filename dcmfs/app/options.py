@@ -125,6 +125,7 @@ INT = Kind(DCMFS, "N", "an integer", int)
 FLAG = Kind(DCMFS, "0|1", "0 or 1", _flag, lambda v: str(int(v)))
 SECONDS = Kind(DCMFS, "S", "seconds (0 or more)", lambda t: _interval(float(t)),
                lambda v: f"{v:g}")
+DAYS = Kind(DCMFS, "D", "days (0 or more; fractions allowed)", float, lambda v: f"{v:g}")
 DURATION = Kind(DCMFS, "T", "a duration such as 90s, 30m, 12h or 7d", _seconds, _show_duration)
 RATE = Kind(DCMFS, "MB", "MB/s (more than 0)", _rate, lambda v: f"{v / MB:.3g}")
 CODECS = Kind(DCMFS, "A+B", "image codec names joined by +", _image_codecs, "+".join)
@@ -216,6 +217,9 @@ OPTIONS: tuple[Option, ...] = (
            RECODING, field="dicom"),
     Option("image_codecs", CODECS, "the image codecs each frame is offered, with zstd; some of "
            + ", ".join(_known_image_codecs()), RECODING, field="image_codecs"),
+    Option("hot_days", DAYS, "days a re-encoded DICOM file stays in the fast-decoding form "
+           "(HTJ2K) after it was coded or last read, before it is coded densely (0: densely "
+           "at once)", RECODING, field="hot_days", low=0, high=36500),
     Option("sandbox", FLAG, "1: the DICOM analysis and image encoders run in keyless, capped "
            "worker processes; 0: in the daemon (for measurements only)", RECODING,
            field="sandbox"),

@@ -36,14 +36,17 @@ from ..index import Index, Inode
 from ..storage.digest import block_digest, tree_digest
 from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
+from .garbage import Garbage
 from .openfile import ChunkCache, OpenFile, all_zero, done_future, on_written
 
 log = logging.getLogger("dcmfs.data")
 
 
-class FileData:
+class FileData(Garbage):
     """Reads, writes and commits file contents for the filesystem core."""
 
+    #: a read starting this close to where the last one ended is sequential
+    SEQUENTIAL_SLACK = 256 * 1024
     #: extents (bands of DICOM frames) decoded ahead of a sequential reader
     READ_AHEAD = 2
 
@@ -71,8 +74,7 @@ class FileData:
         self._prefetch_lock = threading.Lock()
         self._inflight: collections.deque[Future] = collections.deque()
         self._max_inflight = max_inflight
-        #: superseded objects, deleted once a checkpoint made that durable
-        self._garbage: list[bytes] = []
+        Garbage.__init__(self, objects)
 
     def shutdown(self) -> None:
         self._prefetch_pool.shutdown(wait=True)
@@ -208,7 +210,12 @@ class FileData:
         if offset >= end:
             return b""
         if of.extents is not None:
-            return self._read_extents(of, offset, end, ahead)
+            # read ahead only for a sequential reader (the kernel's own
+            # read-ahead may reorder its requests a little); random access
+            # decodes what it reads and nothing more
+            sequential = abs(offset - of.read_end) <= self.SEQUENTIAL_SLACK
+            of.read_end = end
+            return self._read_extents(of, offset, end, ahead and sequential)
         cs = self.chunk_size
         parts = []
         for idx in range(offset // cs, (end - 1) // cs + 1):
@@ -498,23 +505,3 @@ class FileData:
         of.dirty.clear()
         of.dirty_bytes = 0
         of.changed = False
-
-    # --- garbage --------------------------------------------------------------
-    def after_commit(self, oids: list[bytes]) -> None:
-        """Called after every index commit with the objects it superseded.
-
-        They stay until the next checkpoint: until then the durable index
-        (the last checkpoint) may still refer to them.
-        """
-        self._garbage.extend(oids)
-
-    def superseded(self) -> list[bytes]:
-        """Objects superseded since the last checkpoint (still on disk)."""
-        return list(self._garbage)
-
-    def checkpointed(self) -> None:
-        """Called after a checkpoint: delete what the durable index no longer names."""
-        garbage, self._garbage = self._garbage, []
-        for oid in garbage:
-            self.objects.delete(oid)
-

@@ -43,6 +43,7 @@ class StoreOps:
                 "reencoded_files": r.files_done if r else 0,
                 "reencoded_bytes": r.bytes_done if r else 0,
                 "frames_coded": r.frames_coded if r else 0,
+                "cooled_files": r.files_cooled if r else 0,
                 "reencode_errors": r.errors if r else 0,
                 "integrity_errors": self.opened.integrity_errors,
                 "scrub": self.scrubber.status() if self.scrubber else None,
@@ -166,13 +167,20 @@ def content_stats(index: Index, backlog_files: int = 0) -> dict:
                 key = ("non-DICOM" if kind == "other" else "not analysed", "-")
             g = groups.setdefault(key, {"modality": key[0], "transfer_syntax": key[1],
                                         "files": 0, "logical_bytes": 0, "stored_bytes": 0,
-                                        "codecs": {}, "paths": {}, "fallbacks": {}})
+                                        "codecs": {}, "paths": {}, "fallbacks": {},
+                                        "tiers": {}})
             g["files"] += 1
             g["logical_bytes"] += inode.size
+            stored = 0
             for ref in txn.chunks(ino).values():
-                g["stored_bytes"] += stored_bytes(ref)
+                stored += stored_bytes(ref)
                 name = codecs.IDS.get(ref.codec, str(ref.codec))
                 g["codecs"][name] = g["codecs"].get(name, 0) + ref.plain_len
+            g["stored_bytes"] += stored
+            tier = info.get("tier")
+            if tier:  # hot (fast-decoding) or cold (dense): [files, logical, stored]
+                t = g["tiers"].setdefault(tier, [0, 0, 0])
+                t[0], t[1], t[2] = t[0] + 1, t[1] + inode.size, t[2] + stored
             path = info.get("path")
             if path:
                 g["paths"][path] = g["paths"].get(path, 0) + 1

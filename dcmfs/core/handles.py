@@ -122,6 +122,8 @@ class FileOps:
             self.data.truncate(of, 0)
             of.inode.mtime_ns = of.inode.ctime_ns = self._clock()
             self._knames.changed(ino, path)
+        if self.reencoder is not None and not flags & (os.O_WRONLY | os.O_RDWR):
+            self.reencoder.tiers.read(ino)  # a hot file being read stays hot
         self._audit_open(fh, "open", ino, path, access=_ACCESS[flags & os.O_ACCMODE],
                          **({"trunc": True} if flags & os.O_TRUNC else {}))
         return fh

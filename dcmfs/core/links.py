@@ -38,7 +38,7 @@ class KernelNames:
 
     #: paths followed at most (a tree of hard links, like backups made with
     #: rsync --link-dest, may hold millions): further names of such files are
-    #: coherent only after the attribute timeout (1 s) and on the next open
+    #: coherent only after the attribute timeout (60 s: adapter.fuse_ops.KERNEL_TIMEOUT) and on the next open
     LIMIT = 100_000
 
     def __init__(self) -> None:

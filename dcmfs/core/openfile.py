@@ -64,6 +64,9 @@ class OpenFile:
         #: (DICOM-coded): sorted extent starts and indices, for reads; None
         #: for the fixed layout.  The first change turns it back into chunks.
         self.extents: tuple[list[int], list[int]] | None = None
+        #: where the last read ended: a read starting near it is sequential
+        #: (and only then are the next extents decoded ahead)
+        self.read_end = 0
 
     @property
     def write_generation(self) -> int:

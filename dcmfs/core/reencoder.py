@@ -28,12 +28,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..storage import dicom
-from ..storage.codec import IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
+from ..storage.codec import HTJ2K, IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
 from ..errors import IntegrityError, StoreIOError, loggable
 from ..opened.jobs import ActiveJobHost
 from ..sandbox.pool import ParserFailure, ParserPool
 from ..storage.digest import hasher_for
-from .extents import CommittedReader, extents_of
+from .extents import CommittedReader, ExtentReader, extents_of
+from .passes import FAILED, Passes, _fresh
+from .tiers import HOT, Tiers
 from ..storage.objects import stored_bytes
 from ..format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
 
@@ -42,17 +44,23 @@ log = logging.getLogger("dcmfs.reencoder")
 #: attempts at one file in one session before a failure that is not the
 #: disk's is recorded and the file left as it is
 MAX_ATTEMPTS = 3
-#: the content kind of a file whose analysis or re-encoding failed
-FAILED = "failed"
 
 
-class Reencoder:
+class Reencoder(Passes):
     """Works through the backlog of one mounted store (its
     :class:`~dcmfs.opened.jobs.ActiveJobHost`: the filesystem core)."""
 
     def __init__(self, host: ActiveJobHost, limit_bytes: int, dicom_aware: bool = True, window: int = 2,
-                 quiet_after: float = 1.0, parsers: ParserPool | None = None) -> None:
+                 quiet_after: float = 1.0, parsers: ParserPool | None = None,
+                 hot_days: float = 0.0) -> None:
         self.host = host
+        #: hot (fast-decoding) and cold (dense) codings of DICOM files
+        #: (only when HTJ2K is among the configured image codecs)
+        self.tiers = Tiers(hot_days if dicom_aware and HTJ2K in
+                           host.objects.codecs.encode_settings()[1] else 0.0)
+        #: hot files due to be coded cold (see :mod:`dcmfs.core.tiers`)
+        self._cooling: set[int] = set()
+        self.files_cooled = 0
         #: the workers that parse and encode file content (None: in this
         #: process, ``-o sandbox=0``)
         self.parsers = parsers
@@ -143,36 +151,6 @@ class Reencoder:
                                             name="dcmfs-reencode")
             self._thread.start()
 
-    def enqueue_all(self, retry_failed: bool = False) -> int:
-        """Queue every file the re-encoder has work on (``dcmfs recompress``):
-        not yet looked at in its current version, or holding uncompressed
-        chunks; with ``retry_failed`` also the files whose analysis failed
-        (never retried otherwise).  Returns the number of files queued
-        (core lock held)."""
-        todo = []
-        with self.host.index.begin() as txn:
-            for ino, inode in txn.iter_inodes():
-                if not stat.S_ISREG(inode.mode) or inode.size == 0 or ino in self._queue:
-                    continue
-                content = txn.get_content(ino)
-                if not _fresh(content, inode.generation, self.dicom) or (
-                        retry_failed and content and content.get("kind") == FAILED):
-                    todo.append(ino)
-                    self._attempts.pop(ino, None)
-        if todo:
-            with self.host.write_txn() as txn:
-                for ino in todo:
-                    txn.add_backlog(ino)
-                    content = txn.get_content(ino)
-                    if content and content.get("kind") == FAILED:
-                        # looked at afresh: the failure is forgotten
-                        txn.put_content(ino, dict(content, kind="unknown"))
-            for ino in todo:
-                self._add(ino, 0)
-            self._wake.set()
-            self._start_warming()
-        return len(todo)
-
     def stop(self) -> None:
         """Stop within a bound: workers are killed, whatever they are doing
         (the file they were on stays in the backlog for the next mount)."""
@@ -207,6 +185,9 @@ class Reencoder:
             if ino is None:
                 with self._idle:
                     self._idle.notify_all()
+                if self.tiers.on and time.monotonic() >= self.tiers.next_look:
+                    self._look_for_cold()
+                    continue
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
@@ -252,6 +233,7 @@ class Reencoder:
                         if done is None:
                             self._drop(ino)
                         self._bytes -= self._queue.pop(ino, 0)
+                        self._cooling.discard(ino)
             except Exception as exc:  # noqa: BLE001 — the entry stays; next time
                 log.error("re-encoder backlog update failed: %s", loggable(exc))
                 pause = 5.0
@@ -336,6 +318,10 @@ class Reencoder:
         if not self.dicom and not fresh:
             info = {"kind": "unknown", "generation": inode.generation, "path": "general",
                     "reason": ""}
+        elif fresh and ino in self._cooling:  # a hot file's turn to be coded densely
+            if content.get("tier") != HOT or not _extents_layout(table):
+                return True
+            return self._cool(ino, inode, table, cipher, content)
         elif not fresh and not _extents_layout(table):
             reader = CommittedReader(host.objects, cipher, ino, inode, table, host.chunk_size)
             try:
@@ -349,7 +335,7 @@ class Reencoder:
                         path="general")
             if plan.codes_frames:
                 try:
-                    info["path"] = "frames"
+                    info.update(path="frames", **self.tiers.fields(cooling=False))
                     return self._encode_frames(ino, inode, table, cipher, plan, reader, info)
                 except ParserFailure as exc:
                     if exc.stopped:
@@ -393,22 +379,25 @@ class Reencoder:
         return self._run(ino, table, ((i, one, (i, r)) for i, r in sorted(todo.items())),
                          info, replace_all=False, size=inode.size)
 
-    def _encode_frames(self, ino, inode, table, cipher, plan, reader, info) -> bool:
+    def _encode_frames(self, ino, inode, table, cipher, plan, reader, info,
+                       cooling: bool = False) -> bool:
         host = self.host
+        image = self.tiers.image_codec(cooling)
+        level, images = host.objects.codecs.encode_settings()
+        settings = (level, images if image == IMAGE else (image,))
         cs = host.chunk_size
         extents = extents_of(plan, inode.size, cs)
         last = len(extents) - 1
         hasher = hasher_for(inode, cs)
 
         def one(n: int, start: int, data: bytes, frame):
-            codec = IMAGE if frame is not None else host.general_codec
+            codec = image if frame is not None else host.general_codec
             flags = CHUNK_FLAG_EXTENT | (CHUNK_FLAG_LAST if n == last else 0)
             payload = None
             if frame is not None and self.parsers is not None:
                 # the encoders see untrusted geometry and samples: in a
                 # worker; the object store decodes and compares the result
-                codec, payload = self.parsers.encode(data, frame,
-                                                     *host.objects.codecs.encode_settings())
+                codec, payload = self.parsers.encode(data, frame, *settings)
             ref = host.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
                                      codec, data, frame, payload=payload)
             return ref._replace(offset=start)
@@ -497,12 +486,6 @@ class Reencoder:
 def _transient(exc: BaseException) -> bool:
     """A failure of the disk or the store, not of the file: retry."""
     return isinstance(exc, (StoreIOError, OSError))
-
-
-def _fresh(content: dict | None, generation: int, dicom_aware: bool) -> bool:
-    """Has the re-encoder handled this version of the file (under this policy)?"""
-    return (content is not None and content.get("generation") == generation
-            and not (dicom_aware and content.get("kind") == "unknown"))
 
 
 def _extents_layout(table) -> bool:

@@ -390,6 +390,15 @@ class Txn:
         raw = json.dumps(info, sort_keys=True).encode()
         self._put("content", ino_key(ino), raw + b" " * (-len(raw) % 128))
 
+    def iter_content(self, start: int = 0) -> Iterator[tuple[int, dict]]:
+        """(inode, record) of what the re-encoder found, from inode ``start`` on."""
+        cur = self.txn.cursor(db=self._db["content"])
+        if not cur.set_range(ino_key(start)):
+            return
+        for key, raw in cur:
+            self._refuse_suspect("content", key)
+            yield U64.unpack(key)[0], json.loads(self.ix.open("content", key, raw))
+
     # --- what the de-identified view lists of a file (sealed) -------------------
     def get_deid(self, ino: int) -> dict | None:
         if self._db["deidview"] is None:

@@ -48,6 +48,9 @@ PIPE_SIZE = 1 << 20
 #: the Pixel Data does not start within it is the rest up to HEADER_CAP sent
 FIRST_BYTES = 64 * 1024
 
+#: nice value of the re-encoder's workers (the view's answer reads: 0)
+BACKGROUND_NICE = 10
+
 #: fixed reasons a file stays with the general codec when its worker failed
 LIMIT = "analysis limit"
 CRASHED = "analysis crashed"
@@ -74,12 +77,12 @@ class ParserFailure(DcmfsError):
 
 
 class _Worker:
-    def __init__(self, memory: int) -> None:
+    def __init__(self, memory: int, nice: int = 0) -> None:
         self.memory = memory
         env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "LANG", "LC_ALL")
                if k in os.environ}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dcmfs.sandbox.worker", str(memory)],
+            [sys.executable, "-m", "dcmfs.sandbox.worker", str(memory), str(nice)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             close_fds=True, cwd="/", env=env, start_new_session=True)
         self.wfd = self.proc.stdin.fileno()
@@ -144,8 +147,11 @@ class ParserPool:
     """Up to ``size`` warm workers, started on first use; thread-safe."""
 
     def __init__(self, size: int = 2, memory: int = 1024 * 1024 * 1024,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, nice: int = 0) -> None:
         self.size = max(1, size)
+        #: added to the workers' nice value: background work (the
+        #: re-encoder's) gives way to the PACS, from the workers' start-up on
+        self.nice = nice
         self.memory = memory
         self.timeout = timeout
         self._idle: list[_Worker] = []
@@ -176,7 +182,7 @@ class ParserPool:
             self._busy.add(placeholder)
         if w is None:
             try:
-                w = _Worker(self.memory)
+                w = _Worker(self.memory, self.nice)
             except OSError as exc:
                 with self._cond:
                     self._busy.discard(placeholder)

@@ -136,6 +136,10 @@ def main(argv: list[str]) -> int:
     from . import protocol
 
     memory = int(argv[1])
+    if len(argv) > 2 and int(argv[2]) > 0:
+        # before the imports: starting a worker costs ~0.4 s of CPU, which
+        # must not be taken from the files being written meanwhile
+        os.nice(int(argv[2]))
     rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
     # nothing may print into the protocol stream
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115

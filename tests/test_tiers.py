@@ -1,0 +1,70 @@
+"""Hot and cold DICOM (issue 17): the re-encoder first codes frames in the
+fast-decoding form (HTJ2K, or zstd where cheaper) and codes them densely
+(the configured image codecs: JPEG XL) once a file has not been read for
+``hot_days``; a file read meanwhile stays hot."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import pydicom
+
+from dcmfs.storage import codec
+from dcmfs.storage.objects import stored_bytes
+
+from .conftest import assert_no_dangling, ct_file
+from .test_core import read_file
+from .test_dicom import REAL, layout, write_recompressed
+
+
+def _codecs(table) -> set[int]:
+    return {r.codec for r in table.values()}
+
+
+def _content(fs, path):
+    with fs.index.begin() as txn:
+        return txn.get_content(fs._resolve(txn, path))
+
+
+def test_fresh_files_decode_fast_and_turn_dense_when_not_read(make_fs):
+    hot_s = 2.0
+    fs = make_fs(dataclasses.replace(REAL, hot_days=hot_s / 86400))
+    fs.reencoder.tiers.next_look = float("inf")  # the test says when to look
+    ds = pydicom.dcmread(ct_file())
+    unread, hot_table = write_recompressed(fs, "/unread.dcm", ds)
+    ds.InstanceNumber = 2
+    read, _ = write_recompressed(fs, "/read.dcm", ds)
+    assert codec.HTJ2K in _codecs(hot_table) and codec.JPEGXL not in _codecs(hot_table)
+    assert _content(fs, "/unread.dcm")["tier"] == "hot"
+    hot_at = _content(fs, "/read.dcm")["hot_at"]
+    time.sleep(hot_s + 0.5)
+    assert read_file(fs, "/read.dcm") == read  # read within its hot time: stays hot
+    fs.reencoder._look_for_cold()
+    assert fs.reencoder.wait_idle(120)
+    cold_table = layout(fs, "/unread.dcm")
+    assert codec.JPEGXL in _codecs(cold_table) and codec.HTJ2K not in _codecs(cold_table)
+    assert sum(map(stored_bytes, cold_table.values())) < \
+        sum(map(stored_bytes, hot_table.values()))
+    assert _content(fs, "/unread.dcm")["tier"] == "cold"
+    assert read_file(fs, "/unread.dcm") == unread  # byte-exact, decoded and compared
+    kept = _content(fs, "/read.dcm")
+    assert kept["tier"] == "hot" and kept["hot_at"] > hot_at
+    assert codec.JPEGXL not in _codecs(layout(fs, "/read.dcm"))
+    assert fs.live_status()["cooled_files"] == 1
+    tiers = {g["modality"]: g["tiers"] for g in fs.content_stats()["groups"]}
+    assert tiers["CT"]["hot"][0] == 1 and tiers["CT"]["cold"][0] == 1
+    fs.checkpoint()
+    assert_no_dangling(fs)
+    fs.close()
+    fs = make_fs(REAL)  # after a remount, and with hot_days=0 nothing is hot any more
+    assert read_file(fs, "/unread.dcm") == unread and read_file(fs, "/read.dcm") == read
+
+
+def test_hot_days_0_codes_densely_at_once(make_fs):
+    fs = make_fs(dataclasses.replace(REAL, hot_days=0))
+    data, table = write_recompressed(fs, "/ct.dcm", pydicom.dcmread(ct_file()))
+    assert codec.JPEGXL in _codecs(table)
+    assert "tier" not in _content(fs, "/ct.dcm")
+    assert read_file(fs, "/ct.dcm") == data
