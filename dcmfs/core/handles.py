@@ -266,18 +266,16 @@ class FileOps:
             self.data.write(of, lo, bytes(hi - lo))
         return True
 
-    def _seal_unlocked(self, fh: int) -> bool:
+    def _seal_unlocked(self, fh: int) -> None:
         """Seal an open file's dirty chunks and wait for its sealing jobs
         without holding the core's lock (the long part of a commit: up to
         ``dirty_limit`` of chunks to compress and write), so that the
-        commit which follows under the lock is short.  True if there was
-        anything to seal."""
+        commit which follows under the lock is short."""
         with self._lock:
             of = self._handle(fh).of
             jobs = self.data.seal_dirty(of) if of.changed else []
         for job in jobs:
             job.exception()  # wait; a failure is raised by the commit
-        return bool(jobs)
 
     def flush(self, fh: int) -> None:
         """close(2) on a descriptor: commit, so the data survives a daemon crash."""
@@ -300,7 +298,8 @@ class FileOps:
         sync covers only what was written since (objects first, then the
         journal that names them: the crash policy of ``make_durable``).
         """
-        if self._seal_unlocked(fh) and not self.read_only:
+        self._seal_unlocked(fh)
+        if not self.read_only:  # also other files' objects (nothing if none was written)
             try:
                 self.objects.sync()
             except DcmfsError:
