@@ -112,6 +112,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         #: (parent ino, name) -> (ino, path): libfuse's hidden names of open
         #: files that were unlinked (see NameOps._hide); in memory only
         self._hidden: dict[tuple[int, bytes], tuple[int, str]] = {}
+        #: ino -> monotonic time of its last release (see NameOps._hide)
+        self._released: dict[int, float] = {}
         self._knames = KernelNames()
         self.recovered: RecoveryReport | None = None
         self._syncer: threading.Thread | None = None

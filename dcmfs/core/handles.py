@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import stat
+import time
 from typing import Callable
 
 from .. import format as fmt
@@ -329,6 +330,9 @@ class FileOps:
                 self.data.commit(of)
         finally:
             del self._open[of.ino]
+            if len(self._released) > 256:
+                self._released.clear()
+            self._released[of.ino] = time.monotonic()
             if self._hidden:  # its hidden names lead nowhere now
                 for key, hidden in list(self._hidden.items()):
                     if hidden[0] == of.ino:
