@@ -430,7 +430,7 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
     # libfuse's multi-threaded loop where the core takes it (a request that
     # waits, such as a fsync syncing a gigabyte, holds one thread, not the
     # mount); a view that does not is served by one thread
-    threads = getattr(fs, "concurrent_requests", False)
+    threads = getattr(fs, "concurrent_requests", False) and fs.config.fuse_threads
     try:
         _fuse_class()(_Operations(fs, on_ready, ops or OpStats()), mountpoint, foreground=True,
                       nothreads=not threads, **opts)
