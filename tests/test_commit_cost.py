@@ -283,9 +283,9 @@ def test_sqlite_transactions_cost_the_same_on_a_small_and_a_large_database(mount
 @pytest.mark.slow
 def test_sqlite_transactions_on_a_gigabyte_database(mounted):
     """1 MiB against 1 GiB: the same, within 2x (it was 30 ms against 219 ms
-    on 11 and 225 MiB when a commit hashed the whole file).  Measured side
-    by side at load 8-11: the daemon's CPU per transaction 11.0 ms on 1 MiB
-    and 14.8 ms on 1 GiB (the large one's B-tree pages are read through
+    on 11 and 225 MiB when a commit hashed the whole file).  Measured at
+    load 5: 11.4 ms on 1 MiB and 17.5 ms on 1 GiB, of which the daemon's
+    CPU 8.2 and 13.0 ms (the large one's B-tree pages are read through
     chunks not in the 64 MiB cache, and its two changed pages lie in two
     1 MiB chunks resealed where the small one has one)."""
     small, large = _transaction_costs(1 << 20, 1 << 30, mounted.mnt)
