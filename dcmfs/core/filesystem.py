@@ -178,13 +178,14 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         """Every committed operation survives a power loss from now on."""
         self.opened.make_durable()
 
-    def checkpoint(self, delete_later: bool = False) -> None:
+    def checkpoint(self, delete_later: bool = False, synced_at: int | None = None) -> None:
         """Commit the index durably, then delete superseded objects (and take
         a snapshot when the journal archive has grown: see
-        :meth:`OpenedStore.checkpoint`); ``delete_later``: only set them
-        aside, for :meth:`FileData.delete_set_aside` without the lock."""
+        :meth:`OpenedStore.checkpoint`, also for ``synced_at``);
+        ``delete_later``: only set them aside, for
+        :meth:`FileData.delete_set_aside` without the lock."""
         self.opened.checkpoint(after_commit=self.data.set_aside if delete_later
-                               else self.data.checkpointed)
+                               else self.data.checkpointed, synced_at=synced_at)
 
     def snapshot(self) -> None:
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
@@ -211,10 +212,11 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                     and not (audit is not None and audit.pending()):
                 continue
             try:
+                synced_at = self.index.seq
                 self.objects.sync()
                 with self._lock:
                     if not self.closed:
-                        self.checkpoint(delete_later=True)
+                        self.checkpoint(delete_later=True, synced_at=synced_at)
                 self.data.delete_set_aside()  # file operations go on meanwhile
             except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
                 log.error("background checkpoint failed: %s", loggable(exc))
