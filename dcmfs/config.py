@@ -93,6 +93,11 @@ class Config:
     #: daemon, as before; for measurements only - a hostile file can then
     #: exhaust the daemon's memory or stall its unmount)
     sandbox: bool = True
+    #: libfuse's multi-threaded loop (``-o threads=0``: one thread): a
+    #: request that waits on the disk, such as a fsync of a gigabyte, then
+    #: holds one thread and not the mount (the core's lock serialises the
+    #: rest); one thread answers a sequential client's small requests sooner
+    fuse_threads: bool = True
     #: heap of each parser worker (RLIMIT_DATA); past it the file stays with
     #: the general codec ("analysis limit")
     parser_memory: int = 1024 * MiB

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -127,12 +129,112 @@ def test_stat_answers_while_a_terabyte_truncate_and_sparse_writes_run(mounted):
         assert f.read(3) == b"\x001\x00"
 
 
+def test_close_and_fsync_wait_for_their_data_without_the_core_lock(make_fs, monkeypatch):
+    """The long part of a close (sealing the file's chunks) and of a fsync
+    (that, and syncing the objects to the disk) runs without the core's
+    lock: another request is answered while it waits.  Before, the core's
+    lock was held throughout, and the getattr below waited for it."""
+    fs = make_fs()
+    write_file(fs, "/other", b"x")
+    gate = threading.Event()
+    real_write, real_sync = fs.objects.write, fs.objects.sync
+
+    def held(real):
+        def call(*args, **kwargs):
+            if threading.current_thread().name.startswith(("dcmfs-seal", "closer")):
+                assert gate.wait(30)  # the disk, very slow
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(fs.objects, "write", held(real_write))
+    monkeypatch.setattr(fs.objects, "sync", held(real_sync))
+    data = os.urandom(3 * CS + 5)
+    for call in ("flush", "fsync"):
+        gate.clear()
+        fh = fs.create(f"/{call}", 0o644, os.O_WRONLY, 0, 0)
+        fs.write(fh, data, 0)
+        closer = threading.Thread(target=getattr(fs, call), args=(fh,), name="closer")
+        closer.start()
+        try:
+            time.sleep(0.2)
+            assert closer.is_alive()  # waiting for the disk
+            t = time.monotonic()
+            assert fs.getattr("/other")["st_size"] == 1
+            assert time.monotonic() - t < 0.5
+            assert closer.is_alive()
+        finally:
+            gate.set()
+            closer.join(30)
+        assert not closer.is_alive()
+        fs.release(fh)
+        assert read_file(fs, f"/{call}") == data
+        assert index_sha(fs, f"/{call}") == content_digest(data)
+
+
+#: a second process that stats names never looked up (each one reaches the
+#: daemon: the kernel caches no such entry) until told to stop, printing
+#: when each stat started and how long it took
+_STATTER = """
+import os, select, sys, time
+base, i = sys.argv[1], 0
+while not select.select([sys.stdin], [], [], 0.005)[0]:
+    i += 1
+    t = time.monotonic()
+    try:
+        os.stat(base + str(i))
+    except FileNotFoundError:
+        pass
+    print(t, time.monotonic() - t, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_stat_from_another_process_answers_while_a_gigabyte_is_fsynced(mounted):
+    """The fsync of 1 GiB just written seals the file's last chunks and
+    syncs a gigabyte of objects to the disk: that part runs without the
+    core's lock on one of libfuse's threads, so a stat from another process
+    is answered meanwhile (before: it waited for the whole fsync, 0.3-1.1 s
+    here)."""
+    m = mounted
+    statter = subprocess.Popen([sys.executable, "-c", _STATTER, str(m.mnt / "absent")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        block = os.urandom(1 << 20)
+        with open(m.mnt / "big", "wb") as f:
+            for i in range(1024):
+                f.write(block[i:] + block[:i])
+            f.flush()
+            t0 = time.monotonic()
+            os.fsync(f.fileno())
+            t1 = time.monotonic()
+        time.sleep(0.1)
+    finally:
+        out, _ = statter.communicate("stop\n", timeout=60)
+    samples = [tuple(map(float, line.split())) for line in out.splitlines()]
+    # every stat that was waiting at some time during the fsync, and those
+    # answered while it ran (before, none was: the one stat issued waited
+    # for the whole fsync)
+    during = [lat for start, lat in samples if start < t1 and start + lat > t0]
+    answered = [lat for start, lat in samples if start > t0 and start + lat < t1]
+    assert len(answered) >= 2, (len(answered), during, t1 - t0)
+    assert statistics.median(during) < 0.02, (during, t1 - t0)
+    # the stat that meets the commit itself waits for it: the index records
+    # of the gigabyte's 1024 chunks, 40-120 ms on this loaded machine
+    assert max(during) < 0.25, (max(during), len(during), t1 - t0)
+
+
+#: the column a transaction changes: an 8-byte integer (SQLite's serial
+#: type 6 from 2**47 up), so the row keeps its size and SQLite overwrites it
+#: in place
+BIG = 1 << 60
+
+
 def _database(path, size: int) -> sqlite3.Connection:
     """A database of about ``size`` bytes with a rollback journal and full sync."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=DELETE")
     db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+    db.execute(f"CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER DEFAULT {BIG}, v BLOB)")
     blob = os.urandom(64 * 1024)
     db.execute("BEGIN")
     for _ in range(max(1, size // len(blob))):
@@ -143,7 +245,16 @@ def _database(path, size: int) -> sqlite3.Connection:
 
 def _transaction_costs(small_size: int, large_size: int, where, n: int = 40):
     """Median seconds of a one-row transaction on each database, measured
-    interleaved (the machine's noise hits both alike)."""
+    interleaved (the machine's noise hits both alike).
+
+    The transaction changes one row in place, so SQLite asks the same of the
+    filesystem on both databases (on ext4: 9.75 writes and 16.5 KB per
+    transaction on 1 MiB and on 1 GiB).  The earlier form, a row's 64 KiB
+    value replaced by 100 bytes, does not: the small database's 16 rows are
+    all short after its first 16 transactions, while each one on the large
+    database frees a 64 KiB overflow chain, so SQLite itself wrote twice the
+    calls and bytes there, on ext4 as well (88 against 43 writes, 207 against
+    97 KB per transaction)."""
     dbs = [_database(where / "small.db", small_size), _database(where / "large.db", large_size)]
     times: list[list[float]] = [[], []]
     try:
@@ -152,13 +263,15 @@ def _transaction_costs(small_size: int, large_size: int, where, n: int = 40):
             for k, db in enumerate(dbs):
                 t = time.monotonic()
                 db.execute("BEGIN")
-                db.execute("UPDATE t SET v = ? WHERE id = ?", (os.urandom(100),
-                                                              1 + i * 7 % rows[k]))
+                db.execute("UPDATE t SET n = ? WHERE id = ?", (BIG + i, 1 + i * 7 % rows[k]))
                 db.execute("COMMIT")
                 times[k].append(time.monotonic() - t)
     finally:
         for db in dbs:
             db.close()
+    # each transaction closes and unlinks its journal at once: libfuse,
+    # finding it still open, may hide it instead; none may stay behind
+    assert not [n for n in os.listdir(where) if n.startswith(".fuse_hidden")]
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -169,11 +282,11 @@ def test_sqlite_transactions_cost_the_same_on_a_small_and_a_large_database(mount
 
 @pytest.mark.slow
 def test_sqlite_transactions_on_a_gigabyte_database(mounted):
-    """1 MiB against 1 GiB: no longer proportional to the size (it was 30 ms
-    against 219 ms on 11 and 225 MiB).  What is left is chunk granularity: a
-    transaction that touches pages in three 1 MiB chunks of a database larger
-    than the 64 MiB chunk cache reads and reseals three chunks where the
-    small one has one (measured 10 ms against 28 ms); the issue's 2x needs
-    chunks of the 64 KiB class (issue 17), so the bound here is 4x."""
+    """1 MiB against 1 GiB: the same, within 2x (it was 30 ms against 219 ms
+    on 11 and 225 MiB when a commit hashed the whole file).  Measured at
+    load 5: 11.4 ms on 1 MiB and 17.5 ms on 1 GiB, of which the daemon's
+    CPU 8.2 and 13.0 ms (the large one's B-tree pages are read through
+    chunks not in the 64 MiB cache, and its two changed pages lie in two
+    1 MiB chunks resealed where the small one has one)."""
     small, large = _transaction_costs(1 << 20, 1 << 30, mounted.mnt)
-    assert large < 4 * small, (small, large)
+    assert large < 2 * small, (small, large)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import pytest
 
 from dcmfs import errors as E
+from dcmfs.core.names import RELEASE_RACE
 
 from .test_core import write_file
 
@@ -197,6 +199,27 @@ def test_fallocate_on_a_dicom_coded_file_copies_it_back_into_chunks(make_fs):
 HIDDEN = "/.fuse_hidden0000000200000001"
 
 
+def test_a_hidden_name_for_a_file_released_a_moment_ago_is_its_unlink(make_fs):
+    """libfuse's multi-threaded loop: it finds a file open and hides it
+    instead of unlinking it while the file's last release is still being
+    served on another thread, so the core sees the hiding rename of a file
+    it has just closed.  That is the unlink libfuse was asked for; taken as
+    an ordinary rename, it left a .fuse_hidden file in the directory for
+    good (seen after SQLite transactions, whose journal is closed and
+    unlinked at once)."""
+    fs = make_fs()
+    write_file(fs, "/journal", b"pages")
+    ino = fs.getattr("/journal")["st_ino"]
+    fs.rename("/journal", HIDDEN)  # right after the release
+    assert [n for n, _ in fs.readdir("/")] == []
+    with pytest.raises(E.NotFound):
+        fs.getattr(HIDDEN)
+    with pytest.raises(E.NotFound):  # libfuse may still unlink the hidden name
+        fs.unlink(HIDDEN)
+    with fs.index.begin() as txn:
+        assert txn.orphans() == [] and txn.get_inode(ino) is None
+
+
 def test_a_hidden_name_is_an_unlink_that_keeps_the_open_file_reachable(make_fs):
     """libfuse (hard_remove off) renames an open file it is asked to unlink
     to a hidden name and unlinks that at the last close: in the core the
@@ -226,6 +249,7 @@ def test_a_hidden_name_is_an_unlink_that_keeps_the_open_file_reachable(make_fs):
         assert txn.orphans() == [] and txn.get_inode(st["st_ino"]) is None
     # a file that is not open: an ordinary rename, the name is kept
     write_file(fs, "/v", b"x")
+    time.sleep(RELEASE_RACE + 0.1)  # (not just released: see the next test)
     fs.rename("/v", HIDDEN)
     assert [n for n, _ in fs.readdir("/")] == [HIDDEN[1:]]
     fs.unlink(HIDDEN)

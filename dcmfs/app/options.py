@@ -229,6 +229,10 @@ OPTIONS: tuple[Option, ...] = (
            "killed", RECODING, field="parser_timeout", low=1, high=3600),
     Option("checkpoint_interval", SECONDS, "seconds between durable index checkpoints",
            MOUNTING, field="checkpoint_interval"),
+    Option("threads", FLAG, "1: requests are served by several threads, so one that waits "
+           "on the disk (a fsync of a gigabyte) does not hold the others; 0: by one thread "
+           "(less latency per request for one sequential client)", MOUNTING,
+           field="fuse_threads"),
     Option("reencode_threads", INT, "cores the re-encoder may use while no file is written",
            RECODING, field="reencode_threads", low=1, high=64),
     Option("scrub_interval", DURATION, "verify every file once per T in the background",

@@ -25,7 +25,8 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Callable
 
 from ..storage.codec import NONE
@@ -36,7 +37,7 @@ from ..storage.digest import block_digest, tree_digest
 from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
 from .garbage import Garbage
-from .openfile import ChunkCache, OpenFile
+from .openfile import ChunkCache, OpenFile, all_zero, done_future, on_written
 
 log = logging.getLogger("dcmfs.data")
 
@@ -201,7 +202,7 @@ class FileData(Garbage):
                 self._submit(of, idx, last=False)
         for idx in of.committed:
             if idx >= count:  # extent numbers past the chunks: gone at commit
-                of.pending[idx] = _done(None)
+                of.pending[idx] = done_future(None)
         of.extents = None
 
     def read(self, of: OpenFile, offset: int, size: int, ahead: bool = True) -> bytes:
@@ -292,7 +293,7 @@ class FileData(Garbage):
                 of.discarded.append(of.pending.pop(idx))
             for idx in [i for i in of.committed if i >= first_gone]:
                 # removed from the table at commit; mark the chunk as a hole now
-                of.pending[idx] = _done(None)
+                of.pending[idx] = done_future(None)
             if length % cs:
                 idx = length // cs
                 buf = self._dirty_buffer(of, idx)
@@ -301,16 +302,17 @@ class FileData(Garbage):
         of.changed = True
 
     # --- sealing --------------------------------------------------------------
-    def _submit(self, of: OpenFile, idx: int, last: bool) -> None:
+    def _submit(self, of: OpenFile, idx: int, last: bool, block: bool = True) -> None:
         buf = of.dirty.pop(idx)
         of.dirty_bytes -= self.chunk_size
         # a chunk before the last is a whole block (a sparse write leaves it
         # short): its record's digest is then its block's (storage.digest)
         plaintext = bytes(buf) if last else bytes(buf).ljust(self.chunk_size, b"\0")
-        if not last and _all_zero(plaintext):
-            of.pending[idx] = _done(None)  # an all-zero chunk is stored as a hole
+        if not last and all_zero(plaintext):
+            of.pending[idx] = done_future(None)  # an all-zero chunk is stored as a hole
             return
-        while len(self._inflight) >= self._max_inflight:
+        while self._inflight and (self._inflight[0].done() or
+                                  block and len(self._inflight) >= self._max_inflight):
             self._inflight.popleft().exception()  # wait; errors go to their commit
         deferred = self.codec != NONE and self.may_defer(of.ino, len(plaintext))
         codec = NONE if deferred else self.codec
@@ -324,7 +326,29 @@ class FileData(Garbage):
         fut.deferred = deferred
         of.pending[idx] = fut
         self._inflight.append(fut)
-        fut.add_done_callback(lambda f, of=of: _written(f, of))
+        fut.add_done_callback(lambda f, of=of: on_written(f, of))
+
+    def wait_for_room(self) -> None:
+        """Wait until fewer than ``max_inflight`` sealing jobs run (called
+        without the core's lock, before a write: the write's own
+        back-pressure then rarely waits with the lock held)."""
+        while True:
+            busy = [f for f in list(self._inflight) if not f.done()]
+            if len(busy) < self._max_inflight:
+                return
+            futures_wait(busy, return_when=FIRST_COMPLETED)
+
+    def seal_dirty(self, of: OpenFile) -> list[Future]:
+        """Hand every dirty chunk to the sealing pool; returns the jobs a
+        commit would wait for.  The caller may wait for them without the
+        core's lock (fsync), so that the commit after is short.  No
+        back-pressure here: the chunks are in memory already, and a job
+        frees its plaintext once written."""
+        size = of.size
+        last_idx = (size - 1) // self.chunk_size if size else -1
+        for idx in sorted(of.dirty):
+            self._submit(of, idx, last=(idx == last_idx), block=False)
+        return list(of.pending.values())
 
     def _wait_pending(self, of: OpenFile) -> dict[int, ChunkRef | None]:
         """Wait for every pending object.
@@ -361,8 +385,7 @@ class FileData(Garbage):
         cs = self.chunk_size
         size = of.size
         last_idx = (size - 1) // cs if size else -1
-        for idx in sorted(of.dirty):
-            self._submit(of, idx, last=(idx == last_idx))
+        self.seal_dirty(of)
         written = self._wait_pending(of)
         table = dict(of.committed)
         for idx, ref in written.items():
@@ -443,7 +466,7 @@ class FileData(Garbage):
                                      of.write_generation, flags, self.codec, plain)
             replaced = written.get(idx)
             # a retry after a failed commit must find the new object, not the old
-            of.pending[idx] = _done(new)
+            of.pending[idx] = done_future(new)
             if replaced is not None:  # sealed this round, never in the index
                 self.objects.delete(replaced.oid)
             table[idx] = written[idx] = new
@@ -484,25 +507,3 @@ class FileData(Garbage):
         of.dirty.clear()
         of.dirty_bytes = 0
         of.changed = False
-
-
-def _all_zero(data: bytes) -> bool:
-    # the ends first: real data almost never ends in zeros, and this saves a
-    # full scan of every chunk; bytes(n) is calloc'ed, the compare is memcmp
-    return not data or (data[-1] == 0 and data[0] == 0 and data == bytes(len(data)))
-
-
-def _written(fut: Future, of: OpenFile) -> None:
-    """Done-callback of a sealing job (runs in the worker thread, possibly
-    after a waiter has already handled the future)."""
-    exc = fut.exception()
-    if exc is None:
-        fut.plaintext = None  # durable now: free the memory
-    elif of.pending.get(fut.idx) is fut:
-        of.write_error = exc
-
-
-def _done(value) -> Future:
-    fut: Future = Future()
-    fut.set_result(value)
-    return fut

@@ -3,8 +3,10 @@
 It knows nothing of FUSE: paths come in as ``str``, results go out as plain
 values and failures as :mod:`dcmfs.errors` exceptions, so every operation is
 testable without a kernel (S3QL drives its Operations class the same way).
-The FUSE adapter calls it from one thread; a lock still serialises callers
-so that background work (and tests) may call in too.
+The FUSE adapter calls it from several threads at once (libfuse's
+multi-threaded loop) and background jobs call in too: one lock serialises
+them, and an operation that can take long (fsync) does its long part
+outside it, so no request holds the others (see ``FileOps.fsync``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
     unclean-store procedure, checkpoints) belongs to the opened store.
     """
 
+    #: may the adapter call in from several threads at once? (every
+    #: operation takes the core's lock; fsync leaves it for its long part)
+    concurrent_requests = True
+
     def __init__(self, store: Store | OpenedStore, config: Config | None = None,
                  clock: Callable[[], int] = time.time_ns):
         opened = store if isinstance(store, OpenedStore) else OpenedStore(store, config)
@@ -106,19 +112,15 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         #: (parent ino, name) -> (ino, path): libfuse's hidden names of open
         #: files that were unlinked (see NameOps._hide); in memory only
         self._hidden: dict[tuple[int, bytes], tuple[int, str]] = {}
+        #: ino -> monotonic time of its last release (see NameOps._hide)
+        self._released: dict[int, float] = {}
         self._knames = KernelNames()
-        #: names whose kernel caches an operation made stale (the other names
-        #: of a hard-linked file it changed): the FUSE adapter has the kernel
-        #: drop them before it answers, and empties the list
-        self.stale_names: list[str] = self._knames.stale
         self.recovered: RecoveryReport | None = None
         self._syncer: threading.Thread | None = None
         self.reencoder: Reencoder | None = None
         self.scrubber: Scrubber | None = None
         self.verify_job: VerifyJob | None = None
-        #: (uid, gid, pid) of the request being served: the FUSE adapter sets
-        #: it before each call; None for calls from inside (the daemon itself)
-        self.caller: tuple[int, int, int] | None = None
+        self._local = threading.local()
         #: ``dcmfs key rotate --finish`` on the mounted store (core.rekey)
         self.rekey_job = None
         self.deid_filler: RecordFiller | None = None
@@ -158,18 +160,37 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                                             name="dcmfs-audit-sync")
             self._syncer.start()
 
+    @property
+    def caller(self) -> tuple[int, int, int] | None:
+        """(uid, gid, pid) of the request this thread serves: the FUSE
+        adapter sets it before each call; None for calls from inside (the
+        daemon itself).  Per thread: requests are served concurrently."""
+        return getattr(self._local, "caller", None)
+
+    @caller.setter
+    def caller(self, value: tuple[int, int, int] | None) -> None:
+        self._local.caller = value
+
+    @property
+    def stale_names(self) -> list[str]:
+        """Names whose kernel caches this thread's last operation made stale
+        (the other names of a hard-linked file it changed): the FUSE adapter
+        has the kernel drop them before it answers, and empties the list."""
+        return self._knames.stale
+
     # --- durability -----------------------------------------------------------------
     def make_durable(self) -> None:
         """Every committed operation survives a power loss from now on."""
         self.opened.make_durable()
 
-    def checkpoint(self, delete_later: bool = False) -> None:
+    def checkpoint(self, delete_later: bool = False, synced_at: int | None = None) -> None:
         """Commit the index durably, then delete superseded objects (and take
         a snapshot when the journal archive has grown: see
-        :meth:`OpenedStore.checkpoint`); ``delete_later``: only set them
-        aside, for :meth:`FileData.delete_set_aside` without the lock."""
+        :meth:`OpenedStore.checkpoint`, also for ``synced_at``);
+        ``delete_later``: only set them aside, for
+        :meth:`FileData.delete_set_aside` without the lock."""
         self.opened.checkpoint(after_commit=self.data.set_aside if delete_later
-                               else self.data.checkpointed)
+                               else self.data.checkpointed, synced_at=synced_at)
 
     def snapshot(self) -> None:
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
@@ -196,10 +217,11 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                     and not (audit is not None and audit.pending()):
                 continue
             try:
+                synced_at = self.index.seq
                 self.objects.sync()
                 with self._lock:
                     if not self.closed:
-                        self.checkpoint(delete_later=True)
+                        self.checkpoint(delete_later=True, synced_at=synced_at)
                 self.data.delete_set_aside()  # file operations go on meanwhile
             except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
                 log.error("background checkpoint failed: %s", loggable(exc))
@@ -215,9 +237,25 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
             except Exception as exc:  # noqa: BLE001 — the next round tries again
                 log.error("syncing the audit trail failed: %s", loggable(exc))
 
-    @_locked
     def sync_all(self) -> None:
-        """Commit every open file and checkpoint (fsync of a directory, umount)."""
+        """Commit every open file and checkpoint (fsync of a directory, umount).
+
+        As for fsync: the open files' sealing is waited for, and the objects
+        are synced, before the core's lock is taken."""
+        with self._lock:
+            jobs = [job for of in self._open.values() if of.changed
+                    for job in self.data.seal_dirty(of)]
+        for job in jobs:
+            job.exception()  # a failure is raised by the commit
+        if not self.read_only:
+            try:
+                self.objects.sync()
+            except DcmfsError:
+                pass  # final for the mount: the checkpoint raises it
+        self._sync_all()
+
+    @_locked
+    def _sync_all(self) -> None:
         first_error = None
         for of in list(self._open.values()):
             try:

@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import stat
+import time
 from typing import Callable
 
 from .. import format as fmt
-from ..errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLong,
-                     NoAttribute, NotSupported, PermissionDenied, ReadOnlyError, TooBig)
+from ..errors import (BadHandle, DcmfsError, Exists, InvalidArgument, IsADirectory,
+                     NameTooLong, NoAttribute, NotSupported, PermissionDenied, ReadOnlyError,
+                     TooBig)
 from ..audit.trail import identity
 from .openfile import OpenFile
 from ..index import Inode
@@ -160,8 +162,14 @@ class FileOps:
         sequential reader's); False for a reader of one range only."""
         return self.data.read(self._handle(fh).of, offset, size, ahead)
 
-    @_mutating
     def write(self, fh: int, data: bytes, offset: int) -> int:
+        # a full sealing pool is waited for here, not under the lock
+        # (a writer at random offsets seals a chunk at nearly every write)
+        self.data.wait_for_room()
+        return self._write(fh, data, offset)
+
+    @_mutating
+    def _write(self, fh: int, data: bytes, offset: int) -> int:
         h = self._handle(fh)
         of = h.of
         if h.flags & os.O_APPEND:
@@ -259,20 +267,48 @@ class FileOps:
             self.data.write(of, lo, bytes(hi - lo))
         return True
 
-    @_locked
+    def _seal_unlocked(self, fh: int) -> None:
+        """Seal an open file's dirty chunks and wait for its sealing jobs
+        without holding the core's lock (the long part of a commit: up to
+        ``dirty_limit`` of chunks to compress and write), so that the
+        commit which follows under the lock is short."""
+        with self._lock:
+            of = self._handle(fh).of
+            jobs = self.data.seal_dirty(of) if of.changed else []
+        for job in jobs:
+            job.exception()  # wait; a failure is raised by the commit
+
     def flush(self, fh: int) -> None:
         """close(2) on a descriptor: commit, so the data survives a daemon crash."""
-        h = self._handle(fh)
-        if h.of.changed:
-            self.data.commit(h.of)
-        self._audit_written(h)
+        self._seal_unlocked(fh)
+        with self._lock:
+            h = self._handle(fh)
+            if h.of.changed:
+                self.data.commit(h.of)
+            self._audit_written(h)
+            self._maybe_checkpoint()
 
-    @_locked
     def fsync(self, fh: int, datasync: bool = False) -> None:
-        """fsync(2): commit and make it durable (survives power loss)."""
-        of = self._handle(fh).of
-        self.data.commit(of)
-        self.make_durable()
+        """fsync(2): commit and make it durable (survives power loss).
+
+        The long part - sealing the file's last chunks and syncing a
+        gigabyte of objects to the disk - runs without the core's lock, so
+        the mount's other requests are served meanwhile (as the background
+        checkpoint syncs the objects before it takes the lock).  Then, under
+        the lock, the commit finds its objects written and the final
+        sync covers only what was written since (objects first, then the
+        journal that names them: the crash policy of ``make_durable``).
+        """
+        self._seal_unlocked(fh)
+        if not self.read_only:  # also other files' objects (nothing if none was written)
+            try:
+                self.objects.sync()
+            except DcmfsError:
+                pass  # final for the mount: make_durable below raises it
+        with self._lock:
+            self.data.commit(self._handle(fh).of)
+            self.make_durable()
+            self._maybe_checkpoint()
 
     @_locked
     def release(self, fh: int) -> None:
@@ -294,6 +330,9 @@ class FileOps:
                 self.data.commit(of)
         finally:
             del self._open[of.ino]
+            if len(self._released) > 256:
+                self._released.clear()
+            self._released[of.ino] = time.monotonic()
             if self._hidden:  # its hidden names lead nowhere now
                 for key, hidden in list(self._hidden.items()):
                     if hidden[0] == of.ino:

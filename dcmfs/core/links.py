@@ -19,6 +19,8 @@ name, nearly every file, costs one comparison per getattr.
 
 from __future__ import annotations
 
+import threading
+
 
 def moved(path: str, old: str, new: str) -> str | None:
     """``path`` after ``old`` was renamed to ``new`` (it or a directory above
@@ -42,9 +44,18 @@ class KernelNames:
     def __init__(self) -> None:
         self._paths: dict[int, set[str]] = {}
         self._count = 0
-        #: paths whose kernel caches the last operations made stale (the
-        #: adapter takes them before it answers)
-        self.stale: list[str] = []
+        self._local = threading.local()
+
+    @property
+    def stale(self) -> list[str]:
+        """Paths whose kernel caches the last operations *of this thread*
+        made stale (the adapter takes them before it answers).  One list per
+        thread: with several requests served at once, each request's answer
+        must wait for its own invalidations, not miss them to another."""
+        stale = getattr(self._local, "stale", None)
+        if stale is None:
+            stale = self._local.stale = []
+        return stale
 
     def seen(self, ino: int, path: str) -> None:
         """The kernel knows ``ino`` (which has several names) as ``path``."""

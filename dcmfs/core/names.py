@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 
 from ..errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory,
                       NotADirectory, NotFound)
@@ -23,6 +24,10 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 #: by a rename (``.fuse_hidden`` and 16 hex digits); such a name is reserved:
 #: see :meth:`NameOps._hide`
 _HIDDEN = re.compile(rb"\.fuse_hidden[0-9a-f]{16}")
+#: seconds after a file's last release in which libfuse's hiding rename of
+#: it is still taken for the unlink it stands for (see NameOps._hide; the
+#: rename comes right after the release, once it has the core's lock)
+RELEASE_RACE = 0.5
 #: what mknod(2) makes (a directory is mkdir's; the kernel refuses it)
 _MKNOD_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG)
 
@@ -195,21 +200,30 @@ class NameOps:
         it *is* the unlink (journaled now: the file is an orphan, gone after
         a crash), and ``new`` only a name in memory by which the open file
         is reached until its last release.  False if ``old`` is not an
-        open file: an ordinary rename then."""
+        open file (nor one released in the last ``RELEASE_RACE`` seconds):
+        an ordinary rename then."""
         with self._write_txn() as txn:
             op, oname, ino, inode = self._entry(txn, old)
             np, nname = self._parent(txn, new)
-            if ino not in self._open or stat.S_ISDIR(inode.mode) \
-                    or txn.lookup(np, nname) is not None:
+            # closed a moment ago: libfuse found it open while its release
+            # was being served on another of its threads; it meant an unlink
+            # (an ordinary rename would leave a .fuse_hidden file for good)
+            closed = ino not in self._open
+            if closed and time.monotonic() - self._released.get(ino, -60.0) > RELEASE_RACE \
+                    or stat.S_ISDIR(inode.mode) or txn.lookup(np, nname) is not None:
                 return False
             txn.remove_dirent(op, oname)
             garbage = self._drop_link(txn, ino, inode)
             self._touch_dir(txn, op, self._inode(txn, op))
-        self._hidden[(np, nname)] = (ino, new)
-        self._renamed(old, new, ino, False)  # the kernel keeps its inode as ``new``
-        self._knames.changed(ino, new)
+        if closed:
+            self._knames.changed(ino, old)
+            self._knames.gone(ino, old)
+        else:
+            self._hidden[(np, nname)] = (ino, new)
+            self._renamed(old, new, ino, False)  # the kernel keeps its inode as ``new``
+            self._knames.changed(ino, new)
         self.data.after_commit(garbage)
-        self._audit("unlink", ino, old, open=True)
+        self._audit("unlink", ino, old, **({} if closed else {"open": True}))
         return True
 
     def _forget_hidden(self, path: str) -> bool:

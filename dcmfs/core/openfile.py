@@ -71,3 +71,25 @@ class OpenFile:
     @property
     def write_generation(self) -> int:
         return self.inode.generation + 1
+
+
+def all_zero(data: bytes) -> bool:
+    # the ends first: real data almost never ends in zeros, and this saves a
+    # full scan of every chunk; bytes(n) is calloc'ed, the compare is memcmp
+    return not data or (data[-1] == 0 and data[0] == 0 and data == bytes(len(data)))
+
+
+def on_written(fut: Future, of: OpenFile) -> None:
+    """Done-callback of a sealing job (runs in the worker thread, possibly
+    after a waiter has already handled the future)."""
+    exc = fut.exception()
+    if exc is None:
+        fut.plaintext = None  # durable now: free the memory
+    elif of.pending.get(fut.idx) is fut:
+        of.write_error = exc
+
+
+def done_future(value) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut

@@ -322,15 +322,25 @@ class OpenedStore:
         if self.audit is not None:
             self.audit.sync()
 
-    def checkpoint(self, after_commit: Callable[[], None] = lambda: None) -> None:
+    def checkpoint(self, after_commit: Callable[[], None] = lambda: None,
+                   synced_at: int | None = None) -> None:
         """Commit the index durably (objects first); ``after_commit`` runs
         right after (the core deletes superseded objects there).  When the
         archived journal has grown large, take a new index snapshot, so that
-        a rebuild has little to roll forward and the archive stays bounded."""
+        a rebuild has little to roll forward and the archive stays bounded.
+
+        ``synced_at``: the journal's sequence number read before a sync of
+        the objects that the caller made without the lock.  If no operation
+        was journaled since, every object the index names was written before
+        that sync began, and the objects are not synced again here, under
+        the lock (a file being written meanwhile, not yet committed, would
+        have its new objects synced while every request waits)."""
         with self.lock:
+            covered = synced_at is not None and self.index.seq == synced_at
             self._write_damage_record()
             self._write_audit_head()
-            self.objects.sync()
+            if not covered:
+                self.objects.sync()
             rotated = self.index.checkpoint()
             after_commit()
             if rotated and archived_bytes(self.index.archive_dir) >= self.config.snapshot_after:
