@@ -29,7 +29,7 @@ def _content(fs, path):
 
 
 def test_fresh_files_decode_fast_and_turn_dense_when_not_read(make_fs):
-    hot_s = 2.0
+    hot_s = 3.0
     fs = make_fs(dataclasses.replace(REAL, hot_days=hot_s / 86400))
     fs.reencoder.tiers.next_look = float("inf")  # the test says when to look
     ds = pydicom.dcmread(ct_file())
@@ -42,6 +42,7 @@ def test_fresh_files_decode_fast_and_turn_dense_when_not_read(make_fs):
     time.sleep(hot_s + 0.5)
     assert read_file(fs, "/read.dcm") == read  # read within its hot time: stays hot
     fs.reencoder._look_for_cold()
+    fs.reencoder.tiers.next_look = float("inf")  # one look only (it set the next)
     assert fs.reencoder.wait_idle(120)
     cold_table = layout(fs, "/unread.dcm")
     assert codec.JPEGXL in _codecs(cold_table) and codec.HTJ2K not in _codecs(cold_table)

@@ -37,6 +37,7 @@ from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .links import KernelNames
 from .names import NameOps
 from .host import JobHostOps
+from .syncloops import SyncLoops
 from .deidrecords import RecordFiller
 from .reencoder import Reencoder
 from .scrub import Scrubber, VerifyJob
@@ -53,7 +54,7 @@ def _split(path: str) -> tuple[str, bytes]:
     return parent or "/", os.fsencode(name)
 
 
-class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
+class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
     """One opened store, ready to serve filesystem operations.
 
     ``store`` is an :class:`~dcmfs.opened.store.OpenedStore` (the
@@ -204,38 +205,6 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                 self.checkpoint()
             except DcmfsError as exc:
                 log.error("checkpoint failed: %s", exc)
-
-    def _sync_loop(self) -> None:
-        """Checkpoint every ``checkpoint_interval`` seconds while there are changes.
-
-        The objects are flushed before the lock is taken, so file operations
-        wait only for the short index commit.
-        """
-        while not self._stop.wait(self.config.checkpoint_interval):
-            audit = self.opened.audit
-            if not self.index.pending_records and self.opened.damage_pending is None \
-                    and not (audit is not None and audit.pending()):
-                continue
-            try:
-                synced_at = self.index.seq
-                self.objects.sync()
-                with self._lock:
-                    if not self.closed:
-                        self.checkpoint(delete_later=True, synced_at=synced_at)
-                self.data.delete_set_aside()  # file operations go on meanwhile
-            except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
-                log.error("background checkpoint failed: %s", loggable(exc))
-
-    def _audit_sync_loop(self) -> None:
-        """A read-only store's checkpoints: the audit trail (and the count
-        of folded opens) made durable every ``checkpoint_interval``."""
-        while not self._stop.wait(self.config.checkpoint_interval):
-            audit = self.opened.audit
-            try:
-                if audit is not None and audit.unsynced():
-                    audit.sync()
-            except Exception as exc:  # noqa: BLE001 — the next round tries again
-                log.error("syncing the audit trail failed: %s", loggable(exc))
 
     def sync_all(self) -> None:
         """Commit every open file and checkpoint (fsync of a directory, umount).

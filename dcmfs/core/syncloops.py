@@ -1,0 +1,48 @@
+"""The filesystem core's background checkpoint loops (a mixin of
+:class:`~dcmfs.core.filesystem.FileSystem`): objects synced before the core's
+lock is taken, superseded objects deleted after it is let go."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import loggable
+
+log = logging.getLogger("dcmfs.fs")
+
+
+class SyncLoops:
+    """``_sync_loop`` of a read-write opening, ``_audit_sync_loop`` of a
+    read-only one (each runs in the thread ``dcmfs-checkpoint``)."""
+
+    def _sync_loop(self) -> None:
+        """Checkpoint every ``checkpoint_interval`` seconds while there are changes.
+
+        The objects are flushed before the lock is taken, so file operations
+        wait only for the short index commit.
+        """
+        while not self._stop.wait(self.config.checkpoint_interval):
+            audit = self.opened.audit
+            if not self.index.pending_records and self.opened.damage_pending is None \
+                    and not (audit is not None and audit.pending()):
+                continue
+            try:
+                synced_at = self.index.seq
+                self.objects.sync()
+                with self._lock:
+                    if not self.closed:
+                        self.checkpoint(delete_later=True, synced_at=synced_at)
+                self.data.delete_set_aside()  # file operations go on meanwhile
+            except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
+                log.error("background checkpoint failed: %s", loggable(exc))
+
+    def _audit_sync_loop(self) -> None:
+        """A read-only store's checkpoints: the audit trail (and the count
+        of folded opens) made durable every ``checkpoint_interval``."""
+        while not self._stop.wait(self.config.checkpoint_interval):
+            audit = self.opened.audit
+            try:
+                if audit is not None and audit.unsynced():
+                    audit.sync()
+            except Exception as exc:  # noqa: BLE001 — the next round tries again
+                log.error("syncing the audit trail failed: %s", loggable(exc))
