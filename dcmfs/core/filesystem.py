@@ -30,6 +30,7 @@ from ..storage.digest import tree_digest
 from ..storage.header import Store
 from .contents import FileData
 from .openfile import OpenFile
+from .readahead import ReadAhead
 from .control import StoreOps
 from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .links import KernelNames
@@ -98,6 +99,9 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                              config.read_cache_bytes,
                              read_ahead=8 if self.opened.remote is not None else 2)
         self.data.on_damage = self.damaged
+        #: an S3 store's read-ahead of sequential readers (None: local)
+        self.readahead = None if self.opened.remote is None else ReadAhead(
+            self.index, self.objects, self.chunk_size, self._resolve, self._inode)
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}

@@ -123,6 +123,8 @@ class FileOps:
             self._knames.changed(ino, path)
         self._audit_open(fh, "open", ino, path, access=_ACCESS[flags & os.O_ACCMODE],
                          **({"trunc": True} if flags & os.O_TRUNC else {}))
+        if self.readahead is not None and not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self.readahead.open(of, path)
         return fh
 
     def _audit_open(self, fh: int, event: str, ino: int, path: str, **fields) -> None:
@@ -156,7 +158,10 @@ class FileOps:
     def read(self, fh: int, size: int, offset: int, ahead: bool = True) -> bytes:
         """``ahead``: extents past the range are decoded meanwhile (a
         sequential reader's); False for a reader of one range only."""
-        return self.data.read(self._handle(fh).of, offset, size, ahead)
+        h = self._handle(fh)
+        if self.readahead is not None and not h.of.changed:
+            self.readahead.read(h.of, offset, size, h.path)
+        return self.data.read(h.of, offset, size, ahead)
 
     @_mutating
     def write(self, fh: int, data: bytes, offset: int) -> int:
@@ -292,6 +297,8 @@ class FileOps:
                 self.data.commit(of)
         finally:
             del self._open[of.ino]
+            if self.readahead is not None:
+                self.readahead.release(of.ino)
             if self._hidden:  # its hidden names lead nowhere now
                 for key, hidden in list(self._hidden.items()):
                     if hidden[0] == of.ino:

@@ -27,7 +27,8 @@ import time
 from typing import Iterator
 
 from .backend import Backend, BackendMissing, LocalBackend
-from .durable import TMP_PREFIX
+from .durable import TMP_PREFIX, write_new
+from .fetch import Fetcher
 from ..errors import StoreIOError
 
 log = logging.getLogger("dcmfs.s3")
@@ -48,8 +49,10 @@ class CachedBackend(Backend):
     kind = "s3"
 
     def __init__(self, cache: LocalBackend, remote: Backend, cache_size: int,
-                 uploaders: int = 4, upload_delay: float = 0.0) -> None:
+                 uploaders: int = 4, upload_delay: float = 0.0, fetchers: int = 8) -> None:
         self.cache = cache
+        #: GETs ahead of the reads (:mod:`dcmfs.storage.fetch`)
+        self.fetcher = Fetcher(self._download, threads=fetchers, limit=8 * fetchers)
         #: seconds a new object waits before its upload, unless the cache is
         #: half full or someone drains: a chunk the re-encoder replaces in
         #: that time (close seals uncompressed, the re-encoder compresses)
@@ -149,21 +152,62 @@ class CachedBackend(Backend):
             return data
         if name in self._deleting:
             raise BackendMissing(name)
+        if self.fetcher.claim(name):  # fetched ahead meanwhile: in the cache now?
+            try:
+                return self.cache.get(name, start, end)
+            except BackendMissing:
+                pass
         if start or end is not None:  # a header only (fsck, verify): not worth caching
             self.counts["downloads"] += 1
             return self.remote.get(name, start, end)
+        return self._download(name)
+
+    def _download(self, name: str) -> bytes:
+        """Get an object from the bucket and keep a copy in the cache."""
         blob = self.remote.get(name)
-        self.counts["downloads"] += 1
-        self.counts["downloaded_bytes"] += len(blob)
+        with self._cv:
+            self.counts["downloads"] += 1
+            self.counts["downloaded_bytes"] += len(blob)
         try:
-            if self.cache.create(name, blob, mode=_UPLOADED_MODE):
+            if self._keep(name, blob):
                 with self._cv:
+                    if name in self._lru:  # two fetches of one object
+                        return blob
                     self._lru[name] = len(blob)
                     self._cached_bytes += len(blob)
                     self._evict()
         except StoreIOError as exc:  # a full cache disk must not fail a read
             log.warning("could not cache a downloaded object: %s", exc)
         return blob
+
+    def _keep(self, name: str, blob: bytes) -> bool:
+        """Write a downloaded object into the cache under a temporary name,
+        then rename it: a concurrent read of the same object (the fetch pool,
+        the read that waited for it) never sees it half written.  No fsync:
+        the bucket holds it.  False if it was cached already."""
+        path = self.cache.path(name)
+        if os.path.exists(path):
+            return False
+        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.urandom(6).hex()}")
+        self.cache._parent(path)
+        write_new(tmp, blob, mode=_UPLOADED_MODE)
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StoreIOError(f"caching {os.path.basename(path)} failed: "
+                               f"{exc.strerror}") from exc
+        return True
+
+    def prefetch(self, names: list[str]) -> int:
+        """Fetch these objects into the cache ahead of their reads (those
+        cached or being deleted are skipped); returns how many were queued."""
+        todo = [n for n in names if n not in self._deleting
+                and not os.path.exists(self.cache.path(n))]
+        return self.fetcher.want(todo) if todo else 0
 
     def head(self, name: str) -> int | None:
         if is_object(name):
@@ -372,6 +416,7 @@ class CachedBackend(Backend):
                    "cache_bytes": self._pending_bytes + self._cached_bytes,
                    "cache_size": self.cache_size}
         out.update(self.counts)
+        out["fetched_ahead"] = self.fetcher.fetched
         out["requests"] = getattr(self.remote, "requests", 0)
         return out
 
@@ -381,6 +426,7 @@ class CachedBackend(Backend):
         if drain_timeout and not self.drain(drain_timeout):
             log.warning("%d objects were not uploaded before closing; the next mount uploads "
                         "them", len(self._pending))
+        self.fetcher.close()
         with self._cv:
             self._closed = True
             self._abandon.set()
