@@ -99,6 +99,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
                              config.read_cache_bytes,
                              read_ahead=8 if self.opened.remote is not None else 2)
         self.data.on_damage = self.damaged
+        if self.opened.follower is not None:  # the writer's changes came in
+            self.opened.follower.on_applied = lambda: self._inodes.clear()
         #: an S3 store's read-ahead of sequential readers (None: local)
         self.readahead = None if self.opened.remote is None else ReadAhead(
             self.index, self.objects, self.chunk_size, self._resolve, self._inode)

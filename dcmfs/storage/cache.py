@@ -49,8 +49,12 @@ class CachedBackend(Backend):
     kind = "s3"
 
     def __init__(self, cache: LocalBackend, remote: Backend, cache_size: int,
-                 uploaders: int = 4, upload_delay: float = 0.0, fetchers: int = 8) -> None:
+                 uploaders: int = 4, upload_delay: float = 0.0, fetchers: int = 8,
+                 delete_delay: float = 0.0) -> None:
         self.cache = cache
+        #: seconds a superseded object stays in the bucket after its delete
+        #: (read-only followers lag behind the writer; a drain sends them at once)
+        self.delete_delay = delete_delay
         #: GETs ahead of the reads (:mod:`dcmfs.storage.fetch`)
         self.fetcher = Fetcher(self._download, threads=fetchers, limit=8 * fetchers)
         #: seconds a new object waits before its upload, unless the cache is
@@ -73,6 +77,9 @@ class CachedBackend(Backend):
         #: puts of objects likely to be replaced soon (sealed uncompressed for
         #: the re-encoder): they wait HOLD x upload_delay, in a queue of their own
         self._held: collections.deque[tuple[str, str, float]] = collections.deque()
+        #: deletes, each after ``delete_delay``: a follower still reading the
+        #: state that named the object has that long to move on
+        self._later: collections.deque[tuple[str, str, float]] = collections.deque()
         self._in_flight: set[str] = set()
         #: deleted, the bucket's copy not yet: answered as missing
         self._deleting: set[str] = set()
@@ -237,7 +244,7 @@ class CachedBackend(Backend):
             self._forget(name)
             self._deleting.add(name)
             self._deletes_waiting += 1
-            self._queue.append(("delete", name, 0.0))
+            self._later.append(("delete", name, time.monotonic() + self.delete_delay))
             self._cv.notify()
 
     # --- bookkeeping ----------------------------------------------------------------
@@ -292,7 +299,7 @@ class CachedBackend(Backend):
             with self._cv:
                 queue = None
                 while not self._closed:
-                    heads = [q for q in (self._queue, self._held) if q]
+                    heads = [q for q in (self._queue, self._held, self._later) if q]
                     if heads:
                         queue = min(heads, key=lambda q: q[0][2])
                         wait = queue[0][2] - time.monotonic()
@@ -395,7 +402,7 @@ class CachedBackend(Backend):
                 # stale queue entries (objects deleted before their upload) do
                 # not count: only what is waiting, running or still to delete
                 while self._pending or self._in_flight or self._deletes_waiting:
-                    if not (self._queue or self._held or self._in_flight):
+                    if not (self._queue or self._held or self._later or self._in_flight):
                         # waiting objects no queue holds: queue them again
                         # (an upload of one is harmless, a lost one is not)
                         log.warning("%d waiting objects were not queued; queueing them",

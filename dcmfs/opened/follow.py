@@ -1,0 +1,204 @@
+"""Read-only followers of an S3 store: the writer publishes its journal,
+read-only mounts on other machines apply it.
+
+**The writer** (:class:`Publisher`, every read-write opening of an S3 store)
+uploads, every ``s3_publish_interval`` seconds (10 by default) when its
+index changed, the archived journal segments the bucket lacks as
+``follow/journal-N`` and the live journal as ``follow/live`` (segments
+first), and once more at a clean close; it deletes the ``follow/`` segments
+it no longer keeps itself (those older than its two index snapshots).  They
+are the journal files as on disk: every record sealed under the store's key
+with its sequence number in the associated data.
+
+**A follower** (``dcmfs mount -o ro,follow=SECONDS`` of a store made by
+``dcmfs attach``; :class:`Follower`) lists ``follow/`` every SECONDS,
+fetches the segments after its own sequence number and the live journal,
+and applies the records that authenticate, continue its sequence without a
+gap and leave no chunk entry naming an object the bucket lacks
+(:func:`dcmfs.index.follow.apply_available`); the rest waits for the next
+round.  Its index is then checkpointed with its sums sealed as on the writer,
+and read as any index (index authenticity: docs/format.md).  A bucket that
+is rolled back or withholds segments can delay a follower, never take it
+backwards: records it applied are never applied again, older ones are
+ignored, and a gap stops it (it then logs, once, that it needs a new
+``dcmfs attach``).
+
+The delay until a new file shows on a follower: the writer's next
+checkpoint (a few seconds), its next publication (``s3_publish_interval``,
+10 s), the upload of the file's objects (``s3_upload_delay``, 10 s; a chunk
+awaiting the re-encoder until its replacement is uploaded) and the
+follower's next round (``follow``): about 30 s with the defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from .. import format as fmt
+from ..errors import DcmfsError, StoreIOError
+from ..index import Index
+from ..index.follow import apply_available
+from ..index.journal import Journal
+from ..index.schema import JOURNAL_NAME
+from ..index.snapshots import archive_segments
+from ..storage.backend import Backend, BackendMissing
+from ..storage.objects import object_name
+
+log = logging.getLogger("dcmfs.s3")
+
+PREFIX = "follow/"
+LIVE = PREFIX + "live"
+
+
+class Publisher:
+    """The writer's side: uploads its journal for followers."""
+
+    def __init__(self, remote: Backend, root: str, index: Callable[[], Index | None],
+                 lock, interval: float) -> None:
+        self.remote = remote
+        self.root = root
+        self._index = index
+        self._lock = lock
+        self.interval = interval
+        self._published_seq = -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dcmfs-publish-journal",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.publish()
+
+    def publish(self) -> None:
+        """Upload what changed (a failure is logged; the next round retries)."""
+        index = self._index()
+        if index is None:
+            return
+        seq = index.seq
+        if seq == self._published_seq:
+            return
+        directory = os.path.join(self.root, fmt.SNAPSHOTS_DIR)
+        try:
+            present = set(self.remote.list(PREFIX))
+            kept = set()
+            with self._lock:  # no rotation of the journal meanwhile
+                segments = archive_segments(directory)
+                live = _read(os.path.join(self.root, fmt.INDEX_DIR, JOURNAL_NAME))
+            for _, path in segments:
+                name = PREFIX + os.path.basename(path)
+                kept.add(name)
+                if name not in present:
+                    self.remote.put(name, _read(path))
+            self.remote.put(LIVE, live)
+            for name in present - kept - {LIVE}:
+                self.remote.delete(name)
+        except (OSError, StoreIOError) as exc:
+            log.warning("publishing the journal for followers failed (%s); retrying in "
+                        "%.0f s", type(exc).__name__, self.interval)
+            return
+        self._published_seq = seq
+
+    def close(self) -> None:
+        """Stop, after one last publication (the caller drained the uploads)."""
+        self._stop.set()
+        self._thread.join()
+        self.publish()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Follower:
+    """A read-only mount's side: applies the writer's published journal."""
+
+    def __init__(self, remote: Backend, root: str, index: Index, master_key: bytes,
+                 store_id: bytes, lock, interval: float,
+                 on_applied: Callable[[], None] = lambda: None) -> None:
+        self.remote = remote
+        self.root = root
+        self.index = index
+        self._key, self._store_id = master_key, store_id
+        self._lock = lock
+        self.interval = interval
+        self.on_applied = on_applied
+        #: records applied so far, rounds run, and the last round's error
+        self.applied = 0
+        self.rounds = 0
+        self.last_error: str | None = None
+        self._gap_logged = False
+        self._present: set[bytes] = set()
+        self._heads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dcmfs-follow-head")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dcmfs-follow", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.follow()
+            except DcmfsError as exc:
+                self.last_error = str(exc)
+                log.warning("following the writer failed: %s; retrying in %.0f s", exc,
+                            self.interval)
+
+    def follow(self) -> int:
+        """One round: fetch what the writer published and apply what can be;
+        returns how many records were applied."""
+        self.rounds += 1
+        seq = self.index.seq
+        names = []
+        for name in self.remote.list(PREFIX):
+            tail = name[len(PREFIX):]
+            if tail.startswith(fmt.ARCHIVE_PREFIX) and tail[len(fmt.ARCHIVE_PREFIX):].isdigit():
+                last = int(tail[len(fmt.ARCHIVE_PREFIX):])
+                if last > seq:
+                    names.append((last, name))
+        names = [n for _, n in sorted(names)] + [LIVE]
+        records = []
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".follow-") as tmp:
+            for i, name in enumerate(names):
+                try:
+                    blob = self.remote.get(name)
+                except BackendMissing:
+                    continue
+                path = os.path.join(tmp, str(i))
+                with open(path, "wb") as f:
+                    f.write(blob)
+                journal = Journal(path, self._key, self._store_id, read_only=True)
+                try:
+                    records.extend(journal.records(seq))
+                finally:
+                    journal.close()
+        if records and records[0][0] > seq + 1:
+            if not self._gap_logged:
+                log.error("the bucket no longer holds the journal after change %d (this "
+                          "follower fell too far behind); unmount and 'dcmfs attach' again", seq)
+                self._gap_logged = True
+            return 0
+        with self._lock:
+            n = apply_available(self.index, records, self._in_bucket)
+            if n:
+                self.on_applied()
+        self.applied += n
+        return n
+
+    def _in_bucket(self, oids: set[bytes]) -> set[bytes]:
+        todo = [o for o in oids if o not in self._present]
+        for oid, size in zip(todo, self._heads.map(
+                lambda o: self.remote.head(object_name(o)), todo)):
+            if size is not None:
+                self._present.add(oid)  # objects are immutable: once there, there
+        return {o for o in oids if o in self._present}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._heads.shutdown(wait=True)

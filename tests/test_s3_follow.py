@@ -1,0 +1,89 @@
+"""Read-only followers of an S3 store against a real Ceph RGW: a writer
+mount writes files, a follower mount of the same bucket on "another
+machine" (a store made by ``dcmfs attach``, a state directory of its own)
+sees them within the stated delay, byte-exact, and refuses writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+
+from .conftest import Mount, ct_file
+from .test_s3_mount import s3_mount  # noqa: F401 (fixture)
+
+#: the test's settings: publish every 1 s, upload after 1 s, follow every 1 s
+FAST = "s3_publish_interval=1,s3_upload_delay=1"
+#: what docs/format.md states for these settings, with room for a loaded machine
+DELAY = 30.0
+
+
+def _wait_for(path, data: bytes, deadline: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            if path.read_bytes() == data:
+                return time.monotonic() - started
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{path.name} did not show on the follower in time")
+
+
+def test_a_follower_sees_new_files_within_the_delay_and_refuses_writes(s3_mount, tmp_path,
+                                                                       monkeypatch):
+    m = s3_mount
+    m.mount("--s3-credentials-file", m.creds, "-o", FAST)
+    first = os.urandom(200_000)
+    (m.mnt / "first.bin").write_bytes(first)
+    m.umount()
+    follower_store = tmp_path / "viewer"
+    monkeypatch.setenv("DCMFS_STATE_DIR", str(tmp_path / "viewer-state"))  # another machine
+    r = m.cli("attach", m.url, follower_store, "--key-file", m.key, "--s3-credentials-file",
+              m.creds, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    monkeypatch.delenv("DCMFS_STATE_DIR")
+    m.mount("--s3-credentials-file", m.creds, "-o", FAST)  # the writer again
+    (tmp_path / "v").mkdir()
+    viewer = Mount(tmp_path / "v")
+    viewer.store, viewer.key = follower_store, m.key
+    monkeypatch.setenv("DCMFS_STATE_DIR", str(tmp_path / "viewer-state"))
+    viewer.mount("--s3-credentials-file", m.creds, "-o", "ro,follow=1")
+    try:
+        assert (viewer.mnt / "first.bin").read_bytes() == first
+        ct = ct_file().read_bytes()
+        os.makedirs(m.mnt / "series")
+        want = {}
+        for i in range(6):
+            data = ct[:-8] + i.to_bytes(8, "big")
+            (m.mnt / "series" / f"{i:03d}.dcm").write_bytes(data)
+            want[f"{i:03d}.dcm"] = data
+        big = os.urandom(3_000_000)
+        (m.mnt / "big.bin").write_bytes(big)
+        written = time.monotonic()
+        deadline = written + DELAY
+        for name, data in want.items():
+            _wait_for(viewer.mnt / "series" / name, data, deadline)
+        _wait_for(viewer.mnt / "big.bin", big, deadline)
+        took = time.monotonic() - written
+        assert took < DELAY
+        assert sorted(os.listdir(viewer.mnt / "series")) == sorted(want)
+        # a change and a removal follow too
+        (m.mnt / "big.bin").unlink()
+        deadline = time.monotonic() + DELAY
+        while (viewer.mnt / "big.bin").exists():
+            assert time.monotonic() < deadline, "the removal did not show on the follower"
+            time.sleep(0.2)
+        # the follower refuses writes
+        for attempt in (lambda: (viewer.mnt / "new.bin").write_bytes(b"x"),
+                        lambda: open(viewer.mnt / "first.bin", "r+b"),
+                        lambda: os.mkdir(viewer.mnt / "d")):
+            with pytest.raises(OSError) as exc:
+                attempt()
+            assert exc.value.errno == errno.EROFS
+        assert (m.mnt / "first.bin").read_bytes() == first  # the writer is untouched
+    finally:
+        viewer.cleanup()
+    assert "Traceback" not in viewer.log() and " ERROR" not in viewer.log(), viewer.log()
