@@ -12,6 +12,7 @@ import time
 import pytest
 
 from .conftest import Mount, ct_file
+from .test_s3 import s3_fs  # noqa: F401 (fixture)
 from .test_s3_mount import s3_mount  # noqa: F401 (fixture)
 
 #: the test's settings: publish every 1 s, upload after 1 s, follow every 1 s
@@ -87,3 +88,73 @@ def test_a_follower_sees_new_files_within_the_delay_and_refuses_writes(s3_mount,
     finally:
         viewer.cleanup()
     assert "Traceback" not in viewer.log() and " ERROR" not in viewer.log(), viewer.log()
+
+
+def test_a_follower_applies_authentic_records_in_sequence_only(s3_fs, tmp_path, secret,
+                                                               s3_settings, ceph_s3):
+    """A flipped byte in the published journal stops the follower before
+    that record; an older copy put back (a rollback) takes it nowhere; the
+    genuine journal brings it to the writer's state, byte-exact."""
+    import dataclasses
+
+    from dcmfs.app.attach import attach
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.errors import NotFound
+    from dcmfs.storage.header import open_store
+
+    from .conftest import SMALL
+    from .test_s3 import read_file, write_file
+
+    writer = s3_fs()
+    first = os.urandom(150_000)
+    write_file(writer, "/first", first)
+    writer.close()
+    viewer_root = str(tmp_path / "viewer")
+    viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
+    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg)
+    writer = s3_fs()
+    viewer = FileSystem(open_store(viewer_root, secret),
+                        dataclasses.replace(viewer_cfg, read_only=True, follow=3600))
+    try:
+        follower = viewer.opened.follower
+        client = ceph_s3.client()
+        bucket, prefix = s3_fs.url[5:].split("/", 1)
+        live = f"{prefix}/follow/live"
+
+        def publish():
+            writer.opened.remote.drain()
+            writer.opened.checkpoint()
+            writer.opened.publisher.publish()
+            return client.get_object(Bucket=bucket, Key=live)["Body"].read()
+
+        second = os.urandom(200_000)
+        write_file(writer, "/second", second)
+        older = publish()
+        assert follower.follow() > 0
+        assert read_file(viewer, "/second") == second
+        seen = viewer.index.seq
+
+        third = os.urandom(120_000)
+        write_file(writer, "/third", third)
+        genuine = publish()
+        assert writer.index.seq > seen
+        # a rollback: the older copy back in the bucket
+        client.put_object(Bucket=bucket, Key=live, Body=older)
+        assert follower.follow() == 0 and viewer.index.seq == seen
+        with pytest.raises(NotFound):
+            viewer.getattr("/third")
+        assert read_file(viewer, "/second") == second
+        # a flipped byte in the last record: the records before it only
+        flipped = bytearray(genuine)
+        flipped[-1] ^= 0xFF
+        client.put_object(Bucket=bucket, Key=live, Body=bytes(flipped))
+        follower.follow()
+        assert seen <= viewer.index.seq < writer.index.seq
+        # the genuine journal: the writer's state
+        client.put_object(Bucket=bucket, Key=live, Body=genuine)
+        follower.follow()
+        assert viewer.index.seq == writer.index.seq
+        assert read_file(viewer, "/third") == third
+        assert read_file(viewer, "/first") == first
+    finally:
+        viewer.close()
