@@ -212,8 +212,9 @@ class CachedBackend(Backend):
     def prefetch(self, names: list[str]) -> int:
         """Fetch these objects into the cache ahead of their reads (those
         cached or being deleted are skipped); returns how many were queued."""
-        todo = [n for n in names if n not in self._deleting
-                and not os.path.exists(self.cache.path(n))]
+        # the cache's books, not a stat per name (this runs on the reader's path)
+        todo = [n for n in names if n not in self._deleting and n not in self._lru
+                and n not in self._pending]
         return self.fetcher.want(todo) if todo else 0
 
     def head(self, name: str) -> int | None:
