@@ -131,6 +131,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps):
         if not config.read_only:
             self.recovered = self.opened.start_session(self._clock, self._delete_inode)
             self.opened.open_audit()  # after the replay: it resumes from the index's head
+            self.opened.start_publishing()  # S3: the journal for read-only followers
             self.checkpoint()
             # always there for 'recompress'; it runs by itself with -o reencode=1
             parsers = ParserPool(config.reencode_threads, config.parser_memory,

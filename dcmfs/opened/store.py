@@ -201,17 +201,26 @@ class OpenedStore:
         return self.index
 
     def _start_follow(self) -> None:
-        """S3 stores: the writer publishes its journal, a follower applies
-        it (:mod:`dcmfs.opened.follow`); both stop before the index closes."""
-        from .follow import Follower, Publisher
-        if self.remote is not None and not self.read_only and self.config.s3_publish_interval:
-            self.publisher = Publisher(self.remote, self.root, lambda: self.index, self.lock,
-                                       self.config.s3_publish_interval)
-            self._stack.callback(self.publisher.close)
-        elif self.following:
+        """A follower applies the writer's published journal
+        (:mod:`dcmfs.opened.follow`); it stops before the index closes."""
+        if self.following:
+            from .follow import Follower
             self.follower = Follower(self.remote, self.root, self.index, self.store.master_key,
                                      self.store.store_id, self.lock, self.config.follow)
             self._stack.callback(self.follower.close)
+
+    def start_publishing(self) -> None:
+        """A read-write session of an S3 store (the filesystem's, not fsck's
+        or attach's, whose index is not the writer's) publishes its journal
+        for followers; it stops, after a last publication, before the index
+        closes."""
+        if self.remote is None or self.read_only or not self.config.s3_publish_interval \
+                or self.publisher is not None:
+            return
+        from .follow import Publisher
+        self.publisher = Publisher(self.remote, self.root, lambda: self.index, self.lock,
+                                   self.config.s3_publish_interval)
+        self._stack.callback(self.publisher.close)
 
     def _group_differs(self, group: int) -> None:
         self.damaged(0, IntegrityError(f"index records of group {group:x} do not match the "
