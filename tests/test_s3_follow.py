@@ -71,6 +71,8 @@ def test_a_follower_sees_new_files_within_the_delay_and_refuses_writes(s3_mount,
         took = time.monotonic() - written
         assert took < DELAY
         assert sorted(os.listdir(viewer.mnt / "series")) == sorted(want)
+        r = viewer.cli("status", viewer.mnt)
+        assert r.returncode == 0 and "follower    at change" in r.stdout, r.stdout + r.stderr
         # a change and a removal follow too
         (m.mnt / "big.bin").unlink()
         deadline = time.monotonic() + DELAY

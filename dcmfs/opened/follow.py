@@ -190,6 +190,11 @@ class Follower:
         self.applied += n
         return n
 
+    def status(self) -> dict:
+        """For ``dcmfs status``: where the follower is (no names)."""
+        return {"seq": self.index.seq, "applied": self.applied, "rounds": self.rounds,
+                "interval": self.interval, "last_error": self.last_error}
+
     def _in_bucket(self, oids: set[bytes]) -> set[bytes]:
         todo = [o for o in oids if o not in self._present]
         for oid, size in zip(todo, self._heads.map(
