@@ -160,3 +160,25 @@ def test_a_follower_applies_authentic_records_in_sequence_only(s3_fs, tmp_path, 
         assert read_file(viewer, "/first") == first
     finally:
         viewer.close()
+
+
+def test_a_writer_that_lost_its_lease_publishes_no_journal(s3_fs, ceph_s3):
+    from .test_s3 import write_file
+    writer = s3_fs()
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+
+    def live():
+        return client.get_object(Bucket=bucket, Key=f"{prefix}/follow/live")["Body"].read()
+    write_file(writer, "/a", os.urandom(100_000))
+    writer.opened.publisher.publish()
+    before = live()
+    writer.opened.remote.fence.set()  # what a lease taken over does
+    try:
+        write_file(writer, "/b", os.urandom(100_000))
+        writer.opened.publisher.publish()
+        assert live() == before
+    finally:
+        writer.opened.remote.fence.clear()  # (else its close waits out the drain)
+    writer.opened.publisher.publish()
+    assert live() != before

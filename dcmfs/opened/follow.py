@@ -78,7 +78,8 @@ class Publisher:
     def publish(self) -> None:
         """Upload what changed (a failure is logged; the next round retries)."""
         index = self._index()
-        if index is None:
+        if index is None or getattr(self.remote, "fence", None) is not None \
+                and self.remote.fence.is_set():  # the lease went to another writer
             return
         seq = index.seq
         if seq == self._published_seq:
