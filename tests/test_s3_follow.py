@@ -95,8 +95,9 @@ def test_a_follower_sees_new_files_within_the_delay_and_refuses_writes(s3_mount,
 def test_a_follower_applies_authentic_records_in_sequence_only(s3_fs, tmp_path, secret,
                                                                s3_settings, ceph_s3):
     """A flipped byte in the published journal stops the follower before
-    that record; an older copy put back (a rollback) takes it nowhere; the
-    genuine journal brings it to the writer's state, byte-exact."""
+    that record; the newest part withheld, or older records put back under
+    a new name (a rollback), take it nowhere; the genuine part brings it to
+    the writer's state, byte-exact."""
     import dataclasses
 
     from dcmfs.app.attach import attach
@@ -121,27 +122,30 @@ def test_a_follower_applies_authentic_records_in_sequence_only(s3_fs, tmp_path, 
         follower = viewer.opened.follower
         client = ceph_s3.client()
         bucket, prefix = s3_fs.url[5:].split("/", 1)
-        live = f"{prefix}/follow/live"
 
-        def publish():
+        def publish() -> tuple[str, bytes]:
+            """The newest part's key and bytes after a publication."""
             writer.opened.remote.drain()
             writer.opened.checkpoint()
             writer.opened.publisher.publish()
-            return client.get_object(Bucket=bucket, Key=live)["Body"].read()
+            key = f"{prefix}/follow/part-{writer.index.seq:016d}"
+            return key, client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
         second = os.urandom(200_000)
         write_file(writer, "/second", second)
-        older = publish()
+        _, older = publish()
         assert follower.follow() > 0
         assert read_file(viewer, "/second") == second
         seen = viewer.index.seq
 
         third = os.urandom(120_000)
         write_file(writer, "/third", third)
-        genuine = publish()
+        key, genuine = publish()
         assert writer.index.seq > seen
-        # a rollback: the older copy back in the bucket
-        client.put_object(Bucket=bucket, Key=live, Body=older)
+        # withheld: the newest part gone; rolled back: older records in its place
+        client.delete_object(Bucket=bucket, Key=key)
+        assert follower.follow() == 0 and viewer.index.seq == seen
+        client.put_object(Bucket=bucket, Key=key, Body=older)
         assert follower.follow() == 0 and viewer.index.seq == seen
         with pytest.raises(NotFound):
             viewer.getattr("/third")
@@ -149,11 +153,11 @@ def test_a_follower_applies_authentic_records_in_sequence_only(s3_fs, tmp_path, 
         # a flipped byte in the last record: the records before it only
         flipped = bytearray(genuine)
         flipped[-1] ^= 0xFF
-        client.put_object(Bucket=bucket, Key=live, Body=bytes(flipped))
+        client.put_object(Bucket=bucket, Key=key, Body=bytes(flipped))
         follower.follow()
         assert seen <= viewer.index.seq < writer.index.seq
-        # the genuine journal: the writer's state
-        client.put_object(Bucket=bucket, Key=live, Body=genuine)
+        # the genuine part: the writer's state
+        client.put_object(Bucket=bucket, Key=key, Body=genuine)
         follower.follow()
         assert viewer.index.seq == writer.index.seq
         assert read_file(viewer, "/third") == third
@@ -168,17 +172,70 @@ def test_a_writer_that_lost_its_lease_publishes_no_journal(s3_fs, ceph_s3):
     client = ceph_s3.client()
     bucket, prefix = s3_fs.url[5:].split("/", 1)
 
-    def live():
-        return client.get_object(Bucket=bucket, Key=f"{prefix}/follow/live")["Body"].read()
+    def parts() -> set[str]:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/follow/")
+        return {o["Key"] for o in listed.get("Contents", [])}
     write_file(writer, "/a", os.urandom(100_000))
     writer.opened.publisher.publish()
-    before = live()
+    before = parts()
+    assert before
     writer.opened.remote.fence.set()  # what a lease taken over does
     try:
         write_file(writer, "/b", os.urandom(100_000))
         writer.opened.publisher.publish()
-        assert live() == before
+        assert parts() == before
     finally:
         writer.opened.remote.fence.clear()  # (else its close waits out the drain)
     writer.opened.publisher.publish()
-    assert live() != before
+    assert parts() > before  # only the new records: one more part
+
+
+def test_a_follower_follows_across_a_journal_rotation(s3_fs, tmp_path, secret, s3_settings,
+                                                      ceph_s3):
+    """The writer's journal is archived: the segment replaces the parts it
+    holds in the bucket, and a follower behind it catches up from it."""
+    import dataclasses
+
+    from dcmfs.app.attach import attach
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.storage.header import open_store
+
+    from .conftest import SMALL
+    from .test_s3 import read_file, write_file
+
+    writer = s3_fs()
+    writer.close()
+    viewer_root = str(tmp_path / "viewer")
+    viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
+    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg)
+    writer = s3_fs()
+    viewer = FileSystem(open_store(viewer_root, secret),
+                        dataclasses.replace(viewer_cfg, read_only=True, follow=3600))
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+
+    def names() -> set[str]:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/follow/")
+        return {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
+    try:
+        files = {}
+        for i in range(3):
+            files[f"/f{i}"] = os.urandom(90_000)
+            write_file(writer, f"/f{i}", files[f"/f{i}"])
+            writer.opened.publisher.publish()
+        assert len([n for n in names() if n.startswith("part-")]) >= 3
+        writer.index._journal_limit = 1  # the next checkpoint archives the journal
+        files["/g"] = os.urandom(90_000)
+        write_file(writer, "/g", files["/g"])
+        writer.opened.remote.drain()
+        writer.opened.checkpoint()
+        writer.opened.publisher.publish()
+        now = names()
+        segments = [n for n in now if n.startswith("journal-")]
+        assert segments and not [n for n in now if n.startswith("part-")], now
+        viewer.opened.follower.follow()
+        assert viewer.index.seq == writer.index.seq
+        for path, data in files.items():
+            assert read_file(viewer, path) == data
+    finally:
+        viewer.close()

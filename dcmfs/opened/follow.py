@@ -1,19 +1,21 @@
 """Read-only followers of an S3 store: the writer publishes its journal,
 read-only mounts on other machines apply it.
 
-**The writer** (:class:`Publisher`, every read-write opening of an S3 store)
-uploads, every ``s3_publish_interval`` seconds (10 by default) when its
-index changed, the archived journal segments the bucket lacks as
-``follow/journal-N`` and the live journal as ``follow/live`` (segments
-first), and once more at a clean close; it deletes the ``follow/`` segments
+**The writer** (:class:`Publisher`, every read-write filesystem session of
+an S3 store) uploads, every ``s3_publish_interval`` seconds (10 by default)
+when its index changed, the archived journal segments the bucket lacks as
+``follow/journal-N`` and the records its live journal gained since the last
+round as ``follow/part-N`` (N the last record's number; the journal's header,
+then whole records: a valid journal file), and once more at a clean close.
+It deletes the parts an archived segment holds and the ``follow/`` segments
 it no longer keeps itself (those older than its two index snapshots).  They
-are the journal files as on disk: every record sealed under the store's key
-with its sequence number in the associated data.
+are the journal's bytes as on disk: every record sealed under the store's
+key with its sequence number in the associated data.
 
 **A follower** (``dcmfs mount -o ro,follow=SECONDS`` of a store made by
 ``dcmfs attach``; :class:`Follower`) lists ``follow/`` every SECONDS,
-fetches the segments after its own sequence number and the live journal,
-and applies the records that authenticate, continue its sequence without a
+fetches the segments and parts whose last record is after its own sequence
+number, and applies the records that authenticate, continue its sequence without a
 gap and leave no chunk entry naming an object the bucket lacks
 (:func:`dcmfs.index.follow.apply_available`); the rest waits for the next
 round.  Its index is then checkpointed with its sums sealed as on the writer,
@@ -24,8 +26,8 @@ ignored, and a gap stops it (it then logs, once, that it needs a new
 ``dcmfs attach``).
 
 The delay until a new file shows on a follower: the writer's next
-checkpoint (a few seconds), its next publication (``s3_publish_interval``,
-10 s), the upload of the file's objects (``s3_upload_delay``, 10 s; a chunk
+publication (``s3_publish_interval``, 10 s; a record is in the live journal
+as soon as its operation returned), the upload of the file's objects (``s3_upload_delay``, 10 s; a chunk
 awaiting the re-encoder until its replacement is uploaded) and the
 follower's next round (``follow``): about 30 s with the defaults.
 """
@@ -43,7 +45,8 @@ from .. import format as fmt
 from ..errors import DcmfsError, StoreIOError
 from ..index import Index
 from ..index.follow import apply_available
-from ..index.journal import Journal
+from ..index.journal import HEADER_SIZE as JOURNAL_HEADER
+from ..index.journal import Journal, whole_records
 from ..index.schema import JOURNAL_NAME
 from ..index.snapshots import archive_segments
 from ..storage.backend import Backend, BackendMissing
@@ -52,7 +55,16 @@ from ..storage.objects import object_name
 log = logging.getLogger("dcmfs.s3")
 
 PREFIX = "follow/"
-LIVE = PREFIX + "live"
+#: ``follow/part-N``: the records of the live journal published in one round,
+#: the last one numbered N, after the journal's header
+PART = "part-"
+
+
+def _number(name: str, kind: str) -> int | None:
+    tail = name[len(PREFIX):]
+    if tail.startswith(kind) and tail[len(kind):].isdigit():
+        return int(tail[len(kind):])
+    return None
 
 
 class Publisher:
@@ -66,6 +78,9 @@ class Publisher:
         self._lock = lock
         self.interval = interval
         self._published_seq = -1
+        #: the live journal published so far: its inode and where its
+        #: unpublished records start
+        self._journal_id, self._offset = None, JOURNAL_HEADER
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dcmfs-publish-journal",
                                         daemon=True)
@@ -87,23 +102,42 @@ class Publisher:
         directory = os.path.join(self.root, fmt.SNAPSHOTS_DIR)
         try:
             present = set(self.remote.list(PREFIX))
-            kept = set()
             with self._lock:  # no rotation of the journal meanwhile
                 segments = archive_segments(directory)
-                live = _read(os.path.join(self.root, fmt.INDEX_DIR, JOURNAL_NAME))
-            for _, path in segments:
+                header, tail, offset = self._new_records()
+            kept, archived = set(), 0
+            for last, path in segments:
                 name = PREFIX + os.path.basename(path)
                 kept.add(name)
+                archived = max(archived, last)
                 if name not in present:
                     self.remote.put(name, _read(path))
-            self.remote.put(LIVE, live)
-            for name in present - kept - {LIVE}:
-                self.remote.delete(name)
+            whole, last = whole_records(tail)
+            if whole:
+                name = f"{PREFIX}{PART}{last:016d}"
+                self.remote.put(name, header + tail[:whole])
+                kept.add(name)
+            for name in present - kept:  # parts an archived segment holds, old segments
+                n = _number(name, PART)
+                if n is None or n <= archived:
+                    self.remote.delete(name)
         except (OSError, StoreIOError) as exc:
             log.warning("publishing the journal for followers failed (%s); retrying in "
                         "%.0f s", type(exc).__name__, self.interval)
             return
+        self._offset = offset + whole
         self._published_seq = seq
+
+    def _new_records(self) -> tuple[bytes, bytes, int]:
+        """(header, the bytes after what was published, where they start) of
+        the live journal (a new one after a rotation starts from its header)."""
+        with open(os.path.join(self.root, fmt.INDEX_DIR, JOURNAL_NAME), "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_ino != self._journal_id or st.st_size < self._offset:
+                self._journal_id, self._offset = st.st_ino, JOURNAL_HEADER
+            header = f.read(JOURNAL_HEADER)
+            f.seek(self._offset)
+            return header, f.read(), self._offset
 
     def close(self) -> None:
         """Stop, after one last publication (the caller drained the uploads)."""
@@ -155,14 +189,14 @@ class Follower:
         returns how many records were applied."""
         self.rounds += 1
         seq = self.index.seq
-        names = []
+        found = []
         for name in self.remote.list(PREFIX):
-            tail = name[len(PREFIX):]
-            if tail.startswith(fmt.ARCHIVE_PREFIX) and tail[len(fmt.ARCHIVE_PREFIX):].isdigit():
-                last = int(tail[len(fmt.ARCHIVE_PREFIX):])
-                if last > seq:
-                    names.append((last, name))
-        names = [n for _, n in sorted(names)] + [LIVE]
+            for kind in (fmt.ARCHIVE_PREFIX, PART):
+                n = _number(name, kind)
+                if n is not None and n > seq:
+                    found.append((n, name))
+        # in order of their last records: what two files both hold is skipped
+        names = [name for _, name in sorted(found)]
         records = []
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".follow-") as tmp:
             for i, name in enumerate(names):
