@@ -40,20 +40,21 @@ def test_a_follower_sees_new_files_within_the_delay_and_refuses_writes(s3_mount,
     first = os.urandom(200_000)
     (m.mnt / "first.bin").write_bytes(first)
     m.umount()
+    m.mount("--s3-credentials-file", m.creds, "-o", FAST)  # the writer again, and stays
+    (m.mnt / "while.bin").write_bytes(b"w" * 70_000)  # after the snapshot
     follower_store = tmp_path / "viewer"
     monkeypatch.setenv("DCMFS_STATE_DIR", str(tmp_path / "viewer-state"))  # another machine
-    r = m.cli("attach", m.url, follower_store, "--key-file", m.key, "--s3-credentials-file",
-              m.creds, timeout=300)
+    r = m.cli("attach", m.url, follower_store, "--follower", "--key-file", m.key,
+              "--s3-credentials-file", m.creds, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    monkeypatch.delenv("DCMFS_STATE_DIR")
-    m.mount("--s3-credentials-file", m.creds, "-o", FAST)  # the writer again
+    assert "follower at change" in r.stdout
     (tmp_path / "v").mkdir()
     viewer = Mount(tmp_path / "v")
     viewer.store, viewer.key = follower_store, m.key
-    monkeypatch.setenv("DCMFS_STATE_DIR", str(tmp_path / "viewer-state"))
     viewer.mount("--s3-credentials-file", m.creds, "-o", "ro,follow=1")
     try:
         assert (viewer.mnt / "first.bin").read_bytes() == first
+        _wait_for(viewer.mnt / "while.bin", b"w" * 70_000, time.monotonic() + DELAY)
         ct = ct_file().read_bytes()
         os.makedirs(m.mnt / "series")
         want = {}
