@@ -195,6 +195,13 @@ class Follower:
                 n = _number(name, kind)
                 if n is not None and n > seq:
                     found.append((n, name))
+        # the segments uploaded with the snapshots too (a writer of an older
+        # dcmfs published none under follow/)
+        archived = fmt.SNAPSHOTS_DIR + "/" + fmt.ARCHIVE_PREFIX
+        for name in self.remote.list(archived):
+            tail = name[len(archived):]
+            if tail.isdigit() and int(tail) > seq:
+                found.append((int(tail), name))
         # in order of their last records: what two files both hold is skipped
         names = [name for _, name in sorted(found)]
         records = []
