@@ -163,6 +163,14 @@ def test_a_follower_applies_authentic_records_in_sequence_only(s3_fs, tmp_path, 
         assert viewer.index.seq == writer.index.seq
         assert read_file(viewer, "/third") == third
         assert read_file(viewer, "/first") == first
+        # a file that is no journal of this store is skipped, the rest applied
+        client.put_object(Bucket=bucket, Key=f"{prefix}/follow/part-{10**15:016d}",
+                          Body=b"DCMJ" + os.urandom(200))
+        fourth = os.urandom(50_000)
+        write_file(writer, "/fourth", fourth)
+        publish()
+        assert follower.follow() > 0
+        assert read_file(viewer, "/fourth") == fourth
     finally:
         viewer.close()
 

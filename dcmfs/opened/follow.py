@@ -22,8 +22,8 @@ round.  Its index is then checkpointed with its sums sealed as on the writer,
 and read as any index (index authenticity: docs/format.md).  A bucket that
 is rolled back or withholds segments can delay a follower, never take it
 backwards: records it applied are never applied again, older ones are
-ignored, and a gap stops it (it then logs, once, that it needs a new
-``dcmfs attach``).
+ignored, and a gap stops it (it then warns, once, that it may need a new
+``dcmfs attach --follower``).
 
 The delay until a new file shows on a follower: the writer's next
 publication (``s3_publish_interval``, 10 s; a record is in the live journal
@@ -214,15 +214,21 @@ class Follower:
                 path = os.path.join(tmp, str(i))
                 with open(path, "wb") as f:
                     f.write(blob)
-                journal = Journal(path, self._key, self._store_id, read_only=True)
+                try:
+                    journal = Journal(path, self._key, self._store_id, read_only=True)
+                except DcmfsError as exc:  # another store's, or a damaged header
+                    log.warning("%s in the bucket is not this store's journal (%s); skipped",
+                                name, exc)
+                    continue
                 try:
                     records.extend(journal.records(seq))
                 finally:
                     journal.close()
         if records and records[0][0] > seq + 1:
             if not self._gap_logged:
-                log.error("the bucket no longer holds the journal after change %d (this "
-                          "follower fell too far behind); unmount and 'dcmfs attach' again", seq)
+                log.warning("the bucket holds no journal records right after change %d: "
+                            "withheld, or this follower fell behind what the writer keeps; "
+                            "if it lasts, unmount and 'dcmfs attach --follower' again", seq)
                 self._gap_logged = True
             return 0
         with self._lock:
