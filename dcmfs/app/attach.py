@@ -94,3 +94,12 @@ def _attach_follower(url: str, remote, store_root: str, secret: Callable[[], Sec
     with OpenedStore(open_store(store_root, secret()), check) as opened:
         seq = opened.index.seq
     return {"clean": True, "follower": True, "seq": seq}
+
+
+def render_attach(result: dict) -> str:
+    """What ``dcmfs attach`` prints."""
+    if result.get("follower"):
+        return (f"attached as a read-only follower at change {result['seq']}; mount it with "
+                "-o ro,follow=10")
+    from .admin import render_fsck
+    return render_fsck(result)
