@@ -172,6 +172,12 @@ class Config:
     #: never uploaded uncompressed (measured on a 100-slice CT series: 0.19
     #: GB uploaded per GB ingested with 10 s, 1.19 with 0)
     s3_upload_delay: float = 10.0
+    #: S3 stores, read-write: seconds between uploads of the journal for
+    #: read-only followers (dcmfs.opened.follow); 0: none
+    s3_publish_interval: float = 10.0
+    #: S3 stores, read-only mounts: apply the writer's published journal
+    #: every this many seconds (a follower); 0: show the store as attached
+    follow: float = 0.0
     #: S3 stores: seconds a clean close waits for the upload backlog (what is
     #: left is uploaded by the next opening)
     s3_drain_timeout: float = 600.0

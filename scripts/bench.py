@@ -69,6 +69,12 @@ Contenders
                 base64 -> LZMA (xz preset 6) -> AES-256, in this one process;
                 on the subset it runs on one copy (the copies are identical),
                 and plain LZMA (preset 6, no base64) is measured once besides
+  dcmfs-s3      dcmfs on an S3 store, a throwaway one-node Ceph RGW on loopback
+                (tests/ceph.py, installed with apt-get when missing; skipped with
+                the reason printed when it cannot be), against dcmfs on its
+                local backend, on the CT series: ingest, seconds until every
+                object is uploaded, cold read with an empty object cache, PUTs,
+                requests and bytes uploaded per GB (scripts/bench_s3.py)
   gocryptfs     Debian's gocryptfs, with -scryptn 10 (./scripts/bench installs it
                 and fio with apt-get when missing; without it the contender is
                 skipped with a note)
@@ -104,6 +110,7 @@ from bench_contenders import Dcmfs, Gocryptfs, Plain, lzma_only
 from bench_data import copy_subset, corpus, make_series, native_subset
 from bench_quality import cipher_quality
 from bench_report import write_report
+from bench_s3 import render_s3, s3_contenders
 from bench_view import render_view, view_cold_read
 from bench_tables import ct_comparisons, goals, render, summarize, summarize_corpus, summarize_rows, summarize_subset
 from bench_workloads import (add_published, measure, measure_corpus, published_corpus,
@@ -233,6 +240,17 @@ def run(args) -> dict:
             (base / "view").mkdir()
             out["view"] = view_cold_read(base / "view", files, args.reps)
             lap("view")
+        if args.s3 and (not args.only or "dcmfs-s3" in args.only):
+            print("S3 backend (Ceph RGW on loopback) against the local backend", file=sys.stderr)
+            (base / "s3").mkdir()
+            # quick: uploads start after 1 s instead of 10 (the figure is not
+            # meaningful there, the code path is)
+            out["s3"] = s3_contenders(base / "s3", files, args.reps,
+                                      ["s3_upload_delay=1"] if args.quick else [])
+            if "skipped" in out["s3"]:
+                print(f"note: the S3 contenders are skipped: {out['s3']['skipped']}",
+                      file=sys.stderr)
+            lap("s3")
         if cresults:
             out["corpus"] = summarize_corpus(cresults, cpoints, corpus_files, modality, args)
         if sresults:
@@ -282,6 +300,9 @@ def main() -> None:
     p.add_argument("--no-view", dest="view", action="store_false",
                    help="skip the de-identified view's cold read against the normal mount "
                         "(contender name dcmfs-deid for --only)")
+    p.add_argument("--no-s3", dest="s3", action="store_false",
+                   help="skip the S3 contenders (dcmfs on a throwaway Ceph RGW on loopback "
+                        "against the local backend; contender name dcmfs-s3 for --only)")
     p.add_argument("--no-quality", dest="quality", action="store_false",
                    help="skip the cipher-quality and losslessness figures")
     p.add_argument("--codecs", nargs="*", default=["cold", "dicom0", "lzma"],
@@ -319,6 +340,8 @@ def main() -> None:
     print(render(out))
     if "view" in out:
         print(render_view(out["view"]))
+    if "s3" in out:
+        print(render_s3(out["s3"]))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
     if args.report:

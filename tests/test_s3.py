@@ -192,6 +192,32 @@ def test_tampered_bucket_object_gives_integrity_error(s3_fs, ceph_s3, damage):
     assert len(read_file(fs, "/b")) == 200_000
 
 
+def test_rolled_back_bucket_object_gives_integrity_error(s3_fs, ceph_s3):
+    """An older object of the same chunk put in the bucket under the name of
+    the current one (a rollback) is told from the current one."""
+    fs = s3_fs()
+    write_file(fs, "/a", os.urandom(200_000))
+    fs.opened.remote.drain()
+    with fs.index.begin() as txn:
+        old = txn.chunks(fs._resolve(txn, "/a"))[0]
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+    old_body = client.get_object(Bucket=bucket, Key=f"{prefix}/{object_name(old.oid)}")
+    old_body = old_body["Body"].read()
+    fh = fs.open("/a", os.O_WRONLY)  # a new generation of chunk 0
+    fs.write(fh, os.urandom(1000), 0)
+    fs.release(fh)
+    fs.close()
+    wipe_cache(s3_fs.root)
+    fs = s3_fs()
+    with fs.index.begin() as txn:
+        new = txn.chunks(fs._resolve(txn, "/a"))[0]
+    assert new.oid != old.oid and new.generation > old.generation
+    client.put_object(Bucket=bucket, Key=f"{prefix}/{object_name(new.oid)}", Body=old_body)
+    with pytest.raises(IntegrityError, match="rolled back"):
+        read_file(fs, "/a")
+
+
 def _second_store(tmp_path, first_root: str) -> str:
     """Another machine's store directory on the same bucket prefix."""
     second = tmp_path / "second"

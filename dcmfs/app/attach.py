@@ -21,9 +21,15 @@ from ..errors import StoreMissingError, StoreNotEmptyError
 from ..storage.header import Secret, read_header
 
 
-def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Config) -> dict:
+def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Config,
+           follower: bool = False) -> dict:
     """Raises StoreNotEmptyError (``store_root`` holds files),
-    StoreMissingError (no store at ``url``) and what fsck raises."""
+    StoreMissingError (no store at ``url``) and what fsck raises.
+
+    ``follower``: the store of a read-only follower (``--follower``): the
+    header and the newest index snapshot only, exactly as the writer took it
+    (no rebuild, no lease: the writer may be mounted); a follower mount
+    (``-o ro,follow=S``) applies the writer's journal after it."""
     from ..storage.backend import BackendMissing
     from ..storage.s3 import S3Backend, S3Settings
     from .admin import fsck
@@ -41,6 +47,8 @@ def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Conf
     from ..storage.durable import write_file
     write_file(os.path.join(store_root, fmt.HEADER_NAME), header)
     read_header(store_root)  # a store of a version this dcmfs reads
+    if follower:
+        return _attach_follower(url, remote, store_root, secret, config)
     snaps = os.path.join(store_root, fmt.SNAPSHOTS_DIR)
     os.makedirs(snaps, mode=0o700, exist_ok=True)
     copied = 0
@@ -56,3 +64,42 @@ def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Conf
     result = fsck(store_root, secret, config, repair=True, rebuild=True)
     result["copied"] = copied
     return result
+
+
+def _attach_follower(url: str, remote, store_root: str, secret: Callable[[], Secret],
+                     config: Config) -> dict:
+    """The newest uploaded snapshot as the index, checked as any index is
+    at a read-only opening (its sealed sums)."""
+    import dataclasses
+
+    from ..opened.store import OpenedStore
+    from ..storage.durable import write_file
+    from ..storage.header import open_store
+    prefix = fmt.SNAPSHOTS_DIR + "/" + fmt.SNAPSHOT_PREFIX
+    found = []
+    for name in remote.list(prefix):
+        number = name[len(prefix):].split("/", 1)[0]
+        if name.endswith("/data.mdb") and number.isdigit():
+            found.append((int(number), name))
+    if not found:
+        remote.close()
+        raise StoreMissingError(f"{url} holds no index snapshot yet (the writer uploads one "
+                                "at every clean unmount); attach the follower after that.")
+    seq, name = max(found)
+    index_dir = os.path.join(store_root, fmt.INDEX_DIR)
+    os.makedirs(index_dir, mode=0o700, exist_ok=True)
+    write_file(os.path.join(index_dir, "data.mdb"), remote.get(name))
+    remote.close()
+    check = dataclasses.replace(config, read_only=True)
+    with OpenedStore(open_store(store_root, secret()), check) as opened:
+        seq = opened.index.seq
+    return {"clean": True, "follower": True, "seq": seq}
+
+
+def render_attach(result: dict) -> str:
+    """What ``dcmfs attach`` prints."""
+    if result.get("follower"):
+        return (f"attached as a read-only follower at change {result['seq']}; mount it with "
+                "-o ro,follow=10")
+    from .admin import render_fsck
+    return render_fsck(result)

@@ -300,14 +300,14 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_attach(args) -> int:
-    from .admin import render_fsck
-    from .attach import attach
+    from .attach import attach, render_attach
     from ..errors import DamageFound
     from ..storage.s3 import parse_url
     parse_url(args.url)
     config = _command_config(args, options.FSCK)
-    result = attach(args.url, args.store, _lazy_secret(args, args.store), config)
-    print(render_fsck(result))
+    result = attach(args.url, args.store, _lazy_secret(args, args.store), config,
+                    follower=args.follower)
+    print(render_attach(result))
     return 0 if result["clean"] else DamageFound.exit_code
 
 
@@ -436,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "bucket alone (with the key)")
     s.add_argument("url", metavar="s3://BUCKET/PREFIX")
     s.add_argument("store")
+    s.add_argument("--follower", action="store_true", help="for a read-only follower (-o "
+                   "ro,follow=S): the newest snapshot only, no rebuild, no lease")
     _add_o(s, options.FSCK, "options")
     _add_secret_options(s)
     s.set_defaults(func=cmd_attach)

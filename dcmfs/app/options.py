@@ -257,6 +257,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("s3_upload_delay", SECONDS, "S3 stores: seconds a new object waits before its "
            "upload, so that the re-encoder's replacement is uploaded instead", MOUNTING,
            field="s3_upload_delay"),
+    Option("s3_publish_interval", SECONDS, "S3 stores: seconds between uploads of the journal "
+           "for read-only followers (0: none)", MOUNTING, field="s3_publish_interval"),
+    Option("follow", SECONDS, "S3 stores, with ro: follow the writer, applying its uploaded "
+           "journal every N seconds (new files show within ~30 s)", MOUNTING, field="follow"),
     Option("view", VIEW, "deid: a read-only, de-identified research view of the DICOM files "
            "(as --view deid)", MOUNTING, field="view"),
     Option("deid_dates", DATES, "the view's dates: removed as the profile says, or shifted "

@@ -71,7 +71,8 @@ def store_report(store_root: str, mountpoint: str | None,
                       journal_records=live.get("journal_records", 0),
                       integrity_errors=live.get("integrity_errors", 0),
                       scrub=live.get("scrub"), s3=live.get("s3"),
-                      deid_records=live.get("deid_records"), deid_view=live.get("deid_view"))
+                      deid_records=live.get("deid_records"), deid_view=live.get("deid_view"),
+                      follow=live.get("follow"))
         if "dumpable" in live:  # it holds the key: expected False
             report["core_dumps"] = bool(live["dumpable"] or live.get("core_limit"))
         for k in ("store_read_bytes", "store_written_bytes"):  # /proc/PID/io may be closed
@@ -224,6 +225,13 @@ def render(reports: list[dict]) -> str:
                          f"{s3.get('errors', 0)}; uploaded {s3.get('uploads', 0)} objects "
                          f"({size_text(s3.get('uploaded_bytes', 0))}), downloaded "
                          f"{s3.get('downloads', 0)}; writers waited {s3.get('writer_waits', 0)}x")
+        follow = r.get("follow")
+        if follow:
+            lines.append(f"follower    at change {follow['seq']}; {follow['applied']} records "
+                         f"applied in {follow['rounds']} rounds, one every "
+                         f"{follow['interval']:g} s"
+                         + (f"; last error: {follow['last_error']}" if follow["last_error"]
+                            else ""))
         scrub = r.get("scrub")
         if scrub:
             last = scrub.get("last_round_end")

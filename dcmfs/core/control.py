@@ -53,6 +53,7 @@ class StoreOps:
                 "integrity_errors": self.opened.integrity_errors,
                 "scrub": self.scrubber.status() if self.scrubber else None,
                 "s3": self.opened.remote.stats() if self.opened.remote else None,
+                "follow": self.opened.follower.status() if self.opened.follower else None,
                 "audit": self.opened.audit.status() if self.opened.audit else None,
                 "rekey": self.rekey_job.status() if self.rekey_job else None,
                 "deid_records": self.deid_filler.status() if self.deid_filler else None,

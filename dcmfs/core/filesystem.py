@@ -32,6 +32,7 @@ from ..storage.digest import tree_digest
 from ..storage.header import Store
 from .contents import FileData
 from .openfile import OpenFile
+from .readahead import ReadAhead
 from .control import StoreOps
 from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .links import KernelNames
@@ -105,6 +106,11 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
                              config.read_cache_bytes,
                              read_ahead=8 if self.opened.remote is not None else 2)
         self.data.on_damage = self.damaged
+        if self.opened.follower is not None:  # the writer's changes came in
+            self.opened.follower.on_applied = lambda: self._inodes.clear()
+        #: an S3 store's read-ahead of sequential readers (None: local)
+        self.readahead = None if self.opened.remote is None else ReadAhead(
+            self.index, self.objects, self.chunk_size, self._resolve, self._inode)
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}
@@ -128,6 +134,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         if not config.read_only:
             self.recovered = self.opened.start_session(self._clock, self._delete_inode)
             self.opened.open_audit()  # after the replay: it resumes from the index's head
+            self.opened.start_publishing()  # S3: the journal for read-only followers
             self.checkpoint()
             # always there for 'recompress'; it runs by itself with -o reencode=1
             # background work: its workers run at a lower priority than the

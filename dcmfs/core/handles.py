@@ -127,6 +127,8 @@ class FileOps:
             self.reencoder.tiers.read(ino)  # a hot file being read stays hot
         self._audit_open(fh, "open", ino, path, access=_ACCESS[flags & os.O_ACCMODE],
                          **({"trunc": True} if flags & os.O_TRUNC else {}))
+        if self.readahead is not None and not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self.readahead.open(of, path)
         return fh
 
     def _audit_open(self, fh: int, event: str, ino: int, path: str, **fields) -> None:
@@ -160,7 +162,10 @@ class FileOps:
     def read(self, fh: int, size: int, offset: int, ahead: bool = True) -> bytes:
         """``ahead``: extents past the range are decoded meanwhile (a
         sequential reader's); False for a reader of one range only."""
-        return self.data.read(self._handle(fh).of, offset, size, ahead)
+        h = self._handle(fh)
+        if self.readahead is not None and not h.of.changed:
+            self.readahead.read(h.of, offset, size, h.path)
+        return self.data.read(h.of, offset, size, ahead)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         # a full sealing pool is waited for here, not under the lock
@@ -333,6 +338,8 @@ class FileOps:
             if len(self._released) > 256:
                 self._released.clear()
             self._released[of.ino] = time.monotonic()
+            if self.readahead is not None:
+                self.readahead.release(of.ino)
             if self._hidden:  # its hidden names lead nowhere now
                 for key, hidden in list(self._hidden.items()):
                     if hidden[0] == of.ino:

@@ -66,6 +66,21 @@ MAX_RECORD = 64 * 1024 * 1024
 Op = tuple[int, int, bytes, bytes | None]
 
 
+def whole_records(data: bytes) -> tuple[int, int | None]:
+    """(length, last sequence number) of the longest run of complete records
+    at the start of ``data`` (bytes of a journal after its header, as they
+    are on disk; nothing is authenticated here): what the writer publishes
+    for followers (:mod:`dcmfs.opened.follow`) ends at a record's end."""
+    pos, last = 0, None
+    while pos + _RECORD.size <= len(data):
+        length, seq = _RECORD.unpack_from(data, pos)
+        if length > MAX_RECORD or pos + _RECORD.size + length > len(data):
+            break
+        pos += _RECORD.size + length
+        last = seq
+    return pos, last
+
+
 def encode_ops(ops: list[Op]) -> bytes:
     parts = []
     for kind, db, key, value in ops:

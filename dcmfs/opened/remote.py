@@ -33,7 +33,9 @@ def open_backend(store: Store, config: Config) -> CachedBackend:
     remote = S3Backend(store.backend, config.s3 or S3Settings())
     return CachedBackend(LocalBackend(store.root), remote, config.cache_size,
                          uploaders=1 if config.read_only else config.s3_uploaders,
-                         upload_delay=config.s3_upload_delay)
+                         upload_delay=config.s3_upload_delay,
+                         # a follower is at most ~3 publications behind
+                         delete_delay=max(60.0, 3 * config.s3_publish_interval))
 
 
 def take_lease(backend: CachedBackend, url: str):

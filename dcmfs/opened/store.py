@@ -155,8 +155,12 @@ class OpenedStore:
                     self._stack.callback(lease.release)  # after the backlog drained
                 self._stack.callback(self._close_remote)
             self._stack.callback(self.close_index)
+            #: a read-only mount that follows the writer (dcmfs.opened.follow)
+            self.following = bool(store.backend and config.read_only and config.follow > 0)
+            self.publisher = self.follower = None
             if index:
                 self.open_index()
+                self._start_follow()
         except BaseException:
             self._stack.close()  # nothing may stay open: LMDB forbids opening twice
             raise
@@ -183,7 +187,8 @@ class OpenedStore:
         refuse_if_missing(self.root)
         self.index = Index(os.path.join(self.root, fmt.INDEX_DIR), self.store.master_key,
                            self.store.store_id, self.config.index_map_size,
-                           read_only=self.config.read_only,
+                           # a follower applies the writer's records to its index
+                           read_only=self.config.read_only and not self.following,
                            archive_dir=os.path.join(self.root, fmt.SNAPSHOTS_DIR))
         self.index.on_mismatch = self._group_differs
         try:
@@ -194,6 +199,28 @@ class OpenedStore:
             self.close_index()
             raise
         return self.index
+
+    def _start_follow(self) -> None:
+        """A follower applies the writer's published journal
+        (:mod:`dcmfs.opened.follow`); it stops before the index closes."""
+        if self.following:
+            from .follow import Follower
+            self.follower = Follower(self.remote, self.root, self.index, self.store.master_key,
+                                     self.store.store_id, self.lock, self.config.follow)
+            self._stack.callback(self.follower.close)
+
+    def start_publishing(self) -> None:
+        """A read-write session of an S3 store (the filesystem's, not fsck's
+        or attach's, whose index is not the writer's) publishes its journal
+        for followers; it stops, after a last publication, before the index
+        closes."""
+        if self.remote is None or self.read_only or not self.config.s3_publish_interval \
+                or self.publisher is not None:
+            return
+        from .follow import Publisher
+        self.publisher = Publisher(self.remote, self.root, lambda: self.index, self.lock,
+                                   self.config.s3_publish_interval)
+        self._stack.callback(self.publisher.close)
 
     def _group_differs(self, group: int) -> None:
         self.damaged(0, IntegrityError(f"index records of group {group:x} do not match the "

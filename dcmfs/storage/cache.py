@@ -27,7 +27,8 @@ import time
 from typing import Iterator
 
 from .backend import Backend, BackendMissing, LocalBackend
-from .durable import TMP_PREFIX
+from .durable import TMP_PREFIX, write_new
+from .fetch import Fetcher
 from ..errors import StoreIOError
 
 log = logging.getLogger("dcmfs.s3")
@@ -48,8 +49,14 @@ class CachedBackend(Backend):
     kind = "s3"
 
     def __init__(self, cache: LocalBackend, remote: Backend, cache_size: int,
-                 uploaders: int = 4, upload_delay: float = 0.0) -> None:
+                 uploaders: int = 4, upload_delay: float = 0.0, fetchers: int = 8,
+                 delete_delay: float = 0.0) -> None:
         self.cache = cache
+        #: seconds a superseded object stays in the bucket after its delete
+        #: (read-only followers lag behind the writer; a drain sends them at once)
+        self.delete_delay = delete_delay
+        #: GETs ahead of the reads (:mod:`dcmfs.storage.fetch`)
+        self.fetcher = Fetcher(self._download, threads=fetchers, limit=8 * fetchers)
         #: seconds a new object waits before its upload, unless the cache is
         #: half full or someone drains: a chunk the re-encoder replaces in
         #: that time (close seals uncompressed, the re-encoder compresses)
@@ -70,6 +77,9 @@ class CachedBackend(Backend):
         #: puts of objects likely to be replaced soon (sealed uncompressed for
         #: the re-encoder): they wait HOLD x upload_delay, in a queue of their own
         self._held: collections.deque[tuple[str, str, float]] = collections.deque()
+        #: deletes, each after ``delete_delay``: a follower still reading the
+        #: state that named the object has that long to move on
+        self._later: collections.deque[tuple[str, str, float]] = collections.deque()
         self._in_flight: set[str] = set()
         #: deleted, the bucket's copy not yet: answered as missing
         self._deleting: set[str] = set()
@@ -149,21 +159,63 @@ class CachedBackend(Backend):
             return data
         if name in self._deleting:
             raise BackendMissing(name)
+        if self.fetcher.claim(name):  # fetched ahead meanwhile: in the cache now?
+            try:
+                return self.cache.get(name, start, end)
+            except BackendMissing:
+                pass
         if start or end is not None:  # a header only (fsck, verify): not worth caching
             self.counts["downloads"] += 1
             return self.remote.get(name, start, end)
+        return self._download(name)
+
+    def _download(self, name: str) -> bytes:
+        """Get an object from the bucket and keep a copy in the cache."""
         blob = self.remote.get(name)
-        self.counts["downloads"] += 1
-        self.counts["downloaded_bytes"] += len(blob)
+        with self._cv:
+            self.counts["downloads"] += 1
+            self.counts["downloaded_bytes"] += len(blob)
         try:
-            if self.cache.create(name, blob, mode=_UPLOADED_MODE):
+            if self._keep(name, blob):
                 with self._cv:
+                    if name in self._lru:  # two fetches of one object
+                        return blob
                     self._lru[name] = len(blob)
                     self._cached_bytes += len(blob)
                     self._evict()
         except StoreIOError as exc:  # a full cache disk must not fail a read
             log.warning("could not cache a downloaded object: %s", exc)
         return blob
+
+    def _keep(self, name: str, blob: bytes) -> bool:
+        """Write a downloaded object into the cache under a temporary name,
+        then rename it: a concurrent read of the same object (the fetch pool,
+        the read that waited for it) never sees it half written.  No fsync:
+        the bucket holds it.  False if it was cached already."""
+        path = self.cache.path(name)
+        if os.path.exists(path):
+            return False
+        tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.urandom(6).hex()}")
+        self.cache._parent(path)
+        write_new(tmp, blob, mode=_UPLOADED_MODE)
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StoreIOError(f"caching {os.path.basename(path)} failed: "
+                               f"{exc.strerror}") from exc
+        return True
+
+    def prefetch(self, names: list[str]) -> int:
+        """Fetch these objects into the cache ahead of their reads (those
+        cached or being deleted are skipped); returns how many were queued."""
+        # the cache's books, not a stat per name (this runs on the reader's path)
+        todo = [n for n in names if n not in self._deleting and n not in self._lru
+                and n not in self._pending]
+        return self.fetcher.want(todo) if todo else 0
 
     def head(self, name: str) -> int | None:
         if is_object(name):
@@ -193,7 +245,7 @@ class CachedBackend(Backend):
             self._forget(name)
             self._deleting.add(name)
             self._deletes_waiting += 1
-            self._queue.append(("delete", name, 0.0))
+            self._later.append(("delete", name, time.monotonic() + self.delete_delay))
             self._cv.notify()
 
     # --- bookkeeping ----------------------------------------------------------------
@@ -248,7 +300,7 @@ class CachedBackend(Backend):
             with self._cv:
                 queue = None
                 while not self._closed:
-                    heads = [q for q in (self._queue, self._held) if q]
+                    heads = [q for q in (self._queue, self._held, self._later) if q]
                     if heads:
                         queue = min(heads, key=lambda q: q[0][2])
                         wait = queue[0][2] - time.monotonic()
@@ -351,7 +403,7 @@ class CachedBackend(Backend):
                 # stale queue entries (objects deleted before their upload) do
                 # not count: only what is waiting, running or still to delete
                 while self._pending or self._in_flight or self._deletes_waiting:
-                    if not (self._queue or self._held or self._in_flight):
+                    if not (self._queue or self._held or self._later or self._in_flight):
                         # waiting objects no queue holds: queue them again
                         # (an upload of one is harmless, a lost one is not)
                         log.warning("%d waiting objects were not queued; queueing them",
@@ -372,6 +424,7 @@ class CachedBackend(Backend):
                    "cache_bytes": self._pending_bytes + self._cached_bytes,
                    "cache_size": self.cache_size}
         out.update(self.counts)
+        out["fetched_ahead"] = self.fetcher.fetched
         out["requests"] = getattr(self.remote, "requests", 0)
         return out
 
@@ -381,6 +434,7 @@ class CachedBackend(Backend):
         if drain_timeout and not self.drain(drain_timeout):
             log.warning("%d objects were not uploaded before closing; the next mount uploads "
                         "them", len(self._pending))
+        self.fetcher.close()
         with self._cv:
             self._closed = True
             self._abandon.set()

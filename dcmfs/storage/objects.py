@@ -423,6 +423,13 @@ class ObjectStore:
             raise StoreIOError(f"moving object {oid.hex()} to quarantine failed: "
                                f"{exc.strerror}") from exc
 
+    def prefetch(self, oids: list[bytes]) -> int:
+        """Fetch these objects ahead of their reads where they live remotely
+        (an S3 store's bucket); returns how many fetches were queued (0 for
+        a local store: the page cache and the disk's read-ahead serve it)."""
+        fetch = getattr(self.backend, "prefetch", None)
+        return fetch([object_name(oid) for oid in oids]) if fetch and oids else 0
+
     # --- housekeeping ---------------------------------------------------------
     def delete(self, oid: bytes) -> None:
         self.backend.delete(object_name(oid))

@@ -1,0 +1,148 @@
+"""Read-ahead for an S3 store: fetch what a sequential reader reads next.
+
+A cold read of a remote store waits on a GET per object.  Readers of DICOM
+read whole files, one after the other, in name order (a viewer loading a
+series) or in directory order (``cp -r``, ``tar``); this module recognises
+both and asks the store to fetch the objects they will need next with a few
+GETs at once (:meth:`dcmfs.storage.objects.ObjectStore.prefetch`), so that
+the round trips overlap each other and the decoding.
+
+The rules (nothing is fetched for a reader that jumps about):
+
+* **within a file**: a read that starts where the previous read of that open
+  file ended (the first at offset 0) is sequential; the objects of the next
+  :data:`WINDOW` bytes after it are fetched.  A read elsewhere fetches
+  nothing ahead, and restarts the count.
+* **across files**: a file read sequentially to its end is remembered as the
+  last one of its directory.  When the next file opened in that directory is
+  the one after it, by name or in the directory's own order, the reader
+  walks the directory: this file's objects (up to :data:`WINDOW` bytes) and
+  those of the next :data:`FILES` files in that order are fetched.  A reader
+  that stops wastes at most those files' fetches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import stat
+from typing import Callable
+
+from ..errors import DcmfsError
+from ..index import Index
+from ..storage.objects import ObjectStore
+from .openfile import OpenFile
+
+#: plaintext bytes fetched ahead of a sequential reader within a file
+WINDOW = 32 * 1024 * 1024
+#: files fetched ahead of a reader walking a directory
+FILES = 8
+
+
+class _Listing:
+    """A directory's entries in name order and in its own order."""
+
+    def __init__(self, mtime_ns: int, entries: list[tuple[bytes, int]]) -> None:
+        self.mtime_ns = mtime_ns
+        self.own = entries
+        self.position = {name: i for i, (name, _) in enumerate(entries)}
+        self.by_name = sorted(entries)
+        self.names = [name for name, _ in self.by_name]
+
+
+class ReadAhead:
+    """One per mounted S3 store; called under the core's lock."""
+
+    def __init__(self, index: Index, objects: ObjectStore, chunk_size: int,
+                 resolve: Callable, inode: Callable, window: int = WINDOW,
+                 files: int = FILES) -> None:
+        self.index = index
+        self.objects = objects
+        self.chunk_size = chunk_size
+        self._resolve = resolve
+        self._inode = inode
+        self.window = window
+        self.files = files
+        #: directory path -> name of the last file of it read to its end
+        self._last: dict[str, bytes] = {}
+        self._listings: dict[str, _Listing] = {}
+        #: open files -> (where its sequential reader is, fetched up to)
+        self._pos: dict[int, list[int]] = {}
+
+    # --- within a file ---------------------------------------------------------
+    def read(self, of: OpenFile, offset: int, size: int, path: str | None) -> None:
+        """A read of ``[offset, offset + size)`` of ``of`` (by ``path``) comes."""
+        pos = self._pos.setdefault(of.ino, [0, 0])
+        if offset != pos[0]:  # not where the last read ended: random access
+            pos[0] = pos[1] = offset + size
+            return
+        end = min(offset + size, of.size)
+        pos[0] = end
+        if end >= of.size and path:  # read through: its directory may be next
+            self._last[os.path.dirname(path)] = os.fsencode(os.path.basename(path))
+        if pos[1] < end + self.window // 2 and pos[1] < of.size:
+            self._fetch(of.committed, max(pos[1], end), end + self.window)
+            pos[1] = end + self.window
+
+    def release(self, ino: int) -> None:
+        self._pos.pop(ino, None)
+
+    def _fetch(self, committed: dict, start: int, end: int) -> int:
+        cs = self.chunk_size
+        wanted = []
+        for idx, ref in committed.items():
+            lo = ref.offset if ref.offset >= 0 else idx * cs
+            if lo < end and lo + max(ref.plain_len, 1) > start:
+                wanted.append((lo, ref.oid))
+        wanted.sort()
+        return self.objects.prefetch([oid for _, oid in wanted])
+
+    # --- across files ------------------------------------------------------------
+    def open(self, of: OpenFile, path: str) -> None:
+        """``of`` was opened for reading by ``path``."""
+        directory = os.path.dirname(path)
+        name = os.fsencode(os.path.basename(path))
+        last = self._last.get(directory)
+        if last is None or last == name:
+            return
+        with self.index.begin() as txn:
+            listing = self._listing(txn, directory)
+            if listing is None:
+                return
+            order = self._order(listing, last, name)
+            if order is None:
+                return
+            self._pos[of.ino] = [0, self.window]
+            self._fetch(of.committed, 0, self.window)
+            for child in order[:self.files]:
+                inode = self._inode(txn, child)
+                if stat.S_ISREG(inode.mode):
+                    self._fetch(txn.chunks(child), 0, self.window)
+
+    def _order(self, listing: _Listing, last: bytes, name: bytes) -> list[int] | None:
+        """The inodes after ``name`` in the order in which ``name`` follows
+        ``last``; None if it follows it in neither."""
+        i = bisect.bisect_left(listing.names, name)
+        if 0 < i < len(listing.names) + 1 and listing.names[i - 1] == last \
+                and i < len(listing.names) and listing.names[i] == name:
+            return [child for _, child in listing.by_name[i + 1:i + 1 + self.files]]
+        j = listing.position.get(name)
+        if j and listing.position.get(last) == j - 1:
+            return [child for _, child in listing.own[j + 1:j + 1 + self.files]]
+        return None
+
+    def _listing(self, txn, directory: str) -> _Listing | None:
+        try:
+            ino = self._resolve(txn, directory or "/")
+            inode = self._inode(txn, ino)
+        except DcmfsError:  # gone or renamed meanwhile: no read-ahead
+            return None
+        if not stat.S_ISDIR(inode.mode):
+            return None
+        listing = self._listings.get(directory)
+        if listing is None or listing.mtime_ns != inode.mtime_ns:
+            listing = _Listing(inode.mtime_ns, list(txn.list_dir(ino)))
+            self._listings[directory] = listing
+            while len(self._listings) > 64:
+                self._listings.pop(next(iter(self._listings)))
+        return listing

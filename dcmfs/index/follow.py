@@ -1,0 +1,73 @@
+"""A follower's index: the writer's journal records applied as far as the
+bucket holds what they name (read-only mounts that follow a writer, see
+:mod:`dcmfs.opened.follow`).
+
+The writer uploads its journal before all of the objects its records name
+are in the bucket (uploads wait a while, and a chunk sealed uncompressed is
+replaced by the re-encoder's object, which is uploaded instead: the first is
+never uploaded at all).  So a follower does not apply record after record:
+it applies the longest run of the new records after which every chunk entry
+the run put names an object the bucket holds, and leaves the rest for its
+next round.  The index then never names a missing object because of the
+lag, only because of damage (which reads report as EIO, as always).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from .journal import CONVERT, PUT, Op
+from .schema import DATABASES, decode_chunk
+
+CHUNKS = DATABASES.index("chunks")
+
+
+def apply_available(index, records: Iterable[tuple[int, list[Op]]],
+                    present: Callable[[set[bytes]], set[bytes]]) -> int:
+    """Apply to ``index`` (opened read-write, nothing else writing it) the
+    longest run of ``records`` that continues its sequence and leaves no
+    chunk entry naming an object missing from the bucket; ``present(oids)``
+    answers which of these object ids the bucket holds.  The result is
+    checkpointed (the sums sealed as at any checkpoint); returns how many
+    records were applied.
+
+    The records come from journals whose every record authenticated under
+    the store's key with its sequence number (:class:`~dcmfs.index.journal.Journal`):
+    nothing is applied twice, out of order or across a gap.
+    """
+    run: list[tuple[int, list[Op]]] = []
+    expect = index.seq
+    for seq, ops in records:
+        if seq <= expect:
+            continue
+        if seq != expect + 1:
+            break  # a gap: what follows waits for the missing segment
+        run.append((seq, ops))
+        expect = seq
+    if not run:
+        return 0
+    # the chunk entries after each record, and every object they may name
+    states: list[dict[bytes, bytes | None]] = []
+    touched: dict[bytes, bytes | None] = {}
+    wanted: set[bytes] = set()
+    for _, ops in run:
+        for kind, db_id, key, value in ops:
+            if db_id != CHUNKS or kind == CONVERT:
+                continue
+            oid = decode_chunk(index.open("chunks", key, value)).oid if kind == PUT else None
+            touched[key] = oid
+            if oid is not None:
+                wanted.add(oid)
+        states.append(dict(touched))
+    have = present(wanted) if wanted else set()
+    good = 0
+    for n, state in enumerate(states, 1):
+        if all(oid is None or oid in have for oid in state.values()):
+            good = n
+    for seq, ops in run[:good]:
+        index._apply(index._parent(), ops).commit()
+        index._count(index._applied)
+        index._seq = seq
+    if good:
+        index.checkpoint()
+    return good

@@ -1,0 +1,257 @@
+"""Read-only followers of an S3 store: the writer publishes its journal,
+read-only mounts on other machines apply it.
+
+**The writer** (:class:`Publisher`, every read-write filesystem session of
+an S3 store) uploads, every ``s3_publish_interval`` seconds (10 by default)
+when its index changed, the archived journal segments the bucket lacks as
+``follow/journal-N`` and the records its live journal gained since the last
+round as ``follow/part-N`` (N the last record's number; the journal's header,
+then whole records: a valid journal file), and once more at a clean close.
+It deletes the parts an archived segment holds and the ``follow/`` segments
+it no longer keeps itself (those older than its two index snapshots).  They
+are the journal's bytes as on disk: every record sealed under the store's
+key with its sequence number in the associated data.
+
+**A follower** (``dcmfs mount -o ro,follow=SECONDS`` of a store made by
+``dcmfs attach``; :class:`Follower`) lists ``follow/`` every SECONDS,
+fetches the segments and parts whose last record is after its own sequence
+number, and applies the records that authenticate, continue its sequence without a
+gap and leave no chunk entry naming an object the bucket lacks
+(:func:`dcmfs.index.follow.apply_available`); the rest waits for the next
+round.  Its index is then checkpointed with its sums sealed as on the writer,
+and read as any index (index authenticity: docs/format.md).  A bucket that
+is rolled back or withholds segments can delay a follower, never take it
+backwards: records it applied are never applied again, older ones are
+ignored, and a gap stops it (it then warns, once, that it may need a new
+``dcmfs attach --follower``).
+
+The delay until a new file shows on a follower: the writer's next
+publication (``s3_publish_interval``, 10 s; a record is in the live journal
+as soon as its operation returned), the upload of the file's objects (``s3_upload_delay``, 10 s; a chunk
+awaiting the re-encoder until its replacement is uploaded) and the
+follower's next round (``follow``): about 30 s with the defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from .. import format as fmt
+from ..errors import DcmfsError, StoreIOError
+from ..index import Index
+from ..index.follow import apply_available
+from ..index.journal import HEADER_SIZE as JOURNAL_HEADER
+from ..index.journal import Journal, whole_records
+from ..index.schema import JOURNAL_NAME
+from ..index.snapshots import archive_segments
+from ..storage.backend import Backend, BackendMissing
+from ..storage.objects import object_name
+
+log = logging.getLogger("dcmfs.s3")
+
+PREFIX = "follow/"
+#: ``follow/part-N``: the records of the live journal published in one round,
+#: the last one numbered N, after the journal's header
+PART = "part-"
+
+
+def _number(name: str, kind: str) -> int | None:
+    tail = name[len(PREFIX):]
+    if tail.startswith(kind) and tail[len(kind):].isdigit():
+        return int(tail[len(kind):])
+    return None
+
+
+class Publisher:
+    """The writer's side: uploads its journal for followers."""
+
+    def __init__(self, remote: Backend, root: str, index: Callable[[], Index | None],
+                 lock, interval: float) -> None:
+        self.remote = remote
+        self.root = root
+        self._index = index
+        self._lock = lock
+        self.interval = interval
+        self._published_seq = -1
+        #: the live journal published so far: its inode and where its
+        #: unpublished records start
+        self._journal_id, self._offset = None, JOURNAL_HEADER
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dcmfs-publish-journal",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.publish()
+
+    def publish(self) -> None:
+        """Upload what changed (a failure is logged; the next round retries)."""
+        index = self._index()
+        if index is None or getattr(self.remote, "fence", None) is not None \
+                and self.remote.fence.is_set():  # the lease went to another writer
+            return
+        seq = index.seq
+        if seq == self._published_seq:
+            return
+        directory = os.path.join(self.root, fmt.SNAPSHOTS_DIR)
+        try:
+            present = set(self.remote.list(PREFIX))
+            with self._lock:  # no rotation of the journal meanwhile
+                segments = archive_segments(directory)
+                header, tail, offset = self._new_records()
+            kept, archived = set(), 0
+            for last, path in segments:
+                name = PREFIX + os.path.basename(path)
+                kept.add(name)
+                archived = max(archived, last)
+                if name not in present:
+                    self.remote.put(name, _read(path))
+            whole, last = whole_records(tail)
+            if whole:
+                name = f"{PREFIX}{PART}{last:016d}"
+                self.remote.put(name, header + tail[:whole])
+                kept.add(name)
+            for name in present - kept:  # parts an archived segment holds, old segments
+                n = _number(name, PART)
+                if n is None or n <= archived:
+                    self.remote.delete(name)
+        except (OSError, StoreIOError) as exc:
+            log.warning("publishing the journal for followers failed (%s); retrying in "
+                        "%.0f s", type(exc).__name__, self.interval)
+            return
+        self._offset = offset + whole
+        self._published_seq = seq
+
+    def _new_records(self) -> tuple[bytes, bytes, int]:
+        """(header, the bytes after what was published, where they start) of
+        the live journal (a new one after a rotation starts from its header)."""
+        with open(os.path.join(self.root, fmt.INDEX_DIR, JOURNAL_NAME), "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_ino != self._journal_id or st.st_size < self._offset:
+                self._journal_id, self._offset = st.st_ino, JOURNAL_HEADER
+            header = f.read(JOURNAL_HEADER)
+            f.seek(self._offset)
+            return header, f.read(), self._offset
+
+    def close(self) -> None:
+        """Stop, after one last publication (the caller drained the uploads)."""
+        self._stop.set()
+        self._thread.join()
+        self.publish()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Follower:
+    """A read-only mount's side: applies the writer's published journal."""
+
+    def __init__(self, remote: Backend, root: str, index: Index, master_key: bytes,
+                 store_id: bytes, lock, interval: float,
+                 on_applied: Callable[[], None] = lambda: None) -> None:
+        self.remote = remote
+        self.root = root
+        self.index = index
+        self._key, self._store_id = master_key, store_id
+        self._lock = lock
+        self.interval = interval
+        self.on_applied = on_applied
+        #: records applied so far, rounds run, and the last round's error
+        self.applied = 0
+        self.rounds = 0
+        self.last_error: str | None = None
+        self._gap_logged = False
+        self._present: set[bytes] = set()
+        self._heads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dcmfs-follow-head")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dcmfs-follow", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.follow()
+            except DcmfsError as exc:
+                self.last_error = str(exc)
+                log.warning("following the writer failed: %s; retrying in %.0f s", exc,
+                            self.interval)
+
+    def follow(self) -> int:
+        """One round: fetch what the writer published and apply what can be;
+        returns how many records were applied."""
+        self.rounds += 1
+        seq = self.index.seq
+        found = []
+        for name in self.remote.list(PREFIX):
+            for kind in (fmt.ARCHIVE_PREFIX, PART):
+                n = _number(name, kind)
+                if n is not None and n > seq:
+                    found.append((n, name))
+        # the segments uploaded with the snapshots too (a writer of an older
+        # dcmfs published none under follow/)
+        archived = fmt.SNAPSHOTS_DIR + "/" + fmt.ARCHIVE_PREFIX
+        for name in self.remote.list(archived):
+            tail = name[len(archived):]
+            if tail.isdigit() and int(tail) > seq:
+                found.append((int(tail), name))
+        # in order of their last records: what two files both hold is skipped
+        names = [name for _, name in sorted(found)]
+        records = []
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".follow-") as tmp:
+            for i, name in enumerate(names):
+                try:
+                    blob = self.remote.get(name)
+                except BackendMissing:
+                    continue
+                path = os.path.join(tmp, str(i))
+                with open(path, "wb") as f:
+                    f.write(blob)
+                try:
+                    journal = Journal(path, self._key, self._store_id, read_only=True)
+                except DcmfsError as exc:  # another store's, or a damaged header
+                    log.warning("%s in the bucket is not this store's journal (%s); skipped",
+                                name, exc)
+                    continue
+                try:
+                    records.extend(journal.records(seq))
+                finally:
+                    journal.close()
+        if records and records[0][0] > seq + 1:
+            if not self._gap_logged:
+                log.warning("the bucket holds no journal records right after change %d: "
+                            "withheld, or this follower fell behind what the writer keeps; "
+                            "if it lasts, unmount and 'dcmfs attach --follower' again", seq)
+                self._gap_logged = True
+            return 0
+        with self._lock:
+            n = apply_available(self.index, records, self._in_bucket)
+            if n:
+                self.on_applied()
+        self.applied += n
+        return n
+
+    def status(self) -> dict:
+        """For ``dcmfs status``: where the follower is (no names)."""
+        return {"seq": self.index.seq, "applied": self.applied, "rounds": self.rounds,
+                "interval": self.interval, "last_error": self.last_error}
+
+    def _in_bucket(self, oids: set[bytes]) -> set[bytes]:
+        todo = [o for o in oids if o not in self._present]
+        for oid, size in zip(todo, self._heads.map(
+                lambda o: self.remote.head(object_name(o)), todo)):
+            if size is not None:
+                self._present.add(oid)  # objects are immutable: once there, there
+        return {o for o in oids if o in self._present}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._heads.shutdown(wait=True)

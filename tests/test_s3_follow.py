@@ -1,0 +1,250 @@
+"""Read-only followers of an S3 store against a real Ceph RGW: a writer
+mount writes files, a follower mount of the same bucket on "another
+machine" (a store made by ``dcmfs attach``, a state directory of its own)
+sees them within the stated delay, byte-exact, and refuses writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+
+from .conftest import Mount, ct_file
+from .test_s3 import s3_fs  # noqa: F401 (fixture)
+from .test_s3_mount import s3_mount  # noqa: F401 (fixture)
+
+#: the test's settings: publish every 1 s, upload after 1 s, follow every 1 s
+FAST = "s3_publish_interval=1,s3_upload_delay=1"
+#: what docs/format.md states for these settings, with room for a loaded machine
+DELAY = 30.0
+
+
+def _wait_for(path, data: bytes, deadline: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            if path.read_bytes() == data:
+                return time.monotonic() - started
+        except FileNotFoundError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{path.name} did not show on the follower in time")
+
+
+def test_a_follower_sees_new_files_within_the_delay_and_refuses_writes(s3_mount, tmp_path,
+                                                                       monkeypatch):
+    m = s3_mount
+    m.mount("--s3-credentials-file", m.creds, "-o", FAST)
+    first = os.urandom(200_000)
+    (m.mnt / "first.bin").write_bytes(first)
+    m.umount()
+    m.mount("--s3-credentials-file", m.creds, "-o", FAST)  # the writer again, and stays
+    (m.mnt / "while.bin").write_bytes(b"w" * 70_000)  # after the snapshot
+    follower_store = tmp_path / "viewer"
+    monkeypatch.setenv("DCMFS_STATE_DIR", str(tmp_path / "viewer-state"))  # another machine
+    r = m.cli("attach", m.url, follower_store, "--follower", "--key-file", m.key,
+              "--s3-credentials-file", m.creds, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "follower at change" in r.stdout
+    (tmp_path / "v").mkdir()
+    viewer = Mount(tmp_path / "v")
+    viewer.store, viewer.key = follower_store, m.key
+    viewer.mount("--s3-credentials-file", m.creds, "-o", "ro,follow=1")
+    try:
+        assert (viewer.mnt / "first.bin").read_bytes() == first
+        _wait_for(viewer.mnt / "while.bin", b"w" * 70_000, time.monotonic() + DELAY)
+        ct = ct_file().read_bytes()
+        os.makedirs(m.mnt / "series")
+        want = {}
+        for i in range(6):
+            data = ct[:-8] + i.to_bytes(8, "big")
+            (m.mnt / "series" / f"{i:03d}.dcm").write_bytes(data)
+            want[f"{i:03d}.dcm"] = data
+        big = os.urandom(3_000_000)
+        (m.mnt / "big.bin").write_bytes(big)
+        written = time.monotonic()
+        deadline = written + DELAY
+        for name, data in want.items():
+            _wait_for(viewer.mnt / "series" / name, data, deadline)
+        _wait_for(viewer.mnt / "big.bin", big, deadline)
+        took = time.monotonic() - written
+        assert took < DELAY
+        assert sorted(os.listdir(viewer.mnt / "series")) == sorted(want)
+        r = viewer.cli("status", viewer.mnt)
+        assert r.returncode == 0 and "follower    at change" in r.stdout, r.stdout + r.stderr
+        # a change and a removal follow too
+        (m.mnt / "big.bin").unlink()
+        deadline = time.monotonic() + DELAY
+        while (viewer.mnt / "big.bin").exists():
+            assert time.monotonic() < deadline, "the removal did not show on the follower"
+            time.sleep(0.2)
+        # the follower refuses writes
+        for attempt in (lambda: (viewer.mnt / "new.bin").write_bytes(b"x"),
+                        lambda: open(viewer.mnt / "first.bin", "r+b"),
+                        lambda: os.mkdir(viewer.mnt / "d")):
+            with pytest.raises(OSError) as exc:
+                attempt()
+            assert exc.value.errno == errno.EROFS
+        assert (m.mnt / "first.bin").read_bytes() == first  # the writer is untouched
+    finally:
+        viewer.cleanup()
+    assert "Traceback" not in viewer.log() and " ERROR" not in viewer.log(), viewer.log()
+
+
+def test_a_follower_applies_authentic_records_in_sequence_only(s3_fs, tmp_path, secret,
+                                                               s3_settings, ceph_s3):
+    """A flipped byte in the published journal stops the follower before
+    that record; the newest part withheld, or older records put back under
+    a new name (a rollback), take it nowhere; the genuine part brings it to
+    the writer's state, byte-exact."""
+    import dataclasses
+
+    from dcmfs.app.attach import attach
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.errors import NotFound
+    from dcmfs.storage.header import open_store
+
+    from .conftest import SMALL
+    from .test_s3 import read_file, write_file
+
+    writer = s3_fs()
+    first = os.urandom(150_000)
+    write_file(writer, "/first", first)
+    writer.close()
+    viewer_root = str(tmp_path / "viewer")
+    viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
+    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg)
+    writer = s3_fs()
+    viewer = FileSystem(open_store(viewer_root, secret),
+                        dataclasses.replace(viewer_cfg, read_only=True, follow=3600))
+    try:
+        follower = viewer.opened.follower
+        client = ceph_s3.client()
+        bucket, prefix = s3_fs.url[5:].split("/", 1)
+
+        def publish() -> tuple[str, bytes]:
+            """The newest part's key and bytes after a publication."""
+            writer.opened.remote.drain()
+            writer.opened.checkpoint()
+            writer.opened.publisher.publish()
+            key = f"{prefix}/follow/part-{writer.index.seq:016d}"
+            return key, client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+        second = os.urandom(200_000)
+        write_file(writer, "/second", second)
+        _, older = publish()
+        assert follower.follow() > 0
+        assert read_file(viewer, "/second") == second
+        seen = viewer.index.seq
+
+        third = os.urandom(120_000)
+        write_file(writer, "/third", third)
+        key, genuine = publish()
+        assert writer.index.seq > seen
+        # withheld: the newest part gone; rolled back: older records in its place
+        client.delete_object(Bucket=bucket, Key=key)
+        assert follower.follow() == 0 and viewer.index.seq == seen
+        client.put_object(Bucket=bucket, Key=key, Body=older)
+        assert follower.follow() == 0 and viewer.index.seq == seen
+        with pytest.raises(NotFound):
+            viewer.getattr("/third")
+        assert read_file(viewer, "/second") == second
+        # a flipped byte in the last record: the records before it only
+        flipped = bytearray(genuine)
+        flipped[-1] ^= 0xFF
+        client.put_object(Bucket=bucket, Key=key, Body=bytes(flipped))
+        follower.follow()
+        assert seen <= viewer.index.seq < writer.index.seq
+        # the genuine part: the writer's state
+        client.put_object(Bucket=bucket, Key=key, Body=genuine)
+        follower.follow()
+        assert viewer.index.seq == writer.index.seq
+        assert read_file(viewer, "/third") == third
+        assert read_file(viewer, "/first") == first
+        # a file that is no journal of this store is skipped, the rest applied
+        client.put_object(Bucket=bucket, Key=f"{prefix}/follow/part-{10**15:016d}",
+                          Body=b"DCMJ" + os.urandom(200))
+        fourth = os.urandom(50_000)
+        write_file(writer, "/fourth", fourth)
+        publish()
+        assert follower.follow() > 0
+        assert read_file(viewer, "/fourth") == fourth
+    finally:
+        viewer.close()
+
+
+def test_a_writer_that_lost_its_lease_publishes_no_journal(s3_fs, ceph_s3):
+    from .test_s3 import write_file
+    writer = s3_fs()
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+
+    def parts() -> set[str]:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/follow/")
+        return {o["Key"] for o in listed.get("Contents", [])}
+    write_file(writer, "/a", os.urandom(100_000))
+    writer.opened.publisher.publish()
+    before = parts()
+    assert before
+    writer.opened.remote.fence.set()  # what a lease taken over does
+    try:
+        write_file(writer, "/b", os.urandom(100_000))
+        writer.opened.publisher.publish()
+        assert parts() == before
+    finally:
+        writer.opened.remote.fence.clear()  # (else its close waits out the drain)
+    writer.opened.publisher.publish()
+    assert parts() > before  # only the new records: one more part
+
+
+def test_a_follower_follows_across_a_journal_rotation(s3_fs, tmp_path, secret, s3_settings,
+                                                      ceph_s3):
+    """The writer's journal is archived: the segment replaces the parts it
+    holds in the bucket, and a follower behind it catches up from it."""
+    import dataclasses
+
+    from dcmfs.app.attach import attach
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.storage.header import open_store
+
+    from .conftest import SMALL
+    from .test_s3 import read_file, write_file
+
+    writer = s3_fs()
+    writer.close()
+    viewer_root = str(tmp_path / "viewer")
+    viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
+    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg)
+    writer = s3_fs()
+    viewer = FileSystem(open_store(viewer_root, secret),
+                        dataclasses.replace(viewer_cfg, read_only=True, follow=3600))
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+
+    def names() -> set[str]:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/follow/")
+        return {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
+    try:
+        files = {}
+        for i in range(3):
+            files[f"/f{i}"] = os.urandom(90_000)
+            write_file(writer, f"/f{i}", files[f"/f{i}"])
+            writer.opened.publisher.publish()
+        assert len([n for n in names() if n.startswith("part-")]) >= 3
+        writer.index._journal_limit = 1  # the next checkpoint archives the journal
+        files["/g"] = os.urandom(90_000)
+        write_file(writer, "/g", files["/g"])
+        writer.opened.remote.drain()
+        writer.opened.checkpoint()
+        writer.opened.publisher.publish()
+        now = names()
+        segments = [n for n in now if n.startswith("journal-")]
+        assert segments and not [n for n in now if n.startswith("part-")], now
+        viewer.opened.follower.follow()
+        assert viewer.index.seq == writer.index.seq
+        for path, data in files.items():
+            assert read_file(viewer, path) == data
+    finally:
+        viewer.close()

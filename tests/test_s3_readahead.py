@@ -1,0 +1,107 @@
+"""Cold reads of an S3 store: objects fetched ahead of sequential readers
+(dcmfs.core.readahead, dcmfs.storage.fetch), nothing fetched for a reader
+that jumps about, and a downloaded object never read half written."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+from dcmfs.storage.backend import LocalBackend
+from dcmfs.storage.cache import CachedBackend
+from dcmfs.storage.s3 import S3Backend
+
+from .test_s3 import read_file, s3_fs, wipe_cache, write_file  # noqa: F401 (fixture)
+
+FILES = {f"/d/f{i:02}": os.urandom(150_000 + i * 4099) for i in range(14)}
+
+
+def written(s3_fs):
+    fs = s3_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    for path, data in FILES.items():
+        write_file(fs, path, data)
+    fs.close()
+    wipe_cache(s3_fs.root)
+    return s3_fs()
+
+
+def cached(fs, path: str) -> bool:
+    """Are all the objects of ``path`` in the local cache?"""
+    with fs.index.begin() as txn:
+        refs = txn.chunks(fs._resolve(txn, path))
+    return all(os.path.exists(os.path.join(fs.opened.root, "objects", r.oid.hex()[:2],
+                                            r.oid.hex())) for r in refs.values())
+
+
+def test_a_directory_read_in_name_order_is_fetched_ahead(s3_fs):
+    fs = written(s3_fs)
+    fetcher = fs.opened.remote.fetcher
+    names = sorted(FILES)
+    assert read_file(fs, names[0]) == FILES[names[0]]
+    assert not cached(fs, names[2])  # one file read: no stream yet
+    assert read_file(fs, names[1]) == FILES[names[1]]  # the next one: a stream
+    assert fetcher.wait_idle(30)
+    ahead = names[2:2 + 8]
+    assert all(cached(fs, p) for p in ahead), "the next 8 files were not fetched ahead"
+    assert not cached(fs, names[10]), "more than 8 files were fetched ahead"
+    fetched = fetcher.fetched
+    assert fetched > 0
+    for path in names[2:]:
+        assert read_file(fs, path) == FILES[path]
+    assert fetcher.wait_idle(30)
+    downloads = fs.opened.remote.stats()["downloads"]
+    assert fetcher.fetched >= downloads - 6, (fetcher.fetched, downloads)  # nearly all ahead
+
+
+def test_random_access_fetches_nothing_ahead(s3_fs):
+    fs = written(s3_fs)
+    rng = random.Random(7)
+    names = sorted(FILES)
+    order = names[::3] + names[1::3][::-1]  # never a file after the one before it
+    for path in order:
+        fh = fs.open(path, os.O_RDONLY)
+        try:
+            for _ in range(3):  # reads that never start where the last one ended
+                offset = rng.randrange(1, len(FILES[path]) - 5000)
+                assert fs.read(fh, 4096, offset) == FILES[path][offset:offset + 4096]
+        finally:
+            fs.release(fh)
+    assert fs.opened.remote.fetcher.fetched == 0
+    assert fs.opened.remote.stats()["downloads"] > 0
+
+
+def test_a_downloaded_object_is_never_read_half_written(s3_fs, s3_settings):
+    """While a read downloads an object into the cache, another read that
+    looks in the cache (a read-ahead thread, the read that waited for it)
+    finds it whole or not at all."""
+    from dcmfs.storage.backend import BackendMissing
+    fs = s3_fs()
+    fs.close()
+    remote = S3Backend(s3_fs.url, s3_settings)
+    blob = os.urandom(32 << 20)
+    cache = CachedBackend(LocalBackend(s3_fs.root), remote, 1 << 34, uploaders=1)
+    try:
+        for round_ in range(3):
+            name = f"objects/ab/{round_:032x}"
+            remote.put(name, blob)
+            seen, stop = [], threading.Event()
+
+            def look():
+                while not stop.is_set():
+                    try:
+                        seen.append(len(cache.cache.get(name)))
+                    except BackendMissing:
+                        continue
+            t = threading.Thread(target=look)
+            t.start()
+            try:
+                assert cache.get(name) == blob
+                threading.Event().wait(0.05)
+            finally:
+                stop.set()
+                t.join()
+            assert seen and set(seen) == {len(blob)}, sorted(set(seen))[:5]
+    finally:
+        cache.close()
