@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 #: every check of tests/systemd/scenario.sh, in order
 CHECKS = """boot-active boot-pacs-after-mount boot-order boot-stop boot-unmounted install unit-verify init start live-after-start write-read same-mount-namespace
-cap-bounding-set no-new-privs-off seccomp-filter personality parser-worker-nobody
+cap-bounding-set no-new-privs-off seccomp-filter personality parser-worker-nobody parser-worker-nice
 parser-worker-codes parser-worker-confined status-text journal-priority
 dcmfs-status metrics stop stop-unmounts daemon-gone stop-exit-0 restart-start survives-restart
 busy-stop busy-stop-fast busy-stop-exit-0 busy-stop-unmounts creds-encrypt creds-encrypted-start

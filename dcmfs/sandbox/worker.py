@@ -140,7 +140,10 @@ def main(argv: list[str]) -> int:
     if len(argv) > 2 and int(argv[2]) > 0:
         # before the imports: starting a worker costs ~0.4 s of CPU, which
         # must not be taken from the files being written meanwhile
-        os.nice(int(argv[2]))
+        try:
+            os.nice(int(argv[2]))
+        except OSError:
+            pass  # a unit's syscall filter may refuse setpriority: full priority then
     rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
     # nothing may print into the protocol stream
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115

@@ -103,6 +103,9 @@ for p in filter(str.isdigit, os.listdir("/proc")):
         pass')
 [ -n "$worker" ] && [ "$(stat -c %u /proc/$worker)" = 65534 ] && ok parser-worker-nobody \
     || no parser-worker-nobody "worker ${worker:-none} uid $(stat -c %u /proc/${worker:-0} 2>/dev/null)"
+# the re-encoder's workers give way to the PACS (nice 10) under the unit's syscall filter too
+nice=$(awk '{print $19}' /proc/${worker:-0}/stat 2>/dev/null)
+[ "$nice" = 10 ] && ok parser-worker-nice || no parser-worker-nice "worker ${worker:-none} nice ${nice:-?}"
 $D stats /srv/dcmfs/test --json > /results/stats.json 2>&1
 python3 -c '
 import json
