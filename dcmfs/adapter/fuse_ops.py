@@ -441,7 +441,10 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
     # (measured, issue 17: stat of 5 000 files 0.44 -> 0.89 of gocryptfs)
     opts = {"fsname": fs.store.root, "subtype": "dcmfs", "default_permissions": True,
             "use_ino": True, "nopath": True, "kernel_cache": True}
-    if isinstance(fs, FileSystem):  # not the de-identified view: its tree changes by itself
+    # not where the tree changes by itself: the de-identified view, and a
+    # follower (it applies another machine's journal: a file first seen
+    # empty would read empty for a minute)
+    if isinstance(fs, FileSystem) and not fs.config.follow:
         opts.update(entry_timeout=KERNEL_TIMEOUT, attr_timeout=KERNEL_TIMEOUT)
     opts.update(options)
     log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
