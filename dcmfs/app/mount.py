@@ -9,6 +9,7 @@ on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -168,6 +169,21 @@ class _StatusReporter(threading.Thread):
             return "figures unavailable"
 
 
+#: glibc's malloc arenas of the daemon (M_ARENA_MAX; glibc's default is 8
+#: per core, one per thread that allocates)
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """Few malloc arenas: each libfuse worker thread and sealing thread got
+    an arena of its own, which kept the chunks it had freed (a 2 GiB write
+    and read: daemon RSS 187 MB with libfuse's threads, 137 MB with one)."""
+    try:
+        ctypes.CDLL(None).mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: its own allocator's policy
+
+
 def run_daemon(store: Store, mountpoint: str, config: Config,
                fuse_options: dict, on_ready=None, metrics: str | None = None,
                status_interval: float = 5.0, view_secret: bytes | None = None,
@@ -177,6 +193,7 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
     served instead of the files (``view_secret``: its secret), with
     ``view_mount`` beside them at that mountpoint (:mod:`.viewmount`)."""
     forbid_core_dumps()  # the master key is in this process (also when -f)
+    limit_malloc_arenas()
     fs = FileSystem(OpenedStore(store, config, checked=True))
     trail = fs.opened.audit
     if trail is not None:
