@@ -232,18 +232,20 @@ class Txn:
             self._delete("deidview", ino_key(ino))
         return refs
 
-    def iter_inodes(self, start: int = 0) -> Iterator[tuple[int, Inode]]:
-        """(inode number, record) of every inode, from number ``start`` on."""
-        if not start:
-            for key, raw in self._scan("inodes", b""):
-                yield U64.unpack(key)[0], Inode.decode(raw)
-            return
-        cur = self.txn.cursor(db=self._db["inodes"])
+    def _scan_from(self, db: str, start: int) -> Iterator[tuple[int, bytes]]:
+        """(inode number, opened value) of an inode-keyed database, from
+        number ``start`` on (a pass that holds the core lock a slice at a time)."""
+        cur = self.txn.cursor(db=self._db[db])
         if not cur.set_range(ino_key(start)):
             return
         for key, raw in cur:
-            self._refuse_suspect("inodes", key)
-            yield U64.unpack(key)[0], Inode.decode(self.ix.open("inodes", key, raw))
+            self._refuse_suspect(db, key)
+            yield U64.unpack(key)[0], self.ix.open(db, key, raw)
+
+    def iter_inodes(self, start: int = 0) -> Iterator[tuple[int, Inode]]:
+        """(inode number, record) of every inode, from number ``start`` on."""
+        for ino, raw in self._scan_from("inodes", start):
+            yield ino, Inode.decode(raw)
 
     def iter_inodes_checked(self) -> Iterator[tuple[int, Inode | IntegrityError]]:
         """Like :meth:`iter_inodes`, but a record that does not authenticate
@@ -401,12 +403,8 @@ class Txn:
 
     def iter_content(self, start: int = 0) -> Iterator[tuple[int, dict]]:
         """(inode, record) of what the re-encoder found, from inode ``start`` on."""
-        cur = self.txn.cursor(db=self._db["content"])
-        if not cur.set_range(ino_key(start)):
-            return
-        for key, raw in cur:
-            self._refuse_suspect("content", key)
-            yield U64.unpack(key)[0], json.loads(self.ix.open("content", key, raw))
+        for ino, raw in self._scan_from("content", start):
+            yield ino, json.loads(raw)
 
     # --- what the de-identified view lists of a file (sealed) -------------------
     def get_deid(self, ino: int) -> dict | None:
