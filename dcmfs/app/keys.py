@@ -232,3 +232,18 @@ def forbid_core_dumps() -> None:
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("could not make the process non-dumpable: %s",
                     os.strerror(ctypes.get_errno()))
+
+
+#: glibc's malloc arenas of the daemon (M_ARENA_MAX; glibc's default is 8
+#: per core, one per thread that allocates)
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """Few malloc arenas: each libfuse worker thread and sealing thread got
+    an arena of its own, which kept the chunks it had freed (a 2 GiB write
+    and read: daemon RSS 187 MB with libfuse's threads, 137 MB with one)."""
+    try:
+        ctypes.CDLL(None).mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: its own allocator's policy

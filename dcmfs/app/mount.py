@@ -9,7 +9,6 @@ on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import logging
@@ -27,7 +26,7 @@ from ..errors import (DaemonUnprovenError, DcmfsError, MountFailedError, Mountpo
                       MountpointMissingError, NotMountedError, StoreIOError)
 from ..core.filesystem import FileSystem
 from ..adapter.fuse_ops import require_fuse, serve
-from .keys import forbid_core_dumps
+from .keys import forbid_core_dumps, limit_malloc_arenas
 from .viewmount import AlongsideView, deid_view, umount_alongside
 from .logsetup import stderr_is_journal
 from ..adapter.metrics import MetricsServer, OpStats
@@ -167,21 +166,6 @@ class _StatusReporter(threading.Thread):
                     f"re-encoder backlog {r.backlog[0] if r else 0} files")
         except Exception:  # noqa: BLE001 — closing underneath us
             return "figures unavailable"
-
-
-#: glibc's malloc arenas of the daemon (M_ARENA_MAX; glibc's default is 8
-#: per core, one per thread that allocates)
-MALLOC_ARENAS = 2
-
-
-def limit_malloc_arenas() -> None:
-    """Few malloc arenas: each libfuse worker thread and sealing thread got
-    an arena of its own, which kept the chunks it had freed (a 2 GiB write
-    and read: daemon RSS 187 MB with libfuse's threads, 137 MB with one)."""
-    try:
-        ctypes.CDLL(None).mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass  # not glibc: its own allocator's policy
 
 
 def run_daemon(store: Store, mountpoint: str, config: Config,
