@@ -33,6 +33,32 @@ def _wait_for(path, data: bytes, deadline: float) -> float:
     raise AssertionError(f"{path.name} did not show on the follower in time")
 
 
+def _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first: bytes | None = None):
+    """A writer of the bucket (after one session that wrote ``first`` as
+    /first, if given) and a follower core attached from the bucket on
+    "another machine" (its own state directory), following by hand."""
+    import dataclasses
+
+    from dcmfs.app.attach import attach
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.storage.header import open_store
+
+    from .conftest import SMALL
+    from .test_s3 import write_file
+
+    writer = s3_fs()
+    if first is not None:
+        write_file(writer, "/first", first)
+    writer.close()
+    viewer_root = str(tmp_path / "viewer")
+    viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
+    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg)
+    writer = s3_fs()
+    viewer = FileSystem(open_store(viewer_root, secret),
+                        dataclasses.replace(viewer_cfg, read_only=True, follow=3600))
+    return writer, viewer
+
+
 def test_a_follower_sees_new_files_within_the_delay_and_refuses_writes(s3_mount, tmp_path,
                                                                        monkeypatch):
     m = s3_mount
@@ -99,26 +125,12 @@ def test_a_follower_applies_authentic_records_in_sequence_only(s3_fs, tmp_path, 
     that record; the newest part withheld, or older records put back under
     a new name (a rollback), take it nowhere; the genuine part brings it to
     the writer's state, byte-exact."""
-    import dataclasses
-
-    from dcmfs.app.attach import attach
-    from dcmfs.core.filesystem import FileSystem
     from dcmfs.errors import NotFound
-    from dcmfs.storage.header import open_store
 
-    from .conftest import SMALL
     from .test_s3 import read_file, write_file
 
-    writer = s3_fs()
     first = os.urandom(150_000)
-    write_file(writer, "/first", first)
-    writer.close()
-    viewer_root = str(tmp_path / "viewer")
-    viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
-    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg)
-    writer = s3_fs()
-    viewer = FileSystem(open_store(viewer_root, secret),
-                        dataclasses.replace(viewer_cfg, read_only=True, follow=3600))
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first)
     try:
         follower = viewer.opened.follower
         client = ceph_s3.client()
@@ -203,23 +215,9 @@ def test_a_follower_follows_across_a_journal_rotation(s3_fs, tmp_path, secret, s
                                                       ceph_s3):
     """The writer's journal is archived: the segment replaces the parts it
     holds in the bucket, and a follower behind it catches up from it."""
-    import dataclasses
-
-    from dcmfs.app.attach import attach
-    from dcmfs.core.filesystem import FileSystem
-    from dcmfs.storage.header import open_store
-
-    from .conftest import SMALL
     from .test_s3 import read_file, write_file
 
-    writer = s3_fs()
-    writer.close()
-    viewer_root = str(tmp_path / "viewer")
-    viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
-    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg)
-    writer = s3_fs()
-    viewer = FileSystem(open_store(viewer_root, secret),
-                        dataclasses.replace(viewer_cfg, read_only=True, follow=3600))
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings)
     client = ceph_s3.client()
     bucket, prefix = s3_fs.url[5:].split("/", 1)
 

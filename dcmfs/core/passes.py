@@ -9,6 +9,8 @@ import stat
 import time
 
 from ..errors import loggable
+from ..sandbox.pool import ParserFailure
+from .extents import ExtentReader
 
 log = logging.getLogger("dcmfs.reencoder")
 
@@ -81,8 +83,6 @@ class Passes:
     def _cool(self, ino: int, inode, table, cipher, content: dict) -> bool:
         """Code a hot file's frames again with the configured image codecs
         (decoded and compared before the swap, like any re-encoding)."""
-        from ..sandbox.pool import ParserFailure
-        from .extents import ExtentReader
         host = self.host
         reader = ExtentReader(host.objects, cipher, ino, inode, table, host.chunk_size)
         try:
