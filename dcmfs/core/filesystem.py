@@ -108,9 +108,11 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         self.data.on_damage = self.damaged
         if self.opened.follower is not None:  # the writer's changes came in
             self.opened.follower.on_applied = lambda: self._inodes.clear()
-        #: an S3 store's read-ahead of sequential readers (None: local)
-        self.readahead = None if self.opened.remote is None else ReadAhead(
-            self.index, self.objects, self.chunk_size, self._resolve, self._inode)
+        #: read-ahead across the files of a directory: an S3 store fetches,
+        #: a local one decodes
+        self.readahead = ReadAhead(
+            self.index, self.objects, self.chunk_size, self._resolve, self._inode,
+            decode=self.data.decode_ahead if self.opened.remote is None else None)
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}
