@@ -6,9 +6,14 @@ from __future__ import annotations
 import io
 import os
 import signal
+import threading
+import time
+
+import pytest
 
 from dcmfs.core.extents import extents_of
 from dcmfs.sandbox import pool as pool_mod
+from dcmfs.sandbox import protocol
 from dcmfs.sandbox.pool import CRASHED, ParserPool
 from dcmfs.storage import codec, dicom
 
@@ -137,3 +142,27 @@ def test_a_worker_killed_while_analysing_ahead(make_fs, monkeypatch):
     assert fs.reencoder.plans_ahead >= 2
     for path, data in files.items():
         assert read_file(fs, path) == data, path
+
+
+def test_a_message_crosses_a_small_pipe_whole_and_in_order():
+    """One writev per message; a pipe too small for it takes it in pieces
+    (partial writes resume where they stopped) and the reader gets it
+    whole; a reader that stops reading makes the writer time out at its
+    deadline instead of blocking."""
+    rfd, wfd = os.pipe()
+    try:
+        os.set_blocking(wfd, False)
+        blob = os.urandom(3 * 65536 + 123)  # past a 64 KiB pipe's buffer
+        got = []
+        t = threading.Thread(target=lambda: got.append(protocol.recv(rfd)))
+        t.start()
+        protocol.send(wfd, {"op": "encode", "n": 1}, blob, time.monotonic() + 10)
+        t.join(10)
+        assert got == [({"op": "encode", "n": 1}, blob)]
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):  # nobody reads now
+            protocol.send(wfd, {"op": "encode"}, blob, time.monotonic() + 0.5)
+        assert time.monotonic() - start < 5
+    finally:
+        os.close(rfd)
+        os.close(wfd)
