@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import loggable
+from ..opened.shred import shred, shred_state
 
 log = logging.getLogger("dcmfs.fs")
 
@@ -35,6 +36,28 @@ class SyncLoops:
                 self.data.delete_set_aside()  # file operations go on meanwhile
             except Exception as exc:  # noqa: BLE001 — the journal keeps the changes
                 log.error("background checkpoint failed: %s", loggable(exc))
+                continue
+            try:
+                with self._lock:
+                    due = not self.closed and self.config.shred_after \
+                        and shred_state(self.opened).due(self.config.shred_after)
+                if due:
+                    self.shred_now(wait=False)
+            except Exception as exc:  # noqa: BLE001 — the next round tries again
+                log.error("shred pass failed: %s", loggable(exc))
+
+    def shred_now(self, wait: bool = True) -> dict:
+        """A shred pass (:mod:`dcmfs.opened.shred`) under the core's lock."""
+        with self._lock:
+            return shred(self.opened, checkpoint=self.checkpoint, wait=wait)
+
+    def final_snapshot(self) -> None:
+        """At a clean unmount: a shred pass when deletions are pending (its
+        snapshot is the only one kept), else a snapshot."""
+        if shred_state(self.opened).pending:
+            self.shred_now()
+        else:
+            self.snapshot()
 
     def _audit_sync_loop(self) -> None:
         """A read-only store's checkpoints: the audit trail (and the count

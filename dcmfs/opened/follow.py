@@ -48,7 +48,7 @@ from ..index.follow import apply_available
 from ..index.journal import HEADER_SIZE as JOURNAL_HEADER
 from ..index.journal import Journal, whole_records
 from ..index.schema import JOURNAL_NAME
-from ..index.snapshots import archive_segments
+from ..index.snapshots import archive_segments, snapshots
 from ..storage.backend import Backend, BackendMissing
 from ..storage.objects import object_name
 
@@ -105,7 +105,9 @@ class Publisher:
             with self._lock:  # no rotation of the journal meanwhile
                 segments = archive_segments(directory)
                 header, tail, offset = self._new_records()
-            kept, archived = set(), 0
+            # a shred pass removes every segment: the one snapshot left holds
+            # the parts up to its number, which go too (docs/format.md)
+            kept, archived = set(), max((n for n, _ in snapshots(directory)[:1]), default=0)
             for last, path in segments:
                 name = PREFIX + os.path.basename(path)
                 kept.add(name)

@@ -1,0 +1,186 @@
+"""Crypto-shredding (issue 18): a file's payload key needs its random secret,
+kept only in its sealed inode record; after a deleted file's shred horizon
+(a shred pass) no file of the store holds that secret any more, so copies of
+its objects kept elsewhere (S3 versions, replicas, backups of the object
+tree) cannot be opened with the master key and everything the store holds.
+
+The attacker here is as strong as the issue says: the master key (opened
+from the store's header, as the code does) and every byte of the store
+after the horizon - the index file (free pages included), the snapshots, the
+live and archived journals (decrypted with the journal key) and the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from dcmfs.app import admin
+from dcmfs.config import Config
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.index import index_sealer, sealed_aad
+from dcmfs.index.journal import PUT, Journal
+from dcmfs.index.schema import DB_ID, Inode, ino_key
+from dcmfs.storage.codec import Codecs
+from dcmfs.storage.header import Secret, init_store, open_store
+from dcmfs.storage.objects import ChunkRef, ObjectDamaged, ObjectStore
+from dcmfs.storage import crypto
+
+from .conftest import SMALL, ct_file, sha256
+
+#: a sealed inode record with a secret: 169 bytes + nonce + tag
+SEALED_INODE = 169 + 12 + 16
+
+
+def store_secrets(root, key: Secret, inos: set[int]) -> set[bytes]:
+    """Every file secret of the inodes ``inos`` that anything in the store
+    directory still holds, found with the master key: each window of every
+    file (objects aside) tried as a sealed inode record of each of those
+    inodes - LMDB's free pages, snapshots, anything - and every record of
+    every journal (live and archived) decrypted and its inode puts opened."""
+    store = open_store(str(root), key)
+    siv = index_sealer(store.master_key, store.store_id)
+    aads = [sealed_aad("inodes", ino_key(ino)) for ino in inos]
+    found: set[bytes] = set()
+
+    def opened(blob: bytes, aad: bytes) -> None:
+        try:
+            inode = Inode.decode(siv.open(blob, aad))
+        except (crypto.AuthenticationFailed, ValueError):
+            return
+        found.add(inode.secret)
+
+    for base, dirs, names in os.walk(root):
+        if os.path.relpath(base, root).split(os.sep)[0] == "objects":
+            continue
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                data = f.read()
+            for at in range(len(data) - SEALED_INODE + 1):
+                window = data[at:at + SEALED_INODE]
+                for aad in aads:
+                    opened(window, aad)
+            if name == "journal" or name.startswith("journal-"):
+                j = Journal(path, store.master_key, store.store_id, read_only=True)
+                try:
+                    for _, ops in j.records(0):
+                        for kind, db, k, value in ops:
+                            if kind == PUT and db == DB_ID["inodes"] and \
+                                    sealed_aad("inodes", k) in aads:
+                                opened(value, sealed_aad("inodes", k))
+                finally:
+                    j.close()
+    found.discard(b"")
+    return found
+
+
+def _objects(root, key: Secret) -> ObjectStore:
+    store = open_store(str(root), key)
+    return ObjectStore(str(root), store.store_id, store.master_key, Codecs.of(Config()),
+                       epoch_keys=store.epoch_keys, epoch=store.epoch)
+
+
+def open_object(root, key: Secret, oid: bytes, blob: bytes, secrets: set[bytes]) -> bytes | None:
+    """The plaintext of a copied-aside object, opened with the master key
+    and any of ``secrets`` (or none, as for files made before the feature);
+    None if nothing opens it."""
+    objects = _objects(root, key)
+    ctx = objects.open_context(oid, blob)  # the context block: the master key suffices
+    ref = ChunkRef(ctx.oid, ctx.generation, ctx.codec, ctx.flags, ctx.plain_len,
+                   ctx.stored_len)
+    for secret in [b"", *secrets]:
+        try:
+            return objects.read(objects.file_cipher(ctx.file_id, secret), ctx.file_id,
+                                ctx.ino, ctx.index, ref, blob)
+        except ObjectDamaged:
+            continue
+    return None
+
+
+def copy_objects(root, key: Secret) -> dict[int, dict[bytes, bytes]]:
+    """A copy of the object tree (a backup, S3 versions): {ino: {oid: bytes}}."""
+    objects = _objects(root, key)
+    out: dict[int, dict[bytes, bytes]] = {}
+    for base, _, names in os.walk(root / "objects"):
+        for name in names:
+            if len(name) == 32:
+                with open(os.path.join(base, name), "rb") as f:
+                    blob = f.read()
+                oid = bytes.fromhex(name)
+                out.setdefault(objects.open_context(oid, blob).ino, {})[oid] = blob
+    return out
+
+
+def status(m) -> dict:
+    r = m.cli("status", m.store, "--json", check=True)
+    return json.loads(r.stdout)
+
+
+def write_files(mnt, files: dict) -> None:
+    for name, data in files.items():
+        with open(mnt / name, "wb") as f:
+            f.write(data)
+
+
+def test_deleted_files_objects_open_with_nothing_the_store_holds_after_the_horizon(mount_env):
+    m = mount_env
+    key = Secret("keyfile", m.key.read_bytes())
+    m.mount("-o", "shred_after=0")  # the horizon comes from 'dcmfs shred' here
+    victims = {"ct.dcm": ct_file().read_bytes(), "random.bin": os.urandom(2_500_000)}
+    kept = {"kept.bin": os.urandom(700_000)}
+    write_files(m.mnt, {**victims, **kept})
+    victim_inos = {os.stat(m.mnt / n).st_ino for n in victims}
+    kept_ino = os.stat(m.mnt / "kept.bin").st_ino
+    time.sleep(1)
+    aside = copy_objects(m.store, key)  # a backup of the object tree, S3 versioning
+    assert victim_inos <= set(aside) and kept_ino in aside
+    for name in victims:
+        os.unlink(m.mnt / name)
+    time.sleep(1.5)  # a checkpoint: the deletions are in data.mdb too
+    s = status(m)["shred"]
+    assert s["pending"] == 2 and s["first_deleted"] and "deadline" not in s
+    text = m.cli("status", m.store, check=True).stdout
+    assert "2 deleted files still readable" in text
+    assert not any(n in text for n in ("ct.dcm", "random.bin"))
+
+    # the control: before the horizon the store still holds the secrets, and
+    # they open every copied object of the deleted files
+    held = store_secrets(m.store, key, victim_inos)
+    assert len(held) == 2
+    for ino in victim_inos:
+        for oid, blob in aside[ino].items():
+            assert open_object(m.store, key, oid, blob, held) is not None, oid.hex()
+
+    r = m.cli("shred", m.store, "--json", check=True)
+    assert json.loads(r.stdout)["deletions"] == 2 and json.loads(r.stdout)["mounted"]
+    s = status(m)["shred"]
+    assert s["pending"] == 0 and s["last_pass"]
+    assert "nothing pending" in m.cli("status", m.store, check=True).stdout
+    assert_shredded(m.store, key, victim_inos, kept_ino, aside)
+    assert sha256((m.mnt / "kept.bin").read_bytes()) == sha256(kept["kept.bin"])
+    m.umount()
+    assert_shredded(m.store, key, victim_inos, kept_ino, aside)
+    verify = m.cli("verify", m.store, "--key-file", m.key)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    fsck = m.cli("fsck", m.store, "--key-file", m.key)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def assert_shredded(root, key, victim_inos, kept_ino, aside) -> None:
+    """With the key and every byte the store holds: no secret of a deleted
+    file, and none of its copied objects opens (tried with every secret the
+    store holds and with none); the file that lives on still opens."""
+    assert store_secrets(root, key, victim_inos) == set()
+    live = store_secrets(root, key, {kept_ino})
+    assert len(live) == 1
+    for ino in victim_inos:
+        for oid, blob in aside[ino].items():
+            assert open_object(root, key, oid, blob, live) is None
+    assert all(open_object(root, key, oid, blob, live) is not None
+               for oid, blob in aside[kept_ino].items())
