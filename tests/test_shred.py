@@ -31,7 +31,10 @@ from dcmfs.storage.header import Secret, init_store, open_store
 from dcmfs.storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 from dcmfs.storage import crypto
 
+from dcmfs.opened.shred import shred_state
+
 from .conftest import SMALL, ct_file, sha256
+from .test_core import read_file, write_file
 
 #: a sealed inode record with a secret: 169 bytes + nonce + tag
 SEALED_INODE = 169 + 12 + 16
@@ -184,3 +187,87 @@ def assert_shredded(root, key, victim_inos, kept_ino, aside) -> None:
             assert open_object(root, key, oid, blob, live) is None
     assert all(open_object(root, key, oid, blob, live) is not None
                for oid, blob in aside[kept_ino].items())
+
+
+def _everything(root) -> bytes:
+    """Every byte of the store directory but the objects."""
+    out = []
+    for base, _, names in os.walk(root):
+        if os.path.relpath(base, root).split(os.sep)[0] != "objects":
+            for name in names:
+                with open(os.path.join(base, name), "rb") as f:
+                    out.append(f.read())
+    return b"\0".join(out)
+
+
+def test_the_pass_leaves_no_freed_page_holding_a_deleted_files_record(make_fs):
+    """LMDB does not clear the pages it frees: after the deletions are
+    checkpointed, data.mdb still holds the deleted files' sealed records
+    (the control); after the pass (the live index compacted, one compacted
+    snapshot, no journal record before it) no byte of the store does."""
+    fs = make_fs()
+    for i in range(300):
+        write_file(fs, f"/f{i:03d}", b"x" * 10)
+    fs.checkpoint()
+    with fs.index.begin() as txn:
+        victims = {fs._resolve(txn, f"/f{i:03d}") for i in range(0, 300, 2)}
+    sealed = [bytes(v) for k, v in fs.index.raw_items("inodes")
+              if int.from_bytes(bytes(k), "big") in victims]
+    assert len(sealed) == 150
+    for i in range(0, 300, 2):
+        fs.unlink(f"/f{i:03d}")
+    fs.checkpoint()
+    mdb = (make_fs.root / "index" / "data.mdb").read_bytes()
+    assert sum(s in mdb for s in sealed) > 0  # freed pages keep them
+    assert shred_state(fs.opened).pending == 150
+    result = fs.shred_now()
+    assert result["deletions"] == 150
+    held = _everything(make_fs.root)
+    assert not [s for s in sealed if s in held]
+    assert [n for n in os.listdir(make_fs.root / "snapshots")] == [
+        f"snapshot-{result['seq']:016d}"]
+    state = shred_state(fs.opened)
+    assert state.pending == 0 and state.done_seq == result["seq"]
+    for i in range(1, 300, 2):  # the others are untouched
+        assert read_file(fs, f"/f{i:03d}") == b"x" * 10
+    fs.close()
+    fs = make_fs()
+    assert fs.getattr("/f001")["st_size"] == 10 and len(fs.readdir("/")) == 150
+    assert fs.index.auth_state == "ok"  # the compacted index matches its sealed sums
+
+
+def test_a_mounted_daemon_shreds_by_itself_within_shred_after(mount_env):
+    m = mount_env
+    m.mount("-o", "shred_after=2,checkpoint_interval=0.5")
+    write_files(m.mnt, {"a.bin": os.urandom(300_000), "b.bin": os.urandom(1000)})
+    os.unlink(m.mnt / "a.bin")
+    s = status(m)["shred"]
+    assert s["pending"] == 1 and s["deadline"] - s["first_deleted"] == pytest.approx(2)
+    assert "at the latest" in m.cli("status", m.store, check=True).stdout
+    deadline = time.monotonic() + 30
+    while status(m)["shred"]["pending"] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    s = status(m)["shred"]
+    assert s["pending"] == 0 and s["last_pass"]
+    assert "shred pass: 1 deleted files" in m.log()
+    m.umount()
+    s = status(m)["shred"]  # from the index's plain record, no key
+    assert s["pending"] == 0 and s["last_pass"]
+    audit = m.cli("audit", m.store, "--key-file", m.key, "--event", "admin", "--json",
+                  check=True).stdout
+    records = [json.loads(line) for line in audit.splitlines() if line.strip()]
+    assert any(r.get("command") == "shred" and r.get("deletions") == 1 for r in records)
+
+
+def test_unmount_shreds_pending_deletions(mount_env):
+    m = mount_env
+    key = Secret("keyfile", m.key.read_bytes())
+    m.mount("-o", "shred_after=0")
+    write_files(m.mnt, {"gone.bin": os.urandom(200_000), "kept.bin": os.urandom(1000)})
+    gone, kept = os.stat(m.mnt / "gone.bin").st_ino, os.stat(m.mnt / "kept.bin").st_ino
+    time.sleep(1)
+    aside = copy_objects(m.store, key)
+    os.unlink(m.mnt / "gone.bin")
+    m.umount()
+    assert status(m)["shred"]["pending"] == 0
+    assert_shredded(m.store, key, {gone}, kept, aside)
