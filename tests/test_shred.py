@@ -12,41 +12,41 @@ live and archived journals (decrypted with the journal key) and the rest.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import shutil
+import signal
 import time
 
 import pytest
 
-from dcmfs.app import admin
 from dcmfs.config import Config
-from dcmfs.core.filesystem import FileSystem
 from dcmfs.index import index_sealer, sealed_aad
 from dcmfs.index.journal import PUT, Journal
 from dcmfs.index.schema import DB_ID, Inode, ino_key
 from dcmfs.storage.codec import Codecs
-from dcmfs.storage.header import Secret, init_store, open_store
+from dcmfs.storage.header import Secret, open_store
 from dcmfs.storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 from dcmfs.storage import crypto
 
 from dcmfs.opened.shred import shred_state
 
-from .conftest import SMALL, ct_file, sha256
+from .conftest import ct_file, sha256
 from .test_core import read_file, write_file
+from .test_s3 import s3_fs  # noqa: F401 (a fixture)
 
 #: a sealed inode record with a secret: 169 bytes + nonce + tag
 SEALED_INODE = 169 + 12 + 16
 
 
-def store_secrets(root, key: Secret, inos: set[int]) -> set[bytes]:
+def store_secrets(root, key: Secret, inos: set[int], scan=None) -> set[bytes]:
     """Every file secret of the inodes ``inos`` that anything in the store
-    directory still holds, found with the master key: each window of every
-    file (objects aside) tried as a sealed inode record of each of those
-    inodes - LMDB's free pages, snapshots, anything - and every record of
-    every journal (live and archived) decrypted and its inode puts opened."""
+    directory (or ``scan``: a copy of a bucket) still holds, found with the
+    master key: each window of every file (objects aside) tried as a sealed
+    inode record of each of those inodes - LMDB's free pages, snapshots,
+    anything - and every record of every journal (live, archived, a
+    follower's part) decrypted and its inode puts opened."""
     store = open_store(str(root), key)
+    root = scan or root
     siv = index_sealer(store.master_key, store.store_id)
     aads = [sealed_aad("inodes", ino_key(ino)) for ino in inos]
     found: set[bytes] = set()
@@ -69,7 +69,7 @@ def store_secrets(root, key: Secret, inos: set[int]) -> set[bytes]:
                 window = data[at:at + SEALED_INODE]
                 for aad in aads:
                     opened(window, aad)
-            if name == "journal" or name.startswith("journal-"):
+            if name == "journal" or name.startswith(("journal-", "part-")):
                 j = Journal(path, store.master_key, store.store_id, read_only=True)
                 try:
                     for _, ops in j.records(0):
@@ -271,3 +271,78 @@ def test_unmount_shreds_pending_deletions(mount_env):
     m.umount()
     assert status(m)["shred"]["pending"] == 0
     assert_shredded(m.store, key, {gone}, kept, aside)
+
+
+def test_a_hard_link_shares_the_secret_and_only_the_last_name_counts(make_fs):
+    fs = make_fs()
+    write_file(fs, "/a", b"shared" * 1000)
+    fs.link("/a", "/b")
+    fs.mkdir("/d", 0o755, 0, 0)
+    with fs.index.begin() as txn:
+        a, d = txn.get_inode(fs._resolve(txn, "/a")), txn.get_inode(fs._resolve(txn, "/d"))
+        assert len(a.secret) == 32 and a.secret == txn.get_inode(fs._resolve(txn, "/b")).secret
+        assert len(d.secret) == 32 and d.secret != a.secret  # records of one length
+    fs.unlink("/a")
+    assert shred_state(fs.opened).pending == 0
+    assert read_file(fs, "/b") == b"shared" * 1000
+    fs.unlink("/b")
+    assert shred_state(fs.opened).pending == 1
+
+
+def test_a_crash_keeps_the_deletions_pending_and_dcmfs_shred_shreds_them(mount_env):
+    m = mount_env
+    key = Secret("keyfile", m.key.read_bytes())
+    m.mount("-o", "shred_after=0,checkpoint_interval=0.5")
+    write_files(m.mnt, {"gone.bin": os.urandom(100_000), "kept.bin": os.urandom(1000)})
+    gone, kept = os.stat(m.mnt / "gone.bin").st_ino, os.stat(m.mnt / "kept.bin").st_ino
+    time.sleep(1)
+    aside = copy_objects(m.store, key)
+    os.unlink(m.mnt / "gone.bin")
+    time.sleep(1.5)  # checkpointed: the plain record says it without the key
+    os.kill(m.daemon_pid(), signal.SIGKILL)
+    m.cleanup()
+    assert status(m)["shred"]["pending"] == 1
+    r = m.cli("shred", m.store, "--key-file", m.key, "--json", check=True)
+    result = json.loads(r.stdout)
+    assert result["deletions"] == 1 and result["mounted"] is False
+    assert status(m)["shred"]["pending"] == 0
+    assert_shredded(m.store, key, {gone}, kept, aside)
+    fsck = m.cli("fsck", m.store, "--key-file", m.key)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def _bucket_copy(ceph_s3, url: str, dest) -> None:
+    """Everything of the store's prefix in the bucket but the objects."""
+    client = ceph_s3.client()
+    bucket, prefix = url[5:].split("/", 1)
+    for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", []):
+        rel = o["Key"][len(prefix) + 1:]
+        if rel.startswith("objects/"):
+            continue
+        os.makedirs(dest / os.path.dirname(rel), exist_ok=True)
+        (dest / rel).write_bytes(client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read())
+
+
+def test_an_s3_bucket_keeps_no_secret_of_a_shredded_file(s3_fs, ceph_s3, secret, tmp_path):
+    """The bucket's snapshots, journal segments and followers' parts held the
+    deleted file's secret (the control); after the pass at unmount, nothing
+    in the bucket but the objects is left that holds it."""
+    fs = s3_fs()
+    write_file(fs, "/gone", os.urandom(200_000))
+    write_file(fs, "/kept", os.urandom(1000))
+    with fs.index.begin() as txn:
+        gone = fs._resolve(txn, "/gone")
+    fs.checkpoint()
+    fs.snapshot()  # uploaded: it holds /gone's record
+    fs.opened.publisher.publish()  # the journal for followers, too
+    before = tmp_path / "before"
+    _bucket_copy(ceph_s3, s3_fs.url, before)
+    assert len(store_secrets(s3_fs.root, secret, {gone}, scan=before)) == 1
+    fs.unlink("/gone")
+    fs.close()
+    after = tmp_path / "after"
+    _bucket_copy(ceph_s3, s3_fs.url, after)
+    assert store_secrets(s3_fs.root, secret, {gone}, scan=after) == set()
+    assert store_secrets(s3_fs.root, secret, {gone}) == set()
+    assert [n for n in os.listdir(after / "snapshots")] == [
+        os.listdir(os.path.join(s3_fs.root, "snapshots"))[0]]

@@ -32,13 +32,18 @@ database      key                             value
                                               hash, segment, offset, start_*):
                                               the audit trail's chain head at
                                               the last checkpoint (feature
-                                              ``audit-v1``, :mod:`dcmfs.audit`)
+                                              ``audit-v1``, :mod:`dcmfs.audit`);
+                                              plain: ``shred`` -> 5 x u64,
+                                              deletions waiting for a shred
+                                              pass (:mod:`dcmfs.index.shred`)
 ``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`:
                                               any file type - regular, directory,
                                               symlink, FIFO, socket, character or
                                               block device; trailing bytes: the
                                               symlink target, or a device's rdev
-                                              as u64, else none)
+                                              as u64, else none; since
+                                              ``file-secrets-v1`` the file's
+                                              32-byte secret)
 ``dirents``   parent tag (16) + name tag (16)  SIV(parent u64 + child u64 + name
                                               length u16 + name, zeros to a
                                               multiple of 32 bytes); before
