@@ -287,6 +287,8 @@ def test_a_hard_link_shares_the_secret_and_only_the_last_name_counts(make_fs):
     assert read_file(fs, "/b") == b"shared" * 1000
     fs.unlink("/b")
     assert shred_state(fs.opened).pending == 1
+    fs.rmdir("/d")  # a directory's secret keys no object: no pass for it
+    assert shred_state(fs.opened).pending == 1
 
 
 def test_a_crash_keeps_the_deletions_pending_and_dcmfs_shred_shreds_them(mount_env):

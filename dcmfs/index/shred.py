@@ -29,7 +29,8 @@ copy of the index made after the horizon.
 
 ``meta/shred`` (plain, like ``meta/stats``, so ``dcmfs status`` needs no
 key; counted in the state group's sums like every ``meta`` record):
-``pending u64`` (deletions of files with a secret since the last pass),
+``pending u64`` (deletions of regular files with a secret since the last
+pass; a directory's or a symlink's secret keys no object),
 ``first_ns u64`` (when the first of them was deleted), ``last_seq u64``
 (the journal record of the last of them), ``done_ns u64`` and ``done_seq
 u64`` (when the last pass ended, and the sequence number of its snapshot).

@@ -4,6 +4,7 @@ a group for each database of :mod:`dcmfs.index.schema`."""
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from typing import TYPE_CHECKING, Iterator
 
@@ -221,11 +222,12 @@ class Txn:
         """Remove an inode with its chunks and xattrs; returns the chunk refs.
         A file with a secret is counted for the next shred pass
         (:mod:`dcmfs.index.shred`)."""
-        try:
-            secret = (self.get_inode(ino) or Inode(0, 0, 0, 0, 0, 0, 0, 0, b"")).secret
+        try:  # (a directory's or a symlink's secret keys no object)
+            inode = self.get_inode(ino)
+            counts = inode is not None and bool(inode.secret) and stat.S_ISREG(inode.mode)
         except (IntegrityError, struct.error):  # fsck removing a damaged record
-            secret = b"?"
-        if secret:
+            counts = True
+        if counts:
             note_deletion(self)
         refs = list(self.chunks(ino).values())
         for prefix_db in ("chunks", "xattrs"):
