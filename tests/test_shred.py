@@ -12,6 +12,7 @@ live and archived journals (decrypted with the journal key) and the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from dcmfs.storage import crypto
 
 from dcmfs.opened.shred import shred_state
 
-from .conftest import ct_file, sha256
+from .conftest import SMALL, ct_file, sha256
 from .test_core import read_file, write_file
 from .test_s3 import s3_fs  # noqa: F401 (a fixture)
 
@@ -348,3 +349,23 @@ def test_an_s3_bucket_keeps_no_secret_of_a_shredded_file(s3_fs, ceph_s3, secret,
     assert store_secrets(s3_fs.root, secret, {gone}) == set()
     assert [n for n in os.listdir(after / "snapshots")] == [
         os.listdir(os.path.join(s3_fs.root, "snapshots"))[0]]
+
+
+def test_the_reencoder_keeps_the_files_secret(make_fs):
+    fs = make_fs(dataclasses.replace(SMALL, reencode=True, checkpoint_interval=0, dicom=False))
+    fs.reencoder.pause()
+    ct = ct_file().read_bytes()
+    write_file(fs, "/ct", ct)
+
+    def state():
+        with fs.index.begin() as txn:
+            ino = fs._resolve(txn, "/ct")
+            return (txn.get_inode(ino).secret,
+                    {r.oid: r.codec for r in txn.chunks(ino).values()})
+    secret, raw = state()
+    assert len(secret) == 32 and set(raw.values()) == {0}
+    fs.reencoder.resume()
+    assert fs.reencoder.wait_idle(timeout=60)
+    again, coded = state()
+    assert again == secret and not set(coded) & set(raw) and set(coded.values()) == {1}
+    assert read_file(fs, "/ct") == ct
