@@ -342,6 +342,7 @@ def test_an_s3_bucket_keeps_no_secret_of_a_shredded_file(s3_fs, ceph_s3, secret,
     _bucket_copy(ceph_s3, s3_fs.url, before)
     assert len(store_secrets(s3_fs.root, secret, {gone}, scan=before)) == 1
     fs.unlink("/gone")
+    fs.opened.publisher.grace = 0  # followers' time to fetch the parts (60 s) over
     fs.close()
     after = tmp_path / "after"
     _bucket_copy(ceph_s3, s3_fs.url, after)
@@ -369,3 +370,37 @@ def test_the_reencoder_keeps_the_files_secret(make_fs):
     again, coded = state()
     assert again == secret and not set(coded) & set(raw) and set(coded.values()) == {1}
     assert read_file(fs, "/ct") == ct
+
+
+def test_a_follower_lets_go_of_a_shredded_files_records_too(s3_fs, tmp_path, secret,
+                                                             s3_settings, ceph_s3):
+    """A follower's index is another copy: when it applies the writer's
+    shred pass it compacts, so its freed pages keep no deleted record."""
+    from .test_s3_follow import _writer_and_follower
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings)
+    try:
+        for i in range(200):
+            write_file(writer, f"/f{i:03d}", b"y" * 10)
+        writer.checkpoint()
+        with writer.index.begin() as txn:
+            victims = {writer._resolve(txn, f"/f{i:03d}") for i in range(0, 200, 2)}
+        sealed = [bytes(v) for k, v in writer.index.raw_items("inodes")
+                  if int.from_bytes(bytes(k), "big") in victims]
+        writer.opened.remote.drain()
+        writer.opened.publisher.publish()
+        viewer.opened.follower.follow()
+        assert viewer.index.seq == writer.index.seq
+        viewer_mdb = tmp_path / "viewer" / "index" / "data.mdb"
+        assert all(s in viewer_mdb.read_bytes() for s in sealed)  # the control
+        for i in range(0, 200, 2):
+            writer.unlink(f"/f{i:03d}")
+        writer.shred_now()
+        writer.opened.publisher.publish()
+        viewer.opened.follower.follow()
+        assert viewer.index.seq == writer.index.seq
+        held = _everything(tmp_path / "viewer")
+        assert not [s for s in sealed if s in held]
+        assert read_file(viewer, "/f001") == b"y" * 10
+        assert len(viewer.readdir("/")) == 100
+    finally:
+        viewer.close()

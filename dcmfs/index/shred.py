@@ -41,6 +41,10 @@ from __future__ import annotations
 import dataclasses
 import struct
 import time
+from typing import Iterable
+
+from .journal import PUT
+from .schema import DB_ID
 
 _STATE = struct.Struct(">QQQQQ")
 META_KEY = "shred"
@@ -107,3 +111,15 @@ def note_pass(txn, snapshot_seq: int) -> ShredState:
     state = ShredState(done_ns=time.time_ns(), done_seq=snapshot_seq)
     txn.meta_put(META_KEY, state.encode())
     return state
+
+
+def shred_passed(records: Iterable[list]) -> bool:
+    """Do these journal records' ops (a follower's) include the record of a
+    shred pass (``meta/shred`` put with nothing pending after a pass)?"""
+    for ops in records:
+        for kind, db, key, value in ops:
+            if kind == PUT and db == DB_ID["meta"] and key == META_KEY.encode():
+                state = ShredState.decode(value)
+                if state.done_ns and not state.pending:
+                    return True
+    return False

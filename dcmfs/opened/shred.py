@@ -44,6 +44,8 @@ def shred(opened, checkpoint=None, wait: bool = True) -> dict:
         index = opened.index
         seq = index.seq
         take_snapshot(index, os.path.join(opened.root, fmt.SNAPSHOTS_DIR), keep=1)
+        if opened.publisher is not None:  # followers get every record before it goes
+            opened.publisher.publish()
         index.journal.reset()
         index.compact()
         with opened.write_txn() as txn:
