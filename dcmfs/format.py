@@ -72,6 +72,13 @@ constant, so do we):
   read-write opening and filled by the re-encoder and by a one-time pass of
   the first view mount; older stores open unchanged (the database is
   optional, empty until then).
+* 4 — (crypto-shredding, issue 18) feature ``file-secrets-v1``: an inode
+  record may hold a random 32-byte file secret (bit 6 of its digest-kind
+  byte; after the stored bytes), which salts the HKDF of the file's payload
+  key, and ``meta/shred`` (plain, 5 x u64) counts deletions whose secrets
+  may still be in the index's history (:mod:`dcmfs.index.shred`).  Files
+  made before keep their keys; every inode made since gets a secret.
+  Added at the first read-write opening; nothing is rewritten.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -108,6 +115,9 @@ QUARANTINE_DIR = "quarantine"
 #: in the bucket (JSON: holder, host, pid, expires)
 BACKEND_S3_FEATURE = "backend-s3-v1"
 LEASE_NAME = "lease"
+#: crypto-shredding: inode records may hold a file secret that is part of the
+#: file's payload key (:mod:`dcmfs.index.shred`)
+FILE_SECRETS_FEATURE = "file-secrets-v1"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
 DAMAGE_MARK = "needs-fsck"
 
@@ -121,7 +131,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "extents-v1", "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "backend-s3-v1",
                             "audit-v1", "key-slots-v1", "key-epochs-v1",
-                            "deid-view-v1"})
+                            "deid-view-v1", FILE_SECRETS_FEATURE})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -130,7 +140,7 @@ WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1",
-                            "deid-view-v1"})
+                            "deid-view-v1", FILE_SECRETS_FEATURE})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

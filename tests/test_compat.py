@@ -114,6 +114,10 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
             ino = fs._resolve(txn, path)
             assert txn.get_inode(ino).tree
             assert all(r.digest is not None for r in txn.chunks(ino).values())
+            # file-secrets-v1: a file of the old version keeps its key (no
+            # secret), a new one gets a secret (crypto-shredding)
+            assert txn.get_inode(ino).secret == b""
+            assert len(txn.get_inode(fs._resolve(txn, "/new.bin")).secret) == 32
     finally:
         fs.close()
     result = admin.fsck(str(root), lambda: secret, cfg, repair=False, rebuild=False,

@@ -17,7 +17,7 @@ import sys
 from .. import __version__
 from ..config import Config
 from ..errors import DcmfsError, SecretError, UsageError, WrongKeyError
-from . import keycli, keys, options, s3creds
+from . import keycli, keys, options, s3creds, shredcli
 from .options import make_config, parse_o
 
 log = logging.getLogger("dcmfs")
@@ -456,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_secret_options(s)
     s.set_defaults(func=cmd_audit)
     keycli.add_parser(sub)
+    shredcli.add_parser(sub, sys.modules[__name__])
 
     s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")

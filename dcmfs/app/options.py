@@ -235,6 +235,10 @@ OPTIONS: tuple[Option, ...] = (
            field="fuse_threads"),
     Option("reencode_threads", INT, "cores the re-encoder may use while no file is written",
            RECODING, field="reencode_threads", low=1, high=64),
+    Option("shred_after", DURATION, "run a shred pass once the first deletion not yet "
+           "shredded is T old, so its objects are unreadable with the key and the index "
+           "from then on (off: at unmount and 'dcmfs shred' only)", MOUNTING,
+           field="shred_after"),
     Option("scrub_interval", DURATION, "verify every file once per T in the background",
            MOUNTING, field="scrub_interval"),
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,

@@ -86,7 +86,7 @@ class FileData(Garbage):
         with self.index.begin() as txn:
             committed = txn.chunks(ino)
         of = OpenFile(ino, inode, committed)
-        of.cipher = self.objects.file_cipher(inode.file_id)
+        of.cipher = self.objects.file_cipher(inode.file_id, inode.secret)
         if any(r.offset >= 0 for r in committed.values()):
             order = sorted(committed, key=lambda i: committed[i].offset)
             of.extents = ([committed[i].offset for i in order], order)

@@ -24,6 +24,7 @@ from .. import format as fmt
 from ..config import Config
 from ..errors import DcmfsError, Exists, NameTooLong, NotADirectory, NotFound, loggable
 from ..index import Inode
+from ..index.schema import SECRET_LEN
 from ..opened.recovery import RecoveryReport, delete_file
 from ..opened.store import OpenedStore
 from ..sandbox.pool import BACKGROUND_NICE, ParserPool
@@ -118,6 +119,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         self._dirs: dict[int, int] = {}
         self._next_fh = 1
         self._inodes: dict[int, Inode] = {}
+        self._secrets = fmt.FILE_SECRETS_FEATURE in self.store.features
         #: (parent ino, name) -> (ino, path): libfuse's hidden names of open
         #: files that were unlinked (see NameOps._hide); in memory only
         self._hidden: dict[tuple[int, bytes], tuple[int, str]] = {}
@@ -267,7 +269,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
                             self._purge(of.ino)
                     self.opened.end_session()
                     self.checkpoint()
-                    self.snapshot()
+                    self.final_snapshot()
         finally:
             self.data.shutdown()
             self.opened.close()
@@ -393,9 +395,12 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         size = len(target) if stat.S_ISLNK(mode) else 0  # a device keeps its rdev there
+        # every type gets a secret (when the store has the feature), so the
+        # record's length does not tell a regular file from a directory
         inode = Inode(mode, uid, gid, nlink, size, now, now, now,
                       secrets.token_bytes(16), target=target,
-                      digest=EMPTY_DIGEST if stat.S_ISREG(mode) else None)
+                      digest=EMPTY_DIGEST if stat.S_ISREG(mode) else None,
+                      secret=secrets.token_bytes(SECRET_LEN) if self._secrets else b"")
         ino = txn.alloc_ino()
         self._put(txn, ino, inode)
         return ino, inode

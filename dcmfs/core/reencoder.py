@@ -315,7 +315,7 @@ class Reencoder(Passes, LookAhead):
 
     def _encode(self, ino: int, inode, table, content) -> bool:
         host = self.host
-        cipher = host.objects.file_cipher(inode.file_id)
+        cipher = host.objects.file_cipher(inode.file_id, inode.secret)
         info = None
         fresh = _fresh(content, inode.generation, self.dicom)
         if not self.dicom and not fresh:
