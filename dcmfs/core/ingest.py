@@ -1,0 +1,511 @@
+"""The write-only ingest filesystem (``dcmfs mount -o recipient=FILE``).
+
+A node holding only the store's recipient public key (a DICOM receiver in a
+DMZ) serves this instead of :class:`~dcmfs.core.filesystem.FileSystem`: it
+never opens the index (it cannot: no key) and never takes the store lock
+(a key holder may have the store mounted meanwhile).  What it shows:
+
+* the tree it created during this mount, kept in memory: directories and
+  files, their names, modes, owners, times and sizes; nothing of the
+  store's other files, nor of earlier ingest mounts;
+* a file being written can be written (sequentially; bytes already sealed,
+  one chunk behind the end, cannot be rewritten: EACCES), never read;
+* a closed file cannot be opened again, for reading or writing (EACCES);
+  it can be renamed, have its mode or times changed, or be unlinked (its
+  inbox record is written again, or removed).
+
+Each file has a random data key; its chunks are sealed with it into the
+session's inbox directory as they fill (:mod:`dcmfs.storage.inbox`); at
+close, and at fsync, every chunk is made durable, then the file's record
+(its path, metadata, chunk list and data key) is encapsulated to the
+recipient and written with the durable-write helper.  Empty directories
+are not recorded: the key holder creates directories as the paths of the
+files it imports need them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+
+from ..errors import (DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory, NoAttribute,
+                      NotADirectory, NotFound, NotSupported, PermissionDenied, BadHandle,
+                      StoreIOError)
+from ..storage import inbox
+from ..storage.durable import fsync_dir, write_file, write_new
+
+log = logging.getLogger("dcmfs.ingest")
+
+NAME_MAX = 255
+
+
+class _Node:
+    __slots__ = ("ino", "mode", "uid", "gid", "atime", "mtime", "ctime", "children")
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int) -> None:
+        self.ino, self.mode, self.uid, self.gid = ino, mode, uid, gid
+        self.atime = self.mtime = self.ctime = now
+        self.children: dict[str, _Node] | None = {} if stat.S_ISDIR(mode) else None
+
+
+class _File(_Node):
+    __slots__ = ("file_id", "key", "chunks", "tail", "tail_start", "opens", "seq",
+                 "unsynced", "digest", "unlinked", "path")
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int, path: str) -> None:
+        super().__init__(ino, mode, uid, gid, now)
+        self.file_id = os.urandom(16)
+        self.key = os.urandom(32)
+        #: [object id, plain length, stored length, SHA-256] of each sealed chunk
+        self.chunks: list[list] = []
+        self.tail = bytearray()
+        self.tail_start = 0
+        self.opens = 0
+        self.seq = 0  # the record last written (0: none yet)
+        self.unsynced: list[str] = []
+        self.digest = hashlib.sha256()
+        self.unlinked = False
+        self.path = path
+
+    @property
+    def size(self) -> int:
+        return self.tail_start + len(self.tail)
+
+
+class _Opened:
+    """Stands in for the opened store the FUSE adapter asks about."""
+
+    audit = None
+
+
+class IngestFS:
+    """The core of a write-only ingest mount (the FUSE adapter drives it)."""
+
+    concurrent_requests = True
+
+    def __init__(self, store_root: str, recipient: inbox.Recipient, config,
+                 clock=time.time_ns) -> None:
+        self.store = type("IngestStore", (), {"root": store_root,
+                                              "chunk_size": recipient.chunk_size})()
+        self.config = config
+        self.opened = _Opened()
+        self.recipient = recipient
+        self.session = os.urandom(16)
+        self.dir = os.path.join(store_root, inbox.INBOX_DIR, self.session.hex())
+        os.makedirs(self.dir, mode=0o700)
+        # held while mounted: a key holder removes only sessions whose lock is free
+        self._lock_fd = os.open(os.path.join(self.dir, "lock"),
+                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        fsync_dir(os.path.dirname(self.dir))
+        fsync_dir(os.path.dirname(os.path.dirname(self.dir)))
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._next_ino = 2
+        self.root = _Node(1, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), clock())
+        self._handles: dict[int, _File] = {}
+        self._dirs: dict[int, _Node] = {}
+        self._next_fh = 1
+        self.stale_names: list[str] = []
+        self.caller = None
+        self.files_written = 0
+        log.info("ingest session %s started (write-only, recipient %s)", self.session.hex()[:8],
+                 recipient.kind)
+
+    # --- names --------------------------------------------------------------
+    @staticmethod
+    def _parts(path: str) -> list[str]:
+        return [p for p in path.split("/") if p]
+
+    def _lookup(self, path: str) -> _Node:
+        node = self.root
+        for part in self._parts(path):
+            if node.children is None:
+                raise NotADirectory()
+            node = node.children.get(part)
+            if node is None:
+                raise NotFound()
+        return node
+
+    def _parent(self, path: str) -> tuple[_Node, str]:
+        parts = self._parts(path)
+        if not parts:
+            raise Exists()
+        parent = self._lookup("/".join(parts[:-1]))
+        if parent.children is None:
+            raise NotADirectory()
+        if len(os.fsencode(parts[-1])) > NAME_MAX:
+            from ..errors import NameTooLong
+            raise NameTooLong()
+        return parent, parts[-1]
+
+    def _new_ino(self) -> int:
+        self._next_ino += 1
+        return self._next_ino - 1
+
+    def hidden(self, path, fh=None) -> bool:
+        return False
+
+    def _stat(self, node: _Node) -> dict:
+        size = node.size if isinstance(node, _File) else 0
+        return {"st_ino": node.ino, "st_mode": node.mode,
+                "st_nlink": 2 + sum(c.children is not None for c in node.children.values())
+                if node.children is not None else (0 if getattr(node, "unlinked", False) else 1),
+                "st_uid": node.uid, "st_gid": node.gid, "st_size": size,
+                "st_blocks": -(-size // 512), "st_blksize": self.recipient.chunk_size,
+                "st_atime": node.atime, "st_mtime": node.mtime, "st_ctime": node.ctime}
+
+    def getattr(self, path: str | None, fh: int | None = None) -> dict:
+        with self._lock:
+            if fh is not None and fh in self._handles:
+                return self._stat(self._handles[fh])
+            if path is None and fh in self._dirs:
+                return self._stat(self._dirs[fh])
+            return self._stat(self._lookup(path or "/"))
+
+    def opendir(self, path: str) -> int:
+        with self._lock:
+            node = self._lookup(path)
+            if node.children is None:
+                raise NotADirectory()
+            fh = self._next_fh
+            self._next_fh += 1
+            self._dirs[fh] = node
+            return fh
+
+    def releasedir(self, fh: int) -> None:
+        with self._lock:
+            self._dirs.pop(fh, None)
+
+    def readdir(self, path: str | None, fh: int | None = None) -> list[tuple[str, int]]:
+        with self._lock:
+            node = self._dirs[fh] if path is None and fh in self._dirs else self._lookup(path)
+            if node.children is None:
+                raise NotADirectory()
+            return [(name, child.ino) for name, child in node.children.items()]
+
+    def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
+        with self._lock:
+            parent, name = self._parent(path)
+            if name in parent.children:
+                raise Exists()
+            parent.children[name] = _Node(self._new_ino(), stat.S_IFDIR | (mode & 0o7777), uid,
+                                          gid, self._clock())
+            parent.mtime = parent.ctime = self._clock()
+
+    def rmdir(self, path: str) -> None:
+        with self._lock:
+            parent, name = self._parent(path)
+            node = parent.children.get(name)
+            if node is None:
+                raise NotFound()
+            if node.children is None:
+                raise NotADirectory()
+            if node.children:
+                raise DirectoryNotEmpty()
+            del parent.children[name]
+
+    def unlink(self, path: str) -> None:
+        with self._lock:
+            parent, name = self._parent(path)
+            node = parent.children.get(name)
+            if node is None:
+                raise NotFound()
+            if node.children is not None:
+                raise IsADirectory()
+            del parent.children[name]
+            node.unlinked = True
+            if node.opens == 0:
+                self._discard(node)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        if flags & ~1:  # RENAME_NOREPLACE only
+            raise InvalidArgument()
+        with self._lock:
+            oparent, oname = self._parent(old)
+            node = oparent.children.get(oname)
+            if node is None:
+                raise NotFound()
+            nparent, nname = self._parent(new)
+            there = nparent.children.get(nname)
+            if there is node:
+                return
+            if node.children is not None and \
+                    self._parts(new)[:len(self._parts(old))] == self._parts(old):
+                raise InvalidArgument()  # not into itself
+            if there is not None:
+                if flags & 1:
+                    raise Exists()
+                if there.children is not None:
+                    if node.children is None:
+                        raise IsADirectory()
+                    if there.children:
+                        raise DirectoryNotEmpty()
+                elif node.children is not None:
+                    raise NotADirectory()
+                else:
+                    there.unlinked = True
+                    if there.opens == 0:
+                        self._discard(there)
+            del oparent.children[oname]
+            nparent.children[nname] = node
+            node.ctime = self._clock()
+            self._republish(node, "/" + "/".join(self._parts(new)))
+
+    def _republish(self, node: _Node, path: str) -> None:
+        """A closed file's record written again (its path or metadata changed)."""
+        if isinstance(node, _File):
+            node.path = path
+            if node.opens == 0 and node.seq:
+                self._publish(node)
+            return
+        for name, child in node.children.items():
+            self._republish(child, f"{path.rstrip('/')}/{name}")
+
+    def link(self, existing: str, new: str) -> None:
+        raise NotSupported()
+
+    def symlink(self, path: str, target: str, uid: int, gid: int) -> None:
+        raise NotSupported()
+
+    def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
+        raise NotSupported()
+
+    def readlink(self, path: str) -> str:
+        raise InvalidArgument()
+
+    # --- metadata -----------------------------------------------------------
+    def _node(self, path, fh) -> _Node:
+        if fh is not None and fh in self._handles:
+            return self._handles[fh]
+        return self._lookup(path or "/")
+
+    def _meta_changed(self, node: _Node) -> None:
+        node.ctime = self._clock()
+        if isinstance(node, _File) and node.opens == 0 and node.seq and not node.unlinked:
+            self._publish(node)
+
+    def chmod(self, path, mode: int, fh=None) -> None:
+        with self._lock:
+            node = self._node(path, fh)
+            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            self._meta_changed(node)
+
+    def chown(self, path, uid: int, gid: int, fh=None) -> None:
+        with self._lock:
+            node = self._node(path, fh)
+            node.uid = node.uid if uid == -1 else uid
+            node.gid = node.gid if gid == -1 else gid
+            self._meta_changed(node)
+
+    def utimens(self, path, atime_ns, mtime_ns, fh=None) -> None:
+        now = self._clock()
+        with self._lock:
+            node = self._node(path, fh)
+            node.atime = now if atime_ns is None else atime_ns
+            node.mtime = now if mtime_ns is None else mtime_ns
+            self._meta_changed(node)
+
+    def statfs(self) -> dict:
+        st = os.statvfs(self.store.root)
+        return {"f_bsize": st.f_bsize, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks,
+                "f_bfree": st.f_bfree, "f_bavail": st.f_bavail, "f_files": st.f_files,
+                "f_ffree": st.f_ffree, "f_favail": st.f_favail, "f_namemax": NAME_MAX}
+
+    def setxattr(self, *args, **kwargs) -> None:
+        raise NotSupported()
+
+    def getxattr(self, path, name, caller=None) -> bytes:
+        raise NoAttribute()
+
+    def listxattr(self, path) -> list[str]:
+        return []
+
+    def removexattr(self, path, name) -> None:
+        raise NoAttribute()
+
+    def require_admin(self, caller) -> None:
+        raise PermissionDenied()
+
+    # --- contents -----------------------------------------------------------
+    def create(self, path: str, mode: int, flags: int, uid: int, gid: int) -> int:
+        with self._lock:
+            parent, name = self._parent(path)
+            if name in parent.children:
+                raise Exists()  # the kernel asks open() for names it knows
+            node = _File(self._new_ino(), stat.S_IFREG | (mode & 0o7777), uid, gid,
+                         self._clock(), "/" + "/".join(self._parts(path)))
+            parent.children[name] = node
+            parent.mtime = parent.ctime = node.mtime
+            return self._new_handle(node)
+
+    def _new_handle(self, node: _File) -> int:
+        node.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = node
+        return fh
+
+    def open(self, path: str, flags: int) -> int:
+        """Only a file still open for writing takes another writer; a closed
+        file, and reading anything, is refused (EACCES)."""
+        with self._lock:
+            node = self._lookup(path)
+            if node.children is not None:
+                raise IsADirectory()
+            if node.opens == 0 or flags & os.O_ACCMODE != os.O_WRONLY:
+                raise PermissionDenied()
+            if flags & os.O_TRUNC:
+                self._truncate(node, 0)
+            return self._new_handle(node)
+
+    def _file(self, fh: int) -> _File:
+        node = self._handles.get(fh)
+        if node is None:
+            raise BadHandle()
+        return node
+
+    def read(self, fh: int, size: int, offset: int, ahead: bool = True) -> bytes:
+        raise PermissionDenied()
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        with self._lock:
+            node = self._file(fh)
+            if offset < node.tail_start:
+                raise PermissionDenied()  # sealed already: write-only means append-mostly
+            pos = offset - node.tail_start
+            if pos > len(node.tail):
+                node.tail.extend(bytes(pos - len(node.tail)))
+            node.tail[pos:pos + len(data)] = data
+            node.mtime = node.ctime = self._clock()
+            chunk = self.recipient.chunk_size
+            while len(node.tail) > chunk:
+                self._seal(node, chunk)
+            return len(data)
+
+    def _seal(self, node: _File, length: int) -> None:
+        plain = bytes(node.tail[:length])
+        index = len(node.chunks)
+        blob = inbox.seal_chunk(node.key, self.recipient.store_id, self.session, node.file_id,
+                                index, plain)
+        oid = os.urandom(16).hex()
+        path = os.path.join(self.dir, oid + ".obj")
+        write_new(path, blob)
+        node.unsynced.append(path)
+        node.digest.update(plain)
+        node.chunks.append([oid, len(plain), len(blob), hashlib.sha256(plain).hexdigest()])
+        del node.tail[:length]
+        node.tail_start += length
+
+    def truncate(self, path, length: int, fh=None) -> None:
+        with self._lock:
+            node = self._node(path, fh)
+            if node.children is not None:
+                raise IsADirectory()
+            if node.opens == 0:
+                raise PermissionDenied()
+            self._truncate(node, length)
+
+    def _truncate(self, node: _File, length: int) -> None:
+        if length < node.tail_start:
+            raise PermissionDenied()
+        pos = length - node.tail_start
+        if pos <= len(node.tail):
+            del node.tail[pos:]
+        else:
+            node.tail.extend(bytes(pos - len(node.tail)))
+        node.mtime = node.ctime = self._clock()
+
+    def fallocate(self, fh, mode, offset, length) -> None:
+        raise NotSupported()
+
+    def flush(self, fh: int) -> None:
+        self._file(fh)
+
+    def fsync(self, fh: int, datasync: bool = False) -> None:
+        """What was written so far is in the inbox, durably, as the file's
+        record says (the key holder imports it even if the mount dies)."""
+        with self._lock:
+            node = self._file(fh)
+            if node.tail:
+                self._seal(node, len(node.tail))
+            if not node.unlinked:
+                self._publish(node)
+
+    def sync_all(self) -> None:
+        """Every record is durable when written (fsyncdir has nothing left)."""
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            node = self._handles.pop(fh, None)
+            if node is None:
+                return
+            node.opens -= 1
+            if node.opens:
+                return
+            if node.unlinked:
+                self._discard(node)
+                return
+            if node.tail or not node.chunks:
+                self._seal(node, len(node.tail))
+            self._publish(node)
+            self.files_written += 1
+
+    def _publish(self, node: _File) -> None:
+        """The file's record as of now, durable, with its chunks (each
+        fsynced first); the previous record is removed after."""
+        try:
+            for path in node.unsynced:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            node.unsynced.clear()
+            record = {"path": node.path, "mode": node.mode, "uid": node.uid, "gid": node.gid,
+                      "atime_ns": node.atime, "mtime_ns": node.mtime, "size": node.size,
+                      "sha256": node.digest.copy().hexdigest() if not node.tail else None,
+                      "key": node.key.hex(), "chunks": node.chunks}
+            seq = node.seq + 1
+            blob = inbox.seal_record(self.recipient, self.session, node.file_id, seq, record)
+            write_file(os.path.join(self.dir, inbox.record_name(node.file_id, seq)), blob)
+        except OSError as exc:
+            raise StoreIOError(f"Writing to the inbox failed ({exc.strerror}).") from exc
+        old, node.seq = node.seq, seq
+        if old:
+            self._remove(os.path.join(self.dir, inbox.record_name(node.file_id, old)))
+
+    def _discard(self, node: _File) -> None:
+        """An unlinked file's inbox files go (its record first: a record never
+        names a chunk that is gone)."""
+        if node.seq:
+            self._remove(os.path.join(self.dir, inbox.record_name(node.file_id, node.seq)))
+            node.seq = 0
+        for oid, *_ in node.chunks:
+            self._remove(os.path.join(self.dir, oid + ".obj"))
+        node.chunks.clear()
+        node.unsynced.clear()
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise StoreIOError(f"Removing an inbox file failed ({exc.strerror}).") from exc
+
+    def close(self) -> None:
+        """Unmount: files still open are closed as if released."""
+        with self._lock:
+            for fh in list(self._handles):
+                self.release(fh)
+            fsync_dir(self.dir)
+            os.close(self._lock_fd)
+        log.info("ingest session %s ended: %d files written", self.session.hex()[:8],
+                 self.files_written)

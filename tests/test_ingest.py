@@ -1,0 +1,254 @@
+"""Write-only ingest (issue 18): a mount holding only the store's recipient
+public key writes files it cannot read back; a key holder imports them."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import pathlib
+import subprocess
+import time
+
+import pydicom
+import pytest
+
+from dcmfs.config import Config
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.core.ingest import IngestFS
+from dcmfs.errors import PermissionDenied
+from dcmfs.storage import inbox, keyring
+from dcmfs.storage.header import open_store
+
+from .conftest import SMALL, ct_file, flip_byte
+
+
+def make_series(dst: pathlib.Path, n: int) -> list[pathlib.Path]:
+    """A CT series: one real CT slice with new UIDs per instance."""
+    ds = pydicom.dcmread(ct_file())
+    series = pydicom.uid.generate_uid()
+    out = []
+    for i in range(n):
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = series
+        ds.InstanceNumber = i + 1
+        p = dst / f"CT{i:05d}.dcm"
+        ds.save_as(p)
+        out.append(p)
+    return out
+
+
+def ingest_write(ing: IngestFS, path: str, data: bytes, piece: int = 131072) -> None:
+    fh = ing.create(path, 0o640, os.O_WRONLY, 0, 0)
+    for off in range(0, len(data), piece):
+        ing.write(fh, data[off:off + piece], off)
+    ing.release(fh)
+
+
+def read_all(fs: FileSystem, path: str) -> bytes:
+    fh = fs.open(path, os.O_RDONLY)
+    try:
+        return fs.read(fh, fs.getattr(path)["st_size"] + 1, 0)
+    finally:
+        fs.release(fh)
+
+
+def session_dirs(root) -> list[pathlib.Path]:
+    return [pathlib.Path(p) for _, p in inbox.sessions(str(root))]
+
+
+@pytest.mark.parametrize("kind", [None, "rsa-oaep-3072"])
+def test_core_ingest_is_imported_byte_exact_and_unreadable_before(make_fs, secret, tmp_path,
+                                                                  kind):
+    fs = make_fs()
+    fh = fs.create("/existing.dcm", 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, b"old data", 0)
+    fs.release(fh)
+    fs.close()
+    root = make_fs.root
+    rcp = keyring.recipient(str(root), secret, kind)
+    assert rcp.kind == (kind or "x25519")
+    files = {f"/in/{p.name}": p.read_bytes() for p in make_series(tmp_path, 3)}
+    files["/in/big"] = os.urandom(3 * SMALL.chunk_size + 17)  # several chunks
+    files["/empty"] = b""
+    ing = IngestFS(str(root), rcp, Config())
+    ing.mkdir("/in", 0o755, 0, 0)
+    for path, data in files.items():
+        ingest_write(ing, path, data)
+    # the ingest node sees what it made, never the store's other files
+    assert sorted(n for n, _ in ing.readdir("/")) == ["empty", "in"]
+    assert ing.getattr("/in/big")["st_size"] == len(files["/in/big"])
+    for path in files:
+        with pytest.raises(PermissionDenied):
+            ing.open(path, os.O_RDONLY)
+        with pytest.raises(PermissionDenied):
+            ing.open(path, os.O_WRONLY)
+    ing.close()
+    # nothing of a name or of the contents is in the inbox
+    blobs = b"".join(p.read_bytes() for d in session_dirs(root) for p in d.iterdir())
+    for path, data in files.items():
+        assert os.path.basename(path).encode() not in blobs
+        if data:
+            assert data[200:264] not in blobs
+    fs = make_fs()
+    assert fs.imported["imported"] == len(files)
+    for path, data in files.items():
+        assert read_all(fs, path) == data
+    assert read_all(fs, "/existing.dcm") == b"old data"
+    assert fs.getattr("/in/big")["st_mode"] & 0o777 == 0o640
+    assert session_dirs(root) == []  # imported, removed
+
+
+def test_a_record_written_twice_is_imported_once_and_a_name_is_never_overwritten(
+        make_fs, secret):
+    fs = make_fs()
+    fh = fs.create("/a", 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, b"the store's own a", 0)
+    fs.release(fh)
+    fs.close()
+    rcp = keyring.recipient(str(make_fs.root), secret)
+    ing = IngestFS(str(make_fs.root), rcp, Config())
+    ingest_write(ing, "/tmpname", b"ingested a")
+    ing.rename("/tmpname", "/a")  # a closed file renamed: its record written again
+    ingest_write(ing, "/b", b"ingested b")
+    ing.close()
+    sdir = session_dirs(make_fs.root)[0]
+    assert len(list(sdir.glob("*.rec"))) == 2
+    fs = make_fs()
+    assert read_all(fs, "/a") == b"the store's own a"
+    assert read_all(fs, "/a.ingest-1") == b"ingested a"
+    # a crash after the files were imported, before the records went: the
+    # same records again import nothing new
+    fs.close()
+    ing = IngestFS(str(make_fs.root), rcp, Config())
+    ingest_write(ing, "/b", b"ingested b")
+    ing.close()
+    fs = make_fs()
+    assert sorted(n for n, _ in fs.readdir("/")) == ["a", "a.ingest-1", "b"]
+    assert read_all(fs, "/b") == b"ingested b"
+
+
+def test_a_tampered_or_swapped_record_or_chunk_is_refused_and_the_others_imported(
+        make_fs, secret, caplog):
+    fs = make_fs()
+    fs.close()
+    rcp = keyring.recipient(str(make_fs.root), secret)
+    ing = IngestFS(str(make_fs.root), rcp, Config())
+    for name in ("alpha", "bravo", "charlie", "delta"):
+        ingest_write(ing, "/" + name, name.encode() * 1000)
+    records = {}
+    for fid, seqs in inbox.records(ing.dir).items():
+        records[fid] = pathlib.Path(ing.dir) / inbox.record_name(fid, seqs[-1])
+    ing.close()
+    (r1, r2, r3, _) = sorted(records.values())
+    flip_byte(r1, 60)  # a record altered
+    r2.write_bytes(r3.read_bytes())  # a record swapped for another file's
+    objs = sorted(pathlib.Path(r1.parent).glob("*.obj"))
+    caplog.set_level("ERROR", logger="dcmfs.ingest")
+    fs = make_fs()
+    assert fs.imported == {"imported": 2, "refused": 2, "sessions": 0}
+    names = sorted(n for n, _ in fs.readdir("/"))
+    assert len(names) == 2
+    for n in names:
+        assert read_all(fs, "/" + n) == n.encode() * 1000
+    assert r1.exists() and r2.exists()  # left where they were, no data lost
+    assert "fails authentication" in caplog.text
+    assert not any(n in caplog.text for n in ("alpha", "bravo", "charlie", "delta"))
+    fs.close()
+    # a damaged chunk of a good record: refused, the record stays
+    ing = IngestFS(str(make_fs.root), rcp, Config())
+    ingest_write(ing, "/g", b"g" * 5000)
+    ing.close()
+    sdir = pathlib.Path(ing.dir)
+    fresh = [p for p in sdir.glob("*.obj") if p not in objs]
+    flip_byte(fresh[0], 20)
+    fs = make_fs()
+    assert fs.imported["refused"] == 3 and "g" not in [n for n, _ in fs.readdir("/")]
+
+
+def test_a_recipient_is_made_once_survives_slot_changes_and_rotation(make_fs, secret):
+    from dcmfs.storage.header import Secret
+    fs = make_fs()
+    fs.close()
+    root = str(make_fs.root)
+    first = keyring.recipient(root, secret)
+    assert keyring.recipient(root, secret) == first
+    from dcmfs.errors import KeySlotError
+    with pytest.raises(KeySlotError):
+        keyring.recipient(root, secret, "rsa-oaep-3072")
+    other = Secret("keyfile", os.urandom(32))
+    keyring.add_slot(root, secret, other, "second", {})
+    keyring.rotate(root, secret)
+    keyring.remove_slot(root, secret, 1)
+    ing = IngestFS(root, first, Config())
+    ingest_write(ing, "/x", b"x" * 100)
+    ing.close()
+    store = open_store(root, other)
+    assert store.ingest[0]["public"] == first.public.hex()
+    fs = FileSystem(store, SMALL)
+    try:
+        assert read_all(fs, "/x") == b"x" * 100
+    finally:
+        fs.close()
+
+
+# --- a real write-only FUSE mount -----------------------------------------------------
+def wait_sessions_free(root: pathlib.Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    for d in session_dirs(root):
+        while time.monotonic() < deadline:
+            fd = os.open(d / "lock", os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+            finally:
+                os.close(fd)
+        else:
+            raise AssertionError("the ingest daemon did not end")
+
+
+def test_write_only_mount_writes_a_ct_series_a_key_holder_reads_byte_exact(mount_env,
+                                                                          tmp_path):
+    m = mount_env
+    m.mount()
+    (m.mnt / "earlier.dcm").write_bytes(ct_file().read_bytes())
+    m.umount()
+    rcp = tmp_path / "recipient.json"
+    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp)
+    assert r.returncode == 0, r.stderr
+    series = make_series(tmp_path, 12)
+    r = m.cli("mount", m.store, m.mnt, "-o", f"recipient={rcp}")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert os.listdir(m.mnt) == []  # the store's files are not shown
+        dest = m.mnt / "study" / "series1"
+        dest.mkdir(parents=True)
+        for p in series:
+            with open(dest / p.name, "wb") as f:
+                f.write(p.read_bytes())
+        assert sorted(os.listdir(dest)) == [p.name for p in series]
+        for p in series:
+            assert os.stat(dest / p.name).st_size == p.stat().st_size
+            for mode in ("rb", "r+b", "ab"):
+                with pytest.raises(PermissionError) as exc:
+                    open(dest / p.name, mode)
+                assert exc.value.errno == errno.EACCES
+        with pytest.raises(FileNotFoundError):
+            open(m.mnt / "earlier.dcm", "rb")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(m.mnt)], check=False)
+    wait_sessions_free(m.store)
+    inbox_bytes = b"".join(p.read_bytes() for d in session_dirs(m.store) for p in d.iterdir())
+    assert inbox_bytes and b"CT00000" not in inbox_bytes and b"series1" not in inbox_bytes
+    assert b"CT00000" not in (m.store / "dcmfs.log").read_bytes()
+    m.mount()
+    for p in series:
+        got = (m.mnt / "study" / "series1" / p.name).read_bytes()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(p.read_bytes()).digest()
+    assert (m.mnt / "earlier.dcm").read_bytes() == ct_file().read_bytes()
+    assert session_dirs(m.store) == []
+    m.umount()
