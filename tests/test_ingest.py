@@ -194,6 +194,36 @@ def test_a_recipient_is_made_once_survives_slot_changes_and_rotation(make_fs, se
         fs.close()
 
 
+def test_a_file_counts_as_closed_at_close_before_the_kernel_releases_it(make_fs, secret):
+    fs = make_fs()
+    fs.close()
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret), Config())
+    fh = ing.create("/f", 0o600, os.O_WRONLY, 0, 0)
+    ing.write(fh, b"abc", 0)
+    with pytest.raises(PermissionDenied):
+        ing.read(fh, 3, 0)
+    second = ing.open("/f", os.O_WRONLY)  # still open: another writer may join
+    ing.flush(second)
+    ing.release(second)
+    ing.flush(fh)  # close(2); the release comes later
+    for flags in (os.O_WRONLY, os.O_RDONLY, os.O_RDWR):
+        with pytest.raises(PermissionDenied):
+            ing.open("/f", flags)
+    with pytest.raises(PermissionDenied):
+        ing.truncate("/f", 0)
+    ing.release(fh)
+    with pytest.raises(PermissionDenied):
+        ing.open("/f", os.O_WRONLY)
+    # bytes sealed already (a chunk behind the end) cannot be rewritten
+    fh = ing.create("/g", 0o600, os.O_WRONLY, 0, 0)
+    ing.write(fh, b"x" * (2 * ing.recipient.chunk_size + 1), 0)
+    ing.write(fh, b"y", 2 * ing.recipient.chunk_size)  # the last chunk is not sealed yet
+    with pytest.raises(PermissionDenied):
+        ing.write(fh, b"y", 0)
+    ing.release(fh)
+    ing.close()
+
+
 # --- a real write-only FUSE mount -----------------------------------------------------
 def wait_sessions_free(root: pathlib.Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout

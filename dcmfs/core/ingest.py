@@ -55,7 +55,7 @@ class _Node:
 
 
 class _File(_Node):
-    __slots__ = ("file_id", "key", "chunks", "tail", "tail_start", "opens", "seq",
+    __slots__ = ("file_id", "key", "chunks", "tail", "tail_start", "opens", "live", "seq",
                  "unsynced", "digest", "unlinked", "path")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int, path: str) -> None:
@@ -67,6 +67,9 @@ class _File(_Node):
         self.tail = bytearray()
         self.tail_start = 0
         self.opens = 0
+        #: handles not closed yet by their process (close(2) flushes at
+        #: once; the kernel's release comes later, asynchronously)
+        self.live = 0
         self.seq = 0  # the record last written (0: none yet)
         self.unsynced: list[str] = []
         self.digest = hashlib.sha256()
@@ -110,6 +113,7 @@ class IngestFS:
         self._next_ino = 2
         self.root = _Node(1, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), clock())
         self._handles: dict[int, _File] = {}
+        self._flushed: set[int] = set()
         self._dirs: dict[int, _Node] = {}
         self._next_fh = 1
         self.stale_names: list[str] = []
@@ -347,6 +351,7 @@ class IngestFS:
 
     def _new_handle(self, node: _File) -> int:
         node.opens += 1
+        node.live += 1
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = node
@@ -359,8 +364,8 @@ class IngestFS:
             node = self._lookup(path)
             if node.children is not None:
                 raise IsADirectory()
-            if node.opens == 0 or flags & os.O_ACCMODE != os.O_WRONLY:
-                raise PermissionDenied()
+            if node.live == 0 or flags & os.O_ACCMODE != os.O_WRONLY:
+                raise PermissionDenied()  # closed (by close(2), even before release)
             if flags & os.O_TRUNC:
                 self._truncate(node, 0)
             return self._new_handle(node)
@@ -408,8 +413,8 @@ class IngestFS:
             node = self._node(path, fh)
             if node.children is not None:
                 raise IsADirectory()
-            if node.opens == 0:
-                raise PermissionDenied()
+            if node.live == 0 and fh is None:
+                raise PermissionDenied()  # a closed file
             self._truncate(node, length)
 
     def _truncate(self, node: _File, length: int) -> None:
@@ -426,7 +431,12 @@ class IngestFS:
         raise NotSupported()
 
     def flush(self, fh: int) -> None:
-        self._file(fh)
+        """close(2): from now on the file counts as closed for open()."""
+        with self._lock:
+            node = self._file(fh)
+            if fh not in self._flushed:
+                self._flushed.add(fh)
+                node.live -= 1
 
     def fsync(self, fh: int, datasync: bool = False) -> None:
         """What was written so far is in the inbox, durably, as the file's
@@ -446,6 +456,10 @@ class IngestFS:
             node = self._handles.pop(fh, None)
             if node is None:
                 return
+            if fh in self._flushed:
+                self._flushed.discard(fh)
+            else:
+                node.live -= 1
             node.opens -= 1
             if node.opens:
                 return
