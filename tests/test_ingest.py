@@ -224,7 +224,41 @@ def test_a_file_counts_as_closed_at_close_before_the_kernel_releases_it(make_fs,
     ing.close()
 
 
+COMPAT = pathlib.Path(__file__).resolve().parent / "compat"
+
+
+@pytest.mark.parametrize("version", sorted(p for p in COMPAT.iterdir()
+                                           if (p / "manifest.json").exists()),
+                         ids=lambda p: p.name)
+def test_frozen_stores_get_a_recipient_and_import(tmp_path, version):
+    import json
+    import shutil
+    from dcmfs.storage.header import Secret
+    manifest = json.loads((version / "manifest.json").read_text())
+    root = tmp_path / "store"
+    shutil.copytree(version / "store", root)
+    secret = Secret("passphrase", manifest["passphrase"].encode())
+    rcp = keyring.recipient(str(root), secret)  # a single-wrap header becomes slots first
+    assert rcp.chunk_size == manifest["chunk_size"]
+    ing = IngestFS(str(root), rcp, Config())
+    ingest_write(ing, "/ingested.bin", b"new" * 70000)
+    ing.close()
+    cfg = Config(chunk_size=manifest["chunk_size"], checkpoint_interval=0)
+    fs = FileSystem(open_store(str(root), secret, for_writing=True), cfg)
+    try:
+        assert read_all(fs, "/ingested.bin") == b"new" * 70000
+        path, digest = next(iter(manifest["files"].items()))
+        assert hashlib.sha256(read_all(fs, path)).hexdigest() == digest
+    finally:
+        fs.close()
+
+
 # --- a real write-only FUSE mount -----------------------------------------------------
+def json_kind(path) -> str:
+    import json
+    return json.loads(pathlib.Path(path).read_text())["kind"]
+
+
 def wait_sessions_free(root: pathlib.Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     for d in session_dirs(root):
@@ -241,15 +275,18 @@ def wait_sessions_free(root: pathlib.Path, timeout: float = 30) -> None:
             raise AssertionError("the ingest daemon did not end")
 
 
+@pytest.mark.parametrize("rsa", [False, True], ids=["x25519", "rsa"])
 def test_write_only_mount_writes_a_ct_series_a_key_holder_reads_byte_exact(mount_env,
-                                                                          tmp_path):
+                                                                          tmp_path, rsa):
     m = mount_env
     m.mount()
     (m.mnt / "earlier.dcm").write_bytes(ct_file().read_bytes())
     m.umount()
     rcp = tmp_path / "recipient.json"
-    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp)
+    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp,
+              *(["--rsa"] if rsa else []))
     assert r.returncode == 0, r.stderr
+    assert json_kind(rcp) == ("rsa-oaep-3072" if rsa else "x25519")
     series = make_series(tmp_path, 12)
     r = m.cli("mount", m.store, m.mnt, "-o", f"recipient={rcp}")
     assert r.returncode == 0, r.stderr
@@ -282,3 +319,23 @@ def test_write_only_mount_writes_a_ct_series_a_key_holder_reads_byte_exact(mount
     assert (m.mnt / "earlier.dcm").read_bytes() == ct_file().read_bytes()
     assert session_dirs(m.store) == []
     m.umount()
+
+
+def test_a_recipient_of_another_store_or_a_store_without_one_is_refused(tmp_path, secret):
+    from dcmfs.app.ingestmount import load_recipient
+    from dcmfs.errors import SecretError
+    from dcmfs.storage.header import init_store
+    a, b = tmp_path / "a", tmp_path / "b"
+    init_store(str(a), secret, SMALL)
+    init_store(str(b), secret, SMALL)
+    rcp = tmp_path / "a.json"
+    rcp.write_bytes(keyring.recipient(str(a), secret).to_json())
+    assert load_recipient(str(rcp), str(a)).store_id.hex() in rcp.read_text()
+    with pytest.raises(SecretError):
+        load_recipient(str(rcp), str(b))  # b has no recipient
+    keyring.recipient(str(b), secret)
+    with pytest.raises(SecretError):
+        load_recipient(str(rcp), str(b))  # b's is another key
+    (tmp_path / "junk.json").write_text('{"format": "x"}')
+    with pytest.raises(SecretError):
+        load_recipient(str(tmp_path / "junk.json"), str(a))
