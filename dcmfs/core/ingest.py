@@ -25,9 +25,7 @@ files it imports need them.
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import hashlib
 import logging
 import os
 import stat
@@ -35,50 +33,14 @@ import threading
 import time
 
 from ..errors import (DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory, NoAttribute,
-                      NotADirectory, NotFound, NotSupported, PermissionDenied, BadHandle,
-                      StoreIOError)
+                      NotADirectory, NotFound, NotSupported, PermissionDenied, BadHandle)
 from ..storage import inbox
-from ..storage.durable import fsync_dir, write_file, write_new
+from ..storage.durable import fsync_dir
+from .ingestfile import File, Node, Sealer
 
 log = logging.getLogger("dcmfs.ingest")
 
 NAME_MAX = 255
-
-
-class _Node:
-    __slots__ = ("ino", "mode", "uid", "gid", "atime", "mtime", "ctime", "children")
-
-    def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int) -> None:
-        self.ino, self.mode, self.uid, self.gid = ino, mode, uid, gid
-        self.atime = self.mtime = self.ctime = now
-        self.children: dict[str, _Node] | None = {} if stat.S_ISDIR(mode) else None
-
-
-class _File(_Node):
-    __slots__ = ("file_id", "key", "chunks", "tail", "tail_start", "opens", "live", "seq",
-                 "unsynced", "digest", "unlinked", "path")
-
-    def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int, path: str) -> None:
-        super().__init__(ino, mode, uid, gid, now)
-        self.file_id = os.urandom(16)
-        self.key = os.urandom(32)
-        #: [object id, plain length, stored length, SHA-256] of each sealed chunk
-        self.chunks: list[list] = []
-        self.tail = bytearray()
-        self.tail_start = 0
-        self.opens = 0
-        #: handles not closed yet by their process (close(2) flushes at
-        #: once; the kernel's release comes later, asynchronously)
-        self.live = 0
-        self.seq = 0  # the record last written (0: none yet)
-        self.unsynced: list[str] = []
-        self.digest = hashlib.sha256()
-        self.unlinked = False
-        self.path = path
-
-    @property
-    def size(self) -> int:
-        return self.tail_start + len(self.tail)
 
 
 class _Opened:
@@ -108,13 +70,14 @@ class IngestFS:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         fsync_dir(os.path.dirname(self.dir))
         fsync_dir(os.path.dirname(os.path.dirname(self.dir)))
+        self._sealer = Sealer(recipient, self.session, self.dir)
         self._clock = clock
         self._lock = threading.RLock()
         self._next_ino = 2
-        self.root = _Node(1, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), clock())
-        self._handles: dict[int, _File] = {}
+        self.root = Node(1, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), clock())
+        self._handles: dict[int, File] = {}
         self._flushed: set[int] = set()
-        self._dirs: dict[int, _Node] = {}
+        self._dirs: dict[int, Node] = {}
         self._next_fh = 1
         self.stale_names: list[str] = []
         self.caller = None
@@ -127,7 +90,7 @@ class IngestFS:
     def _parts(path: str) -> list[str]:
         return [p for p in path.split("/") if p]
 
-    def _lookup(self, path: str) -> _Node:
+    def _lookup(self, path: str) -> Node:
         node = self.root
         for part in self._parts(path):
             if node.children is None:
@@ -137,7 +100,7 @@ class IngestFS:
                 raise NotFound()
         return node
 
-    def _parent(self, path: str) -> tuple[_Node, str]:
+    def _parent(self, path: str) -> tuple[Node, str]:
         parts = self._parts(path)
         if not parts:
             raise Exists()
@@ -156,8 +119,8 @@ class IngestFS:
     def hidden(self, path, fh=None) -> bool:
         return False
 
-    def _stat(self, node: _Node) -> dict:
-        size = node.size if isinstance(node, _File) else 0
+    def _stat(self, node: Node) -> dict:
+        size = node.size if isinstance(node, File) else 0
         return {"st_ino": node.ino, "st_mode": node.mode,
                 "st_nlink": 2 + sum(c.children is not None for c in node.children.values())
                 if node.children is not None else (0 if getattr(node, "unlinked", False) else 1),
@@ -199,7 +162,7 @@ class IngestFS:
             parent, name = self._parent(path)
             if name in parent.children:
                 raise Exists()
-            parent.children[name] = _Node(self._new_ino(), stat.S_IFDIR | (mode & 0o7777), uid,
+            parent.children[name] = Node(self._new_ino(), stat.S_IFDIR | (mode & 0o7777), uid,
                                           gid, self._clock())
             parent.mtime = parent.ctime = self._clock()
 
@@ -226,7 +189,7 @@ class IngestFS:
             del parent.children[name]
             node.unlinked = True
             if node.opens == 0:
-                self._discard(node)
+                self._sealer.discard(node)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         if flags & ~1:  # RENAME_NOREPLACE only
@@ -256,18 +219,18 @@ class IngestFS:
                 else:
                     there.unlinked = True
                     if there.opens == 0:
-                        self._discard(there)
+                        self._sealer.discard(there)
             del oparent.children[oname]
             nparent.children[nname] = node
             node.ctime = self._clock()
             self._republish(node, "/" + "/".join(self._parts(new)))
 
-    def _republish(self, node: _Node, path: str) -> None:
+    def _republish(self, node: Node, path: str) -> None:
         """A closed file's record written again (its path or metadata changed)."""
-        if isinstance(node, _File):
+        if isinstance(node, File):
             node.path = path
             if node.opens == 0 and node.seq:
-                self._publish(node)
+                self._sealer.publish(node)
             return
         for name, child in node.children.items():
             self._republish(child, f"{path.rstrip('/')}/{name}")
@@ -285,15 +248,15 @@ class IngestFS:
         raise InvalidArgument()
 
     # --- metadata -----------------------------------------------------------
-    def _node(self, path, fh) -> _Node:
+    def _node(self, path, fh) -> Node:
         if fh is not None and fh in self._handles:
             return self._handles[fh]
         return self._lookup(path or "/")
 
-    def _meta_changed(self, node: _Node) -> None:
+    def _meta_changed(self, node: Node) -> None:
         node.ctime = self._clock()
-        if isinstance(node, _File) and node.opens == 0 and node.seq and not node.unlinked:
-            self._publish(node)
+        if isinstance(node, File) and node.opens == 0 and node.seq and not node.unlinked:
+            self._sealer.publish(node)
 
     def chmod(self, path, mode: int, fh=None) -> None:
         with self._lock:
@@ -343,13 +306,13 @@ class IngestFS:
             parent, name = self._parent(path)
             if name in parent.children:
                 raise Exists()  # the kernel asks open() for names it knows
-            node = _File(self._new_ino(), stat.S_IFREG | (mode & 0o7777), uid, gid,
+            node = File(self._new_ino(), stat.S_IFREG | (mode & 0o7777), uid, gid,
                          self._clock(), "/" + "/".join(self._parts(path)))
             parent.children[name] = node
             parent.mtime = parent.ctime = node.mtime
             return self._new_handle(node)
 
-    def _new_handle(self, node: _File) -> int:
+    def _new_handle(self, node: File) -> int:
         node.opens += 1
         node.live += 1
         fh = self._next_fh
@@ -370,7 +333,7 @@ class IngestFS:
                 self._truncate(node, 0)
             return self._new_handle(node)
 
-    def _file(self, fh: int) -> _File:
+    def _file(self, fh: int) -> File:
         node = self._handles.get(fh)
         if node is None:
             raise BadHandle()
@@ -391,22 +354,8 @@ class IngestFS:
             node.mtime = node.ctime = self._clock()
             chunk = self.recipient.chunk_size
             while len(node.tail) > chunk:
-                self._seal(node, chunk)
+                self._sealer.seal(node, chunk)
             return len(data)
-
-    def _seal(self, node: _File, length: int) -> None:
-        plain = bytes(node.tail[:length])
-        index = len(node.chunks)
-        blob = inbox.seal_chunk(node.key, self.recipient.store_id, self.session, node.file_id,
-                                index, plain)
-        oid = os.urandom(16).hex()
-        path = os.path.join(self.dir, oid + ".obj")
-        write_new(path, blob)
-        node.unsynced.append(path)
-        node.digest.update(plain)
-        node.chunks.append([oid, len(plain), len(blob), hashlib.sha256(plain).hexdigest()])
-        del node.tail[:length]
-        node.tail_start += length
 
     def truncate(self, path, length: int, fh=None) -> None:
         with self._lock:
@@ -417,7 +366,7 @@ class IngestFS:
                 raise PermissionDenied()  # a closed file
             self._truncate(node, length)
 
-    def _truncate(self, node: _File, length: int) -> None:
+    def _truncate(self, node: File, length: int) -> None:
         if length < node.tail_start:
             raise PermissionDenied()
         pos = length - node.tail_start
@@ -444,9 +393,9 @@ class IngestFS:
         with self._lock:
             node = self._file(fh)
             if node.tail:
-                self._seal(node, len(node.tail))
+                self._sealer.seal(node, len(node.tail))
             if not node.unlinked:
-                self._publish(node)
+                self._sealer.publish(node)
 
     def sync_all(self) -> None:
         """Every record is durable when written (fsyncdir has nothing left)."""
@@ -464,55 +413,12 @@ class IngestFS:
             if node.opens:
                 return
             if node.unlinked:
-                self._discard(node)
+                self._sealer.discard(node)
                 return
             if node.tail or not node.chunks:
-                self._seal(node, len(node.tail))
-            self._publish(node)
+                self._sealer.seal(node, len(node.tail))
+            self._sealer.publish(node)
             self.files_written += 1
-
-    def _publish(self, node: _File) -> None:
-        """The file's record as of now, durable, with its chunks (each
-        fsynced first); the previous record is removed after."""
-        try:
-            for path in node.unsynced:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            node.unsynced.clear()
-            record = {"path": node.path, "mode": node.mode, "uid": node.uid, "gid": node.gid,
-                      "atime_ns": node.atime, "mtime_ns": node.mtime, "size": node.size,
-                      "sha256": node.digest.copy().hexdigest() if not node.tail else None,
-                      "key": node.key.hex(), "chunks": node.chunks}
-            seq = node.seq + 1
-            blob = inbox.seal_record(self.recipient, self.session, node.file_id, seq, record)
-            write_file(os.path.join(self.dir, inbox.record_name(node.file_id, seq)), blob)
-        except OSError as exc:
-            raise StoreIOError(f"Writing to the inbox failed ({exc.strerror}).") from exc
-        old, node.seq = node.seq, seq
-        if old:
-            self._remove(os.path.join(self.dir, inbox.record_name(node.file_id, old)))
-
-    def _discard(self, node: _File) -> None:
-        """An unlinked file's inbox files go (its record first: a record never
-        names a chunk that is gone)."""
-        if node.seq:
-            self._remove(os.path.join(self.dir, inbox.record_name(node.file_id, node.seq)))
-            node.seq = 0
-        for oid, *_ in node.chunks:
-            self._remove(os.path.join(self.dir, oid + ".obj"))
-        node.chunks.clear()
-        node.unsynced.clear()
-
-    @staticmethod
-    def _remove(path: str) -> None:
-        try:
-            os.unlink(path)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise StoreIOError(f"Removing an inbox file failed ({exc.strerror}).") from exc
 
     def close(self) -> None:
         """Unmount: files still open are closed as if released."""

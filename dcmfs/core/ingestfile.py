@@ -1,0 +1,114 @@
+"""One file of a write-only ingest mount (:mod:`dcmfs.core.ingest`): the
+in-memory tree's nodes, and how a file's chunks and record are sealed into
+the inbox session (:mod:`dcmfs.storage.inbox`)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+
+from ..errors import StoreIOError
+from ..storage import inbox
+from ..storage.durable import write_file, write_new
+
+
+class Node:
+    __slots__ = ("ino", "mode", "uid", "gid", "atime", "mtime", "ctime", "children")
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int) -> None:
+        self.ino, self.mode, self.uid, self.gid = ino, mode, uid, gid
+        self.atime = self.mtime = self.ctime = now
+        self.children: dict[str, Node] | None = {} if stat.S_ISDIR(mode) else None
+
+
+class File(Node):
+    __slots__ = ("file_id", "key", "chunks", "tail", "tail_start", "opens", "live", "seq",
+                 "unsynced", "digest", "unlinked", "path")
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int, path: str) -> None:
+        super().__init__(ino, mode, uid, gid, now)
+        self.file_id = os.urandom(16)
+        self.key = os.urandom(32)
+        #: [object id, plain length, stored length, SHA-256] of each sealed chunk
+        self.chunks: list[list] = []
+        self.tail = bytearray()
+        self.tail_start = 0
+        self.opens = 0
+        #: handles not closed yet by their process (close(2) flushes at
+        #: once; the kernel's release comes later, asynchronously)
+        self.live = 0
+        self.seq = 0  # the record last written (0: none yet)
+        self.unsynced: list[str] = []
+        self.digest = hashlib.sha256()
+        self.unlinked = False
+        self.path = path
+
+    @property
+    def size(self) -> int:
+        return self.tail_start + len(self.tail)
+
+
+class Sealer:
+    """Seals the files of one ingest session into its inbox directory."""
+
+    def __init__(self, recipient: inbox.Recipient, session: bytes, directory: str) -> None:
+        self.recipient, self.session, self.dir = recipient, session, directory
+
+    def seal(self, node: File, length: int) -> None:
+        plain = bytes(node.tail[:length])
+        index = len(node.chunks)
+        blob = inbox.seal_chunk(node.key, self.recipient.store_id, self.session, node.file_id,
+                                index, plain)
+        oid = os.urandom(16).hex()
+        path = os.path.join(self.dir, oid + ".obj")
+        write_new(path, blob)
+        node.unsynced.append(path)
+        node.digest.update(plain)
+        node.chunks.append([oid, len(plain), len(blob), hashlib.sha256(plain).hexdigest()])
+        del node.tail[:length]
+        node.tail_start += length
+
+    def publish(self, node: File) -> None:
+        """The file's record as of now, durable, with its chunks (each
+        fsynced first); the previous record is removed after."""
+        try:
+            for path in node.unsynced:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            node.unsynced.clear()
+            record = {"path": node.path, "mode": node.mode, "uid": node.uid, "gid": node.gid,
+                      "atime_ns": node.atime, "mtime_ns": node.mtime, "size": node.size,
+                      "sha256": node.digest.copy().hexdigest() if not node.tail else None,
+                      "key": node.key.hex(), "chunks": node.chunks}
+            seq = node.seq + 1
+            blob = inbox.seal_record(self.recipient, self.session, node.file_id, seq, record)
+            write_file(os.path.join(self.dir, inbox.record_name(node.file_id, seq)), blob)
+        except OSError as exc:
+            raise StoreIOError(f"Writing to the inbox failed ({exc.strerror}).") from exc
+        old, node.seq = node.seq, seq
+        if old:
+            self.remove(os.path.join(self.dir, inbox.record_name(node.file_id, old)))
+
+    def discard(self, node: File) -> None:
+        """An unlinked file's inbox files go (its record first: a record never
+        names a chunk that is gone)."""
+        if node.seq:
+            self.remove(os.path.join(self.dir, inbox.record_name(node.file_id, node.seq)))
+            node.seq = 0
+        for oid, *_ in node.chunks:
+            self.remove(os.path.join(self.dir, oid + ".obj"))
+        node.chunks.clear()
+        node.unsynced.clear()
+
+    @staticmethod
+    def remove(path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise StoreIOError(f"Removing an inbox file failed ({exc.strerror}).") from exc
