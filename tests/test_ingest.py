@@ -339,3 +339,68 @@ def test_a_recipient_of_another_store_or_a_store_without_one_is_refused(tmp_path
     (tmp_path / "junk.json").write_text('{"format": "x"}')
     with pytest.raises(SecretError):
         load_recipient(str(tmp_path / "junk.json"), str(a))
+
+
+def test_a_mounted_store_imports_what_a_concurrent_write_only_mount_writes(mount_env,
+                                                                           tmp_path):
+    m = mount_env
+    rcp = tmp_path / "recipient.json"
+    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp)
+    assert r.returncode == 0, r.stderr
+    m.mount("-o", "inbox_interval=1,checkpoint_interval=0.2")
+    ingest_mnt = tmp_path / "ingest"
+    ingest_mnt.mkdir()
+    r = m.cli("mount", m.store, ingest_mnt, "-o", f"recipient={rcp}")
+    assert r.returncode == 0, r.stderr
+    try:
+        (ingest_mnt / "d").mkdir()
+        (ingest_mnt / "d" / "slice.dcm").write_bytes(ct_file().read_bytes())
+        deadline = time.monotonic() + 30
+        while not (m.mnt / "d" / "slice.dcm").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (m.mnt / "d" / "slice.dcm").read_bytes() == ct_file().read_bytes()
+        with pytest.raises(PermissionError):
+            open(ingest_mnt / "d" / "slice.dcm", "rb")
+        while list(m.store.glob("inbox/*/*.rec")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # removed once the import is durable
+        assert not list(m.store.glob("inbox/*/*.rec"))  # the session stays: it is live
+        assert len(session_dirs(m.store)) == 1
+    finally:
+        subprocess.run(["fusermount3", "-u", str(ingest_mnt)], check=False)
+    wait_sessions_free(m.store)
+    deadline = time.monotonic() + 30
+    while session_dirs(m.store) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session_dirs(m.store) == []  # a finished session goes at the next round
+    m.umount()
+
+
+def test_a_rename_while_the_closes_record_is_being_written_wins(make_fs, secret, monkeypatch):
+    import threading
+    fs = make_fs()
+    fs.close()
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret), Config())
+    fh = ing.create("/old", 0o600, os.O_WRONLY, 0, 0)
+    ing.write(fh, b"data", 0)
+    node = ing._handles[fh]
+    gate, real = threading.Event(), ing._sealer.commit
+
+    def late(n, job):  # the release's record reaches the disk last
+        if job[2]["path"] == "/old":
+            gate.wait(10)
+        real(n, job)
+
+    monkeypatch.setattr(ing._sealer, "commit", late)
+    closing = threading.Thread(target=ing.release, args=(fh,))
+    closing.start()
+    deadline = time.monotonic() + 10
+    while node.issued == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ing.rename("/old", "/new")
+    gate.set()
+    closing.join()
+    ing.close()
+    assert [p.name for p in pathlib.Path(ing.dir).glob("*.rec")] == \
+        [inbox.record_name(node.file_id, 2)]
+    fs = make_fs()
+    assert [n for n, _ in fs.readdir("/")] == ["new"] and read_all(fs, "/new") == b"data"

@@ -237,6 +237,8 @@ OPTIONS: tuple[Option, ...] = (
            RECODING, field="reencode_threads", low=1, high=64),
     Option("scrub_interval", DURATION, "verify every file once per T in the background",
            MOUNTING, field="scrub_interval"),
+    Option("inbox_interval", DURATION, "import what write-only mounts wrote every T while "
+           "mounted (0: only when the store is opened)", MOUNTING, field="inbox_interval"),
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
            field="scrub_rate"),
     Option("audit", FLAG, "1: record who opened, wrote, renamed and deleted which file in "

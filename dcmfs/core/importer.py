@@ -2,7 +2,7 @@
 
 At every read-write opening of a store with an ingest recipient (a mount,
 ``dcmfs recompress``), under the store lock and before anything is served,
-each inbox record is opened with the recipient's private key and its file
+and then every ``inbox_interval`` while it is mounted, each inbox record is opened with the recipient's private key and its file
 created through the filesystem core, like any file written to a mount:
 sealed under the store's own per-file keys and key epoch, journaled, in the
 audit trail, queued for the re-encoder (DICOM-aware recompression).  Steps
@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 
 from ..errors import DcmfsError, Exists, NotFound
 from ..storage import inbox
@@ -45,6 +46,8 @@ log = logging.getLogger("dcmfs.ingest")
 
 TMP_PREFIX = ".dcmfs-import-"
 LOCK = "lock"
+#: one import at a time (the opening's, then the checkpoint thread's)
+_ONE = threading.Lock()
 
 
 def import_inbox(fs) -> dict:
@@ -54,6 +57,11 @@ def import_inbox(fs) -> dict:
     done = {"imported": 0, "refused": 0, "sessions": 0}
     if fs.store.ingest is None:
         return done
+    with _ONE:
+        return _import(fs, done)
+
+
+def _import(fs, done: dict) -> dict:
     entry, private = fs.store.ingest
     for session, sdir in inbox.sessions(fs.store.root):
         imported, refused, remove = [], 0, []

@@ -63,11 +63,14 @@ class IngestFS:
         self.recipient = recipient
         self.session = os.urandom(16)
         self.dir = os.path.join(store_root, inbox.INBOX_DIR, self.session.hex())
-        os.makedirs(self.dir, mode=0o700)
-        # held while mounted: a key holder removes only sessions whose lock is free
-        self._lock_fd = os.open(os.path.join(self.dir, "lock"),
+        # made under a name the importer skips, locked, then put in place: a
+        # key holder removes only sessions whose lock is free
+        making = os.path.join(os.path.dirname(self.dir), "." + self.session.hex())
+        os.makedirs(making, mode=0o700)
+        self._lock_fd = os.open(os.path.join(making, "lock"),
                                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.rename(making, self.dir)
         fsync_dir(os.path.dirname(self.dir))
         fsync_dir(os.path.dirname(os.path.dirname(self.dir)))
         self._sealer = Sealer(recipient, self.session, self.dir)
@@ -229,7 +232,7 @@ class IngestFS:
         """A closed file's record written again (its path or metadata changed)."""
         if isinstance(node, File):
             node.path = path
-            if node.opens == 0 and node.seq:
+            if node.opens == 0 and node.issued:  # closed: its record written again
                 self._sealer.publish(node)
             return
         for name, child in node.children.items():
@@ -255,7 +258,7 @@ class IngestFS:
 
     def _meta_changed(self, node: Node) -> None:
         node.ctime = self._clock()
-        if isinstance(node, File) and node.opens == 0 and node.seq and not node.unlinked:
+        if isinstance(node, File) and node.opens == 0 and node.issued and not node.unlinked:
             self._sealer.publish(node)
 
     def chmod(self, path, mode: int, fh=None) -> None:
@@ -394,8 +397,10 @@ class IngestFS:
             node = self._file(fh)
             if node.tail:
                 self._sealer.seal(node, len(node.tail))
-            if not node.unlinked:
-                self._sealer.publish(node)
+            if node.unlinked:
+                return
+            job = self._sealer.prepare(node)
+        self._sealer.commit(node, job)  # other requests go on meanwhile
 
     def sync_all(self) -> None:
         """Every record is durable when written (fsyncdir has nothing left)."""
@@ -417,8 +422,11 @@ class IngestFS:
                 return
             if node.tail or not node.chunks:
                 self._sealer.seal(node, len(node.tail))
-            self._sealer.publish(node)
+            job = self._sealer.prepare(node)
             self.files_written += 1
+        # outside the lock: the next files are created and written while
+        # this one's chunks and record are made durable
+        self._sealer.commit(node, job)
 
     def close(self) -> None:
         """Unmount: files still open are closed as if released."""

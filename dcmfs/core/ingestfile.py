@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 
 from ..errors import StoreIOError
 from ..storage import inbox
@@ -25,7 +26,7 @@ class Node:
 
 class File(Node):
     __slots__ = ("file_id", "key", "chunks", "tail", "tail_start", "opens", "live", "seq",
-                 "unsynced", "digest", "unlinked", "path")
+                 "unsynced", "digest", "unlinked", "path", "issued", "plock")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int, path: str) -> None:
         super().__init__(ino, mode, uid, gid, now)
@@ -40,6 +41,10 @@ class File(Node):
         #: once; the kernel's release comes later, asynchronously)
         self.live = 0
         self.seq = 0  # the record last written (0: none yet)
+        self.issued = 0  # the last record prepared (see Sealer.prepare)
+        #: held while the file's inbox files change (a record is written
+        #: outside the filesystem's lock: releases of several files overlap)
+        self.plock = threading.Lock()
         self.unsynced: list[str] = []
         self.digest = hashlib.sha256()
         self.unlinked = False
@@ -71,39 +76,57 @@ class Sealer:
         node.tail_start += length
 
     def publish(self, node: File) -> None:
-        """The file's record as of now, durable, with its chunks (each
-        fsynced first); the previous record is removed after."""
-        try:
-            for path in node.unsynced:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            node.unsynced.clear()
-            record = {"path": node.path, "mode": node.mode, "uid": node.uid, "gid": node.gid,
-                      "atime_ns": node.atime, "mtime_ns": node.mtime, "size": node.size,
-                      "sha256": node.digest.copy().hexdigest() if not node.tail else None,
-                      "key": node.key.hex(), "chunks": node.chunks}
-            seq = node.seq + 1
-            blob = inbox.seal_record(self.recipient, self.session, node.file_id, seq, record)
-            write_file(os.path.join(self.dir, inbox.record_name(node.file_id, seq)), blob)
-        except OSError as exc:
-            raise StoreIOError(f"Writing to the inbox failed ({exc.strerror}).") from exc
-        old, node.seq = node.seq, seq
-        if old:
-            self.remove(os.path.join(self.dir, inbox.record_name(node.file_id, old)))
+        """:meth:`prepare` and :meth:`commit` at once."""
+        self.commit(node, self.prepare(node))
+
+    def prepare(self, node: File) -> tuple:
+        """The file's record as of now (the caller holds the filesystem's
+        lock); :meth:`commit` writes it, with or without that lock."""
+        record = {"path": node.path, "mode": node.mode, "uid": node.uid, "gid": node.gid,
+                  "atime_ns": node.atime, "mtime_ns": node.mtime, "size": node.size,
+                  "sha256": node.digest.copy().hexdigest() if not node.tail else None,
+                  "key": node.key.hex(), "chunks": [list(c) for c in node.chunks]}
+        paths, node.unsynced = node.unsynced, []
+        node.issued += 1
+        return node.issued, paths, record
+
+    def commit(self, node: File, job: tuple) -> None:
+        """Make the chunks durable (each fsynced), then the record (the
+        durable-write helper); the previous record is removed after.  A
+        record older than one committed already, or of a file unlinked
+        meanwhile, is not written."""
+        seq, paths, record = job
+        blob = inbox.seal_record(self.recipient, self.session, node.file_id, seq, record)
+        with node.plock:
+            try:
+                for path in paths:
+                    try:
+                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:  # discarded meanwhile
+                        continue
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                if node.unlinked or seq < node.seq:
+                    return
+                write_file(os.path.join(self.dir, inbox.record_name(node.file_id, seq)), blob)
+            except OSError as exc:
+                raise StoreIOError(f"Writing to the inbox failed ({exc.strerror}).") from exc
+            old, node.seq = node.seq, seq
+            if old:
+                self.remove(os.path.join(self.dir, inbox.record_name(node.file_id, old)))
 
     def discard(self, node: File) -> None:
         """An unlinked file's inbox files go (its record first: a record never
-        names a chunk that is gone)."""
-        if node.seq:
-            self.remove(os.path.join(self.dir, inbox.record_name(node.file_id, node.seq)))
-            node.seq = 0
-        for oid, *_ in node.chunks:
-            self.remove(os.path.join(self.dir, oid + ".obj"))
-        node.chunks.clear()
-        node.unsynced.clear()
+        names a chunk that is gone).  The caller set ``node.unlinked``."""
+        with node.plock:
+            if node.seq:
+                self.remove(os.path.join(self.dir, inbox.record_name(node.file_id, node.seq)))
+            for oid, *_ in node.chunks:
+                self.remove(os.path.join(self.dir, oid + ".obj"))
+            node.chunks.clear()
+            node.unsynced.clear()
 
     @staticmethod
     def remove(path: str) -> None:
