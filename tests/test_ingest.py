@@ -404,3 +404,47 @@ def test_a_rename_while_the_closes_record_is_being_written_wins(make_fs, secret,
         [inbox.record_name(node.file_id, 2)]
     fs = make_fs()
     assert [n for n, _ in fs.readdir("/")] == ["new"] and read_all(fs, "/new") == b"data"
+
+
+def test_recompress_imports_the_inbox_and_codes_the_dicom_files(mount_env, tmp_path):
+    """The key holder's 'dcmfs recompress' (unmounted) imports what the
+    ingest node wrote and re-encodes it DICOM-aware (extents)."""
+    m = mount_env
+    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export",
+              tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    from dcmfs.app.ingestmount import load_recipient
+    ing = IngestFS(str(m.store), load_recipient(str(tmp_path / "r.json"), str(m.store)),
+                   Config())
+    ingest_write(ing, "/slice.dcm", ct_file().read_bytes())
+    ing.close()
+    r = m.cli("recompress", m.store, "--key-file", m.key, timeout=300)
+    assert r.returncode == 0, r.stderr
+    from dcmfs.storage.header import Secret
+    store = open_store(str(m.store), Secret("keyfile", m.key.read_bytes()))
+    fs = FileSystem(store, Config(read_only=True))
+    try:
+        assert read_all(fs, "/slice.dcm") == ct_file().read_bytes()
+        with fs.index.begin() as txn:
+            table = txn.chunks(fs._resolve(txn, "/slice.dcm"))
+        assert any(ref.offset >= 0 for ref in table.values())  # laid out in extents
+    finally:
+        fs.close()
+
+
+@pytest.mark.parametrize("bad", ["/a/../../etc/x", "relative", "/.", "/a//b", "/"])
+def test_a_record_whose_path_leaves_the_tree_is_refused(make_fs, secret, bad):
+    """An ingest node is hostile input: a record it sealed (with the public
+    key anyone may have) naming a path outside a clean tree is refused."""
+    fs = make_fs()
+    fs.close()
+    rcp = keyring.recipient(str(make_fs.root), secret)
+    ing = IngestFS(str(make_fs.root), rcp, Config())
+    ingest_write(ing, "/good", b"good")
+    node = ing.root.children["good"]
+    node.path = bad
+    ing._sealer.publish(node)  # the same file, renamed to ``bad`` in its record
+    ing.close()
+    fs = make_fs()
+    assert fs.imported["refused"] == 1 and fs.imported["imported"] == 0
+    assert [n for n, _ in fs.readdir("/")] == []
