@@ -432,7 +432,8 @@ def test_recompress_imports_the_inbox_and_codes_the_dicom_files(mount_env, tmp_p
         fs.close()
 
 
-@pytest.mark.parametrize("bad", ["/a/../../etc/x", "relative", "/.", "/a//b", "/"])
+@pytest.mark.parametrize("bad", ["/a/../../etc/x", "relative", "/.", "/a//b", "/",
+                                 "huge chunk"])
 def test_a_record_whose_path_leaves_the_tree_is_refused(make_fs, secret, bad):
     """An ingest node is hostile input: a record it sealed (with the public
     key anyone may have) naming a path outside a clean tree is refused."""
@@ -442,7 +443,14 @@ def test_a_record_whose_path_leaves_the_tree_is_refused(make_fs, secret, bad):
     ing = IngestFS(str(make_fs.root), rcp, Config())
     ingest_write(ing, "/good", b"good")
     node = ing.root.children["good"]
-    node.path = bad
+    if bad == "huge chunk":  # more than a chunk in one (a zstd bomb's way), sealed right
+        plain = bytes(4 * rcp.chunk_size)
+        blob = inbox.seal_chunk(node.key, rcp.store_id, ing.session, node.file_id, 0, plain)
+        (pathlib.Path(ing.dir) / ("ab" * 16 + ".obj")).write_bytes(blob)
+        node.chunks = [["ab" * 16, len(plain), len(blob), hashlib.sha256(plain).hexdigest()]]
+        node.tail_start, node.digest = len(plain), hashlib.sha256(plain)
+    else:
+        node.path = bad
     ing._sealer.publish(node)  # the same file, renamed to ``bad`` in its record
     ing.close()
     fs = make_fs()

@@ -71,7 +71,7 @@ def _import(fs, done: dict) -> dict:
                 record = inbox.open_record(entry, private, fs.store.store_id, session, file_id,
                                            seqs[-1], inbox.read_small(os.path.join(
                                                sdir, inbox.record_name(file_id, seqs[-1]))))
-                _check(record)
+                _check(record, fs.store.chunk_size)
                 _import_file(fs, record, session, file_id, sdir)
             except FileNotFoundError:  # rewritten meanwhile by a live ingest mount
                 continue
@@ -122,10 +122,11 @@ def _unlink(path: str) -> None:
             raise
 
 
-def _check(record: dict) -> None:
+def _check(record: dict, chunk_size: int) -> None:
     """Raise :class:`InboxDamaged` unless the (authentic) record is one an
-    ingest node writes: a clean absolute path, a regular file, chunks that
-    add up to its size."""
+    ingest node writes: a clean absolute path, a regular file, chunks of at
+    most the store's chunk size (nothing is decompressed past that) that add
+    up to its size."""
     try:
         path = record["path"]
         parts = path.split("/")
@@ -133,7 +134,9 @@ def _check(record: dict) -> None:
               and all(p not in ("", ".", "..") for p in parts[1:]) and len(parts) > 1
               and stat.S_ISREG(record["mode"]) and len(bytes.fromhex(record["key"])) == 32
               and sum(c[1] for c in record["chunks"]) == record["size"]
-              and all(len(c[0]) == 32 and int(c[0], 16) >= 0 for c in record["chunks"]))
+              and all(len(c[0]) == 32 and int(c[0], 16) >= 0 and 0 <= c[1] <= chunk_size
+                      and 0 < c[2] <= chunk_size + (chunk_size >> 6) + 4096
+                      for c in record["chunks"]))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise InboxDamaged("the record is not what an ingest node writes") from exc
     if not ok:
