@@ -10,7 +10,7 @@ of one file, each crash-safe:
 
 1. every chunk is authenticated (its key, session, file, index and length
    in the associated data) and checked against the record (length,
-   SHA-256; and the whole file's SHA-256) while it is written to a
+   SHA-256) while it is written to a
    temporary name ``.dcmfs-import-<file id>`` beside the file's place (a
    temporary name left by a crash is removed first);
 2. mode, owner and times are set, and the file is renamed to its path
@@ -179,8 +179,6 @@ def _import_file(fs, record: dict, session: bytes, file_id: bytes, sdir: str) ->
             fs.write(fh, plain, offset)
             whole.update(plain)
             offset += plain_len
-        if record.get("sha256") not in (None, whole.hexdigest()):
-            raise InboxDamaged("the file's SHA-256 does not match its record")
     except BaseException:
         fs.release(fh)
         fs.unlink(tmp)

@@ -420,13 +420,11 @@ class IngestFS:
             if node.unlinked:
                 self._sealer.discard(node)
                 return
-            if node.tail or not node.chunks:
-                self._sealer.seal(node, len(node.tail))
-            job = self._sealer.prepare(node)
             self.files_written += 1
         # outside the lock: the next files are created and written while
-        # this one's chunks and record are made durable
-        self._sealer.commit(node, job)
+        # this one's last chunk is sealed and its chunks and record are made
+        # durable (a rename or unlink of it meanwhile waits for that)
+        self._sealer.close(node)
 
     def close(self) -> None:
         """Unmount: files still open are closed as if released."""

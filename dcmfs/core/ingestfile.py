@@ -26,7 +26,7 @@ class Node:
 
 class File(Node):
     __slots__ = ("file_id", "key", "chunks", "tail", "tail_start", "opens", "live", "seq",
-                 "unsynced", "digest", "unlinked", "path", "issued", "plock")
+                 "unsynced", "unlinked", "path", "issued", "plock")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int, path: str) -> None:
         super().__init__(ino, mode, uid, gid, now)
@@ -44,9 +44,8 @@ class File(Node):
         self.issued = 0  # the last record prepared (see Sealer.prepare)
         #: held while the file's inbox files change (a record is written
         #: outside the filesystem's lock: releases of several files overlap)
-        self.plock = threading.Lock()
+        self.plock = threading.RLock()
         self.unsynced: list[str] = []
-        self.digest = hashlib.sha256()
         self.unlinked = False
         self.path = path
 
@@ -70,7 +69,6 @@ class Sealer:
         path = os.path.join(self.dir, oid + ".obj")
         write_new(path, blob)
         node.unsynced.append(path)
-        node.digest.update(plain)
         node.chunks.append([oid, len(plain), len(blob), hashlib.sha256(plain).hexdigest()])
         del node.tail[:length]
         node.tail_start += length
@@ -81,10 +79,14 @@ class Sealer:
 
     def prepare(self, node: File) -> tuple:
         """The file's record as of now (the caller holds the filesystem's
-        lock); :meth:`commit` writes it, with or without that lock."""
+        lock, or the file's own, ``plock``, once it is closed); :meth:`commit`
+        writes it, with or without the filesystem's lock."""
+        with node.plock:
+            return self._prepare(node)
+
+    def _prepare(self, node: File) -> tuple:
         record = {"path": node.path, "mode": node.mode, "uid": node.uid, "gid": node.gid,
                   "atime_ns": node.atime, "mtime_ns": node.mtime, "size": node.size,
-                  "sha256": node.digest.copy().hexdigest() if not node.tail else None,
                   "key": node.key.hex(), "chunks": [list(c) for c in node.chunks]}
         paths, node.unsynced = node.unsynced, []
         node.issued += 1
@@ -116,6 +118,18 @@ class Sealer:
             old, node.seq = node.seq, seq
             if old:
                 self.remove(os.path.join(self.dir, inbox.record_name(node.file_id, old)))
+
+    def close(self, node: File) -> None:
+        """A file's last handle was released (the caller set this under the
+        filesystem's lock, then let it go): its last chunk sealed and its
+        record written, under the file's own lock only, so that the next
+        files are created and written meanwhile."""
+        with node.plock:
+            if node.unlinked:
+                return  # unlink discards it
+            if node.tail or not node.chunks:
+                self.seal(node, len(node.tail))
+            self.commit(node, self._prepare(node))
 
     def discard(self, node: File) -> None:
         """An unlinked file's inbox files go (its record first: a record never

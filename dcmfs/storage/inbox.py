@@ -18,7 +18,7 @@ An ingest mount (``-o recipient=FILE``) writes only under
 ``STORE/inbox/<session>/`` (a random 128-bit session per mount):
 
 * ``<oid>.obj``: one chunk of a file, ``"DCMI" | u8 1 | nonce |
-  AES-256-GCM(file data key, zstd(chunk)) | tag``, associated data
+  AES-256-GCM(file data key, zstd -1 of the chunk) | tag``, associated data
   ``"DCMI" | 1 | store id | session | file id | u32 chunk | u64 plain length``;
 * ``<file id>.<seq>.rec``: the file's record, ``"DCMR" | u8 1 | u8 kind |
   encapsulation | nonce | AES-256-GCM(K, JSON record) | tag``, associated
@@ -27,7 +27,7 @@ An ingest mount (``-o recipient=FILE``) writes only under
   K = HKDF(X25519(e, R), ``inbox-record``, E | R); kind 2 (RSA-OAEP-3072,
   SHA-256): K is random and the encapsulation is its OAEP wrap (384 bytes).
   The JSON record holds what the key holder needs to import the file: its
-  path as created, mode, times, size, SHA-256, the file's random data key
+  path as created, mode, owner, times, size, the file's random data key
   and its chunks (object id, plain and stored length, SHA-256).  Names and
   contents are only ever inside these seals.
 
@@ -210,7 +210,7 @@ def _chunk_aad(store_id: bytes, session: bytes, file_id: bytes, index: int,
 
 
 def seal_chunk(key: bytes, store_id: bytes, session: bytes, file_id: bytes, index: int,
-               plaintext: bytes, level: int = 3) -> bytes:
+               plaintext: bytes, level: int = 1) -> bytes:
     import zstandard
     return CHUNK_MAGIC + bytes([VERSION]) + crypto.Gcm(key).seal(
         zstandard.compress(plaintext, level),
