@@ -80,7 +80,7 @@ class Sampler:
         return total
 
     def __enter__(self):
-        self.cpu0 = self.cpu()
+        self.cpu0 = self._last_cpu = self.cpu()
         if self.proc:
             self._thread.start()
         return self
