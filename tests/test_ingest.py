@@ -365,6 +365,12 @@ def test_a_mounted_store_imports_what_a_concurrent_write_only_mount_writes(mount
             time.sleep(0.05)  # removed once the import is durable
         assert not list(m.store.glob("inbox/*/*.rec"))  # the session stays: it is live
         assert len(session_dirs(m.store)) == 1
+        r = m.cli("status", ingest_mnt)
+        assert r.returncode == 0 and "files       1" in r.stdout, r.stdout + r.stderr
+        # dcmfs umount proves and stops the write-only daemon (no store lock)
+        r = m.cli("umount", ingest_mnt)
+        assert r.returncode == 0, r.stderr
+        assert m.is_mounted()  # the keyed mount goes on
     finally:
         subprocess.run(["fusermount3", "-u", str(ingest_mnt)], check=False)
     wait_sessions_free(m.store)

@@ -91,3 +91,65 @@ def run_ingest(store_root: str, recipient: inbox.Recipient, mountpoint: str, con
     finally:
         fs.close()
         log.info("write-only mount of %s closed", store_root)
+
+
+def umount_write_only(info, timeout: float) -> bool:
+    """``dcmfs umount`` of a write-only mount (False if ``info`` is not one):
+    its daemon is signalled once proven - the mount names its pid and
+    session, the kernel names that pid as holding the session's lock, and
+    its command line is dcmfs's - and waited for.
+
+    Raises
+    ------
+    DaemonUnprovenError
+        The proof fails; nothing was signalled.
+    """
+    import json
+    import signal
+    import threading
+    import time
+    from .. import format as fmt
+    from ..errors import DaemonUnprovenError, MountFailedError
+    from ..storage.header import lock_holders
+    from .mount import _not_the_daemon, find_mount
+    if not any(lock_holders(d) for _, d in inbox.sessions(info.store)):
+        return False  # no write-only mount of this store runs: do not ask
+    answer: list = []
+
+    def ask() -> None:  # in a thread: a hung daemon must not hang umount
+        try:
+            answer.append(json.loads(os.getxattr(info.mountpoint, fmt.STATUS_XATTR)))
+        except (OSError, ValueError):
+            answer.append(None)
+
+    t = threading.Thread(target=ask, daemon=True, name="dcmfs-umount-ask")
+    t.start()
+    t.join(min(timeout, 30.0))
+    status = answer[0] if answer else None
+    session = status.get("write_only", {}).get("session") if isinstance(status, dict) else None
+    if not isinstance(session, str) or len(session) != 32 or \
+            not all(c in "0123456789abcdef" for c in session):
+        return False
+    sdir = os.path.join(info.store, inbox.INBOX_DIR, session)
+    pid = status.get("pid")
+    try:
+        pidfd = os.pidfd_open(int(pid))
+    except (OSError, TypeError, ValueError) as exc:
+        raise DaemonUnprovenError(f"The write-only daemon of {info.mountpoint} cannot be "
+                                  "signalled (gone?); nothing was signalled.") from exc
+    try:
+        why = _not_the_daemon(int(pid), sdir, None)
+        if why:
+            raise DaemonUnprovenError(f"Process {pid} is not proven to be the write-only "
+                                      f"daemon of {info.mountpoint} ({why}); nothing was "
+                                      "signalled.")
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    finally:
+        os.close(pidfd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if int(pid) not in (lock_holders(sdir) or set()) and find_mount(info.mountpoint) is None:
+            return True
+        time.sleep(0.05)
+    raise MountFailedError(f"The write-only daemon (pid {pid}) did not finish unmounting "
+                           f"{info.mountpoint} within {timeout:.0f} s; see its log.")

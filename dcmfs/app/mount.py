@@ -383,6 +383,9 @@ def umount(mountpoint: str, timeout: float = 300.0) -> None:
     info = find_mount(mountpoint)
     if info is None:
         raise NotMountedError(f"{os.path.abspath(mountpoint)} is not a dcmfs mountpoint.")
+    from .ingestmount import umount_write_only
+    if umount_write_only(info, timeout):  # a write-only mount: no store lock
+        return
     if read_lock_pid(info.store) is None:
         # the daemon is gone: only a stale kernel mount is left
         _fusermount(info.mountpoint)

@@ -26,6 +26,7 @@ files it imports need them.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import stat
@@ -292,7 +293,25 @@ class IngestFS:
         raise NotSupported()
 
     def getxattr(self, path, name, caller=None) -> bytes:
-        raise NoAttribute()
+        """Only the root's status attribute (``dcmfs status``, ``dcmfs
+        umount``): the daemon's pid, its session, counts and sizes."""
+        from ..format import STATUS_XATTR
+        if path != "/" or name != STATUS_XATTR:
+            raise NoAttribute()
+        with self._lock:
+            files = [n for n in self._walk(self.root) if isinstance(n, File)]
+            status = {"pid": os.getpid(), "files": len(files),
+                      "logical_bytes": sum(f.size for f in files),
+                      "stored_bytes": sum(c[2] for f in files for c in f.chunks),
+                      "write_only": {"session": self.session.hex(),
+                                     "recipient": self.recipient.kind,
+                                     "open_files": sum(f.opens > 0 for f in files)}}
+        return json.dumps(status).encode()
+
+    def _walk(self, node: Node):
+        yield node
+        for child in (node.children or {}).values():
+            yield from self._walk(child)
 
     def listxattr(self, path) -> list[str]:
         return []
