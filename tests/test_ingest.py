@@ -86,6 +86,9 @@ def test_core_ingest_is_imported_byte_exact_and_unreadable_before(make_fs, secre
         with pytest.raises(PermissionDenied):
             ing.open(path, os.O_WRONLY)
     ing.close()
+    unplaced = root / "inbox" / ("." + "ab" * 16)  # a mount that died before it was up
+    unplaced.mkdir()
+    (unplaced / "lock").touch()
     # nothing of a name or of the contents is in the inbox
     blobs = b"".join(p.read_bytes() for d in session_dirs(root) for p in d.iterdir())
     for path, data in files.items():
@@ -99,6 +102,7 @@ def test_core_ingest_is_imported_byte_exact_and_unreadable_before(make_fs, secre
     assert read_all(fs, "/existing.dcm") == b"old data"
     assert fs.getattr("/in/big")["st_mode"] & 0o777 == 0o640
     assert session_dirs(root) == []  # imported, removed
+    assert list((root / "inbox").iterdir()) == []
 
 
 def test_a_record_written_twice_is_imported_once_and_a_name_is_never_overwritten(
@@ -462,3 +466,49 @@ def test_a_record_whose_path_leaves_the_tree_is_refused(make_fs, secret, bad):
     fs = make_fs()
     assert fs.imported["refused"] == 1 and fs.imported["imported"] == 0
     assert [n for n, _ in fs.readdir("/")] == []
+
+
+KILL_IMPORT = """
+import os, signal, sys
+from dcmfs.core import importer
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.storage.header import Secret, open_store
+from tests.conftest import SMALL
+seen = [0]
+def step(name):
+    if name == sys.argv[2]:
+        seen[0] += 1
+        if seen[0] == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+importer.STEP = step
+FileSystem(open_store(sys.argv[1], Secret("keyfile", bytes(range(32)))), SMALL)
+"""
+
+
+@pytest.mark.parametrize("at", ["written", "placed", "synced", "removed"])
+def test_sigkill_during_the_import_leaves_every_file_once(tmp_path, at):
+    import signal
+    import sys
+    from dcmfs.storage.header import Secret, init_store
+    key = Secret("keyfile", bytes(range(32)))
+    root = tmp_path / "store"
+    init_store(str(root), key, SMALL)
+    ing = IngestFS(str(root), keyring.recipient(str(root), key), Config())
+    files = {f"/d/f{i}": os.urandom(50_000 + i) for i in range(3)}
+    ing.mkdir("/d", 0o755, 0, 0)
+    for path, data in files.items():
+        ingest_write(ing, path, data)
+    ing.close()
+    nth = "1" if at == "synced" else "2"  # one session; else at the second file
+    r = subprocess.run([sys.executable, "-c", KILL_IMPORT, str(root), at, nth],
+                       capture_output=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    fs = FileSystem(open_store(str(root), key), SMALL)
+    try:
+        assert sorted(n for n, _ in fs.readdir("/d")) == ["f0", "f1", "f2"]  # once each
+        for path, data in files.items():
+            assert read_all(fs, path) == data
+        assert session_dirs(root) == []
+    finally:
+        fs.close()

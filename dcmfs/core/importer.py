@@ -48,6 +48,15 @@ TMP_PREFIX = ".dcmfs-import-"
 LOCK = "lock"
 #: one import at a time (the opening's, then the checkpoint thread's)
 _ONE = threading.Lock()
+#: a fault hook for crash tests: called with "written" (a file's temporary
+#: name complete), "placed" (renamed), "synced" (a session's files durable)
+#: and "removed" (a record removed)
+STEP = None
+
+
+def _step(name: str) -> None:
+    if STEP is not None:
+        STEP(name)
 
 
 def import_inbox(fs) -> dict:
@@ -63,6 +72,7 @@ def import_inbox(fs) -> dict:
 
 def _import(fs, done: dict) -> dict:
     entry, private = fs.store.ingest
+    _sweep_unplaced(os.path.join(fs.store.root, inbox.INBOX_DIR))
     for session, sdir in inbox.sessions(fs.store.root):
         imported, refused, remove = [], 0, []
         for file_id, seqs in inbox.records(sdir).items():
@@ -84,8 +94,10 @@ def _import(fs, done: dict) -> dict:
             remove += [c[0] + ".obj" for c in record["chunks"]]
         if imported:
             fs.sync_all()  # the files are durable before their records go
+            _step("synced")
         for name in sorted(remove, key=lambda n: not n.endswith(".rec")):
             _unlink(os.path.join(sdir, name))
+            _step("removed")
         done["imported"] += len(imported)
         done["refused"] += refused
         if not refused and _session_over(sdir):
@@ -97,6 +109,22 @@ def _import(fs, done: dict) -> dict:
         log.info("inbox: %d files imported, %d records refused, %d sessions done",
                  done["imported"], done["refused"], done["sessions"])
     return done
+
+
+def _sweep_unplaced(base: str) -> None:
+    """Sessions an ingest mount made but never put in place (``.<session>``:
+    it died before it was mounted) hold nothing; those no mount holds go."""
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        if len(name) == 33 and name[0] == "." and not os.path.islink(path) \
+                and os.path.isdir(path) and _session_over(path):
+            for leaf in os.listdir(path):
+                _unlink(os.path.join(path, leaf))
+            os.rmdir(path)
 
 
 def _session_over(sdir: str) -> bool:
@@ -186,7 +214,9 @@ def _import_file(fs, record: dict, session: bytes, file_id: bytes, sdir: str) ->
     fs.release(fh)
     fs.chmod(tmp, record["mode"] & 0o7777)
     fs.utimens(tmp, record.get("atime_ns"), record.get("mtime_ns"))
+    _step("written")
     _place(fs, tmp, path, whole.digest(), record["size"])
+    _step("placed")
 
 
 def _place(fs, tmp: str, path: str, digest: bytes, size: int) -> None:
