@@ -170,6 +170,20 @@ def test_a_tampered_or_swapped_record_or_chunk_is_refused_and_the_others_importe
     flip_byte(fresh[0], 20)
     fs = make_fs()
     assert fs.imported["refused"] == 3 and "g" not in [n for n, _ in fs.readdir("/")]
+    fs.close()
+    # a chunk swapped for another file's (same session, same index)
+    ing = IngestFS(str(make_fs.root), rcp, Config())
+    ingest_write(ing, "/h1", b"1" * 5000)
+    ingest_write(ing, "/h2", b"2" * 5000)
+    h1, h2 = (ing.root.children[n] for n in ("h1", "h2"))
+    ing.close()
+    sdir = pathlib.Path(ing.dir)
+    (sdir / (h1.chunks[0][0] + ".obj")).write_bytes((sdir / (h2.chunks[0][0] + ".obj"))
+                                                    .read_bytes())
+    fs = make_fs()
+    names = [n for n, _ in fs.readdir("/")]
+    assert "h1" not in names and read_all(fs, "/h2") == b"2" * 5000
+    assert fs.imported["refused"] == 4
 
 
 def test_a_recipient_is_made_once_survives_slot_changes_and_rotation(make_fs, secret):
