@@ -71,15 +71,15 @@ def test_core_ingest_is_imported_byte_exact_and_unreadable_before(make_fs, secre
     rcp = keyring.recipient(str(root), secret, kind)
     assert rcp.kind == (kind or "x25519")
     files = {f"/in/{p.name}": p.read_bytes() for p in make_series(tmp_path, 3)}
-    files["/in/big"] = os.urandom(3 * SMALL.chunk_size + 17)  # several chunks
-    files["/empty"] = b""
+    files["/in/big-file-of-doe"] = os.urandom(3 * SMALL.chunk_size + 17)  # several chunks
+    files["/empty-file-of-doe"] = b""  # names long enough never to occur by chance
     ing = IngestFS(str(root), rcp, Config())
     ing.mkdir("/in", 0o755, 0, 0)
     for path, data in files.items():
         ingest_write(ing, path, data)
     # the ingest node sees what it made, never the store's other files
-    assert sorted(n for n, _ in ing.readdir("/")) == ["empty", "in"]
-    assert ing.getattr("/in/big")["st_size"] == len(files["/in/big"])
+    assert sorted(n for n, _ in ing.readdir("/")) == ["empty-file-of-doe", "in"]
+    assert ing.getattr("/in/big-file-of-doe")["st_size"] == len(files["/in/big-file-of-doe"])
     for path in files:
         with pytest.raises(PermissionDenied):
             ing.open(path, os.O_RDONLY)
@@ -100,7 +100,7 @@ def test_core_ingest_is_imported_byte_exact_and_unreadable_before(make_fs, secre
     for path, data in files.items():
         assert read_all(fs, path) == data
     assert read_all(fs, "/existing.dcm") == b"old data"
-    assert fs.getattr("/in/big")["st_mode"] & 0o777 == 0o640
+    assert fs.getattr("/in/big-file-of-doe")["st_mode"] & 0o777 == 0o640
     assert session_dirs(root) == []  # imported, removed
     assert list((root / "inbox").iterdir()) == []
 
@@ -337,6 +337,9 @@ def test_write_only_mount_writes_a_ct_series_a_key_holder_reads_byte_exact(mount
     assert (m.mnt / "earlier.dcm").read_bytes() == ct_file().read_bytes()
     assert session_dirs(m.store) == []
     m.umount()
+    r = m.cli("audit", m.store, "--key-file", m.key)
+    ingested = [line for line in r.stdout.splitlines() if " ingest " in line]
+    assert len(ingested) == len(series) and "/study/series1/CT00000.dcm" in ingested[0]
 
 
 def test_a_recipient_of_another_store_or_a_store_without_one_is_refused(tmp_path, secret):

@@ -215,23 +215,26 @@ def _import_file(fs, record: dict, session: bytes, file_id: bytes, sdir: str) ->
     fs.chmod(tmp, record["mode"] & 0o7777)
     fs.utimens(tmp, record.get("atime_ns"), record.get("mtime_ns"))
     _step("written")
-    _place(fs, tmp, path, whole.digest(), record["size"])
+    name = _place(fs, tmp, path, whole.digest(), record["size"])
+    fs._audit("ingest", fs.getattr(name)["st_ino"], name, session=session.hex(),
+              file=file_id.hex(), size=record["size"])
     _step("placed")
 
 
-def _place(fs, tmp: str, path: str, digest: bytes, size: int) -> None:
+def _place(fs, tmp: str, path: str, digest: bytes, size: int) -> str:
     """Rename ``tmp`` to ``path``, or to ``path.ingest-N`` if that is taken;
-    a taken name with the same bytes is this file imported before."""
+    a taken name with the same bytes is this file imported before.  Returns
+    the name it has."""
     n = 0
     while True:
         name = path if n == 0 else f"{path}.ingest-{n}"
         try:
             fs.rename(tmp, name, 1)  # RENAME_NOREPLACE
-            return
+            return name
         except Exists:
             if _same(fs, name, digest, size):
                 fs.unlink(tmp)
-                return
+                return name
         n += 1
 
 
