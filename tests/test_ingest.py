@@ -530,3 +530,37 @@ def test_sigkill_during_the_import_leaves_every_file_once(tmp_path, at):
         assert session_dirs(root) == []
     finally:
         fs.close()
+
+
+def test_a_killed_write_only_daemon_loses_only_the_file_it_had_open(mount_env, tmp_path):
+    import json
+    import signal
+    from dcmfs.format import STATUS_XATTR
+    m = mount_env
+    rcp = tmp_path / "recipient.json"
+    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp)
+    assert r.returncode == 0, r.stderr
+    r = m.cli("mount", m.store, m.mnt, "-o", f"recipient={rcp}")
+    assert r.returncode == 0, r.stderr
+    data = {f"s{i}.dcm": os.urandom(300_000 + i) for i in range(3)}
+    try:
+        for name, body in data.items():
+            (m.mnt / name).write_bytes(body)
+        pid = json.loads(os.getxattr(m.mnt, STATUS_XATTR))["pid"]
+        fd = os.open(m.mnt / "partial.dcm", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, os.urandom(100_000))
+        time.sleep(0.5)  # the kernel has released the closed files
+        os.kill(pid, signal.SIGKILL)
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is dead
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(m.mnt)], check=False)
+    wait_sessions_free(m.store)
+    m.mount()
+    assert sorted(os.listdir(m.mnt)) == sorted(data)  # the open file is lost, nothing else
+    for name, body in data.items():
+        assert (m.mnt / name).read_bytes() == body
+    assert session_dirs(m.store) == []
+    m.umount()
