@@ -564,3 +564,21 @@ def test_a_killed_write_only_daemon_loses_only_the_file_it_had_open(mount_env, t
         assert (m.mnt / name).read_bytes() == body
     assert session_dirs(m.store) == []
     m.umount()
+
+
+def test_a_path_that_cannot_be_made_is_refused_and_the_opening_goes_on(make_fs, secret,
+                                                                        caplog):
+    fs = make_fs()
+    fh = fs.create("/a", 0o644, os.O_WRONLY, 0, 0)  # a file where the ingest made a directory
+    fs.release(fh)
+    fs.close()
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret), Config())
+    ing.mkdir("/a", 0o755, 0, 0)
+    ingest_write(ing, "/a/secret-name-b", b"b")
+    ingest_write(ing, "/c", b"c")
+    ing.close()
+    caplog.set_level("ERROR", logger="dcmfs.ingest")
+    fs = make_fs()
+    assert fs.imported == {"imported": 1, "refused": 1, "sessions": 0}
+    assert read_all(fs, "/c") == b"c"
+    assert "NotADirectory" in caplog.text and "secret-name-b" not in caplog.text

@@ -38,7 +38,7 @@ import os
 import stat
 import threading
 
-from ..errors import DcmfsError, Exists, NotFound
+from ..errors import DcmfsError, Exists, FsError, NotFound
 from ..storage import inbox
 from ..storage.inbox import InboxDamaged
 
@@ -48,6 +48,8 @@ TMP_PREFIX = ".dcmfs-import-"
 LOCK = "lock"
 #: one import at a time (the opening's, then the checkpoint thread's)
 _ONE = threading.Lock()
+#: records refused already by this process (logged once, not at every round)
+_REFUSED: set = set()
 #: a fault hook for crash tests: called with "written" (a file's temporary
 #: name complete), "placed" (renamed), "synced" (a session's files durable)
 #: and "removed" (a record removed)
@@ -85,9 +87,15 @@ def _import(fs, done: dict) -> dict:
                 _import_file(fs, record, session, file_id, sdir)
             except FileNotFoundError:  # rewritten meanwhile by a live ingest mount
                 continue
-            except InboxDamaged as exc:
-                log.error("%s refused, left in the inbox: %s", where, exc)
+            except (InboxDamaged, FsError) as exc:
                 refused += 1
+                if (session, file_id, seqs[-1]) not in _REFUSED:  # once per process
+                    _REFUSED.add((session, file_id, seqs[-1]))
+                    # a namespace error's message may hold the path: its class only
+                    log.error("%s refused, left in the inbox: %s", where,
+                              exc if isinstance(exc, InboxDamaged) else
+                              f"its path cannot be made ({type(exc).__name__}: a file "
+                              "where it needs a directory?)")
                 continue
             imported.append(file_id)
             remove += [inbox.record_name(file_id, s) for s in seqs]
