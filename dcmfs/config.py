@@ -141,6 +141,9 @@ class Config:
     #: seconds in which the background scrubber verifies every file once
     #: (0: no scrubbing; ``-o scrub_interval=S``)
     scrub_interval: float = 0.0
+    #: seconds between looks at the write-only inbox of a mounted store with
+    #: an ingest recipient (0: only when the store is opened; ``-o inbox_interval=T``)
+    inbox_interval: float = 60.0
     #: the scrubber's I/O bound (plaintext bytes per second)
     scrub_rate: int = 32 * MiB
     #: record who opened, wrote, renamed and deleted which file in the

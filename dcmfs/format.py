@@ -79,6 +79,13 @@ constant, so do we):
   may still be in the index's history (:mod:`dcmfs.index.shred`).  Files
   made before keep their keys; every inode made since gets a secret.
   Added at the first read-write opening; nothing is rewritten.
+* 4 — (write-only ingest, issue 18) feature ``ingest-v1``, added by
+  ``dcmfs key recipient``: the header's ``ingest`` entry (a recipient key
+  pair, X25519 or RSA-OAEP-3072: its public key in the clear, its private
+  key sealed under the store key) and the ``inbox/`` directory a node with
+  only the public key writes sealed files into
+  (:mod:`dcmfs.storage.inbox`); a key holder imports them at its next
+  read-write opening.  Stores without the feature are unchanged.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -131,7 +138,8 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "extents-v1", "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "backend-s3-v1",
                             "audit-v1", "key-slots-v1", "key-epochs-v1",
-                            "deid-view-v1", FILE_SECRETS_FEATURE})
+                            "deid-view-v1", FILE_SECRETS_FEATURE,
+                            "ingest-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence

@@ -69,6 +69,11 @@ Contenders
                 (--codecs picks the variants of the ct and corpus workloads,
                 default cold dicom0 lzma; also paused, rotating, inline = -o
                 reencode=0, zstd at close, no re-encoder; zstd:N)
+  dcmfs-wonly   a write-only mount (-o recipient=FILE, the store's public key
+                only) on the CT series: ingest and its CPU are the write-only
+                daemon's; at rest adds its unmount, the import by a keyed mount
+                and that mount's re-encoding; read through the keyed mount
+                (--codecs wonly; not on the corpus)
   published     the method of the study dcmfs grew from, faithfully: per file
                 base64 -> LZMA (xz preset 6) -> AES-256, in this one process;
                 on the subset it runs on one copy (the copies are identical),
@@ -176,7 +181,7 @@ def run(args) -> dict:
         corpus_files, modality, cc, cresults, cpoints = [], {}, [], {}, {}
         if args.corpus:
             corpus_files, modality = corpus(base / "corpus-src", quick=args.quick)
-            cc = mounted(base / "corpus", args.codecs)
+            cc = [c for c in mounted(base / "corpus", args.codecs) if c.name != "dcmfs-wonly"]
             cresults = {c.name: {} for c in cc} | {p: {} for p in pub}
             cpoints = {name: [] for name in cresults}
 

@@ -161,6 +161,9 @@ def cmd_mount(args) -> int:
         inst = load(config_path)
     # the instance file's options first, the command line's after (they win)
     ours, fuse = parse_o(([",".join(inst.options)] if inst else []) + (args.o or []))
+    if ours.get("recipient"):  # write-only: no key at all
+        from .ingestmount import cmd_ingest
+        return cmd_ingest(args, ours, fuse, inst)
     _key_options(args, ours)
     store_root = os.path.abspath(args.store or (inst.store if inst else default_store()))
     mp = os.path.abspath(args.mountpoint or (inst.mountpoint if inst else default_mountpoint()))

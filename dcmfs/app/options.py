@@ -241,6 +241,8 @@ OPTIONS: tuple[Option, ...] = (
            field="shred_after"),
     Option("scrub_interval", DURATION, "verify every file once per T in the background",
            MOUNTING, field="scrub_interval"),
+    Option("inbox_interval", DURATION, "import what write-only mounts wrote every T while "
+           "mounted (0: only when the store is opened)", MOUNTING, field="inbox_interval"),
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
            field="scrub_rate"),
     Option("audit", FLAG, "1: record who opened, wrote, renamed and deleted which file in "
@@ -283,6 +285,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("view_secret_file", PATH, "the view's secret (as --view-secret-file)", MOUNTING),
     Option("view_mount", PATH, "serve the de-identified view there too, beside the files, "
            "from the same daemon (needs view_secret_file)", MOUNTING),
+    Option("recipient", PATH, "mount write-only with only the store's recipient public key "
+           "(the file 'dcmfs key recipient --export' wrote): no key asked; files can be "
+           "created and written, never read back", MOUNTING),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
     Option("log_file", PATH, "the daemon's log in the background (default STORE/dcmfs.log)",

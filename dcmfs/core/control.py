@@ -78,6 +78,7 @@ class StoreOps:
         (``recompress retry-failed``), ``pause`` and ``resume`` (the
         re-encoder; benchmarks, admins) and ``verify``."""
         if command in ("recompress", "recompress retry-failed"):
+            self._import_inbox()  # what write-only mounts wrote: new files too
             self.recompress(retry_failed=command.endswith("retry-failed"))
         elif command.startswith("verify"):
             # "verify" or "verify {json: paths, sample}" (``dcmfs verify``)

@@ -39,6 +39,7 @@ from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .links import KernelNames
 from .names import NameOps
 from .host import JobHostOps
+from .importer import import_inbox
 from .syncloops import SyncLoops
 from .deidrecords import RecordFiller
 from .reencoder import Reencoder
@@ -166,6 +167,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
                 self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                                 name="dcmfs-checkpoint")
                 self._syncer.start()
+            self.imported = import_inbox(self)  # what write-only mounts left (core.importer)
         elif self.opened.open_audit() is not None and config.checkpoint_interval > 0:
             # read-only: the trail alone is written; made durable as often
             self._syncer = threading.Thread(target=self._audit_sync_loop, daemon=True,

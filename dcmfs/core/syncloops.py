@@ -22,7 +22,12 @@ class SyncLoops:
         The objects are flushed before the lock is taken, so file operations
         wait only for the short index commit.
         """
+        import time
+        inbox_due = time.monotonic() + self.config.inbox_interval
         while not self._stop.wait(self.config.checkpoint_interval):
+            if self.config.inbox_interval and time.monotonic() >= inbox_due:
+                inbox_due = time.monotonic() + self.config.inbox_interval
+                self._import_inbox()
             audit = self.opened.audit
             if self.index.pending_records or self.opened.damage_pending is not None \
                     or (audit is not None and audit.pending()):
@@ -61,6 +66,16 @@ class SyncLoops:
             self.shred_now()
         else:
             self.snapshot()
+
+    def _import_inbox(self) -> None:
+        """What write-only mounts wrote meanwhile (:mod:`dcmfs.core.importer`)."""
+        from .importer import import_inbox
+        if self.store.ingest is None or self.read_only:
+            return
+        try:
+            import_inbox(self)
+        except Exception as exc:  # noqa: BLE001 — the inbox keeps the files; next round
+            log.error("importing the inbox failed: %s", loggable(exc))
 
     def _audit_sync_loop(self) -> None:
         """A read-only store's checkpoints: the audit trail (and the count
