@@ -37,12 +37,13 @@ from ..storage.digest import block_digest, tree_digest
 from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
 from .garbage import Garbage
+from .prefetch import Prefetching
 from .openfile import ChunkCache, OpenFile, all_zero, done_future, on_written
 
 log = logging.getLogger("dcmfs.data")
 
 
-class FileData(Garbage):
+class FileData(Prefetching, Garbage):
     """Reads, writes and commits file contents for the filesystem core."""
 
     #: a read starting this close to where the last one ended is sequential
@@ -93,47 +94,6 @@ class FileData(Garbage):
         return of
 
     # --- reading --------------------------------------------------------------
-    def _prefetch(self, of: OpenFile, idx: int) -> None:
-        """Decode extent ``idx`` in the background (sequential reads of
-        DICOM-coded files: the next band decodes while this one is read)."""
-        self._prefetch_ref(of.cipher, of.inode.file_id, of.ino, idx, of.committed[idx])
-
-    def _prefetch_ref(self, cipher, file_id: bytes, ino: int, idx: int, ref: ChunkRef) -> bool:
-        with self._prefetch_lock:
-            if ref.oid in self._prefetching or self.cache.get(ref.oid) is not None:
-                return False
-            self._prefetching[ref.oid] = self._prefetch_pool.submit(
-                self._prefetch_one, cipher, file_id, ino, idx, ref)
-            return True
-
-    def decode_ahead(self, ino: int, inode: Inode, committed: dict, end: int) -> int:
-        """Decode the objects of a closed file's first ``end`` bytes in the
-        background (a reader walking a directory opens it next: see
-        :mod:`dcmfs.core.readahead`); returns how many were queued."""
-        cs = self.chunk_size
-        refs = sorted(((ref.offset if ref.offset >= 0 else idx * cs), idx, ref)
-                      for idx, ref in committed.items())
-        cipher = None
-        queued = 0
-        for lo, idx, ref in refs:
-            if lo >= end:
-                break
-            if cipher is None:
-                cipher = self.objects.file_cipher(inode.file_id)
-            queued += self._prefetch_ref(cipher, inode.file_id, ino, idx, ref)
-        return queued
-
-    def _prefetch_one(self, cipher, file_id, ino, idx, ref) -> bytes | None:
-        try:
-            data = self.objects.read(cipher, file_id, ino, idx, ref)
-            self.cache.put(ref.oid, data)
-            return data
-        except Exception:  # noqa: BLE001 — the read itself will meet it and report it
-            return None
-        finally:
-            with self._prefetch_lock:
-                self._prefetching.pop(ref.oid, None)
-
     def _load(self, of: OpenFile, idx: int, ref: ChunkRef) -> bytes:
         data = self.cache.get(ref.oid)
         if data is None:

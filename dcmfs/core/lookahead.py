@@ -77,8 +77,8 @@ class LookAhead:
                 content = txn.get_content(nxt)
         if _fresh(content, inode.generation, self.dicom) or extents_layout(table):
             return
-        reader = CommittedReader(host.objects, host.objects.file_cipher(inode.file_id), nxt,
-                                 inode, table, host.chunk_size)
+        cipher = host.objects.file_cipher(inode.file_id, inode.secret)
+        reader = CommittedReader(host.objects, cipher, nxt, inode, table, host.chunk_size)
         self._ahead = (nxt, inode.generation, table, reader,
                        self._ahead_pool.submit(self._analyse, reader, inode.size))
 

@@ -176,7 +176,7 @@ class ObjectStore:
     def store_id(self) -> bytes:
         return self._store_id
 
-    def file_cipher(self, file_id: bytes, secret: bytes = b"") -> FileKeys:
+    def file_cipher(self, file_id: bytes, secret: bytes) -> FileKeys:
         """One file's data keys (HKDF of each epoch's key; epoch 0 is the
         store key, as before any rotation); ``secret``: the file's own, from
         its inode record (b"": a file made before ``file-secrets-v1``)."""
