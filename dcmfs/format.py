@@ -87,6 +87,16 @@ constant, so do we):
   (:mod:`dcmfs.storage.inbox`); a key holder imports them at its next
   read-write opening.  Stores without the feature are unchanged.
 
+* 5 — the two features of issue 18 above, released: ``file-secrets-v1``
+  (in ``WRITE_FEATURES``: every store opened for writing gets it, and every
+  inode made since holds a file secret) and ``ingest-v1`` (a store with a
+  recipient and an ``inbox/``).  Nothing else changed; ``tests/compat/v5``
+  holds files with secrets and a write-only mount's two files still in the
+  inbox, which every later dcmfs must import at its first read-write
+  opening.  Stores of versions 1-4 are opened and upgraded in place as
+  before (the features are added under the store lock; the header keeps
+  the version it was made with).
+
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
 """
@@ -95,7 +105,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: the object layout this dcmfs writes (the version byte of each object; the
 #: layout changed in format 2 and not since)
 OBJECT_VERSION = 2
