@@ -400,12 +400,9 @@ def test_verify_and_control_attributes_are_for_root_and_the_owner(make_fs):
     assert fs.getxattr("/", "user.dcmfs.verify", caller=0) == b"{}"
 
 
-def test_lost_index_directory_brings_new_files_back_into_lost_found(legacy_store):
-    """index/ lost with the journal: a file created after the last snapshot
-    comes back from its objects into /lost+found (with its own inode number:
-    /lost+found must not take it), a file deleted after it stays as it was.
-    (Files made before file-secrets-v1; with secrets, see the next test.)"""
-    store = legacy_store
+def _late_file_then_index_lost(store) -> bytes:
+    """Write /late after the last snapshot, crash, lose index/, rebuild
+    (clean); returns /late's content."""
     fs = store.open()
     late = os.urandom(5000)
     write_file(fs, "/late", late)
@@ -415,6 +412,16 @@ def test_lost_index_directory_brings_new_files_back_into_lost_found(legacy_store
     shutil.rmtree(os.path.join(store.root, "index"))
     result = store.fsck(rebuild=True)
     assert result["clean"], result
+    return late
+
+
+def test_lost_index_directory_brings_new_files_back_into_lost_found(legacy_store):
+    """index/ lost with the journal: a file created after the last snapshot
+    comes back from its objects into /lost+found (with its own inode number:
+    /lost+found must not take it), a file deleted after it stays as it was.
+    (Files made before file-secrets-v1; with secrets, see the next test.)"""
+    store = legacy_store
+    late = _late_file_then_index_lost(store)
     assert not os.path.exists(os.path.join(store.root, "quarantine"))
     fs = store.open()
     try:
@@ -435,15 +442,7 @@ def test_files_with_secrets_need_their_history_to_be_rebuilt(store):
     names; one created after it, whose records were in the lost journal,
     does not - its objects go to quarantine, never deleted; with
     snapshots/ lost too, no file comes back, every object is kept."""
-    fs = store.open()
-    late = os.urandom(5000)
-    write_file(fs, "/late", late)
-    fs.checkpoint()
-    from .conftest import crash
-    crash(fs)
-    shutil.rmtree(os.path.join(store.root, "index"))
-    result = store.fsck(rebuild=True)
-    assert result["clean"], result
+    _late_file_then_index_lost(store)
     store.assert_content()
     quarantined = os.listdir(os.path.join(store.root, "quarantine"))
     assert len(quarantined) == 1  # /late's one object

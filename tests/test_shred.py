@@ -260,15 +260,22 @@ def test_a_mounted_daemon_shreds_by_itself_within_shred_after(mount_env):
     assert any(r.get("command") == "shred" and r.get("deletions") == 1 for r in records)
 
 
-def test_unmount_shreds_pending_deletions(mount_env):
-    m = mount_env
-    key = Secret("keyfile", m.key.read_bytes())
-    m.mount("-o", "shred_after=0")
-    write_files(m.mnt, {"gone.bin": os.urandom(200_000), "kept.bin": os.urandom(1000)})
+def _mounted_one_gone(m, key, size: int, options: str):
+    """Mount with ``options``, write gone.bin (``size`` bytes) and kept.bin,
+    copy the objects aside, delete gone.bin: (its inode, kept's, the copy)."""
+    m.mount("-o", options)
+    write_files(m.mnt, {"gone.bin": os.urandom(size), "kept.bin": os.urandom(1000)})
     gone, kept = os.stat(m.mnt / "gone.bin").st_ino, os.stat(m.mnt / "kept.bin").st_ino
     time.sleep(1)
     aside = copy_objects(m.store, key)
     os.unlink(m.mnt / "gone.bin")
+    return gone, kept, aside
+
+
+def test_unmount_shreds_pending_deletions(mount_env):
+    m = mount_env
+    key = Secret("keyfile", m.key.read_bytes())
+    gone, kept, aside = _mounted_one_gone(m, key, 200_000, "shred_after=0")
     m.umount()
     assert status(m)["shred"]["pending"] == 0
     assert_shredded(m.store, key, {gone}, kept, aside)
@@ -295,12 +302,7 @@ def test_a_hard_link_shares_the_secret_and_only_the_last_name_counts(make_fs):
 def test_a_crash_keeps_the_deletions_pending_and_dcmfs_shred_shreds_them(mount_env):
     m = mount_env
     key = Secret("keyfile", m.key.read_bytes())
-    m.mount("-o", "shred_after=0,checkpoint_interval=0.5")
-    write_files(m.mnt, {"gone.bin": os.urandom(100_000), "kept.bin": os.urandom(1000)})
-    gone, kept = os.stat(m.mnt / "gone.bin").st_ino, os.stat(m.mnt / "kept.bin").st_ino
-    time.sleep(1)
-    aside = copy_objects(m.store, key)
-    os.unlink(m.mnt / "gone.bin")
+    gone, kept, aside = _mounted_one_gone(m, key, 100_000, "shred_after=0,checkpoint_interval=0.5")
     time.sleep(1.5)  # checkpointed: the plain record says it without the key
     os.kill(m.daemon_pid(), signal.SIGKILL)
     m.cleanup()
