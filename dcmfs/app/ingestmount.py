@@ -104,28 +104,15 @@ def umount_write_only(info, timeout: float) -> bool:
     DaemonUnprovenError
         The proof fails; nothing was signalled.
     """
-    import json
     import signal
-    import threading
     import time
-    from .. import format as fmt
     from ..errors import DaemonUnprovenError, MountFailedError
     from ..storage.header import lock_holders
     from .mount import _not_the_daemon, find_mount
     if not any(lock_holders(d) for _, d in inbox.sessions(info.store)):
         return False  # no write-only mount of this store runs: do not ask
-    answer: list = []
-
-    def ask() -> None:  # in a thread: a hung daemon must not hang umount
-        try:
-            answer.append(json.loads(os.getxattr(info.mountpoint, fmt.STATUS_XATTR)))
-        except (OSError, ValueError):
-            answer.append(None)
-
-    t = threading.Thread(target=ask, daemon=True, name="dcmfs-umount-ask")
-    t.start()
-    t.join(min(timeout, 30.0))
-    status = answer[0] if answer else None
+    from .viewmount import status_in_thread
+    status = status_in_thread(info.mountpoint, timeout)
     session = status.get("write_only", {}).get("session") if isinstance(status, dict) else None
     if not isinstance(session, str) or len(session) != 32 or \
             not all(c in "0123456789abcdef" for c in session):
