@@ -377,16 +377,11 @@ def test_a_mounted_store_imports_what_a_concurrent_write_only_mount_writes(mount
     try:
         (ingest_mnt / "d").mkdir()
         (ingest_mnt / "d" / "slice.dcm").write_bytes(ct_file().read_bytes())
-        deadline = time.monotonic() + 30
-        while not (m.mnt / "d" / "slice.dcm").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert (m.mnt / "d" / "slice.dcm").read_bytes() == ct_file().read_bytes()
         with pytest.raises(PermissionError):
             open(ingest_mnt / "d" / "slice.dcm", "rb")
-        while list(m.store.glob("inbox/*/*.rec")) and time.monotonic() < deadline:
-            time.sleep(0.05)  # removed once the import is durable
-        assert not list(m.store.glob("inbox/*/*.rec"))  # the session stays: it is live
-        assert len(session_dirs(m.store)) == 1
+        time.sleep(3)  # three import rounds: a live session is left alone
+        assert not (m.mnt / "d").exists()
+        assert list(m.store.glob("inbox/*/*.rec")) and len(session_dirs(m.store)) == 1
         r = m.cli("status", ingest_mnt)
         assert r.returncode == 0 and "files       1" in r.stdout, r.stdout + r.stderr
         # dcmfs umount proves and stops the write-only daemon (no store lock)
@@ -396,11 +391,57 @@ def test_a_mounted_store_imports_what_a_concurrent_write_only_mount_writes(mount
     finally:
         subprocess.run(["fusermount3", "-u", str(ingest_mnt)], check=False)
     wait_sessions_free(m.store)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 30  # the session ended: imported at the next round
+    while not (m.mnt / "d" / "slice.dcm").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (m.mnt / "d" / "slice.dcm").read_bytes() == ct_file().read_bytes()
     while session_dirs(m.store) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert session_dirs(m.store) == []  # a finished session goes at the next round
+    assert session_dirs(m.store) == []  # removed once the import is durable
     m.umount()
+
+
+def test_a_file_extended_after_an_fsync_is_imported_whole(make_fs, secret):
+    """Review finding: a keyed opening imported a live session's fsync record
+    and removed its chunks; the write-only mount then wrote the rest, and
+    its final record named the removed chunks: the store kept the file
+    short and refused the rest at every round.  Live sessions wait."""
+    fs = make_fs()
+    fs.close()
+    cs = SMALL.chunk_size
+    data = os.urandom(3 * cs + 5)
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret), Config())
+    fh = ing.create("/f", 0o600, os.O_WRONLY, 0, 0)
+    ing.write(fh, data[:2 * cs], 0)
+    ing.fsync(fh)
+    fs = make_fs()  # a keyed opening while the write-only mount lives
+    assert fs.imported["imported"] == 0 and "f" not in [n for n, _ in fs.readdir("/")]
+    fs.close()
+    ing.write(fh, data[2 * cs:], 2 * cs)
+    ing.flush(fh)
+    ing.release(fh)
+    ing.close()
+    fs = make_fs()
+    assert fs.imported == {"imported": 1, "refused": 0, "sessions": 1}
+    assert read_all(fs, "/f") == data
+
+
+def test_a_record_with_an_owner_out_of_range_is_refused_not_fatal(make_fs, secret):
+    """Review finding: an authentic record whose uid does not fit 32 bits
+    raised struct.error out of the opening, at every opening."""
+    fs = make_fs()
+    fs.close()
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret), Config())
+    for path, uid in (("/bad", 1 << 32), ("/good", 0)):
+        fh = ing.create(path, 0o600, os.O_WRONLY, uid, 0)
+        ing.write(fh, path.encode() * 100, 0)
+        ing.flush(fh)
+        ing.release(fh)
+    ing.close()
+    fs = make_fs()  # opens
+    assert fs.imported["imported"] == 1 and fs.imported["refused"] == 1
+    assert [n for n, _ in fs.readdir("/") if n not in (".", "..")] == ["good"]
+    assert read_all(fs, "/good") == b"/good" * 100
 
 
 def test_a_rename_while_the_closes_record_is_being_written_wins(make_fs, secret, monkeypatch):

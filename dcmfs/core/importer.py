@@ -19,9 +19,15 @@ of one file, each crash-safe:
    the very same bytes counts as this record, already imported (a crash
    between the rename and step 3);
 3. once a session's files are durable (a journal sync), its records and
-   then its chunks are removed; a session no ingest mount holds any more
-   (its ``lock`` is free) is removed with what is left in it (chunks of
-   files never closed).
+   then its chunks are removed, and the session with what is left in it
+   (chunks of files never closed).
+
+Only sessions no ingest mount holds any more (their ``lock`` is free: the
+mount ended, or died) are imported.  A live mount may still extend a file
+it fsynced, or rename, re-time or chmod one it closed, each time writing a
+newer record that names the file's chunks: an import that removed them
+would leave that record refused and the file in the store short or under
+its old name.
 
 A record or chunk that does not authenticate, or does not match, is refused
 and left where it is (named in the log by session and file id, never by
@@ -76,6 +82,8 @@ def _import(fs, done: dict) -> dict:
     entry, private = fs.store.ingest
     _sweep_unplaced(os.path.join(fs.store.root, inbox.INBOX_DIR))
     for session, sdir in inbox.sessions(fs.store.root):
+        if not _session_over(sdir):  # a live write-only mount: after it ends
+            continue
         imported, refused, remove = [], 0, []
         for file_id, seqs in inbox.records(sdir).items():
             where = f"inbox session {session.hex()[:8]}, file {file_id.hex()}"
@@ -87,15 +95,16 @@ def _import(fs, done: dict) -> dict:
                 _import_file(fs, record, session, file_id, sdir)
             except FileNotFoundError:  # rewritten meanwhile by a live ingest mount
                 continue
-            except (InboxDamaged, FsError) as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad record never stops an opening
                 refused += 1
                 if (session, file_id, seqs[-1]) not in _REFUSED:  # once per process
                     _REFUSED.add((session, file_id, seqs[-1]))
-                    # a namespace error's message may hold the path: its class only
+                    # any other error's message may hold the path: its class only
                     log.error("%s refused, left in the inbox: %s", where,
                               exc if isinstance(exc, InboxDamaged) else
                               f"its path cannot be made ({type(exc).__name__}: a file "
-                              "where it needs a directory?)")
+                              "where it needs a directory?)" if isinstance(exc, FsError) else
+                              f"it cannot be imported ({type(exc).__name__})")
                 continue
             imported.append(file_id)
             remove += [inbox.record_name(file_id, s) for s in seqs]
@@ -160,15 +169,20 @@ def _unlink(path: str) -> None:
 
 def _check(record: dict, chunk_size: int) -> None:
     """Raise :class:`InboxDamaged` unless the (authentic) record is one an
-    ingest node writes: a clean absolute path, a regular file, chunks of at
-    most the store's chunk size (nothing is decompressed past that) that add
-    up to its size."""
+    ingest node writes: a clean absolute path, a regular file, an owner and
+    times that fit (u32, i64 nanoseconds), chunks of at most the store's
+    chunk size (nothing is decompressed past that) that add up to its size."""
     try:
         path = record["path"]
         parts = path.split("/")
         ok = (isinstance(path, str) and path.startswith("/") and "\0" not in path
               and all(p not in ("", ".", "..") for p in parts[1:]) and len(parts) > 1
               and stat.S_ISREG(record["mode"]) and len(bytes.fromhex(record["key"])) == 32
+              and all(type(record.get(k, 0)) is int and 0 <= record.get(k, 0) < 1 << 32
+                      for k in ("uid", "gid"))
+              and all(record.get(k) is None
+                      or (type(record[k]) is int and -(1 << 63) <= record[k] < 1 << 63)
+                      for k in ("atime_ns", "mtime_ns"))
               and sum(c[1] for c in record["chunks"]) == record["size"]
               and all(len(c[0]) == 32 and int(c[0], 16) >= 0 and 0 <= c[1] <= chunk_size
                       and 0 < c[2] <= chunk_size + (chunk_size >> 6) + 4096
