@@ -201,6 +201,26 @@ def _everything(root) -> bytes:
     return b"\0".join(out)
 
 
+def test_the_pass_removes_index_copies_an_interrupted_process_left(make_fs):
+    """Review finding: a crash during a snapshot, a compaction or a follower
+    round leaves a whole index copy (named by the dead process's pid) that
+    holds every secret; the pass removes it."""
+    fs = make_fs()
+    write_file(fs, "/gone", b"x" * 1000)
+    fs.unlink("/gone")
+    root = make_fs.root
+    mdb = (root / "index" / "data.mdb").read_bytes()
+    left = [root / "snapshots" / ".tmp-0000000000000007-999999", root / "index" / ".compact-999999",
+            root / ".follow-abc123"]
+    left[0].mkdir(parents=True)
+    (left[0] / "data.mdb").write_bytes(mdb)
+    left[1].write_bytes(mdb)
+    left[2].mkdir()
+    (left[2] / "part").write_bytes(mdb)
+    fs.shred_now()
+    assert not [p for p in left if os.path.lexists(p)]
+
+
 def test_the_pass_leaves_no_freed_page_holding_a_deleted_files_record(make_fs):
     """LMDB does not clear the pages it frees: after the deletions are
     checkpointed, data.mdb still holds the deleted files' sealed records

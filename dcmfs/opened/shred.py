@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 
 from .. import format as fmt
 from ..index.shred import ShredState, note_pass, read_state
 from ..index.snapshots import take_snapshot
+from ..storage.durable import fsync_dir
 
 log = logging.getLogger("dcmfs.store")
 
@@ -48,6 +50,7 @@ def shred(opened, checkpoint=None, wait: bool = True) -> dict:
             opened.publisher.publish()
         index.journal.reset()
         index.compact()
+        _sweep_leftovers(opened.root)
         with opened.write_txn() as txn:
             note_pass(txn, seq)
         opened.objects.sync()
@@ -64,3 +67,31 @@ def shred(opened, checkpoint=None, wait: bool = True) -> dict:
         opened.audit.record("admin", None, command="shred", deletions=state.pending,
                             snapshot=seq)
     return result
+
+
+#: temporary copies of the index or its journal an interrupted snapshot,
+#: compaction or follower round leaves (named by another process's pid):
+#: they may hold deleted files' secrets
+_LEFTOVERS = ((fmt.SNAPSHOTS_DIR, ".tmp-"), (fmt.INDEX_DIR, ".compact-"), ("", ".follow-"))
+
+
+def _sweep_leftovers(root: str) -> None:
+    """Remove what :data:`_LEFTOVERS` names, but this process's own."""
+    mine = f"-{os.getpid()}"
+    for sub, prefix in _LEFTOVERS:
+        d = os.path.join(root, sub)
+        try:
+            names = [n for n in os.listdir(d) if n.startswith(prefix) and not n.endswith(mine)]
+        except FileNotFoundError:
+            continue
+        for name in names:
+            path = os.path.join(d, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        if names:
+            fsync_dir(d)

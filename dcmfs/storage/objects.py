@@ -96,7 +96,7 @@ class FileKeys:
     block (the CTX field after the flags), so a read picks the key.
 
     ``secret``: the file's random secret from its index record (feature
-    ``file-secrets-v1``), appended to the HKDF info, so that the key can
+    ``file-secrets-v1``), the HKDF's salt (see :func:`file_key`), so that the key can
     no longer be made once the record is gone from every copy of the
     index (crypto-shredding); b"" for a file made before the feature."""
 
