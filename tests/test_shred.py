@@ -221,19 +221,25 @@ def test_the_pass_removes_index_copies_an_interrupted_process_left(make_fs):
     assert not [p for p in left if os.path.lexists(p)]
 
 
+def _every_other_sealed(fs, n: int, byte: bytes) -> list[bytes]:
+    """Write /f000../f{n-1} (10 bytes each), checkpoint, and return the
+    sealed inode records of every other one (the files a test deletes)."""
+    for i in range(n):
+        write_file(fs, f"/f{i:03d}", byte * 10)
+    fs.checkpoint()
+    with fs.index.begin() as txn:
+        victims = {fs._resolve(txn, f"/f{i:03d}") for i in range(0, n, 2)}
+    return [bytes(v) for k, v in fs.index.raw_items("inodes")
+            if int.from_bytes(bytes(k), "big") in victims]
+
+
 def test_the_pass_leaves_no_freed_page_holding_a_deleted_files_record(make_fs):
     """LMDB does not clear the pages it frees: after the deletions are
     checkpointed, data.mdb still holds the deleted files' sealed records
     (the control); after the pass (the live index compacted, one compacted
     snapshot, no journal record before it) no byte of the store does."""
     fs = make_fs()
-    for i in range(300):
-        write_file(fs, f"/f{i:03d}", b"x" * 10)
-    fs.checkpoint()
-    with fs.index.begin() as txn:
-        victims = {fs._resolve(txn, f"/f{i:03d}") for i in range(0, 300, 2)}
-    sealed = [bytes(v) for k, v in fs.index.raw_items("inodes")
-              if int.from_bytes(bytes(k), "big") in victims]
+    sealed = _every_other_sealed(fs, 300, b"x")
     assert len(sealed) == 150
     for i in range(0, 300, 2):
         fs.unlink(f"/f{i:03d}")
@@ -401,13 +407,7 @@ def test_a_follower_lets_go_of_a_shredded_files_records_too(s3_fs, tmp_path, sec
     from .test_s3_follow import _writer_and_follower
     writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings)
     try:
-        for i in range(200):
-            write_file(writer, f"/f{i:03d}", b"y" * 10)
-        writer.checkpoint()
-        with writer.index.begin() as txn:
-            victims = {writer._resolve(txn, f"/f{i:03d}") for i in range(0, 200, 2)}
-        sealed = [bytes(v) for k, v in writer.index.raw_items("inodes")
-                  if int.from_bytes(bytes(k), "big") in victims]
+        sealed = _every_other_sealed(writer, 200, b"y")
         writer.opened.remote.drain()
         writer.opened.publisher.publish()
         viewer.opened.follower.follow()
