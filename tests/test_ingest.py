@@ -134,6 +134,34 @@ def test_a_record_written_twice_is_imported_once_and_a_name_is_never_overwritten
     assert read_all(fs, "/b") == b"ingested b"
 
 
+def test_a_taken_name_at_name_max_is_imported_under_a_shortened_name(make_fs, secret):
+    """A 255-byte name that is taken cannot take ``.ingest-N`` on top: the
+    stem is shortened (whole characters) to leave room, and the record is
+    imported once, not refused at every round."""
+    long_name = "é" * 120 + "x" * 15  # 255 bytes in UTF-8
+    assert len(long_name.encode()) == 255
+    fs = make_fs()
+    fh = fs.create("/" + long_name, 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, b"the store's own", 0)
+    fs.release(fh)
+    fs.close()
+    rcp = keyring.recipient(str(make_fs.root), secret)
+    ing = IngestFS(str(make_fs.root), rcp, Config())
+    ingest_write(ing, "/" + long_name, b"ingested")
+    ing.close()
+    fs = make_fs()
+    names = sorted(n for n, _ in fs.readdir("/"))
+    assert len(names) == 2 and long_name in names
+    other = next(n for n in names if n != long_name)
+    assert other.endswith(".ingest-1") and len(other.encode()) <= 255
+    assert long_name.startswith(other[:-len(".ingest-1")])
+    assert read_all(fs, "/" + other) == b"ingested"
+    assert session_dirs(make_fs.root) == []  # imported, not refused
+    fs.close()
+    fs = make_fs()  # a second opening imports nothing again
+    assert sorted(n for n, _ in fs.readdir("/")) == names
+
+
 def test_a_tampered_or_swapped_record_or_chunk_is_refused_and_the_others_imported(
         make_fs, secret, caplog):
     fs = make_fs()

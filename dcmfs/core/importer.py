@@ -15,7 +15,8 @@ of one file, each crash-safe:
    temporary name left by a crash is removed first);
 2. mode, owner and times are set, and the file is renamed to its path
    (RENAME_NOREPLACE); a name that is taken gets ``.ingest-N`` appended
-   (the lowest N free): nothing is ever overwritten.  A taken name holding
+   (the lowest N free; a long name's stem is cut to stay within 255
+   bytes): nothing is ever overwritten.  A taken name holding
    the very same bytes counts as this record, already imported (a crash
    between the rename and step 3);
 3. once a session's files are durable (a journal sync), its records and
@@ -249,7 +250,7 @@ def _place(fs, tmp: str, path: str, digest: bytes, size: int) -> str:
     the name it has."""
     n = 0
     while True:
-        name = path if n == 0 else f"{path}.ingest-{n}"
+        name = path if n == 0 else _suffixed(path, n)
         try:
             fs.rename(tmp, name, 1)  # RENAME_NOREPLACE
             return name
@@ -258,6 +259,26 @@ def _place(fs, tmp: str, path: str, digest: bytes, size: int) -> str:
                 fs.unlink(tmp)
                 return name
         n += 1
+
+
+def _suffixed(path: str, n: int, name_max: int = 255) -> str:
+    """``path.ingest-N``, its last component's stem cut (whole characters)
+    so that the name stays within ``name_max`` bytes."""
+    parent, _, base = path.rpartition("/")
+    suffix = f".ingest-{n}"
+    room = name_max - len(suffix.encode())
+    raw = os.fsencode(base)
+    if len(raw) > room:
+        cut = raw[:room]
+        for drop in range(4):  # not inside a UTF-8 character
+            try:
+                base = cut[:room - drop].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                continue
+        else:  # not UTF-8 at all: bytes as they are
+            base = os.fsdecode(cut)
+    return f"{parent}/{base}{suffix}"
 
 
 def _same(fs, path: str, digest: bytes, size: int) -> bool:
