@@ -651,3 +651,65 @@ def test_a_path_that_cannot_be_made_is_refused_and_the_opening_goes_on(make_fs, 
     assert fs.imported == {"imported": 1, "refused": 1, "sessions": 0}
     assert read_all(fs, "/c") == b"c"
     assert "NotADirectory" in caplog.text and "secret-name-b" not in caplog.text
+
+
+class _Interleaved:
+    """``os`` and ``fcntl`` for :mod:`dcmfs.core.ingest`, with a key holder's
+    sweep of unplaced sessions run at one instant of a session's making."""
+
+    def __init__(self, real, at: str, base: str, **hooks) -> None:
+        self._real, self._at, self._base, self._done = real, at, base, False
+        for name, when in hooks.items():
+            setattr(self, name, self._wrap(getattr(real, name), when))
+
+    def _wrap(self, fn, when):
+        def call(*args, **kwargs):
+            if when == "after":
+                out = fn(*args, **kwargs)
+            if not self._done and self._at == fn.__name__ + ":" + when:
+                self._done = True
+                self._interfere(args)
+            if when == "before":
+                out = fn(*args, **kwargs)
+            return out
+        return call
+
+    def _interfere(self, args) -> None:
+        from dcmfs.core import importer
+        if self._at == "rename:before":  # the sweep removed the lock, not yet the directory
+            os.unlink(os.path.join(args[0], "lock"))
+        else:
+            importer._sweep_unplaced(self._base)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("at", ["makedirs:after", "flock:before", "rename:before"])
+def test_a_sweep_of_unplaced_sessions_at_a_sessions_making_costs_a_new_session(
+        make_fs, secret, monkeypatch, at):
+    """A key holder's sweep of sessions never put in place, run in the
+    instant a write-only mount makes its own, made the mount fail to start
+    (or left its session without the lock that keeps it from being
+    imported while live)."""
+    from dcmfs.core import ingest as ingest_mod
+    make_fs().close()
+    base = str(make_fs.root / inbox.INBOX_DIR)
+    hooks = {at.split(":")[0]: at.split(":")[1]}
+    target = "fcntl" if at.startswith("flock") else "os"
+    proxy = _Interleaved(getattr(ingest_mod, target), at, base, **hooks)
+    monkeypatch.setattr(ingest_mod, target, proxy)
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret), Config())
+    monkeypatch.undo()
+    assert proxy._done  # the sweep did run in that instant
+    lock = os.path.join(ing.dir, "lock")
+    assert os.stat(lock).st_ino == os.fstat(ing._lock_fd).st_ino  # the lock it holds
+    ingest_write(ing, "/f", b"after the sweep")
+    fs = make_fs()  # while the mount is live: nothing imported, its session kept
+    assert fs.imported["imported"] == 0 and os.path.exists(lock)
+    # what the interrupted making left (empty, unlocked) is gone
+    assert sorted(os.listdir(base)) == [os.path.basename(ing.dir)]
+    fs.close()
+    ing.close()
+    fs = make_fs()
+    assert read_all(fs, "/f") == b"after the sweep"

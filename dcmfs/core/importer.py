@@ -140,9 +140,13 @@ def _sweep_unplaced(base: str) -> None:
         path = os.path.join(base, name)
         if len(name) == 33 and name[0] == "." and not os.path.islink(path) \
                 and os.path.isdir(path) and _session_over(path):
-            for leaf in os.listdir(path):
-                _unlink(os.path.join(path, leaf))
-            os.rmdir(path)
+            try:
+                for leaf in os.listdir(path):
+                    _unlink(os.path.join(path, leaf))
+                os.rmdir(path)
+            except OSError as exc:  # the mount making it got there first
+                if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                    raise
 
 
 def _session_over(sdir: str) -> bool:

@@ -50,6 +50,37 @@ class _Opened:
     audit = None
 
 
+
+def _new_session(base: str, tries: int = 5) -> tuple[bytes, str, int]:
+    """A new session directory under ``base``, locked: made under a name the
+    importer skips (``.<session>``), locked, then put in place; a key holder
+    removes only sessions whose lock is free.  A key holder's sweep of
+    unplaced sessions may remove it in the instant before it is locked: then
+    a new session is made."""
+    for attempt in range(tries):
+        session = os.urandom(16)
+        making = os.path.join(base, "." + session.hex())
+        final = os.path.join(base, session.hex())
+        os.makedirs(making, mode=0o700)
+        fd = -1
+        try:
+            fd = os.open(os.path.join(making, "lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(making, final)
+            if os.fstat(fd).st_ino != os.stat(os.path.join(final, "lock")).st_ino:
+                raise FileNotFoundError("the lock was swept")  # a new one
+        except FileNotFoundError:  # swept meanwhile
+            if fd >= 0:
+                os.close(fd)
+            if attempt == tries - 1:
+                raise
+            continue
+        fsync_dir(base)
+        fsync_dir(os.path.dirname(base))
+        return session, final, fd
+    raise AssertionError("unreachable")
+
 class IngestFS:
     """The core of a write-only ingest mount (the FUSE adapter drives it)."""
 
@@ -62,18 +93,8 @@ class IngestFS:
         self.config = config
         self.opened = _Opened()
         self.recipient = recipient
-        self.session = os.urandom(16)
-        self.dir = os.path.join(store_root, inbox.INBOX_DIR, self.session.hex())
-        # made under a name the importer skips, locked, then put in place: a
-        # key holder removes only sessions whose lock is free
-        making = os.path.join(os.path.dirname(self.dir), "." + self.session.hex())
-        os.makedirs(making, mode=0o700)
-        self._lock_fd = os.open(os.path.join(making, "lock"),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        os.rename(making, self.dir)
-        fsync_dir(os.path.dirname(self.dir))
-        fsync_dir(os.path.dirname(os.path.dirname(self.dir)))
+        self.session, self.dir, self._lock_fd = _new_session(
+            os.path.join(store_root, inbox.INBOX_DIR))
         self._sealer = Sealer(recipient, self.session, self.dir)
         self._clock = clock
         self._lock = threading.RLock()
