@@ -692,7 +692,7 @@ def test_a_sweep_of_unplaced_sessions_at_a_sessions_making_costs_a_new_session(
     instant a write-only mount makes its own, made the mount fail to start
     (or left its session without the lock that keeps it from being
     imported while live)."""
-    from dcmfs.core import ingest as ingest_mod
+    from dcmfs.core import ingestfile as ingest_mod
     make_fs().close()
     base = str(make_fs.root / inbox.INBOX_DIR)
     hooks = {at.split(":")[0]: at.split(":")[1]}
@@ -713,3 +713,84 @@ def test_a_sweep_of_unplaced_sessions_at_a_sessions_making_costs_a_new_session(
     ing.close()
     fs = make_fs()
     assert read_all(fs, "/f") == b"after the sweep"
+
+
+def test_a_live_write_only_mount_hands_closed_files_over(make_fs, secret):
+    """A receiver that never unmounts: a file closed ``handover_after`` ago
+    is handed over (its record final); a key holder imports it while the
+    mount goes on, and the mount refuses to change it after; files still
+    open, or closed lately, wait."""
+    import dataclasses
+    make_fs().close()
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret),
+                   dataclasses.replace(Config(), handover_after=0))  # rounds by hand
+    ing.config = dataclasses.replace(ing.config, handover_after=0.3)
+    ing.mkdir("/d", 0o755, 0, 0)
+    ingest_write(ing, "/d/early", b"closed early" * 1000)
+    held = ing.create("/still-open", 0o644, os.O_WRONLY, 0, 0)
+    ing.write(held, b"open", 0)
+    time.sleep(0.4)
+    ingest_write(ing, "/late", b"closed late")
+    assert ing.hand_over_due() == 1  # /d/early only
+    for change in (lambda: ing.rename("/d/early", "/d/other"),
+                   lambda: ing.rename("/late", "/d/early"),  # replacing it
+                   lambda: ing.rename("/d", "/e"),  # its directory
+                   lambda: ing.unlink("/d/early"),
+                   lambda: ing.chmod("/d/early", 0o600),
+                   lambda: ing.utimens("/d/early", 0, 0)):
+        with pytest.raises(PermissionDenied):
+            change()
+    ing.rename("/late", "/late2")  # not handed over yet: as before
+    assert ing.getattr("/d/early")["st_size"] == 12000  # still listed
+    fs = make_fs()  # the key holder, while the mount is live
+    assert fs.imported["imported"] == 1
+    assert read_all(fs, "/d/early") == b"closed early" * 1000
+    assert sorted(n for n, _ in fs.readdir("/")) == ["d"]
+    fs.close()
+    sdir = pathlib.Path(ing.dir)
+    assert len(list(sdir.glob("*.rec"))) == 1  # /late2's; /still-open has none yet
+    ing.write(held, b" still", 4)
+    ing.release(held)
+    ing.close()  # the mount ends: the rest follows, /d/early not again
+    fs = make_fs()
+    assert fs.imported["imported"] == 2
+    assert sorted(n for n, _ in fs.readdir("/")) == ["d", "late2", "still-open"]
+    assert read_all(fs, "/still-open") == b"open still"
+    assert sorted(n for n, _ in fs.readdir("/d")) == ["early"]
+    assert session_dirs(make_fs.root) == []
+
+
+def test_a_key_holder_imports_what_a_receiver_that_stays_mounted_hands_over(mount_env,
+                                                                             tmp_path):
+    m = mount_env
+    rcp = tmp_path / "recipient.json"
+    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp)
+    assert r.returncode == 0, r.stderr
+    m.mount("-o", "inbox_interval=1,checkpoint_interval=0.2")
+    ingest_mnt = tmp_path / "ingest"
+    ingest_mnt.mkdir()
+    r = m.cli("mount", m.store, ingest_mnt, "-o", f"recipient={rcp},handover_after=1")
+    assert r.returncode == 0, r.stderr
+    try:
+        (ingest_mnt / "study").mkdir()
+        (ingest_mnt / "study" / "slice.dcm").write_bytes(ct_file().read_bytes())
+        deadline = time.monotonic() + 30
+        while not (m.mnt / "study" / "slice.dcm").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (m.mnt / "study" / "slice.dcm").read_bytes() == ct_file().read_bytes()
+        with pytest.raises(PermissionError):  # handed over: the receiver cannot change it
+            os.rename(ingest_mnt / "study" / "slice.dcm", ingest_mnt / "study" / "x.dcm")
+        assert os.listdir(ingest_mnt / "study") == ["slice.dcm"]  # still listed
+        r = m.cli("status", ingest_mnt)
+        assert r.returncode == 0 and "handed over 1" in r.stdout, r.stdout + r.stderr
+        r = m.cli("umount", ingest_mnt)
+        assert r.returncode == 0, r.stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", str(ingest_mnt)], check=False)
+    wait_sessions_free(m.store)
+    deadline = time.monotonic() + 30
+    while session_dirs(m.store) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session_dirs(m.store) == []
+    assert sorted(os.listdir(m.mnt / "study")) == ["slice.dcm"]  # imported once
+    m.umount()
