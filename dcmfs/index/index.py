@@ -87,8 +87,10 @@ class Index(Checked):
 
     def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
                  read_only: bool = False, journal_limit: int = 8 * 1024 * 1024,
-                 archive_dir: str | None = None, check: bool = False) -> None:
+                 archive_dir: str | None = None, check: bool = False,
+                 generation: int = 0) -> None:
         self.read_only = read_only
+        self.generation = generation  # the epoch of master_key (dcmfs.index.keygen)
         self._journal_limit = journal_limit
         #: where full journals go (``snapshots/``): with the newest snapshot
         #: they are the whole index, for ``dcmfs fsck --rebuild-index``

@@ -65,8 +65,9 @@ class Store:
     chunk_size: int
     codec: str
     features: frozenset
-    #: the store key (epoch 0): index, names, journal, object contexts, and
-    #: the contents of files written before any rotation
+    #: the master key, the key of epoch ``master_epoch``: the header mac, the
+    #: ingest wrap, the damage mark, and the index (names, journal, audit) of a
+    #: store whose index names no other generation (:mod:`dcmfs.index.keygen`)
     master_key: bytes = dataclasses.field(repr=False)
     #: {epoch: data key} of every live key epoch (0: the store key)
     epoch_keys: dict = dataclasses.field(default=None, repr=False, compare=False)
@@ -78,6 +79,9 @@ class Store:
     unlocked_by: str = ""
     #: (the header's ``ingest`` entry, its private key): :mod:`.inbox`
     ingest: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: the epoch the master key is (0, the store key, until a ``key rotate
+    #: --finish`` moved it: feature ``key-generations-v1``)
+    master_epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.epoch_keys is None:
@@ -286,7 +290,7 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     except WrongKeyError as err:
         err.store_root = root  # the audit trail records the attempt
         raise
-    master = keys[0]
+    master = slots.master_of(header, keys) if "slots" in header else keys[0]
     if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
         try:
             lock = StoreLock(root)
@@ -300,7 +304,8 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
                  header["codec"], frozenset(header["features"]), master, keys,
                  header.get("epoch", 0), str(header.get("backend", "")),
-                 str(slot.get("kind", "")), ingest_key(root, header, master))
+                 str(slot.get("kind", "")), ingest_key(root, header, master),
+                 slots.master_epoch(header))
 
 
 def upgrade(root: str, header: dict, secret: Secret, master: bytes,

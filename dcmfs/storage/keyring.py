@@ -45,7 +45,7 @@ def _opened(root: str, header: dict, secret: Secret) -> tuple[dict, dict, dict]:
         err.store_root = root  # the audit trail notes the attempt
         raise
     if "slots" not in header:
-        header = upgrade(root, header, secret, keys[0], slot["kek"])
+        header = upgrade(root, header, secret, keys[0], slot["kek"])  # single wrap: epoch 0
         slot = header["slots"][0]
     return header, keys, slot
 
@@ -54,8 +54,10 @@ def _report(report: dict | None, header: dict, keys: dict, by: dict, **fields) -
     """What a change did, for the audit trail: its fields, the authorising
     slot (id and kind), and the store key and id to seal the record."""
     if report is not None:
-        report.update(fields, by=by["id"], by_kind=by["kind"], master=keys[0],
-                      store_id=bytes.fromhex(header["store_id"]))
+        report.update(fields, by=by["id"], by_kind=by["kind"],
+                      master=slots.master_of(header, keys),
+                      store_id=bytes.fromhex(header["store_id"]), keys=dict(keys),
+                      master_epoch=slots.master_epoch(header))
 
 
 def changed_as_reported(root: str, master: bytes, fields: dict) -> bool:
@@ -114,7 +116,7 @@ def add_slot(root: str, secret: Secret, new: Secret, label: str, kdf: dict,
         added.update(id=slot["id"], by=by["id"])
         _report(report, header, keys, by, action="add", slot=slot["id"], kind=new.kind,
                 label=label)
-        return slots.seal_header(keys[0], header)
+        return slots.seal_header(slots.master_of(header, keys), header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d (%s, label %r) added, authorised by slot %d",
@@ -145,7 +147,7 @@ def remove_slot(root: str, secret: Secret, slot_id: int, step=None,
         done.update(kind=gone["kind"], label=gone["label"], by=by["id"])
         _report(report, header, keys, by, action="remove", slot=slot_id, kind=gone["kind"],
                 label=gone["label"])
-        return slots.seal_header(keys[0], header)
+        return slots.seal_header(slots.master_of(header, keys), header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d (%s, label %r) removed, authorised by slot %d",
@@ -178,7 +180,7 @@ def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str
         done.update(old=old["kind"], by=by["id"])
         _report(report, header, keys, by, action="change", slot=slot_id, kind=new.kind,
                 old_kind=old["kind"], label=slot["label"])
-        return slots.seal_header(keys[0], header)
+        return slots.seal_header(slots.master_of(header, keys), header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d changed (%s -> %s), authorised by slot %d",
@@ -213,10 +215,10 @@ def rotate(root: str, secret: Secret, step=None, in_use: bool = False,
     try:
         def change(header: dict) -> dict:
             header, keys, by = _opened(root, header, secret)
-            done["epoch"], done["key"] = slots.rotate(header, keys[0])
+            done["epoch"], done["key"] = slots.rotate(header, slots.master_of(header, keys))
             done["by"] = by["id"]
             _report(report, header, keys, by, action="rotate", epoch=done["epoch"])
-            return slots.seal_header(keys[0], header)
+            return slots.seal_header(slots.master_of(header, keys), header)
 
         rewrite_header(root, change, step)
     finally:
@@ -310,11 +312,12 @@ def recipient(root: str, secret: Secret, kind: str | None = None, step=None,
             done.update(entry=entry, new=False)
             return header
         store_id = bytes.fromhex(header["store_id"])
-        header["ingest"] = inbox.new_entry(keys[0], store_id, kind or "x25519", slots.now())
+        header["ingest"] = inbox.new_entry(slots.master_of(header, keys), store_id,
+                                           kind or "x25519", slots.now())
         header["features"] = sorted(set(header["features"]) | {inbox.FEATURE})
         done.update(entry=header["ingest"], new=True, by=by["id"])
         _report(report, header, keys, by, action="recipient", kind=header["ingest"]["kind"])
-        return slots.seal_header(keys[0], header)
+        return slots.seal_header(slots.master_of(header, keys), header)
 
     header = rewrite_header(root, change, step)
     if done["new"]:

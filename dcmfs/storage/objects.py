@@ -148,7 +148,11 @@ class ObjectStore:
         #: {key epoch: key} (0: the store key) and the epoch new objects use
         self.epoch_keys = dict(epoch_keys or {0: master_key})
         self.epoch = epoch
-        self._header = crypto.Siv(crypto.derive(master_key, b"object-context", store_id))
+        #: the master key's context sealer first (objects of every store
+        #: before ``key-generations-v1``), then each live epoch's: a context
+        #: block is sealed under the key of the epoch its payload is under
+        #: (:meth:`_ctx_sealer`), and opened by trying these
+        self._contexts: dict[bytes, crypto.Siv] = {}
         self._codecs = codecs
         self._verify = verify_writes
         #: objects written / made durable so far (sync waits for a syncfs that
@@ -181,6 +185,24 @@ class ObjectStore:
         store key, as before any rotation); ``secret``: the file's own, from
         its inode record (b"": a file made before ``file-secrets-v1``)."""
         return FileKeys(self, file_id, secret)
+
+    def _ctx_sealer(self, epoch: int) -> crypto.Siv:
+        """The context block's AEAD of an object sealed under ``epoch``: HKDF
+        of that epoch's key, so no key older than the object's own opens
+        any part of it (epoch 0: the store key, as before any rotation)."""
+        key = self.epoch_keys[epoch]
+        siv = self._contexts.get(key)
+        if siv is None:
+            siv = self._contexts[key] = crypto.Siv(
+                crypto.derive(key, b"object-context", self._store_id))
+        return siv
+
+    def _ctx_candidates(self) -> list[tuple[int, crypto.Siv]]:
+        """(epoch, sealer) to try on a context block: the newest epoch's
+        first, then the master's (objects of an older dcmfs), then the rest."""
+        order = [self.epoch] + sorted((e for e in self.epoch_keys if e != self.epoch),
+                                      key=lambda e: (self.epoch_keys[e] != self._master, -e))
+        return [(e, self._ctx_sealer(e)) for e in order]
 
     def add_epoch(self, epoch: int, key: bytes) -> None:
         """A rotation: every object sealed from now on is under ``epoch``."""
@@ -229,7 +251,7 @@ class ObjectStore:
         epoch = cipher.epoch  # once: a rotation may happen meanwhile
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags,
                                   epoch, len(plaintext), stored_len)
-        sealed_ctx = self._header.seal(ctx, self._ctx_aad)
+        sealed_ctx = self._ctx_sealer(epoch).seal(ctx, self._ctx_aad)
         sealed_payload = cipher.cipher(epoch, oid).seal(payload, self._aad(oid) + ctx)
         blob = b"".join((_PREFIX, sealed_ctx, sealed_payload))
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
@@ -313,6 +335,14 @@ class ObjectStore:
         (reading only its header).  Raises :class:`ObjectDamaged`."""
         return self._open_context(oid, self._head(oid))[3]
 
+    def epochs_of(self, oid: bytes) -> set[int]:
+        """Every key epoch the object stored as ``oid`` needs: its payload's
+        and its context block's (an object sealed under a later epoch by a
+        dcmfs before ``key-generations-v1`` has its context under the store
+        key).  Raises :class:`ObjectDamaged`."""
+        found = self._open_context(oid, self._head(oid))
+        return {found[3], found[4]}
+
     def context_of(self, oid: bytes) -> ChunkContext:
         """The context of the object stored as ``oid``, reading only its header.
 
@@ -325,9 +355,10 @@ class ObjectStore:
         except BackendMissing as exc:
             raise ObjectDamaged(oid, "is missing", MISSING) from exc
 
-    def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes, int, int]:
-        """(context, its plaintext, header length, key epoch) of an object of
-        either layout."""
+    def _open_context(self, oid: bytes, blob: bytes
+                      ) -> tuple[ChunkContext, bytes, int, int, int]:
+        """(context, its plaintext, header length, key epoch, the epoch whose
+        key opened the context) of an object of either layout."""
         if len(blob) < fmt.OBJ_PREFIX.size:
             raise ObjectDamaged(oid, "is truncated", LENGTH)
         magic, version, kind, reserved = fmt.OBJ_PREFIX.unpack_from(blob)
@@ -346,15 +377,21 @@ class ObjectStore:
         end = header_len - fmt.NONCE_LEN
         prefix = bytes(blob[:fmt.OBJ_PREFIX.size])
         aad = prefix + self._store_id + (oid if v1 else b"")
-        try:
-            ctx = self._header.open(memoryview(blob)[start:end], aad)
-        except crypto.AuthenticationFailed as exc:
-            raise ObjectDamaged(oid, "failed authentication of its context") from exc
+        sealed = memoryview(blob)[start:end]
+        for ctx_epoch, siv in self._ctx_candidates():
+            try:
+                ctx = siv.open(sealed, aad)
+                break
+            except crypto.AuthenticationFailed:
+                continue
+        else:
+            raise ObjectDamaged(oid, "failed authentication of its context")
         if v1:  # the id was in the associated data: it is the name it opened under
             fields = fmt.CTX1_STRUCT.unpack(ctx)
-            return ChunkContext(oid, *fields[:6], *fields[7:]), ctx, header_len, 0
+            return ChunkContext(oid, *fields[:6], *fields[7:]), ctx, header_len, 0, ctx_epoch
         fields = fmt.CTX_STRUCT.unpack(ctx)
-        return ChunkContext(*fields[:7], *fields[8:]), ctx, header_len, fields[7]
+        return (ChunkContext(*fields[:7], *fields[8:]), ctx, header_len, fields[7],
+                ctx_epoch)
 
     def read(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, ref: ChunkRef,
              blob: bytes | None = None) -> bytes:
@@ -382,25 +419,26 @@ class ObjectStore:
         ObjectDamaged
             The old object is not intact (it is left as it is).
         """
-        payload, epoch = self._payload(cipher, file_id, ino, index, ref, None)
+        payload, epoch, ctx_epoch = self._payload(cipher, file_id, ino, index, ref, None)
         newest = cipher.epoch
-        if epoch == newest:
+        if epoch == newest and ctx_epoch == newest:
             return None
         oid = self.new_oid()
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, ref.generation, ref.codec,
                                   ref.flags, newest, ref.plain_len, ref.stored_len)
-        blob = b"".join((_PREFIX, self._header.seal(ctx, self._ctx_aad),
+        blob = b"".join((_PREFIX, self._ctx_sealer(newest).seal(ctx, self._ctx_aad),
                          cipher.cipher(newest, oid).seal(payload, self._aad(oid) + ctx)))
         self._put(oid, blob)
         return ref._replace(oid=oid)
 
     def _payload(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, ref: ChunkRef,
-                 blob: bytes | None) -> tuple[bytes, int]:
-        """(the authenticated payload, its key epoch) of the object ``ref`` names."""
+                 blob: bytes | None) -> tuple[bytes, int, int]:
+        """(the authenticated payload, its key epoch, its context's key
+        epoch) of the object ``ref`` names."""
         oid = ref.oid
         if blob is None:
             blob = self.load(oid)
-        ctx, ctx_plain, header_len, epoch = self._open_context(oid, blob)
+        ctx, ctx_plain, header_len, epoch, ctx_epoch = self._open_context(oid, blob)
         expected = ChunkContext(oid, file_id, ino, index, ref.generation, ref.codec, ref.flags,
                                 ref.plain_len, ref.stored_len)
         if ctx != expected:
@@ -420,7 +458,8 @@ class ObjectStore:
         start = header_len - fmt.NONCE_LEN
         aad = bytes(blob[:fmt.OBJ_PREFIX.size]) + self._store_id + oid + ctx_plain
         try:
-            return cipher.cipher(epoch, oid).open(memoryview(blob)[start:], aad), epoch
+            return (cipher.cipher(epoch, oid).open(memoryview(blob)[start:], aad), epoch,
+                    ctx_epoch)
         except crypto.AuthenticationFailed as exc:
             raise ObjectDamaged(oid, "failed authentication") from exc
 

@@ -69,6 +69,9 @@ log = logging.getLogger("dcmfs.audit")
 FEATURE = "key-slots-v1"
 #: a store that was rotated at least once (objects name their key epoch)
 EPOCHS_FEATURE = "key-epochs-v1"
+#: a store whose *key generation* moved off epoch 0 (``key rotate --finish``):
+#: ``master`` names the epoch whose key every derived key comes from
+GENERATIONS_FEATURE = "key-generations-v1"
 KINDS = ("passphrase", "keyfile", "credential", "command", "pkcs11")
 #: the slot kinds a secret of each kind is tried against: a systemd
 #: credential holds a key file's bytes, so either opens the other's slots
@@ -121,9 +124,24 @@ def valid_table(header: dict) -> bool:
                        and isinstance(e.get("sealed"), dict)
                        and all(isinstance(v, str) for v in e["sealed"].values())
                        for e in epochs)
-            or epochs[0]["epoch"] != 0):
+            or master_epoch(header) not in [e["epoch"] for e in epochs]):
         return False
     return isinstance(header.get("mac"), str)
+
+
+def master_epoch(header: dict) -> int:
+    """The epoch whose key is the store's *master* (its key generation): the
+    header mac, the index, names, journal, audit trail, object contexts of
+    older objects, the ingest wrap and the damage mark derive from it.  0
+    (the store key made with the store) until a ``key rotate --finish`` moves
+    it to the newest epoch and destroys epoch 0 (``key-generations-v1``)."""
+    value = header.get("master", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def master_of(header: dict, keys: dict[int, bytes]) -> bytes:
+    """The master key among an unlocked header's ``keys``."""
+    return keys[master_epoch(header)]
 
 
 def _canonical(value: object) -> bytes:
@@ -312,7 +330,7 @@ def rotate(header: dict, master: bytes) -> tuple[int, bytes]:
 
 def destroy(header: dict, epoch: int) -> None:
     """Forget an older epoch's data key (no object may use it any more)."""
-    if epoch in (0, header["epoch"]):
+    if epoch in (master_epoch(header), header["epoch"]):
         raise ValueError(f"epoch {epoch} cannot be destroyed")
     header["epochs"] = [e for e in header["epochs"] if e["epoch"] != epoch]
     header.setdefault("destroyed", []).append({"epoch": epoch, "destroyed": now()})
@@ -347,7 +365,8 @@ def unlock(header: dict, secret, root: str) -> tuple[dict[int, bytes], dict]:
             keys = {e["epoch"]: open_from(private, e["sealed"][str(slot["id"])],
                                           _seal_aad(store_id, slot["id"], e["epoch"]))
                     for e in header["epochs"]}
-            if not hmac.compare_digest(header["mac"], header_mac(keys[0], header)):
+            if not hmac.compare_digest(header["mac"], header_mac(master_of(header, keys),
+                                                                 header)):
                 raise crypto.AuthenticationFailed("header mac")
         except (crypto.AuthenticationFailed, KeyError) as exc:
             log.warning("unlock refused: slot %d (%s) opened but the store header's "
