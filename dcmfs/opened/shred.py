@@ -71,8 +71,10 @@ def shred(opened, checkpoint=None, wait: bool = True) -> dict:
 
 #: temporary copies of the index or its journal an interrupted snapshot,
 #: compaction or follower round leaves (named by another process's pid):
-#: they may hold deleted files' secrets
-_LEFTOVERS = ((fmt.SNAPSHOTS_DIR, ".tmp-"), (fmt.INDEX_DIR, ".compact-"), ("", ".follow-"))
+#: they may hold deleted files' secrets; and the old audit trail an
+#: interrupted re-seal (:mod:`dcmfs.audit.rekey`) left under an older key
+_LEFTOVERS = ((fmt.SNAPSHOTS_DIR, ".tmp-"), (fmt.INDEX_DIR, ".compact-"), ("", ".follow-"),
+              ("", ".audit-rekey-"))
 
 
 def _sweep_leftovers(root: str) -> None:

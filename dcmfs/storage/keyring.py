@@ -271,6 +271,56 @@ def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
     return gone
 
 
+def move_master(root: str, master: bytes, keys: dict[int, bytes], gen: int,
+                epochs: set[int]) -> list[int]:
+    """Make epoch ``gen`` (the newest) the store's master (feature
+    ``key-generations-v1``) and destroy ``epochs`` - epoch 0, the store key,
+    among them: the caller sealed the index side under ``gen`` and no chunk
+    uses them (:mod:`dcmfs.opened.regen`).  One header replace: the mac, the
+    epochs' checks and the ingest wrap move to the new master, and the old
+    epochs' entries (their keys sealed to every slot) leave the header, so
+    the slots wrap only the newer keys from then on.  ``master`` (the master
+    the caller opened the store with) authenticates the header read afresh;
+    ``keys``: {epoch: key} of every live epoch.  Returns the epochs destroyed."""
+    import hmac
+    from . import inbox
+    from ..errors import HeaderAlteredError
+    gone: list[int] = []
+
+    def change(header: dict) -> dict:
+        if not hmac.compare_digest(header["mac"], slots.header_mac(master, header)):
+            raise HeaderAlteredError(f"The store header at {root} was altered by someone "
+                                     "without the key; nothing was destroyed.")
+        if header["epoch"] != gen:
+            raise KeySlotError("The store was rotated again meanwhile; run 'dcmfs key rotate "
+                               "--finish' again.")
+        new = keys[gen]
+        sid = header["store_id"]
+        if header.get("ingest") is not None:
+            private = inbox.open_entry(master, bytes.fromhex(sid), header["ingest"])
+            header["ingest"] = inbox.wrap_entry(new, bytes.fromhex(sid), header["ingest"],
+                                                private)
+        header["master"] = gen
+        header["features"] = sorted(set(header["features"]) | {slots.GENERATIONS_FEATURE})
+        for entry in list(header["epochs"]):
+            if entry["epoch"] in epochs and entry["epoch"] != gen:
+                slots.destroy(header, entry["epoch"])
+                gone.append(entry["epoch"])
+        for entry in header["epochs"]:
+            if "check" in entry:  # what a daemon handed the key checks it against
+                entry["check"] = slots.epoch_check(new, sid, entry["epoch"],
+                                                   keys[entry["epoch"]])
+        return slots.seal_header(new, header)
+
+    rewrite_header(root, change)
+    for epoch in gone:
+        slots.log.info("key epochs: the key of epoch %d was destroyed (no chunk, index record "
+                       "or audit record uses it)%s", epoch,
+                       " - the store key made with the store" if epoch == 0 else "")
+    slots.log.info("key generations: epoch %d is the store's master key from now on", gen)
+    return gone
+
+
 def list_epochs(root: str) -> list[dict]:
     """The key epochs: live ones (``current`` marks the newest) and destroyed
     ones, with dates (no key needed)."""

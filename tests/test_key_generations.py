@@ -1,0 +1,195 @@
+"""Key generations (issue 18's last guarantee, feature ``key-generations-v1``):
+after ``dcmfs key rotate --finish`` a stolen old store key reads nothing of
+the store - no index value, no name, no journal record, no snapshot, no
+object, no audit record, not the recipient's private key - because the
+index side is sealed again under the newest epoch and epoch 0 is destroyed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import lmdb
+import pytest
+
+from dcmfs.app import admin
+from dcmfs.audit import segments as S
+from dcmfs.config import Config
+from dcmfs.core.filesystem import FileSystem
+from dcmfs.core.ingest import IngestFS
+from dcmfs.index import index_sealer, sealed_aad
+from dcmfs.index.journal import Journal
+from dcmfs.index.schema import DATABASES, U64
+from dcmfs.storage import crypto, inbox, keyring
+from dcmfs.storage.codec import Codecs
+from dcmfs.storage.header import Secret, open_store, read_header
+from dcmfs.storage.objects import ObjectDamaged, ObjectStore
+
+from .conftest import SMALL, ct_file, sha256
+from .test_ingest import ingest_write, read_all
+
+KDF = {"memory_kib": 1024, "iterations": 1, "lanes": 1}
+PW = Secret("passphrase", b"a second admin")
+_SEALED_META = (b"auth", b"damage", b"audit_head")
+
+
+def thief_reads(root, stolen: bytes) -> dict[str, int]:
+    """What ``stolen`` (a store key) opens of everything the store directory
+    holds now: every value of every LMDB file (the index, snapshots, any
+    copy), directory entries keyed by its name tags, every journal record
+    (live and archived), every object's context block and payload, every
+    audit segment and record, the recipient's private key."""
+    root = str(root)
+    header = read_header(root)
+    sid = bytes.fromhex(header["store_id"])
+    siv = index_sealer(stolen, sid)
+    name_key = crypto.derive(stolen, b"names", sid)
+    root_tag = hmac.new(name_key, b"directory\x00" + U64.pack(1), hashlib.sha256).digest()[:16]
+    got = dict.fromkeys(("index", "names", "journal", "objects", "payloads", "audit", "ingest",
+                         "epoch0"), 0)
+    for base, _, names in os.walk(root):
+        rel = os.path.relpath(base, root).split(os.sep)[0]
+        if rel == "objects":
+            continue
+        if "data.mdb" in names:
+            env = lmdb.open(base, readonly=True, lock=False, max_dbs=len(DATABASES))
+            try:
+                with env.begin() as txn:
+                    for db in DATABASES:
+                        try:
+                            handle = env.open_db(db.encode(), txn=txn, create=False)
+                        except lmdb.NotFoundError:
+                            continue
+                        for k, v in txn.cursor(db=handle):
+                            if db == "dirents" and k[:16] == root_tag:
+                                got["names"] += 1
+                            if db in ("meta",) and k not in _SEALED_META:
+                                continue
+                            try:
+                                siv.open(v, sealed_aad(db, k))
+                                got["index"] += 1
+                            except crypto.AuthenticationFailed:
+                                pass
+            finally:
+                env.close()
+        for name in names:
+            if name == "journal" or name.startswith("journal-"):
+                j = Journal(os.path.join(base, name), stolen, sid, read_only=True)
+                try:
+                    got["journal"] += sum(1 for _ in j.records(0))
+                finally:
+                    j.close()
+            if name.startswith(S.PREFIX):
+                data = S.read_file(os.path.join(base, name))
+                aead = S.audit_key(stolen, sid)
+                got["audit"] += bool(S.Header(data, aead).authentic)
+                h = S.Header(data, None)
+                digest = h.prev_hash
+                for item in S.frames(data):
+                    if isinstance(item, S.Torn):
+                        break
+                    try:
+                        S.open_frame(aead, sid, h.number, digest, item[2])
+                        got["audit"] += 1
+                    except (crypto.AuthenticationFailed, ValueError):
+                        pass
+                    digest = S.chain(digest, item[2])
+    thief = ObjectStore(root, sid, stolen, Codecs.of(Config()))
+    for base, _, names in os.walk(os.path.join(root, "objects")):
+        for name in names:
+            oid = bytes.fromhex(name)
+            blob = S.read_file(os.path.join(base, name))
+            try:
+                ctx = thief.open_context(oid, blob)
+            except ObjectDamaged:
+                continue
+            got["objects"] += 1
+            try:  # a file without a secret (older than file-secrets-v1) opens with the key
+                from dcmfs.storage.objects import ChunkRef
+                thief.read(thief.file_cipher(ctx.file_id, b""), ctx.file_id, ctx.ino,
+                           ctx.index, ChunkRef(oid, ctx.generation, ctx.codec, ctx.flags,
+                                               ctx.plain_len, ctx.stored_len), blob)
+                got["payloads"] += 1
+            except ObjectDamaged:
+                pass
+    if header.get("ingest"):
+        try:
+            inbox.open_entry(stolen, sid, header["ingest"])
+            got["ingest"] = 1
+        except crypto.AuthenticationFailed:
+            pass
+    got["epoch0"] = int(any(e["epoch"] == 0 for e in header["epochs"]))
+    return got
+
+
+def mounted_files(m, files: dict) -> None:
+    for name, data in files.items():
+        assert sha256((m.mnt / name).read_bytes()) == sha256(data), name
+
+
+def test_a_stolen_store_key_reads_nothing_after_finish(mount_env):
+    m = mount_env
+    key = Secret("keyfile", m.key.read_bytes())
+    root = str(m.store)
+    keyring.add_slot(root, key, PW, "bob", KDF)
+    rcp = keyring.recipient(root, key)
+    stolen = open_store(root, key).master_key  # epoch 0, the store key made with the store
+    files = {"ct.dcm": ct_file().read_bytes(), "notes-of-jane-doe.txt": b"secret" * 5000}
+    m.mount()
+    (m.mnt / "dir").mkdir()
+    for name, data in files.items():
+        (m.mnt / name).write_bytes(data)
+    os.setxattr(m.mnt / "ct.dcm", "user.patient", b"jane doe")
+    m.umount()
+    r = m.cli("key", "rotate", m.store, "--key-file", m.key)
+    assert r.returncode == 0, r.stderr
+    m.mount()
+    files["after-rotation.bin"] = os.urandom(300_000)
+    (m.mnt / "after-rotation.bin").write_bytes(files["after-rotation.bin"])
+    mounted_files(m, files)
+    m.umount()
+    # the control: before --finish the stolen key reads the index, names,
+    # objects' contexts, the audit trail and the recipient's key
+    before = thief_reads(root, stolen)
+    assert before["index"] > 0 and before["names"] > 0 and before["objects"] > 0
+    assert before["audit"] > 0 and before["ingest"] == 1 and before["epoch0"] == 1
+
+    r = m.cli("key", "rotate", m.store, "--finish", "--key-file", m.key)
+    assert r.returncode == 0, r.stderr
+    assert thief_reads(root, stolen) == dict.fromkeys(before, 0)
+    epochs = json.loads(m.cli("key", "list", m.store, "--json", check=True).stdout)["epochs"]
+    assert {e["epoch"]: e["state"] for e in epochs} == {0: "destroyed", 1: "current"}
+    header = read_header(root)
+    assert header["master"] == 1 and "key-generations-v1" in header["features"]
+    assert [e["epoch"] for e in header["epochs"]] == [1]
+
+    # every slot still opens the store, every file reads back, the trail verifies
+    m.mount()
+    mounted_files(m, files)
+    assert os.getxattr(m.mnt / "ct.dcm", "user.patient") == b"jane doe"
+    assert sorted(os.listdir(m.mnt)) == sorted([*files, "dir"])
+    m.umount()
+    store = open_store(root, PW)
+    assert store.master_epoch == 1 and set(store.epoch_keys) == {1}
+    for cmd in (("verify", m.store, "--key-file", m.key), ("fsck", m.store, "--key-file", m.key),
+                ("audit", "verify", m.store, "--key-file", m.key)):
+        r = m.cli(*cmd)
+        assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+    # the write-only recipient works on: its private key moved to epoch 1
+    ing = IngestFS(root, rcp, Config())
+    ingest_write(ing, "/ingested.bin", b"from the modality" * 1000)
+    ing.close()
+    fs = FileSystem(open_store(root, PW, for_writing=True), SMALL)
+    try:
+        assert read_all(fs, "/ingested.bin") == b"from the modality" * 1000
+    finally:
+        fs.close()
+    assert thief_reads(root, stolen) == dict.fromkeys(before, 0)
