@@ -193,3 +193,79 @@ def test_a_stolen_store_key_reads_nothing_after_finish(mount_env):
     finally:
         fs.close()
     assert thief_reads(root, stolen) == dict.fromkeys(before, 0)
+
+
+KEY = Secret("keyfile", bytes(range(32)))
+
+KILL = textwrap.dedent("""
+    import io, os, signal, sys
+    from dcmfs.app import admin
+    from dcmfs.audit import rekey as audit_rekey
+    from dcmfs.index import keygen
+    from dcmfs.opened import regen
+    from dcmfs.storage import keyring
+    from dcmfs.storage.header import Secret
+    from tests.conftest import SMALL
+    at = sys.argv[2]
+
+    def kill_after(module, name):
+        real = getattr(module, name)
+        def wrapper(*a, **kw):
+            out = real(*a, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(module, name, wrapper)
+
+    if at == "copied":
+        kill_after(keygen, "_copy")   # the index copy aside written, not renamed in
+    elif at == "index":
+        kill_after(regen, "rekey_index")
+    elif at == "exchanged":
+        kill_after(audit_rekey, "exchange")  # the old trail not removed yet
+    elif at == "trail":
+        kill_after(regen, "reseal_trail")  # the index's head not mapped yet
+    elif at == "snapshot":
+        kill_after(regen, "take_snapshot")
+    else:  # "written" / "renamed": the header replace
+        real = keyring.move_master
+        def move_master(*a, **kw):
+            def step(name):
+                if name == at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, step=step, **kw)
+        keyring.move_master = move_master
+    admin.finish_rotation(sys.argv[1], lambda: Secret("keyfile", bytes(range(32))), SMALL,
+                          out=io.StringIO())
+""")
+
+
+@pytest.mark.parametrize("at", ["copied", "index", "exchanged", "trail", "snapshot", "written",
+                                "renamed"])
+def test_sigkill_at_each_step_of_the_move_loses_nothing_and_finish_completes(tmp_path, at):
+    from dcmfs.storage.header import init_store
+    from .test_key_slots import read_all as check, write
+    root = tmp_path / "s"
+    init_store(str(root), KEY, SMALL)
+    keyring.add_slot(str(root), KEY, PW, "bob", KDF)
+    files = {"/a.bin": os.urandom(150_000), "/b": b"b" * 1000}
+    write(root, KEY, files)
+    stolen = open_store(str(root), KEY).master_key
+    keyring.rotate(str(root), KEY)
+    more = {"/c.bin": os.urandom(80_000)}
+    write(root, KEY, more)
+    files.update(more)
+    r = subprocess.run([sys.executable, "-c", KILL, str(root), at], capture_output=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    header = read_header(str(root))
+    assert header.get("master", 0) == (1 if at == "renamed" else 0)
+    # every file reads, through either slot, whatever step the kill hit
+    for secret in (KEY, PW):
+        assert check(root, secret, files, for_writing=False) == {1: 6}
+    result = admin.finish_rotation(str(root), lambda: KEY, SMALL, out=io.StringIO())
+    assert result["destroyed"] == ([] if at == "renamed" else [0])
+    assert thief_reads(root, stolen) == dict.fromkeys(thief_reads(root, stolen), 0)
+    assert [e["epoch"] for e in read_header(str(root))["epochs"]] == [1]
+    assert check(root, PW, files) == {1: 6}
+    fsck = admin.fsck(str(root), lambda: KEY, SMALL, repair=False, rebuild=False,
+                      out=io.StringIO())
+    assert fsck["clean"], fsck

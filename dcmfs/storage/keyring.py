@@ -272,7 +272,7 @@ def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
 
 
 def move_master(root: str, master: bytes, keys: dict[int, bytes], gen: int,
-                epochs: set[int]) -> list[int]:
+                epochs: set[int], step=None) -> list[int]:
     """Make epoch ``gen`` (the newest) the store's master (feature
     ``key-generations-v1``) and destroy ``epochs`` - epoch 0, the store key,
     among them: the caller sealed the index side under ``gen`` and no chunk
@@ -312,7 +312,7 @@ def move_master(root: str, master: bytes, keys: dict[int, bytes], gen: int,
                                                    keys[entry["epoch"]])
         return slots.seal_header(new, header)
 
-    rewrite_header(root, change)
+    rewrite_header(root, change, step)
     for epoch in gone:
         slots.log.info("key epochs: the key of epoch %d was destroyed (no chunk, index record "
                        "or audit record uses it)%s", epoch,
