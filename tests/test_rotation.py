@@ -254,7 +254,8 @@ for i in range(40):
     m.umount()
     r = m.cli("key", "list", m.store, "--json")
     epochs = {e["epoch"]: e["state"] for e in json.loads(r.stdout)["epochs"]}
-    assert epochs == {0: "retired", 1: "current"}
+    # the daemon moved the index side to epoch 1 as well: epoch 0 is gone
+    assert epochs == {0: "destroyed", 1: "current"}
     m.mount()
     assert file_sha256(m.mnt / "scan.dcm") == sha256(data)
     assert file_sha256(m.mnt / "after.dcm") == sha256(data[::-1])

@@ -369,6 +369,8 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
         store = open_store(store_root, secret())  # the keys, to authenticate the header
         result = _finish_mounted(mp, out)
         master, live, current = store.master_key, set(store.epoch_keys), result["epoch"]
+        keys = dict(store.epoch_keys)
+        moved = result.get("generation")
     else:
         fs = FileSystem(OpenedStore.open(store_root, secret(), config, for_writing=True))
         try:

@@ -158,8 +158,14 @@ class RekeyJob:
             self.host.objects.sync()
             with self.host.lock:
                 self.host.checkpoint()
-            self.state.update(chunks=chunks, bytes=nbytes, after={
-                str(k): v for k, v in sorted(epochs_in_use(self.host).items())})
+            after = {str(k): v for k, v in sorted(epochs_in_use(self.host).items())}
+            current = self.host.objects.epoch
+            if set(after) <= {str(current)} and (len(self.host.objects.epoch_keys) > 1
+                                                  or self.host.index.generation != current):
+                # no chunk needs an older epoch: the index side follows, so that
+                # the admin's command can destroy them all, epoch 0 too
+                self.state["generation"] = self.host.move_generation(current)
+            self.state.update(chunks=chunks, bytes=nbytes, after=after)
         except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
             log.error("rotate --finish failed: %s", loggable(exc))
             self.state["error"] = loggable(exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import loggable
+from ..opened.regen import move_generation
 from ..opened.shred import shred, shred_state
 
 log = logging.getLogger("dcmfs.fs")
@@ -58,6 +59,13 @@ class SyncLoops:
         """A shred pass (:mod:`dcmfs.opened.shred`) under the core's lock."""
         with self._lock:
             return shred(self.opened, checkpoint=self.checkpoint, wait=wait)
+
+    def move_generation(self, gen: int) -> dict:
+        """The index side sealed again under epoch ``gen``
+        (:mod:`dcmfs.opened.regen`) under the core's lock: file operations
+        wait for it, none fails."""
+        with self._lock:
+            return move_generation(self.opened, gen, checkpoint=self.checkpoint, wait=False)
 
     def final_snapshot(self) -> None:
         """At a clean unmount: a shred pass when deletions are pending (its

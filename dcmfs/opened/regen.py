@@ -30,6 +30,7 @@ the next finish seals the older segments again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -80,6 +81,10 @@ def move_generation(opened, gen: int, checkpoint=None, wait: bool = True) -> dic
         seq = index.seq
         if had_trail:
             opened.open_audit()
+        # what this session checks the header with once the command made
+        # ``gen`` the master (a mounted daemon: later key commands, marks)
+        opened.store = dataclasses.replace(opened.store, master_key=key, master_epoch=gen,
+                                           epoch_keys=dict(opened.objects.epoch_keys))
     if opened.remote is not None:
         opened.publish_snapshots(wait)
     result = {"seq": seq, "index": moved, "seconds": round(time.monotonic() - started, 3)}
