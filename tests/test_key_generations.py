@@ -135,7 +135,21 @@ def mounted_files(m, files: dict) -> None:
         assert sha256((m.mnt / name).read_bytes()) == sha256(data), name
 
 
-def test_a_stolen_store_key_reads_nothing_after_finish(mount_env):
+READER = textwrap.dedent("""
+    import hashlib, os, sys, time
+    mnt, want, stop = sys.argv[1], dict(a.split("=") for a in sys.argv[3:]), sys.argv[2]
+    rounds = 0
+    while not os.path.exists(stop) or rounds < 3:
+        for name, digest in want.items():
+            with open(os.path.join(mnt, name), "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == digest, name
+        rounds += 1
+    print(rounds)
+""")
+
+
+@pytest.mark.parametrize("mounted", [False, True], ids=["offline", "mounted"])
+def test_a_stolen_store_key_reads_nothing_after_finish(mount_env, mounted):
     m = mount_env
     key = Secret("keyfile", m.key.read_bytes())
     root = str(m.store)
@@ -162,8 +176,20 @@ def test_a_stolen_store_key_reads_nothing_after_finish(mount_env):
     assert before["index"] > 0 and before["names"] > 0 and before["objects"] > 0
     assert before["audit"] > 0 and before["ingest"] == 1 and before["epoch0"] == 1
 
+    if mounted:  # files are read all through the finish: no read fails
+        m.mount()
+        stop = m.base / "stop"
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(m.mnt), str(stop)] + [
+            f"{n}={sha256(d)}" for n, d in files.items()], stdout=subprocess.PIPE, text=True)
     r = m.cli("key", "rotate", m.store, "--finish", "--key-file", m.key)
     assert r.returncode == 0, r.stderr
+    assert "epoch keys destroyed: 0" in r.stdout and "sealed under epoch 1" in r.stdout
+    if mounted:
+        stop.touch()
+        out, _ = reader.communicate(timeout=120)
+        assert reader.returncode == 0 and int(out) >= 3
+        mounted_files(m, files)
+        m.umount()
     assert thief_reads(root, stolen) == dict.fromkeys(before, 0)
     epochs = json.loads(m.cli("key", "list", m.store, "--json", check=True).stdout)["epochs"]
     assert {e["epoch"]: e["state"] for e in epochs} == {0: "destroyed", 1: "current"}

@@ -206,6 +206,9 @@ def _rotate(args, store_root: str) -> int:
     gone = ", ".join(map(str, result["destroyed"])) or "none"
     print(f"Sealed {result['chunks']} chunks again under key epoch {result['epoch']}; "
           f"epoch keys destroyed: {gone}.")
+    if result.get("generation"):
+        print(f"The index, its journal, snapshots and audit trail are sealed under epoch "
+              f"{result['epoch']}, the store's master key from now on.")
     return 0
 
 
