@@ -96,6 +96,13 @@ constant, so do we):
   opening.  Stores of versions 1-4 are opened and upgraded in place as
   before (the features are added under the store lock; the header keeps
   the version it was made with).
+* 6 (to be frozen by the integrator) — feature ``key-generations-v1``,
+  added by every ``dcmfs key rotate`` (:mod:`dcmfs.index.keygen`,
+  :mod:`dcmfs.opened.regen`): an object's context block is sealed under its
+  own epoch's key; the header's ``master`` names the epoch every derived key
+  comes from (0 without it), the index names its own in ``meta/keygen``; a
+  ``key rotate --finish`` moves both to the newest epoch and destroys epoch
+  0.  Stores without the feature are unchanged until their next rotation.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.

@@ -324,7 +324,9 @@ def rotate(header: dict, master: bytes) -> tuple[int, bytes]:
         str(s["id"]): seal_to(s["public"], key, _seal_aad(header["store_id"], s["id"], epoch))
         for s in header["slots"]}, "check": epoch_check(master, header["store_id"], epoch, key)})
     header["epoch"] = epoch
-    header["features"] = sorted(set(header["features"]) | {EPOCHS_FEATURE})
+    # objects of the new epoch have their context block under its key too,
+    # which an older dcmfs would not know: it refuses the store instead
+    header["features"] = sorted(set(header["features"]) | {EPOCHS_FEATURE, GENERATIONS_FEATURE})
     return epoch, key
 
 
