@@ -35,6 +35,7 @@ from dcmfs.storage.objects import ObjectDamaged, ObjectStore
 
 from .conftest import SMALL, ct_file, sha256
 from .test_ingest import ingest_write, read_all
+from .test_pkcs11 import token  # noqa: F401 (a fixture)
 
 KDF = {"memory_kib": 1024, "iterations": 1, "lanes": 1}
 PW = Secret("passphrase", b"a second admin")
@@ -302,3 +303,68 @@ def test_sigkill_at_each_step_of_the_move_loses_nothing_and_finish_completes(tmp
     fsck = admin.fsck(str(root), lambda: KEY, SMALL, repair=False, rebuild=False,
                       out=io.StringIO())
     assert fsck["clean"], fsck
+
+
+@pytest.mark.parametrize("version", ["v1", "v3", "v4", "v5"])
+def test_frozen_stores_move_to_a_new_generation(tmp_path, version):
+    """A store of every format is upgraded in place by a rotation and a
+    finish: its files read back, epoch 0 is gone, its store key opens
+    nothing, verify and fsck stay clean (v5: the inbox it holds is imported
+    first, its recipient key moves to the new master)."""
+    import dataclasses
+    import shutil
+    from .test_key_slots import COMPAT, check_manifest
+    with open(os.path.join(COMPAT, version, "manifest.json")) as f:
+        manifest = json.load(f)
+    root = tmp_path / "store"
+    shutil.copytree(os.path.join(COMPAT, version, "store"), root)
+    old = Secret("passphrase", manifest["passphrase"].encode())
+    cfg = dataclasses.replace(SMALL, chunk_size=manifest["chunk_size"])
+    stolen = open_store(str(root), old).master_key
+    assert keyring.rotate(str(root), old)[0] == 1
+    result = admin.finish_rotation(str(root), lambda: old, cfg, out=io.StringIO())
+    assert result["destroyed"] == [0] and result["generation"]["index"]
+    got = thief_reads(root, stolen)
+    assert got == dict.fromkeys(got, 0), got
+    check_manifest(root, old, manifest)
+    for path, digest in manifest.get("inbox", {}).items():  # imported at the finish
+        check_manifest(root, old, {"files": {path: digest}})
+    if version == "v5":
+        assert open_store(str(root), old).ingest is not None  # its wrap opens
+    report = admin.verify(str(root), lambda: old, cfg, out=io.StringIO())
+    assert not report["findings"], report
+    fsck = admin.fsck(str(root), lambda: old, cfg, repair=False, rebuild=False,
+                      out=io.StringIO())
+    assert fsck["clean"], fsck
+
+
+def test_a_pkcs11_slot_opens_the_store_after_finish(tmp_path, token):
+    from .conftest import Mount, file_sha256
+    from .test_pkcs11 import KEY as TOKEN_KEY, MODULE, TOKEN
+    env, pin, _ = token
+    m = Mount(tmp_path)
+    try:
+        m.init()
+        r = m.cli("key", "add", m.store, "--label", "hsm", "--key-file", m.key,
+                  "--new-pkcs11-module", MODULE, "--new-pkcs11-token", TOKEN,
+                  "--new-pkcs11-key", TOKEN_KEY, "--new-passphrase-file", pin, env=env)
+        assert r.returncode == 0, r.stderr
+        hsm = ["--pkcs11-module", MODULE, "--passphrase-file", pin]
+        data = os.urandom(300_000)
+        m.mount()
+        (m.mnt / "scan.bin").write_bytes(data)
+        m.umount()
+        for args in (("key", "rotate", m.store, *hsm), ("key", "rotate", m.store, "--finish",
+                                                        *hsm)):
+            r = m.cli(*args, env=env)
+            assert r.returncode == 0, r.stderr
+        epochs = json.loads(m.cli("key", "list", m.store, "--json", check=True).stdout)
+        assert {e["epoch"]: e["state"] for e in epochs["epochs"]} == {0: "destroyed",
+                                                                       1: "current"}
+        for opener in (hsm, ["--key-file", m.key]):
+            r = m.cli("mount", m.store, m.mnt, *opener, env=env)
+            assert r.returncode == 0, r.stderr
+            assert file_sha256(m.mnt / "scan.bin") == sha256(data)
+            m.umount()
+    finally:
+        m.cleanup()
