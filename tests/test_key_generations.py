@@ -36,18 +36,21 @@ from dcmfs.storage.objects import ObjectDamaged, ObjectStore
 from .conftest import SMALL, ct_file, sha256
 from .test_ingest import ingest_write, read_all
 from .test_pkcs11 import token  # noqa: F401 (a fixture)
+from .test_s3 import s3_fs  # noqa: F401 (a fixture)
 
 KDF = {"memory_kib": 1024, "iterations": 1, "lanes": 1}
 PW = Secret("passphrase", b"a second admin")
 _SEALED_META = (b"auth", b"damage", b"audit_head")
 
 
-def thief_reads(root, stolen: bytes) -> dict[str, int]:
+def thief_reads(root, stolen: bytes, scan=None) -> dict[str, int]:
     """What ``stolen`` (a store key) opens of everything the store directory
     holds now: every value of every LMDB file (the index, snapshots, any
     copy), directory entries keyed by its name tags, every journal record
-    (live and archived), every object's context block and payload, every
-    audit segment and record, the recipient's private key."""
+    (live and archived, followers' parts), every object's context block and
+    payload, every audit segment and record, the recipient's private key.
+    ``scan``: a copy of a bucket, walked instead of the store directory for
+    all but the objects and the header."""
     root = str(root)
     header = read_header(root)
     sid = bytes.fromhex(header["store_id"])
@@ -56,8 +59,9 @@ def thief_reads(root, stolen: bytes) -> dict[str, int]:
     root_tag = hmac.new(name_key, b"directory\x00" + U64.pack(1), hashlib.sha256).digest()[:16]
     got = dict.fromkeys(("index", "names", "journal", "objects", "payloads", "audit", "ingest",
                          "epoch0"), 0)
-    for base, _, names in os.walk(root):
-        rel = os.path.relpath(base, root).split(os.sep)[0]
+    top = str(scan or root)
+    for base, _, names in os.walk(top):
+        rel = os.path.relpath(base, top).split(os.sep)[0]
         if rel == "objects":
             continue
         if "data.mdb" in names:
@@ -82,7 +86,7 @@ def thief_reads(root, stolen: bytes) -> dict[str, int]:
             finally:
                 env.close()
         for name in names:
-            if name == "journal" or name.startswith("journal-"):
+            if name == "journal" or name.startswith(("journal-", "part-")):
                 j = Journal(os.path.join(base, name), stolen, sid, read_only=True)
                 try:
                     got["journal"] += sum(1 for _ in j.records(0))
@@ -368,3 +372,49 @@ def test_a_pkcs11_slot_opens_the_store_after_finish(tmp_path, token):
             m.umount()
     finally:
         m.cleanup()
+
+
+def test_an_s3_bucket_keeps_nothing_under_the_old_generation(s3_fs, ceph_s3, secret, tmp_path):
+    """The bucket's snapshots, archived segments and followers' parts were
+    under the store key (the control); after the move and the upload, and
+    once followers had their time, nothing in the bucket opens with it."""
+    from dcmfs.core.rekey import rekey_all
+    from .test_s3 import read_file, write_file
+    from .test_shred import _bucket_copy
+    fs = s3_fs()
+    root = s3_fs.root
+    stolen = open_store(root, secret).master_key
+    data = {"/a": os.urandom(150_000), "/b": b"b" * 3000}
+    for path, blob in data.items():
+        write_file(fs, path, blob)
+    fs.checkpoint()
+    fs.snapshot()
+    fs.opened.publisher.publish()
+    before = tmp_path / "before"
+    _bucket_copy(ceph_s3, s3_fs.url, before)
+    got = thief_reads(root, stolen, scan=before)
+    assert got["index"] > 0 and got["journal"] > 0, got
+    # rotate --finish on the writer, as the daemon does it
+    epoch, key = keyring.rotate(root, secret, lock_held=True)
+    fs.objects.add_epoch(epoch, key)
+    rekey_all(fs)
+    fs.checkpoint()
+    moved = fs.move_generation(epoch)
+    assert moved["index"]
+    assert keyring.move_master(root, stolen, dict(fs.objects.epoch_keys), epoch, {0}) == [0]
+    data["/c"] = os.urandom(70_000)
+    write_file(fs, "/c", data["/c"])
+    for path, blob in data.items():
+        assert read_file(fs, path) == blob
+    fs.opened.publisher.grace = 0  # followers' time to fetch the parts (60 s) over
+    fs.close()
+    after = tmp_path / "after"
+    _bucket_copy(ceph_s3, s3_fs.url, after)
+    got = thief_reads(root, stolen, scan=after)
+    assert got == dict.fromkeys(got, 0), got
+    # only snapshots taken since the move (the one it took, the unmount's)
+    assert sorted(int(n.split("-")[1]) >= moved["seq"] for n in os.listdir(after / "snapshots")
+                  if n.startswith("snapshot-")) == [True, True]
+    fs = s3_fs()
+    for path, blob in data.items():
+        assert read_file(fs, path) == blob
