@@ -418,3 +418,33 @@ def test_an_s3_bucket_keeps_nothing_under_the_old_generation(s3_fs, ceph_s3, sec
     fs = s3_fs()
     for path, blob in data.items():
         assert read_file(fs, path) == blob
+
+
+def test_an_index_rebuilt_after_the_move_is_under_the_new_generation(tmp_path):
+    """fsck --rebuild-index from the snapshot the move left (it names its
+    generation), and with no snapshot at all (a new index under the master)."""
+    import shutil
+    from dcmfs.index.keygen import generation_of
+    from dcmfs.storage.header import init_store
+    from .test_key_slots import read_all as check, write
+    root = tmp_path / "s"
+    init_store(str(root), KEY, SMALL)
+    files = {"/a.bin": os.urandom(100_000)}
+    write(root, KEY, files)
+    keyring.rotate(str(root), KEY)
+    assert admin.finish_rotation(str(root), lambda: KEY, SMALL, out=io.StringIO())[
+        "destroyed"] == [0]
+    more = {"/b.bin": os.urandom(50_000)}
+    write(root, KEY, more)
+    files.update(more)
+    shutil.rmtree(root / "index")  # the snapshot the move left and the journal remain
+    result = admin.fsck(str(root), lambda: KEY, SMALL, repair=False, rebuild=True,
+                        out=io.StringIO())
+    assert result["clean"], result
+    assert generation_of(str(root / "index")) == 1
+    assert check(root, KEY, files) == {1: 3}
+    # nothing to start from but the objects: a new index, made under the master
+    shutil.rmtree(root / "index")
+    shutil.rmtree(root / "snapshots")
+    admin.fsck(str(root), lambda: KEY, SMALL, repair=False, rebuild=True, out=io.StringIO())
+    assert generation_of(str(root / "index")) == 1
