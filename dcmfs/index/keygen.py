@@ -25,7 +25,7 @@ import struct
 
 import lmdb
 
-from ..errors import IndexDamagedError, StoreIOError
+from ..errors import IndexDamagedError, IntegrityError, StoreIOError
 from ..storage import crypto
 from ..storage.durable import fsync_dir
 from . import auth
@@ -155,7 +155,7 @@ def _copy(ix: Index, env: lmdb.Environment, dbs: dict, key: bytes, gen: int) -> 
 
 
 def rekey_index(ix: Index, key: bytes, gen: int) -> None:
-    """Seal the whole index again under ``key`` (generation ``gen``): every
+    """(A part of :class:`Index`, kept apart for the module's size.)  Seal the whole index again under ``key`` (generation ``gen``): every
     value, every name tag, the sums; the journal goes on under it.  Call it
     right after a checkpoint with the journal emptied (``journal.reset``),
     the core's lock held.  A copy is written aside (``.compact-rekey-PID``,
@@ -164,6 +164,9 @@ def rekey_index(ix: Index, key: bytes, gen: int) -> None:
     the new one, each naming its generation."""
     if ix.pending_records or ix.journal.size > JOURNAL_HEADER:
         raise IndexDamagedError("re-keying the index with changes not checkpointed")
+    if ix.suspect or ix.auth_state == "mismatch":  # sealing them again would launder them
+        raise IndexDamagedError("The index has records that do not match its sealed checksum; "
+                                "run 'dcmfs fsck' on the store before 'key rotate --finish'.")
     if ix._batch is not None:
         ix._batch.abort()
         ix._batch = None
@@ -183,6 +186,9 @@ def rekey_index(ix: Index, key: bytes, gen: int) -> None:
             env.close()
         with open(os.path.join(tmp, "data.mdb"), "rb+") as f:
             os.fsync(f.fileno())
+    except IntegrityError:  # a value that does not open: fsck names it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except (OSError, lmdb.Error) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StoreIOError(f"Re-keying the index failed: {exc}.") from exc
@@ -201,6 +207,7 @@ def rekey_index(ix: Index, key: bytes, gen: int) -> None:
     ix._auth_key = auth.auth_key(key, ix._store_id)
     ix.sums = auth.Sums(ix._auth_key, dict(sums.values))
     ix.keyed_dirents = ix._detect_dirents()
+    ix.verified, ix.verified_all = set(), True  # the sums were made from these records
     ix.generation = gen
     if ix.witness is not None:
         ix.witness.rekey(key, ix.seq, sums.digest())

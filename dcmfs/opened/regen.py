@@ -40,7 +40,7 @@ from ..audit.rekey import reseal_trail
 from ..index import rekey_index
 from ..index.schema import U64
 from ..index.snapshots import take_snapshot
-from .shred import _sweep_leftovers
+from .shred import sweep_leftovers
 
 log = logging.getLogger("dcmfs.store")
 
@@ -58,7 +58,7 @@ def move_generation(opened, gen: int, checkpoint=None, wait: bool = True) -> dic
     with opened.lock:
         (checkpoint or opened.checkpoint)()
         had_trail = opened.audit is not None
-        opened._close_audit()
+        opened.close_audit()
         index = opened.index
         if index.generation != gen:
             if opened.publisher is not None:  # followers get every record first
@@ -77,7 +77,7 @@ def move_generation(opened, gen: int, checkpoint=None, wait: bool = True) -> dic
         opened.objects.sync()
         index.checkpoint()
         take_snapshot(index, os.path.join(opened.root, fmt.SNAPSHOTS_DIR), keep=1)
-        _sweep_leftovers(opened.root)
+        sweep_leftovers(opened.root)
         seq = index.seq
         if had_trail:
             opened.open_audit()

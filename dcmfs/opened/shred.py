@@ -50,7 +50,7 @@ def shred(opened, checkpoint=None, wait: bool = True) -> dict:
             opened.publisher.publish()
         index.journal.reset()
         index.compact()
-        _sweep_leftovers(opened.root)
+        sweep_leftovers(opened.root)
         with opened.write_txn() as txn:
             note_pass(txn, seq)
         opened.objects.sync()
@@ -77,7 +77,7 @@ _LEFTOVERS = ((fmt.SNAPSHOTS_DIR, ".tmp-"), (fmt.INDEX_DIR, ".compact-"), ("", "
               ("", ".audit-rekey-"))
 
 
-def _sweep_leftovers(root: str) -> None:
+def sweep_leftovers(root: str) -> None:
     """Remove what :data:`_LEFTOVERS` names, but this process's own."""
     mine = f"-{os.getpid()}"
     for sub, prefix in _LEFTOVERS:

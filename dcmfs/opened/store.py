@@ -223,10 +223,10 @@ class OpenedStore:
             trail.close()
             return None
         self.audit = trail
-        self._stack.callback(self._close_audit)
+        self._stack.callback(self.close_audit)
         return self.audit
 
-    def _close_audit(self) -> None:
+    def close_audit(self) -> None:
         audit, self.audit = self.audit, None
         if audit is not None:
             audit.close()
