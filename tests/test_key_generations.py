@@ -202,6 +202,10 @@ def test_a_stolen_store_key_reads_nothing_after_finish(mount_env, mounted):
         assert reader.returncode == 0 and int(out) >= 3
         mounted_files(m, files)
         m.umount()
+        # the daemon's trail went on under epoch 1: the unmount is recorded
+        r = m.cli("audit", m.store, "--key-file", m.key, "--json")
+        events = [json.loads(line)["event"] for line in r.stdout.splitlines()]
+        assert events[-1] == "unmount" and "key" in events, events[-6:]
     assert thief_reads(root, stolen) == dict.fromkeys(before, 0)
     epochs = json.loads(m.cli("key", "list", m.store, "--json", check=True).stdout)["epochs"]
     assert {e["epoch"]: e["state"] for e in epochs} == {0: "destroyed", 1: "current"}
