@@ -47,7 +47,8 @@ log = logging.getLogger("dcmfs.store")
 
 def move_generation(opened, gen: int, checkpoint=None, wait: bool = True) -> dict:
     """Seal the index side of ``opened`` again under the key of epoch
-    ``gen`` (a live epoch, the newest); returns what was done (``seq``,
+    ``gen`` (a live epoch, the newest, under which every chunk is: the
+    caller checked); returns what was done (``seq``,
     ``seconds``, ``index``: whether the index itself was re-keyed now).
 
     ``checkpoint``: the caller's (the core's), default the opened store's."""
@@ -81,10 +82,12 @@ def move_generation(opened, gen: int, checkpoint=None, wait: bool = True) -> dic
         seq = index.seq
         if had_trail:
             opened.open_audit()
-        # what this session checks the header with once the command made
-        # ``gen`` the master (a mounted daemon: later key commands, marks)
+        # the caller found no chunk under another epoch: their keys leave this
+        # process's memory, and the session checks the header with ``gen``'s
+        # once the command made it the master (a daemon: later key commands)
+        opened.objects.forget_epochs_but(gen)
         opened.store = dataclasses.replace(opened.store, master_key=key, master_epoch=gen,
-                                           epoch_keys=dict(opened.objects.epoch_keys))
+                                           epoch_keys={gen: key})
     if opened.remote is not None:
         opened.publish_snapshots(wait)
     result = {"seq": seq, "index": moved, "seconds": round(time.monotonic() - started, 3)}

@@ -204,6 +204,12 @@ class ObjectStore:
                                       key=lambda e: (self.epoch_keys[e] != self._master, -e))
         return [(e, self._ctx_sealer(e)) for e in order]
 
+    def forget_epochs_but(self, epoch: int) -> None:
+        """Drop every key but ``epoch``'s from memory (no object uses them
+        any more: a key generation move, :mod:`dcmfs.opened.regen`)."""
+        self.epoch_keys = {epoch: self.epoch_keys[epoch]}
+        self._contexts = {}
+
     def add_epoch(self, epoch: int, key: bytes) -> None:
         """A rotation: every object sealed from now on is under ``epoch``."""
         self.epoch_keys = {**self.epoch_keys, epoch: key}
