@@ -43,7 +43,8 @@ def record_admin(opened: OpenedStore, command: str, **fields) -> None:
         key = opened.index_key if opened.index is not None else index_key(
             os.path.join(opened.root, fmt.INDEX_DIR), opened.store)[1]
         trail = AuditTrail(opened.root, key, opened.store.store_id, head,
-                           segment_size=opened.config.audit_segment_size)
+                           segment_size=opened.config.audit_segment_size,
+                           older=tuple(opened.store.epoch_keys.values()))
         try:
             trail.record("admin", None, command=command, **fields)
         finally:
@@ -95,7 +96,8 @@ def records(store_root: str, secret: Callable[[], Secret], since: str | None = N
     key = index_key(os.path.join(store.root, fmt.INDEX_DIR), store)[1]
     head = index_head(store.root, key, store.store_id)
     items = list(walk(store.root, key, store.store_id,
-                      head if isinstance(head, dict) else None))
+                      head if isinstance(head, dict) else None,
+                      tuple(store.epoch_keys.values())))
     recs = [v for k, v in items if k == "record"]
     recs += unsealed_unlock_failures(store.root)
     if problems is not None:
@@ -135,7 +137,8 @@ def verify(store_root: str, secret: Callable[[], Secret]) -> dict:
     n = 0
     end = (0, "")
     for kind, value in walk(store.root, key, store.store_id,
-                            head if isinstance(head, dict) else None):
+                            head if isinstance(head, dict) else None,
+                            tuple(store.epoch_keys.values())):
         if kind == "record":
             n += 1
         elif kind == "problem":

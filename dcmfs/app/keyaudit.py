@@ -70,7 +70,8 @@ class KeyRecord:
                 _xattr(self.mountpoint, fmt.CONTROL_XATTR,
                        b"key " + json.dumps(fields, separators=(",", ":")).encode())
             else:
-                self._append(self._index_key(report), report["store_id"], fields)
+                self._append(self._index_key(report), report["store_id"], fields,
+                             tuple(report.get("keys", {}).values()))
         except (DcmfsError, OSError) as exc:
             log.warning("the audit trail could not record the key change (%s): %s",
                         fields.get("action"), exc)
@@ -84,11 +85,12 @@ class KeyRecord:
         return keygen.key_for(os.path.join(self.root, fmt.INDEX_DIR), report["keys"],
                               report["master_epoch"])[1]
 
-    def _append(self, master: bytes, store_id: bytes, fields: dict) -> None:
+    def _append(self, master: bytes, store_id: bytes, fields: dict, older: tuple = ()) -> None:
         from ..audit.check import index_head
         from ..audit.trail import AuditTrail
         head = index_head(self.root, master, store_id)
-        trail = AuditTrail(self.root, master, store_id, head if isinstance(head, dict) else None)
+        trail = AuditTrail(self.root, master, store_id, head if isinstance(head, dict) else None,
+                           older=older)
         try:
             trail.record("key", None, **fields)
         finally:

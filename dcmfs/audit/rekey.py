@@ -84,6 +84,26 @@ def _reseal_segment(data: bytes, sid: bytes, number: int, old: list, new: crypto
     return b"".join(out)
 
 
+def _rehead(datas: list, head: dict | None) -> dict | None:
+    """``head`` with the chain hash the trail itself has at the head's
+    record (a trail sealed again before a crash left the index's head of
+    the older chain); no key is needed for the chain."""
+    if head is None:
+        return None
+    for number, data in datas:
+        try:
+            digest = S.Header(data, None).prev_hash
+        except ValueError:
+            continue
+        for item in S.frames(data):
+            if isinstance(item, S.Torn):
+                break
+            digest = S.chain(digest, item[2])
+            if number == head.get("segment") and item[1] == head.get("seq"):
+                return dict(head, hash=digest.hex())
+    return head
+
+
 def reseal_trail(root: str, store_id: bytes, old_keys: list[bytes], new_key: bytes,
                  head: dict | None) -> dict | None:
     """Seal every segment of the store's trail again under ``new_key``
@@ -97,7 +117,7 @@ def reseal_trail(root: str, store_id: bytes, old_keys: list[bytes], new_key: byt
         return head
     datas = [(n, S.read_file(p)) for n, p in segs]
     if all(_open_any([new], d) for _, d in datas):
-        return head  # done already (a finish run again)
+        return _rehead(datas, head)  # done already (a finish run again)
     trail = os.path.join(root, S.DIR)
     tmp = os.path.join(root, f".audit-rekey-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import shutil
 import struct
@@ -95,9 +96,11 @@ def mark(ix: Index, gen: int) -> None:
             txn.put(KEYGEN, _GEN.pack(gen), db=ix.dbs["meta"])
 
 
-def _copy(ix: Index, env: lmdb.Environment, dbs: dict, key: bytes, gen: int) -> auth.Sums:
+def _copy(ix: Index, env: lmdb.Environment, dbs: dict, key: bytes, gen: int,
+          audit_head: dict | None) -> auth.Sums:
     """Every record of ``ix`` into ``env`` with its sealed values (and the
-    name tags in keys) under ``key``; returns the sums of the copy."""
+    name tags in keys) under ``key``, ``audit_head`` as the trail's head if
+    given; returns the sums of the copy."""
     store_id = ix._store_id
     siv = index_sealer(key, store_id)
     name_key = crypto.derive(key, b"names", store_id)
@@ -122,7 +125,9 @@ def _copy(ix: Index, env: lmdb.Environment, dbs: dict, key: bytes, gen: int) -> 
                 if name == "meta":
                     if k in (auth.AUTH_KEY, KEYGEN):
                         continue
-                    if k in _SEALED_META:
+                    if k == b"audit_head" and audit_head is not None:
+                        v = reseal(name, k, json.dumps(audit_head, sort_keys=True).encode())
+                    elif k in _SEALED_META:
                         v = reseal(name, k, ix.open(name, k, v))
                 elif name in _SEALED:
                     v = reseal(name, k, ix.open(name, k, v))
@@ -154,12 +159,13 @@ def _copy(ix: Index, env: lmdb.Environment, dbs: dict, key: bytes, gen: int) -> 
     return sums
 
 
-def rekey_index(ix: Index, key: bytes, gen: int) -> None:
+def rekey_index(ix: Index, key: bytes, gen: int, audit_head: dict | None = None) -> None:
     """(A part of :class:`Index`, kept apart for the module's size.)  Seal the whole index again under ``key`` (generation ``gen``): every
     value, every name tag, the sums; the journal goes on under it.  Call it
     right after a checkpoint with the journal emptied (``journal.reset``),
     the core's lock held.  A copy is written aside (``.compact-rekey-PID``,
-    which a shred pass of another process removes if this one dies),
+    which a shred pass of another process removes if this one dies;
+    ``audit_head``: the trail's head as it is after :mod:`dcmfs.audit.rekey`),
     synced, and renamed over ``data.mdb``: a crash leaves the old index or
     the new one, each naming its generation."""
     if ix.pending_records or ix.journal.size > JOURNAL_HEADER:
@@ -180,7 +186,7 @@ def rekey_index(ix: Index, key: bytes, gen: int) -> None:
                         mode=0o600, sync=True, metasync=True, lock=False)
         try:
             dbs = {n: env.open_db(n.encode(), create=True) for n in DATABASES}
-            sums = _copy(ix, env, dbs, key, gen)
+            sums = _copy(ix, env, dbs, key, gen, audit_head)
             env.sync(True)
         finally:
             env.close()

@@ -8,12 +8,13 @@ store key, too (:func:`dcmfs.storage.keyring.move_master`).  Under the
 core's lock:
 
 1. a checkpoint; the audit trail closed;
-2. the live journal emptied, the index copied aside under the new key
-   (:func:`dcmfs.index.keygen.rekey_index`: it names its generation in
-   ``meta/keygen``; temp copy, fsync, rename), the witness rewritten;
-3. the audit trail sealed again beside itself and exchanged with the old
+2. the audit trail sealed again beside itself and exchanged with the old
    one in one ``renameat2`` (:mod:`dcmfs.audit.rekey`), the index's head
    mapped to the new chain;
+3. the live journal emptied, the index copied aside under the new key with
+   that head (:func:`dcmfs.index.keygen.rekey_index`: it names its
+   generation in ``meta/keygen``; temp copy, fsync, rename), the witness
+   rewritten;
 4. a journaled record (``meta/rekeyed``) and a checkpoint, then a snapshot
    at that sequence number and every older snapshot and archived segment
    removed (as the shred pass does), and leftover temporary index copies;
@@ -23,8 +24,9 @@ core's lock:
 A crash leaves the index under the old generation or the new one (it says
 which; both keys are live until the header drops the old one, which comes
 last), and running the finish again does what is left.  Between steps 2
-and 3 the trail is under another key than the index: an opening then goes
-on in a new segment after an ``audit-break`` record (verify names it), and
+and 3 the trail is under another key than the index: an opening reads its
+last segment with that key, ends it there and goes on in a new one under
+the index's (no break; verify reads each segment with its own key), and
 the next finish seals the older segments again.
 """
 
@@ -61,16 +63,19 @@ def move_generation(opened, gen: int, checkpoint=None, wait: bool = True) -> dic
         had_trail = opened.audit is not None
         opened.close_audit()
         index = opened.index
+        with index.begin() as txn:
+            head = txn.get_audit_head()
+        # the trail first: the index copy carries its head mapped to the new
+        # chain, so a crash leaves both old, both new, or the trail new and
+        # the index old - which the trail reads with the other live key
+        new_head = reseal_trail(opened.root, opened.store.store_id, old, key, head)
         if index.generation != gen:
             if opened.publisher is not None:  # followers get every record first
                 opened.publisher.publish()
             index.journal.reset()
-            rekey_index(index, key, gen)
+            rekey_index(index, key, gen, audit_head=new_head)
             opened.index_key = key
             moved = True
-        with index.begin() as txn:
-            head = txn.get_audit_head()
-        new_head = reseal_trail(opened.root, opened.store.store_id, old, key, head)
         with opened.write_txn() as txn:
             if new_head is not None and new_head != head:
                 txn.put_audit_head(new_head)

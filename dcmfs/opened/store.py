@@ -217,7 +217,8 @@ class OpenedStore:
         trail = AuditTrail(self.root, self.index_key, self.store.store_id, head,
                            segment_size=self.config.audit_segment_size,
                            retention=0.0 if self.read_only else self.config.audit_retention,
-                           forward=self.config.audit_forward)
+                           forward=self.config.audit_forward,
+                           older=tuple(self.objects.epoch_keys.values()))
         if not self.config.audit:
             trail.record("audit-off", None)
             trail.close()
