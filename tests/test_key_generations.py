@@ -457,3 +457,20 @@ def test_an_index_rebuilt_after_the_move_is_under_the_new_generation(tmp_path):
     shutil.rmtree(root / "snapshots")
     admin.fsck(str(root), lambda: KEY, SMALL, repair=False, rebuild=True, out=io.StringIO())
     assert generation_of(str(root / "index")) == 1
+
+
+def test_retiring_keeps_the_master_epoch_after_a_move(tmp_path):
+    """Without a move (a chunk left under an older epoch), the master - no
+    longer epoch 0 after an earlier move - is marked retired, not destroyed."""
+    from dcmfs.storage.header import init_store
+    root = str(tmp_path / "s")
+    init_store(root, KEY, SMALL)
+    keyring.rotate(root, KEY)
+    assert admin.finish_rotation(root, lambda: KEY, SMALL, out=io.StringIO())[
+        "destroyed"] == [0]
+    keyring.rotate(root, KEY)
+    master = open_store(root, KEY).master_key
+    assert keyring.retire(root, master, {1}) == []
+    states = {e["epoch"]: e["state"] for e in keyring.list_epochs(root)}
+    assert states == {0: "destroyed", 1: "retired", 2: "current"}
+    assert open_store(root, KEY).master_epoch == 1

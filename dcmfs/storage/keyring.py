@@ -245,10 +245,11 @@ def epoch_key_authentic(root: str, master: bytes, epoch: int, key: bytes) -> boo
 
 def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
     """Destroy the data keys of ``epochs`` (no chunk uses them any more; the
-    caller checked, under the store lock), except epoch 0, the store key,
-    which also seals the index: it is marked ``retired`` (it seals no file
-    contents any more).  ``master`` (the store key) authenticates the header
-    read afresh.  Returns the epochs destroyed."""
+    caller checked, under the store lock), except the master's (epoch 0, the
+    store key, until a generation move), which also seals the index: it is
+    marked ``retired`` (it seals no file contents any more).  ``master``
+    (the master key) authenticates the header read afresh.  Returns the
+    epochs destroyed."""
     import hmac
     from ..errors import HeaderAlteredError
     gone: list[int] = []
@@ -257,8 +258,10 @@ def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
         if not hmac.compare_digest(header["mac"], slots.header_mac(master, header)):
             raise HeaderAlteredError(f"The store header at {root} was altered by someone "
                                      "without the key; nothing was destroyed.")
+        master_epoch = slots.master_epoch(header)
         for entry in list(header["epochs"]):
-            if entry["epoch"] == 0 and 0 in epochs and header["epoch"] != 0:
+            if entry["epoch"] == master_epoch and master_epoch in epochs \
+                    and header["epoch"] != master_epoch:
                 entry.setdefault("retired", slots.now())  # seals no contents any more
             elif entry["epoch"] in epochs and entry["epoch"] != header["epoch"]:
                 slots.destroy(header, entry["epoch"])
