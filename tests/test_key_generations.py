@@ -209,6 +209,10 @@ def test_a_stolen_store_key_reads_nothing_after_finish(mount_env, mounted):
     assert thief_reads(root, stolen) == dict.fromkeys(before, 0)
     epochs = json.loads(m.cli("key", "list", m.store, "--json", check=True).stdout)["epochs"]
     assert {e["epoch"]: e["state"] for e in epochs} == {0: "destroyed", 1: "current"}
+    assert [e["epoch"] for e in epochs if e.get("master")] == [1]
+    text = m.cli("key", "list", m.store, check=True).stdout
+    assert "destroyed" in text and "(the store key made with the store)" in text
+    assert "current" in text and "(the master key: index and names" in text
     header = read_header(root)
     assert header["master"] == 1 and "key-generations-v1" in header["features"]
     assert [e["epoch"] for e in header["epochs"]] == [1]

@@ -325,14 +325,17 @@ def move_master(root: str, master: bytes, keys: dict[int, bytes], gen: int,
 
 
 def list_epochs(root: str) -> list[dict]:
-    """The key epochs: live ones (``current`` marks the newest) and destroyed
-    ones, with dates (no key needed)."""
+    """The key epochs: live ones (``current`` marks the newest, ``master`` the
+    one the index and header keys come from) and destroyed ones, with dates
+    (no key needed)."""
     header = read_header(root)
     if "epochs" not in header:
         return [{"epoch": 0, "state": "current"}]
+    master = slots.master_epoch(header)
     out = [{"epoch": e["epoch"], "created": e.get("created"),
             "state": ("current" if e["epoch"] == header["epoch"] else
-                      "retired" if e.get("retired") else "live")}
+                      "retired" if e.get("retired") else "live"),
+            **({"master": True} if e["epoch"] == master else {})}
            for e in header["epochs"]]
     out += [{"epoch": d["epoch"], "destroyed": d.get("destroyed"), "state": "destroyed"}
             for d in header.get("destroyed", [])]
