@@ -353,11 +353,12 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
     """``dcmfs key rotate --finish``: seal every chunk under an older key
     epoch again under the newest (progress bar; by the daemon when the store
     is mounted), make that durable, then destroy the keys of the epochs no
-    chunk uses any more.  Offline, once no chunk needs an older epoch, the
-    index side (index, journal, snapshots, audit trail) is sealed again
-    under the newest epoch too (:mod:`dcmfs.opened.regen`) and the header
-    makes it the master, destroying epoch 0, the store key, with the others
-    (``key-generations-v1``); mounted, epoch 0 is only marked retired.
+    chunk uses any more.  Once no chunk needs an older epoch, the index side
+    (index, journal, snapshots, audit trail) is sealed again under the newest
+    epoch too (:mod:`dcmfs.opened.regen`; by the daemon when mounted) and the
+    header makes it the master, destroying epoch 0, the store key, with the
+    others (``key-generations-v1``); otherwise the master is only marked
+    retired.
     ``report``: what the audit trail's ``key`` record says
     (:mod:`dcmfs.app.keyaudit`)."""
     from ..core.rekey import epochs_in_use, rekey_all
