@@ -478,3 +478,34 @@ def test_retiring_keeps_the_master_epoch_after_a_move(tmp_path):
     states = {e["epoch"]: e["state"] for e in keyring.list_epochs(root)}
     assert states == {0: "destroyed", 1: "retired", 2: "current"}
     assert open_store(root, KEY).master_epoch == 1
+
+
+def test_an_s3_store_attached_after_the_finish_reads_everything(s3_fs, secret, tmp_path,
+                                                                s3_settings):
+    """The finish puts the new header into the bucket too: a store attached
+    from the bucket afterwards opens the snapshot under the new generation
+    and every file (before, the bucket kept the header of 'dcmfs init')."""
+    import dataclasses
+    from dcmfs.app.attach import attach
+    from .test_s3 import read_file, write_file
+    fs = s3_fs()
+    root = s3_fs.root
+    data = {"/a": os.urandom(150_000), "/b": b"b" * 3000}
+    for path, blob in data.items():
+        write_file(fs, path, blob)
+    fs.close()
+    keyring.rotate(root, secret)
+    cfg = dataclasses.replace(SMALL, s3=s3_settings, s3_drain_timeout=60, s3_upload_delay=0)
+    assert admin.finish_rotation(root, lambda: secret, cfg, out=io.StringIO())[
+        "destroyed"] == [0]
+    viewer_root = str(tmp_path / "viewer")
+    viewer_cfg = dataclasses.replace(cfg, state_dir=str(tmp_path / "vstate"))
+    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg, follower=True)
+    assert read_header(viewer_root)["master"] == 1
+    viewer = FileSystem(open_store(viewer_root, secret),
+                        dataclasses.replace(viewer_cfg, read_only=True))
+    try:
+        for path, blob in data.items():
+            assert read_file(viewer, path) == blob
+    finally:
+        viewer.close()

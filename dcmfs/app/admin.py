@@ -390,12 +390,18 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
             if set(result["after"]) <= {str(current)} and (
                     len(live) > 1 or fs.index.generation != current):
                 moved = move_generation(fs.opened, current, fs.checkpoint)
+                result["destroyed"] = move_master(store_root, master, keys, current,
+                                                  live - {current})
+                if fs.opened.remote is not None:  # attach and followers read the bucket's
+                    with open(os.path.join(store_root, fmt.HEADER_NAME), "rb") as f:
+                        fs.opened.remote.put(fmt.HEADER_NAME, f.read())
         finally:
             fs.close()  # a checkpoint: the swaps are durable before any key goes
     unused = {e for e in live if str(e) not in result["after"] and e != current}
     if moved is not None:
         result["generation"] = moved
-        result["destroyed"] = move_master(store_root, master, keys, current, unused)
+        if "destroyed" not in result:
+            result["destroyed"] = move_master(store_root, master, keys, current, unused)
     else:
         result["destroyed"] = retire(store_root, master, unused) if unused else []
     if report is not None:
