@@ -32,7 +32,7 @@ from ..storage.durable import fsync_dir
 from . import auth
 from .index import Index, index_sealer, sealed_aad
 from .journal import HEADER_SIZE as JOURNAL_HEADER
-from .schema import DATABASES, U64, decode_dirent, encode_dirent, read_meta
+from .schema import DATABASES, U64, decode_dirent, read_meta
 
 KEYGEN = b"keygen"
 _GEN = struct.Struct(">H")
