@@ -68,7 +68,7 @@ class CachedBackend(PackedCache, Backend):
         #: (read-only followers lag behind the writer; a drain sends them at once)
         self.delete_delay = delete_delay
         #: GETs ahead of the reads (:mod:`dcmfs.storage.fetch`)
-        self.fetcher = Fetcher(self._download, threads=fetchers, limit=8 * fetchers,
+        self.fetcher = Fetcher(self._download, threads=fetchers, limit=32 * fetchers,
                                group=self._group if packs is not None else None,
                                download_many=self._download_many)
         #: seconds a new object waits before its upload, unless the cache is
