@@ -131,3 +131,32 @@ def test_a_store_made_before_packs_reads_its_loose_objects_and_packs_new_ones(
     wipe_cache(s3_fs.root)
     fs = s3_fs()
     assert read_file(fs, "/before") == before and read_file(fs, "/after") == after
+
+
+def test_a_follower_reads_objects_the_writer_moved_to_a_new_pack(s3_fs, tmp_path, secret,
+                                                                 s3_settings):
+    """The writer rewrites a pack without a deleted file's objects; a
+    follower whose map still names the old pack finds it gone, reads the
+    new packs' tables and reads the file that stayed, byte-exact."""
+    from .test_s3_follow import _writer_and_follower
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings)
+    try:
+        writer.opened.remote.upload_delay = 30  # both files in one pack
+        keep, gone = os.urandom(150_000), os.urandom(150_000)
+        write_file(writer, "/keep", keep)
+        write_file(writer, "/gone", gone)
+        assert writer.opened.remote.drain(60)
+        writer.opened.publisher.publish()
+        viewer.opened.follower.follow()
+        old = viewer.opened.remote.packs.where(next(iter(named(viewer, "/keep")))).pack
+        writer.make_durable()
+        writer.unlink("/gone")
+        writer.checkpoint()
+        assert writer.opened.remote.drain(60)
+        assert writer.opened.remote.stats()["repacks"] == 1
+        writer.opened.publisher.publish()
+        viewer.opened.follower.follow()
+        assert read_file(viewer, "/keep") == keep
+        assert viewer.opened.remote.packs.where(next(iter(named(viewer, "/keep")))).pack != old
+    finally:
+        viewer.close()
