@@ -35,6 +35,12 @@ first :data:`LOCAL_WINDOW` bytes of this file and of the next
 :data:`LOCAL_FILES` files decoded into the decoded cache by the core's
 read-ahead threads, so that the next file's first bands are ready when it
 is opened.  A reader that stops wastes at most that much decoding.
+
+An S3 store does both: it fetches as above, and has the first
+:data:`LOCAL_WINDOW` bytes of this file and of the next :data:`LOCAL_FILES`
+decoded as a local store does (each decode waits for its object's fetch):
+once packs took the GETs' cost off the server, the read was bound by the
+daemon's decoding, one file at a time.
 """
 
 from __future__ import annotations
@@ -78,8 +84,11 @@ class ReadAhead:
 
     def __init__(self, index: Index, objects: ObjectStore, chunk_size: int,
                  resolve: Callable, inode: Callable, window: int = WINDOW,
-                 files: int = FILES, decode: Callable | None = None) -> None:
+                 files: int = FILES, decode: Callable | None = None,
+                 decode_fetched: Callable | None = None) -> None:
         self.decode = decode
+        #: an S3 store: ``decode``'s like, run after the fetches were asked for
+        self.decode_fetched = decode_fetched
         if decode is not None:
             window, files = LOCAL_WINDOW, LOCAL_FILES
         self.index = index
@@ -158,17 +167,23 @@ class ReadAhead:
             if of.ino not in asked:  # a walk starts (again): nothing asked yet
                 asked.clear()
             ahead = [c for c in order[:self.files] if c not in asked]
-            if len(ahead) < self.files // 2 and len(order) >= self.files:
-                return  # asked recently: wait for half a window of new files
-            wanted = self._wanted(of.committed, 0, self.window)
-            for child in ahead:
-                asked.add(child)
-                inode = self._inode(txn, child)
-                if stat.S_ISREG(inode.mode):
-                    wanted += self._wanted(txn.chunks(child), 0, self.window)
-            self.objects.prefetch(wanted)  # at once: one GET of a pack brings many
-            while len(asked) > 4 * self.files:
-                asked.pop()
+            # asked recently: wait for half a window of new files
+            if len(ahead) >= self.files // 2 or len(order) < self.files:
+                wanted = self._wanted(of.committed, 0, self.window)
+                for child in ahead:
+                    asked.add(child)
+                    inode = self._inode(txn, child)
+                    if stat.S_ISREG(inode.mode):
+                        wanted += self._wanted(txn.chunks(child), 0, self.window)
+                self.objects.prefetch(wanted)  # at once: one GET of a pack brings many
+                while len(asked) > 4 * self.files:
+                    asked.pop()
+            if self.decode_fetched is not None:  # the GETs are on their way: decode
+                self.decode_fetched(of.ino, of.inode, of.committed, LOCAL_WINDOW)
+                for child in order[:LOCAL_FILES]:
+                    inode = self._inode(txn, child)
+                    if stat.S_ISREG(inode.mode):
+                        self.decode_fetched(child, inode, txn.chunks(child), LOCAL_WINDOW)
 
     def _order(self, listing: _Listing, last: bytes, name: bytes) -> list[int] | None:
         """The inodes after ``name`` in the order in which ``name`` follows
