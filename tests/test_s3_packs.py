@@ -160,3 +160,28 @@ def test_a_follower_reads_objects_the_writer_moved_to_a_new_pack(s3_fs, tmp_path
         assert viewer.opened.remote.packs.where(next(iter(named(viewer, "/keep")))).pack != old
     finally:
         viewer.close()
+
+
+def test_a_pack_gone_from_the_bucket_is_not_rewritten_and_uploads_go_on(
+        s3_fs, ceph_s3, caplog):
+    """A pack deleted behind the writer's back cannot be rewritten without
+    a deleted file's objects: a warning says so, and the upload pool (one
+    thread here) goes on uploading."""
+    fs = s3_fs(s3_upload_delay=30, s3_uploaders=1)
+    write_file(fs, "/keep", os.urandom(150_000))
+    write_file(fs, "/gone", os.urandom(150_000))
+    assert fs.opened.remote.drain(60)
+    bucket = Bucket(ceph_s3.client(), s3_fs.url)
+    kept = named(fs, "/keep")
+    assert len(bucket.keys("packs/")) == 1, bucket.keys("packs/")
+    bucket.remove(next(iter(kept)))  # the whole pack
+    for oid in kept:  # and the cached copies: the rewrite must GET them
+        os.remove(fs.objects.path(oid))
+    fs.make_durable()
+    fs.unlink("/gone")
+    fs.checkpoint()
+    assert fs.opened.remote.drain(60)
+    assert "is missing from the bucket" in caplog.text
+    write_file(fs, "/later", os.urandom(150_000))
+    assert fs.opened.remote.drain(30)  # the uploader lives
+    assert named(fs, "/later") <= set(bucket.objects())

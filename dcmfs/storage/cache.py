@@ -440,7 +440,8 @@ class CachedBackend(PackedCache, Backend):
                 # not count: only what is waiting, running or still to delete
                 while self._pending or self._in_flight or self._deletes_waiting \
                         or self._repacking:
-                    if not (self._queue or self._held or self._later or self._in_flight):
+                    if self._pending and not (self._queue or self._held or self._later
+                                              or self._in_flight):
                         # waiting objects no queue holds: queue them again
                         # (an upload of one is harmless, a lost one is not)
                         log.warning("%d waiting objects were not queued; queueing them",

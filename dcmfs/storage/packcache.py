@@ -172,6 +172,9 @@ class PackedCache:
                     for pack in sorted(dirty):
                         try:
                             self._repack(pack)
+                        except BackendMissing:  # gone from the bucket: verify names
+                            log.warning("%s is missing from the bucket; it is not rewritten "
+                                        "('dcmfs verify' names the files it held)", pack)
                         except StoreIOError as exc:  # abandoned at close
                             with self._cv:
                                 self._dirty |= {p for p in dirty if p >= pack}

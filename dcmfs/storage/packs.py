@@ -116,7 +116,9 @@ def parse_table(data: bytes, size: int | None = None) -> list[tuple[bytes, int, 
 class PackMap:
     """Which pack holds each uploaded object (``STORE/packs/``, LMDB, synced
     at every change).  ``objects``: object id -> pack id (16) | offset (u64)
-    | length (u32); ``packs``: pack id -> objects in it still named (u32).
+    | length (u32); ``packs``: pack id -> objects in it still named (u32);
+    ``members``: pack id + object id -> b"" (a pack's objects, for its
+    rewrite); ``meta``: ``complete`` once filled from the bucket.
     ``fresh``: the map was never filled from the bucket (a new, lost or
     attached store directory: :meth:`CachedBackend.refresh_packs` reads
     every pack's table, then marks it complete)."""
@@ -125,7 +127,7 @@ class PackMap:
         path = os.path.join(root, MAP_DIR)
         os.makedirs(path, mode=0o700, exist_ok=True)
         try:
-            self._env = lmdb.open(path, map_size=1 << 34, max_dbs=3, subdir=True,
+            self._env = lmdb.open(path, map_size=1 << 34, max_dbs=4, subdir=True,
                                   readahead=False)
         except lmdb.Error as exc:
             raise StoreIOError(f"opening the pack map {path} failed ({type(exc).__name__}); "
@@ -133,6 +135,8 @@ class PackMap:
                                "bucket.") from exc
         self._objects = self._env.open_db(b"objects")
         self._packs = self._env.open_db(b"packs")
+        #: pack id + object id -> b"" (the objects of a pack, for rewriting it)
+        self._members = self._env.open_db(b"members")
         self._meta = self._env.open_db(b"meta")
         with self._env.begin(db=self._meta) as txn:
             self.fresh = txn.get(b"complete") is None
@@ -140,13 +144,17 @@ class PackMap:
 
     def mark_complete(self) -> None:
         """Every pack the bucket held when the map was made is in it."""
-        with self._lock, self._env.begin(write=True, db=self._meta) as txn:
-            txn.put(b"complete", b"1")
+        with self._write() as txn:
+            txn.put(b"complete", b"1", db=self._meta)
         self.fresh = False
 
     @staticmethod
     def _pid(pack: str) -> bytes:
         return bytes.fromhex(pack[len(PACKS):])
+
+    def _write(self):
+        """A write transaction; an LMDB failure (a full disk) is a StoreIOError."""
+        return _Writing(self._env, self._lock)
 
     def where(self, oid: bytes) -> Where | None:
         with self._env.begin(db=self._objects) as txn:
@@ -160,13 +168,15 @@ class PackMap:
         """Record a pack uploaded (or found in the bucket): its objects are
         there now (an object in two packs: the newer entry wins)."""
         pid = self._pid(pack)
-        with self._lock, self._env.begin(write=True) as txn:
+        with self._write() as txn:
             n = 0
             for oid, offset, length in table:
                 old = txn.get(oid, db=self._objects)
                 if old is not None:
                     self._release(txn, old[:16])
+                    txn.delete(old[:16] + oid, db=self._members)
                 txn.put(oid, pid + struct.pack(">QI", offset, length), db=self._objects)
+                txn.put(pid + oid, b"", db=self._members)
                 n += 1
             before = txn.get(pid, db=self._packs)
             txn.put(pid, struct.pack(">I", n + (struct.unpack(">I", before)[0]
@@ -182,26 +192,32 @@ class PackMap:
     def drop(self, oid: bytes) -> tuple[str, int] | None:
         """The object is deleted: (its pack, objects left in it), or None
         when no pack holds it."""
-        with self._lock, self._env.begin(write=True) as txn:
+        with self._write() as txn:
             v = txn.get(oid, db=self._objects)
             if v is None:
                 return None
             txn.delete(oid, db=self._objects)
+            txn.delete(v[:16] + oid, db=self._members)
             return PACKS + v[:16].hex(), self._release(txn, v[:16])
 
     def forget(self, pack: str) -> None:
         """The pack is gone from the bucket (deleted, or repacked)."""
-        with self._lock, self._env.begin(write=True) as txn:
+        with self._write() as txn:
             txn.delete(self._pid(pack), db=self._packs)
 
     def members(self, pack: str) -> list[tuple[bytes, int, int]]:
-        """The objects still named in ``pack`` (a scan: for repacking only)."""
+        """The objects still named in ``pack``: (object id, offset, length)."""
         pid = self._pid(pack)
         out = []
-        with self._env.begin(db=self._objects) as txn:
-            for oid, v in txn.cursor():
-                if v[:16] == pid:
-                    out.append((oid, *struct.unpack_from(">QI", v, 16)))
+        with self._env.begin() as txn:
+            cursor = txn.cursor(db=self._members)
+            if cursor.set_range(pid):
+                for key in cursor.iternext(values=False):
+                    if key[:16] != pid:
+                        break
+                    v = txn.get(key[16:], db=self._objects)
+                    if v is not None and v[:16] == pid:
+                        out.append((key[16:], *struct.unpack_from(">QI", v, 16)))
         return out
 
     def packs(self) -> set[str]:
@@ -215,3 +231,34 @@ class PackMap:
 
     def close(self) -> None:
         self._env.close()
+
+
+class _Writing:
+    """``with``: a write transaction of the map under its lock; LMDB errors
+    become :class:`StoreIOError` (the upload pool retries those)."""
+
+    def __init__(self, env, lock: threading.Lock) -> None:
+        self._env, self._lock = env, lock
+
+    def __enter__(self):
+        self._lock.acquire()
+        try:
+            self._txn = self._env.begin(write=True)
+        except lmdb.Error as exc:
+            self._lock.release()
+            raise StoreIOError(f"the pack map cannot be written ({type(exc).__name__})") from exc
+        return self._txn
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if kind is None:
+                self._txn.commit()
+            else:
+                self._txn.abort()
+        except lmdb.Error as err:
+            raise StoreIOError(f"the pack map cannot be written ({type(err).__name__})") from err
+        finally:
+            self._lock.release()
+        if isinstance(exc, lmdb.Error):
+            raise StoreIOError(f"the pack map cannot be written ({type(exc).__name__})") from exc
+        return False
