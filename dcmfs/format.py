@@ -103,6 +103,13 @@ constant, so do we):
   comes from (0 without it), the index names its own in ``meta/keygen``; a
   ``key rotate --finish`` moves both to the newest epoch and destroys epoch
   0.  Stores without the feature are unchanged until their next rotation.
+  Feature ``s3-packs-v1`` (S3 stores only, in
+  ``S3_WRITE_FEATURES``: added at the first read-write opening of an S3
+  store): objects are uploaded several to one S3 object, a *pack*
+  (``packs/<time><random>``, :mod:`dcmfs.storage.packs`), and read by ranged
+  GETs; the objects inside are unchanged, so are their checks.  Objects
+  uploaded before stay loose under ``objects/`` and are read as before.
+  An older dcmfs would not find the packed objects: it refuses the store.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -142,6 +149,8 @@ LEASE_NAME = "lease"
 #: crypto-shredding: inode records may hold a file secret that is part of the
 #: file's payload key (:mod:`dcmfs.index.shred`)
 FILE_SECRETS_FEATURE = "file-secrets-v1"
+#: S3 stores: objects uploaded in packs (:mod:`dcmfs.storage.packs`)
+S3_PACKS_FEATURE = "s3-packs-v1"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
 DAMAGE_MARK = "needs-fsck"
 
@@ -156,7 +165,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "special-files-v1", "index-auth-v1", "backend-s3-v1",
                             "audit-v1", "key-slots-v1", "key-epochs-v1",
                             "deid-view-v1", FILE_SECRETS_FEATURE,
-                            "ingest-v1", "key-generations-v1"})
+                            "ingest-v1", "key-generations-v1", S3_PACKS_FEATURE})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -166,6 +175,14 @@ WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1",
                             "deid-view-v1", FILE_SECRETS_FEATURE})
+#: features this version may write into an S3 store besides (added the same way)
+S3_WRITE_FEATURES = frozenset({S3_PACKS_FEATURE})
+
+
+def write_features(header: dict) -> frozenset:
+    """The features a store opened for writing gets (:data:`WRITE_FEATURES`,
+    and :data:`S3_WRITE_FEATURES` for a store in a bucket)."""
+    return WRITE_FEATURES | (S3_WRITE_FEATURES if header.get("backend") else frozenset())
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

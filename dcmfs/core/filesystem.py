@@ -110,11 +110,13 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         self.data.on_damage = self.damaged
         if self.opened.follower is not None:  # the writer's changes came in
             self.opened.follower.on_applied = lambda: self._inodes.clear()
-        #: read-ahead across the files of a directory: an S3 store fetches,
-        #: a local one decodes
+        #: read-ahead across the files of a directory: an S3 store fetches
+        #: and decodes, a local one decodes
+        remote = self.opened.remote is not None
         self.readahead = ReadAhead(
             self.index, self.objects, self.chunk_size, self._resolve, self._inode,
-            decode=self.data.decode_ahead if self.opened.remote is None else None)
+            decode=None if remote else self.data.decode_ahead,
+            decode_fetched=self.data.decode_ahead if remote else None)
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}

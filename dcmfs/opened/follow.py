@@ -269,6 +269,9 @@ class Follower:
 
     def _in_bucket(self, oids: set[bytes]) -> set[bytes]:
         todo = [o for o in oids if o not in self._present]
+        refresh = getattr(self.remote, "refresh_packs", None)
+        if todo and refresh is not None:  # the packs uploaded since the last round
+            refresh()
         for oid, size in zip(todo, self._heads.map(
                 lambda o: self.remote.head(object_name(o)), todo)):
             if size is not None:

@@ -28,14 +28,36 @@ log = logging.getLogger("dcmfs.s3")
 
 
 def open_backend(store: Store, config: Config) -> CachedBackend:
-    """The write-back cache in front of the store's bucket."""
+    """The write-back cache in front of the store's bucket, with the map of
+    its packs (:mod:`dcmfs.storage.packs`), read from the bucket's pack
+    tables first when this store directory has none yet (attach, a lost
+    map).
+
+    Raises
+    ------
+    StoreIOError
+        The map is missing and the bucket cannot be listed.
+    """
+    from ..storage.packs import PackMap
     from ..storage.s3 import S3Backend
     remote = S3Backend(store.backend, config.s3 or S3Settings())
-    return CachedBackend(LocalBackend(store.root), remote, config.cache_size,
-                         uploaders=1 if config.read_only else config.s3_uploaders,
-                         upload_delay=config.s3_upload_delay,
-                         # a follower is at most ~3 publications behind
-                         delete_delay=max(60.0, 3 * config.s3_publish_interval))
+    packs = PackMap(store.root)
+    backend = CachedBackend(LocalBackend(store.root), remote, config.cache_size,
+                            uploaders=1 if config.read_only else config.s3_uploaders,
+                            upload_delay=config.s3_upload_delay,
+                            # a follower is at most ~3 publications behind
+                            delete_delay=max(60.0, 3 * config.s3_publish_interval),
+                            packs=packs,
+                            pack_uploads=fmt.S3_PACKS_FEATURE in store.features)
+    if packs.fresh:
+        try:
+            n = backend.refresh_packs()
+        except BaseException:
+            backend.close()
+            raise
+        if n:
+            log.info("the pack map was rebuilt from the bucket (%d packs)", n)
+    return backend
 
 
 def take_lease(backend: CachedBackend, url: str):

@@ -165,7 +165,8 @@ def init_store(root: str, secret: Secret, config: Config, label: str = "",
     }
     if backend:
         header["backend"] = backend
-        header["features"] = sorted(set(header["features"]) | {fmt.BACKEND_S3_FEATURE})
+        header["features"] = sorted(set(header["features"]) | {fmt.BACKEND_S3_FEATURE}
+                                    | fmt.S3_WRITE_FEATURES)
     slot = slots.new_slot(1, secret, label or "initial", dataclasses.asdict(config.kdf))
     _write_header(root, slots.new_table(header, master, secret, slot))
     return Store(root, store_id, config.chunk_size, config.codec,
@@ -291,7 +292,7 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
         err.store_root = root  # the audit trail records the attempt
         raise
     master = slots.master_of(header, keys) if "slots" in header else keys[0]
-    if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
+    if for_writing and not fmt.write_features(header) <= set(header["features"]):
         try:
             lock = StoreLock(root)
         except StoreLockedError:
@@ -318,7 +319,7 @@ def upgrade(root: str, header: dict, secret: Secret, master: bytes,
         header = slots.from_legacy(header, master, legacy_kek, secret)
         slots.log.info("key slots: the store's single key wrap became slot 1 (%s)",
                        header["slots"][0]["kind"])
-    header["features"] = sorted(set(header["features"]) | fmt.WRITE_FEATURES)
+    header["features"] = sorted(set(header["features"]) | fmt.write_features(header))
     return slots.seal_header(master, header)
 
 
