@@ -103,6 +103,13 @@ class Publisher:
         if index is None or getattr(self.remote, "fence", None) is not None \
                 and self.remote.fence.is_set():  # the lease went to another writer
             return
+        try:  # a key command changed it: followers need its keys first
+            from .remote import refresh_header
+            refresh_header(getattr(self.remote, "remote", self.remote), self.root)
+        except (OSError, StoreIOError) as exc:
+            log.warning("replacing the bucket's copy of the header failed (%s); retrying in "
+                        "%.0f s", type(exc).__name__, self.interval)
+            return
         seq = index.seq
         if seq == self._published_seq and self._floor_done:
             return
