@@ -196,8 +196,12 @@ class Index(Checked):
             if self.witness is not None:
                 self.witness.synced(self._seq)
 
-    def needs_checkpoint(self) -> bool:
-        return (self.pending_records >= 4096 or self.journal.size >= self._journal_limit)
+    #: journal records after which a checkpoint is due (``slack`` times: overdue)
+    checkpoint_records = 4096
+
+    def needs_checkpoint(self, slack: int = 1) -> bool:
+        return (self.pending_records >= self.checkpoint_records * slack
+                or self.journal.size >= self._journal_limit * slack)
 
     @property
     def seq(self) -> int:
