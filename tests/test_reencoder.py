@@ -129,3 +129,19 @@ def test_a_full_backlog_makes_close_compress_inline(make_fs):
     assert fs.reencoder.wait_idle(timeout=30)
     assert fs.live_status()["backlog_bytes"] == 0
     assert read_file(fs, "/big") == b"b" * (5 * cs - 1)
+
+
+def test_a_burst_of_metadata_requests_holds_the_reencoder_back(make_fs):
+    """Issue 17: the re-encoder waited for reads and writes to pause, not
+    for stats and unlinks: it rewrote the objects of 5 000 small files while
+    they were being stat'ed and unlinked.  A burst of any requests holds it
+    back as well; it works the backlog off once the burst is over."""
+    import time
+    fs = make_fs(ON)
+    write_file(fs, "/f", b"compressible " * 5000)
+    deadline = time.monotonic() + 2 * fs.reencoder.quiet_after + 0.5
+    while time.monotonic() < deadline:  # longer than the quiet it waits for
+        fs.getattr("/f")
+    assert fs.reencoder.files_done == 0 and codecs_of(fs, "/f") == {codec.NONE}
+    assert fs.reencoder.wait_idle(timeout=30)
+    assert fs.reencoder.files_done == 1 and codecs_of(fs, "/f") == {codec.ZSTD}

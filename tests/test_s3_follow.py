@@ -33,10 +33,12 @@ def _wait_for(path, data: bytes, deadline: float) -> float:
     raise AssertionError(f"{path.name} did not show on the follower in time")
 
 
-def _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first: bytes | None = None):
+def _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first: bytes | None = None,
+                         **writer_changes):
     """A writer of the bucket (after one session that wrote ``first`` as
-    /first, if given) and a follower core attached from the bucket on
-    "another machine" (its own state directory), following by hand."""
+    /first, if given; ``writer_changes`` to its config) and a follower core
+    attached from the bucket on "another machine" (its own state
+    directory), following by hand."""
     import dataclasses
 
     from dcmfs.app.attach import attach
@@ -53,7 +55,7 @@ def _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first: bytes | No
     viewer_root = str(tmp_path / "viewer")
     viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
     attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg)
-    writer = s3_fs()
+    writer = s3_fs(**writer_changes)
     viewer = FileSystem(open_store(viewer_root, secret),
                         dataclasses.replace(viewer_cfg, read_only=True, follow=3600))
     return writer, viewer
@@ -217,7 +219,11 @@ def test_a_follower_follows_across_a_journal_rotation(s3_fs, tmp_path, secret, s
     holds in the bucket, and a follower behind it catches up from it."""
     from .test_s3 import read_file, write_file
 
-    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings)
+    # no checkpoint thread: the test checkpoints and publishes by hand, and a
+    # journal over its bound wakes that thread at once (issue 17), whose
+    # checkpoint could add records after the publish below
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings,
+                                          checkpoint_interval=0)
     client = ceph_s3.client()
     bucket, prefix = s3_fs.url[5:].split("/", 1)
 

@@ -131,6 +131,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         self._knames = KernelNames()
         self.recovered: RecoveryReport | None = None
         self._syncer: threading.Thread | None = None
+        #: set to have the checkpoint thread checkpoint now (see _maybe_checkpoint)
+        self._checkpoint_due = threading.Event()
         self.reencoder: Reencoder | None = None
         self.scrubber: Scrubber | None = None
         self.verify_job: VerifyJob | None = None
@@ -212,15 +214,6 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
         self.opened.snapshot()
 
-    def _maybe_checkpoint(self) -> None:
-        """Checkpoint when the journal has grown; a failure does not fail the
-        operation that triggered it (the journal keeps its changes)."""
-        if self.index.pending_records and self.index.needs_checkpoint():
-            try:
-                self.checkpoint()
-            except DcmfsError as exc:
-                log.error("checkpoint failed: %s", exc)
-
     def sync_all(self) -> None:
         """Commit every open file and checkpoint (fsync of a directory, umount).
 
@@ -256,6 +249,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         if self.closed:
             return
         self._stop.set()
+        self._checkpoint_due.set()
         if self._syncer is not None:
             self._syncer.join()
         if self.reencoder is not None:

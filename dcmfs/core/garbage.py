@@ -5,6 +5,7 @@ checkpoint thread after it has let go of the core's lock)."""
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 
 class Garbage:
@@ -49,13 +50,21 @@ class Garbage:
             self._set_aside.extend(self._garbage)
         self._garbage = []
 
-    def delete_set_aside(self) -> int:
+    def set_aside_count(self) -> int:
+        return len(self._set_aside)
+
+    def delete_set_aside(self, go_on: Callable[[], bool] | None = None) -> int:
         """Delete the objects :meth:`set_aside` kept (no core lock needed:
-        nothing names them any more).  Returns how many."""
+        nothing names them any more); ``go_on`` is asked before each batch,
+        False leaves the rest for later.  Returns how many were deleted."""
         with self._aside_lock:
             oids = list(self._set_aside)
-        for oid in oids:
-            self.objects.delete(oid)
-        with self._aside_lock:
-            del self._set_aside[:len(oids)]
-        return len(oids)
+        done = 0
+        while done < len(oids) and (go_on is None or go_on()):
+            batch = oids[done:done + 64]
+            for oid in batch:
+                self.objects.delete(oid)
+            with self._aside_lock:  # counted as superseded until gone
+                del self._set_aside[:len(batch)]
+            done += len(batch)
+        return done

@@ -38,6 +38,7 @@ def _locked(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
+            self.data.note_request()
             result = method(self, *args, **kwargs)
             self._maybe_checkpoint()
             return result
@@ -50,6 +51,7 @@ def _mutating(method: Callable) -> Callable:
         if self.read_only:
             raise ReadOnlyError("The store is mounted read-only.")
         with self._lock:
+            self.data.note_request()
             result = method(self, *args, **kwargs)
             self._maybe_checkpoint()
             return result
