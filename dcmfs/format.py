@@ -96,7 +96,7 @@ constant, so do we):
   opening.  Stores of versions 1-4 are opened and upgraded in place as
   before (the features are added under the store lock; the header keeps
   the version it was made with).
-* 6 (to be frozen by the integrator) — feature ``key-generations-v1``,
+* 6 — feature ``key-generations-v1``,
   added by every ``dcmfs key rotate`` (:mod:`dcmfs.index.keygen`,
   :mod:`dcmfs.opened.regen`): an object's context block is sealed under its
   own epoch's key; the header's ``master`` names the epoch every derived key
@@ -110,6 +110,10 @@ constant, so do we):
   GETs; the objects inside are unchanged, so are their checks.  Objects
   uploaded before stay loose under ``objects/`` and are read as before.
   An older dcmfs would not find the packed objects: it refuses the store.
+  ``tests/compat/v6`` holds a store whose index moved to epoch 1 (epoch 0
+  destroyed) with a file under each of epochs 1 and 2 and a write-only
+  mount's two files in the inbox.  Stores of versions 1-5 open and are
+  upgraded in place as before; a rotation adds the feature.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -119,7 +123,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 #: the object layout this dcmfs writes (the version byte of each object; the
 #: layout changed in format 2 and not since)
 OBJECT_VERSION = 2

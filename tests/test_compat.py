@@ -79,7 +79,13 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         check(fs, manifest)
     finally:
         fs.close()
-    before = set(json.loads((root / "dcmfs.store").read_text())["features"])
+    header = json.loads((root / "dcmfs.store").read_text())
+    before = set(header["features"])
+    gen = manifest.get("key_generation")  # v6 on: the index under epoch 1, epoch 0 gone
+    if gen is not None:
+        assert header["master"] == gen["master"] and fs.index.generation == gen["master"]
+        assert [d["epoch"] for d in header["destroyed"]] == gen["destroyed"]
+        assert [e["epoch"] for e in header["epochs"]] == gen["epochs"]
     if version.name in ("v1", "v2"):  # made before the image codecs 4-6
         assert not WRITE_FEATURES <= before
         lock = StoreLock(str(root))  # in use: the header is left alone
