@@ -18,8 +18,13 @@ class NameTags:
 
     def __init__(self, name_key: bytes) -> None:
         self._name_key = name_key
-        #: directory -> its tag (a tag never changes)
+        #: directory -> its tag (until a key generation move: set_name_key)
         self._parent_tags: dict[int, bytes] = {}
+
+    def set_name_key(self, name_key: bytes) -> None:
+        """A key generation move: the tags cached under the old key go."""
+        self._name_key = name_key
+        self._parent_tags = {}
 
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.digest(self._name_key, U64.pack(parent) + name, "sha256")[:16]
