@@ -183,7 +183,9 @@ class Follower:
 
     def __init__(self, remote: Backend, root: str, index: Index, master_key: bytes,
                  store_id: bytes, lock, interval: float,
-                 on_applied: Callable[[], None] = lambda: None) -> None:
+                 on_applied: Callable[[], None] = lambda: None, keys=None) -> None:
+        #: adopts the epochs of the writer's rotations (:mod:`.followkeys`)
+        self.keys = keys
         self.remote = remote
         self.root = root
         self.index = index
@@ -215,6 +217,13 @@ class Follower:
         """One round: fetch what the writer published and apply what can be;
         returns how many records were applied."""
         self.rounds += 1
+        if self.keys is not None:  # first: new records may name objects of a new epoch
+            why = self.keys.refresh()
+            if why is not None:
+                if why != self.last_error:
+                    log.warning("following the writer stopped: %s", why)
+                self.last_error = why
+                return 0
         seq = self.index.seq
         found = []
         for name in self.remote.list(PREFIX):

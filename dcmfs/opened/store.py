@@ -169,8 +169,12 @@ class OpenedStore:
         (:mod:`dcmfs.opened.follow`); it stops before the index closes."""
         if self.following:
             from .follow import Follower
+            from .followkeys import KeyFollower
+            keys = KeyFollower(self.remote.remote, self.root, self.store, self.objects,
+                               self.index.generation)
             self.follower = Follower(self.remote, self.root, self.index, self.index_key,
-                                     self.store.store_id, self.lock, self.config.follow)
+                                     self.store.store_id, self.lock, self.config.follow,
+                                     keys=keys)
             self._stack.callback(self.follower.close)
 
     def start_publishing(self) -> None:

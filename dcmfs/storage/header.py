@@ -82,6 +82,8 @@ class Store:
     #: the epoch the master key is (0, the store key, until a ``key rotate
     #: --finish`` moved it: feature ``key-generations-v1``)
     master_epoch: int = 0
+    #: (id, private key) of the slot that opened it, for a follower (followkeys)
+    slot_key: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.epoch_keys is None:
@@ -237,7 +239,7 @@ def read_header(root: str) -> dict:
     return header
 
 
-def unlock(root: str, header: dict, secret: Secret) -> tuple[dict, dict]:
+def unlock(root: str, header: dict, secret: Secret, with_private: bool = False) -> tuple:
     """({epoch: key}, the slot that opened it) of a header of either layout
     (epoch 0 is the store key); for a single-wrap header the "slot" is its
     ``key`` table with the KEK under ``"kek"``, what
@@ -248,7 +250,7 @@ def unlock(root: str, header: dict, secret: Secret) -> tuple[dict, dict]:
     WrongKeyError, HeaderAlteredError, KdfBoundsError, SecretError
     """
     if "slots" in header:
-        return slots.unlock(header, secret, root)
+        return slots.unlock(header, secret, root, with_private)
     key_info = header["key"]
     if secret.kind not in slots.UNLOCKS.get(key_info["kind"], ()):
         want = "a key file (--key-file)" if key_info["kind"] == "keyfile" else "a passphrase"
@@ -261,7 +263,7 @@ def unlock(root: str, header: dict, secret: Secret) -> tuple[dict, dict]:
                           slots.WHAT[secret.kind], key_info["kind"])
         raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
                             "passphrase (or a damaged store header).") from exc
-    return {0: master}, {**key_info, "id": 1, "kek": kek}
+    return ({0: master}, {**key_info, "id": 1, "kek": kek}) + ((None,) if with_private else ())
 
 
 def slots_secret_as(secret: Secret, kind: str) -> Secret:
@@ -287,7 +289,7 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     root = os.path.abspath(root)
     header = read_header(root)
     try:
-        keys, slot = unlock(root, header, secret)
+        keys, slot, private = unlock(root, header, secret, with_private=True)
     except WrongKeyError as err:
         err.store_root = root  # the audit trail records the attempt
         raise
@@ -306,7 +308,8 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
                  header["codec"], frozenset(header["features"]), master, keys,
                  header.get("epoch", 0), str(header.get("backend", "")),
                  str(slot.get("kind", "")), ingest_key(root, header, master),
-                 slots.master_epoch(header))
+                 slots.master_epoch(header),
+                 (int(slot["id"]), private) if private is not None else None)
 
 
 def upgrade(root: str, header: dict, secret: Secret, master: bytes,

@@ -225,6 +225,21 @@ def _raw(key) -> bytes:
     return key.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
 
 
+def open_epochs(header: dict, private: bytes, slot_id: int) -> dict[int, bytes]:
+    """{epoch: key} of every live epoch of ``header`` sealed to the slot
+    whose private key is ``private`` (nothing of the header is checked here).
+
+    Raises
+    ------
+    crypto.AuthenticationFailed, KeyError
+        An epoch is not sealed to that slot, or does not open.
+    """
+    store_id = header["store_id"]
+    return {e["epoch"]: open_from(private, e["sealed"][str(slot_id)],
+                                  _seal_aad(store_id, slot_id, e["epoch"]))
+            for e in header["epochs"]}
+
+
 def _seal_aad(store_id: str, slot_id: int, epoch: int) -> bytes:
     return _canonical({"store_id": store_id, "slot": slot_id, "epoch": epoch})
 
@@ -338,9 +353,11 @@ def destroy(header: dict, epoch: int) -> None:
     header.setdefault("destroyed", []).append({"epoch": epoch, "destroyed": now()})
 
 
-def unlock(header: dict, secret, root: str) -> tuple[dict[int, bytes], dict]:
+def unlock(header: dict, secret, root: str, with_private: bool = False) -> tuple:
     """({epoch: key} of every live epoch, the slot that opened) for
-    ``secret``; epoch 0 is the store key.  The header's mac is checked with
+    ``secret``; epoch 0 is the store key.  ``with_private``: the slot's
+    private key too, third (a follower opens the epochs a rotation adds to
+    the bucket's header with it: :mod:`dcmfs.opened.followkeys`).  The header's mac is checked with
     it.  A failed attempt is logged with the kinds tried, never with
     anything of the secret.
 
@@ -377,7 +394,7 @@ def unlock(header: dict, secret, root: str) -> tuple[dict[int, bytes], dict]:
                 f"The store header at {root} was altered by someone without the key (a slot "
                 "put back or changed, or another field edited); restore dcmfs.store from a "
                 "backup made after the last 'dcmfs key' command.") from exc
-        return keys, slot
+        return (keys, slot, private) if with_private else (keys, slot)
     have = sorted({s["kind"] for s in header["slots"]})
     log.warning("unlock failed: %s opened none of the store's %d %s slot(s)",
                 WHAT[secret.kind], len(candidates), "/".join(kinds))
