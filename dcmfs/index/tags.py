@@ -21,6 +21,13 @@ class NameTags:
         #: directory -> its tag (a tag never changes)
         self._parent_tags: dict[int, bytes] = {}
 
+    def set_name_key(self, name_key: bytes) -> None:
+        """Tags under another key from now on (a key generation move,
+        :mod:`dcmfs.index.keygen`): the cached directory tags go with the
+        old key."""
+        self._name_key = name_key
+        self._parent_tags = {}
+
     def name_tag(self, parent: int, name: bytes) -> bytes:
         return hmac.digest(self._name_key, U64.pack(parent) + name, "sha256")[:16]
 
