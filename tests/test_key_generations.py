@@ -511,3 +511,37 @@ def test_an_s3_store_attached_after_the_finish_reads_everything(s3_fs, secret, t
             assert read_file(viewer, path) == blob
     finally:
         viewer.close()
+
+
+def test_a_mounted_move_keeps_every_name_reachable_in_the_running_core(make_fs, secret):
+    """The core moves to the new generation while it runs (a mounted
+    finish: SyncLoops.move_generation).  The index cached each directory's
+    tag (index/tags.py) under the names key of the old generation and kept
+    it: after the move a lookup in a directory used before found nothing
+    (ENOENT for files that are there), and a file made there was keyed
+    under the old key's tag, lost to the next opening (fails before)."""
+    import dataclasses
+    from dcmfs.core.rekey import rekey_all
+    from .test_core import read_file, write_file
+    fs = make_fs(dataclasses.replace(SMALL, checkpoint_interval=0))
+    fs.mkdir("/d", 0o755, 0, 0)
+    data = {"/top": os.urandom(3000), "/d/f": os.urandom(70_000)}
+    for path, blob in data.items():
+        write_file(fs, path, blob)
+    for path, blob in data.items():  # each directory's tag is cached now
+        assert read_file(fs, path) == blob
+    root = str(make_fs.root)
+    epoch, key = keyring.rotate(root, secret, lock_held=True)
+    fs.objects.add_epoch(epoch, key)
+    rekey_all(fs)
+    fs.checkpoint()
+    assert fs.move_generation(epoch)["index"]
+    for path, blob in data.items():
+        assert read_file(fs, path) == blob
+    data["/d/new"] = os.urandom(5000)
+    write_file(fs, "/d/new", data["/d/new"])
+    assert {name for name, _ in fs.readdir("/d")} - {".", ".."} == {"f", "new"}
+    fs.close()
+    fs = make_fs()
+    for path, blob in data.items():
+        assert read_file(fs, path) == blob

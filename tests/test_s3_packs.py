@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -18,7 +19,7 @@ from dcmfs.core.filesystem import FileSystem
 from dcmfs.errors import IntegrityError
 from dcmfs.storage import slots
 from dcmfs.storage.header import open_store, rewrite_header
-from dcmfs.storage.packs import ENTRY, HEAD, parse_table
+from dcmfs.storage.packs import ENTRY, HEAD, PACKS, build, parse_table
 
 from .bucket import Bucket
 from .conftest import ct_file
@@ -217,3 +218,55 @@ def test_a_tampered_pack_table_gives_eio_and_is_named_by_verify(s3_fs, ceph_s3, 
     with pytest.raises(IntegrityError):
         read_file(fs, "/a")
     assert read_file(fs, "/b") == files["/b"]
+
+
+def _ms(pack: str) -> int:
+    return int(pack[len(PACKS):len(PACKS) + 16], 16)
+
+
+def test_a_follower_finds_the_packs_of_a_writer_whose_clock_is_behind(
+        s3_fs, ceph_s3, tmp_path, secret, s3_settings):
+    """A follower lists only the packs named after the newest it knows,
+    less 10 minutes.  The lease's previous holder ran 11 minutes ahead and
+    left a pack: this writer's packs were named by its own clock, before
+    that, so the follower never listed them and never saw the file (fails
+    before).  They are named after the newest pack the writer knows, which
+    it reads from the bucket when it opens."""
+    from .test_s3_follow import _writer_and_follower
+    s3_fs().close()
+    ahead = f"{PACKS}{int((time.time() + 660) * 1000):016x}{os.urandom(8).hex()}"
+    Bucket(ceph_s3.client(), s3_fs.url).put(ahead, build([])[0])
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings)
+    try:
+        assert ahead in viewer.opened.remote.packs.packs()  # attached after it
+        data = os.urandom(150_000)
+        write_file(writer, "/late", data)
+        assert writer.opened.remote.drain(60)
+        pack = writer.opened.remote.packs.where(next(iter(named(writer, "/late")))).pack
+        assert pack > ahead
+        writer.opened.publisher.publish()
+        viewer.opened.follower.follow()
+        assert read_file(viewer, "/late") == data
+    finally:
+        viewer.close()
+
+
+def test_a_pack_is_named_when_its_put_goes_through_not_before_its_retries(s3_fs):
+    """A pack named before a long run of failed PUTs sorted before packs
+    uploaded meanwhile, out of a follower's listing once that run passed 10
+    minutes (fails before: the name was taken before the first attempt)."""
+    fs = s3_fs(s3_uploaders=1)
+    remote = fs.opened.remote
+    remote.fence.set()  # every PUT refused, retried with backoff
+    write_file(fs, "/c", os.urandom(150_000))
+    deadline = time.monotonic() + 30
+    while remote.counts["errors"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert remote.counts["errors"] >= 1  # its PUT was refused
+    time.sleep(1.0)  # and retried meanwhile
+    cleared = int(time.time() * 1000)
+    remote.fence.clear()
+    assert remote.drain(60)
+    assert remote.counts["errors"] >= 3
+    pack = remote.packs.where(next(iter(named(fs, "/c")))).pack
+    assert _ms(pack) >= cleared, (pack, hex(cleared))

@@ -208,7 +208,7 @@ def rekey_index(ix: Index, key: bytes, gen: int, audit_head: dict | None = None)
     # the open index goes on under the new key
     ix._master = key
     ix._siv = index_sealer(key, ix._store_id)
-    ix.set_name_key(crypto.derive(key, b"names", ix._store_id))
+    ix.set_name_key(crypto.derive(key, b"names", ix._store_id))  # and its cached tags
     ix.journal.rekey(key)
     ix._auth_key = auth.auth_key(key, ix._store_id)
     ix.sums = auth.Sums(ix._auth_key, dict(sums.values))

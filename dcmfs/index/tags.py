@@ -18,11 +18,13 @@ class NameTags:
 
     def __init__(self, name_key: bytes) -> None:
         self._name_key = name_key
-        #: directory -> its tag (until a key generation move: set_name_key)
+        #: directory -> its tag (a tag never changes)
         self._parent_tags: dict[int, bytes] = {}
 
     def set_name_key(self, name_key: bytes) -> None:
-        """A key generation move: the tags cached under the old key go."""
+        """Tags under another key from now on (a key generation move,
+        :mod:`dcmfs.index.keygen`): the cached directory tags go with the
+        old key."""
         self._name_key = name_key
         self._parent_tags = {}
 

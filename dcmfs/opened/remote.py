@@ -52,14 +52,20 @@ def open_backend(store: Store, config: Config) -> CachedBackend:
                             delete_delay=max(60.0, 3 * config.s3_publish_interval),
                             packs=packs,
                             pack_uploads=fmt.S3_PACKS_FEATURE in store.features)
-    if packs.fresh:
-        try:
-            n = backend.refresh_packs()
-        except BaseException:
+    fresh = packs.fresh
+    try:  # a lost map whole; else the packs another writer put since (one LIST)
+        n = backend.refresh_packs()
+    except StoreIOError:
+        if fresh:
             backend.close()
             raise
-        if n:
-            log.info("the pack map was rebuilt from the bucket (%d packs)", n)
+        n = 0  # the reads that miss an object read the bucket's tables again
+    except BaseException:
+        backend.close()
+        raise
+    if n:
+        log.info("the pack map %s from the bucket (%d packs)",
+                 "was rebuilt" if fresh else "took the packs of another writer", n)
     return backend
 
 

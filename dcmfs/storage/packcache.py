@@ -107,14 +107,8 @@ class PackedCache:
                     self._cv.notify_all()
         if not members:
             return
-        pack = new_pack_name()
         blob, table = build([(oid_of(name), data) for name, data in members])
-
-        def put() -> None:
-            if self.fence.is_set():
-                raise StoreIOError("another writer holds the lease; not uploaded")
-            self.remote.put(pack, blob)
-        self._retrying(put)
+        pack = self._put_pack(blob, "not uploaded")
         self.packs.add(pack, table)  # synced: only then are they "in the bucket"
         for name, data in members:
             try:
@@ -133,6 +127,20 @@ class PackedCache:
                     self._cached_bytes += size
             self._evict()
             self._cv.notify_all()
+
+    def _put_pack(self, blob: bytes, fenced: str) -> str:
+        """PUT a pack (retried as long as the mount lives); returns its
+        name, taken at the attempt that went through
+        (:func:`~dcmfs.storage.packs.new_pack_name`)."""
+        name: list[str] = []
+
+        def put() -> None:
+            if self.fence.is_set():
+                raise StoreIOError(f"another writer holds the lease; {fenced}")
+            name[:] = [new_pack_name(self.packs.newest())]
+            self.remote.put(name[0], blob)
+        self._retrying(put)
+        return name[0]
 
     # --- deletes ------------------------------------------------------------------
     def _remove(self, name: str) -> None:
@@ -197,15 +205,8 @@ class PackedCache:
                 except BackendMissing:
                     data = self._retrying_get(pack, offset, offset + length)
                 members.append((oid, data))
-            new = new_pack_name()
             blob, table = build(members)
-
-            def put() -> None:
-                if self.fence.is_set():
-                    raise StoreIOError("another writer holds the lease; not repacked")
-                self.remote.put(new, blob)
-            self._retrying(put)
-            self.packs.add(new, table)
+            self.packs.add(self._put_pack(blob, "not repacked"), table)
             self.counts["repacks"] += 1
         self._retrying(lambda: self.remote.delete(pack))
         self.packs.forget(pack)

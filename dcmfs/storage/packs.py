@@ -70,8 +70,19 @@ class Where(NamedTuple):
     length: int
 
 
-def new_pack_name() -> str:
-    return f"{PACKS}{int(time.time() * 1000):016x}{os.urandom(8).hex()}"
+def new_pack_name(after: str | None = None) -> str:
+    """A new pack's name, sorting after ``after`` (the newest pack known)
+    whatever this machine's clock says: a follower lists only the packs
+    named after the newest it knows, less 10 minutes
+    (:meth:`~dcmfs.storage.packcache.PackedCache.refresh_packs`), so a pack
+    named earlier than that (a writer whose clock is behind the one before
+    it) would never be found.  Take it when the PUT is sent, not before its
+    retries, for the same reason."""
+    ms = int(time.time() * 1000)
+    if after is not None:
+        # (a name a bucket writer made up may be the largest there is)
+        ms = min(max(ms, int(after[len(PACKS):len(PACKS) + 16], 16) + 1), (1 << 64) - 1)
+    return f"{PACKS}{ms:016x}{os.urandom(8).hex()}"
 
 
 def build(members: list[tuple[bytes, bytes]]) -> tuple[bytes, list[tuple[bytes, int, int]]]:
@@ -219,6 +230,16 @@ class PackMap:
                     if v is not None and v[:16] == pid:
                         out.append((key[16:], *struct.unpack_from(">QI", v, 16)))
         return out
+
+    def newest(self) -> str | None:
+        """The newest pack in the map (names sort by upload time); None if
+        there is none, or the map cannot be read (the clock alone names)."""
+        try:
+            with self._env.begin(db=self._packs) as txn:
+                cursor = txn.cursor()
+                return PACKS + bytes(cursor.key()).hex() if cursor.last() else None
+        except lmdb.Error:
+            return None
 
     def packs(self) -> set[str]:
         with self._env.begin(db=self._packs) as txn:
