@@ -397,15 +397,21 @@ class CachedBackend(PackedCache, Backend):
             os.chmod(self.cache.path(name), _UPLOADED_MODE)
         except FileNotFoundError:
             pass
+        self._uploaded([name], len(data))
+
+    def _uploaded(self, names: list[str], nbytes: int) -> None:
+        """One PUT of ``names`` (``nbytes`` sent) went through: they count
+        as cached copies of what the bucket holds, evictable."""
         with self._cv:
             self.counts["uploads"] += 1
-            self.counts["uploaded_objects"] += 1
-            self.counts["uploaded_bytes"] += len(data)
-            size = self._pending.pop(name, None)
-            if size is not None:  # not deleted while it was on its way
-                self._pending_bytes -= size
-                self._lru[name] = size
-                self._cached_bytes += size
+            self.counts["uploaded_objects"] += len(names)
+            self.counts["uploaded_bytes"] += nbytes
+            for name in names:
+                size = self._pending.pop(name, None)
+                if size is not None:  # not deleted while it was on its way
+                    self._pending_bytes -= size
+                    self._lru[name] = size
+                    self._cached_bytes += size
             self._evict()
             self._cv.notify_all()
 

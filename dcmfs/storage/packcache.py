@@ -115,18 +115,7 @@ class PackedCache:
                 os.chmod(self.cache.path(name), _UPLOADED_MODE)
             except FileNotFoundError:
                 pass
-        with self._cv:
-            self.counts["uploads"] += 1
-            self.counts["uploaded_objects"] += len(members)
-            self.counts["uploaded_bytes"] += len(blob)
-            for name, data in members:
-                size = self._pending.pop(name, None)
-                if size is not None:  # not deleted while it was on its way
-                    self._pending_bytes -= size
-                    self._lru[name] = size
-                    self._cached_bytes += size
-            self._evict()
-            self._cv.notify_all()
+        self._uploaded([name for name, _ in members], len(blob))
 
     def _put_pack(self, blob: bytes, fenced: str) -> str:
         """PUT a pack (retried as long as the mount lives); returns its
