@@ -164,6 +164,11 @@ class Index(Checked, NameTags):
         except (OSError, lmdb.Error) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreIOError(f"Compacting the index failed: {exc}.") from exc
+        self.swap_in(tmp, path, map_size)
+
+    def swap_in(self, tmp: str, path: str, map_size: int) -> None:
+        """Replace the index's data file with the durable copy in ``tmp``
+        (compaction, a key generation move) and open it again."""
         self.env.close()
         try:
             os.rename(os.path.join(tmp, "data.mdb"), os.path.join(path, "data.mdb"))

@@ -28,7 +28,6 @@ import lmdb
 
 from ..errors import IndexDamagedError, IntegrityError, StoreIOError
 from ..storage import crypto
-from ..storage.durable import fsync_dir
 from . import auth
 from .index import Index, index_sealer, sealed_aad
 from .journal import HEADER_SIZE as JOURNAL_HEADER
@@ -198,13 +197,7 @@ def rekey_index(ix: Index, key: bytes, gen: int, audit_head: dict | None = None)
     except (OSError, lmdb.Error) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StoreIOError(f"Re-keying the index failed: {exc}.") from exc
-    ix.env.close()
-    try:
-        os.rename(os.path.join(tmp, "data.mdb"), os.path.join(path, "data.mdb"))
-        fsync_dir(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        ix._open_env(path, map_size)
+    ix.swap_in(tmp, path, map_size)
     # the open index goes on under the new key
     ix._master = key
     ix._siv = index_sealer(key, ix._store_id)

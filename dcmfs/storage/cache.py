@@ -378,15 +378,19 @@ class CachedBackend(PackedCache, Backend):
             if repack:  # the last of a run of deletes: the packs that lost objects
                 self._repack_dirty()
 
+    def _drop_pending(self, name: str) -> None:
+        """``name`` was deleted before its upload: nothing to send."""
+        with self._cv:
+            size = self._pending.pop(name, None)
+            if size is not None:
+                self._pending_bytes -= size
+            self._cv.notify_all()
+
     def _upload(self, name: str) -> None:
         try:
             data = self.cache.get(name)
         except BackendMissing:  # deleted meanwhile: nothing to upload
-            with self._cv:
-                size = self._pending.pop(name, None)
-                if size is not None:
-                    self._pending_bytes -= size
-                self._cv.notify_all()
+            self._drop_pending(name)
             return
         def put() -> None:
             if self.fence.is_set():

@@ -100,11 +100,7 @@ class PackedCache:
             try:
                 members.append((name, self.cache.get(name)))
             except BackendMissing:  # deleted meanwhile: nothing to upload
-                with self._cv:
-                    size = self._pending.pop(name, None)
-                    if size is not None:
-                        self._pending_bytes -= size
-                    self._cv.notify_all()
+                self._drop_pending(name)
         if not members:
             return
         blob, table = build([(oid_of(name), data) for name, data in members])
