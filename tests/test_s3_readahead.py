@@ -8,6 +8,8 @@ import os
 import random
 import threading
 
+import pytest
+
 from dcmfs.storage.backend import LocalBackend
 from dcmfs.storage.cache import CachedBackend
 from dcmfs.storage.s3 import S3Backend
@@ -129,3 +131,43 @@ def test_a_directory_read_in_order_is_decoded_ahead_too(s3_fs):
     for path in names[2:]:
         assert read_file(fs, path) == FILES[path]
         settle(fs)
+
+
+def test_an_object_deleted_while_fetched_ahead_is_not_cached_after(s3_fs, s3_settings):
+    """A fetch ahead whose GET is on its way when the object is deleted
+    (the re-encoder replaced it, its file was removed) must not write it
+    into the cache afterwards: the cache's space leaks (the books no longer
+    know it) and a stale object sits under a deleted name (failed before)."""
+    from dcmfs.storage.backend import BackendMissing
+    fs = s3_fs()
+    fs.close()
+    remote = S3Backend(s3_fs.url, s3_settings)
+    got, go = threading.Event(), threading.Event()
+    real_get = remote.get
+
+    def slow_get(name, start=0, end=None):  # the real GET, then a pause
+        data = real_get(name, start, end)
+        if name.startswith("objects/"):
+            got.set()
+            assert go.wait(30)
+        return data
+    remote.get = slow_get
+    cache = CachedBackend(LocalBackend(s3_fs.root), remote, 1 << 30, uploaders=1,
+                          delete_delay=3600)
+    try:
+        name = f"objects/cd/{os.urandom(16).hex()}"
+        real_put = remote.put
+        real_put(name, os.urandom(70_000))
+        assert cache.prefetch([name]) == 1
+        assert got.wait(30)  # the GET came back; not yet in the cache
+        cache.delete(name)
+        go.set()
+        assert cache.fetcher.wait_idle(30)
+        assert not os.path.exists(cache.cache.path(name)), "the deleted object was cached"
+        assert cache.stats()["cache_bytes"] == 0
+        with pytest.raises(BackendMissing):
+            cache.get(name)
+        assert name not in set(cache.list("objects/"))
+    finally:
+        go.set()
+        cache.close()

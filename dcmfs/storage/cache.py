@@ -192,8 +192,13 @@ class CachedBackend(PackedCache, Backend):
             self.counts["downloads"] += 1
             self.counts["downloaded_bytes"] += len(blob)
         try:
-            if self._keep(name, blob):
+            # deleted while its GET was on its way (a fetch ahead): not cached,
+            # else it would sit in the cache under a deleted name, off the books
+            if name not in self._deleting and self._keep(name, blob):
                 with self._cv:
+                    if name in self._deleting:  # deleted as it was written
+                        self.cache.delete(name)
+                        return blob
                     if name in self._lru:  # two fetches of one object
                         return blob
                     self._lru[name] = len(blob)
@@ -264,13 +269,13 @@ class CachedBackend(PackedCache, Backend):
         if not is_object(name):
             self.remote.delete(name)
             return
-        self.cache.delete(name)
-        with self._cv:
+        with self._cv:  # marked first: a fetch ending now does not cache it
             self._forget(name)
             self._deleting.add(name)
             self._deletes_waiting += 1
             self._later.append(("delete", name, time.monotonic() + self.delete_delay))
             self._cv.notify()
+        self.cache.delete(name)
 
     # --- bookkeeping ----------------------------------------------------------------
     def _queued(self, name: str, size: int, hold: bool = False) -> None:
