@@ -7,6 +7,7 @@ new ones.  Tampering with packed objects: tests/test_s3.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -270,3 +271,72 @@ def test_a_pack_is_named_when_its_put_goes_through_not_before_its_retries(s3_fs)
     assert remote.counts["errors"] >= 3
     pack = remote.packs.where(next(iter(named(fs, "/c")))).pack
     assert _ms(pack) >= cleared, (pack, hex(cleared))
+
+
+def test_the_feature_reaches_the_bucket_header_when_an_upgrade_adds_it(
+        s3_fs, ceph_s3, secret, tmp_path, s3_settings, monkeypatch):
+    """A store of before packs, bucket header and all, opened read-write by
+    this version: ``s3-packs-v1`` is added to the local header, and the
+    bucket's copy must have it before the first pack goes up.  Before, it
+    came only with the first publication (10 s, or the snapshot at
+    unmount), so a follower attached in that window by a dcmfs that knows
+    no packs was let in and did not see the packed objects (fails before:
+    the bucket's header lacked the feature; that attach was not refused)."""
+    from dcmfs.app.attach import attach
+    from dcmfs.errors import UnsupportedFormatError
+    fs = s3_fs()
+    fs.close()
+    master = fs.store.master_key
+    bucket = Bucket(ceph_s3.client(), s3_fs.url)
+
+    def without(header: dict) -> dict:
+        header["features"] = [f for f in header["features"] if f != fmt.S3_PACKS_FEATURE]
+        return slots.seal_header(master, header)
+    rewrite_header(s3_fs.root, without)
+    with open(os.path.join(s3_fs.root, fmt.HEADER_NAME), "rb") as f:
+        bucket.put(fmt.HEADER_NAME, f.read())  # as a dcmfs of before the feature left it
+    upgraded = open_store(s3_fs.root, secret, for_writing=True)
+    assert fmt.S3_PACKS_FEATURE in upgraded.features
+    fs = FileSystem(upgraded, dataclasses.replace(fs.config, s3_publish_interval=0))
+    try:
+        assert fmt.S3_PACKS_FEATURE in json.loads(bucket.get(fmt.HEADER_NAME))["features"]
+        write_file(fs, "/after", os.urandom(200_000))
+        assert fs.opened.remote.drain(60)
+        assert bucket.keys("packs/")
+        # a dcmfs that knows no packs attaching a follower now is refused
+        monkeypatch.setattr(fmt, "KNOWN_FEATURES", fmt.KNOWN_FEATURES - {fmt.S3_PACKS_FEATURE})
+        config = dataclasses.replace(fs.config, read_only=True)
+        with pytest.raises(UnsupportedFormatError):
+            attach(s3_fs.url, str(tmp_path / "viewer"), lambda: secret, config, follower=True)
+    finally:
+        fs.close()
+
+
+def test_an_opening_refused_by_the_lease_uploads_nothing(s3_fs, ceph_s3, secret, tmp_path):
+    """A copy of the store directory with an object not yet uploaded in its
+    cache (a machine that was the writer once) is opened while another
+    holds the lease: it is refused, and its backlog stays in its cache.
+    Before, the upload pool started before the lease was asked for and put
+    the backlog into the bucket anyway (fails before: a pack went up)."""
+    from dcmfs.errors import LeaseHeldError
+    s3_fs().close()
+    copy = str(tmp_path / "copy")
+    shutil.copytree(s3_fs.root, copy)
+    oid = os.urandom(16)
+    pending = os.path.join(copy, "objects", oid.hex()[:2], oid.hex())
+    os.makedirs(os.path.dirname(pending), exist_ok=True)
+    with open(pending, "wb") as f:  # mode 0600: waiting for its upload
+        f.write(os.urandom(50_000))
+    os.chmod(pending, 0o600)
+    bucket = Bucket(ceph_s3.client(), s3_fs.url)
+    packs = set(bucket.keys("packs/"))
+    writer = s3_fs()
+    try:
+        with pytest.raises(LeaseHeldError):
+            FileSystem(open_store(copy, secret, for_writing=True), writer.config)
+        time.sleep(1.0)  # an upload started before the refusal would be done
+        assert set(bucket.keys("packs/")) == packs
+        assert oid not in bucket.objects()
+        assert os.stat(pending).st_mode & 0o777 == 0o600  # still waiting, in its cache
+    finally:
+        writer.close()

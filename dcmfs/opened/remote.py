@@ -51,7 +51,9 @@ def open_backend(store: Store, config: Config) -> CachedBackend:
                             # a follower is at most ~3 publications behind
                             delete_delay=max(60.0, 3 * config.s3_publish_interval),
                             packs=packs,
-                            pack_uploads=fmt.S3_PACKS_FEATURE in store.features)
+                            pack_uploads=fmt.S3_PACKS_FEATURE in store.features,
+                            # a writer's: once it holds the lease (start_writing)
+                            hold_uploads=not config.read_only)
     fresh = packs.fresh
     try:  # a lost map whole; else the packs another writer put since (one LIST)
         n = backend.refresh_packs()
@@ -81,6 +83,34 @@ def take_lease(backend: CachedBackend, url: str):
     from .lease import Lease
     lease = Lease(backend.remote, url)
     lease.lost = backend.fence  # one event: a lost lease stops the uploads
+    return lease
+
+
+def start_writing(backend: CachedBackend, url: str, root: str):
+    """A writer's opening of an S3 store: take the lease, put the local
+    header into the bucket if it changed (an in-place upgrade that added
+    ``s3-packs-v1``, a key command run while unmounted), then let the upload
+    pool write the bucket.  So no pack is uploaded while the bucket's header
+    lacks the feature (an older dcmfs attaching then would not see the
+    packed objects: it is refused by the feature instead), and a refused
+    opening uploads nothing.  Returns the lease.
+
+    Raises
+    ------
+    LeaseHeldError
+        Another writer holds it.
+    StoreIOError
+        The bucket's header cannot be read or replaced (the lease is released).
+    """
+    lease = take_lease(backend, url)
+    try:
+        refresh_header(backend.remote, root)
+    except (OSError, StoreIOError) as exc:
+        lease.release()
+        raise StoreIOError(f"the store's header could not be put into {url} "
+                           f"({type(exc).__name__}); nothing was uploaded, mount again "
+                           "once the bucket answers.") from exc
+    backend.release_uploads()
     return lease
 
 

@@ -102,9 +102,9 @@ class OpenedStore:
             self._stack.callback(self.objects.close)
             if self.remote is not None:
                 if not self.read_only:  # one writer per bucket prefix
-                    from .remote import take_lease
+                    from .remote import start_writing
                     try:
-                        lease = take_lease(self.remote, store.backend)
+                        lease = start_writing(self.remote, store.backend, store.root)
                     except BaseException:
                         self.remote.close()
                         raise

@@ -53,10 +53,13 @@ class CachedBackend(PackedCache, Backend):
     def __init__(self, cache: LocalBackend, remote: Backend, cache_size: int,
                  uploaders: int = 4, upload_delay: float = 0.0, fetchers: int = 8,
                  delete_delay: float = 0.0, packs: PackMap | None = None,
-                 pack_uploads: bool = False) -> None:
+                 pack_uploads: bool = False, hold_uploads: bool = False) -> None:
         """``packs``: where packed objects are (:mod:`dcmfs.storage.packs`;
         None: every object is its own S3 object); ``pack_uploads``: upload
-        new objects in packs (feature ``s3-packs-v1``)."""
+        new objects in packs (feature ``s3-packs-v1``); ``hold_uploads``:
+        nothing is uploaded or deleted in the bucket until
+        :meth:`release_uploads` (a writer's opening: not before it holds the
+        lease and the bucket has its header)."""
         self.cache = cache
         self.packs = packs
         self.pack_uploads = pack_uploads and packs is not None
@@ -103,6 +106,10 @@ class CachedBackend(PackedCache, Backend):
         self._abandon = threading.Event()
         #: set when this opening lost the writer's lease: nothing is uploaded
         self.fence = threading.Event()
+        #: set once the bucket may be written (see ``hold_uploads``)
+        self._released = threading.Event()
+        if not hold_uploads:
+            self._released.set()
         self.counts = collections.Counter()
         self.last_error: str | None = None
         self._scan()
@@ -329,6 +336,9 @@ class CachedBackend(PackedCache, Backend):
             with self._cv:
                 queue = None
                 while not self._closed:
+                    if not self._released.is_set():
+                        self._cv.wait(1.0)
+                        continue
                     heads = [q for q in (self._queue, self._held, self._later) if q]
                     if heads:
                         queue = min(heads, key=lambda q: q[0][2])
@@ -441,6 +451,12 @@ class CachedBackend(PackedCache, Backend):
                     raise
                 self.counts["retries"] += 1
                 delay = min(delay * 2, 5.0)
+
+    def release_uploads(self) -> None:
+        """The bucket may be written from now on (``hold_uploads``)."""
+        with self._cv:
+            self._released.set()
+            self._cv.notify_all()
 
     # --- waiting and closing -------------------------------------------------------
     def drain(self, timeout: float | None = None) -> bool:
