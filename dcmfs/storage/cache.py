@@ -353,7 +353,9 @@ class CachedBackend(PackedCache, Backend):
                     return
                 op, name, _ = queue.popleft()
                 names = [name]
-                if op == "put":
+                if op == "collect":
+                    names = []
+                elif op == "put":
                     if name not in self._pending or name in self._in_flight:
                         continue
                     if self.pack_uploads:  # the others that are due go with it
@@ -363,7 +365,9 @@ class CachedBackend(PackedCache, Backend):
                         self._cv.wait(1.0)
                 self._in_flight.update(names)
             try:
-                if op == "put" and self.pack_uploads:
+                if op == "collect":
+                    pass  # the dirty packs, below
+                elif op == "put" and self.pack_uploads:
                     self._upload_pack(names)
                 elif op == "put":
                     self._upload(name)
@@ -386,9 +390,9 @@ class CachedBackend(PackedCache, Backend):
                 repack = False
                 with self._cv:
                     self._in_flight.difference_update(names)
-                    if op == "delete":
+                    if op != "put":
                         self._deletes_waiting -= 1
-                        repack = self._repack_due()
+                    repack = bool(self._dirty) and self._repack_due()
                     self._cv.notify_all()
             if repack:  # the last of a run of deletes: the packs that lost objects
                 self._repack_dirty()
@@ -453,9 +457,16 @@ class CachedBackend(PackedCache, Backend):
                 delay = min(delay * 2, 5.0)
 
     def release_uploads(self) -> None:
-        """The bucket may be written from now on (``hold_uploads``)."""
+        """The bucket may be written from now on (``hold_uploads``); the packs
+        an earlier opening left dirty (:meth:`PackMap.dirty`) are rewritten
+        or deleted first."""
+        dirty = self.packs.dirty() if self.packs is not None else set()
         with self._cv:
             self._released.set()
+            if dirty:
+                self._dirty |= dirty
+                self._deletes_waiting += 1  # a drain waits for it
+                self._later.appendleft(("collect", "", 0.0))
             self._cv.notify_all()
 
     # --- waiting and closing -------------------------------------------------------

@@ -105,7 +105,10 @@ class PackedCache:
             return
         blob, table = build([(oid_of(name), data) for name, data in members])
         pack = self._put_pack(blob, "not uploaded")
-        self.packs.add(pack, table)  # synced: only then are they "in the bucket"
+        lost = self.packs.add(pack, table)  # synced: only then are they "in the bucket"
+        if lost:  # packs holding older copies (a PUT before a crash): rewritten or deleted
+            with self._cv:
+                self._dirty |= lost
         for name, data in members:
             try:
                 os.chmod(self.cache.path(name), _UPLOADED_MODE)
@@ -168,6 +171,7 @@ class PackedCache:
                         except BackendMissing:  # gone from the bucket: verify names
                             log.warning("%s is missing from the bucket; it is not rewritten "
                                         "('dcmfs verify' names the files it held)", pack)
+                            self.packs.clean(pack)
                         except StoreIOError as exc:  # abandoned at close
                             with self._cv:
                                 self._dirty |= {p for p in dirty if p >= pack}

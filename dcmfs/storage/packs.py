@@ -129,7 +129,11 @@ class PackMap:
     at every change).  ``objects``: object id -> pack id (16) | offset (u64)
     | length (u32); ``packs``: pack id -> objects in it still named (u32);
     ``members``: pack id + object id -> b"" (a pack's objects, for its
-    rewrite); ``meta``: ``complete`` once filled from the bucket.
+    rewrite); ``dirty``: pack id -> b"", the packs that lost an object (it
+    was deleted, or a newer pack holds it: a PUT repeated after a crash
+    between it and the map's write) and wait to be rewritten or deleted,
+    kept across openings so that none stays in the bucket for good;
+    ``meta``: ``complete`` once filled from the bucket.
     ``fresh``: the map was never filled from the bucket (a new, lost or
     attached store directory: :meth:`CachedBackend.refresh_packs` reads
     every pack's table, then marks it complete)."""
@@ -138,7 +142,7 @@ class PackMap:
         path = os.path.join(root, MAP_DIR)
         os.makedirs(path, mode=0o700, exist_ok=True)
         try:
-            self._env = lmdb.open(path, map_size=1 << 34, max_dbs=4, subdir=True,
+            self._env = lmdb.open(path, map_size=1 << 34, max_dbs=5, subdir=True,
                                   readahead=False)
         except lmdb.Error as exc:
             raise StoreIOError(f"opening the pack map {path} failed ({type(exc).__name__}); "
@@ -149,6 +153,8 @@ class PackMap:
         #: pack id + object id -> b"" (the objects of a pack, for rewriting it)
         self._members = self._env.open_db(b"members")
         self._meta = self._env.open_db(b"meta")
+        #: pack id -> b"": packs that lost objects (see the class docstring)
+        self._dirty = self._env.open_db(b"dirty")
         with self._env.begin(db=self._meta) as txn:
             self.fresh = txn.get(b"complete") is None
         self._lock = threading.Lock()
@@ -175,29 +181,37 @@ class PackMap:
         offset, length = struct.unpack_from(">QI", v, 16)
         return Where(PACKS + v[:16].hex(), offset, length)
 
-    def add(self, pack: str, table: Iterable[tuple[bytes, int, int]]) -> None:
+    def add(self, pack: str, table: Iterable[tuple[bytes, int, int]]) -> set[str]:
         """Record a pack uploaded (or found in the bucket): its objects are
-        there now (an object in two packs: the newer entry wins)."""
+        there now (an object in two packs: the newer entry wins).  Returns
+        the packs that lost objects to it (marked dirty)."""
         pid = self._pid(pack)
+        lost = set()
         with self._write() as txn:
             n = 0
             for oid, offset, length in table:
                 old = txn.get(oid, db=self._objects)
-                if old is not None:
+                if old is not None and old[:16] != pid:
                     self._release(txn, old[:16])
                     txn.delete(old[:16] + oid, db=self._members)
+                    lost.add(PACKS + old[:16].hex())
+                elif old is not None:
+                    continue  # the same entry again
                 txn.put(oid, pid + struct.pack(">QI", offset, length), db=self._objects)
                 txn.put(pid + oid, b"", db=self._members)
                 n += 1
             before = txn.get(pid, db=self._packs)
             txn.put(pid, struct.pack(">I", n + (struct.unpack(">I", before)[0]
                                                 if before else 0)), db=self._packs)
+        return lost
 
     def _release(self, txn, pid: bytes) -> int:
-        """One object fewer named in pack ``pid``; returns how many are left."""
+        """One object fewer named in pack ``pid`` (marked dirty); returns how
+        many are left."""
         v = txn.get(pid, db=self._packs)
         left = max(0, (struct.unpack(">I", v)[0] if v else 0) - 1)
         txn.put(pid, struct.pack(">I", left), db=self._packs)
+        txn.put(pid, b"", db=self._dirty)
         return left
 
     def drop(self, oid: bytes) -> tuple[str, int] | None:
@@ -215,6 +229,17 @@ class PackMap:
         """The pack is gone from the bucket (deleted, or repacked)."""
         with self._write() as txn:
             txn.delete(self._pid(pack), db=self._packs)
+            txn.delete(self._pid(pack), db=self._dirty)
+
+    def dirty(self) -> set[str]:
+        """The packs that lost objects and were not rewritten or deleted yet."""
+        with self._env.begin(db=self._dirty) as txn:
+            return {PACKS + k.hex() for k, _ in txn.cursor()}
+
+    def clean(self, pack: str) -> None:
+        """Not dirty any more (a pack missing from the bucket: nothing to do)."""
+        with self._write() as txn:
+            txn.delete(self._pid(pack), db=self._dirty)
 
     def members(self, pack: str) -> list[tuple[bytes, int, int]]:
         """The objects still named in ``pack``: (object id, offset, length)."""
