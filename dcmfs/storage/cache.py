@@ -277,6 +277,16 @@ class CachedBackend(PackedCache, Backend):
             self.remote.delete(name)
             return
         with self._cv:  # marked first: a fetch ending now does not cache it
+            if (self.pack_uploads and name in self._pending and name not in self._in_flight
+                    and self._where(name) is None):
+                # never uploaded (a chunk sealed uncompressed for the re-encoder,
+                # replaced): nothing in the bucket to delete, no DELETE sent (a
+                # copy a PUT put before a crash is in a pack the map took from
+                # the bucket at this opening, so _where knows it)
+                self._forget(name)
+                self.cache.delete(name)
+                self.counts["deletes_unsent"] += 1
+                return
             self._forget(name)
             self._deleting.add(name)
             self._deletes_waiting += 1
