@@ -180,6 +180,12 @@ def check_s3(figures: dict, stdout: str) -> None:
         assert row["settled_s"]["median"] >= 0
     assert s3["puts_per_gb"]["median"] > 0 and s3["uploaded_gb_per_gb"]["median"] > 0
     assert 0 < v["s3_ingest_vs_local"] and 0 < v["s3_cold_read_vs_local"]
+    for row in (loc, s3):  # what the ingest window held besides the writes
+        assert row["ingest_cpu_s"]["median"] > 0
+        assert row["ingest_server_cpu_s"]["median"] >= 0
+    assert s3["ingest_puts"]["min"] >= 0 and "ingest_puts" not in loc
+    assert v["s3_ingest_cpu_vs_local"] > 0
+    assert "| ingest, daemon CPU s |" in stdout
     assert "| cold read, empty cache, MB/s |" in stdout and "dcmfs-s3" in stdout
 
 
