@@ -121,7 +121,8 @@ class Fsck(Salvage):
         if self.index.suspect:
             self.check_checksum()
         try:
-            for stage in (self.check_leftovers, self.check_index_values, self.check_objects,
+            for stage in (self.check_leftovers, self.check_packs, self.check_index_values,
+                          self.check_objects,
                           self.check_namespace, self.check_tables, self.check_contents,
                           self.check_unreferenced, self.check_totals):
                 self.progress(stage.__name__.replace("check_", ""))
@@ -402,6 +403,13 @@ class Fsck(Salvage):
                            repaired=restored or "moved to /lost+found, unreadable bytes zeroed")
             if self.repair and not restored:
                 self._salvage_damaged(ino, inode, table)
+
+    def check_packs(self) -> None:
+        """S3 stores: packs the map does not know (storage.packcache.sweep_packs)."""
+        remote = self.opened.remote
+        for pack, alone in remote.sweep_packs(self.repair) if remote is not None else ():
+            self.found("unreferenced", f"{pack} is not in the pack map", repaired=(
+                f"taken into it ({alone} objects)" if alone else "deleted (copies only)"))
 
     # --- unreferenced objects -----------------------------------------------------------------
     def check_unreferenced(self) -> None:

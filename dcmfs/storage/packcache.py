@@ -262,21 +262,52 @@ class PackedCache:
         for pack in names:
             if pack in known or len(pack) != len(PACKS) + 32:
                 continue
-            try:
-                head = self.remote.get(pack, 0, TABLE_GUESS)
-                need = table_size(head)
-                if len(head) < need:
-                    head = self.remote.get(pack, 0, need)
-                size = self.remote.head(pack)
-                table = parse_table(head, size)
-            except BackendMissing:
-                continue  # deleted meanwhile
-            except ValueError as exc:
-                log.warning("%s in the bucket is not a pack dcmfs reads (%s); skipped",
-                            pack, exc)
-                continue
-            self.packs.add(pack, table)
-            added += 1
+            table = self._table(pack)
+            if table is not None:
+                self.packs.add(pack, table)
+                added += 1
         if self.packs.fresh:
             self.packs.mark_complete()
         return added
+
+    def _table(self, pack: str) -> list[tuple[bytes, int, int]] | None:
+        """A pack's table from the bucket; None if it is gone or no pack."""
+        try:
+            head = self.remote.get(pack, 0, TABLE_GUESS)
+            need = table_size(head)
+            if len(head) < need:
+                head = self.remote.get(pack, 0, need)
+            return parse_table(head, self.remote.head(pack))
+        except BackendMissing:
+            return None  # deleted meanwhile
+        except ValueError as exc:
+            log.warning("%s in the bucket is not a pack dcmfs reads (%s); skipped", pack, exc)
+            return None
+
+    def sweep_packs(self, apply: bool) -> list[tuple[str, int]]:
+        """The packs in the bucket the map does not know (one listing of them
+        all: a crash between a pack's PUT and the map's write that no
+        opening's listing found), with how many of their objects the map has
+        in no other pack.  ``apply`` (the writer, ``fsck --repair``): a pack
+        whose objects all sit in other packs is deleted; another is taken
+        into the map for the objects it alone holds (fsck then checks them
+        as any object) and marked dirty if it holds others."""
+        if self.packs is None:
+            return []
+        known, out = self.packs.packs(), []
+        for pack in list(self.remote.list(PACKS)):
+            if pack in known or len(pack) != len(PACKS) + 32:
+                continue
+            table = self._table(pack)
+            if table is None:
+                continue
+            alone = [e for e in table if self.packs.where(e[0]) is None]
+            out.append((pack, len(alone)))
+            if apply and alone:
+                self.packs.add(pack, alone)
+                if len(alone) < len(table):
+                    self.packs.mark_dirty(pack)
+            elif apply:
+                self._retrying(lambda: self.remote.delete(pack))
+                self.counts["pack_deletes"] += 1
+        return out

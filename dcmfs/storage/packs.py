@@ -236,6 +236,11 @@ class PackMap:
         with self._env.begin(db=self._dirty) as txn:
             return {PACKS + k.hex() for k, _ in txn.cursor()}
 
+    def mark_dirty(self, pack: str) -> None:
+        """``pack`` holds objects no longer named in it: rewrite it."""
+        with self._write() as txn:
+            txn.put(self._pid(pack), b"", db=self._dirty)
+
     def clean(self, pack: str) -> None:
         """Not dirty any more (a pack missing from the bucket: nothing to do)."""
         with self._write() as txn:
