@@ -1,0 +1,136 @@
+"""Framed chunk objects (object layout 3, feature ``framed-chunks-v1``).
+
+A chunk compressed with a general codec (zstd, or none) whose plaintext is
+longer than one frame is cut into frames of :data:`FRAME_SIZE` plaintext
+bytes, each compressed and sealed on its own, after a sealed frame table;
+so a small random read reads (a ranged read) and decodes one frame, not the
+whole chunk.  The object keeps the prefix and context block of layout 2::
+
+    0    8      prefix (magic, version 3, kind, reserved)
+    8    96     nonce + context block (as in layout 2; the flags carry
+                CHUNK_FLAG_FRAMED)
+    104  12+T+16  frame table: AES-256-GCM(file key, u32 stored length of
+                each frame); AAD = prefix + store id + object id + CTX +
+                u32 0xffffffff + u32 frame count
+    ...  12+L+16  frame k (k = 0..count-1): AES-256-GCM(file key, frame);
+                AAD = prefix + store id + object id + CTX + u32 k +
+                u32 frame count
+
+A frame is zstd-coded when its stored length is shorter than its plaintext
+length, stored as it is when they are equal.  The CTX's payload length is
+the object length less 132, as in layout 2 (header 116 + one tag).  Every
+frame binds the object (prefix, store, id, context) and its own place and
+the frame count: frames cannot be swapped, dropped, reordered or moved to
+another object; the table binds every frame's length, so a truncated or
+extended object fails the length check of a whole read, and a ranged read
+of a frame past the end comes back short.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import zstandard
+
+from . import crypto
+from .. import format as fmt
+from .codec import NONE, ZSTD, CodecError
+
+#: plaintext bytes per frame (the last frame of a chunk may be shorter);
+#: 64 KiB: zstd-1 at 64 KiB stores 0.389 of a CT series, at 1 MiB 0.388
+FRAME_SIZE = 64 * 1024
+#: the codecs whose chunks are framed (image codecs code a band whole)
+FRAME_CODECS = (NONE, ZSTD)
+_PLACE = struct.Struct(">II")
+_TABLE_MARK = 0xFFFFFFFF
+#: nonce and tag around each sealed piece
+OVERHEAD = fmt.NONCE_LEN + fmt.TAG_LEN
+
+
+def count_of(plain_len: int) -> int:
+    return max(1, -(-plain_len // FRAME_SIZE))
+
+
+def frame_len(plain_len: int, k: int) -> int:
+    """Plaintext length of frame ``k`` of a chunk of ``plain_len`` bytes."""
+    return min(FRAME_SIZE, plain_len - k * FRAME_SIZE)
+
+
+def table_end(plain_len: int) -> int:
+    """Where the sealed frame table ends (the first frame starts)."""
+    return fmt.OBJ_HEADER_LEN - fmt.NONCE_LEN + OVERHEAD + 4 * count_of(plain_len)
+
+
+def frameable(codec: int, plain_len: int) -> bool:
+    return codec in FRAME_CODECS and plain_len > FRAME_SIZE
+
+
+def code(codec: int, plaintext: bytes, level: int) -> tuple[int, list[bytes]]:
+    """(codec of the object, the coded frames): each frame zstd-coded when
+    that makes it shorter, else as it is; the object's codec is zstd when
+    any frame is."""
+    view = memoryview(plaintext)
+    frames = []
+    any_coded = False
+    cctx = zstandard.ZstdCompressor(level=level) if codec == ZSTD else None
+    for k in range(count_of(len(plaintext))):
+        raw = view[k * FRAME_SIZE:(k + 1) * FRAME_SIZE]
+        if cctx is not None:
+            coded = cctx.compress(raw)
+            if len(coded) < len(raw):
+                frames.append(coded)
+                any_coded = True
+                continue
+        frames.append(bytes(raw))
+    return (ZSTD if any_coded else NONE), frames
+
+
+def decode(payload: bytes, plain_len: int) -> bytes:
+    """One frame's plaintext (exactly ``plain_len`` bytes) or :class:`CodecError`."""
+    if len(payload) == plain_len:
+        return payload
+    if len(payload) > plain_len:
+        raise CodecError("a frame is longer than its plaintext")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=plain_len)
+    except zstandard.ZstdError as exc:
+        raise CodecError("zstd frame is damaged") from exc
+    if len(out) != plain_len:
+        raise CodecError("a frame decodes to the wrong length")
+    return out
+
+
+def stored_len(frames: list[bytes]) -> int:
+    """The CTX payload length of a framed object (object length less 132)."""
+    return 4 * len(frames) + sum(len(f) + OVERHEAD for f in frames)
+
+
+def seal(gcm: crypto.Gcm, aad: bytes, frames: list[bytes]) -> bytes:
+    """Frame table and frames, sealed (``aad``: prefix + store id + object
+    id + CTX); starts with the table's nonce (offset 104 of the object)."""
+    count = len(frames)
+    table = struct.pack(f">{count}I", *map(len, frames))
+    out = [gcm.seal(table, aad + _PLACE.pack(_TABLE_MARK, count))]
+    for k, f in enumerate(frames):
+        out.append(gcm.seal(f, aad + _PLACE.pack(k, count)))
+    return b"".join(out)
+
+
+def open_table(gcm: crypto.Gcm, aad: bytes, plain_len: int, sealed) -> list[int]:
+    """Every frame's start in the object (and the end of the last one),
+    from the sealed table; raises :class:`crypto.AuthenticationFailed`."""
+    count = count_of(plain_len)
+    table = gcm.open(sealed, aad + _PLACE.pack(_TABLE_MARK, count))
+    pos = table_end(plain_len)
+    starts = [pos]
+    for length in struct.unpack(f">{count}I", table):
+        if length > frame_len(plain_len, len(starts) - 1):
+            raise crypto.AuthenticationFailed("a frame is longer than its plaintext")
+        pos += length + OVERHEAD
+        starts.append(pos)
+    return starts
+
+
+def open_frame(gcm: crypto.Gcm, aad: bytes, k: int, count: int, sealed) -> bytes:
+    """Frame ``k``'s payload; raises :class:`crypto.AuthenticationFailed`."""
+    return gcm.open(sealed, aad + _PLACE.pack(k, count))
