@@ -1,6 +1,6 @@
 """Reading file contents (a part of :class:`dcmfs.core.contents.FileData`):
 committed chunks through the decoded cache, extents by bisection with
-read-ahead for a sequential reader, and for a random reader only the 64 KiB
+read-ahead for a sequential reader, and for a random reader only the 32 KiB
 frames of framed objects (:mod:`dcmfs.storage.frames`) a read touches."""
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class FileReads:
                       whole: bool = True) -> bytes:
         """Read from the extent layout: only the extents (frames) the range
         touches are decoded (and, with ``ahead``, the next ones prefetched;
-        without ``whole``, of framed extents only the 64 KiB frames read)."""
+        without ``whole``, of framed extents only the 32 KiB frames read)."""
         starts, order = of.extents
         parts = []
         k = max(0, bisect.bisect_right(starts, offset) - 1)
@@ -160,10 +160,14 @@ class FileReads:
             return b""
         # read ahead only for a sequential reader (the kernel's own
         # read-ahead may reorder its requests a little); random access
-        # decodes what it reads and nothing more: of a framed object, the
-        # 64 KiB frames the range touches
-        sequential = abs(offset - of.read_end) <= self.SEQUENTIAL_SLACK
-        of.read_end = end
+        # decodes what it reads and nothing more:
+        # of a framed object, the frames the range touches.  Sequential: near
+        # where the last read ended, and so was that one (or this starts the
+        # file): a random read that lands near the last one by chance (0.2 %
+        # of 4 KiB reads in 256 MiB) decodes no whole chunk
+        near = abs(offset - of.read_end) <= self.SEQUENTIAL_SLACK
+        sequential = near and (of.read_near or offset == 0)
+        of.read_end, of.read_near = end, near or offset == 0
         if of.extents is not None:
             return self._read_extents(of, offset, end, ahead and sequential, sequential)
         cs = self.chunk_size
