@@ -48,7 +48,7 @@ class ChunkRef(NamedTuple):
 
 
 def stored_bytes(ref: ChunkRef) -> int:
-    """Bytes one (version-2) object occupies in the store."""
+    """Bytes one object of layout 2 or 3 occupies in the store."""
     return fmt.OBJ_HEADER_LEN + ref.stored_len + fmt.TAG_LEN
 
 
@@ -118,7 +118,8 @@ class ObjectStore(FramedObjects):
         self._header = crypto.Siv(crypto.derive(master_key, b"object-context", store_id))
         self._codecs = codecs
         self._verify = verify_writes
-        #: write chunks of the general codecs as framed objects (layout 3)
+        #: write chunks asked for zstd and longer than a frame as framed
+        #: objects (layout 3, :mod:`dcmfs.storage.frames`)
         self.framed = framed
         #: opened frame tables of framed objects: oid -> (cipher, associated
         #: data, frame starts); ids are never reused, so entries never go stale
