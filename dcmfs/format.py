@@ -67,8 +67,8 @@ constant, so do we):
   flags; 0, the store key, in every object written before), so objects of
   every format version read as before.
 * 4 — (random reads, issue 17) feature ``framed-chunks-v1``: chunks coded
-  with zstd longer than 32 KiB are written as framed objects
-  (object layout 3, flag bit 2): 32 KiB frames compressed and sealed one by
+  with zstd longer than 64 KiB are written as framed objects
+  (object layout 3, flag bit 2): 64 KiB frames compressed and sealed one by
   one after a sealed frame table, so a 4 KiB random read decodes one frame.
   Older objects read as before; the feature is added at the first
   read-write opening (an older dcmfs then refuses the store).
@@ -93,7 +93,7 @@ FORMAT_VERSION = 4
 OBJECT_VERSION = 2
 #: the layout of framed chunk objects (feature ``framed-chunks-v1``,
 #: :mod:`dcmfs.storage.frames`): the header of layout 2, then a sealed frame
-#: table and frames of 32 KiB sealed one by one
+#: table and frames of 64 KiB sealed one by one
 OBJECT_VERSION_FRAMED = 3
 #: object layouts this dcmfs reads
 OBJECT_VERSIONS = (1, 2, 3)
@@ -184,7 +184,7 @@ CHUNK_FLAG_LAST = 0x01
 CHUNK_FLAG_EXTENT = 0x02
 #: the object is framed (layout 3, feature ``framed-chunks-v1``): its payload
 #: is a sealed frame table and frames sealed one by one, so a ranged read
-#: decodes one 32 KiB frame (:mod:`dcmfs.storage.frames`)
+#: decodes one 64 KiB frame (:mod:`dcmfs.storage.frames`)
 CHUNK_FLAG_FRAMED = 0x04
 
 # --- dcmfs's own extended attributes ---------------------------------------------

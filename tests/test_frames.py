@@ -1,5 +1,5 @@
 """Framed chunk objects (layout 3, feature ``framed-chunks-v1``): a random
-read decodes only the 32 KiB frames it touches; every frame is authenticated
+read decodes only the 64 KiB frames it touches; every frame is authenticated
 and bound to its object and place; whole reads, verify and fsck read them."""
 
 from __future__ import annotations

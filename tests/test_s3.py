@@ -309,13 +309,13 @@ def test_random_reads_of_framed_objects_are_ranged_gets(s3_fs, ceph_s3):
     the frame table and one frame (nothing is cached whole); a flipped
     frame in the bucket fails its own reads, never its neighbour's."""
     from dcmfs.storage import frames
-    cs, fsz = SMALL.chunk_size, frames.FRAME_SIZE
-    fs = s3_fs()
+    cs, fsz = 4 * frames.FRAME_SIZE, frames.FRAME_SIZE
+    fs = s3_fs(chunk_size=cs)
     data = os.urandom(3 * cs)
     write_file(fs, "/r", data)
     fs.close()
     wipe_cache(s3_fs.root)
-    fs = s3_fs()
+    fs = s3_fs(chunk_size=cs)
     fs.data.SEQUENTIAL_SLACK = -1  # every read is a random reader's
     with fs.index.begin() as txn:
         refs = txn.chunks(fs._resolve(txn, "/r"))

@@ -1,6 +1,6 @@
 """Reading file contents (a part of :class:`dcmfs.core.contents.FileData`):
 committed chunks through the decoded cache, extents by bisection with
-read-ahead for a sequential reader, and for a random reader only the 32 KiB
+read-ahead for a sequential reader, and for a random reader only the 64 KiB
 frames of framed objects (:mod:`dcmfs.storage.frames`) a read touches."""
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class FileReads:
                       whole: bool = True) -> bytes:
         """Read from the extent layout: only the extents (frames) the range
         touches are decoded (and, with ``ahead``, the next ones prefetched;
-        without ``whole``, of framed extents only the 32 KiB frames read)."""
+        without ``whole``, of framed extents only the 64 KiB frames read)."""
         starts, order = of.extents
         parts = []
         k = max(0, bisect.bisect_right(starts, offset) - 1)
