@@ -94,6 +94,13 @@ def test_a_random_read_decodes_only_its_frame(framed):
     assert fs.data.cache.get(ref.oid) is None  # the chunk was not decoded whole
     assert fs.data.cache.get(ref.oid + (2).to_bytes(4, "big")) is not None
     assert fs.data.cache.get(ref.oid + (1).to_bytes(4, "big")) is None
+    # a read of 128 KiB and more (the kernel's read-ahead) decodes whole
+    # chunks, even where it is not near the last read: the reads near it
+    # would decode them whole again
+    with fs.index.begin() as txn:
+        ref2 = txn.chunks(fs._resolve(txn, "/a"))[2]
+    assert pread(fs, "/a", 2 * CS + 10, 128 * 1024) == a[2 * CS + 10:2 * CS + 10 + 128 * 1024]
+    assert fs.data.cache.get(ref2.oid) is not None
     # a sequential reader decodes whole chunks
     assert read_file(fs, "/a") == a
     assert fs.data.cache.get(ref.oid) is not None

@@ -67,8 +67,6 @@ class OpenFile:
         #: where the last read ended: a read starting near it is sequential
         #: (and only then are the next extents decoded ahead)
         self.read_end = 0
-        #: and whether that read was near the one before it
-        self.read_near = False
 
     @property
     def write_generation(self) -> int:

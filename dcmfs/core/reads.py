@@ -159,23 +159,22 @@ class FileReads:
         if offset >= end:
             return b""
         # read ahead only for a sequential reader (the kernel's own
-        # read-ahead may reorder its requests a little); random access
-        # decodes what it reads and nothing more:
-        # of a framed object, the frames the range touches.  Sequential: near
-        # where the last read ended, and so was that one (or this starts the
-        # file): a random read that lands near the last one by chance (0.2 %
-        # of 4 KiB reads in 256 MiB) decodes no whole chunk
-        near = abs(offset - of.read_end) <= self.SEQUENTIAL_SLACK
-        sequential = near and (of.read_near or offset == 0)
-        of.read_end, of.read_near = end, near or offset == 0
+        # read-ahead may reorder its requests a little, or skip ahead);
+        # random access decodes what it reads and nothing more: a small read
+        # (under a frame) of a framed object, only the frames it touches.
+        # The kernel's read-ahead asks for 128 KiB and more: such a read
+        # decodes whole objects, as the reads near it will
+        sequential = abs(offset - of.read_end) <= self.SEQUENTIAL_SLACK
+        of.read_end = end
+        whole = sequential or end - offset >= FRAME_SIZE
         if of.extents is not None:
-            return self._read_extents(of, offset, end, ahead and sequential, sequential)
+            return self._read_extents(of, offset, end, ahead and sequential, whole)
         cs = self.chunk_size
         parts = []
         for idx in range(offset // cs, (end - 1) // cs + 1):
             base = idx * cs
             lo, hi = max(offset, base) - base, min(end, base + cs) - base
-            piece = self.chunk_plain(of, idx)[lo:hi] if sequential else \
+            piece = self.chunk_plain(of, idx)[lo:hi] if whole else \
                 self.chunk_plain(of, idx, (lo, hi))
             if len(piece) < hi - lo:
                 piece = bytes(piece) + bytes(hi - lo - len(piece))
