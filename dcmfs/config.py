@@ -134,9 +134,16 @@ class Config:
     #: archived journal bytes after which a new index snapshot is taken while
     #: mounted (snapshots are also taken at every clean unmount)
     snapshot_after: int = 64 * MiB
+    #: seconds after the first deletion not yet shredded when a mounted
+    #: daemon runs a shred pass (0: only at unmount and on 'dcmfs shred';
+    #: ``-o shred_after=T``, :mod:`dcmfs.opened.shred`)
+    shred_after: float = 3600.0
     #: seconds in which the background scrubber verifies every file once
     #: (0: no scrubbing; ``-o scrub_interval=S``)
     scrub_interval: float = 0.0
+    #: seconds between looks at the write-only inbox of a mounted store with
+    #: an ingest recipient (0: only when the store is opened; ``-o inbox_interval=T``)
+    inbox_interval: float = 60.0
     #: the scrubber's I/O bound (plaintext bytes per second)
     scrub_rate: int = 32 * MiB
     #: record who opened, wrote, renamed and deleted which file in the

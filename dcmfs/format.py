@@ -78,6 +78,30 @@ constant, so do we):
   read-write opening and filled by the re-encoder and by a one-time pass of
   the first view mount; older stores open unchanged (the database is
   optional, empty until then).
+* 4 — (crypto-shredding, issue 18) feature ``file-secrets-v1``: an inode
+  record may hold a random 32-byte file secret (bit 6 of its digest-kind
+  byte; after the stored bytes), which salts the HKDF of the file's payload
+  key, and ``meta/shred`` (plain, 5 x u64) counts deletions whose secrets
+  may still be in the index's history (:mod:`dcmfs.index.shred`).  Files
+  made before keep their keys; every inode made since gets a secret.
+  Added at the first read-write opening; nothing is rewritten.
+* 4 — (write-only ingest, issue 18) feature ``ingest-v1``, added by
+  ``dcmfs key recipient``: the header's ``ingest`` entry (a recipient key
+  pair, X25519 or RSA-OAEP-3072: its public key in the clear, its private
+  key sealed under the store key) and the ``inbox/`` directory a node with
+  only the public key writes sealed files into
+  (:mod:`dcmfs.storage.inbox`); a key holder imports them at its next
+  read-write opening.  Stores without the feature are unchanged.
+
+* 5 — the two features of issue 18 above, released: ``file-secrets-v1``
+  (in ``WRITE_FEATURES``: every store opened for writing gets it, and every
+  inode made since holds a file secret) and ``ingest-v1`` (a store with a
+  recipient and an ``inbox/``).  Nothing else changed; ``tests/compat/v5``
+  holds files with secrets and a write-only mount's two files still in the
+  inbox, which every later dcmfs must import at its first read-write
+  opening.  Stores of versions 1-4 are opened and upgraded in place as
+  before (the features are added under the store lock; the header keeps
+  the version it was made with).
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -87,7 +111,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: the object layout this dcmfs writes (the version byte of each object; the
 #: layout changed in format 2 and not since)
 OBJECT_VERSION = 2
@@ -118,6 +142,9 @@ QUARANTINE_DIR = "quarantine"
 #: in the bucket (JSON: holder, host, pid, expires)
 BACKEND_S3_FEATURE = "backend-s3-v1"
 LEASE_NAME = "lease"
+#: crypto-shredding: inode records may hold a file secret that is part of the
+#: file's payload key (:mod:`dcmfs.index.shred`)
+FILE_SECRETS_FEATURE = "file-secrets-v1"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
 DAMAGE_MARK = "needs-fsck"
 
@@ -131,7 +158,8 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "extents-v1", "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "backend-s3-v1",
                             "audit-v1", "key-slots-v1", "key-epochs-v1",
-                            "deid-view-v1", "framed-chunks-v1"})
+                            "deid-view-v1", FILE_SECRETS_FEATURE,
+                            "ingest-v1", "framed-chunks-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -140,7 +168,7 @@ WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1",
-                            "deid-view-v1", "framed-chunks-v1"})
+                            "deid-view-v1", FILE_SECRETS_FEATURE, "framed-chunks-v1"})
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

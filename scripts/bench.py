@@ -14,6 +14,10 @@ Workloads
           per file; then stored size, ratio by modality and a cold read.
   small   --small-files (5000) files of 1 KiB: create, stat, unlink, each
           phase timed (plain, dcmfs, gocryptfs; --small-reps repetitions).
+  writers the CT series written by N writers at once (threads, each every
+          N-th file), for each N of --writers (1 4 8), into one store (plain,
+          dcmfs, gocryptfs); with each contender's ratio to gocryptfs per
+          repetition (median, min-max).
   random  random 4 KiB reads (--rand-reads of them) in a --rand-mib (256) MiB
           file, cold, with fio when installed, else a Python os.pread loop.
   quality the cipher-quality figures of the image-encryption literature on
@@ -65,6 +69,11 @@ Contenders
                 (--codecs picks the variants of the ct and corpus workloads,
                 default cold dicom0 lzma; also paused, rotating, inline = -o
                 reencode=0, zstd at close, no re-encoder; zstd:N)
+  dcmfs-wonly   a write-only mount (-o recipient=FILE, the store's public key
+                only) on the CT series: ingest and its CPU are the write-only
+                daemon's; at rest adds its unmount, the import by a keyed mount
+                and that mount's re-encoding; read through the keyed mount
+                (--codecs wonly; not on the corpus)
   published     the method of the study dcmfs grew from, faithfully: per file
                 base64 -> LZMA (xz preset 6) -> AES-256, in this one process;
                 on the subset it runs on one copy (the copies are identical),
@@ -112,9 +121,9 @@ from bench_quality import cipher_quality
 from bench_report import write_report
 from bench_s3 import render_s3, s3_contenders
 from bench_view import render_view, view_cold_read
-from bench_tables import ct_comparisons, goals, render, summarize, summarize_corpus, summarize_rows, summarize_subset
+from bench_tables import ct_comparisons, goals, paired_ratios, render, summarize, summarize_corpus, summarize_rows, summarize_subset
 from bench_workloads import (add_published, measure, measure_corpus, published_corpus,
-                             random_reads, small_files)
+                             parallel_writers, random_reads, small_files)
 
 
 def adder(results: dict, name: str):
@@ -147,7 +156,7 @@ def run(args) -> dict:
 
     base = pathlib.Path(tempfile.mkdtemp(prefix="dcmfs-bench-", dir=args.workdir))
     try:
-        for d in ("src", "ct", "corpus-src", "corpus", "small", "random", "quality"):
+        for d in ("src", "ct", "corpus-src", "corpus", "small", "writers", "random", "quality"):
             (base / d).mkdir()
         files = make_series(base / "src", args.files)
         logical = sum(p.stat().st_size for p in files)
@@ -172,13 +181,15 @@ def run(args) -> dict:
         corpus_files, modality, cc, cresults, cpoints = [], {}, [], {}, {}
         if args.corpus:
             corpus_files, modality = corpus(base / "corpus-src", quick=args.quick)
-            cc = mounted(base / "corpus", args.codecs)
+            cc = [c for c in mounted(base / "corpus", args.codecs) if c.name != "dcmfs-wonly"]
             cresults = {c.name: {} for c in cc} | {p: {} for p in pub}
             cpoints = {name: [] for name in cresults}
 
         lean = [c for c in mounted(base / "small", [v for v in args.codecs if v == "audit0"])
                 if c.name in ("plain", "dcmfs", "dcmfs-audit0", "gocryptfs")]
         sresults_small = {c.name: {} for c in lean} if args.small_files else {}
+        par = [c for c in mounted(base / "writers", []) if c.name in ("plain", "dcmfs", "gocryptfs")]
+        wresults = {c.name: {} for c in par} if args.writers else {}
         rand = [c for c in mounted(base / "random", []) if c.name in ("plain", "dcmfs", "gocryptfs")]
         rresults = {c.name: {} for c in rand} if args.rand_mib else {}
         rand_tool = None
@@ -230,6 +241,9 @@ def run(args) -> dict:
                 for c in rotate(lean, rep) if sresults_small else []:
                     small_files(c, args.small_files, adder(sresults_small, c.name))
             lap("small files")
+            for c in rotate(par, rep) if wresults else []:
+                parallel_writers(c, files, logical, args.writers, adder(wresults, c.name))
+            lap("parallel writers")
             for c in rotate(rand, rep) if rresults else []:
                 rand_tool = random_reads(c, args.rand_mib, args.rand_reads, block,
                                          adder(rresults, c.name))
@@ -262,6 +276,13 @@ def run(args) -> dict:
                                       "create_files_s": ("create_s", args.small_files),
                                       "stat_files_s": ("stat_s", args.small_files),
                                       "unlink_files_s": ("unlink_s", args.small_files)})}
+        if wresults:
+            out["parallel_writers"] = {
+                "files": args.files, "writers": args.writers, "reps": args.reps,
+                "contenders": summarize_rows(wresults, {
+                    f"w{n}_mb_s": (f"w{n}_s", logical / 1e6) for n in args.writers}),
+                "dcmfs_vs_gocryptfs": paired_ratios(wresults, "dcmfs", "gocryptfs",
+                                                    [f"w{n}_s" for n in args.writers])}
         if rresults:
             out["random_reads"] = {"file_mib": args.rand_mib, "reads": args.rand_reads,
                                    "tool": rand_tool, "reps": args.reps,
@@ -295,6 +316,9 @@ def main() -> None:
                    help="skip the whole-corpus workload")
     p.add_argument("--small-files", type=int, default=5000, help="0: skip the small-file workload")
     p.add_argument("--small-reps", type=int, default=3, help="repetitions of the small-file workload")
+    p.add_argument("--writers", type=int, nargs="*", default=[1, 4, 8],
+                   help="parallel writers: the CT series written by N threads at once, "
+                        "for each N (plain, dcmfs, gocryptfs; none: skip)")
     p.add_argument("--rand-mib", type=int, default=256, help="0: skip the random-read workload")
     p.add_argument("--rand-reads", type=int, default=8192)
     p.add_argument("--no-view", dest="view", action="store_false",
@@ -326,6 +350,7 @@ def main() -> None:
     if args.quick:
         args.reps, args.big_mib, args.subset_copies = 1, 16, 1
         args.files, args.small_files, args.rand_mib, args.rand_reads = 8, 200, 16, 256
+        args.writers = [w for w in args.writers if w <= 4][:2]
         if args.codecs == p.get_default("codecs"):
             args.codecs = ["lzma"]  # dicom=0 runs in the subset
     args.small_reps = min(args.small_reps, args.reps)

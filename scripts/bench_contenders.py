@@ -50,6 +50,7 @@ class Sampler:
     def _sample(self) -> bool:
         try:
             rss = self.proc.memory_info().rss
+            self._last_cpu = self.cpu()
         except psutil.Error:
             return False
         for child in self._family()[1:]:
@@ -67,6 +68,8 @@ class Sampler:
     def cpu(self) -> float:
         if self.proc is None:
             return 0.0
+        if not self.proc.is_running():  # a daemon that ended meanwhile (dcmfs-wonly)
+            return getattr(self, "_last_cpu", 0.0)
         total = 0.0
         for proc in self._family():
             try:
@@ -77,7 +80,7 @@ class Sampler:
         return total
 
     def __enter__(self):
-        self.cpu0 = self.cpu()
+        self.cpu0 = self._last_cpu = self.cpu()
         if self.proc:
             self._thread.start()
         return self
@@ -161,7 +164,10 @@ class Dcmfs(Contender):
     rotating (the default policy while the daemon re-encrypts older key
     epochs: the store holds BALLAST_MIB of files at rest, and each write starts
     with 'dcmfs key rotate' and 'rotate --finish' on the mounted store; at rest
-    includes the end of that job, the stored size leaves the ballast out)."""
+    includes the end of that job, the stored size leaves the ballast out), wonly
+    (a write-only mount, -o recipient=FILE: the writer has only the store's
+    public key; at rest includes its unmount, the import by a keyed mount and
+    that mount's re-encoding; ingest CPU is the write-only daemon's)."""
 
     #: MiB of random files a rotating contender's store holds before the
     #: write, which the rotation's --finish has to re-encrypt meanwhile
@@ -176,6 +182,8 @@ class Dcmfs(Contender):
         self.options = ["-o", f"zstd_level={level}"] if level else []
         self.paused = codec == "paused"
         self.rotating = codec == "rotating"
+        self.wonly = codec == "wonly"
+        self.ingesting = False
         self.ballast = 0
         self._finish = None
         if codec == "inline":
@@ -193,7 +201,7 @@ class Dcmfs(Contender):
         elif codec == "cold":
             self.options = ["-o", "hot_days=0"]
         if codec in ("inline", "dicom0", "paused", "j2k", "htj2k", "inproc", "audit0",
-                     "rotating", "cold"):
+                     "rotating", "cold", "wonly"):
             codec = "zstd"
         self.codec = codec
         self.base = base / self.name
@@ -207,6 +215,12 @@ class Dcmfs(Contender):
         shutil.rmtree(self.base, ignore_errors=True)
         self.mp.mkdir(parents=True)
         self.cli("init", self.store, "--key-file", self.key, "--codec", self.codec)
+        if self.wonly:
+            rcp = self.base / "recipient.json"
+            self.cli("key", "recipient", self.store, "--key-file", self.key, "--export", rcp)
+            self.cli("mount", self.store, self.mp, "-o", f"recipient={rcp}")
+            self.ingesting = True
+            return
         self.cli("mount", self.store, self.mp, "--key-file", self.key, *self.options)
         if self.rotating:
             (self.mp / ".ballast").mkdir()
@@ -224,8 +238,23 @@ class Dcmfs(Contender):
         self.cli("mount", self.store, self.mp, "--key-file", self.key, *self.options)
 
     def pid(self):
-        from dcmfs.storage.header import read_lock_pid
+        from dcmfs.storage.header import lock_holders, read_lock_pid
+        if self.ingesting:  # the write-only daemon holds its inbox session's lock
+            for d in (self.store / "inbox").iterdir():
+                holders = lock_holders(str(d)) or set()
+                if holders:
+                    return max(holders)
+            return None
         return read_lock_pid(str(self.store))
+
+    def _to_keyed(self):
+        """Unmount the write-only mount; a keyed mount imports what it wrote."""
+        pid = self.pid()
+        self.cli("umount", self.mp)
+        while pid and psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
+            time.sleep(0.02)
+        self.ingesting = False
+        self.cli("mount", self.store, self.mp, "--key-file", self.key, *self.options)
 
     def stored(self):
         return du(self.store / "objects") + du(self.store / "index") - self.ballast
@@ -249,6 +278,8 @@ class Dcmfs(Contender):
             self.control(b"resume")
 
     def status(self):
+        if self.ingesting:
+            return None
         from dcmfs.format import STATUS_XATTR
         return json.loads(os.getxattr(self.mp, STATUS_XATTR))
 
@@ -266,6 +297,8 @@ class Dcmfs(Contender):
         """Wait until the background re-encoder has re-encoded everything
         (and a rotation's --finish has ended); ``poll``: seconds between
         looks at the status."""
+        if self.ingesting:
+            self._to_keyed()
         if self._finish is not None:
             if self._finish.wait(timeout=self.STALL_S) != 0:
                 raise RuntimeError(f"{self.name}: 'dcmfs key rotate --finish' failed")

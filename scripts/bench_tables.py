@@ -109,6 +109,22 @@ def ct_comparisons(c: dict) -> dict:
     return out
 
 
+def paired_ratios(results: dict, mine: str, theirs: str, keys: list[str]) -> dict:
+    """``theirs`` time / ``mine`` time (a speed ratio: above 1 is faster)
+    per repetition, paired by repetition (the contenders ran interleaved):
+    {key: {"median", "min", "max"}}."""
+    out = {}
+    if mine not in results or theirs not in results:
+        return out
+    for key in keys:
+        pairs = list(zip(results[mine].get(key, []), results[theirs].get(key, [])))
+        if pairs:
+            ratios = [t / m for m, t in pairs]
+            out[key] = {"median": statistics.median(ratios), "min": min(ratios),
+                        "max": max(ratios)}
+    return out
+
+
 def summarize(results, logical, args) -> dict:
     mb = logical / 1e6
     out = {"files": args.files, "series_mb": round(mb, 1), "reps": args.reps,
@@ -309,6 +325,22 @@ def render_more(out: dict) -> list[str]:
             lines.append(f"| {name} | {_cell(r, 'create_files_s')} | {_cell(r, 'stat_files_s')} | "
                          f"{_cell(r, 'unlink_files_s')} | {_cell(r, 'cpu_s', '{:.1f}')} | "
                          f"{_cell(r, 'peak_rss_mib')} |")
+    pw = out.get("parallel_writers")
+    if pw:
+        ws = pw["writers"]
+        lines += ["", f"Parallel writers: the CT series ({pw['files']} files) written by N "
+                  f"threads at once, MB/s, medians of {pw['reps']} repetitions", "",
+                  "| contender | " + " | ".join(f"{n} writer{'s' if n > 1 else ''}" for n in ws)
+                  + " | daemon CPU s (" + ", ".join(map(str, ws)) + ") |",
+                  "|---|" + "---|" * (len(ws) + 1)]
+        for name, r in pw["contenders"].items():
+            lines.append(f"| {name} | " + " | ".join(_cell(r, f"w{n}_mb_s") for n in ws) + " | "
+                         + ", ".join(_cell(r, f"w{n}_cpu_s", "{:.1f}") for n in ws) + " |")
+        cmp = pw.get("dcmfs_vs_gocryptfs")
+        if cmp:
+            lines += ["", "dcmfs ÷ gocryptfs per repetition: " + ", ".join(
+                f"{n} writer{'s' if n > 1 else ''} {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
+                for n in ws for v in [cmp.get(f"w{n}_s")] if v)]
     rr = out.get("random_reads")
     if rr:
         lines += ["", f"Random 4 KiB reads, cold: {rr['reads']} reads in a {rr['file_mib']} MiB "

@@ -184,6 +184,49 @@ def small_files(c, n: int, add, size: int = 1024) -> None:
         c.teardown()
 
 
+def parallel_writers(c, files, logical: int, writers: list[int], add) -> None:
+    """The CT series written by N writers at once (N threads, each writing
+    every N-th file: open, write, close), for each N of ``writers``, into a
+    fresh directory of one store; seconds from the first open to the last
+    close.  Several PACS associations or copy jobs writing at once."""
+    import threading
+    c.setup()
+    try:
+        for n in writers:
+            d = c.mnt() / f"w{n}"
+            d.mkdir()
+            parts = [files[i::n] for i in range(n)]
+            errors: list[BaseException] = []
+
+            def write(part) -> None:
+                try:
+                    write_files(part, d)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=write, args=(part,)) for part in parts]
+            with Sampler(c.pid()) as s:
+                t = time.perf_counter()
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+                if c.name == "plain":
+                    os.sync()
+                spent = time.perf_counter() - t
+            if errors:
+                raise RuntimeError(f"{c.name}: a writer failed: {errors[0]!r}")
+            wrote = sum(p.stat().st_size for p in d.iterdir())
+            if wrote != logical:
+                raise RuntimeError(f"{c.name}: {n} writers left {wrote} of {logical} bytes")
+            add(f"w{n}_s", spent)
+            add(f"w{n}_cpu_s", s.cpu_seconds)
+            c.after_write()
+            c.settle()  # the next N starts from rest (dcmfs: re-encoded)
+    finally:
+        c.teardown()
+
+
 def random_reads(c, mib: int, reads: int, block: bytes, add) -> str:
     """Random 4 KiB reads in a file of ``mib`` MiB (CT content, so it
     compresses like real data), cold: written, brought to rest, remount +

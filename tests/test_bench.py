@@ -129,6 +129,14 @@ def check_new_workloads(figures: dict) -> None:
     for row in sf["contenders"].values():
         assert row["create_files_s"] > 0 and row["stat_files_s"] > 0 and row["unlink_files_s"] > 0
 
+    pw = figures["parallel_writers"]  # quick: 1 and 4 writers
+    assert pw["writers"] == [1, 4] and set(pw["contenders"]) == {"plain", "dcmfs"} | GOCRYPTFS
+    for row in pw["contenders"].values():
+        assert row["w1_mb_s"] > 0 and row["w4_mb_s"] > 0
+    if GOCRYPTFS:
+        assert set(pw["dcmfs_vs_gocryptfs"]) == {"w1_s", "w4_s"}
+        assert all(v["min"] <= v["median"] <= v["max"] for v in pw["dcmfs_vs_gocryptfs"].values())
+
     rr = figures["random_reads"]
     assert rr["tool"] == ("fio" if shutil.which("fio") else "python")
     assert set(rr["contenders"]) == {"plain", "dcmfs"} | GOCRYPTFS

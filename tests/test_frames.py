@@ -135,7 +135,7 @@ def frame_spans(fs, path, k_chunk):
         ino = fs._resolve(txn, path)
         inode = txn.get_inode(ino)
         ref = txn.chunks(ino)[k_chunk]
-    cipher = fs.objects.file_cipher(inode.file_id)
+    cipher = fs.objects.file_cipher(inode.file_id, inode.secret)
     starts = fs.objects._frame_table(cipher, inode.file_id, ino, k_chunk, ref)[2]
     fs.objects._tables.clear()
     return fs.objects.path(ref.oid), list(starts)

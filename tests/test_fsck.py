@@ -28,11 +28,15 @@ QUIET = io.StringIO()
 class Store:
     """A closed store holding three files, and the calls the admin would make."""
 
-    def __init__(self, make_fs, secret):
+    def __init__(self, make_fs, secret, legacy: bool = False):
         self.make_fs = make_fs
         self.root = str(make_fs.root)
         self.secret = secret
+        #: files made as before file-secrets-v1 (no secret: the objects alone
+        #: hold everything a rebuild needs)
+        self.legacy = legacy
         fs = make_fs()
+        fs._secrets = not legacy
         self.damaged: set[str] = set()
         self.content = {"/a": os.urandom(3 * CS + 100), "/b": os.urandom(2 * CS),
                         "/d/c": os.urandom(CS // 2)}
@@ -50,7 +54,9 @@ class Store:
         return admin.fsck(self.root, lambda: self.secret, SMALL, repair, rebuild, out=QUIET)
 
     def open(self, config=SMALL) -> FileSystem:
-        return FileSystem(open_store(self.root, self.secret), config)
+        fs = FileSystem(open_store(self.root, self.secret), config)
+        fs._secrets = fs._secrets and not self.legacy
+        return fs
 
     def assert_content(self) -> None:
         """Every file the fixture wrote reads back as written."""
@@ -121,6 +127,13 @@ class Store:
 @pytest.fixture
 def store(make_fs, secret):
     return Store(make_fs, secret)
+
+
+@pytest.fixture
+def legacy_store(make_fs, secret):
+    """Files made before file-secrets-v1 (crypto-shredding): their keys come
+    from the master key alone, so their objects alone rebuild them."""
+    return Store(make_fs, secret, legacy=True)
 
 
 def test_clean_store_verifies_and_fscks_clean(store):
@@ -357,7 +370,8 @@ def test_index_rebuilt_from_the_journal_and_the_objects_without_any_snapshot(sto
     store.assert_content()
 
 
-def test_objects_alone_rebuild_every_file_into_lost_found(store):
+def test_objects_alone_rebuild_every_file_into_lost_found(legacy_store):
+    store = legacy_store
     shutil.rmtree(os.path.join(store.root, "snapshots"))
     shutil.rmtree(os.path.join(store.root, "index"))
     result = store.fsck(rebuild=True)
@@ -386,10 +400,9 @@ def test_verify_and_control_attributes_are_for_root_and_the_owner(make_fs):
     assert fs.getxattr("/", "user.dcmfs.verify", caller=0) == b"{}"
 
 
-def test_lost_index_directory_brings_new_files_back_into_lost_found(store):
-    """index/ lost with the journal: a file created after the last snapshot
-    comes back from its objects into /lost+found (with its own inode number:
-    /lost+found must not take it), a file deleted after it stays as it was."""
+def _late_file_then_index_lost(store) -> bytes:
+    """Write /late after the last snapshot, crash, lose index/, rebuild
+    (clean); returns /late's content."""
     fs = store.open()
     late = os.urandom(5000)
     write_file(fs, "/late", late)
@@ -399,6 +412,16 @@ def test_lost_index_directory_brings_new_files_back_into_lost_found(store):
     shutil.rmtree(os.path.join(store.root, "index"))
     result = store.fsck(rebuild=True)
     assert result["clean"], result
+    return late
+
+
+def test_lost_index_directory_brings_new_files_back_into_lost_found(legacy_store):
+    """index/ lost with the journal: a file created after the last snapshot
+    comes back from its objects into /lost+found (with its own inode number:
+    /lost+found must not take it), a file deleted after it stays as it was.
+    (Files made before file-secrets-v1; with secrets, see the next test.)"""
+    store = legacy_store
+    late = _late_file_then_index_lost(store)
     assert not os.path.exists(os.path.join(store.root, "quarantine"))
     fs = store.open()
     try:
@@ -408,6 +431,55 @@ def test_lost_index_directory_brings_new_files_back_into_lost_found(store):
         assert read_file(fs, "/lost+found/" + name) == late
         assert b"assembled from objects" in fs.getxattr("/lost+found/" + name,
                                                         "user.dcmfs.fsck")
+    finally:
+        fs.close()
+
+
+def test_files_with_secrets_need_their_history_to_be_rebuilt(store):
+    """The price of crypto-shredding (docs/format.md): a file's key needs its
+    secret, which only the index and its history (snapshots, journals)
+    hold.  index/ lost: the files in the snapshot come back with their
+    names; one created after it, whose records were in the lost journal,
+    does not - its objects go to quarantine, never deleted; with
+    snapshots/ lost too, no file comes back, every object is kept."""
+    _late_file_then_index_lost(store)
+    store.assert_content()
+    quarantined = os.listdir(os.path.join(store.root, "quarantine"))
+    assert len(quarantined) == 1  # /late's one object
+    fs = store.open()
+    try:
+        assert "lost+found" not in {n for n, _ in fs.readdir("/")}
+    finally:
+        fs.close()
+    n_objects = sum(len(f) for _, _, f in os.walk(os.path.join(store.root, "objects")))
+    shutil.rmtree(os.path.join(store.root, "snapshots"))
+    shutil.rmtree(os.path.join(store.root, "index"))
+    result = store.fsck(rebuild=True)
+    assert result["clean"], result
+    assert {p["repaired"] for p in result["problems"] if p["check"] == "unreferenced"} == {
+        "moved to quarantine"}
+    assert len(os.listdir(os.path.join(store.root, "quarantine"))) == 1 + n_objects
+    fs = store.open()
+    try:
+        assert {n for n, _ in fs.readdir("/")} <= {".", "..", "lost+found"}
+    finally:
+        fs.close()
+
+
+def test_a_damaged_inode_record_is_rebuilt_with_the_secret_its_history_holds(store):
+    """The record of /b fails authentication: its secret is gone from the
+    index, but the snapshot (and the journal) still hold it, so the repair
+    rebuilds /b into /lost+found byte-exact (test_index_value_bit_flipped
+    does the same through verify)."""
+    flip_in_index_value(store, "inodes", "/b", b"", 20)
+    result = store.fsck(repair=True)
+    assert result["clean"], result
+    fs = store.open()
+    try:
+        (name, _), = fs.readdir("/lost+found")
+        assert read_file(fs, f"/lost+found/{name}") == store.content["/b"]
+        with fs.index.begin() as txn:
+            assert len(txn.get_inode(fs._resolve(txn, f"/lost+found/{name}")).secret) == 32
     finally:
         fs.close()
 
@@ -480,7 +552,8 @@ def test_rebuild_falls_back_past_every_damaged_snapshot_to_the_journals(store):
     store.assert_content()
 
 
-def test_rebuild_with_damaged_snapshots_and_no_journal_uses_the_objects(store):
+def test_rebuild_with_damaged_snapshots_and_no_journal_uses_the_objects(legacy_store):
+    store = legacy_store
     older, newer = _two_snapshots(store)
     shutil.rmtree(newer)  # gone altogether, and the other one torn
     with open(os.path.join(older, "data.mdb"), "r+b") as f:

@@ -91,7 +91,7 @@ def test_new_chunks_go_under_the_new_epoch_at_once(store):
                 ino = fs._resolve(txn, path)
                 inode = txn.get_inode(ino)
                 for idx, ref in txn.chunks(ino).items():
-                    cipher = thief.file_cipher(inode.file_id)
+                    cipher = thief.file_cipher(inode.file_id, inode.secret)
                     if expect:
                         assert thief.read(cipher, inode.file_id, ino, idx, ref)
                     else:
@@ -136,7 +136,7 @@ def test_finish_reseals_everything_and_destroys_the_unused_epoch(store):
             ino = fs._resolve(txn, "/e1.bin")
             inode = txn.get_inode(ino)
             table = txn.chunks(ino)
-        cipher = fs.objects.file_cipher(inode.file_id)
+        cipher = fs.objects.file_cipher(inode.file_id, inode.secret)
         for (idx, ref), (oid, blob) in zip(sorted(table.items()), aside.items()):
             with pytest.raises(ObjectDamaged, match="epoch 1"):
                 fs.objects.read(cipher, inode.file_id, ino, idx, ref._replace(oid=oid), blob)

@@ -17,7 +17,7 @@ import sys
 from .. import __version__
 from ..config import Config
 from ..errors import DcmfsError, SecretError, UsageError, WrongKeyError
-from . import keycli, keys, options, s3creds
+from . import keycli, keys, options, s3creds, shredcli
 from .options import make_config, parse_o
 
 log = logging.getLogger("dcmfs")
@@ -161,6 +161,9 @@ def cmd_mount(args) -> int:
         inst = load(config_path)
     # the instance file's options first, the command line's after (they win)
     ours, fuse = parse_o(([",".join(inst.options)] if inst else []) + (args.o or []))
+    if ours.get("recipient"):  # write-only: no key at all
+        from .ingestmount import cmd_ingest
+        return cmd_ingest(args, ours, fuse, inst)
     _key_options(args, ours)
     store_root = os.path.abspath(args.store or (inst.store if inst else default_store()))
     mp = os.path.abspath(args.mountpoint or (inst.mountpoint if inst else default_mountpoint()))
@@ -456,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_secret_options(s)
     s.set_defaults(func=cmd_audit)
     keycli.add_parser(sub)
+    shredcli.add_parser(sub, sys.modules[__name__])
 
     s = sub.add_parser("status", help="mounts, daemon figures, sizes and ratio")
     s.add_argument("target", nargs="?", help="a mountpoint or a store (default: every mount)")

@@ -155,6 +155,8 @@ def cmd_key(args) -> int:
         return 0
     if args.key_action == "rotate":
         return _rotate(args, store_root)
+    if args.key_action == "recipient":
+        return _recipient(args, store_root)
     current, fresh = _secrets(args, new=args.key_action in ("add", "change"))
     kdf = dataclasses.asdict(Config().kdf)  # what init writes
     report: dict = {}
@@ -207,6 +209,23 @@ def _rotate(args, store_root: str) -> int:
     return 0
 
 
+def _recipient(args, store_root: str) -> int:
+    """``dcmfs key recipient STORE [--rsa] --export FILE``."""
+    from ..storage import keyring
+    from ..storage.durable import write_file
+    current = _secrets(args, new=False)[0]
+    report: dict = {}
+    with KeyRecord(store_root) as trail:
+        r = keyring.recipient(store_root, current, "rsa-oaep-3072" if args.rsa else None,
+                              report=report)
+        if report:
+            trail.record(report)
+    write_file(os.path.abspath(args.export), r.to_json(), mode=0o644)
+    print(f"{'Created' if report else 'Exported'} the {r.kind} recipient of {store_root} "
+          f"in {args.export} (public: give it to write-only ingest nodes).")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("key", help="key slots: list, add, remove, change (mounted or not)")
     actions = p.add_subparsers(dest="key_action", required=True)
@@ -229,6 +248,17 @@ def add_parser(sub) -> None:
         add_secret_options(g)
         g.add_argument("--allow-open-key-file", action="store_true",
                        help="accept key or passphrase files group or others may read")
+    s = actions.add_parser("recipient", help="create (once) and export the store's public "
+                           "recipient key for write-only ingest mounts")
+    s.add_argument("store")
+    s.add_argument("--export", metavar="FILE", required=True,
+                   help="write the recipient (store id, chunk size, public key) there")
+    s.add_argument("--rsa", action="store_true",
+                   help="an RSA-OAEP-3072 key pair instead of X25519 (when creating)")
+    g = s.add_argument_group("a key that opens an existing slot")
+    add_secret_options(g)
+    g.add_argument("--allow-open-key-file", action="store_true",
+                   help="accept key or passphrase files group or others may read")
     s = actions.add_parser("rotate", help="start a new key epoch for new chunks; --finish "
                            "seals the older ones again and destroys unused epoch keys")
     s.add_argument("store")

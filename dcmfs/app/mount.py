@@ -281,7 +281,7 @@ def mount(store_root: str, secret: Secret, mountpoint: str, config: Config,
 
 
 def _spawn(store, mp, config, options, log_file, metrics, view_secret=None,
-           view_mount=None) -> None:
+           view_mount=None, runner=None) -> None:
     store_root = store.root
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -295,9 +295,9 @@ def _spawn(store, mp, config, options, log_file, metrics, view_secret=None,
             _detach(None if log_file is None and stderr_is_journal()
                     else log_file or os.path.join(store_root, fmt.LOG_NAME),
                     in_store=log_file is None)
-            run_daemon(store, mp, config, options,
-                       on_ready=lambda: os.write(wfd, b"R"), metrics=metrics,
-                       view_secret=view_secret, view_mount=view_mount)
+            (runner or run_daemon)(store, mp, config, options,
+                                   on_ready=lambda: os.write(wfd, b"R"), metrics=metrics,
+                                   view_secret=view_secret, view_mount=view_mount)
         except DcmfsError as exc:
             log.error("%s", exc)
             _report(wfd, exc.exit_code, str(exc))
@@ -383,6 +383,9 @@ def umount(mountpoint: str, timeout: float = 300.0) -> None:
     info = find_mount(mountpoint)
     if info is None:
         raise NotMountedError(f"{os.path.abspath(mountpoint)} is not a dcmfs mountpoint.")
+    from .ingestmount import umount_write_only
+    if umount_write_only(info, timeout):  # a write-only mount: no store lock
+        return
     if read_lock_pid(info.store) is None:
         # the daemon is gone: only a stale kernel mount is left
         _fusermount(info.mountpoint)

@@ -235,8 +235,14 @@ OPTIONS: tuple[Option, ...] = (
            field="fuse_threads"),
     Option("reencode_threads", INT, "cores the re-encoder may use while no file is written",
            RECODING, field="reencode_threads", low=1, high=64),
+    Option("shred_after", DURATION, "run a shred pass once the first deletion not yet "
+           "shredded is T old, so its objects are unreadable with the key and the index "
+           "from then on (off: at unmount and 'dcmfs shred' only)", MOUNTING,
+           field="shred_after"),
     Option("scrub_interval", DURATION, "verify every file once per T in the background",
            MOUNTING, field="scrub_interval"),
+    Option("inbox_interval", DURATION, "import what write-only mounts wrote every T while "
+           "mounted (0: only when the store is opened)", MOUNTING, field="inbox_interval"),
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
            field="scrub_rate"),
     Option("audit", FLAG, "1: record who opened, wrote, renamed and deleted which file in "
@@ -279,6 +285,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("view_secret_file", PATH, "the view's secret (as --view-secret-file)", MOUNTING),
     Option("view_mount", PATH, "serve the de-identified view there too, beside the files, "
            "from the same daemon (needs view_secret_file)", MOUNTING),
+    Option("recipient", PATH, "mount write-only with only the store's recipient public key "
+           "(the file 'dcmfs key recipient --export' wrote): no key asked; files can be "
+           "created and written, never read back", MOUNTING),
     Option("key_file", PATH, "the key file (as --key-file)", KEYED),
     Option("passphrase_file", PATH, "the passphrase file (as --passphrase-file)", KEYED),
     Option("log_file", PATH, "the daemon's log in the background (default STORE/dcmfs.log)",

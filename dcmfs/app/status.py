@@ -21,6 +21,7 @@ from .. import format as fmt
 from ..audit.segments import plain_head
 from ..errors import DcmfsError
 from ..index import read_meta, read_stats
+from ..index.shred import META_KEY, ShredState
 from ..adapter.metrics import OPS_XATTR
 from .mount import dcmfs_mounts, find_mount
 from .units import size_text
@@ -80,6 +81,9 @@ def store_report(store_root: str, mountpoint: str | None,
                 report[k] = live[k]
     # the audit trail: the daemon's word, or (unmounted) the segments'
     # plain frame headers (no key: size and head, not authenticated)
+    # crypto-shredding: deletions whose secrets are still in the index's
+    # history (the daemon's word, or the index's plain record)
+    report["shred"] = live.get("shred") if live is not None else _plain_shred(store_root)
     audit = live.get("audit") if live is not None else None
     report["audit"] = audit if audit is not None else plain_head(store_root)
     if ops is not None:
@@ -105,6 +109,26 @@ def store_report(store_root: str, mountpoint: str | None,
         except psutil.Error:
             pass
     return report
+
+
+def _plain_shred(store_root: str) -> dict | None:
+    try:
+        found = read_meta(os.path.join(store_root, fmt.INDEX_DIR), (META_KEY,), "reading status")
+    except DcmfsError:
+        return None
+    return ShredState.decode(found and found[META_KEY]).report() if found else None
+
+
+def _shred_line(shred: dict) -> str | None:
+    """The status line of crypto-shredding (counts and times only)."""
+    last = f"last pass {_ago(shred['last_pass'])}" if shred.get("last_pass") else "no pass yet"
+    if not shred.get("pending"):
+        return f"shred       nothing pending; {last}" if shred.get("last_pass") else None
+    due = (f"shredded by {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(shred['deadline']))}"
+           " at the latest" if shred.get("deadline") else "shredded at the next pass")
+    return (f"shred       {shred['pending']} deleted files still readable with the key and "
+            f"the index's history (first deleted {_ago(shred['first_deleted'])}); {due}, "
+            f"at unmount or by 'dcmfs shred'; {last}")
 
 
 def _damage_recorded(store_root: str) -> bool:
@@ -253,6 +277,9 @@ def render(reports: list[dict]) -> str:
             lines.append(f"audit       {size_text(audit['bytes'])}, head record {audit['seq']} "
                          f"({head[:16]})" + (f"; {audit['failures']} records not written"
                                              if audit.get("failures") else ""))
+        line = _shred_line(r["shred"]) if r.get("shred") else None
+        if line:
+            lines.append(line)
         if r.get("integrity_errors") or r.get("needs_fsck"):
             lines.append(f"integrity   {r.get('integrity_errors', 0)} damaged objects seen; "
                          + (f"the store needs 'dcmfs fsck {r['store']}'" if r.get("needs_fsck")

@@ -141,22 +141,29 @@ def _abort(connection: int | None) -> None:
         log.warning("the view's FUSE connection could not be ended: %s", exc.strerror)
 
 
-def umount_alongside(info, timeout: float) -> bool:
-    """``dcmfs umount VIEW`` of a view served beside the files: detach it
-    (the daemon goes on serving the files); False if ``info`` is not such a
-    view."""
+def status_in_thread(mountpoint: str, timeout: float) -> object:
+    """The daemon's status document of ``mountpoint`` (parsed JSON), asked in
+    a thread so that a hung daemon cannot hang the caller (umount): None if
+    it did not answer within ``timeout`` (at most 30 s) or not as JSON."""
     result: list = []
 
-    def ask() -> None:  # in a thread: a hung daemon must not hang umount
+    def ask() -> None:
         try:
-            result.append(json.loads(os.getxattr(info.mountpoint, fmt.STATUS_XATTR)))
+            result.append(json.loads(os.getxattr(mountpoint, fmt.STATUS_XATTR)))
         except (OSError, ValueError):
             result.append(None)
 
     t = threading.Thread(target=ask, daemon=True, name="dcmfs-umount-ask")
     t.start()
     t.join(min(timeout, 30.0))
-    status = result[0] if result else None
+    return result[0] if result else None
+
+
+def umount_alongside(info, timeout: float) -> bool:
+    """``dcmfs umount VIEW`` of a view served beside the files: detach it
+    (the daemon goes on serving the files); False if ``info`` is not such a
+    view."""
+    status = status_in_thread(info.mountpoint, timeout)
     if not isinstance(status, dict) or not (status.get("deid_view") or {}).get("alongside"):
         return False
     r = subprocess.run(["fusermount3", "-u", info.mountpoint], capture_output=True, text=True)

@@ -35,13 +35,14 @@ from ..storage.digest import block_digest, tree_digest
 from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
 from .garbage import Garbage
+from .prefetch import Prefetching
 from .reads import FileReads
 from .openfile import ChunkCache, OpenFile, all_zero, done_future, on_written
 
 log = logging.getLogger("dcmfs.data")
 
 
-class FileData(Garbage, FileReads):
+class FileData(Prefetching, Garbage, FileReads):
     """Reads, writes and commits file contents for the filesystem core."""
 
     #: a read starting this close to where the last one ended is sequential
@@ -85,7 +86,7 @@ class FileData(Garbage, FileReads):
         with self.index.begin() as txn:
             committed = txn.chunks(ino)
         of = OpenFile(ino, inode, committed)
-        of.cipher = self.objects.file_cipher(inode.file_id)
+        of.cipher = self.objects.file_cipher(inode.file_id, inode.secret)
         if any(r.offset >= 0 for r in committed.values()):
             order = sorted(committed, key=lambda i: committed[i].offset)
             of.extents = ([committed[i].offset for i in order], order)

@@ -22,6 +22,7 @@ from ..index import Index
 from ..storage.objects import stored_bytes
 from .handles import _locked
 from .scrub import VerifyJob
+from ..opened.shred import shred_state
 
 log = logging.getLogger("dcmfs.fs")
 
@@ -57,6 +58,8 @@ class StoreOps:
                 "audit": self.opened.audit.status() if self.opened.audit else None,
                 "rekey": self.rekey_job.status() if self.rekey_job else None,
                 "deid_records": self.deid_filler.status() if self.deid_filler else None,
+                "shred": None if self.read_only else shred_state(self.opened).report(
+                    self.config.shred_after),
                 **process_figures()}
 
     @_locked
@@ -75,6 +78,7 @@ class StoreOps:
         (``recompress retry-failed``), ``pause`` and ``resume`` (the
         re-encoder; benchmarks, admins) and ``verify``."""
         if command in ("recompress", "recompress retry-failed"):
+            self._import_inbox()  # what write-only mounts wrote: new files too
             self.recompress(retry_failed=command.endswith("retry-failed"))
         elif command.startswith("verify"):
             # "verify" or "verify {json: paths, sample}" (``dcmfs verify``)
@@ -98,6 +102,11 @@ class StoreOps:
                 self.rekey_job = RekeyJob(self)
         elif command.startswith("key "):
             self.record_key_change(command[len("key "):])
+            return
+        elif command == "shred":  # 'dcmfs shred' on a mounted store (it records the pass)
+            if self.read_only:
+                raise ReadOnlyError("The store is mounted read-only.")
+            self.shred_now(wait=False)
             return
         elif command in ("pause", "resume") and self.reencoder is not None:
             getattr(self.reencoder, command)()

@@ -11,6 +11,11 @@ from ..errors import IntegrityError
 from ..storage import dicom
 
 
+def extents_layout(table) -> bool:
+    """Is this chunk table laid out in extents (a re-encoded DICOM file)?"""
+    return any(r.offset >= 0 for r in table.values())
+
+
 def extents_of(plan, size: int, cs: int) -> list[tuple[int, int, object]]:
     """(start, length, frame spec or None) covering the whole file: the bytes
     before the pixels and after them in pieces of at most one chunk, then

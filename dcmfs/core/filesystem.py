@@ -24,6 +24,7 @@ from .. import format as fmt
 from ..config import Config
 from ..errors import DcmfsError, Exists, NameTooLong, NotADirectory, NotFound, loggable
 from ..index import Inode
+from ..index.schema import SECRET_LEN
 from ..opened.recovery import RecoveryReport, delete_file
 from ..opened.store import OpenedStore
 from ..sandbox.pool import BACKGROUND_NICE, ParserPool
@@ -38,6 +39,7 @@ from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .links import KernelNames
 from .names import NameOps
 from .host import JobHostOps
+from .importer import import_inbox
 from .syncloops import SyncLoops
 from .deidrecords import RecordFiller
 from .reencoder import Reencoder
@@ -108,14 +110,17 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         self.data.on_damage = self.damaged
         if self.opened.follower is not None:  # the writer's changes came in
             self.opened.follower.on_applied = lambda: self._inodes.clear()
-        #: an S3 store's read-ahead of sequential readers (None: local)
-        self.readahead = None if self.opened.remote is None else ReadAhead(
-            self.index, self.objects, self.chunk_size, self._resolve, self._inode)
+        #: read-ahead across the files of a directory: an S3 store fetches,
+        #: a local one decodes
+        self.readahead = ReadAhead(
+            self.index, self.objects, self.chunk_size, self._resolve, self._inode,
+            decode=self.data.decode_ahead if self.opened.remote is None else None)
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}
         self._next_fh = 1
         self._inodes: dict[int, Inode] = {}
+        self._secrets = fmt.FILE_SECRETS_FEATURE in self.store.features
         #: (parent ino, name) -> (ino, path): libfuse's hidden names of open
         #: files that were unlinked (see NameOps._hide); in memory only
         self._hidden: dict[tuple[int, bytes], tuple[int, str]] = {}
@@ -162,6 +167,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
                 self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                                 name="dcmfs-checkpoint")
                 self._syncer.start()
+            self.imported = import_inbox(self)  # what write-only mounts left (core.importer)
         elif self.opened.open_audit() is not None and config.checkpoint_interval > 0:
             # read-only: the trail alone is written; made durable as often
             self._syncer = threading.Thread(target=self._audit_sync_loop, daemon=True,
@@ -265,7 +271,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
                             self._purge(of.ino)
                     self.opened.end_session()
                     self.checkpoint()
-                    self.snapshot()
+                    self.final_snapshot()
         finally:
             self.data.shutdown()
             self.opened.close()
@@ -391,9 +397,12 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         size = len(target) if stat.S_ISLNK(mode) else 0  # a device keeps its rdev there
+        # every type gets a secret (when the store has the feature), so the
+        # record's length does not tell a regular file from a directory
         inode = Inode(mode, uid, gid, nlink, size, now, now, now,
                       secrets.token_bytes(16), target=target,
-                      digest=EMPTY_DIGEST if stat.S_ISREG(mode) else None)
+                      digest=EMPTY_DIGEST if stat.S_ISREG(mode) else None,
+                      secret=secrets.token_bytes(SECRET_LEN) if self._secrets else b"")
         ino = txn.alloc_ino()
         self._put(txn, ino, inode)
         return ino, inode

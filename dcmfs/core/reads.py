@@ -21,27 +21,6 @@ class FileReads:
     objects, prefetch pool and damage reporting)."""
 
     # --- reading --------------------------------------------------------------
-    def _prefetch(self, of: OpenFile, idx: int) -> None:
-        """Decode extent ``idx`` in the background (sequential reads of
-        DICOM-coded files: the next band decodes while this one is read)."""
-        ref = of.committed[idx]
-        with self._prefetch_lock:
-            if ref.oid in self._prefetching or self.cache.get(ref.oid) is not None:
-                return
-            self._prefetching[ref.oid] = self._prefetch_pool.submit(
-                self._prefetch_one, of.cipher, of.inode.file_id, of.ino, idx, ref)
-
-    def _prefetch_one(self, cipher, file_id, ino, idx, ref) -> bytes | None:
-        try:
-            data = self.objects.read(cipher, file_id, ino, idx, ref)
-            self.cache.put(ref.oid, data)
-            return data
-        except Exception:  # noqa: BLE001 — the read itself will meet it and report it
-            return None
-        finally:
-            with self._prefetch_lock:
-                self._prefetching.pop(ref.oid, None)
-
     def _load(self, of: OpenFile, idx: int, ref: ChunkRef) -> bytes:
         data = self.cache.get(ref.oid)
         if data is None:

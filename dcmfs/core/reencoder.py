@@ -33,7 +33,8 @@ from ..errors import IntegrityError, StoreIOError, loggable
 from ..opened.jobs import ActiveJobHost
 from ..sandbox.pool import ParserFailure, ParserPool
 from ..storage.digest import hasher_for
-from .extents import CommittedReader, ExtentReader, extents_of
+from .extents import CommittedReader, ExtentReader, extents_layout, extents_of
+from .lookahead import LookAhead
 from .passes import FAILED, Passes, _fresh
 from .tiers import HOT, Tiers
 from ..storage.objects import stored_bytes
@@ -46,7 +47,7 @@ log = logging.getLogger("dcmfs.reencoder")
 MAX_ATTEMPTS = 3
 
 
-class Reencoder(Passes):
+class Reencoder(Passes, LookAhead):
     """Works through the backlog of one mounted store (its
     :class:`~dcmfs.opened.jobs.ActiveJobHost`: the filesystem core)."""
 
@@ -65,6 +66,7 @@ class Reencoder(Passes):
         #: process, ``-o sandbox=0``)
         self.parsers = parsers
         self._warming = False
+        self._init_look_ahead()
         #: failed attempts per inode in this session (a bug must not loop)
         self._attempts: collections.Counter = collections.Counter()
         self.limit = limit_bytes
@@ -162,6 +164,7 @@ class Reencoder(Passes):
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True)
+        self._stop_look_ahead()
 
     def pause(self) -> None:
         """Hold the thread after the file it is on (benchmarks, tests)."""
@@ -312,20 +315,20 @@ class Reencoder(Passes):
 
     def _encode(self, ino: int, inode, table, content) -> bool:
         host = self.host
-        cipher = host.objects.file_cipher(inode.file_id)
+        cipher = host.objects.file_cipher(inode.file_id, inode.secret)
         info = None
         fresh = _fresh(content, inode.generation, self.dicom)
         if not self.dicom and not fresh:
             info = {"kind": "unknown", "generation": inode.generation, "path": "general",
                     "reason": ""}
         elif fresh and ino in self._cooling:  # a hot file's turn to be coded densely
-            if content.get("tier") != HOT or not _extents_layout(table):
+            if content.get("tier") != HOT or not extents_layout(table):
                 return True
             return self._cool(ino, inode, table, cipher, content)
-        elif not fresh and not _extents_layout(table):
+        elif not fresh and not extents_layout(table):
             reader = CommittedReader(host.objects, cipher, ino, inode, table, host.chunk_size)
             try:
-                plan = self._analyse(reader, inode.size)
+                reader, plan = self._planned(ino, inode, table, reader)
             except ParserFailure as exc:
                 if exc.stopped:
                     return False  # unmounting: the file stays in the backlog
@@ -409,6 +412,7 @@ class Reencoder(Passes):
                 if n == last and inode.digest is not None and hasher.digest() != inode.digest:
                     raise IntegrityError(f"inode {ino}: content does not match its checksum")
                 yield n, one, (n, start, data, frame)
+            self._look_ahead(ino)  # every band handed out: the next file's analysis
 
         counts = collections.Counter()
         done = self._run(ino, table, jobs(), info, replace_all=True, size=inode.size,
@@ -486,10 +490,6 @@ class Reencoder(Passes):
 def _transient(exc: BaseException) -> bool:
     """A failure of the disk or the store, not of the file: retry."""
     return isinstance(exc, (StoreIOError, OSError))
-
-
-def _extents_layout(table) -> bool:
-    return any(r.offset >= 0 for r in table.values())
 
 
 def _reason(exc: Exception) -> str:

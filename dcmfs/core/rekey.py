@@ -54,7 +54,7 @@ def rekey_file(host: ActiveJobHost, ino: int) -> tuple[int, int] | None:
             table = txn.chunks(ino) if inode is not None else {}
     if not table:
         return 0, 0
-    cipher = host.objects.file_cipher(inode.file_id)
+    cipher = host.objects.file_cipher(inode.file_id, inode.secret)
     new = {}
     try:
         for idx, ref in table.items():

@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import struct
 from typing import Iterator
 
@@ -31,7 +32,9 @@ import lmdb
 
 from ..storage import crypto
 from .. import format as fmt
-from ..errors import DcmfsError, IndexDamagedError, IntegrityError, NeedsRecoveryError
+from ..errors import (DcmfsError, IndexDamagedError, IntegrityError, NeedsRecoveryError,
+                      StoreIOError)
+from ..storage.durable import fsync_dir
 from . import auth
 from .checks import Checked
 from .journal import CONVERT, PUT, Journal, Op
@@ -95,20 +98,7 @@ class Index(Checked):
             os.makedirs(path, mode=0o700, exist_ok=True)  # only CAP_DAC_OVERRIDE could enter it
             if os.stat(path).st_mode & 0o700 != 0o700:
                 os.chmod(path, 0o700)
-        try:
-            self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
-                                 readonly=read_only, create=not read_only, mode=0o600,
-                                 sync=True, metasync=True, readahead=False, lock=False)
-            self.dbs = {}
-            for name in DATABASES:
-                try:
-                    self.dbs[name] = self.env.open_db(name.encode(), create=not read_only)
-                except lmdb.NotFoundError:
-                    if name not in OPTIONAL:
-                        raise
-                    self.dbs[name] = None  # an older store opened read-only: empty
-        except lmdb.Error as exc:
-            raise lmdb_error(exc, "opening the index") from exc
+        self._open_env(path, map_size)
         self._siv = index_sealer(master_key, store_id)
         self._name_key = crypto.derive(master_key, b"names", store_id)
         self.journal = Journal(os.path.join(path, JOURNAL_NAME), master_key, store_id,
@@ -132,6 +122,54 @@ class Index(Checked):
                 "in the index; mount it read-write once so they are applied, then mount "
                 "it read-only.")
         self._load_sums(check)
+
+    def _open_env(self, path: str, map_size: int) -> None:
+        read_only = self.read_only
+        try:
+            self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
+                                 readonly=read_only, create=not read_only, mode=0o600,
+                                 sync=True, metasync=True, readahead=False, lock=False)
+            self.dbs = {}
+            for name in DATABASES:
+                try:
+                    self.dbs[name] = self.env.open_db(name.encode(), create=not read_only)
+                except lmdb.NotFoundError:
+                    if name not in OPTIONAL:
+                        raise
+                    self.dbs[name] = None  # an older store opened read-only: empty
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, "opening the index") from exc
+
+    def compact(self) -> None:
+        """Replace ``data.mdb`` by a compacted copy of itself (LMDB's copy
+        with MDB_CP_COMPACT: live pages only), so that no freed page keeps
+        an old record (crypto-shredding, :mod:`dcmfs.index.shred`).  Call
+        it right after a checkpoint, with no transaction open (the core's
+        lock held); a crash leaves the old file or the new one, both whole."""
+        if self._batch is not None:  # a batch that only served reads since the checkpoint
+            if self.pending_records:
+                raise IndexDamagedError("compacting the index with changes not checkpointed")
+            self._batch.abort()
+            self._batch = None
+        path = self.env.path()
+        map_size = self.env.info()["map_size"]
+        tmp = os.path.join(path, f".compact-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            os.mkdir(tmp, 0o700)
+            self.env.copy(tmp, compact=True)
+            with open(os.path.join(tmp, "data.mdb"), "rb+") as f:
+                os.fsync(f.fileno())
+        except (OSError, lmdb.Error) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreIOError(f"Compacting the index failed: {exc}.") from exc
+        self.env.close()
+        try:
+            os.rename(os.path.join(tmp, "data.mdb"), os.path.join(path, "data.mdb"))
+            fsync_dir(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._open_env(path, map_size)
 
     def _applied_seq(self) -> int:
         with self.env.begin() as txn:

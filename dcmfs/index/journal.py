@@ -252,7 +252,7 @@ class Journal:
             os.ftruncate(self._fd, _HEADER.size)
             if header != self._header:
                 self._write_at(header, 0, "the index journal header")
-                os.fdatasync(self._fd)
+            os.fdatasync(self._fd)  # a shred pass relies on the records being gone
         except OSError as exc:
             raise StoreIOError(f"Truncating the index journal failed: {exc.strerror}.") from exc
         self.size = _HEADER.size

@@ -32,13 +32,18 @@ database      key                             value
                                               hash, segment, offset, start_*):
                                               the audit trail's chain head at
                                               the last checkpoint (feature
-                                              ``audit-v1``, :mod:`dcmfs.audit`)
+                                              ``audit-v1``, :mod:`dcmfs.audit`);
+                                              plain: ``shred`` -> 5 x u64,
+                                              deletions waiting for a shred
+                                              pass (:mod:`dcmfs.index.shred`)
 ``inodes``    ino u64                         SIV(INODE record, see :class:`Inode`:
                                               any file type - regular, directory,
                                               symlink, FIFO, socket, character or
                                               block device; trailing bytes: the
                                               symlink target, or a device's rdev
-                                              as u64, else none)
+                                              as u64, else none; since
+                                              ``file-secrets-v1`` the file's
+                                              32-byte secret)
 ``dirents``   parent tag (16) + name tag (16)  SIV(parent u64 + child u64 + name
                                               length u16 + name, zeros to a
                                               multiple of 32 bytes); before
@@ -112,6 +117,12 @@ _INODE = struct.Struct(">IIIIQqqq16sQB32s")
 #: target's length (u16), the target and zeros to a multiple of RECORD_PAD
 #: bytes, so a symlink's record tells its target's length rounded up only
 _PADDED = 0x80
+#: feature ``file-secrets-v1``: bit 6 says a 32-byte file secret follows the
+#: stored bytes (before the target's length); the file's payload key is
+#: derived from it too, so the key leaves the store with the record
+#: (crypto-shredding, :mod:`dcmfs.index.shred`)
+_SECRET = 0x40
+SECRET_LEN = 32
 _UNKNOWN = (1 << 64) - 1
 RECORD_PAD = 32
 #: oid, generation, codec, flags, plain_len, stored_len
@@ -161,6 +172,10 @@ class Inode:
     #: bytes the file's objects take in the store (``st_blocks``); -1: not
     #: known (a record from before format 4, until the file next changes)
     stored: int = 0
+    #: the file's random secret (32 bytes; feature ``file-secrets-v1``):
+    #: part of its payload key, so deleting the record destroys the key;
+    #: b"" for a file made before the feature (its key is as before)
+    secret: bytes = b""
 
     @property
     def rdev(self) -> int:
@@ -178,7 +193,11 @@ class Inode:
 
     def encode(self) -> bytes:
         kind = (0 if self.digest is None else (2 if self.tree else 1)) | _PADDED
-        tail = (U64.pack(self.stored if self.stored >= 0 else _UNKNOWN)
+        if self.secret:
+            if len(self.secret) != SECRET_LEN:
+                raise ValueError("a file secret has 32 bytes")
+            kind |= _SECRET
+        tail = (U64.pack(self.stored if self.stored >= 0 else _UNKNOWN) + self.secret
                 + U16.pack(len(self.target)) + self.target)
         return _INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size,
                            self.atime_ns, self.mtime_ns, self.ctime_ns, self.file_id,
@@ -189,17 +208,24 @@ class Inode:
     def decode(cls, raw: bytes) -> "Inode":
         (mode, uid, gid, nlink, size, at, mt, ct, file_id, gen, kind,
          digest) = _INODE.unpack_from(raw)
-        stored = -1
-        if kind & _PADDED:  # format 4: stored bytes, the target's length, then zeros
+        stored, secret = -1, b""
+        if kind & _PADDED:  # format 4: stored bytes, [secret,] the target's length, then zeros
             stored = U64.unpack_from(raw, _INODE.size)[0]
-            n = U16.unpack_from(raw, _INODE.size + 8)[0]
-            target = bytes(raw[_INODE.size + 10:_INODE.size + 10 + n])
+            at_len = _INODE.size + 8
+            if kind & _SECRET:
+                secret = bytes(raw[at_len:at_len + SECRET_LEN])
+                if len(secret) != SECRET_LEN:
+                    raise struct.error("inode record too short for its file secret")
+                at_len += SECRET_LEN
+            n = U16.unpack_from(raw, at_len)[0]
+            target = bytes(raw[at_len + 2:at_len + 2 + n])
             stored = -1 if stored == _UNKNOWN else stored
         else:
             target = bytes(raw[_INODE.size:])
-        kind &= ~_PADDED
+        kind &= ~(_PADDED | _SECRET)
         return cls(mode, uid, gid, nlink, size, at, mt, ct, file_id, gen,
-                   digest if kind else None, target, tree=kind != 1, stored=stored)
+                   digest if kind else None, target, tree=kind != 1, stored=stored,
+                   secret=secret)
 
 
 #: a directory entry (format 4): parent, child, name length, then the name

@@ -56,20 +56,19 @@ def take_snapshot(index, snapshots_dir: str, keep: int = 2) -> str:
     """
     os.makedirs(snapshots_dir, mode=0o700, exist_ok=True)
     final = os.path.join(snapshots_dir, f"{fmt.SNAPSHOT_PREFIX}{index.seq:016d}")
-    if os.path.exists(final):
-        return final
-    tmp = os.path.join(snapshots_dir, f".tmp-{index.seq:016d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp, 0o700)
-    try:
-        index.env.copy(tmp, compact=True)
-        with open(os.path.join(tmp, "data.mdb"), "rb+") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, final)
-        fsync_dir(snapshots_dir)
-    except (OSError, lmdb.Error) as exc:
+    if not os.path.exists(final):
+        tmp = os.path.join(snapshots_dir, f".tmp-{index.seq:016d}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StoreIOError(f"Writing an index snapshot failed: {exc}.") from exc
+        os.mkdir(tmp, 0o700)
+        try:
+            index.env.copy(tmp, compact=True)
+            with open(os.path.join(tmp, "data.mdb"), "rb+") as f:
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+            fsync_dir(snapshots_dir)
+        except (OSError, lmdb.Error) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreIOError(f"Writing an index snapshot failed: {exc}.") from exc
     kept = snapshots(snapshots_dir)[-keep:]
     for seq, path in snapshots(snapshots_dir)[:-keep] + legacy_snapshots(snapshots_dir):
         shutil.rmtree(path, ignore_errors=True)
@@ -77,6 +76,8 @@ def take_snapshot(index, snapshots_dir: str, keep: int = 2) -> str:
     for last, path in archive_segments(snapshots_dir):
         if last <= oldest:  # every record in it is in the oldest kept snapshot
             os.unlink(path)
+    if keep == 1:  # a shred pass: what was removed must stay removed
+        fsync_dir(snapshots_dir)
     return final
 
 

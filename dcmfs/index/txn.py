@@ -4,6 +4,7 @@ a group for each database of :mod:`dcmfs.index.schema`."""
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from typing import TYPE_CHECKING, Iterator
 
@@ -14,6 +15,7 @@ from ..errors import IntegrityError
 from ..storage.objects import ChunkRef
 from .auth import KEYED_DIRENT, group_of
 from .journal import CONVERT, DELETE, PUT, Op
+from .shred import note_deletion
 from .schema import (DB_ID, STATS, U16, U64, U64X2, Inode, decode_chunk, decode_dirent,
                      encode_chunk, encode_dirent, ino_key, lmdb_error)
 
@@ -217,7 +219,16 @@ class Txn:
         self._put("inodes", ino_key(ino), inode.encode())
 
     def delete_inode(self, ino: int) -> list[ChunkRef]:
-        """Remove an inode with its chunks and xattrs; returns the chunk refs."""
+        """Remove an inode with its chunks and xattrs; returns the chunk refs.
+        A file with a secret is counted for the next shred pass
+        (:mod:`dcmfs.index.shred`)."""
+        try:  # (a directory's or a symlink's secret keys no object)
+            inode = self.get_inode(ino)
+            counts = inode is not None and bool(inode.secret) and stat.S_ISREG(inode.mode)
+        except (IntegrityError, struct.error):  # fsck removing a damaged record
+            counts = True
+        if counts:
+            note_deletion(self)
         refs = list(self.chunks(ino).values())
         for prefix_db in ("chunks", "xattrs"):
             keys = [k for k, _ in self._scan_raw(prefix_db, ino_key(ino))]

@@ -453,14 +453,14 @@ class Fsck(Salvage):
             unknown[(ctx.ino, ctx.file_id)].append(ctx)
         for (ino, file_id), ctxs in sorted(unknown.items()):
             taken = ino in inodes
-            for ctx in ctxs:
+            rebuilt = self.repair and not taken and self._rebuild_file(ino, file_id, ctxs)
+            for ctx in ctxs:  # (a file whose secret is gone with its history does not open)
                 self.found("unreferenced", "object of a file the index does not know", ino,
-                           ctx.oid, repaired="moved to quarantine" if taken else
-                           "rebuilt into a file in /lost+found")
-            if self.repair:
-                if taken or not self._rebuild_file(ino, file_id, ctxs):
-                    for ctx in ctxs:
-                        self.objects.quarantine(ctx.oid, self.store.root)
+                           ctx.oid, repaired="rebuilt into a file in /lost+found" if rebuilt
+                           else "moved to quarantine")
+            if self.repair and not rebuilt:
+                for ctx in ctxs:
+                    self.objects.quarantine(ctx.oid, self.store.root)
 
     def _index_damaged(self) -> bool:
         return any(p.check == "index" for p in self.problems)

@@ -26,6 +26,7 @@ from ..errors import IntegrityError
 from ..index import Inode
 from ..storage.digest import TreeHasher
 from ..storage.objects import ChunkContext, ChunkRef
+from .secrets import history_secrets
 from .verify import check_file
 
 LOST_FOUND = b"lost+found"
@@ -80,7 +81,7 @@ class Salvage:
             return False
         size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
                    for i, r in new.items())
-        cipher = self.objects.file_cipher(inode.file_id)
+        cipher = self.objects.file_cipher(inode.file_id, inode.secret)
         hasher = TreeHasher(self.cs)
         try:
             for idx, ref, start, length in pieces(new, size, self.cs):
@@ -124,7 +125,7 @@ class Salvage:
                 candidates[ctx.index] = ctx
         if not candidates or inode.digest is None:
             return False
-        cipher = self.objects.file_cipher(inode.file_id)
+        cipher = self.objects.file_cipher(inode.file_id, inode.secret)
         trial = dict(table)
         for idx, ctx in candidates.items():
             ref = table.get(idx)
@@ -152,7 +153,7 @@ class Salvage:
 
     def _salvage_damaged(self, ino: int, inode: Inode, table: dict[int, ChunkRef]) -> None:
         """Keep what can be read, zero what cannot, move the file to /lost+found."""
-        cipher = self.objects.file_cipher(inode.file_id)
+        cipher = self.objects.file_cipher(inode.file_id, inode.secret)
         gen = inode.generation + 1
         extents = any(r.offset >= 0 for r in table.values())
         new_table: dict[int, ChunkRef] = {}
@@ -229,6 +230,17 @@ class Salvage:
         if self._contexts.get(oid, "unknown") is None or os.path.exists(self.objects.path(oid)):
             self.objects.quarantine(oid, self.store.root)
 
+    def _secret_of(self, ino: int, file_id: bytes, table: dict[int, ChunkRef]) -> bytes | None:
+        """The secret a file's objects need, when its record is gone: none (a
+        file made before ``file-secrets-v1``), else one the snapshots or
+        journals still hold; None when no candidate opens them (the file was
+        shredded, or its whole history is lost)."""
+        found = _first_opens(self.objects, ino, file_id, table, [b""])
+        if found is None:
+            found = _first_opens(self.objects, ino, file_id, table, history_secrets(
+                self.store.root, self.store.master_key, self.store.store_id, ino, file_id))
+        return found
+
     def _rebuild_file(self, ino: int, file_id: bytes, ctxs: list[ChunkContext]) -> bool:
         """Make a file of objects the index does not know (same inode number and
         file id: they are bound into the objects).  False if they do not form one."""
@@ -238,7 +250,10 @@ class Salvage:
         size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
                    for i, r in table.items())
         gen = max(r.generation for r in table.values())
-        cipher = self.objects.file_cipher(file_id)
+        secret = self._secret_of(ino, file_id, table)
+        if secret is None:
+            return False
+        cipher = self.objects.file_cipher(file_id, secret)
         hasher = TreeHasher(self.cs)
         try:
             for idx, ref, start, length in pieces(table, size, self.cs):
@@ -249,7 +264,7 @@ class Salvage:
         now = self._now
         with self.index.begin(write=True) as txn:
             txn.put_inode(ino, Inode(stat.S_IFREG | 0o600, 0, 0, 1, size, now, now, now,
-                                     file_id, gen, hasher.digest(), tree=True))
+                                     file_id, gen, hasher.digest(), tree=True, secret=secret))
             for idx, ref in table.items():
                 txn.put_chunk(ino, idx, ref)
             txn.set_xattr(ino, fmt.FSCK_XATTR.encode(), b"fsck " + time.strftime(
@@ -257,6 +272,20 @@ class Salvage:
                 b"know (newest complete version); no checksum was kept to compare it with")
         self._link_lost(ino, str(ino).encode())
         return True
+
+
+def _first_opens(objects, ino: int, file_id: bytes, table: dict[int, ChunkRef],
+                 candidates: list[bytes]) -> bytes | None:
+    """The first of ``candidates`` (file secrets; b"": none) under which the
+    first object of ``table`` opens, None if none does."""
+    idx, ref = min(table.items())
+    for secret in candidates:
+        try:
+            objects.read(objects.file_cipher(file_id, secret), file_id, ino, idx, ref)
+            return secret
+        except IntegrityError:
+            continue
+    return None
 
 
 def assemble(ctxs: list[ChunkContext], cs: int) -> dict[int, ChunkRef] | None:

@@ -137,7 +137,7 @@ def check_file(objects: ObjectStore, ino: int, inode, table: dict[int, ChunkRef]
             findings.append(Finding(ino, TABLE, f"chunk {idx} is generation {ref.generation}, "
                                                 f"newer than its file ({inode.generation})",
                                     ref.oid.hex()))
-    cipher = objects.file_cipher(inode.file_id)
+    cipher = objects.file_cipher(inode.file_id, inode.secret)
     hasher = hasher_for(inode, chunk_size)
     damaged = False
 

@@ -38,6 +38,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -45,10 +46,11 @@ from .. import format as fmt
 from ..errors import DcmfsError, StoreIOError
 from ..index import Index
 from ..index.follow import apply_available
+from ..index.shred import shred_passed
 from ..index.journal import HEADER_SIZE as JOURNAL_HEADER
 from ..index.journal import Journal, whole_records
 from ..index.schema import JOURNAL_NAME
-from ..index.snapshots import archive_segments
+from ..index.snapshots import archive_segments, snapshots
 from ..storage.backend import Backend, BackendMissing
 from ..storage.objects import object_name
 
@@ -81,6 +83,11 @@ class Publisher:
         #: the live journal published so far: its inode and where its
         #: unpublished records start
         self._journal_id, self._offset = None, JOURNAL_HEADER
+        #: the oldest local snapshot (after a shred pass the only one), since
+        #: when, and whether the parts it holds are gone: followers get
+        #: ``grace`` seconds to fetch them first (as objects' deletes wait)
+        self.grace = max(60.0, 3 * interval)
+        self._floor, self._floor_at, self._floor_done = 0, 0.0, True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dcmfs-publish-journal",
                                         daemon=True)
@@ -97,7 +104,7 @@ class Publisher:
                 and self.remote.fence.is_set():  # the lease went to another writer
             return
         seq = index.seq
-        if seq == self._published_seq:
+        if seq == self._published_seq and self._floor_done:
             return
         directory = os.path.join(self.root, fmt.SNAPSHOTS_DIR)
         try:
@@ -105,7 +112,9 @@ class Publisher:
             with self._lock:  # no rotation of the journal meanwhile
                 segments = archive_segments(directory)
                 header, tail, offset = self._new_records()
-            kept, archived = set(), 0
+            # a shred pass removes every segment: the one snapshot left holds
+            # the parts up to its number, which go too, after the grace
+            kept, archived = set(), self._snapshot_floor(directory)
             for last, path in segments:
                 name = PREFIX + os.path.basename(path)
                 kept.add(name)
@@ -127,6 +136,17 @@ class Publisher:
             return
         self._offset = offset + whole
         self._published_seq = seq
+
+    def _snapshot_floor(self, directory: str) -> int:
+        """The oldest snapshot's number once it is ``grace`` seconds old (the
+        parts up to it may go), else 0."""
+        oldest = max((n for n, _ in snapshots(directory)[:1]), default=0)
+        if oldest != self._floor:
+            self._floor, self._floor_at, self._floor_done = oldest, time.monotonic(), False
+        if time.monotonic() - self._floor_at < self.grace:
+            return 0
+        self._floor_done = True
+        return oldest
 
     def _new_records(self) -> tuple[bytes, bytes, int]:
         """(header, the bytes after what was published, where they start) of
@@ -235,6 +255,10 @@ class Follower:
             n = apply_available(self.index, records, self._in_bucket)
             if n:
                 self.on_applied()
+                if shred_passed(ops for rseq, ops in records if seq < rseq <= self.index.seq):
+                    # the writer ran a shred pass: this copy of the index lets
+                    # go of the deleted files' records too (its freed pages)
+                    self.index.compact()
         self.applied += n
         return n
 

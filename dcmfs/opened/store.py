@@ -286,8 +286,8 @@ class OpenedStore:
         if inode is None:
             return False
         try:
-            self.objects.read(self.objects.file_cipher(inode.file_id), inode.file_id,
-                              ino, idx, ref)
+            self.objects.read(self.objects.file_cipher(inode.file_id, inode.secret),
+                              inode.file_id, ino, idx, ref)
         except ObjectDamaged:
             return False
         return True
@@ -384,13 +384,15 @@ class OpenedStore:
                 txn.put_audit_head(head)
 
     def snapshot(self, wait: bool = True) -> None:
-        """A sealed copy of the index in ``snapshots/`` (after a checkpoint).
-
-        An S3 store then uploads it once the objects it names are in the
-        bucket: ``wait=False`` (while mounted) in a thread of its own, so
-        that no file operation waits on the network."""
+        """A sealed copy of the index in ``snapshots/`` (after a checkpoint),
+        uploaded by an S3 store once the objects it names are in the bucket."""
         with self.lock:
             take_snapshot(self.index, os.path.join(self.root, fmt.SNAPSHOTS_DIR))
+        self.publish_snapshots(wait)
+
+    def publish_snapshots(self, wait: bool = True) -> None:
+        """An S3 store: snapshots and segments into the bucket, those gone out;
+        ``wait=False`` (mounted) in a thread, so that no operation waits."""
         if self.remote is None or self.read_only:
             return
         from .remote import publish_snapshots

@@ -47,13 +47,14 @@ class ProtocolError(Exception):
 
 
 def send(fd: int, obj: dict, blob: bytes = b"", deadline: float | None = None) -> None:
-    """Write one message; with a ``deadline`` (``time.monotonic()``), ``fd``
-    must be non-blocking and a reader that stops reading raises
-    :class:`TimeoutError` instead of blocking the writer for ever."""
+    """Write one message (in one ``writev``: the reader wakes once); with a
+    ``deadline`` (``time.monotonic()``), ``fd`` must be non-blocking and a
+    reader that stops reading raises :class:`TimeoutError` instead of
+    blocking the writer for ever."""
     data = json.dumps(obj, separators=(",", ":")).encode()
-    _write_all(fd, HEADER.pack(MAGIC, VERSION, len(data), len(blob)) + data, deadline)
-    if blob:
-        _write_all(fd, blob, deadline)
+    head = HEADER.pack(MAGIC, VERSION, len(data), len(blob)) + data
+    _write_all(fd, [memoryview(head), memoryview(blob)] if blob else [memoryview(head)],
+               deadline)
 
 
 def recv(fd: int) -> tuple[dict, bytes]:
@@ -69,20 +70,24 @@ def recv(fd: int) -> tuple[dict, bytes]:
     return obj, _read_exact(fd, blen) if blen else b""
 
 
-def _write_all(fd: int, data: bytes, deadline: float | None = None) -> None:
-    view = memoryview(data)
-    while view:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [fd], [], left)[1]:
-                raise TimeoutError
+def _write_all(fd: int, parts: list[memoryview], deadline: float | None = None) -> None:
+    """Write every part; a full pipe is waited for (until ``deadline``)
+    only when a write would block."""
+    while parts:
         try:
-            n = os.write(fd, view)
+            n = os.writev(fd, parts)
         except BlockingIOError:
+            left = None if deadline is None else deadline - time.monotonic()
+            if not select.select([], [fd], [], None if left is None else max(0.0, left))[1]:
+                raise TimeoutError from None
             continue
         except BrokenPipeError as exc:
             raise ProtocolError("the other side hung up") from exc
-        view = view[n:]
+        while parts and n >= len(parts[0]):
+            n -= len(parts[0])
+            parts.pop(0)
+        if parts:
+            parts[0] = parts[0][n:]
 
 
 def _read_exact(fd: int, n: int) -> bytes:

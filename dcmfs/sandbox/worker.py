@@ -29,6 +29,13 @@ PR_SET_NO_NEW_PRIVS = 38
 NOBODY = 65534
 #: CPU seconds a request may use (the daemon's wall-clock limit is the real bound)
 CPU_PER_REQUEST = 60
+#: glibc malloc settings of a worker (mallopt): blocks below 4 MiB come from
+#: the heap, and up to 16 MiB of freed heap is kept.  With glibc's defaults
+#: every band's buffers (0.25-1 MiB: the request, the samples, the codestream)
+#: were mapped and unmapped again: ~480 page faults per 256 KiB band; a CT
+#: slice (analysis and two bands) took 9.5 ms of worker CPU, 6.5 ms with these
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_SETTINGS = ((M_MMAP_THRESHOLD, 4 << 20), (M_TRIM_THRESHOLD, 16 << 20))
 
 
 def confine(memory: int) -> dict:
@@ -59,6 +66,17 @@ def confine(memory: int) -> dict:
             pass
     done["unprivileged"] = os.getuid() != 0 and os.geteuid() != 0
     return done
+
+
+def steady_heap() -> None:
+    """Keep a worker's band buffers in its heap (:data:`MALLOC_SETTINGS`;
+    the heap cap, ``RLIMIT_DATA``, still holds)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc: its own allocator's policy
+    for param, value in MALLOC_SETTINGS:
+        mallopt(param, value)
 
 
 def _cpu_budget() -> None:
@@ -144,6 +162,7 @@ def main(argv: list[str]) -> int:
             os.nice(int(argv[2]))
         except OSError:
             pass  # a unit's syscall filter may refuse setpriority: full priority then
+    steady_heap()
     rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
     # nothing may print into the protocol stream
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115

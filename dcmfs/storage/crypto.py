@@ -37,9 +37,11 @@ def random_key() -> bytes:
     return os.urandom(KEY_LEN)
 
 
-def derive(key: bytes, label: bytes, context: bytes = b"") -> bytes:
-    """A 256-bit sub-key of ``key`` for ``label`` (and ``context``)."""
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None,
+def derive(key: bytes, label: bytes, context: bytes = b"", salt: bytes | None = None) -> bytes:
+    """A 256-bit sub-key of ``key`` for ``label`` (and ``context``); a secret
+    ``salt`` keys HKDF's extraction, so the sub-key needs it as well as
+    ``key`` (a file's secret: crypto-shredding)."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=salt or None,
                 info=b"dcmfs/" + label + b"\x00" + context).derive(key)
 
 

@@ -41,6 +41,7 @@ from ..config import (KDF_MAX_ITERATIONS, KDF_MAX_LANES, KDF_MAX_MEMORY_KIB, Con
                       kdf_within_bounds)
 from .durable import write_file
 from .headerlock import HeaderLock, remove_torn_headers
+from .inbox import ingest_key
 from ..errors import (ForeignStoreError, KdfBoundsError, SecretError, StoreDamagedError, StoreIOError,
                      StoreLockedError, StoreMissingError, StoreNotEmptyError,
                      UnsupportedFormatError, WrongKeyError)
@@ -75,6 +76,8 @@ class Store:
     backend: str = ""
     #: the kind of the key slot that opened the store (the audit's mount record)
     unlocked_by: str = ""
+    #: (the header's ``ingest`` entry, its private key): :mod:`.inbox`
+    ingest: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.epoch_keys is None:
@@ -297,7 +300,7 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
                  header["codec"], frozenset(header["features"]), master, keys,
                  header.get("epoch", 0), str(header.get("backend", "")),
-                 str(slot.get("kind", "")))
+                 str(slot.get("kind", "")), ingest_key(root, header, master))
 
 
 def upgrade(root: str, header: dict, secret: Secret, master: bytes,

@@ -77,6 +77,8 @@ def changed_as_reported(root: str, master: bytes, fields: dict) -> bool:
         return fields.get("slot") not in by_id
     if action == "rotate":
         return header.get("epoch") == fields.get("epoch")
+    if action == "recipient":
+        return header.get("ingest", {}).get("kind") == fields.get("kind")
     if action == "rotate-finish":
         gone = {d["epoch"] for d in header.get("destroyed", [])}
         return set(fields.get("destroyed") or ()) <= gone \
@@ -280,3 +282,43 @@ def list_epochs(root: str) -> list[dict]:
     out += [{"epoch": d["epoch"], "destroyed": d.get("destroyed"), "state": "destroyed"}
             for d in header.get("destroyed", [])]
     return sorted(out, key=lambda e: e["epoch"])
+
+
+def recipient(root: str, secret: Secret, kind: str | None = None, step=None,
+              report: dict | None = None):
+    """The store's ingest recipient (:mod:`.inbox`), created first if it has
+    none (authorised by ``secret``; feature ``ingest-v1``): its public
+    half, read from the header once its mac is checked, so what is exported
+    is what a key holder wrote.  ``kind``: ``x25519`` (the default when
+    creating) or ``rsa-oaep-3072``.
+
+    Raises
+    ------
+    KeySlotError
+        The store has a recipient of the other kind.
+    """
+    from . import inbox
+    done: dict = {}
+
+    def change(header: dict) -> dict:
+        header, keys, by = _opened(root, header, secret)
+        entry = header.get("ingest")
+        if entry is not None:
+            if kind is not None and entry["kind"] != kind:
+                raise KeySlotError(f"The store has a recipient of kind {entry['kind']} already; "
+                                   "it is made once (export it without --rsa).")
+            done.update(entry=entry, new=False)
+            return header
+        store_id = bytes.fromhex(header["store_id"])
+        header["ingest"] = inbox.new_entry(keys[0], store_id, kind or "x25519", slots.now())
+        header["features"] = sorted(set(header["features"]) | {inbox.FEATURE})
+        done.update(entry=header["ingest"], new=True, by=by["id"])
+        _report(report, header, keys, by, action="recipient", kind=header["ingest"]["kind"])
+        return slots.seal_header(keys[0], header)
+
+    header = rewrite_header(root, change, step)
+    if done["new"]:
+        slots.log.info("ingest: a %s recipient key pair was created, authorised by slot %d",
+                       done["entry"]["kind"], done["by"])
+    return inbox.Recipient(bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
+                           done["entry"]["kind"], bytes.fromhex(done["entry"]["public"]))

@@ -73,12 +73,17 @@ _FRAMED = fmt.CHUNK_FLAG_FRAMED
 class FileKeys:
     """One file's data keys: one per live key epoch (HKDF of that epoch's
     key), the newest sealing.  Objects name their epoch in the context
-    block (the CTX field after the flags), so a read picks the key."""
+    block (the CTX field after the flags), so a read picks the key.
 
-    __slots__ = ("_objects", "_file_id", "_ciphers")
+    ``secret``: the file's random secret from its index record (feature
+    ``file-secrets-v1``), the HKDF's salt (see :func:`file_key`), so that the key can
+    no longer be made once the record is gone from every copy of the
+    index (crypto-shredding); b"" for a file made before the feature."""
 
-    def __init__(self, objects: "ObjectStore", file_id: bytes) -> None:
-        self._objects, self._file_id = objects, file_id
+    __slots__ = ("_objects", "_file_id", "_secret", "_ciphers")
+
+    def __init__(self, objects: "ObjectStore", file_id: bytes, secret: bytes = b"") -> None:
+        self._objects, self._file_id, self._secret = objects, file_id, secret
         self._ciphers: dict[int, crypto.Gcm] = {}
 
     @property
@@ -96,8 +101,16 @@ class FileKeys:
                 raise ObjectDamaged(oid, f"is sealed under key epoch {epoch}, which this store "
                                          "does not hold (destroyed, or from another store)")
             c = self._ciphers[epoch] = crypto.Gcm(
-                crypto.derive(key, b"file-key", self._objects.store_id + self._file_id))
+                file_key(key, self._objects.store_id, self._file_id, self._secret))
         return c
+
+
+def file_key(epoch_key: bytes, store_id: bytes, file_id: bytes, secret: bytes = b"") -> bytes:
+    """A file's payload key under one key epoch: HKDF-SHA256 of the epoch key,
+    info ``file-key`` + store id + file id, and the file's secret as HKDF's
+    salt (none for a file made before ``file-secrets-v1``): the extraction
+    is then keyed by the secret, so the epoch key alone makes nothing."""
+    return crypto.derive(epoch_key, b"file-key", store_id + file_id, salt=secret or None)
 
 
 class ObjectStore(FramedObjects):
@@ -150,10 +163,11 @@ class ObjectStore(FramedObjects):
     def store_id(self) -> bytes:
         return self._store_id
 
-    def file_cipher(self, file_id: bytes) -> FileKeys:
+    def file_cipher(self, file_id: bytes, secret: bytes) -> FileKeys:
         """One file's data keys (HKDF of each epoch's key; epoch 0 is the
-        store key, as before any rotation)."""
-        return FileKeys(self, file_id)
+        store key, as before any rotation); ``secret``: the file's own, from
+        its inode record (b"": a file made before ``file-secrets-v1``)."""
+        return FileKeys(self, file_id, secret)
 
     def add_epoch(self, epoch: int, key: bytes) -> None:
         """A rotation: every object sealed from now on is under ``epoch``."""

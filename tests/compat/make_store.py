@@ -113,7 +113,22 @@ def main(out: str) -> None:
         fs.close()
         files[path] = files["/ct/synthetic.dcm"]
         image[path] = name
+    # since format 5: a write-only ingest mount's file, left in the inbox for
+    # the next read-write opening to import (feature ingest-v1)
+    from dcmfs.core.ingest import IngestFS
+    from dcmfs.storage.keyring import recipient
+    ingest = IngestFS(root, recipient(root, secret), cfg)
+    inbox_files = {"/ingested/scan.dcm": files["/ct/synthetic.dcm"],
+                   "/ingested/note.txt": b"written through a write-only mount\n" * 3000}
+    ingest.mkdir("/ingested", 0o750, 0, 0)
+    for path, data in inbox_files.items():
+        fh = ingest.create(path, 0o640, os.O_WRONLY, 0, 0)
+        ingest.write(fh, data, 0)
+        ingest.flush(fh)
+        ingest.release(fh)
+    ingest.close()
     manifest = {"passphrase": PASSPHRASE.decode(), "chunk_size": cfg.chunk_size,
+                "inbox": {p: hashlib.sha256(d).hexdigest() for p, d in inbox_files.items()},
                 "files": {p: hashlib.sha256(d).hexdigest() for p, d in files.items()},
                 "hardlink": ["/small.txt", "/dir/hardlink.txt"],
                 "symlink": ["/link", "dir/sub/multi.bin"],

@@ -1,0 +1,87 @@
+"""Issue 17: a reader walking a directory of a local store gets the next
+files decoded ahead (dcmfs.core.readahead with the core's decoding threads);
+a reader that jumps from file to file gets nothing decoded it did not ask for.
+Core level, no kernel: what matters is what lands in the decoded cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from dcmfs.core.readahead import LOCAL_FILES
+
+from .conftest import SMALL
+from .test_s3 import read_file, write_file
+
+FILES = {f"/d/f{i:02}": os.urandom(100_000 + i * 4099) for i in range(8)}
+CONFIG = dataclasses.replace(SMALL, read_cache_bytes=16 << 20)
+
+
+def written(make_fs):
+    fs = make_fs(CONFIG)
+    fs.mkdir("/d", 0o755, 0, 0)
+    for path, data in FILES.items():
+        write_file(fs, path, data)
+    fs.close()
+    return make_fs(CONFIG)  # a fresh daemon: nothing decoded yet
+
+
+def decoded(fs, path: str) -> int:
+    """How many of ``path``'s objects are in the decoded cache, and of how many."""
+    with fs.index.begin() as txn:
+        refs = txn.chunks(fs._resolve(txn, path))
+    return sum(fs.data.cache.get(r.oid) is not None for r in refs.values()), len(refs)
+
+
+def settle(fs) -> None:
+    for fut in list(fs.data._prefetching.values()):
+        fut.exception(timeout=30)
+
+
+def test_a_directory_read_in_order_is_decoded_ahead(make_fs):
+    fs = written(make_fs)
+    names = sorted(FILES)
+    assert read_file(fs, names[0]) == FILES[names[0]]
+    settle(fs)
+    assert decoded(fs, names[1])[0] == 0  # one file read: not yet a walk
+    assert read_file(fs, names[1]) == FILES[names[1]]  # the one after it: a walk
+    settle(fs)
+    for path in names[2:2 + LOCAL_FILES]:
+        have, of = decoded(fs, path)
+        assert have == of > 1, f"{path}: {have} of {of} objects decoded ahead"
+    assert decoded(fs, names[2 + LOCAL_FILES])[0] == 0, "more files decoded than asked"
+    for path in names[2:]:  # and what was decoded ahead reads back as written
+        assert read_file(fs, path) == FILES[path]
+        settle(fs)
+
+
+def test_a_reader_jumping_between_files_gets_nothing_decoded_ahead(make_fs):
+    fs = written(make_fs)
+    names = sorted(FILES)
+    with fs.index.begin() as txn:  # the directory's own order (keyed tags: any)
+        own = ["/d/" + os.fsdecode(n) for n, _ in txn.list_dir(fs._resolve(txn, "/d"))]
+    after = {a: {b} for a, b in zip(names, names[1:])}
+    for a, b in zip(own, own[1:]):
+        after.setdefault(a, set()).add(b)
+    order = jumping(names, after)  # never the file after the one before, in either order
+    for i, path in enumerate(order):
+        assert read_file(fs, path) == FILES[path]
+        settle(fs)
+        for other in order[i + 1:]:
+            assert decoded(fs, other)[0] == 0, f"{other} decoded before it was read"
+
+
+def jumping(names: list[str], after: dict) -> list[str]:
+    """An order of ``names`` in which no name is one of ``after[previous]``."""
+    def extend(order: list[str], left: list[str]) -> list[str] | None:
+        if not left:
+            return order
+        for n in left:
+            if not order or n not in after.get(order[-1], ()):
+                found = extend(order + [n], [m for m in left if m != n])
+                if found:
+                    return found
+        return None
+    order = extend([], names[::-1])
+    assert order is not None
+    return order
