@@ -99,16 +99,52 @@ def decode(payload: bytes, plain_len: int) -> bytes:
         return payload
     if len(payload) > plain_len:
         raise CodecError("a frame is longer than its plaintext")
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:  # one per thread (not thread-safe; creating one per frame costs)
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
     try:
-        out = dctx.decompress(payload, max_output_size=plain_len)
+        out = _decompressor().decompress(payload, max_output_size=plain_len)
     except zstandard.ZstdError as exc:
         raise CodecError("zstd frame is damaged") from exc
     if len(out) != plain_len:
         raise CodecError("a frame decodes to the wrong length")
     return out
+
+
+def decode_all(payloads: list, plain_len: int) -> bytes:
+    """The plaintext of a whole chunk of ``plain_len`` bytes from its
+    frames' payloads (each frame exactly its length, as :func:`decode`
+    checks it), or :class:`CodecError`.
+
+    Every zstd frame is decoded in one call that releases the GIL once
+    (``multi_decompress_to_buffer``), not once per frame: each release is
+    a wait to take the GIL back from the mount's other threads, and 16 of
+    them per MiB made a sequential read of framed chunks take twice the
+    wall time of unframed ones (measured: 16 decodes of 64 KiB beside a
+    busy Python thread 25 ms per MiB, one decode of 1 MiB 8 ms, the 16 in
+    one call 7 ms)."""
+    coded = [k for k, p in enumerate(payloads) if len(p) != frame_len(plain_len, k)]
+    multi = getattr(_decompressor(), "multi_decompress_to_buffer", None)
+    if len(coded) < 2 or multi is None:  # nothing to batch (or no C backend)
+        return b"".join(decode(p, frame_len(plain_len, k)) for k, p in enumerate(payloads))
+    for k in coded:
+        if len(payloads[k]) > frame_len(plain_len, k):
+            raise CodecError("a frame is longer than its plaintext")
+    sizes = struct.pack(f"={len(coded)}Q", *(frame_len(plain_len, k) for k in coded))
+    try:
+        out = multi([payloads[k] for k in coded], decompressed_sizes=sizes)
+    except zstandard.ZstdError as exc:
+        raise CodecError("zstd frame is damaged") from exc
+    parts = list(payloads)
+    for j, k in enumerate(coded):
+        if len(out[j]) != frame_len(plain_len, k):
+            raise CodecError("a frame decodes to the wrong length")
+        parts[k] = out[j]
+    return b"".join(parts)
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:  # one per thread (not thread-safe; creating one per frame costs)
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
 
 
 def stored_len(frames: list[bytes]) -> int:

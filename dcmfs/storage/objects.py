@@ -365,8 +365,7 @@ class ObjectStore(FramedObjects):
         payload = self._payload(cipher, file_id, ino, index, ref, blob)[0]
         try:
             if ref.flags & _FRAMED:
-                return b"".join(frames.decode(p, frames.frame_len(ref.plain_len, k))
-                                for k, p in enumerate(payload))
+                return frames.decode_all(payload, ref.plain_len)
             return self._codecs.decompress(ref.codec, payload, ref.plain_len)
         except IntegrityError as exc:
             raise ObjectDamaged(ref.oid, str(exc), DECODE) from exc
