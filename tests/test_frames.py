@@ -106,6 +106,53 @@ def test_a_random_read_decodes_only_its_frame(framed):
     assert fs.data.cache.get(ref.oid) is not None
 
 
+def test_a_small_read_near_the_last_by_chance_decodes_only_its_frame(framed):
+    """A random reader's 4 KiB read that lands near its last read is not
+    taken for a sequential one (which decodes whole chunks and more ahead);
+    a small reader going on from where it was, or from the start, is."""
+    fs, a, b = framed
+    fresh(fs)
+    with fs.index.begin() as txn:
+        refs = txn.chunks(fs._resolve(txn, "/a"))
+    fh = fs.open("/a", os.O_RDONLY)
+    try:
+        far = CS + 2 * FS + 100  # far from the start: a random read
+        assert fs.read(fh, 4096, far) == a[far:far + 4096]
+        near = CS + 3 * FS + 50  # 64 KiB on: near the last read, by chance
+        assert fs.read(fh, 4096, near) == a[near:near + 4096]
+        assert fs.data.cache.get(refs[1].oid) is None  # not decoded whole
+        assert fs.data.cache.get(refs[1].oid + (3).to_bytes(4, "big")) is not None
+        # a third read near the second: a small reader going on, sequential
+        assert fs.read(fh, 4096, near + 4096) == a[near + 4096:near + 8192]
+        assert fs.data.cache.get(refs[1].oid) is not None
+    finally:
+        fs.release(fh)
+    fresh(fs)
+    fh = fs.open("/a", os.O_RDONLY)
+    try:  # a small reader from the start is sequential at once
+        assert fs.read(fh, 4096, 0) == a[:4096]
+        assert fs.data.cache.get(refs[0].oid) is not None
+    finally:
+        fs.release(fh)
+
+
+def test_whole_decode_of_frames_checks_every_frame():
+    """A whole chunk's frames are decoded in one call, each still to
+    exactly its own length: frames that decode to the right total but the
+    wrong lengths (only a key holder could seal them) are refused."""
+    import zstandard
+    plain = mixed(3 * FS + 999, 7)
+    coded = frames.code(frames.ZSTD, plain, 1)[1]
+    assert frames.decode_all(coded, len(plain)) == plain
+    assert any(len(c) == frames.frame_len(len(plain), k) for k, c in enumerate(coded))  # raw too
+    shifted = [zstandard.compress(plain[:FS - 10], 1), zstandard.compress(plain[FS - 10:2 * FS], 1),
+               zstandard.compress(plain[2 * FS:3 * FS], 1), zstandard.compress(plain[3 * FS:], 1)]
+    with pytest.raises(E.IntegrityError):
+        frames.decode_all(shifted, len(plain))
+    with pytest.raises(E.IntegrityError):
+        frames.decode_all([coded[0], b"\x28\xb5\x2f\xfd" + bytes(40), *coded[2:]], len(plain))
+
+
 def test_random_writes_over_framed_chunks(framed, make_fs):
     fs, a, b = framed
     data = bytearray(a)
