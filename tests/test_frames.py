@@ -22,7 +22,7 @@ from .test_integrity import chunk_paths
 #: four frames to a chunk
 FRAMED = dataclasses.replace(SMALL, chunk_size=4 * frames.FRAME_SIZE,
                              dirty_limit=4 << 20, read_cache_bytes=4 << 20)
-CS, FS = FRAMED.chunk_size, frames.FRAME_SIZE
+CS, FS, US = FRAMED.chunk_size, frames.FRAME_SIZE, frames.UNIT_SIZE
 
 
 def mixed(n: int, seed: int = 1) -> bytes:
@@ -92,8 +92,10 @@ def test_a_random_read_decodes_only_its_frame(framed):
         ref = txn.chunks(fs._resolve(txn, "/a"))[1]
     assert pread(fs, "/a", CS + 2 * FS + 100, 4096) == a[CS + 2 * FS + 100:CS + 2 * FS + 4196]
     assert fs.data.cache.get(ref.oid) is None  # the chunk was not decoded whole
-    assert fs.data.cache.get(ref.oid + (2).to_bytes(4, "big")) is not None
-    assert fs.data.cache.get(ref.oid + (1).to_bytes(4, "big")) is None
+    unit = (2 * FS + 100) // US  # the 16 KiB unit it lies in, decoded alone
+    assert fs.data.cache.get(ref.oid + unit.to_bytes(4, "big")) is not None
+    assert fs.data.cache.get(ref.oid + (unit - 1).to_bytes(4, "big")) is None
+    assert fs.data.cache.get(ref.oid + (unit + 1).to_bytes(4, "big")) is None
     # a read of 128 KiB and more (the kernel's read-ahead) decodes whole
     # chunks, even where it is not near the last read: the reads near it
     # would decode them whole again
@@ -121,7 +123,8 @@ def test_a_small_read_near_the_last_by_chance_decodes_only_its_frame(framed):
         near = CS + 3 * FS + 50  # 64 KiB on: near the last read, by chance
         assert fs.read(fh, 4096, near) == a[near:near + 4096]
         assert fs.data.cache.get(refs[1].oid) is None  # not decoded whole
-        assert fs.data.cache.get(refs[1].oid + (3).to_bytes(4, "big")) is not None
+        unit = (3 * FS + 50) // US
+        assert fs.data.cache.get(refs[1].oid + unit.to_bytes(4, "big")) is not None
         # a third read near the second: a small reader going on, sequential
         assert fs.read(fh, 4096, near + 4096) == a[near + 4096:near + 8192]
         assert fs.data.cache.get(refs[1].oid) is not None
@@ -136,21 +139,38 @@ def test_a_small_read_near_the_last_by_chance_decodes_only_its_frame(framed):
         fs.release(fh)
 
 
-def test_whole_decode_of_frames_checks_every_frame():
-    """A whole chunk's frames are decoded in one call, each still to
-    exactly its own length: frames that decode to the right total but the
-    wrong lengths (only a key holder could seal them) are refused."""
+def test_whole_decode_of_frames_checks_every_unit():
+    """A whole chunk's units are decoded in one call, each still to
+    exactly its own length: units that decode to the right total but the
+    wrong lengths (only a key holder could seal them) are refused, as are
+    unit lengths that do not fill their frame."""
+    import struct
+
     import zstandard
     plain = mixed(3 * FS + 999, 7)
-    coded = frames.code(frames.ZSTD, plain, 1)[1]
-    assert frames.decode_all(coded, len(plain)) == plain
-    assert any(len(c) == frames.frame_len(len(plain), k) for k, c in enumerate(coded))  # raw too
-    shifted = [zstandard.compress(plain[:FS - 10], 1), zstandard.compress(plain[FS - 10:2 * FS], 1),
-               zstandard.compress(plain[2 * FS:3 * FS], 1), zstandard.compress(plain[3 * FS:], 1)]
+    codec, coded = frames.code(frames.ZSTD, plain, 1)
+    assert codec == frames.ZSTD and frames.decode_all(coded, len(plain)) == plain
+    for k, payload in enumerate(coded):  # and frame by frame, unit by unit
+        assert frames.decode(payload, frames.frame_len(len(plain), k)) == plain[k * FS:(k + 1) * FS]
+    noise = os.urandom(2 * FS + 5)
+    codec, raw = frames.code(frames.ZSTD, noise, 1)
+    assert codec == frames.NONE and frames.decode_all(raw, len(noise)) == noise
+
+    def frame(units):
+        return struct.pack(f">{len(units)}I", *map(len, units)) + b"".join(units)
+    z = lambda b: zstandard.compress(b, 1)  # noqa: E731
+    shifted = frame([z(plain[:US - 10]), z(plain[US - 10:2 * US]), z(plain[2 * US:3 * US]),
+                     z(plain[3 * US:FS])])
     with pytest.raises(E.IntegrityError):
-        frames.decode_all(shifted, len(plain))
+        frames.decode_all([shifted, *coded[1:]], len(plain))
     with pytest.raises(E.IntegrityError):
-        frames.decode_all([coded[0], b"\x28\xb5\x2f\xfd" + bytes(40), *coded[2:]], len(plain))
+        frames.decode(shifted, FS)
+    with pytest.raises(E.IntegrityError):  # lengths that leave bytes over
+        frames.decode_all([coded[0] + b"x", *coded[1:]], len(plain))
+    with pytest.raises(E.IntegrityError):  # a damaged unit
+        bad = frame([z(plain[:US]), b"\x28\xb5\x2f\xfd" + bytes(40), z(plain[2 * US:3 * US]),
+                     z(plain[3 * US:FS])])
+        frames.decode_all([bad, *coded[1:]], len(plain))
 
 
 def test_random_writes_over_framed_chunks(framed, make_fs):

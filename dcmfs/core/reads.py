@@ -10,7 +10,7 @@ import time
 
 from ..errors import IntegrityError
 from ..format import CHUNK_FLAG_FRAMED, CHUNK_FLAG_LAST
-from ..storage.frames import FRAME_SIZE
+from ..storage.frames import FRAME_SIZE, UNIT_SIZE
 from ..storage.objects import ChunkRef
 
 from .openfile import OpenFile
@@ -39,25 +39,26 @@ class FileReads:
     def _load_range(self, of: OpenFile, idx: int, ref: ChunkRef, lo: int, hi: int) -> bytes:
         """Bytes ``[lo, hi)`` of the chunk ``ref`` names (shorter past its
         end), for a random reader: of a framed object not decoded whole,
-        only the frames the range touches are read and decoded (and cached)."""
+        only the frames the range touches are read and authenticated, and
+        only the 16 KiB units it lies in decoded (and cached)."""
         whole = self.cache.get(ref.oid)
         if whole is None and ref.flags & CHUNK_FLAG_FRAMED:
             hi = min(hi, ref.plain_len)
             if lo >= hi:
                 return b""
-            first, last = lo // FRAME_SIZE, (hi - 1) // FRAME_SIZE
-            keys = [ref.oid + k.to_bytes(4, "big") for k in range(first, last + 1)]
+            first, last = lo // UNIT_SIZE, (hi - 1) // UNIT_SIZE
+            keys = [ref.oid + u.to_bytes(4, "big") for u in range(first, last + 1)]
             got = [self.cache.get(key) for key in keys]
             if None in got:
                 try:
-                    got = self.objects.read_frames(of.cipher, of.inode.file_id, of.ino, idx,
-                                                   ref, first, last)
+                    got = self.objects.read_units(of.cipher, of.inode.file_id, of.ino, idx,
+                                                  ref, first, last)
                 except IntegrityError as exc:
                     self.on_damage(of.ino, exc)
                     raise
-                for key, frame in zip(keys, got):
-                    self.cache.put(key, frame)
-            base = first * FRAME_SIZE
+                for key, unit in zip(keys, got):
+                    self.cache.put(key, unit)
+            base = first * UNIT_SIZE
             data = got[0] if len(got) == 1 else b"".join(got)
             return data[lo - base:hi - base]
         if whole is None:

@@ -29,14 +29,12 @@ class FramedObjects:
         """(codec, flags, payload length, the sealed object)."""
         used, coded = frames.code(codec, plaintext, self._codecs.encode_settings()[0])
         if self._verify:
-            for k, payload in enumerate(coded):
-                lo, n = k * frames.FRAME_SIZE, frames.frame_len(len(plaintext), k)
-                try:
-                    again = frames.decode(payload, n)
-                except IntegrityError as exc:
-                    raise CodecMismatch("zstd could not decode its own frame") from exc
-                if again != plaintext[lo:lo + n]:
-                    raise CodecMismatch("zstd did not reproduce a frame; not stored")
+            try:
+                again = frames.decode_all(coded, len(plaintext))
+            except IntegrityError as exc:
+                raise CodecMismatch("zstd could not decode its own frame") from exc
+            if again != plaintext:
+                raise CodecMismatch("zstd did not reproduce a frame; not stored")
         flags |= _FRAMED
         epoch = cipher.epoch
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags, epoch,
@@ -46,12 +44,14 @@ class FramedObjects:
                            coded)
         return used, flags, frames.stored_len(coded), _PREFIX3 + sealed_ctx + body
 
-    def read_frames(self, cipher: FileKeys, file_id: bytes, ino: int, index: int,
-                    ref: ChunkRef, first: int, last: int) -> list[bytes]:
-        """The plaintext of frames ``first``..``last`` of the framed object
-        ``ref`` names, with ranged reads: the header and frame table once
-        (checked as :meth:`read` checks them, the object's length too), then
-        only the frames asked for, each authenticated before it is decoded.
+    def read_units(self, cipher: FileKeys, file_id: bytes, ino: int, index: int,
+                   ref: ChunkRef, first: int, last: int) -> list[bytes]:
+        """The plaintext of units ``first``..``last`` (of
+        :data:`~dcmfs.storage.frames.UNIT_SIZE` bytes, counted in the chunk)
+        of the framed object ``ref`` names, with ranged reads: the header
+        and frame table once (checked as :meth:`read` checks them, the
+        object's length too), then only the frames they lie in, each
+        authenticated whole before its units are decoded.
 
         Raises
         ------
@@ -59,9 +59,13 @@ class FramedObjects:
             As :meth:`read`.
         """
         oid = ref.oid
+        per = frames.FRAME_SIZE // frames.UNIT_SIZE
         gcm, aad, starts = self._frame_table(cipher, file_id, ino, index, ref)
         count = len(starts) - 1
-        lo, hi = starts[first], starts[last + 1]
+        k0, k1 = first // per, last // per
+        if k1 >= count:
+            raise ObjectDamaged(oid, "is shorter than its units", LENGTH)
+        lo, hi = starts[k0], starts[k1 + 1]
         try:
             data = self.backend.get(object_name(oid), lo, hi)
         except BackendMissing as exc:
@@ -70,14 +74,17 @@ class FramedObjects:
             raise ObjectDamaged(oid, "is truncated", LENGTH)
         view = memoryview(data)
         out = []
-        for k in range(first, last + 1):
+        for k in range(k0, k1 + 1):
             try:
                 payload = frames.open_frame(gcm, aad, k, count,
                                             view[starts[k] - lo:starts[k + 1] - lo])
             except crypto.AuthenticationFailed as exc:
                 raise ObjectDamaged(oid, "failed authentication") from exc
+            j0 = first - k * per if k == k0 else 0
+            j1 = last - k * per if k == k1 else per - 1
+            fl = frames.frame_len(ref.plain_len, k)
             try:
-                out.append(frames.decode(payload, frames.frame_len(ref.plain_len, k)))
+                out += frames.decode_units(payload, fl, j0, min(j1, frames.units_of(fl) - 1))
             except IntegrityError as exc:
                 raise ObjectDamaged(oid, str(exc), DECODE) from exc
         return out

@@ -15,8 +15,11 @@ whole chunk.  The object keeps the prefix and context block of layout 2::
                 AAD = prefix + store id + object id + CTX + u32 k +
                 u32 frame count
 
-A frame is zstd-coded when its stored length is shorter than its plaintext
-length, stored as it is when they are equal.  The CTX's payload length is
+A frame's payload is the u32 stored lengths of its units (16 KiB of
+plaintext each, :data:`UNIT_SIZE`; 4 to a full frame) and then the units,
+each zstd-coded when its stored length is shorter than its plaintext
+length, stored as it is when they are equal: a random read authenticates
+the frame and decodes only the unit it needs.  The CTX's payload length is
 the object length less 132, as in layout 2 (header 116 + one tag).  Every
 frame binds the object (prefix, store, id, context) and its own place and
 the frame count: frames cannot be swapped, dropped, reordered or moved to
@@ -44,6 +47,12 @@ from .codec import NONE, ZSTD, CodecError
 #: sequential read of 1 GiB took 30 % more CPU than unframed chunks with 32
 #: KiB frames and 15 % more with 64 KiB
 FRAME_SIZE = 64 * 1024
+#: plaintext bytes per unit, what a frame's payload is coded in: a random
+#: read decodes only the unit it lies in (measured on CT bytes: a 16 KiB
+#: unit decodes in 27 us, a 64 KiB frame in 80 us; the chunk stores 0.395
+#: of its plaintext against 0.389 with 64 KiB), while the frame stays the
+#: unit of authentication (one GCM call per 64 KiB in a whole read)
+UNIT_SIZE = 16 * 1024
 #: chunks asked to be coded with zstd are framed (each frame stored as it
 #: is where zstd does not shrink it); image codecs code a band whole, and a
 #: chunk sealed uncompressed on purpose waits for the re-encoder
@@ -73,70 +82,130 @@ def frameable(codec: int, plain_len: int) -> bool:
     return codec in FRAME_CODECS and plain_len > FRAME_SIZE
 
 
+def units_of(frame_plain: int) -> int:
+    """Units (of :data:`UNIT_SIZE`) in a frame of ``frame_plain`` bytes."""
+    return max(1, -(-frame_plain // UNIT_SIZE))
+
+
+def unit_len(frame_plain: int, j: int) -> int:
+    return min(UNIT_SIZE, frame_plain - j * UNIT_SIZE)
+
+
+def max_payload(frame_plain: int) -> int:
+    """The longest payload a frame of ``frame_plain`` bytes may have
+    (every unit stored as it is, after the unit lengths)."""
+    return frame_plain + 4 * units_of(frame_plain)
+
+
 def code(codec: int, plaintext: bytes, level: int) -> tuple[int, list[bytes]]:
-    """(codec of the object, the coded frames): each frame zstd-coded when
-    that makes it shorter, else as it is; the object's codec is zstd when
-    any frame is."""
+    """(codec of the object, the frames' payloads): each frame is its units'
+    stored lengths (u32 each) and the units, each zstd-coded when that makes
+    it shorter, else as it is; the object's codec is zstd when any unit is.
+    Every unit is compressed in one call (one release of the GIL)."""
     view = memoryview(plaintext)
-    frames = []
+    n = len(plaintext)
+    spans = []  # (frame, start, end) of every unit
+    for k in range(count_of(n)):
+        fl = frame_len(n, k)
+        for j in range(units_of(fl)):
+            lo = k * FRAME_SIZE + j * UNIT_SIZE
+            spans.append((k, lo, lo + unit_len(fl, j)))
+    raws = [view[lo:hi] for _, lo, hi in spans]
+    coded: list = raws
+    if codec == ZSTD:
+        cctx = zstandard.ZstdCompressor(level=level)
+        multi = getattr(cctx, "multi_compress_to_buffer", None)
+        coded = multi(raws) if multi is not None and len(raws) > 1 else \
+            [cctx.compress(r) for r in raws]
+    frames: list[list] = [[] for _ in range(count_of(n))]
     any_coded = False
-    cctx = zstandard.ZstdCompressor(level=level) if codec == ZSTD else None
-    for k in range(count_of(len(plaintext))):
-        raw = view[k * FRAME_SIZE:(k + 1) * FRAME_SIZE]
-        if cctx is not None:
-            coded = cctx.compress(raw)
-            if len(coded) < len(raw):
-                frames.append(coded)
-                any_coded = True
-                continue
-        frames.append(bytes(raw))
-    return (ZSTD if any_coded else NONE), frames
+    for i, (k, lo, hi) in enumerate(spans):
+        piece = coded[i]
+        if codec == ZSTD and len(piece) < hi - lo:
+            any_coded = True
+        else:
+            piece = raws[i]
+        frames[k].append(piece)
+    out = [struct.pack(f">{len(f)}I", *map(len, f)) + b"".join(f) for f in frames]
+    return (ZSTD if any_coded else NONE), out
 
 
-def decode(payload: bytes, plain_len: int) -> bytes:
-    """One frame's plaintext (exactly ``plain_len`` bytes) or :class:`CodecError`."""
-    if len(payload) == plain_len:
-        return payload
-    if len(payload) > plain_len:
-        raise CodecError("a frame is longer than its plaintext")
-    try:
-        out = _decompressor().decompress(payload, max_output_size=plain_len)
-    except zstandard.ZstdError as exc:
-        raise CodecError("zstd frame is damaged") from exc
-    if len(out) != plain_len:
-        raise CodecError("a frame decodes to the wrong length")
+def _units(payload, frame_plain: int) -> list:
+    """A frame's units (memoryviews), their lengths checked; or :class:`CodecError`."""
+    count = units_of(frame_plain)
+    if len(payload) < 4 * count:
+        raise CodecError("a frame is shorter than its unit lengths")
+    view = memoryview(payload)
+    out, pos = [], 4 * count
+    for j, length in enumerate(struct.unpack_from(f">{count}I", view)):
+        if length > unit_len(frame_plain, j):
+            raise CodecError("a unit is longer than its plaintext")
+        out.append(view[pos:pos + length])
+        pos += length
+    if pos != len(payload):
+        raise CodecError("a frame's units do not fill it")
     return out
+
+
+def _unit(piece, plain_len: int) -> bytes:
+    if len(piece) == plain_len:
+        return bytes(piece)
+    try:
+        out = _decompressor().decompress(piece, max_output_size=plain_len)
+    except zstandard.ZstdError as exc:
+        raise CodecError("zstd unit is damaged") from exc
+    if len(out) != plain_len:
+        raise CodecError("a unit decodes to the wrong length")
+    return out
+
+
+def decode_units(payload, frame_plain: int, first: int, last: int) -> list[bytes]:
+    """Units ``first``..``last`` of one frame (of ``frame_plain`` bytes),
+    decoded (each exactly its length), or :class:`CodecError`: a random
+    read decodes the 16 KiB it lies in, not the whole frame."""
+    units = _units(payload, frame_plain)
+    return [_unit(units[j], unit_len(frame_plain, j)) for j in range(first, last + 1)]
+
+
+def decode(payload, frame_plain: int) -> bytes:
+    """One frame's plaintext (exactly ``frame_plain`` bytes) or :class:`CodecError`."""
+    return b"".join(decode_units(payload, frame_plain, 0, units_of(frame_plain) - 1))
 
 
 def decode_all(payloads: list, plain_len: int) -> bytes:
     """The plaintext of a whole chunk of ``plain_len`` bytes from its
-    frames' payloads (each frame exactly its length, as :func:`decode`
+    frames' payloads (each unit exactly its length, as :func:`decode`
     checks it), or :class:`CodecError`.
 
-    Every zstd frame is decoded in one call that releases the GIL once
-    (``multi_decompress_to_buffer``), not once per frame: each release is
+    Every zstd unit is decoded in one call that releases the GIL once
+    (``multi_decompress_to_buffer``), not once per unit: each release is
     a wait to take the GIL back from the mount's other threads, and 16 of
     them per MiB made a sequential read of framed chunks take twice the
     wall time of unframed ones (measured: 16 decodes of 64 KiB beside a
     busy Python thread 25 ms per MiB, one decode of 1 MiB 8 ms, the 16 in
     one call 7 ms)."""
-    coded = [k for k, p in enumerate(payloads) if len(p) != frame_len(plain_len, k)]
+    parts: list = []
+    coded: list[tuple[int, int]] = []  # (place in parts, plaintext length)
+    for k, payload in enumerate(payloads):
+        fl = frame_len(plain_len, k)
+        for j, piece in enumerate(_units(payload, fl)):
+            if len(piece) != unit_len(fl, j):
+                coded.append((len(parts), unit_len(fl, j)))
+            parts.append(piece)
     multi = getattr(_decompressor(), "multi_decompress_to_buffer", None)
     if len(coded) < 2 or multi is None:  # nothing to batch (or no C backend)
-        return b"".join(decode(p, frame_len(plain_len, k)) for k, p in enumerate(payloads))
-    for k in coded:
-        if len(payloads[k]) > frame_len(plain_len, k):
-            raise CodecError("a frame is longer than its plaintext")
-    sizes = struct.pack(f"={len(coded)}Q", *(frame_len(plain_len, k) for k in coded))
+        for i, length in coded:
+            parts[i] = _unit(parts[i], length)
+        return b"".join(parts)
+    sizes = struct.pack(f"={len(coded)}Q", *(length for _, length in coded))
     try:
-        out = multi([payloads[k] for k in coded], decompressed_sizes=sizes)
+        out = multi([parts[i] for i, _ in coded], decompressed_sizes=sizes)
     except zstandard.ZstdError as exc:
-        raise CodecError("zstd frame is damaged") from exc
-    parts = list(payloads)
-    for j, k in enumerate(coded):
-        if len(out[j]) != frame_len(plain_len, k):
-            raise CodecError("a frame decodes to the wrong length")
-        parts[k] = out[j]
+        raise CodecError("zstd unit is damaged") from exc
+    for j, (i, length) in enumerate(coded):
+        if len(out[j]) != length:
+            raise CodecError("a unit decodes to the wrong length")
+        parts[i] = out[j]
     return b"".join(parts)
 
 
@@ -171,7 +240,7 @@ def open_table(gcm: crypto.Gcm, aad: bytes, plain_len: int, sealed) -> list[int]
     pos = table_end(plain_len)
     starts = [pos]
     for length in struct.unpack(f">{count}I", table):
-        if length > frame_len(plain_len, len(starts) - 1):
+        if length > max_payload(frame_len(plain_len, len(starts) - 1)):
             raise crypto.AuthenticationFailed("a frame is longer than its plaintext")
         pos += length + OVERHEAD
         starts.append(pos)
