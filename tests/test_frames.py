@@ -92,7 +92,7 @@ def test_a_random_read_decodes_only_its_frame(framed):
         ref = txn.chunks(fs._resolve(txn, "/a"))[1]
     assert pread(fs, "/a", CS + 2 * FS + 100, 4096) == a[CS + 2 * FS + 100:CS + 2 * FS + 4196]
     assert fs.data.cache.get(ref.oid) is None  # the chunk was not decoded whole
-    unit = (2 * FS + 100) // US  # the 16 KiB unit it lies in, decoded alone
+    unit = (2 * FS + 100) // US  # the 32 KiB unit it lies in, decoded alone
     assert fs.data.cache.get(ref.oid + unit.to_bytes(4, "big")) is not None
     assert fs.data.cache.get(ref.oid + (unit - 1).to_bytes(4, "big")) is None
     assert fs.data.cache.get(ref.oid + (unit + 1).to_bytes(4, "big")) is None
@@ -159,8 +159,9 @@ def test_whole_decode_of_frames_checks_every_unit():
     def frame(units):
         return struct.pack(f">{len(units)}I", *map(len, units)) + b"".join(units)
     z = lambda b: zstandard.compress(b, 1)  # noqa: E731
-    shifted = frame([z(plain[:US - 10]), z(plain[US - 10:2 * US]), z(plain[2 * US:3 * US]),
-                     z(plain[3 * US:FS])])
+    cuts = [0, US - 10, *range(2 * US, FS, US), FS]  # the first unit 10 bytes short
+    assert len(cuts) - 1 == frames.units_of(FS) >= 2
+    shifted = frame([z(plain[a:b]) for a, b in zip(cuts, cuts[1:])])
     with pytest.raises(E.IntegrityError):
         frames.decode_all([shifted, *coded[1:]], len(plain))
     with pytest.raises(E.IntegrityError):
@@ -168,8 +169,8 @@ def test_whole_decode_of_frames_checks_every_unit():
     with pytest.raises(E.IntegrityError):  # lengths that leave bytes over
         frames.decode_all([coded[0] + b"x", *coded[1:]], len(plain))
     with pytest.raises(E.IntegrityError):  # a damaged unit
-        bad = frame([z(plain[:US]), b"\x28\xb5\x2f\xfd" + bytes(40), z(plain[2 * US:3 * US]),
-                     z(plain[3 * US:FS])])
+        bad = frame([z(plain[:US]), b"\x28\xb5\x2f\xfd" + bytes(40),
+                     *(z(plain[a:a + US]) for a in range(2 * US, FS, US))])
         frames.decode_all([bad, *coded[1:]], len(plain))
 
 

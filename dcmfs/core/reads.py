@@ -40,7 +40,7 @@ class FileReads:
         """Bytes ``[lo, hi)`` of the chunk ``ref`` names (shorter past its
         end), for a random reader: of a framed object not decoded whole,
         only the frames the range touches are read and authenticated, and
-        only the 16 KiB units it lies in decoded (and cached)."""
+        only the 32 KiB units it lies in decoded (and cached)."""
         whole = self.cache.get(ref.oid)
         if whole is None and ref.flags & CHUNK_FLAG_FRAMED:
             hi = min(hi, ref.plain_len)
