@@ -144,6 +144,11 @@ class Config:
     #: seconds between looks at the write-only inbox of a mounted store with
     #: an ingest recipient (0: only when the store is opened; ``-o inbox_interval=T``)
     inbox_interval: float = 60.0
+    #: a write-only mount hands a file over to the key holders this many
+    #: seconds after its close: from then on the mount refuses to rename,
+    #: change or delete it (EACCES) and a key holder imports it while the
+    #: mount goes on (0: only when the mount ends; ``-o handover_after=T``)
+    handover_after: float = 60.0
     #: the scrubber's I/O bound (plaintext bytes per second)
     scrub_rate: int = 32 * MiB
     #: record who opened, wrote, renamed and deleted which file in the

@@ -134,6 +134,34 @@ def test_a_record_written_twice_is_imported_once_and_a_name_is_never_overwritten
     assert read_all(fs, "/b") == b"ingested b"
 
 
+def test_a_taken_name_at_name_max_is_imported_under_a_shortened_name(make_fs, secret):
+    """A 255-byte name that is taken cannot take ``.ingest-N`` on top: the
+    stem is shortened (whole characters) to leave room, and the record is
+    imported once, not refused at every round."""
+    long_name = "é" * 120 + "x" * 15  # 255 bytes in UTF-8
+    assert len(long_name.encode()) == 255
+    fs = make_fs()
+    fh = fs.create("/" + long_name, 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, b"the store's own", 0)
+    fs.release(fh)
+    fs.close()
+    rcp = keyring.recipient(str(make_fs.root), secret)
+    ing = IngestFS(str(make_fs.root), rcp, Config())
+    ingest_write(ing, "/" + long_name, b"ingested")
+    ing.close()
+    fs = make_fs()
+    names = sorted(n for n, _ in fs.readdir("/"))
+    assert len(names) == 2 and long_name in names
+    other = next(n for n in names if n != long_name)
+    assert other.endswith(".ingest-1") and len(other.encode()) <= 255
+    assert long_name.startswith(other[:-len(".ingest-1")])
+    assert read_all(fs, "/" + other) == b"ingested"
+    assert session_dirs(make_fs.root) == []  # imported, not refused
+    fs.close()
+    fs = make_fs()  # a second opening imports nothing again
+    assert sorted(n for n, _ in fs.readdir("/")) == names
+
+
 def test_a_tampered_or_swapped_record_or_chunk_is_refused_and_the_others_imported(
         make_fs, secret, caplog):
     fs = make_fs()
@@ -623,3 +651,146 @@ def test_a_path_that_cannot_be_made_is_refused_and_the_opening_goes_on(make_fs, 
     assert fs.imported == {"imported": 1, "refused": 1, "sessions": 0}
     assert read_all(fs, "/c") == b"c"
     assert "NotADirectory" in caplog.text and "secret-name-b" not in caplog.text
+
+
+class _Interleaved:
+    """``os`` and ``fcntl`` for :mod:`dcmfs.core.ingest`, with a key holder's
+    sweep of unplaced sessions run at one instant of a session's making."""
+
+    def __init__(self, real, at: str, base: str, **hooks) -> None:
+        self._real, self._at, self._base, self._done = real, at, base, False
+        for name, when in hooks.items():
+            setattr(self, name, self._wrap(getattr(real, name), when))
+
+    def _wrap(self, fn, when):
+        def call(*args, **kwargs):
+            if when == "after":
+                out = fn(*args, **kwargs)
+            if not self._done and self._at == fn.__name__ + ":" + when:
+                self._done = True
+                self._interfere(args)
+            if when == "before":
+                out = fn(*args, **kwargs)
+            return out
+        return call
+
+    def _interfere(self, args) -> None:
+        from dcmfs.core import importer
+        if self._at == "rename:before":  # the sweep removed the lock, not yet the directory
+            os.unlink(os.path.join(args[0], "lock"))
+        else:
+            importer._sweep_unplaced(self._base)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("at", ["makedirs:after", "flock:before", "rename:before"])
+def test_a_sweep_of_unplaced_sessions_at_a_sessions_making_costs_a_new_session(
+        make_fs, secret, monkeypatch, at):
+    """A key holder's sweep of sessions never put in place, run in the
+    instant a write-only mount makes its own, made the mount fail to start
+    (or left its session without the lock that keeps it from being
+    imported while live)."""
+    from dcmfs.core import ingestfile as ingest_mod
+    make_fs().close()
+    base = str(make_fs.root / inbox.INBOX_DIR)
+    hooks = {at.split(":")[0]: at.split(":")[1]}
+    target = "fcntl" if at.startswith("flock") else "os"
+    proxy = _Interleaved(getattr(ingest_mod, target), at, base, **hooks)
+    monkeypatch.setattr(ingest_mod, target, proxy)
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret), Config())
+    monkeypatch.undo()
+    assert proxy._done  # the sweep did run in that instant
+    lock = os.path.join(ing.dir, "lock")
+    assert os.stat(lock).st_ino == os.fstat(ing._lock_fd).st_ino  # the lock it holds
+    ingest_write(ing, "/f", b"after the sweep")
+    fs = make_fs()  # while the mount is live: nothing imported, its session kept
+    assert fs.imported["imported"] == 0 and os.path.exists(lock)
+    # what the interrupted making left (empty, unlocked) is gone
+    assert sorted(os.listdir(base)) == [os.path.basename(ing.dir)]
+    fs.close()
+    ing.close()
+    fs = make_fs()
+    assert read_all(fs, "/f") == b"after the sweep"
+
+
+def test_a_live_write_only_mount_hands_closed_files_over(make_fs, secret):
+    """A receiver that never unmounts: a file closed ``handover_after`` ago
+    is handed over (its record final); a key holder imports it while the
+    mount goes on, and the mount refuses to change it after; files still
+    open, or closed lately, wait."""
+    import dataclasses
+    make_fs().close()
+    ing = IngestFS(str(make_fs.root), keyring.recipient(str(make_fs.root), secret),
+                   dataclasses.replace(Config(), handover_after=0))  # rounds by hand
+    ing.config = dataclasses.replace(ing.config, handover_after=0.3)
+    ing.mkdir("/d", 0o755, 0, 0)
+    ingest_write(ing, "/d/early", b"closed early" * 1000)
+    held = ing.create("/still-open", 0o644, os.O_WRONLY, 0, 0)
+    ing.write(held, b"open", 0)
+    time.sleep(0.4)
+    ingest_write(ing, "/late", b"closed late")
+    assert ing.hand_over_due() == 1  # /d/early only
+    for change in (lambda: ing.rename("/d/early", "/d/other"),
+                   lambda: ing.rename("/late", "/d/early"),  # replacing it
+                   lambda: ing.rename("/d", "/e"),  # its directory
+                   lambda: ing.unlink("/d/early"),
+                   lambda: ing.chmod("/d/early", 0o600),
+                   lambda: ing.utimens("/d/early", 0, 0)):
+        with pytest.raises(PermissionDenied):
+            change()
+    ing.rename("/late", "/late2")  # not handed over yet: as before
+    assert ing.getattr("/d/early")["st_size"] == 12000  # still listed
+    fs = make_fs()  # the key holder, while the mount is live
+    assert fs.imported["imported"] == 1
+    assert read_all(fs, "/d/early") == b"closed early" * 1000
+    assert sorted(n for n, _ in fs.readdir("/")) == ["d"]
+    fs.close()
+    sdir = pathlib.Path(ing.dir)
+    assert len(list(sdir.glob("*.rec"))) == 1  # /late2's; /still-open has none yet
+    ing.write(held, b" still", 4)
+    ing.release(held)
+    ing.close()  # the mount ends: the rest follows, /d/early not again
+    fs = make_fs()
+    assert fs.imported["imported"] == 2
+    assert sorted(n for n, _ in fs.readdir("/")) == ["d", "late2", "still-open"]
+    assert read_all(fs, "/still-open") == b"open still"
+    assert sorted(n for n, _ in fs.readdir("/d")) == ["early"]
+    assert session_dirs(make_fs.root) == []
+
+
+def test_a_key_holder_imports_what_a_receiver_that_stays_mounted_hands_over(mount_env,
+                                                                             tmp_path):
+    m = mount_env
+    rcp = tmp_path / "recipient.json"
+    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp)
+    assert r.returncode == 0, r.stderr
+    m.mount("-o", "inbox_interval=1,checkpoint_interval=0.2")
+    ingest_mnt = tmp_path / "ingest"
+    ingest_mnt.mkdir()
+    r = m.cli("mount", m.store, ingest_mnt, "-o", f"recipient={rcp},handover_after=1")
+    assert r.returncode == 0, r.stderr
+    try:
+        (ingest_mnt / "study").mkdir()
+        (ingest_mnt / "study" / "slice.dcm").write_bytes(ct_file().read_bytes())
+        deadline = time.monotonic() + 30
+        while not (m.mnt / "study" / "slice.dcm").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (m.mnt / "study" / "slice.dcm").read_bytes() == ct_file().read_bytes()
+        with pytest.raises(PermissionError):  # handed over: the receiver cannot change it
+            os.rename(ingest_mnt / "study" / "slice.dcm", ingest_mnt / "study" / "x.dcm")
+        assert os.listdir(ingest_mnt / "study") == ["slice.dcm"]  # still listed
+        r = m.cli("status", ingest_mnt)
+        assert r.returncode == 0 and "handed over 1" in r.stdout, r.stdout + r.stderr
+        r = m.cli("umount", ingest_mnt)
+        assert r.returncode == 0, r.stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", str(ingest_mnt)], check=False)
+    wait_sessions_free(m.store)
+    deadline = time.monotonic() + 30
+    while session_dirs(m.store) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session_dirs(m.store) == []
+    assert sorted(os.listdir(m.mnt / "study")) == ["slice.dcm"]  # imported once
+    m.umount()

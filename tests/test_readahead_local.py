@@ -85,3 +85,23 @@ def jumping(names: list[str], after: dict) -> list[str]:
     order = extend([], names[::-1])
     assert order is not None
     return order
+
+
+def test_a_walk_asks_for_each_file_once(make_fs, monkeypatch):
+    """Each open of a walk asked again for the files the open before had
+    asked for (their inode and chunk lookups, on the request's path): the
+    next open asks only for the one file new to the walk."""
+    fs = written(make_fs)
+    asked = []
+    decode = fs.readahead.decode
+    monkeypatch.setattr(fs.readahead, "decode",
+                        lambda ino, *a: (asked.append(ino), decode(ino, *a))[1])
+    names = sorted(FILES)
+    for path in names:
+        assert read_file(fs, path) == FILES[path]
+        settle(fs)
+    assert len(asked) == len(set(asked)), asked
+    # every file after the first two was asked for before it was opened
+    with fs.index.begin() as txn:
+        inos = [fs._resolve(txn, p) for p in names]
+    assert set(inos[2:]) <= set(asked)

@@ -243,6 +243,9 @@ OPTIONS: tuple[Option, ...] = (
            MOUNTING, field="scrub_interval"),
     Option("inbox_interval", DURATION, "import what write-only mounts wrote every T while "
            "mounted (0: only when the store is opened)", MOUNTING, field="inbox_interval"),
+    Option("handover_after", DURATION, "a write-only mount hands a closed file over to the "
+           "key holders T after its close (it cannot be renamed, changed or deleted after; "
+           "0: only when the mount ends)", MOUNTING, field="handover_after"),
     Option("scrub_rate", RATE, "the scrubber's bound in MB/s of plaintext", MOUNTING,
            field="scrub_rate"),
     Option("audit", FLAG, "1: record who opened, wrote, renamed and deleted which file in "

@@ -73,7 +73,7 @@ def store_report(store_root: str, mountpoint: str | None,
                       integrity_errors=live.get("integrity_errors", 0),
                       scrub=live.get("scrub"), s3=live.get("s3"),
                       deid_records=live.get("deid_records"), deid_view=live.get("deid_view"),
-                      follow=live.get("follow"))
+                      follow=live.get("follow"), write_only=live.get("write_only"))
         if "dumpable" in live:  # it holds the key: expected False
             report["core_dumps"] = bool(live["dumpable"] or live.get("core_limit"))
         for k in ("store_read_bytes", "store_written_bytes"):  # /proc/PID/io may be closed
@@ -249,6 +249,11 @@ def render(reports: list[dict]) -> str:
                          f"{s3.get('errors', 0)}; uploaded {s3.get('uploads', 0)} objects "
                          f"({size_text(s3.get('uploaded_bytes', 0))}), downloaded "
                          f"{s3.get('downloads', 0)}; writers waited {s3.get('writer_waits', 0)}x")
+        wonly = r.get("write_only")
+        if wonly:
+            lines.append(f"write-only  session {wonly['session'][:8]} ({wonly['recipient']}): "
+                         f"{wonly.get('open_files', 0)} open, "
+                         f"handed over {wonly.get('handed_over', 0)}")
         follow = r.get("follow")
         if follow:
             lines.append(f"follower    at change {follow['seq']}; {follow['applied']} records "

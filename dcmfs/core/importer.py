@@ -15,17 +15,20 @@ of one file, each crash-safe:
    temporary name left by a crash is removed first);
 2. mode, owner and times are set, and the file is renamed to its path
    (RENAME_NOREPLACE); a name that is taken gets ``.ingest-N`` appended
-   (the lowest N free): nothing is ever overwritten.  A taken name holding
+   (the lowest N free; a long name's stem is cut to stay within 255
+   bytes): nothing is ever overwritten.  A taken name holding
    the very same bytes counts as this record, already imported (a crash
    between the rename and step 3);
 3. once a session's files are durable (a journal sync), its records and
    then its chunks are removed, and the session with what is left in it
    (chunks of files never closed).
 
-Only sessions no ingest mount holds any more (their ``lock`` is free: the
-mount ended, or died) are imported.  A live mount may still extend a file
-it fsynced, or rename, re-time or chmod one it closed, each time writing a
-newer record that names the file's chunks: an import that removed them
+Of a session an ingest mount still holds (its ``lock`` is taken), only
+the files it handed over are imported (their last record says ``final``:
+the mount never writes them again); the others wait for the mount to end
+(or die).  A live mount may still extend a file it fsynced, or rename,
+re-time or chmod one it closed and has not handed over, each time writing
+a newer record that names the file's chunks: an import that removed them
 would leave that record refused and the file in the store short or under
 its old name.
 
@@ -82,8 +85,7 @@ def _import(fs, done: dict) -> dict:
     entry, private = fs.store.ingest
     _sweep_unplaced(os.path.join(fs.store.root, inbox.INBOX_DIR))
     for session, sdir in inbox.sessions(fs.store.root):
-        if not _session_over(sdir):  # a live write-only mount: after it ends
-            continue
+        live = not _session_over(sdir)  # a live write-only mount: its final records only
         imported, refused, remove = [], 0, []
         for file_id, seqs in inbox.records(sdir).items():
             where = f"inbox session {session.hex()[:8]}, file {file_id.hex()}"
@@ -92,6 +94,8 @@ def _import(fs, done: dict) -> dict:
                                            seqs[-1], inbox.read_small(os.path.join(
                                                sdir, inbox.record_name(file_id, seqs[-1]))))
                 _check(record, fs.store.chunk_size)
+                if live and record.get("final") is not True:
+                    continue  # the mount may still write it again
                 _import_file(fs, record, session, file_id, sdir)
             except FileNotFoundError:  # rewritten meanwhile by a live ingest mount
                 continue
@@ -117,7 +121,7 @@ def _import(fs, done: dict) -> dict:
             _step("removed")
         done["imported"] += len(imported)
         done["refused"] += refused
-        if not refused and _session_over(sdir):
+        if not refused and not live and _session_over(sdir):
             for name in os.listdir(sdir):
                 _unlink(os.path.join(sdir, name))
             os.rmdir(sdir)
@@ -139,9 +143,13 @@ def _sweep_unplaced(base: str) -> None:
         path = os.path.join(base, name)
         if len(name) == 33 and name[0] == "." and not os.path.islink(path) \
                 and os.path.isdir(path) and _session_over(path):
-            for leaf in os.listdir(path):
-                _unlink(os.path.join(path, leaf))
-            os.rmdir(path)
+            try:
+                for leaf in os.listdir(path):
+                    _unlink(os.path.join(path, leaf))
+                os.rmdir(path)
+            except OSError as exc:  # the mount making it got there first
+                if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                    raise
 
 
 def _session_over(sdir: str) -> bool:
@@ -183,6 +191,7 @@ def _check(record: dict, chunk_size: int) -> None:
               and all(record.get(k) is None
                       or (type(record[k]) is int and -(1 << 63) <= record[k] < 1 << 63)
                       for k in ("atime_ns", "mtime_ns"))
+              and record.get("final", False) in (True, False)
               and sum(c[1] for c in record["chunks"]) == record["size"]
               and all(len(c[0]) == 32 and int(c[0], 16) >= 0 and 0 <= c[1] <= chunk_size
                       and 0 < c[2] <= chunk_size + (chunk_size >> 6) + 4096
@@ -249,7 +258,7 @@ def _place(fs, tmp: str, path: str, digest: bytes, size: int) -> str:
     the name it has."""
     n = 0
     while True:
-        name = path if n == 0 else f"{path}.ingest-{n}"
+        name = path if n == 0 else _suffixed(path, n)
         try:
             fs.rename(tmp, name, 1)  # RENAME_NOREPLACE
             return name
@@ -258,6 +267,26 @@ def _place(fs, tmp: str, path: str, digest: bytes, size: int) -> str:
                 fs.unlink(tmp)
                 return name
         n += 1
+
+
+def _suffixed(path: str, n: int, name_max: int = 255) -> str:
+    """``path.ingest-N``, its last component's stem cut (whole characters)
+    so that the name stays within ``name_max`` bytes."""
+    parent, _, base = path.rpartition("/")
+    suffix = f".ingest-{n}"
+    room = name_max - len(suffix.encode())
+    raw = os.fsencode(base)
+    if len(raw) > room:
+        cut = raw[:room]
+        for drop in range(4):  # not inside a UTF-8 character
+            try:
+                base = cut[:room - drop].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                continue
+        else:  # not UTF-8 at all: bytes as they are
+            base = os.fsdecode(cut)
+    return f"{parent}/{base}{suffix}"
 
 
 def _same(fs, path: str, digest: bytes, size: int) -> bool:

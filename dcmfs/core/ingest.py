@@ -12,7 +12,11 @@ never opens the index (it cannot: no key) and never takes the store lock
   one chunk behind the end, cannot be rewritten: EACCES), never read;
 * a closed file cannot be opened again, for reading or writing (EACCES);
   it can be renamed, have its mode or times changed, or be unlinked (its
-  inbox record is written again, or removed).
+  inbox record is written again, or removed) until it is *handed over*,
+  ``handover_after`` after its close (60 s): its record is then written a
+  last time, marked final, and a key holder imports it while this mount
+  goes on; the mount refuses to rename, change or delete it from then on
+  (EACCES).  A mount that ends hands over every file it closed.
 
 Each file has a random data key; its chunks are sealed with it into the
 session's inbox directory as they fill (:mod:`dcmfs.storage.inbox`); at
@@ -25,7 +29,7 @@ files it imports need them.
 
 from __future__ import annotations
 
-import fcntl
+import collections
 import json
 import logging
 import os
@@ -37,7 +41,7 @@ from ..errors import (DirectoryNotEmpty, Exists, InvalidArgument, IsADirectory, 
                       NotADirectory, NotFound, NotSupported, PermissionDenied, BadHandle)
 from ..storage import inbox
 from ..storage.durable import fsync_dir
-from .ingestfile import File, Node, Sealer
+from .ingestfile import File, Node, Sealer, new_session
 
 log = logging.getLogger("dcmfs.ingest")
 
@@ -48,6 +52,7 @@ class _Opened:
     """Stands in for the opened store the FUSE adapter asks about."""
 
     audit = None
+
 
 
 class IngestFS:
@@ -62,18 +67,8 @@ class IngestFS:
         self.config = config
         self.opened = _Opened()
         self.recipient = recipient
-        self.session = os.urandom(16)
-        self.dir = os.path.join(store_root, inbox.INBOX_DIR, self.session.hex())
-        # made under a name the importer skips, locked, then put in place: a
-        # key holder removes only sessions whose lock is free
-        making = os.path.join(os.path.dirname(self.dir), "." + self.session.hex())
-        os.makedirs(making, mode=0o700)
-        self._lock_fd = os.open(os.path.join(making, "lock"),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        os.rename(making, self.dir)
-        fsync_dir(os.path.dirname(self.dir))
-        fsync_dir(os.path.dirname(os.path.dirname(self.dir)))
+        self.session, self.dir, self._lock_fd = new_session(
+            os.path.join(store_root, inbox.INBOX_DIR))
         self._sealer = Sealer(recipient, self.session, self.dir)
         self._clock = clock
         self._lock = threading.RLock()
@@ -86,8 +81,53 @@ class IngestFS:
         self.stale_names: list[str] = []
         self.caller = None
         self.files_written = 0
+        self.handed_over = 0
+        #: closed files in the order of their close, not handed over yet
+        self._closed: collections.deque[File] = collections.deque()
+        self._stop = threading.Event()
+        self._handover = None
+        if config.handover_after > 0:
+            self._handover = threading.Thread(target=self._handover_loop, daemon=True,
+                                              name="dcmfs-handover")
+            self._handover.start()
         log.info("ingest session %s started (write-only, recipient %s)", self.session.hex()[:8],
                  recipient.kind)
+
+    # --- hand-over ----------------------------------------------------------
+    def _handover_loop(self) -> None:
+        period = max(0.1, min(self.config.handover_after / 4, 10.0))
+        while not self._stop.wait(period):
+            try:
+                self.hand_over_due()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("handing files over to the key holders failed")
+
+    def hand_over_due(self) -> int:
+        """Hand over the files closed ``handover_after`` ago or more; returns
+        how many."""
+        due = []
+        limit = time.monotonic() - self.config.handover_after
+        with self._lock:
+            while self._closed and self._closed[0].closed_at <= limit:
+                node = self._closed.popleft()
+                if not node.unlinked and not node.handed:
+                    node.handed = True
+                    due.append(node)
+        for node in due:  # outside the lock, as a close
+            self._sealer.hand_over(node)
+        with self._lock:
+            self.handed_over += len(due)
+        return len(due)
+
+    @staticmethod
+    def _changeable(node: Node, tree: bool = False) -> None:
+        """EACCES for a file handed over (with ``tree``: or a directory
+        holding one, for a rename)."""
+        if getattr(node, "handed", False):
+            raise PermissionDenied()
+        if tree and node.children is not None:
+            for child in node.children.values():
+                IngestFS._changeable(child, True)
 
     # --- names --------------------------------------------------------------
     @staticmethod
@@ -190,6 +230,7 @@ class IngestFS:
                 raise NotFound()
             if node.children is not None:
                 raise IsADirectory()
+            self._changeable(node)
             del parent.children[name]
             node.unlinked = True
             if node.opens == 0:
@@ -207,6 +248,9 @@ class IngestFS:
             there = nparent.children.get(nname)
             if there is node:
                 return
+            self._changeable(node, tree=True)
+            if there is not None:
+                self._changeable(there)
             if node.children is not None and \
                     self._parts(new)[:len(self._parts(old))] == self._parts(old):
                 raise InvalidArgument()  # not into itself
@@ -258,6 +302,7 @@ class IngestFS:
         return self._lookup(path or "/")
 
     def _meta_changed(self, node: Node) -> None:
+        """After a change the caller checked with :meth:`_changeable`."""
         node.ctime = self._clock()
         if isinstance(node, File) and node.opens == 0 and node.issued and not node.unlinked:
             self._sealer.publish(node)
@@ -265,12 +310,14 @@ class IngestFS:
     def chmod(self, path, mode: int, fh=None) -> None:
         with self._lock:
             node = self._node(path, fh)
+            self._changeable(node)
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
             self._meta_changed(node)
 
     def chown(self, path, uid: int, gid: int, fh=None) -> None:
         with self._lock:
             node = self._node(path, fh)
+            self._changeable(node)
             node.uid = node.uid if uid == -1 else uid
             node.gid = node.gid if gid == -1 else gid
             self._meta_changed(node)
@@ -279,6 +326,7 @@ class IngestFS:
         now = self._clock()
         with self._lock:
             node = self._node(path, fh)
+            self._changeable(node)
             node.atime = now if atime_ns is None else atime_ns
             node.mtime = now if mtime_ns is None else mtime_ns
             self._meta_changed(node)
@@ -305,7 +353,8 @@ class IngestFS:
                       "stored_bytes": sum(c[2] for f in files for c in f.chunks),
                       "write_only": {"session": self.session.hex(),
                                      "recipient": self.recipient.kind,
-                                     "open_files": sum(f.opens > 0 for f in files)}}
+                                     "open_files": sum(f.opens > 0 for f in files),
+                                     "handed_over": self.handed_over}}
         return json.dumps(status).encode()
 
     def _walk(self, node: Node):
@@ -444,9 +493,15 @@ class IngestFS:
         # this one's last chunk is sealed and its chunks and record are made
         # durable (a rename or unlink of it meanwhile waits for that)
         self._sealer.close(node)
+        with self._lock:
+            if not node.unlinked:
+                self._closed.append(node)
 
     def close(self) -> None:
         """Unmount: files still open are closed as if released."""
+        self._stop.set()
+        if self._handover is not None:
+            self._handover.join()
         with self._lock:
             for fh in list(self._handles):
                 self.release(fh)

@@ -5,14 +5,16 @@ the inbox session (:mod:`dcmfs.storage.inbox`)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import stat
 import threading
+import time
 
 from ..errors import StoreIOError
 from ..storage import inbox
-from ..storage.durable import write_file, write_new
+from ..storage.durable import fsync_dir, write_file, write_new
 
 
 class Node:
@@ -26,7 +28,7 @@ class Node:
 
 class File(Node):
     __slots__ = ("file_id", "key", "chunks", "tail", "tail_start", "opens", "live", "seq",
-                 "unsynced", "unlinked", "path", "issued", "plock")
+                 "unsynced", "unlinked", "path", "issued", "plock", "closed_at", "handed")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now: int, path: str) -> None:
         super().__init__(ino, mode, uid, gid, now)
@@ -48,6 +50,11 @@ class File(Node):
         self.unsynced: list[str] = []
         self.unlinked = False
         self.path = path
+        #: monotonic time its record was last written closed (None: open)
+        self.closed_at: float | None = None
+        #: handed over to the key holders: its last record says ``final``,
+        #: and the mount never changes it again
+        self.handed = False
 
     @property
     def size(self) -> int:
@@ -88,6 +95,8 @@ class Sealer:
         record = {"path": node.path, "mode": node.mode, "uid": node.uid, "gid": node.gid,
                   "atime_ns": node.atime, "mtime_ns": node.mtime, "size": node.size,
                   "key": node.key.hex(), "chunks": [list(c) for c in node.chunks]}
+        if node.handed:
+            record["final"] = True
         paths, node.unsynced = node.unsynced, []
         node.issued += 1
         return node.issued, paths, record
@@ -130,6 +139,15 @@ class Sealer:
             if node.tail or not node.chunks:
                 self.seal(node, len(node.tail))
             self.commit(node, self._prepare(node))
+            node.closed_at = time.monotonic()
+
+    def hand_over(self, node: File) -> None:
+        """The closed file's record written again, ``final``: a key holder
+        imports it while the mount goes on.  The caller set ``node.handed``
+        under the filesystem's lock (nothing changes the file after)."""
+        with node.plock:
+            if not node.unlinked:
+                self.commit(node, self._prepare(node))
 
     def discard(self, node: File) -> None:
         """An unlinked file's inbox files go (its record first: a record never
@@ -149,3 +167,34 @@ class Sealer:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise StoreIOError(f"Removing an inbox file failed ({exc.strerror}).") from exc
+
+
+def new_session(base: str, tries: int = 5) -> tuple[bytes, str, int]:
+    """A new session directory under ``base``, locked: made under a name the
+    importer skips (``.<session>``), locked, then put in place; a key holder
+    removes only sessions whose lock is free.  A key holder's sweep of
+    unplaced sessions may remove it in the instant before it is locked: then
+    a new session is made."""
+    for attempt in range(tries):
+        session = os.urandom(16)
+        making = os.path.join(base, "." + session.hex())
+        final = os.path.join(base, session.hex())
+        os.makedirs(making, mode=0o700)
+        fd = -1
+        try:
+            fd = os.open(os.path.join(making, "lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(making, final)
+            if os.fstat(fd).st_ino != os.stat(os.path.join(final, "lock")).st_ino:
+                raise FileNotFoundError("the lock was swept")  # a new one
+        except FileNotFoundError:  # swept meanwhile
+            if fd >= 0:
+                os.close(fd)
+            if attempt == tries - 1:
+                raise
+            continue
+        fsync_dir(base)
+        fsync_dir(os.path.dirname(base))
+        return session, final, fd
+    raise AssertionError("unreachable")

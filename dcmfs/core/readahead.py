@@ -36,6 +36,7 @@ is opened.  A reader that stops wastes at most that much decoding.
 from __future__ import annotations
 
 import bisect
+import collections
 import os
 import stat
 from typing import Callable
@@ -89,6 +90,10 @@ class ReadAhead:
         self._listings: dict[str, _Listing] = {}
         #: open files -> (where its sequential reader is, fetched up to)
         self._pos: dict[int, list[int]] = {}
+        #: files whose first bytes a walk asked for already (the next open
+        #: of the walk asks only for the one file new to it, not again for
+        #: all: an open does no lookups it did for the one before)
+        self._asked: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     # --- within a file ---------------------------------------------------------
     def read(self, of: OpenFile, offset: int, size: int, path: str | None) -> None:
@@ -136,11 +141,14 @@ class ReadAhead:
             if order is None:
                 return
             self._pos[of.ino] = [0, self.window]
-            if self.decode is not None:
-                self.decode(of.ino, of.inode, of.committed, self.window)
-            else:
-                self._fetch(of.committed, 0, self.window)
+            if self._ask(of.ino):
+                if self.decode is not None:
+                    self.decode(of.ino, of.inode, of.committed, self.window)
+                else:
+                    self._fetch(of.committed, 0, self.window)
             for child in order[:self.files]:
+                if not self._ask(child):
+                    continue
                 inode = self._inode(txn, child)
                 if not stat.S_ISREG(inode.mode):
                     continue
@@ -148,6 +156,16 @@ class ReadAhead:
                     self.decode(child, inode, txn.chunks(child), self.window)
                 else:
                     self._fetch(txn.chunks(child), 0, self.window)
+
+    def _ask(self, ino: int) -> bool:
+        """Is ``ino`` new to the walk (and remembered now)?"""
+        if ino in self._asked:
+            self._asked.move_to_end(ino)
+            return False
+        self._asked[ino] = None
+        while len(self._asked) > 4 * (self.files + 1):
+            self._asked.popitem(last=False)
+        return True
 
     def _order(self, listing: _Listing, last: bytes, name: bytes) -> list[int] | None:
         """The inodes after ``name`` in the order in which ``name`` follows
