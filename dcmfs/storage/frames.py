@@ -39,13 +39,13 @@ from . import crypto
 from .. import format as fmt
 from .codec import NONE, ZSTD, CodecError
 
-#: plaintext bytes per frame (the last frame of a chunk may be shorter).
-#: Measured (zstd-1, a CT series' bytes): 16 / 32 / 64 KiB frames store
-#: 0.396 / 0.396 / 0.390 of the plaintext (1 MiB: 0.389) and decode in
-#: 25 / 42 / 77 us; through the mount, random 4 KiB reads ran at the same
-#: IOPS with 32 and 64 KiB (the request's other costs dominate), while a
-#: sequential read of 1 GiB took 30 % more CPU than unframed chunks with 32
-#: KiB frames and 15 % more with 64 KiB
+#: plaintext bytes per frame, the unit of authentication (the last frame of
+#: a chunk may be shorter).  A whole read makes one GCM call per frame, and
+#: each call lets go of the GIL and takes it back from the mount's other
+#: threads: smaller frames cost a sequential reader more (measured with one
+#: frame per call before units: 32 KiB frames 30 % more CPU for a 1 GiB
+#: read than unframed chunks, 64 KiB 15 %); what a random read decodes is
+#: the unit below
 FRAME_SIZE = 64 * 1024
 #: plaintext bytes per unit, what a frame's payload is coded in: a random
 #: read decodes only the unit it lies in.  Measured on CT bytes (zstd-1,
