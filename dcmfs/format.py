@@ -102,6 +102,24 @@ constant, so do we):
   opening.  Stores of versions 1-4 are opened and upgraded in place as
   before (the features are added under the store lock; the header keeps
   the version it was made with).
+* 6 — feature ``key-generations-v1``,
+  added by every ``dcmfs key rotate`` (:mod:`dcmfs.index.keygen`,
+  :mod:`dcmfs.opened.regen`): an object's context block is sealed under its
+  own epoch's key; the header's ``master`` names the epoch every derived key
+  comes from (0 without it), the index names its own in ``meta/keygen``; a
+  ``key rotate --finish`` moves both to the newest epoch and destroys epoch
+  0.  Stores without the feature are unchanged until their next rotation.
+  Feature ``s3-packs-v1`` (S3 stores only, in
+  ``S3_WRITE_FEATURES``: added at the first read-write opening of an S3
+  store): objects are uploaded several to one S3 object, a *pack*
+  (``packs/<time><random>``, :mod:`dcmfs.storage.packs`), and read by ranged
+  GETs; the objects inside are unchanged, so are their checks.  Objects
+  uploaded before stay loose under ``objects/`` and are read as before.
+  An older dcmfs would not find the packed objects: it refuses the store.
+  ``tests/compat/v6`` holds a store whose index moved to epoch 1 (epoch 0
+  destroyed) with a file under each of epochs 1 and 2 and a write-only
+  mount's two files in the inbox.  Stores of versions 1-5 open and are
+  upgraded in place as before; a rotation adds the feature.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -111,7 +129,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 #: the object layout this dcmfs writes (the version byte of each object; the
 #: layout changed in format 2 and not since)
 OBJECT_VERSION = 2
@@ -145,6 +163,8 @@ LEASE_NAME = "lease"
 #: crypto-shredding: inode records may hold a file secret that is part of the
 #: file's payload key (:mod:`dcmfs.index.shred`)
 FILE_SECRETS_FEATURE = "file-secrets-v1"
+#: S3 stores: objects uploaded in packs (:mod:`dcmfs.storage.packs`)
+S3_PACKS_FEATURE = "s3-packs-v1"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
 DAMAGE_MARK = "needs-fsck"
 
@@ -159,7 +179,8 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "special-files-v1", "index-auth-v1", "backend-s3-v1",
                             "audit-v1", "key-slots-v1", "key-epochs-v1",
                             "deid-view-v1", FILE_SECRETS_FEATURE,
-                            "ingest-v1", "framed-chunks-v1"})
+                            "ingest-v1", "key-generations-v1", S3_PACKS_FEATURE,
+                            "framed-chunks-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -169,6 +190,14 @@ WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1",
                             "deid-view-v1", FILE_SECRETS_FEATURE, "framed-chunks-v1"})
+#: features this version may write into an S3 store besides (added the same way)
+S3_WRITE_FEATURES = frozenset({S3_PACKS_FEATURE})
+
+
+def write_features(header: dict) -> frozenset:
+    """The features a store opened for writing gets (:data:`WRITE_FEATURES`,
+    and :data:`S3_WRITE_FEATURES` for a store in a bucket)."""
+    return WRITE_FEATURES | (S3_WRITE_FEATURES if header.get("backend") else frozenset())
 
 # --- chunk objects -------------------------------------------------------------
 # An object file ``objects/<oid[0:2]>/<oid hex>`` is:

@@ -12,7 +12,7 @@ end of the ingest until everything is at rest (re-encoded and, for S3,
 uploaded: the upload backlog empty), cold read MB/s after unmount, an
 emptied object cache and drop_caches, with the daemon's CPU seconds of that
 read, and for S3 the PUT requests, all requests and uploaded bytes per GB
-ingested.
+ingested and the GET requests of the cold read per GB read.
 """
 
 from __future__ import annotations
@@ -105,9 +105,13 @@ def run(kind: str, base: pathlib.Path, files, cluster, options) -> dict:
         cli(*mount)
         proc = daemon(store)
         cpu = cpu_s(proc)
+        before = live(mp).get("s3") or {}
         spent, n, wrong = read_files(files, mp)
         out["cold_read_mbs"] = n / spent / 1e6
         out["cold_read_cpu_s"] = cpu_s(proc) - cpu
+        if kind == "s3":  # GET requests (a pack's neighbours come in one)
+            after = live(mp)["s3"]
+            out["gets_per_gb_read"] = (after.get("gets", 0) - before.get("gets", 0)) / (n / 1e9)
         out["wrong"] = len(wrong)
     finally:
         cli("umount", mp, check=False)
@@ -167,6 +171,7 @@ ROWS = [("ingest MB/s", "ingest_mbs", "{:.1f}"), ("until at rest (uploaded), s",
                                                   "{:.1f}"),
         ("cold read, empty cache, MB/s", "cold_read_mbs", "{:.1f}"),
         ("cold read, daemon CPU s", "cold_read_cpu_s", "{:.2f}"),
+        ("cold read, GETs per GB read", "gets_per_gb_read", "{:.0f}"),
         ("PUTs per GB ingested", "puts_per_gb", "{:.0f}"),
         ("requests per GB ingested", "requests_per_gb", "{:.0f}"),
         ("GB uploaded per GB ingested", "uploaded_gb_per_gb", "{:.2f}"),

@@ -79,7 +79,13 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         check(fs, manifest)
     finally:
         fs.close()
-    before = set(json.loads((root / "dcmfs.store").read_text())["features"])
+    header = json.loads((root / "dcmfs.store").read_text())
+    before = set(header["features"])
+    gen = manifest.get("key_generation")  # v6 on: the index under epoch 1, epoch 0 gone
+    if gen is not None:
+        assert header["master"] == gen["master"] and fs.index.generation == gen["master"]
+        assert [d["epoch"] for d in header["destroyed"]] == gen["destroyed"]
+        assert [e["epoch"] for e in header["epochs"]] == gen["epochs"]
     if version.name in ("v1", "v2"):  # made before the image codecs 4-6
         assert not WRITE_FEATURES <= before
         lock = StoreLock(str(root))  # in use: the header is left alone
@@ -101,7 +107,7 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         assert fs.imported["imported"] == len(inbox), fs.imported
         manifest["files"].update(inbox)
         check(fs, manifest)
-        if "framed-chunks-v1" in before:  # v6 on: the store holds framed objects
+        if "framed-chunks-v1" in before:  # v7 on: the store holds framed objects
             with fs.index.begin() as txn:
                 refs = txn.chunks(fs._resolve(txn, "/dir/text.txt"))
             assert any(r.flags & CHUNK_FLAG_FRAMED for r in refs.values())

@@ -471,3 +471,99 @@ def test_the_checkpoint_thread_deletes_superseded_objects_without_the_core_lock(
     assert list(fs.objects.iter_oids()) == []
     assert "dcmfs-checkpoint" in deleted_by and held and not any(held)
     assert fs.data.superseded() == []
+
+
+def test_a_request_that_finds_the_journal_grown_leaves_the_checkpoint_to_the_thread(make_fs):
+    """Issue 17: a request that found the journal grown checkpointed itself
+    and deleted every superseded object while holding the core's lock (an
+    unlink burst's getattrs waited 1.2 ms each on it).  It wakes the
+    checkpoint thread instead, long before that thread's interval, and the
+    thread deletes them without the lock."""
+    import dataclasses
+    import threading
+    import time
+    fs = make_fs(dataclasses.replace(SMALL, checkpoint_interval=3600))
+    for n in range(20):
+        write_file(fs, f"/f{n}", os.urandom(2 * CS))
+    fs.sync_all()
+    fs.index.checkpoint_records = 10  # due after a few unlinks
+    held = []
+    real = fs.objects.delete
+
+    def delete(oid):
+        held.append((threading.current_thread().name, fs._lock._is_owned()))
+        return real(oid)
+
+    fs.objects.delete = delete
+    for n in range(20):
+        fs.unlink(f"/f{n}")
+    # the files of the first checkpoint's unlinks (each file has 2 objects)
+    deadline = time.monotonic() + 30
+    while len(held) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(held) >= 10
+    assert {name for name, _ in held} == {"dcmfs-checkpoint"}
+    assert not any(owned for _, owned in held)
+    fs.close()  # the rest: the last checkpoint's
+    assert list(fs.objects.iter_oids()) == []
+
+
+def test_a_request_checkpoints_itself_when_the_thread_falls_behind(make_fs):
+    """The journal stays bounded: past twice its bound (the checkpoint
+    thread held up, here by the core's lock it needs) the request
+    checkpoints itself; its deletions still wait for the thread."""
+    import dataclasses
+    import threading
+    fs = make_fs(dataclasses.replace(SMALL, checkpoint_interval=3600))
+    for n in range(30):
+        write_file(fs, f"/f{n}", os.urandom(2 * CS))
+    fs.sync_all()
+    fs.index.checkpoint_records = 10
+    held = []
+    real = fs.objects.delete
+
+    def delete(oid):
+        held.append(fs._lock._is_owned())
+        return real(oid)
+
+    fs.objects.delete = delete
+    with fs._lock:  # the thread cannot commit meanwhile
+        for n in range(30):
+            fs.unlink(f"/f{n}")
+            assert fs.index.pending_records < 2 * 10 + 5
+    assert not any(held)
+    fs.close()  # (an unmount deletes what is left, under the lock)
+    assert list(fs.objects.iter_oids()) == []
+
+
+@pytest.mark.parametrize("backlog", [20000, 5])
+def test_superseded_objects_wait_for_a_pause_in_the_requests(make_fs, backlog):
+    """Issue 17: removing an object's file costs the disk about what
+    creating it did, so the checkpoint thread's deletions competed with an
+    unlink burst for the cores.  During a burst of requests they wait (the
+    checkpoint itself does not); once requests pause they go, and past
+    DELETE_BACKLOG they go regardless."""
+    import dataclasses
+    import time
+    fs = make_fs(dataclasses.replace(SMALL, checkpoint_interval=0.05))
+    fs.DELETE_BACKLOG = backlog
+    for n in range(10):
+        write_file(fs, f"/f{n}", os.urandom(2 * CS))
+    fs.sync_all()
+    for n in range(10):
+        fs.unlink(f"/f{n}")
+    deadline = time.monotonic() + 2 * fs.DELETE_QUIET
+    while time.monotonic() < deadline:  # a burst
+        fs.getattr("/")
+    assert fs.index.pending_records == 0  # checkpointed meanwhile
+    left = len(list(fs.objects.iter_oids()))
+    if backlog > 20:
+        assert left == 20 and len(fs.data.superseded()) == 20
+    else:
+        assert left <= backlog
+    deadline = time.monotonic() + 30
+    # (the thread takes an object off its books just after deleting it)
+    while (list(fs.objects.iter_oids()) or fs.data.superseded()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(fs.objects.iter_oids()) == [] and fs.data.superseded() == []

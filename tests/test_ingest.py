@@ -391,17 +391,25 @@ def test_a_recipient_of_another_store_or_a_store_without_one_is_refused(tmp_path
         load_recipient(str(tmp_path / "junk.json"), str(a))
 
 
-def test_a_mounted_store_imports_what_a_concurrent_write_only_mount_writes(mount_env,
-                                                                           tmp_path):
-    m = mount_env
+def keyed_and_write_only(m, tmp_path, options: str = ""):
+    """The store mounted with its key (importing every second) and, beside
+    it, write-only with its recipient (``options`` added); the latter's
+    mountpoint."""
     rcp = tmp_path / "recipient.json"
     r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp)
     assert r.returncode == 0, r.stderr
     m.mount("-o", "inbox_interval=1,checkpoint_interval=0.2")
     ingest_mnt = tmp_path / "ingest"
     ingest_mnt.mkdir()
-    r = m.cli("mount", m.store, ingest_mnt, "-o", f"recipient={rcp}")
+    r = m.cli("mount", m.store, ingest_mnt, "-o", f"recipient={rcp}{options}")
     assert r.returncode == 0, r.stderr
+    return ingest_mnt
+
+
+def test_a_mounted_store_imports_what_a_concurrent_write_only_mount_writes(mount_env,
+                                                                           tmp_path):
+    m = mount_env
+    ingest_mnt = keyed_and_write_only(m, tmp_path)
     try:
         (ingest_mnt / "d").mkdir()
         (ingest_mnt / "d" / "slice.dcm").write_bytes(ct_file().read_bytes())
@@ -763,14 +771,7 @@ def test_a_live_write_only_mount_hands_closed_files_over(make_fs, secret):
 def test_a_key_holder_imports_what_a_receiver_that_stays_mounted_hands_over(mount_env,
                                                                              tmp_path):
     m = mount_env
-    rcp = tmp_path / "recipient.json"
-    r = m.cli("key", "recipient", m.store, "--key-file", m.key, "--export", rcp)
-    assert r.returncode == 0, r.stderr
-    m.mount("-o", "inbox_interval=1,checkpoint_interval=0.2")
-    ingest_mnt = tmp_path / "ingest"
-    ingest_mnt.mkdir()
-    r = m.cli("mount", m.store, ingest_mnt, "-o", f"recipient={rcp},handover_after=1")
-    assert r.returncode == 0, r.stderr
+    ingest_mnt = keyed_and_write_only(m, tmp_path, ",handover_after=1")
     try:
         (ingest_mnt / "study").mkdir()
         (ingest_mnt / "study" / "slice.dcm").write_bytes(ct_file().read_bytes())

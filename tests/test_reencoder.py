@@ -129,3 +129,45 @@ def test_a_full_backlog_makes_close_compress_inline(make_fs):
     assert fs.reencoder.wait_idle(timeout=30)
     assert fs.live_status()["backlog_bytes"] == 0
     assert read_file(fs, "/big") == b"b" * (5 * cs - 1)
+
+
+def test_polling_the_status_does_not_hold_the_reencoder_back(make_fs):
+    """A poller of the daemon's status attribute (``./scripts/bench`` settles
+    every 20 ms) counted as a burst of requests - twice per poll, the status
+    asking the core again under its lock - and the backlog stood still for
+    as long as it polled; the status is not file activity."""
+    import time
+    from dcmfs import format as fmt
+    fs = make_fs(ON)
+    write_file(fs, "/f", b"compressible " * 5000)
+    deadline = time.monotonic() + 30
+    while fs.reencoder.files_done == 0 and time.monotonic() < deadline:
+        fs.getxattr("/", fmt.STATUS_XATTR, 0)  # as fast as it can
+    assert fs.reencoder.files_done == 1 and codecs_of(fs, "/f") == {codec.ZSTD}
+
+
+def test_a_request_counts_once_however_many_core_calls_it_makes(make_fs):
+    fs = make_fs(ON)
+    fs.reencoder.pause()
+    calls = []
+    note = fs.data.note_request
+    fs.data.note_request = lambda: (calls.append(1), note())[1]
+    fs.live_status()  # locked, and asks other locked methods
+    fs.getattr("/")
+    assert len(calls) == 2
+
+
+def test_a_burst_of_metadata_requests_holds_the_reencoder_back(make_fs):
+    """Issue 17: the re-encoder waited for reads and writes to pause, not
+    for stats and unlinks: it rewrote the objects of 5 000 small files while
+    they were being stat'ed and unlinked.  A burst of any requests holds it
+    back as well; it works the backlog off once the burst is over."""
+    import time
+    fs = make_fs(ON)
+    write_file(fs, "/f", b"compressible " * 5000)
+    deadline = time.monotonic() + 2 * fs.reencoder.quiet_after + 0.5
+    while time.monotonic() < deadline:  # longer than the quiet it waits for
+        fs.getattr("/f")
+    assert fs.reencoder.files_done == 0 and codecs_of(fs, "/f") == {codec.NONE}
+    assert fs.reencoder.wait_idle(timeout=30)
+    assert fs.reencoder.files_done == 1 and codecs_of(fs, "/f") == {codec.ZSTD}

@@ -94,8 +94,8 @@ def test_new_chunks_go_under_the_new_epoch_at_once(store):
                     cipher = thief.file_cipher(inode.file_id, inode.secret)
                     if expect:
                         assert thief.read(cipher, inode.file_id, ino, idx, ref)
-                    else:
-                        with pytest.raises(ObjectDamaged, match="epoch 1"):
+                    else:  # no part of it: its context block is under epoch 1 too
+                        with pytest.raises(ObjectDamaged, match="authentication of its context"):
                             thief.read(cipher, inode.file_id, ino, idx, ref)
     finally:
         fs.close()
@@ -122,14 +122,15 @@ def test_finish_reseals_everything_and_destroys_the_unused_epoch(store):
     aside = {oid: (root / "objects" / oid.hex()[:2] / oid.hex()).read_bytes()
              for oid in chunk_oids(root, "/e1.bin")}  # S3 versioning keeps these
     result = finish(root)
-    assert result["destroyed"] == [1] and result["after"] == {"2": 9}
+    # epoch 0 too: the index side moved to epoch 2 (key-generations-v1)
+    assert result["destroyed"] == [0, 1] and result["after"] == {"2": 9}
     assert result["before"] == {"0": 6, "1": 3}
     assert check(root, files) == {2: 9}
     epochs = {e["epoch"]: e["state"] for e in keyring.list_epochs(str(root))}
-    assert epochs == {0: "retired", 1: "destroyed", 2: "current"}
+    assert epochs == {0: "destroyed", 1: "destroyed", 2: "current"}
     # a copy of an epoch-1 object opens with nothing the store now holds
     store_now = open_store(str(root), KEY)
-    assert set(store_now.epoch_keys) == {0, 2}
+    assert set(store_now.epoch_keys) == {2}
     fs = FileSystem(store_now, SMALL)
     try:
         with fs.index.begin() as txn:
@@ -138,7 +139,8 @@ def test_finish_reseals_everything_and_destroys_the_unused_epoch(store):
             table = txn.chunks(ino)
         cipher = fs.objects.file_cipher(inode.file_id, inode.secret)
         for (idx, ref), (oid, blob) in zip(sorted(table.items()), aside.items()):
-            with pytest.raises(ObjectDamaged, match="epoch 1"):
+            # its context block was under epoch 1 too (key-generations-v1)
+            with pytest.raises(ObjectDamaged, match="authentication of its context"):
                 fs.objects.read(cipher, inode.file_id, ino, idx, ref._replace(oid=oid), blob)
     finally:
         fs.close()
@@ -180,7 +182,7 @@ def test_sigkill_during_finish_loses_nothing_and_finish_goes_on(store, at):
     assert r.returncode == -signal.SIGKILL, r.stderr
     counts = check(root, files)  # reads never fail: every epoch is still there
     assert counts.get(2, 0) > 0 and set(counts) <= {0, 1, 2}
-    assert finish(root)["destroyed"] == [1]
+    assert finish(root)["destroyed"] == [0, 1]
     assert check(root, files) == {2: sum(len(d) // 65536 + 1 for d in files.values())}
 
 
@@ -252,7 +254,8 @@ for i in range(40):
     m.umount()
     r = m.cli("key", "list", m.store, "--json")
     epochs = {e["epoch"]: e["state"] for e in json.loads(r.stdout)["epochs"]}
-    assert epochs == {0: "retired", 1: "current"}
+    # the daemon moved the index side to epoch 1 as well: epoch 0 is gone
+    assert epochs == {0: "destroyed", 1: "current"}
     m.mount()
     assert file_sha256(m.mnt / "scan.dcm") == sha256(data)
     assert file_sha256(m.mnt / "after.dcm") == sha256(data[::-1])

@@ -16,8 +16,8 @@ from dcmfs.core.filesystem import FileSystem
 from dcmfs.errors import IntegrityError
 from dcmfs.opened.remote import publish_header
 from dcmfs.storage.header import init_store, open_store
-from dcmfs.storage.objects import object_name
 
+from .bucket import Bucket
 from .conftest import SMALL, assert_no_dangling
 
 
@@ -69,14 +69,11 @@ def test_objects_reach_the_bucket_and_read_back_with_an_empty_cache(s3_fs, ceph_
     for path, data in files.items():
         write_file(fs, path, data)
     fs.close()
-    client = ceph_s3.client()
-    bucket, prefix = s3_fs.url[5:].split("/", 1)
-    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/objects/")
-    in_bucket = {o["Key"].split("/")[-1] for o in listed.get("Contents", [])}
+    bucket = Bucket(ceph_s3.client(), s3_fs.url)
+    in_bucket = {oid.hex() for oid in bucket.objects()}
     local = {n.split("/")[-1] for n in fs.objects.backend.cache.list("objects/")}
     assert local and local <= in_bucket  # everything cached is uploaded
-    names = {o["Key"].split("/", 1)[1] for o in client.list_objects_v2(
-        Bucket=bucket, Prefix=prefix + "/").get("Contents", [])}
+    names = set(bucket.keys())
     assert "dcmfs.store" in names
     assert any(n.startswith("snapshots/snapshot-") for n in names)
     wipe_cache(s3_fs.root)
@@ -118,7 +115,7 @@ def test_objects_replaced_within_the_upload_delay_are_never_uploaded(s3_fs):
     stats = fs.opened.remote.stats()
     with fs.index.begin() as txn:
         live = len(txn.chunks(fs._resolve(txn, "/r")))
-    assert stats["uploads"] == live  # only the chunks of the version that stayed
+    assert stats["uploaded_objects"] == live  # only the chunks of the version that stayed
 
 
 def test_uploaded_mark_survives_a_restart(s3_fs):
@@ -168,6 +165,7 @@ def test_server_down_during_ingest_no_writer_error_nothing_lost(s3_fs, ceph_s3):
 def test_tampered_bucket_object_gives_integrity_error(s3_fs, ceph_s3, damage):
     fs = s3_fs()
     write_file(fs, "/a", os.urandom(200_000))
+    assert fs.opened.remote.drain(60)  # /a and /b in packs of their own
     write_file(fs, "/b", os.urandom(200_000))
     fs.close()
     wipe_cache(s3_fs.root)
@@ -175,35 +173,30 @@ def test_tampered_bucket_object_gives_integrity_error(s3_fs, ceph_s3, damage):
     with fs.index.begin() as txn:
         ref_a = txn.chunks(fs._resolve(txn, "/a"))[0]
         ref_b = txn.chunks(fs._resolve(txn, "/b"))[0]
-    client = ceph_s3.client()
-    bucket, prefix = s3_fs.url[5:].split("/", 1)
-    key_a = f"{prefix}/{object_name(ref_a.oid)}"
+    bucket = Bucket(ceph_s3.client(), s3_fs.url)
+    assert bucket.where(ref_a.oid)[0] != bucket.where(ref_b.oid)[0]
     if damage == "flip":
-        body = bytearray(client.get_object(Bucket=bucket, Key=key_a)["Body"].read())
-        body[len(body) // 2] ^= 0xFF
-        client.put_object(Bucket=bucket, Key=key_a, Body=bytes(body))
+        bucket.flip(ref_a.oid, ref_a.stored_len // 2)
     elif damage == "delete":
-        client.delete_object(Bucket=bucket, Key=key_a)
+        bucket.remove(ref_a.oid)
     else:
-        other = client.get_object(Bucket=bucket, Key=f"{prefix}/{object_name(ref_b.oid)}")
-        client.put_object(Bucket=bucket, Key=key_a, Body=other["Body"].read())
-    with pytest.raises(IntegrityError):
+        bucket.replace(ref_a.oid, bucket.read(ref_b.oid))
+    what = {"flip": "failed authentication", "delete": "missing", "swap": "swapped"}[damage]
+    with pytest.raises(IntegrityError, match=what):
         read_file(fs, "/a")
     assert len(read_file(fs, "/b")) == 200_000
 
 
 def test_rolled_back_bucket_object_gives_integrity_error(s3_fs, ceph_s3):
-    """An older object of the same chunk put in the bucket under the name of
-    the current one (a rollback) is told from the current one."""
+    """An older object of the same chunk put in the bucket where the current
+    one is (a rollback) is told from the current one."""
     fs = s3_fs()
     write_file(fs, "/a", os.urandom(200_000))
     fs.opened.remote.drain()
     with fs.index.begin() as txn:
         old = txn.chunks(fs._resolve(txn, "/a"))[0]
-    client = ceph_s3.client()
-    bucket, prefix = s3_fs.url[5:].split("/", 1)
-    old_body = client.get_object(Bucket=bucket, Key=f"{prefix}/{object_name(old.oid)}")
-    old_body = old_body["Body"].read()
+    bucket = Bucket(ceph_s3.client(), s3_fs.url)
+    old_body = bucket.read(old.oid)
     fh = fs.open("/a", os.O_WRONLY)  # a new generation of chunk 0
     fs.write(fh, os.urandom(1000), 0)
     fs.release(fh)
@@ -213,7 +206,7 @@ def test_rolled_back_bucket_object_gives_integrity_error(s3_fs, ceph_s3):
     with fs.index.begin() as txn:
         new = txn.chunks(fs._resolve(txn, "/a"))[0]
     assert new.oid != old.oid and new.generation > old.generation
-    client.put_object(Bucket=bucket, Key=f"{prefix}/{object_name(new.oid)}", Body=old_body)
+    bucket.replace(new.oid, old_body)
     with pytest.raises(IntegrityError, match="rolled back"):
         read_file(fs, "/a")
 
@@ -272,12 +265,7 @@ def test_tampered_objects_are_named_by_verify(s3_fs, ceph_s3, secret):
         ref = txn.chunks(fs._resolve(txn, "/a"))[1]
     fs.close()
     wipe_cache(s3_fs.root)
-    client = ceph_s3.client()
-    bucket, prefix = s3_fs.url[5:].split("/", 1)
-    key = f"{prefix}/{object_name(ref.oid)}"
-    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    body[-5] ^= 0xFF
-    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    Bucket(ceph_s3.client(), s3_fs.url).flip(ref.oid, -5)
     report = verify(s3_fs.root, lambda: secret, fs.config, None, None)
     assert ref.oid.hex() in json.dumps(report["findings"])
     assert "failed authentication" in json.dumps(report["findings"])
@@ -296,7 +284,7 @@ def test_nothing_leaks_into_the_bucket(s3_fs, ceph_s3):
     bucket, prefix = s3_fs.url[5:].split("/", 1)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
             .get("Contents", [])]
-    assert any("/objects/" in k for k in keys) and any("/snapshots/" in k for k in keys)
+    assert any("/packs/" in k for k in keys) and any("/snapshots/" in k for k in keys)
     for key in keys:
         assert name not in key
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()

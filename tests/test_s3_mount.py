@@ -121,3 +121,44 @@ def test_second_writer_refused_with_its_exit_code(s3_mount, tmp_path, monkeypatc
         assert (other.mnt / "f").exists() is False  # its own index: empty (attach restores)
     finally:
         other.cleanup()
+
+
+def test_key_changes_while_mounted_reach_the_bucket(s3_mount, tmp_path, ceph_s3):
+    """A slot added and a rotation while the writer is mounted: the writer
+    replaces the bucket's copy of the header (before, only 'init' and an
+    offline finish put it), so a machine attaching from the bucket with the
+    new slot's key only opens the store, the new epoch's files too."""
+    import time
+    m = s3_mount
+    m.mount("--s3-credentials-file", m.creds, "-o", "s3_publish_interval=1")
+    (m.mnt / "before").write_bytes(b"under epoch 0" * 1000)
+    newkey = tmp_path / "second.key"
+    newkey.write_bytes(os.urandom(32))
+    newkey.chmod(0o600)
+    r = m.cli("key", "add", m.store, "--label", "second admin", "--new-key-file", newkey,
+              "--key-file", m.key)
+    assert r.returncode == 0, r.stderr
+    r = m.cli("key", "rotate", m.store, "--key-file", m.key)
+    assert r.returncode == 0, r.stderr
+    (m.mnt / "after").write_bytes(b"under epoch 1" * 1000)
+    local = (m.store / "dcmfs.store").read_bytes()
+    from .bucket import Bucket
+    bucket = Bucket(ceph_s3.client(), m.url)
+    deadline = time.monotonic() + 30
+    while bucket.get("dcmfs.store") != local and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert bucket.get("dcmfs.store") == local  # while mounted, within a publish round
+    m.umount()
+    new = tmp_path / "attached"
+    r = m.cli("attach", m.url, new, "--key-file", newkey, "--s3-credentials-file", m.creds,
+              timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (tmp_path / "second").mkdir()
+    other = Mount(tmp_path / "second")
+    other.store, other.key = new, newkey
+    other.mount("--s3-credentials-file", m.creds)
+    try:
+        assert (other.mnt / "before").read_bytes() == b"under epoch 0" * 1000
+        assert (other.mnt / "after").read_bytes() == b"under epoch 1" * 1000
+    finally:
+        other.cleanup()

@@ -14,7 +14,7 @@ from dcmfs.storage.s3 import S3Backend
 
 from .test_s3 import read_file, s3_fs, wipe_cache, write_file  # noqa: F401 (fixture)
 
-FILES = {f"/d/f{i:02}": os.urandom(150_000 + i * 4099) for i in range(14)}
+FILES = {f"/d/f{i:02}": os.urandom(150_000 + i * 4099) for i in range(22)}
 
 
 def written(s3_fs):
@@ -43,9 +43,9 @@ def test_a_directory_read_in_name_order_is_fetched_ahead(s3_fs):
     assert not cached(fs, names[2])  # one file read: no stream yet
     assert read_file(fs, names[1]) == FILES[names[1]]  # the next one: a stream
     assert fetcher.wait_idle(30)
-    ahead = names[2:2 + 8]
-    assert all(cached(fs, p) for p in ahead), "the next 8 files were not fetched ahead"
-    assert not cached(fs, names[10]), "more than 8 files were fetched ahead"
+    ahead = names[2:2 + 16]
+    assert all(cached(fs, p) for p in ahead), "the next 16 files were not fetched ahead"
+    assert not cached(fs, names[18]), "more than 16 files were fetched ahead"
     fetched = fetcher.fetched
     assert fetched > 0
     for path in names[2:]:
@@ -105,3 +105,27 @@ def test_a_downloaded_object_is_never_read_half_written(s3_fs, s3_settings):
             assert seen and set(seen) == {len(blob)}, sorted(set(seen))[:5]
     finally:
         cache.close()
+
+
+def test_a_directory_read_in_order_is_decoded_ahead_too(s3_fs):
+    """With the GETs' cost off the server (packs), a cold read of an S3
+    store was bound by decoding one file at a time: the next files' first
+    objects are decoded ahead as on a local store, once fetched, and read
+    back as written."""
+    from dcmfs.core.readahead import LOCAL_FILES
+
+    from .test_readahead_local import decoded, settle
+    fs = written(s3_fs)
+    names = sorted(FILES)
+    assert read_file(fs, names[0]) == FILES[names[0]]
+    settle(fs)
+    assert decoded(fs, names[1])[0] == 0  # one file read: not yet a walk
+    assert read_file(fs, names[1]) == FILES[names[1]]
+    settle(fs)
+    for path in names[2:2 + LOCAL_FILES]:
+        have, of = decoded(fs, path)
+        assert have == of > 1, f"{path}: {have} of {of} objects decoded ahead"
+    assert decoded(fs, names[2 + LOCAL_FILES])[0] == 0, "more files decoded than asked"
+    for path in names[2:]:
+        assert read_file(fs, path) == FILES[path]
+        settle(fs)

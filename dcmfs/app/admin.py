@@ -353,16 +353,25 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
     """``dcmfs key rotate --finish``: seal every chunk under an older key
     epoch again under the newest (progress bar; by the daemon when the store
     is mounted), make that durable, then destroy the keys of the epochs no
-    chunk uses any more (epoch 0, the store key, which also seals the index,
-    is only marked retired).  ``report``: what the audit trail's ``key``
-    record says (:mod:`dcmfs.app.keyaudit`)."""
+    chunk uses any more.  Once no chunk needs an older epoch, the index side
+    (index, journal, snapshots, audit trail) is sealed again under the newest
+    epoch too (:mod:`dcmfs.opened.regen`; by the daemon when mounted) and the
+    header makes it the master, destroying epoch 0, the store key, with the
+    others (``key-generations-v1``); otherwise the master is only marked
+    retired.
+    ``report``: what the audit trail's ``key`` record says
+    (:mod:`dcmfs.app.keyaudit`)."""
     from ..core.rekey import epochs_in_use, rekey_all
-    from ..storage.keyring import retire
+    from ..opened.regen import move_generation
+    from ..storage.keyring import move_master, retire
     mp = mountpoint_of(store_root)
+    moved = None
     if mp is not None:
         store = open_store(store_root, secret())  # the keys, to authenticate the header
         result = _finish_mounted(mp, out)
         master, live, current = store.master_key, set(store.epoch_keys), result["epoch"]
+        keys = dict(store.epoch_keys)
+        moved = result.get("generation")
     else:
         fs = FileSystem(OpenedStore.open(store_root, secret(), config, for_writing=True))
         try:
@@ -375,16 +384,33 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
             result = {"epoch": fs.objects.epoch, "chunks": chunks, "bytes": nbytes,
                       "before": {str(k): v for k, v in sorted(before.items())},
                       "after": {str(k): v for k, v in sorted(epochs_in_use(fs).items())}}
-            master, live, current = (fs.opened.store.master_key, set(fs.objects.epoch_keys),
-                                     fs.objects.epoch)
+            store = fs.opened.store
+            master, live, current = store.master_key, set(fs.objects.epoch_keys), fs.objects.epoch
+            keys = dict(fs.objects.epoch_keys)
+            if set(result["after"]) <= {str(current)} and (
+                    len(live) > 1 or fs.index.generation != current):
+                moved = move_generation(fs.opened, current, fs.checkpoint)
+                result["destroyed"] = move_master(store_root, master, keys, current,
+                                                  live - {current})
+                if fs.opened.remote is not None:  # attach and followers read the bucket's
+                    with open(os.path.join(store_root, fmt.HEADER_NAME), "rb") as f:
+                        fs.opened.remote.put(fmt.HEADER_NAME, f.read())
         finally:
             fs.close()  # a checkpoint: the swaps are durable before any key goes
     unused = {e for e in live if str(e) not in result["after"] and e != current}
-    result["destroyed"] = retire(store_root, master, unused) if unused else []
+    if moved is not None:
+        result["generation"] = moved
+        if "destroyed" not in result:
+            result["destroyed"] = move_master(store_root, master, keys, current, unused)
+    else:
+        result["destroyed"] = retire(store_root, master, unused) if unused else []
     if report is not None:
         report.update(action="rotate-finish", epoch=current, chunks=result["chunks"],
                       destroyed=result["destroyed"], master=master,
                       store_id=bytes.fromhex(read_header(store_root)["store_id"]))
+        if moved is not None:  # the trail is under the new master now
+            report.update(master=keys[current], keys={current: keys[current]},
+                          master_epoch=current)
     return result
 
 

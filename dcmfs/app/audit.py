@@ -8,11 +8,14 @@ from __future__ import annotations
 import datetime
 import fnmatch
 import logging
+import os
 import time
 from typing import Callable, Iterator
 
 from ..audit.check import index_head, unsealed_unlock_failures, walk
 from ..audit.trail import AuditTrail
+from .. import format as fmt
+from ..index import index_key
 from ..errors import DcmfsError, UsageError
 from ..opened.store import OpenedStore
 from ..storage.header import Secret, open_store
@@ -37,8 +40,11 @@ def record_admin(opened: OpenedStore, command: str, **fields) -> None:
         if opened.index is not None:
             with opened.index.begin() as txn:
                 head = txn.get_audit_head()
-        trail = AuditTrail(opened.root, opened.store.master_key, opened.store.store_id, head,
-                           segment_size=opened.config.audit_segment_size)
+        key = opened.index_key if opened.index is not None else index_key(
+            os.path.join(opened.root, fmt.INDEX_DIR), opened.store)[1]
+        trail = AuditTrail(opened.root, key, opened.store.store_id, head,
+                           segment_size=opened.config.audit_segment_size,
+                           older=tuple(opened.store.epoch_keys.values()))
         try:
             trail.record("admin", None, command=command, **fields)
         finally:
@@ -87,9 +93,11 @@ def records(store_root: str, secret: Callable[[], Secret], since: str | None = N
     out and its problem appended to ``problems``)."""
     t0, t1 = parse_time(since), parse_time(until)
     store = open_store(store_root, secret())
-    head = index_head(store.root, store.master_key, store.store_id)
-    items = list(walk(store.root, store.master_key, store.store_id,
-                      head if isinstance(head, dict) else None))
+    key = index_key(os.path.join(store.root, fmt.INDEX_DIR), store)[1]
+    head = index_head(store.root, key, store.store_id)
+    items = list(walk(store.root, key, store.store_id,
+                      head if isinstance(head, dict) else None,
+                      tuple(store.epoch_keys.values())))
     recs = [v for k, v in items if k == "record"]
     recs += unsealed_unlock_failures(store.root)
     if problems is not None:
@@ -123,12 +131,14 @@ def render(rec: dict) -> str:
 def verify(store_root: str, secret: Callable[[], Secret]) -> dict:
     """Check the whole chain: records, head, and every break named."""
     store = open_store(store_root, secret())
-    head = index_head(store.root, store.master_key, store.store_id)
+    key = index_key(os.path.join(store.root, fmt.INDEX_DIR), store)[1]
+    head = index_head(store.root, key, store.store_id)
     problems = [head] if isinstance(head, str) else []
     n = 0
     end = (0, "")
-    for kind, value in walk(store.root, store.master_key, store.store_id,
-                            head if isinstance(head, dict) else None):
+    for kind, value in walk(store.root, key, store.store_id,
+                            head if isinstance(head, dict) else None,
+                            tuple(store.epoch_keys.values())):
         if kind == "record":
             n += 1
         elif kind == "problem":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from .. import format as fmt
 from ..errors import DcmfsError, StoreLockedError
@@ -61,23 +62,35 @@ class KeyRecord:
         """Record the change ``report`` describes (what :mod:`dcmfs.storage.keyring`
         filled in; its ``master`` and ``store_id`` seal an unmounted store's
         record and are not part of it)."""
-        fields = {k: v for k, v in report.items() if k not in ("master", "store_id")}
+        fields = {k: v for k, v in report.items()
+                  if k not in ("master", "store_id", "keys", "master_epoch")}
         try:
             if self.mountpoint is not None:
                 from .admin import _xattr
                 _xattr(self.mountpoint, fmt.CONTROL_XATTR,
                        b"key " + json.dumps(fields, separators=(",", ":")).encode())
             else:
-                self._append(report["master"], report["store_id"], fields)
+                self._append(self._index_key(report), report["store_id"], fields,
+                             tuple(report.get("keys", {}).values()))
         except (DcmfsError, OSError) as exc:
             log.warning("the audit trail could not record the key change (%s): %s",
                         fields.get("action"), exc)
 
-    def _append(self, master: bytes, store_id: bytes, fields: dict) -> None:
+    def _index_key(self, report: dict) -> bytes:
+        """The key of the index (and so of the trail): the report's master,
+        or the epoch the index names (:mod:`dcmfs.index.keygen`)."""
+        if "keys" not in report:
+            return report["master"]
+        from ..index import keygen
+        return keygen.key_for(os.path.join(self.root, fmt.INDEX_DIR), report["keys"],
+                              report["master_epoch"])[1]
+
+    def _append(self, master: bytes, store_id: bytes, fields: dict, older: tuple = ()) -> None:
         from ..audit.check import index_head
         from ..audit.trail import AuditTrail
         head = index_head(self.root, master, store_id)
-        trail = AuditTrail(self.root, master, store_id, head if isinstance(head, dict) else None)
+        trail = AuditTrail(self.root, master, store_id, head if isinstance(head, dict) else None,
+                           older=older)
         try:
             trail.record("key", None, **fields)
         finally:

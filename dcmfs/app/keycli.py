@@ -148,10 +148,11 @@ def cmd_key(args) -> int:
         for e in epochs:
             when = e.get("destroyed") or e.get("created") or ""
             print(f"{e['epoch']:>5}  {e['state']:<10} {when}".rstrip()
-                  + ("  (the store key: index and names" + (
+                  + ("  (the master key: index and names" + (
                       "; no file contents any more)" if e["state"] == "retired" else
-                      ", and contents written before the first rotation)")
-                     if e["epoch"] == 0 else ""))
+                      ", and contents written before the next rotation)")
+                     if e.get("master") else
+                     "  (the store key made with the store)" if e["epoch"] == 0 else ""))
         return 0
     if args.key_action == "rotate":
         return _rotate(args, store_root)
@@ -206,6 +207,9 @@ def _rotate(args, store_root: str) -> int:
     gone = ", ".join(map(str, result["destroyed"])) or "none"
     print(f"Sealed {result['chunks']} chunks again under key epoch {result['epoch']}; "
           f"epoch keys destroyed: {gone}.")
+    if result.get("generation"):
+        print(f"The index, its journal, snapshots and audit trail are sealed under epoch "
+              f"{result['epoch']}, the store's master key from now on.")
     return 0
 
 

@@ -230,6 +230,7 @@ def run_daemon(store: Store, mountpoint: str, config: Config,
             reporter.closing_since = started
         if server is not None:
             server.close()
+        trail = fs.opened.audit  # a new one after a key generation move
         if trail is not None:
             trail.record("unmount", None, mountpoint=mountpoint)
         try:

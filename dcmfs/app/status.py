@@ -246,9 +246,12 @@ def render(reports: list[dict]) -> str:
                          f"{size_text(s3['backlog_bytes'])} waiting; cache "
                          f"{size_text(s3['cache_bytes'])} of {size_text(s3['cache_size'])}")
             lines.append(f"s3 requests {s3['requests']}, retries {s3.get('retries', 0)}, errors "
-                         f"{s3.get('errors', 0)}; uploaded {s3.get('uploads', 0)} objects "
+                         f"{s3.get('errors', 0)}; uploaded "
+                         f"{s3.get('uploaded_objects', s3.get('uploads', 0))} objects in "
+                         f"{s3.get('uploads', 0)} PUTs "
                          f"({size_text(s3.get('uploaded_bytes', 0))}), downloaded "
-                         f"{s3.get('downloads', 0)}; writers waited {s3.get('writer_waits', 0)}x")
+                         f"{s3.get('downloads', 0)} in {s3.get('gets', 0)} GETs; "
+                         f"writers waited {s3.get('writer_waits', 0)}x")
         wonly = r.get("write_only")
         if wonly:
             lines.append(f"write-only  session {wonly['session'][:8]} ({wonly['recipient']}): "

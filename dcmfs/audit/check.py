@@ -45,11 +45,15 @@ def index_head(root: str, master_key: bytes, store_id: bytes) -> dict | None | s
 
 
 def walk(root: str, master_key: bytes, store_id: bytes,
-         head: dict | None = None) -> Iterator[tuple[str, object]]:
+         head: dict | None = None, older: tuple = ()) -> Iterator[tuple[str, object]]:
     """("record", fields with ``seq`` and ``segment``) for every record that
     verifies, ("problem", text) for every break, in trail order;
-    ("end", (seq, hash)) last."""
-    aead = S.audit_key(master_key, store_id)
+    ("end", (seq, hash)) last.  ``older``: the keys of the store's other
+    live epochs; a segment under one of them (a crash within a key
+    generation move, :mod:`dcmfs.audit.rekey`) is read with it, and the
+    index's head, of the other generation's chain, is not compared there."""
+    index_aead = S.audit_key(master_key, store_id)
+    others = [S.audit_key(k, store_id) for k in older if k != master_key]
     segs = S.list_segments(root)
     prev_number = None
     seq, digest = None, None
@@ -59,9 +63,13 @@ def walk(root: str, master_key: bytes, store_id: bytes,
     for i, (number, path) in enumerate(segs):
         last = i == len(segs) - 1
         problem = None
+        aead = index_aead
         try:
             data = S.read_file(path)
             header = S.Header(data, aead)
+            if not header.authentic:
+                aead = next((a for a in others if S.Header(data, a).authentic), aead)
+                header = S.Header(data, aead)
         except (OSError, ValueError) as exc:
             problem = f"segment {number}: not a readable audit segment ({exc})"
         else:
@@ -117,7 +125,7 @@ def walk(root: str, master_key: bytes, store_id: bytes,
             seq, digest = fseq, S.chain(digest, frame)
             if head and fseq == head.get("seq"):
                 head_seen = True
-                if digest.hex() != head.get("hash"):
+                if digest.hex() != head.get("hash") and aead is index_aead:
                     yield "problem", (f"record {fseq} is not the one the index's head names "
                                       "(the trail was altered or replaced)")
             ended = fields.get("e") == "segment-end"

@@ -123,11 +123,17 @@ class AuditTrail:
 
     def __init__(self, root: str, master_key: bytes, store_id: bytes, head: dict | None,
                  segment_size: int = 8 << 20, retention: float = 0.0,
-                 clock: Callable[[], int] = time.time_ns, forward: bool = False) -> None:
+                 clock: Callable[[], int] = time.time_ns, forward: bool = False,
+                 older: tuple = ()) -> None:
         self.root = root
         self.dir = os.path.join(root, S.DIR)
         self._sid = store_id
-        self._aead = S.audit_key(master_key, store_id)
+        #: new segments are sealed under ``master_key`` (the index's key
+        #: generation); a last segment under another live epoch's key (a
+        #: crash within a generation move, :mod:`dcmfs.audit.rekey`) is
+        #: resumed with it, ended, and followed by one under the current key
+        self._current = self._aead = S.audit_key(master_key, store_id)
+        self._older = [S.audit_key(k, store_id) for k in older if k != master_key]
         self._segment_size = segment_size
         self._retention = retention
         #: log a digest without names of every record (journald, syslog)
@@ -169,12 +175,18 @@ class AuditTrail:
             header = S.Header(data, self._aead)
         except ValueError:
             header = None
+        other = None
+        if header is not None and not header.authentic:
+            other = next((a for a in self._older if S.Header(data, a).authentic), None)
+            if other is not None:  # sealed again under the next generation
+                self._aead, header.authentic = other, True
         if header is None or not header.authentic or header.store_id != self._sid \
                 or header.number != number:
             self._restart(number + 1, head, "the last segment's header does not authenticate")
             return
         seq, digest, pos = header.first_seq - 1, header.prev_hash, S.HEADER_LEN
-        if head and head["segment"] == number and S.HEADER_LEN <= head["offset"] <= len(data):
+        if head and head["segment"] == number and S.HEADER_LEN <= head["offset"] <= len(data) \
+                and other is None:  # (the head's hash is of the other generation's chain)
             seq, digest, pos = head["seq"], bytes.fromhex(head["hash"]), head["offset"]
         problem = None
         for item in S.frames(data, pos):
@@ -199,6 +211,10 @@ class AuditTrail:
         if pos < len(data):
             os.ftruncate(self._fd, pos)  # the torn tail of a crash
         os.lseek(self._fd, pos, os.SEEK_SET)
+        if self._aead is not self._current:  # ended under its key, go on under ours
+            self._append({"t": self._clock(), "e": "segment-end", "next": number + 1})
+            self._sync()
+            self._new_segment(number + 1, self.seq + 1, self.hash)
 
     def _restart(self, number: int, head: dict | None, problem: str) -> None:
         """The trail on disk does not continue as it should: say so, and go
@@ -215,6 +231,7 @@ class AuditTrail:
     def _new_segment(self, number: int, first_seq: int, prev_hash: bytes) -> None:
         path = os.path.join(self.dir, S.segment_name(number))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._aead = self._current
         header = S.make_header(self._aead, self._sid, number, first_seq, prev_hash)
         try:
             os.write(fd, header)

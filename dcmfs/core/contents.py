@@ -63,8 +63,10 @@ class FileData(Prefetching, Garbage, FileReads):
         self.may_defer: Callable[[int, int], bool] = lambda ino, nbytes: False
         #: queue every committed file for the re-encoder (DICOM-aware policy)
         self.queue_all = False
-        #: monotonic time of the last file write (background work yields to it)
+        #: monotonic time of the last file read or write, or of a burst of
+        #: other requests (background work yields to it: see note_request)
         self.last_activity = 0.0
+        self._burst = (0.0, 0)
         self.commits = 0  # file versions committed (the de-identified view follows them)
         self.dirty_limit = dirty_limit
         self.cache = ChunkCache(cache_bytes)
@@ -110,6 +112,23 @@ class FileData(Prefetching, Garbage, FileReads):
             if idx >= count:  # extent numbers past the chunks: gone at commit
                 of.pending[idx] = done_future(None)
         of.extents = None
+
+    #: this many requests within BURST_SECONDS are a burst (a poller's few a
+    #: second are not: a re-encoder waiting for quiet would wait for ever)
+    BURST_REQUESTS, BURST_SECONDS = 20, 0.1
+
+    def note_request(self) -> None:
+        """A request of any kind (create, stat, unlink…); a burst of them is
+        activity as a read or write is (measured, issue 17: the re-encoder
+        rewrote the objects of 5 000 small files while they were stat'ed
+        and unlinked).  Called under the core's lock."""
+        now = time.monotonic()
+        start, count = self._burst
+        if now - start > self.BURST_SECONDS:
+            start, count = now, 0
+        self._burst = (start, count + 1)
+        if count + 1 >= self.BURST_REQUESTS:
+            self.last_activity = now
 
     # --- writing --------------------------------------------------------------
     def _dirty_buffer(self, of: OpenFile, idx: int) -> bytearray:

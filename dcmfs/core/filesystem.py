@@ -110,11 +110,13 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         self.data.on_damage = self.damaged
         if self.opened.follower is not None:  # the writer's changes came in
             self.opened.follower.on_applied = lambda: self._inodes.clear()
-        #: read-ahead across the files of a directory: an S3 store fetches,
-        #: a local one decodes
+        #: read-ahead across the files of a directory: an S3 store fetches
+        #: and decodes, a local one decodes
+        remote = self.opened.remote is not None
         self.readahead = ReadAhead(
             self.index, self.objects, self.chunk_size, self._resolve, self._inode,
-            decode=self.data.decode_ahead if self.opened.remote is None else None)
+            decode=None if remote else self.data.decode_ahead,
+            decode_fetched=self.data.decode_ahead if remote else None)
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, int] = {}
@@ -129,6 +131,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         self._knames = KernelNames()
         self.recovered: RecoveryReport | None = None
         self._syncer: threading.Thread | None = None
+        #: set to have the checkpoint thread checkpoint now (see _maybe_checkpoint)
+        self._checkpoint_due = threading.Event()
         self.reencoder: Reencoder | None = None
         self.scrubber: Scrubber | None = None
         self.verify_job: VerifyJob | None = None
@@ -210,15 +214,6 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         """A sealed copy of the index in ``snapshots/`` (after a checkpoint)."""
         self.opened.snapshot()
 
-    def _maybe_checkpoint(self) -> None:
-        """Checkpoint when the journal has grown; a failure does not fail the
-        operation that triggered it (the journal keeps its changes)."""
-        if self.index.pending_records and self.index.needs_checkpoint():
-            try:
-                self.checkpoint()
-            except DcmfsError as exc:
-                log.error("checkpoint failed: %s", exc)
-
     def sync_all(self) -> None:
         """Commit every open file and checkpoint (fsync of a directory, umount).
 
@@ -254,6 +249,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         if self.closed:
             return
         self._stop.set()
+        self._checkpoint_due.set()
         if self._syncer is not None:
             self._syncer.join()
         if self.reencoder is not None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from typing import Callable
 
@@ -34,13 +35,40 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
+#: how deep this thread is in the core's locked methods: only the outermost
+#: call is a request (note_request), not the calls it makes
+_DEPTH = threading.local()
+
+
+def _noted(self, method: Callable, args, kwargs, count: bool = True):
+    depth = getattr(_DEPTH, "n", 0)
+    if depth == 0 and count:
+        self.data.note_request()
+    _DEPTH.n = depth + 1
+    try:
+        result = method(self, *args, **kwargs)
+    finally:
+        _DEPTH.n = depth
+    self._maybe_checkpoint()
+    return result
+
+
 def _locked(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
-            result = method(self, *args, **kwargs)
-            self._maybe_checkpoint()
-            return result
+            return _noted(self, method, args, kwargs)
+    return wrapper
+
+
+def _status(method: Callable) -> Callable:
+    """Locked, but not a request that background work yields to: ``dcmfs
+    status`` or a bench polling the daemon's own attributes many times a
+    second held the re-encoder back for good."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return _noted(self, method, args, kwargs, count=False)
     return wrapper
 
 
@@ -50,9 +78,7 @@ def _mutating(method: Callable) -> Callable:
         if self.read_only:
             raise ReadOnlyError("The store is mounted read-only.")
         with self._lock:
-            result = method(self, *args, **kwargs)
-            self._maybe_checkpoint()
-            return result
+            return _noted(self, method, args, kwargs)
     return wrapper
 
 
@@ -409,10 +435,13 @@ class FileOps:
         self.data.after_commit([])
         self._audit("setxattr", ino, path, name=name)
 
-    @_locked
     def getxattr(self, path: str, name: str, caller: int | None = None) -> bytes:
         if name.startswith(fmt.XATTR_PREFIX) and name != fmt.FSCK_XATTR:
             return self._virtual_xattr(path, name, caller)
+        return self._getxattr(path, name)
+
+    @_locked
+    def _getxattr(self, path: str, name: str) -> bytes:
         raw = self._xname(name)
         with self.index.begin() as txn:
             value = txn.get_xattr(self._resolve(txn, path), raw)
@@ -420,6 +449,7 @@ class FileOps:
             raise NoAttribute(name)
         return value
 
+    @_status
     def _virtual_xattr(self, path: str, name: str, caller: int | None) -> bytes:
         """The attributes dcmfs answers itself, on the mount root, for root
         and the mount's owner; any other name under the reserved prefix is

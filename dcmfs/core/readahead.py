@@ -21,8 +21,12 @@ The rules (nothing is fetched for a reader that jumps about):
   last one of its directory.  When the next file opened in that directory is
   the one after it, by name or in the directory's own order, the reader
   walks the directory: this file's objects (up to :data:`WINDOW` bytes) and
-  those of the next :data:`FILES` files in that order are fetched.  A reader
-  that stops wastes at most those files' fetches.
+  those of the next :data:`FILES` files in that order are fetched, asked for
+  all at once and then again only once half of them were opened, so that
+  the fetches of an S3 store with packs come in few GETs (the objects of
+  files written one after the other sit side by side in a pack: one GET
+  brings ~8 slices of a CT series).  A reader that stops wastes at most
+  those files' fetches.
 
 A local store (``decode`` given) has no GETs to overlap: within a file the
 core already decodes the next bands of a sequential reader
@@ -31,6 +35,12 @@ first :data:`LOCAL_WINDOW` bytes of this file and of the next
 :data:`LOCAL_FILES` files decoded into the decoded cache by the core's
 read-ahead threads, so that the next file's first bands are ready when it
 is opened.  A reader that stops wastes at most that much decoding.
+
+An S3 store does both: it fetches as above, and has the first
+:data:`LOCAL_WINDOW` bytes of this file and of the next :data:`LOCAL_FILES`
+decoded as a local store does (each decode waits for its object's fetch):
+once packs took the GETs' cost off the server, the read was bound by the
+daemon's decoding, one file at a time.
 """
 
 from __future__ import annotations
@@ -48,8 +58,9 @@ from .openfile import OpenFile
 
 #: plaintext bytes fetched ahead of a sequential reader within a file
 WINDOW = 32 * 1024 * 1024
-#: files fetched ahead of a reader walking a directory
-FILES = 8
+#: files fetched ahead of a reader walking a directory (asked for half of
+#: them at a time: with packs, their objects come in one GET)
+FILES = 16
 #: a local store: bytes of each file, and files, decoded ahead of such a
 #: reader (a CT slice is 0.5 MB; the decoded cache holds 64 MiB)
 LOCAL_WINDOW = 2 * 1024 * 1024
@@ -74,8 +85,11 @@ class ReadAhead:
 
     def __init__(self, index: Index, objects: ObjectStore, chunk_size: int,
                  resolve: Callable, inode: Callable, window: int = WINDOW,
-                 files: int = FILES, decode: Callable | None = None) -> None:
+                 files: int = FILES, decode: Callable | None = None,
+                 decode_fetched: Callable | None = None) -> None:
         self.decode = decode
+        #: an S3 store: ``decode``'s like, run after the fetches were asked for
+        self.decode_fetched = decode_fetched
         if decode is not None:
             window, files = LOCAL_WINDOW, LOCAL_FILES
         self.index = index
@@ -90,10 +104,13 @@ class ReadAhead:
         self._listings: dict[str, _Listing] = {}
         #: open files -> (where its sequential reader is, fetched up to)
         self._pos: dict[int, list[int]] = {}
-        #: files whose first bytes a walk asked for already (the next open
-        #: of the walk asks only for the one file new to it, not again for
-        #: all: an open does no lookups it did for the one before)
-        self._asked: collections.OrderedDict[int, None] = collections.OrderedDict()
+        #: local stores: files whose first bytes a walk asked to be decoded
+        #: already (the next open of the walk asks only for the one file new
+        #: to it, not again for all: an open does no lookups it did for the
+        #: one before)
+        self._decoded: collections.OrderedDict[int, None] = collections.OrderedDict()
+        #: directory path -> the files of it whose fetch was asked for (S3)
+        self._asked: dict[str, set[int]] = {}
 
     # --- within a file ---------------------------------------------------------
     def read(self, of: OpenFile, offset: int, size: int, path: str | None) -> None:
@@ -116,6 +133,10 @@ class ReadAhead:
         self._pos.pop(ino, None)
 
     def _fetch(self, committed: dict, start: int, end: int) -> int:
+        return self.objects.prefetch(self._wanted(committed, start, end))
+
+    def _wanted(self, committed: dict, start: int, end: int) -> list[bytes]:
+        """The objects of ``[start, end)`` of a file, in file order."""
         cs = self.chunk_size
         wanted = []
         for idx, ref in committed.items():
@@ -123,7 +144,7 @@ class ReadAhead:
             if lo < end and lo + max(ref.plain_len, 1) > start:
                 wanted.append((lo, ref.oid))
         wanted.sort()
-        return self.objects.prefetch([oid for _, oid in wanted])
+        return [oid for _, oid in wanted]
 
     # --- across files ------------------------------------------------------------
     def open(self, of: OpenFile, path: str) -> None:
@@ -141,30 +162,46 @@ class ReadAhead:
             if order is None:
                 return
             self._pos[of.ino] = [0, self.window]
-            if self._ask(of.ino):
-                if self.decode is not None:
+            if self.decode is not None:
+                if self._ask(of.ino):
                     self.decode(of.ino, of.inode, of.committed, self.window)
-                else:
-                    self._fetch(of.committed, 0, self.window)
-            for child in order[:self.files]:
-                if not self._ask(child):
-                    continue
-                inode = self._inode(txn, child)
-                if not stat.S_ISREG(inode.mode):
-                    continue
-                if self.decode is not None:
-                    self.decode(child, inode, txn.chunks(child), self.window)
-                else:
-                    self._fetch(txn.chunks(child), 0, self.window)
+                for child in order[:self.files]:
+                    if not self._ask(child):
+                        continue
+                    inode = self._inode(txn, child)
+                    if stat.S_ISREG(inode.mode):
+                        self.decode(child, inode, txn.chunks(child), self.window)
+                return
+            asked = self._asked.setdefault(directory, set())
+            if of.ino not in asked:  # a walk starts (again): nothing asked yet
+                asked.clear()
+            ahead = [c for c in order[:self.files] if c not in asked]
+            # asked recently: wait for half a window of new files
+            if len(ahead) >= self.files // 2 or len(order) < self.files:
+                wanted = self._wanted(of.committed, 0, self.window)
+                for child in ahead:
+                    asked.add(child)
+                    inode = self._inode(txn, child)
+                    if stat.S_ISREG(inode.mode):
+                        wanted += self._wanted(txn.chunks(child), 0, self.window)
+                self.objects.prefetch(wanted)  # at once: one GET of a pack brings many
+                while len(asked) > 4 * self.files:
+                    asked.pop()
+            if self.decode_fetched is not None:  # the GETs are on their way: decode
+                self.decode_fetched(of.ino, of.inode, of.committed, LOCAL_WINDOW)
+                for child in order[:LOCAL_FILES]:
+                    inode = self._inode(txn, child)
+                    if stat.S_ISREG(inode.mode):
+                        self.decode_fetched(child, inode, txn.chunks(child), LOCAL_WINDOW)
 
     def _ask(self, ino: int) -> bool:
         """Is ``ino`` new to the walk (and remembered now)?"""
-        if ino in self._asked:
-            self._asked.move_to_end(ino)
+        if ino in self._decoded:
+            self._decoded.move_to_end(ino)
             return False
-        self._asked[ino] = None
-        while len(self._asked) > 4 * (self.files + 1):
-            self._asked.popitem(last=False)
+        self._decoded[ino] = None
+        while len(self._decoded) > 4 * (self.files + 1):
+            self._decoded.popitem(last=False)
         return True
 
     def _order(self, listing: _Listing, last: bytes, name: bytes) -> list[int] | None:

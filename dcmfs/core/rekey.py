@@ -27,18 +27,21 @@ log = logging.getLogger("dcmfs.audit")
 
 
 def epochs_in_use(host: ActiveJobHost) -> dict[int, int]:
-    """{key epoch: chunks sealed under it} over every chunk the index names
-    (each object's header is read; an object that cannot be read counts
-    under -1)."""
+    """{key epoch: chunks that need its key} over every chunk the index
+    names (each object's header is read: its payload's epoch, and its
+    context block's, which differs for an object a dcmfs before
+    ``key-generations-v1`` sealed under a later epoch; an object that
+    cannot be read counts under -1)."""
     with host.lock, host.index.begin() as txn:
         refs = [ref for _, _, ref in txn.iter_all_chunks()]
     counts: dict[int, int] = {}
     for ref in refs:
         try:
-            epoch = host.objects.epoch_of(ref.oid)
+            epochs = host.objects.epochs_of(ref.oid)
         except IntegrityError:
-            epoch = -1
-        counts[epoch] = counts.get(epoch, 0) + 1
+            epochs = {-1}
+        for epoch in epochs:
+            counts[epoch] = counts.get(epoch, 0) + 1
     return counts
 
 
@@ -155,8 +158,14 @@ class RekeyJob:
             self.host.objects.sync()
             with self.host.lock:
                 self.host.checkpoint()
-            self.state.update(chunks=chunks, bytes=nbytes, after={
-                str(k): v for k, v in sorted(epochs_in_use(self.host).items())})
+            after = {str(k): v for k, v in sorted(epochs_in_use(self.host).items())}
+            current = self.host.objects.epoch
+            if set(after) <= {str(current)} and (len(self.host.objects.epoch_keys) > 1
+                                                  or self.host.index.generation != current):
+                # no chunk needs an older epoch: the index side follows, so that
+                # the admin's command can destroy them all, epoch 0 too
+                self.state["generation"] = self.host.move_generation(current)
+            self.state.update(chunks=chunks, bytes=nbytes, after=after)
         except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
             log.error("rotate --finish failed: %s", loggable(exc))
             self.state["error"] = loggable(exc)

@@ -7,9 +7,10 @@ its modules, so the modules can be reshaped without touching the callers.
 """
 
 from .index import Index, index_sealer, read_damage, sealed_aad
+from .keygen import index_key, rekey_index
 from .schema import JOURNAL_NAME, SEALED, Inode, read_meta, read_stats
 from .txn import Txn
 from .witness import Witness
 
-__all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "Witness", "index_sealer",
-           "read_damage", "read_meta", "read_stats", "sealed_aad"]
+__all__ = ["JOURNAL_NAME", "SEALED", "Index", "Inode", "Txn", "Witness", "index_key",
+           "index_sealer", "rekey_index", "read_damage", "read_meta", "read_stats", "sealed_aad"]

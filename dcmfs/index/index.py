@@ -19,8 +19,6 @@ is serialised by the core), so the batch may be used from any thread.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -37,6 +35,7 @@ from ..errors import (DcmfsError, IndexDamagedError, IntegrityError, NeedsRecove
 from ..storage.durable import fsync_dir
 from . import auth
 from .checks import Checked
+from .tags import NameTags
 from .journal import CONVERT, PUT, Journal, Op
 from .journal import HEADER_SIZE as JOURNAL_HEADER
 from .journal import VERSION as JOURNAL_VERSION
@@ -82,13 +81,15 @@ def read_damage(path: str, master_key: bytes, store_id: bytes) -> dict | None:
     return info if isinstance(info, dict) else {}
 
 
-class Index(Checked):
+class Index(Checked, NameTags):
     """The opened LMDB environment, its journal and the keys that seal its values."""
 
     def __init__(self, path: str, master_key: bytes, store_id: bytes, map_size: int,
                  read_only: bool = False, journal_limit: int = 8 * 1024 * 1024,
-                 archive_dir: str | None = None, check: bool = False) -> None:
+                 archive_dir: str | None = None, check: bool = False,
+                 generation: int = 0) -> None:
         self.read_only = read_only
+        self.generation = generation  # the epoch of master_key (dcmfs.index.keygen)
         self._journal_limit = journal_limit
         #: where full journals go (``snapshots/``): with the newest snapshot
         #: they are the whole index, for ``dcmfs fsck --rebuild-index``
@@ -100,7 +101,7 @@ class Index(Checked):
                 os.chmod(path, 0o700)
         self._open_env(path, map_size)
         self._siv = index_sealer(master_key, store_id)
-        self._name_key = crypto.derive(master_key, b"names", store_id)
+        NameTags.__init__(self, crypto.derive(master_key, b"names", store_id))
         self.journal = Journal(os.path.join(path, JOURNAL_NAME), master_key, store_id,
                                read_only=read_only)
         self._batch: lmdb.Transaction | None = None
@@ -163,6 +164,11 @@ class Index(Checked):
         except (OSError, lmdb.Error) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreIOError(f"Compacting the index failed: {exc}.") from exc
+        self.swap_in(tmp, path, map_size)
+
+    def swap_in(self, tmp: str, path: str, map_size: int) -> None:
+        """Replace the index's data file with the durable copy in ``tmp``
+        (compaction, a key generation move) and open it again."""
         self.env.close()
         try:
             os.rename(os.path.join(tmp, "data.mdb"), os.path.join(path, "data.mdb"))
@@ -196,8 +202,12 @@ class Index(Checked):
             if self.witness is not None:
                 self.witness.synced(self._seq)
 
-    def needs_checkpoint(self) -> bool:
-        return (self.pending_records >= 4096 or self.journal.size >= self._journal_limit)
+    #: journal records after which a checkpoint is due (``slack`` times: overdue)
+    checkpoint_records = 4096
+
+    def needs_checkpoint(self, slack: int = 1) -> bool:
+        return (self.pending_records >= self.checkpoint_records * slack
+                or self.journal.size >= self._journal_limit * slack)
 
     @property
     def seq(self) -> int:
@@ -452,15 +462,6 @@ class Index(Checked):
         unapplied: their numbers must never be reused)."""
         if seq > self._seq:
             self._seq = seq
-
-    def name_tag(self, parent: int, name: bytes) -> bytes:
-        return hmac.new(self._name_key, U64.pack(parent) + name, hashlib.sha256).digest()[:16]
-
-    def parent_tag(self, parent: int) -> bytes:
-        """The first half of a directory entry's key (format 4): a keyed tag
-        of the directory, so the index does not show which inode it is."""
-        return hmac.new(self._name_key, b"directory\x00" + U64.pack(parent),
-                        hashlib.sha256).digest()[:16]
 
     def _detect_dirents(self) -> bool:
         with self.env.begin() as txn:

@@ -155,6 +155,14 @@ class Journal:
         self.size = os.fstat(self._fd).st_size
         self._aead = (crypto.Siv if self.version >= 2 else crypto.Gcm)(self._key)
 
+    def rekey(self, master_key: bytes) -> None:
+        """Go on under another key generation (:mod:`dcmfs.index.keygen`);
+        only for a journal holding no record."""
+        if self.size > _HEADER.size:
+            raise StoreIOError("re-keying an index journal that holds records")
+        self._key = crypto.derive(master_key, b"journal", self._store_id)
+        self._aead = crypto.Siv(self._key)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -78,22 +78,35 @@ class Seen:
 class Witness:
     """The witness file of one store (``path``), under a key of the store's."""
 
-    def __init__(self, path: str, master_key: bytes, store_id: bytes) -> None:
+    def __init__(self, path: str, master_key: bytes, store_id: bytes,
+                 older: tuple = ()) -> None:
         self.path = path
         self._store_id = store_id
         self._key = crypto.derive(master_key, b"witness", store_id)
+        #: keys of other live epochs: a witness written before the index was
+        #: sealed again under ``master_key`` (a crash within ``rotate
+        #: --finish``) is read with them, its digest then not compared
+        self._older = [crypto.derive(k, b"witness", store_id) for k in older
+                       if k != master_key]
         self._fd: int | None = None
         self._boot = boot_id()
         self.seen: Seen | None = None
 
     @classmethod
     def for_store(cls, state_dir: str | None, master_key: bytes,
-                  store_id: bytes) -> "Witness":
+                  store_id: bytes, older: tuple = ()) -> "Witness":
         directory = os.path.join(state_dir or default_dir(), NAME)
-        return cls(os.path.join(directory, store_id.hex()), master_key, store_id)
+        return cls(os.path.join(directory, store_id.hex()), master_key, store_id, older)
 
-    def _mac(self, body: bytes) -> bytes:
-        return hashlib.blake2b(body, key=self._key, digest_size=16).digest()
+    def _mac(self, body: bytes, key: bytes | None = None) -> bytes:
+        return hashlib.blake2b(body, key=key or self._key, digest_size=16).digest()
+
+    def rekey(self, master_key: bytes, seq: int, digest: bytes) -> None:
+        """The index was sealed again under ``master_key`` (at ``seq``, its
+        sums' digest now ``digest``): the witness is rewritten under it."""
+        self._older = [self._key]
+        self._key = crypto.derive(master_key, b"witness", self._store_id)
+        self.checkpoint(seq, digest)
 
     def read(self) -> Seen | None:
         """What the witness holds; None if there is none (a store this
@@ -112,15 +125,18 @@ class Witness:
         except OSError as exc:
             raise StoreIOError(f"The witness {self.path} cannot be read: {exc.strerror}.") \
                 from exc
-        if len(raw) != SIZE or not hmac.compare_digest(self._mac(raw[:_REC.size]),
-                                                       raw[_REC.size:]):
+        older = next((k for k in self._older if len(raw) == SIZE and hmac.compare_digest(
+            self._mac(raw[:_REC.size], k), raw[_REC.size:])), None)
+        if older is None and (len(raw) != SIZE or not hmac.compare_digest(
+                self._mac(raw[:_REC.size]), raw[_REC.size:])):
             raise StoreIOError(f"The witness {self.path} of this store is damaged or was "
                                "altered; move it away to accept the store as it is.")
         magic, version, sid, boot, ckpt, written, synced, digest = _REC.unpack_from(raw)
         if magic != _MAGIC or version != _VERSION or sid != self._store_id:
             raise StoreIOError(f"The witness {self.path} belongs to another store or "
                                "version; move it away to accept the store as it is.")
-        self.seen = Seen(boot, ckpt, written, synced, digest)
+        # a digest of sums under an older key says nothing of the index now
+        self.seen = Seen(boot, ckpt, written, synced, b"" if older else digest)
         return self.seen
 
     def required(self) -> int:

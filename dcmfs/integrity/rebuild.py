@@ -8,7 +8,8 @@ import shutil
 import time
 
 from .. import format as fmt
-from ..index import JOURNAL_NAME, Index, Witness
+from ..index import JOURNAL_NAME, Index, Witness, index_key
+from ..index.keygen import mark as mark_generation
 from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
 from ..opened.store import OpenedStore
 from ..storage.durable import fsync_dir
@@ -61,8 +62,10 @@ def rebuild_index(opened: OpenedStore) -> dict:
         used["skipped_snapshots"].append({"snapshot": os.path.basename(path), "why": why})
         shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(index_dir, mode=0o700, exist_ok=True)
-    ix = Index(index_dir, store.master_key, store.store_id, config.index_map_size,
-               archive_dir=snap_dir)
+    gen, key = index_key(index_dir, store)  # the snapshot's own, or the master's
+    ix = Index(index_dir, key, store.store_id, config.index_map_size, archive_dir=snap_dir,
+               generation=gen)
+    mark_generation(ix, gen)
     try:
         segments = [p for _, p in archive_segments(snap_dir)]
         journals = segments + [os.path.join(root, d, JOURNAL_NAME)
@@ -82,7 +85,7 @@ def rebuild_index(opened: OpenedStore) -> dict:
         ix.checkpoint()
         # the admin rebuilt the index from what the store holds: that is what
         # this machine has seen from now on
-        witness = Witness.for_store(config.state_dir, store.master_key, store.store_id)
+        witness = Witness.for_store(config.state_dir, key, store.store_id)
         witness.start(ix.seq, ix.seq, ix.root_digest())
         witness.close()
     finally:
@@ -112,7 +115,8 @@ def _trial_open(store, config, snapshot: str, tmp: str) -> str | None:
     except OSError as exc:
         return f"its data.mdb cannot be read ({exc.strerror})"
     try:
-        ix = Index(tmp, store.master_key, store.store_id, config.index_map_size, check=True)
+        ix = Index(tmp, index_key(tmp, store)[1], store.store_id, config.index_map_size,
+                   check=True)
         try:
             with ix.begin() as txn:
                 if txn.meta_get("store_id") != store.store_id:

@@ -238,7 +238,7 @@ class Salvage:
         found = _first_opens(self.objects, ino, file_id, table, [b""])
         if found is None:
             found = _first_opens(self.objects, ino, file_id, table, history_secrets(
-                self.store.root, self.store.master_key, self.store.store_id, ino, file_id))
+                self.store.root, self.opened.index_key, self.store.store_id, ino, file_id))
         return found
 
     def _rebuild_file(self, ino: int, file_id: bytes, ctxs: list[ChunkContext]) -> bool:

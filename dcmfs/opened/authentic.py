@@ -65,7 +65,7 @@ def authenticate(index: Index, root: str, config: Config, witness: Witness,
         elif reach < witness.required():
             problem = (f"its journal ends at change {reach}, but this machine saw changes up "
                        f"to {witness.required()} written (the journal was cut)")
-        elif (index.seq == seen.checkpoint and index.auth_state == "ok"
+        elif (index.seq == seen.checkpoint and index.auth_state == "ok" and seen.digest
               and index.root_digest() != seen.digest):
             problem = f"its index differs from the one this machine saw at change {index.seq}"
         if problem:

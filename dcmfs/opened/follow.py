@@ -103,6 +103,13 @@ class Publisher:
         if index is None or getattr(self.remote, "fence", None) is not None \
                 and self.remote.fence.is_set():  # the lease went to another writer
             return
+        try:  # a key command changed it: followers need its keys first
+            from .remote import refresh_header
+            refresh_header(getattr(self.remote, "remote", self.remote), self.root)
+        except (OSError, StoreIOError) as exc:
+            log.warning("replacing the bucket's copy of the header failed (%s); retrying in "
+                        "%.0f s", type(exc).__name__, self.interval)
+            return
         seq = index.seq
         if seq == self._published_seq and self._floor_done:
             return
@@ -176,7 +183,9 @@ class Follower:
 
     def __init__(self, remote: Backend, root: str, index: Index, master_key: bytes,
                  store_id: bytes, lock, interval: float,
-                 on_applied: Callable[[], None] = lambda: None) -> None:
+                 on_applied: Callable[[], None] = lambda: None, keys=None) -> None:
+        #: adopts the epochs of the writer's rotations (:mod:`.followkeys`)
+        self.keys = keys
         self.remote = remote
         self.root = root
         self.index = index
@@ -208,6 +217,13 @@ class Follower:
         """One round: fetch what the writer published and apply what can be;
         returns how many records were applied."""
         self.rounds += 1
+        if self.keys is not None:  # first: new records may name objects of a new epoch
+            why = self.keys.refresh()
+            if why is not None:
+                if why != self.last_error:
+                    log.warning("following the writer stopped: %s", why)
+                self.last_error = why
+                return 0
         seq = self.index.seq
         found = []
         for name in self.remote.list(PREFIX):
@@ -269,6 +285,9 @@ class Follower:
 
     def _in_bucket(self, oids: set[bytes]) -> set[bytes]:
         todo = [o for o in oids if o not in self._present]
+        refresh = getattr(self.remote, "refresh_packs", None)
+        if todo and refresh is not None:  # the packs uploaded since the last round
+            refresh()
         for oid, size in zip(todo, self._heads.map(
                 lambda o: self.remote.head(object_name(o)), todo)):
             if size is not None:

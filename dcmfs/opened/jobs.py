@@ -62,3 +62,6 @@ class ActiveJobHost(JobHost, Protocol):
 
     def after_commit(self, superseded: list[bytes]) -> None:
         """Objects a committed change replaced: deleted after the next checkpoint."""
+
+    def move_generation(self, gen: int) -> dict:
+        """Seal the index side again under key epoch ``gen`` (``rotate --finish``)."""

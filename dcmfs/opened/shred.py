@@ -50,7 +50,7 @@ def shred(opened, checkpoint=None, wait: bool = True) -> dict:
             opened.publisher.publish()
         index.journal.reset()
         index.compact()
-        _sweep_leftovers(opened.root)
+        sweep_leftovers(opened.root)
         with opened.write_txn() as txn:
             note_pass(txn, seq)
         opened.objects.sync()
@@ -71,11 +71,13 @@ def shred(opened, checkpoint=None, wait: bool = True) -> dict:
 
 #: temporary copies of the index or its journal an interrupted snapshot,
 #: compaction or follower round leaves (named by another process's pid):
-#: they may hold deleted files' secrets
-_LEFTOVERS = ((fmt.SNAPSHOTS_DIR, ".tmp-"), (fmt.INDEX_DIR, ".compact-"), ("", ".follow-"))
+#: they may hold deleted files' secrets; and the old audit trail an
+#: interrupted re-seal (:mod:`dcmfs.audit.rekey`) left under an older key
+_LEFTOVERS = ((fmt.SNAPSHOTS_DIR, ".tmp-"), (fmt.INDEX_DIR, ".compact-"), ("", ".follow-"),
+              ("", ".audit-rekey-"))
 
 
-def _sweep_leftovers(root: str) -> None:
+def sweep_leftovers(root: str) -> None:
     """Remove what :data:`_LEFTOVERS` names, but this process's own."""
     mine = f"-{os.getpid()}"
     for sub, prefix in _LEFTOVERS:

@@ -34,62 +34,18 @@ from .. import format as fmt
 from ..audit.segments import list_segments
 from ..audit.trail import AuditTrail
 from ..config import Config
-from ..errors import DcmfsError, IntegrityError, StoreDamagedError, StoreLockedError
-from ..index import Index, Inode, Txn, Witness, read_damage
+from ..errors import DcmfsError, IntegrityError
+from ..index import Index, Inode, Txn, Witness, index_key
+from ..index.keygen import mark as mark_generation
 from ..index.snapshots import archived_bytes, refuse_if_missing, take_snapshot
 from ..storage.codec import NAMES, Codecs
-from ..storage.header import (Secret, Store, StoreLock, clear_damage_mark, open_store, plain,
-                              read_lock_pid, refuse_if_damaged, set_damage_mark)
+from ..storage.header import Secret, Store, StoreLock, clear_damage_mark, open_store, set_damage_mark
 from ..storage.objects import ChunkRef, ObjectDamaged, ObjectStore
 from .authentic import authenticate, upgrade_dirents
+from .preflight import preflight  # noqa: F401 (app.mount imports it from here)
 from .recovery import RecoveryReport, recover
 
 log = logging.getLogger("dcmfs.store")
-
-
-def preflight(store: Store, config: Config, lock_free: bool = True) -> None:
-    """The checks a store must pass before it is opened for a session.
-
-    Raises
-    ------
-    IndexDamagedError
-        A used store lost its index (``dcmfs fsck --rebuild-index``).
-    StoreDamagedError
-        Read-write, and the store is marked as needing fsck.
-    CodecUnavailableError
-        Read-write with the DICOM re-encoder, and an image codec is missing.
-    StoreLockedError
-        ``lock_free`` and another process holds the store.
-    """
-    refuse_if_missing(store.root)
-    if lock_free:
-        pid = read_lock_pid(store.root)
-        if pid is not None:
-            raise StoreLockedError(f"The store {store.root} is already in use by dcmfs pid "
-                                   f"{pid}.")
-    if not config.read_only:
-        refuse_if_damaged(store)
-        refuse_if_damaged_in_index(store)
-        if config.dicom:  # the re-encoder's image codecs must be there
-            Codecs.of(config).check_image_codecs()
-
-
-def refuse_if_damaged_in_index(store: Store) -> None:
-    """Raise :class:`StoreDamagedError` if the index says the store is
-    damaged although ``STORE/needs-fsck`` is gone (deleted by someone who
-    could write the store but has no key: the index's record is sealed)."""
-    info = read_damage(os.path.join(store.root, fmt.INDEX_DIR), store.master_key,
-                       store.store_id)
-    if info is None:
-        return
-    root = store.root
-    what = (f"since {plain(info.get('since', '?'))} ({plain(info.get('reason', '?'))})" if info
-            else "by a record that does not authenticate")
-    raise StoreDamagedError(
-        f"The store {root} is marked as damaged in its index {what}, but its mark file "
-        f"{fmt.DAMAGE_MARK} is missing (deleted?); it mounts read-only only (-o ro) until "
-        f"you run 'dcmfs fsck {root}' (and 'dcmfs fsck --repair {root}' if that finds "
-        "damage).")
 
 
 class OpenedStore:
@@ -185,16 +141,24 @@ class OpenedStore:
             The index is missing although the store holds data, or it is damaged.
         """
         refuse_if_missing(self.root)
-        self.index = Index(os.path.join(self.root, fmt.INDEX_DIR), self.store.master_key,
-                           self.store.store_id, self.config.index_map_size,
+        path = os.path.join(self.root, fmt.INDEX_DIR)
+        gen, key = index_key(path, self.store)
+        #: the key the index, its journal and the audit trail are under
+        self.index_key = key
+        read_only = self.config.read_only and not self.following
+        self.index = Index(path, key, self.store.store_id, self.config.index_map_size,
                            # a follower applies the writer's records to its index
-                           read_only=self.config.read_only and not self.following,
-                           archive_dir=os.path.join(self.root, fmt.SNAPSHOTS_DIR))
+                           read_only=read_only,
+                           archive_dir=os.path.join(self.root, fmt.SNAPSHOTS_DIR),
+                           generation=gen)
+        if not read_only:
+            mark_generation(self.index, gen)  # a new index made under a later epoch
         self.index.on_mismatch = self._group_differs
         try:
             authenticate(self.index, self.root, self.config,
-                         Witness.for_store(self.config.state_dir, self.store.master_key,
-                                           self.store.store_id), tolerate_mismatch)
+                         Witness.for_store(self.config.state_dir, key, self.store.store_id,
+                                           tuple(self.store.epoch_keys.values())),
+                         tolerate_mismatch)
         except BaseException:
             self.close_index()
             raise
@@ -205,8 +169,12 @@ class OpenedStore:
         (:mod:`dcmfs.opened.follow`); it stops before the index closes."""
         if self.following:
             from .follow import Follower
-            self.follower = Follower(self.remote, self.root, self.index, self.store.master_key,
-                                     self.store.store_id, self.lock, self.config.follow)
+            from .followkeys import KeyFollower
+            keys = KeyFollower(self.remote.remote, self.root, self.store, self.objects,
+                               self.index.generation)
+            self.follower = Follower(self.remote, self.root, self.index, self.index_key,
+                                     self.store.store_id, self.lock, self.config.follow,
+                                     keys=keys)
             self._stack.callback(self.follower.close)
 
     def start_publishing(self) -> None:
@@ -250,19 +218,20 @@ class OpenedStore:
             except DcmfsError as exc:  # the trail's check names it
                 log.error("the index's audit head is unreadable: %s", exc)
                 head = None
-        trail = AuditTrail(self.root, self.store.master_key, self.store.store_id, head,
+        trail = AuditTrail(self.root, self.index_key, self.store.store_id, head,
                            segment_size=self.config.audit_segment_size,
                            retention=0.0 if self.read_only else self.config.audit_retention,
-                           forward=self.config.audit_forward)
+                           forward=self.config.audit_forward,
+                           older=tuple(self.objects.epoch_keys.values()))
         if not self.config.audit:
             trail.record("audit-off", None)
             trail.close()
             return None
         self.audit = trail
-        self._stack.callback(self._close_audit)
+        self._stack.callback(self.close_audit)
         return self.audit
 
-    def _close_audit(self) -> None:
+    def close_audit(self) -> None:
         audit, self.audit = self.audit, None
         if audit is not None:
             audit.close()

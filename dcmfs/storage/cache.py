@@ -29,6 +29,8 @@ from typing import Iterator
 from .backend import Backend, BackendMissing, LocalBackend
 from .durable import TMP_PREFIX, write_new
 from .fetch import Fetcher
+from .packcache import PackedCache
+from .packs import PackMap
 from ..errors import StoreIOError
 
 log = logging.getLogger("dcmfs.s3")
@@ -45,18 +47,30 @@ def is_object(name: str) -> bool:
     return name.startswith(OBJECTS)
 
 
-class CachedBackend(Backend):
+class CachedBackend(PackedCache, Backend):
     kind = "s3"
 
     def __init__(self, cache: LocalBackend, remote: Backend, cache_size: int,
                  uploaders: int = 4, upload_delay: float = 0.0, fetchers: int = 8,
-                 delete_delay: float = 0.0) -> None:
+                 delete_delay: float = 0.0, packs: PackMap | None = None,
+                 pack_uploads: bool = False) -> None:
+        """``packs``: where packed objects are (:mod:`dcmfs.storage.packs`;
+        None: every object is its own S3 object); ``pack_uploads``: upload
+        new objects in packs (feature ``s3-packs-v1``)."""
         self.cache = cache
+        self.packs = packs
+        self.pack_uploads = pack_uploads and packs is not None
+        #: packs that lost objects, to be rewritten or deleted
+        self._dirty: set[str] = set()
+        self._repacking = 0
+        self._pack_lock = threading.Lock()
         #: seconds a superseded object stays in the bucket after its delete
         #: (read-only followers lag behind the writer; a drain sends them at once)
         self.delete_delay = delete_delay
         #: GETs ahead of the reads (:mod:`dcmfs.storage.fetch`)
-        self.fetcher = Fetcher(self._download, threads=fetchers, limit=8 * fetchers)
+        self.fetcher = Fetcher(self._download, threads=fetchers, limit=32 * fetchers,
+                               group=self._group if packs is not None else None,
+                               download_many=self._download_many)
         #: seconds a new object waits before its upload, unless the cache is
         #: half full or someone drains: a chunk the re-encoder replaces in
         #: that time (close seals uncompressed, the re-encoder compresses)
@@ -166,12 +180,14 @@ class CachedBackend(Backend):
                 pass
         if start or end is not None:  # a header only (fsck, verify): not worth caching
             self.counts["downloads"] += 1
-            return self.remote.get(name, start, end)
+            return self._remote_get(name, start, end)
         return self._download(name)
 
     def _download(self, name: str) -> bytes:
         """Get an object from the bucket and keep a copy in the cache."""
-        blob = self.remote.get(name)
+        return self._cache_fetched(name, self._remote_get(name))
+
+    def _cache_fetched(self, name: str, blob: bytes) -> bytes:
         with self._cv:
             self.counts["downloads"] += 1
             self.counts["downloaded_bytes"] += len(blob)
@@ -224,6 +240,9 @@ class CachedBackend(Backend):
                 return size
             if name in self._deleting:
                 return None
+            where = self._where(name)
+            if where is not None:
+                return where.length
         return self.remote.head(name)
 
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -232,6 +251,11 @@ class CachedBackend(Backend):
             for name in self.cache.list(prefix if is_object(prefix) else OBJECTS):
                 seen.add(name)
                 yield name
+            for oid in self.packs.oids() if self.packs is not None else ():
+                name = f"{OBJECTS}{oid.hex()[:2]}/{oid.hex()}"
+                if name.startswith(prefix) and name not in seen and name not in self._deleting:
+                    seen.add(name)
+                    yield name
         for name in self.remote.list(prefix):
             if name not in seen and name not in self._deleting:
                 yield name
@@ -313,18 +337,24 @@ class CachedBackend(Backend):
                 if queue is None or not queue or self._abandon.is_set():
                     return
                 op, name, _ = queue.popleft()
+                names = [name]
                 if op == "put":
                     if name not in self._pending or name in self._in_flight:
                         continue
+                    if self.pack_uploads:  # the others that are due go with it
+                        self._more_puts(names, self._pending[name])
                 else:
                     while name in self._in_flight:  # its upload first, then the delete
                         self._cv.wait(1.0)
-                self._in_flight.add(name)
+                self._in_flight.update(names)
             try:
-                if op == "put":
+                if op == "put" and self.pack_uploads:
+                    self._upload_pack(names)
+                elif op == "put":
                     self._upload(name)
                 else:
-                    self._retrying(lambda: self.remote.delete(name))
+                    with self._pack_lock:
+                        self._remove(name)
                     self.counts["deletes"] += 1
                     with self._cv:
                         self._deleting.discard(name)
@@ -334,24 +364,33 @@ class CachedBackend(Backend):
                 if not self._abandon.is_set():
                     log.warning("%s; queued again", exc)
                     with self._cv:
-                        if op == "put" and name in self._pending:
-                            self._queue.append((op, name, time.monotonic() + 1.0))
+                        for n in names:
+                            if op == "put" and n in self._pending:
+                                self._queue.append((op, n, time.monotonic() + 1.0))
             finally:
+                repack = False
                 with self._cv:
-                    self._in_flight.discard(name)
+                    self._in_flight.difference_update(names)
                     if op == "delete":
                         self._deletes_waiting -= 1
+                        repack = self._repack_due()
                     self._cv.notify_all()
+            if repack:  # the last of a run of deletes: the packs that lost objects
+                self._repack_dirty()
+
+    def _drop_pending(self, name: str) -> None:
+        """``name`` was deleted before its upload: nothing to send."""
+        with self._cv:
+            size = self._pending.pop(name, None)
+            if size is not None:
+                self._pending_bytes -= size
+            self._cv.notify_all()
 
     def _upload(self, name: str) -> None:
         try:
             data = self.cache.get(name)
         except BackendMissing:  # deleted meanwhile: nothing to upload
-            with self._cv:
-                size = self._pending.pop(name, None)
-                if size is not None:
-                    self._pending_bytes -= size
-                self._cv.notify_all()
+            self._drop_pending(name)
             return
         def put() -> None:
             if self.fence.is_set():
@@ -362,14 +401,21 @@ class CachedBackend(Backend):
             os.chmod(self.cache.path(name), _UPLOADED_MODE)
         except FileNotFoundError:
             pass
+        self._uploaded([name], len(data))
+
+    def _uploaded(self, names: list[str], nbytes: int) -> None:
+        """One PUT of ``names`` (``nbytes`` sent) went through: they count
+        as cached copies of what the bucket holds, evictable."""
         with self._cv:
             self.counts["uploads"] += 1
-            self.counts["uploaded_bytes"] += len(data)
-            size = self._pending.pop(name, None)
-            if size is not None:  # not deleted while it was on its way
-                self._pending_bytes -= size
-                self._lru[name] = size
-                self._cached_bytes += size
+            self.counts["uploaded_objects"] += len(names)
+            self.counts["uploaded_bytes"] += nbytes
+            for name in names:
+                size = self._pending.pop(name, None)
+                if size is not None:  # not deleted while it was on its way
+                    self._pending_bytes -= size
+                    self._lru[name] = size
+                    self._cached_bytes += size
             self._evict()
             self._cv.notify_all()
 
@@ -402,8 +448,10 @@ class CachedBackend(Backend):
             try:
                 # stale queue entries (objects deleted before their upload) do
                 # not count: only what is waiting, running or still to delete
-                while self._pending or self._in_flight or self._deletes_waiting:
-                    if not (self._queue or self._held or self._later or self._in_flight):
+                while self._pending or self._in_flight or self._deletes_waiting \
+                        or self._repacking:
+                    if self._pending and not (self._queue or self._held or self._later
+                                              or self._in_flight):
                         # waiting objects no queue holds: queue them again
                         # (an upload of one is harmless, a lost one is not)
                         log.warning("%d waiting objects were not queued; queueing them",
@@ -441,4 +489,6 @@ class CachedBackend(Backend):
             self._cv.notify_all()
         for t in self._threads:
             t.join()
+        if self.packs is not None:
+            self.packs.close()
         self.remote.close()

@@ -26,11 +26,16 @@ log = logging.getLogger("dcmfs.s3")
 
 
 class Fetcher:
-    """``download(name)`` fetches one object into the cache (run on the pool)."""
+    """``download(name)`` fetches one object into the cache (run on the pool);
+    ``group(name, queued)`` (packs): ``name`` and the queued names one GET
+    brings along, which ``download_many(names)`` then fetches together."""
 
     def __init__(self, download: Callable[[str], object], threads: int = 8,
-                 limit: int = 64) -> None:
+                 limit: int = 64, group: Callable[[str, list[str]], list[str]] | None = None,
+                 download_many: Callable[[list[str]], object] | None = None) -> None:
         self._download = download
+        self._group = group
+        self._download_many = download_many
         self._threads_wanted = threads
         self.limit = limit
         self._cv = threading.Condition()
@@ -100,17 +105,29 @@ class Fetcher:
                     return
                 name = self._queue.popleft()
                 self._queued.discard(name)
-                done = self._running[name] = threading.Event()
+                names = [name]
+                if self._group is not None and self._queue:
+                    names = self._group(name, list(self._queue))
+                    for other in names[1:]:
+                        self._queue.remove(other)
+                        self._queued.discard(other)
+                events = [threading.Event() for _ in names]
+                self._running.update(zip(names, events))
             try:
-                self._download(name)
-                self.fetched += 1
+                if len(names) > 1:
+                    self._download_many(names)
+                else:
+                    self._download(name)
+                self.fetched += len(names)
             except Exception as exc:  # noqa: BLE001 — the read meets it and reports it
-                log.debug("fetching an object ahead failed: %s", type(exc).__name__)
+                log.debug("fetching objects ahead failed: %s", type(exc).__name__)
             finally:
                 with self._cv:
-                    del self._running[name]
+                    for n in names:
+                        del self._running[n]
                     self._cv.notify_all()
-                done.set()
+                for done in events:
+                    done.set()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or being fetched; False on timeout."""

@@ -39,7 +39,7 @@ class FramedObjects:
         epoch = cipher.epoch
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags, epoch,
                                   len(plaintext), frames.stored_len(coded))
-        sealed_ctx = self._header.seal(ctx, _PREFIX3 + self._store_id)
+        sealed_ctx = self._ctx_sealer(epoch).seal(ctx, _PREFIX3 + self._store_id)
         body = frames.seal(cipher.cipher(epoch, oid), _PREFIX3 + self._store_id + oid + ctx,
                            coded)
         return used, flags, frames.stored_len(coded), _PREFIX3 + sealed_ctx + body
@@ -106,7 +106,7 @@ class FramedObjects:
             size = self.backend.head(object_name(oid))
         except BackendMissing as exc:
             raise ObjectDamaged(oid, "is missing", MISSING) from exc
-        ctx_plain, header_len, epoch = self._checked_context(file_id, ino, index, ref, head)
+        ctx_plain, header_len, epoch, _ = self._checked_context(file_id, ino, index, ref, head)
         if size != header_len + ref.stored_len + fmt.TAG_LEN or len(head) != end:
             raise ObjectDamaged(oid, "has the wrong length", LENGTH)
         aad = bytes(head[:fmt.OBJ_PREFIX.size]) + self._store_id + oid + ctx_plain

@@ -65,8 +65,9 @@ class Store:
     chunk_size: int
     codec: str
     features: frozenset
-    #: the store key (epoch 0): index, names, journal, object contexts, and
-    #: the contents of files written before any rotation
+    #: the master key, the key of epoch ``master_epoch``: the header mac, the
+    #: ingest wrap, the damage mark, and the index (names, journal, audit) of a
+    #: store whose index names no other generation (:mod:`dcmfs.index.keygen`)
     master_key: bytes = dataclasses.field(repr=False)
     #: {epoch: data key} of every live key epoch (0: the store key)
     epoch_keys: dict = dataclasses.field(default=None, repr=False, compare=False)
@@ -78,6 +79,11 @@ class Store:
     unlocked_by: str = ""
     #: (the header's ``ingest`` entry, its private key): :mod:`.inbox`
     ingest: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: the epoch the master key is (0, the store key, until a ``key rotate
+    #: --finish`` moved it: feature ``key-generations-v1``)
+    master_epoch: int = 0
+    #: (id, private key) of the slot that opened it, for a follower (followkeys)
+    slot_key: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.epoch_keys is None:
@@ -161,7 +167,8 @@ def init_store(root: str, secret: Secret, config: Config, label: str = "",
     }
     if backend:
         header["backend"] = backend
-        header["features"] = sorted(set(header["features"]) | {fmt.BACKEND_S3_FEATURE})
+        header["features"] = sorted(set(header["features"]) | {fmt.BACKEND_S3_FEATURE}
+                                    | fmt.S3_WRITE_FEATURES)
     slot = slots.new_slot(1, secret, label or "initial", dataclasses.asdict(config.kdf))
     _write_header(root, slots.new_table(header, master, secret, slot))
     return Store(root, store_id, config.chunk_size, config.codec,
@@ -232,7 +239,7 @@ def read_header(root: str) -> dict:
     return header
 
 
-def unlock(root: str, header: dict, secret: Secret) -> tuple[dict, dict]:
+def unlock(root: str, header: dict, secret: Secret, with_private: bool = False) -> tuple:
     """({epoch: key}, the slot that opened it) of a header of either layout
     (epoch 0 is the store key); for a single-wrap header the "slot" is its
     ``key`` table with the KEK under ``"kek"``, what
@@ -243,7 +250,7 @@ def unlock(root: str, header: dict, secret: Secret) -> tuple[dict, dict]:
     WrongKeyError, HeaderAlteredError, KdfBoundsError, SecretError
     """
     if "slots" in header:
-        return slots.unlock(header, secret, root)
+        return slots.unlock(header, secret, root, with_private)
     key_info = header["key"]
     if secret.kind not in slots.UNLOCKS.get(key_info["kind"], ()):
         want = "a key file (--key-file)" if key_info["kind"] == "keyfile" else "a passphrase"
@@ -256,7 +263,7 @@ def unlock(root: str, header: dict, secret: Secret) -> tuple[dict, dict]:
                           slots.WHAT[secret.kind], key_info["kind"])
         raise WrongKeyError(f"The key does not open the store at {root}: wrong key file or "
                             "passphrase (or a damaged store header).") from exc
-    return {0: master}, {**key_info, "id": 1, "kek": kek}
+    return ({0: master}, {**key_info, "id": 1, "kek": kek}) + ((None,) if with_private else ())
 
 
 def slots_secret_as(secret: Secret, kind: str) -> Secret:
@@ -282,12 +289,12 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     root = os.path.abspath(root)
     header = read_header(root)
     try:
-        keys, slot = unlock(root, header, secret)
+        keys, slot, private = unlock(root, header, secret, with_private=True)
     except WrongKeyError as err:
         err.store_root = root  # the audit trail records the attempt
         raise
-    master = keys[0]
-    if for_writing and not fmt.WRITE_FEATURES <= set(header["features"]):
+    master = slots.master_of(header, keys) if "slots" in header else keys[0]
+    if for_writing and not fmt.write_features(header) <= set(header["features"]):
         try:
             lock = StoreLock(root)
         except StoreLockedError:
@@ -300,7 +307,9 @@ def open_store(root: str, secret: Secret, for_writing: bool = False) -> Store:
     return Store(root, bytes.fromhex(header["store_id"]), int(header["chunk_size"]),
                  header["codec"], frozenset(header["features"]), master, keys,
                  header.get("epoch", 0), str(header.get("backend", "")),
-                 str(slot.get("kind", "")), ingest_key(root, header, master))
+                 str(slot.get("kind", "")), ingest_key(root, header, master),
+                 slots.master_epoch(header),
+                 (int(slot["id"]), private) if private is not None else None)
 
 
 def upgrade(root: str, header: dict, secret: Secret, master: bytes,
@@ -313,7 +322,7 @@ def upgrade(root: str, header: dict, secret: Secret, master: bytes,
         header = slots.from_legacy(header, master, legacy_kek, secret)
         slots.log.info("key slots: the store's single key wrap became slot 1 (%s)",
                        header["slots"][0]["kind"])
-    header["features"] = sorted(set(header["features"]) | fmt.WRITE_FEATURES)
+    header["features"] = sorted(set(header["features"]) | fmt.write_features(header))
     return slots.seal_header(master, header)
 
 

@@ -93,7 +93,14 @@ def new_entry(master: bytes, store_id: bytes, kind: str, created: str) -> dict:
                                                ser.PublicFormat.SubjectPublicKeyInfo)
     else:
         raise ValueError(f"not a recipient kind: {kind}")
-    entry = {"kind": kind, "created": created, "public": public.hex()}
+    return wrap_entry(master, store_id, {"kind": kind, "created": created,
+                                         "public": public.hex()}, private)
+
+
+def wrap_entry(master: bytes, store_id: bytes, entry: dict, private: bytes) -> dict:
+    """``entry`` with the recipient's ``private`` key wrapped under ``master``
+    (a new entry, or one moved to a new master key generation)."""
+    entry = {k: v for k, v in entry.items() if k != "wrapped"}
     entry["wrapped"] = _wrap_key(master, store_id).seal(private, _entry_aad(store_id, entry)).hex()
     return entry
 

@@ -45,7 +45,7 @@ def _opened(root: str, header: dict, secret: Secret) -> tuple[dict, dict, dict]:
         err.store_root = root  # the audit trail notes the attempt
         raise
     if "slots" not in header:
-        header = upgrade(root, header, secret, keys[0], slot["kek"])
+        header = upgrade(root, header, secret, keys[0], slot["kek"])  # single wrap: epoch 0
         slot = header["slots"][0]
     return header, keys, slot
 
@@ -54,8 +54,10 @@ def _report(report: dict | None, header: dict, keys: dict, by: dict, **fields) -
     """What a change did, for the audit trail: its fields, the authorising
     slot (id and kind), and the store key and id to seal the record."""
     if report is not None:
-        report.update(fields, by=by["id"], by_kind=by["kind"], master=keys[0],
-                      store_id=bytes.fromhex(header["store_id"]))
+        report.update(fields, by=by["id"], by_kind=by["kind"],
+                      master=slots.master_of(header, keys),
+                      store_id=bytes.fromhex(header["store_id"]), keys=dict(keys),
+                      master_epoch=slots.master_epoch(header))
 
 
 def changed_as_reported(root: str, master: bytes, fields: dict) -> bool:
@@ -114,7 +116,7 @@ def add_slot(root: str, secret: Secret, new: Secret, label: str, kdf: dict,
         added.update(id=slot["id"], by=by["id"])
         _report(report, header, keys, by, action="add", slot=slot["id"], kind=new.kind,
                 label=label)
-        return slots.seal_header(keys[0], header)
+        return slots.seal_header(slots.master_of(header, keys), header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d (%s, label %r) added, authorised by slot %d",
@@ -145,7 +147,7 @@ def remove_slot(root: str, secret: Secret, slot_id: int, step=None,
         done.update(kind=gone["kind"], label=gone["label"], by=by["id"])
         _report(report, header, keys, by, action="remove", slot=slot_id, kind=gone["kind"],
                 label=gone["label"])
-        return slots.seal_header(keys[0], header)
+        return slots.seal_header(slots.master_of(header, keys), header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d (%s, label %r) removed, authorised by slot %d",
@@ -178,7 +180,7 @@ def change_slot(root: str, secret: Secret, slot_id: int, new: Secret, label: str
         done.update(old=old["kind"], by=by["id"])
         _report(report, header, keys, by, action="change", slot=slot_id, kind=new.kind,
                 old_kind=old["kind"], label=slot["label"])
-        return slots.seal_header(keys[0], header)
+        return slots.seal_header(slots.master_of(header, keys), header)
 
     rewrite_header(root, change, step)
     slots.log.info("key slots: slot %d changed (%s -> %s), authorised by slot %d",
@@ -213,10 +215,10 @@ def rotate(root: str, secret: Secret, step=None, in_use: bool = False,
     try:
         def change(header: dict) -> dict:
             header, keys, by = _opened(root, header, secret)
-            done["epoch"], done["key"] = slots.rotate(header, keys[0])
+            done["epoch"], done["key"] = slots.rotate(header, slots.master_of(header, keys))
             done["by"] = by["id"]
             _report(report, header, keys, by, action="rotate", epoch=done["epoch"])
-            return slots.seal_header(keys[0], header)
+            return slots.seal_header(slots.master_of(header, keys), header)
 
         rewrite_header(root, change, step)
     finally:
@@ -243,10 +245,11 @@ def epoch_key_authentic(root: str, master: bytes, epoch: int, key: bytes) -> boo
 
 def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
     """Destroy the data keys of ``epochs`` (no chunk uses them any more; the
-    caller checked, under the store lock), except epoch 0, the store key,
-    which also seals the index: it is marked ``retired`` (it seals no file
-    contents any more).  ``master`` (the store key) authenticates the header
-    read afresh.  Returns the epochs destroyed."""
+    caller checked, under the store lock), except the master's (epoch 0, the
+    store key, until a generation move), which also seals the index: it is
+    marked ``retired`` (it seals no file contents any more).  ``master``
+    (the master key) authenticates the header read afresh.  Returns the
+    epochs destroyed."""
     import hmac
     from ..errors import HeaderAlteredError
     gone: list[int] = []
@@ -255,8 +258,10 @@ def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
         if not hmac.compare_digest(header["mac"], slots.header_mac(master, header)):
             raise HeaderAlteredError(f"The store header at {root} was altered by someone "
                                      "without the key; nothing was destroyed.")
+        master_epoch = slots.master_epoch(header)
         for entry in list(header["epochs"]):
-            if entry["epoch"] == 0 and 0 in epochs and header["epoch"] != 0:
+            if entry["epoch"] == master_epoch and master_epoch in epochs \
+                    and header["epoch"] != master_epoch:
                 entry.setdefault("retired", slots.now())  # seals no contents any more
             elif entry["epoch"] in epochs and entry["epoch"] != header["epoch"]:
                 slots.destroy(header, entry["epoch"])
@@ -269,15 +274,68 @@ def retire(root: str, master: bytes, epochs: set[int]) -> list[int]:
     return gone
 
 
+def move_master(root: str, master: bytes, keys: dict[int, bytes], gen: int,
+                epochs: set[int], step=None) -> list[int]:
+    """Make epoch ``gen`` (the newest) the store's master (feature
+    ``key-generations-v1``) and destroy ``epochs`` - epoch 0, the store key,
+    among them: the caller sealed the index side under ``gen`` and no chunk
+    uses them (:mod:`dcmfs.opened.regen`).  One header replace: the mac, the
+    epochs' checks and the ingest wrap move to the new master, and the old
+    epochs' entries (their keys sealed to every slot) leave the header, so
+    the slots wrap only the newer keys from then on.  ``master`` (the master
+    the caller opened the store with) authenticates the header read afresh;
+    ``keys``: {epoch: key} of every live epoch.  Returns the epochs destroyed."""
+    import hmac
+    from . import inbox
+    from ..errors import HeaderAlteredError
+    gone: list[int] = []
+
+    def change(header: dict) -> dict:
+        if not hmac.compare_digest(header["mac"], slots.header_mac(master, header)):
+            raise HeaderAlteredError(f"The store header at {root} was altered by someone "
+                                     "without the key; nothing was destroyed.")
+        if header["epoch"] != gen:
+            raise KeySlotError("The store was rotated again meanwhile; run 'dcmfs key rotate "
+                               "--finish' again.")
+        new = keys[gen]
+        sid = header["store_id"]
+        if header.get("ingest") is not None:
+            private = inbox.open_entry(master, bytes.fromhex(sid), header["ingest"])
+            header["ingest"] = inbox.wrap_entry(new, bytes.fromhex(sid), header["ingest"],
+                                                private)
+        header["master"] = gen
+        header["features"] = sorted(set(header["features"]) | {slots.GENERATIONS_FEATURE})
+        for entry in list(header["epochs"]):
+            if entry["epoch"] in epochs and entry["epoch"] != gen:
+                slots.destroy(header, entry["epoch"])
+                gone.append(entry["epoch"])
+        for entry in header["epochs"]:
+            if "check" in entry:  # what a daemon handed the key checks it against
+                entry["check"] = slots.epoch_check(new, sid, entry["epoch"],
+                                                   keys[entry["epoch"]])
+        return slots.seal_header(new, header)
+
+    rewrite_header(root, change, step)
+    for epoch in gone:
+        slots.log.info("key epochs: the key of epoch %d was destroyed (no chunk, index record "
+                       "or audit record uses it)%s", epoch,
+                       " - the store key made with the store" if epoch == 0 else "")
+    slots.log.info("key generations: epoch %d is the store's master key from now on", gen)
+    return gone
+
+
 def list_epochs(root: str) -> list[dict]:
-    """The key epochs: live ones (``current`` marks the newest) and destroyed
-    ones, with dates (no key needed)."""
+    """The key epochs: live ones (``current`` marks the newest, ``master`` the
+    one the index and header keys come from) and destroyed ones, with dates
+    (no key needed)."""
     header = read_header(root)
     if "epochs" not in header:
         return [{"epoch": 0, "state": "current"}]
+    master = slots.master_epoch(header)
     out = [{"epoch": e["epoch"], "created": e.get("created"),
             "state": ("current" if e["epoch"] == header["epoch"] else
-                      "retired" if e.get("retired") else "live")}
+                      "retired" if e.get("retired") else "live"),
+            **({"master": True} if e["epoch"] == master else {})}
            for e in header["epochs"]]
     out += [{"epoch": d["epoch"], "destroyed": d.get("destroyed"), "state": "destroyed"}
             for d in header.get("destroyed", [])]
@@ -310,11 +368,12 @@ def recipient(root: str, secret: Secret, kind: str | None = None, step=None,
             done.update(entry=entry, new=False)
             return header
         store_id = bytes.fromhex(header["store_id"])
-        header["ingest"] = inbox.new_entry(keys[0], store_id, kind or "x25519", slots.now())
+        header["ingest"] = inbox.new_entry(slots.master_of(header, keys), store_id,
+                                           kind or "x25519", slots.now())
         header["features"] = sorted(set(header["features"]) | {inbox.FEATURE})
         done.update(entry=header["ingest"], new=True, by=by["id"])
         _report(report, header, keys, by, action="recipient", kind=header["ingest"]["kind"])
-        return slots.seal_header(keys[0], header)
+        return slots.seal_header(slots.master_of(header, keys), header)
 
     header = rewrite_header(root, change, step)
     if done["new"]:

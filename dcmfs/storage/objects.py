@@ -24,6 +24,7 @@ from .backend import Backend, BackendMissing, LocalBackend
 from .cache import CachedBackend
 from .damage import (AUTH, DECODE, LENGTH, MISMATCH, MISSING, NEWER, ROLLED_BACK,  # noqa: F401
                      SWAPPED, ObjectDamaged, object_name)
+from .filekeys import FileKeys
 from .framed import _PREFIX3, FramedObjects
 from .digest import block_digest
 from .durable import TMP_PREFIX, sync_filesystem
@@ -70,49 +71,6 @@ _PREFIX = fmt.OBJ_PREFIX.pack(fmt.OBJ_MAGIC, fmt.OBJECT_VERSION, fmt.OBJ_KIND_CH
 _FRAMED = fmt.CHUNK_FLAG_FRAMED
 
 
-class FileKeys:
-    """One file's data keys: one per live key epoch (HKDF of that epoch's
-    key), the newest sealing.  Objects name their epoch in the context
-    block (the CTX field after the flags), so a read picks the key.
-
-    ``secret``: the file's random secret from its index record (feature
-    ``file-secrets-v1``), the HKDF's salt (see :func:`file_key`), so that the key can
-    no longer be made once the record is gone from every copy of the
-    index (crypto-shredding); b"" for a file made before the feature."""
-
-    __slots__ = ("_objects", "_file_id", "_secret", "_ciphers")
-
-    def __init__(self, objects: "ObjectStore", file_id: bytes, secret: bytes = b"") -> None:
-        self._objects, self._file_id, self._secret = objects, file_id, secret
-        self._ciphers: dict[int, crypto.Gcm] = {}
-
-    @property
-    def epoch(self) -> int:
-        """The epoch new objects are sealed under: the store's newest, also
-        for a file opened before a rotation."""
-        return self._objects.epoch
-
-    def cipher(self, epoch: int, oid: bytes = b"") -> crypto.Gcm:
-        """Raises :class:`ObjectDamaged` for an epoch whose key is gone."""
-        c = self._ciphers.get(epoch)
-        if c is None:
-            key = self._objects.epoch_keys.get(epoch)
-            if key is None:
-                raise ObjectDamaged(oid, f"is sealed under key epoch {epoch}, which this store "
-                                         "does not hold (destroyed, or from another store)")
-            c = self._ciphers[epoch] = crypto.Gcm(
-                file_key(key, self._objects.store_id, self._file_id, self._secret))
-        return c
-
-
-def file_key(epoch_key: bytes, store_id: bytes, file_id: bytes, secret: bytes = b"") -> bytes:
-    """A file's payload key under one key epoch: HKDF-SHA256 of the epoch key,
-    info ``file-key`` + store id + file id, and the file's secret as HKDF's
-    salt (none for a file made before ``file-secrets-v1``): the extraction
-    is then keyed by the secret, so the epoch key alone makes nothing."""
-    return crypto.derive(epoch_key, b"file-key", store_id + file_id, salt=secret or None)
-
-
 class ObjectStore(FramedObjects):
     """``backend``: where the objects live (default: the store directory
     itself); :meth:`path` is always the object's file in the store
@@ -128,7 +86,11 @@ class ObjectStore(FramedObjects):
         #: {key epoch: key} (0: the store key) and the epoch new objects use
         self.epoch_keys = dict(epoch_keys or {0: master_key})
         self.epoch = epoch
-        self._header = crypto.Siv(crypto.derive(master_key, b"object-context", store_id))
+        #: the master key's context sealer first (objects of every store
+        #: before ``key-generations-v1``), then each live epoch's: a context
+        #: block is sealed under the key of the epoch its payload is under
+        #: (:meth:`_ctx_sealer`), and opened by trying these
+        self._contexts: dict[bytes, crypto.Siv] = {}
         self._codecs = codecs
         self._verify = verify_writes
         #: write chunks asked for zstd and longer than a frame as framed
@@ -168,6 +130,32 @@ class ObjectStore(FramedObjects):
         store key, as before any rotation); ``secret``: the file's own, from
         its inode record (b"": a file made before ``file-secrets-v1``)."""
         return FileKeys(self, file_id, secret)
+
+    def _ctx_sealer(self, epoch: int) -> crypto.Siv:
+        """The context block's AEAD of an object sealed under ``epoch``: HKDF
+        of that epoch's key, so no key older than the object's own opens
+        any part of it (epoch 0: the store key, as before any rotation)."""
+        key = self.epoch_keys[epoch]
+        siv = self._contexts.get(key)
+        if siv is None:
+            siv = self._contexts[key] = crypto.Siv(
+                crypto.derive(key, b"object-context", self._store_id))
+        return siv
+
+    def _ctx_candidates(self) -> list[tuple[int, crypto.Siv]]:
+        """(epoch, sealer) to try on a context block: the newest epoch's
+        first, then the master's (objects of an older dcmfs), then the rest."""
+        order = [self.epoch] + sorted((e for e in self.epoch_keys if e != self.epoch),
+                                      key=lambda e: (self.epoch_keys[e] != self._master, -e))
+        return [(e, self._ctx_sealer(e)) for e in order]
+
+    def forget_epochs_but(self, epoch: int) -> None:
+        """Drop every key but ``epoch``'s from memory (no object uses them
+        any more: a key generation move, :mod:`dcmfs.opened.regen`)."""
+        self.epoch_keys = {epoch: self.epoch_keys[epoch]}
+        self._contexts = {}
+        with self._tables_lock:  # their ciphers are file keys of those epochs
+            self._tables.clear()
 
     def add_epoch(self, epoch: int, key: bytes) -> None:
         """A rotation: every object sealed from now on is under ``epoch``."""
@@ -223,7 +211,7 @@ class ObjectStore(FramedObjects):
         epoch = cipher.epoch  # once: a rotation may happen meanwhile
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags,
                                   epoch, len(plaintext), stored_len)
-        sealed_ctx = self._header.seal(ctx, self._ctx_aad)
+        sealed_ctx = self._ctx_sealer(epoch).seal(ctx, self._ctx_aad)
         sealed_payload = cipher.cipher(epoch, oid).seal(payload, self._aad(oid) + ctx)
         blob = b"".join((_PREFIX, sealed_ctx, sealed_payload))
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
@@ -307,6 +295,14 @@ class ObjectStore(FramedObjects):
         (reading only its header).  Raises :class:`ObjectDamaged`."""
         return self._open_context(oid, self._head(oid))[3]
 
+    def epochs_of(self, oid: bytes) -> set[int]:
+        """Every key epoch the object stored as ``oid`` needs: its payload's
+        and its context block's (an object sealed under a later epoch by a
+        dcmfs before ``key-generations-v1`` has its context under the store
+        key).  Raises :class:`ObjectDamaged`."""
+        found = self._open_context(oid, self._head(oid))
+        return {found[3], found[4]}
+
     def context_of(self, oid: bytes) -> ChunkContext:
         """The context of the object stored as ``oid``, reading only its header.
 
@@ -319,9 +315,10 @@ class ObjectStore(FramedObjects):
         except BackendMissing as exc:
             raise ObjectDamaged(oid, "is missing", MISSING) from exc
 
-    def _open_context(self, oid: bytes, blob: bytes) -> tuple[ChunkContext, bytes, int, int]:
-        """(context, its plaintext, header length, key epoch) of an object of
-        either layout."""
+    def _open_context(self, oid: bytes, blob: bytes
+                      ) -> tuple[ChunkContext, bytes, int, int, int]:
+        """(context, its plaintext, header length, key epoch, the epoch whose
+        key opened the context) of an object of either layout."""
         if len(blob) < fmt.OBJ_PREFIX.size:
             raise ObjectDamaged(oid, "is truncated", LENGTH)
         magic, version, kind, reserved = fmt.OBJ_PREFIX.unpack_from(blob)
@@ -341,17 +338,23 @@ class ObjectStore(FramedObjects):
         end = header_len - fmt.NONCE_LEN
         prefix = bytes(blob[:fmt.OBJ_PREFIX.size])
         aad = prefix + self._store_id + (oid if v1 else b"")
-        try:
-            ctx = self._header.open(memoryview(blob)[start:end], aad)
-        except crypto.AuthenticationFailed as exc:
-            raise ObjectDamaged(oid, "failed authentication of its context") from exc
+        sealed = memoryview(blob)[start:end]
+        for ctx_epoch, siv in self._ctx_candidates():
+            try:
+                ctx = siv.open(sealed, aad)
+                break
+            except crypto.AuthenticationFailed:
+                continue
+        else:
+            raise ObjectDamaged(oid, "failed authentication of its context")
         if v1:  # the id was in the associated data: it is the name it opened under
             fields = fmt.CTX1_STRUCT.unpack(ctx)
-            return ChunkContext(oid, *fields[:6], *fields[7:]), ctx, header_len, 0
+            return ChunkContext(oid, *fields[:6], *fields[7:]), ctx, header_len, 0, ctx_epoch
         fields = fmt.CTX_STRUCT.unpack(ctx)
         if framed != bool(fields[6] & _FRAMED):  # cannot be sealed so: tampering or a bug
             raise ObjectDamaged(oid, "has a layout its context does not name", MISMATCH)
-        return ChunkContext(*fields[:7], *fields[8:]), ctx, header_len, fields[7]
+        return (ChunkContext(*fields[:7], *fields[8:]), ctx, header_len, fields[7],
+                ctx_epoch)
 
     def read(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, ref: ChunkRef,
              blob: bytes | None = None) -> bytes:
@@ -381,31 +384,34 @@ class ObjectStore(FramedObjects):
         ObjectDamaged
             The old object is not intact (it is left as it is).
         """
-        payload, epoch = self._payload(cipher, file_id, ino, index, ref, None)
+        payload, epoch, ctx_epoch = self._payload(cipher, file_id, ino, index, ref, None)
         newest = cipher.epoch
-        if epoch == newest:
+        if epoch == newest and ctx_epoch == newest:
             return None
         oid = self.new_oid()
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, ref.generation, ref.codec,
                                   ref.flags, newest, ref.plain_len, ref.stored_len)
+        sealer = self._ctx_sealer(newest)
         if ref.flags & _FRAMED:  # every frame sealed again, bound to the new id
-            blob = b"".join((_PREFIX3, self._header.seal(ctx, _PREFIX3 + self._store_id),
+            blob = b"".join((_PREFIX3, sealer.seal(ctx, _PREFIX3 + self._store_id),
                              frames.seal(cipher.cipher(newest, oid),
                                          _PREFIX3 + self._store_id + oid + ctx, payload)))
         else:
-            blob = b"".join((_PREFIX, self._header.seal(ctx, self._ctx_aad),
+            blob = b"".join((_PREFIX, sealer.seal(ctx, self._ctx_aad),
                              cipher.cipher(newest, oid).seal(payload, self._aad(oid) + ctx)))
         self._put(oid, blob)
         return ref._replace(oid=oid)
 
     def _payload(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, ref: ChunkRef,
-                 blob: bytes | None) -> tuple[bytes | list[bytes], int]:
-        """(the authenticated payload, its key epoch) of the object ``ref``
-        names; of a framed object, the list of its frames' payloads."""
+                 blob: bytes | None) -> tuple[bytes | list[bytes], int, int]:
+        """(the authenticated payload, its key epoch, its context's key
+        epoch) of the object ``ref`` names; of a framed object, the list of
+        its frames' payloads."""
         oid = ref.oid
         if blob is None:
             blob = self.load(oid)
-        ctx_plain, header_len, epoch = self._checked_context(file_id, ino, index, ref, blob)
+        ctx_plain, header_len, epoch, ctx_epoch = self._checked_context(file_id, ino, index,
+                                                                        ref, blob)
         if len(blob) != header_len + ref.stored_len + fmt.TAG_LEN:
             raise ObjectDamaged(oid, "has the wrong length", LENGTH)
         start = header_len - fmt.NONCE_LEN
@@ -413,7 +419,7 @@ class ObjectStore(FramedObjects):
         gcm = cipher.cipher(epoch, oid)
         try:
             if not ref.flags & _FRAMED:
-                return gcm.open(memoryview(blob)[start:], aad), epoch
+                return gcm.open(memoryview(blob)[start:], aad), epoch, ctx_epoch
             view = memoryview(blob)
             starts = frames.open_table(gcm, aad, ref.plain_len,
                                        view[start:frames.table_end(ref.plain_len)])
@@ -421,16 +427,17 @@ class ObjectStore(FramedObjects):
                 raise ObjectDamaged(oid, "has the wrong length", LENGTH)
             count = len(starts) - 1
             return [frames.open_frame(gcm, aad, k, count, view[starts[k]:starts[k + 1]])
-                    for k in range(count)], epoch
+                    for k in range(count)], epoch, ctx_epoch
         except crypto.AuthenticationFailed as exc:
             raise ObjectDamaged(oid, "failed authentication") from exc
 
     def _checked_context(self, file_id: bytes, ino: int, index: int, ref: ChunkRef,
-                         blob: bytes) -> tuple[bytes, int, int]:
-        """(CTX plaintext, header length, key epoch) of ``blob``, the object
-        ``ref`` names, once its context matches what the index expects."""
+                         blob: bytes) -> tuple[bytes, int, int, int]:
+        """(CTX plaintext, header length, key epoch, the context's key epoch)
+        of ``blob``, the object ``ref`` names, once its context matches what
+        the index expects."""
         oid = ref.oid
-        ctx, ctx_plain, header_len, epoch = self._open_context(oid, blob)
+        ctx, ctx_plain, header_len, epoch, ctx_epoch = self._open_context(oid, blob)
         expected = ChunkContext(oid, file_id, ino, index, ref.generation, ref.codec, ref.flags,
                                 ref.plain_len, ref.stored_len)
         if ctx != expected:
@@ -445,7 +452,7 @@ class ObjectStore(FramedObjects):
                 raise ObjectDamaged(oid, f"holds object {ctx.oid.hex()} {where} "
                                          "(swapped or moved)", SWAPPED)
             raise ObjectDamaged(oid, "does not match its index entry", MISMATCH)
-        return ctx_plain, header_len, epoch
+        return ctx_plain, header_len, epoch, ctx_epoch
 
     def quarantine(self, oid: bytes, root: str) -> None:
         """Move an object that fsck cannot prove to be garbage out of the way

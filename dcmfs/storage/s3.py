@@ -168,6 +168,19 @@ class S3Backend(Backend):
         except Exception as exc:
             raise self._err("LIST", prefix or "/", exc) from exc
 
+    def list_after(self, prefix: str, after: str) -> Iterator[str]:
+        """The names under ``prefix`` (a directory: ``packs/``) that sort
+        after ``after`` (S3's start-after: a follower lists new packs only)."""
+        cut = len(self.prefix)
+        self.requests += 1
+        try:
+            for batch in self._ob.list(self._store, prefix=(self.prefix + prefix).rstrip("/"),
+                                       offset=self.prefix + after, chunk_size=1000):
+                for meta in batch:
+                    yield meta["path"][cut:]
+        except Exception as exc:
+            raise self._err("LIST", prefix, exc) from exc
+
     def delete(self, name: str) -> None:
         self.requests += 1
         try:

@@ -69,6 +69,9 @@ log = logging.getLogger("dcmfs.audit")
 FEATURE = "key-slots-v1"
 #: a store that was rotated at least once (objects name their key epoch)
 EPOCHS_FEATURE = "key-epochs-v1"
+#: a store whose *key generation* moved off epoch 0 (``key rotate --finish``):
+#: ``master`` names the epoch whose key every derived key comes from
+GENERATIONS_FEATURE = "key-generations-v1"
 KINDS = ("passphrase", "keyfile", "credential", "command", "pkcs11")
 #: the slot kinds a secret of each kind is tried against: a systemd
 #: credential holds a key file's bytes, so either opens the other's slots
@@ -121,9 +124,24 @@ def valid_table(header: dict) -> bool:
                        and isinstance(e.get("sealed"), dict)
                        and all(isinstance(v, str) for v in e["sealed"].values())
                        for e in epochs)
-            or epochs[0]["epoch"] != 0):
+            or master_epoch(header) not in [e["epoch"] for e in epochs]):
         return False
     return isinstance(header.get("mac"), str)
+
+
+def master_epoch(header: dict) -> int:
+    """The epoch whose key is the store's *master* (its key generation): the
+    header mac, the index, names, journal, audit trail, object contexts of
+    older objects, the ingest wrap and the damage mark derive from it.  0
+    (the store key made with the store) until a ``key rotate --finish`` moves
+    it to the newest epoch and destroys epoch 0 (``key-generations-v1``)."""
+    value = header.get("master", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def master_of(header: dict, keys: dict[int, bytes]) -> bytes:
+    """The master key among an unlocked header's ``keys``."""
+    return keys[master_epoch(header)]
 
 
 def _canonical(value: object) -> bytes:
@@ -205,6 +223,21 @@ def _raw(key) -> bytes:
     if hasattr(key, "private_bytes"):
         return key.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
     return key.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+
+
+def open_epochs(header: dict, private: bytes, slot_id: int) -> dict[int, bytes]:
+    """{epoch: key} of every live epoch of ``header`` sealed to the slot
+    whose private key is ``private`` (nothing of the header is checked here).
+
+    Raises
+    ------
+    crypto.AuthenticationFailed, KeyError
+        An epoch is not sealed to that slot, or does not open.
+    """
+    store_id = header["store_id"]
+    return {e["epoch"]: open_from(private, e["sealed"][str(slot_id)],
+                                  _seal_aad(store_id, slot_id, e["epoch"]))
+            for e in header["epochs"]}
 
 
 def _seal_aad(store_id: str, slot_id: int, epoch: int) -> bytes:
@@ -306,21 +339,25 @@ def rotate(header: dict, master: bytes) -> tuple[int, bytes]:
         str(s["id"]): seal_to(s["public"], key, _seal_aad(header["store_id"], s["id"], epoch))
         for s in header["slots"]}, "check": epoch_check(master, header["store_id"], epoch, key)})
     header["epoch"] = epoch
-    header["features"] = sorted(set(header["features"]) | {EPOCHS_FEATURE})
+    # objects of the new epoch have their context block under its key too,
+    # which an older dcmfs would not know: it refuses the store instead
+    header["features"] = sorted(set(header["features"]) | {EPOCHS_FEATURE, GENERATIONS_FEATURE})
     return epoch, key
 
 
 def destroy(header: dict, epoch: int) -> None:
     """Forget an older epoch's data key (no object may use it any more)."""
-    if epoch in (0, header["epoch"]):
+    if epoch in (master_epoch(header), header["epoch"]):
         raise ValueError(f"epoch {epoch} cannot be destroyed")
     header["epochs"] = [e for e in header["epochs"] if e["epoch"] != epoch]
     header.setdefault("destroyed", []).append({"epoch": epoch, "destroyed": now()})
 
 
-def unlock(header: dict, secret, root: str) -> tuple[dict[int, bytes], dict]:
+def unlock(header: dict, secret, root: str, with_private: bool = False) -> tuple:
     """({epoch: key} of every live epoch, the slot that opened) for
-    ``secret``; epoch 0 is the store key.  The header's mac is checked with
+    ``secret``; epoch 0 is the store key.  ``with_private``: the slot's
+    private key too, third (a follower opens the epochs a rotation adds to
+    the bucket's header with it: :mod:`dcmfs.opened.followkeys`).  The header's mac is checked with
     it.  A failed attempt is logged with the kinds tried, never with
     anything of the secret.
 
@@ -347,7 +384,8 @@ def unlock(header: dict, secret, root: str) -> tuple[dict[int, bytes], dict]:
             keys = {e["epoch"]: open_from(private, e["sealed"][str(slot["id"])],
                                           _seal_aad(store_id, slot["id"], e["epoch"]))
                     for e in header["epochs"]}
-            if not hmac.compare_digest(header["mac"], header_mac(keys[0], header)):
+            if not hmac.compare_digest(header["mac"], header_mac(master_of(header, keys),
+                                                                 header)):
                 raise crypto.AuthenticationFailed("header mac")
         except (crypto.AuthenticationFailed, KeyError) as exc:
             log.warning("unlock refused: slot %d (%s) opened but the store header's "
@@ -356,7 +394,7 @@ def unlock(header: dict, secret, root: str) -> tuple[dict[int, bytes], dict]:
                 f"The store header at {root} was altered by someone without the key (a slot "
                 "put back or changed, or another field edited); restore dcmfs.store from a "
                 "backup made after the last 'dcmfs key' command.") from exc
-        return keys, slot
+        return (keys, slot, private) if with_private else (keys, slot)
     have = sorted({s["kind"] for s in header["slots"]})
     log.warning("unlock failed: %s opened none of the store's %d %s slot(s)",
                 WHAT[secret.kind], len(candidates), "/".join(kinds))

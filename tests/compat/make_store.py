@@ -67,7 +67,7 @@ def content() -> dict[str, bytes]:
         "/dir/holes.bin": b"start" + bytes(2 * cs) + b"end",
         "/dir/exact.bin": rng.randbytes(2 * cs),
         "/ct/synthetic.dcm": synthetic_ct(),
-        # since format 6: zstd chunks of more than a frame are framed objects
+        # since format 7: zstd chunks of more than a frame are framed objects
         "/dir/text.txt": b"".join(b"line %d of a compressible text\n" % i for i in range(9000)),
     }
 
@@ -81,7 +81,7 @@ def main(out: str) -> None:
     from dcmfs.core.filesystem import FileSystem
     from dcmfs.storage.header import Secret, init_store, open_store
 
-    # 128 KiB since format 6: chunks longer than a 64 KiB frame, so that
+    # 128 KiB since format 7: chunks longer than a 64 KiB frame, so that
     # the zstd chunks are framed objects (layout 3, feature framed-chunks-v1)
     cfg = Config(chunk_size=128 * 1024, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1),
                  checkpoint_interval=0)
@@ -117,10 +117,28 @@ def main(out: str) -> None:
         fs.close()
         files[path] = files["/ct/synthetic.dcm"]
         image[path] = name
+    # since format 6 (key-generations-v1): a rotation and a finish moved the
+    # index side to epoch 1 and destroyed epoch 0, then a second rotation
+    # left epoch 2 current beside the master, each with a file of its own
+    # (their objects' context blocks under their own epochs' keys)
+    from dcmfs.app.admin import finish_rotation
+    from dcmfs.storage.keyring import recipient, rotate
+    recipient(root, secret)  # made before the finish: its wrap moves to epoch 1
+    for epoch in (1, 2):
+        rotate(root, secret)
+        path = f"/epoch{epoch}.bin"
+        files[path] = random.Random(epoch).randbytes(100_000 + epoch)
+        fs = FileSystem(open_store(root, secret, for_writing=True), cfg)
+        fh = fs.create(path, 0o640, os.O_WRONLY, 0, 0)
+        fs.write(fh, files[path], 0)
+        fs.release(fh)
+        fs.close()
+        if epoch == 1:
+            import io
+            finish_rotation(root, lambda: secret, cfg, out=io.StringIO())
     # since format 5: a write-only ingest mount's file, left in the inbox for
     # the next read-write opening to import (feature ingest-v1)
     from dcmfs.core.ingest import IngestFS
-    from dcmfs.storage.keyring import recipient
     ingest = IngestFS(root, recipient(root, secret), cfg)
     inbox_files = {"/ingested/scan.dcm": files["/ct/synthetic.dcm"],
                    "/ingested/note.txt": b"written through a write-only mount\n" * 3000}
@@ -138,7 +156,8 @@ def main(out: str) -> None:
                 "symlink": ["/link", "dir/sub/multi.bin"],
                 "xattr": ["/small.txt", "user.note", "kept"],
                 "mtime_ns": ["/small.txt", 1_700_000_000_000_000_000],
-                "image": image}
+                "image": image,
+                "key_generation": {"master": 1, "destroyed": [0], "epochs": [1, 2]}}
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.write("\n")
