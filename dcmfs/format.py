@@ -66,6 +66,12 @@ constant, so do we):
   payload key comes from in the CTX field that was reserved (u16 after the
   flags; 0, the store key, in every object written before), so objects of
   every format version read as before.
+* 4 — (random reads, issue 17) feature ``framed-chunks-v1``: chunks coded
+  with zstd longer than 64 KiB are written as framed objects
+  (object layout 3, flag bit 2): 64 KiB frames compressed and sealed one by
+  one after a sealed frame table, so a 4 KiB random read decodes one frame.
+  Older objects read as before; the feature is added at the first
+  read-write opening (an older dcmfs then refuses the store).
 * 4 — (the de-identified research view, issue 21) feature ``deid-view-v1``:
   the index database ``deidview`` (ino -> sealed JSON: what the view lists
   of a DICOM file, see :mod:`dcmfs.index.schema`), created at the first
@@ -127,8 +133,12 @@ FORMAT_VERSION = 6
 #: the object layout this dcmfs writes (the version byte of each object; the
 #: layout changed in format 2 and not since)
 OBJECT_VERSION = 2
+#: the layout of framed chunk objects (feature ``framed-chunks-v1``,
+#: :mod:`dcmfs.storage.frames`): the header of layout 2, then a sealed frame
+#: table and frames of 64 KiB sealed one by one
+OBJECT_VERSION_FRAMED = 3
 #: object layouts this dcmfs reads
-OBJECT_VERSIONS = (1, 2)
+OBJECT_VERSIONS = (1, 2, 3)
 STORE_MAGIC = "dcmfs-store"
 HEADER_NAME = "dcmfs.store"
 INDEX_DIR = "index"
@@ -169,7 +179,8 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "special-files-v1", "index-auth-v1", "backend-s3-v1",
                             "audit-v1", "key-slots-v1", "key-epochs-v1",
                             "deid-view-v1", FILE_SECRETS_FEATURE,
-                            "ingest-v1", "key-generations-v1", S3_PACKS_FEATURE})
+                            "ingest-v1", "key-generations-v1", S3_PACKS_FEATURE,
+                            "framed-chunks-v1"})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -178,7 +189,7 @@ WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1",
-                            "deid-view-v1", FILE_SECRETS_FEATURE})
+                            "deid-view-v1", FILE_SECRETS_FEATURE, "framed-chunks-v1"})
 #: features this version may write into an S3 store besides (added the same way)
 S3_WRITE_FEATURES = frozenset({S3_PACKS_FEATURE})
 
@@ -228,6 +239,10 @@ CHUNK_FLAG_LAST = 0x01
 #: (DICOM-coded): its offset is the sum of the lengths of the extents before
 #: it, which is how an index rebuild from the objects alone places it
 CHUNK_FLAG_EXTENT = 0x02
+#: the object is framed (layout 3, feature ``framed-chunks-v1``): its payload
+#: is a sealed frame table and frames sealed one by one, so a ranged read
+#: decodes one 64 KiB frame (:mod:`dcmfs.storage.frames`)
+CHUNK_FLAG_FRAMED = 0x04
 
 # --- dcmfs's own extended attributes ---------------------------------------------
 #: the prefix dcmfs reserves: no file carries an attribute under it but the

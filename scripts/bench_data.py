@@ -143,6 +143,12 @@ def read_files(files, dst: pathlib.Path) -> tuple[float, int, list[str]]:
 
 
 def write_big(dst: pathlib.Path, block: bytes, mib: int) -> None:
+    """``dst/big.bin``: ``mib`` MiB of ``block`` (CT bytes), 1 MiB a write.
+    A block of 1 MiB or less (a series of one or two files) is repeated
+    first: the window below needs it longer (else the file came out short,
+    and fio laid the rest of the random-read file out through the mount)."""
+    if len(block) <= 1048576:
+        block = block * (1048576 // max(1, len(block)) + 2)
     with open(dst / "big.bin", "wb") as f:
         for i in range(mib):
             off = (i * 1048576) % (len(block) - 1048576)

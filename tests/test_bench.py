@@ -162,6 +162,22 @@ def check_new_workloads(figures: dict) -> None:
     assert figures["runtime_s"] > 0 and figures["command"].startswith("./scripts/bench")
 
 
+def test_the_big_file_has_its_size_whatever_the_series(tmp_path):
+    """A series of one file (a block under 1 MiB) still makes a file of the
+    size asked for, of the block's bytes (it came out about a quarter short,
+    and the random-read workload then measured fio writing the rest)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_data import write_big
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    block = bytes(range(256)) * 2000  # 512 000 bytes, like one CT slice
+    write_big(tmp_path, block, 3)
+    data = (tmp_path / "big.bin").read_bytes()
+    assert len(data) == 3 << 20
+    assert data[:len(block)] == block and data[len(block):2 * len(block)] == block
+
+
 def check_s3(figures: dict, stdout: str) -> None:
     """The S3 contenders ran beside the local backend, or were skipped only
     where Ceph cannot be installed (the reason printed)."""

@@ -18,7 +18,7 @@ from dcmfs.app import admin
 from dcmfs.storage import codec
 from dcmfs.config import Config
 from dcmfs.core.filesystem import FileSystem
-from dcmfs.format import WRITE_FEATURES
+from dcmfs.format import CHUNK_FLAG_FRAMED, WRITE_FEATURES
 from dcmfs.storage.header import Secret, StoreLock, open_store
 from dcmfs.integrity.verify import Verifier
 
@@ -107,6 +107,10 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         assert fs.imported["imported"] == len(inbox), fs.imported
         manifest["files"].update(inbox)
         check(fs, manifest)
+        if "framed-chunks-v1" in before:  # v7 on: the store holds framed objects
+            with fs.index.begin() as txn:
+                refs = txn.chunks(fs._resolve(txn, "/dir/text.txt"))
+            assert any(r.flags & CHUNK_FLAG_FRAMED for r in refs.values())
         fh = fs.create("/new.bin", 0o600, os.O_WRONLY, 0, 0)
         fs.write(fh, b"written by this dcmfs" * 5000, 0)
         fs.release(fh)

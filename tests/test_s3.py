@@ -290,3 +290,35 @@ def test_nothing_leaks_into_the_bucket(s3_fs, ceph_s3):
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert name.encode() not in body, key
         assert b"SECRET-DICOM-ATTRIBUTE" not in body, key
+
+
+def test_random_reads_of_framed_objects_are_ranged_gets(s3_fs, ceph_s3):
+    """A random 4 KiB read of an object not in the cache GETs the header,
+    the frame table and one frame (nothing is cached whole); a flipped
+    frame in the bucket fails its own reads, never its neighbour's."""
+    from dcmfs.storage import frames
+    from dcmfs.storage.damage import object_name
+    cs, fsz = 4 * frames.FRAME_SIZE, frames.FRAME_SIZE
+    fs = s3_fs(chunk_size=cs)
+    data = os.urandom(3 * cs)
+    write_file(fs, "/r", data)
+    fs.close()
+    wipe_cache(s3_fs.root)
+    fs = s3_fs(chunk_size=cs)
+    fs.data.SEQUENTIAL_SLACK = -1  # every read is a random reader's
+    with fs.index.begin() as txn:
+        refs = txn.chunks(fs._resolve(txn, "/r"))
+    assert all(r.flags & 0x04 for r in refs.values())  # framed
+    fh = fs.open("/r", os.O_RDONLY)
+    try:
+        off = cs + fsz + 100
+        assert fs.read(fh, 4096, off) == data[off:off + 4096]
+        assert fs.objects.backend.cache.head(object_name(refs[1].oid)) is None
+        # inside frame 0 of chunk 2 (in its pack, or loose)
+        Bucket(ceph_s3.client(), s3_fs.url).flip(refs[2].oid, frames.table_end(cs) + 1000)
+        off = 2 * cs + fsz + 10
+        assert fs.read(fh, 4096, off) == data[off:off + 4096]
+        with pytest.raises(IntegrityError):
+            fs.read(fh, 4096, 2 * cs + 10)
+    finally:
+        fs.release(fh)

@@ -20,7 +20,6 @@ check removes.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import logging
 import threading
@@ -30,7 +29,6 @@ from concurrent.futures import wait as futures_wait
 from typing import Callable
 
 from ..storage.codec import NONE
-from ..errors import IntegrityError
 from ..format import CHUNK_FLAG_LAST
 from ..index import Index, Inode
 from ..storage.digest import block_digest, tree_digest
@@ -38,12 +36,13 @@ from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
 from .garbage import Garbage
 from .prefetch import Prefetching
+from .reads import FileReads
 from .openfile import ChunkCache, OpenFile, all_zero, done_future, on_written
 
 log = logging.getLogger("dcmfs.data")
 
 
-class FileData(Prefetching, Garbage):
+class FileData(Prefetching, Garbage, FileReads):
     """Reads, writes and commits file contents for the filesystem core."""
 
     #: a read starting this close to where the last one ended is sequential
@@ -95,79 +94,6 @@ class FileData(Prefetching, Garbage):
             of.extents = ([committed[i].offset for i in order], order)
         return of
 
-    # --- reading --------------------------------------------------------------
-    def _load(self, of: OpenFile, idx: int, ref: ChunkRef) -> bytes:
-        data = self.cache.get(ref.oid)
-        if data is None:
-            with self._prefetch_lock:
-                fut = self._prefetching.get(ref.oid)
-            data = fut.result() if fut is not None else None
-        if data is None:
-            try:
-                data = self.objects.read(of.cipher, of.inode.file_id, of.ino, idx, ref)
-            except IntegrityError as exc:
-                self.on_damage(of.ino, exc)
-                raise
-            self.cache.put(ref.oid, data)
-        return data
-
-    def chunk_plain(self, of: OpenFile, idx: int) -> bytes | bytearray:
-        """The current plaintext of chunk ``idx`` (may be shorter than the
-        chunk: the rest reads as zeros)."""
-        buf = of.dirty.get(idx)
-        if buf is not None:
-            return buf
-        fut = of.pending.get(idx)
-        if fut is not None:
-            if fut.exception() is not None:  # not written (yet): still in memory
-                return fut.plaintext
-            ref = fut.result()
-            return b"" if ref is None else self._load(of, idx, ref)
-        ref = of.committed.get(idx)
-        if idx == (of.size - 1) // self.chunk_size and not of.changed:
-            # the last chunk is always stored, with the LAST flag: a missing
-            # entry or flag means the index or the object was tampered with
-            if ref is None or not ref.flags & CHUNK_FLAG_LAST:
-                exc = IntegrityError(f"inode {of.ino}: last chunk {idx} is missing or "
-                                     "unflagged")
-                self.on_damage(of.ino, exc)
-                raise exc
-        return b"" if ref is None else self._load(of, idx, ref)
-
-    def _read_extents(self, of: OpenFile, offset: int, end: int, ahead: bool = True) -> bytes:
-        """Read from the extent layout: only the extents (frames) the range
-        touches are decoded (and, with ``ahead``, the next ones prefetched)."""
-        starts, order = of.extents
-        parts = []
-        k = max(0, bisect.bisect_right(starts, offset) - 1)
-        pos = offset
-        while pos < end:
-            if k >= len(order):
-                raise self._bad_layout(of, "extents end before the file does")
-            idx = order[k]
-            ref = of.committed[idx]
-            if ref.offset > pos or (k + 1 == len(order)) != bool(ref.flags & CHUNK_FLAG_LAST):
-                raise self._bad_layout(of, f"extent {idx} is out of place")
-            for later in order[k + 1:k + 1 + self.READ_AHEAD] if ahead else ():
-                self._prefetch(of, later)  # decoding on the other core meanwhile
-            plain = self._load(of, idx, ref)
-            piece = plain[pos - ref.offset:end - ref.offset]
-            if not piece:
-                raise self._bad_layout(of, f"extent {idx} is shorter than its place")
-            parts.append(piece)
-            pos += len(piece)
-            k += 1
-        if end == of.size and (k != len(order) or
-                               of.committed[order[-1]].offset + of.committed[order[-1]].plain_len
-                               != of.size):
-            raise self._bad_layout(of, "extents do not end where the file does")
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _bad_layout(self, of: OpenFile, what: str) -> IntegrityError:
-        exc = IntegrityError(f"inode {of.ino}: {what}")
-        self.on_damage(of.ino, exc)
-        return exc
-
     def _to_fixed(self, of: OpenFile) -> None:
         """Before the first change to an extent-laid-out file: copy it into
         fixed chunks (sealed as usual; the extents are superseded at commit).
@@ -203,30 +129,6 @@ class FileData(Prefetching, Garbage):
         self._burst = (start, count + 1)
         if count + 1 >= self.BURST_REQUESTS:
             self.last_activity = now
-
-    def read(self, of: OpenFile, offset: int, size: int, ahead: bool = True) -> bytes:
-        self.last_activity = time.monotonic()  # background work yields to readers too
-        end = min(offset + size, of.size)
-        if offset >= end:
-            return b""
-        if of.extents is not None:
-            # read ahead only for a sequential reader (the kernel's own
-            # read-ahead may reorder its requests a little); random access
-            # decodes what it reads and nothing more
-            sequential = abs(offset - of.read_end) <= self.SEQUENTIAL_SLACK
-            of.read_end = end
-            return self._read_extents(of, offset, end, ahead and sequential)
-        cs = self.chunk_size
-        parts = []
-        for idx in range(offset // cs, (end - 1) // cs + 1):
-            base = idx * cs
-            lo, hi = max(offset, base) - base, min(end, base + cs) - base
-            plain = self.chunk_plain(of, idx)
-            piece = plain[lo:hi]
-            if len(piece) < hi - lo:
-                piece = bytes(piece) + bytes(hi - lo - len(piece))
-            parts.append(piece)
-        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
     # --- writing --------------------------------------------------------------
     def _dirty_buffer(self, of: OpenFile, idx: int) -> bytearray:

@@ -67,6 +67,9 @@ class OpenFile:
         #: where the last read ended: a read starting near it is sequential
         #: (and only then are the next extents decoded ahead)
         self.read_end = 0
+        #: was the last read near the one before it? (a small read is
+        #: sequential only after another near one)
+        self.read_near = False
 
     @property
     def write_generation(self) -> int:

@@ -4,7 +4,7 @@ the pass that makes them leave every copy of the index the store holds.
 Since feature ``file-secrets-v1`` every new inode holds a random 32-byte
 secret in its sealed record (:class:`~dcmfs.index.schema.Inode`), and a
 file's payload key is HKDF of the key epoch's key *salted with that
-secret* (:func:`dcmfs.storage.objects.file_key`).  Deleting the file
+secret* (:func:`dcmfs.storage.filekeys.file_key`).  Deleting the file
 deletes the record, but the secret is still in the index's history: the
 journal records that put the inode (the live journal and the archived
 segments ``snapshots/journal-N``), the snapshots ``snapshots/snapshot-N``

@@ -179,7 +179,8 @@ class Salvage:
                     plain = self.objects.read(cipher, inode.file_id, ino, idx, ref)
                 except IntegrityError:
                     plain = None
-                if plain is not None and len(plain) == length and ref.flags == flags:
+                if plain is not None and len(plain) == length \
+                        and ref.flags & ~fmt.CHUNK_FLAG_FRAMED == flags:
                     new_table[idx] = ref
                     hasher.update(plain)
                     continue

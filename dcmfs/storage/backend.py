@@ -103,11 +103,23 @@ class LocalBackend(Backend):
         return True
 
     def get(self, name: str, start: int = 0, end: int | None = None) -> bytes:
+        # os-level calls: a buffered open, seek and read cost three times as
+        # much, which a 4 KiB random read through a framed object notices
         try:
-            with open(self.path(name), "rb") as f:
-                if start:
-                    f.seek(start)
-                return f.read() if end is None else f.read(max(0, end - start))
+            fd = os.open(os.path.join(self.root, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if end is None:
+                    end = os.fstat(fd).st_size
+                want = max(0, end - start)
+                data = os.pread(fd, want, start)
+                while len(data) < want:  # a short read before the end: read on
+                    more = os.pread(fd, want - len(data), start + len(data))
+                    if not more:
+                        break
+                    data += more
+                return data
+            finally:
+                os.close(fd)
         except FileNotFoundError as exc:
             raise BackendMissing(name) from exc
         except OSError as exc:

@@ -11,18 +11,21 @@ and the payload before anything is decompressed, and decompress with a cap.
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
+import threading
 from typing import Iterator, NamedTuple
 
-from . import crypto
+from . import crypto, frames
 from .. import format as fmt
-import threading
-
 from .codec import IMAGE_CODECS, CodecMismatch, Codecs, FrameSpec
-
 from .backend import Backend, BackendMissing, LocalBackend
 from .cache import CachedBackend
+from .damage import (AUTH, DECODE, LENGTH, MISMATCH, MISSING, NEWER, ROLLED_BACK,  # noqa: F401
+                     SWAPPED, ObjectDamaged, object_name)
+from .filekeys import FileKeys
+from .framed import _PREFIX3, FramedObjects
 from .digest import block_digest
 from .durable import TMP_PREFIX, sync_filesystem
 from ..errors import IntegrityError, StoreIOError
@@ -46,7 +49,7 @@ class ChunkRef(NamedTuple):
 
 
 def stored_bytes(ref: ChunkRef) -> int:
-    """Bytes one (version-2) object occupies in the store."""
+    """Bytes one object of layout 2 or 3 occupies in the store."""
     return fmt.OBJ_HEADER_LEN + ref.stored_len + fmt.TAG_LEN
 
 
@@ -64,83 +67,18 @@ class ChunkContext(NamedTuple):
     stored_len: int
 
 
-#: what can be wrong with an object (``ObjectDamaged.kind``; verify and fsck
-#: report these words)
-MISSING, AUTH, LENGTH, SWAPPED, ROLLED_BACK, MISMATCH, DECODE, NEWER = (
-    "missing object", "failed authentication", "wrong length", "swapped or moved",
-    "rolled back", "does not match its index entry", "does not decode", "newer format")
-
-
-class ObjectDamaged(IntegrityError):
-    """An object is missing, truncated, altered, moved or rolled back."""
-
-    def __init__(self, oid: bytes, what: str, kind: str = AUTH) -> None:
-        super().__init__(f"object {oid.hex()} {what}")
-        self.oid = oid
-        self.what = what
-        self.kind = kind
-
-
 _PREFIX = fmt.OBJ_PREFIX.pack(fmt.OBJ_MAGIC, fmt.OBJECT_VERSION, fmt.OBJ_KIND_CHUNK, 0)
+_FRAMED = fmt.CHUNK_FLAG_FRAMED
 
 
-def object_name(oid: bytes) -> str:
-    """The backend name of an object."""
-    h = oid.hex()
-    return f"{fmt.OBJECTS_DIR}/{h[:2]}/{h}"
-
-
-class FileKeys:
-    """One file's data keys: one per live key epoch (HKDF of that epoch's
-    key), the newest sealing.  Objects name their epoch in the context
-    block (the CTX field after the flags), so a read picks the key.
-
-    ``secret``: the file's random secret from its index record (feature
-    ``file-secrets-v1``), the HKDF's salt (see :func:`file_key`), so that the key can
-    no longer be made once the record is gone from every copy of the
-    index (crypto-shredding); b"" for a file made before the feature."""
-
-    __slots__ = ("_objects", "_file_id", "_secret", "_ciphers")
-
-    def __init__(self, objects: "ObjectStore", file_id: bytes, secret: bytes = b"") -> None:
-        self._objects, self._file_id, self._secret = objects, file_id, secret
-        self._ciphers: dict[int, crypto.Gcm] = {}
-
-    @property
-    def epoch(self) -> int:
-        """The epoch new objects are sealed under: the store's newest, also
-        for a file opened before a rotation."""
-        return self._objects.epoch
-
-    def cipher(self, epoch: int, oid: bytes = b"") -> crypto.Gcm:
-        """Raises :class:`ObjectDamaged` for an epoch whose key is gone."""
-        c = self._ciphers.get(epoch)
-        if c is None:
-            key = self._objects.epoch_keys.get(epoch)
-            if key is None:
-                raise ObjectDamaged(oid, f"is sealed under key epoch {epoch}, which this store "
-                                         "does not hold (destroyed, or from another store)")
-            c = self._ciphers[epoch] = crypto.Gcm(
-                file_key(key, self._objects.store_id, self._file_id, self._secret))
-        return c
-
-
-def file_key(epoch_key: bytes, store_id: bytes, file_id: bytes, secret: bytes = b"") -> bytes:
-    """A file's payload key under one key epoch: HKDF-SHA256 of the epoch key,
-    info ``file-key`` + store id + file id, and the file's secret as HKDF's
-    salt (none for a file made before ``file-secrets-v1``): the extraction
-    is then keyed by the secret, so the epoch key alone makes nothing."""
-    return crypto.derive(epoch_key, b"file-key", store_id + file_id, salt=secret or None)
-
-
-class ObjectStore:
+class ObjectStore(FramedObjects):
     """``backend``: where the objects live (default: the store directory
     itself); :meth:`path` is always the object's file in the store
     directory (with an S3 store, its copy in the cache)."""
 
     def __init__(self, root: str, store_id: bytes, master_key: bytes, codecs: Codecs,
                  verify_writes: bool = True, backend: Backend | None = None,
-                 epoch_keys: dict | None = None, epoch: int = 0) -> None:
+                 epoch_keys: dict | None = None, epoch: int = 0, framed: bool = True) -> None:
         self.root = os.path.join(root, fmt.OBJECTS_DIR)
         self.backend = backend if backend is not None else LocalBackend(root)
         self._store_id = store_id
@@ -155,6 +93,13 @@ class ObjectStore:
         self._contexts: dict[bytes, crypto.Siv] = {}
         self._codecs = codecs
         self._verify = verify_writes
+        #: write chunks asked for zstd and longer than a frame as framed
+        #: objects (layout 3, :mod:`dcmfs.storage.frames`)
+        self.framed = framed
+        #: opened frame tables of framed objects: oid -> (cipher, associated
+        #: data, frame starts); ids are never reused, so entries never go stale
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+        self._tables_lock = threading.Lock()
         #: objects written / made durable so far (sync waits for a syncfs that
         #: started after the writes it must cover)
         self._written = 0
@@ -209,6 +154,8 @@ class ObjectStore:
         any more: a key generation move, :mod:`dcmfs.opened.regen`)."""
         self.epoch_keys = {epoch: self.epoch_keys[epoch]}
         self._contexts = {}
+        with self._tables_lock:  # their ciphers are file keys of those epochs
+            self._tables.clear()
 
     def add_epoch(self, epoch: int, key: bytes) -> None:
         """A rotation: every object sealed from now on is under ``epoch``."""
@@ -236,6 +183,13 @@ class ObjectStore:
              payload: bytes | None = None) -> tuple[ChunkRef, bytes]:
         """``payload``: ``plaintext`` already coded with ``codec`` elsewhere
         (a parser worker); it is checked here like any other result."""
+        flags &= ~_FRAMED  # decided here, by the codec and the length
+        if payload is None and frame is None and self.framed \
+                and frames.frameable(codec, len(plaintext)):
+            used, flags, stored_len, blob = self._seal_framed(
+                cipher, oid, file_id, ino, index, generation, flags, codec, plaintext)
+            return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
+                            digest=block_digest(plaintext)), blob
         coded_elsewhere = payload is not None
         if payload is None:
             used, payload = self._codecs.compress(codec, plaintext, frame)
@@ -376,6 +330,7 @@ class ObjectStore:
                                     NEWER)
             raise ObjectDamaged(oid, "has a damaged header")
         v1 = version == 1
+        framed = version == fmt.OBJECT_VERSION_FRAMED
         header_len = fmt.OBJ1_HEADER_LEN if v1 else fmt.OBJ_HEADER_LEN
         if len(blob) < header_len + fmt.TAG_LEN:
             raise ObjectDamaged(oid, "is truncated", LENGTH)
@@ -396,6 +351,8 @@ class ObjectStore:
             fields = fmt.CTX1_STRUCT.unpack(ctx)
             return ChunkContext(oid, *fields[:6], *fields[7:]), ctx, header_len, 0, ctx_epoch
         fields = fmt.CTX_STRUCT.unpack(ctx)
+        if framed != bool(fields[6] & _FRAMED):  # cannot be sealed so: tampering or a bug
+            raise ObjectDamaged(oid, "has a layout its context does not name", MISMATCH)
         return (ChunkContext(*fields[:7], *fields[8:]), ctx, header_len, fields[7],
                 ctx_epoch)
 
@@ -410,6 +367,8 @@ class ObjectStore:
         """
         payload = self._payload(cipher, file_id, ino, index, ref, blob)[0]
         try:
+            if ref.flags & _FRAMED:
+                return frames.decode_all(payload, ref.plain_len)
             return self._codecs.decompress(ref.codec, payload, ref.plain_len)
         except IntegrityError as exc:
             raise ObjectDamaged(ref.oid, str(exc), DECODE) from exc
@@ -432,18 +391,52 @@ class ObjectStore:
         oid = self.new_oid()
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, ref.generation, ref.codec,
                                   ref.flags, newest, ref.plain_len, ref.stored_len)
-        blob = b"".join((_PREFIX, self._ctx_sealer(newest).seal(ctx, self._ctx_aad),
-                         cipher.cipher(newest, oid).seal(payload, self._aad(oid) + ctx)))
+        sealer = self._ctx_sealer(newest)
+        if ref.flags & _FRAMED:  # every frame sealed again, bound to the new id
+            blob = b"".join((_PREFIX3, sealer.seal(ctx, _PREFIX3 + self._store_id),
+                             frames.seal(cipher.cipher(newest, oid),
+                                         _PREFIX3 + self._store_id + oid + ctx, payload)))
+        else:
+            blob = b"".join((_PREFIX, sealer.seal(ctx, self._ctx_aad),
+                             cipher.cipher(newest, oid).seal(payload, self._aad(oid) + ctx)))
         self._put(oid, blob)
         return ref._replace(oid=oid)
 
     def _payload(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, ref: ChunkRef,
-                 blob: bytes | None) -> tuple[bytes, int, int]:
+                 blob: bytes | None) -> tuple[bytes | list[bytes], int, int]:
         """(the authenticated payload, its key epoch, its context's key
-        epoch) of the object ``ref`` names."""
+        epoch) of the object ``ref`` names; of a framed object, the list of
+        its frames' payloads."""
         oid = ref.oid
         if blob is None:
             blob = self.load(oid)
+        ctx_plain, header_len, epoch, ctx_epoch = self._checked_context(file_id, ino, index,
+                                                                        ref, blob)
+        if len(blob) != header_len + ref.stored_len + fmt.TAG_LEN:
+            raise ObjectDamaged(oid, "has the wrong length", LENGTH)
+        start = header_len - fmt.NONCE_LEN
+        aad = bytes(blob[:fmt.OBJ_PREFIX.size]) + self._store_id + oid + ctx_plain
+        gcm = cipher.cipher(epoch, oid)
+        try:
+            if not ref.flags & _FRAMED:
+                return gcm.open(memoryview(blob)[start:], aad), epoch, ctx_epoch
+            view = memoryview(blob)
+            starts = frames.open_table(gcm, aad, ref.plain_len,
+                                       view[start:frames.table_end(ref.plain_len)])
+            if starts[-1] != len(blob):
+                raise ObjectDamaged(oid, "has the wrong length", LENGTH)
+            count = len(starts) - 1
+            return [frames.open_frame(gcm, aad, k, count, view[starts[k]:starts[k + 1]])
+                    for k in range(count)], epoch, ctx_epoch
+        except crypto.AuthenticationFailed as exc:
+            raise ObjectDamaged(oid, "failed authentication") from exc
+
+    def _checked_context(self, file_id: bytes, ino: int, index: int, ref: ChunkRef,
+                         blob: bytes) -> tuple[bytes, int, int, int]:
+        """(CTX plaintext, header length, key epoch, the context's key epoch)
+        of ``blob``, the object ``ref`` names, once its context matches what
+        the index expects."""
+        oid = ref.oid
         ctx, ctx_plain, header_len, epoch, ctx_epoch = self._open_context(oid, blob)
         expected = ChunkContext(oid, file_id, ino, index, ref.generation, ref.codec, ref.flags,
                                 ref.plain_len, ref.stored_len)
@@ -459,15 +452,7 @@ class ObjectStore:
                 raise ObjectDamaged(oid, f"holds object {ctx.oid.hex()} {where} "
                                          "(swapped or moved)", SWAPPED)
             raise ObjectDamaged(oid, "does not match its index entry", MISMATCH)
-        if len(blob) != header_len + ref.stored_len + fmt.TAG_LEN:
-            raise ObjectDamaged(oid, "has the wrong length", LENGTH)
-        start = header_len - fmt.NONCE_LEN
-        aad = bytes(blob[:fmt.OBJ_PREFIX.size]) + self._store_id + oid + ctx_plain
-        try:
-            return (cipher.cipher(epoch, oid).open(memoryview(blob)[start:], aad), epoch,
-                    ctx_epoch)
-        except crypto.AuthenticationFailed as exc:
-            raise ObjectDamaged(oid, "failed authentication") from exc
+        return ctx_plain, header_len, epoch, ctx_epoch
 
     def quarantine(self, oid: bytes, root: str) -> None:
         """Move an object that fsck cannot prove to be garbage out of the way

@@ -67,6 +67,8 @@ def content() -> dict[str, bytes]:
         "/dir/holes.bin": b"start" + bytes(2 * cs) + b"end",
         "/dir/exact.bin": rng.randbytes(2 * cs),
         "/ct/synthetic.dcm": synthetic_ct(),
+        # since format 7: zstd chunks of more than a frame are framed objects
+        "/dir/text.txt": b"".join(b"line %d of a compressible text\n" % i for i in range(9000)),
     }
 
 
@@ -79,7 +81,9 @@ def main(out: str) -> None:
     from dcmfs.core.filesystem import FileSystem
     from dcmfs.storage.header import Secret, init_store, open_store
 
-    cfg = Config(chunk_size=64 * 1024, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1),
+    # 128 KiB since format 7: chunks longer than a 64 KiB frame, so that
+    # the zstd chunks are framed objects (layout 3, feature framed-chunks-v1)
+    cfg = Config(chunk_size=128 * 1024, kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1),
                  checkpoint_interval=0)
     secret = Secret("passphrase", PASSPHRASE)
     root = os.path.join(out, "store")
