@@ -38,7 +38,8 @@ from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 
 from .garbage import Garbage
 from .prefetch import Prefetching
-from .openfile import ChunkCache, OpenFile, all_zero, done_future, on_written
+from .openfile import (ChunkCache, OpenFile, all_zero, done_future, on_written,
+                       settled_info, settles_at_close)
 
 log = logging.getLogger("dcmfs.data")
 
@@ -313,7 +314,9 @@ class FileData(Prefetching, Garbage):
         while self._inflight and (self._inflight[0].done() or
                                   block and len(self._inflight) >= self._max_inflight):
             self._inflight.popleft().exception()  # wait; errors go to their commit
-        deferred = self.codec != NONE and self.may_defer(of.ino, len(plaintext))
+        settled = last and idx == 0 and settles_at_close(plaintext, self.codec)
+        deferred = (not settled and self.codec != NONE
+                    and self.may_defer(of.ino, len(plaintext)))
         codec = NONE if deferred else self.codec
         fut = self._pool.submit(self.objects.write, of.cipher, of.inode.file_id, of.ino, idx,
                                 of.write_generation, CHUNK_FLAG_LAST if last else 0,
@@ -323,6 +326,7 @@ class FileData(Prefetching, Garbage):
         fut.plaintext = plaintext
         fut.idx = idx
         fut.deferred = deferred
+        fut.settled = settled
         of.pending[idx] = fut
         self._inflight.append(fut)
         fut.add_done_callback(lambda f, of=of: on_written(f, of))
@@ -409,10 +413,13 @@ class FileData(Prefetching, Garbage):
         # left for the re-encoder: sealed uncompressed on purpose (a chunk that
         # did not compress is not re-tried)
         deferred = any(getattr(f, "deferred", False) for f in of.pending.values())
-        queue = deferred or (self.queue_all and size > 0)
+        settled = last_idx == 0 and getattr(of.pending.get(0), "settled", False)
+        queue = deferred or (self.queue_all and size > 0 and not settled)
         with self.index.begin(write=True) as txn:
             if queue:
                 txn.add_backlog(of.ino)
+            elif settled and self.queue_all:
+                txn.put_content(of.ino, settled_info(of.write_generation))
             for idx, ref in table.items():
                 if old.get(idx) != ref:
                     txn.put_chunk(of.ino, idx, ref)
