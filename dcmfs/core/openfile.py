@@ -98,6 +98,35 @@ def on_written(fut: Future, of: OpenFile) -> None:
         of.write_error = exc
 
 
+class InlineJob(Future):
+    """A sealing job run by the thread that waits for it (:meth:`run`,
+    without the core's lock) instead of by the pool.  Anyone else waiting
+    meanwhile (a commit from another handle) waits as for a pool job."""
+
+    def __init__(self, fn, args: tuple) -> None:
+        super().__init__()
+        self._job = (fn, args)
+
+    def run(self) -> None:
+        job, self._job = self._job, None
+        if job is None:  # run already
+            return
+        fn, args = job
+        try:
+            self.set_result(fn(*args))
+        except BaseException as exc:  # the commit raises it, as for a pool job
+            self.set_exception(exc)
+
+
+def run_inline(jobs) -> None:
+    """Run the inline jobs among ``jobs`` in this thread, then wait for all."""
+    for job in jobs:
+        if isinstance(job, InlineJob):
+            job.run()
+    for job in jobs:
+        job.exception()  # wait; a failure is raised by the commit
+
+
 def done_future(value) -> Future:
     fut: Future = Future()
     fut.set_result(value)
