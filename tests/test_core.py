@@ -595,3 +595,17 @@ def test_close_seals_a_lone_chunk_in_the_closing_thread(make_fs):
     fs.release(fh)
     assert len(sealed_by) == 2 and sealed_by.count(threading.current_thread()) == 1
     assert read_file(fs, "/big") == b"y" * (cs + 10)
+
+
+def test_name_tags_kept_in_memory_follow_a_new_name_key(make_fs):
+    """The tags of names asked for again are kept (issue 17); a key
+    generation move must not find them under the old key."""
+    import hmac
+    fs = make_fs()
+    ix = fs.index
+    tag = ix.name_tag(7, b"name")
+    assert ix.name_tag(7, b"name") == tag == hmac.new(ix._name_key, (7).to_bytes(8, "big")
+                                                       + b"name", "sha256").digest()[:16]
+    ix.set_name_key(b"k" * 32)
+    assert ix.name_tag(7, b"name") == hmac.new(b"k" * 32, (7).to_bytes(8, "big") + b"name",
+                                               "sha256").digest()[:16] != tag
