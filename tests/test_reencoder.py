@@ -88,7 +88,7 @@ def write_file_over(fs, path, data):
 def test_crash_while_reencoding_loses_nothing(make_fs):
     fs = make_fs(ON)
     fs.reencoder.pause()
-    files = {f"/f{i}": (b"%d " % i) * (20_000 + i * 999) for i in range(10)}
+    files = {f"/f{i}": (b"%d " % i) * (40_000 + i * 999) for i in range(10)}  # > 64 KiB
     for path, data in files.items():
         write_file(fs, path, data)
     # re-encode a few, then die without a checkpoint
@@ -139,7 +139,7 @@ def test_polling_the_status_does_not_hold_the_reencoder_back(make_fs):
     import time
     from dcmfs import format as fmt
     fs = make_fs(ON)
-    write_file(fs, "/f", b"compressible " * 5000)
+    write_file(fs, "/f", b"compressible " * 6000)  # past SETTLE_AT_CLOSE
     deadline = time.monotonic() + 30
     while fs.reencoder.files_done == 0 and time.monotonic() < deadline:
         fs.getxattr("/", fmt.STATUS_XATTR, 0)  # as fast as it can
@@ -164,10 +164,45 @@ def test_a_burst_of_metadata_requests_holds_the_reencoder_back(make_fs):
     back as well; it works the backlog off once the burst is over."""
     import time
     fs = make_fs(ON)
-    write_file(fs, "/f", b"compressible " * 5000)
+    write_file(fs, "/f", b"compressible " * 6000)  # past SETTLE_AT_CLOSE
     deadline = time.monotonic() + 2 * fs.reencoder.quiet_after + 0.5
     while time.monotonic() < deadline:  # longer than the quiet it waits for
         fs.getattr("/f")
     assert fs.reencoder.files_done == 0 and codecs_of(fs, "/f") == {codec.NONE}
     assert fs.reencoder.wait_idle(timeout=30)
     assert fs.reencoder.files_done == 1 and codecs_of(fs, "/f") == {codec.ZSTD}
+
+
+def test_a_small_file_that_is_not_dicom_is_compressed_at_close(make_fs):
+    """Issue 17: every 1 KiB file was sealed uncompressed at close and
+    re-encoded later - a second object written, the first deleted, about
+    1 ms of daemon CPU each - only to be compressed with zstd, which close
+    does in microseconds.  A one-chunk file of at most SETTLE_AT_CLOSE bytes
+    that does not start like DICOM is compressed at close and never queued;
+    one that starts like DICOM still goes to the re-encoder."""
+    from dcmfs.core.openfile import SETTLE_AT_CLOSE
+    fs = make_fs(dataclasses.replace(ON, dicom=True))
+    fs.reencoder.pause()
+    small = b"compressible " * 80
+    dicomish = bytes(128) + b"DICM" + b"\x02\x00\x00\x00" * 200
+    write_file(fs, "/small", small)
+    write_file(fs, "/tiny.dcm", dicomish)
+    write_file(fs, "/big", b"b" * (SETTLE_AT_CLOSE + 1))  # two chunks here: queued
+    assert codecs_of(fs, "/small") == {codec.ZSTD}
+    assert codecs_of(fs, "/tiny.dcm") == {codec.NONE}
+    assert fs.live_status()["backlog_files"] == 2
+    with fs.index.begin() as txn:
+        assert fs.getattr("/small")["st_ino"] not in txn.backlog()
+
+    def non_dicom():  # counted as what it is, not as "not analysed yet"
+        return {g["modality"]: g["files"] for g in fs.content_stats()["groups"]}["non-DICOM"]
+
+    assert non_dicom() == 1
+    write_file_over(fs, "/small", small[:-1] + b"!")  # a new generation, settled again
+    assert non_dicom() == 1 and codecs_of(fs, "/small") == {codec.ZSTD}
+    fs.reencoder.resume()
+    assert fs.reencoder.wait_idle(timeout=30)
+    assert read_file(fs, "/small") == small[:-1] + b"!"
+    assert read_file(fs, "/tiny.dcm") == dicomish
+    fs.checkpoint()
+    assert_no_dangling(fs)

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from typing import Callable
@@ -48,6 +49,7 @@ else:
 from .. import errors as E
 from ..core.filesystem import FileSystem
 from .metrics import OPS_XATTR, OpStats
+from .statbuf import stat_packer
 
 log = logging.getLogger("dcmfs.fuse")
 
@@ -373,6 +375,8 @@ class _Operations:
 
 
 def _fuse_class():
+    pack_stat = stat_packer(mfusepy.c_stat)
+
     class _Fuse(mfusepy.FUSE):
         """mfusepy's libfuse3 callbacks drop two things dcmfs needs: renameat2
         flags (RENAME_NOREPLACE must not overwrite) and the file handle of
@@ -385,6 +389,17 @@ def _fuse_class():
         @staticmethod
         def _fh(fip):
             return fip.contents.fh if fip else None
+
+        def fgetattr(self, path, buf, fip):
+            # the struct filled in one pack_into, not field by field (statbuf)
+            attrs = self.operations.getattr(self._path(path), self._fh(fip))
+            st = buf.contents
+            try:
+                pack_stat(st, attrs)
+            except (KeyError, TypeError, struct.error):  # a view's answer of another shape
+                ctypes.memset(buf, 0, ctypes.sizeof(mfusepy.c_stat))
+                mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
+            return 0
 
         def create(self, path, mode, fip):
             # mfusepy's asks inspect.signature of the operation on every

@@ -37,7 +37,8 @@ from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
 from .garbage import Garbage
 from .prefetch import Prefetching
 from .reads import FileReads
-from .openfile import ChunkCache, OpenFile, all_zero, done_future, on_written
+from .openfile import (ChunkCache, InlineJob, OpenFile, all_zero, done_future,
+                       on_written, settled_info, settles_at_close)
 
 log = logging.getLogger("dcmfs.data")
 
@@ -203,7 +204,8 @@ class FileData(Prefetching, Garbage, FileReads):
         of.changed = True
 
     # --- sealing --------------------------------------------------------------
-    def _submit(self, of: OpenFile, idx: int, last: bool, block: bool = True) -> None:
+    def _submit(self, of: OpenFile, idx: int, last: bool, block: bool = True,
+                inline: bool = False) -> None:
         buf = of.dirty.pop(idx)
         of.dirty_bytes -= self.chunk_size
         # a chunk before the last is a whole block (a sparse write leaves it
@@ -215,18 +217,23 @@ class FileData(Prefetching, Garbage, FileReads):
         while self._inflight and (self._inflight[0].done() or
                                   block and len(self._inflight) >= self._max_inflight):
             self._inflight.popleft().exception()  # wait; errors go to their commit
-        deferred = self.codec != NONE and self.may_defer(of.ino, len(plaintext))
+        settled = last and idx == 0 and settles_at_close(plaintext, self.codec)
+        deferred = (not settled and self.codec != NONE
+                    and self.may_defer(of.ino, len(plaintext)))
         codec = NONE if deferred else self.codec
-        fut = self._pool.submit(self.objects.write, of.cipher, of.inode.file_id, of.ino, idx,
-                                of.write_generation, CHUNK_FLAG_LAST if last else 0,
-                                codec, plaintext)
+        args = (of.cipher, of.inode.file_id, of.ino, idx, of.write_generation,
+                CHUNK_FLAG_LAST if last else 0, codec, plaintext)
+        fut = (InlineJob(self.objects.write, args) if inline
+               else self._pool.submit(self.objects.write, *args))
         # the plaintext is kept only until the object is safely written, so
         # that a failed write (disk full) can be retried by the next commit
         fut.plaintext = plaintext
         fut.idx = idx
         fut.deferred = deferred
+        fut.settled = settled
         of.pending[idx] = fut
-        self._inflight.append(fut)
+        if not inline:  # (an inline job is done before anyone waits for room)
+            self._inflight.append(fut)
         fut.add_done_callback(lambda f, of=of: on_written(f, of))
 
     def wait_for_room(self) -> None:
@@ -239,16 +246,18 @@ class FileData(Prefetching, Garbage, FileReads):
                 return
             futures_wait(busy, return_when=FIRST_COMPLETED)
 
-    def seal_dirty(self, of: OpenFile) -> list[Future]:
+    def seal_dirty(self, of: OpenFile, inline: bool = False) -> list[Future]:
         """Hand every dirty chunk to the sealing pool; returns the jobs a
         commit would wait for.  The caller may wait for them without the
         core's lock (fsync), so that the commit after is short.  No
         back-pressure here: the chunks are in memory already, and a job
-        frees its plaintext once written."""
-        size = of.size
-        last_idx = (size - 1) // self.chunk_size if size else -1
+        frees its plaintext once written.  ``inline``: a lone dirty chunk
+        becomes an :class:`InlineJob` the caller runs without the lock (no
+        hand-off to a pool thread that it would only wait for: issue 17)."""
+        last_idx = (of.size - 1) // self.chunk_size if of.size else -1
+        alone = inline and len(of.dirty) == 1
         for idx in sorted(of.dirty):
-            self._submit(of, idx, last=(idx == last_idx), block=False)
+            self._submit(of, idx, last=(idx == last_idx), block=False, inline=alone)
         return list(of.pending.values())
 
     def _wait_pending(self, of: OpenFile) -> dict[int, ChunkRef | None]:
@@ -311,10 +320,13 @@ class FileData(Prefetching, Garbage, FileReads):
         # left for the re-encoder: sealed uncompressed on purpose (a chunk that
         # did not compress is not re-tried)
         deferred = any(getattr(f, "deferred", False) for f in of.pending.values())
-        queue = deferred or (self.queue_all and size > 0)
+        settled = last_idx == 0 and getattr(of.pending.get(0), "settled", False)
+        queue = deferred or (self.queue_all and size > 0 and not settled)
         with self.index.begin(write=True) as txn:
             if queue:
                 txn.add_backlog(of.ino)
+            elif settled and self.queue_all:
+                txn.put_content(of.ino, settled_info(of.write_generation))
             for idx, ref in table.items():
                 if old.get(idx) != ref:
                     txn.put_chunk(of.ino, idx, ref)

@@ -21,7 +21,7 @@ from ..errors import (BadHandle, DcmfsError, Exists, InvalidArgument, IsADirecto
                      NameTooLong, NoAttribute, NotSupported, PermissionDenied, ReadOnlyError,
                      TooBig)
 from ..audit.trail import identity
-from .openfile import OpenFile
+from .openfile import OpenFile, run_inline
 from ..index import Inode
 
 log = logging.getLogger("dcmfs.fs")
@@ -305,9 +305,8 @@ class FileOps:
         commit which follows under the lock is short."""
         with self._lock:
             of = self._handle(fh).of
-            jobs = self.data.seal_dirty(of) if of.changed else []
-        for job in jobs:
-            job.exception()  # wait; a failure is raised by the commit
+            jobs = self.data.seal_dirty(of, inline=True) if of.changed else []
+        run_inline(jobs)  # a failure is raised by the commit
 
     def flush(self, fh: int) -> None:
         """close(2) on a descriptor: commit, so the data survives a daemon crash."""
