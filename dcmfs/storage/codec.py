@@ -77,7 +77,7 @@ _VARIANTS = {JPEGLS: (None,), HTJ2K: (None,), JPEGXL: (1, 2), JPEG2K: (None,),
 #: (scripts/bench measures the real thing)
 DECODE_MBPS = {(NONE, None): 10000, (ZSTD, None): 900, (HTJ2K, None): 316,
                (JPEGXL, 1): 183, (JPEGXL, 2): 112, (JPEGLS, None): 101,
-               (JPEG2K, None): 35, (BLOSC2, None): 900}
+               (JPEG2K, None): 35, (BLOSC2, None): 900}  # blosc2: ~1000 on a CT slice
 #: what a second of decoding is worth in stored bytes: each frame keeps the
 #: result of least ``stored bytes + DECODE_WEIGHT * decode seconds``.  On the
 #: native subset (per-band simulation, stored/original at single-core decode
@@ -88,10 +88,12 @@ DECODE_MBPS = {(NONE, None): 10000, (ZSTD, None): 900, (HTJ2K, None): 316,
 DECODE_WEIGHT = 2e6
 #: the hot tier's weight: fresh studies are read soon and often, and a cold
 #: read of a CT series through the mount was bound by the daemon's CPU on
-#: two cores, half of it HTJ2K decoding (issue 17).  At 4e7 a frame keeps
-#: HTJ2K only where it saves more than ~8 % of the frame over blosc2 (~43 KB
-#: of a 512 KiB CT slice would not: it decodes ~1.1 ms slower)
-HOT_DECODE_WEIGHT = 4e7
+#: two cores, half of it HTJ2K decoding (issue 17).  At 1e8 a 256 KiB band
+#: keeps HTJ2K only where it saves more than ~54 KB (~20 %) over blosc2,
+#: which decodes it ~0.54 ms sooner (8-bit samples, where byte shuffling
+#: does nothing); on a CT slice HTJ2K saves ~8 % (at 4e7 half the bands of
+#: a CT series kept HTJ2K, measured)
+HOT_DECODE_WEIGHT = 1e8
 assert all((c, s) in DECODE_MBPS for c, settings in _VARIANTS.items() for s in settings)
 
 #: version u8, rows u16, columns u16, samples u8, bits allocated u8, bits
