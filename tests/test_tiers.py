@@ -30,9 +30,10 @@ def _content(fs, path):
         return txn.get_content(fs._resolve(txn, path))
 
 
-def test_fresh_files_decode_fast_and_turn_dense_when_not_read(make_fs):
+@pytest.mark.parametrize("sandbox", [True, False], ids=["workers", "in-process"])
+def test_fresh_files_decode_fast_and_turn_dense_when_not_read(make_fs, sandbox):
     hot_s = 3.0
-    fs = make_fs(dataclasses.replace(REAL, hot_days=hot_s / 86400))
+    fs = make_fs(dataclasses.replace(REAL, hot_days=hot_s / 86400, sandbox=sandbox))
     fs.reencoder.tiers.next_look = float("inf")  # the test says when to look
     ds = pydicom.dcmread(ct_file())
     unread, hot_table = write_recompressed(fs, "/unread.dcm", ds)
@@ -81,7 +82,7 @@ def test_a_blosc2_payload_decodes_only_to_its_band():
     ds = pydicom.dcmread(ct_file())
     band = ds.PixelData[:256 * 512 * 2]
     spec = codec.FrameSpec(256, 512, 1, 16, ds.BitsStored, True, False, False)
-    used, payload = codec.Codecs().compress(codec.HOT, band, spec)
+    used, payload = codec.Codecs().compress(codec.IMAGE_HOT, band, spec)
     assert used == codec.BLOSC2
     assert codec.Codecs.decompress(used, payload, len(band)) == band
     at = codec._IMG_HEADER.size

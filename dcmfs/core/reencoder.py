@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..storage import dicom
-from ..storage.codec import (HOT, HOT_IMAGE, HTJ2K, IMAGE, IMAGE_CODECS, NONE,
+from ..storage.codec import (HOT_IMAGE, HTJ2K, IMAGE, IMAGE_CODECS, IMAGE_HOT, NONE,
                              CodecMismatch, Unsuitable)
 from ..errors import IntegrityError, StoreIOError, loggable
 from ..opened.jobs import ActiveJobHost
@@ -401,7 +401,7 @@ class Reencoder(Passes, LookAhead):
             if frame is not None and self.parsers is not None:
                 # the encoders see untrusted geometry and samples: in a
                 # worker; the object store decodes and compares the result
-                codec, payload = self.parsers.encode(data, frame, *settings, hot=image == HOT)
+                codec, payload = self.parsers.encode(data, frame, *settings, hot=image == IMAGE_HOT)
             ref = host.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
                                      codec, data, frame, payload=payload)
             return ref._replace(offset=start)

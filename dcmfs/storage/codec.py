@@ -10,7 +10,7 @@ be swapped under a stored object; ids are never reused.
   (CharLS, OpenJPH, libjxl, OpenJPEG; all release the GIL).  ``blosc2`` is
   no image codec but a fast one for samples: a C-Blosc2 chunk of the
   samples (little-endian), byte-shuffled and zstd-compressed (level
-  :data:`BLOSC2_LEVEL`); it is the hot tier's (:data:`HOT`).
+  :data:`BLOSC2_LEVEL`); it is the hot tier's (:data:`IMAGE_HOT`).
   The payload is self-describing: a small header (:data:`_IMG_HEADER`:
   geometry, sample layout, byte order, sample mapping) followed by the
   codestream, so decoding needs nothing but the payload, its codec id and
@@ -59,7 +59,7 @@ IMAGE_CODECS = frozenset({JPEGLS, HTJ2K, JPEGXL, JPEG2K, BLOSC2})
 IMAGE = -1
 #: a request, never stored: the hot tier's coding (:mod:`dcmfs.core.tiers`):
 #: the cheapest of :data:`HOT_IMAGE` and zstd under :data:`HOT_DECODE_WEIGHT`
-HOT = -2
+IMAGE_HOT = -2
 HOT_IMAGE = (HTJ2K, BLOSC2)
 #: zstd level inside a blosc2 chunk.  A 512x512 CT slice (two bands; per
 #: slice: stored/original, encode ms, decode ms, at load ~7): level 1 0.330,
@@ -177,7 +177,7 @@ class Codecs:
         The caller decodes an image codec's result and compares before it
         stores it (byte-exact or nothing).
         """
-        if codec == HOT:
+        if codec == IMAGE_HOT:
             return Codecs(self._zstd_level, self._lzma_preset,
                           tuple(IDS[i] for i in HOT_IMAGE), HOT_DECODE_WEIGHT
                           ).compress(IMAGE, plaintext, frame)
