@@ -98,6 +98,11 @@ class Config:
     #: holds one thread and not the mount (the core's lock serialises the
     #: rest); one thread answers a sequential client's small requests sooner
     fuse_threads: bool = True
+    #: KiB the kernel reads ahead of a sequential reader of the mount, set
+    #: on the mount's backing device info once it is live (root only: the
+    #: kernel gives a FUSE mount 128 KiB, so a CT slice came in 5 READs;
+    #: ``-o read_ahead_kb=0`` leaves the kernel's value)
+    read_ahead_kb: int = 1024
     #: heap of each parser worker (RLIMIT_DATA); past it the file stays with
     #: the general codec ("analysis limit")
     parser_memory: int = 1024 * MiB

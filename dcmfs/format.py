@@ -121,6 +121,12 @@ constant, so do we):
   mount's two files in the inbox.  Stores of versions 1-5 open and are
   upgraded in place as before; a rotation adds the feature.
 
+* (unreleased, issue 17) feature ``codec-blosc2``, in ``WRITE_FEATURES``:
+  objects may be coded with codec 7 (a C-Blosc2 chunk of byte-shuffled,
+  zstd-compressed samples: the hot tier's fast-decoding form; see
+  docs/format.md, "Codec 7").  Stores of versions 1-6 get the feature at
+  their first read-write opening; nothing is rewritten.
+
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
 """
@@ -165,6 +171,10 @@ LEASE_NAME = "lease"
 FILE_SECRETS_FEATURE = "file-secrets-v1"
 #: S3 stores: objects uploaded in packs (:mod:`dcmfs.storage.packs`)
 S3_PACKS_FEATURE = "s3-packs-v1"
+#: objects may be coded with codec 7, blosc2 (the hot tier's; see
+#: dcmfs.storage.codec): added at the first read-write opening, as
+#: ``codec-htj2k`` was
+BLOSC2_FEATURE = "codec-blosc2"
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
 DAMAGE_MARK = "needs-fsck"
 
@@ -180,7 +190,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "audit-v1", "key-slots-v1", "key-epochs-v1",
                             "deid-view-v1", FILE_SECRETS_FEATURE,
                             "ingest-v1", "key-generations-v1", S3_PACKS_FEATURE,
-                            "framed-chunks-v1"})
+                            "framed-chunks-v1", BLOSC2_FEATURE})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -189,7 +199,8 @@ WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "codec-htj2k", "codec-jpegxl", "codec-jpeg2k", "extents-v1",
                             "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1",
-                            "deid-view-v1", FILE_SECRETS_FEATURE, "framed-chunks-v1"})
+                            "deid-view-v1", FILE_SECRETS_FEATURE, "framed-chunks-v1",
+                            BLOSC2_FEATURE})
 #: features this version may write into an S3 store besides (added the same way)
 S3_WRITE_FEATURES = frozenset({S3_PACKS_FEATURE})
 

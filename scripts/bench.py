@@ -49,10 +49,10 @@ Contenders
                 background work, then the whole backlog at once
   dcmfs-j2k     -o image_codecs=htj2k+jpegxl+jpeg2k: OpenJPEG's JPEG 2000 is
                 offered each frame too (smallest at rest, slowest to read)
-  dcmfs-htj2k   -o image_codecs=htj2k: HTJ2K only (fastest to decode)
+  dcmfs-htj2k   -o image_codecs=htj2k: HTJ2K only (the fastest of the dense codecs)
   dcmfs-cold    -o hot_days=0: DICOM coded densely at once (JPEG XL under the
                 cost rule), what a study reads like once it has turned cold;
-                dcmfs itself measures the hot (fresh, HTJ2K) coding
+                dcmfs itself measures the hot (fresh: blosc2, HTJ2K where it saves much) coding
   dcmfs-inproc  -o sandbox=0: the DICOM analysis and image encoders in the daemon
                 instead of in parser worker processes (what isolation costs)
   dcmfs-audit0  -o audit=0: no audit trail (what recording every open, create,

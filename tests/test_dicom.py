@@ -165,7 +165,8 @@ def test_the_configured_image_codecs_are_all_offered_and_exact(monkeypatch):
 
 
 def test_a_missing_image_codec_is_an_environment_error_not_damage(make_fs, monkeypatch):
-    cfg = dataclasses.replace(REAL, image_codecs=("htj2k",))
+    # coded densely (hot_days=0): with HTJ2K alone, not the hot tier's blosc2
+    cfg = dataclasses.replace(REAL, image_codecs=("htj2k",), hot_days=0)
     fs = make_fs(cfg)
     data = ct_file().read_bytes()
     write_file(fs, "/ct.dcm", data)
@@ -239,7 +240,10 @@ def test_every_dicom_file_reads_back_exactly_before_and_after_reencoding(make_fs
         assert read_file(fs, name) == data, name
     stored_before = fs.stats()[2]
     recompress(fs)
-    assert fs.stats()[2] < stored_before * 0.85
+    # the hot tier (fresh files, default codecs) trades size for decode speed
+    # (blosc2 where HTJ2K saves under ~20 %): the corpus shrinks less
+    hot = "htj2k" in images and cfg.hot_days > 0
+    assert fs.stats()[2] < stored_before * (0.9 if hot else 0.85)
     rng = random.Random(3)
     for name, (orig, data) in want.items():
         assert sha256(read_file(fs, name)) == sha256(data), orig
@@ -267,8 +271,11 @@ def test_every_dicom_file_reads_back_exactly_before_and_after_reencoding(make_fs
     ct = [g for g in stats["groups"] if g["modality"] == "CT"
           and g["transfer_syntax"] == "1.2.840.10008.1.2.1"]
     assert ct and ct[0]["paths"].get("frames")
-    assert set(ct[0]["codecs"]) & set(images), ct[0]["codecs"]
-    assert set(ct[0]["codecs"]) <= {"zstd", "none", *images}, ct[0]["codecs"]
+    allowed = {"zstd", "none", *images}
+    if "htj2k" in images and cfg.hot_days:  # fresh files: the hot tier's codings
+        allowed |= {codec.IDS[c] for c in codec.HOT_IMAGE}
+    assert set(ct[0]["codecs"]) & allowed - {"zstd", "none"}, ct[0]["codecs"]
+    assert set(ct[0]["codecs"]) <= allowed, ct[0]["codecs"]
     fs.checkpoint()
     assert_no_dangling(fs)
     fs.close()

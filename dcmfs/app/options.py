@@ -233,6 +233,9 @@ OPTIONS: tuple[Option, ...] = (
            "on the disk (a fsync of a gigabyte) does not hold the others; 0: by one thread "
            "(less latency per request for one sequential client)", MOUNTING,
            field="fuse_threads"),
+    Option("read_ahead_kb", INT, "KiB the kernel reads ahead of a sequential reader, set on "
+           "the mount when the daemon may (root; 0: the kernel's own 128)", MOUNTING,
+           field="read_ahead_kb", low=0, high=65536),
     Option("reencode_threads", INT, "cores the re-encoder may use while no file is written",
            RECODING, field="reencode_threads", low=1, high=64),
     Option("shred_after", DURATION, "run a shred pass once the first deletion not yet "

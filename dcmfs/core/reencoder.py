@@ -28,7 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..storage import dicom
-from ..storage.codec import HTJ2K, IMAGE, IMAGE_CODECS, NONE, CodecMismatch, Unsuitable
+from ..storage.codec import (HOT_IMAGE, HTJ2K, IMAGE, IMAGE_CODECS, IMAGE_HOT, NONE,
+                             CodecMismatch, Unsuitable)
 from ..errors import IntegrityError, StoreIOError, loggable
 from ..opened.jobs import ActiveJobHost
 from ..sandbox.pool import ParserFailure, ParserPool
@@ -387,7 +388,7 @@ class Reencoder(Passes, LookAhead):
         host = self.host
         image = self.tiers.image_codec(cooling)
         level, images = host.objects.codecs.encode_settings()
-        settings = (level, images if image == IMAGE else (image,))
+        settings = (level, images if image == IMAGE else HOT_IMAGE)
         cs = host.chunk_size
         extents = extents_of(plan, inode.size, cs)
         last = len(extents) - 1
@@ -400,7 +401,7 @@ class Reencoder(Passes, LookAhead):
             if frame is not None and self.parsers is not None:
                 # the encoders see untrusted geometry and samples: in a
                 # worker; the object store decodes and compares the result
-                codec, payload = self.parsers.encode(data, frame, *settings)
+                codec, payload = self.parsers.encode(data, frame, *settings, hot=image == IMAGE_HOT)
             ref = host.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
                                      codec, data, frame, payload=payload)
             return ref._replace(offset=start)

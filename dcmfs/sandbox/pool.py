@@ -283,14 +283,16 @@ class ParserPool:
         return checked_plan(reply.get("plan"), size)
 
     def encode(self, plaintext: bytes, frame: FrameSpec, zstd_level: int,
-               image: tuple[int, ...]) -> tuple[int, bytes]:
+               image: tuple[int, ...], hot: bool = False) -> tuple[int, bytes]:
         """(codec, payload) of one band: the cheapest exact result of the
-        image codecs and zstd.  The caller decodes and compares it before it
-        stores it."""
+        image codecs and zstd (``hot``: the hot tier's codecs and weight,
+        :data:`~dcmfs.storage.codec.HOT`).  The caller decodes and compares
+        it before it stores it."""
         # encoders take ~20 ms per MB each; the limit scales with the band
         timeout = self.timeout + len(plaintext) / 1e6
         reply, payload = self._call({"op": "encode", "frame": list(frame),
-                                     "zstd_level": zstd_level, "image": list(image)},
+                                     "zstd_level": zstd_level, "image": list(image),
+                                     "hot": bool(hot)},
                                     plaintext, timeout)
         used = reply.get("codec")
         if used not in IMAGE_CODECS | {ZSTD, NONE} or not isinstance(payload, bytes):

@@ -118,7 +118,8 @@ def handle(request: dict, blob: bytes) -> tuple[dict, bytes]:
         spec = codec.FrameSpec(*request["frame"])
         codecs = codec.Codecs(int(request["zstd_level"]),
                               image=tuple(codec.IDS[i] for i in request["image"]))
-        used, payload = codecs.compress(codec.IMAGE, blob, spec)
+        used, payload = codecs.compress(codec.IMAGE_HOT if request.get("hot") else codec.IMAGE,
+                                        blob, spec)
         return {"codec": used}, payload
     if op == "deid-facts":
         from ..storage import deid

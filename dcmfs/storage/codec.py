@@ -4,10 +4,13 @@ The id is part of every chunk's authenticated context, so a codec can never
 be swapped under a stored object; ids are never reused.
 
 * 0 none, 1 zstd, 2 lzma (xz): general purpose, any bytes.
-* 3 jpegls, 4 htj2k, 5 jpegxl, 6 jpeg2k: one band of native DICOM pixel
-  data (rows of one frame, or several small frames as one taller image),
-  coded losslessly by an image codec through ``imagecodecs`` (CharLS,
-  OpenJPH, libjxl, OpenJPEG; all release the GIL).
+* 3 jpegls, 4 htj2k, 5 jpegxl, 6 jpeg2k, 7 blosc2: one band of native
+  DICOM pixel data (rows of one frame, or several small frames as one
+  taller image), coded losslessly by an image codec through ``imagecodecs``
+  (CharLS, OpenJPH, libjxl, OpenJPEG; all release the GIL).  ``blosc2`` is
+  no image codec but a fast one for samples: a C-Blosc2 chunk of the
+  samples (little-endian), byte-shuffled and zstd-compressed (level
+  :data:`BLOSC2_LEVEL`); it is the hot tier's (:data:`IMAGE_HOT`).
   The payload is self-describing: a small header (:data:`_IMG_HEADER`:
   geometry, sample layout, byte order, sample mapping) followed by the
   codestream, so decoding needs nothing but the payload, its codec id and
@@ -44,27 +47,37 @@ import zstandard
 
 from ..errors import CodecUnavailableError, IntegrityError
 
-NONE, ZSTD, LZMA, JPEGLS, HTJ2K, JPEGXL, JPEG2K = 0, 1, 2, 3, 4, 5, 6
+NONE, ZSTD, LZMA, JPEGLS, HTJ2K, JPEGXL, JPEG2K, BLOSC2 = 0, 1, 2, 3, 4, 5, 6, 7
 NAMES = {"none": NONE, "zstd": ZSTD, "lzma": LZMA, "jpegls": JPEGLS, "htj2k": HTJ2K,
-         "jpegxl": JPEGXL, "jpeg2k": JPEG2K}
+         "jpegxl": JPEGXL, "jpeg2k": JPEG2K, "blosc2": BLOSC2}
 IDS = {v: k for k, v in NAMES.items()}
 #: codecs for any bytes: a store's own codec is one of these
 GENERAL_CODECS = ("zstd", "lzma", "none")
 #: the lossless image codecs (frames of native pixel data only)
-IMAGE_CODECS = frozenset({JPEGLS, HTJ2K, JPEGXL, JPEG2K})
+IMAGE_CODECS = frozenset({JPEGLS, HTJ2K, JPEGXL, JPEG2K, BLOSC2})
 #: a request, never stored: "the best of the configured image codecs"
 IMAGE = -1
+#: a request, never stored: the hot tier's coding (:mod:`dcmfs.core.tiers`):
+#: the cheapest of :data:`HOT_IMAGE` and zstd under :data:`HOT_DECODE_WEIGHT`
+IMAGE_HOT = -2
+HOT_IMAGE = (HTJ2K, BLOSC2)
+#: zstd level inside a blosc2 chunk.  A 512x512 CT slice (two bands; per
+#: slice: stored/original, encode ms, decode ms, at load ~7): level 1 0.330,
+#: 1.3, 0.40; 3 0.302, 5.6, 0.58; 5 0.295, 10.6, 0.62; 9 0.271 but ~1 s to
+#: encode.  HTJ2K: 0.220, ~3, 1.56
+BLOSC2_LEVEL = 3
 #: image codecs offered by default
 DEFAULT_IMAGE_CODECS = ("htj2k", "jpegxl")
 #: the encoder settings tried for each image codec: JPEG XL at effort 1
 #: (libjxl's fast lossless path: ~2 % larger, decodes ~1.7x faster) and 2
-_VARIANTS = {JPEGLS: (None,), HTJ2K: (None,), JPEGXL: (1, 2), JPEG2K: (None,)}
+_VARIANTS = {JPEGLS: (None,), HTJ2K: (None,), JPEGXL: (1, 2), JPEG2K: (None,),
+             BLOSC2: (None,)}
 #: single-core decode speed in MB/s of plaintext, per (codec, setting):
 #: the medians over pydicom-data's native subset, per 256 KiB band
 #: (scripts/bench measures the real thing)
 DECODE_MBPS = {(NONE, None): 10000, (ZSTD, None): 900, (HTJ2K, None): 316,
                (JPEGXL, 1): 183, (JPEGXL, 2): 112, (JPEGLS, None): 101,
-               (JPEG2K, None): 35}
+               (JPEG2K, None): 35, (BLOSC2, None): 900}  # blosc2: ~1000 on a CT slice
 #: what a second of decoding is worth in stored bytes: each frame keeps the
 #: result of least ``stored bytes + DECODE_WEIGHT * decode seconds``.  On the
 #: native subset (per-band simulation, stored/original at single-core decode
@@ -73,6 +86,14 @@ DECODE_MBPS = {(NONE, None): 10000, (ZSTD, None): 900, (HTJ2K, None): 316,
 #: (objects + index; the subset twice, cold, medians of 7 interleaved
 #: reads): 0 -> 0.2852 at 105 MB/s, 2e6 -> 0.2881 at 122, 3e6 -> 0.2898 at 134
 DECODE_WEIGHT = 2e6
+#: the hot tier's weight: fresh studies are read soon and often, and a cold
+#: read of a CT series through the mount was bound by the daemon's CPU on
+#: two cores, half of it HTJ2K decoding (issue 17).  At 1e8 a 256 KiB band
+#: keeps HTJ2K only where it saves more than ~54 KB (~20 %) over blosc2,
+#: which decodes it ~0.54 ms sooner (8-bit samples, where byte shuffling
+#: does nothing); on a CT slice HTJ2K saves ~8 % (at 4e7 half the bands of
+#: a CT series kept HTJ2K, measured)
+HOT_DECODE_WEIGHT = 1e8
 assert all((c, s) in DECODE_MBPS for c, settings in _VARIANTS.items() for s in settings)
 
 #: version u8, rows u16, columns u16, samples u8, bits allocated u8, bits
@@ -115,7 +136,9 @@ class Codecs:
     """Compressors with their settings; one per store opening, thread-safe."""
 
     def __init__(self, zstd_level: int = 1, lzma_preset: int = 6,
-                 image: tuple[str, ...] = DEFAULT_IMAGE_CODECS) -> None:
+                 image: tuple[str, ...] = DEFAULT_IMAGE_CODECS,
+                 decode_weight: float | None = None) -> None:
+        self._weight = decode_weight
         self._zstd_level = zstd_level
         self._lzma_preset = lzma_preset
         self._image = tuple(NAMES[name] for name in image)
@@ -154,6 +177,10 @@ class Codecs:
         The caller decodes an image codec's result and compares before it
         stores it (byte-exact or nothing).
         """
+        if codec == IMAGE_HOT:
+            return Codecs(self._zstd_level, self._lzma_preset,
+                          tuple(IDS[i] for i in HOT_IMAGE), HOT_DECODE_WEIGHT
+                          ).compress(IMAGE, plaintext, frame)
         if codec == IMAGE or codec in IMAGE_CODECS:
             arr, header = _image_samples(plaintext, frame)
             used, payload = self.compress(ZSTD, plaintext)
@@ -163,7 +190,7 @@ class Codecs:
                     stream = _image_encode(image, arr, header, setting)
                     if stream is not None:  # None: the codec gave up
                         results.append((image, setting, stream))
-            used, _, payload = cheapest(results, len(plaintext))
+            used, _, payload = cheapest(results, len(plaintext), self._weight)
             return used, payload
         if codec == ZSTD:
             payload = zstandard.compress(plaintext, self._zstd_level)
@@ -230,7 +257,8 @@ def warm_up() -> None:
 
 # --- image codecs ---------------------------------------------------------------
 #: the imagecodecs name of each image codec (``imagecodecs.<NAME>.available``)
-_IMAGECODECS = {JPEGLS: "JPEGLS", HTJ2K: "HTJ2K", JPEGXL: "JPEGXL", JPEG2K: "JPEG2K"}
+_IMAGECODECS = {JPEGLS: "JPEGLS", HTJ2K: "HTJ2K", JPEGXL: "JPEGXL", JPEG2K: "JPEG2K",
+                BLOSC2: "BLOSC2"}
 
 
 def require(codec: int) -> None:
@@ -294,13 +322,16 @@ def _image_samples(plaintext: bytes, spec: FrameSpec | None):
     return np.ascontiguousarray(arr), header
 
 
-def cheapest(results, plain_len: int):
+def cheapest(results, plain_len: int, weight: float | None = None):
     """Of ``(codec, setting, payload)`` results of one frame, the one of least
-    stored bytes plus :data:`DECODE_WEIGHT` times its estimated decode
-    seconds (:data:`DECODE_MBPS`); the earlier one on a tie."""
+    stored bytes plus ``weight`` (:data:`DECODE_WEIGHT`) times its estimated
+    decode seconds (:data:`DECODE_MBPS`); the earlier one on a tie."""
+    if weight is None:
+        weight = DECODE_WEIGHT
+
     def cost(result):
         codec, setting, payload = result
-        return len(payload) + DECODE_WEIGHT * plain_len / (DECODE_MBPS[codec, setting] * 1e6)
+        return len(payload) + weight * plain_len / (DECODE_MBPS[codec, setting] * 1e6)
     return min(results, key=cost)
 
 
@@ -317,6 +348,11 @@ def _image_encode(codec: int, arr, header: bytes, setting: int | None = None) ->
             stream = imagecodecs.jpegls_encode(arr)
         elif codec == HTJ2K:
             stream = imagecodecs.htj2k_encode(arr, reversible=True)
+        elif codec == BLOSC2:
+            stream = imagecodecs.blosc2_encode(arr.astype("<u2" if arr.itemsize == 2 else "u1"),
+                                               level=BLOSC2_LEVEL, compressor="zstd",
+                                               shuffle="shuffle", typesize=arr.itemsize,
+                                               numthreads=1)
         elif codec == JPEGXL:
             # effort 2 decodes as fast as JPEG-LS, effort 1 ~1.7x as fast;
             # effort 3 is 1-2 % smaller and decodes at a third of the speed
@@ -325,7 +361,8 @@ def _image_encode(codec: int, arr, header: bytes, setting: int | None = None) ->
         else:
             stream = imagecodecs.jpeg2k_encode(arr, level=0, reversible=True, numthreads=1)
     except (imagecodecs.JpeglsError, imagecodecs.Htj2kError, imagecodecs.JpegxlError,
-            imagecodecs.Jpeg2kError, ValueError, TypeError, RuntimeError):
+            imagecodecs.Jpeg2kError, imagecodecs.Blosc2Error, ValueError, TypeError,
+            RuntimeError):
         return None  # the other candidates (zstd at least) remain
     return header + stream
 
@@ -354,6 +391,8 @@ def _image_decode(codec: int, payload: bytes, plain_len: int) -> bytes:
             arr = imagecodecs.htj2k_decode(stream)
         elif codec == JPEGXL:
             arr = imagecodecs.jpegxl_decode(stream, numthreads=1)
+        elif codec == BLOSC2:
+            arr = _blosc2_decode(stream, rows, columns, samples, alloc)
         else:
             arr = imagecodecs.jpeg2k_decode(stream, numthreads=1)
     except Exception as exc:  # noqa: BLE001 — any decoder failure is damage
@@ -362,12 +401,35 @@ def _image_decode(codec: int, payload: bytes, plain_len: int) -> bytes:
     if arr.shape != want:
         raise CodecError(f"{IDS[codec]} payload decoded to the wrong shape")
     if alloc == 8:
-        arr = arr.astype(np.uint8)
+        arr = arr.astype(np.uint8, copy=False)
     else:
+        # one pass over the samples, in place where the decoder's array can
+        # be (measured on a 512x512 CT slice: 0.18 ms -> 0.03 ms, a tenth of
+        # what HTJ2K's decoding costs): offset binary back to two's
+        # complement is a subtraction modulo 2**16 (the bits of the int16)
+        arr = arr.astype(np.uint16, copy=not arr.flags.writeable)
         if mapping == 1:
-            arr = (arr.astype(np.int32) - (1 << (bits - 1))).astype(np.int16)
-        arr = arr.astype(">u2" if big else "<u2") if mapping == 0 else \
-            arr.astype(">i2" if big else "<i2")
+            arr -= np.uint16(1 << (bits - 1))
+        if big:
+            arr.byteswap(inplace=True)
     if samples == 3 and planar:
         arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr).tobytes()
+
+
+def _blosc2_decode(stream, rows: int, columns: int, samples: int, alloc: int):
+    """The samples of a blosc2 payload, shaped as the image codecs return
+    them.  The chunk's own header must name exactly the frame's size before
+    anything is decompressed (a cap, as for every codec)."""
+    import imagecodecs
+    import numpy as np
+
+    nbytes = rows * columns * samples * alloc // 8
+    if len(stream) < 16 or int.from_bytes(stream[4:8], "little") != nbytes \
+            or int.from_bytes(stream[12:16], "little") != len(stream):
+        raise CodecError("blosc2 payload header does not match the chunk")
+    raw = imagecodecs.blosc2_decode(stream, numthreads=1)
+    if len(raw) != nbytes:
+        raise CodecError("blosc2 payload decoded to the wrong length")
+    arr = np.frombuffer(raw, dtype="<u2" if alloc == 16 else np.uint8)
+    return arr.reshape((rows, columns) if samples == 1 else (rows, columns, 3))

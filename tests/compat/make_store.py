@@ -104,11 +104,13 @@ def main(out: str) -> None:
     fs.reencoder.wait_idle(60)
     fs.close()
     # one copy of the synthetic CT per image codec, each coded by that codec
+    # (hot_days=0: by that codec alone, not by the hot tier's; codec 7,
+    # blosc2, since issue 17's hot tier)
     image = {}
     for name in sorted(IDS[c] for c in IMAGE_CODECS):
         path = f"/ct/{name}.dcm"
         fs = FileSystem(open_store(root, secret, for_writing=True),
-                        dataclasses.replace(cfg, image_codecs=(name,)))
+                        dataclasses.replace(cfg, image_codecs=(name,), hot_days=0))
         fh = fs.create(path, 0o640, os.O_WRONLY, 0, 0)
         fs.write(fh, files["/ct/synthetic.dcm"], 0)
         fs.release(fh)
