@@ -66,12 +66,6 @@ constant, so do we):
   payload key comes from in the CTX field that was reserved (u16 after the
   flags; 0, the store key, in every object written before), so objects of
   every format version read as before.
-* 4 — (random reads, issue 17) feature ``framed-chunks-v1``: chunks coded
-  with zstd longer than 64 KiB are written as framed objects
-  (object layout 3, flag bit 2): 64 KiB frames compressed and sealed one by
-  one after a sealed frame table, so a 4 KiB random read decodes one frame.
-  Older objects read as before; the feature is added at the first
-  read-write opening (an older dcmfs then refuses the store).
 * 4 — (the de-identified research view, issue 21) feature ``deid-view-v1``:
   the index database ``deidview`` (ino -> sealed JSON: what the view lists
   of a DICOM file, see :mod:`dcmfs.index.schema`), created at the first
@@ -121,11 +115,19 @@ constant, so do we):
   mount's two files in the inbox.  Stores of versions 1-5 open and are
   upgraded in place as before; a rotation adds the feature.
 
-* (unreleased, issue 17) feature ``codec-blosc2``, in ``WRITE_FEATURES``:
+* 7 — (random reads, issue 17) feature ``framed-chunks-v1``: chunks coded
+  with zstd longer than 64 KiB are written as framed objects
+  (object layout 3, flag bit 2): 64 KiB frames compressed and sealed one by
+  one after a sealed frame table, so a 4 KiB random read decodes one frame;
+  the context block is sealed under the object's own epoch's key, as in
+  layout 2.  (fresh studies read fast, issue 17) feature ``codec-blosc2``:
   objects may be coded with codec 7 (a C-Blosc2 chunk of byte-shuffled,
   zstd-compressed samples: the hot tier's fast-decoding form; see
-  docs/format.md, "Codec 7").  Stores of versions 1-6 get the feature at
-  their first read-write opening; nothing is rewritten.
+  docs/format.md, "Codec 7").  Both are in ``WRITE_FEATURES``: stores of
+  versions 1-6 get them at their first read-write opening, nothing is
+  rewritten, an older dcmfs then refuses the store.  ``tests/compat/v7``
+  holds framed objects and a blosc2-coded copy of the synthetic CT besides
+  what v6 holds.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -135,7 +137,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 #: the object layout this dcmfs writes (the version byte of each object; the
 #: layout changed in format 2 and not since)
 OBJECT_VERSION = 2
