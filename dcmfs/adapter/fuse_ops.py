@@ -1,7 +1,7 @@
 """The FUSE adapter: the only module that imports mfusepy.
 
 It translates paths, handles and exceptions, nothing more (borg ``vfs.py``).
-Every dcmfs error becomes an errno through ``ERRNO``; unexpected exceptions
+Every dcmfs error becomes an errno through ``ERRNO`` (:mod:`.kernel`); unexpected exceptions
 are not swallowed here: mfusepy logs them with their traceback.
 
 mfusepy registers every attribute of the Operations object whose name matches
@@ -48,39 +48,11 @@ else:
 
 from .. import errors as E
 from ..core.filesystem import FileSystem
+from .kernel import ERRNO, errno_of, set_read_ahead  # noqa: F401 (ERRNO: the table)
 from .metrics import OPS_XATTR, OpStats
 from .statbuf import stat_packer
 
 log = logging.getLogger("dcmfs.fuse")
-
-#: the one exception -> errno table (most specific class first)
-ERRNO: list[tuple[type, int]] = [
-    (E.NotFound, errno.ENOENT),
-    (E.Exists, errno.EEXIST),
-    (E.NotADirectory, errno.ENOTDIR),
-    (E.IsADirectory, errno.EISDIR),
-    (E.DirectoryNotEmpty, errno.ENOTEMPTY),
-    (E.InvalidArgument, errno.EINVAL),
-    (E.NoAttribute, errno.ENODATA),
-    (E.NotSupported, errno.EOPNOTSUPP),
-    (E.NameTooLong, errno.ENAMETOOLONG),
-    (E.BadHandle, errno.EBADF),
-    (E.TooBig, errno.EFBIG),
-    (E.PermissionDenied, errno.EACCES),
-    (E.ReadOnlyError, errno.EROFS),
-    (E.NoSpaceError, errno.ENOSPC),
-    (E.IntegrityError, errno.EIO),
-    (E.IndexDamagedError, errno.EIO),
-    (E.StoreIOError, errno.EIO),
-]
-
-
-def errno_of(exc: E.DcmfsError) -> int:
-    for cls, code in ERRNO:
-        if isinstance(exc, cls):
-            return code
-    return errno.EIO
-
 
 def require_fuse() -> None:
     """Raise :class:`FuseUnavailableError` unless libfuse3 and /dev/fuse are usable."""
@@ -380,29 +352,6 @@ class _Operations:
     @_translate
     def removexattr(self, path, name):
         self._fs.removexattr(path, name)
-
-
-def set_read_ahead(mountpoint: str, kib: int) -> bool:
-    """Have the kernel read ``kib`` KiB ahead of sequential readers of the
-    FUSE mount at ``mountpoint`` (its backing device info's
-    ``read_ahead_kb``); False where it may not (not root) or cannot.
-
-    The kernel gives a FUSE mount 128 KiB and takes no more from the INIT
-    reply, so a sequential reader's READs are 128 KiB each: five requests
-    for a 513 KB CT slice, each a round trip through Python (measured,
-    issue 17).  The stat waits until the kernel has the INIT reply (a
-    request waits for it), so the value set here is not overwritten."""
-    try:
-        dev = os.stat(mountpoint).st_dev
-        parent = os.stat(os.path.dirname(os.path.abspath(mountpoint))).st_dev
-        if os.major(dev) != 0 or dev == parent:  # not a FUSE mount (any more)
-            return False
-        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
-            f.write(f"{kib}\n")
-        return True
-    except OSError as exc:
-        log.debug("read-ahead of the mount left at the kernel's: %s", type(exc).__name__)
-        return False
 
 
 def _fuse_class():
