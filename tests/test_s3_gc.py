@@ -164,3 +164,48 @@ def test_fsck_repair_sweeps_the_packs_the_map_does_not_know(s3_fs, ceph_s3, secr
     wipe_cache(s3_fs.root)
     fs = s3_fs()
     assert read_file(fs, "/k") == data
+
+
+def test_the_writer_reads_an_object_whose_pack_it_rewrites_meanwhile(s3_fs, ceph_s3):
+    """The writer looks up where an object is (pack P), and its own rewrite
+    of P (P lost /a's objects) puts the live objects into a new pack and
+    deletes P before the ranged GET goes out: the GET finds P gone.  The
+    map already names the new pack, so reading the bucket's pack list
+    again adds nothing, and the read failed (EIO for a file that is
+    intact; fails before).  The rewrite is run at that moment through the
+    real remote's get (the interleaving, not the server, is arranged)."""
+    from dcmfs.storage.damage import object_name
+    fs = s3_fs(s3_upload_delay=30)
+    files = {p: os.urandom(150_000) for p in ("/a", "/b")}
+    for path, data in files.items():
+        write_file(fs, path, data)
+    assert fs.opened.remote.drain(60)
+    fs.close()
+    wipe_cache(s3_fs.root)  # /b is read from the bucket
+    fs = s3_fs(s3_upload_delay=30)
+    remote = fs.opened.remote
+    assert remote.drain(60)
+    (pack,) = packs_of(fs, "/a", "/b")
+    b_oids = named(fs, "/b")
+    a_oids = named(fs, "/a")
+    with remote._pack_lock:  # /a deleted: its pack loses objects
+        for oid in a_oids:
+            remote._remove(object_name(oid))
+    real_get = remote.remote.get
+    rewrote = []
+
+    def get(name, start=0, end=None):
+        if name == pack and not rewrote:
+            rewrote.append(name)
+            with remote._pack_lock:
+                remote._repack(pack)  # the new pack in the map, P deleted
+        return real_get(name, start, end)
+    remote.remote.get = get
+    try:
+        oid = sorted(b_oids)[0]
+        remote.get(object_name(oid))
+    finally:
+        remote.remote.get = real_get
+    assert rewrote == [pack]
+    assert remote.packs.where(oid).pack != pack
+    assert read_file(fs, "/b") == files["/b"]

@@ -52,8 +52,10 @@ class PackedCache:
     def _remote_get(self, name: str, start: int = 0, end: int | None = None) -> bytes:
         """An object's bytes ``[start, end)`` from the bucket: a ranged GET
         of its pack, or the object itself (stores without packs).  A pack
-        missing (rewritten meanwhile by the writer: a follower) has the map
-        read from the bucket again, once."""
+        missing is asked about once more: the map may name another pack
+        by now (this writer's own rewrite of it, between the look-up and
+        the GET), else it is read from the bucket again (a follower, whose
+        writer rewrote it)."""
         for attempt in (0, 1):
             where = self._where(name)
             if where is None:
@@ -68,7 +70,7 @@ class PackedCache:
                     self.counts["gets"] += 1
                 return self.remote.get(where.pack, where.offset + start, where.offset + stop)
             except BackendMissing:
-                if attempt or not self.refresh_packs():
+                if attempt or (self._where(name) == where and not self.refresh_packs()):
                     raise
         raise AssertionError("unreachable")
 
