@@ -209,3 +209,38 @@ def test_the_writer_reads_an_object_whose_pack_it_rewrites_meanwhile(s3_fs, ceph
     assert rewrote == [pack]
     assert remote.packs.where(oid).pack != pack
     assert read_file(fs, "/b") == files["/b"]
+
+
+def test_a_sweep_keeps_a_pack_the_writer_uploads_while_it_lists(s3_fs, ceph_s3):
+    """fsck --repair's sweep (PackedCache.sweep_packs) takes the map's packs,
+    then lists the bucket.  A pack the writer's upload pool puts and records
+    meanwhile is listed, is not among the packs taken before, and its objects
+    all sit in a pack of the map (itself): it was deleted as "copies only",
+    the only copy in the bucket of a file written a moment before (fails
+    before: the file no longer reads once the cache is gone)."""
+    fs = s3_fs()
+    remote = fs.opened.remote
+    write_file(fs, "/a", os.urandom(150_000))
+    assert remote.drain(60)
+    data = os.urandom(150_000)
+    real_list = remote.remote.list
+    uploaded = []
+
+    def listing(prefix):
+        if not uploaded:  # the upload lands between the map's packs and the LIST
+            uploaded.append(prefix)
+            write_file(fs, "/b", data)
+            assert remote.drain(60)
+        return real_list(prefix)
+    remote.remote.list = listing
+    try:
+        found = remote.sweep_packs(apply=True)
+    finally:
+        remote.remote.list = real_list
+    assert uploaded
+    bucket = Bucket(ceph_s3.client(), s3_fs.url)
+    assert packs_of(fs, "/b") <= set(bucket.keys("packs/")), found
+    fs.close()
+    wipe_cache(s3_fs.root)
+    fs = s3_fs()
+    assert read_file(fs, "/b") == data

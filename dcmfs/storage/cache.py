@@ -68,6 +68,8 @@ class CachedBackend(UploadPool, PackedCache, Backend):
         self._dirty: set[str] = set()
         self._repacking = 0
         self._pack_lock = threading.Lock()
+        #: names of packs being put and not yet in the map (a sweep spares them)
+        self._putting: set[str] = set()
         #: seconds a superseded object stays in the bucket after its delete
         #: (read-only followers lag behind the writer; a drain sends them at once)
         self.delete_delay = delete_delay

@@ -106,8 +106,7 @@ class PackedCache:
         if not members:
             return
         blob, table = build([(oid_of(name), data) for name, data in members])
-        pack = self._put_pack(blob, "not uploaded")
-        lost = self.packs.add(pack, table)  # synced: only then are they "in the bucket"
+        pack, lost = self._put_pack(blob, table, "not uploaded")
         if lost:  # packs holding older copies (a PUT before a crash): rewritten or deleted
             with self._cv:
                 self._dirty |= lost
@@ -118,19 +117,31 @@ class PackedCache:
                 pass
         self._uploaded([name for name, _ in members], len(blob))
 
-    def _put_pack(self, blob: bytes, fenced: str) -> str:
-        """PUT a pack (retried as long as the mount lives); returns its
-        name, taken at the attempt that went through
-        (:func:`~dcmfs.storage.packs.new_pack_name`)."""
+    def _put_pack(self, blob: bytes, table, fenced: str) -> tuple[str, set[str]]:
+        """PUT a pack (retried as long as the mount lives) and record its
+        ``table`` in the map (synced: only then are its objects "in the
+        bucket"); returns its name, taken at the attempt that went through
+        (:func:`~dcmfs.storage.packs.new_pack_name`), and the packs that
+        lost objects to it.  Until the map has it, its name is in
+        ``_putting``: a sweep of the bucket (:meth:`sweep_packs`) that
+        lists it meanwhile must not take it for a pack the map lost."""
         name: list[str] = []
+        tried: list[str] = []
 
         def put() -> None:
             if self.fence.is_set():
                 raise StoreIOError(f"another writer holds the lease; {fenced}")
             name[:] = [new_pack_name(self.packs.newest())]
+            with self._cv:
+                self._putting.add(name[0])
+            tried.append(name[0])
             self.remote.put(name[0], blob)
-        self._retrying(put)
-        return name[0]
+        try:
+            self._retrying(put)
+            return name[0], self.packs.add(name[0], table)
+        finally:
+            with self._cv:
+                self._putting.difference_update(tried)
 
     # --- deletes ------------------------------------------------------------------
     def _remove(self, name: str) -> None:
@@ -197,7 +208,7 @@ class PackedCache:
                     data = self._retrying_get(pack, offset, offset + length)
                 members.append((oid, data))
             blob, table = build(members)
-            self.packs.add(self._put_pack(blob, "not repacked"), table)
+            self._put_pack(blob, table, "not repacked")
             self.counts["repacks"] += 1
         self._retrying(lambda: self.remote.delete(pack))
         self.packs.forget(pack)
@@ -299,6 +310,10 @@ class PackedCache:
         known, out = self.packs.packs(), []
         for pack in list(self.remote.list(PACKS)):
             if pack in known or len(pack) != len(PACKS) + 32:
+                continue
+            with self._cv:  # put meanwhile: being recorded, or recorded (in this order)
+                putting = pack in self._putting
+            if putting or pack in self.packs.packs():
                 continue
             table = self._table(pack)
             if table is None:
