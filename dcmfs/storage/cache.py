@@ -304,7 +304,7 @@ class CachedBackend(UploadPool, PackedCache, Backend):
             queue = self._held if hold else self._queue
             # the uploaders sleep until the earliest head of the queues is due
             # (a second at most): an entry behind another, due later, needs no
-            # wakeup; one per object cost the writer ~25 % of its CPU
+            # wakeup (one per object doubled the CPU of a create: ~90 -> ~45 us)
             wake = (not queue or self.upload_delay <= 0 or self._hurry
                     or self._pending_bytes * 2 > self.cache_size)
             queue.append(("put", name, time.monotonic()
