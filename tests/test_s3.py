@@ -118,6 +118,43 @@ def test_objects_replaced_within_the_upload_delay_are_never_uploaded(s3_fs):
     assert stats["uploaded_objects"] == live  # only the chunks of the version that stayed
 
 
+def test_queueing_an_object_behind_others_wakes_no_uploader(tmp_path, s3_url, s3_settings,
+                                                             monkeypatch):
+    """An object queued behind others (due later) leaves the uploaders
+    asleep (issue 20: a wakeup per object doubled the CPU of a create,
+    measured in-process); the objects still go up when due,
+    without a drain."""
+    import threading
+    from dcmfs.storage.backend import LocalBackend
+    from dcmfs.storage.cache import CachedBackend
+    from dcmfs.storage.s3 import S3Backend
+
+    class Counting(threading.Condition):
+        notified = 0
+
+        def notify(self, n=1):
+            Counting.notified += 1
+            super().notify(n)
+
+    monkeypatch.setattr(threading, "Condition", Counting)
+    cached = CachedBackend(LocalBackend(str(tmp_path)), S3Backend(s3_url, s3_settings),
+                           cache_size=64 << 20, upload_delay=1.0)
+    monkeypatch.undo()
+    try:
+        before = Counting.notified
+        names = [f"objects/{i:02x}/{i:02x}{os.urandom(15).hex()}" for i in range(50)]
+        for name in names:
+            assert cached.create(name, os.urandom(1000))
+        assert Counting.notified - before <= 2  # the first of the queue; 50 before the fix
+        deadline = time.monotonic() + 30
+        while cached.stats()["backlog_objects"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cached.stats()["backlog_objects"] == 0
+        assert set(cached.remote.list("objects/")) == set(names)
+    finally:
+        cached.close()
+
+
 def test_uploaded_mark_survives_a_restart(s3_fs):
     """Objects not yet uploaded when a mount ends are found by the next one."""
     fs = s3_fs(s3_uploaders=1, s3_drain_timeout=0.2)
