@@ -313,7 +313,7 @@ class PackedCache:
                 continue
             with self._cv:  # put meanwhile: being recorded, or recorded (in this order)
                 putting = pack in self._putting
-            if putting or pack in self.packs.packs():
+            if putting or self.packs.knows(pack):
                 continue
             table = self._table(pack)
             if table is None:

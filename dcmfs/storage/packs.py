@@ -271,6 +271,10 @@ class PackMap:
         except lmdb.Error:
             return None
 
+    def knows(self, pack: str) -> bool:
+        with self._env.begin(db=self._packs) as txn:
+            return txn.get(self._pid(pack)) is not None
+
     def packs(self) -> set[str]:
         with self._env.begin(db=self._packs) as txn:
             return {PACKS + k.hex() for k, _ in txn.cursor()}
