@@ -235,7 +235,7 @@ def _big(mib: int) -> str:
     return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
 
 
-def render(out: dict) -> str:
+def _series_table(out: dict) -> list[str]:
     lines = [f"CT series: {out['files']} files, {out['series_mb']} MB; 1 file of "
              f"{out['big_mib']} MiB; medians of {out['reps']} repetitions", "",
              "| contender | ingest MB/s | files/s | ms/file (median, p99) | at rest MB/s "
@@ -256,6 +256,11 @@ def render(out: dict) -> str:
             lines.append(key + ": " + ", ".join(f"{k} {v:.3f}" if "size" in k
                                                  else f"{k} {v:.2f}×"
                                                  for k, v in out[key].items()))
+    return lines
+
+
+def render(out: dict) -> str:
+    lines = _series_table(out) if out["files"] or out["big_mib"] else []
     s = out.get("subset")
     if s:
         mods = list(s["modalities"])

@@ -24,39 +24,45 @@ def read_back_cold(c, files, logical: int) -> float:
     return read_s
 
 
+def _series(c, files, logical: int, add) -> None:
+    """The series part of ``measure``: ingest, settle, stored size, cold read."""
+    with Sampler(c.pid()) as s:
+        c.before_write()
+        t = time.perf_counter()
+        lat = write_files(files, c.mnt())
+        if c.name == "plain":
+            os.sync()
+        ingest = time.perf_counter() - t
+        status = c.status()  # what the writer left for the re-encoder
+        c.after_write()
+        c.settle()
+        at_rest = time.perf_counter() - t
+    if status is not None:
+        add("backlog_after_write", status["backlog_files"])
+    add("ingest_s", ingest)
+    add("at_rest_s", at_rest)
+    add("file_ms_median", statistics.median(lat) * 1000)
+    add("file_ms_p99", sorted(lat)[int(0.99 * len(lat))] * 1000)
+    add("ratio", c.stored() / logical)
+    add("ingest_cpu_s", s.cpu_seconds)
+    add("ingest_peak_rss_mib", s.peak / 2**20)
+    status = c.status()
+    if status is not None:
+        for key in ("reencoded_files", "frames_coded", "reencode_errors"):
+            add(key, status.get(key, 0))
+    for mod, (plain_bytes, stored_bytes) in (c.modality_stats() or {}).items():
+        add(f"ratio_{mod}", stored_bytes / plain_bytes)
+    add("read_s", read_back_cold(c, files, logical))
+
+
 def measure(c, files, logical: int, add, big_mib: int = 0, block: bytes = b"") -> None:
     """One contender through one workload, from a fresh store to its teardown:
     ingest (timed), settle (at rest), stored size, remount + drop_caches, cold
     read (timed, then compared byte for byte); then the big file if asked."""
     c.setup()
     try:
-        with Sampler(c.pid()) as s:
-            c.before_write()
-            t = time.perf_counter()
-            lat = write_files(files, c.mnt())
-            if c.name == "plain":
-                os.sync()
-            ingest = time.perf_counter() - t
-            status = c.status()  # what the writer left for the re-encoder
-            c.after_write()
-            c.settle()
-            at_rest = time.perf_counter() - t
-        if status is not None:
-            add("backlog_after_write", status["backlog_files"])
-        add("ingest_s", ingest)
-        add("at_rest_s", at_rest)
-        add("file_ms_median", statistics.median(lat) * 1000)
-        add("file_ms_p99", sorted(lat)[int(0.99 * len(lat))] * 1000)
-        add("ratio", c.stored() / logical)
-        add("ingest_cpu_s", s.cpu_seconds)
-        add("ingest_peak_rss_mib", s.peak / 2**20)
-        status = c.status()
-        if status is not None:
-            for key in ("reencoded_files", "frames_coded", "reencode_errors"):
-                add(key, status.get(key, 0))
-        for mod, (plain_bytes, stored_bytes) in (c.modality_stats() or {}).items():
-            add(f"ratio_{mod}", stored_bytes / plain_bytes)
-        add("read_s", read_back_cold(c, files, logical))
+        if files:
+            _series(c, files, logical, add)
         if big_mib:
             with Sampler(c.pid()) as s:
                 c.before_write()

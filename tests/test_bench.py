@@ -178,6 +178,23 @@ def test_the_big_file_has_its_size_whatever_the_series(tmp_path):
     assert data[:len(block)] == block and data[len(block):2 * len(block)] == block
 
 
+def test_a_run_without_the_series_measures_the_rest(tmp_path):
+    """``--files 0`` (only the small-file workload, say) ran nothing: the
+    series' median of no latencies raised StatisticsError."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--files", "0",
+                        "--reps", "1", "--big-mib", "0", "--rand-mib", "0", "--small-files", "20",
+                        "--small-reps", "1", "--writers", "--no-corpus", "--subset-copies", "0",
+                        "--no-view", "--no-s3", "--no-quality", "--only", "plain",
+                        "--workdir", str(tmp_path), "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    small = figures["small_files"]["contenders"]["plain"]
+    assert small["create_files_s"] > 0 and small["unlink_files_s"] > 0
+    assert "CT series" not in r.stdout and "Small files: 20 files" in r.stdout
+
+
 def check_s3(figures: dict, stdout: str) -> None:
     """The S3 contenders ran beside the local backend, or were skipped only
     where Ceph cannot be installed (the reason printed)."""
