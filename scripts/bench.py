@@ -16,7 +16,7 @@ Workloads
           phase timed (plain, dcmfs, gocryptfs; --small-reps repetitions).
   writers the CT series written by N writers at once (threads, each every
           N-th file), for each N of --writers (1 4 8), into one store (plain,
-          dcmfs, gocryptfs); with each contender's ratio to gocryptfs per
+          dcmfs, dcmfs-paused with --codecs paused, gocryptfs); with each contender's ratio to gocryptfs per
           repetition (median, min-max).
   random  random 4 KiB reads (--rand-reads of them) in a --rand-mib (256) MiB
           file, cold, with fio when installed, else a Python os.pread loop.
@@ -188,7 +188,8 @@ def run(args) -> dict:
         lean = [c for c in mounted(base / "small", [v for v in args.codecs if v == "audit0"])
                 if c.name in ("plain", "dcmfs", "dcmfs-audit0", "gocryptfs")]
         sresults_small = {c.name: {} for c in lean} if args.small_files else {}
-        par = [c for c in mounted(base / "writers", []) if c.name in ("plain", "dcmfs", "gocryptfs")]
+        par = [c for c in mounted(base / "writers", [v for v in args.codecs if v == "paused"])
+               if c.name in ("plain", "dcmfs", "dcmfs-paused", "gocryptfs")]
         wresults = {c.name: {} for c in par} if args.writers else {}
         rand = [c for c in mounted(base / "random", []) if c.name in ("plain", "dcmfs", "gocryptfs")]
         rresults = {c.name: {} for c in rand} if args.rand_mib else {}

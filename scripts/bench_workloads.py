@@ -211,6 +211,7 @@ def parallel_writers(c, files, logical: int, writers: list[int], add) -> None:
                     errors.append(exc)
 
             threads = [threading.Thread(target=write, args=(part,)) for part in parts]
+            c.before_write()  # dcmfs-paused: the re-encoder held while they write
             with Sampler(c.pid()) as s:
                 t = time.perf_counter()
                 for th in threads:

@@ -53,7 +53,6 @@ class Passes:
             for ino in todo:
                 self._add(ino, 0)
             self._wake.set()
-            self._start_warming()
         return len(todo)
 
     def _look_for_cold(self) -> None:
