@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .durable import TMP_PREFIX, _raise_os, write_new
@@ -68,8 +70,52 @@ class LocalBackend(Backend):
 
     kind = "local"
 
+    #: threads that bring the objects a sequential reader needs next into
+    #: the page cache (:meth:`prefetch`)
+    WARM_THREADS = 2
+
     def __init__(self, root: str) -> None:
         self.root = root
+        self._warm: ThreadPoolExecutor | None = None
+        self._warm_lock = threading.Lock()
+
+    def prefetch(self, names: list[str]) -> int:
+        """Have the page cache read these objects ahead of their reads (a
+        reader walking a directory: :mod:`dcmfs.core.readahead`); returns how
+        many were queued.  A store read cold (after a reboot, or a prior not
+        read for days) is one small file per object: the 400-slice CT series'
+        1 200 objects took 0.9-1.9 s to open and read from this machine's
+        disk one after the other (0.2 s of it CPU), which the decoding
+        threads waited for one object at a time (issue 17).  Two threads,
+        asked for 4 files ahead: 4 threads asked for 16 read the fresh series
+        slower than none at all (4 interleaved pairs on a loaded machine),
+        2 for 4 faster (4 pairs each of the fresh and cold series)."""
+        with self._warm_lock:
+            if self._warm is None:
+                self._warm = ThreadPoolExecutor(self.WARM_THREADS,
+                                                thread_name_prefix="dcmfs-warm")
+            for name in names:
+                self._warm.submit(self._warm_one, os.path.join(self.root, name))
+        return len(names)
+
+    @staticmethod
+    def _warm_one(path: str) -> None:
+        try:  # the open reads the directory and inode blocks; the advice the data
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # deleted meanwhile: the read itself says what is missing
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._warm_lock:
+            warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.shutdown(wait=True, cancel_futures=True)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)

@@ -275,6 +275,8 @@ class ObjectStore(FramedObjects):
             self.backend.drain()
 
     def close(self) -> None:
+        if isinstance(self.backend, LocalBackend):  # its page-cache warmers
+            self.backend.close()
         if self._sync_fd is not None:
             os.close(self._sync_fd)
             self._sync_fd = None
@@ -468,9 +470,9 @@ class ObjectStore(FramedObjects):
                                f"{exc.strerror}") from exc
 
     def prefetch(self, oids: list[bytes]) -> int:
-        """Fetch these objects ahead of their reads where they live remotely
-        (an S3 store's bucket); returns how many fetches were queued (0 for
-        a local store: the page cache and the disk's read-ahead serve it)."""
+        """Fetch these objects ahead of their reads: from an S3 store's
+        bucket, or from the disk into the page cache; returns how many
+        fetches were queued."""
         fetch = getattr(self.backend, "prefetch", None)
         return fetch([object_name(oid) for oid in oids]) if fetch and oids else 0
 
