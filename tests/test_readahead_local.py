@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 from dcmfs.core.readahead import LOCAL_FETCH_FILES, LOCAL_FILES
 
@@ -166,6 +167,11 @@ def test_a_walk_has_the_next_files_objects_read_from_the_disk_ahead(make_fs):
     assert all(resident(obj)[0] == 0 for obj in cold), "read ahead before a walk"
     assert read_file(fs, names[1]) == FILES[names[1]]  # the one after it: a walk
     fs.objects.backend.close()
+    # the advice starts the disk reads and returns: they land soon after
+    deadline = time.monotonic() + 10
+    while not all(resident(obj)[0] == resident(obj)[1] for obj in ahead) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     for obj in ahead:
         have, pages = resident(obj)
         assert have == pages, f"{have} of {pages} pages of an object read ahead"
