@@ -66,11 +66,13 @@ class FramedObjects:
         if k1 >= count:
             raise ObjectDamaged(oid, "is shorter than its units", LENGTH)
         lo, hi = starts[k0], starts[k1 + 1]
+        get = getattr(self.backend, "get_kept", self.backend.get)
         try:
-            data = self.backend.get(object_name(oid), lo, hi)
+            data = get(object_name(oid), lo, hi)
         except BackendMissing as exc:
             raise ObjectDamaged(oid, "is missing", MISSING) from exc
         if len(data) != hi - lo:
+            self.forget_kept(oid)
             raise ObjectDamaged(oid, "is truncated", LENGTH)
         view = memoryview(data)
         out = []
@@ -79,6 +81,7 @@ class FramedObjects:
                 payload = frames.open_frame(gcm, aad, k, count,
                                             view[starts[k] - lo:starts[k + 1] - lo])
             except crypto.AuthenticationFailed as exc:
+                self.forget_kept(oid)  # (fsck --repair may move the right file here)
                 raise ObjectDamaged(oid, "failed authentication") from exc
             j0 = first - k * per if k == k0 else 0
             j1 = last - k * per if k == k1 else per - 1
@@ -88,6 +91,14 @@ class FramedObjects:
             except IntegrityError as exc:
                 raise ObjectDamaged(oid, str(exc), DECODE) from exc
         return out
+
+    def forget_kept(self, oid: bytes) -> None:
+        """Drop the descriptor a local store keeps open for ``oid`` (its
+        file was moved, replaced or found damaged: the next read opens the
+        name again)."""
+        kept = getattr(self.backend, "kept", None)
+        if kept is not None:
+            kept.forget(object_name(oid))
 
     #: opened frame tables kept (about 200 bytes each; 1024 cover 1 GiB of chunks)
     TABLES = 1024
