@@ -1,19 +1,20 @@
 """Object files kept open for ranged reads (a part of
 :class:`dcmfs.storage.backend.LocalBackend`).
 
-A random 4 KiB read of a framed object reads one frame: an open, a pread
-and a close of the object file, and the open's path walk was a tenth of the
-daemon's CPU for such a read (measured, issue 17: ``os.open`` 12 us of
-about 150 us in the core's read path).  The files of the objects read last
-stay open in a small LRU instead.
+A random 4 KiB read of a framed object reads one frame: it was an open, a
+pread and a close of the object file, and the open's path walk about 12 us
+of the 150 us of CPU the core spent on such a read (cProfile, in-process,
+issue 17).  The files of the objects read last stay open in an LRU instead.
 
 What is read through a kept descriptor is authenticated as before (every
 frame against its object, place and context): damage in place is seen at
-once; a file replaced by renaming another over it is seen once its
-descriptor is dropped.  The store's own deletes and puts of a name drop it
-(:meth:`KeptFiles.forget`), so a deleted object is never read through a
-kept descriptor.  Descriptors are counted while in use: one evicted (or
-forgotten) while another thread reads through it is closed after that read.
+once; a file replaced by renaming another over it (a swap by hand) is seen
+once its descriptor is dropped: evicted, or after a frame read through it
+failed.  The store's own deletes, puts and moves of a name drop it
+(:meth:`KeptFiles.forget`; fsck's repair and quarantine too), so the store
+does not read a deleted or moved object through one.  Descriptors are
+counted while in use: one evicted (or forgotten) while another thread reads
+through it is closed after that read.
 """
 
 from __future__ import annotations
