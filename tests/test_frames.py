@@ -36,9 +36,11 @@ def mixed(n: int, seed: int = 1) -> bytes:
 
 
 def fresh(fs):
-    """Forget decoded chunks and frames and opened frame tables."""
+    """Forget decoded chunks and frames, opened frame tables and object files
+    kept open (as a new mount would)."""
     fs.data.cache = type(fs.data.cache)(FRAMED.read_cache_bytes)
     fs.objects._tables.clear()
+    fs.objects.backend.kept.close()
 
 
 def pread(fs, path, offset, size):

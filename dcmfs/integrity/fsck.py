@@ -259,9 +259,11 @@ class Fsck(Salvage):
         # two phases, so that swapped pairs and cycles come out right
         os.makedirs(parking, mode=0o700, exist_ok=True)
         for oid in misplaced:
+            self.objects.forget_kept(oid)  # (a mount's kept descriptor: see storage.keptfds)
             os.rename(self.objects.path(oid), os.path.join(parking, oid.hex()))
         for oid, ctx in misplaced.items():
             target = self.objects.path(ctx.oid)
+            self.objects.forget_kept(ctx.oid)
             os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
             if os.path.exists(target):  # a second copy: keep it out of the way
                 os.rename(os.path.join(parking, oid.hex()),

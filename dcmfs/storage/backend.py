@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .durable import TMP_PREFIX, _raise_os, write_new
+from .keptfds import KeptFiles
 from ..errors import StoreIOError
 
 
@@ -76,6 +77,8 @@ class LocalBackend(Backend):
 
     def __init__(self, root: str) -> None:
         self.root = root
+        #: object files kept open for ranged reads (:meth:`get_kept`)
+        self.kept = KeptFiles()
         self._warm: ThreadPoolExecutor | None = None
         self._warm_lock = threading.Lock()
 
@@ -133,6 +136,7 @@ class LocalBackend(Backend):
         from .durable import write_file
         path = self.path(name)
         self._parent(path)
+        self.kept.forget(name)
         write_file(path, data, mode=mode, sync_dir=False)
 
     def create(self, name: str, data: bytes | memoryview, mode: int = 0o600) -> bool:
@@ -172,6 +176,18 @@ class LocalBackend(Backend):
             raise StoreIOError(f"reading {os.path.basename(name)} failed: "
                                f"{exc.strerror}") from exc
 
+    def get_kept(self, name: str, start: int, end: int) -> bytes:
+        """As :meth:`get`, through a descriptor kept open for the next
+        ranged read of ``name`` (a random reader's frames: see
+        :mod:`dcmfs.storage.keptfds`)."""
+        try:
+            return self.kept.pread(name, os.path.join(self.root, name), start, end)
+        except FileNotFoundError as exc:
+            raise BackendMissing(name) from exc
+        except OSError as exc:
+            raise StoreIOError(f"reading {os.path.basename(name)} failed: "
+                               f"{exc.strerror}") from exc
+
     def head(self, name: str) -> int | None:
         try:
             return os.stat(self.path(name)).st_size
@@ -197,7 +213,11 @@ class LocalBackend(Backend):
                 if not name.startswith(TMP_PREFIX) and full.startswith(prefix):
                     yield full
 
+    def close(self) -> None:
+        self.kept.close()
+
     def delete(self, name: str) -> None:
+        self.kept.forget(name)
         try:
             os.unlink(self.path(name))
         except OSError as exc:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 _PREFIX3 = fmt.OBJ_PREFIX.pack(fmt.OBJ_MAGIC, fmt.OBJECT_VERSION_FRAMED, fmt.OBJ_KIND_CHUNK, 0)
 _FRAMED = fmt.CHUNK_FLAG_FRAMED
+_PER = frames.FRAME_SIZE // frames.UNIT_SIZE  # units to a frame
 
 
 class FramedObjects:
@@ -44,6 +45,45 @@ class FramedObjects:
                            coded)
         return used, flags, frames.stored_len(coded), _PREFIX3 + sealed_ctx + body
 
+    def read_unit(self, cipher: FileKeys, file_id: bytes, ino: int, index: int,
+                  ref: ChunkRef, unit: int) -> bytes:
+        """The plaintext of one unit, as :meth:`read_units` reads it (its
+        frame read and authenticated whole, only the unit decoded): a
+        random 4 KiB read's path, without the lists of a range of units."""
+        oid = ref.oid
+        gcm, aad, starts = self._frame_table(cipher, file_id, ino, index, ref)
+        count = len(starts) - 1
+        k = unit // _PER
+        if k >= count:
+            raise ObjectDamaged(oid, "is shorter than its units", LENGTH)
+        lo, hi = starts[k], starts[k + 1]
+        try:
+            data = self._get_range(object_name(oid), lo, hi)
+        except BackendMissing as exc:
+            raise ObjectDamaged(oid, "is missing", MISSING) from exc
+        if len(data) != hi - lo:
+            self.forget_kept(oid)
+            raise ObjectDamaged(oid, "is truncated", LENGTH)
+        try:
+            payload = frames.open_frame(gcm, aad, k, count, data)
+        except crypto.AuthenticationFailed as exc:
+            self.forget_kept(oid)  # (fsck --repair may move the right file here)
+            raise ObjectDamaged(oid, "failed authentication") from exc
+        fl = frames.frame_len(ref.plain_len, k)
+        j = unit - k * _PER
+        if j >= frames.units_of(fl):
+            raise ObjectDamaged(oid, "is shorter than its units", LENGTH)
+        try:
+            return frames.decode_unit(payload, fl, j)
+        except IntegrityError as exc:
+            raise ObjectDamaged(oid, str(exc), DECODE) from exc
+
+    def _get_range(self, name: str, lo: int, hi: int) -> bytes:
+        """A frame's bytes: a local store keeps the object file open for
+        the next (:mod:`dcmfs.storage.keptfds`)."""
+        get = getattr(self.backend, "get_kept", None)
+        return get(name, lo, hi) if get is not None else self.backend.get(name, lo, hi)
+
     def read_units(self, cipher: FileKeys, file_id: bytes, ino: int, index: int,
                    ref: ChunkRef, first: int, last: int) -> list[bytes]:
         """The plaintext of units ``first``..``last`` (of
@@ -67,10 +107,11 @@ class FramedObjects:
             raise ObjectDamaged(oid, "is shorter than its units", LENGTH)
         lo, hi = starts[k0], starts[k1 + 1]
         try:
-            data = self.backend.get(object_name(oid), lo, hi)
+            data = self._get_range(object_name(oid), lo, hi)
         except BackendMissing as exc:
             raise ObjectDamaged(oid, "is missing", MISSING) from exc
         if len(data) != hi - lo:
+            self.forget_kept(oid)
             raise ObjectDamaged(oid, "is truncated", LENGTH)
         view = memoryview(data)
         out = []
@@ -79,6 +120,7 @@ class FramedObjects:
                 payload = frames.open_frame(gcm, aad, k, count,
                                             view[starts[k] - lo:starts[k + 1] - lo])
             except crypto.AuthenticationFailed as exc:
+                self.forget_kept(oid)  # (fsck --repair may move the right file here)
                 raise ObjectDamaged(oid, "failed authentication") from exc
             j0 = first - k * per if k == k0 else 0
             j1 = last - k * per if k == k1 else per - 1
@@ -88,6 +130,14 @@ class FramedObjects:
             except IntegrityError as exc:
                 raise ObjectDamaged(oid, str(exc), DECODE) from exc
         return out
+
+    def forget_kept(self, oid: bytes) -> None:
+        """Drop the descriptor a local store keeps open for ``oid`` (its
+        file was moved, replaced or found damaged: the next read opens the
+        name again)."""
+        kept = getattr(self.backend, "kept", None)
+        if kept is not None:
+            kept.forget(object_name(oid))
 
     #: opened frame tables kept (about 200 bytes each; 1024 cover 1 GiB of chunks)
     TABLES = 1024

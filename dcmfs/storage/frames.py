@@ -61,6 +61,8 @@ UNIT_SIZE = 32 * 1024
 #: chunk sealed uncompressed on purpose waits for the re-encoder
 FRAME_CODECS = (ZSTD,)
 _PLACE = struct.Struct(">II")
+#: the unit lengths at the start of a frame's payload, by unit count
+_LENGTHS = {n: struct.Struct(f">{n}I") for n in range(1, FRAME_SIZE // UNIT_SIZE + 1)}
 _TABLE_MARK = 0xFFFFFFFF
 _local = threading.local()
 #: nonce and tag around each sealed piece
@@ -140,7 +142,7 @@ def _units(payload, frame_plain: int) -> list:
         raise CodecError("a frame is shorter than its unit lengths")
     view = memoryview(payload)
     out, pos = [], 4 * count
-    for j, length in enumerate(struct.unpack_from(f">{count}I", view)):
+    for j, length in enumerate(_LENGTHS[count].unpack_from(view)):
         if length > unit_len(frame_plain, j):
             raise CodecError("a unit is longer than its plaintext")
         out.append(view[pos:pos + length])
@@ -160,6 +162,11 @@ def _unit(piece, plain_len: int) -> bytes:
     if len(out) != plain_len:
         raise CodecError("a unit decodes to the wrong length")
     return out
+
+
+def decode_unit(payload, frame_plain: int, j: int) -> bytes:
+    """Unit ``j`` of one frame, as :func:`decode_units` checks and decodes it."""
+    return _unit(_units(payload, frame_plain)[j], unit_len(frame_plain, j))
 
 
 def decode_units(payload, frame_plain: int, first: int, last: int) -> list[bytes]:

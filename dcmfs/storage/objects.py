@@ -277,6 +277,9 @@ class ObjectStore(FramedObjects):
     def close(self) -> None:
         if isinstance(self.backend, LocalBackend):  # its page-cache warmers
             self.backend.close()
+        kept = getattr(self.backend, "kept", None)
+        if kept is not None:  # a local store's object files kept open for reads
+            kept.close()
         if self._sync_fd is not None:
             os.close(self._sync_fd)
             self._sync_fd = None
@@ -461,6 +464,7 @@ class ObjectStore(FramedObjects):
         (``STORE/quarantine/``); it is never deleted by dcmfs."""
         dest = os.path.join(root, fmt.QUARANTINE_DIR)
         os.makedirs(dest, mode=0o700, exist_ok=True)
+        self.forget_kept(oid)
         try:
             os.rename(self.path(oid), os.path.join(dest, oid.hex()))
         except FileNotFoundError:
