@@ -37,6 +37,7 @@ from .readahead import ReadAhead
 from .control import StoreOps
 from .handles import NAME_MAX, FileOps, Handle, _locked, _mutating
 from .links import KernelNames
+from .links import PathCache
 from .names import NameOps
 from .host import JobHostOps
 from .importer import import_inbox
@@ -109,7 +110,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
                              read_ahead=8 if self.opened.remote is not None else 2)
         self.data.on_damage = self.damaged
         if self.opened.follower is not None:  # the writer's changes came in
-            self.opened.follower.on_applied = lambda: self._inodes.clear()
+            self.opened.follower.on_applied = lambda: (self._inodes.clear(), self._paths.clear())
         #: read-ahead across the files of a directory: an S3 store fetches
         #: and decodes, a local one decodes
         remote = self.opened.remote is not None
@@ -126,6 +127,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         #: (parent ino, name) -> (ino, path): libfuse's hidden names of open
         #: files that were unlinked (see NameOps._hide); in memory only
         self._hidden: dict[tuple[int, bytes], tuple[int, str]] = {}
+        self._paths = PathCache()  # names getattr resolved (see NameOps._resolve_known)
         #: ino -> monotonic time of its last release (see NameOps._hide)
         self._released: dict[int, float] = {}
         self._knames = KernelNames()
@@ -298,6 +300,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
 
     def _reload_caches(self) -> None:
         self._inodes.clear()
+        self._paths.clear()
         with self.index.begin() as txn:
             for ino, of in self._open.items():
                 fresh = txn.get_inode(ino)
@@ -443,7 +446,8 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
             return self._stat(of.ino, of.inode)
         with self.index.begin() as txn:
             # fstat(2) of a directory comes with its handle and (nopath) no path
-            ino = self._dirs[fh] if path is None and fh in self._dirs else self._resolve(txn, path)
+            ino = self._dirs[fh] if path is None and fh in self._dirs \
+                else self._resolve_known(txn, path)
             inode = self._inode(txn, ino)
             if inode.nlink > 1 and path is not None and not stat.S_ISDIR(inode.mode):
                 self._knames.seen(ino, path)  # a lookup: the kernel knows it by this name

@@ -127,6 +127,7 @@ class FileOps:
             txn.add_dirent(parent, name, ino)
             self._touch_dir(txn, parent, pinode)
             txn.add_stats(files=1)
+        self._paths.put(self.index.names_gen, path, ino)  # the kernel's GETATTRs to come
         self.data.after_commit([])
         fh = self._open_file(ino, inode, flags, path)
         self._audit_open(fh, "create", ino, path, mode=mode & 0o7777)

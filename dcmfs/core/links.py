@@ -100,3 +100,36 @@ class KernelNames:
                 paths.difference_update(p for p, _ in changes)
                 paths.update(q for _, q in changes)
                 self._count += len(paths) - before
+
+
+class PathCache:
+    """path -> inode number of names the core resolved, valid for one value
+    of the index's names generation (:attr:`dcmfs.index.Index.names_gen`,
+    raised whenever an entry is removed or replaced): a new name adds
+    nothing a cached path could contradict; a removal, a rename, a
+    replay or a re-keying empties the cache.  In memory only."""
+
+    __slots__ = ("gen", "paths")
+    LIMIT = 20000
+
+    def __init__(self) -> None:
+        self.gen = -1
+        self.paths: dict[str, int] = {}
+
+    def get(self, gen: int, path: str) -> int | None:
+        if gen != self.gen:
+            self.paths.clear()
+            self.gen = gen
+            return None
+        return self.paths.get(path)
+
+    def put(self, gen: int, path: str, ino: int) -> None:
+        if gen != self.gen:
+            self.paths.clear()
+            self.gen = gen
+        if len(self.paths) >= self.LIMIT:
+            self.paths.clear()
+        self.paths[path] = ino
+
+    def clear(self) -> None:
+        self.paths.clear()

@@ -110,6 +110,8 @@ class Index(Checked, NameTags):
         #: directory entries keyed by a keyed tag of the parent (format 4;
         #: ``meta/dirents`` = b"keyed"), else by the parent's inode number
         self.keyed_dirents = self._detect_dirents()
+        #: raised when a directory entry may be removed or replaced (core.links.PathCache)
+        self.names_gen = 0
         #: the witness outside the store, once the session has started it
         self.witness: Witness | None = None
         #: journal records appended since the last checkpoint
@@ -281,6 +283,7 @@ class Index(Checked, NameTags):
             for kind, db_id, key, value in ops:
                 name = DATABASES[db_id]
                 db = self.dbs[name]
+                self.names_gen += name == "dirents"  # a replay or a follower's apply
                 if kind == CONVERT:
                     changes += self.convert(child)
                     continue

@@ -206,6 +206,7 @@ def rekey_index(ix: Index, key: bytes, gen: int, audit_head: dict | None = None)
     ix._auth_key = auth.auth_key(key, ix._store_id)
     ix.sums = auth.Sums(ix._auth_key, dict(sums.values))
     ix.keyed_dirents = ix._detect_dirents()
+    ix.names_gen += 1
     ix.verified, ix.verified_all = set(), True  # the sums were made from these records
     ix.generation = gen
     if ix.witness is not None:

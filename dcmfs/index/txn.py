@@ -103,6 +103,8 @@ class Txn:
             self.txn.put(key, value, db=self._db[db])
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"writing {db}") from exc
+        if old is not None and db == "dirents":  # a name now leads elsewhere
+            self.ix.names_gen += 1
         self._record(PUT, db, key, value)
         self.changes.append((db, bytes(key), old, value))
 
@@ -116,6 +118,8 @@ class Txn:
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"deleting from {db}") from exc
         if found:
+            if db == "dirents":  # a name is gone
+                self.ix.names_gen += 1
             self._record(DELETE, db, key, None)
             self.changes.append((db, bytes(key), old, None))
         return found
@@ -327,6 +331,7 @@ class Txn:
         upgrade to format 4; see :meth:`Index.convert_dirents`); returns how
         many were converted."""
         changes = self.ix.convert(self.txn)
+        self.ix.names_gen += 1
         self.changes.extend(changes)
         self._record(CONVERT, "dirents", b"", None)
         return len(changes) // 2

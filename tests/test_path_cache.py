@@ -1,0 +1,115 @@
+"""The core remembers the names getattr resolved (issue 17: the kernel asks
+the attributes of /dir/file by its path after every write, and of /dir
+before every create and unlink there), for as long as no directory entry
+is removed or replaced: every answer stays what resolving the path afresh
+gives."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dcmfs import errors as E
+from dcmfs.core.names import RENAME_EXCHANGE
+
+W = os.O_WRONLY | os.O_CREAT
+
+
+def _create(fs, path: str) -> int:
+    fh = fs.create(path, 0o644, W, 0, 0)
+    fs.write(fh, b"x" * 100, 0)
+    fs.release(fh)
+    return fs.getattr(path)["st_ino"]
+
+
+def _opened_entries(fs, monkeypatch) -> list:
+    """The directory entries the index opens from now on."""
+    seen: list = []
+    real = fs.index.open
+
+    def counting(db, key, sealed):
+        if db == "dirents":
+            seen.append(key)
+        return real(db, key, sealed)
+    monkeypatch.setattr(fs.index, "open", counting)
+    return seen
+
+
+def test_getattr_of_a_created_or_known_name_opens_no_entry(make_fs, monkeypatch):
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    fh = fs.create("/d/f", 0o644, W, 0, 0)
+    fs.write(fh, b"abc", 0)
+    fs.release(fh)
+    opened = _opened_entries(fs, monkeypatch)
+    st = fs.getattr("/d/f")  # the GETATTR after the write: the name create made
+    assert (st["st_size"], opened) == (3, [])
+    fs.getattr("/d")  # the GETATTRs before each create there: one look-up, once
+    fs.getattr("/d")
+    fs.getattr("/d/f")
+    assert len(opened) == 1
+
+
+def test_every_change_of_names_is_seen_by_getattr(make_fs):
+    fs = make_fs()
+    for d in ("/d", "/d/x", "/e"):
+        fs.mkdir(d, 0o755, 0, 0)
+    a, c, f = _create(fs, "/d/a"), _create(fs, "/d/c"), _create(fs, "/d/x/f")
+    for p in ("/d/a", "/d/c", "/d/x/f", "/d/x", "/d"):
+        fs.getattr(p)  # all remembered
+
+    fs.rename("/d/a", "/d/b")  # a rename
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/a")
+    assert fs.getattr("/d/b")["st_ino"] == a
+
+    fs.rename("/d/b", "/d/c")  # over a remembered name
+    assert fs.getattr("/d/c")["st_ino"] == a
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/b")
+    assert c not in {fs.getattr(p)["st_ino"] for p in ("/d/c", "/d/x/f")}
+
+    fs.rename("/d/x", "/e/y")  # a directory, with a remembered name below it
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/x/f")
+    assert fs.getattr("/e/y/f")["st_ino"] == f
+
+    g = _create(fs, "/d/g")
+    fs.getattr("/d/c")
+    fs.rename("/d/c", "/d/g", RENAME_EXCHANGE)  # two names swap their files
+    assert (fs.getattr("/d/c")["st_ino"], fs.getattr("/d/g")["st_ino"]) == (g, a)
+
+    fs.link("/d/g", "/e/l")  # a hard link, then the first name goes
+    fs.getattr("/e/l")
+    fs.unlink("/d/g")
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/g")
+    st = fs.getattr("/e/l")
+    assert (st["st_ino"], st["st_nlink"]) == (a, 1)
+
+    fs.unlink("/e/y/f")  # a directory removed and made again: another inode
+    y = fs.getattr("/e/y")["st_ino"]
+    fs.rmdir("/e/y")
+    with pytest.raises(E.NotFound):
+        fs.getattr("/e/y")
+    fs.mkdir("/e/y", 0o755, 0, 0)
+    assert fs.getattr("/e/y")["st_ino"] != y
+
+    h = _create(fs, "/e/y/f")  # the same path again, now another file
+    assert h != f and fs.getattr("/e/y/f")["st_ino"] == h
+
+
+def test_a_reopened_store_and_a_failed_operation_leave_no_stale_name(make_fs):
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    a = _create(fs, "/d/a")
+    fs.getattr("/d/a")
+    with pytest.raises(E.Exists):
+        fs.mkdir("/d/a", 0o755, 0, 0)
+    assert fs.getattr("/d/a")["st_ino"] == a
+    fs.unlink("/d/a")
+    fs.close()
+    fs = make_fs()
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/a")
