@@ -113,3 +113,23 @@ def test_a_reopened_store_and_a_failed_operation_leave_no_stale_name(make_fs):
     fs = make_fs()
     with pytest.raises(E.NotFound):
         fs.getattr("/d/a")
+
+
+def test_the_capability_asked_before_each_write_opens_no_entry(make_fs, monkeypatch):
+    """The kernel asks ``security.capability`` of a file before each write to
+    it (one GETXATTR per WRITE, by path): the name create or getattr resolved
+    is not resolved again (it was: two sealed entries opened per write of
+    /d/f), and the answer stays what resolving afresh gives."""
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    _create(fs, "/d/f")
+    opened = _opened_entries(fs, monkeypatch)
+    with pytest.raises(E.NoAttribute):
+        fs.getxattr("/d/f", "security.capability")
+    assert opened == []
+    fs.setxattr("/d/f", "user.k", b"v", 0)
+    assert fs.getxattr("/d/f", "user.k") == b"v"
+    fs.rename("/d/f", "/d/g", 0)
+    with pytest.raises(E.NotFound):
+        fs.getxattr("/d/f", "user.k")
+    assert fs.getxattr("/d/g", "user.k") == b"v"

@@ -444,7 +444,9 @@ class FileOps:
     def _getxattr(self, path: str, name: str) -> bytes:
         raw = self._xname(name)
         with self.index.begin() as txn:
-            value = txn.get_xattr(self._resolve(txn, path), raw)
+            # the kernel asks security.capability before each write of a
+            # file (file_remove_privs): by the name it just created or stat'ed
+            value = txn.get_xattr(self._resolve_known(txn, path), raw)
         if value is None:
             raise NoAttribute(name)
         return value
