@@ -124,3 +124,23 @@ def test_the_limit_follows_the_open_files_limit():
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert KeptFiles(limit=3)._limit == 3
+
+
+def test_an_object_deleted_by_hand_is_read_until_its_descriptor_is_dropped(kept_fs):
+    """What docs/security.md says of a swap under a mount holds for an
+    object file deleted (or moved away) by hand: the random reader goes on
+    reading the authentic object through the kept descriptor, a whole read
+    opens the name afresh and finds it missing, and once the descriptor is
+    dropped the random reader does too."""
+    fs, data = kept_fs
+    fresh(fs)
+    oid = oids_of(fs, "/f")[1]
+    assert pread(fs, "/f", CS + 10, 4096) == data[CS + 10:CS + 4106]  # kept open now
+    os.unlink(fs.objects.path(oid))
+    fs.data.cache = type(fs.data.cache)(FRAMED.read_cache_bytes)  # decoded units only
+    off = CS + 2 * FS + 10
+    assert pread(fs, "/f", off, 4096) == data[off:off + 4096]
+    with pytest.raises(E.IntegrityError, match="missing"):
+        fs.objects.load(oid)
+    fs.objects.forget_kept(oid)
+    assert_range_fails(fs, "/f", off)
