@@ -144,3 +144,48 @@ def test_an_object_deleted_by_hand_is_read_until_its_descriptor_is_dropped(kept_
         fs.objects.load(oid)
     fs.objects.forget_kept(oid)
     assert_range_fails(fs, "/f", off)
+
+
+def test_a_name_deleted_while_it_is_opened_is_not_kept(tmp_path, monkeypatch):
+    """The open of a name not kept yet runs outside the lock: a delete (or
+    a move) that dropped the name meanwhile found nothing to drop, and the
+    descriptor opened before it was kept, holding the deleted file's space
+    and answering later reads of the name from the file that is gone."""
+    from dcmfs.storage import keptfds
+    backend = LocalBackend(str(tmp_path))
+    backend.put("objects/a", b"a" * 100)
+    real = os.open
+    opened = []
+
+    def open_then_deleted(path, flags, *args):
+        fd = real(path, flags, *args)
+        opened.append(fd)
+        monkeypatch.setattr(keptfds.os, "open", real)
+        backend.delete("objects/a")  # another thread's delete, between open and keep
+        return fd
+
+    monkeypatch.setattr(keptfds.os, "open", open_then_deleted)
+    assert backend.get_kept("objects/a", 0, 3) == b"aaa"  # begun before the delete
+    assert len(backend.kept) == 0 and not is_open(opened[0])
+    with pytest.raises(BackendMissing):
+        backend.get_kept("objects/a", 0, 3)
+
+
+def test_a_name_read_while_it_is_deleted_is_not_kept(tmp_path, monkeypatch):
+    """The delete dropped the name's descriptor before it unlinked the
+    file: a read between the two opened the name again and kept it."""
+    from dcmfs.storage import backend as backend_module
+    backend = LocalBackend(str(tmp_path))
+    backend.put("objects/a", b"a" * 100)
+    real = os.unlink
+
+    def read_then_unlink(path, *args, **kwargs):
+        monkeypatch.setattr(backend_module.os, "unlink", real)
+        assert backend.get_kept("objects/a", 0, 3) == b"aaa"  # another thread's read
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(backend_module.os, "unlink", read_then_unlink)
+    backend.delete("objects/a")
+    assert len(backend.kept) == 0
+    with pytest.raises(BackendMissing):
+        backend.get_kept("objects/a", 0, 3)
