@@ -124,3 +124,68 @@ def test_the_limit_follows_the_open_files_limit():
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert KeptFiles(limit=3)._limit == 3
+
+
+def test_an_object_deleted_by_hand_is_read_until_its_descriptor_is_dropped(kept_fs):
+    """What docs/security.md says of a swap under a mount holds for an
+    object file deleted (or moved away) by hand: the random reader goes on
+    reading the authentic object through the kept descriptor, a whole read
+    opens the name afresh and finds it missing, and once the descriptor is
+    dropped the random reader does too."""
+    fs, data = kept_fs
+    fresh(fs)
+    oid = oids_of(fs, "/f")[1]
+    assert pread(fs, "/f", CS + 10, 4096) == data[CS + 10:CS + 4106]  # kept open now
+    os.unlink(fs.objects.path(oid))
+    fs.data.cache = type(fs.data.cache)(FRAMED.read_cache_bytes)  # decoded units only
+    off = CS + 2 * FS + 10
+    assert pread(fs, "/f", off, 4096) == data[off:off + 4096]
+    with pytest.raises(E.IntegrityError, match="missing"):
+        fs.objects.load(oid)
+    fs.objects.forget_kept(oid)
+    assert_range_fails(fs, "/f", off)
+
+
+def test_a_name_deleted_while_it_is_opened_is_not_kept(tmp_path, monkeypatch):
+    """The open of a name not kept yet runs outside the lock: a delete (or
+    a move) that dropped the name meanwhile found nothing to drop, and the
+    descriptor opened before it was kept, holding the deleted file's space
+    and answering later reads of the name from the file that is gone."""
+    from dcmfs.storage import keptfds
+    backend = LocalBackend(str(tmp_path))
+    backend.put("objects/a", b"a" * 100)
+    real = os.open
+    opened = []
+
+    def open_then_deleted(path, flags, *args):
+        fd = real(path, flags, *args)
+        opened.append(fd)
+        monkeypatch.setattr(keptfds.os, "open", real)
+        backend.delete("objects/a")  # another thread's delete, between open and keep
+        return fd
+
+    monkeypatch.setattr(keptfds.os, "open", open_then_deleted)
+    assert backend.get_kept("objects/a", 0, 3) == b"aaa"  # begun before the delete
+    assert len(backend.kept) == 0 and not is_open(opened[0])
+    with pytest.raises(BackendMissing):
+        backend.get_kept("objects/a", 0, 3)
+
+
+def test_a_name_read_while_it_is_deleted_is_not_kept(tmp_path, monkeypatch):
+    """The delete dropped the name's descriptor before it unlinked the
+    file: a read between the two opened the name again and kept it."""
+    from dcmfs.storage import backend as backend_module
+    backend = LocalBackend(str(tmp_path))
+    backend.put("objects/a", b"a" * 100)
+    real = os.unlink
+
+    def read_then_unlink(path, *args, **kwargs):
+        monkeypatch.setattr(backend_module.os, "unlink", real)
+        assert backend.get_kept("objects/a", 0, 3) == b"aaa"  # another thread's read
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(backend_module.os, "unlink", read_then_unlink)
+    backend.delete("objects/a")
+    assert len(backend.kept) == 0
+    with pytest.raises(BackendMissing):
+        backend.get_kept("objects/a", 0, 3)

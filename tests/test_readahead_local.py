@@ -9,7 +9,7 @@ import dataclasses
 import os
 import time
 
-from dcmfs.core.readahead import LOCAL_FETCH_FILES, LOCAL_FILES
+from dcmfs.core.readahead import DIRECTORIES, LOCAL_FETCH_FILES, LOCAL_FILES
 
 from .conftest import SMALL
 from .test_s3 import read_file, write_file
@@ -176,3 +176,27 @@ def test_a_walk_has_the_next_files_objects_read_from_the_disk_ahead(make_fs):
         have, pages = resident(obj)
         assert have == pages, f"{have} of {pages} pages of an object read ahead"
     assert all(resident(obj)[0] == 0 for obj in beyond), "more files read ahead than asked"
+
+
+def test_walks_of_many_directories_leave_a_bounded_record(make_fs):
+    """The read-ahead kept, for every directory a reader ever walked in,
+    the last file read through and the files asked for ahead: a daemon
+    whose readers walk a million series grew by a name and a set of inode
+    numbers a series for as long as it ran (a local store too since it reads
+    ahead from the disk).  It follows the last :data:`DIRECTORIES` walks."""
+    fs = make_fs(CONFIG)
+    dirs = [f"/s{i:03}" for i in range(DIRECTORIES + 8)]
+    for d in dirs:
+        fs.mkdir(d, 0o755, 0, 0)
+        for n in range(3):
+            write_file(fs, f"{d}/f{n}", b"%d" % n * 1000)
+    fs.close()
+    fs = make_fs(CONFIG)
+    for d in dirs:
+        for n in range(3):  # a walk: the second file follows the first
+            assert read_file(fs, f"{d}/f{n}") == b"%d" % n * 1000
+        settle(fs)
+    ra = fs.readahead
+    assert len(ra._asked) <= DIRECTORIES and len(ra._last) <= DIRECTORIES, \
+        (len(ra._asked), len(ra._last))
+    assert dirs[-1] in ra._asked and dirs[-1] in ra._last  # the newest walk is followed

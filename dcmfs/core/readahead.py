@@ -75,6 +75,21 @@ LOCAL_FILES = 2
 #: the disk into the page cache ahead of such a reader (two threads: see
 #: :meth:`dcmfs.storage.backend.LocalBackend.prefetch`)
 LOCAL_FETCH_FILES = 4
+#: directories whose walk is followed at a time (the last file read through
+#: in each, the files asked for ahead): past this the oldest is forgotten,
+#: so that a daemon whose readers walk a million series keeps no record of
+#: each (a forgotten walk only misses its read-ahead until its next file)
+DIRECTORIES = 64
+
+
+def _newest(table: dict, key, value):
+    """``table[key] = value``, as its newest entry, the oldest dropped past
+    :data:`DIRECTORIES`; returns ``value``."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > DIRECTORIES:
+        table.pop(next(iter(table)))
+    return value
 
 
 class _Listing:
@@ -134,7 +149,7 @@ class ReadAhead:
         end = min(offset + size, of.size)
         pos[0] = end
         if end >= of.size and path:  # read through: its directory may be next
-            self._last[os.path.dirname(path)] = os.fsencode(os.path.basename(path))
+            _newest(self._last, os.path.dirname(path), os.fsencode(os.path.basename(path)))
         if self.decode is not None:  # local: the core decodes ahead within a file
             return
         if pos[1] < end + self.window // 2 and pos[1] < of.size:
@@ -196,7 +211,7 @@ class ReadAhead:
         """Fetch the objects of ``of``'s first window and of the next
         :attr:`files` files of the walk (``order``), asked for all at once
         and again only once half of them were opened."""
-        asked = self._asked.setdefault(directory, set())
+        asked = _newest(self._asked, directory, self._asked.get(directory, set()))
         if of.ino not in asked:  # a walk starts (again): nothing asked yet
             asked.clear()
         ahead = [c for c in order[:self.files] if c not in asked]

@@ -136,8 +136,10 @@ class LocalBackend(Backend):
         from .durable import write_file
         path = self.path(name)
         self._parent(path)
-        self.kept.forget(name)
-        write_file(path, data, mode=mode, sync_dir=False)
+        try:
+            write_file(path, data, mode=mode, sync_dir=False)
+        finally:  # after the rename: a read before it may have kept the old file
+            self.kept.forget(name)
 
     def create(self, name: str, data: bytes | memoryview, mode: int = 0o600) -> bool:
         """``O_EXCL``, without fsync: objects are made durable in bulk
@@ -217,10 +219,11 @@ class LocalBackend(Backend):
         self.kept.close()
 
     def delete(self, name: str) -> None:
-        self.kept.forget(name)
         try:
             os.unlink(self.path(name))
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise StoreIOError(f"deleting {os.path.basename(name)} failed: "
                                    f"{exc.strerror}") from exc
+        finally:  # after the unlink: a read before it may have kept the file
+            self.kept.forget(name)

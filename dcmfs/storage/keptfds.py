@@ -12,9 +12,10 @@ once; a file replaced by renaming another over it (a swap by hand) is seen
 once its descriptor is dropped: evicted, or after a frame read through it
 failed.  The store's own deletes, puts and moves of a name drop it
 (:meth:`KeptFiles.forget`; fsck's repair and quarantine too), so the store
-does not read a deleted or moved object through one.  Descriptors are
-counted while in use: one evicted (or forgotten) while another thread reads
-through it is closed after that read.
+does not read a deleted or moved object through one; a name opened while
+a forget ran (the open is outside the lock) serves that one read and is not
+kept.  Descriptors are counted while in use: one evicted (or forgotten)
+while another thread reads through it is closed after that read.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class KeptFiles:
         self._limit = limit
         self._open: collections.OrderedDict[str, _Kept] = collections.OrderedDict()
         self._lock = threading.Lock()
+        #: forgets (and closes) so far: a descriptor opened across one may be
+        #: of a file deleted or moved meanwhile, and is not kept
+        self._forgets = 0
 
     def pread(self, name: str, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the file at ``path`` (shorter past its
@@ -70,12 +74,14 @@ class KeptFiles:
     def forget(self, name: str) -> None:
         """``name`` was deleted or replaced: drop its descriptor."""
         with self._lock:
+            self._forgets += 1
             kept = self._open.pop(name, None)
             if kept is not None:
                 self._drop(kept)
 
     def close(self) -> None:
         with self._lock:
+            self._forgets += 1
             while self._open:
                 self._drop(self._open.popitem(last=False)[1])
 
@@ -89,12 +95,16 @@ class KeptFiles:
                 self._open.move_to_end(name)
                 kept.users += 1
                 return kept
+            forgets = self._forgets
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         with self._lock:
             kept = self._open.get(name)
             if kept is not None:  # another thread opened it meanwhile
                 os.close(fd)
                 self._open.move_to_end(name)
+            elif forgets != self._forgets:  # perhaps of a file deleted meanwhile
+                kept = _Kept(fd)
+                kept.dropped = True  # closed after this read
             else:
                 kept = self._open[name] = _Kept(fd)
                 while len(self._open) > self._limit:

@@ -464,7 +464,6 @@ class ObjectStore(FramedObjects):
         (``STORE/quarantine/``); it is never deleted by dcmfs."""
         dest = os.path.join(root, fmt.QUARANTINE_DIR)
         os.makedirs(dest, mode=0o700, exist_ok=True)
-        self.forget_kept(oid)
         try:
             os.rename(self.path(oid), os.path.join(dest, oid.hex()))
         except FileNotFoundError:
@@ -472,6 +471,8 @@ class ObjectStore(FramedObjects):
         except OSError as exc:
             raise StoreIOError(f"moving object {oid.hex()} to quarantine failed: "
                                f"{exc.strerror}") from exc
+        finally:  # after the move (see storage.keptfds)
+            self.forget_kept(oid)
 
     def prefetch(self, oids: list[bytes]) -> int:
         """Fetch these objects ahead of their reads: from an S3 store's
