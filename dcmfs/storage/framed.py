@@ -56,14 +56,7 @@ class FramedObjects:
         k = unit // _PER
         if k >= count:
             raise ObjectDamaged(oid, "is shorter than its units", LENGTH)
-        lo, hi = starts[k], starts[k + 1]
-        try:
-            data = self._get_range(object_name(oid), lo, hi)
-        except BackendMissing as exc:
-            raise ObjectDamaged(oid, "is missing", MISSING) from exc
-        if len(data) != hi - lo:
-            self.forget_kept(oid)
-            raise ObjectDamaged(oid, "is truncated", LENGTH)
+        data = self._frames_span(oid, starts[k], starts[k + 1])
         try:
             payload = frames.open_frame(gcm, aad, k, count, data)
         except crypto.AuthenticationFailed as exc:
@@ -78,11 +71,20 @@ class FramedObjects:
         except IntegrityError as exc:
             raise ObjectDamaged(oid, str(exc), DECODE) from exc
 
-    def _get_range(self, name: str, lo: int, hi: int) -> bytes:
-        """A frame's bytes: a local store keeps the object file open for
-        the next (:mod:`dcmfs.storage.keptfds`)."""
+    def _frames_span(self, oid: bytes, lo: int, hi: int) -> bytes:
+        """Bytes ``lo``..``hi`` of a framed object (whole frames), all of
+        them: a local store keeps the object file open for the next read
+        (:mod:`dcmfs.storage.keptfds`)."""
+        name = object_name(oid)
         get = getattr(self.backend, "get_kept", None)
-        return get(name, lo, hi) if get is not None else self.backend.get(name, lo, hi)
+        try:
+            data = get(name, lo, hi) if get is not None else self.backend.get(name, lo, hi)
+        except BackendMissing as exc:
+            raise ObjectDamaged(oid, "is missing", MISSING) from exc
+        if len(data) != hi - lo:
+            self.forget_kept(oid)
+            raise ObjectDamaged(oid, "is truncated", LENGTH)
+        return data
 
     def read_units(self, cipher: FileKeys, file_id: bytes, ino: int, index: int,
                    ref: ChunkRef, first: int, last: int) -> list[bytes]:
@@ -105,14 +107,8 @@ class FramedObjects:
         k0, k1 = first // per, last // per
         if k1 >= count:
             raise ObjectDamaged(oid, "is shorter than its units", LENGTH)
-        lo, hi = starts[k0], starts[k1 + 1]
-        try:
-            data = self._get_range(object_name(oid), lo, hi)
-        except BackendMissing as exc:
-            raise ObjectDamaged(oid, "is missing", MISSING) from exc
-        if len(data) != hi - lo:
-            self.forget_kept(oid)
-            raise ObjectDamaged(oid, "is truncated", LENGTH)
+        lo = starts[k0]
+        data = self._frames_span(oid, lo, starts[k1 + 1])
         view = memoryview(data)
         out = []
         for k in range(k0, k1 + 1):
