@@ -200,3 +200,19 @@ def test_walks_of_many_directories_leave_a_bounded_record(make_fs):
     assert len(ra._asked) <= DIRECTORIES and len(ra._last) <= DIRECTORIES, \
         (len(ra._asked), len(ra._last))
     assert dirs[-1] in ra._asked and dirs[-1] in ra._last  # the newest walk is followed
+
+
+def test_closing_the_backend_ends_its_warm_threads_and_kept_files(tmp_path):
+    """LocalBackend had two ``close`` methods after a merge: the later
+    (kept files only) hid the one that ends the page-cache warmers, so an
+    unmount left their threads running and the walk test above did not
+    wait for the reads it asked for."""
+    import threading
+    from dcmfs.storage.backend import LocalBackend
+    b = LocalBackend(str(tmp_path))
+    (tmp_path / "o").write_bytes(b"x" * 10000)
+    assert b.prefetch(["o"]) == 1
+    assert b.get_kept("o", 0, 4) == b"xxxx" and len(b.kept) == 1
+    b.close()
+    assert [t for t in threading.enumerate() if t.name.startswith("dcmfs-warm")] == []
+    assert len(b.kept) == 0

@@ -119,6 +119,7 @@ class LocalBackend(Backend):
             warm, self._warm = self._warm, None
         if warm is not None:
             warm.shutdown(wait=True, cancel_futures=True)
+        self.kept.close()  # the object files kept open for ranged reads
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -214,9 +215,6 @@ class LocalBackend(Backend):
                 full = rel + name
                 if not name.startswith(TMP_PREFIX) and full.startswith(prefix):
                     yield full
-
-    def close(self) -> None:
-        self.kept.close()
 
     def delete(self, name: str) -> None:
         try:

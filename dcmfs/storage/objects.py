@@ -275,11 +275,8 @@ class ObjectStore(FramedObjects):
             self.backend.drain()
 
     def close(self) -> None:
-        if isinstance(self.backend, LocalBackend):  # its page-cache warmers
+        if isinstance(self.backend, LocalBackend):  # its warmers and kept files
             self.backend.close()
-        kept = getattr(self.backend, "kept", None)
-        if kept is not None:  # a local store's object files kept open for reads
-            kept.close()
         if self._sync_fd is not None:
             os.close(self._sync_fd)
             self._sync_fd = None
