@@ -259,7 +259,7 @@ class Fsck(Salvage):
         # two phases, so that swapped pairs and cycles come out right
         os.makedirs(parking, mode=0o700, exist_ok=True)
         for oid in misplaced:
-            self.objects.forget_kept(oid)  # (a mount's kept descriptor: see storage.keptfds)
+            self.objects.forget_kept(oid)  # (one fsck's own reads kept: see storage.keptfds)
             os.rename(self.objects.path(oid), os.path.join(parking, oid.hex()))
         for oid, ctx in misplaced.items():
             target = self.objects.path(ctx.oid)
