@@ -83,7 +83,7 @@ def crash(fs: FileSystem) -> None:
 
 def assert_no_dangling(fs: FileSystem) -> None:
     """Every object in the store is referenced and every reference exists."""
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         referenced = {r.oid for _, _, r in txn.iter_all_chunks()}
     assert set(fs.objects.iter_oids()) == referenced
 

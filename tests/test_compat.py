@@ -55,7 +55,7 @@ def check(fs, manifest) -> None:
     assert fs.getattr(path)["st_mtime"] == mtime
     coded = manifest.get("image") or {manifest["jpegls"]: "jpegls"}  # (v1, v2: only JPEG-LS)
     for path, name in coded.items():  # the DICOM-coded layouts are really read
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             table = txn.chunks(fs._resolve(txn, path))
         assert any(r.codec == codec.NAMES[name] and r.offset >= 0 for r in table.values()), path
     v = Verifier(fs.index, fs.objects, fs.data.chunk_size, fs._lock)
@@ -108,7 +108,7 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         manifest["files"].update(inbox)
         check(fs, manifest)
         if "framed-chunks-v1" in before:  # v7 on: the store holds framed objects
-            with fs.index.begin() as txn:
+            with fs.lock, fs.index.begin() as txn:
                 refs = txn.chunks(fs._resolve(txn, "/dir/text.txt"))
             assert any(r.flags & CHUNK_FLAG_FRAMED for r in refs.values())
         fh = fs.create("/new.bin", 0o600, os.O_WRONLY, 0, 0)
@@ -124,7 +124,7 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
         fs.release(fh)
         new = old[:len(old) // 2] + b"changed" + old[len(old) // 2 + 7:]
         manifest["files"][path] = sha256(new)
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             ino = fs._resolve(txn, path)
             assert txn.get_inode(ino).tree
             assert all(r.digest is not None for r in txn.chunks(ino).values())

@@ -37,7 +37,7 @@ def read_file(fs, path):
 
 def index_sha(fs, path):
     """The file's digest in the index (storage.digest: a tree over its blocks)."""
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         return txn.get_inode(fs._resolve(txn, path)).digest.hex()
 
 
@@ -103,7 +103,7 @@ def test_holes_read_as_zeros_and_cost_no_objects(make_fs):
     fs.release(fh)
     data = read_file(fs, "/sparse")
     assert data == bytes(10 * CS) + b"end"
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert len(txn.chunks(fs._resolve(txn, "/sparse"))) == 1
 
 
@@ -433,7 +433,7 @@ def test_open_o_trunc_updates_mtime(make_fs):
 def test_missing_last_chunk_entry_is_an_integrity_error(make_fs):
     fs = make_fs()
     write_file(fs, "/f", os.urandom(2 * CS + 10))
-    with fs.index.begin(write=True) as txn:
+    with fs.lock, fs.index.begin(write=True) as txn:
         txn.delete_chunk(fs._resolve(txn, "/f"), 2)
     with pytest.raises(E.IntegrityError):
         read_file(fs, "/f")

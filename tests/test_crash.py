@@ -72,7 +72,7 @@ def test_flipped_bit_gives_eio_on_that_file_only(mount_env):
     m.umount()
     secret = Secret("keyfile", m.key.read_bytes())
     fs = FileSystem(open_store(str(m.store), secret), SMALL)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         ino = fs._resolve(txn, "/a")
         table = txn.chunks(ino)
     victim = fs.objects.path(table[1].oid)

@@ -35,12 +35,12 @@ REAL = dataclasses.replace(SMALL, chunk_size=1 << 20, dirty_limit=16 << 20,
 
 
 def layout(fs, path) -> dict:
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         return txn.chunks(fs._resolve(txn, path))
 
 
 def content(fs, path) -> dict | None:
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         return txn.get_content(fs._resolve(txn, path))
 
 
@@ -396,7 +396,7 @@ def test_changing_a_coded_file_turns_it_back_into_chunks(make_fs):
     for name, want in (("/a", want_a), ("/b", data + b"tail"), ("/c", data[:len(data) // 2])):
         assert read_file(fs, name) == want, name
         assert all(r.offset < 0 for r in layout(fs, name).values())
-        with fs.index.begin() as txn:  # what the re-encoder found is stale now
+        with fs.lock, fs.index.begin() as txn:  # what the re-encoder found is stale now
             assert content(fs, name)["generation"] != txn.get_inode(
                 fs._resolve(txn, name)).generation
     fs.truncate("/c", 0)

@@ -72,7 +72,7 @@ def test_chunks_are_framed_and_read_back(framed):
     fs, a, b = framed
     layouts = [blob_of(path)[4] for path in chunk_paths(fs, "/a") + chunk_paths(fs, "/b")]
     assert layouts == [3, 3, 3, 2, 3, 3]  # the last chunk of /a is within one frame
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         refs = txn.chunks(fs._resolve(txn, "/a"))
     assert [bool(refs[i].flags & fmt.CHUNK_FLAG_FRAMED) for i in sorted(refs)] == \
         [True, True, True, False]
@@ -90,7 +90,7 @@ def test_chunks_are_framed_and_read_back(framed):
 def test_a_random_read_decodes_only_its_frame(framed):
     fs, a, b = framed
     fresh(fs)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         ref = txn.chunks(fs._resolve(txn, "/a"))[1]
     assert pread(fs, "/a", CS + 2 * FS + 100, 4096) == a[CS + 2 * FS + 100:CS + 2 * FS + 4196]
     assert fs.data.cache.get(ref.oid) is None  # the chunk was not decoded whole
@@ -101,7 +101,7 @@ def test_a_random_read_decodes_only_its_frame(framed):
     # a read of 128 KiB and more (the kernel's read-ahead) decodes whole
     # chunks, even where it is not near the last read: the reads near it
     # would decode them whole again
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         ref2 = txn.chunks(fs._resolve(txn, "/a"))[2]
     assert pread(fs, "/a", 2 * CS + 10, 128 * 1024) == a[2 * CS + 10:2 * CS + 10 + 128 * 1024]
     assert fs.data.cache.get(ref2.oid) is not None
@@ -116,7 +116,7 @@ def test_a_small_read_near_the_last_by_chance_decodes_only_its_frame(framed):
     a small reader going on from where it was, or from the start, is."""
     fs, a, b = framed
     fresh(fs)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         refs = txn.chunks(fs._resolve(txn, "/a"))
     fh = fs.open("/a", os.O_RDONLY)
     try:
@@ -201,7 +201,7 @@ def test_random_writes_over_framed_chunks(framed, make_fs):
 
 def frame_spans(fs, path, k_chunk):
     """(object path, [frame starts and the end]) of chunk ``k_chunk`` of ``path``."""
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         ino = fs._resolve(txn, path)
         inode = txn.get_inode(ino)
         ref = txn.chunks(ino)[k_chunk]
@@ -396,7 +396,7 @@ def test_rotation_reseals_every_frame(tmp_path):
     fs = FileSystem(open_store(root, key, for_writing=True), FRAMED)
     try:
         write_file(fs, "/later", later)
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             refs = txn.chunks(fs._resolve(txn, "/later"))
         assert [bool(refs[i].flags & fmt.CHUNK_FLAG_FRAMED) for i in sorted(refs)] == \
             [True, False]
@@ -418,7 +418,7 @@ def test_rotation_reseals_every_frame(tmp_path):
         after = chunk_paths(fs, "/f")
         assert not set(before) & set(after)
         assert [blob_of(p)[4] for p in after] == [3, 3, 2]  # 5000 bytes: one piece
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             refs = txn.chunks(fs._resolve(txn, "/f"))
         for ref in refs.values():
             assert fs.objects.epochs_of(ref.oid) == {1}

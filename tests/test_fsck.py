@@ -263,7 +263,7 @@ def store_path(store, oid: bytes) -> str:
 
 def test_an_object_named_twice_is_found_and_repaired(store):
     fs = store.open()
-    with fs.index.begin(write=True) as txn:
+    with fs.lock, fs.index.begin(write=True) as txn:
         a, b = fs._resolve(txn, "/a"), fs._resolve(txn, "/b")
         txn.put_chunk(b, 1, txn.chunks(a)[1])  # /b's chunk 1 now names /a's object
     fs.close()
@@ -279,7 +279,7 @@ def test_an_object_named_twice_is_found_and_repaired(store):
 def flip_in_index_value(store, db: str, path: str, key_suffix: bytes, at: int) -> None:
     """Flip one bit inside the sealed value of ``db`` for ``path`` in data.mdb."""
     fs = store.open()
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         key = fs._resolve(txn, path).to_bytes(8, "big") + key_suffix
         sealed = bytes(txn.txn.get(key, db=fs.index.dbs[db]))
     fs.close()
@@ -307,7 +307,7 @@ def test_deleted_file_is_not_brought_back(store):
     """A file unlinked, its deletion checkpointed, the daemon killed before its
     objects went: they are garbage, and fsck deletes them (never resurrects)."""
     fs = store.open()
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         oids = [r.oid for r in txn.chunks(fs._resolve(txn, "/b")).values()]
     fs.data.checkpointed = lambda: None  # the kill comes before the objects go
     fs.unlink("/b")
@@ -478,7 +478,7 @@ def test_a_damaged_inode_record_is_rebuilt_with_the_secret_its_history_holds(sto
     try:
         (name, _), = fs.readdir("/lost+found")
         assert read_file(fs, f"/lost+found/{name}") == store.content["/b"]
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             assert len(txn.get_inode(fs._resolve(txn, f"/lost+found/{name}")).secret) == 32
     finally:
         fs.close()

@@ -42,7 +42,7 @@ def _env(root: str) -> tuple[lmdb.Environment, dict]:
 def _ino(store, path: str) -> int:
     fs = store.open(RO)
     try:
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             return fs._resolve(txn, path)
     finally:
         fs.close()
@@ -81,7 +81,7 @@ def test_one_file_spliced_from_an_older_index_is_never_served(store, tmp_path):
     /b (and the files of its group) with EIO and the other files as before,
     verify and fsck name /b."""
     fs = store.open()
-    with fs.index.begin(write=True) as txn:  # the next file in another group
+    with fs.lock, fs.index.begin(write=True) as txn:  # the next file in another group
         txn.meta_put("next_ino", (5 << GROUP_BITS).to_bytes(8, "big"))
     far = os.urandom(5000)
     write_file(fs, "/far", far)

@@ -530,7 +530,7 @@ def test_recompress_imports_the_inbox_and_codes_the_dicom_files(mount_env, tmp_p
     fs = FileSystem(store, Config(read_only=True))
     try:
         assert read_all(fs, "/slice.dcm") == ct_file().read_bytes()
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             table = txn.chunks(fs._resolve(txn, "/slice.dcm"))
         assert any(ref.offset >= 0 for ref in table.values())  # laid out in extents
     finally:

@@ -16,7 +16,7 @@ CS = SMALL.chunk_size
 
 
 def chunk_paths(fs, path):
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         table = txn.chunks(fs._resolve(txn, path))
     return [fs.objects.path(table[i].oid) for i in sorted(table)]
 
@@ -95,7 +95,7 @@ def test_rolled_back_object(two_files):
 
 def test_tampered_index_value_is_refused(two_files):
     fs, a, b = two_files
-    with fs.index.begin(write=True) as txn:
+    with fs.lock, fs.index.begin(write=True) as txn:
         ino_a = fs._resolve(txn, "/a")
         ino_b = fs._resolve(txn, "/b")
         db = fs.index.dbs["inodes"]

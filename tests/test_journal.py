@@ -235,12 +235,12 @@ def test_records_a_replay_dropped_are_never_rolled_forward_by_a_rebuild(make_fs,
     write_file(fs, "/a", b"old" * 300)
     fs.close()
     fs = make_fs(MANUAL)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         before = {r.oid for _, _, r in txn.iter_all_chunks()}
     fh = fs.open("/a", os.O_WRONLY | os.O_TRUNC)
     fs.write(fh, b"new" * 300, 0)
     fs.release(fh)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         new = {r.oid for _, _, r in txn.iter_all_chunks()} - before
     crash(fs)
     for oid in new:  # the power cut: the new object never reached the disk

@@ -36,7 +36,7 @@ def kept_fs(make_fs):
 
 
 def oids_of(fs, path):
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         table = txn.chunks(fs._resolve(txn, path))
     return [table[i].oid for i in sorted(table)]
 

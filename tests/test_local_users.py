@@ -117,7 +117,7 @@ def test_the_user_dcmfs_prefix_is_reserved(shared_mount):
 def test_reserved_names_an_older_dcmfs_stored_stay_hidden(make_fs):
     fs = make_fs()
     fs.release(fs.create("/f", 0o644, os.O_WRONLY, 0, 0))
-    with fs.index.begin(write=True) as txn:  # as an older dcmfs let a user do
+    with fs.lock, fs.index.begin(write=True) as txn:  # as an older dcmfs let a user do
         ino = fs._resolve(txn, "/f")
         txn.set_xattr(ino, b"user.dcmfs.old", b"x")
         txn.set_xattr(ino, b"user.dcmfs.fsck", b"fsck note")

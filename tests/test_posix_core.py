@@ -159,7 +159,7 @@ def test_fallocate_modes_match_a_model_and_holes_cost_no_objects(make_fs):
     fs.write(fh, b"\xff" * (8 * CS), 0)
     fs.fallocate(fh, PUNCH | KEEP, CS // 2, 6 * CS)
     fs.flush(fh)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         table = txn.chunks(fs._resolve(txn, "/f"))
     assert not {1, 2, 3, 4, 5} & set(table) and {0, 6, 7} <= set(table)
     want = b"\xff" * (CS // 2) + bytes(6 * CS) + b"\xff" * (CS + CS // 2)
@@ -216,7 +216,7 @@ def test_a_hidden_name_for_a_file_released_a_moment_ago_is_its_unlink(make_fs):
         fs.getattr(HIDDEN)
     with pytest.raises(E.NotFound):  # libfuse may still unlink the hidden name
         fs.unlink(HIDDEN)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert txn.orphans() == [] and txn.get_inode(ino) is None
 
 
@@ -238,14 +238,14 @@ def test_a_hidden_name_is_an_unlink_that_keeps_the_open_file_reachable(make_fs):
     fs.setxattr(HIDDEN, "user.k", b"v")
     assert fs.getxattr(HIDDEN, "user.k") == b"v"
     assert fs.read(fh, 10, 0) == b"hello"
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert txn.orphans() == [st["st_ino"]]  # a crash now: the file is gone
     fs.release(fh)
     with pytest.raises(E.NotFound):
         fs.getattr(HIDDEN)
     with pytest.raises(E.NotFound):  # libfuse's unlink after the release (it
         fs.unlink(HIDDEN)            # ignores the answer): the release forgot the name
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert txn.orphans() == [] and txn.get_inode(st["st_ino"]) is None
     # a file that is not open: an ordinary rename, the name is kept
     write_file(fs, "/v", b"x")

@@ -29,7 +29,7 @@ def written(make_fs):
 
 def decoded(fs, path: str) -> int:
     """How many of ``path``'s objects are in the decoded cache, and of how many."""
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         refs = txn.chunks(fs._resolve(txn, path))
     return sum(fs.data.cache.get(r.oid) is not None for r in refs.values()), len(refs)
 
@@ -59,7 +59,7 @@ def test_a_directory_read_in_order_is_decoded_ahead(make_fs):
 def test_a_reader_jumping_between_files_gets_nothing_decoded_ahead(make_fs):
     fs = written(make_fs)
     names = sorted(FILES)
-    with fs.index.begin() as txn:  # the directory's own order (keyed tags: any)
+    with fs.lock, fs.index.begin() as txn:  # the directory's own order (keyed tags: any)
         own = ["/d/" + os.fsdecode(n) for n, _ in txn.list_dir(fs._resolve(txn, "/d"))]
     after = {a: {b} for a, b in zip(names, names[1:])}
     for a, b in zip(own, own[1:]):
@@ -103,7 +103,7 @@ def test_a_walk_asks_for_each_file_once(make_fs, monkeypatch):
         settle(fs)
     assert len(asked) == len(set(asked)), asked
     # every file after the first two was asked for before it was opened
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         inos = [fs._resolve(txn, p) for p in names]
     assert set(inos[2:]) <= set(asked)
 
@@ -146,7 +146,7 @@ def test_a_walk_has_the_next_files_objects_read_from_the_disk_ahead(make_fs):
     names = sorted(FILES)
 
     def objects(path):
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             refs = txn.chunks(fs._resolve(txn, path))
         return [os.path.join(fs.objects.backend.root, object_name(r.oid))
                 for r in refs.values()]

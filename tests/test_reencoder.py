@@ -16,7 +16,7 @@ ON = dataclasses.replace(SMALL, reencode=True, checkpoint_interval=0, dicom=Fals
 
 
 def codecs_of(fs, path) -> set[int]:
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         return {r.codec for r in txn.chunks(fs._resolve(txn, path)).values()}
 
 
@@ -43,7 +43,7 @@ def test_closed_files_are_compressed_in_the_background(make_fs):
     fs.checkpoint()
     assert not any(os.path.exists(p) for p in raw_paths)
     assert_no_dangling(fs)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert txn.backlog() == []
 
 
@@ -117,7 +117,7 @@ def test_a_full_backlog_makes_close_compress_inline(make_fs):
     write_file(fs, "/big", b"b" * (5 * cs - 1))  # fills it up chunk by chunk
     write_file(fs, "/c", b"c" * 1000)
     assert codecs_of(fs, "/a") == {codec.NONE}
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         big = txn.chunks(fs._resolve(txn, "/big"))
     assert [big[i].codec for i in sorted(big)] == [codec.NONE] + [codec.ZSTD] * 4
     assert codecs_of(fs, "/c") == {codec.ZSTD}
@@ -191,7 +191,7 @@ def test_a_small_file_that_is_not_dicom_is_compressed_at_close(make_fs):
     assert codecs_of(fs, "/small") == {codec.ZSTD}
     assert codecs_of(fs, "/tiny.dcm") == {codec.NONE}
     assert fs.live_status()["backlog_files"] == 2
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert fs.getattr("/small")["st_ino"] not in txn.backlog()
 
     def non_dicom():  # counted as what it is, not as "not analysed yet"
@@ -229,6 +229,6 @@ def test_parser_workers_start_when_the_writes_pause_not_at_the_first_close(make_
         time.sleep(0.05)
     assert r.wait_idle(timeout=60)  # the writes paused: workers started, file coded
     assert r.parsers.started >= 1 and r.files_done >= 1
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert txn.get_content(fs._resolve(txn, "/ct"))["path"] == "frames"
     assert read_file(fs, "/ct") == ct

@@ -48,7 +48,7 @@ def finish(root) -> dict:
 def chunk_oids(root, path) -> list[bytes]:
     fs = FileSystem(open_store(str(root), KEY), SMALL)
     try:
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             ino = fs._resolve(txn, path)
             return [ref.oid for ref in txn.chunks(ino).values()]
     finally:
@@ -86,7 +86,7 @@ def test_new_chunks_go_under_the_new_epoch_at_once(store):
     fs = FileSystem(open_store(str(root), KEY), SMALL)
     thief = ObjectStore(str(root), bytes.fromhex(header["store_id"]), stolen, fs.opened.codecs)
     try:
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             for path, expect in (("/old.bin", True), ("/new.bin", False)):
                 ino = fs._resolve(txn, path)
                 inode = txn.get_inode(ino)
@@ -133,7 +133,7 @@ def test_finish_reseals_everything_and_destroys_the_unused_epoch(store):
     assert set(store_now.epoch_keys) == {2}
     fs = FileSystem(store_now, SMALL)
     try:
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             ino = fs._resolve(txn, "/e1.bin")
             inode = txn.get_inode(ino)
             table = txn.chunks(ino)
@@ -228,7 +228,7 @@ def test_rotate_while_mounted_takes_effect_at_once(mount_env):
     m.umount()
     fs = FileSystem(open_store(str(m.store), Secret("keyfile", m.key.read_bytes())), SMALL)
     try:
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             by_path = {}
             for path in ("/scan.dcm", "/after.dcm", "/held.bin"):
                 ino = fs._resolve(txn, path)

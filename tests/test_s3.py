@@ -113,7 +113,7 @@ def test_objects_replaced_within_the_upload_delay_are_never_uploaded(s3_fs):
     assert stats.get("uploads", 0) == 0 and stats["backlog_objects"] > 0
     assert fs.objects.backend.drain(60)  # a drain does not wait for the delay
     stats = fs.opened.remote.stats()
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         live = len(txn.chunks(fs._resolve(txn, "/r")))
     assert stats["uploaded_objects"] == live  # only the chunks of the version that stayed
 
@@ -207,7 +207,7 @@ def test_tampered_bucket_object_gives_integrity_error(s3_fs, ceph_s3, damage):
     fs.close()
     wipe_cache(s3_fs.root)
     fs = s3_fs()
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         ref_a = txn.chunks(fs._resolve(txn, "/a"))[0]
         ref_b = txn.chunks(fs._resolve(txn, "/b"))[0]
     bucket = Bucket(ceph_s3.client(), s3_fs.url)
@@ -230,7 +230,7 @@ def test_rolled_back_bucket_object_gives_integrity_error(s3_fs, ceph_s3):
     fs = s3_fs()
     write_file(fs, "/a", os.urandom(200_000))
     fs.opened.remote.drain()
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         old = txn.chunks(fs._resolve(txn, "/a"))[0]
     bucket = Bucket(ceph_s3.client(), s3_fs.url)
     old_body = bucket.read(old.oid)
@@ -240,7 +240,7 @@ def test_rolled_back_bucket_object_gives_integrity_error(s3_fs, ceph_s3):
     fs.close()
     wipe_cache(s3_fs.root)
     fs = s3_fs()
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         new = txn.chunks(fs._resolve(txn, "/a"))[0]
     assert new.oid != old.oid and new.generation > old.generation
     bucket.replace(new.oid, old_body)
@@ -298,7 +298,7 @@ def test_tampered_objects_are_named_by_verify(s3_fs, ceph_s3, secret):
     from dcmfs.app.admin import verify
     fs = s3_fs()
     write_file(fs, "/a", os.urandom(200_000))
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         ref = txn.chunks(fs._resolve(txn, "/a"))[1]
     fs.close()
     wipe_cache(s3_fs.root)
@@ -343,7 +343,7 @@ def test_random_reads_of_framed_objects_are_ranged_gets(s3_fs, ceph_s3):
     wipe_cache(s3_fs.root)
     fs = s3_fs(chunk_size=cs)
     fs.data.SEQUENTIAL_SLACK = -1  # every read is a random reader's
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         refs = txn.chunks(fs._resolve(txn, "/r"))
     assert all(r.flags & 0x04 for r in refs.values())  # framed
     fh = fs.open("/r", os.O_RDONLY)

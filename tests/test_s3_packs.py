@@ -29,7 +29,7 @@ from .test_s3 import read_file, s3_fs, wipe_cache, write_file  # noqa: F401 (fix
 
 def named(fs, *paths) -> set[bytes]:
     """The object ids the index names for ``paths``."""
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         return {ref.oid for p in paths for ref in txn.chunks(fs._resolve(txn, p)).values()}
 
 

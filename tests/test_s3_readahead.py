@@ -31,7 +31,7 @@ def written(s3_fs):
 
 def cached(fs, path: str) -> bool:
     """Are all the objects of ``path`` in the local cache?"""
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         refs = txn.chunks(fs._resolve(txn, path))
     return all(os.path.exists(os.path.join(fs.opened.root, "objects", r.oid.hex()[:2],
                                             r.oid.hex())) for r in refs.values())

@@ -98,7 +98,7 @@ def test_a_plan_made_ahead_is_not_used_for_a_changed_file(make_fs, monkeypatch):
         if self._ahead is not None and not changed:
             self._ahead[4].result()  # the old bytes' plan: frames
             ino = self._ahead[0]
-            with fs.index.begin() as txn:
+            with fs.lock, fs.index.begin() as txn:
                 path = next(p for p in files if fs._resolve(txn, p) == ino)
             files[path] = b"not DICOM any more " * (len(files[path]) // 19)
             fh = fs.open(path, os.O_WRONLY | os.O_TRUNC)

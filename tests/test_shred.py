@@ -227,7 +227,7 @@ def _every_other_sealed(fs, n: int, byte: bytes) -> list[bytes]:
     for i in range(n):
         write_file(fs, f"/f{i:03d}", byte * 10)
     fs.checkpoint()
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         victims = {fs._resolve(txn, f"/f{i:03d}") for i in range(0, n, 2)}
     return [bytes(v) for k, v in fs.index.raw_items("inodes")
             if int.from_bytes(bytes(k), "big") in victims]
@@ -312,7 +312,7 @@ def test_a_hard_link_shares_the_secret_and_only_the_last_name_counts(make_fs):
     write_file(fs, "/a", b"shared" * 1000)
     fs.link("/a", "/b")
     fs.mkdir("/d", 0o755, 0, 0)
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         a, d = txn.get_inode(fs._resolve(txn, "/a")), txn.get_inode(fs._resolve(txn, "/d"))
         assert len(a.secret) == 32 and a.secret == txn.get_inode(fs._resolve(txn, "/b")).secret
         assert len(d.secret) == 32 and d.secret != a.secret  # records of one length
@@ -361,7 +361,7 @@ def test_an_s3_bucket_keeps_no_secret_of_a_shredded_file(s3_fs, ceph_s3, secret,
     fs = s3_fs()
     write_file(fs, "/gone", os.urandom(200_000))
     write_file(fs, "/kept", os.urandom(1000))
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         gone = fs._resolve(txn, "/gone")
     fs.checkpoint()
     fs.snapshot()  # uploaded: it holds /gone's record
@@ -387,7 +387,7 @@ def test_the_reencoder_keeps_the_files_secret(make_fs):
     write_file(fs, "/ct", ct)
 
     def state():
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             ino = fs._resolve(txn, "/ct")
             return (txn.get_inode(ino).secret,
                     {r.oid: r.codec for r in txn.chunks(ino).values()})

@@ -26,7 +26,7 @@ def _codecs(table) -> set[int]:
 
 
 def _content(fs, path):
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         return txn.get_content(fs._resolve(txn, path))
 
 

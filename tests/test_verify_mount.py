@@ -118,7 +118,7 @@ def test_scrubber_finds_damage_while_mounted(mount_env):
     secret = Secret("keyfile", m.key.read_bytes())
     fs = FileSystem(open_store(str(m.store), secret), dataclasses.replace(SMALL, read_only=True))
     try:  # when each file was last found intact is recorded; never for the damaged one
-        with fs.index.begin() as txn:
+        with fs.lock, fs.index.begin() as txn:
             seen = {name: txn.scrubbed(fs._resolve(txn, "/" + name)) for name in
                     ("f0", "f1", "f2", "f3", "f4")}
     finally:
