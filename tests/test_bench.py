@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -31,11 +34,59 @@ GOCRYPTFS = {"gocryptfs"} if shutil.which("gocryptfs") else set()
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def _start(args: list[str], workdir: pathlib.Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench.py"), *args,
+                             "--workdir", str(workdir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _mounts_under(workdir: pathlib.Path) -> list[str]:
+    prefix = str(workdir) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].replace("\\040", " ") for line in f]
+    return [p for p in points if p.startswith(prefix)]
+
+
+def _stop(proc: subprocess.Popen, workdir: pathlib.Path) -> None:
+    """The benchmark and every process of its session killed, and whatever
+    it left mounted under ``workdir`` unmounted (a benchmark killed by its
+    timeout left its contenders' daemons serving mounts in /tmp)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    for point in sorted(_mounts_under(workdir), reverse=True):  # the deepest first
+        subprocess.run(["fusermount3", "-u", "-z", point], check=False, capture_output=True)
+
+
+def _bench(args: list[str], workdir: pathlib.Path, timeout: float) -> subprocess.CompletedProcess:
+    proc = _start(args, workdir)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _stop(proc, workdir)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_benchmark_stopped_midway_leaves_nothing_mounted(tmp_path):
+    proc = _start(["--files", "40", "--reps", "3", "--big-mib", "0", "--rand-mib", "0",
+                   "--small-files", "0", "--writers", "--no-corpus", "--subset-copies", "0",
+                   "--no-view", "--no-s3", "--no-quality", "--only", "dcmfs"], tmp_path)
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not seen and proc.poll() is None and time.monotonic() < deadline:
+            seen = _mounts_under(tmp_path)
+            time.sleep(0.05)
+    finally:
+        _stop(proc, tmp_path)
+    assert seen, "the benchmark mounted nothing"
+    assert not _mounts_under(tmp_path)
+
+
 def test_bench_quick_runs_end_to_end(tmp_path):
     out, report = tmp_path / "bench.json", tmp_path / "report"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick",
-                        "--workdir", str(tmp_path), "--json", str(out), "--report", str(report)],
-                       capture_output=True, text=True, timeout=420)
+    # "under a minute" quiet; 7 minutes did not do at load 12-15
+    r = _bench(["--quick", "--json", str(out), "--report", str(report)], tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     figures = json.loads(out.read_text())
 
@@ -182,12 +233,10 @@ def test_a_run_without_the_series_measures_the_rest(tmp_path):
     """``--files 0`` (only the small-file workload, say) ran nothing: the
     series' median of no latencies raised StatisticsError."""
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--files", "0",
-                        "--reps", "1", "--big-mib", "0", "--rand-mib", "0", "--small-files", "20",
-                        "--small-reps", "1", "--writers", "--no-corpus", "--subset-copies", "0",
-                        "--no-view", "--no-s3", "--no-quality", "--only", "plain",
-                        "--workdir", str(tmp_path), "--json", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = _bench(["--files", "0", "--reps", "1", "--big-mib", "0", "--rand-mib", "0",
+                "--small-files", "20", "--small-reps", "1", "--writers", "--no-corpus",
+                "--subset-copies", "0", "--no-view", "--no-s3", "--no-quality", "--only", "plain",
+                "--json", str(out)], tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     figures = json.loads(out.read_text())
     small = figures["small_files"]["contenders"]["plain"]
