@@ -45,10 +45,10 @@ def test_getattr_of_a_created_or_known_name_opens_no_entry(make_fs, monkeypatch)
     opened = _opened_entries(fs, monkeypatch)
     st = fs.getattr("/d/f")  # the GETATTR after the write: the name create made
     assert (st["st_size"], opened) == (3, [])
-    fs.getattr("/d")  # the GETATTRs before each create there: one look-up, once
-    fs.getattr("/d")
+    fs.getattr("/d")  # the GETATTRs before each create there: the directory
+    fs.getattr("/d")  # the create resolved, remembered
     fs.getattr("/d/f")
-    assert len(opened) == 1
+    assert opened == []
 
 
 def test_every_change_of_names_is_seen_by_getattr(make_fs):
@@ -133,3 +133,64 @@ def test_the_capability_asked_before_each_write_opens_no_entry(make_fs, monkeypa
     with pytest.raises(E.NotFound):
         fs.getxattr("/d/f", "user.k")
     assert fs.getxattr("/d/g", "user.k") == b"v"
+
+
+def test_an_unlink_forgets_only_the_name_it_removed(make_fs, monkeypatch):
+    """Removing a file's name forgets that path only (it was: every
+    remembered name, so that in a burst of unlinks each GETATTR of the
+    directory and each unlink resolved every component again)."""
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    a, b = _create(fs, "/d/a"), _create(fs, "/d/b")
+    fs.link("/d/a", "/d/l")
+    for p in ("/d", "/d/a", "/d/b", "/d/l"):
+        fs.getattr(p)
+    opened = _opened_entries(fs, monkeypatch)
+    fs.unlink("/d/a")
+    assert len(opened) == 1  # the name removed, looked up in its known directory
+    del opened[:]
+    st = fs.getattr("/d/l")
+    assert (fs.getattr("/d")["st_nlink"], fs.getattr("/d/b")["st_ino"]) == (2, b)
+    assert (st["st_ino"], st["st_nlink"], opened) == (a, 1, [])
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/a")
+    c = _create(fs, "/d/a")  # the same name again: the new file
+    assert c != a and fs.getattr("/d/a")["st_ino"] == c
+
+
+def test_a_path_in_another_spelling_leaves_no_stale_name(make_fs):
+    """Only ``/a/b`` spellings are remembered, so an unlink by another
+    spelling cannot leave the remembered one behind."""
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    _create(fs, "/d/a")
+    _create(fs, "/d/b")
+    for p in ("/d/a", "/d//a", "/d/a/", "/d//b", "/d/b/"):
+        fs.getattr(p)
+    fs.unlink("/d//a")
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/a")
+    fs.unlink("/d/b")
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d//b")
+
+
+def test_a_new_name_is_looked_up_in_its_known_directory(make_fs, monkeypatch):
+    """The kernel's LOOKUP of a name about to be created, and the create,
+    look the name up in the directory already resolved: no entry on the way
+    is opened again (issue 17: three for /a/b/c/new, in each of both)."""
+    fs = make_fs()
+    for d in ("/a", "/a/b", "/a/b/c"):
+        fs.mkdir(d, 0o755, 0, 0)
+    fs.getattr("/a/b/c")
+    opened = _opened_entries(fs, monkeypatch)
+    with pytest.raises(E.NotFound):
+        fs.getattr("/a/b/c/new")
+    fh = fs.create("/a/b/c/new", 0o644, W, 0, 0)
+    fs.release(fh)
+    assert opened == []
+    assert fs.getattr("/a/b/c/new")["st_ino"] == fs.getattr("/a/b/c/new/")["st_ino"]
+    with pytest.raises(E.NotFound):
+        fs.getattr("/a/x/c/new")  # a directory missing on the way
+    with pytest.raises(E.NotADirectory):
+        fs.getattr("/a/b/c/new/z")
