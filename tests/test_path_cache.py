@@ -194,3 +194,26 @@ def test_a_new_name_is_looked_up_in_its_known_directory(make_fs, monkeypatch):
         fs.getattr("/a/x/c/new")  # a directory missing on the way
     with pytest.raises(E.NotADirectory):
         fs.getattr("/a/b/c/new/z")
+
+
+def test_an_unlink_opens_no_inode_record_it_holds_already(make_fs, monkeypatch):
+    """The unlink of a file removes its records without opening its inode
+    record again (it was: once by name, once more to delete it; issue 17),
+    and still counts the deletion for the next shred pass and the store's
+    totals."""
+    from dcmfs.index.shred import read_state
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    _create(fs, "/d/a")
+    fs.getattr("/d/a")
+    with fs.index.begin() as txn:
+        pending, (files, logical, _) = read_state(txn).pending, txn.stats()
+    seen: list = []
+    real = fs.index.open
+    monkeypatch.setattr(fs.index, "open",
+                        lambda db, key, sealed: (seen.append(db), real(db, key, sealed))[1])
+    fs.unlink("/d/a")
+    assert "inodes" not in seen
+    with fs.index.begin() as txn:
+        assert read_state(txn).pending == pending + 1
+        assert txn.stats()[:2] == (files - 1, logical - 100)

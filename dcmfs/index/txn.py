@@ -222,12 +222,14 @@ class Txn:
     def put_inode(self, ino: int, inode: Inode) -> None:
         self._put("inodes", ino_key(ino), inode.encode())
 
-    def delete_inode(self, ino: int) -> list[ChunkRef]:
+    def delete_inode(self, ino: int, inode: Inode | None = None) -> list[ChunkRef]:
         """Remove an inode with its chunks and xattrs; returns the chunk refs.
         A file with a secret is counted for the next shred pass
-        (:mod:`dcmfs.index.shred`)."""
+        (:mod:`dcmfs.index.shred`).  ``inode``: its record as the caller
+        read it in this transaction (the core's unlink: not opened again)."""
         try:  # (a directory's or a symlink's secret keys no object)
-            inode = self.get_inode(ino)
+            if inode is None:
+                inode = self.get_inode(ino)
             counts = inode is not None and bool(inode.secret) and stat.S_ISREG(inode.mode)
         except (IntegrityError, struct.error):  # fsck removing a damaged record
             counts = True
