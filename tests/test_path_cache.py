@@ -206,7 +206,7 @@ def test_an_unlink_opens_no_inode_record_it_holds_already(make_fs, monkeypatch):
     fs.mkdir("/d", 0o755, 0, 0)
     _create(fs, "/d/a")
     fs.getattr("/d/a")
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         pending, (files, logical, _) = read_state(txn).pending, txn.stats()
     seen: list = []
     real = fs.index.open
@@ -214,6 +214,6 @@ def test_an_unlink_opens_no_inode_record_it_holds_already(make_fs, monkeypatch):
                         lambda db, key, sealed: (seen.append(db), real(db, key, sealed))[1])
     fs.unlink("/d/a")
     assert "inodes" not in seen
-    with fs.index.begin() as txn:
+    with fs.lock, fs.index.begin() as txn:
         assert read_state(txn).pending == pending + 1
         assert txn.stats()[:2] == (files - 1, logical - 100)
