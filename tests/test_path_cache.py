@@ -217,3 +217,31 @@ def test_an_unlink_opens_no_inode_record_it_holds_already(make_fs, monkeypatch):
     with fs.lock, fs.index.begin() as txn:
         assert read_state(txn).pending == pending + 1
         assert txn.stats()[:2] == (files - 1, logical - 100)
+
+
+def test_an_open_by_a_name_just_looked_up_opens_no_entry(make_fs, monkeypatch):
+    """The kernel looks a name up (GETATTR) before it opens it: open and
+    opendir take the inode getattr resolved (they opened every entry of the
+    path again: four for a slice of /patient/study/series), and see every
+    change of names as getattr does."""
+    fs = make_fs()
+    for d in ("/p", "/p/s", "/p/s/r"):
+        fs.mkdir(d, 0o755, 0, 0)
+    ino = _create(fs, "/p/s/r/1")
+    fs.getattr("/p/s/r/1")
+    opened = _opened_entries(fs, monkeypatch)
+    fh = fs.open("/p/s/r/1", os.O_RDONLY)
+    assert fs.read(fh, 10, 0) == b"x" * 10
+    fs.release(fh)
+    fs.releasedir(fs.opendir("/p/s/r"))
+    assert opened == []
+    fs.rename("/p/s/r/1", "/p/s/r/2")
+    with pytest.raises(E.NotFound):
+        fs.open("/p/s/r/1", os.O_RDONLY)
+    fh = fs.open("/p/s/r/2", os.O_RDONLY)
+    assert fs.getattr(None, fh)["st_ino"] == ino
+    fs.release(fh)
+    fs.rename("/p/s/r", "/p/s/q")
+    with pytest.raises(E.NotFound):
+        fs.opendir("/p/s/r")
+    fs.releasedir(fs.opendir("/p/s/q"))

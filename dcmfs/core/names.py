@@ -39,7 +39,7 @@ class NameOps:
     @_locked
     def opendir(self, path: str) -> int:
         with self.index.begin() as txn:
-            ino = self._resolve(txn, path)
+            ino = self._resolve_known(txn, path)  # the kernel looked it up just now
             if not stat.S_ISDIR(self._inode(txn, ino).mode):
                 raise NotADirectory(path)
         fh = self._next_fh
