@@ -45,10 +45,10 @@ def test_getattr_of_a_created_or_known_name_opens_no_entry(make_fs, monkeypatch)
     opened = _opened_entries(fs, monkeypatch)
     st = fs.getattr("/d/f")  # the GETATTR after the write: the name create made
     assert (st["st_size"], opened) == (3, [])
-    fs.getattr("/d")  # the GETATTRs before each create there: one look-up, once
-    fs.getattr("/d")
+    fs.getattr("/d")  # the GETATTRs before each create there: the directory
+    fs.getattr("/d")  # the create resolved, remembered
     fs.getattr("/d/f")
-    assert len(opened) == 1
+    assert opened == []
 
 
 def test_every_change_of_names_is_seen_by_getattr(make_fs):
@@ -133,3 +133,115 @@ def test_the_capability_asked_before_each_write_opens_no_entry(make_fs, monkeypa
     with pytest.raises(E.NotFound):
         fs.getxattr("/d/f", "user.k")
     assert fs.getxattr("/d/g", "user.k") == b"v"
+
+
+def test_an_unlink_forgets_only_the_name_it_removed(make_fs, monkeypatch):
+    """Removing a file's name forgets that path only (it was: every
+    remembered name, so that in a burst of unlinks each GETATTR of the
+    directory and each unlink resolved every component again)."""
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    a, b = _create(fs, "/d/a"), _create(fs, "/d/b")
+    fs.link("/d/a", "/d/l")
+    for p in ("/d", "/d/a", "/d/b", "/d/l"):
+        fs.getattr(p)
+    opened = _opened_entries(fs, monkeypatch)
+    fs.unlink("/d/a")
+    assert len(opened) == 1  # the name removed, looked up in its known directory
+    del opened[:]
+    st = fs.getattr("/d/l")
+    assert (fs.getattr("/d")["st_nlink"], fs.getattr("/d/b")["st_ino"]) == (2, b)
+    assert (st["st_ino"], st["st_nlink"], opened) == (a, 1, [])
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/a")
+    c = _create(fs, "/d/a")  # the same name again: the new file
+    assert c != a and fs.getattr("/d/a")["st_ino"] == c
+
+
+def test_a_path_in_another_spelling_leaves_no_stale_name(make_fs):
+    """Only ``/a/b`` spellings are remembered, so an unlink by another
+    spelling cannot leave the remembered one behind."""
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    _create(fs, "/d/a")
+    _create(fs, "/d/b")
+    for p in ("/d/a", "/d//a", "/d/a/", "/d//b", "/d/b/"):
+        fs.getattr(p)
+    fs.unlink("/d//a")
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d/a")
+    fs.unlink("/d/b")
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d//b")
+
+
+def test_a_new_name_is_looked_up_in_its_known_directory(make_fs, monkeypatch):
+    """The kernel's LOOKUP of a name about to be created, and the create,
+    look the name up in the directory already resolved: no entry on the way
+    is opened again (issue 17: three for /a/b/c/new, in each of both)."""
+    fs = make_fs()
+    for d in ("/a", "/a/b", "/a/b/c"):
+        fs.mkdir(d, 0o755, 0, 0)
+    fs.getattr("/a/b/c")
+    opened = _opened_entries(fs, monkeypatch)
+    with pytest.raises(E.NotFound):
+        fs.getattr("/a/b/c/new")
+    fh = fs.create("/a/b/c/new", 0o644, W, 0, 0)
+    fs.release(fh)
+    assert opened == []
+    assert fs.getattr("/a/b/c/new")["st_ino"] == fs.getattr("/a/b/c/new/")["st_ino"]
+    with pytest.raises(E.NotFound):
+        fs.getattr("/a/x/c/new")  # a directory missing on the way
+    with pytest.raises(E.NotADirectory):
+        fs.getattr("/a/b/c/new/z")
+
+
+def test_an_unlink_opens_no_inode_record_it_holds_already(make_fs, monkeypatch):
+    """The unlink of a file removes its records without opening its inode
+    record again (it was: once by name, once more to delete it; issue 17),
+    and still counts the deletion for the next shred pass and the store's
+    totals."""
+    from dcmfs.index.shred import read_state
+    fs = make_fs()
+    fs.mkdir("/d", 0o755, 0, 0)
+    _create(fs, "/d/a")
+    fs.getattr("/d/a")
+    with fs.lock, fs.index.begin() as txn:
+        pending, (files, logical, _) = read_state(txn).pending, txn.stats()
+    seen: list = []
+    real = fs.index.open
+    monkeypatch.setattr(fs.index, "open",
+                        lambda db, key, sealed: (seen.append(db), real(db, key, sealed))[1])
+    fs.unlink("/d/a")
+    assert "inodes" not in seen
+    with fs.lock, fs.index.begin() as txn:
+        assert read_state(txn).pending == pending + 1
+        assert txn.stats()[:2] == (files - 1, logical - 100)
+
+
+def test_an_open_by_a_name_just_looked_up_opens_no_entry(make_fs, monkeypatch):
+    """The kernel looks a name up (GETATTR) before it opens it: open and
+    opendir take the inode getattr resolved (they opened every entry of the
+    path again: four for a slice of /patient/study/series), and see every
+    change of names as getattr does."""
+    fs = make_fs()
+    for d in ("/p", "/p/s", "/p/s/r"):
+        fs.mkdir(d, 0o755, 0, 0)
+    ino = _create(fs, "/p/s/r/1")
+    fs.getattr("/p/s/r/1")
+    opened = _opened_entries(fs, monkeypatch)
+    fh = fs.open("/p/s/r/1", os.O_RDONLY)
+    assert fs.read(fh, 10, 0) == b"x" * 10
+    fs.release(fh)
+    fs.releasedir(fs.opendir("/p/s/r"))
+    assert opened == []
+    fs.rename("/p/s/r/1", "/p/s/r/2")
+    with pytest.raises(E.NotFound):
+        fs.open("/p/s/r/1", os.O_RDONLY)
+    fh = fs.open("/p/s/r/2", os.O_RDONLY)
+    assert fs.getattr(None, fh)["st_ino"] == ino
+    fs.release(fh)
+    fs.rename("/p/s/r", "/p/s/q")
+    with pytest.raises(E.NotFound):
+        fs.opendir("/p/s/r")
+    fs.releasedir(fs.opendir("/p/s/q"))

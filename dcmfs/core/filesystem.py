@@ -330,27 +330,31 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
     def _resolve(self, txn, path: str) -> int:
         ino = fmt.ROOT_INO
         for part in path.split("/"):
-            if not part:
-                continue
-            if not stat.S_ISDIR(self._inode(txn, ino).mode):
-                raise NotADirectory(path)
-            name = os.fsencode(part)
-            if len(name) > NAME_MAX:  # as ext4: never "not found" for such a name
-                raise NameTooLong(path)
-            child = txn.lookup(ino, name)
-            if child is None:
-                hidden = self._hidden.get((ino, name)) if self._hidden else None
-                if hidden is None:
-                    raise NotFound(path)
-                child = hidden[0]
-            ino = child
+            if part:
+                ino = self._step(txn, ino, part, path)
         return ino
+
+    def _step(self, txn, ino: int, part: str, path: str) -> int:
+        """The inode the name ``part`` leads to in directory ``ino`` (one
+        component of ``path``, which errors name)."""
+        if not stat.S_ISDIR(self._inode(txn, ino).mode):
+            raise NotADirectory(path)
+        name = os.fsencode(part)
+        if len(name) > NAME_MAX:  # as ext4: never "not found" for such a name
+            raise NameTooLong(path)
+        child = txn.lookup(ino, name)
+        if child is None:
+            hidden = self._hidden.get((ino, name)) if self._hidden else None
+            if hidden is None:
+                raise NotFound(path)
+            child = hidden[0]
+        return child
 
     def _parent(self, txn, path: str) -> tuple[int, bytes]:
         parent_path, name = _split(path)
         if len(name) > NAME_MAX:
             raise NameTooLong(path)
-        parent = self._resolve(txn, parent_path)
+        parent = self._resolve_known(txn, parent_path)  # the directory, once
         if not stat.S_ISDIR(self._inode(txn, parent).mode):
             raise NotADirectory(parent_path)
         return parent, name

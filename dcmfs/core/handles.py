@@ -138,7 +138,9 @@ class FileOps:
         if self.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             raise ReadOnlyError("The store is mounted read-only.")
         with self.index.begin() as txn:
-            ino = self._resolve(txn, path)
+            # by the name the kernel's LOOKUP resolved a moment ago (issue 17:
+            # a viewer's open of /patient/study/series/slice opened 4 entries)
+            ino = self._resolve_known(txn, path)
             inode = self._inode(txn, ino)
         if stat.S_ISDIR(inode.mode):
             raise IsADirectory(path)

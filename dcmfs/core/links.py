@@ -131,5 +131,16 @@ class PathCache:
             self.paths.clear()
         self.paths[path] = ino
 
+    def drop(self, path: str) -> None:
+        """Forget one path (a name of a file, removed: no other remembered
+        path leads through it)."""
+        self.paths.pop(path, None)
+
     def clear(self) -> None:
         self.paths.clear()
+
+
+def canonical(path: str) -> bool:
+    """Is ``path`` spelt as the kernel spells one (``/a/b``)?  Only such a
+    path is remembered: an unlink then forgets the one spelling there is."""
+    return path[:1] == "/" and path[-1:] != "/" and "//" not in path

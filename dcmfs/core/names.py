@@ -17,7 +17,7 @@ from ..errors import (DcmfsError, DirectoryNotEmpty, Exists, InvalidArgument, Is
                       NotADirectory, NotFound)
 from ..index import Inode
 from .handles import _locked, _mutating
-from .links import moved
+from .links import canonical, moved
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 #: the name libfuse renames an open file to when it is unlinked, or replaced
@@ -39,7 +39,7 @@ class NameOps:
     @_locked
     def opendir(self, path: str) -> int:
         with self.index.begin() as txn:
-            ino = self._resolve(txn, path)
+            ino = self._resolve_known(txn, path)  # the kernel looked it up just now
             if not stat.S_ISDIR(self._inode(txn, ino).mode):
                 raise NotADirectory(path)
         fh = self._next_fh
@@ -97,7 +97,12 @@ class NameOps:
             parent, name, ino, inode = self._entry(txn, path)
             if stat.S_ISDIR(inode.mode):
                 raise IsADirectory(path)
-            txn.remove_dirent(parent, name)
+            # a file's name has no names below it: only this path is
+            # forgotten, not every name getattr remembered (issue 17)
+            leaf = canonical(path)
+            txn.remove_dirent(parent, name, leaf=leaf)
+            if leaf:
+                self._paths.drop(path)
             garbage = self._drop_link(txn, ino, inode)
             self._touch_dir(txn, parent, self._inode(txn, parent))
         self._knames.changed(ino, path)
@@ -242,12 +247,22 @@ class NameOps:
         attributes of a name it just created, wrote or whose directory
         changed by the name's path each time (measured, issue 17: two
         sealed entries opened per GETATTR of /dir/file).  A hidden name
-        (libfuse's, of an open unlinked file) is never remembered."""
+        (libfuse's, of an open unlinked file) is never remembered, nor a
+        path in another spelling than ``/a/b`` (an unlink forgets the name
+        it removed by that spelling: :meth:`unlink`).  A name not known
+        yet is looked up in its directory, which is resolved (and
+        remembered) so too: the kernel's LOOKUP of a name about to be
+        created, a create or an unlink in a known directory open one
+        entry, not one per component of the path (issue 17)."""
         gen = self.index.names_gen
         ino = self._paths.get(gen, path)
         if ino is None:
-            ino = self._resolve(txn, path)
-            if not self._hidden:
+            head, _, last = path.rpartition("/")
+            if head and last:
+                ino = self._step(txn, self._resolve_known(txn, head), last, path)
+            else:
+                ino = self._resolve(txn, path)
+            if not self._hidden and canonical(path):
                 self._paths.put(gen, path, ino)
         return ino
 

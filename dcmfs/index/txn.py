@@ -111,14 +111,14 @@ class Txn:
     def _put(self, db: str, key: bytes, value: bytes) -> None:
         self._write(db, key, self.ix.seal(db, key, value))
 
-    def _delete(self, db: str, key: bytes) -> bool:
+    def _delete(self, db: str, key: bytes, leaf: bool = False) -> bool:
         try:
             old = self.txn.get(key, db=self._db[db])
             found = old is not None and self.txn.delete(key, db=self._db[db])
         except lmdb.Error as exc:
             raise lmdb_error(exc, f"deleting from {db}") from exc
         if found:
-            if db == "dirents":  # a name is gone
+            if db == "dirents" and not leaf:  # a name is gone
                 self.ix.names_gen += 1
             self._record(DELETE, db, key, None)
             self.changes.append((db, bytes(key), old, None))
@@ -222,12 +222,14 @@ class Txn:
     def put_inode(self, ino: int, inode: Inode) -> None:
         self._put("inodes", ino_key(ino), inode.encode())
 
-    def delete_inode(self, ino: int) -> list[ChunkRef]:
+    def delete_inode(self, ino: int, inode: Inode | None = None) -> list[ChunkRef]:
         """Remove an inode with its chunks and xattrs; returns the chunk refs.
         A file with a secret is counted for the next shred pass
-        (:mod:`dcmfs.index.shred`)."""
+        (:mod:`dcmfs.index.shred`).  ``inode``: its record as the caller
+        read it in this transaction (the core's unlink: not opened again)."""
         try:  # (a directory's or a symlink's secret keys no object)
-            inode = self.get_inode(ino)
+            if inode is None:
+                inode = self.get_inode(ino)
             counts = inode is not None and bool(inode.secret) and stat.S_ISREG(inode.mode)
         except (IntegrityError, struct.error):  # fsck removing a damaged record
             counts = True
@@ -305,8 +307,11 @@ class Txn:
                  else U64.pack(ino) + name)
         self._put("dirents", self._dkey(parent, name), value)
 
-    def remove_dirent(self, parent: int, name: bytes) -> None:
-        self._delete("dirents", self._dkey(parent, name))
+    def remove_dirent(self, parent: int, name: bytes, leaf: bool = False) -> None:
+        """``leaf``: the entry names no directory and the caller forgets
+        the path it removed from its own memo of names itself, so the
+        names generation stays (:attr:`Index.names_gen`)."""
+        self._delete("dirents", self._dkey(parent, name), leaf=leaf)
 
     def list_dir(self, parent: int) -> Iterator[tuple[bytes, int]]:
         for _, raw in self._scan("dirents", self._dprefix(parent)):

@@ -35,7 +35,7 @@ def delete_file(txn: Txn, ino: int, inode: Inode) -> list[bytes]:
     """Remove an inode and its records, keeping the store totals right;
     returns the ids of the objects it freed (to be deleted after the next
     checkpoint)."""
-    refs = txn.delete_inode(ino)
+    refs = txn.delete_inode(ino, inode)
     if stat.S_ISREG(inode.mode):
         txn.add_stats(files=-1, logical=-inode.size,
                       stored=-sum(stored_bytes(r) for r in refs))
