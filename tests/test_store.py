@@ -77,3 +77,20 @@ def test_every_error_has_a_distinct_exit_code():
     codes = [c.exit_code for c in classes]
     assert len(codes) == len(set(codes)), sorted(zip(codes, [c.__name__ for c in classes]))
     assert all(c.__doc__ for c in classes)
+
+
+@pytest.mark.parametrize("into", [True, False])
+def test_gcm_seal_after_is_the_head_then_what_seal_gives(monkeypatch, into):
+    """Objects are sealed into one buffer (encrypt_into, or a join with a
+    cryptography that lacks it): the head, then a blob that opens like one
+    from seal, under the same associated data only."""
+    from dcmfs.storage import crypto
+    monkeypatch.setattr(crypto, "_INTO", into and crypto._INTO)
+    gcm = crypto.Gcm(os.urandom(32))
+    head, plain = b"HEAD-and-context", os.urandom(300_001)
+    out = gcm.seal_after(head, plain, b"aad")
+    assert out[:len(head)] == head
+    assert len(out) == len(head) + crypto.NONCE_LEN + len(plain) + crypto.TAG_LEN
+    assert gcm.open(out[len(head):], b"aad") == plain
+    with pytest.raises(crypto.AuthenticationFailed):
+        gcm.open(out[len(head):], b"other")

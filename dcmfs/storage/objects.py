@@ -180,7 +180,7 @@ class ObjectStore(FramedObjects):
     def seal(self, cipher: FileKeys, oid: bytes, file_id: bytes, ino: int, index: int,
              generation: int, flags: int, codec: int, plaintext: bytes,
              frame: FrameSpec | None = None,
-             payload: bytes | None = None) -> tuple[ChunkRef, bytes]:
+             payload: bytes | None = None) -> tuple[ChunkRef, bytes | bytearray]:
         """``payload``: ``plaintext`` already coded with ``codec`` elsewhere
         (a parser worker); it is checked here like any other result."""
         flags &= ~_FRAMED  # decided here, by the codec and the length
@@ -212,8 +212,10 @@ class ObjectStore(FramedObjects):
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags,
                                   epoch, len(plaintext), stored_len)
         sealed_ctx = self._ctx_sealer(epoch).seal(ctx, self._ctx_aad)
-        sealed_payload = cipher.cipher(epoch, oid).seal(payload, self._aad(oid) + ctx)
-        blob = b"".join((_PREFIX, sealed_ctx, sealed_payload))
+        # prefix, context and sealed payload in one buffer, the payload
+        # encrypted into place (no copy of the chunk to join them)
+        blob = cipher.cipher(epoch, oid).seal_after(_PREFIX + sealed_ctx, payload,
+                                                    self._aad(oid) + ctx)
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
                         digest=block_digest(plaintext)), blob
 
