@@ -94,3 +94,19 @@ def test_gcm_seal_after_is_the_head_then_what_seal_gives(monkeypatch, into):
     assert gcm.open(out[len(head):], b"aad") == plain
     with pytest.raises(crypto.AuthenticationFailed):
         gcm.open(out[len(head):], b"other")
+
+
+def test_digester_hashes_long_blocks_on_its_thread_and_ends_it_at_close():
+    """A chunk's SHA-256 is taken on the digest thread while the chunk is
+    sealed (issue 17); the result is the same as hashing in place, and
+    close leaves no thread behind."""
+    import threading
+    from dcmfs.storage.digest import Digester, block_digest
+    digests = Digester()
+    short, long_ = os.urandom(Digester.APART - 1), os.urandom(Digester.APART)
+    assert digests.later(short)() == block_digest(short)
+    assert not any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+    assert digests.later(long_)() == block_digest(long_)
+    assert any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+    digests.close()
+    assert not any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())

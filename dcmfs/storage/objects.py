@@ -26,7 +26,7 @@ from .damage import (AUTH, DECODE, LENGTH, MISMATCH, MISSING, NEWER, ROLLED_BACK
                      SWAPPED, ObjectDamaged, object_name)
 from .filekeys import FileKeys
 from .framed import _PREFIX3, FramedObjects
-from .digest import block_digest
+from .digest import Digester
 from .durable import TMP_PREFIX, sync_filesystem
 from ..errors import IntegrityError, StoreIOError
 
@@ -108,6 +108,7 @@ class ObjectStore(FramedObjects):
         self._sync_lock = threading.Lock()
         self._sync_fd: int | None = None
         self._sync_failed: str | None = None
+        self._digests = Digester()
 
     # --- naming ---------------------------------------------------------------
     @staticmethod
@@ -184,12 +185,13 @@ class ObjectStore(FramedObjects):
         """``payload``: ``plaintext`` already coded with ``codec`` elsewhere
         (a parser worker); it is checked here like any other result."""
         flags &= ~_FRAMED  # decided here, by the codec and the length
+        digest = self._digests.later(plaintext)  # hashed meanwhile
         if payload is None and frame is None and self.framed \
                 and frames.frameable(codec, len(plaintext)):
             used, flags, stored_len, blob = self._seal_framed(
                 cipher, oid, file_id, ino, index, generation, flags, codec, plaintext)
             return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
-                            digest=block_digest(plaintext)), blob
+                            digest=digest()), blob
         coded_elsewhere = payload is not None
         if payload is None:
             used, payload = self._codecs.compress(codec, plaintext, frame)
@@ -217,7 +219,7 @@ class ObjectStore(FramedObjects):
         blob = cipher.cipher(epoch, oid).seal_after(_PREFIX + sealed_ctx, payload,
                                                     self._aad(oid) + ctx)
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
-                        digest=block_digest(plaintext)), blob
+                        digest=digest()), blob
 
     def write(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, generation: int,
               flags: int, codec: int, plaintext: bytes, frame: FrameSpec | None = None,
@@ -277,6 +279,7 @@ class ObjectStore(FramedObjects):
             self.backend.drain()
 
     def close(self) -> None:
+        self._digests.close()
         if isinstance(self.backend, LocalBackend):  # its warmers and kept files
             self.backend.close()
         if self._sync_fd is not None:
