@@ -110,3 +110,22 @@ def test_digester_hashes_long_blocks_on_its_thread_and_ends_it_at_close():
     assert any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
     digests.close()
     assert not any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+
+
+def test_digester_hashes_in_place_while_another_caller_seals():
+    """With two callers at work at once no core is free for the digest
+    thread: the second hashes in place (no hand-off); alone again, the
+    digest thread is used."""
+    import threading
+    from dcmfs.storage.digest import Digester, block_digest
+    digests = Digester()
+    block = os.urandom(Digester.APART)
+    try:
+        with digests.sealing(), digests.sealing():
+            assert digests.later(block)() == block_digest(block)
+        assert not any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+        with digests.sealing():
+            assert digests.later(block)() == block_digest(block)
+        assert any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+    finally:
+        digests.close()

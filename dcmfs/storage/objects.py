@@ -184,6 +184,12 @@ class ObjectStore(FramedObjects):
              payload: bytes | None = None) -> tuple[ChunkRef, bytes | bytearray]:
         """``payload``: ``plaintext`` already coded with ``codec`` elsewhere
         (a parser worker); it is checked here like any other result."""
+        with self._digests.sealing():
+            return self._seal(cipher, oid, file_id, ino, index, generation, flags, codec,
+                              plaintext, frame, payload)
+
+    def _seal(self, cipher, oid, file_id, ino, index, generation, flags, codec, plaintext,
+              frame, payload) -> tuple[ChunkRef, bytes | bytearray]:
         flags &= ~_FRAMED  # decided here, by the codec and the length
         digest = self._digests.later(plaintext)  # hashed meanwhile
         if payload is None and frame is None and self.framed \
