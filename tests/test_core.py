@@ -95,6 +95,56 @@ def test_random_writes_truncates_and_holes_match_a_model(make_fs):
     assert read_file(fs, "/r") == bytes(model)
 
 
+def test_chunk_aligned_writes_kept_as_they_came_match_a_model(make_fs):
+    """A write that starts a chunk holding nothing yet keeps its bytes as
+    they came (no copy into a buffer: issue 17); later writes into the same
+    chunk, truncates, reads before the commit and a caller's buffer changed
+    after its write must all behave as with a copied buffer."""
+    fs = make_fs()
+    rng = random.Random(17)
+    model = bytearray()
+    fh = fs.create("/a", 0o644, os.O_RDWR, 0, 0)
+    for step in range(300):
+        op = rng.random()
+        if op < 0.5:  # at a chunk start, often at or past the end of the file
+            off = CS * rng.randrange(0, 6)
+            size = rng.choice((1, CS // 3, CS - 1, CS, CS + 5, 2 * CS + 9))
+            data = rng.randbytes(size)
+            kind = rng.randrange(3)
+            given = data if kind == 0 else bytearray(data) if kind == 1 else memoryview(data)
+            fs.write(fh, given, off)
+            if kind == 1:  # the caller reuses its buffer: the file keeps what was written
+                given[:] = bytes(len(given))
+        elif op < 0.8:  # anywhere, into what the aligned writes left
+            off = rng.randrange(0, 6 * CS)
+            data = rng.randbytes(rng.randrange(1, CS))
+            fs.write(fh, data, off)
+        elif op < 0.9:
+            length = rng.randrange(0, 7 * CS)
+            fs.truncate(None, length, fh)
+            off, data = length, b""
+            if length < len(model):
+                del model[length:]
+            else:
+                model.extend(bytes(length - len(model)))
+        else:
+            fs.flush(fh)
+            off, data = 0, b""
+        if data:
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off:off + len(data)] = data
+        if step % 20 == 0:
+            assert fs.read(fh, len(model) + 100, 0) == bytes(model)
+    fs.flush(fh)
+    fs.release(fh)
+    assert read_file(fs, "/a") == bytes(model)
+    assert index_sha(fs, "/a") == content_digest(bytes(model))
+    fs.close()
+    fs = make_fs()
+    assert read_file(fs, "/a") == bytes(model)
+
+
 def test_holes_read_as_zeros_and_cost_no_objects(make_fs):
     fs = make_fs()
     fh = fs.create("/sparse", 0o644, os.O_WRONLY, 0, 0)

@@ -77,3 +77,55 @@ def test_every_error_has_a_distinct_exit_code():
     codes = [c.exit_code for c in classes]
     assert len(codes) == len(set(codes)), sorted(zip(codes, [c.__name__ for c in classes]))
     assert all(c.__doc__ for c in classes)
+
+
+@pytest.mark.parametrize("into", [True, False])
+def test_gcm_seal_after_is_the_head_then_what_seal_gives(monkeypatch, into):
+    """Objects are sealed into one buffer (encrypt_into, or a join with a
+    cryptography that lacks it): the head, then a blob that opens like one
+    from seal, under the same associated data only."""
+    from dcmfs.storage import crypto
+    monkeypatch.setattr(crypto, "_INTO", into and crypto._INTO)
+    gcm = crypto.Gcm(os.urandom(32))
+    head, plain = b"HEAD-and-context", os.urandom(300_001)
+    out = gcm.seal_after(head, plain, b"aad")
+    assert out[:len(head)] == head
+    assert len(out) == len(head) + crypto.NONCE_LEN + len(plain) + crypto.TAG_LEN
+    assert gcm.open(out[len(head):], b"aad") == plain
+    with pytest.raises(crypto.AuthenticationFailed):
+        gcm.open(out[len(head):], b"other")
+
+
+def test_digester_hashes_long_blocks_on_its_thread_and_ends_it_at_close():
+    """A chunk's SHA-256 is taken on the digest thread while the chunk is
+    sealed (issue 17); the result is the same as hashing in place, and
+    close leaves no thread behind."""
+    import threading
+    from dcmfs.storage.digest import Digester, block_digest
+    digests = Digester()
+    short, long_ = os.urandom(Digester.APART - 1), os.urandom(Digester.APART)
+    assert digests.later(short)() == block_digest(short)
+    assert not any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+    assert digests.later(long_)() == block_digest(long_)
+    assert any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+    digests.close()
+    assert not any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+
+
+def test_digester_hashes_in_place_while_another_caller_seals():
+    """With two callers at work at once no core is free for the digest
+    thread: the second hashes in place (no hand-off); alone again, the
+    digest thread is used."""
+    import threading
+    from dcmfs.storage.digest import Digester, block_digest
+    digests = Digester()
+    block = os.urandom(Digester.APART)
+    try:
+        with digests.sealing(), digests.sealing():
+            assert digests.later(block)() == block_digest(block)
+        assert not any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+        with digests.sealing():
+            assert digests.later(block)() == block_digest(block)
+        assert any(t.name.startswith("dcmfs-digest") for t in threading.enumerate())
+    finally:
+        digests.close()

@@ -135,20 +135,27 @@ class FileData(Prefetching, Garbage, FileReads):
     def _dirty_buffer(self, of: OpenFile, idx: int) -> bytearray:
         buf = of.dirty.get(idx)
         if buf is not None:
+            if type(buf) is not bytearray:  # a write kept as it came (see write)
+                buf = of.dirty[idx] = bytearray(buf)
             return buf
         content = self.chunk_plain(of, idx)
+        limit = max(0, min(self.chunk_size, of.size - idx * self.chunk_size))
+        buf = bytearray(content[:limit])
+        self._new_dirty(of, idx, buf)
+        return buf
+
+    def _new_dirty(self, of: OpenFile, idx: int, buf: bytes | bytearray) -> None:
+        """``buf`` is chunk ``idx``'s content now; what was sealed for it
+        before is superseded."""
         fut = of.pending.pop(idx, None)
         if fut is not None:
             of.discarded.append(fut)
-        limit = max(0, min(self.chunk_size, of.size - idx * self.chunk_size))
-        buf = bytearray(content[:limit])
         of.dirty[idx] = buf
         of.dirty_bytes += self.chunk_size
         if of.dirty_bytes > self.dirty_limit:
             for old in sorted(of.dirty):
                 if old != idx and of.dirty_bytes > self.dirty_limit:
                     self._submit(of, old, last=False)
-        return buf
 
     def write(self, of: OpenFile, offset: int, data: bytes) -> int:
         self.last_activity = time.monotonic()
@@ -167,10 +174,18 @@ class FileData(Prefetching, Garbage, FileReads):
             off = offset + pos
             idx, within = divmod(off, cs)
             n = min(cs - within, total - pos)
-            buf = self._dirty_buffer(of, idx)
-            if len(buf) < within:
-                buf.extend(bytes(within - len(buf)))
-            buf[within:within + n] = view[pos:pos + n]
+            if within == 0 and idx not in of.dirty and of.size <= off:
+                # the chunk holds nothing yet (a new file, or past its end):
+                # its content is this write's bytes, kept as they came, not
+                # copied into a buffer here and out of it again at sealing
+                # (issue 17); a later write to the chunk copies them
+                whole = n == total and type(data) is bytes
+                self._new_dirty(of, idx, data if whole else bytes(view[pos:pos + n]))
+            else:
+                buf = self._dirty_buffer(of, idx)
+                if len(buf) < within:
+                    buf.extend(bytes(within - len(buf)))
+                buf[within:within + n] = view[pos:pos + n]
             pos += n
             if off + n > of.size:
                 of.size = off + n

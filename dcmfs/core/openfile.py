@@ -59,7 +59,8 @@ class OpenFile:
         self.handles = 0
         self.size = inode.size
         self.committed = committed
-        self.dirty: dict[int, bytearray] = {}
+        #: chunk buffers being written (bytes: one write's, kept as it came)
+        self.dirty: dict[int, bytearray | bytes] = {}
         self.dirty_bytes = 0
         #: sealed (or being sealed) since the last commit; result None = hole
         self.pending: dict[int, Future] = {}

@@ -27,6 +27,7 @@ from ..errors import IntegrityError
 
 KEY_LEN = 32
 NONCE_LEN = 12
+TAG_LEN = 16
 
 
 class AuthenticationFailed(IntegrityError):
@@ -63,6 +64,10 @@ def derive_salted(key_material: bytes, salt: bytes, label: bytes) -> bytes:
                 info=b"dcmfs/" + label).derive(key_material)
 
 
+#: AEADs can encrypt into a caller's buffer (cryptography >= 45)
+_INTO = hasattr(AESGCM, "encrypt_into")
+
+
 class Gcm:
     """AES-256-GCM with random nonces; blobs are ``nonce || ciphertext || tag``."""
 
@@ -74,6 +79,21 @@ class Gcm:
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_LEN)
         return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def seal_after(self, head: bytes, plaintext: bytes, aad: bytes) -> bytearray:
+        """``head + seal(plaintext, aad)`` built in one buffer: the
+        ciphertext is encrypted into its place, so a chunk is not copied
+        again to put its nonce and the object's header before it (two
+        copies of each chunk at ingest: issue 17)."""
+        nonce = os.urandom(NONCE_LEN)
+        if not _INTO:  # cryptography before encrypt_into (pyproject allows 44)
+            return bytearray(head + nonce + self._aead.encrypt(nonce, plaintext, aad))
+        start = len(head) + NONCE_LEN
+        out = bytearray(start + len(plaintext) + TAG_LEN)
+        out[:len(head)] = head
+        out[len(head):start] = nonce
+        self._aead.encrypt_into(nonce, plaintext, aad, memoryview(out)[start:])
+        return out
 
     def open(self, blob: bytes | memoryview, aad: bytes) -> bytes:
         """Raises :class:`AuthenticationFailed` if anything was altered."""

@@ -21,9 +21,12 @@ written since (:class:`WholeHasher`); both kinds are checked.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
-from typing import Iterable
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
 
 _U64 = struct.Struct(">Q")
 _LABEL = b"dcmfs-tree-1"
@@ -32,6 +35,56 @@ _ZERO_DIGESTS: dict[int, bytes] = {}
 
 def block_digest(block: bytes) -> bytes:
     return hashlib.sha256(block).digest()
+
+
+class Digester:
+    """Block digests of long blocks computed on a thread of its own while
+    the caller does other work with the block: the sealing of a chunk
+    compresses and encrypts it meanwhile (zstd, AES-GCM and SHA-256 all
+    release the GIL), so a closing writer waits for the longer of the two,
+    not for their sum, when a core is free (issue 17: SHA-256 was 0.4 ms of
+    a 513 KB CT slice's 1.0 ms seal)."""
+
+    #: blocks shorter than this are hashed by the caller (the hand-off
+    #: would cost more than it saves)
+    APART = 256 * 1024
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        #: callers between :meth:`sealing`'s start and end
+        self._active = 0
+
+    @contextlib.contextmanager
+    def sealing(self):
+        """Around one caller's work with a block: while another caller is
+        at work too, no core is free for the digest thread (two cores, and
+        several writers: measured, issue 17) and :meth:`later` hashes in
+        place, saving the hand-off."""
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def later(self, block: bytes) -> Callable[[], bytes]:
+        """A callable that returns ``block_digest(block)`` (it waits for
+        the digest thread); ``block`` must not change meanwhile."""
+        if len(block) < self.APART or self._active > 1:
+            digest = block_digest(block)
+            return lambda: digest
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="dcmfs-digest")
+            return self._pool.submit(block_digest, block).result
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def zero_digest(length: int) -> bytes:

@@ -26,7 +26,7 @@ from .damage import (AUTH, DECODE, LENGTH, MISMATCH, MISSING, NEWER, ROLLED_BACK
                      SWAPPED, ObjectDamaged, object_name)
 from .filekeys import FileKeys
 from .framed import _PREFIX3, FramedObjects
-from .digest import block_digest
+from .digest import Digester
 from .durable import TMP_PREFIX, sync_filesystem
 from ..errors import IntegrityError, StoreIOError
 
@@ -108,6 +108,7 @@ class ObjectStore(FramedObjects):
         self._sync_lock = threading.Lock()
         self._sync_fd: int | None = None
         self._sync_failed: str | None = None
+        self._digests = Digester()
 
     # --- naming ---------------------------------------------------------------
     @staticmethod
@@ -180,16 +181,23 @@ class ObjectStore(FramedObjects):
     def seal(self, cipher: FileKeys, oid: bytes, file_id: bytes, ino: int, index: int,
              generation: int, flags: int, codec: int, plaintext: bytes,
              frame: FrameSpec | None = None,
-             payload: bytes | None = None) -> tuple[ChunkRef, bytes]:
+             payload: bytes | None = None) -> tuple[ChunkRef, bytes | bytearray]:
         """``payload``: ``plaintext`` already coded with ``codec`` elsewhere
         (a parser worker); it is checked here like any other result."""
+        with self._digests.sealing():
+            return self._seal(cipher, oid, file_id, ino, index, generation, flags, codec,
+                              plaintext, frame, payload)
+
+    def _seal(self, cipher, oid, file_id, ino, index, generation, flags, codec, plaintext,
+              frame, payload) -> tuple[ChunkRef, bytes | bytearray]:
         flags &= ~_FRAMED  # decided here, by the codec and the length
+        digest = self._digests.later(plaintext)  # hashed meanwhile
         if payload is None and frame is None and self.framed \
                 and frames.frameable(codec, len(plaintext)):
             used, flags, stored_len, blob = self._seal_framed(
                 cipher, oid, file_id, ino, index, generation, flags, codec, plaintext)
             return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
-                            digest=block_digest(plaintext)), blob
+                            digest=digest()), blob
         coded_elsewhere = payload is not None
         if payload is None:
             used, payload = self._codecs.compress(codec, plaintext, frame)
@@ -212,10 +220,12 @@ class ObjectStore(FramedObjects):
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags,
                                   epoch, len(plaintext), stored_len)
         sealed_ctx = self._ctx_sealer(epoch).seal(ctx, self._ctx_aad)
-        sealed_payload = cipher.cipher(epoch, oid).seal(payload, self._aad(oid) + ctx)
-        blob = b"".join((_PREFIX, sealed_ctx, sealed_payload))
+        # prefix, context and sealed payload in one buffer, the payload
+        # encrypted into place (no copy of the chunk to join them)
+        blob = cipher.cipher(epoch, oid).seal_after(_PREFIX + sealed_ctx, payload,
+                                                    self._aad(oid) + ctx)
         return ChunkRef(oid, generation, used, flags, len(plaintext), stored_len,
-                        digest=block_digest(plaintext)), blob
+                        digest=digest()), blob
 
     def write(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, generation: int,
               flags: int, codec: int, plaintext: bytes, frame: FrameSpec | None = None,
@@ -275,6 +285,7 @@ class ObjectStore(FramedObjects):
             self.backend.drain()
 
     def close(self) -> None:
+        self._digests.close()
         if isinstance(self.backend, LocalBackend):  # its warmers and kept files
             self.backend.close()
         if self._sync_fd is not None:
