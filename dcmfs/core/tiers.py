@@ -25,6 +25,7 @@ import time
 from typing import Callable
 
 from ..storage.codec import IMAGE, IMAGE_HOT
+from ..storage.dicom import BAND_BYTES, HOT_BAND_BYTES
 
 HOT, COLD = "hot", "cold"
 DAY = 86400.0
@@ -56,6 +57,13 @@ class Tiers:
         (:data:`~dcmfs.storage.codec.IMAGE_HOT`) for a hot coding, else every
         configured image codec (:data:`~dcmfs.storage.codec.IMAGE`)."""
         return IMAGE_HOT if self.on and not cooling else IMAGE
+
+    def band_bytes(self, cooling: bool) -> int:
+        """About how many bytes of a frame's rows go into one band (one
+        object): the hot tier's :data:`~dcmfs.storage.dicom.HOT_BAND_BYTES`
+        (fewer objects to read; its codec decodes a band quickly anyway),
+        else :data:`~dcmfs.storage.dicom.BAND_BYTES`."""
+        return HOT_BAND_BYTES if self.on and not cooling else BAND_BYTES
 
     def fields(self, cooling: bool) -> dict:
         """What the file's content record says of its tier."""
