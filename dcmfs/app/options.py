@@ -218,7 +218,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("image_codecs", CODECS, "the image codecs each frame is offered, with zstd; some of "
            + ", ".join(_known_image_codecs()), RECODING, field="image_codecs"),
     Option("hot_days", DAYS, "days a re-encoded DICOM file stays in the fast-decoding form "
-           "(HTJ2K) after it was coded or last read, before it is coded densely (0: densely "
+           "(blosc2: byte-shuffled LZ4HC) after it was coded or last read, before it is coded densely (0: densely "
            "at once)", RECODING, field="hot_days", low=0, high=36500),
     Option("sandbox", FLAG, "1: the DICOM analysis and image encoders run in keyless, capped "
            "worker processes; 0: in the daemon (for measurements only)", RECODING,

@@ -393,7 +393,7 @@ class Reencoder(Passes, LookAhead):
         level, images = host.objects.codecs.encode_settings()
         settings = (level, images if image == IMAGE else HOT_IMAGE)
         cs = host.chunk_size
-        extents = extents_of(plan, inode.size, cs)
+        extents = extents_of(plan, inode.size, cs, self.tiers.band_bytes(cooling))
         last = len(extents) - 1
         hasher = hasher_for(inode, cs)
 

@@ -9,8 +9,10 @@ be swapped under a stored object; ids are never reused.
   taller image), coded losslessly by an image codec through ``imagecodecs``
   (CharLS, OpenJPH, libjxl, OpenJPEG; all release the GIL).  ``blosc2`` is
   no image codec but a fast one for samples: a C-Blosc2 chunk of the
-  samples (little-endian), byte-shuffled and zstd-compressed (level
-  :data:`BLOSC2_LEVEL`); it is the hot tier's (:data:`IMAGE_HOT`).
+  samples (little-endian), byte-shuffled and compressed with LZ4HC (level
+  :data:`BLOSC2_LEVEL`; zstd level 3 before: such chunks decode as well,
+  the chunk header names its compressor); it is the hot tier's
+  (:data:`IMAGE_HOT`).
   The payload is self-describing: a small header (:data:`_IMG_HEADER`:
   geometry, sample layout, byte order, sample mapping) followed by the
   codestream, so decoding needs nothing but the payload, its codec id and
@@ -61,11 +63,18 @@ IMAGE = -1
 #: the cheapest of :data:`HOT_IMAGE` and zstd under :data:`HOT_DECODE_WEIGHT`
 IMAGE_HOT = -2
 HOT_IMAGE = (HTJ2K, BLOSC2)
-#: zstd level inside a blosc2 chunk.  A 512x512 CT slice (two bands; per
-#: slice: stored/original, encode ms, decode ms, at load ~7): level 1 0.330,
-#: 1.3, 0.40; 3 0.302, 5.6, 0.58; 5 0.295, 10.6, 0.62; 9 0.271 but ~1 s to
-#: encode.  HTJ2K: 0.220, ~3, 1.56
-BLOSC2_LEVEL = 3
+#: the compressor and level inside a blosc2 chunk.  The hot tier is there
+#: for decode speed (issue 17): LZ4 decodes a byte-shuffled band ~4x as fast
+#: as zstd.  Per 256 KiB band of a 512x512 CT slice (stored/original of the
+#: two bands, thread CPU ms to encode, to decode; load ~10): zstd 1 0.30 and
+#: 0.36, 0.75, 0.26; zstd 3 0.28 and 0.33, 3.4, 0.40-0.43; lz4hc 3 0.34 and
+#: 0.38, 3.8, 0.09-0.10; lz4hc 5 0.32 and 0.36, 5-6, 0.09-0.11; lz4hc 9 0.31
+#: and 0.36, 12-14, 0.09; lz4 0.37 and 0.41, 0.6, 0.09-0.12.  HTJ2K 0.21,
+#: ~3, 1.39.  Through the mount (the 400-slice series read cold, interleaved,
+#: load 10-12): the series stores 0.311 hot with zstd 3, 0.338 with zstd 1,
+#: 0.367 with lz4hc 3, 0.350 with lz4hc 5; the daemon's decoding threads
+#: spent 2.55-2.73, 2.27-2.35, 1.82 and 1.57-1.80 ms of CPU per slice
+BLOSC2_COMPRESSOR, BLOSC2_LEVEL = "lz4hc", 5
 #: image codecs offered by default
 DEFAULT_IMAGE_CODECS = ("htj2k", "jpegxl")
 #: the encoder settings tried for each image codec: JPEG XL at effort 1
@@ -77,7 +86,7 @@ _VARIANTS = {JPEGLS: (None,), HTJ2K: (None,), JPEGXL: (1, 2), JPEG2K: (None,),
 #: (scripts/bench measures the real thing)
 DECODE_MBPS = {(NONE, None): 10000, (ZSTD, None): 900, (HTJ2K, None): 316,
                (JPEGXL, 1): 183, (JPEGXL, 2): 112, (JPEGLS, None): 101,
-               (JPEG2K, None): 35, (BLOSC2, None): 900}  # blosc2: ~1000 on a CT slice
+               (JPEG2K, None): 35, (BLOSC2, None): 2500}  # blosc2 (lz4hc): ~2600 on a CT band
 #: what a second of decoding is worth in stored bytes: each frame keeps the
 #: result of least ``stored bytes + DECODE_WEIGHT * decode seconds``.  On the
 #: native subset (per-band simulation, stored/original at single-core decode
@@ -89,10 +98,10 @@ DECODE_WEIGHT = 2e6
 #: the hot tier's weight: fresh studies are read soon and often, and a cold
 #: read of a CT series through the mount was bound by the daemon's CPU on
 #: two cores, half of it HTJ2K decoding (issue 17).  At 1e8 a 256 KiB band
-#: keeps HTJ2K only where it saves more than ~54 KB (~20 %) over blosc2,
-#: which decodes it ~0.54 ms sooner (8-bit samples, where byte shuffling
-#: does nothing); on a CT slice HTJ2K saves ~8 % (at 4e7 half the bands of
-#: a CT series kept HTJ2K, measured)
+#: keeps HTJ2K only where it saves more than ~72 KB (~28 %) over blosc2,
+#: which decodes it ~0.7 ms sooner (8-bit samples, where byte shuffling
+#: does nothing); on a CT slice HTJ2K saves ~12 % of a band (with zstd
+#: inside blosc2 ~7 %, and at 4e7 half the bands of a CT series kept HTJ2K)
 HOT_DECODE_WEIGHT = 1e8
 assert all((c, s) in DECODE_MBPS for c, settings in _VARIANTS.items() for s in settings)
 
@@ -350,7 +359,7 @@ def _image_encode(codec: int, arr, header: bytes, setting: int | None = None) ->
             stream = imagecodecs.htj2k_encode(arr, reversible=True)
         elif codec == BLOSC2:
             stream = imagecodecs.blosc2_encode(arr.astype("<u2" if arr.itemsize == 2 else "u1"),
-                                               level=BLOSC2_LEVEL, compressor="zstd",
+                                               level=BLOSC2_LEVEL, compressor=BLOSC2_COMPRESSOR,
                                                shuffle="shuffle", typesize=arr.itemsize,
                                                numthreads=1)
         elif codec == JPEGXL:
