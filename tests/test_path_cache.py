@@ -173,6 +173,15 @@ def test_a_path_in_another_spelling_leaves_no_stale_name(make_fs):
     fs.unlink("/d/b")
     with pytest.raises(E.NotFound):
         fs.getattr("/d//b")
+    # a name created by another spelling: the unlink by the kernel's
+    # spelling forgets it too (create remembered "/d//c" as it came)
+    _create(fs, "/d//c")
+    fs.link("/d/c", "/d/l")  # (its inode stays)
+    fs.unlink("/d/c")
+    with pytest.raises(E.NotFound):
+        fs.getattr("/d//c")
+    with pytest.raises(E.NotFound):
+        fs.open("/d//c", os.O_RDONLY)
 
 
 def test_a_new_name_is_looked_up_in_its_known_directory(make_fs, monkeypatch):

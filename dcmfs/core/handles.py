@@ -21,6 +21,7 @@ from ..errors import (BadHandle, DcmfsError, Exists, InvalidArgument, IsADirecto
                      NameTooLong, NoAttribute, NotSupported, PermissionDenied, ReadOnlyError,
                      TooBig)
 from ..audit.trail import identity
+from .links import canonical
 from .openfile import OpenFile, run_inline
 from ..index import Inode
 
@@ -127,7 +128,8 @@ class FileOps:
             txn.add_dirent(parent, name, ino)
             self._touch_dir(txn, parent, pinode)
             txn.add_stats(files=1)
-        self._paths.put(self.index.names_gen, path, ino)  # the kernel's GETATTRs to come
+        if canonical(path):  # (as _resolve_known: an unlink forgets that spelling only)
+            self._paths.put(self.index.names_gen, path, ino)  # the kernel's GETATTRs to come
         self.data.after_commit([])
         fh = self._open_file(ino, inode, flags, path)
         self._audit_open(fh, "create", ino, path, mode=mode & 0o7777)
