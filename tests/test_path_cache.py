@@ -7,6 +7,7 @@ gives."""
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
@@ -254,3 +255,27 @@ def test_an_open_by_a_name_just_looked_up_opens_no_entry(make_fs, monkeypatch):
     with pytest.raises(E.NotFound):
         fs.opendir("/p/s/r")
     fs.releasedir(fs.opendir("/p/s/q"))
+
+
+def test_a_deep_tree_resolves_with_nothing_remembered(make_fs):
+    """A name is looked up below its nearest remembered directory in a
+    loop: resolving each directory above by recursion raised RecursionError
+    (EIO through the mount) for a tree ~1 000 directories deep once a
+    change of names had emptied the memo."""
+    fs = make_fs()
+    path = ""
+    for _ in range(1100):
+        path += "/a"
+        fs.mkdir(path, 0o755, 0, 0)
+    fs.mkdir("/x", 0o755, 0, 0)
+    fs.rename("/x", "/y")  # a change of names: nothing is remembered now
+    st = fs.getattr(path)
+    assert stat.S_ISDIR(st["st_mode"]) and st["st_nlink"] == 2
+    fs.rename("/y", "/x")
+    fh = fs.create(path + "/f", 0o644, W, 0, 0)  # its directory resolved afresh
+    fs.release(fh)
+    fs.rename("/x", "/y")
+    assert fs.getattr(path + "/f")["st_size"] == 0
+    with pytest.raises(E.NotADirectory):
+        fs.getattr(path + "/f/g")
+

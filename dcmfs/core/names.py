@@ -255,16 +255,25 @@ class NameOps:
         created, a create or an unlink in a known directory open one
         entry, not one per component of the path (issue 17)."""
         gen = self.index.names_gen
-        ino = self._paths.get(gen, path)
-        if ino is None:
+        below: list[tuple[str, str]] = []  # (path, its last name) under the known one
+        # up to the nearest remembered directory (a loop, not a recursion:
+        # a tree a thousand directories deep is a path of 2 000 bytes)
+        while (ino := self._paths.get(gen, path)) is None:
             head, _, last = path.rpartition("/")
-            if head and last:
-                ino = self._step(txn, self._resolve_known(txn, head), last, path)
-            else:
+            if not (head and last):
                 ino = self._resolve(txn, path)
-            if not self._hidden and canonical(path):
-                self._paths.put(gen, path, ino)
+                self._remember(gen, path, ino)
+                break
+            below.append((path, last))
+            path = head
+        for path, last in reversed(below):
+            ino = self._step(txn, ino, last, path)
+            self._remember(gen, path, ino)
         return ino
+
+    def _remember(self, gen: int, path: str, ino: int) -> None:
+        if not self._hidden and canonical(path):
+            self._paths.put(gen, path, ino)
 
     def hidden(self, path: str | None, fh: int | None = None) -> bool:
         """Is ``path`` (or the name the handle ``fh`` was opened by) the
