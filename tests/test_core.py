@@ -86,13 +86,18 @@ def test_random_writes_truncates_and_holes_match_a_model(make_fs):
             fs.flush(fh)
         if step % 50 == 0:
             assert fs.read(fh, len(model) + 100, 0) == bytes(model)
+    _closed_and_reopened_match(make_fs, fs, fh, "/r", model)
+
+
+def _closed_and_reopened_match(make_fs, fs, fh, path: str, model: bytearray) -> None:
+    """After close the file, its index digest and a reopened store's copy
+    are the model's bytes."""
     fs.flush(fh)
     fs.release(fh)
-    assert read_file(fs, "/r") == bytes(model)
-    assert index_sha(fs, "/r") == content_digest(bytes(model))
+    assert read_file(fs, path) == bytes(model)
+    assert index_sha(fs, path) == content_digest(bytes(model))
     fs.close()
-    fs = make_fs()
-    assert read_file(fs, "/r") == bytes(model)
+    assert read_file(make_fs(), path) == bytes(model)
 
 
 def test_chunk_aligned_writes_kept_as_they_came_match_a_model(make_fs):
@@ -136,13 +141,7 @@ def test_chunk_aligned_writes_kept_as_they_came_match_a_model(make_fs):
             model[off:off + len(data)] = data
         if step % 20 == 0:
             assert fs.read(fh, len(model) + 100, 0) == bytes(model)
-    fs.flush(fh)
-    fs.release(fh)
-    assert read_file(fs, "/a") == bytes(model)
-    assert index_sha(fs, "/a") == content_digest(bytes(model))
-    fs.close()
-    fs = make_fs()
-    assert read_file(fs, "/a") == bytes(model)
+    _closed_and_reopened_match(make_fs, fs, fh, "/a", model)
 
 
 def test_holes_read_as_zeros_and_cost_no_objects(make_fs):
