@@ -77,16 +77,20 @@ def test_random_writes_truncates_and_holes_match_a_model(make_fs):
             model[off:off + len(data)] = data
         elif op < 0.9:
             length = rng.randrange(0, 7 * CS)
-            fs.truncate(None, length, fh)
-            if length < len(model):
-                del model[length:]
-            else:
-                model.extend(bytes(length - len(model)))
+            _truncate_both(fs, fh, model, length)
         else:
             fs.flush(fh)
         if step % 50 == 0:
             assert fs.read(fh, len(model) + 100, 0) == bytes(model)
     _closed_and_reopened_match(make_fs, fs, fh, "/r", model)
+
+
+def _truncate_both(fs, fh, model: bytearray, length: int) -> None:
+    fs.truncate(None, length, fh)
+    if length < len(model):
+        del model[length:]
+    else:
+        model.extend(bytes(length - len(model)))
 
 
 def _closed_and_reopened_match(make_fs, fs, fh, path: str, model: bytearray) -> None:
@@ -126,12 +130,8 @@ def test_chunk_aligned_writes_kept_as_they_came_match_a_model(make_fs):
             fs.write(fh, data, off)
         elif op < 0.9:
             length = rng.randrange(0, 7 * CS)
-            fs.truncate(None, length, fh)
+            _truncate_both(fs, fh, model, length)
             off, data = length, b""
-            if length < len(model):
-                del model[length:]
-            else:
-                model.extend(bytes(length - len(model)))
         else:
             fs.flush(fh)
             off, data = 0, b""
