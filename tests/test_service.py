@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -216,11 +217,15 @@ def test_mount_helper_with_config_and_umount8(tmp_path):
         (m.mnt / "a").write_text("via fstab")
         pid = m.daemon_pid()
         assert pid
-        # plain umount(8): the daemon sees its connection go and exits by itself
-        subprocess.run(["umount", str(m.mnt)], check=True, timeout=30)
-        deadline = time.monotonic() + 30
-        while m.daemon_pid() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        pidfd = os.pidfd_open(pid)
+        try:
+            # plain umount(8): the daemon sees its connection go and exits by
+            # itself; its last log line comes after it lets go of the store's
+            # lock, so the test waits for the process, not for the lock
+            subprocess.run(["umount", str(m.mnt)], check=True, timeout=30)
+            assert select.select([pidfd], [], [], 30)[0], "the daemon did not exit"
+        finally:
+            os.close(pidfd)
         assert m.daemon_pid() is None and not m.is_mounted()
         assert "closed cleanly" in m.log()
         m.mount()
