@@ -81,7 +81,7 @@ def _check(m, pids, secrets, mounted: bool) -> None:
     assert recs[3]["epoch"] == 1 and recs[4]["epoch"] == 1
     # epoch 0 went with the finish: the trail (these records) was sealed
     # again under epoch 1 before it, and verifies below
-    assert recs[4]["destroyed"] == [0] and isinstance(recs[4]["chunks"], int)
+    assert recs[4]["destroyed"] == [0] and isinstance(recs[4]["chunks"], int), (recs[4], m.log())
     # never a secret: no passphrase, no key file, no epoch key (64 hex digits)
     text = _audit_text(m)
     for s in secrets:

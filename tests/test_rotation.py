@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -264,6 +265,38 @@ for i in range(40):
     log = m.log()
     assert "rotation to epoch 1 started" in log and "sealed again under epoch 1" in log
     assert "new chunks are sealed under epoch 1 from now on" in log
+
+
+def test_a_mounted_finish_waits_for_open_files_and_says_which_epoch_stays(mount_env):
+    """The kernel sends RELEASE after close(2) has returned: a file just
+    written can look open to the daemon for a moment (CI saw one stay so
+    for 5 s under load). The finish waits for open files instead of giving
+    up after three passes in a row, and says so when one stays open."""
+    m = mount_env
+    m.mount("-o", "reencode=0")
+    data = os.urandom(200_000)
+    (m.mnt / "scan.dcm").write_bytes(data)
+    assert m.cli("key", "rotate", m.store, "--key-file", m.key).returncode == 0
+    # held open throughout a short wait: its chunk stays under epoch 0
+    held = open(m.mnt / "scan.dcm", "rb")
+    try:
+        r = m.cli("key", "rotate", m.store, "--finish", "--wait-open", "1", "--key-file", m.key)
+        assert r.returncode == 0, r.stderr
+        assert "epoch keys destroyed: none" in r.stdout, r.stdout
+        assert ("1 files stayed open throughout the wait, so epoch 0 keeps its key: run "
+                f"'dcmfs key rotate --finish {m.store}' again once they are closed.") in r.stdout
+        # closed a moment after the finish started: it waits and goes on
+        finish = subprocess.Popen([sys.executable, "-m", "dcmfs.cli", "key", "rotate",
+                                   str(m.store), "--finish", "--key-file", str(m.key)],
+                                  stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+    finally:
+        held.close()
+    out, _ = finish.communicate(timeout=120)
+    assert finish.returncode == 0 and "epoch keys destroyed: 0" in out, out
+    assert "stayed open" not in out
+    assert file_sha256(m.mnt / "scan.dcm") == sha256(data)
+    m.umount()
 
 
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])

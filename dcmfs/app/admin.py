@@ -349,7 +349,8 @@ def render_stats(stats: dict) -> str:
 
 
 def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Config,
-                    out: TextIO = sys.stderr, report: dict | None = None) -> dict:
+                    out: TextIO = sys.stderr, report: dict | None = None,
+                    wait: float | None = None) -> dict:
     """``dcmfs key rotate --finish``: seal every chunk under an older key
     epoch again under the newest (progress bar; by the daemon when the store
     is mounted), make that durable, then destroy the keys of the epochs no
@@ -360,15 +361,19 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
     others (``key-generations-v1``); otherwise the master is only marked
     retired.
     ``report``: what the audit trail's ``key`` record says
-    (:mod:`dcmfs.app.keyaudit`)."""
-    from ..core.rekey import epochs_in_use, rekey_all
+    (:mod:`dcmfs.app.keyaudit`); ``wait``: how long a mounted store's open
+    files are waited for (default :data:`dcmfs.core.rekey.OPEN_WAIT`);
+    ``result["open_left"]``: the files left under an older epoch because
+    they stayed open."""
+    from ..core.rekey import OPEN_WAIT, epochs_in_use, rekey_all
+    wait = OPEN_WAIT if wait is None else wait
     from ..opened.regen import move_generation
     from ..storage.keyring import move_master, retire
     mp = mountpoint_of(store_root)
     moved = None
     if mp is not None:
         store = open_store(store_root, secret())  # the keys, to authenticate the header
-        result = _finish_mounted(mp, out)
+        result = _finish_mounted(mp, out, wait)
         master, live, current = store.master_key, set(store.epoch_keys), result["epoch"]
         keys = dict(store.epoch_keys)
         moved = result.get("generation")
@@ -379,9 +384,10 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
             with fs.lock, fs.index.begin() as txn:
                 files = len({ino for ino, _, _ in txn.iter_all_chunks()})
             bar = Progress(files, out, "rotate --finish")
-            chunks, nbytes = rekey_all(fs, bar.update)
+            chunks, nbytes, left = rekey_all(fs, bar.update, wait)
             bar.update(0, nbytes, final=True)
             result = {"epoch": fs.objects.epoch, "chunks": chunks, "bytes": nbytes,
+                      "open_left": left,
                       "before": {str(k): v for k, v in sorted(before.items())},
                       "after": {str(k): v for k, v in sorted(epochs_in_use(fs).items())}}
             store = fs.opened.store
@@ -414,9 +420,9 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
     return result
 
 
-def _finish_mounted(mp: str, out: TextIO) -> dict:
+def _finish_mounted(mp: str, out: TextIO, wait: float) -> dict:
     """The daemon's rekey job, started and followed to its end."""
-    _xattr(mp, fmt.CONTROL_XATTR, b"rekey-finish")
+    _xattr(mp, fmt.CONTROL_XATTR, b"rekey-finish " + json.dumps({"wait": wait}).encode())
     bar = None
     while True:
         state = json.loads(_xattr(mp, fmt.STATUS_XATTR)).get("rekey") or {}

@@ -201,12 +201,19 @@ def _rotate(args, store_root: str) -> int:
               f"'dcmfs key rotate --finish {store_root}' seals the older ones again.")
         return 0
     report: dict = {}
-    result = finish_rotation(store_root, lambda: current, Config(), report=report)
+    result = finish_rotation(store_root, lambda: current, Config(), report=report,
+                             wait=args.wait_open)
     with KeyRecord(store_root) as trail:
         trail.record(report)
     gone = ", ".join(map(str, result["destroyed"])) or "none"
     print(f"Sealed {result['chunks']} chunks again under key epoch {result['epoch']}; "
           f"epoch keys destroyed: {gone}.")
+    if result.get("open_left"):
+        kept = [k for k in result["after"] if int(k) not in (result["epoch"], -1)]
+        which = (f"epoch {kept[0]} keeps its key" if len(kept) == 1
+                 else f"epochs {', '.join(kept)} keep their keys")
+        print(f"{result['open_left']} files stayed open throughout the wait, so {which}: "
+              f"run 'dcmfs key rotate --finish {store_root}' again once they are closed.")
     if result.get("generation"):
         print(f"The index, its journal, snapshots and audit trail are sealed under epoch "
               f"{result['epoch']}, the store's master key from now on.")
@@ -269,6 +276,9 @@ def add_parser(sub) -> None:
     s.add_argument("--finish", action="store_true",
                    help="seal every chunk of an older epoch again (unmounted), then destroy "
                    "the keys no chunk uses")
+    s.add_argument("--wait-open", type=float, default=None, metavar="SECONDS",
+                   help="with --finish on a mounted store: how long to wait for open "
+                   "files to be closed before leaving them under their epoch (default 30)")
     g = s.add_argument_group("a key that opens an existing slot")
     add_secret_options(g)
     g.add_argument("--allow-open-key-file", action="store_true",

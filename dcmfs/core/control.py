@@ -92,14 +92,20 @@ class StoreOps:
                 self.verify_job = VerifyJob(self, args.get("paths"), args.get("sample"))
         elif command.startswith("rekey "):
             self.adopt_epoch(command[len("rekey "):])
-        elif command == "rekey-finish":
-            from .rekey import RekeyJob
+        elif command.split(" ")[0] == "rekey-finish":
+            # "rekey-finish" or "rekey-finish {json: wait}" (dcmfs key rotate --finish)
+            from .rekey import OPEN_WAIT, RekeyJob
+            try:
+                args = json.loads(command[len("rekey-finish"):] or "{}")
+                wait = float(args.get("wait", OPEN_WAIT))
+            except (ValueError, TypeError, AttributeError):
+                raise InvalidArgument("bad rekey-finish arguments") from None
             if self.read_only:
                 raise ReadOnlyError("The store is mounted read-only.")
             with self._lock:
                 if self.rekey_job is not None and self.rekey_job.state["running"]:
                     raise InvalidArgument("a rotate --finish is already running")
-                self.rekey_job = RekeyJob(self)
+                self.rekey_job = RekeyJob(self, wait)
         elif command.startswith("key "):
             self.record_key_change(command[len("key "):])
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from ..errors import IntegrityError
@@ -88,11 +89,21 @@ def _discard(host: ActiveJobHost, new: dict) -> None:
         host.objects.delete(ref.oid)
 
 
+#: how long ``rekey_all`` waits for files that are open (or changing) to be
+#: closed before it leaves them under their older epoch: the kernel sends
+#: RELEASE after close(2) has returned, so a file just written can look
+#: open for a moment (``dcmfs key rotate --finish --wait-open``)
+OPEN_WAIT = 30.0
+
+
 def rekey_all(host: ActiveJobHost, progress: Callable[[int, int], None] = lambda *a: None,
-              rounds: int = 3) -> tuple[int, int]:
+              wait: float = OPEN_WAIT) -> tuple[int, int, int]:
     """Seal every chunk under an older epoch again; ``progress(files left,
-    bytes done)``.  Files that changed meanwhile are tried again (up to
-    ``rounds`` passes).  Returns (chunks, bytes) resealed.
+    bytes done)``.  A file open or changed meanwhile is tried again after a
+    pause (0.05 s, doubling up to 1 s) for up to ``wait`` seconds, as long as
+    it still has a chunk under an older epoch.  Returns (chunks, bytes)
+    resealed and the files left under an older epoch because they stayed
+    open or kept changing.
 
     Raises
     ------
@@ -103,11 +114,12 @@ def rekey_all(host: ActiveJobHost, progress: Callable[[int, int], None] = lambda
     chunks = nbytes = 0
     with host.lock, host.index.begin() as txn:
         todo = sorted({ino for ino, _, _ in txn.iter_all_chunks()})
-    for _ in range(rounds):
+    deadline, pause = None, 0.05
+    while True:
         later = []
         for n, ino in enumerate(todo):
             if host.stopping.is_set():
-                return chunks, nbytes
+                return chunks, nbytes, len(todo) - n + len(later)
             done = rekey_file(host, ino)
             if done is None:
                 later.append(ino)
@@ -115,23 +127,47 @@ def rekey_all(host: ActiveJobHost, progress: Callable[[int, int], None] = lambda
             chunks += done[0]
             nbytes += done[1]
             progress(len(todo) - n - 1 + len(later), nbytes)
+        later = [ino for ino in later if _needs_rekey(host, ino)]
         if not later:
             break
+        if deadline is None:
+            deadline = time.monotonic() + wait
+        left = deadline - time.monotonic()
+        if left <= 0 or host.stopping.wait(min(pause, left)):
+            log.info("key epochs: %d files stayed open or changing for %.0f s and keep "
+                     "chunks under an older epoch", len(later), wait)
+            break
+        pause = min(pause * 2, 1.0)
         todo = later
     log.info("key epochs: %d chunks (%d bytes) sealed again under epoch %d", chunks, nbytes,
              host.objects.epoch)
-    return chunks, nbytes
+    return chunks, nbytes, len(later)
+
+
+def _needs_rekey(host: ActiveJobHost, ino: int) -> bool:
+    """Does the file still have a chunk under an older epoch (or one that
+    cannot be read, which the next pass reports)?"""
+    with host.lock, host.index.begin() as txn:
+        refs = list(txn.chunks(ino).values()) if txn.get_inode(ino) is not None else []
+    current = host.objects.epoch
+    for ref in refs:
+        try:
+            if host.objects.epochs_of(ref.oid) != {current}:
+                return True
+        except IntegrityError:
+            return True
+    return False
 
 
 class RekeyJob:
     """``dcmfs key rotate --finish`` on a mounted store: :func:`rekey_all` on
     a thread of the daemon beside the file operations (a file open or
-    changed meanwhile is tried again, up to three passes), then a
+    changed meanwhile is tried again for up to ``wait`` seconds), then a
     checkpoint, then the epochs the chunks still use (``state["after"]``),
     from which the admin's command destroys the unused keys."""
 
-    def __init__(self, host) -> None:
-        self.host = host
+    def __init__(self, host, wait: float = OPEN_WAIT) -> None:
+        self.host, self.wait = host, wait
         self.state = {"running": True, "files_left": 0, "bytes": 0, "epoch": host.objects.epoch}
         self._thread = threading.Thread(target=self._run, daemon=True, name="dcmfs-rekey")
         self._thread.start()
@@ -151,7 +187,7 @@ class RekeyJob:
         try:
             with self.host.lock, self.host.index.begin() as txn:
                 self.state["files_left"] = len({i for i, _, _ in txn.iter_all_chunks()})
-            chunks, nbytes = rekey_all(self.host, progress)
+            chunks, nbytes, left = rekey_all(self.host, progress, self.wait)
             if self.host.stopping.is_set():
                 self.state["error"] = "the store was unmounted before the end"
                 return
@@ -165,7 +201,7 @@ class RekeyJob:
                 # no chunk needs an older epoch: the index side follows, so that
                 # the admin's command can destroy them all, epoch 0 too
                 self.state["generation"] = self.host.move_generation(current)
-            self.state.update(chunks=chunks, bytes=nbytes, after=after)
+            self.state.update(chunks=chunks, bytes=nbytes, after=after, open_left=left)
         except Exception as exc:  # noqa: BLE001 — the admin's command must hear of it
             log.error("rotate --finish failed: %s", loggable(exc))
             self.state["error"] = loggable(exc)
