@@ -366,9 +366,9 @@ def finish_rotation(store_root: str, secret: Callable[[], Secret], config: Confi
     ``result["open_left"]``: the files left under an older epoch because
     they stayed open."""
     from ..core.rekey import OPEN_WAIT, epochs_in_use, rekey_all
-    wait = OPEN_WAIT if wait is None else wait
     from ..opened.regen import move_generation
     from ..storage.keyring import move_master, retire
+    wait = OPEN_WAIT if wait is None else wait
     mp = mountpoint_of(store_root)
     moved = None
     if mp is not None:
