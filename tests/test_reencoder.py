@@ -232,3 +232,20 @@ def test_parser_workers_start_when_the_writes_pause_not_at_the_first_close(make_
     with fs.lock, fs.index.begin() as txn:
         assert txn.get_content(fs._resolve(txn, "/ct"))["path"] == "frames"
     assert read_file(fs, "/ct") == ct
+
+
+def test_st_blocks_follows_the_reencoding_of_a_file_whose_record_is_held(make_fs):
+    """getattr keeps the inode records it read (and those a close
+    committed): the re-encoder's new stored size reaches st_blocks, not the
+    size sealed at close."""
+    fs = make_fs(ON)
+    fs.reencoder.pause()
+    write_file(fs, "/ct", ct_file().read_bytes())
+    before = fs.getattr("/ct")["st_blocks"]  # held from here on
+    fs.reencoder.resume()
+    assert fs.reencoder.wait_idle(timeout=30)
+    assert codecs_of(fs, "/ct") == {codec.ZSTD}
+    after = fs.getattr("/ct")["st_blocks"]
+    with fs.lock, fs.index.begin() as txn:
+        stored = txn.get_inode(fs._resolve(txn, "/ct")).stored
+    assert after == -(-stored // 512) and after < before * 0.7, (before, after, stored)

@@ -32,6 +32,11 @@ class JobHostOps:
         with self._write_txn() as txn:
             yield txn
 
+    def forget_inode(self, ino: int) -> None:
+        """A job changed the inode record of a closed file in the index
+        (its stored size): getattr reads it afresh."""
+        self._inodes.pop(ino, None)
+
     def is_open(self, ino: int) -> bool:
         return ino in self._open
 

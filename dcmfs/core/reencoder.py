@@ -474,6 +474,7 @@ class Reencoder(Passes, LookAhead):
                     txn.remove_backlog(ino)
                     if info is not None:
                         txn.put_content(ino, info)
+                host.forget_inode(ino)  # st_blocks: the new stored size
                 host.after_commit([table[i].oid for i in replaced])
                 self.files_done += 1
                 self.bytes_done += size
