@@ -318,10 +318,13 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
             inode = txn.get_inode(ino)
             if inode is None:
                 raise NotFound(f"inode {ino} is missing")
-            if len(self._inodes) > 20000:
-                self._inodes.clear()
-            self._inodes[ino] = inode
+            self._remember_inode(ino, inode)
         return inode
+
+    def _remember_inode(self, ino: int, inode: Inode) -> None:
+        if len(self._inodes) > 20000:
+            self._inodes.clear()
+        self._inodes[ino] = inode
 
     def _put(self, txn, ino: int, inode: Inode) -> None:
         txn.put_inode(ino, inode)

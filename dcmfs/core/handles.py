@@ -365,6 +365,12 @@ class FileOps:
                 self.data.commit(of)
         finally:
             del self._open[of.ino]
+            if not of.changed and not of.unlinked:
+                # what was just committed: the kernel asks the attributes of
+                # a file it wrote by its name right after the close (its own
+                # were invalidated by the write), and would open the record
+                # the commit sealed (issue 17)
+                self._remember_inode(of.ino, of.inode)
             if len(self._released) > 256:
                 self._released.clear()
             self._released[of.ino] = time.monotonic()
