@@ -45,7 +45,7 @@ from ..errors import DcmfsError, IndexDamagedError, IntegrityError
 from ..index.snapshots import take_snapshot
 from ..index import SEALED, Index, Inode
 from ..opened.store import OpenedStore
-from ..storage.objects import ChunkContext, ObjectDamaged, stored_bytes
+from ..storage.objects import ChunkContext, ObjectDamaged, file_oids, stored_bytes
 from . import authentic
 from .repair import Salvage
 from .verify import check_file, name_paths
@@ -196,7 +196,7 @@ class Fsck(Salvage):
                 with ix.begin(write=True) as txn:
                     inode = txn.get_inode(ino)
                     if inode is not None:
-                        self._garbage += [r.oid for r in txn.delete_inode(ino)]
+                        self._garbage += file_oids(txn.delete_inode(ino))
                     txn.remove_orphan(ino)
 
     # --- index values ---------------------------------------------------------------------
@@ -417,8 +417,23 @@ class Fsck(Salvage):
     def check_unreferenced(self) -> None:
         ix = self.index
         with ix.begin() as txn:
-            named = {ref.oid for _, _, ref in txn.iter_all_chunks()}
+            refs = [(ino, ref) for ino, _, ref in txn.iter_all_chunks()]
+            named = {ref.oid for _, ref in refs}
             inodes = dict(txn.iter_inodes())
+            # inline objects no record names (their inodes live: a stray
+            # row of a missing inode is check_totals'); a row and its
+            # record are put and deleted together, so this is damage
+            named_inline = {(ino, ref.oid) for ino, ref in refs
+                            if ref.flags & fmt.CHUNK_FLAG_INLINE}
+            stray_inline = [(ino, oid) for ino, oid in txn.iter_inline()
+                            if ino in inodes and (ino, oid) not in named_inline]
+        for ino, oid in stray_inline:
+            self.found("unreferenced", "inline object no chunk record names", ino, oid,
+                       repaired="moved to quarantine")
+            if self.repair:
+                self.objects.quarantine(oid, self.store.root, ino)
+                with ix.begin(write=True) as txn:
+                    txn.delete_inline(ino, oid)
         present = set(self.objects.iter_oids())
         unknown: dict[tuple[int, bytes], list[ChunkContext]] = collections.defaultdict(list)
         for oid in sorted(present - named):
@@ -489,7 +504,8 @@ class Fsck(Salvage):
             stored_v1 = stored - (fmt.OBJ_HEADER_LEN - fmt.OBJ1_HEADER_LEN) * len(refs)
             have = txn.stats()
             stray = []
-            for db in ("xattrs", "orphans", "backlog", "content", "scrubbed", "deidview"):
+            for db in ("xattrs", "orphans", "backlog", "content", "scrubbed", "deidview",
+                       "inline"):
                 for key, _ in list(ix.raw_items(db)):
                     if int.from_bytes(bytes(key[:8]), "big") not in inodes:
                         stray.append((db, bytes(key)))

@@ -96,7 +96,7 @@ class Salvage:
                     txn.delete_chunk(ino, idx)
                     self._named[ref.oid] -= 1
                     if self._named[ref.oid] <= 0:
-                        self._quarantine_or_garbage(ref.oid)
+                        self._quarantine_or_garbage(ref.oid, ino, ref)
             for idx, ref in new.items():
                 if table.get(idx) != ref:
                     txn.put_chunk(ino, idx, ref)
@@ -180,7 +180,7 @@ class Salvage:
                 except IntegrityError:
                     plain = None
                 if plain is not None and len(plain) == length \
-                        and ref.flags & ~fmt.CHUNK_FLAG_FRAMED == flags:
+                        and ref.flags & ~(fmt.CHUNK_FLAG_FRAMED | fmt.CHUNK_FLAG_INLINE) == flags:
                     new_table[idx] = ref
                     hasher.update(plain)
                     continue
@@ -201,7 +201,7 @@ class Salvage:
                 if new_table.get(idx) != ref:
                     self._named[ref.oid] -= 1
                     if self._named[ref.oid] <= 0:
-                        self._quarantine_or_garbage(ref.oid)
+                        self._quarantine_or_garbage(ref.oid, ino, ref)
                 if idx not in new_table:
                     txn.delete_chunk(ino, idx)
             for idx, ref in new_table.items():
@@ -225,9 +225,13 @@ class Salvage:
             fresh.nlink = 1
             txn.put_inode(ino, fresh)
 
-    def _quarantine_or_garbage(self, oid: bytes) -> None:
-        """A damaged object: it cannot be read, but it is not ours to delete."""
-        if self._contexts.get(oid, "unknown") is None or os.path.exists(self.objects.path(oid)):
+    def _quarantine_or_garbage(self, oid: bytes, ino: int, ref: ChunkRef) -> None:
+        """A damaged object: it cannot be read, but it is not ours to delete
+        (an inline one: its bytes are copied to the quarantine, its row goes
+        with its record)."""
+        if ref.flags & fmt.CHUNK_FLAG_INLINE:
+            self.objects.quarantine(oid, self.store.root, ino)
+        elif self._contexts.get(oid, "unknown") is None or os.path.exists(self.objects.path(oid)):
             self.objects.quarantine(oid, self.store.root)
 
     def _secret_of(self, ino: int, file_id: bytes, table: dict[int, ChunkRef]) -> bytes | None:
