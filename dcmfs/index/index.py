@@ -152,24 +152,8 @@ class Index(Checked, NameTags):
         an old record (crypto-shredding, :mod:`dcmfs.index.shred`).  Call
         it right after a checkpoint, with no transaction open (the core's
         lock held); a crash leaves the old file or the new one, both whole."""
-        if self._batch is not None:  # a batch that only served reads since the checkpoint
-            if self.pending_records:
-                raise IndexDamagedError("compacting the index with changes not checkpointed")
-            self._batch.abort()
-            self._batch = None
-        path = self.env.path()
-        map_size = self.env.info()["map_size"]
-        tmp = os.path.join(path, f".compact-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            os.mkdir(tmp, 0o700)
-            self.env.copy(tmp, compact=True)
-            with open(os.path.join(tmp, "data.mdb"), "rb+") as f:
-                os.fsync(f.fileno())
-        except (OSError, lmdb.Error) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreIOError(f"Compacting the index failed: {exc}.") from exc
-        self.swap_in(tmp, path, map_size)
+        from .keygen import compact_index  # (kept apart for this module's size)
+        compact_index(self)
 
     def swap_in(self, tmp: str, path: str, map_size: int) -> None:
         """Replace the index's data file with the durable copy in ``tmp``

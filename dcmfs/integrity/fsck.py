@@ -417,23 +417,9 @@ class Fsck(Salvage):
     def check_unreferenced(self) -> None:
         ix = self.index
         with ix.begin() as txn:
-            refs = [(ino, ref) for ino, _, ref in txn.iter_all_chunks()]
-            named = {ref.oid for _, ref in refs}
+            named = {ref.oid for _, _, ref in txn.iter_all_chunks()}
             inodes = dict(txn.iter_inodes())
-            # inline objects no record names (their inodes live: a stray
-            # row of a missing inode is check_totals'); a row and its
-            # record are put and deleted together, so this is damage
-            named_inline = {(ino, ref.oid) for ino, ref in refs
-                            if ref.flags & fmt.CHUNK_FLAG_INLINE}
-            stray_inline = [(ino, oid) for ino, oid in txn.iter_inline()
-                            if ino in inodes and (ino, oid) not in named_inline]
-        for ino, oid in stray_inline:
-            self.found("unreferenced", "inline object no chunk record names", ino, oid,
-                       repaired="moved to quarantine")
-            if self.repair:
-                self.objects.quarantine(oid, self.store.root, ino)
-                with ix.begin(write=True) as txn:
-                    txn.delete_inline(ino, oid)
+        self.check_inline_rows(inodes)
         present = set(self.objects.iter_oids())
         unknown: dict[tuple[int, bytes], list[ChunkContext]] = collections.defaultdict(list)
         for oid in sorted(present - named):

@@ -225,6 +225,23 @@ class Salvage:
             fresh.nlink = 1
             txn.put_inode(ino, fresh)
 
+    def check_inline_rows(self, inodes: dict) -> None:
+        """Inline objects no chunk record names (of live inodes: a row of a
+        missing inode is a stray entry of check_totals).  A row and its
+        record are put and deleted together, so such a row is damage."""
+        with self.index.begin() as txn:
+            named = {(ino, ref.oid) for ino, _, ref in txn.iter_all_chunks()
+                     if ref.flags & fmt.CHUNK_FLAG_INLINE}
+            stray = [(ino, oid) for ino, oid in txn.iter_inline()
+                     if ino in inodes and (ino, oid) not in named]
+        for ino, oid in stray:
+            self.found("unreferenced", "inline object no chunk record names", ino, oid,
+                       repaired="moved to quarantine")
+            if self.repair:
+                self.objects.quarantine(oid, self.store.root, ino)
+                with self.index.begin(write=True) as txn:
+                    txn.delete_inline(ino, oid)
+
     def _quarantine_or_garbage(self, oid: bytes, ino: int, ref: ChunkRef) -> None:
         """A damaged object: it cannot be read, but it is not ours to delete
         (an inline one: its bytes are copied to the quarantine, its row goes

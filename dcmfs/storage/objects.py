@@ -15,7 +15,7 @@ import collections
 import os
 import secrets
 import threading
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from . import crypto, frames
 from .. import format as fmt
@@ -26,8 +26,9 @@ from .damage import (AUTH, DECODE, LENGTH, MISMATCH, MISSING, NEWER, ROLLED_BACK
                      SWAPPED, ObjectDamaged, object_name)
 from .filekeys import FileKeys
 from .framed import _PREFIX3, FramedObjects
+from .housekeeping import ObjectHousekeeping
 from .digest import Digester
-from .durable import TMP_PREFIX, sync_filesystem, write_file
+from .durable import sync_filesystem
 from ..errors import IntegrityError, StoreIOError
 
 
@@ -78,7 +79,7 @@ _FRAMED = fmt.CHUNK_FLAG_FRAMED
 _INLINE = fmt.CHUNK_FLAG_INLINE
 
 
-class ObjectStore(FramedObjects):
+class ObjectStore(FramedObjects, ObjectHousekeeping):
     """``backend``: where the objects live (default: the store directory
     itself); :meth:`path` is always the object's file in the store
     directory (with an S3 store, its copy in the cache)."""
@@ -502,70 +503,3 @@ class ObjectStore(FramedObjects):
                                          "(swapped or moved)", SWAPPED)
             raise ObjectDamaged(oid, "does not match its index entry", MISMATCH)
         return ctx_plain, header_len, epoch, ctx_epoch
-
-    def quarantine(self, oid: bytes, root: str, ino: int | None = None) -> None:
-        """Move an object that fsck cannot prove to be garbage out of the way
-        (``STORE/quarantine/``); it is never deleted by dcmfs.  ``ino``: an
-        inline object of that inode, copied there (its row goes with its
-        chunk record)."""
-        dest = os.path.join(root, fmt.QUARANTINE_DIR)
-        os.makedirs(dest, mode=0o700, exist_ok=True)
-        if ino is not None:
-            blob = self.inline.get(ino, oid) if self.inline is not None else None
-            if blob is not None:
-                write_file(os.path.join(dest, oid.hex()), blob)
-            return
-        try:
-            os.rename(self.path(oid), os.path.join(dest, oid.hex()))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StoreIOError(f"moving object {oid.hex()} to quarantine failed: "
-                               f"{exc.strerror}") from exc
-        finally:  # after the move (see storage.keptfds)
-            self.forget_kept(oid)
-
-    def prefetch(self, oids: list[bytes]) -> int:
-        """Fetch these objects ahead of their reads: from an S3 store's
-        bucket, or from the disk into the page cache; returns how many
-        fetches were queued."""
-        fetch = getattr(self.backend, "prefetch", None)
-        return fetch([object_name(oid) for oid in oids]) if fetch and oids else 0
-
-    # --- housekeeping ---------------------------------------------------------
-    def delete(self, oid: bytes) -> None:
-        """Delete an object file; an inline object sealed but never put
-        (a write given up) is forgotten instead (a put one goes with its
-        record, :meth:`dcmfs.index.txn.Txn.put_chunk`)."""
-        if self.inline is not None and self.inline.unstage(oid):
-            return
-        self.backend.delete(object_name(oid))
-
-    def exists(self, oid: bytes, ino: int | None = None) -> bool:
-        """Is the object stored (in the store directory, or the bucket;
-        ``ino``: or inline, for that inode)?"""
-        if ino is not None and self.inline is not None \
-                and self.inline.get(ino, oid) is not None:
-            return True
-        return self.backend.head(object_name(oid)) is not None
-
-    def iter_oids(self) -> Iterator[bytes]:
-        """Every object file's id present (temp files are reported by
-        :meth:`iter_temps`; inline objects by the index,
-        :meth:`dcmfs.index.txn.Txn.iter_inline`)."""
-        for name in self.backend.list(fmt.OBJECTS_DIR + "/"):
-            leaf = name.rsplit("/", 1)[-1]
-            if len(leaf) == 32:
-                try:
-                    yield bytes.fromhex(leaf)
-                except ValueError:
-                    continue
-
-    def iter_temps(self) -> Iterator[str]:
-        if not os.path.isdir(self.root):
-            return
-        for sub in os.listdir(self.root):
-            d = os.path.join(self.root, sub)
-            for name in os.listdir(d):
-                if name.startswith(TMP_PREFIX):
-                    yield os.path.join(d, name)
