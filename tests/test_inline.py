@@ -381,3 +381,24 @@ def test_a_store_without_the_feature_writes_files(make_fs):
     assert not table[0].flags & INLINE
     assert os.path.exists(fs.objects.path(table[0].oid))
     fs.close()
+
+
+def test_a_shred_pass_leaves_no_copy_of_a_deleted_files_inline_object(make_fs):
+    """The rows of deleted files leave the index with them; after the
+    pass (index compacted, one compacted snapshot) no byte of the store
+    holds them (the live ones are still there)."""
+    from .test_shred import _everything
+    fs = make_fs()
+    blobs = {}
+    for i in range(40):
+        write_file(fs, f"/s{i:02d}", os.urandom(600))
+        blobs[i] = row(fs, f"/s{i:02d}")[1]
+    fs.checkpoint()
+    for i in range(0, 40, 2):
+        fs.unlink(f"/s{i:02d}")
+    fs.checkpoint()
+    assert fs.shred_now()["deletions"] == 20
+    held = _everything(make_fs.root)
+    assert not [i for i in range(0, 40, 2) if blobs[i] in held]
+    assert all(blobs[i] in held for i in range(1, 40, 2))
+    fs.close()
