@@ -402,3 +402,13 @@ def test_a_shred_pass_leaves_no_copy_of_a_deleted_files_inline_object(make_fs):
     assert not [i for i in range(0, 40, 2) if blobs[i] in held]
     assert all(blobs[i] in held for i in range(1, 40, 2))
     fs.close()
+
+
+def test_read_ahead_asks_the_backend_for_object_files_only(small):
+    """An inline object is in the index: fetching it from the store's
+    backend (a bucket) would only miss."""
+    fs, data = small
+    _, table = refs_of(fs, "/a")
+    assert fs.readahead._wanted(table, 0, 2 * CS) == [table[0].oid]
+    _, table = refs_of(fs, "/b")
+    assert fs.readahead._wanted(table, 0, CS) == []
