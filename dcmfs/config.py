@@ -78,6 +78,10 @@ class Config:
     read_only: bool = False
     #: decompress each compressed chunk and compare before sealing it
     verify_writes: bool = True
+    #: objects of at most this many bytes are kept in the index, not as
+    #: files (feature ``inline-small-v1``; 0: none); at most
+    #: :data:`dcmfs.format.INLINE_MAX`
+    inline_max: int = 4096
     #: seal closed files uncompressed and compress them in a background
     #: thread (the close path then costs AES-GCM and a write, not zstd)
     reencode: bool = True

@@ -128,6 +128,17 @@ constant, so do we):
   rewritten, an older dcmfs then refuses the store.  ``tests/compat/v7``
   holds framed objects and a blosc2-coded copy of the synthetic CT besides
   what v6 holds.
+* 8 — (small-file metadata, issue 17) feature ``inline-small-v1``: a chunk
+  whose object would take at most :data:`INLINE_MAX` bytes is not written as
+  an object file: the object's exact bytes (layout 2, sealed and bound to its
+  id and context as an object file's) are kept in the index database
+  ``inline`` (key: inode u64 + object id; value as stored, not sealed again),
+  written in the operation that commits the chunk record (journaled, counted
+  in the index's sums) and deleted in the one that drops or replaces it.
+  Flag bit 3 of the chunk record (and of the sealed context) says so.  In
+  ``WRITE_FEATURES``: stores of versions 1-7 get it at their first
+  read-write opening, nothing is rewritten, an older dcmfs then refuses the
+  store.  ``tests/compat/v8`` holds inline files besides what v7 holds.
 
 A store whose version is higher than ``FORMAT_VERSION``, or that lists a
 feature not in ``KNOWN_FEATURES``, is refused.
@@ -137,7 +148,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 #: the object layout this dcmfs writes (the version byte of each object; the
 #: layout changed in format 2 and not since)
 OBJECT_VERSION = 2
@@ -177,6 +188,13 @@ S3_PACKS_FEATURE = "s3-packs-v1"
 #: dcmfs.storage.codec): added at the first read-write opening, as
 #: ``codec-htj2k`` was
 BLOSC2_FEATURE = "codec-blosc2"
+#: small chunks' objects kept in the index (database ``inline``), not as files
+INLINE_FEATURE = "inline-small-v1"
+#: the largest object (bytes as stored: header, payload, tag) kept inline:
+#: 4 KiB, a page of LMDB's (a larger value goes to overflow pages of its
+#: own, the cost an object file was for) and the 1 KiB files of a PACS's
+#: small-file traffic (reports, SR, presentation states) with room to spare
+INLINE_MAX = 4096
 #: present while the store needs 'dcmfs fsck' (integrity errors were seen)
 DAMAGE_MARK = "needs-fsck"
 
@@ -192,7 +210,7 @@ KNOWN_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "audit-v1", "key-slots-v1", "key-epochs-v1",
                             "deid-view-v1", FILE_SECRETS_FEATURE,
                             "ingest-v1", "key-generations-v1", S3_PACKS_FEATURE,
-                            "framed-chunks-v1", BLOSC2_FEATURE})
+                            "framed-chunks-v1", BLOSC2_FEATURE, INLINE_FEATURE})
 #: features this version may write into any store (plus ``codec-<name>`` of
 #: the store's own codec); a store opened for writing whose header lacks one
 #: gets it added first, so an older dcmfs refuses the store in one sentence
@@ -202,7 +220,7 @@ WRITE_FEATURES = frozenset({"chunked-v1", "sealed-names-v1", "codec-zstd", "code
                             "digest-tree-v1",
                             "special-files-v1", "index-auth-v1", "audit-v1", "key-slots-v1",
                             "deid-view-v1", FILE_SECRETS_FEATURE, "framed-chunks-v1",
-                            BLOSC2_FEATURE})
+                            BLOSC2_FEATURE, INLINE_FEATURE})
 #: features this version may write into an S3 store besides (added the same way)
 S3_WRITE_FEATURES = frozenset({S3_PACKS_FEATURE})
 
@@ -256,6 +274,10 @@ CHUNK_FLAG_EXTENT = 0x02
 #: is a sealed frame table and frames sealed one by one, so a ranged read
 #: decodes one 64 KiB frame (:mod:`dcmfs.storage.frames`)
 CHUNK_FLAG_FRAMED = 0x04
+#: the object is kept in the index (database ``inline``, feature
+#: ``inline-small-v1``), not as an object file; sealed in the context block
+#: like every flag, so a record whose flag was flipped does not match its object
+CHUNK_FLAG_INLINE = 0x08
 
 # --- dcmfs's own extended attributes ---------------------------------------------
 #: the prefix dcmfs reserves: no file carries an attribute under it but the

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from dcmfs.config import Config, KdfParams
+from dcmfs.format import CHUNK_FLAG_INLINE
 from dcmfs.core.filesystem import FileSystem
 from dcmfs.storage.header import Secret, init_store, open_store
 
@@ -82,10 +83,14 @@ def crash(fs: FileSystem) -> None:
 
 
 def assert_no_dangling(fs: FileSystem) -> None:
-    """Every object in the store is referenced and every reference exists."""
+    """Every object in the store is referenced and every reference exists
+    (object files, and inline objects in the index: feature inline-small-v1)."""
     with fs.lock, fs.index.begin() as txn:
-        referenced = {r.oid for _, _, r in txn.iter_all_chunks()}
-    assert set(fs.objects.iter_oids()) == referenced
+        refs = [(ino, r) for ino, _, r in txn.iter_all_chunks()]
+        inline = set(txn.iter_inline())
+    assert set(fs.objects.iter_oids()) == {r.oid for _, r in refs
+                                           if not r.flags & CHUNK_FLAG_INLINE}
+    assert inline == {(ino, r.oid) for ino, r in refs if r.flags & CHUNK_FLAG_INLINE}
 
 
 def flip_byte(path, offset: int) -> None:

@@ -6,13 +6,13 @@ WRITE, FLUSH, RELEASE; GETATTR of the directory and UNLINK), each request
 and the stages inside it timed by the calling thread's CPU clock.  Not a
 test and not shipped; run from the checkout:
 
-    PYTHONPATH=. .venv/bin/python tests/core_stages.py 3000 [stages|total|inline]
+    PYTHONPATH=. .venv/bin/python tests/core_stages.py 3000 [stages|total|files|inline]
 
 ``total``: CPU per file of the whole process (background threads too);
-``inline``: the same with the prototype of small files' content in the
-index (the sealed object goes into the commit's own index transaction,
-raw, journaled and counted in the sums, instead of an object file; reads
-are not served so: a measurement of the write and delete side only).
+``files``: the same with ``inline_max=0`` (every object a file, as before
+format 8's ``inline-small-v1``); ``inline``: the prototype that feature
+was built from (before it: the sealed object put raw into the commit's own
+index transaction instead of an object file; a no-op since).
 """
 import collections, os, shutil, sys, tempfile, time
 
@@ -81,7 +81,8 @@ def main():
         inline_prototype()
     base = tempfile.mkdtemp(prefix="dcmfs-stages-")
     root, secret = os.path.join(base, "store"), Secret("keyfile", os.urandom(32))
-    cfg = Config(kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1))
+    cfg = Config(kdf=KdfParams(memory_kib=1024, iterations=1, lanes=1),
+                 **({"inline_max": 0} if mode == "files" else {}))
     init_store(root, secret, cfg)
     fs = filesystem.FileSystem(OpenedStore(open_store(root, secret, for_writing=True), cfg,
                                            checked=True))

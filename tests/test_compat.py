@@ -18,7 +18,7 @@ from dcmfs.app import admin
 from dcmfs.storage import codec
 from dcmfs.config import Config
 from dcmfs.core.filesystem import FileSystem
-from dcmfs.format import CHUNK_FLAG_FRAMED, WRITE_FEATURES
+from dcmfs.format import CHUNK_FLAG_FRAMED, CHUNK_FLAG_INLINE, WRITE_FEATURES
 from dcmfs.storage.header import Secret, StoreLock, open_store
 from dcmfs.integrity.verify import Verifier
 
@@ -111,9 +111,23 @@ def test_frozen_store_opens_reads_and_verifies(tmp_path, version):
             with fs.lock, fs.index.begin() as txn:
                 refs = txn.chunks(fs._resolve(txn, "/dir/text.txt"))
             assert any(r.flags & CHUNK_FLAG_FRAMED for r in refs.values())
+        if "inline-small-v1" in before:  # v8 on: small chunks' objects in the index
+            with fs.lock, fs.index.begin() as txn:
+                refs = txn.chunks(fs._resolve(txn, "/dir/inline-tail.bin"))
+                small = txn.chunks(fs._resolve(txn, "/small.txt"))
+            assert [bool(refs[i].flags & CHUNK_FLAG_INLINE) for i in sorted(refs)] == \
+                [False, True]
+            assert small[0].flags & CHUNK_FLAG_INLINE
         fh = fs.create("/new.bin", 0o600, os.O_WRONLY, 0, 0)
         fs.write(fh, b"written by this dcmfs" * 5000, 0)
         fs.release(fh)
+        fh = fs.create("/new-small.bin", 0o600, os.O_WRONLY, 0, 0)
+        fs.write(fh, b"small" * 100, 0)
+        fs.release(fh)
+        manifest["files"]["/new-small.bin"] = sha256(b"small" * 100)
+        with fs.lock, fs.index.begin() as txn:  # every store upgraded writes inline objects
+            (ref,) = txn.chunks(fs._resolve(txn, "/new-small.bin")).values()
+        assert ref.flags & CHUNK_FLAG_INLINE
         manifest["files"]["/new.bin"] = sha256(b"written by this dcmfs" * 5000)
         # a file of the old version changed in place: its unchanged chunks
         # gain their digests, its inode the tree digest (the lazy upgrade)

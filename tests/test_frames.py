@@ -20,8 +20,9 @@ from .test_core import read_file, write_file
 from .test_integrity import chunk_paths
 
 #: four frames to a chunk
+#: (every object a file: the tests read and damage object files)
 FRAMED = dataclasses.replace(SMALL, chunk_size=4 * frames.FRAME_SIZE,
-                             dirty_limit=4 << 20, read_cache_bytes=4 << 20)
+                             dirty_limit=4 << 20, read_cache_bytes=4 << 20, inline_max=0)
 CS, FS, US = FRAMED.chunk_size, frames.FRAME_SIZE, frames.UNIT_SIZE
 
 

@@ -6,6 +6,7 @@ deleting the index."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -23,19 +24,23 @@ from .test_integrity import chunk_paths
 
 CS = SMALL.chunk_size
 QUIET = io.StringIO()
+#: every chunk an object file: the faults below are made to object files
+#: (small chunks kept in the index have their own, tests/test_inline.py)
+FILES = dataclasses.replace(SMALL, inline_max=0)
 
 
 class Store:
     """A closed store holding three files, and the calls the admin would make."""
 
-    def __init__(self, make_fs, secret, legacy: bool = False):
+    def __init__(self, make_fs, secret, legacy: bool = False, config=FILES):
         self.make_fs = make_fs
+        self.config = config
         self.root = str(make_fs.root)
         self.secret = secret
         #: files made as before file-secrets-v1 (no secret: the objects alone
         #: hold everything a rebuild needs)
         self.legacy = legacy
-        fs = make_fs()
+        fs = make_fs(config)
         fs._secrets = not legacy
         self.damaged: set[str] = set()
         self.content = {"/a": os.urandom(3 * CS + 100), "/b": os.urandom(2 * CS),
@@ -53,8 +58,8 @@ class Store:
     def fsck(self, repair=False, rebuild=False) -> dict:
         return admin.fsck(self.root, lambda: self.secret, SMALL, repair, rebuild, out=QUIET)
 
-    def open(self, config=SMALL) -> FileSystem:
-        fs = FileSystem(open_store(self.root, self.secret), config)
+    def open(self, config=None) -> FileSystem:
+        fs = FileSystem(open_store(self.root, self.secret), config or self.config)
         fs._secrets = fs._secrets and not self.legacy
         return fs
 

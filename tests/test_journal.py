@@ -18,6 +18,9 @@ from .test_integrity import chunk_paths
 
 #: no background checkpoints: the tests decide when the index is durable
 MANUAL = dataclasses.replace(SMALL, checkpoint_interval=0)
+#: every chunk an object file (no small one kept in the index): what a power
+#: cut does to an object file that did not reach the disk
+FILES = dataclasses.replace(MANUAL, inline_max=0)
 
 
 def test_journal_records_roundtrip_and_stop_at_damage(tmp_path):
@@ -106,7 +109,7 @@ def _power_loss(fs, journal_size: int, lost_objects: list[str], monkeypatch) -> 
 
 
 def test_power_loss_keeps_fsynced_files_and_old_versions(make_fs, monkeypatch):
-    fs = make_fs(MANUAL)
+    fs = make_fs(FILES)
     old = os.urandom(2 * CS + 5)
     write_file(fs, "/old", old)
     fs.checkpoint()
@@ -124,7 +127,7 @@ def test_power_loss_keeps_fsynced_files_and_old_versions(make_fs, monkeypatch):
     lost = chunk_paths(fs, "/unsynced")
     _power_loss(fs, fs.index.journal.size + 0, lost, monkeypatch)
 
-    fs = make_fs(MANUAL)
+    fs = make_fs(FILES)
     # the journal said more, but an object it names did not survive: the
     # replay stops before that record, so the index is a consistent prefix
     assert read_file(fs, "/synced") == synced
@@ -136,7 +139,7 @@ def test_power_loss_keeps_fsynced_files_and_old_versions(make_fs, monkeypatch):
     fs.close()
 
     # and when the journal itself was cut at the last fsync
-    fs = make_fs(MANUAL)
+    fs = make_fs(FILES)
     write_file(fs, "/a", b"a" * 100)
     fs.checkpoint()
     fh = fs.open("/a", os.O_WRONLY)
@@ -148,7 +151,7 @@ def test_power_loss_keeps_fsynced_files_and_old_versions(make_fs, monkeypatch):
     fs.write(fh, b"c" * 100, 0)
     fs.release(fh)
     _power_loss(fs, durable_size, [], monkeypatch)
-    fs = make_fs(MANUAL)
+    fs = make_fs(FILES)
     assert read_file(fs, "/a") == b"b" * 100  # the fsync'ed version, not a mix
     assert_no_dangling(fs)
 
@@ -231,10 +234,10 @@ def test_records_a_replay_dropped_are_never_rolled_forward_by_a_rebuild(make_fs,
     import glob
 
     from dcmfs.app import admin
-    fs = make_fs(MANUAL)
+    fs = make_fs(FILES)
     write_file(fs, "/a", b"old" * 300)
     fs.close()
-    fs = make_fs(MANUAL)
+    fs = make_fs(FILES)
     with fs.lock, fs.index.begin() as txn:
         before = {r.oid for _, _, r in txn.iter_all_chunks()}
     fh = fs.open("/a", os.O_WRONLY | os.O_TRUNC)
@@ -245,12 +248,12 @@ def test_records_a_replay_dropped_are_never_rolled_forward_by_a_rebuild(make_fs,
     crash(fs)
     for oid in new:  # the power cut: the new object never reached the disk
         os.unlink(glob.glob(f"{make_fs.root}/objects/*/{oid.hex()}")[0])
-    fs = make_fs(MANUAL)
+    fs = make_fs(FILES)
     assert read_file(fs, "/a") == b"old" * 300
     crash(fs)
     os.unlink(os.path.join(make_fs.root, "index", "data.mdb"))
     import io
     result = admin.fsck(str(make_fs.root), lambda: secret, MANUAL, True, True, out=io.StringIO())
     assert result["clean"], result
-    fs = make_fs(MANUAL)
+    fs = make_fs(FILES)
     assert read_file(fs, "/a") == b"old" * 300

@@ -315,7 +315,8 @@ def test_nothing_leaks_into_the_bucket(s3_fs, ceph_s3):
     name = "PATIENT_Leakcheck_Doe"
     plain = (b"SECRET-DICOM-ATTRIBUTE-" * 40)[:900] + os.urandom(100)
     fs.mkdir(f"/{name}", 0o755, 0, 0)
-    write_file(fs, f"/{name}/{name}.dcm", plain * 50)
+    write_file(fs, f"/{name}/{name}.dcm", plain * 50)  # one small object: in the index
+    write_file(fs, f"/{name}/big.bin", plain * 40 + os.urandom(100_000))  # object files
     fs.close()
     client = ceph_s3.client()
     bucket, prefix = s3_fs.url[5:].split("/", 1)

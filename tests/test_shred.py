@@ -290,7 +290,8 @@ def _mounted_one_gone(m, key, size: int, options: str):
     """Mount with ``options``, write gone.bin (``size`` bytes) and kept.bin,
     copy the objects aside, delete gone.bin: (its inode, kept's, the copy)."""
     m.mount("-o", options)
-    write_files(m.mnt, {"gone.bin": os.urandom(size), "kept.bin": os.urandom(1000)})
+    # (kept.bin an object file: copy_objects copies the object tree)
+    write_files(m.mnt, {"gone.bin": os.urandom(size), "kept.bin": os.urandom(5000)})
     gone, kept = os.stat(m.mnt / "gone.bin").st_ino, os.stat(m.mnt / "kept.bin").st_ino
     time.sleep(1)
     aside = copy_objects(m.store, key)

@@ -238,6 +238,9 @@ OPTIONS: tuple[Option, ...] = (
            field="read_ahead_kb", low=0, high=65536),
     Option("reencode_threads", INT, "cores the re-encoder may use while no file is written",
            RECODING, field="reencode_threads", low=1, high=64),
+    Option("inline_max", INT, "objects of at most this many bytes (as stored) are kept in "
+           "the index instead of as files (0: none; at most 4096)", MOUNTING,
+           field="inline_max", low=0, high=4096),
     Option("shred_after", DURATION, "run a shred pass once the first deletion not yet "
            "shredded is T old, so its objects are unreadable with the key and the index "
            "from then on (off: at unmount and 'dcmfs shred' only)", MOUNTING,

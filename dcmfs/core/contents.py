@@ -32,7 +32,7 @@ from ..storage.codec import NONE
 from ..format import CHUNK_FLAG_LAST
 from ..index import Index, Inode
 from ..storage.digest import block_digest, tree_digest
-from ..storage.objects import ChunkRef, ObjectStore, stored_bytes
+from ..storage.objects import ChunkRef, ObjectStore, file_oids, stored_bytes
 
 from .garbage import Garbage
 from .prefetch import Prefetching
@@ -325,7 +325,8 @@ class FileData(Prefetching, Garbage, FileReads):
 
         old = of.committed
         # (a record that only gained its digest keeps its object)
-        superseded = [r.oid for i, r in old.items() if i not in table or table[i].oid != r.oid]
+        superseded = file_oids(r for i, r in old.items()
+                               if i not in table or table[i].oid != r.oid)
         stored_delta = (sum(stored_bytes(r) for r in table.values())
                         - sum(stored_bytes(r) for r in old.values()))
         inode = of.inode

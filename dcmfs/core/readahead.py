@@ -58,6 +58,7 @@ import stat
 from typing import Callable
 
 from ..errors import DcmfsError
+from ..format import CHUNK_FLAG_INLINE
 from ..index import Index
 from ..storage.objects import ObjectStore
 from .openfile import OpenFile
@@ -163,10 +164,13 @@ class ReadAhead:
         return self.objects.prefetch(self._wanted(committed, start, end))
 
     def _wanted(self, committed: dict, start: int, end: int) -> list[bytes]:
-        """The objects of ``[start, end)`` of a file, in file order."""
+        """The objects of ``[start, end)`` of a file, in file order (those
+        kept in the index, inline, need no fetch)."""
         cs = self.chunk_size
         wanted = []
         for idx, ref in committed.items():
+            if ref.flags & CHUNK_FLAG_INLINE:
+                continue
             lo = ref.offset if ref.offset >= 0 else idx * cs
             if lo < end and lo + max(ref.plain_len, 1) > start:
                 wanted.append((lo, ref.oid))

@@ -38,7 +38,7 @@ from .extents import CommittedReader, ExtentReader, extents_layout, extents_of
 from .lookahead import LookAhead
 from .passes import FAILED, Passes, _fresh
 from .tiers import HOT, Tiers
-from ..storage.objects import stored_bytes
+from ..storage.objects import file_oids, stored_bytes
 from ..format import CHUNK_FLAG_EXTENT, CHUNK_FLAG_LAST
 
 log = logging.getLogger("dcmfs.reencoder")
@@ -475,7 +475,7 @@ class Reencoder(Passes, LookAhead):
                     if info is not None:
                         txn.put_content(ino, info)
                 host.forget_inode(ino)  # st_blocks: the new stored size
-                host.after_commit([table[i].oid for i in replaced])
+                host.after_commit(file_oids(table[i] for i in replaced))
                 self.files_done += 1
                 self.bytes_done += size
                 new = {}

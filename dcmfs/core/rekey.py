@@ -21,6 +21,8 @@ import time
 from typing import Callable
 
 from ..errors import IntegrityError
+from ..format import CHUNK_FLAG_INLINE
+from ..storage.objects import file_oids
 from ..opened.jobs import ActiveJobHost
 
 #: the audit trail (dcmfs.app.logsetup.AUDIT)
@@ -34,11 +36,11 @@ def epochs_in_use(host: ActiveJobHost) -> dict[int, int]:
     ``key-generations-v1`` sealed under a later epoch; an object that
     cannot be read counts under -1)."""
     with host.lock, host.index.begin() as txn:
-        refs = [ref for _, _, ref in txn.iter_all_chunks()]
+        refs = [(ino, ref) for ino, _, ref in txn.iter_all_chunks()]
     counts: dict[int, int] = {}
-    for ref in refs:
+    for ino, ref in refs:
         try:
-            epochs = host.objects.epochs_of(ref.oid)
+            epochs = host.objects.epochs_of(ref.oid, ino if ref.flags & CHUNK_FLAG_INLINE else None)
         except IntegrityError:
             epochs = {-1}
         for epoch in epochs:
@@ -80,7 +82,7 @@ def rekey_file(host: ActiveJobHost, ino: int) -> tuple[int, int] | None:
         with host.write_txn() as txn:
             for idx, ref in new.items():
                 txn.put_chunk(ino, idx, ref)
-        host.after_commit([table[idx].oid for idx in new])
+        host.after_commit(file_oids(table[idx] for idx in new))
     return len(new), sum(ref.stored_len for ref in new.values())
 
 

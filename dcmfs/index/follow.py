@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from ..format import CHUNK_FLAG_INLINE
 from .journal import CONVERT, PUT, Op
 from .schema import DATABASES, decode_chunk
 
@@ -54,7 +55,9 @@ def apply_available(index, records: Iterable[tuple[int, list[Op]]],
         for kind, db_id, key, value in ops:
             if db_id != CHUNKS or kind == CONVERT:
                 continue
-            oid = decode_chunk(index.open("chunks", key, value)).oid if kind == PUT else None
+            ref = decode_chunk(index.open("chunks", key, value)) if kind == PUT else None
+            # an inline object is in the index, put by the same record: never in the bucket
+            oid = ref.oid if ref is not None and not ref.flags & CHUNK_FLAG_INLINE else None
             touched[key] = oid
             if oid is not None:
                 wanted.add(oid)

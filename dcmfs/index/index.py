@@ -40,6 +40,7 @@ from .journal import CONVERT, PUT, Journal, Op
 from .journal import HEADER_SIZE as JOURNAL_HEADER
 from .journal import VERSION as JOURNAL_VERSION
 from .auth import KEYED_DIRENT
+from .inline import InlineRows
 from .schema import (DATABASES, JOURNAL_NAME, OPTIONAL, U64, U64X2, decode_chunk,
                      encode_dirent, lmdb_error, read_meta)
 from .txn import Txn
@@ -105,6 +106,8 @@ class Index(Checked, NameTags):
         self.journal = Journal(os.path.join(path, JOURNAL_NAME), master_key, store_id,
                                read_only=read_only)
         self._batch: lmdb.Transaction | None = None
+        #: small chunks' objects (feature ``inline-small-v1``), for the object store
+        self.inline = InlineRows(self)
         self._seq = self._applied_seq()
         self._init_checks(master_key, store_id)
         #: directory entries keyed by a keyed tag of the parent (format 4;
@@ -149,35 +152,20 @@ class Index(Checked, NameTags):
         an old record (crypto-shredding, :mod:`dcmfs.index.shred`).  Call
         it right after a checkpoint, with no transaction open (the core's
         lock held); a crash leaves the old file or the new one, both whole."""
-        if self._batch is not None:  # a batch that only served reads since the checkpoint
-            if self.pending_records:
-                raise IndexDamagedError("compacting the index with changes not checkpointed")
-            self._batch.abort()
-            self._batch = None
-        path = self.env.path()
-        map_size = self.env.info()["map_size"]
-        tmp = os.path.join(path, f".compact-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            os.mkdir(tmp, 0o700)
-            self.env.copy(tmp, compact=True)
-            with open(os.path.join(tmp, "data.mdb"), "rb+") as f:
-                os.fsync(f.fileno())
-        except (OSError, lmdb.Error) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreIOError(f"Compacting the index failed: {exc}.") from exc
-        self.swap_in(tmp, path, map_size)
+        from .keygen import compact_index  # (kept apart for this module's size)
+        compact_index(self)
 
     def swap_in(self, tmp: str, path: str, map_size: int) -> None:
         """Replace the index's data file with the durable copy in ``tmp``
         (compaction, a key generation move) and open it again."""
-        self.env.close()
-        try:
-            os.rename(os.path.join(tmp, "data.mdb"), os.path.join(path, "data.mdb"))
-            fsync_dir(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._open_env(path, map_size)
+        with self.inline.exclusive():
+            self.env.close()
+            try:
+                os.rename(os.path.join(tmp, "data.mdb"), os.path.join(path, "data.mdb"))
+                fsync_dir(path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._open_env(path, map_size)
 
     def _applied_seq(self) -> int:
         with self.env.begin() as txn:
@@ -190,7 +178,8 @@ class Index(Checked, NameTags):
             self._batch.abort()
             self._batch = None
         self.journal.close()
-        self.env.close()
+        with self.inline.exclusive():
+            self.env.close()
 
     # --- durability -------------------------------------------------------------
     def sync_journal(self) -> None:
@@ -228,7 +217,8 @@ class Index(Checked, NameTags):
             return False
         batch, self._batch = self._batch, None
         try:
-            self._commit_batch(batch)
+            with self.inline.exclusive(committing=True):  # readers see it whole
+                self._commit_batch(batch)
         except lmdb.Error as exc:
             # the batch is gone, the journal still holds every change: rebuild
             # the batch from it so that the mount goes on (disk full, say)

@@ -211,3 +211,25 @@ def rekey_index(ix: Index, key: bytes, gen: int, audit_head: dict | None = None)
     ix.generation = gen
     if ix.witness is not None:
         ix.witness.rekey(key, ix.seq, sums.digest())
+
+
+def compact_index(ix: Index) -> None:
+    """(A part of :class:`Index`: :meth:`Index.compact`.)"""
+    if ix._batch is not None:  # a batch that only served reads since the checkpoint
+        if ix.pending_records:
+            raise IndexDamagedError("compacting the index with changes not checkpointed")
+        ix._batch.abort()
+        ix._batch = None
+    path = ix.env.path()
+    map_size = ix.env.info()["map_size"]
+    tmp = os.path.join(path, f".compact-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.mkdir(tmp, 0o700)
+        ix.env.copy(tmp, compact=True)
+        with open(os.path.join(tmp, "data.mdb"), "rb+") as f:
+            os.fsync(f.fileno())
+    except (OSError, lmdb.Error) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreIOError(f"Compacting the index failed: {exc}.") from exc
+    ix.swap_in(tmp, path, map_size)

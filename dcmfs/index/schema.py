@@ -76,6 +76,12 @@ database      key                             value
                                               starts and ends, withheld reason;
                                               feature ``deid-view-v1``, see
                                               :mod:`dcmfs.core.deidview`)
+``inline``    ino u64 + object id (16)        the object's exact bytes (layout 2,
+                                              sealed as an object file is; not
+                                              sealed again): a chunk flagged
+                                              ``CHUNK_FLAG_INLINE`` (feature
+                                              ``inline-small-v1``,
+                                              :mod:`dcmfs.index.inline`)
 ============  ==============================  ======================================
 
 The *parent tag* is HMAC-SHA256(name key, "directory" || parent ino)[:16]. The *name tag* is HMAC-SHA256(name key, parent ino + name) truncated to 16
@@ -139,10 +145,10 @@ U16 = struct.Struct(">H")
 STATS = struct.Struct(">QQQ")
 
 DATABASES = ("meta", "inodes", "dirents", "chunks", "xattrs", "orphans", "backlog",
-             "content", "scrubbed", "sums", "deidview")
+             "content", "scrubbed", "sums", "deidview", "inline")
 #: databases a store made by an older dcmfs may lack (created at its first
 #: read-write opening; empty for a read-only one)
-OPTIONAL = ("scrubbed", "sums", "deidview")
+OPTIONAL = ("scrubbed", "sums", "deidview", "inline")
 #: databases whose values are sealed (the others hold plain numbers or nothing)
 SEALED = ("inodes", "dirents", "chunks", "xattrs", "content", "deidview")
 #: a database's number in journal records

@@ -15,6 +15,7 @@ from ..errors import IntegrityError
 from ..storage.objects import ChunkRef
 from .auth import KEYED_DIRENT, group_of
 from .journal import CONVERT, DELETE, PUT, Op
+from .inline import row_key as inline_key
 from .shred import note_deletion
 from .schema import (DB_ID, STATS, U16, U64, U64X2, Inode, decode_chunk, decode_dirent,
                      encode_chunk, encode_dirent, ino_key, lmdb_error)
@@ -247,6 +248,9 @@ class Txn:
         self._delete("scrubbed", ino_key(ino))
         if self._db["deidview"] is not None:
             self._delete("deidview", ino_key(ino))
+        if self._db["inline"] is not None:  # the objects of its small chunks, now
+            for k in [k for k, _ in self._scan_raw("inline", ino_key(ino))]:
+                self._delete("inline", k)
         return refs
 
     def _scan_from(self, db: str, start: int) -> Iterator[tuple[int, bytes]]:
@@ -349,10 +353,65 @@ class Txn:
         return out
 
     def put_chunk(self, ino: int, index: int, ref: ChunkRef) -> None:
-        self._put("chunks", U64X2.pack(ino, index), encode_chunk(ref))
+        """Put a chunk record; an inline object it names goes into the
+        ``inline`` database in this same operation, and the inline object of
+        the record it replaces (another object) goes out of it."""
+        key = U64X2.pack(ino, index)
+        if self._db["inline"] is not None:
+            self._drop_inline(ino, key, keep=ref.oid)
+        if ref.flags & fmt.CHUNK_FLAG_INLINE:
+            self._put_inline(ino, ref.oid)
+        self._put("chunks", key, encode_chunk(ref))
 
     def delete_chunk(self, ino: int, index: int) -> None:
-        self._delete("chunks", U64X2.pack(ino, index))
+        key = U64X2.pack(ino, index)
+        if self._db["inline"] is not None:
+            self._drop_inline(ino, key)
+        self._delete("chunks", key)
+
+    def _put_inline(self, ino: int, oid: bytes) -> None:
+        if self._db["inline"] is None:
+            raise IntegrityError("an inline object for a store without its database "
+                                 "(feature inline-small-v1 missing)")
+        key = inline_key(ino, oid)
+        blob = self.ix.inline.take(oid)
+        if blob is None:
+            if self.txn.get(key, db=self._db["inline"]) is not None:
+                return  # the same object put again (repair, a replayed record)
+            raise IntegrityError(f"inline object {oid.hex()} of inode {ino} was not sealed "
+                                 "in this session")
+        self._write("inline", key, blob)
+
+    def _drop_inline(self, ino: int, key: bytes, keep: bytes | None = None) -> None:
+        """Delete the inline object the chunk record ``key`` names (unless it
+        is ``keep``): it goes with its record, in the same operation."""
+        raw = self.txn.get(key, db=self._db["chunks"])
+        if raw is None:
+            return
+        try:
+            old = decode_chunk(self.ix.open("chunks", key, raw))
+        except (IntegrityError, struct.error):
+            return  # a damaged record: fsck deletes what it names
+        if old.flags & fmt.CHUNK_FLAG_INLINE and old.oid != keep:
+            self._delete("inline", inline_key(ino, old.oid))
+
+    def get_inline(self, ino: int, oid: bytes) -> bytes | None:
+        """The stored bytes of an inline object (as this transaction sees them)."""
+        if self._db["inline"] is None:
+            return None
+        raw = self.txn.get(inline_key(ino, oid), db=self._db["inline"])
+        return None if raw is None else bytes(raw)
+
+    def iter_inline(self) -> Iterator[tuple[int, bytes]]:
+        """(inode, object id) of every inline object stored (fsck, verify)."""
+        if self._db["inline"] is None:
+            return
+        for key, _ in self.txn.cursor(db=self._db["inline"]):
+            yield U64.unpack_from(key)[0], bytes(key[8:])
+
+    def delete_inline(self, ino: int, oid: bytes) -> bool:
+        """Remove an inline object no record names (fsck)."""
+        return self._delete("inline", inline_key(ino, oid))
 
     def iter_all_chunks_checked(self) -> Iterator[tuple[int, int, ChunkRef | None]]:
         """Like :meth:`iter_all_chunks`; an entry that does not authenticate

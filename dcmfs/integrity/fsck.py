@@ -45,7 +45,7 @@ from ..errors import DcmfsError, IndexDamagedError, IntegrityError
 from ..index.snapshots import take_snapshot
 from ..index import SEALED, Index, Inode
 from ..opened.store import OpenedStore
-from ..storage.objects import ChunkContext, ObjectDamaged, stored_bytes
+from ..storage.objects import ChunkContext, ObjectDamaged, file_oids, stored_bytes
 from . import authentic
 from .repair import Salvage
 from .verify import check_file, name_paths
@@ -196,7 +196,7 @@ class Fsck(Salvage):
                 with ix.begin(write=True) as txn:
                     inode = txn.get_inode(ino)
                     if inode is not None:
-                        self._garbage += [r.oid for r in txn.delete_inode(ino)]
+                        self._garbage += file_oids(txn.delete_inode(ino))
                     txn.remove_orphan(ino)
 
     # --- index values ---------------------------------------------------------------------
@@ -419,6 +419,7 @@ class Fsck(Salvage):
         with ix.begin() as txn:
             named = {ref.oid for _, _, ref in txn.iter_all_chunks()}
             inodes = dict(txn.iter_inodes())
+        self.check_inline_rows(inodes)
         present = set(self.objects.iter_oids())
         unknown: dict[tuple[int, bytes], list[ChunkContext]] = collections.defaultdict(list)
         for oid in sorted(present - named):
@@ -489,7 +490,8 @@ class Fsck(Salvage):
             stored_v1 = stored - (fmt.OBJ_HEADER_LEN - fmt.OBJ1_HEADER_LEN) * len(refs)
             have = txn.stats()
             stray = []
-            for db in ("xattrs", "orphans", "backlog", "content", "scrubbed", "deidview"):
+            for db in ("xattrs", "orphans", "backlog", "content", "scrubbed", "deidview",
+                       "inline"):
                 for key, _ in list(ix.raw_items(db)):
                     if int.from_bytes(bytes(key[:8]), "big") not in inodes:
                         stray.append((db, bytes(key)))

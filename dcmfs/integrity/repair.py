@@ -96,7 +96,7 @@ class Salvage:
                     txn.delete_chunk(ino, idx)
                     self._named[ref.oid] -= 1
                     if self._named[ref.oid] <= 0:
-                        self._quarantine_or_garbage(ref.oid)
+                        self._quarantine_or_garbage(ref.oid, ino, ref)
             for idx, ref in new.items():
                 if table.get(idx) != ref:
                     txn.put_chunk(ino, idx, ref)
@@ -180,7 +180,7 @@ class Salvage:
                 except IntegrityError:
                     plain = None
                 if plain is not None and len(plain) == length \
-                        and ref.flags & ~fmt.CHUNK_FLAG_FRAMED == flags:
+                        and ref.flags & ~(fmt.CHUNK_FLAG_FRAMED | fmt.CHUNK_FLAG_INLINE) == flags:
                     new_table[idx] = ref
                     hasher.update(plain)
                     continue
@@ -201,7 +201,7 @@ class Salvage:
                 if new_table.get(idx) != ref:
                     self._named[ref.oid] -= 1
                     if self._named[ref.oid] <= 0:
-                        self._quarantine_or_garbage(ref.oid)
+                        self._quarantine_or_garbage(ref.oid, ino, ref)
                 if idx not in new_table:
                     txn.delete_chunk(ino, idx)
             for idx, ref in new_table.items():
@@ -225,9 +225,30 @@ class Salvage:
             fresh.nlink = 1
             txn.put_inode(ino, fresh)
 
-    def _quarantine_or_garbage(self, oid: bytes) -> None:
-        """A damaged object: it cannot be read, but it is not ours to delete."""
-        if self._contexts.get(oid, "unknown") is None or os.path.exists(self.objects.path(oid)):
+    def check_inline_rows(self, inodes: dict) -> None:
+        """Inline objects no chunk record names (of live inodes: a row of a
+        missing inode is a stray entry of check_totals).  A row and its
+        record are put and deleted together, so such a row is damage."""
+        with self.index.begin() as txn:
+            named = {(ino, ref.oid) for ino, _, ref in txn.iter_all_chunks()
+                     if ref.flags & fmt.CHUNK_FLAG_INLINE}
+            stray = [(ino, oid) for ino, oid in txn.iter_inline()
+                     if ino in inodes and (ino, oid) not in named]
+        for ino, oid in stray:
+            self.found("unreferenced", "inline object no chunk record names", ino, oid,
+                       repaired="moved to quarantine")
+            if self.repair:
+                self.objects.quarantine(oid, self.store.root, ino)
+                with self.index.begin(write=True) as txn:
+                    txn.delete_inline(ino, oid)
+
+    def _quarantine_or_garbage(self, oid: bytes, ino: int, ref: ChunkRef) -> None:
+        """A damaged object: it cannot be read, but it is not ours to delete
+        (an inline one: its bytes are copied to the quarantine, its row goes
+        with its record)."""
+        if ref.flags & fmt.CHUNK_FLAG_INLINE:
+            self.objects.quarantine(oid, self.store.root, ino)
+        elif self._contexts.get(oid, "unknown") is None or os.path.exists(self.objects.path(oid)):
             self.objects.quarantine(oid, self.store.root)
 
     def _secret_of(self, ino: int, file_id: bytes, table: dict[int, ChunkRef]) -> bytes | None:

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from ..errors import IntegrityError
+from .. import format as fmt
 from ..format import CHUNK_FLAG_LAST
 from ..opened.jobs import JobHost
 from . import authentic
@@ -331,12 +332,19 @@ class Verifier:
             present.append(oid)
         with self._lock:
             with self.index.begin(gated=False) as txn:
-                named = {ref.oid for _, _, ref in txn.iter_all_chunks_checked() if ref}
+                refs = [(ino, ref) for ino, _, ref in txn.iter_all_chunks_checked() if ref]
+                # an inline object is put and deleted with its record: none in flight
+                rows = list(txn.iter_inline())
+            named = {ref.oid for _, ref in refs}
             named |= in_use([oid for oid in present if oid not in named])
+        named_inline = {(ino, ref.oid) for ino, ref in refs
+                        if ref.flags & fmt.CHUNK_FLAG_INLINE}
+        stray = [Finding(ino, ORPHAN_OBJECT, "no index entry names this inline object",
+                         oid.hex()) for ino, oid in rows if (ino, oid) not in named_inline]
         # still there after the named set was taken (a checkpoint may have
         # collected an object meanwhile: that is no orphan)
-        return [Finding(0, ORPHAN_OBJECT, "no index entry names this object", oid.hex())
-                for oid in present if oid not in named and self.objects.exists(oid)]
+        return stray + [Finding(0, ORPHAN_OBJECT, "no index entry names this object", oid.hex())
+                        for oid in present if oid not in named and self.objects.exists(oid)]
 
 
 def verify_store(host: JobHost, paths: list[str] | None = None, sample: float | None = None,

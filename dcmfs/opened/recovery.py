@@ -19,7 +19,7 @@ import os
 import stat
 
 from ..index import Index, Inode, Txn
-from ..storage.objects import ObjectStore, stored_bytes
+from ..storage.objects import ObjectStore, file_oids, stored_bytes
 
 log = logging.getLogger("dcmfs.recovery")
 
@@ -39,7 +39,7 @@ def delete_file(txn: Txn, ino: int, inode: Inode) -> list[bytes]:
     if stat.S_ISREG(inode.mode):
         txn.add_stats(files=-1, logical=-inode.size,
                       stored=-sum(stored_bytes(r) for r in refs))
-    return [r.oid for r in refs]
+    return file_oids(refs)
 
 
 def recover(index: Index, objects: ObjectStore, delete_inode=None) -> RecoveryReport:

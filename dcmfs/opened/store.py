@@ -151,6 +151,9 @@ class OpenedStore:
                            read_only=read_only,
                            archive_dir=os.path.join(self.root, fmt.SNAPSHOTS_DIR),
                            generation=gen)
+        self.objects.inline = self.index.inline
+        if not read_only and fmt.INLINE_FEATURE in self.store.features:
+            self.objects.inline_max = min(self.config.inline_max, fmt.INLINE_MAX)
         if not read_only:
             mark_generation(self.index, gen)  # a new index made under a later epoch
         self.index.on_mismatch = self._group_differs
@@ -254,9 +257,13 @@ class OpenedStore:
         inode = txn.get_inode(ino)
         if inode is None:
             return False
+        # an inline object is in the record itself (the transaction replaying it)
+        blob = txn.get_inline(ino, ref.oid) if ref.flags & fmt.CHUNK_FLAG_INLINE else None
+        if ref.flags & fmt.CHUNK_FLAG_INLINE and blob is None:
+            return False
         try:
             self.objects.read(self.objects.file_cipher(inode.file_id, inode.secret),
-                              inode.file_id, ino, idx, ref)
+                              inode.file_id, ino, idx, ref, blob)
         except ObjectDamaged:
             return False
         return True

@@ -15,7 +15,7 @@ import collections
 import os
 import secrets
 import threading
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from . import crypto, frames
 from .. import format as fmt
@@ -26,8 +26,9 @@ from .damage import (AUTH, DECODE, LENGTH, MISMATCH, MISSING, NEWER, ROLLED_BACK
                      SWAPPED, ObjectDamaged, object_name)
 from .filekeys import FileKeys
 from .framed import _PREFIX3, FramedObjects
+from .housekeeping import ObjectHousekeeping
 from .digest import Digester
-from .durable import TMP_PREFIX, sync_filesystem
+from .durable import sync_filesystem
 from ..errors import IntegrityError, StoreIOError
 
 
@@ -53,6 +54,12 @@ def stored_bytes(ref: ChunkRef) -> int:
     return fmt.OBJ_HEADER_LEN + ref.stored_len + fmt.TAG_LEN
 
 
+def file_oids(refs) -> list[bytes]:
+    """The ids of the refs whose objects are files (not kept in the index:
+    those go with their records, never by a later deletion)."""
+    return [r.oid for r in refs if not r.flags & _INLINE]
+
+
 class ChunkContext(NamedTuple):
     """The sealed context block of an object: which object it is, whose chunk."""
 
@@ -69,9 +76,10 @@ class ChunkContext(NamedTuple):
 
 _PREFIX = fmt.OBJ_PREFIX.pack(fmt.OBJ_MAGIC, fmt.OBJECT_VERSION, fmt.OBJ_KIND_CHUNK, 0)
 _FRAMED = fmt.CHUNK_FLAG_FRAMED
+_INLINE = fmt.CHUNK_FLAG_INLINE
 
 
-class ObjectStore(FramedObjects):
+class ObjectStore(FramedObjects, ObjectHousekeeping):
     """``backend``: where the objects live (default: the store directory
     itself); :meth:`path` is always the object's file in the store
     directory (with an S3 store, its copy in the cache)."""
@@ -109,6 +117,13 @@ class ObjectStore(FramedObjects):
         self._sync_fd: int | None = None
         self._sync_failed: str | None = None
         self._digests = Digester()
+        #: where inline objects are read and staged (the index's
+        #: :class:`~dcmfs.index.inline.InlineRows`; None: no index opened)
+        self.inline = None
+        #: objects of at most this many bytes are written inline (0: none;
+        #: the opener sets :data:`~dcmfs.format.INLINE_MAX` for a store
+        #: with ``inline-small-v1``)
+        self.inline_max = 0
 
     # --- naming ---------------------------------------------------------------
     @staticmethod
@@ -190,7 +205,7 @@ class ObjectStore(FramedObjects):
 
     def _seal(self, cipher, oid, file_id, ino, index, generation, flags, codec, plaintext,
               frame, payload) -> tuple[ChunkRef, bytes | bytearray]:
-        flags &= ~_FRAMED  # decided here, by the codec and the length
+        flags &= ~(_FRAMED | _INLINE)  # decided here, by the codec and the length
         digest = self._digests.later(plaintext)  # hashed meanwhile
         if payload is None and frame is None and self.framed \
                 and frames.frameable(codec, len(plaintext)):
@@ -216,6 +231,8 @@ class ObjectStore(FramedObjects):
             if again != plaintext:
                 raise CodecMismatch(f"codec {used} did not reproduce a chunk; not stored")
         stored_len = len(payload)
+        if self.inline_max and fmt.OBJ_HEADER_LEN + stored_len + fmt.TAG_LEN <= self.inline_max:
+            flags |= _INLINE
         epoch = cipher.epoch  # once: a rotation may happen meanwhile
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags,
                                   epoch, len(plaintext), stored_len)
@@ -239,7 +256,10 @@ class ObjectStore(FramedObjects):
         oid = self.new_oid()
         ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec,
                               plaintext, frame, payload)
-        self._put(oid, blob, hold=codec == 0)
+        if ref.flags & _INLINE:  # put by the operation that commits its record
+            self.inline.stage(oid, blob)
+        else:
+            self._put(oid, blob, hold=codec == 0)
         return ref
 
     def _put(self, oid: bytes, blob: bytes, hold: bool = False) -> None:
@@ -293,7 +313,15 @@ class ObjectStore(FramedObjects):
             self._sync_fd = None
 
     # --- reading --------------------------------------------------------------
-    def load(self, oid: bytes) -> bytes:
+    def load(self, oid: bytes, ino: int | None = None, inline: bool | None = None) -> bytes:
+        """The stored bytes of an object: ``inline`` True, of the inline
+        object ``oid`` of inode ``ino``; None (``ino`` given), wherever it is."""
+        if inline or (inline is None and ino is not None):
+            blob = self.inline.get(ino, oid) if self.inline is not None else None
+            if blob is not None:
+                return blob
+            if inline:
+                raise ObjectDamaged(oid, "is missing (inline)", MISSING)
         try:
             return self.backend.get(object_name(oid))
         except BackendMissing as exc:
@@ -303,26 +331,32 @@ class ObjectStore(FramedObjects):
         """Authenticate and parse the context block (usable without the index)."""
         return self._open_context(oid, blob)[0]
 
-    def epoch_of(self, oid: bytes) -> int:
+    def epoch_of(self, oid: bytes, ino: int | None = None) -> int:
         """The key epoch the object stored as ``oid`` is sealed under
-        (reading only its header).  Raises :class:`ObjectDamaged`."""
-        return self._open_context(oid, self._head(oid))[3]
+        (reading only its header; ``ino``: inline objects of that inode
+        too).  Raises :class:`ObjectDamaged`."""
+        return self._open_context(oid, self._head(oid, ino))[3]
 
-    def epochs_of(self, oid: bytes) -> set[int]:
+    def epochs_of(self, oid: bytes, ino: int | None = None) -> set[int]:
         """Every key epoch the object stored as ``oid`` needs: its payload's
         and its context block's (an object sealed under a later epoch by a
         dcmfs before ``key-generations-v1`` has its context under the store
         key).  Raises :class:`ObjectDamaged`."""
-        found = self._open_context(oid, self._head(oid))
+        found = self._open_context(oid, self._head(oid, ino))
         return {found[3], found[4]}
 
-    def context_of(self, oid: bytes) -> ChunkContext:
-        """The context of the object stored as ``oid``, reading only its header.
+    def context_of(self, oid: bytes, ino: int | None = None) -> ChunkContext:
+        """The context of the object stored as ``oid``, reading only its
+        header (``ino``: inline objects of that inode too).
 
         Raises :class:`ObjectDamaged` (missing, or not authentic)."""
-        return self.open_context(oid, self._head(oid))
+        return self.open_context(oid, self._head(oid, ino))
 
-    def _head(self, oid: bytes) -> bytes:
+    def _head(self, oid: bytes, ino: int | None = None) -> bytes:
+        if ino is not None and self.inline is not None:
+            blob = self.inline.get(ino, oid)
+            if blob is not None:
+                return blob[:fmt.OBJ_HEADER_LEN + fmt.TAG_LEN]
         try:
             return self.backend.get(object_name(oid), 0, fmt.OBJ_HEADER_LEN + fmt.TAG_LEN)
         except BackendMissing as exc:
@@ -412,7 +446,10 @@ class ObjectStore(FramedObjects):
         else:
             blob = b"".join((_PREFIX, sealer.seal(ctx, self._ctx_aad),
                              cipher.cipher(newest, oid).seal(payload, self._aad(oid) + ctx)))
-        self._put(oid, blob)
+        if ref.flags & _INLINE:  # stays inline: the same length, the same flags
+            self.inline.stage(oid, blob)
+        else:
+            self._put(oid, blob)
         return ref._replace(oid=oid)
 
     def _payload(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, ref: ChunkRef,
@@ -422,7 +459,7 @@ class ObjectStore(FramedObjects):
         its frames' payloads."""
         oid = ref.oid
         if blob is None:
-            blob = self.load(oid)
+            blob = self.load(oid, ino, bool(ref.flags & _INLINE))
         ctx_plain, header_len, epoch, ctx_epoch = self._checked_context(file_id, ino, index,
                                                                         ref, blob)
         if len(blob) != header_len + ref.stored_len + fmt.TAG_LEN:
@@ -466,52 +503,3 @@ class ObjectStore(FramedObjects):
                                          "(swapped or moved)", SWAPPED)
             raise ObjectDamaged(oid, "does not match its index entry", MISMATCH)
         return ctx_plain, header_len, epoch, ctx_epoch
-
-    def quarantine(self, oid: bytes, root: str) -> None:
-        """Move an object that fsck cannot prove to be garbage out of the way
-        (``STORE/quarantine/``); it is never deleted by dcmfs."""
-        dest = os.path.join(root, fmt.QUARANTINE_DIR)
-        os.makedirs(dest, mode=0o700, exist_ok=True)
-        try:
-            os.rename(self.path(oid), os.path.join(dest, oid.hex()))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StoreIOError(f"moving object {oid.hex()} to quarantine failed: "
-                               f"{exc.strerror}") from exc
-        finally:  # after the move (see storage.keptfds)
-            self.forget_kept(oid)
-
-    def prefetch(self, oids: list[bytes]) -> int:
-        """Fetch these objects ahead of their reads: from an S3 store's
-        bucket, or from the disk into the page cache; returns how many
-        fetches were queued."""
-        fetch = getattr(self.backend, "prefetch", None)
-        return fetch([object_name(oid) for oid in oids]) if fetch and oids else 0
-
-    # --- housekeeping ---------------------------------------------------------
-    def delete(self, oid: bytes) -> None:
-        self.backend.delete(object_name(oid))
-
-    def exists(self, oid: bytes) -> bool:
-        """Is the object stored (in the store directory, or the bucket)?"""
-        return self.backend.head(object_name(oid)) is not None
-
-    def iter_oids(self) -> Iterator[bytes]:
-        """Every object id present (temp files are reported by :meth:`iter_temps`)."""
-        for name in self.backend.list(fmt.OBJECTS_DIR + "/"):
-            leaf = name.rsplit("/", 1)[-1]
-            if len(leaf) == 32:
-                try:
-                    yield bytes.fromhex(leaf)
-                except ValueError:
-                    continue
-
-    def iter_temps(self) -> Iterator[str]:
-        if not os.path.isdir(self.root):
-            return
-        for sub in os.listdir(self.root):
-            d = os.path.join(self.root, sub)
-            for name in os.listdir(d):
-                if name.startswith(TMP_PREFIX):
-                    yield os.path.join(d, name)

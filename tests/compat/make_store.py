@@ -69,6 +69,9 @@ def content() -> dict[str, bytes]:
         "/ct/synthetic.dcm": synthetic_ct(),
         # since format 7: zstd chunks of more than a frame are framed objects
         "/dir/text.txt": b"".join(b"line %d of a compressible text\n" % i for i in range(9000)),
+        # since format 8: small chunks' objects kept in the index (inline-small-v1),
+        # as /small.txt and the last chunk of this one (chunks of 128 KiB)
+        "/dir/inline-tail.bin": rng.randbytes(2 * cs + 1500),
     }
 
 
