@@ -451,6 +451,12 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         if fh is not None and fh in self._handles:
             of = self._handles[fh].of
             return self._stat(of.ino, of.inode)
+        # a name and a record held: no transaction (issue 17)
+        if fh is None and path is not None and self.index.broken is None \
+                and (ino := self._paths.get(self.index.names_gen, path)) is not None:
+            inode = of.inode if (of := self._open.get(ino)) is not None else self._inodes.get(ino)
+            if inode is not None and (inode.nlink <= 1 or stat.S_ISDIR(inode.mode)):
+                return self._stat(ino, inode)
         with self.index.begin() as txn:
             # fstat(2) of a directory comes with its handle and (nopath) no path
             ino = self._dirs[fh] if path is None and fh in self._dirs \

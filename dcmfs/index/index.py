@@ -205,6 +205,12 @@ class Index(Checked, NameTags):
         """The sequence number of the last journaled operation."""
         return self._seq
 
+    @property
+    def broken(self) -> str | None:
+        """Why the index may not be used any more (every transaction
+        raises IndexDamagedError with it), or None."""
+        return self._broken
+
     def checkpoint(self) -> bool:
         """Commit the batch durably; returns True when the journal was full
         and moved to the archive.
