@@ -377,7 +377,7 @@ class Reencoder(Passes, LookAhead):
         def one(idx: int, ref):
             plain = host.objects.read(cipher, inode.file_id, ino, idx, ref)
             nref = host.objects.write(cipher, inode.file_id, ino, idx, ref.generation,
-                                    ref.flags, host.general_codec, plain)
+                                      ref.flags, host.general_codec, plain, inline=False)
             if nref.codec != NONE and nref.stored_len >= threshold * nref.plain_len:
                 host.objects.delete(nref.oid)  # saves too little: keep the original
                 return ref
@@ -406,7 +406,7 @@ class Reencoder(Passes, LookAhead):
                 # worker; the object store decodes and compares the result
                 codec, payload = self.parsers.encode(data, frame, *settings, hot=image == IMAGE_HOT)
             ref = host.objects.write(cipher, inode.file_id, ino, n, inode.generation, flags,
-                                     codec, data, frame, payload=payload)
+                                     codec, data, frame, payload=payload, inline=False)
             return ref._replace(offset=start)
 
         def jobs():

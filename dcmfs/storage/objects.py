@@ -195,16 +195,17 @@ class ObjectStore(FramedObjects, ObjectHousekeeping):
 
     def seal(self, cipher: FileKeys, oid: bytes, file_id: bytes, ino: int, index: int,
              generation: int, flags: int, codec: int, plaintext: bytes,
-             frame: FrameSpec | None = None,
-             payload: bytes | None = None) -> tuple[ChunkRef, bytes | bytearray]:
+             frame: FrameSpec | None = None, payload: bytes | None = None,
+             inline: bool = True) -> tuple[ChunkRef, bytes | bytearray]:
         """``payload``: ``plaintext`` already coded with ``codec`` elsewhere
-        (a parser worker); it is checked here like any other result."""
+        (a parser worker); it is checked here like any other result.
+        ``inline`` False: an object file whatever its size (:meth:`write`)."""
         with self._digests.sealing():
             return self._seal(cipher, oid, file_id, ino, index, generation, flags, codec,
-                              plaintext, frame, payload)
+                              plaintext, frame, payload, inline)
 
     def _seal(self, cipher, oid, file_id, ino, index, generation, flags, codec, plaintext,
-              frame, payload) -> tuple[ChunkRef, bytes | bytearray]:
+              frame, payload, inline=True) -> tuple[ChunkRef, bytes | bytearray]:
         flags &= ~(_FRAMED | _INLINE)  # decided here, by the codec and the length
         digest = self._digests.later(plaintext)  # hashed meanwhile
         if payload is None and frame is None and self.framed \
@@ -231,7 +232,8 @@ class ObjectStore(FramedObjects, ObjectHousekeeping):
             if again != plaintext:
                 raise CodecMismatch(f"codec {used} did not reproduce a chunk; not stored")
         stored_len = len(payload)
-        if self.inline_max and fmt.OBJ_HEADER_LEN + stored_len + fmt.TAG_LEN <= self.inline_max:
+        if inline and self.inline_max \
+                and fmt.OBJ_HEADER_LEN + stored_len + fmt.TAG_LEN <= self.inline_max:
             flags |= _INLINE
         epoch = cipher.epoch  # once: a rotation may happen meanwhile
         ctx = fmt.CTX_STRUCT.pack(oid, file_id, ino, index, generation, used, flags,
@@ -246,8 +248,10 @@ class ObjectStore(FramedObjects, ObjectHousekeeping):
 
     def write(self, cipher: FileKeys, file_id: bytes, ino: int, index: int, generation: int,
               flags: int, codec: int, plaintext: bytes, frame: FrameSpec | None = None,
-              payload: bytes | None = None) -> ChunkRef:
-        """Seal and write one chunk object (thread-safe).
+              payload: bytes | None = None, inline: bool = True) -> ChunkRef:
+        """Seal and write one chunk object (thread-safe).  ``inline`` False:
+        an object file even when it is small enough for the index (the
+        re-encoder's output: see docs/format.md, "Inline objects").
 
         Not durable yet: :meth:`sync` makes every object written so far
         durable; the core calls it before any durable index state (journal
@@ -255,7 +259,7 @@ class ObjectStore(FramedObjects, ObjectHousekeeping):
         """
         oid = self.new_oid()
         ref, blob = self.seal(cipher, oid, file_id, ino, index, generation, flags, codec,
-                              plaintext, frame, payload)
+                              plaintext, frame, payload, inline)
         if ref.flags & _INLINE:  # put by the operation that commits its record
             self.inline.stage(oid, blob)
         else:
