@@ -85,14 +85,25 @@ class InlineRows:
                 return None if raw is None else bytes(raw)
 
     # --- the transaction's side -------------------------------------------------
-    def take(self, oid: bytes) -> bytes | None:
+    def take(self, oid: bytes, taken: list[bytes]) -> bytes | None:
         """The staged bytes of ``oid`` for the transaction putting its chunk
-        record (kept for readers until the batch is committed)."""
+        record (kept for readers until the batch is committed); ``oid`` is
+        added to ``taken`` if this moved it out of the staged ones."""
         blob = self._staged.pop(oid, None)
         if blob is None:
             return self._placed.get(oid)
         self._placed[oid] = blob
+        taken.append(oid)
         return blob
+
+    def give_back(self, taken: list[bytes]) -> None:
+        """The transaction that took these aborted (a full disk, a failed
+        journal write): staged again for its retry, which may come after a
+        checkpoint has cleared what the batch held."""
+        for oid in taken:
+            blob = self._placed.pop(oid, None)
+            if blob is not None:
+                self._staged[oid] = blob
 
     # --- the index's side -------------------------------------------------------
     @contextlib.contextmanager

@@ -47,6 +47,9 @@ class Txn:
         #: the same changes as (database, key, old value, new value), for the
         #: index's sums (:mod:`dcmfs.index.auth`)
         self.changes: list[tuple[str, bytes, bytes | None, bytes | None]] = []
+        #: inline objects this transaction took from the staged ones: staged
+        #: again if it aborts (:meth:`InlineRows.give_back`)
+        self._taken_inline: list[bytes] = []
 
     def __enter__(self) -> "Txn":
         return self
@@ -56,14 +59,21 @@ class Txn:
             return
         if exc_type is not None:
             self.txn.abort()
+            self._give_back()
         elif self._nested:
             try:
                 self.ix._commit_nested(self)
             except BaseException:
                 self.txn.abort()
+                self._give_back()
                 raise
         else:
             self.txn.abort()  # a read-only transaction
+
+    def _give_back(self) -> None:
+        if self._taken_inline:
+            self.ix.inline.give_back(self._taken_inline)
+            self._taken_inline = []
 
     def _record(self, kind: int, db: str, key: bytes, value: bytes | None) -> None:
         if self.ops is not None:
@@ -374,7 +384,7 @@ class Txn:
             raise IntegrityError("an inline object for a store without its database "
                                  "(feature inline-small-v1 missing)")
         key = inline_key(ino, oid)
-        blob = self.ix.inline.take(oid)
+        blob = self.ix.inline.take(oid, self._taken_inline)
         if blob is None:
             if self.txn.get(key, db=self._db["inline"]) is not None:
                 return  # the same object put again (repair, a replayed record)
