@@ -250,15 +250,27 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
             finally:
                 f.close()
             result["problems" if i == 0 else "remaining"] = problems
+            if i == 0:
+                # files the repair rebuilt incomplete or could not rebuild
+                # (their inline objects were lost with the index)
+                result["unrecovered"] = sorted(set(f.unrecovered))
         final = result.get("remaining", result["problems"])
-        lost = (result["rebuilt"] or {}).get("records_after_gap", 0)
-        result["clean"] = not final and not lost
+        rebuilt = result["rebuilt"] or {}
+        lost = rebuilt.get("records_after_gap", 0)
+        if rebuilt:
+            # nothing held the index's inline objects: files made only of
+            # them are gone without a trace (nothing names them any more)
+            rebuilt["inline_lost"] = (fmt.INLINE_FEATURE in store.features
+                                      and rebuilt["snapshot"] is None
+                                      and not rebuilt["journal_records"])
+        result["clean"] = not final and not lost and not result["unrecovered"]
         try:
             if result["clean"]:
                 opened.clear_damage()  # the index's record, then the file
             else:
                 opened.record_damage("fsck found problems" if final else
-                                     "index rebuilt with journal records missing")
+                                     "index rebuilt with journal records missing" if lost
+                                     else "index rebuilt: files came back incomplete")
         finally:
             opened.close_index()
     if tty:
@@ -279,6 +291,13 @@ def render_fsck(result: dict) -> str:
                      + (f", {r['records_after_gap']} after a gap not applied"
                         if r["records_after_gap"] else "")
                      + "; what the index lacks comes from the objects")
+        if r.get("inline_lost"):
+            lines.append("no snapshot and no journal held the index's inline objects (chunks "
+                         f"of at most {fmt.INLINE_MAX} bytes as stored, kept in the index): "
+                         "files made only of them (small files) are lost and nothing names "
+                         "them any more; a larger file whose last chunk was one comes back "
+                         "incomplete as /lost+found/INO.incomplete (a backup of the store "
+                         "may still hold them).")
     for p in result["problems"]:
         where = ", ".join(p["paths"]) or (f"inode {p['ino']}" if p["ino"] else "store")
         lines.append(f"[{p['check']}] {where}: {p['what']}"
@@ -291,6 +310,12 @@ def render_fsck(result: dict) -> str:
                      + ("clean." if not left else f"{left} problems remain."))
         for p in result["remaining"]:
             lines.append(f"  remaining [{p['check']}] {p['what']}")
+        if result.get("unrecovered"):
+            lines.append(f"fsck: {len(result['unrecovered'])} file(s) came back incomplete "
+                         "or not at all (inodes " + ", ".join(map(str, result["unrecovered"]))
+                         + "; see above); the store stays marked as damaged until "
+                         f"'dcmfs fsck {result['store']}' is run again after you have dealt "
+                         "with them.")
     else:
         lines.append("fsck: clean." if not n else
                      f"fsck: {n} problems; run 'dcmfs fsck --repair {result['store']}' to "

@@ -92,6 +92,9 @@ class Fsck(Salvage):
         #: oid -> its sealed context, or None when it does not authenticate
         self._contexts: dict[bytes, ChunkContext | None] = {}
         self._garbage: list[bytes] = []
+        #: files whose objects came back incomplete or not at all (their
+        #: inline objects lost with the index): the repair is not clean
+        self.unrecovered: list[int] = []
         self._now = time.time_ns()
 
     # --- running ------------------------------------------------------------------

@@ -264,12 +264,30 @@ class Salvage:
 
     def _rebuild_file(self, ino: int, file_id: bytes, ctxs: list[ChunkContext]) -> bool:
         """Make a file of objects the index does not know (same inode number and
-        file id: they are bound into the objects).  False if they do not form one."""
+        file id: they are bound into the objects).  False if they do not form one.
+
+        In a store with inline objects (``inline-small-v1``) the index may
+        have held some of the file's chunks: objects that end before a
+        last chunk make an *incomplete* file (what they hold, the end
+        lost), named ``INO.incomplete``, reported and noted as such; a
+        chunk with no object before the end reads as zeros and is named
+        in the report and the note (a hole, or an inline chunk lost)."""
         table = assemble(ctxs, self.cs)
+        inline = fmt.INLINE_FEATURE in self.store.features
+        incomplete = table is None and inline
+        if incomplete:
+            table = assemble_partial(ctxs, self.cs)
         if table is None:
+            if inline:
+                self.found("unreferenced", "these objects do not form a file: a part of it "
+                           "(an inline object, kept in the index) was lost with the index",
+                           ino, repaired="its objects moved to quarantine")
+                self.unrecovered.append(ino)
             return False
         size = max(r.offset + r.plain_len if r.offset >= 0 else i * self.cs + r.plain_len
                    for i, r in table.items())
+        holes = [] if not inline or any(r.offset >= 0 for r in table.values()) else \
+            [i for i in range(max(table)) if i not in table]
         gen = max(r.generation for r in table.values())
         secret = self._secret_of(ino, file_id, table)
         if secret is None:
@@ -282,16 +300,49 @@ class Salvage:
                 hasher.update(plain[:length].ljust(length, b"\0"))
         except IntegrityError:
             return False
+        if incomplete:
+            # the chunk that ends what was found is sealed anew as the last
+            # one (readers refuse a file whose end is not marked); the object
+            # it was goes, its bytes being in the new one
+            gen += 1
+            ref = table[idx]
+            flags = ref.flags & fmt.CHUNK_FLAG_EXTENT | fmt.CHUNK_FLAG_LAST
+            table[idx] = self.objects.write(cipher, file_id, ino, idx, gen, flags,
+                                            codecs.ZSTD, plain)._replace(offset=ref.offset)
+            self._garbage.append(ref.oid)
         now = self._now
+        zeros = ", ".join(f"{i * self.cs}-{(i + 1) * self.cs - 1}" for i in holes)
+        note = ("fsck " + time.strftime("%Y-%m-%d %H:%M:%S") + ": assembled from objects the "
+                "index did not know" + (
+                    f"; INCOMPLETE: only bytes 0-{size - 1} were found, the end of the file "
+                    "(its last chunk, an inline object kept in the index) was lost with the "
+                    "index, its true size is not known" if incomplete else
+                    " (newest complete version)")
+                + (f"; bytes {zeros} had no object and are zeros (a hole, or an inline "
+                   "object lost with the index)" if holes else "")
+                + "; no checksum was kept to compare it with")
         with self.index.begin(write=True) as txn:
             txn.put_inode(ino, Inode(stat.S_IFREG | 0o600, 0, 0, 1, size, now, now, now,
                                      file_id, gen, hasher.digest(), tree=True, secret=secret))
             for idx, ref in table.items():
                 txn.put_chunk(ino, idx, ref)
-            txn.set_xattr(ino, fmt.FSCK_XATTR.encode(), b"fsck " + time.strftime(
-                "%Y-%m-%d %H:%M:%S").encode() + b": assembled from objects the index did not "
-                b"know (newest complete version); no checksum was kept to compare it with")
-        self._link_lost(ino, str(ino).encode())
+            txn.set_xattr(ino, fmt.FSCK_XATTR.encode(), note.encode())
+        name = self._link_lost(ino, f"{ino}.incomplete".encode() if incomplete
+                               else str(ino).encode())
+        where = "/lost+found/" + name.decode()
+        if incomplete:
+            self.found("unreferenced", f"the file's end is lost: its last chunk was an inline "
+                       "object, kept in the index; its objects hold bytes "
+                       f"0-{size - 1}, its true size is not known", ino,
+                       repaired=f"rebuilt incomplete as {where} (see its user.dcmfs.fsck "
+                                "note)")
+            self.unrecovered.append(ino)
+        if holes:
+            self.found("unreferenced", f"bytes {zeros} of the file have no object: a hole, or "
+                       "an inline object lost with the index", ino,
+                       repaired=f"they read as zeros in {where} (see its user.dcmfs.fsck "
+                                "note)")
+            self.unrecovered.append(ino)
         return True
 
 
@@ -340,6 +391,39 @@ def assemble(ctxs: list[ChunkContext], cs: int) -> dict[int, ChunkRef] | None:
                 newest[c.index] = c
         newest[last.index] = last
         options.append((last.generation, 0, {
+            i: ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len, c.stored_len)
+            for i, c in newest.items()}))
+    if not options:
+        return None
+    return max(options, key=lambda o: (o[0], o[1]))[2]
+
+
+def assemble_partial(ctxs: list[ChunkContext], cs: int) -> dict[int, ChunkRef] | None:
+    """The beginning of the newest version when no object ends it (its last
+    chunk was inline, lost with the index): fixed-layout chunks, the newest
+    object of each; extents: the newest version's from the first on, while
+    they follow one another (an extent after a missing one has no known
+    place).  None when that is nothing."""
+    options = []
+    ext = [c for c in ctxs if c.flags & fmt.CHUNK_FLAG_EXTENT]
+    if ext:
+        gen = max(c.generation for c in ext)
+        by_idx = {c.index: c for c in ext if c.generation == gen}
+        table, pos, i = {}, 0, 0
+        while i in by_idx:
+            c = by_idx[i]
+            table[i] = ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len,
+                                c.stored_len, pos)
+            pos += c.plain_len
+            i += 1
+        if table:
+            options.append((gen, 1, table))
+    fixed = [c for c in ctxs if not c.flags & fmt.CHUNK_FLAG_EXTENT]
+    if fixed:
+        newest: dict[int, ChunkContext] = {}
+        for c in sorted(fixed, key=lambda c: c.generation):
+            newest[c.index] = c
+        options.append((max(c.generation for c in fixed), 0, {
             i: ChunkRef(c.oid, c.generation, c.codec, c.flags, c.plain_len, c.stored_len)
             for i, c in newest.items()}))
     if not options:
