@@ -122,6 +122,37 @@ def test_rebuild_from_the_objects_alone_names_holes_of_lost_inline_chunks(make_f
     fs.close()
 
 
+def test_rebuild_from_the_objects_alone_of_a_reencoded_dicom_file(make_fs, secret):
+    """The re-encoder stores a DICOM file as extents, its header (a few KiB
+    compressed) inline: the pixel extent alone has no known place, the
+    file cannot be rebuilt; the run says so, names the inode, and the
+    object is kept in quarantine/, not deleted."""
+    from .conftest import ct_file
+    from .test_dicom import REAL
+    cfg = dataclasses.replace(REAL, reencode=True)
+    fs = make_fs(cfg)
+    fs._secrets = False
+    write_file(fs, "/ct.dcm", ct_file().read_bytes())
+    fs.recompress()
+    assert fs.reencoder.wait_idle(timeout=600)
+    with fs.lock, fs.index.begin() as txn:
+        ino = fs._resolve(txn, "/ct.dcm")
+        table = txn.chunks(ino)
+    assert table[0].flags & INLINE and table[0].flags & fmt.CHUNK_FLAG_EXTENT
+    on_disk = {r.oid.hex() for r in table.values() if not r.flags & INLINE}
+    assert on_disk
+    fs.close()
+    root = str(make_fs.root)
+    shutil.rmtree(os.path.join(root, "snapshots"))
+    shutil.rmtree(os.path.join(root, "index"))
+    result = admin.fsck(root, lambda: secret, cfg, False, True, out=QUIET)
+    assert not result["clean"] and result["unrecovered"] == [ino], result
+    said = [p for p in result["problems"] if p["ino"] == ino and "do not form a file" in p["what"]]
+    assert said, result["problems"]
+    assert on_disk <= set(os.listdir(os.path.join(root, fmt.QUARANTINE_DIR)))
+    assert f"inodes {ino};" in admin.render_fsck(result)
+
+
 def test_rebuild_from_a_snapshot_and_the_journals_keeps_every_inline_chunk(make_fs, secret):
     """index/ lost, snapshots/ kept: the snapshot and the journal records
     after it (an overwrite replacing an inline chunk, an unlink, a new
