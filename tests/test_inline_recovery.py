@@ -198,6 +198,10 @@ def _fail_once(monkeypatch, cls, name, exc):
     monkeypatch.setattr(cls, name, wrapper)
 
 
+def forget(fs) -> None:
+    fs.data.cache = type(fs.data.cache)(1 << 20)  # decoded chunks forgotten
+
+
 def assert_rows_match_records(fs):
     """The inline rows are exactly those the chunk records name."""
     with fs.lock, fs.index.begin() as txn:
@@ -207,15 +211,15 @@ def assert_rows_match_records(fs):
 
 
 @pytest.mark.parametrize("fault", ["index full", "journal write"])
-@pytest.mark.parametrize("case", ["new", "overwrite"])
+@pytest.mark.parametrize("case", ["new", "overwrite", "written again"])
 def test_a_commit_retried_after_a_checkpoint(make_fs, secret, monkeypatch, fault, case):
     """The commit fails after its chunk record took the staged inline
     object (the disk full as the inode record is put; the journal write
     failing), the batch is checkpointed, the retry commits: the rows are
     those of the records, the file reads back after a remount, verify and
     fsck are clean.  (Before the fix the checkpoint forgot the object the
-    aborted operation had taken: the retry failed, "not sealed in this
-    session".)"""
+    aborted operation had taken: the chunk no longer read, and the
+    retry failed, "not sealed in this session".)"""
     from dcmfs import errors as E
     from dcmfs.index import Txn
     from dcmfs.index.journal import Journal
@@ -239,11 +243,19 @@ def test_a_commit_retried_after_a_checkpoint(make_fs, secret, monkeypatch, fault
         fs.flush(fh)
     fs.checkpoint()
     assert_rows_match_records(fs)
+    forget(fs)
+    assert fs.read(fh, len(data) + 10, 0) == data  # the uncommitted chunk still reads
+    if case == "written again":  # before the retry: a new object for the chunk
+        data = data[:100] + os.urandom(50) + data[150:]
+        fs.write(fh, data[100:150], 100)
     fs.flush(fh)
     fs.release(fh)
     assert read_file(fs, "/f") == data
     assert_rows_match_records(fs)
     assert_no_dangling(fs)
+    fs.checkpoint()
+    rows = fs.index.inline
+    assert not rows._staged and not rows._placed  # nothing held back in memory
     fs.close()
     fs = make_fs(SMALL)
     assert read_file(fs, "/f") == data
