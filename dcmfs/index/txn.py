@@ -47,9 +47,7 @@ class Txn:
         #: the same changes as (database, key, old value, new value), for the
         #: index's sums (:mod:`dcmfs.index.auth`)
         self.changes: list[tuple[str, bytes, bytes | None, bytes | None]] = []
-        #: inline objects this transaction took from the staged ones: staged
-        #: again if it aborts (:meth:`InlineRows.give_back`)
-        self._taken_inline: list[bytes] = []
+        self._taken_inline: list[bytes] = []  # staged again if it aborts
 
     def __enter__(self) -> "Txn":
         return self
@@ -59,21 +57,16 @@ class Txn:
             return
         if exc_type is not None:
             self.txn.abort()
-            self._give_back()
+            self.ix.inline.give_back(self._taken_inline)
         elif self._nested:
             try:
                 self.ix._commit_nested(self)
             except BaseException:
                 self.txn.abort()
-                self._give_back()
+                self.ix.inline.give_back(self._taken_inline)
                 raise
         else:
             self.txn.abort()  # a read-only transaction
-
-    def _give_back(self) -> None:
-        if self._taken_inline:
-            self.ix.inline.give_back(self._taken_inline)
-            self._taken_inline = []
 
     def _record(self, kind: int, db: str, key: bytes, value: bytes | None) -> None:
         if self.ops is not None:
