@@ -40,9 +40,9 @@ def three_files(make_fs, legacy: bool):
     for path, data in content.items():
         write_file(fs, path, data)
     with fs.lock, fs.index.begin() as txn:
-        flags = {p: [bool(r.flags & INLINE) for _, r in sorted(txn.chunks(fs._resolve(txn, p)).items())]
-                 for p in content}
         inos = {p: fs._resolve(txn, p) for p in content}
+        flags = {p: [bool(r.flags & INLINE) for _, r in sorted(txn.chunks(ino).items())]
+                 for p, ino in inos.items()}
     assert flags == {"/small": [True], "/large": [False, False, False, True],
                      "/plain": [False, False, False]}
     fs.close()
