@@ -175,10 +175,7 @@ def rekey_index(ix: Index, key: bytes, gen: int, audit_head: dict | None = None)
     if ix._batch is not None:
         ix._batch.abort()
         ix._batch = None
-    path = ix.env.path()
-    map_size = ix.env.info()["map_size"]
-    tmp = os.path.join(path, f".compact-rekey-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    path, map_size, tmp = _scratch(ix, "compact-rekey")
     try:
         os.mkdir(tmp, 0o700)
         env = lmdb.open(tmp, subdir=True, map_size=map_size, max_dbs=len(DATABASES),
@@ -220,10 +217,7 @@ def compact_index(ix: Index) -> None:
             raise IndexDamagedError("compacting the index with changes not checkpointed")
         ix._batch.abort()
         ix._batch = None
-    path = ix.env.path()
-    map_size = ix.env.info()["map_size"]
-    tmp = os.path.join(path, f".compact-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    path, map_size, tmp = _scratch(ix, "compact")
     try:
         os.mkdir(tmp, 0o700)
         ix.env.copy(tmp, compact=True)
@@ -233,3 +227,12 @@ def compact_index(ix: Index) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StoreIOError(f"Compacting the index failed: {exc}.") from exc
     ix.swap_in(tmp, path, map_size)
+
+
+def _scratch(ix: Index, name: str) -> tuple[str, int, str]:
+    """The index's directory, its map size and the path of a directory in
+    it for a copy to swap in (``.NAME-PID``; what a crash left there removed)."""
+    path = ix.env.path()
+    tmp = os.path.join(path, f".{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return path, ix.env.info()["map_size"], tmp
