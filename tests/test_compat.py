@@ -33,6 +33,13 @@ def test_there_is_a_frozen_store_for_the_current_format():
     assert (COMPAT / f"v{FORMAT_VERSION}" / "manifest.json").exists()
 
 
+def test_the_format_document_names_the_current_version():
+    from dcmfs.format import FORMAT_VERSION
+    doc = (COMPAT.parent.parent / "docs" / "format.md").read_text()
+    assert doc.splitlines()[0] == f"# dcmfs store format, version {FORMAT_VERSION}"
+    assert f"version {FORMAT_VERSION} released" in doc
+
+
 def read(fs, path) -> bytes:
     fh = fs.open(path, os.O_RDONLY)
     try:
