@@ -94,6 +94,32 @@ def test_rebuild_from_the_objects_alone(make_fs, secret, tmp_path):
     assert admin.verify(root, lambda: secret, BIG, out=QUIET)["findings"] == []
 
 
+def test_a_rebuild_that_lost_only_small_files_is_not_called_clean(make_fs, secret, tmp_path):
+    """index/ and snapshots/ lost, every file of the store inline only: the
+    rebuild brings nothing back and cannot name what it lost, so it exits
+    34 and leaves the store marked damaged until a check is run again (it
+    said "fsck: clean." and cleared the mark)."""
+    from dcmfs.storage.header import damage_mark
+    fs = make_fs(BIG)
+    for i in range(3):
+        write_file(fs, f"/note{i}.txt", os.urandom(700))
+    fs.close()
+    root = str(make_fs.root)
+    shutil.rmtree(os.path.join(root, "snapshots"))
+    shutil.rmtree(os.path.join(root, "index"))
+    key = tmp_path / "key"
+    key.write_bytes(secret.value)
+    key.chmod(0o600)
+    run = subprocess.run([sys.executable, "-m", "dcmfs.cli", "fsck", root, "--rebuild-index",
+                          "--key-file", str(key)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == E.DamageFound.exit_code, (run.stdout, run.stderr)
+    assert "files made only of them (small files) are lost" in run.stdout, run.stdout
+    assert "fsck: clean." not in run.stdout and f"'dcmfs fsck {root}'" in run.stdout
+    assert "may be lost" in damage_mark(root)["reason"], damage_mark(root)
+    again = admin.fsck(root, lambda: secret, BIG, False, False, out=QUIET)
+    assert again["clean"] and damage_mark(root) is None, again
+
+
 def test_rebuild_from_the_objects_alone_names_holes_of_lost_inline_chunks(make_fs, secret):
     """A chunk of repeated bytes compresses into an inline object (at 64 KiB
     chunks; the default chunk size frames full chunks, never inline): in a
@@ -125,7 +151,8 @@ def test_rebuild_from_the_objects_alone_names_holes_of_lost_inline_chunks(make_f
 def test_rebuild_from_the_objects_alone_brings_a_reencoded_dicom_file_back(make_fs, secret):
     """The re-encoder writes object files whatever their size (its small
     header extent too): a DICOM file it stored as extents comes back whole
-    from the objects alone, byte-exact, the run clean."""
+    from the objects alone, byte-exact (the run not clean: what only the
+    index held may be lost with it)."""
     from .conftest import ct_file
     from .test_dicom import REAL
     cfg = dataclasses.replace(REAL, reencode=True)
@@ -145,7 +172,9 @@ def test_rebuild_from_the_objects_alone_brings_a_reencoded_dicom_file_back(make_
     shutil.rmtree(os.path.join(root, "snapshots"))
     shutil.rmtree(os.path.join(root, "index"))
     result = admin.fsck(root, lambda: secret, cfg, False, True, out=QUIET)
-    assert result["clean"] and result["unrecovered"] == [], result
+    assert result["remaining"] == [] and result["unrecovered"] == [], result
+    assert not result["clean"] and result["rebuilt"]["inline_lost"], result
+    assert admin.fsck(root, lambda: secret, cfg, False, False, out=QUIET)["clean"]
     fs = make_fs(cfg)
     assert lost_found(fs) == {str(ino): data}
     fs.close()

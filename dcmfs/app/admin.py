@@ -263,14 +263,19 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
             rebuilt["inline_lost"] = (fmt.INLINE_FEATURE in store.features
                                       and rebuilt["snapshot"] is None
                                       and not rebuilt["journal_records"])
-        result["clean"] = not final and not lost and not result["unrecovered"]
+        # a rebuild that may have lost small files it cannot name is not clean
+        gone = rebuilt.get("inline_lost", False)
+        result["clean"] = not final and not lost and not result["unrecovered"] and not gone
         try:
             if result["clean"]:
                 opened.clear_damage()  # the index's record, then the file
             else:
                 opened.record_damage("fsck found problems" if final else
                                      "index rebuilt with journal records missing" if lost
-                                     else "index rebuilt: files came back incomplete")
+                                     else "index rebuilt: files came back incomplete"
+                                     if result["unrecovered"] else
+                                     "index rebuilt from objects alone: small files may "
+                                     "be lost")
         finally:
             opened.close_index()
     if tty:
@@ -297,7 +302,8 @@ def render_fsck(result: dict) -> str:
                          "files made only of them (small files) are lost and nothing names "
                          "them any more; a larger file whose last chunk was one comes back "
                          "incomplete as /lost+found/INO.incomplete (a backup of the store "
-                         "may still hold them).")
+                         "may still hold them). The store stays marked as damaged until "
+                         f"'dcmfs fsck {result['store']}' is run again.")
     for p in result["problems"]:
         where = ", ".join(p["paths"]) or (f"inode {p['ino']}" if p["ino"] else "store")
         lines.append(f"[{p['check']}] {where}: {p['what']}"
