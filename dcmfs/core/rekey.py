@@ -153,8 +153,9 @@ def _needs_rekey(host: ActiveJobHost, ino: int) -> bool:
         refs = list(txn.chunks(ino).values()) if txn.get_inode(ino) is not None else []
     current = host.objects.epoch
     for ref in refs:
+        where = ino if ref.flags & CHUNK_FLAG_INLINE else None  # a row of the index
         try:
-            if host.objects.epochs_of(ref.oid) != {current}:
+            if host.objects.epochs_of(ref.oid, where) != {current}:
                 return True
         except IntegrityError:
             return True
