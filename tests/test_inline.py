@@ -387,6 +387,37 @@ def test_a_file_whose_inline_chunks_are_current_needs_no_rekey(small):
     fs.close()
 
 
+def test_a_reader_whose_read_meets_an_index_swap(small, monkeypatch):
+    """A thread reading a row outside the core lock (the re-encoder's pool,
+    a scrub, read-ahead) while a compaction swaps the index's environment
+    in between its two steps: it reads the new one (it held the old
+    environment's database handle: lmdb.Error, "Database handle belongs to
+    another environment")."""
+    import contextlib
+    fs, data = small
+    ino, table = refs_of(fs, "/b")
+    (ref,) = table.values()
+    rows = fs.objects.inline
+    assert rows.get(ino, ref.oid) is not None and not rows._staged and not rows._placed
+    real, swapped = type(rows)._reading, []
+
+    @contextlib.contextmanager
+    def swap_first(self):
+        if not swapped:
+            swapped.append(True)
+            with fs.lock:
+                fs.index.compact()
+        with real(self):
+            yield
+    monkeypatch.setattr(type(rows), "_reading", swap_first)
+    blob = rows.get(ino, ref.oid)
+    assert swapped and blob is not None and len(blob) == stored_bytes(ref)
+    monkeypatch.undo()
+    forget(fs)
+    assert read_file(fs, "/b") == data["/b"]
+    fs.close()
+
+
 def test_a_store_without_the_feature_writes_files(make_fs):
     fs = make_fs(dataclasses.replace(SMALL, inline_max=0))
     write_file(fs, "/s", os.urandom(100))

@@ -76,10 +76,10 @@ class InlineRows:
             blob = self._placed.get(oid)
         if blob is not None:
             return blob
-        db = self._ix.dbs.get(DB)
-        if db is None:
-            return None
-        with self._reading():
+        with self._reading():  # (a swap replaces the handle with the environment)
+            db = self._ix.dbs.get(DB)
+            if db is None:
+                return None
             with self._ix.env.begin() as txn:
                 raw = txn.get(row_key(ino, oid), db=db)
                 return None if raw is None else bytes(raw)
