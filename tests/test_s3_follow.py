@@ -306,3 +306,34 @@ def test_a_follower_follows_a_key_rotation_and_says_when_it_cannot(s3_fs, tmp_pa
         assert read_file(viewer, "/after") == data  # what it has stays readable
     finally:
         viewer.close()
+
+
+def test_a_file_closed_on_a_follower_after_the_writer_changed_it(s3_fs, tmp_path, secret,
+                                                                 s3_settings):
+    """A reader on a follower holds /first open while the writer replaces
+    its content and the follower applies the records; when the reader
+    closes, the follower answers the writer's size and content (the close
+    kept the record the file was opened with: the old size, then the new
+    chunks read under it)."""
+    from .test_s3 import read_file
+
+    first = os.urandom(150_000)
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first)
+    try:
+        fh = viewer.open("/first", os.O_RDONLY)
+        assert viewer.read(fh, 100, 0) == first[:100]
+        second = os.urandom(90_000)
+        wh = writer.open("/first", os.O_WRONLY | os.O_TRUNC)  # the same inode
+        writer.truncate("/first", 0, wh)
+        writer.write(wh, second, 0)
+        writer.release(wh)
+        writer.opened.remote.drain()
+        writer.opened.checkpoint()
+        writer.opened.publisher.publish()
+        assert viewer.opened.follower.follow() > 0
+        viewer.release(fh)
+        assert viewer.getattr("/first")["st_size"] == len(second)
+        assert read_file(viewer, "/first") == second
+    finally:
+        viewer.close()
+        writer.close()

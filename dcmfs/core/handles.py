@@ -365,11 +365,12 @@ class FileOps:
                 self.data.commit(of)
         finally:
             del self._open[of.ino]
-            if not of.changed and not of.unlinked:
+            if not of.changed and not of.unlinked and self.opened.follower is None:
                 # what was just committed: the kernel asks the attributes of
                 # a file it wrote by its name right after the close (its own
                 # were invalidated by the write), and would open the record
-                # the commit sealed (issue 17)
+                # the commit sealed (issue 17); a follower's records change
+                # under its open files (the writer's), so it keeps none
                 self._remember_inode(of.ino, of.inode)
             if len(self._released) > 256:
                 self._released.clear()
