@@ -14,7 +14,7 @@ namespace       the root; entries name existing inodes in existing directories;
                 link counts; files and directories no entry reaches
 tables          chunk entries belong to existing files
 contents        every file: objects, chunk table, sizes, SHA-256 (``verify``)
-unreferenced    objects no index entry names
+unreferenced    objects no index entry names (object files; inline objects, kept in the index)
 totals          the store totals (files, logical and stored bytes), and entries
                 of other databases that name missing inodes
 ==============  ==================================================================
@@ -44,9 +44,11 @@ from ..storage.durable import fsync_dir
 from ..errors import DcmfsError, IndexDamagedError, IntegrityError
 from ..index.snapshots import take_snapshot
 from ..index import SEALED, Index, Inode
+from ..index.schema import U64X2
 from ..opened.store import OpenedStore
 from ..storage.objects import ChunkContext, ObjectDamaged, file_oids, stored_bytes
 from . import authentic
+from .inline_rows import InlineSalvage
 from .repair import Salvage
 from .verify import check_file, name_paths
 
@@ -67,7 +69,7 @@ class Problem:
         return dataclasses.asdict(self)
 
 
-class Fsck(Salvage):
+class Fsck(Salvage, InlineSalvage):
     """One fsck run on an unmounted store (it holds the store lock)."""
 
     def __init__(self, opened: OpenedStore, repair: bool,
@@ -245,7 +247,8 @@ class Fsck(Salvage):
             self._contexts[oid] = ctx
             if ctx.oid != oid:
                 misplaced[oid] = ctx
-        top = max((c.ino for c in self._contexts.values() if c is not None), default=0)
+        top = max([c.ino for c in self._contexts.values() if c is not None]
+                  + [self._inline_top()])  # (inline objects keep theirs too)
         if self.repair and top >= self._next_ino0:
             # objects keep their inode numbers: /lost+found or a salvaged file
             # must never be given one of them
@@ -375,9 +378,9 @@ class Fsck(Salvage):
         for ino, idx in stray:
             self.found("tables", f"chunk {idx} belongs to no file", ino,
                        repaired="entry removed (its object is salvaged below)")
-            if self.repair:
+            if self.repair:  # (an inline object it names stays: salvaged as a file's)
                 with ix.begin(write=True) as txn:
-                    txn.delete_chunk(ino, idx)
+                    txn._delete("chunks", U64X2.pack(ino, idx))
 
     # --- contents --------------------------------------------------------------------------------
     def check_contents(self) -> None:
@@ -422,9 +425,8 @@ class Fsck(Salvage):
         with ix.begin() as txn:
             named = {ref.oid for _, _, ref in txn.iter_all_chunks()}
             inodes = dict(txn.iter_inodes())
-        self.check_inline_rows(inodes)
+        unknown = self.check_inline_rows(inodes)  # (those of missing inodes)
         present = set(self.objects.iter_oids())
-        unknown: dict[tuple[int, bytes], list[ChunkContext]] = collections.defaultdict(list)
         for oid in sorted(present - named):
             if oid not in self._contexts:
                 try:
@@ -472,9 +474,7 @@ class Fsck(Salvage):
                 self.found("unreferenced", "object of a file the index does not know", ino,
                            ctx.oid, repaired="rebuilt into a file in /lost+found" if rebuilt
                            else "moved to quarantine")
-            if self.repair and not rebuilt:
-                for ctx in ctxs:
-                    self.objects.quarantine(ctx.oid, self.store.root)
+            self._drop_unsalvaged(ino, ctxs, rebuilt)
 
     def _index_damaged(self) -> bool:
         return any(p.check == "index" for p in self.problems)
@@ -493,8 +493,8 @@ class Fsck(Salvage):
             stored_v1 = stored - (fmt.OBJ_HEADER_LEN - fmt.OBJ1_HEADER_LEN) * len(refs)
             have = txn.stats()
             stray = []
-            for db in ("xattrs", "orphans", "backlog", "content", "scrubbed", "deidview",
-                       "inline"):
+            # (inline objects of missing inodes: salvaged by check_unreferenced)
+            for db in ("xattrs", "orphans", "backlog", "content", "scrubbed", "deidview"):
                 for key, _ in list(ix.raw_items(db)):
                     if int.from_bytes(bytes(key[:8]), "big") not in inodes:
                         stray.append((db, bytes(key)))

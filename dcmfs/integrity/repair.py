@@ -11,6 +11,9 @@ The rules (never delete what cannot be proven garbage):
 * objects of a file the index does not know are assembled into a file in
   ``/lost+found`` (same inode number and file id: both are bound into the
   objects), the newest complete version; what forms no file is quarantined.
+
+Inline objects no chunk record names (kept in the index) are candidates
+like object files (:mod:`dcmfs.integrity.inline_rows`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class Salvage:
         """A damaged file whose objects hold a complete version newer than the
         index knows (the index was rebuilt from an older state): that version
         replaces the lost one, in place, noted in ``user.dcmfs.fsck``."""
-        mine = [c for oid, c in self._contexts.items()
+        mine = [c for oid, c in [*self._contexts.items(), *self._own_inline(ino)]
                 if c is not None and c.oid == oid and c.ino == ino and c.file_id == inode.file_id
                 and (not self._named.get(oid) or oid in {r.oid for r in table.values()})]
         if not any(c.generation > inode.generation for c in mine):
@@ -116,7 +119,7 @@ class Salvage:
         (a chunk entry lost to a flipped bit, an object put back by the
         objects check): only if the result matches the file's SHA-256."""
         candidates: dict[int, ChunkContext] = {}
-        for oid, ctx in self._contexts.items():
+        for oid, ctx in [*self._contexts.items(), *self._own_inline(ino)]:  # files, rows
             if ctx is None or ctx.oid != oid or self._named.get(oid) or ctx.ino != ino \
                     or ctx.file_id != inode.file_id or ctx.generation > inode.generation:
                 continue
@@ -225,23 +228,6 @@ class Salvage:
             fresh.nlink = 1
             txn.put_inode(ino, fresh)
 
-    def check_inline_rows(self, inodes: dict) -> None:
-        """Inline objects no chunk record names (of live inodes: a row of a
-        missing inode is a stray entry of check_totals).  A row and its
-        record are put and deleted together, so such a row is damage."""
-        with self.index.begin() as txn:
-            named = {(ino, ref.oid) for ino, _, ref in txn.iter_all_chunks()
-                     if ref.flags & fmt.CHUNK_FLAG_INLINE}
-            stray = [(ino, oid) for ino, oid in txn.iter_inline()
-                     if ino in inodes and (ino, oid) not in named]
-        for ino, oid in stray:
-            self.found("unreferenced", "inline object no chunk record names", ino, oid,
-                       repaired="moved to quarantine")
-            if self.repair:
-                self.objects.quarantine(oid, self.store.root, ino)
-                with self.index.begin(write=True) as txn:
-                    txn.delete_inline(ino, oid)
-
     def _quarantine_or_garbage(self, oid: bytes, ino: int, ref: ChunkRef) -> None:
         """A damaged object: it cannot be read, but it is not ours to delete
         (an inline one: its bytes are copied to the quarantine, its row goes
@@ -309,7 +295,8 @@ class Salvage:
             flags = ref.flags & fmt.CHUNK_FLAG_EXTENT | fmt.CHUNK_FLAG_LAST
             table[idx] = self.objects.write(cipher, file_id, ino, idx, gen, flags,
                                             codecs.ZSTD, plain)._replace(offset=ref.offset)
-            self._garbage.append(ref.oid)
+            if not ref.flags & fmt.CHUNK_FLAG_INLINE:  # (a row: kept by _drop_unsalvaged)
+                self._garbage.append(ref.oid)
         now = self._now
         zeros = ", ".join(f"{i * self.cs}-{(i + 1) * self.cs - 1}" for i in holes)
         note = ("fsck " + time.strftime("%Y-%m-%d %H:%M:%S") + ": assembled from objects the "
