@@ -366,9 +366,9 @@ class Txn:
             self._put_inline(ino, ref.oid)
         self._put("chunks", key, encode_chunk(ref))
 
-    def delete_chunk(self, ino: int, index: int) -> None:
-        key = U64X2.pack(ino, index)
-        if self._db["inline"] is not None:
+    def delete_chunk(self, ino: int, index: int, keep_inline: bool = False) -> None:
+        key = U64X2.pack(ino, index)  # keep_inline: fsck salvages the row first
+        if self._db["inline"] is not None and not keep_inline:
             self._drop_inline(ino, key)
         self._delete("chunks", key)
 

@@ -44,7 +44,6 @@ from ..storage.durable import fsync_dir
 from ..errors import DcmfsError, IndexDamagedError, IntegrityError
 from ..index.snapshots import take_snapshot
 from ..index import SEALED, Index, Inode
-from ..index.schema import U64X2
 from ..opened.store import OpenedStore
 from ..storage.objects import ChunkContext, ObjectDamaged, file_oids, stored_bytes
 from . import authentic
@@ -380,7 +379,7 @@ class Fsck(Salvage, InlineSalvage):
                        repaired="entry removed (its object is salvaged below)")
             if self.repair:  # (an inline object it names stays: salvaged as a file's)
                 with ix.begin(write=True) as txn:
-                    txn._delete("chunks", U64X2.pack(ino, idx))
+                    txn.delete_chunk(ino, idx, keep_inline=True)
 
     # --- contents --------------------------------------------------------------------------------
     def check_contents(self) -> None:
