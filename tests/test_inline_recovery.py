@@ -49,6 +49,17 @@ def three_files(make_fs, legacy: bool):
     return content, inos
 
 
+def rebuild_from_the_objects_alone(root: str, secret, tmp_path) -> subprocess.CompletedProcess:
+    """index/ and snapshots/ lost: `dcmfs fsck --rebuild-index`."""
+    shutil.rmtree(os.path.join(root, "snapshots"))
+    shutil.rmtree(os.path.join(root, "index"))
+    key = tmp_path / "key"
+    key.write_bytes(secret.value)
+    key.chmod(0o600)
+    return subprocess.run([sys.executable, "-m", "dcmfs.cli", "fsck", root, "--rebuild-index",
+                           "--key-file", str(key)], capture_output=True, text=True, timeout=300)
+
+
 def lost_found(fs) -> dict[str, bytes]:
     return {name: read_file(fs, "/lost+found/" + name) for name, _ in fs.readdir("/lost+found")}
 
@@ -62,13 +73,7 @@ def test_rebuild_from_the_objects_alone(make_fs, secret, tmp_path):
     from dcmfs.storage.header import damage_mark
     content, inos = three_files(make_fs, legacy=True)
     root = str(make_fs.root)
-    shutil.rmtree(os.path.join(root, "snapshots"))
-    shutil.rmtree(os.path.join(root, "index"))
-    key = tmp_path / "key"
-    key.write_bytes(secret.value)
-    key.chmod(0o600)
-    run = subprocess.run([sys.executable, "-m", "dcmfs.cli", "fsck", root, "--rebuild-index",
-                          "--key-file", str(key)], capture_output=True, text=True, timeout=300)
+    run = rebuild_from_the_objects_alone(root, secret, tmp_path)
     assert run.returncode == E.DamageFound.exit_code, run.stderr
     text = run.stdout
     large, small = inos["/large"], inos["/small"]
@@ -105,13 +110,7 @@ def test_a_rebuild_that_lost_only_small_files_is_not_called_clean(make_fs, secre
         write_file(fs, f"/note{i}.txt", os.urandom(700))
     fs.close()
     root = str(make_fs.root)
-    shutil.rmtree(os.path.join(root, "snapshots"))
-    shutil.rmtree(os.path.join(root, "index"))
-    key = tmp_path / "key"
-    key.write_bytes(secret.value)
-    key.chmod(0o600)
-    run = subprocess.run([sys.executable, "-m", "dcmfs.cli", "fsck", root, "--rebuild-index",
-                          "--key-file", str(key)], capture_output=True, text=True, timeout=300)
+    run = rebuild_from_the_objects_alone(root, secret, tmp_path)
     assert run.returncode == E.DamageFound.exit_code, (run.stdout, run.stderr)
     assert "files made only of them (small files) are lost" in run.stdout, run.stdout
     assert "fsck: clean." not in run.stdout and f"'dcmfs fsck {root}'" in run.stdout
