@@ -93,7 +93,8 @@ class Fetcher:
         if done is None:
             return False
         done.wait()
-        self.waited += 1
+        with self._cv:
+            self.waited += 1
         return True
 
     def _work(self) -> None:
@@ -113,16 +114,19 @@ class Fetcher:
                         self._queued.discard(other)
                 events = [threading.Event() for _ in names]
                 self._running.update(zip(names, events))
+            ok = False
             try:
                 if len(names) > 1:
                     self._download_many(names)
                 else:
                     self._download(name)
-                self.fetched += len(names)
+                ok = True
             except Exception as exc:  # noqa: BLE001 — the read meets it and reports it
                 log.debug("fetching objects ahead failed: %s", type(exc).__name__)
             finally:
-                with self._cv:
+                with self._cv:  # the pool's threads count under the lock
+                    if ok:
+                        self.fetched += len(names)
                     for n in names:
                         del self._running[n]
                     self._cv.notify_all()
