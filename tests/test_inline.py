@@ -127,6 +127,18 @@ def test_the_threshold_is_the_stored_size(make_fs):
         assert os.path.exists(fs.objects.path(ref.oid)) != inline
 
 
+def test_the_rows_of_one_inode_are_listed_alone(small):
+    fs, _ = small
+    rows = {path: row(fs, path) for path in ("/a", "/b", "/c")}
+    with fs.lock, fs.index.begin() as txn:
+        every = set(txn.iter_inline())
+        for path, (key, _, ref) in rows.items():
+            ino = int.from_bytes(key[:8], "big")
+            assert list(txn.iter_inline(ino)) == [(ino, ref.oid)], path
+        assert list(txn.iter_inline(10**9)) == []
+    assert every == {(int.from_bytes(k[:8], "big"), ref.oid) for k, _, ref in rows.values()}
+
+
 def test_unlink_and_overwrite_remove_the_row_in_the_same_operation(small):
     fs, data = small
     key_b, _, ref_b = row(fs, "/b")

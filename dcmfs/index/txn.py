@@ -244,11 +244,8 @@ class Txn:
             keys = [k for k, _ in self._scan_raw(prefix_db, ino_key(ino))]
             for k in keys:
                 self._delete(prefix_db, k)
-        self._delete("inodes", ino_key(ino))
-        self._delete("orphans", ino_key(ino))
-        self._delete("backlog", ino_key(ino))
-        self._delete("content", ino_key(ino))
-        self._delete("scrubbed", ino_key(ino))
+        for db in ("inodes", "orphans", "backlog", "content", "scrubbed"):
+            self._delete(db, ino_key(ino))
         if self._db["deidview"] is not None:
             self._delete("deidview", ino_key(ino))
         if self._db["inline"] is not None:  # the objects of its small chunks, now
@@ -405,11 +402,13 @@ class Txn:
         raw = self.txn.get(inline_key(ino, oid), db=self._db["inline"])
         return None if raw is None else bytes(raw)
 
-    def iter_inline(self) -> Iterator[tuple[int, bytes]]:
-        """(inode, object id) of every inline object stored (fsck, verify)."""
-        if self._db["inline"] is None:
-            return
-        for key, _ in self.txn.cursor(db=self._db["inline"]):
+    def iter_inline(self, ino: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(inode, object id) of every inline object, or of ``ino``'s (fsck, verify)."""
+        prefix = b"" if ino is None else U64.pack(ino)
+        cur = None if self._db["inline"] is None else self.txn.cursor(db=self._db["inline"])
+        for key in cur.iternext(values=False) if cur is not None and cur.set_range(prefix) else ():
+            if not key.startswith(prefix):
+                return
             yield U64.unpack_from(key)[0], bytes(key[8:])
 
     def delete_inline(self, ino: int, oid: bytes) -> bool:

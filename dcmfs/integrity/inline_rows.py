@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 
 from .. import format as fmt
-from ..index.schema import U64
 from ..storage.objects import ChunkContext, ObjectDamaged
 
 
@@ -38,12 +37,7 @@ class InlineSalvage:
     def _inline_rows(self, ino: int | None = None) -> list[tuple[int, bytes]]:
         """(inode, object id) of the inline rows (of inode ``ino`` only)."""
         with self.index.begin() as txn:
-            if ino is None:
-                return list(txn.iter_inline())
-            if txn._db.get("inline") is None:
-                return []
-            return [(ino, bytes(k[8:])) for k, _ in
-                    txn._scan_raw("inline", U64.pack(ino), gated=False)]
+            return list(txn.iter_inline(ino))
 
     def _inline_context(self, ino: int, oid: bytes) -> ChunkContext | None:
         """The sealed context of the inline object ``oid`` of ``ino``, if it
