@@ -97,10 +97,10 @@ class Config:
     #: daemon, as before; for measurements only - a hostile file can then
     #: exhaust the daemon's memory or stall its unmount)
     sandbox: bool = True
-    #: libfuse's multi-threaded loop (``-o threads=0``: one thread): a
-    #: request that waits on the disk, such as a fsync of a gigabyte, then
-    #: holds one thread and not the mount (the core's lock serialises the
-    #: rest); one thread answers a sequential client's small requests sooner
+    #: dcmfs's request loop (:mod:`dcmfs.adapter.loop`; ``-o threads=0``:
+    #: libfuse's single thread): one thread serves requests in turn, and a
+    #: request that takes long, such as a fsync of a gigabyte, holds its own
+    #: thread while another serves the next ones
     fuse_threads: bool = True
     #: KiB the kernel reads ahead of a sequential reader of the mount, set
     #: on the mount's backing device info once it is live (root only: the

@@ -6,7 +6,7 @@ Files live in a dict (attributes only, writes counted not kept); it is
 served by ``dcmfs.adapter.fuse_ops`` exactly as a store is: the same
 libfuse3 loading, the same _Fuse class and _Operations wrapper, the same
 mount options (entry/attr timeouts 60 s, default_permissions, use_ino,
-nopath, kernel_cache) and libfuse's multi-threaded loop.
+nopath, kernel_cache) and dcmfs's request loop (dcmfs.adapter.loop).
 
     python tests/floorfs.py MOUNTPOINT      # foreground until unmounted
 """

@@ -50,9 +50,18 @@ from .. import errors as E
 from ..core.filesystem import FileSystem
 from .kernel import ERRNO, errno_of, set_read_ahead  # noqa: F401 (ERRNO: the table)
 from .metrics import OPS_XATTR, OpStats
+from .loop import hand_over, main_real
 from .statbuf import stat_packer
 
 log = logging.getLogger("dcmfs.fuse")
+
+if mfusepy is not None and mfusepy.fuse_version_major == 3:
+    # a mount with several threads is served by dcmfs's own loop (see .loop)
+    mfusepy.fuse_main_real = main_real(mfusepy._libfuse, mfusepy.fuse_main_real)
+
+#: reads, writes and the close of a file that wrote this much are long:
+#: another thread reads the next requests meanwhile (.loop)
+LONG_IO = 64 * 1024
 
 def require_fuse() -> None:
     """Raise :class:`FuseUnavailableError` unless libfuse3 and /dev/fuse are usable."""
@@ -75,24 +84,6 @@ AUDITED = frozenset({"open", "create", "mkdir", "rmdir", "unlink", "rename", "li
                      "mknod", "chmod", "chown", "truncate", "setxattr", "removexattr"})
 
 
-#: libfuse's worker threads that keep a Python thread state (see _keep_thread_state)
-_KEPT = threading.local()
-
-
-def _keep_thread_state() -> None:
-    """Keep this (libfuse-made) thread's Python thread state for good.
-
-    ctypes makes a thread state for each callback on a thread Python did not
-    start and deletes it after (PyGILState_Ensure/Release), so every request
-    served by libfuse's multi-threaded loop would pay for a new one (an
-    mmap'd frame stack among others: measured 60 us more CPU per lookup).
-    One more Ensure, never released, keeps it; the thread-local flag lives
-    in that state, so this runs once per thread."""
-    if not getattr(_KEPT, "kept", False):
-        ctypes.pythonapi.PyGILState_Ensure()
-        _KEPT.kept = True
-
-
 def _translate(method: Callable) -> Callable:
     """Errors to errno, and one count (latency, bytes, errno) per operation."""
     name = method.__name__
@@ -100,7 +91,6 @@ def _translate(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        _keep_thread_state()
         t0 = time.perf_counter()
         if audited and self._audit:
             self._fs.caller = mfusepy.fuse_get_context()
@@ -187,6 +177,8 @@ class _Operations:
         self._audit = fs.opened.audit is not None
         self._mountpoint = mountpoint
         self._read_ahead_kb = read_ahead_kb
+        #: bytes written through each handle since its last flush
+        self._written: dict[int, int] = {}
 
     def init(self, path):
         # the ``struct fuse *`` of this mount, for fuse_invalidate_path
@@ -258,10 +250,15 @@ class _Operations:
 
     @_translate
     def read(self, path, size, offset, fh):
+        if size >= LONG_IO:
+            hand_over()
         return self._fs.read(fh, size, offset)
 
     @_translate
     def write(self, path, data, offset, fh):
+        self._written[fh] = self._written.get(fh, 0) + len(data)
+        if len(data) >= LONG_IO:
+            hand_over()
         return self._fs.write(fh, data, offset)
 
     @_translate
@@ -274,18 +271,24 @@ class _Operations:
 
     @_translate
     def flush(self, path, fh):
+        if self._written.pop(fh, 0) >= LONG_IO:
+            hand_over()
         self._fs.flush(fh)
 
     @_translate
     def fsync(self, path, datasync, fh):
+        hand_over()
         self._fs.fsync(fh, bool(datasync))
 
     @_translate
     def fsyncdir(self, path, datasync, fh):
+        hand_over()
         self._fs.sync_all()
 
     @_translate
     def release(self, path, fh):
+        if self._written.pop(fh, 0) >= LONG_IO:
+            hand_over()
         self._fs.release(fh)
 
     @_translate
@@ -463,9 +466,9 @@ def serve(fs: FileSystem, mountpoint: str, options: dict,
         opts.update(entry_timeout=KERNEL_TIMEOUT, attr_timeout=KERNEL_TIMEOUT)
     opts.update(options)
     log.debug("FUSE options: %s", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())))
-    # libfuse's multi-threaded loop where the core takes it (a request that
-    # waits, such as a fsync syncing a gigabyte, holds one thread, not the
-    # mount); a view that does not is served by one thread
+    # dcmfs's loop (.loop) where the core takes requests from several
+    # threads (one that waits, such as a fsync syncing a gigabyte, holds one
+    # thread, not the mount); a view that does not is served by one thread
     threads = getattr(fs, "concurrent_requests", False) and fs.config.fuse_threads
     try:
         read_ahead_kb = getattr(getattr(fs, "config", None), "read_ahead_kb", 0)

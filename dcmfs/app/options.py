@@ -229,10 +229,9 @@ OPTIONS: tuple[Option, ...] = (
            "killed", RECODING, field="parser_timeout", low=1, high=3600),
     Option("checkpoint_interval", SECONDS, "seconds between durable index checkpoints",
            MOUNTING, field="checkpoint_interval"),
-    Option("threads", FLAG, "1: requests are served by several threads, so one that waits "
-           "on the disk (a fsync of a gigabyte) does not hold the others; 0: by one thread "
-           "(less latency per request for one sequential client)", MOUNTING,
-           field="fuse_threads"),
+    Option("threads", FLAG, "1: a request that takes long (a fsync of a gigabyte) is left "
+           "to its thread while another serves the next requests; 0: one thread serves "
+           "every request in turn", MOUNTING, field="fuse_threads"),
     Option("read_ahead_kb", INT, "KiB the kernel reads ahead of a sequential reader, set on "
            "the mount when the daemon may (root; 0: the kernel's own 128)", MOUNTING,
            field="read_ahead_kb", low=0, high=65536),
