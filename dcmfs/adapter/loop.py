@@ -77,9 +77,10 @@ class Loop:
     def __init__(self, lib, se, max_threads: int = 10, stall: float = 0.02) -> None:
         self._lib = lib
         self._se = se
-        #: the device, polled by the reader that starts a long request
-        self._pending = select.poll()
-        self._pending.register(lib.fuse_session_fd(se), select.POLLIN)
+        #: the device (looked at by a reader that starts a long request, and
+        #: by the supervisor: each with a call of its own, since two readers
+        #: may start long requests at once)
+        self._fd = lib.fuse_session_fd(se)
         self._max = max_threads
         self.stall = stall
         self._lock = threading.Lock()
@@ -149,7 +150,7 @@ class Loop:
             if self._reader != me or self._since is None:
                 return
             self._long = long = (me, self._since)
-        if self._pending.poll(0):  # a request waits already: another thread, now
+        if select.select([self._fd], [], [], 0)[0]:  # a request waits: another thread, now
             self._give(*long)
         else:
             with self._lock:
@@ -176,7 +177,7 @@ class Loop:
         request, a request waiting in the device gives the reading to
         another thread at once; at any other request, after ``stall``."""
         device = select.poll()
-        device.register(self._lib.fuse_session_fd(self._se), select.POLLIN)
+        device.register(self._fd, select.POLLIN)
         with self._lock:
             self._start()
         served = -1
