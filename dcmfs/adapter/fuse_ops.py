@@ -50,7 +50,7 @@ from .. import errors as E
 from ..core.filesystem import FileSystem
 from .kernel import ERRNO, errno_of, set_read_ahead  # noqa: F401 (ERRNO: the table)
 from .metrics import OPS_XATTR, OpStats
-from .loop import hand_over, main_real
+from .loop import ended, hand_over, main_real, started
 from .statbuf import stat_packer
 
 log = logging.getLogger("dcmfs.fuse")
@@ -91,6 +91,13 @@ def _translate(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        started()
+        try:
+            return served(self, *args, **kwargs)
+        finally:
+            ended()
+
+    def served(self, *args, **kwargs):
         t0 = time.perf_counter()
         if audited and self._audit:
             self._fs.caller = mfusepy.fuse_get_context()
@@ -277,12 +284,12 @@ class _Operations:
 
     @_translate
     def fsync(self, path, datasync, fh):
-        hand_over()
+        hand_over(watch=True)
         self._fs.fsync(fh, bool(datasync))
 
     @_translate
     def fsyncdir(self, path, datasync, fh):
-        hand_over()
+        hand_over(watch=True)
         self._fs.sync_all()
 
     @_translate

@@ -10,18 +10,20 @@ and unlink 6-14 % faster than its pool; but with one thread, a request that
 waits (a fsync of a gigabyte, a cold object from S3) stalls every process
 using the mount.
 
-Here a request is served by the thread that read it, and only one thread
-reads at a time (the *reader*).  Before a request the adapter knows to be
-long (:func:`hand_over`: large reads and writes, fsync, the close of a
-file that wrote much) the reader looks at the device: a request waiting
-already goes to another thread at once; else the supervisor (the thread
-that called :meth:`Loop.serve`) watches the device while the long request
-runs, and gives the next request to another thread as soon as it comes.
-Any other request that has run for ``stall`` seconds is treated the same
-way.  The other thread is a parked one, or a new one (up to
-``max_threads``); a thread whose request is done parks while another one
-reads.  So one sequential client is served by one thread, and concurrency
-comes where work is long, as with the pool.
+Here libfuse's single-threaded loop serves the mount on the thread that
+mounted it (no Python between requests), and helper threads read and serve
+requests only while that thread (or a helper) is at a long one.  Before a
+request the adapter knows to be long (:func:`hand_over`: large reads and
+writes, the close of a file that wrote much, fsync) the thread looks at
+the device: a request waiting already is read by a helper at once (several
+writers, or the kernel's read-ahead, keep requests waiting).  For one that
+may take very long (fsync) a supervisor thread also watches the device
+while it runs, and has a helper read as soon as a request comes; and any
+request that has run for ``stall`` seconds gets a helper too.  A helper
+reads on while another thread is still at its request, then waits to be
+asked again (up to ``max_threads`` of them).  So one sequential client is
+served by one thread, and concurrency comes where work is long, as with
+the pool.
 
 Only ctypes here: the caller passes libfuse (``mfusepy._libfuse``).
 """
@@ -59,161 +61,199 @@ class _FuseArgs(ctypes.Structure):
                 ("allocated", ctypes.c_int)]
 
 
-def hand_over() -> None:
-    """Called by the adapter before a request that may take long: if
-    another request comes meanwhile, another thread reads and serves it (a
-    no-op outside :class:`Loop`)."""
+def hand_over(watch: bool = False) -> None:
+    """Called by the adapter before a request that may take long: a request
+    waiting already is read and served by another thread; with ``watch``
+    (a request that may take very long), so is one that comes while this
+    one runs (a no-op outside :class:`Loop`)."""
     loop = getattr(_LOCAL, "loop", None)
     if loop is not None:
-        loop.long(threading.get_ident())
+        loop.long(watch)
+
+
+def started() -> None:
+    """The adapter starts serving a request on this thread."""
+    slot = getattr(_LOCAL, "slot", None)
+    if slot is not None:
+        slot[0] = time.monotonic()
+
+
+def ended() -> None:
+    """The adapter has served it."""
+    slot = getattr(_LOCAL, "slot", None)
+    if slot is not None:
+        slot[0] = None
 
 
 class Loop:
     """Serves one FUSE session (see the module's docstring)."""
 
-    #: seconds a supervisor without requests to watch sleeps between looks
+    #: seconds between the supervisor's looks at requests that run, and
+    #: while none came for a second
+    TICK = 0.01
     DOZE = 0.25
 
     def __init__(self, lib, se, max_threads: int = 10, stall: float = 0.02) -> None:
         self._lib = lib
         self._se = se
-        #: the device (looked at by a reader that starts a long request, and
-        #: by the supervisor: each with a call of its own, since two readers
-        #: may start long requests at once)
+        #: the device (a select of its own for each look: two threads may look at once)
         self._fd = lib.fuse_session_fd(se)
         self._max = max_threads
         self.stall = stall
         self._lock = threading.Lock()
-        self._workers = threading.Condition(self._lock)  # parked threads wait here
-        self._watch = threading.Condition(self._lock)  # the supervisor waits here
-        #: the thread that reads the next request (None: a parked or new one)
-        self._reader: int | None = None
-        #: when the reader's request started (None: it is reading)
-        self._since: float | None = None
-        #: (reader, since) of a request the adapter called long
-        self._long: tuple[int, float] | None = None
-        self._served = 0
-        self._dozing = False
-        self._parked = 0
-        self._threads: list[threading.Thread] = []
+        self._summon = threading.Condition(self._lock)  # idle helpers wait here
+        self._wake = threading.Condition(self._lock)  # the supervisor waits here
+        #: per thread serving: [start of its request or None, reading]
+        self._slots: dict[int, list] = {}
+        #: helpers asked to read (and not reading yet)
+        self._asked = 0
+        self._idle = 0
+        self._helpers: list[threading.Thread] = []
+        #: long requests (by thread) that want the device watched while they run
+        self._watched: dict[int, float] = {}
         self._ended = False
-        #: requests during which another thread took over the reading
+        #: requests during which a helper read the next ones
         self.hand_overs = 0
 
-    # --- the workers --------------------------------------------------------------
-    def _start(self) -> None:
-        """(under the lock) one more worker."""
-        t = threading.Thread(target=self._serve, daemon=True,
-                             name=f"dcmfs-fuse-{len(self._threads)}")
-        self._threads.append(t)
-        t.start()
+    # --- the main thread: libfuse's own loop ----------------------------------------
+    def serve(self) -> None:
+        """Serve until the session ends (unmounted, or a signal): libfuse's
+        single-threaded loop on this thread (no Python between requests),
+        helpers started and summoned by a supervisor thread."""
+        me = threading.get_ident()
+        _LOCAL.loop, _LOCAL.slot = self, self._slot(me, reading=True)
+        supervisor = threading.Thread(target=self._supervise, args=(me,), daemon=True,
+                                      name="dcmfs-fuse-watch")
+        supervisor.start()
+        try:
+            self._lib.fuse_session_loop(self._se)
+        finally:
+            with self._lock:
+                self._ended = True
+                self._summon.notify_all()
+                self._wake.notify()
+            supervisor.join()
+            for t in self._helpers:
+                while t.is_alive():  # a helper in its read: the signal interrupts it
+                    if self._slots.get(t.ident, (None, False))[1]:
+                        self._kick(t.ident)
+                    t.join(0.1)
 
-    def _serve(self) -> None:
+    def _slot(self, ident: int, reading: bool) -> list:
+        slot = self._slots[ident] = [None, reading]
+        return slot
+
+    # --- helpers ---------------------------------------------------------------------
+    def long(self, watch: bool) -> None:
+        """This thread starts a long request: a helper takes a request that
+        waits already; with ``watch`` the supervisor watches the device
+        while it runs."""
+        if select.select([self._fd], [], [], 0)[0]:
+            self._ask()
+        elif watch:
+            with self._lock:
+                self._watched[threading.get_ident()] = time.monotonic()
+                self._wake.notify()
+
+    def _ask(self) -> None:
+        """A helper reads the next request (unless one reads already)."""
+        with self._lock:
+            if self._ended or self._asked or any(
+                    slot[1] and slot[0] is None for slot in self._slots.values()):
+                return
+            self.hand_overs += 1
+            self._asked += 1
+            if self._idle:
+                self._summon.notify()
+            elif len(self._helpers) < self._max:
+                t = threading.Thread(target=self._help, daemon=True,
+                                     name=f"dcmfs-fuse-{len(self._helpers)}")
+                self._helpers.append(t)
+                t.start()
+            else:  # every thread is at a request: the next one waits for one
+                self._asked -= 1
+
+    def _busy(self, me: int) -> bool:
+        """(under the lock) is a thread other than ``me`` at a request?"""
+        return any(slot[0] is not None for ident, slot in self._slots.items() if ident != me)
+
+    def _help(self) -> None:
         me = threading.get_ident()
         buf = _FuseBuf()
         receive, process = self._lib.fuse_session_receive_buf, self._lib.fuse_session_process_buf
         se, ref = self._se, ctypes.byref(buf)
         _LOCAL.loop = self
+        with self._lock:
+            _LOCAL.slot = slot = self._slot(me, reading=False)
         try:
             while True:
                 with self._lock:
-                    while self._reader not in (None, me) and not self._ended:
-                        self._parked += 1
-                        self._workers.wait()
-                        self._parked -= 1
+                    while not self._asked and not self._ended:
+                        self._idle += 1
+                        self._summon.wait()
+                        self._idle -= 1
                     if self._ended:
                         return
-                    self._reader, self._since, self._long = me, None, None
-                res = receive(se, ref)
-                if res <= 0:  # EINTR: a signal, perhaps the one that ends the session
-                    if res != -errno.EINTR or self._lib.fuse_session_exited(se):
-                        return
-                    continue
-                self._since = time.monotonic()
-                self._served += 1
-                if self._dozing:
+                    self._asked -= 1
+                    slot[1] = True
+                while True:  # read while another thread is still at its request
+                    res = receive(se, ref)
+                    if res <= 0:
+                        if res != -errno.EINTR or self._lib.fuse_session_exited(se):
+                            return
+                        continue
+                    slot[1] = False
+                    process(se, ref)
+                    self._watched.pop(me, None)
                     with self._lock:
-                        self._watch.notify()
-                process(se, ref)
+                        if not self._busy(me) or self._ended:
+                            break
+                        slot[1] = True
         finally:
-            with self._lock:  # the session is over (or this loop broke): all stop
-                self._ended = True
-                self._workers.notify_all()
-                self._watch.notify()
+            with self._lock:
+                slot[1] = False
+                self._slots.pop(me, None)
             if buf.mem:
                 _free(buf.mem)
 
-    def long(self, me: int) -> None:
-        """The reader ``me`` starts a long request: the supervisor watches
-        the device meanwhile."""
-        with self._lock:
-            if self._reader != me or self._since is None:
-                return
-            self._long = long = (me, self._since)
-        if select.select([self._fd], [], [], 0)[0]:  # a request waits: another thread, now
-            self._give(*long)
-        else:
-            with self._lock:
-                self._watch.notify()
-
-    def _give(self, reader: int, since: float) -> None:
-        """Another thread reads instead of ``reader``, still at the request
-        that started at ``since``."""
-        with self._lock:
-            if self._reader != reader or self._since != since or self._ended:
-                return
-            self.hand_overs += 1
-            self._reader = self._long = None
-            if self._parked:
-                self._workers.notify()
-            elif len(self._threads) < self._max:
-                self._start()
-            # else every thread is at a request: the next one waits for one
-
-    # --- the supervisor -------------------------------------------------------------
-    def serve(self) -> None:
-        """Serve until the session ends (unmounted, or a signal), then wait
-        for the requests being served.  While the reader is at a long
-        request, a request waiting in the device gives the reading to
-        another thread at once; at any other request, after ``stall``."""
+    # --- the supervisor --------------------------------------------------------------
+    def _supervise(self, main: int) -> None:
+        """Asks a helper to read while a request runs for ``stall`` seconds,
+        or while a watched one runs and a request comes; ends the session's
+        loop when a signal that ended the session reached another thread."""
         device = select.poll()
         device.register(self._fd, select.POLLIN)
-        with self._lock:
-            self._start()
-        served = -1
+        recent = 0.0
         while True:
             with self._lock:
-                if self._long is None and not self._ended:
-                    busy = self._served != served or self._since is not None
-                    served = self._served
-                    self._dozing = not busy
-                    self._watch.wait(self.stall / 2 if busy else self.DOZE)
-                    self._dozing = False
-                if self._ended:
-                    break
-                long, reader, since = self._long, self._reader, self._since
-            if long is not None:
-                # a request coming while the long one runs (it may end first:
-                # then its thread reads on, and this look ends with the timeout)
-                if device.poll(self.stall * 1000) and self._long == long:
-                    self._give(*long)
-            elif reader is not None and since is not None \
-                    and time.monotonic() - since > self.stall:
-                self._give(reader, since)
+                # every TICK while requests come, else at DOZE (a watched
+                # request wakes it at once)
+                idle = time.monotonic() - recent > 1.0 and not self._watched
+                if self._wake.wait_for(lambda: self._ended, self.DOZE if idle else self.TICK):
+                    return
+                now = time.monotonic()
+                if any(slot[0] is not None for slot in self._slots.values()):
+                    recent = now
+                stalled = any(slot[0] is not None and now - slot[0] > self.stall
+                              for slot in self._slots.values())
+            for ident, since in list(self._watched.items()):
+                slot = self._slots.get(ident)
+                if slot is None or slot[0] is None or slot[0] > since:
+                    self._watched.pop(ident, None)  # that request is done
+                elif device.poll(0):
+                    self._ask()
+            if stalled:
+                self._ask()
             if self._lib.fuse_session_exited(self._se):
-                self._interrupt()
-        for t in self._threads:
-            t.join()
+                self._kick(main)
 
-    def _interrupt(self) -> None:
-        """The session was told to end by a signal that reached another
-        thread than the reader: interrupt the reader's read (libfuse's
-        handler again: the read returns EINTR and the loop sees the end)."""
-        with self._lock:
-            reader = None if self._ended or self._since is not None else self._reader
-        if reader is not None:
+    @staticmethod
+    def _kick(ident: int | None) -> None:
+        """Interrupt a thread's read of the device (libfuse's handler again:
+        the read returns EINTR, and the loop sees the session's end)."""
+        if ident is not None:
             try:
-                signal.pthread_kill(reader, signal.SIGTERM)
+                signal.pthread_kill(ident, signal.SIGTERM)
             except (ProcessLookupError, OSError):
                 pass
 
@@ -232,7 +272,8 @@ def main_real(lib, original):
     for name in ("fuse_session_receive_buf", "fuse_session_process_buf"):
         getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.POINTER(_FuseBuf)]
     lib.fuse_session_process_buf.restype = None
-    for name in ("fuse_session_exited", "fuse_session_fd", "fuse_set_signal_handlers",
+    for name in ("fuse_session_exited", "fuse_session_fd", "fuse_session_loop",
+                 "fuse_set_signal_handlers",
                  "fuse_remove_signal_handlers"):
         getattr(lib, name).argtypes = [ctypes.c_void_p]
     lib.fuse_remove_signal_handlers.restype = None
