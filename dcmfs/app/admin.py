@@ -217,7 +217,7 @@ def render_verify(report: dict) -> str:
 
 
 def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: bool,
-         rebuild: bool, out: TextIO = sys.stderr) -> dict:
+         rebuild: bool, out: TextIO = sys.stderr, known_seq: int = 0) -> dict:
     """Check (and repair, or rebuild the index of) an unmounted store.  With
     ``repair`` a second, read-only check follows; its problems are in
     ``remaining`` (empty: the store is clean)."""
@@ -239,7 +239,7 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
     with OpenedStore(store, config, index=False) as opened:
         record_admin(opened, "fsck", repair=repair, rebuild_index=rebuild)
         if rebuild:
-            result["rebuilt"] = rebuild_index(opened)
+            result["rebuilt"] = rebuild_index(opened, known_seq)
             repair = True
         passes = [repair, False] if repair else [False]
         complete = not (result["rebuilt"] or {}).get("records_after_gap")
@@ -257,15 +257,19 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
         final = result.get("remaining", result["problems"])
         rebuilt = result["rebuilt"] or {}
         lost = rebuilt.get("records_after_gap", 0)
+        missing = rebuilt.get("records_missing", 0)
         if rebuilt:
             # nothing held the index's inline objects: files made only of
             # them are gone without a trace (nothing names them any more)
+            # (or those of files written in journal records known to have
+            # existed that the rebuild did not find)
             rebuilt["inline_lost"] = (fmt.INLINE_FEATURE in store.features
-                                      and rebuilt["snapshot"] is None
-                                      and not rebuilt["journal_records"])
+                                      and (rebuilt["snapshot"] is None
+                                           and not rebuilt["journal_records"]
+                                           or rebuilt.get("records_missing", 0) > 0))
         # a rebuild that may have lost small files it cannot name is not clean
         gone = rebuilt.get("inline_lost", False)
-        result["clean"] = not final and not lost and not result["unrecovered"] and not gone
+        result["clean"] = not (final or lost or result["unrecovered"] or gone or missing)
         try:
             if result["clean"]:
                 opened.clear_damage()  # the index's record, then the file
@@ -275,7 +279,8 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
                                      else "index rebuilt: files came back incomplete"
                                      if result["unrecovered"] else
                                      "index rebuilt from objects alone: small files may "
-                                     "be lost")
+                                     "be lost" if rebuilt.get("snapshot") is None else
+                                     "index rebuilt without its newest journal records")
         finally:
             opened.close_index()
     if tty:
@@ -295,12 +300,15 @@ def render_fsck(result: dict) -> str:
                      + f", {r['journal_records']} journal records rolled forward"
                      + (f", {r['records_after_gap']} after a gap not applied"
                         if r["records_after_gap"] else "")
+                     + (f", {r['records_missing']} newer records missing (written after "
+                        "the newest snapshot and journal segment, lost with the index)"
+                        if r.get("records_missing") else "")
                      + "; what the index lacks comes from the objects")
         if r.get("inline_lost"):
-            lines.append("no snapshot and no journal held the index's inline objects (chunks "
-                         f"of at most {fmt.INLINE_MAX} bytes as stored, kept in the index): "
-                         "files made only of them (small files) are lost and nothing names "
-                         "them any more; a larger file whose last chunk was one comes back "
+            lines.append("no snapshot and no journal held some of the index's inline objects "
+                         f"(chunks of at most {fmt.INLINE_MAX} bytes as stored, kept in the "
+                         "index): files made only of them (small files) are lost and nothing "
+                         "names them any more; a larger file whose last chunk was one comes back "
                          "incomplete as /lost+found/INO.incomplete (a backup of the store "
                          "may still hold them). The store stays marked as damaged until "
                          f"'dcmfs fsck {result['store']}' is run again.")

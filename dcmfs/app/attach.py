@@ -32,6 +32,7 @@ def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Conf
     (``-o ro,follow=S``) applies the writer's journal after it."""
     from ..storage.backend import BackendMissing
     from ..storage.s3 import S3Backend, S3Settings
+    from ..opened.follow import PREFIX
     from .admin import fsck
     store_root = os.path.abspath(store_root)
     if os.path.exists(store_root) and os.listdir(store_root):
@@ -60,8 +61,12 @@ def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Conf
         os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
         write_file(dest, remote.get(name), sync_dir=False)
         copied += 1
+    # the newest record the writer published for followers: what the
+    # snapshots lack of it was lost with the writer (fsck says so)
+    published = max((int(n.rsplit("-", 1)[1]) for n in remote.list(PREFIX)
+                     if n.rsplit("-", 1)[-1].isdigit()), default=0)
     remote.close()
-    result = fsck(store_root, secret, config, repair=True, rebuild=True)
+    result = fsck(store_root, secret, config, repair=True, rebuild=True, known_seq=published)
     result["copied"] = copied
     return result
 

@@ -12,10 +12,11 @@ from ..index import JOURNAL_NAME, Index, Witness, index_key
 from ..index.keygen import mark as mark_generation
 from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
 from ..opened.store import OpenedStore
+from ..errors import StoreIOError
 from ..storage.durable import fsync_dir
 
 
-def rebuild_index(opened: OpenedStore) -> dict:
+def rebuild_index(opened: OpenedStore, known_seq: int = 0) -> dict:
     """Move the index aside and build a new one from the newest snapshot that
     opens and the journal records after it whose objects are intact; returns
     what was used.  ``opened`` is the store opened without its index (it
@@ -28,6 +29,13 @@ def rebuild_index(opened: OpenedStore) -> dict:
     the history before the rebuild is closed, so a later rebuild can never
     roll records of it onto the new one; numbering continues above every
     sequence number seen.
+
+    ``records_missing`` in the result: how many journal records the store
+    is known to have had past what the rebuild found (``known_seq``: the
+    newest record the writer published for followers; or this machine's
+    witness), lost with the index: their inline objects are nowhere else.
+    A session that ended cleanly journals one record after its last
+    snapshot (its bookkeeping), which is not counted.
     """
     store, config = opened.store, opened.config
     root = store.root
@@ -75,7 +83,16 @@ def rebuild_index(opened: OpenedStore) -> dict:
 
         applied, skipped, highest = ix.roll_forward(journals, opened.chunk_intact)
         used.update(journal_records=applied, records_after_gap=skipped)
+        with ix.begin() as txn:
+            ended_cleanly = txn.meta_get("state") == b"clean"
         ix.skip_to(highest)
+        witness = Witness.for_store(config.state_dir, key, store.store_id)
+        try:
+            seen = witness.read()
+        except StoreIOError:  # damaged: it says nothing
+            seen = None
+        known = max(known_seq, seen.written if seen is not None else 0)
+        used["records_missing"] = max(0, known - ix.seq - (1 if ended_cleanly else 0))
         with ix.begin(write=True) as txn:
             txn.meta_put("store_id", store.store_id)
             txn.meta_put("format", str(fmt.FORMAT_VERSION).encode())
@@ -85,7 +102,6 @@ def rebuild_index(opened: OpenedStore) -> dict:
         ix.checkpoint()
         # the admin rebuilt the index from what the store holds: that is what
         # this machine has seen from now on
-        witness = Witness.for_store(config.state_dir, key, store.store_id)
         witness.start(ix.seq, ix.seq, ix.root_digest())
         witness.close()
     finally:

@@ -1,0 +1,95 @@
+"""A rebuild that finds fewer journal records than the store had: a file
+written after the newest snapshot comes back, or the run says so and is
+not clean (inline objects have no object file to be found by)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from .conftest import SMALL, crash
+from .test_s3 import read_file, s3_fs, write_file  # noqa: F401 (fixture)
+
+
+@pytest.mark.parametrize("inline_max", [0, 4096], ids=["object-files", "inline"])
+def test_attach_after_the_writer_is_lost_keeps_or_reports_its_small_files(
+        s3_fs, tmp_path, secret, s3_settings, monkeypatch, inline_max):
+    """The writer's machine is lost while mounted; the bucket holds its
+    snapshot (the last clean unmount), the objects and the journal it
+    published since (``follow/part-N``).  ``dcmfs attach`` on another
+    machine: a file written after the snapshot comes back (by name, or in
+    /lost+found from its objects), or the run is not called clean."""
+    from dcmfs.app.attach import attach
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.opened import remote as remote_mod
+    from dcmfs.storage.header import open_store
+
+    leases = []
+    take = remote_mod.take_lease
+    monkeypatch.setattr(remote_mod, "take_lease",
+                        lambda *a, **k: leases.append(take(*a, **k)) or leases[-1])
+    writer = s3_fs(inline_max=inline_max)
+    write_file(writer, "/before", os.urandom(150_000))
+    writer.close()  # a snapshot in the bucket
+    writer = s3_fs(inline_max=inline_max)
+    small = b"a structured report " * 50  # 1 KB: inline
+    write_file(writer, "/report", small)
+    writer.opened.remote.drain()
+    writer.opened.checkpoint()
+    writer.opened.publisher.publish()  # its records are in the bucket (follow/)
+    leases[-1].release()  # the machine is gone; its lease expired
+    crash(writer)
+
+    new_root = str(tmp_path / "attached")
+    cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "nstate"))
+    result = attach(s3_fs.url, new_root, lambda: secret, cfg)
+    fs = FileSystem(open_store(new_root, secret), dataclasses.replace(cfg, read_only=True))
+    try:
+        names = [n for n, _ in fs.readdir("/", None)]
+        found = []
+        if "report" in names:
+            found.append(read_file(fs, "/report"))
+        if "lost+found" in names:
+            found += [read_file(fs, f"/lost+found/{n}") for n, _ in fs.readdir("/lost+found", None)
+                      if n not in (".", "..")]
+        assert small in found or not result["clean"], (
+            f"/report is gone without a trace and the attach is clean: names {names}, "
+            f"rebuilt {result['rebuilt']}")
+    finally:
+        fs.close()
+
+
+@pytest.mark.parametrize("inline_max", [0, 4096], ids=["object-files", "inline"])
+def test_a_rebuild_after_a_crash_and_a_lost_index_keeps_or_reports_small_files(
+        make_fs, secret, inline_max):
+    """A clean session (its snapshot), then a session that writes a small
+    file and dies; index/ (data.mdb and the live journal) is then lost.
+    `fsck --rebuild-index` from the snapshot: the file written after it
+    comes back, or the run names what it lost, or is not clean."""
+    import io
+    import shutil
+
+    from dcmfs.app import admin
+
+    cfg = dataclasses.replace(SMALL, inline_max=inline_max)
+    fs = make_fs(cfg)
+    write_file(fs, "/before", os.urandom(150_000))
+    fs.close()
+    fs = make_fs(cfg)
+    small = b"a structured report " * 50
+    write_file(fs, "/report", small)
+    fs.opened.checkpoint()
+    crash(fs)
+    root = str(make_fs.root)
+    shutil.rmtree(os.path.join(root, "index"))
+    result = admin.fsck(root, lambda: secret, cfg, False, True, out=io.StringIO())
+    fs = make_fs(dataclasses.replace(cfg, read_only=True))
+    names = [n for n, _ in fs.readdir("/")]
+    found = [read_file(fs, "/report")] if "report" in names else []
+    if "lost+found" in names:
+        found += [read_file(fs, "/lost+found/" + n) for n, _ in fs.readdir("/lost+found")]
+    # (an object file of it is at least named: "object of a file the index
+    # does not know", quarantined; its secret was in the lost records)
+    assert small in found or result["problems"] or not result["clean"], (names, result)
