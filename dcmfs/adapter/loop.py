@@ -32,22 +32,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import select
 import signal
 import threading
 import time
 
-log = logging.getLogger("dcmfs.fuse")
-
 _LOCAL = threading.local()
 _libc = ctypes.CDLL(None)
 _libc.free.argtypes = [ctypes.c_void_p]
 _libc.free.restype = None
-
-
-def _free(mem: int) -> None:
-    _libc.free(mem)
 
 
 class _FuseBuf(ctypes.Structure):
@@ -112,8 +105,6 @@ class Loop:
         #: long requests (by thread) that want the device watched while they run
         self._watched: dict[int, float] = {}
         self._ended = False
-        #: requests during which a helper read the next ones
-        self.hand_overs = 0
 
     # --- the main thread: libfuse's own loop ----------------------------------------
     def serve(self) -> None:
@@ -161,7 +152,6 @@ class Loop:
             if self._ended or self._asked or any(
                     slot[1] and slot[0] is None for slot in self._slots.values()):
                 return
-            self.hand_overs += 1
             self._asked += 1
             if self._idle:
                 self._summon.notify()
@@ -214,7 +204,7 @@ class Loop:
                 slot[1] = False
                 self._slots.pop(me, None)
             if buf.mem:
-                _free(buf.mem)
+                _libc.free(buf.mem)
 
     # --- the supervisor --------------------------------------------------------------
     def _supervise(self, main: int) -> None:
