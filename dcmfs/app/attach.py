@@ -32,7 +32,7 @@ def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Conf
     (``-o ro,follow=S``) applies the writer's journal after it."""
     from ..storage.backend import BackendMissing
     from ..storage.s3 import S3Backend, S3Settings
-    from ..opened.follow import PREFIX
+    from ..opened.follow import newest_published
     from .admin import fsck
     store_root = os.path.abspath(store_root)
     if os.path.exists(store_root) and os.listdir(store_root):
@@ -63,8 +63,7 @@ def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Conf
         copied += 1
     # the newest record the writer published for followers: what the
     # snapshots lack of it was lost with the writer (fsck says so)
-    published = max((int(n.rsplit("-", 1)[1]) for n in remote.list(PREFIX)
-                     if n.rsplit("-", 1)[-1].isdigit()), default=0)
+    published = newest_published(remote)
     remote.close()
     result = fsck(store_root, secret, config, repair=True, rebuild=True, known_seq=published)
     result["copied"] = copied

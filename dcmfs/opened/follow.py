@@ -69,6 +69,13 @@ def _number(name: str, kind: str) -> int | None:
     return None
 
 
+def newest_published(remote: Backend) -> int:
+    """The number of the newest record a writer published under
+    ``follow/`` (0: none)."""
+    return max((n for name in remote.list(PREFIX) for kind in (fmt.ARCHIVE_PREFIX, PART)
+                if (n := _number(name, kind)) is not None), default=0)
+
+
 class Publisher:
     """The writer's side: uploads its journal for followers."""
 
