@@ -38,7 +38,8 @@ def _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first: bytes | No
     """A writer of the bucket (after one session that wrote ``first`` as
     /first, if given; ``writer_changes`` to its config) and a follower core
     attached from the bucket on "another machine" (its own state
-    directory), following by hand."""
+    directory), following by hand; ``writer_changes`` apply to both of the
+    writer's sessions."""
     import dataclasses
 
     from dcmfs.app.attach import attach
@@ -48,7 +49,7 @@ def _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first: bytes | No
     from .conftest import SMALL
     from .test_s3 import write_file
 
-    writer = s3_fs()
+    writer = s3_fs(**writer_changes)
     if first is not None:
         write_file(writer, "/first", first)
     writer.close()
@@ -337,3 +338,38 @@ def test_a_file_closed_on_a_follower_after_the_writer_changed_it(s3_fs, tmp_path
     finally:
         viewer.close()
         writer.close()
+
+
+@pytest.mark.parametrize("inline_max", [0, 4096], ids=["object-files", "inline"])
+def test_a_follower_reads_a_file_it_holds_open_after_the_writer_replaced_it(
+        s3_fs, tmp_path, secret, s3_settings, inline_max):
+    """A viewer on a follower holds a small report open; the writer replaces
+    its content; the follower applies the records; the open handle still
+    reads.  An object file stays in the bucket for the delete delay; an
+    inline object's row is deleted by the very record the follower applies,
+    so the follower keeps it while the file is open, and lets it go at
+    release."""
+    from .test_s3 import read_file
+
+    first = b"first report, " * 70  # ~1 KB: one small chunk
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first,
+                                          inline_max=inline_max)
+    try:
+        fh = viewer.open("/first", os.O_RDONLY)
+        second = b"second report " * 70
+        wh = writer.open("/first", os.O_WRONLY | os.O_TRUNC)
+        writer.truncate("/first", 0, wh)
+        writer.write(wh, second, 0)
+        writer.release(wh)
+        writer.opened.remote.drain()
+        writer.opened.checkpoint()
+        writer.opened.publisher.publish()
+        assert viewer.opened.follower.follow() > 0
+        assert viewer.read(fh, 4096, 0) == first  # the version it opened
+        viewer.release(fh)
+        assert not viewer.index.inline.kept  # let go with the last handle
+        assert read_file(viewer, "/first") == second
+    finally:
+        viewer.close()
+        writer.close()
+

@@ -377,6 +377,8 @@ class FileOps:
             self._released[of.ino] = time.monotonic()
             if self.readahead is not None:
                 self.readahead.release(of.ino)
+            if self.opened.follower is not None:  # rows kept for it while open
+                self.index.inline.let_go(of.ino)
             if self._hidden:  # its hidden names lead nowhere now
                 for key, hidden in list(self._hidden.items()):
                     if hidden[0] == of.ino:

@@ -17,20 +17,26 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from ..format import CHUNK_FLAG_INLINE
-from .journal import CONVERT, PUT, Op
+from .inline import split_key
+from .journal import CONVERT, DELETE, PUT, Op
 from .schema import DATABASES, decode_chunk
 
 CHUNKS = DATABASES.index("chunks")
+INLINE = DATABASES.index("inline")
 
 
 def apply_available(index, records: Iterable[tuple[int, list[Op]]],
-                    present: Callable[[set[bytes]], set[bytes]]) -> int:
+                    present: Callable[[set[bytes]], set[bytes]],
+                    held: Callable[[], set[int]] = set) -> int:
     """Apply to ``index`` (opened read-write, nothing else writing it) the
     longest run of ``records`` that continues its sequence and leaves no
     chunk entry naming an object missing from the bucket; ``present(oids)``
     answers which of these object ids the bucket holds.  The result is
     checkpointed (the sums sealed as at any checkpoint); returns how many
-    records were applied.
+    records were applied.  ``held()``: the inodes open on the follower,
+    whose inline rows a record deletes are kept for them
+    (:meth:`~dcmfs.index.inline.InlineRows.keep`): an open file reads the
+    version it opened, as an object file lasts the writer's delete delay.
 
     The records come from journals whose every record authenticated under
     the store's key with its sequence number (:class:`~dcmfs.index.journal.Journal`):
@@ -67,7 +73,11 @@ def apply_available(index, records: Iterable[tuple[int, list[Op]]],
     for n, state in enumerate(states, 1):
         if all(oid is None or oid in have for oid in state.values()):
             good = n
+    open_inodes = held() if good else set()
     for seq, ops in run[:good]:
+        for kind, db_id, key, _ in ops:
+            if kind == DELETE and db_id == INLINE and split_key(key)[0] in open_inodes:
+                index.inline.keep(key)
         index._apply(index._parent(), ops).commit()
         index._count(index._applied)
         index._seq = seq

@@ -41,6 +41,11 @@ def row_key(ino: int, oid: bytes) -> bytes:
     return U64.pack(ino) + oid
 
 
+def split_key(key: bytes) -> tuple[int, bytes]:
+    """(inode, object id) of a row key."""
+    return U64.unpack_from(key)[0], bytes(key[8:])
+
+
 class InlineRows:
     """The ``inline`` database of one opened index, for the object store."""
 
@@ -57,6 +62,10 @@ class InlineRows:
         #: a commit waiting: new readers wait behind it (readers come
         #: back to back; the commit must not starve)
         self._waiting = 0
+        #: a follower's rows that the writer's records deleted while the
+        #: follower holds their files open (row key -> bytes): the open file
+        #: reads the version it opened until its last handle goes
+        self.kept: dict[bytes, bytes] = {}
 
     # --- the object store's side ------------------------------------------------
     def stage(self, oid: bytes, blob: bytes) -> None:
@@ -76,13 +85,31 @@ class InlineRows:
             blob = self._placed.get(oid)
         if blob is not None:
             return blob
+        key = row_key(ino, oid)
         with self._reading():  # (a swap replaces the handle with the environment)
             db = self._ix.dbs.get(DB)
             if db is None:
                 return None
             with self._ix.env.begin() as txn:
-                raw = txn.get(row_key(ino, oid), db=db)
-                return None if raw is None else bytes(raw)
+                raw = txn.get(key, db=db)
+                if raw is not None:
+                    return bytes(raw)
+        return self.kept.get(key)
+
+    # --- a follower's side ------------------------------------------------------
+    def keep(self, key: bytes) -> None:
+        """The row ``key`` is about to be deleted by a record a follower
+        applies while the file is open there: keep its bytes."""
+        blob = self.get(*split_key(key))
+        if blob is not None:
+            self.kept[key] = blob
+
+    def let_go(self, ino: int) -> None:
+        """The follower's last handle of ``ino`` went: its kept rows go."""
+        if self.kept:
+            prefix = U64.pack(ino)
+            for key in [k for k in self.kept if k.startswith(prefix)]:
+                del self.kept[key]
 
     # --- the transaction's side -------------------------------------------------
     def take(self, oid: bytes, taken: list[bytes]) -> bytes | None:

@@ -200,6 +200,8 @@ class Follower:
         self._lock = lock
         self.interval = interval
         self.on_applied = on_applied
+        #: the inodes open on this mount (set by its filesystem)
+        self.held: Callable[[], set[int]] = set
         #: records applied so far, rounds run, and the last round's error
         self.applied = 0
         self.rounds = 0
@@ -275,7 +277,7 @@ class Follower:
                 self._gap_logged = True
             return 0
         with self._lock:
-            n = apply_available(self.index, records, self._in_bucket)
+            n = apply_available(self.index, records, self._in_bucket, self.held)
             if n:
                 self.on_applied()
                 if shred_passed(ops for rseq, ops in records if seq < rseq <= self.index.seq):
