@@ -373,3 +373,70 @@ def test_a_follower_reads_a_file_it_holds_open_after_the_writer_replaced_it(
         viewer.close()
         writer.close()
 
+
+def test_attach_and_a_follower_keep_audit_trails_of_their_own(s3_fs, tmp_path, secret,
+                                                              s3_settings, caplog):
+    """The index a machine adopts holds the head of the writer's audit
+    trail.  ``dcmfs attach`` starts this machine's trail after it (the chain
+    continues; no break is reported); a follower, whose index keeps taking
+    the writer's head, keeps its own trail apart from it: remounted after
+    the writer went on, it reports no damage."""
+    import dataclasses
+
+    from dcmfs.app import audit
+    from dcmfs.app.attach import attach
+    from dcmfs.audit.check import walk
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.storage.header import open_store
+
+    from .conftest import SMALL
+    from .test_s3 import read_file, write_file
+
+    writer = s3_fs()
+    write_file(writer, "/first", b"x" * 1000)
+    writer.close()
+    viewer_root = str(tmp_path / "viewer")
+    viewer_cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "vstate"))
+    attach(s3_fs.url, viewer_root, lambda: secret, viewer_cfg, follower=True)
+    viewer_cfg = dataclasses.replace(viewer_cfg, read_only=True, follow=3600)
+    writer = s3_fs()
+    viewer = FileSystem(open_store(viewer_root, secret), viewer_cfg)
+    try:
+        for i in range(3):
+            write_file(writer, f"/f{i}", b"y" * 1000)
+        writer.opened.remote.drain()
+        writer.opened.checkpoint()
+        writer.opened.publisher.publish()
+        assert viewer.opened.follower.follow() > 0
+        assert read_file(viewer, "/f2") == b"y" * 1000
+    finally:
+        viewer.close()
+        writer.close()
+    viewer = FileSystem(open_store(viewer_root, secret), viewer_cfg)  # remounted
+    viewer.close()
+    assert not [r for r in caplog.records if "audit trail" in r.getMessage()]
+    found = list(walk(viewer_root, *_trail_key(viewer_root, secret)))
+    assert not [v for k, v in found if k == "problem"]
+    assert any(k == "record" and v["e"] == "open" for k, v in found)  # its own reads
+
+    # a machine that attached (not a follower): its trail continues the
+    # writer's chain, and is intact once it wrote its own head
+    new_root = str(tmp_path / "new")
+    cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "nstate"))
+    attach(s3_fs.url, new_root, lambda: secret, cfg)
+    fs = FileSystem(open_store(new_root, secret), cfg)
+    assert read_file(fs, "/f0") == b"y" * 1000
+    fs.close()
+    assert not [r for r in caplog.records if "audit trail" in r.getMessage()]
+    report = audit.verify(new_root, lambda: secret)
+    assert report["intact"], report["problems"]
+    events = [v["e"] for k, v in walk(new_root, *_trail_key(new_root, secret))
+              if k == "record"]
+    assert "admin" in events and "open" in events  # the attach's fsck, then the read
+
+
+def _trail_key(root, secret):
+    from dcmfs.index import index_key
+    from dcmfs.storage.header import open_store
+    store = open_store(root, secret)
+    return index_key(os.path.join(root, "index"), store)[1], store.store_id

@@ -16,6 +16,7 @@ import time
 from typing import Callable, TextIO
 
 from .. import format as fmt
+from ..audit.segments import list_segments
 from ..config import Config
 from ..errors import DcmfsError, StoreIOError
 from ..core.control import content_stats as index_stats
@@ -237,10 +238,16 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
     result: dict = {"store": store_root, "rebuilt": None}
     # the index is opened by each pass (fsck reports one that does not open)
     with OpenedStore(store, config, index=False) as opened:
-        record_admin(opened, "fsck", repair=repair, rebuild_index=rebuild)
+        # a machine with no trail of its own yet (attach) starts it after the
+        # rebuild, continuing the chain whose head the adopted index holds
+        adopted = rebuild and not list_segments(store_root)
+        if not adopted:
+            record_admin(opened, "fsck", repair=repair, rebuild_index=rebuild)
         if rebuild:
             result["rebuilt"] = rebuild_index(opened, known_seq)
             repair = True
+        if adopted:
+            record_admin(opened, "fsck", from_index=True, repair=repair, rebuild_index=True)
         passes = [repair, False] if repair else [False]
         complete = not (result["rebuilt"] or {}).get("records_after_gap")
         for i, mode in enumerate(passes):

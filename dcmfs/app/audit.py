@@ -26,10 +26,13 @@ log = logging.getLogger("dcmfs")
 _NAMES = {"e": "event", "u": "uid", "g": "gid", "p": "pid", "c": "process", "i": "ino"}
 
 
-def record_admin(opened: OpenedStore, command: str, **fields) -> None:
+def record_admin(opened: OpenedStore, command: str, from_index: bool = False,
+                 **fields) -> None:
     """Record an admin command run on an unmounted store (verify, fsck,
     recompress), by this process; a trail that cannot be written (read-only
-    media) is logged, never fatal."""
+    media) is logged, never fatal.  ``from_index``: the head is read from the
+    index on disk (not opened): a trail started on this machine after an
+    index was adopted (``dcmfs attach``) continues the chain it names."""
     if not opened.config.audit:
         return
     if opened.audit is not None:
@@ -37,11 +40,14 @@ def record_admin(opened: OpenedStore, command: str, **fields) -> None:
         return
     try:
         head = None
+        key = opened.index_key if opened.index is not None else index_key(
+            os.path.join(opened.root, fmt.INDEX_DIR), opened.store)[1]
         if opened.index is not None:
             with opened.index.begin() as txn:
                 head = txn.get_audit_head()
-        key = opened.index_key if opened.index is not None else index_key(
-            os.path.join(opened.root, fmt.INDEX_DIR), opened.store)[1]
+        elif from_index:
+            found = index_head(opened.root, key, opened.store.store_id)
+            head = found if isinstance(found, dict) else None
         trail = AuditTrail(opened.root, key, opened.store.store_id, head,
                            segment_size=opened.config.audit_segment_size,
                            older=tuple(opened.store.epoch_keys.values()))

@@ -215,12 +215,14 @@ class OpenedStore:
             return None
         if not self.config.audit and not list_segments(self.root):
             return None
+        head = None
+        # a follower's index holds the writer's head, of the writer's trail:
+        # its own trail (the reads on this machine) has no head in the index
         with self.index.begin() as txn:
             try:
-                head = txn.get_audit_head()
+                head = None if self.following else txn.get_audit_head()
             except DcmfsError as exc:  # the trail's check names it
                 log.error("the index's audit head is unreadable: %s", exc)
-                head = None
         trail = AuditTrail(self.root, self.index_key, self.store.store_id, head,
                            segment_size=self.config.audit_segment_size,
                            retention=0.0 if self.read_only else self.config.audit_retention,
