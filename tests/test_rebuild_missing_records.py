@@ -13,18 +13,11 @@ from .conftest import SMALL, crash
 from .test_s3 import read_file, s3_fs, write_file  # noqa: F401 (fixture)
 
 
-@pytest.mark.parametrize("inline_max", [0, 4096], ids=["object-files", "inline"])
-def test_attach_after_the_writer_is_lost_keeps_or_reports_its_small_files(
-        s3_fs, tmp_path, secret, s3_settings, monkeypatch, inline_max):
-    """The writer's machine is lost while mounted; the bucket holds its
-    snapshot (the last clean unmount), the objects and the journal it
-    published since (``follow/part-N``).  ``dcmfs attach`` on another
-    machine: a file written after the snapshot comes back (by name, or in
-    /lost+found from its objects), or the run is not called clean."""
-    from dcmfs.app.attach import attach
-    from dcmfs.core.filesystem import FileSystem
+def _writer_lost_after_publishing(s3_fs, monkeypatch, inline_max: int, small: bytes) -> None:
+    """A clean session (a snapshot in the bucket), then a session that
+    writes /report, publishes its journal for followers (``follow/part-N``)
+    and is lost with its machine (its lease expired)."""
     from dcmfs.opened import remote as remote_mod
-    from dcmfs.storage.header import open_store
 
     leases = []
     take = remote_mod.take_lease
@@ -34,7 +27,6 @@ def test_attach_after_the_writer_is_lost_keeps_or_reports_its_small_files(
     write_file(writer, "/before", os.urandom(150_000))
     writer.close()  # a snapshot in the bucket
     writer = s3_fs(inline_max=inline_max)
-    small = b"a structured report " * 50  # 1 KB: inline
     write_file(writer, "/report", small)
     writer.opened.remote.drain()
     writer.opened.checkpoint()
@@ -42,23 +34,58 @@ def test_attach_after_the_writer_is_lost_keeps_or_reports_its_small_files(
     leases[-1].release()  # the machine is gone; its lease expired
     crash(writer)
 
+
+@pytest.mark.parametrize("inline_max", [0, 4096], ids=["object-files", "inline"])
+def test_attach_after_the_writer_is_lost_rolls_its_published_journal_forward(
+        s3_fs, tmp_path, secret, s3_settings, monkeypatch, inline_max):
+    """The writer's machine is lost while mounted; the bucket holds its
+    snapshot (the last clean unmount), the objects and the journal it
+    published since.  ``dcmfs attach`` on another machine rolls that
+    journal forward: the file written after the snapshot comes back by its
+    name, byte for byte, and the run is clean."""
+    from dcmfs.app.attach import attach
+    from dcmfs.core.filesystem import FileSystem
+    from dcmfs.storage.header import open_store
+
+    small = b"a structured report " * 50  # 1 KB: inline (with inline_max)
+    _writer_lost_after_publishing(s3_fs, monkeypatch, inline_max, small)
     new_root = str(tmp_path / "attached")
     cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "nstate"))
     result = attach(s3_fs.url, new_root, lambda: secret, cfg)
+    assert result["clean"] and not result["rebuilt"]["records_missing"], result
+    assert result["rebuilt"]["journal_records"] > 0
+    assert not [n for n in os.listdir(new_root) if n.startswith(".attach-")]
     fs = FileSystem(open_store(new_root, secret), dataclasses.replace(cfg, read_only=True))
     try:
-        names = [n for n, _ in fs.readdir("/", None)]
-        found = []
-        if "report" in names:
-            found.append(read_file(fs, "/report"))
-        if "lost+found" in names:
-            found += [read_file(fs, f"/lost+found/{n}") for n, _ in fs.readdir("/lost+found", None)
-                      if n not in (".", "..")]
-        assert small in found or not result["clean"], (
-            f"/report is gone without a trace and the attach is clean: names {names}, "
-            f"rebuilt {result['rebuilt']}")
+        assert read_file(fs, "/report") == small
+        assert "lost+found" not in [n for n, _ in fs.readdir("/", None)]
     finally:
         fs.close()
+
+
+def test_attach_with_a_published_journal_that_does_not_authenticate_is_not_clean(
+        s3_fs, tmp_path, secret, s3_settings, monkeypatch, ceph_s3):
+    """A published part altered in the bucket: its records are not rolled
+    forward, and the attach says records are missing (not clean) rather
+    than losing the inline file without a trace."""
+    from dcmfs.app.attach import attach
+
+    small = b"a structured report " * 50
+    _writer_lost_after_publishing(s3_fs, monkeypatch, 4096, small)
+    client = ceph_s3.client()
+    bucket, prefix = s3_fs.url[5:].split("/", 1)
+    parts = [o["Key"] for o in client.list_objects_v2(
+        Bucket=bucket, Prefix=f"{prefix}/follow/part-").get("Contents", [])]
+    assert parts
+    for key in parts:
+        blob = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        blob[-20] ^= 1  # inside the last record
+        client.put_object(Bucket=bucket, Key=key, Body=bytes(blob))
+    new_root = str(tmp_path / "attached")
+    cfg = dataclasses.replace(SMALL, s3=s3_settings, state_dir=str(tmp_path / "nstate"))
+    result = attach(s3_fs.url, new_root, lambda: secret, cfg)
+    assert not result["clean"]
+    assert result["rebuilt"]["records_missing"] > 0, result["rebuilt"]
 
 
 @pytest.mark.parametrize("inline_max", [0, 4096], ids=["object-files", "inline"])

@@ -218,10 +218,12 @@ def render_verify(report: dict) -> str:
 
 
 def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: bool,
-         rebuild: bool, out: TextIO = sys.stderr, known_seq: int = 0) -> dict:
+         rebuild: bool, out: TextIO = sys.stderr, known_seq: int = 0,
+         published: list[str] = ()) -> dict:
     """Check (and repair, or rebuild the index of) an unmounted store.  With
     ``repair`` a second, read-only check follows; its problems are in
-    ``remaining`` (empty: the store is clean)."""
+    ``remaining`` (empty: the store is clean).  ``known_seq``,
+    ``published``: for the rebuild (:func:`rebuild_index`)."""
     if mountpoint_of(store_root) is not None:
         from ..errors import StoreLockedError
         raise StoreLockedError(f"The store {store_root} is mounted; unmount it first "
@@ -244,7 +246,7 @@ def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: 
         if not adopted:
             record_admin(opened, "fsck", repair=repair, rebuild_index=rebuild)
         if rebuild:
-            result["rebuilt"] = rebuild_index(opened, known_seq)
+            result["rebuilt"] = rebuild_index(opened, known_seq, published)
             repair = True
         if adopted:
             record_admin(opened, "fsck", from_index=True, repair=repair, rebuild_index=True)

@@ -5,14 +5,18 @@ The header, the index snapshots and the archived journal segments are
 copied from the bucket into the empty directory ``NEWSTORE`` (the objects
 stay in the bucket; the cache starts empty), then the index is rebuilt as by
 ``dcmfs fsck --rebuild-index``: the newest snapshot, the journal records
-after it, reconciled with the objects the bucket lists.  Every file the last
-uploaded snapshot knows comes back with its name; files whose objects are in
-the bucket but that came later come back into ``/lost+found``.
+after it (those uploaded with the snapshots, then those the writer published
+for followers under ``follow/``, every ``s3_publish_interval``), reconciled
+with the objects the bucket lists.  Every file the writer's last published
+record knows comes back with its name; files whose objects are in the bucket
+but that came later come back into ``/lost+found``, and the run is not clean
+when records the bucket lists could not be read.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Callable
 
 from .. import format as fmt
@@ -32,7 +36,7 @@ def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Conf
     (``-o ro,follow=S``) applies the writer's journal after it."""
     from ..storage.backend import BackendMissing
     from ..storage.s3 import S3Backend, S3Settings
-    from ..opened.follow import newest_published
+    from ..opened.follow import download_published, newest_published
     from .admin import fsck
     store_root = os.path.abspath(store_root)
     if os.path.exists(store_root) and os.listdir(store_root):
@@ -61,11 +65,16 @@ def attach(url: str, store_root: str, secret: Callable[[], Secret], config: Conf
         os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
         write_file(dest, remote.get(name), sync_dir=False)
         copied += 1
-    # the newest record the writer published for followers: what the
-    # snapshots lack of it was lost with the writer (fsck says so)
-    published = newest_published(remote)
-    remote.close()
-    result = fsck(store_root, secret, config, repair=True, rebuild=True, known_seq=published)
+    # the journal the writer published for followers since: the records
+    # after the newest snapshot, rolled forward by the rebuild; what it
+    # lacks of the newest one published was lost with the writer (fsck
+    # says so)
+    newest = newest_published(remote)
+    with tempfile.TemporaryDirectory(dir=store_root, prefix=".attach-") as tmp:
+        journals = download_published(remote, tmp)
+        remote.close()
+        result = fsck(store_root, secret, config, repair=True, rebuild=True, known_seq=newest,
+                      published=journals)
     result["copied"] = copied
     return result
 

@@ -3,20 +3,24 @@ journal records and the objects (see ``docs/format.md``, "Integrity")."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
 
 from .. import format as fmt
 from ..index import JOURNAL_NAME, Index, Witness, index_key
+from ..index.journal import Journal
 from ..index.keygen import mark as mark_generation
 from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
 from ..opened.store import OpenedStore
-from ..errors import StoreIOError
+from ..errors import DcmfsError, StoreIOError
 from ..storage.durable import fsync_dir
 
+log = logging.getLogger("dcmfs")
 
-def rebuild_index(opened: OpenedStore, known_seq: int = 0) -> dict:
+
+def rebuild_index(opened: OpenedStore, known_seq: int = 0, published: list[str] = ()) -> dict:
     """Move the index aside and build a new one from the newest snapshot that
     opens and the journal records after it whose objects are intact; returns
     what was used.  ``opened`` is the store opened without its index (it
@@ -29,6 +33,12 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0) -> dict:
     the history before the rebuild is closed, so a later rebuild can never
     roll records of it onto the new one; numbering continues above every
     sequence number seen.
+
+    ``published``: journal files the writer published for followers
+    (``dcmfs attach``: :func:`dcmfs.opened.follow.download_published`),
+    rolled forward after the archive segments; one that is not this store's
+    journal is skipped (``published_skipped``), and what it held counts as
+    missing.
 
     ``records_missing`` in the result: how many journal records the store
     is known to have had past what the rebuild found (``known_seq``: the
@@ -54,7 +64,8 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0) -> dict:
         os.rename(index_dir, aside)
         fsync_dir(root)
     used = {"moved_aside": os.path.basename(aside) if aside else None, "snapshot": None,
-            "skipped_snapshots": [], "journal_records": 0, "records_after_gap": 0}
+            "skipped_snapshots": [], "journal_records": 0, "records_after_gap": 0,
+            "published_skipped": 0}
     candidates = list(reversed(snapshots(snap_dir))) + list(reversed(
         legacy_snapshots(snap_dir)))
     for seq, path in candidates:
@@ -76,7 +87,9 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0) -> dict:
     mark_generation(ix, gen)
     try:
         segments = [p for _, p in archive_segments(snap_dir)]
-        journals = segments + [os.path.join(root, d, JOURNAL_NAME)
+        usable = [p for p in published if _is_journal(p, key, store.store_id)]
+        used["published_skipped"] = len(published) - len(usable)
+        journals = segments + usable + [os.path.join(root, d, JOURNAL_NAME)
                                for d in earlier + ([os.path.basename(aside)] if aside
                                                    else [])
                                if os.path.exists(os.path.join(root, d, JOURNAL_NAME))]
@@ -116,6 +129,18 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0) -> dict:
         fsync_dir(snap_dir)
     fsync_dir(root)
     return used
+
+
+def _is_journal(path: str, key: bytes, store_id: bytes) -> bool:
+    """Is the file at ``path`` a journal of this store (its header
+    authenticates)?  Its records are authenticated as they are read."""
+    try:
+        Journal(path, key, store_id, read_only=True).close()
+    except DcmfsError as exc:
+        log.warning("a journal the writer published is not this store's (%s); skipped",
+                    type(exc).__name__)
+        return False
+    return True
 
 
 def _trial_open(store, config, snapshot: str, tmp: str) -> str | None:

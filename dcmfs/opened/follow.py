@@ -69,11 +69,45 @@ def _number(name: str, kind: str) -> int | None:
     return None
 
 
+def published(remote: Backend, after: int = 0) -> list[str]:
+    """The names under ``follow/`` (archived segments and parts) whose last
+    record is after ``after``, in the order of their last records."""
+    found = []
+    for name in remote.list(PREFIX):
+        for kind in (fmt.ARCHIVE_PREFIX, PART):
+            n = _number(name, kind)
+            if n is not None and n > after:
+                found.append((n, name))
+    return [name for _, name in sorted(found)]
+
+
+def _last_record(name: str) -> int:
+    return next(n for kind in (fmt.ARCHIVE_PREFIX, PART) if (n := _number(name, kind)) is not None)
+
+
 def newest_published(remote: Backend) -> int:
     """The number of the newest record a writer published under
     ``follow/`` (0: none)."""
-    return max((n for name in remote.list(PREFIX) for kind in (fmt.ARCHIVE_PREFIX, PART)
-                if (n := _number(name, kind)) is not None), default=0)
+    return max(map(_last_record, published(remote)), default=0)
+
+
+def download_published(remote: Backend, directory: str) -> list[str]:
+    """Every journal file the writer published under ``follow/``, written
+    into ``directory``; their paths, in the order of their last records
+    (``dcmfs attach`` rolls them forward: the records after the newest
+    snapshot, which the writer's lost machine held).  Each record is still
+    authenticated when read (:class:`~dcmfs.index.journal.Journal`)."""
+    paths = []
+    for i, name in enumerate(published(remote)):
+        try:
+            blob = remote.get(name)
+        except BackendMissing:  # deleted meanwhile: an archived segment holds it
+            continue
+        path = os.path.join(directory, f"{i:06d}-{name[len(PREFIX):]}")
+        with open(path, "wb") as f:
+            f.write(blob)
+        paths.append(path)
+    return paths
 
 
 class Publisher:
@@ -234,12 +268,7 @@ class Follower:
                 self.last_error = why
                 return 0
         seq = self.index.seq
-        found = []
-        for name in self.remote.list(PREFIX):
-            for kind in (fmt.ARCHIVE_PREFIX, PART):
-                n = _number(name, kind)
-                if n is not None and n > seq:
-                    found.append((n, name))
+        found = [(_last_record(name), name) for name in published(self.remote, seq)]
         # the segments uploaded with the snapshots too (a writer of an older
         # dcmfs published none under follow/)
         archived = fmt.SNAPSHOTS_DIR + "/" + fmt.ARCHIVE_PREFIX
