@@ -483,3 +483,29 @@ def _paths(view, path="/"):
             yield from _paths(view, p)
         else:
             yield p
+
+
+def test_the_record_of_a_file_that_is_not_dicom_reads_only_its_first_bytes(make_fs):
+    """The records' pass reads a file's first 64 KiB and reads on (up to
+    16 MiB) only for a DICOM header longer than that: a file its first
+    bytes say is not DICOM was read to 16 MiB and sent to a worker again,
+    for every such file in the store, in the background."""
+    from dcmfs.core import deidrecords
+    from dcmfs.sandbox.pool import ParserPool
+
+    fs = make_fs(ON)
+    _write(fs, "/scan.bin", os.urandom(3 << 20))
+    with fs.lock, fs.index.begin() as txn:
+        ino = fs._resolve(txn, "/scan.bin")
+    read = []
+    real = fs.read
+    fs.read = lambda fh, size, offset, ahead=True: read.append(size) or real(fh, size, offset,
+                                                                               ahead)
+    parsers = ParserPool(1)
+    try:
+        facts = deidrecords._facts(fs, parsers, ino, 3 << 20)
+    finally:
+        parsers.close()
+        del fs.read
+    assert facts == {"dicom": False, "reason": "not DICOM"}
+    assert read == [deidrecords.FIRST_BYTES]

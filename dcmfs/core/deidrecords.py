@@ -83,7 +83,9 @@ def _facts(fs, parsers: ParserPool, ino: int, size: int) -> dict:
         head = fs.read(fh, min(size, FIRST_BYTES), 0, ahead=False)
         try:
             facts = parsers.deid_facts(head, size)
-            if facts["reason"] and size > len(head):
+            # more bytes may help a DICOM header longer than the first read,
+            # never a file its first 132 bytes say is not DICOM
+            if facts["dicom"] and facts["reason"] and size > len(head):
                 head += fs.read(fh, min(size, HEADER_CAP) - len(head), len(head), ahead=False)
                 facts = parsers.deid_facts(head, size)
         except ParserFailure as exc:
