@@ -114,6 +114,14 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
+    def wait_idle(self) -> None:
+        """Wait until every object :meth:`prefetch` was asked for has been
+        advised (:meth:`close` drops those not started)."""
+        with self._warm_lock:
+            warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.shutdown(wait=True)
+
     def close(self) -> None:
         with self._warm_lock:
             warm, self._warm = self._warm, None
