@@ -106,8 +106,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
     def _setup(self, config: Config) -> None:
         self.data = FileData(self.index, self.objects, self.chunk_size, self.general_codec,
                              config.workers, config.max_inflight, config.dirty_limit,
-                             config.read_cache_bytes,
-                             read_ahead=8 if self.opened.remote is not None else 2)
+                             config.read_cache_bytes, read_ahead=8 if self.opened.remote else 2)
         self.data.on_damage = self.damaged
         if self.opened.follower is not None:  # the writer's changes came in
             self.opened.follower.on_applied = lambda: (self._inodes.clear(), self._paths.clear())
