@@ -309,6 +309,19 @@ def test_a_follower_follows_a_key_rotation_and_says_when_it_cannot(s3_fs, tmp_pa
         viewer.close()
 
 
+def _replace_and_follow(writer, viewer, content: bytes) -> None:
+    """The writer replaces /first's content (the same inode), publishes,
+    and the follower applies the records."""
+    wh = writer.open("/first", os.O_WRONLY | os.O_TRUNC)
+    writer.truncate("/first", 0, wh)
+    writer.write(wh, content, 0)
+    writer.release(wh)
+    writer.opened.remote.drain()
+    writer.opened.checkpoint()
+    writer.opened.publisher.publish()
+    assert viewer.opened.follower.follow() > 0
+
+
 def test_a_file_closed_on_a_follower_after_the_writer_changed_it(s3_fs, tmp_path, secret,
                                                                  s3_settings):
     """A reader on a follower holds /first open while the writer replaces
@@ -324,14 +337,7 @@ def test_a_file_closed_on_a_follower_after_the_writer_changed_it(s3_fs, tmp_path
         fh = viewer.open("/first", os.O_RDONLY)
         assert viewer.read(fh, 100, 0) == first[:100]
         second = os.urandom(90_000)
-        wh = writer.open("/first", os.O_WRONLY | os.O_TRUNC)  # the same inode
-        writer.truncate("/first", 0, wh)
-        writer.write(wh, second, 0)
-        writer.release(wh)
-        writer.opened.remote.drain()
-        writer.opened.checkpoint()
-        writer.opened.publisher.publish()
-        assert viewer.opened.follower.follow() > 0
+        _replace_and_follow(writer, viewer, second)
         viewer.release(fh)
         assert viewer.getattr("/first")["st_size"] == len(second)
         assert read_file(viewer, "/first") == second
@@ -357,14 +363,7 @@ def test_a_follower_reads_a_file_it_holds_open_after_the_writer_replaced_it(
     try:
         fh = viewer.open("/first", os.O_RDONLY)
         second = b"second report " * 70
-        wh = writer.open("/first", os.O_WRONLY | os.O_TRUNC)
-        writer.truncate("/first", 0, wh)
-        writer.write(wh, second, 0)
-        writer.release(wh)
-        writer.opened.remote.drain()
-        writer.opened.checkpoint()
-        writer.opened.publisher.publish()
-        assert viewer.opened.follower.follow() > 0
+        _replace_and_follow(writer, viewer, second)
         assert viewer.read(fh, 4096, 0) == first  # the version it opened
         viewer.release(fh)
         assert not viewer.index.inline.kept  # let go with the last handle
