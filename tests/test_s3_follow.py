@@ -439,3 +439,25 @@ def _trail_key(root, secret):
     from dcmfs.storage.header import open_store
     store = open_store(root, secret)
     return index_key(os.path.join(root, "index"), store)[1], store.store_id
+
+
+def test_a_follower_keeps_only_the_rows_of_the_version_an_open_file_reads(
+        s3_fs, tmp_path, secret, s3_settings):
+    """A viewer on a follower holds a small report open for long while the
+    writer rewrites it again and again: every version's inline row deleted
+    meanwhile was kept in memory (InlineRows.kept), though the open handle
+    only ever reads the version it opened; memory grows with every rewrite
+    until the viewer closes the file."""
+    first = b"first report, " * 70
+    writer, viewer = _writer_and_follower(s3_fs, tmp_path, secret, s3_settings, first,
+                                          inline_max=4096)
+    try:
+        fh = viewer.open("/first", os.O_RDONLY)
+        for i in range(5):
+            _replace_and_follow(writer, viewer, (b"version %d " % i) * 100)
+        assert viewer.read(fh, 4096, 0) == first
+        assert len(viewer.index.inline.kept) <= 1, len(viewer.index.inline.kept)
+        viewer.release(fh)
+    finally:
+        viewer.close()
+        writer.close()

@@ -219,7 +219,7 @@ def render_verify(report: dict) -> str:
 
 def fsck(store_root: str, secret: Callable[[], Secret], config: Config, repair: bool,
          rebuild: bool, out: TextIO = sys.stderr, known_seq: int = 0,
-         published: list[str] = ()) -> dict:
+         published: list[str] | None = None) -> dict:
     """Check (and repair, or rebuild the index of) an unmounted store.  With
     ``repair`` a second, read-only check follows; its problems are in
     ``remaining`` (empty: the store is clean).  ``known_seq``,

@@ -110,7 +110,7 @@ class FileSystem(NameOps, FileOps, StoreOps, JobHostOps, SyncLoops):
         self.data.on_damage = self.damaged
         if self.opened.follower is not None:  # the writer's changes came in
             self.opened.follower.on_applied = lambda: (self._inodes.clear(), self._paths.clear())
-            self.opened.follower.held = lambda: set(self._open)
+            self.opened.follower.held = lambda: {i: f.oids() for i, f in self._open.items()}
         #: read-ahead across the files of a directory: an S3 store fetches
         #: and decodes, a local one decodes
         remote = self.opened.remote is not None

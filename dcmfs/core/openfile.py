@@ -81,6 +81,10 @@ class OpenFile:
         #: sequential only after another near one)
         self.read_near = False
 
+    def oids(self) -> set[bytes]:
+        """The object ids of the chunks committed when it was opened."""
+        return {ref.oid for ref in self.committed.values()}
+
     @property
     def write_generation(self) -> int:
         return self.inode.generation + 1

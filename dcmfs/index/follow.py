@@ -27,24 +27,30 @@ INLINE = DATABASES.index("inline")
 
 def apply_available(index, records: Iterable[tuple[int, list[Op]]],
                     present: Callable[[set[bytes]], set[bytes]],
-                    held: Callable[[], set[int]] = set) -> int:
+                    held: Callable[[], dict[int, set[bytes]]] = dict) -> int:
     """Apply to ``index`` (opened read-write, nothing else writing it) the
     longest run of ``records`` that continues its sequence and leaves no
     chunk entry naming an object missing from the bucket; ``present(oids)``
     answers which of these object ids the bucket holds.  The result is
     checkpointed (the sums sealed as at any checkpoint); returns how many
-    records were applied.  ``held()``: the inodes open on the follower,
-    whose inline rows a record deletes are kept for them
-    (:meth:`~dcmfs.index.inline.InlineRows.keep`): an open file reads the
-    version it opened, as an object file lasts the writer's delete delay.
+    records were applied.  ``records`` may come from several journal files
+    that overlap, in any order: they are taken in sequence, the first copy
+    of each.  ``held()``: inode -> the object ids it reads, of the files
+    open on the follower; an inline row of one of them that a record
+    deletes is kept (:meth:`~dcmfs.index.inline.InlineRows.keep`): an open
+    file reads the version it opened, as an object file lasts the writer's
+    delete delay (rows of later versions are not kept).
 
     The records come from journals whose every record authenticated under
     the store's key with its sequence number (:class:`~dcmfs.index.journal.Journal`):
     nothing is applied twice, out of order or across a gap.
     """
+    by_seq: dict[int, list[Op]] = {}
+    for seq, ops in records:
+        by_seq.setdefault(seq, ops)
     run: list[tuple[int, list[Op]]] = []
     expect = index.seq
-    for seq, ops in records:
+    for seq, ops in sorted(by_seq.items()):
         if seq <= expect:
             continue
         if seq != expect + 1:
@@ -73,11 +79,13 @@ def apply_available(index, records: Iterable[tuple[int, list[Op]]],
     for n, state in enumerate(states, 1):
         if all(oid is None or oid in have for oid in state.values()):
             good = n
-    open_inodes = held() if good else set()
+    reading = held() if good else {}
     for seq, ops in run[:good]:
         for kind, db_id, key, _ in ops:
-            if kind == DELETE and db_id == INLINE and split_key(key)[0] in open_inodes:
-                index.inline.keep(key)
+            if kind == DELETE and db_id == INLINE:
+                ino, oid = split_key(key)
+                if oid in reading.get(ino, ()):
+                    index.inline.keep(key)
         index._apply(index._parent(), ops).commit()
         index._count(index._applied)
         index._seq = seq

@@ -10,9 +10,11 @@ import time
 
 from .. import format as fmt
 from ..index import JOURNAL_NAME, Index, Witness, index_key
+from ..index.follow import apply_available
 from ..index.journal import Journal
 from ..index.keygen import mark as mark_generation
 from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
+from ..opened.follow import in_bucket
 from ..opened.store import OpenedStore
 from ..errors import DcmfsError, StoreIOError
 from ..storage.durable import fsync_dir
@@ -20,7 +22,8 @@ from ..storage.durable import fsync_dir
 log = logging.getLogger("dcmfs")
 
 
-def rebuild_index(opened: OpenedStore, known_seq: int = 0, published: list[str] = ()) -> dict:
+def rebuild_index(opened: OpenedStore, known_seq: int = 0,
+                  published: list[str] | None = None) -> dict:
     """Move the index aside and build a new one from the newest snapshot that
     opens and the journal records after it whose objects are intact; returns
     what was used.  ``opened`` is the store opened without its index (it
@@ -34,11 +37,18 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0, published: list[str] 
     roll records of it onto the new one; numbering continues above every
     sequence number seen.
 
-    ``published``: journal files the writer published for followers
-    (``dcmfs attach``: :func:`dcmfs.opened.follow.download_published`),
-    rolled forward after the archive segments; one that is not this store's
+    ``published`` (``dcmfs attach``: every journal came from the bucket):
+    the journal files the writer published for followers
+    (:func:`dcmfs.opened.follow.download_published`), read with the archive
+    segments, overlapping in any order; one that is not this store's
     journal is skipped (``published_skipped``), and what it held counts as
-    missing.
+    missing.  Their records are applied as a follower applies them
+    (:func:`dcmfs.index.follow.apply_available`): the longest run after
+    which every chunk entry names an object the bucket holds.  A record
+    naming an object that left the bucket since (the file was deleted or
+    rewritten later, the chunk re-encoded before its upload) does not stop
+    the run when a later record drops that entry; a local rebuild stops at
+    the first record whose object is missing or torn.
 
     ``records_missing`` in the result: how many journal records the store
     is known to have had past what the rebuild found (``known_seq``: the
@@ -87,14 +97,18 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0, published: list[str] 
     mark_generation(ix, gen)
     try:
         segments = [p for _, p in archive_segments(snap_dir)]
-        usable = [p for p in published if _is_journal(p, key, store.store_id)]
-        used["published_skipped"] = len(published) - len(usable)
-        journals = segments + usable + [os.path.join(root, d, JOURNAL_NAME)
+        journals = segments + [os.path.join(root, d, JOURNAL_NAME)
                                for d in earlier + ([os.path.basename(aside)] if aside
                                                    else [])
                                if os.path.exists(os.path.join(root, d, JOURNAL_NAME))]
-
-        applied, skipped, highest = ix.roll_forward(journals, opened.chunk_intact)
+        if published is None:
+            applied, skipped, highest = ix.roll_forward(journals, opened.chunk_intact)
+        else:
+            usable = [p for p in published if _is_journal(p, key, store.store_id)]
+            used["published_skipped"] = len(published) - len(usable)
+            applied, skipped, highest = _roll_forward_bucket(
+                ix, journals + usable, key, store.store_id,
+                opened.remote if opened.remote is not None else opened.objects.backend)
         used.update(journal_records=applied, records_after_gap=skipped)
         with ix.begin() as txn:
             ended_cleanly = txn.meta_get("state") == b"clean"
@@ -129,6 +143,26 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0, published: list[str] 
         fsync_dir(snap_dir)
     fsync_dir(root)
     return used
+
+
+def _roll_forward_bucket(ix: Index, paths: list[str], key: bytes, store_id: bytes,
+                         remote) -> tuple[int, int, int]:
+    """(records applied, records after them not applied, the highest
+    sequence number seen) of the journals at ``paths``, applied as a
+    follower applies the writer's (see :func:`rebuild_index`)."""
+    records: dict[int, list] = {}
+    for path in paths:
+        j = Journal(path, key, store_id, read_only=True)
+        try:
+            for seq, ops in j.records(ix.seq):
+                records.setdefault(seq, ops)
+        finally:
+            j.close()
+    applied = apply_available(ix, records.items(),
+                              lambda oids: in_bucket(remote, oids, set()))
+    ix.checkpoint()
+    highest = max(records, default=ix.seq)
+    return applied, sum(1 for seq in records if seq > ix.seq), highest
 
 
 def _is_journal(path: str, key: bytes, store_id: bytes) -> bool:

@@ -81,6 +81,20 @@ def published(remote: Backend, after: int = 0) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
+def in_bucket(remote: Backend, oids: set[bytes], known: set[bytes], mapper=map) -> set[bytes]:
+    """Which of ``oids`` the bucket holds (as objects or in packs); ``known``
+    holds those found before, and gains those found now (objects are
+    immutable: once there, there); ``mapper``: a pool's map for the HEADs."""
+    todo = [o for o in oids if o not in known]
+    refresh = getattr(remote, "refresh_packs", None)
+    if todo and refresh is not None:  # the packs uploaded since the last look
+        refresh()
+    for oid, size in zip(todo, mapper(lambda o: remote.head(object_name(o)), todo)):
+        if size is not None:
+            known.add(oid)
+    return {o for o in oids if o in known}
+
+
 def _last_record(name: str) -> int:
     return next(n for kind in (fmt.ARCHIVE_PREFIX, PART) if (n := _number(name, kind)) is not None)
 
@@ -234,8 +248,9 @@ class Follower:
         self._lock = lock
         self.interval = interval
         self.on_applied = on_applied
-        #: the inodes open on this mount (set by its filesystem)
-        self.held: Callable[[], set[int]] = set
+        #: inode -> object ids it reads, of the files open on this mount
+        #: (set by its filesystem)
+        self.held: Callable[[], dict[int, set[bytes]]] = dict
         #: records applied so far, rounds run, and the last round's error
         self.applied = 0
         self.rounds = 0
@@ -322,15 +337,7 @@ class Follower:
                 "interval": self.interval, "last_error": self.last_error}
 
     def _in_bucket(self, oids: set[bytes]) -> set[bytes]:
-        todo = [o for o in oids if o not in self._present]
-        refresh = getattr(self.remote, "refresh_packs", None)
-        if todo and refresh is not None:  # the packs uploaded since the last round
-            refresh()
-        for oid, size in zip(todo, self._heads.map(
-                lambda o: self.remote.head(object_name(o)), todo)):
-            if size is not None:
-                self._present.add(oid)  # objects are immutable: once there, there
-        return {o for o in oids if o in self._present}
+        return in_bucket(self.remote, oids, self._present, self._heads.map)
 
     def close(self) -> None:
         self._stop.set()
