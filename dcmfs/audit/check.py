@@ -57,8 +57,12 @@ def walk(root: str, master_key: bytes, store_id: bytes,
     segs = S.list_segments(root)
     prev_number = None
     seq, digest = None, None
-    retained = head.get("start_segment") if head else None
+    retained = None  # the retained start the trail's own records give
     head_seen = False
+    #: a read-only follower's trail (its ``follower`` records): the index
+    #: holds the writer's head, of another trail, which is not compared
+    follower = False
+    against_head: list[str] = []
     first = None  # (number, first sequence) of the first readable segment
     for i, (number, path) in enumerate(segs):
         last = i == len(segs) - 1
@@ -126,8 +130,9 @@ def walk(root: str, master_key: bytes, store_id: bytes,
             if head and fseq == head.get("seq"):
                 head_seen = True
                 if digest.hex() != head.get("hash") and aead is index_aead:
-                    yield "problem", (f"record {fseq} is not the one the index's head names "
-                                      "(the trail was altered or replaced)")
+                    against_head.append(f"record {fseq} is not the one the index's head names "
+                                        "(the trail was altered or replaced)")
+            follower = follower or fields.get("e") == "follower"
             ended = fields.get("e") == "segment-end"
             if fields.get("e") == "retention" and fields.get("start_segment", 0) > (retained or 0):
                 retained = fields["start_segment"]
@@ -136,9 +141,14 @@ def walk(root: str, master_key: bytes, store_id: bytes,
             yield "problem", (f"segment {number} is truncated: it ends at record {seq} "
                               "without its end record")
     if head and not head_seen and head.get("seq", 0) > (seq or 0):
-        yield "problem", (f"the trail ends at record {seq or 0}, but the index's head is record "
-                          f"{head['seq']}: records {(seq or 0) + 1}..{head['seq']} were removed "
-                          "(truncated)")
+        against_head.append(f"the trail ends at record {seq or 0}, but the index's head is "
+                            f"record {head['seq']}: records {(seq or 0) + 1}..{head['seq']} "
+                            "were removed (truncated)")
+    if not follower:
+        for problem in against_head:
+            yield "problem", problem
+        if head and head.get("start_segment", 0) > (retained or 0):
+            retained = head["start_segment"]
     if first is not None and retained and first[0] > retained:
         yield "problem", (f"segments {retained}..{first[0] - 1} are missing (removed): the "
                           f"retained trail starts at segment {retained}")

@@ -232,6 +232,8 @@ class OpenedStore:
             trail.record("audit-off", None)
             trail.close()
             return None
+        if self.following:  # 'dcmfs audit --verify': not the index's head's trail
+            trail.record("follower", None)
         self.audit = trail
         self._stack.callback(self.close_audit)
         return self.audit
