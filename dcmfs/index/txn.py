@@ -15,7 +15,7 @@ from ..errors import IntegrityError
 from ..storage.objects import ChunkRef
 from .auth import KEYED_DIRENT, group_of
 from .journal import CONVERT, DELETE, PUT, Op
-from .inline import row_key as inline_key
+from .inline import row_key as inline_key, split_key
 from .shred import note_deletion
 from .schema import (DB_ID, STATS, U16, U64, U64X2, Inode, decode_chunk, decode_dirent,
                      encode_chunk, encode_dirent, ino_key, lmdb_error)
@@ -409,7 +409,7 @@ class Txn:
         for key in cur.iternext(values=False) if cur is not None and cur.set_range(prefix) else ():
             if not key.startswith(prefix):
                 return
-            yield U64.unpack_from(key)[0], bytes(key[8:])
+            yield split_key(key)
 
     def delete_inline(self, ino: int, oid: bytes) -> bool:
         """Remove an inline object no record names (fsck)."""
