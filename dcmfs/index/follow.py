@@ -17,12 +17,36 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from ..format import CHUNK_FLAG_INLINE
+from ..errors import DcmfsError
 from .inline import split_key
-from .journal import CONVERT, DELETE, PUT, Op
+from .journal import CONVERT, DELETE, PUT, Journal, Op
 from .schema import DATABASES, decode_chunk
 
 CHUNKS = DATABASES.index("chunks")
 INLINE = DATABASES.index("inline")
+
+
+def read_records(paths: list[str], key: bytes, store_id: bytes,
+                 after: int) -> tuple[dict[int, list[Op]], list[tuple[str, DcmfsError]]]:
+    """The records after ``after`` of the journal files at ``paths`` (they
+    may overlap: the first copy of each), every one authenticated under the
+    store's key with its sequence number; and the files that are not this
+    store's journals (another store's, or a damaged header), skipped, with
+    why."""
+    records: dict[int, list[Op]] = {}
+    skipped = []
+    for path in paths:
+        try:
+            journal = Journal(path, key, store_id, read_only=True)
+        except DcmfsError as exc:
+            skipped.append((path, exc))
+            continue
+        try:
+            for seq, ops in journal.records(after):
+                records.setdefault(seq, ops)
+        finally:
+            journal.close()
+    return records, skipped
 
 
 def apply_available(index, records: Iterable[tuple[int, list[Op]]],

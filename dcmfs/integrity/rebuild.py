@@ -10,13 +10,12 @@ import time
 
 from .. import format as fmt
 from ..index import JOURNAL_NAME, Index, Witness, index_key
-from ..index.follow import apply_available
-from ..index.journal import Journal
+from ..index.follow import apply_available, read_records
 from ..index.keygen import mark as mark_generation
 from ..index.snapshots import archive_segments, legacy_snapshots, snapshots
 from ..opened.follow import in_bucket
 from ..opened.store import OpenedStore
-from ..errors import DcmfsError, StoreIOError
+from ..errors import StoreIOError
 from ..storage.durable import fsync_dir
 
 log = logging.getLogger("dcmfs")
@@ -104,11 +103,8 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0,
         if published is None:
             applied, skipped, highest = ix.roll_forward(journals, opened.chunk_intact)
         else:
-            usable = [p for p in published if _is_journal(p, key, store.store_id)]
-            used["published_skipped"] = len(published) - len(usable)
-            applied, skipped, highest = _roll_forward_bucket(
-                ix, journals + usable, key, store.store_id,
-                opened.remote if opened.remote is not None else opened.objects.backend)
+            applied, skipped, highest, used["published_skipped"] = _roll_forward_bucket(
+                ix, journals + published, key, store.store_id, opened.objects.backend)
         used.update(journal_records=applied, records_after_gap=skipped)
         with ix.begin() as txn:
             ended_cleanly = txn.meta_get("state") == b"clean"
@@ -146,35 +142,20 @@ def rebuild_index(opened: OpenedStore, known_seq: int = 0,
 
 
 def _roll_forward_bucket(ix: Index, paths: list[str], key: bytes, store_id: bytes,
-                         remote) -> tuple[int, int, int]:
+                         remote) -> tuple[int, int, int, int]:
     """(records applied, records after them not applied, the highest
-    sequence number seen) of the journals at ``paths``, applied as a
-    follower applies the writer's (see :func:`rebuild_index`)."""
-    records: dict[int, list] = {}
-    for path in paths:
-        j = Journal(path, key, store_id, read_only=True)
-        try:
-            for seq, ops in j.records(ix.seq):
-                records.setdefault(seq, ops)
-        finally:
-            j.close()
+    sequence number seen, files skipped: not this store's journals) of the
+    journals at ``paths``, applied as a follower applies the writer's (see
+    :func:`rebuild_index`)."""
+    records, skipped = read_records(paths, key, store_id, ix.seq)
+    for _, exc in skipped:
+        log.warning("a journal from the bucket is not this store's (%s); skipped",
+                    type(exc).__name__)
     applied = apply_available(ix, records.items(),
                               lambda oids: in_bucket(remote, oids, set()))
     ix.checkpoint()
     highest = max(records, default=ix.seq)
-    return applied, sum(1 for seq in records if seq > ix.seq), highest
-
-
-def _is_journal(path: str, key: bytes, store_id: bytes) -> bool:
-    """Is the file at ``path`` a journal of this store (its header
-    authenticates)?  Its records are authenticated as they are read."""
-    try:
-        Journal(path, key, store_id, read_only=True).close()
-    except DcmfsError as exc:
-        log.warning("a journal the writer published is not this store's (%s); skipped",
-                    type(exc).__name__)
-        return False
-    return True
+    return applied, sum(1 for seq in records if seq > ix.seq), highest, len(skipped)
 
 
 def _trial_open(store, config, snapshot: str, tmp: str) -> str | None:

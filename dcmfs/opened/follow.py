@@ -45,10 +45,10 @@ from typing import Callable
 from .. import format as fmt
 from ..errors import DcmfsError, StoreIOError
 from ..index import Index
-from ..index.follow import apply_available
+from ..index.follow import apply_available, read_records
 from ..index.shred import shred_passed
 from ..index.journal import HEADER_SIZE as JOURNAL_HEADER
-from ..index.journal import Journal, whole_records
+from ..index.journal import whole_records
 from ..index.schema import JOURNAL_NAME
 from ..index.snapshots import archive_segments, snapshots
 from ..storage.backend import Backend, BackendMissing
@@ -69,16 +69,17 @@ def _number(name: str, kind: str) -> int | None:
     return None
 
 
-def published(remote: Backend, after: int = 0) -> list[str]:
-    """The names under ``follow/`` (archived segments and parts) whose last
-    record is after ``after``, in the order of their last records."""
+def published(remote: Backend, after: int = 0) -> list[tuple[int, str]]:
+    """(number of its last record, name) of every file under ``follow/``
+    (archived segments and parts) whose last record is after ``after``, in
+    that order."""
     found = []
     for name in remote.list(PREFIX):
         for kind in (fmt.ARCHIVE_PREFIX, PART):
             n = _number(name, kind)
             if n is not None and n > after:
                 found.append((n, name))
-    return [name for _, name in sorted(found)]
+    return sorted(found)
 
 
 def in_bucket(remote: Backend, oids: set[bytes], known: set[bytes], mapper=map) -> set[bytes]:
@@ -95,33 +96,35 @@ def in_bucket(remote: Backend, oids: set[bytes], known: set[bytes], mapper=map) 
     return {o for o in oids if o in known}
 
 
-def _last_record(name: str) -> int:
-    return next(n for kind in (fmt.ARCHIVE_PREFIX, PART) if (n := _number(name, kind)) is not None)
-
-
 def newest_published(remote: Backend) -> int:
     """The number of the newest record a writer published under
     ``follow/`` (0: none)."""
-    return max(map(_last_record, published(remote)), default=0)
+    return max((n for n, _ in published(remote)), default=0)
+
+
+def download(remote: Backend, names: list[str], directory: str) -> dict[str, str]:
+    """The journal files ``names`` of the bucket written into ``directory``:
+    path -> name, in the order given; a file deleted meanwhile (a part an
+    archived segment now holds) is left out.  Their records are
+    authenticated when read (:func:`dcmfs.index.follow.read_records`)."""
+    paths = {}
+    for i, name in enumerate(names):
+        try:
+            blob = remote.get(name)
+        except BackendMissing:
+            continue
+        path = os.path.join(directory, f"{i:06d}-{os.path.basename(name)}")
+        with open(path, "wb") as f:
+            f.write(blob)
+        paths[path] = name
+    return paths
 
 
 def download_published(remote: Backend, directory: str) -> list[str]:
     """Every journal file the writer published under ``follow/``, written
-    into ``directory``; their paths, in the order of their last records
-    (``dcmfs attach`` rolls them forward: the records after the newest
-    snapshot, which the writer's lost machine held).  Each record is still
-    authenticated when read (:class:`~dcmfs.index.journal.Journal`)."""
-    paths = []
-    for i, name in enumerate(published(remote)):
-        try:
-            blob = remote.get(name)
-        except BackendMissing:  # deleted meanwhile: an archived segment holds it
-            continue
-        path = os.path.join(directory, f"{i:06d}-{name[len(PREFIX):]}")
-        with open(path, "wb") as f:
-            f.write(blob)
-        paths.append(path)
-    return paths
+    into ``directory`` (``dcmfs attach`` rolls them forward: the records
+    after the newest snapshot, which the writer's lost machine held)."""
+    return list(download(remote, [name for _, name in published(remote)], directory))
 
 
 class Publisher:
@@ -283,7 +286,7 @@ class Follower:
                 self.last_error = why
                 return 0
         seq = self.index.seq
-        found = [(_last_record(name), name) for name in published(self.remote, seq)]
+        found = published(self.remote, seq)
         # the segments uploaded with the snapshots too (a writer of an older
         # dcmfs published none under follow/)
         archived = fmt.SNAPSHOTS_DIR + "/" + fmt.ARCHIVE_PREFIX
@@ -291,29 +294,13 @@ class Follower:
             tail = name[len(archived):]
             if tail.isdigit() and int(tail) > seq:
                 found.append((int(tail), name))
-        # in order of their last records: what two files both hold is skipped
-        names = [name for _, name in sorted(found)]
-        records = []
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".follow-") as tmp:
-            for i, name in enumerate(names):
-                try:
-                    blob = self.remote.get(name)
-                except BackendMissing:
-                    continue
-                path = os.path.join(tmp, str(i))
-                with open(path, "wb") as f:
-                    f.write(blob)
-                try:
-                    journal = Journal(path, self._key, self._store_id, read_only=True)
-                except DcmfsError as exc:  # another store's, or a damaged header
-                    log.warning("%s in the bucket is not this store's journal (%s); skipped",
-                                name, exc)
-                    continue
-                try:
-                    records.extend(journal.records(seq))
-                finally:
-                    journal.close()
-        if records and records[0][0] > seq + 1:
+            paths = download(self.remote, [name for _, name in sorted(found)], tmp)
+            records, skipped = read_records(list(paths), self._key, self._store_id, seq)
+        for path, exc in skipped:  # another store's, or a damaged header
+            log.warning("%s in the bucket is not this store's journal (%s); skipped",
+                        paths[path], exc)
+        if records and min(records) > seq + 1:
             if not self._gap_logged:
                 log.warning("the bucket holds no journal records right after change %d: "
                             "withheld, or this follower fell behind what the writer keeps; "
@@ -321,10 +308,11 @@ class Follower:
                 self._gap_logged = True
             return 0
         with self._lock:
-            n = apply_available(self.index, records, self._in_bucket, self.held)
+            n = apply_available(self.index, records.items(), self._in_bucket, self.held)
             if n:
                 self.on_applied()
-                if shred_passed(ops for rseq, ops in records if seq < rseq <= self.index.seq):
+                new = (ops for rseq, ops in records.items() if seq < rseq <= self.index.seq)
+                if shred_passed(new):
                     # the writer ran a shred pass: this copy of the index lets
                     # go of the deleted files' records too (its freed pages)
                     self.index.compact()

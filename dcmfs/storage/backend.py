@@ -114,19 +114,16 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
-    def wait_idle(self) -> None:
+    def wait_idle(self, cancel: bool = False) -> None:
         """Wait until every object :meth:`prefetch` was asked for has been
-        advised (:meth:`close` drops those not started)."""
+        advised (``cancel``: those not started are dropped)."""
         with self._warm_lock:
             warm, self._warm = self._warm, None
         if warm is not None:
-            warm.shutdown(wait=True)
+            warm.shutdown(wait=True, cancel_futures=cancel)
 
     def close(self) -> None:
-        with self._warm_lock:
-            warm, self._warm = self._warm, None
-        if warm is not None:
-            warm.shutdown(wait=True, cancel_futures=True)
+        self.wait_idle(cancel=True)
         self.kept.close()  # the object files kept open for ranged reads
 
     def path(self, name: str) -> str:
